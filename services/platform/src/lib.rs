@@ -1,1 +1,12 @@
+//! Shared runtime of every loyalty service: the error vocabulary and its gRPC mapping,
+//! layered config, the embedded store, server bootstrap and health, clock and logging.
 
+pub mod clock;
+pub mod config;
+pub mod embedded;
+pub mod error;
+pub mod grpc;
+pub mod server;
+pub mod telemetry;
+
+pub use error::{Error, Result, Violations};

@@ -1,0 +1,494 @@
+//! Typed, layered configuration: built-in defaults, then an optional TOML file, then
+//! `LOYALTY_*` environment variables (`__` separates sections, e.g.
+//! `LOYALTY_SERVER__GRACE_PERIOD_SECS=5`), then command-line flags. Unknown keys and bad
+//! values are errors that name the key.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration of one `loyalty` process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the gRPC server binds; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Where embedded stores keep their files.
+    pub data_dir: PathBuf,
+    pub log: LogConfig,
+    pub server: ServerConfig,
+    pub peers: PeersConfig,
+    pub storage: StorageConfig,
+    pub identity: IdentitySettings,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: PathBuf::from("data"),
+            log: LogConfig::default(),
+            server: ServerConfig::default(),
+            peers: PeersConfig::default(),
+            storage: StorageConfig::default(),
+            identity: IdentitySettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `info,loyalty_balance=debug`.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Largest request or response message, in bytes.
+    pub max_message_bytes: usize,
+    /// How long in-flight calls may finish after SIGTERM before they are dropped.
+    pub grace_period_secs: u64,
+    /// Deadline of every call on the server side.
+    pub request_timeout_secs: u64,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// How often health is re-checked against real dependencies.
+    pub health_interval_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 4 * 1024 * 1024,
+            grace_period_secs: 20,
+            request_timeout_secs: 10,
+            max_concurrent_streams: 1024,
+            health_interval_secs: 2,
+        }
+    }
+}
+
+/// Addresses of peer services, used in microservices mode for services not run in this
+/// process, e.g. `http://identity:50051`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeersConfig {
+    pub identity: Option<String>,
+    pub balance: Option<String>,
+    pub promotion: Option<String>,
+    pub segmentation: Option<String>,
+    pub reporting: Option<String>,
+    /// Deadline of one call to a peer.
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub backend: Backend,
+}
+
+/// Storage backends this build offers.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// redb files in `data_dir`, one per service.
+    #[default]
+    Embedded,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentitySettings {
+    /// ISO 3166-1 region assumed for phone numbers written without a country code.
+    pub default_region: String,
+}
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        Self {
+            default_region: "KZ".into(),
+        }
+    }
+}
+
+/// Flags that override every other layer.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+}
+
+/// A configuration problem, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("bad configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Loads the layers. `env` is the process environment as (name, value) pairs, passed in
+    /// so tests never touch the real environment.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    file.display()
+                )));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        // Variables for the test harness (`LOYALTY_TEST_*`) are not configuration.
+        let vars: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("LOYALTY_") && !k.starts_with("LOYALTY_TEST_"))
+            .collect();
+        figment = figment.merge(EnvSnapshot(vars));
+        let mut config: Config = figment.extract().map_err(|e| ConfigError(render(&e)))?;
+        if let Some(listen) = overrides.listen {
+            config.listen = listen;
+        }
+        if let Some(dir) = &overrides.data_dir {
+            config.data_dir = dir.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("`{key}` {why}")));
+        if self.server.max_message_bytes < 1024 || self.server.max_message_bytes > 64 << 20 {
+            return bad(
+                "server.max_message_bytes",
+                "must be between 1 KiB and 64 MiB",
+            );
+        }
+        if self.server.request_timeout_secs == 0 {
+            return bad("server.request_timeout_secs", "must be positive");
+        }
+        if self.server.max_concurrent_streams == 0 {
+            return bad("server.max_concurrent_streams", "must be positive");
+        }
+        if self.server.health_interval_secs == 0 {
+            return bad("server.health_interval_secs", "must be positive");
+        }
+        if self.peers.timeout_ms > 60_000 {
+            return bad("peers.timeout_ms", "must be at most 60000");
+        }
+        for (key, url) in [
+            ("peers.identity", &self.peers.identity),
+            ("peers.balance", &self.peers.balance),
+            ("peers.promotion", &self.peers.promotion),
+            ("peers.segmentation", &self.peers.segmentation),
+            ("peers.reporting", &self.peers.reporting),
+        ] {
+            if let Some(url) = url {
+                let ok = (url.starts_with("http://") || url.starts_with("https://"))
+                    && url.parse::<tonic::transport::Uri>().is_ok();
+                if !ok {
+                    return bad(
+                        key,
+                        "must be an http:// or https:// URL, e.g. http://identity:50051",
+                    );
+                }
+            }
+        }
+        let region = &self.identity.default_region;
+        if region.len() != 2 || !region.chars().all(|c| c.is_ascii_uppercase()) {
+            return bad(
+                "identity.default_region",
+                "must be an ISO 3166-1 alpha-2 code such as KZ",
+            );
+        }
+        Ok(())
+    }
+
+    /// The peer timeout, defaulting to one second.
+    pub fn peer_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(if self.peers.timeout_ms == 0 {
+            1000
+        } else {
+            self.peers.timeout_ms
+        })
+    }
+
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn to_toml(&self) -> String {
+        toml_render(self)
+    }
+}
+
+fn toml_render(config: &Config) -> String {
+    match figment::value::Value::serialize(config) {
+        Ok(value) => render_value("", &value),
+        Err(e) => format!("# could not render: {e}"),
+    }
+}
+
+fn render_value(prefix: &str, value: &figment::value::Value) -> String {
+    use figment::value::Value;
+    let mut scalars = String::new();
+    let mut tables = String::new();
+    if let Value::Dict(_, dict) = value {
+        for (k, v) in dict {
+            match v {
+                Value::Dict(..) => {
+                    let name = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    tables.push_str(&format!("\n[{name}]\n{}", render_value(&name, v)));
+                }
+                other => scalars.push_str(&format!("{k} = {}\n", scalar(other))),
+            }
+        }
+    }
+    scalars + &tables
+}
+
+fn scalar(value: &figment::value::Value) -> String {
+    use figment::value::Value;
+    match value {
+        Value::String(_, s) => format!("{s:?}"),
+        Value::Char(_, c) => format!("\"{c}\""),
+        Value::Bool(_, b) => b.to_string(),
+        Value::Num(_, n) => n
+            .to_i128()
+            .map(|i| i.to_string())
+            .or_else(|| n.to_f64().map(|f| f.to_string()))
+            .unwrap_or_default(),
+        Value::Empty(..) => "\"\"".into(),
+        Value::Array(_, items) => {
+            format!(
+                "[{}]",
+                items.iter().map(scalar).collect::<Vec<_>>().join(", ")
+            )
+        }
+        Value::Dict(..) => "{}".into(),
+    }
+}
+
+/// Makes figment's message name the key: "invalid type ... for key `server.x`".
+fn render(e: &figment::Error) -> String {
+    e.clone()
+        .into_iter()
+        .map(|one| {
+            let key = one.path.join(".");
+            if key.is_empty() {
+                one.kind.to_string()
+            } else {
+                format!("`{key}`: {}", one.kind)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// An `Env` provider fed from a snapshot instead of the live process environment.
+struct EnvSnapshot(Vec<(String, String)>);
+
+impl figment::Provider for EnvSnapshot {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("environment variable(s)")
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        use figment::value::{Dict, Value};
+        let mut dict = Dict::new();
+        for (name, raw) in &self.0 {
+            let Some(rest) = name.strip_prefix("LOYALTY_") else {
+                continue;
+            };
+            let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+            let value: Value = raw.parse().unwrap_or_else(|_| Value::from(raw.clone()));
+            insert_path(&mut dict, &path, value);
+        }
+        Ok(figment::Profile::Default.collect(dict))
+    }
+}
+
+fn insert_path(dict: &mut figment::value::Dict, path: &[String], value: figment::value::Value) {
+    use figment::value::{Dict, Value};
+    match path {
+        [] => {}
+        [last] => {
+            dict.insert(last.clone(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = dict
+                .entry(first.clone())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if let Value::Dict(_, inner) = entry {
+                insert_path(inner, rest, value);
+            }
+        }
+    }
+}
+
+/// A secret value (password, token, URL with credentials) that never prints: its `Debug`,
+/// `Display` and serialized forms are `[redacted]`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value itself, for the one place that must use it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("[redacted]")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_load() {
+        let c = Config::load(None, env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:7000\"\n[server]\ngrace_period_secs = 3\nrequest_timeout_secs = 4\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&file),
+            env(&[
+                ("LOYALTY_SERVER__GRACE_PERIOD_SECS", "9"),
+                ("LOYALTY_PEERS__IDENTITY", "http://id:50051"),
+                ("LOYALTY_TEST_SCYLLA", "ignored"),
+                ("PATH", "/bin"),
+            ]),
+            &Overrides {
+                listen: Some("127.0.0.1:7001".parse().unwrap()),
+                data_dir: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(c.server.grace_period_secs, 9, "env beats file");
+        assert_eq!(c.server.request_timeout_secs, 4, "file beats defaults");
+        assert_eq!(c.listen.port(), 7001, "flags beat everything");
+        assert_eq!(c.peers.identity.as_deref(), Some("http://id:50051"));
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let err = Config::load(
+            None,
+            env(&[("LOYALTY_SERVER__GRACE_PERIOD_SECS", "soon")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("server.grace_period_secs"),
+            "{err}"
+        );
+
+        let err = Config::load(
+            None,
+            env(&[("LOYALTY_SERVR__X", "1")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("servr"), "{err}");
+
+        let err = Config::load(
+            None,
+            env(&[("LOYALTY_PEERS__BALANCE", "balance:50051")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("peers.balance"), "{err}");
+
+        let err = Config::load(
+            None,
+            env(&[("LOYALTY_STORAGE__BACKEND", "cassandra")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("storage.backend"), "{err}");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?} {s}"), "[redacted] [redacted]");
+        assert_eq!(
+            figment::value::Value::serialize(&s).unwrap().as_str(),
+            Some("[redacted]")
+        );
+        assert_eq!(s.expose(), "hunter2");
+    }
+
+    #[test]
+    fn renders_as_toml() {
+        let text = Config::default().to_toml();
+        assert!(text.contains("listen = \"127.0.0.1:50051\""), "{text}");
+        assert!(text.contains("[server]"), "{text}");
+    }
+}

@@ -1,0 +1,137 @@
+//! The gRPC edge of the error vocabulary: domain errors to statuses (exhaustively, with
+//! internal details masked) and, for service-to-service calls, statuses back to errors.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::error::{Error, FieldViolation};
+
+/// Maps a domain error to a gRPC status. Internal errors are logged here, once, and the
+/// client sees only "internal error".
+pub fn to_status(err: Error) -> Status {
+    match err {
+        Error::InvalidArgument(violations) => {
+            let summary = violations
+                .iter()
+                .map(|v| format!("{}: {}", v.field, v.description))
+                .collect::<Vec<_>>()
+                .join("; ");
+            let mut details = ErrorDetails::new();
+            for v in &violations {
+                details.add_bad_request_violation(v.field.clone(), v.description.clone());
+            }
+            Status::with_error_details(
+                Code::InvalidArgument,
+                format!("invalid request: {summary}"),
+                details,
+            )
+        }
+        Error::NotFound(msg) => Status::not_found(msg),
+        Error::AlreadyExists(msg) => Status::already_exists(msg),
+        Error::FailedPrecondition(msg) => Status::failed_precondition(msg),
+        Error::Unimplemented(msg) => Status::unimplemented(msg),
+        Error::Unavailable(msg) => Status::unavailable(msg),
+        Error::Internal(e) => {
+            tracing::error!(error = %format!("{e:#}"), "internal error");
+            Status::internal("internal error")
+        }
+    }
+}
+
+/// Maps a status received from a peer service back to a domain error, keeping field
+/// violations, so an in-process and a remote peer look the same to the caller.
+pub fn from_status(status: Status) -> Error {
+    let msg = status.message().to_string();
+    match status.code() {
+        Code::InvalidArgument => {
+            let details = status.get_error_details();
+            let violations: Vec<_> = details
+                .bad_request()
+                .map(|br| {
+                    br.field_violations
+                        .iter()
+                        .map(|v| FieldViolation {
+                            field: v.field.clone(),
+                            description: v.description.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if violations.is_empty() {
+                Error::invalid("request", msg)
+            } else {
+                Error::InvalidArgument(violations)
+            }
+        }
+        Code::NotFound => Error::NotFound(msg),
+        Code::AlreadyExists => Error::AlreadyExists(msg),
+        Code::FailedPrecondition | Code::OutOfRange | Code::Aborted => {
+            Error::FailedPrecondition(msg)
+        }
+        Code::Unimplemented => Error::Unimplemented(msg),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::ResourceExhausted => {
+            Error::Unavailable(format!("peer service unavailable: {msg}"))
+        }
+        Code::Ok
+        | Code::Unknown
+        | Code::PermissionDenied
+        | Code::Unauthenticated
+        | Code::Internal
+        | Code::DataLoss => {
+            Error::internal(anyhow::anyhow!("peer returned {:?}: {msg}", status.code()))
+        }
+    }
+}
+
+/// The UNIMPLEMENTED answer of an RPC whose implementation comes later.
+pub fn unimplemented(rpc: &str) -> Status {
+    Status::unimplemented(format!("{rpc} is part of API v1 but not implemented yet"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_argument_carries_field_violations_both_ways() {
+        let err = Error::InvalidArgument(vec![FieldViolation {
+            field: "phone".into(),
+            description: "not a valid phone number".into(),
+        }]);
+        let status = to_status(err);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let details = status.get_error_details();
+        let br = details.bad_request().expect("bad request details");
+        assert_eq!(br.field_violations[0].field, "phone");
+        match from_status(status) {
+            Error::InvalidArgument(v) => assert_eq!(v[0].description, "not a valid phone number"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn internal_details_never_reach_the_client() {
+        let status = to_status(Error::internal(anyhow::anyhow!("disk /var/x failed")));
+        assert_eq!(status.code(), Code::Internal);
+        assert_eq!(status.message(), "internal error");
+    }
+
+    #[test]
+    fn every_domain_error_has_its_code() {
+        let cases = [
+            (Error::NotFound("m".into()), Code::NotFound),
+            (Error::AlreadyExists("m".into()), Code::AlreadyExists),
+            (
+                Error::FailedPrecondition("m".into()),
+                Code::FailedPrecondition,
+            ),
+            (Error::Unimplemented("m".into()), Code::Unimplemented),
+            (Error::Unavailable("m".into()), Code::Unavailable),
+        ];
+        for (err, code) in cases {
+            let status = to_status(err);
+            assert_eq!(status.code(), code);
+            assert_eq!(status.message(), "m");
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Server bootstrap shared by every mode: health that follows real dependency state,
+//! reflection, limits, and graceful shutdown (NOT_SERVING, then drain within a grace period).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::config::ServerConfig;
+
+/// Something whose health decides whether a set of gRPC services is SERVING.
+#[async_trait::async_trait]
+pub trait HealthCheck: Send + Sync {
+    /// `Err` with a short reason when a dependency does not answer.
+    async fn check(&self) -> Result<(), String>;
+}
+
+/// One service's health: its gRPC service names and the check behind them.
+pub struct HealthEntry {
+    pub service_names: Vec<&'static str>,
+    pub check: Arc<dyn HealthCheck>,
+}
+
+impl std::fmt::Debug for HealthEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthEntry")
+            .field("service_names", &self.service_names)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Turns SIGTERM or SIGINT into a future, for `main`.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received, shutting down"),
+        () = term => tracing::info!("SIGTERM received, shutting down"),
+    }
+}
+
+/// Serves `routes` on `listener` until `shutdown` resolves, then reports NOT_SERVING,
+/// stops accepting, and gives in-flight calls `grace_period_secs` to finish.
+pub async fn serve(
+    listener: TcpListener,
+    routes: Routes,
+    health: Vec<HealthEntry>,
+    config: &ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(loyalty_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let routes = routes.add_service(health_service).add_service(reflection);
+
+    let (stopping_tx, stopping) = watch::channel(false);
+    let monitor = tokio::spawn(monitor_health(
+        reporter.clone(),
+        health,
+        Duration::from_secs(config.health_interval_secs),
+        stopping.clone(),
+    ));
+
+    // The server's own shutdown future: flip health first so load balancers stop sending.
+    let drain_reporter = reporter.clone();
+    let mut drain_started = stopping.clone();
+    let signal = async move {
+        shutdown.await;
+        let _ = stopping_tx.send(true);
+        set_all(&drain_reporter, ServingStatus::NotServing).await;
+        tracing::info!("health is NOT_SERVING; draining in-flight calls");
+    };
+
+    let server = tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(config.request_timeout_secs))
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    tokio::pin!(server);
+
+    let grace = Duration::from_secs(config.grace_period_secs);
+    let outcome = tokio::select! {
+        result = &mut server => result.map_err(anyhow::Error::from),
+        () = async {
+            let _ = drain_started.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(grace_secs = grace.as_secs(), "grace period over; dropping calls still in flight");
+            Ok(())
+        }
+    };
+    monitor.abort();
+    tracing::info!("server stopped");
+    outcome
+}
+
+async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+}
+
+/// Re-checks every entry's dependencies and publishes the result per service name. The
+/// overall ("") status is SERVING only when every service is.
+async fn monitor_health(
+    reporter: HealthReporter,
+    entries: Vec<HealthEntry>,
+    interval: Duration,
+    stopping: watch::Receiver<bool>,
+) {
+    let mut last: Vec<Option<bool>> = vec![None; entries.len()];
+    loop {
+        if *stopping.borrow() {
+            for entry in &entries {
+                for name in &entry.service_names {
+                    reporter
+                        .set_service_status(*name, ServingStatus::NotServing)
+                        .await;
+                }
+            }
+            return;
+        }
+        let mut all_ok = true;
+        for (entry, last) in entries.iter().zip(last.iter_mut()) {
+            let result = tokio::time::timeout(interval, entry.check.check())
+                .await
+                .unwrap_or_else(|_| Err("health check timed out".into()));
+            let ok = result.is_ok();
+            all_ok &= ok;
+            if *last != Some(ok) {
+                match &result {
+                    Ok(()) => tracing::info!(services = ?entry.service_names, "SERVING"),
+                    Err(why) => {
+                        tracing::warn!(services = ?entry.service_names, reason = %why, "NOT_SERVING")
+                    }
+                }
+                *last = Some(ok);
+            }
+            let status = if ok {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            for name in &entry.service_names {
+                reporter.set_service_status(*name, status).await;
+            }
+        }
+        if !*stopping.borrow() {
+            let overall = if all_ok {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            set_all(&reporter, overall).await;
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
