@@ -1,1 +1,10 @@
+//! The identity service: members, cards, lookups at the POS.
+//!
+//! `domain` is the core (no gRPC, no storage engine), `store` the narrow storage trait and
+//! its backends, `grpc` the adapter.
 
+pub mod domain;
+pub mod grpc;
+pub mod store;
+
+pub use domain::Identity;

@@ -83,6 +83,48 @@ pub fn from_status(status: Status) -> Error {
     }
 }
 
+/// Milliseconds since the epoch as a protobuf timestamp.
+pub fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+/// A protobuf timestamp as milliseconds since the epoch (sub-millisecond part dropped).
+pub fn millis(ts: &prost_types::Timestamp) -> i64 {
+    ts.seconds.saturating_mul(1000) + i64::from(ts.nanos) / 1_000_000
+}
+
+/// The domain channel of a protobuf channel value.
+pub fn channel(value: i32) -> crate::types::Channel {
+    use crate::types::Channel;
+    use loyalty_proto::common::v1::Channel as Pb;
+    match Pb::try_from(value).unwrap_or(Pb::Unspecified) {
+        Pb::Unspecified => Channel::Unspecified,
+        Pb::Store => Channel::Store,
+        Pb::Online => Channel::Online,
+        Pb::App => Channel::App,
+        Pb::CallCenter => Channel::CallCenter,
+        Pb::Admin => Channel::Admin,
+    }
+}
+
+/// The protobuf value of a domain channel.
+pub fn channel_to_proto(c: crate::types::Channel) -> i32 {
+    use crate::types::Channel;
+    use loyalty_proto::common::v1::Channel as Pb;
+    let pb = match c {
+        Channel::Unspecified => Pb::Unspecified,
+        Channel::Store => Pb::Store,
+        Channel::Online => Pb::Online,
+        Channel::App => Pb::App,
+        Channel::CallCenter => Pb::CallCenter,
+        Channel::Admin => Pb::Admin,
+    };
+    pb as i32
+}
+
 /// The UNIMPLEMENTED answer of an RPC whose implementation comes later.
 pub fn unimplemented(rpc: &str) -> Status {
     Status::unimplemented(format!("{rpc} is part of API v1 but not implemented yet"))

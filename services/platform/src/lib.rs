@@ -8,5 +8,6 @@ pub mod error;
 pub mod grpc;
 pub mod server;
 pub mod telemetry;
+pub mod types;
 
 pub use error::{Error, Result, Violations};

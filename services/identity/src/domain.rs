@@ -1,0 +1,507 @@
+//! Members and cards: the identity domain core. No gRPC, no storage engine here.
+
+use std::sync::Arc;
+
+use loyalty_platform::clock::{Millis, SharedClock};
+use loyalty_platform::error::{Error, MAX_ID_LEN, Result, Violations};
+use loyalty_platform::types::{Channel, check_tenant};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::store::IdentityStore;
+
+const MAX_NAME_LEN: usize = 100;
+const MAX_EMAIL_LEN: usize = 254;
+const MAX_RAW_PHONE_LEN: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberStatus {
+    Active,
+    Merged,
+    Erased,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub tenant_id: String,
+    pub member_id: String,
+    pub status: MemberStatus,
+    /// E.164.
+    pub phone: String,
+    pub email: String,
+    pub first_name: String,
+    pub last_name: String,
+    pub referral_code: String,
+    pub referred_by: Option<String>,
+    pub channel: Channel,
+    pub store_id: String,
+    pub registered_at: Millis,
+    pub updated_at: Millis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CardKind {
+    Plastic,
+    Virtual,
+    NoName,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlockReason {
+    Lost,
+    Stolen,
+    Fraud,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CardStatus {
+    Active,
+    Unbound,
+    Blocked(BlockReason),
+    Replaced { by: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Card {
+    pub tenant_id: String,
+    pub number: String,
+    pub kind: CardKind,
+    pub status: CardStatus,
+    pub member_id: Option<String>,
+    pub issued_at: Millis,
+}
+
+/// A registration as it arrives.
+#[derive(Debug, Clone, Default)]
+pub struct Registration {
+    pub tenant_id: String,
+    pub phone: String,
+    pub default_region: String,
+    pub channel: Channel,
+    pub store_id: String,
+    pub referral_code: String,
+    pub email: String,
+    pub first_name: String,
+    pub last_name: String,
+}
+
+/// Parses a phone number written in any common format into E.164. `region` (ISO 3166-1
+/// alpha-2) applies to numbers without a country code.
+pub fn normalize_phone(raw: &str, region: &str) -> std::result::Result<String, String> {
+    if raw.trim().is_empty() {
+        return Err("is required".into());
+    }
+    if raw.len() > MAX_RAW_PHONE_LEN {
+        return Err(format!("must be at most {MAX_RAW_PHONE_LEN} characters"));
+    }
+    let region: phonenumber::country::Id = region
+        .parse()
+        .map_err(|_| format!("unknown default region {region:?}"))?;
+    let parsed = phonenumber::parse(Some(region), raw)
+        .map_err(|_| format!("{raw:?} is not a phone number"))?;
+    if !parsed.is_valid() {
+        return Err(format!("{raw:?} is not a valid phone number"));
+    }
+    Ok(parsed.format().mode(phonenumber::Mode::E164).to_string())
+}
+
+/// Appends the Luhn check digit to a string of digits.
+pub fn with_check_digit(digits: &str) -> String {
+    let sum: u32 = digits
+        .bytes()
+        .rev()
+        .enumerate()
+        .map(|(i, b)| {
+            let d = u32::from(b - b'0');
+            if i % 2 == 0 {
+                let x = d * 2;
+                if x > 9 { x - 9 } else { x }
+            } else {
+                d
+            }
+        })
+        .sum();
+    let check = (10 - sum % 10) % 10;
+    format!("{digits}{check}")
+}
+
+/// True when the last digit is the Luhn check digit of the others.
+pub fn check_digit_ok(number: &str) -> bool {
+    number.len() >= 2 && with_check_digit(&number[..number.len() - 1]) == number
+}
+
+fn check_card_number(v: &mut Violations, number: &str, field: &str) {
+    if number.is_empty() {
+        v.add(field, "is required");
+    } else if !(8..=19).contains(&number.len()) || !number.bytes().all(|b| b.is_ascii_digit()) {
+        v.add(field, "must be 8 to 19 digits");
+    }
+}
+
+const REFERRAL_ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+
+fn new_referral_code() -> String {
+    let mut rng = rand::rng();
+    (0..8)
+        .map(|_| char::from(REFERRAL_ALPHABET[rng.random_range(0..REFERRAL_ALPHABET.len())]))
+        .collect()
+}
+
+fn new_virtual_card_number() -> String {
+    let mut rng = rand::rng();
+    let body: String = std::iter::once('9')
+        .chain((0..14).map(|_| char::from(b'0' + rng.random_range(0..10u8))))
+        .collect();
+    with_check_digit(&body)
+}
+
+/// How many times a generated code or number is retried on a collision.
+const GENERATION_ATTEMPTS: usize = 8;
+
+/// The identity service's domain operations.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    store: Arc<dyn IdentityStore>,
+    clock: SharedClock,
+    default_region: String,
+}
+
+impl Identity {
+    pub fn new(store: Arc<dyn IdentityStore>, clock: SharedClock, default_region: String) -> Self {
+        Self {
+            store,
+            clock,
+            default_region,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn IdentityStore> {
+        &self.store
+    }
+
+    fn region<'a>(&'a self, requested: &'a str) -> &'a str {
+        if requested.is_empty() {
+            &self.default_region
+        } else {
+            requested
+        }
+    }
+
+    /// Registers a member by phone; one member per phone per tenant.
+    pub async fn register(&self, r: Registration) -> Result<Member> {
+        let mut v = Violations::new();
+        check_tenant(&mut v, &r.tenant_id);
+        let phone = normalize_phone(&r.phone, self.region(&r.default_region));
+        if let Err(why) = &phone {
+            v.add("phone", why.clone());
+        }
+        v.optional_text(&r.store_id, "store_id", MAX_ID_LEN);
+        v.optional_text(&r.first_name, "first_name", MAX_NAME_LEN);
+        v.optional_text(&r.last_name, "last_name", MAX_NAME_LEN);
+        v.optional_text(&r.email, "email", MAX_EMAIL_LEN);
+        if !r.email.is_empty() && !looks_like_email(&r.email) {
+            v.add("email", "is not an email address");
+        }
+        v.optional_text(&r.referral_code, "referral_code", 32);
+        v.finish()?;
+        let phone = phone.map_err(|why| Error::invalid("phone", why))?;
+
+        let referred_by = if r.referral_code.is_empty() {
+            None
+        } else {
+            let code = r.referral_code.to_ascii_uppercase();
+            match self
+                .store
+                .member_by_referral_code(&r.tenant_id, &code)
+                .await?
+            {
+                Some(id) => Some(id),
+                None => {
+                    return Err(Error::invalid(
+                        "referral_code",
+                        "no member has this referral code",
+                    ));
+                }
+            }
+        };
+
+        let now = self.clock.now_ms();
+        let mut member = Member {
+            tenant_id: r.tenant_id,
+            member_id: uuid::Uuid::now_v7().simple().to_string(),
+            status: MemberStatus::Active,
+            phone,
+            email: r.email.to_ascii_lowercase(),
+            first_name: r.first_name,
+            last_name: r.last_name,
+            referral_code: new_referral_code(),
+            referred_by,
+            channel: r.channel,
+            store_id: r.store_id,
+            registered_at: now,
+            updated_at: now,
+        };
+        for _ in 0..GENERATION_ATTEMPTS {
+            match self.store.insert_member(&member).await? {
+                Inserted::Done => return Ok(member),
+                Inserted::PhoneTaken => {
+                    return Err(Error::AlreadyExists(format!(
+                        "a member with phone {} already exists",
+                        member.phone
+                    )));
+                }
+                Inserted::CodeTaken => member.referral_code = new_referral_code(),
+            }
+        }
+        Err(Error::internal(anyhow::anyhow!(
+            "could not generate a unique referral code"
+        )))
+    }
+
+    /// A member with their cards. Merged members resolve to the survivor.
+    pub async fn member(&self, tenant_id: &str, member_id: &str) -> Result<(Member, Vec<Card>)> {
+        let mut v = Violations::new();
+        check_tenant(&mut v, tenant_id);
+        v.text(member_id, "member_id", MAX_ID_LEN);
+        v.finish()?;
+        let member = self
+            .store
+            .member(tenant_id, member_id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("member {member_id} not found")))?;
+        let cards = self.store.cards_of_member(tenant_id, member_id).await?;
+        Ok((member, cards))
+    }
+
+    /// The POS lookup by card: refuses blocked, replaced and unbound cards with the reason.
+    pub async fn lookup_by_card(&self, tenant_id: &str, number: &str) -> Result<(Member, Card)> {
+        let mut v = Violations::new();
+        check_tenant(&mut v, tenant_id);
+        check_card_number(&mut v, number, "card_number");
+        v.finish()?;
+        let card = self
+            .store
+            .card(tenant_id, number)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("card {number} not found")))?;
+        let member_id = match (&card.status, &card.member_id) {
+            (CardStatus::Active, Some(id)) => id.clone(),
+            (CardStatus::Blocked(reason), _) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "card {number} is blocked ({reason:?})"
+                )));
+            }
+            (CardStatus::Replaced { by }, _) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "card {number} was replaced by card {by}"
+                )));
+            }
+            (CardStatus::Unbound, _) | (CardStatus::Active, None) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "card {number} is not bound to a member"
+                )));
+            }
+        };
+        let member = self
+            .store
+            .member(tenant_id, &member_id)
+            .await?
+            .ok_or_else(|| {
+                Error::internal(anyhow::anyhow!(
+                    "card {number} points to missing member {member_id}"
+                ))
+            })?;
+        Ok((member, card))
+    }
+
+    /// Lookup by phone, normalized like at registration.
+    pub async fn lookup_by_phone(
+        &self,
+        tenant_id: &str,
+        raw: &str,
+        region: &str,
+    ) -> Result<Member> {
+        let mut v = Violations::new();
+        check_tenant(&mut v, tenant_id);
+        let phone = normalize_phone(raw, self.region(region));
+        if let Err(why) = &phone {
+            v.add("phone", why.clone());
+        }
+        v.finish()?;
+        let phone = phone.map_err(|why| Error::invalid("phone", why))?;
+        let id = self
+            .store
+            .member_id_by_phone(tenant_id, &phone)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no member with phone {phone}")))?;
+        self.store.member(tenant_id, &id).await?.ok_or_else(|| {
+            Error::internal(anyhow::anyhow!("phone index points to missing member {id}"))
+        })
+    }
+
+    /// Issues a virtual card (number generated) or a plastic card (number given).
+    pub async fn issue_card(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        kind: CardKind,
+        number: &str,
+    ) -> Result<Card> {
+        let mut v = Violations::new();
+        check_tenant(&mut v, tenant_id);
+        v.text(member_id, "member_id", MAX_ID_LEN);
+        match kind {
+            CardKind::Virtual => v.check(
+                number.is_empty(),
+                "number",
+                "must be empty for a virtual card: it is generated",
+            ),
+            CardKind::Plastic => check_card_number(&mut v, number, "number"),
+            CardKind::NoName => v.add(
+                "kind",
+                "no-name cards are imported in ranges, not issued to a member",
+            ),
+        }
+        v.finish()?;
+        let member = self
+            .store
+            .member(tenant_id, member_id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("member {member_id} not found")))?;
+        if member.status != MemberStatus::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "member {member_id} is not active"
+            )));
+        }
+        let mut card = Card {
+            tenant_id: tenant_id.to_string(),
+            number: if kind == CardKind::Virtual {
+                new_virtual_card_number()
+            } else {
+                number.to_string()
+            },
+            kind,
+            status: CardStatus::Active,
+            member_id: Some(member_id.to_string()),
+            issued_at: self.clock.now_ms(),
+        };
+        for _ in 0..GENERATION_ATTEMPTS {
+            if self.store.insert_card(&card).await? {
+                return Ok(card);
+            }
+            if kind != CardKind::Virtual {
+                return Err(Error::AlreadyExists(format!(
+                    "card {} already exists",
+                    card.number
+                )));
+            }
+            card.number = new_virtual_card_number();
+        }
+        Err(Error::internal(anyhow::anyhow!(
+            "could not generate a unique card number"
+        )))
+    }
+
+    pub async fn card(&self, tenant_id: &str, number: &str) -> Result<Card> {
+        let mut v = Violations::new();
+        check_tenant(&mut v, tenant_id);
+        check_card_number(&mut v, number, "number");
+        v.finish()?;
+        self.store
+            .card(tenant_id, number)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("card {number} not found")))
+    }
+
+    pub async fn resolve_referral_code(&self, tenant_id: &str, code: &str) -> Result<String> {
+        let mut v = Violations::new();
+        check_tenant(&mut v, tenant_id);
+        v.text(code, "referral_code", 32);
+        v.finish()?;
+        self.store
+            .member_by_referral_code(tenant_id, &code.to_ascii_uppercase())
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("referral code {code} not found")))
+    }
+}
+
+fn looks_like_email(s: &str) -> bool {
+    match s.split_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !domain.ends_with('.')
+                && !s.contains(char::is_whitespace)
+        }
+        None => false,
+    }
+}
+
+/// Outcome of inserting a member: uniqueness is decided atomically by the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    Done,
+    PhoneTaken,
+    CodeTaken,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phones_normalize_to_e164_from_several_countries() {
+        assert_eq!(
+            normalize_phone("8 701 123 45 67", "KZ").unwrap(),
+            "+77011234567"
+        );
+        assert_eq!(
+            normalize_phone("+7 (701) 123-45-67", "KZ").unwrap(),
+            "+77011234567"
+        );
+        assert_eq!(
+            normalize_phone("8 (912) 345-67-89", "RU").unwrap(),
+            "+79123456789"
+        );
+        assert_eq!(normalize_phone("030 123456", "DE").unwrap(), "+4930123456");
+        assert_eq!(
+            normalize_phone("+1 650-253-0000", "KZ").unwrap(),
+            "+16502530000"
+        );
+    }
+
+    #[test]
+    fn bad_phones_are_refused() {
+        for bad in [
+            "",
+            "12",
+            "hello",
+            "+7 000",
+            "8 701 123 45 67 89 00 11 22 33 44 55 66",
+        ] {
+            assert!(normalize_phone(bad, "KZ").is_err(), "{bad} accepted");
+        }
+        assert!(normalize_phone("87011234567", "XX").is_err());
+    }
+
+    #[test]
+    fn check_digits() {
+        assert_eq!(with_check_digit("7992739871"), "79927398713");
+        assert!(check_digit_ok("79927398713"));
+        assert!(!check_digit_ok("79927398714"));
+        for _ in 0..100 {
+            let n = new_virtual_card_number();
+            assert_eq!(n.len(), 16);
+            assert!(check_digit_ok(&n), "{n}");
+        }
+    }
+
+    #[test]
+    fn emails() {
+        assert!(looks_like_email("a@b.kz"));
+        assert!(!looks_like_email("a@b"));
+        assert!(!looks_like_email("a b@c.kz"));
+        assert!(!looks_like_email("@c.kz"));
+    }
+}

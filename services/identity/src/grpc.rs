@@ -1,0 +1,258 @@
+//! The thin gRPC adapter of the identity service: proto in, domain call, proto out.
+
+use loyalty_platform::grpc::{channel, channel_to_proto, timestamp, to_status};
+use loyalty_proto::identity::v1 as pb;
+use pb::card_service_server::{CardService, CardServiceServer};
+use pb::member_service_server::{MemberService, MemberServiceServer};
+use pb::referral_service_server::{ReferralService, ReferralServiceServer};
+use tonic::{Request, Response, Status};
+
+use crate::domain::{
+    BlockReason, Card, CardKind, CardStatus, Identity, Member, MemberStatus, Registration,
+};
+
+/// gRPC service names, for health reporting.
+pub const SERVICE_NAMES: &[&str] = &[
+    "loyalty.identity.v1.MemberService",
+    "loyalty.identity.v1.CardService",
+    "loyalty.identity.v1.ReferralService",
+];
+
+/// Adds the identity services to `routes`, with message size limits.
+pub fn add_routes(
+    routes: tonic::service::Routes,
+    identity: Identity,
+    max_message_bytes: usize,
+) -> tonic::service::Routes {
+    let api = Api(identity);
+    routes
+        .add_service(
+            MemberServiceServer::new(api.clone())
+                .max_decoding_message_size(max_message_bytes)
+                .max_encoding_message_size(max_message_bytes),
+        )
+        .add_service(
+            CardServiceServer::new(api.clone())
+                .max_decoding_message_size(max_message_bytes)
+                .max_encoding_message_size(max_message_bytes),
+        )
+        .add_service(
+            ReferralServiceServer::new(api)
+                .max_decoding_message_size(max_message_bytes)
+                .max_encoding_message_size(max_message_bytes),
+        )
+}
+
+#[derive(Debug, Clone)]
+struct Api(Identity);
+
+pub fn member_to_proto(m: &Member) -> pb::Member {
+    pb::Member {
+        tenant_id: m.tenant_id.clone(),
+        member_id: m.member_id.clone(),
+        status: match m.status {
+            MemberStatus::Active => pb::MemberStatus::Active,
+            MemberStatus::Merged => pb::MemberStatus::Merged,
+            MemberStatus::Erased => pb::MemberStatus::Erased,
+        } as i32,
+        phone: m.phone.clone(),
+        email: m.email.clone(),
+        first_name: m.first_name.clone(),
+        last_name: m.last_name.clone(),
+        referral_code: m.referral_code.clone(),
+        referred_by_member_id: m.referred_by.clone().unwrap_or_default(),
+        registration_channel: channel_to_proto(m.channel),
+        registration_store_id: m.store_id.clone(),
+        registered_at: Some(timestamp(m.registered_at)),
+        updated_at: Some(timestamp(m.updated_at)),
+        ..Default::default()
+    }
+}
+
+pub fn card_to_proto(c: &Card) -> pb::Card {
+    let (status, block_reason, replaced_by) = match &c.status {
+        CardStatus::Active => (
+            pb::CardStatus::Active,
+            pb::BlockReason::Unspecified,
+            String::new(),
+        ),
+        CardStatus::Unbound => (
+            pb::CardStatus::Unbound,
+            pb::BlockReason::Unspecified,
+            String::new(),
+        ),
+        CardStatus::Blocked(r) => (
+            pb::CardStatus::Blocked,
+            match r {
+                BlockReason::Lost => pb::BlockReason::Lost,
+                BlockReason::Stolen => pb::BlockReason::Stolen,
+                BlockReason::Fraud => pb::BlockReason::Fraud,
+            },
+            String::new(),
+        ),
+        CardStatus::Replaced { by } => (
+            pb::CardStatus::Replaced,
+            pb::BlockReason::Unspecified,
+            by.clone(),
+        ),
+    };
+    pb::Card {
+        tenant_id: c.tenant_id.clone(),
+        number: c.number.clone(),
+        kind: match c.kind {
+            CardKind::Plastic => pb::CardKind::Plastic,
+            CardKind::Virtual => pb::CardKind::Virtual,
+            CardKind::NoName => pb::CardKind::NoName,
+        } as i32,
+        status: status as i32,
+        member_id: c.member_id.clone().unwrap_or_default(),
+        block_reason: block_reason as i32,
+        replaced_by_number: replaced_by,
+        issued_at: Some(timestamp(c.issued_at)),
+    }
+}
+
+#[tonic::async_trait]
+impl MemberService for Api {
+    async fn register_member(
+        &self,
+        request: Request<pb::RegisterMemberRequest>,
+    ) -> Result<Response<pb::RegisterMemberResponse>, Status> {
+        let r = request.into_inner();
+        let member = self
+            .0
+            .register(Registration {
+                tenant_id: r.tenant_id,
+                phone: r.phone,
+                default_region: r.default_region,
+                channel: channel(r.channel),
+                store_id: r.store_id,
+                referral_code: r.referral_code,
+                email: r.email,
+                first_name: r.first_name,
+                last_name: r.last_name,
+            })
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::RegisterMemberResponse {
+            member: Some(member_to_proto(&member)),
+        }))
+    }
+
+    async fn get_member(
+        &self,
+        request: Request<pb::GetMemberRequest>,
+    ) -> Result<Response<pb::GetMemberResponse>, Status> {
+        let r = request.into_inner();
+        let (member, cards) = self
+            .0
+            .member(&r.tenant_id, &r.member_id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::GetMemberResponse {
+            member: Some(member_to_proto(&member)),
+            cards: cards.iter().map(card_to_proto).collect(),
+        }))
+    }
+
+    async fn lookup_member(
+        &self,
+        request: Request<pb::LookupMemberRequest>,
+    ) -> Result<Response<pb::LookupMemberResponse>, Status> {
+        let r = request.into_inner();
+        use pb::lookup_member_request::Key;
+        let (member, card) = match r.key {
+            Some(Key::CardNumber(number)) => {
+                let (m, c) = self
+                    .0
+                    .lookup_by_card(&r.tenant_id, &number)
+                    .await
+                    .map_err(to_status)?;
+                (m, Some(card_to_proto(&c)))
+            }
+            Some(Key::Phone(phone)) => {
+                let m = self
+                    .0
+                    .lookup_by_phone(&r.tenant_id, &phone, &r.default_region)
+                    .await
+                    .map_err(to_status)?;
+                (m, None)
+            }
+            Some(Key::Email(_)) => {
+                return Err(loyalty_platform::grpc::unimplemented(
+                    "LookupMember by email",
+                ));
+            }
+            None => {
+                return Err(to_status(loyalty_platform::Error::invalid(
+                    "key",
+                    "one of card_number, phone or email is required",
+                )));
+            }
+        };
+        Ok(Response::new(pb::LookupMemberResponse {
+            member: Some(member_to_proto(&member)),
+            card,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl CardService for Api {
+    async fn issue_card(
+        &self,
+        request: Request<pb::IssueCardRequest>,
+    ) -> Result<Response<pb::IssueCardResponse>, Status> {
+        let r = request.into_inner();
+        let kind = match pb::CardKind::try_from(r.kind) {
+            Ok(pb::CardKind::Virtual) => CardKind::Virtual,
+            Ok(pb::CardKind::Plastic) => CardKind::Plastic,
+            Ok(pb::CardKind::NoName) => CardKind::NoName,
+            Ok(pb::CardKind::Unspecified) | Err(_) => {
+                return Err(to_status(loyalty_platform::Error::invalid(
+                    "kind",
+                    "must be CARD_KIND_VIRTUAL or CARD_KIND_PLASTIC",
+                )));
+            }
+        };
+        let card = self
+            .0
+            .issue_card(&r.tenant_id, &r.member_id, kind, &r.number)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::IssueCardResponse {
+            card: Some(card_to_proto(&card)),
+        }))
+    }
+
+    async fn get_card(
+        &self,
+        request: Request<pb::GetCardRequest>,
+    ) -> Result<Response<pb::GetCardResponse>, Status> {
+        let r = request.into_inner();
+        let card = self
+            .0
+            .card(&r.tenant_id, &r.number)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::GetCardResponse {
+            card: Some(card_to_proto(&card)),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl ReferralService for Api {
+    async fn resolve_referral_code(
+        &self,
+        request: Request<pb::ResolveReferralCodeRequest>,
+    ) -> Result<Response<pb::ResolveReferralCodeResponse>, Status> {
+        let r = request.into_inner();
+        let member_id = self
+            .0
+            .resolve_referral_code(&r.tenant_id, &r.referral_code)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ResolveReferralCodeResponse { member_id }))
+    }
+}

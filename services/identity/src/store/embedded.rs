@@ -1,0 +1,183 @@
+//! The identity store on the embedded database.
+
+use std::path::Path;
+
+use loyalty_platform::embedded::{EmbeddedDb, decode, encode, key, prefix_range};
+use loyalty_platform::error::{Error, Result};
+use redb::{ReadableTable, TableDefinition};
+
+use super::IdentityStore;
+use crate::domain::{Card, Inserted, Member};
+
+const MEMBERS: TableDefinition<&str, &[u8]> = TableDefinition::new("members");
+const PHONES: TableDefinition<&str, &str> = TableDefinition::new("members_by_phone");
+const REFERRAL_CODES: TableDefinition<&str, &str> =
+    TableDefinition::new("members_by_referral_code");
+const CARDS: TableDefinition<&str, &[u8]> = TableDefinition::new("cards");
+const MEMBER_CARDS: TableDefinition<&str, ()> = TableDefinition::new("cards_by_member");
+
+#[derive(Debug, Clone)]
+pub struct EmbeddedIdentityStore {
+    db: EmbeddedDb,
+}
+
+impl EmbeddedIdentityStore {
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        Ok(Self {
+            db: EmbeddedDb::open(path)?,
+        })
+    }
+}
+
+fn e(err: impl Into<anyhow::Error>) -> Error {
+    Error::internal(err)
+}
+
+#[async_trait::async_trait]
+impl IdentityStore for EmbeddedIdentityStore {
+    async fn insert_member(&self, member: &Member) -> Result<Inserted> {
+        let member = member.clone();
+        self.db
+            .write(move |txn| {
+                let mut phones = txn.open_table(PHONES).map_err(e)?;
+                let phone_key = key(&[&member.tenant_id, &member.phone]);
+                if phones.get(phone_key.as_str()).map_err(e)?.is_some() {
+                    return Ok(Inserted::PhoneTaken);
+                }
+                let mut codes = txn.open_table(REFERRAL_CODES).map_err(e)?;
+                let code_key = key(&[&member.tenant_id, &member.referral_code]);
+                if codes.get(code_key.as_str()).map_err(e)?.is_some() {
+                    return Ok(Inserted::CodeTaken);
+                }
+                let bytes = encode(&member)?;
+                let mut members = txn.open_table(MEMBERS).map_err(e)?;
+                let member_key = key(&[&member.tenant_id, &member.member_id]);
+                members
+                    .insert(member_key.as_str(), bytes.as_slice())
+                    .map_err(e)?;
+                phones
+                    .insert(phone_key.as_str(), member.member_id.as_str())
+                    .map_err(e)?;
+                codes
+                    .insert(code_key.as_str(), member.member_id.as_str())
+                    .map_err(e)?;
+                Ok(Inserted::Done)
+            })
+            .await
+    }
+
+    async fn member(&self, tenant_id: &str, member_id: &str) -> Result<Option<Member>> {
+        let k = key(&[tenant_id, member_id]);
+        self.db
+            .read(move |txn| {
+                let Ok(t) = txn.open_table(MEMBERS) else {
+                    return Ok(None);
+                };
+                t.get(k.as_str())
+                    .map_err(e)?
+                    .map(|v| decode(v.value()))
+                    .transpose()
+            })
+            .await
+    }
+
+    async fn member_id_by_phone(&self, tenant_id: &str, phone: &str) -> Result<Option<String>> {
+        lookup(&self.db, PHONES, key(&[tenant_id, phone])).await
+    }
+
+    async fn member_by_referral_code(&self, tenant_id: &str, code: &str) -> Result<Option<String>> {
+        lookup(&self.db, REFERRAL_CODES, key(&[tenant_id, code])).await
+    }
+
+    async fn insert_card(&self, card: &Card) -> Result<bool> {
+        let card = card.clone();
+        self.db
+            .write(move |txn| {
+                let mut cards = txn.open_table(CARDS).map_err(e)?;
+                let card_key = key(&[&card.tenant_id, &card.number]);
+                if cards.get(card_key.as_str()).map_err(e)?.is_some() {
+                    return Ok(false);
+                }
+                let bytes = encode(&card)?;
+                cards
+                    .insert(card_key.as_str(), bytes.as_slice())
+                    .map_err(e)?;
+                if let Some(member_id) = &card.member_id {
+                    let mut by_member = txn.open_table(MEMBER_CARDS).map_err(e)?;
+                    let k = key(&[&card.tenant_id, member_id, &card.number]);
+                    by_member.insert(k.as_str(), ()).map_err(e)?;
+                }
+                Ok(true)
+            })
+            .await
+    }
+
+    async fn card(&self, tenant_id: &str, number: &str) -> Result<Option<Card>> {
+        let k = key(&[tenant_id, number]);
+        self.db
+            .read(move |txn| {
+                let Ok(t) = txn.open_table(CARDS) else {
+                    return Ok(None);
+                };
+                t.get(k.as_str())
+                    .map_err(e)?
+                    .map(|v| decode(v.value()))
+                    .transpose()
+            })
+            .await
+    }
+
+    async fn cards_of_member(&self, tenant_id: &str, member_id: &str) -> Result<Vec<Card>> {
+        let (start, end) = prefix_range(&[tenant_id, member_id]);
+        let tenant = tenant_id.to_string();
+        self.db
+            .read(move |txn| {
+                let (Ok(index), Ok(cards)) = (txn.open_table(MEMBER_CARDS), txn.open_table(CARDS))
+                else {
+                    return Ok(Vec::new());
+                };
+                let mut out = Vec::new();
+                for entry in index.range(start.as_str()..end.as_str()).map_err(e)? {
+                    let (k, _) = entry.map_err(e)?;
+                    let Some(number) = k.value().rsplit('\u{0}').next().map(str::to_string) else {
+                        continue;
+                    };
+                    if let Some(v) = cards.get(key(&[&tenant, &number]).as_str()).map_err(e)? {
+                        out.push(decode(v.value())?);
+                    }
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.db.ping().await
+    }
+}
+
+async fn lookup(
+    db: &EmbeddedDb,
+    table: TableDefinition<'static, &'static str, &'static str>,
+    k: String,
+) -> Result<Option<String>> {
+    db.read(move |txn| {
+        let Ok(t) = txn.open_table(table) else {
+            return Ok(None);
+        };
+        Ok(t.get(k.as_str()).map_err(e)?.map(|v| v.value().to_string()))
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedIdentityStore::open(&dir.path().join("identity.redb")).unwrap();
+        super::super::conformance::run_all(&store).await;
+    }
+}
