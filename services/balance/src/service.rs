@@ -9,6 +9,8 @@ use loyalty_platform::types::check_tenant;
 use crate::ledger::{self, BalanceView, Entry, Op, OpRecord};
 use crate::store::BalanceStore;
 
+/// Longest idempotency key.
+pub const MAX_KEY_LEN: usize = 256;
 /// Longest free-text reference on an entry.
 pub const MAX_REFERENCE_LEN: usize = 256;
 /// Largest page of ledger entries.
@@ -53,7 +55,7 @@ impl Balance {
     ) -> Result<OpRecord> {
         let mut v = Violations::new();
         check_ids(&mut v, tenant_id, member_id);
-        v.text(key, "idempotency_key", MAX_ID_LEN);
+        v.text(key, "idempotency_key", MAX_KEY_LEN);
         let (reference, original) = match &op {
             Op::Accrue { reference, .. } | Op::Redeem { reference, .. } => (reference, None),
             Op::Reverse {
@@ -64,7 +66,7 @@ impl Balance {
         };
         v.optional_text(reference, "reference", MAX_REFERENCE_LEN);
         if let Some(original) = original {
-            v.text(original, "original_idempotency_key", MAX_ID_LEN);
+            v.text(original, "original_idempotency_key", MAX_KEY_LEN);
         }
         v.finish()?;
         ledger::validate(&op)?;

@@ -1,1 +1,189 @@
-fn main() {}
+//! `loyalty`: one binary, two ways to run.
+//!
+//! - `loyalty dev`: all five services in one process on embedded storage.
+//! - `loyalty serve --service NAME[,NAME...]`: the named services; peers over gRPC.
+
+mod demo;
+mod peers;
+mod walkthrough;
+mod wiring;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use loyalty_platform::clock::{SharedClock, SystemClock};
+use loyalty_platform::config::{Config, Overrides};
+use loyalty_platform::{server, telemetry};
+use tokio::net::TcpListener;
+
+use crate::wiring::{ServiceName, parse_services};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "loyalty",
+    version,
+    about = "A high-throughput loyalty engine for retail chains"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// All five services in one process on embedded storage in --data-dir.
+    Dev {
+        #[command(flatten)]
+        common: Common,
+        /// Load a sample tenant ("demo") with stores, products, a program and members.
+        #[arg(long)]
+        demo: bool,
+    },
+    /// Only the named services (microservices mode); peers come from config.
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        /// Comma-separated: identity, balance, promotion, segmentation, reporting.
+        #[arg(long, value_name = "NAME[,NAME...]")]
+        service: String,
+    },
+    /// Prints the effective configuration (secrets redacted) and exits.
+    Config {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Walks through register, card, quote, commit, refund and balance against a server
+    /// started with `dev --demo`.
+    Walkthrough {
+        /// The server's address.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        addr: String,
+        #[arg(long, default_value = demo::TENANT)]
+        tenant: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// A TOML config file; LOYALTY_* environment variables and flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
+    /// Directory of the embedded stores.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+fn load_config(common: &Common) -> Result<Config, ExitCode> {
+    let overrides = Overrides {
+        listen: common.listen,
+        data_dir: common.data_dir.clone(),
+    };
+    Config::load(common.config.as_deref(), std::env::vars(), &overrides).map_err(|e| {
+        eprintln!("loyalty: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("loyalty: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+#[allow(clippy::print_stdout)]
+async fn run(cli: Cli) -> ExitCode {
+    let (common, services, demo) = match cli.command {
+        Command::Dev { common, demo } => (common, ServiceName::ALL.to_vec(), demo),
+        Command::Serve { common, service } => match parse_services(&service) {
+            Ok(services) => (common, services, false),
+            Err(e) => {
+                eprintln!("loyalty: --service: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        Command::Config { common } => {
+            return match load_config(&common) {
+                Ok(config) => {
+                    print!("{}", config.to_toml());
+                    ExitCode::SUCCESS
+                }
+                Err(code) => code,
+            };
+        }
+        Command::Walkthrough { addr, tenant } => {
+            return match walkthrough::run(&addr, &tenant).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("loyalty walkthrough: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    };
+    let config = match load_config(&common) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    telemetry::init(&config.log);
+    match serve(config, services, demo).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loyalty: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[allow(clippy::print_stdout)]
+async fn serve(config: Config, services: Vec<ServiceName>, demo: bool) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let clock: SharedClock = Arc::new(SystemClock);
+    let node = wiring::build(&config, &services, clock.clone())?;
+    if demo {
+        if demo::load(&node, &clock).await? {
+            tracing::info!(tenant = demo::TENANT, "demo tenant loaded");
+        } else {
+            tracing::info!(tenant = demo::TENANT, "demo tenant already present");
+        }
+    }
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let names: Vec<&str> = node.services.iter().map(|s| s.as_str()).collect();
+    println!(
+        "loyalty: serving {} on {addr} (data in {})",
+        names.join(", "),
+        config.data_dir.display()
+    );
+    println!("listening on {addr}");
+    if node.checkout.is_some() && node.identity.is_some() {
+        println!("Try it (the demo tenant comes with `loyalty dev --demo`):");
+        println!("  loyalty walkthrough --addr http://{addr}");
+        println!(
+            "  grpcurl -plaintext -d '{{\"tenant_id\":\"demo\",\"card_number\":\"1000000001\"}}' {addr} loyalty.identity.v1.MemberService/LookupMember"
+        );
+    }
+    server::serve(
+        listener,
+        node.routes,
+        node.health,
+        &config.server,
+        server::shutdown_signal(),
+    )
+    .await
+}

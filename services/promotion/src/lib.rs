@@ -1,1 +1,22 @@
+//! The promotion service: program rules, catalog, and the POS checkout.
+//!
+//! `program`, `catalog`, `receipt`, `evaluate` and `purchase` are the pure domain; `checkout`
+//! and `admin` orchestrate it over the `store` trait and the `ports` to identity and
+//! balance; `grpc` is the adapter.
 
+pub mod admin;
+pub mod catalog;
+pub mod checkout;
+pub mod evaluate;
+pub mod grpc;
+pub mod ports;
+pub mod program;
+pub mod purchase;
+pub mod receipt;
+pub mod store;
+
+pub use admin::Admin;
+pub use checkout::Checkout;
+
+/// Largest points amount accepted anywhere, in point minor units.
+pub const MAX_POINTS: i64 = 1_000_000_000_000;

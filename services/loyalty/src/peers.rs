@@ -1,0 +1,292 @@
+//! The two ways promotion reaches identity and balance: in-process calls (dev mode, or when
+//! they share a process) and gRPC clients (microservices mode). Checkout cannot tell which.
+
+use loyalty_balance::Balance;
+use loyalty_balance::ledger::{Op, Reason};
+use loyalty_identity::Identity;
+use loyalty_platform::clock::Millis;
+use loyalty_platform::error::{Error, Result};
+use loyalty_platform::grpc::{from_status, timestamp};
+use loyalty_promotion::ports::{Members, Points, Reversal};
+use loyalty_promotion::receipt::Identification;
+use loyalty_proto::balance::v1 as bpb;
+use loyalty_proto::identity::v1 as ipb;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+#[derive(Debug, Clone)]
+pub struct LocalMembers(pub Identity);
+
+#[async_trait::async_trait]
+impl Members for LocalMembers {
+    async fn resolve(&self, tenant_id: &str, id: &Identification) -> Result<Option<String>> {
+        Ok(match id {
+            Identification::None => None,
+            Identification::Card(number) => {
+                Some(self.0.lookup_by_card(tenant_id, number).await?.0.member_id)
+            }
+            Identification::Member(member_id) => {
+                Some(self.0.member(tenant_id, member_id).await?.0.member_id)
+            }
+            Identification::Phone(phone) => Some(
+                self.0
+                    .lookup_by_phone(tenant_id, phone, "")
+                    .await?
+                    .member_id,
+            ),
+        })
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.0.store().ping().await
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LocalPoints(pub Balance);
+
+#[async_trait::async_trait]
+impl Points for LocalPoints {
+    async fn available(&self, tenant_id: &str, member_id: &str) -> Result<i64> {
+        Ok(self.0.balance(tenant_id, member_id).await?.active)
+    }
+
+    async fn accrue(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        key: &str,
+        amount: i64,
+        reference: &str,
+        activate_at: Millis,
+        expire_at: Option<Millis>,
+    ) -> Result<i64> {
+        let op = Op::Accrue {
+            amount,
+            reason: Reason::Accrual,
+            reference: reference.to_string(),
+            activate_at: Some(activate_at),
+            expire_at,
+        };
+        Ok(self
+            .0
+            .execute(tenant_id, member_id, key, op)
+            .await?
+            .reply
+            .balance
+            .active)
+    }
+
+    async fn redeem(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        key: &str,
+        amount: i64,
+        reference: &str,
+    ) -> Result<i64> {
+        let op = Op::Redeem {
+            amount,
+            reference: reference.to_string(),
+        };
+        Ok(self
+            .0
+            .execute(tenant_id, member_id, key, op)
+            .await?
+            .reply
+            .balance
+            .active)
+    }
+
+    async fn reverse(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        key: &str,
+        original_key: &str,
+        amount: i64,
+        reference: &str,
+    ) -> Result<Reversal> {
+        let op = Op::Reverse {
+            original_key: original_key.to_string(),
+            amount,
+            reference: reference.to_string(),
+        };
+        let reply = self.0.execute(tenant_id, member_id, key, op).await?.reply;
+        Ok(Reversal {
+            taken: reply.entry.map_or(0, |e| e.amount.abs()),
+            unrecovered: reply.unrecovered,
+            active_after: reply.balance.active,
+        })
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.0.store().ping().await
+    }
+}
+
+/// Asks a peer's grpc.health.v1 whether `service` is SERVING.
+async fn peer_health(channel: &Channel, service: &str) -> Result<()> {
+    let reply = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await
+        .map_err(|s| Error::Unavailable(format!("{service}: {}", s.message())))?;
+    if reply.into_inner().status == ServingStatus::Serving as i32 {
+        Ok(())
+    } else {
+        Err(Error::Unavailable(format!("{service} is not serving")))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RemoteMembers(pub Channel);
+
+#[async_trait::async_trait]
+impl Members for RemoteMembers {
+    async fn resolve(&self, tenant_id: &str, id: &Identification) -> Result<Option<String>> {
+        use ipb::lookup_member_request::Key;
+        let mut client = ipb::member_service_client::MemberServiceClient::new(self.0.clone());
+        let key = match id {
+            Identification::None => return Ok(None),
+            Identification::Member(member_id) => {
+                let reply = client
+                    .get_member(ipb::GetMemberRequest {
+                        tenant_id: tenant_id.to_string(),
+                        member_id: member_id.clone(),
+                    })
+                    .await
+                    .map_err(from_status)?;
+                return Ok(reply.into_inner().member.map(|m| m.member_id));
+            }
+            Identification::Card(number) => Key::CardNumber(number.clone()),
+            Identification::Phone(phone) => Key::Phone(phone.clone()),
+        };
+        let reply = client
+            .lookup_member(ipb::LookupMemberRequest {
+                tenant_id: tenant_id.to_string(),
+                key: Some(key),
+                default_region: String::new(),
+            })
+            .await
+            .map_err(from_status)?;
+        Ok(reply.into_inner().member.map(|m| m.member_id))
+    }
+
+    async fn ping(&self) -> Result<()> {
+        peer_health(&self.0, "loyalty.identity.v1.MemberService").await
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RemotePoints(pub Channel);
+
+impl RemotePoints {
+    fn client(&self) -> bpb::balance_service_client::BalanceServiceClient<Channel> {
+        bpb::balance_service_client::BalanceServiceClient::new(self.0.clone())
+    }
+}
+
+fn active(balance: Option<bpb::Balance>) -> i64 {
+    balance.map_or(0, |b| b.active)
+}
+
+#[async_trait::async_trait]
+impl Points for RemotePoints {
+    async fn available(&self, tenant_id: &str, member_id: &str) -> Result<i64> {
+        let reply = self
+            .client()
+            .get_balance(bpb::GetBalanceRequest {
+                tenant_id: tenant_id.to_string(),
+                member_id: member_id.to_string(),
+            })
+            .await
+            .map_err(from_status)?;
+        Ok(active(reply.into_inner().balance))
+    }
+
+    async fn accrue(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        key: &str,
+        amount: i64,
+        reference: &str,
+        activate_at: Millis,
+        expire_at: Option<Millis>,
+    ) -> Result<i64> {
+        let reply = self
+            .client()
+            .accrue(bpb::AccrueRequest {
+                tenant_id: tenant_id.to_string(),
+                member_id: member_id.to_string(),
+                idempotency_key: key.to_string(),
+                amount,
+                reason: bpb::EntryReason::Accrual as i32,
+                reference: reference.to_string(),
+                activate_time: Some(timestamp(activate_at)),
+                expire_time: expire_at.map(timestamp),
+            })
+            .await
+            .map_err(from_status)?;
+        Ok(active(reply.into_inner().balance))
+    }
+
+    async fn redeem(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        key: &str,
+        amount: i64,
+        reference: &str,
+    ) -> Result<i64> {
+        let reply = self
+            .client()
+            .redeem(bpb::RedeemRequest {
+                tenant_id: tenant_id.to_string(),
+                member_id: member_id.to_string(),
+                idempotency_key: key.to_string(),
+                amount,
+                reference: reference.to_string(),
+            })
+            .await
+            .map_err(from_status)?;
+        Ok(active(reply.into_inner().balance))
+    }
+
+    async fn reverse(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        key: &str,
+        original_key: &str,
+        amount: i64,
+        reference: &str,
+    ) -> Result<Reversal> {
+        let reply = self
+            .client()
+            .reverse(bpb::ReverseRequest {
+                tenant_id: tenant_id.to_string(),
+                member_id: member_id.to_string(),
+                idempotency_key: key.to_string(),
+                original_idempotency_key: original_key.to_string(),
+                amount,
+                reference: reference.to_string(),
+            })
+            .await
+            .map_err(from_status)?
+            .into_inner();
+        Ok(Reversal {
+            taken: reply.entry.map_or(0, |e| e.amount.abs()),
+            unrecovered: reply.unrecovered_amount,
+            active_after: active(reply.balance),
+        })
+    }
+
+    async fn ping(&self) -> Result<()> {
+        peer_health(&self.0, "loyalty.balance.v1.BalanceService").await
+    }
+}

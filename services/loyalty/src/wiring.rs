@@ -1,0 +1,283 @@
+//! Builds the services a process runs. Dev mode runs all five with in-process peers;
+//! `serve --service` runs the named ones and reaches the others through gRPC. The service
+//! code is the same either way; only what is plugged into the ports differs.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use loyalty_balance::Balance;
+use loyalty_balance::store::embedded::EmbeddedBalanceStore;
+use loyalty_identity::Identity;
+use loyalty_identity::store::embedded::EmbeddedIdentityStore;
+use loyalty_platform::clock::SharedClock;
+use loyalty_platform::config::{Backend, Config};
+use loyalty_platform::server::{HealthCheck, HealthEntry};
+use loyalty_promotion::ports::{Members, Points};
+use loyalty_promotion::store::embedded::EmbeddedPromotionStore;
+use loyalty_promotion::{Admin, Checkout};
+use tonic::service::Routes;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::peers::{LocalMembers, LocalPoints, RemoteMembers, RemotePoints};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ServiceName {
+    Identity,
+    Balance,
+    Promotion,
+    Segmentation,
+    Reporting,
+}
+
+impl ServiceName {
+    pub const ALL: [ServiceName; 5] = [
+        ServiceName::Identity,
+        ServiceName::Balance,
+        ServiceName::Promotion,
+        ServiceName::Segmentation,
+        ServiceName::Reporting,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceName::Identity => "identity",
+            ServiceName::Balance => "balance",
+            ServiceName::Promotion => "promotion",
+            ServiceName::Segmentation => "segmentation",
+            ServiceName::Reporting => "reporting",
+        }
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ServiceName {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ServiceName::ALL
+            .into_iter()
+            .find(|n| n.as_str() == s.trim())
+            .ok_or_else(|| {
+                format!("unknown service {s:?}; expected identity, balance, promotion, segmentation or reporting")
+            })
+    }
+}
+
+/// Parses `identity,balance`, refusing unknown and repeated names.
+pub fn parse_services(list: &str) -> Result<Vec<ServiceName>, String> {
+    let mut out: Vec<ServiceName> = Vec::new();
+    for part in list.split(',').filter(|p| !p.trim().is_empty()) {
+        let name: ServiceName = part.parse()?;
+        if out.contains(&name) {
+            return Err(format!("service {name} is named twice"));
+        }
+        out.push(name);
+    }
+    if out.is_empty() {
+        return Err("name at least one service".into());
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// What one process runs.
+#[derive(Debug)]
+pub struct Node {
+    pub services: Vec<ServiceName>,
+    pub routes: Routes,
+    pub health: Vec<HealthEntry>,
+    pub identity: Option<Identity>,
+    pub balance: Option<Balance>,
+    pub checkout: Option<Checkout>,
+    pub admin: Option<Admin>,
+}
+
+struct Check<F>(F);
+
+#[async_trait::async_trait]
+impl<F, Fut> HealthCheck for Check<F>
+where
+    F: Fn() -> Fut + Send + Sync,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
+    async fn check(&self) -> Result<(), String> {
+        (self.0)().await
+    }
+}
+
+fn entry<F, Fut>(names: &[&'static str], f: F) -> HealthEntry
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
+    HealthEntry {
+        service_names: names.to_vec(),
+        check: Arc::new(Check(f)),
+    }
+}
+
+fn peer_channel(
+    config: &Config,
+    name: ServiceName,
+    url: &Option<String>,
+) -> anyhow::Result<Channel> {
+    let url = url.as_ref().with_context(|| {
+        format!("bad configuration: `peers.{name}` is required because the {name} service does not run in this process")
+    })?;
+    let endpoint = Endpoint::from_shared(url.clone())
+        .with_context(|| format!("bad configuration: `peers.{name}` is not a valid URL"))?
+        .connect_timeout(config.peer_timeout())
+        .timeout(config.peer_timeout())
+        .tcp_nodelay(true);
+    Ok(endpoint.connect_lazy())
+}
+
+/// Opens the stores of `services` and builds their routes and health checks.
+pub fn build(
+    config: &Config,
+    services: &[ServiceName],
+    clock: SharedClock,
+) -> anyhow::Result<Node> {
+    let Backend::Embedded = config.storage.backend;
+    let dir = &config.data_dir;
+    let max = config.server.max_message_bytes;
+    let runs = |n: ServiceName| services.contains(&n);
+    let mut routes = Routes::default();
+    let mut health = Vec::new();
+
+    let identity = if runs(ServiceName::Identity) {
+        let store = EmbeddedIdentityStore::open(&dir.join("identity.redb"))?;
+        let identity = Identity::new(
+            Arc::new(store),
+            clock.clone(),
+            config.identity.default_region.clone(),
+        );
+        routes = loyalty_identity::grpc::add_routes(routes, identity.clone(), max);
+        let probe = identity.clone();
+        health.push(entry(loyalty_identity::grpc::SERVICE_NAMES, move || {
+            let probe = probe.clone();
+            async move {
+                probe
+                    .store()
+                    .ping()
+                    .await
+                    .map_err(|e| format!("identity store: {e}"))
+            }
+        }));
+        Some(identity)
+    } else {
+        None
+    };
+
+    let balance = if runs(ServiceName::Balance) {
+        let store = EmbeddedBalanceStore::open(&dir.join("balance.redb"))?;
+        let balance = Balance::new(Arc::new(store), clock.clone());
+        routes = loyalty_balance::grpc::add_routes(routes, balance.clone(), max);
+        let probe = balance.clone();
+        health.push(entry(loyalty_balance::grpc::SERVICE_NAMES, move || {
+            let probe = probe.clone();
+            async move {
+                probe
+                    .store()
+                    .ping()
+                    .await
+                    .map_err(|e| format!("balance store: {e}"))
+            }
+        }));
+        Some(balance)
+    } else {
+        None
+    };
+
+    let (checkout, admin) = if runs(ServiceName::Promotion) {
+        let store = Arc::new(EmbeddedPromotionStore::open(&dir.join("promotion.redb"))?);
+        let members: Arc<dyn Members> = match &identity {
+            Some(identity) => Arc::new(LocalMembers(identity.clone())),
+            None => Arc::new(RemoteMembers(peer_channel(
+                config,
+                ServiceName::Identity,
+                &config.peers.identity,
+            )?)),
+        };
+        let points: Arc<dyn Points> = match &balance {
+            Some(balance) => Arc::new(LocalPoints(balance.clone())),
+            None => Arc::new(RemotePoints(peer_channel(
+                config,
+                ServiceName::Balance,
+                &config.peers.balance,
+            )?)),
+        };
+        let checkout = Checkout::new(
+            store.clone(),
+            members.clone(),
+            points.clone(),
+            clock.clone(),
+        );
+        let admin = Admin::new(store.clone(), clock.clone());
+        routes = loyalty_promotion::grpc::add_routes(routes, checkout.clone(), admin.clone(), max);
+        // Checkout cannot serve without its store and both peers.
+        health.push(entry(loyalty_promotion::grpc::SERVICE_NAMES, move || {
+            let (store, members, points) = (store.clone(), members.clone(), points.clone());
+            async move {
+                use loyalty_promotion::store::PromotionStore;
+                store
+                    .ping()
+                    .await
+                    .map_err(|e| format!("promotion store: {e}"))?;
+                members.ping().await.map_err(|e| format!("identity: {e}"))?;
+                points.ping().await.map_err(|e| format!("balance: {e}"))
+            }
+        }));
+        (Some(checkout), Some(admin))
+    } else {
+        (None, None)
+    };
+
+    if runs(ServiceName::Segmentation) {
+        routes = loyalty_segmentation::add_routes(routes, max);
+        health.push(entry(loyalty_segmentation::SERVICE_NAMES, || async {
+            Ok(())
+        }));
+    }
+    if runs(ServiceName::Reporting) {
+        routes = loyalty_reporting::add_routes(routes, max);
+        health.push(entry(loyalty_reporting::SERVICE_NAMES, || async { Ok(()) }));
+    }
+
+    Ok(Node {
+        services: services.to_vec(),
+        routes,
+        health,
+        identity,
+        balance,
+        checkout,
+        admin,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_lists() {
+        assert_eq!(
+            parse_services("promotion, identity").unwrap(),
+            [ServiceName::Identity, ServiceName::Promotion]
+        );
+        assert!(parse_services("identity,identity").is_err());
+        assert!(
+            parse_services("ledger")
+                .unwrap_err()
+                .contains("unknown service")
+        );
+        assert!(parse_services("").is_err());
+    }
+}

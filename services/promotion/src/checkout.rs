@@ -1,0 +1,481 @@
+//! Quote, Commit and Refund: the POS path, orchestrating the store, identity and balance.
+
+use std::sync::Arc;
+
+use loyalty_platform::clock::SharedClock;
+use loyalty_platform::error::{Error, Result, Violations};
+use loyalty_platform::types::check_tenant;
+use rust_decimal::Decimal;
+
+use crate::evaluate::{Evaluation, MemberContext, evaluate};
+use crate::ports::{Members, Points};
+use crate::program::{MONEY_SCALE, Program, Rounding};
+use crate::purchase::{
+    Purchase, PurchaseState, Refund, RefundOutcome, accrue_key, fingerprint, redeem_key, refund_key,
+};
+use crate::receipt::{MAX_LINES, MAX_RECEIPT_ID_LEN, Receipt, parse_decimal};
+use crate::store::PromotionStore;
+
+/// Compare-and-set attempts before a contended purchase update gives up.
+const CAS_ATTEMPTS: usize = 16;
+
+/// The answer of a commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub evaluation: Evaluation,
+    pub points_balance: Option<i64>,
+    pub commit_time: i64,
+}
+
+/// The answer of a refund.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refunded {
+    pub refund_id: String,
+    pub refunded_amount: Decimal,
+    pub outcome: RefundOutcome,
+}
+
+#[derive(Debug, Clone)]
+pub struct Checkout {
+    store: Arc<dyn PromotionStore>,
+    members: Arc<dyn Members>,
+    points: Arc<dyn Points>,
+    clock: SharedClock,
+}
+
+impl Checkout {
+    pub fn new(
+        store: Arc<dyn PromotionStore>,
+        members: Arc<dyn Members>,
+        points: Arc<dyn Points>,
+        clock: SharedClock,
+    ) -> Self {
+        Self {
+            store,
+            members,
+            points,
+            clock,
+        }
+    }
+
+    /// Reads what the receipt refers to and refuses unknown stores, products and codes.
+    async fn program_for(&self, receipt: &Receipt) -> Result<Program> {
+        let skus: Vec<String> = receipt.lines.iter().map(|l| l.sku.clone()).collect();
+        let ctx = self
+            .store
+            .checkout_context(&receipt.tenant_id, &receipt.store_id, &skus)
+            .await?;
+        let program = ctx.program.ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "tenant {} has no program: set one with ProgramService.UpdateProgram",
+                receipt.tenant_id
+            ))
+        })?;
+        let mut v = Violations::new();
+        v.check(
+            ctx.store.is_some(),
+            "receipt.store_id",
+            format!("unknown store {:?}", receipt.store_id),
+        );
+        for (i, (line, product)) in receipt.lines.iter().zip(&ctx.products).enumerate() {
+            v.check(
+                product.is_some(),
+                format!("receipt.lines[{i}].sku"),
+                format!("unknown product {:?}", line.sku),
+            );
+        }
+        // No coupon or promo-code campaign exists yet, so every code is unknown.
+        for (i, code) in receipt.codes.iter().enumerate() {
+            v.add(
+                format!("receipt.codes[{i}]"),
+                format!("unknown coupon or promo code {code:?}"),
+            );
+        }
+        v.finish()?;
+        Ok(program)
+    }
+
+    async fn member_context(&self, receipt: &Receipt) -> Result<Option<MemberContext>> {
+        let Some(member_id) = self
+            .members
+            .resolve(&receipt.tenant_id, &receipt.identification)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let points_available = self
+            .points
+            .available(&receipt.tenant_id, &member_id)
+            .await?;
+        Ok(Some(MemberContext {
+            member_id,
+            points_available,
+        }))
+    }
+
+    /// A dry run: evaluates and writes nothing.
+    pub async fn quote(&self, receipt: Receipt) -> Result<Evaluation> {
+        let program = self.program_for(&receipt).await?;
+        let member = self.member_context(&receipt).await?;
+        Ok(evaluate(
+            &program,
+            &receipt,
+            member.as_ref(),
+            self.clock.now_ms(),
+        ))
+    }
+
+    /// Applies a receipt once, however often it is retried.
+    pub async fn commit(&self, receipt: Receipt) -> Result<Committed> {
+        let fp = fingerprint(&receipt);
+        for _ in 0..CAS_ATTEMPTS {
+            match self
+                .store
+                .purchase(&receipt.tenant_id, &receipt.receipt_id)
+                .await?
+            {
+                Some(p) if p.fingerprint != fp => return Err(receipt_reused(&receipt.receipt_id)),
+                Some(p) => return self.finish_commit(p).await,
+                None => {
+                    let program = self.program_for(&receipt).await?;
+                    let member = self.member_context(&receipt).await?;
+                    let evaluation =
+                        evaluate(&program, &receipt, member.as_ref(), self.clock.now_ms());
+                    let pending = Purchase {
+                        receipt: receipt.clone(),
+                        fingerprint: fp.clone(),
+                        evaluation,
+                        state: PurchaseState::Pending,
+                        refunds: Vec::new(),
+                        version: 1,
+                    };
+                    if self.store.put_purchase(&pending, None).await? {
+                        return self.finish_commit(pending).await;
+                    }
+                    // A concurrent commit of the same receipt id won; look again.
+                }
+            }
+        }
+        Err(Error::Unavailable(
+            "receipt is being committed concurrently; retry".into(),
+        ))
+    }
+
+    async fn finish_commit(&self, mut p: Purchase) -> Result<Committed> {
+        if let PurchaseState::Committed {
+            commit_time,
+            points_balance,
+        } = p.state
+        {
+            return Ok(Committed {
+                evaluation: p.evaluation,
+                points_balance,
+                commit_time,
+            });
+        }
+        let tenant = p.receipt.tenant_id.clone();
+        let id = p.receipt.receipt_id.clone();
+        let e = &p.evaluation;
+        let mut balance = None;
+        if let Some(m) = &e.member {
+            if e.points_redeemed > 0 {
+                match self
+                    .points
+                    .redeem(
+                        &tenant,
+                        &m.member_id,
+                        &redeem_key(&id),
+                        e.points_redeemed,
+                        &id,
+                    )
+                    .await
+                {
+                    Ok(b) => balance = Some(b),
+                    Err(Error::FailedPrecondition(why)) => {
+                        // The balance changed since evaluation: drop the pending record so
+                        // the POS can commit again against the current balance.
+                        self.store.delete_purchase(&tenant, &id, p.version).await?;
+                        return Err(Error::FailedPrecondition(format!(
+                            "points to redeem are no longer available ({why}); quote again"
+                        )));
+                    }
+                    Err(other) => return Err(other),
+                }
+            }
+            if e.points_accrued > 0 {
+                let b = self
+                    .points
+                    .accrue(
+                        &tenant,
+                        &m.member_id,
+                        &accrue_key(&id),
+                        e.points_accrued,
+                        &id,
+                        e.activate_at,
+                        e.expire_at,
+                    )
+                    .await?;
+                balance = Some(b);
+            }
+            if balance.is_none() {
+                balance = Some(self.points.available(&tenant, &m.member_id).await?);
+            }
+        }
+        let expected = p.version;
+        let commit_time = self.clock.now_ms();
+        p.state = PurchaseState::Committed {
+            commit_time,
+            points_balance: balance,
+        };
+        p.version += 1;
+        if self.store.put_purchase(&p, Some(expected)).await? {
+            return Ok(Committed {
+                evaluation: p.evaluation,
+                points_balance: balance,
+                commit_time,
+            });
+        }
+        // A concurrent retry finished first; answer what it recorded.
+        match self.store.purchase(&tenant, &id).await? {
+            Some(Purchase {
+                state:
+                    PurchaseState::Committed {
+                        commit_time,
+                        points_balance,
+                    },
+                evaluation,
+                ..
+            }) => Ok(Committed {
+                evaluation,
+                points_balance,
+                commit_time,
+            }),
+            _ => Err(Error::Unavailable(
+                "receipt is being committed concurrently; retry".into(),
+            )),
+        }
+    }
+
+    pub async fn purchase(&self, tenant_id: &str, receipt_id: &str) -> Result<Purchase> {
+        let mut v = Violations::new();
+        check_tenant(&mut v, tenant_id);
+        v.text(receipt_id, "receipt_id", MAX_RECEIPT_ID_LEN);
+        v.finish()?;
+        self.store
+            .purchase(tenant_id, receipt_id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("receipt {receipt_id} not found")))
+    }
+
+    /// Refunds lines by quantity. Accrued points are taken back and redeemed points given
+    /// back in proportion to the quantity, cumulatively, so all partial refunds together
+    /// never move more than the receipt did.
+    pub async fn refund(
+        &self,
+        tenant_id: &str,
+        receipt_id: &str,
+        refund_id: &str,
+        raw_lines: &[(String, String)],
+    ) -> Result<Refunded> {
+        let lines = parse_refund(tenant_id, receipt_id, refund_id, raw_lines)?;
+        let fp = fingerprint(&lines);
+        for _ in 0..CAS_ATTEMPTS {
+            let mut p = self.purchase(tenant_id, receipt_id).await?;
+            if p.state == PurchaseState::Pending {
+                return Err(Error::FailedPrecondition(format!(
+                    "receipt {receipt_id} is not committed yet: retry its commit first"
+                )));
+            }
+            if let Some(existing) = p.refunds.iter().find(|r| r.refund_id == refund_id) {
+                if existing.fingerprint != fp {
+                    return Err(Error::AlreadyExists(format!(
+                        "refund id {refund_id} was already used for different lines"
+                    )));
+                }
+                let existing = existing.clone();
+                return self.finish_refund(p, existing).await;
+            }
+            let program = self.store.program(tenant_id).await?;
+            let returns_redeemed = program.is_none_or(|p| p.refund_returns_redeemed_points);
+            let refund = plan_refund(&p, refund_id, fp.clone(), lines.clone(), returns_redeemed)?;
+            let expected = p.version;
+            p.refunds.push(refund.clone());
+            p.version += 1;
+            if self.store.put_purchase(&p, Some(expected)).await? {
+                return self.finish_refund(p, refund).await;
+            }
+        }
+        Err(Error::Unavailable(
+            "receipt is being refunded concurrently; retry".into(),
+        ))
+    }
+
+    async fn finish_refund(&self, mut p: Purchase, refund: Refund) -> Result<Refunded> {
+        if let Some(outcome) = refund.outcome {
+            return Ok(Refunded {
+                refund_id: refund.refund_id,
+                refunded_amount: refund.refunded_amount,
+                outcome,
+            });
+        }
+        let tenant = p.receipt.tenant_id.clone();
+        let id = p.receipt.receipt_id.clone();
+        let mut outcome = RefundOutcome {
+            points_reversed: 0,
+            points_unrecovered: 0,
+            points_returned: 0,
+            points_balance: 0,
+        };
+        if let Some(m) = &p.evaluation.member {
+            if refund.reverse_points > 0 {
+                let key = refund_key(&id, &refund.refund_id, "accrual");
+                let r = self
+                    .points
+                    .reverse(
+                        &tenant,
+                        &m.member_id,
+                        &key,
+                        &accrue_key(&id),
+                        refund.reverse_points,
+                        &id,
+                    )
+                    .await?;
+                outcome.points_reversed = r.taken;
+                outcome.points_unrecovered = r.unrecovered;
+            }
+            if refund.give_back_points > 0 {
+                let key = refund_key(&id, &refund.refund_id, "redemption");
+                self.points
+                    .reverse(
+                        &tenant,
+                        &m.member_id,
+                        &key,
+                        &redeem_key(&id),
+                        refund.give_back_points,
+                        &id,
+                    )
+                    .await?;
+                outcome.points_returned = refund.give_back_points;
+            }
+            outcome.points_balance = self.points.available(&tenant, &m.member_id).await?;
+        }
+        for _ in 0..CAS_ATTEMPTS {
+            if let Some(r) = p
+                .refunds
+                .iter_mut()
+                .find(|r| r.refund_id == refund.refund_id)
+            {
+                if r.outcome.is_some() {
+                    break;
+                }
+                r.outcome = Some(outcome);
+            }
+            let expected = p.version;
+            p.version += 1;
+            if self.store.put_purchase(&p, Some(expected)).await? {
+                break;
+            }
+            p = self.purchase(&tenant, &id).await?;
+        }
+        Ok(Refunded {
+            refund_id: refund.refund_id,
+            refunded_amount: refund.refunded_amount,
+            outcome,
+        })
+    }
+}
+
+fn receipt_reused(receipt_id: &str) -> Error {
+    Error::AlreadyExists(format!(
+        "receipt id {receipt_id} was already committed with different contents"
+    ))
+}
+
+fn parse_refund(
+    tenant_id: &str,
+    receipt_id: &str,
+    refund_id: &str,
+    raw: &[(String, String)],
+) -> Result<Vec<(String, Decimal)>> {
+    let mut v = Violations::new();
+    check_tenant(&mut v, tenant_id);
+    v.text(receipt_id, "receipt_id", MAX_RECEIPT_ID_LEN);
+    v.text(refund_id, "refund_id", MAX_RECEIPT_ID_LEN);
+    v.check(!raw.is_empty(), "lines", "a refund needs at least one line");
+    v.check(
+        raw.len() <= MAX_LINES,
+        "lines",
+        format!("at most {MAX_LINES} lines"),
+    );
+    let mut seen = std::collections::HashSet::new();
+    let mut lines = Vec::new();
+    for (i, (line_id, qty)) in raw.iter().enumerate().take(MAX_LINES) {
+        v.text(line_id, format!("lines[{i}].line_id"), 64);
+        if !seen.insert(line_id.clone()) {
+            v.add(
+                format!("lines[{i}].line_id"),
+                format!("duplicate line id {line_id:?}"),
+            );
+        }
+        match parse_decimal(qty, 3) {
+            Ok(q) if q > Decimal::ZERO => lines.push((line_id.clone(), q)),
+            Ok(_) => v.add(format!("lines[{i}].quantity"), "must be positive"),
+            Err(why) => v.add(format!("lines[{i}].quantity"), why),
+        }
+    }
+    v.finish()?;
+    Ok(lines)
+}
+
+/// Works out what a refund moves, from the cumulative refunded quantity per line.
+fn plan_refund(
+    p: &Purchase,
+    refund_id: &str,
+    fingerprint: Vec<u8>,
+    lines: Vec<(String, Decimal)>,
+    returns_redeemed: bool,
+) -> Result<Refund> {
+    let mut v = Violations::new();
+    let mut reverse_points = 0;
+    let mut give_back_points = 0;
+    let mut refunded_amount = Decimal::ZERO;
+    for (i, (line_id, qty)) in lines.iter().enumerate() {
+        let Some(line) = p.evaluation.lines.iter().find(|l| &l.line_id == line_id) else {
+            v.add(
+                format!("lines[{i}].line_id"),
+                format!("receipt has no line {line_id:?}"),
+            );
+            continue;
+        };
+        let before = p.refunded_quantity(line_id);
+        let after = before + qty;
+        if after > line.quantity {
+            return Err(Error::FailedPrecondition(format!(
+                "line {line_id}: only {} of {} left to refund, {qty} requested",
+                line.quantity - before,
+                line.quantity
+            )));
+        }
+        let share = |total: i64, q: Decimal| -> i64 {
+            i64::try_from((Decimal::from(total) * q / line.quantity).floor()).unwrap_or(0)
+        };
+        reverse_points += share(line.points_accrued, after) - share(line.points_accrued, before);
+        if returns_redeemed {
+            give_back_points +=
+                share(line.points_redeemed, after) - share(line.points_redeemed, before);
+        }
+        let paid = line.net - line.paid_with_points;
+        let money = |q: Decimal| Rounding::Down.apply(paid * q / line.quantity, MONEY_SCALE);
+        refunded_amount += money(after) - money(before);
+    }
+    v.finish()?;
+    Ok(Refund {
+        refund_id: refund_id.to_string(),
+        fingerprint,
+        lines,
+        refunded_amount,
+        reverse_points,
+        give_back_points,
+        outcome: None,
+    })
+}

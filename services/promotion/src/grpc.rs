@@ -1,0 +1,571 @@
+//! The thin gRPC adapter of the promotion service.
+
+use loyalty_platform::error::{Error, Violations};
+use loyalty_platform::grpc::{channel, millis, timestamp, to_status};
+use loyalty_proto::common::v1::Decimal as PbDecimal;
+use loyalty_proto::promotion::v1 as pb;
+use pb::campaign_service_server::{CampaignService, CampaignServiceServer};
+use pb::catalog_service_server::{CatalogService, CatalogServiceServer};
+use pb::checkout_service_server::{CheckoutService, CheckoutServiceServer};
+use pb::program_service_server::{ProgramService, ProgramServiceServer};
+use rust_decimal::Decimal;
+use tonic::{Request, Response, Status};
+
+use crate::Admin;
+use crate::catalog::{Product, Store};
+use crate::checkout::{Checkout, Committed, Refunded};
+use crate::evaluate::{Effect, Evaluation};
+use crate::program::{BaseAccrual, Program, Rounding};
+use crate::purchase::{Purchase, PurchaseState};
+use crate::receipt::{Identification, RawLine, Receipt, parse_decimal};
+
+pub const SERVICE_NAMES: &[&str] = &[
+    "loyalty.promotion.v1.CheckoutService",
+    "loyalty.promotion.v1.ProgramService",
+    "loyalty.promotion.v1.CatalogService",
+    "loyalty.promotion.v1.CampaignService",
+];
+
+pub fn add_routes(
+    routes: tonic::service::Routes,
+    checkout: Checkout,
+    admin: Admin,
+    max_message_bytes: usize,
+) -> tonic::service::Routes {
+    let api = Api { checkout, admin };
+    let m = max_message_bytes;
+    routes
+        .add_service(
+            CheckoutServiceServer::new(api.clone())
+                .max_decoding_message_size(m)
+                .max_encoding_message_size(m),
+        )
+        .add_service(
+            ProgramServiceServer::new(api.clone())
+                .max_decoding_message_size(m)
+                .max_encoding_message_size(m),
+        )
+        .add_service(
+            CatalogServiceServer::new(api.clone())
+                .max_decoding_message_size(m)
+                .max_encoding_message_size(m),
+        )
+        .add_service(
+            CampaignServiceServer::new(api)
+                .max_decoding_message_size(m)
+                .max_encoding_message_size(m),
+        )
+}
+
+#[derive(Debug, Clone)]
+struct Api {
+    checkout: Checkout,
+    admin: Admin,
+}
+
+fn dec(d: Decimal) -> Option<PbDecimal> {
+    Some(PbDecimal {
+        value: d.to_string(),
+    })
+}
+
+fn receipt_from_proto(r: Option<pb::Receipt>) -> Result<Receipt, Error> {
+    let r = r.ok_or_else(|| Error::invalid("receipt", "is required"))?;
+    use pb::receipt::Identification as PbId;
+    let identification = match r.identification {
+        None => Identification::None,
+        Some(PbId::CardNumber(c)) => Identification::Card(c),
+        Some(PbId::MemberId(m)) => Identification::Member(m),
+        Some(PbId::Phone(p)) => Identification::Phone(p),
+    };
+    let lines = r
+        .lines
+        .into_iter()
+        .map(|l| RawLine {
+            line_id: l.line_id,
+            sku: l.sku,
+            quantity: l.quantity.map(|d| d.value).unwrap_or_default(),
+            unit_price: l.unit_price.map(|d| d.value).unwrap_or_default(),
+            sale_price: l.sale_price,
+        })
+        .collect();
+    Receipt::parse(
+        r.tenant_id,
+        r.receipt_id,
+        r.store_id,
+        channel(r.channel),
+        r.terminal_id,
+        r.cashier_id,
+        identification,
+        lines,
+        r.codes,
+        r.points_to_redeem,
+        r.purchase_time.as_ref().map(millis),
+    )
+}
+
+fn receipt_to_proto(r: &Receipt) -> pb::Receipt {
+    use pb::receipt::Identification as PbId;
+    pb::Receipt {
+        tenant_id: r.tenant_id.clone(),
+        receipt_id: r.receipt_id.clone(),
+        store_id: r.store_id.clone(),
+        channel: loyalty_platform::grpc::channel_to_proto(r.channel),
+        terminal_id: r.terminal_id.clone(),
+        cashier_id: r.cashier_id.clone(),
+        identification: match &r.identification {
+            Identification::None => None,
+            Identification::Card(c) => Some(PbId::CardNumber(c.clone())),
+            Identification::Member(m) => Some(PbId::MemberId(m.clone())),
+            Identification::Phone(p) => Some(PbId::Phone(p.clone())),
+        },
+        lines: r
+            .lines
+            .iter()
+            .map(|l| pb::ReceiptLine {
+                line_id: l.line_id.clone(),
+                sku: l.sku.clone(),
+                quantity: dec(l.quantity),
+                unit_price: dec(l.unit_price),
+                sale_price: l.sale_price,
+            })
+            .collect(),
+        codes: r.codes.clone(),
+        points_to_redeem: r.points_to_redeem,
+        purchase_time: r.purchase_time.map(timestamp),
+    }
+}
+
+fn effect_to_proto(e: &Effect) -> pb::AppliedEffect {
+    pb::AppliedEffect {
+        campaign_id: e.campaign_id.clone(),
+        description: e.description.clone(),
+        discount: dec(e.discount),
+        points: e.points,
+    }
+}
+
+fn evaluation_to_proto(e: &Evaluation) -> pb::Evaluation {
+    pb::Evaluation {
+        lines: e
+            .lines
+            .iter()
+            .map(|l| pb::LineResult {
+                line_id: l.line_id.clone(),
+                sku: l.sku.clone(),
+                quantity: dec(l.quantity),
+                gross_amount: dec(l.gross),
+                discount: dec(l.discount),
+                net_amount: dec(l.net),
+                paid_with_points: dec(l.paid_with_points),
+                points_accrued: l.points_accrued,
+                max_payable_with_points: dec(l.max_payable_with_points),
+                effects: l.effects.iter().map(effect_to_proto).collect(),
+                notes: l.notes.clone(),
+            })
+            .collect(),
+        gross_amount: dec(e.gross),
+        discount: dec(e.discount),
+        net_amount: dec(e.net),
+        amount_due: dec(e.amount_due),
+        paid_with_points: dec(e.paid_with_points),
+        points_redeemed: e.points_redeemed,
+        points_accrued: e.points_accrued,
+        points_activate_time: Some(timestamp(e.activate_at)),
+        points_expire_time: e.expire_at.map(timestamp),
+        max_redeemable_points: e.max_redeemable_points,
+        effects: e.effects.iter().map(effect_to_proto).collect(),
+        skipped_campaigns: Vec::new(),
+        member: e.member.as_ref().map(|m| pb::MemberContext {
+            member_id: m.member_id.clone(),
+            points_available: m.points_available,
+            tier_id: String::new(),
+        }),
+        program_version: e.program_version,
+    }
+}
+
+fn refund_to_proto(r: &Refunded) -> pb::RefundResponse {
+    pb::RefundResponse {
+        refund_id: r.refund_id.clone(),
+        refunded_amount: dec(r.refunded_amount),
+        points_reversed: r.outcome.points_reversed,
+        points_unrecovered: r.outcome.points_unrecovered,
+        points_returned: r.outcome.points_returned,
+        points_balance: r.outcome.points_balance,
+    }
+}
+
+fn purchase_to_proto(p: &Purchase) -> pb::Purchase {
+    pb::Purchase {
+        receipt: Some(receipt_to_proto(&p.receipt)),
+        evaluation: Some(evaluation_to_proto(&p.evaluation)),
+        commit_time: match p.state {
+            PurchaseState::Committed { commit_time, .. } => Some(timestamp(commit_time)),
+            PurchaseState::Pending => None,
+        },
+        refunds: p
+            .refunds
+            .iter()
+            .filter_map(|r| {
+                r.outcome.map(|outcome| {
+                    refund_to_proto(&Refunded {
+                        refund_id: r.refund_id.clone(),
+                        refunded_amount: r.refunded_amount,
+                        outcome,
+                    })
+                })
+            })
+            .collect(),
+    }
+}
+
+fn rounding_from(v: i32, default: Rounding) -> Rounding {
+    match pb::RoundingMode::try_from(v).unwrap_or(pb::RoundingMode::Unspecified) {
+        pb::RoundingMode::Unspecified => default,
+        pb::RoundingMode::Down => Rounding::Down,
+        pb::RoundingMode::HalfUp => Rounding::HalfUp,
+        pb::RoundingMode::Up => Rounding::Up,
+    }
+}
+
+fn rounding_to(r: Rounding) -> i32 {
+    (match r {
+        Rounding::Down => pb::RoundingMode::Down,
+        Rounding::HalfUp => pb::RoundingMode::HalfUp,
+        Rounding::Up => pb::RoundingMode::Up,
+    }) as i32
+}
+
+/// Reads an optional decimal field, with a default when absent.
+fn decimal_field(
+    v: &mut Violations,
+    d: &Option<PbDecimal>,
+    field: &str,
+    default: Decimal,
+) -> Decimal {
+    match d {
+        None => default,
+        Some(d) if d.value.is_empty() => default,
+        Some(d) => parse_decimal(&d.value, 6).unwrap_or_else(|why| {
+            v.add(field, why);
+            default
+        }),
+    }
+}
+
+fn program_from_proto(p: Option<pb::Program>) -> Result<Program, Error> {
+    let p = p.ok_or_else(|| Error::invalid("program", "is required"))?;
+    let mut v = Violations::new();
+    v.check(
+        p.tiers.is_empty(),
+        "program.tiers",
+        "tiers are not supported yet by this server",
+    );
+    v.check(
+        p.tier_window == pb::TierWindow::Unspecified as i32,
+        "program.tier_window",
+        "tiers are not supported yet by this server",
+    );
+    let accrual =
+        match p.base_accrual {
+            Some(pb::program::BaseAccrual::AccrualPercent(d)) => BaseAccrual::Percent(
+                decimal_field(&mut v, &Some(d), "program.accrual_percent", Decimal::ZERO),
+            ),
+            Some(pb::program::BaseAccrual::AccrualFixedPoints(n)) => BaseAccrual::FixedPoints(n),
+            None => {
+                v.add(
+                    "program.base_accrual",
+                    "one of accrual_percent or accrual_fixed_points is required",
+                );
+                BaseAccrual::Percent(Decimal::ZERO)
+            }
+        };
+    v.check(
+        p.point_value.is_some(),
+        "program.point_value",
+        "is required",
+    );
+    let program = Program {
+        tenant_id: p.tenant_id,
+        currency: p.currency,
+        point_minor_units: if p.point_minor_units == 0 {
+            100
+        } else {
+            p.point_minor_units
+        },
+        accrual,
+        point_value: decimal_field(&mut v, &p.point_value, "program.point_value", Decimal::ONE),
+        max_redeem_percent: decimal_field(
+            &mut v,
+            &p.max_redeem_percent,
+            "program.max_redeem_percent",
+            Decimal::ZERO,
+        ),
+        min_paid_amount: decimal_field(
+            &mut v,
+            &p.min_paid_amount,
+            "program.min_paid_amount",
+            Decimal::ZERO,
+        ),
+        sale_excluded_from_accrual: p.sale_items_excluded_from_accrual,
+        sale_excluded_from_redemption: p.sale_items_excluded_from_redemption,
+        accrual_rounding: rounding_from(p.accrual_rounding, Rounding::Down),
+        discount_rounding: rounding_from(p.discount_rounding, Rounding::HalfUp),
+        activation_delay_days: p.activation_delay_days,
+        point_lifetime_days: p.point_lifetime_days,
+        max_line_discount_percent: decimal_field(
+            &mut v,
+            &p.max_line_discount_percent,
+            "program.max_line_discount_percent",
+            Decimal::ONE_HUNDRED,
+        ),
+        max_receipt_discount_percent: decimal_field(
+            &mut v,
+            &p.max_receipt_discount_percent,
+            "program.max_receipt_discount_percent",
+            Decimal::ONE_HUNDRED,
+        ),
+        refund_returns_redeemed_points: p.refund_returns_redeemed_points,
+        version: 0,
+        updated_at: 0,
+    };
+    v.finish()?;
+    Ok(program)
+}
+
+pub fn program_to_proto(p: &Program) -> pb::Program {
+    pb::Program {
+        tenant_id: p.tenant_id.clone(),
+        currency: p.currency.clone(),
+        point_minor_units: p.point_minor_units,
+        base_accrual: Some(match &p.accrual {
+            BaseAccrual::Percent(d) => pb::program::BaseAccrual::AccrualPercent(PbDecimal {
+                value: d.to_string(),
+            }),
+            BaseAccrual::FixedPoints(n) => pb::program::BaseAccrual::AccrualFixedPoints(*n),
+        }),
+        point_value: dec(p.point_value),
+        max_redeem_percent: dec(p.max_redeem_percent),
+        min_paid_amount: dec(p.min_paid_amount),
+        sale_items_excluded_from_accrual: p.sale_excluded_from_accrual,
+        sale_items_excluded_from_redemption: p.sale_excluded_from_redemption,
+        accrual_rounding: rounding_to(p.accrual_rounding),
+        discount_rounding: rounding_to(p.discount_rounding),
+        activation_delay_days: p.activation_delay_days,
+        point_lifetime_days: p.point_lifetime_days,
+        max_line_discount_percent: dec(p.max_line_discount_percent),
+        max_receipt_discount_percent: dec(p.max_receipt_discount_percent),
+        refund_returns_redeemed_points: p.refund_returns_redeemed_points,
+        tiers: Vec::new(),
+        tier_window: pb::TierWindow::Unspecified as i32,
+        version: p.version,
+        update_time: Some(timestamp(p.updated_at)),
+    }
+}
+
+fn committed_to_proto(c: &Committed) -> pb::CommitResponse {
+    pb::CommitResponse {
+        evaluation: Some(evaluation_to_proto(&c.evaluation)),
+        points_balance: c.points_balance.unwrap_or(0),
+        commit_time: Some(timestamp(c.commit_time)),
+    }
+}
+
+#[tonic::async_trait]
+impl CheckoutService for Api {
+    async fn quote(
+        &self,
+        request: Request<pb::QuoteRequest>,
+    ) -> Result<Response<pb::QuoteResponse>, Status> {
+        let receipt = receipt_from_proto(request.into_inner().receipt).map_err(to_status)?;
+        let e = self.checkout.quote(receipt).await.map_err(to_status)?;
+        Ok(Response::new(pb::QuoteResponse {
+            evaluation: Some(evaluation_to_proto(&e)),
+        }))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<pb::CommitRequest>,
+    ) -> Result<Response<pb::CommitResponse>, Status> {
+        let receipt = receipt_from_proto(request.into_inner().receipt).map_err(to_status)?;
+        let c = self.checkout.commit(receipt).await.map_err(to_status)?;
+        Ok(Response::new(committed_to_proto(&c)))
+    }
+
+    async fn refund(
+        &self,
+        request: Request<pb::RefundRequest>,
+    ) -> Result<Response<pb::RefundResponse>, Status> {
+        let r = request.into_inner();
+        let lines: Vec<(String, String)> = r
+            .lines
+            .into_iter()
+            .map(|l| (l.line_id, l.quantity.map(|q| q.value).unwrap_or_default()))
+            .collect();
+        let refunded = self
+            .checkout
+            .refund(&r.tenant_id, &r.receipt_id, &r.refund_id, &lines)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(refund_to_proto(&refunded)))
+    }
+
+    async fn get_purchase(
+        &self,
+        request: Request<pb::GetPurchaseRequest>,
+    ) -> Result<Response<pb::GetPurchaseResponse>, Status> {
+        let r = request.into_inner();
+        let p = self
+            .checkout
+            .purchase(&r.tenant_id, &r.receipt_id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::GetPurchaseResponse {
+            purchase: Some(purchase_to_proto(&p)),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl ProgramService for Api {
+    async fn get_program(
+        &self,
+        request: Request<pb::GetProgramRequest>,
+    ) -> Result<Response<pb::GetProgramResponse>, Status> {
+        let p = self
+            .admin
+            .program(&request.into_inner().tenant_id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::GetProgramResponse {
+            program: Some(program_to_proto(&p)),
+        }))
+    }
+
+    async fn update_program(
+        &self,
+        request: Request<pb::UpdateProgramRequest>,
+    ) -> Result<Response<pb::UpdateProgramResponse>, Status> {
+        let r = request.into_inner();
+        let program = program_from_proto(r.program).map_err(to_status)?;
+        let saved = self
+            .admin
+            .update_program(program, r.expected_version)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::UpdateProgramResponse {
+            program: Some(program_to_proto(&saved)),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl CatalogService for Api {
+    async fn upsert_stores(
+        &self,
+        request: Request<pb::UpsertStoresRequest>,
+    ) -> Result<Response<pb::UpsertStoresResponse>, Status> {
+        let r = request.into_inner();
+        let stores: Vec<Store> = r
+            .stores
+            .into_iter()
+            .map(|s| Store {
+                store_id: s.store_id,
+                name: s.name,
+                brand: s.brand,
+                region: s.region,
+                time_zone: s.time_zone,
+            })
+            .collect();
+        let n = self
+            .admin
+            .upsert_stores(&r.tenant_id, &stores)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::UpsertStoresResponse {
+            upserted_count: i32::try_from(n).unwrap_or(i32::MAX),
+        }))
+    }
+
+    async fn list_stores(
+        &self,
+        request: Request<pb::ListStoresRequest>,
+    ) -> Result<Response<pb::ListStoresResponse>, Status> {
+        let r = request.into_inner();
+        let (stores, next) = self
+            .admin
+            .list_stores(&r.tenant_id, r.page_size, &r.page_token)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ListStoresResponse {
+            stores: stores
+                .into_iter()
+                .map(|s| pb::Store {
+                    tenant_id: r.tenant_id.clone(),
+                    store_id: s.store_id,
+                    name: s.name,
+                    brand: s.brand,
+                    region: s.region,
+                    time_zone: s.time_zone,
+                })
+                .collect(),
+            next_page_token: next,
+        }))
+    }
+
+    async fn upsert_products(
+        &self,
+        request: Request<pb::UpsertProductsRequest>,
+    ) -> Result<Response<pb::UpsertProductsResponse>, Status> {
+        let r = request.into_inner();
+        let products: Vec<Product> = r
+            .products
+            .into_iter()
+            .map(|p| Product {
+                sku: p.sku,
+                name: p.name,
+                category: p.category,
+                brand: p.brand,
+            })
+            .collect();
+        let n = self
+            .admin
+            .upsert_products(&r.tenant_id, &products)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::UpsertProductsResponse {
+            upserted_count: i32::try_from(n).unwrap_or(i32::MAX),
+        }))
+    }
+
+    async fn list_products(
+        &self,
+        request: Request<pb::ListProductsRequest>,
+    ) -> Result<Response<pb::ListProductsResponse>, Status> {
+        let r = request.into_inner();
+        let (products, next) = self
+            .admin
+            .list_products(&r.tenant_id, r.page_size, &r.page_token)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ListProductsResponse {
+            products: products
+                .into_iter()
+                .map(|p| pb::Product {
+                    tenant_id: r.tenant_id.clone(),
+                    sku: p.sku,
+                    name: p.name,
+                    category: p.category,
+                    brand: p.brand,
+                })
+                .collect(),
+            next_page_token: next,
+        }))
+    }
+}
+
+/// Campaigns arrive with the promotion issue; every RPC answers UNIMPLEMENTED.
+#[tonic::async_trait]
+impl CampaignService for Api {}

@@ -1,0 +1,62 @@
+//! What checkout needs from other services. In dev mode these are in-process calls, in
+//! microservices mode gRPC clients; the checkout code cannot tell the difference.
+
+use loyalty_platform::clock::Millis;
+use loyalty_platform::error::Result;
+
+use crate::receipt::Identification;
+
+/// Resolves how a customer identified to a member id.
+#[async_trait::async_trait]
+pub trait Members: Send + Sync + std::fmt::Debug {
+    /// `Ok(None)` for an unidentified purchase; errors for unknown or blocked cards.
+    async fn resolve(&self, tenant_id: &str, id: &Identification) -> Result<Option<String>>;
+    /// Answers when the peer is reachable.
+    async fn ping(&self) -> Result<()>;
+}
+
+/// Result of taking points back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reversal {
+    pub taken: i64,
+    pub unrecovered: i64,
+    pub active_after: i64,
+}
+
+/// The member's points, idempotent by key.
+#[async_trait::async_trait]
+pub trait Points: Send + Sync + std::fmt::Debug {
+    async fn available(&self, tenant_id: &str, member_id: &str) -> Result<i64>;
+    /// Returns the active balance after.
+    #[allow(clippy::too_many_arguments)]
+    async fn accrue(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        key: &str,
+        amount: i64,
+        reference: &str,
+        activate_at: Millis,
+        expire_at: Option<Millis>,
+    ) -> Result<i64>;
+    /// Returns the active balance after.
+    async fn redeem(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        key: &str,
+        amount: i64,
+        reference: &str,
+    ) -> Result<i64>;
+    /// Reverses part of the operation recorded under `original_key`.
+    async fn reverse(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        key: &str,
+        original_key: &str,
+        amount: i64,
+        reference: &str,
+    ) -> Result<Reversal>;
+    async fn ping(&self) -> Result<()>;
+}

@@ -1,0 +1,86 @@
+//! Purchase history records. A purchase is written *pending* (with its evaluation) before
+//! any points move, and *committed* after; a retry finds the pending record and finishes
+//! the same work with the same idempotency keys, so a crash between steps never doubles
+//! an effect.
+
+use loyalty_platform::clock::Millis;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::evaluate::Evaluation;
+use crate::receipt::Receipt;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PurchaseState {
+    Pending,
+    Committed {
+        commit_time: Millis,
+        /// Active points after the receipt, when identified.
+        points_balance: Option<i64>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Purchase {
+    pub receipt: Receipt,
+    pub fingerprint: Vec<u8>,
+    pub evaluation: Evaluation,
+    pub state: PurchaseState,
+    pub refunds: Vec<Refund>,
+    /// Increases on every change; stores update with compare-and-set on it.
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refund {
+    pub refund_id: String,
+    pub fingerprint: Vec<u8>,
+    pub lines: Vec<(String, Decimal)>,
+    pub refunded_amount: Decimal,
+    /// Accrued points to take back.
+    pub reverse_points: i64,
+    /// Redeemed points to give back.
+    pub give_back_points: i64,
+    /// Set once the points have moved.
+    pub outcome: Option<RefundOutcome>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefundOutcome {
+    pub points_reversed: i64,
+    pub points_unrecovered: i64,
+    pub points_returned: i64,
+    pub points_balance: i64,
+}
+
+/// A stable digest of anything serializable, for "same key, same payload?" checks.
+pub fn fingerprint<T: Serialize>(value: &T) -> Vec<u8> {
+    let bytes = postcard::to_stdvec(value).unwrap_or_default();
+    Sha256::digest(&bytes).to_vec()
+}
+
+impl Purchase {
+    /// Quantity of a line already refunded (pending refunds included).
+    pub fn refunded_quantity(&self, line_id: &str) -> Decimal {
+        self.refunds
+            .iter()
+            .flat_map(|r| r.lines.iter())
+            .filter(|(id, _)| id == line_id)
+            .map(|(_, q)| *q)
+            .sum()
+    }
+}
+
+/// Idempotency keys of the points operations of a receipt.
+pub fn redeem_key(receipt_id: &str) -> String {
+    format!("receipt:{receipt_id}:redeem")
+}
+
+pub fn accrue_key(receipt_id: &str) -> String {
+    format!("receipt:{receipt_id}:accrue")
+}
+
+pub fn refund_key(receipt_id: &str, refund_id: &str, what: &str) -> String {
+    format!("receipt:{receipt_id}:refund:{refund_id}:{what}")
+}
