@@ -93,7 +93,7 @@ impl Default for ServerConfig {
 
 /// Addresses of peer services, used in microservices mode for services not run in this
 /// process, e.g. `http://identity:50051`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PeersConfig {
     pub identity: Option<String>,
@@ -103,6 +103,19 @@ pub struct PeersConfig {
     pub reporting: Option<String>,
     /// Deadline of one call to a peer.
     pub timeout_ms: u64,
+}
+
+impl Default for PeersConfig {
+    fn default() -> Self {
+        Self {
+            identity: None,
+            balance: None,
+            promotion: None,
+            segmentation: None,
+            reporting: None,
+            timeout_ms: 1000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -199,8 +212,8 @@ impl Config {
         if self.server.health_interval_secs == 0 {
             return bad("server.health_interval_secs", "must be positive");
         }
-        if self.peers.timeout_ms > 60_000 {
-            return bad("peers.timeout_ms", "must be at most 60000");
+        if !(1..=60_000).contains(&self.peers.timeout_ms) {
+            return bad("peers.timeout_ms", "must be between 1 and 60000");
         }
         for (key, url) in [
             ("peers.identity", &self.peers.identity),
@@ -230,69 +243,15 @@ impl Config {
         Ok(())
     }
 
-    /// The peer timeout, defaulting to one second.
+    /// The deadline of one call to a peer service.
     pub fn peer_timeout(&self) -> std::time::Duration {
-        std::time::Duration::from_millis(if self.peers.timeout_ms == 0 {
-            1000
-        } else {
-            self.peers.timeout_ms
-        })
+        std::time::Duration::from_millis(self.peers.timeout_ms)
     }
 
     /// The effective configuration as TOML, secrets redacted.
     pub fn to_toml(&self) -> String {
-        toml_render(self)
-    }
-}
-
-fn toml_render(config: &Config) -> String {
-    match figment::value::Value::serialize(config) {
-        Ok(value) => render_value("", &value),
-        Err(e) => format!("# could not render: {e}"),
-    }
-}
-
-fn render_value(prefix: &str, value: &figment::value::Value) -> String {
-    use figment::value::Value;
-    let mut scalars = String::new();
-    let mut tables = String::new();
-    if let Value::Dict(_, dict) = value {
-        for (k, v) in dict {
-            match v {
-                Value::Dict(..) => {
-                    let name = if prefix.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
-                    tables.push_str(&format!("\n[{name}]\n{}", render_value(&name, v)));
-                }
-                other => scalars.push_str(&format!("{k} = {}\n", scalar(other))),
-            }
-        }
-    }
-    scalars + &tables
-}
-
-fn scalar(value: &figment::value::Value) -> String {
-    use figment::value::Value;
-    match value {
-        Value::String(_, s) => format!("{s:?}"),
-        Value::Char(_, c) => format!("\"{c}\""),
-        Value::Bool(_, b) => b.to_string(),
-        Value::Num(_, n) => n
-            .to_i128()
-            .map(|i| i.to_string())
-            .or_else(|| n.to_f64().map(|f| f.to_string()))
-            .unwrap_or_default(),
-        Value::Empty(..) => "\"\"".into(),
-        Value::Array(_, items) => {
-            format!(
-                "[{}]",
-                items.iter().map(scalar).collect::<Vec<_>>().join(", ")
-            )
-        }
-        Value::Dict(..) => "{}".into(),
+        toml::to_string(self)
+            .unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
     }
 }
 
