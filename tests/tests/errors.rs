@@ -1,6 +1,8 @@
 //! One test per error class: the right gRPC code, field violations for bad input, no
 //! internal detail, and nothing written by a rejected request.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use loyalty_e2e::*;
 use tonic::Code;
 

@@ -1,6 +1,8 @@
 //! Microservices mode: identity alone in one process, the other four in another, each with
 //! its own data dir, completing the skeleton checkout together over gRPC.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use loyalty_e2e::*;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;

@@ -1,6 +1,8 @@
 //! What SREs rely on: health per service, reflection, message limits, config errors,
 //! graceful drain.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use loyalty_e2e::*;
 use tokio_stream::StreamExt;
 use tonic_health::pb::HealthCheckRequest;

@@ -1,5 +1,7 @@
 //! Durability: stop the binary, start it on the same data dir, everything is there.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use loyalty_e2e::*;
 
 #[tokio::test]

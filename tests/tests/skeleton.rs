@@ -1,5 +1,7 @@
 //! The walking skeleton through the real binary in dev mode.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use loyalty_e2e::*;
 
 #[tokio::test]

@@ -173,10 +173,10 @@ pub fn validate(op: &Op) -> Result<()> {
             expire_at,
             ..
         } => {
-            if let (Some(a), Some(e)) = (activate_at, expire_at) {
-                if e <= a {
-                    return Err(Error::invalid("expire_time", "must be after activate_time"));
-                }
+            if let (Some(a), Some(e)) = (activate_at, expire_at)
+                && e <= a
+            {
+                return Err(Error::invalid("expire_time", "must be after activate_time"));
             }
             *amount
         }

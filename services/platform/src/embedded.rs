@@ -280,14 +280,12 @@ mod tests {
             }
         }
         assert_eq!(ok, 180);
-        let db2 = db.clone();
-        let count = db2
+        let count = db
             .read(|txn| {
-                Ok(txn
-                    .open_table(T)
+                txn.open_table(T)
                     .map_err(Error::internal)?
                     .len()
-                    .map_err(Error::internal)?)
+                    .map_err(Error::internal)
             })
             .await
             .unwrap();

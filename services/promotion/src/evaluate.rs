@@ -105,10 +105,10 @@ fn spread(total: Decimal, weights: &[Decimal], unit: Decimal) -> Vec<Decimal> {
     }
     // Rounding of fractional weights can leave less than one unit per slot unplaced; the
     // largest slot takes it so the shares always add up to the total.
-    if left > Decimal::ZERO {
-        if let Some(i) = (0..weights.len()).max_by(|&a, &b| weights[a].cmp(&weights[b])) {
-            shares[i] += left;
-        }
+    if left > Decimal::ZERO
+        && let Some(i) = (0..weights.len()).max_by(|&a, &b| weights[a].cmp(&weights[b]))
+    {
+        shares[i] += left;
     }
     shares
 }
