@@ -24,7 +24,8 @@ async fn run(db: &EmbeddedDb, writers: u64, base: u64) {
                 let k = base + w * per + i;
                 db.write(move |txn| {
                     let mut t = txn.open_table(T).map_err(Error::internal)?;
-                    t.insert(k, [7u8; 200].as_slice()).map_err(Error::internal)?;
+                    t.insert(k, [7u8; 200].as_slice())
+                        .map_err(Error::internal)?;
                     Ok(())
                 })
                 .await
@@ -38,7 +39,10 @@ async fn run(db: &EmbeddedDb, writers: u64, base: u64) {
 }
 
 fn commit(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let db = EmbeddedDb::open(&dir.path().join("bench.redb")).unwrap();
     let mut group = c.benchmark_group("embedded_commit");
