@@ -220,6 +220,7 @@ async fn not_found_already_exists_failed_precondition_unimplemented() {
             idempotency_key: "k".into(),
             amount: 100,
             reference: String::new(),
+            up_to_available: false,
         })
         .await
         .unwrap_err();

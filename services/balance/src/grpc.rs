@@ -178,6 +178,7 @@ impl BalanceService for Api {
         let op = Op::Redeem {
             amount: r.amount,
             reference: r.reference,
+            up_to_available: r.up_to_available,
         };
         let record = self
             .0

@@ -125,6 +125,9 @@ pub enum Op {
     Redeem {
         amount: i64,
         reference: String,
+        /// Take what is active, up to `amount` (possibly nothing), instead of refusing when
+        /// the balance is short. Checkout uses it so a commit never fails half-way.
+        up_to_available: bool,
     },
     Reverse {
         original_key: String,
@@ -221,10 +224,9 @@ pub fn apply(
             activate_at,
             expire_at,
         } => {
+            // An expiry already past is accepted (a late retry of a checkout): the lot simply
+            // never counts as active.
             let activate = activate_at.unwrap_or(now);
-            if expire_at.is_some_and(|e| e <= now) {
-                return Err(Error::invalid("expire_time", "must be in the future"));
-            }
             account.lots.push(Lot {
                 source: key.to_string(),
                 remaining: *amount,
@@ -234,16 +236,21 @@ pub fn apply(
             account.lifetime_accrued += amount;
             (*reason, *amount, reference, Some(activate), *expire_at)
         }
-        Op::Redeem { amount, reference } => {
+        Op::Redeem {
+            amount,
+            reference,
+            up_to_available,
+        } => {
             let active = account.view(now).active;
-            if *amount > active {
+            if *amount > active && !up_to_available {
                 return Err(Error::FailedPrecondition(format!(
                     "insufficient points: {active} active, {amount} requested"
                 )));
             }
-            parts = take_earliest_expiry(account, *amount, now, None);
-            account.lifetime_redeemed += amount;
-            (Reason::Redemption, -*amount, reference, None, None)
+            let take = (*amount).min(active);
+            parts = take_earliest_expiry(account, take, now, None);
+            account.lifetime_redeemed += take;
+            (Reason::Redemption, -take, reference, None, None)
         }
         Op::Reverse {
             original_key,
@@ -305,7 +312,7 @@ pub fn apply(
         })
     };
     let moved = match op {
-        Op::Accrue { amount, .. } | Op::Redeem { amount, .. } => *amount,
+        Op::Accrue { .. } | Op::Redeem { .. } => delta.abs(),
         Op::Reverse { .. } => 0,
     };
     Ok(Applied {
@@ -438,6 +445,7 @@ mod tests {
             &Op::Redeem {
                 amount: 60,
                 reference: String::new(),
+                up_to_available: false,
             },
             None,
             0,
@@ -460,6 +468,7 @@ mod tests {
             &Op::Redeem {
                 amount: 91,
                 reference: String::new(),
+                up_to_available: false,
             },
             None,
             0,
@@ -491,6 +500,7 @@ mod tests {
             &Op::Redeem {
                 amount: 70,
                 reference: String::new(),
+                up_to_available: false,
             },
             None,
             0,
@@ -522,7 +532,7 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Step {
         Accrue(i64, Option<i64>),
-        Redeem(i64),
+        Redeem(i64, bool),
         Reverse(usize, i64),
         Wait(i64),
     }
@@ -530,7 +540,7 @@ mod tests {
     fn step() -> impl Strategy<Value = Step> {
         prop_oneof![
             (1..1_000i64, proptest::option::of(1..5_000i64)).prop_map(|(a, e)| Step::Accrue(a, e)),
-            (1..1_500i64).prop_map(Step::Redeem),
+            (1..1_500i64, any::<bool>()).prop_map(|(a, u)| Step::Redeem(a, u)),
             (0..20usize, 1..1_000i64).prop_map(|(i, a)| Step::Reverse(i, a)),
             (1..2_000i64).prop_map(Step::Wait),
         ]
@@ -553,8 +563,14 @@ mod tests {
                         let op = accrue_at(amount, None, ttl.map(|t| now + t));
                         apply(&mut a, "m", &key, &op, None, now)
                     }
-                    Step::Redeem(amount) => {
-                        apply(&mut a, "m", &key, &Op::Redeem { amount, reference: String::new() }, None, now)
+                    Step::Redeem(amount, up_to_available) => {
+                        let active = a.view(now).active;
+                        let op = Op::Redeem { amount, reference: String::new(), up_to_available };
+                        let r = apply(&mut a, "m", &key, &op, None, now);
+                        if let Ok(applied) = &r {
+                            prop_assert_eq!(applied.record.amount, amount.min(active), "takes what it may, never more");
+                        }
+                        r
                     }
                     Step::Reverse(i, amount) => {
                         if records.is_empty() { continue; }

@@ -7,7 +7,7 @@ use loyalty_identity::Identity;
 use loyalty_platform::clock::Millis;
 use loyalty_platform::error::{Error, Result};
 use loyalty_platform::grpc::{from_status, timestamp};
-use loyalty_promotion::ports::{Members, Points, Reversal};
+use loyalty_promotion::ports::{Members, Points, Redeemed, Reversal};
 use loyalty_promotion::receipt::Identification;
 use loyalty_proto::balance::v1 as bpb;
 use loyalty_proto::identity::v1 as ipb;
@@ -86,18 +86,17 @@ impl Points for LocalPoints {
         key: &str,
         amount: i64,
         reference: &str,
-    ) -> Result<i64> {
+    ) -> Result<Redeemed> {
         let op = Op::Redeem {
             amount,
             reference: reference.to_string(),
+            up_to_available: true,
         };
-        Ok(self
-            .0
-            .execute(tenant_id, member_id, key, op)
-            .await?
-            .reply
-            .balance
-            .active)
+        let reply = self.0.execute(tenant_id, member_id, key, op).await?.reply;
+        Ok(Redeemed {
+            amount: reply.entry.map_or(0, |e| e.amount.abs()),
+            active_after: reply.balance.active,
+        })
     }
 
     async fn reverse(
@@ -242,7 +241,7 @@ impl Points for RemotePoints {
         key: &str,
         amount: i64,
         reference: &str,
-    ) -> Result<i64> {
+    ) -> Result<Redeemed> {
         let reply = self
             .client()
             .redeem(bpb::RedeemRequest {
@@ -251,10 +250,15 @@ impl Points for RemotePoints {
                 idempotency_key: key.to_string(),
                 amount,
                 reference: reference.to_string(),
+                up_to_available: true,
             })
             .await
-            .map_err(from_status)?;
-        Ok(active(reply.into_inner().balance))
+            .map_err(from_status)?
+            .into_inner();
+        Ok(Redeemed {
+            amount: reply.entry.map_or(0, |e| e.amount.abs()),
+            active_after: active(reply.balance),
+        })
     }
 
     async fn reverse(

@@ -3,9 +3,10 @@
 //! Writes go through a single writer thread that *group-commits*: it takes every write
 //! waiting in its queue (up to [`MAX_BATCH`]), runs them in one transaction and pays for one
 //! fsync. Each caller is answered only after that commit is durable. A write that fails must
-//! not leave partial changes, so when any write of a batch fails the batch is abandoned and
-//! each write re-runs in a transaction of its own; write closures are therefore `FnMut` and
-//! must be safe to run twice (they only read their captured request, never move out of it).
+//! not leave partial changes, so when a write of a batch fails the transaction is aborted,
+//! that write is answered with its own error, and the rest of the batch runs again in one
+//! transaction. Write closures are therefore `FnMut` and must be safe to run more than once
+//! (they only read their captured request, never move out of it).
 //!
 //! Reads run on the blocking pool in their own read transaction (redb gives snapshot
 //! isolation, so reads never wait for the writer).
@@ -14,7 +15,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use redb::{Database, ReadTransaction, ReadableDatabase, WriteTransaction};
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
@@ -138,8 +141,11 @@ impl EmbeddedDb {
         .map_err(Error::internal)?
     }
 
-    /// A cheap end-to-end check that the store answers, for health reporting.
+    /// A cheap end-to-end check that the store answers and its writer is alive, for health.
     pub async fn ping(&self) -> Result<()> {
+        if self.writes.is_closed() {
+            return Err(Error::Unavailable("the store writer has stopped".into()));
+        }
         self.read(|_| Ok(())).await
     }
 }
@@ -159,38 +165,43 @@ fn writer_loop(db: &Database, mut queue: mpsc::Receiver<Job>) {
 }
 
 fn commit_batch(db: &Database, batch: &mut Vec<Job>) {
-    match run_in_one_transaction(db, batch) {
-        Ok(true) => finish_all(batch, Ok(())),
-        Ok(false) => {
-            // Some write failed: none of the batch committed. Run each alone so the failure
-            // stays with its own caller and leaves nothing behind.
-            for mut job in batch.drain(..) {
-                let committed = run_in_one_transaction(db, std::slice::from_mut(&mut job));
-                match committed {
-                    Ok(_) => job.finish(Ok(())),
-                    Err(e) => job.finish(Err(&e)),
+    loop {
+        match run_in_one_transaction(db, batch) {
+            Ok(None) => return finish_all(batch, Ok(())),
+            Ok(Some(failed)) => {
+                // That write's own error stands: it saw exactly the writes queued before it,
+                // which the next attempt replays in the same order. Drop it and commit the
+                // rest together, so a failing write never costs the others an fsync each.
+                let job = batch.remove(failed);
+                job.finish(Ok(()));
+                if batch.is_empty() {
+                    return;
                 }
             }
-        }
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "embedded store commit failed");
-            finish_all(batch, Err(&e));
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "embedded store commit failed");
+                return finish_all(batch, Err(&e));
+            }
         }
     }
 }
 
-/// Runs the jobs in one transaction. `Ok(true)`: committed. `Ok(false)`: a job failed and
-/// the transaction was aborted (a single failing job has still recorded its error).
-fn run_in_one_transaction(db: &Database, jobs: &mut [Job]) -> anyhow::Result<bool> {
+/// Runs the jobs in one transaction. `Ok(None)`: committed. `Ok(Some(i))`: job `i` failed
+/// (or panicked) and the transaction was aborted.
+fn run_in_one_transaction(db: &Database, jobs: &mut [Job]) -> anyhow::Result<Option<usize>> {
     let txn = db.begin_write().context("beginning a write transaction")?;
-    for job in jobs.iter_mut() {
-        if job.run(&txn).is_err() {
+    for (i, job) in jobs.iter_mut().enumerate() {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(&txn)));
+        if !matches!(outcome, Ok(Ok(()))) {
+            if outcome.is_err() {
+                tracing::error!("a store write panicked; it is refused and the others go on");
+            }
             txn.abort().context("aborting a write transaction")?;
-            return Ok(false);
+            return Ok(Some(i));
         }
     }
     txn.commit().context("committing a write transaction")?;
-    Ok(true)
+    Ok(None)
 }
 
 fn finish_all(batch: &mut Vec<Job>, committed: Result<(), &anyhow::Error>) {
@@ -214,6 +225,62 @@ pub fn prefix_range(parts: &[&str]) -> (String, String) {
     (start, end)
 }
 
+/// A table of encoded records under composite string keys.
+pub type Records = TableDefinition<'static, &'static str, &'static [u8]>;
+
+/// Maps a storage-engine error to an internal error.
+pub fn storage_error(err: impl Into<anyhow::Error>) -> Error {
+    Error::internal(err)
+}
+
+/// Reads and decodes one record from an open table.
+pub fn get_record<T: serde::de::DeserializeOwned>(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<T>> {
+    table
+        .get(key)
+        .map_err(storage_error)?
+        .map(|v| decode(v.value()))
+        .transpose()
+}
+
+/// Reads one record in a read transaction; a table never written to reads as empty.
+pub fn read_record<T: serde::de::DeserializeOwned>(
+    txn: &ReadTransaction,
+    table: Records,
+    key: &str,
+) -> Result<Option<T>> {
+    match txn.open_table(table) {
+        Ok(t) => get_record(&t, key),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(storage_error(e)),
+    }
+}
+
+/// Opens a table for reading; `None` when it was never written to.
+pub fn open_for_read<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &ReadTransaction,
+    table: TableDefinition<'static, K, V>,
+) -> Result<Option<redb::ReadOnlyTable<K, V>>> {
+    match txn.open_table(table) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(storage_error(e)),
+    }
+}
+
+/// Encodes `value` and stores it under `key`.
+pub fn put_record<T: serde::Serialize>(
+    table: &mut redb::Table<'_, &'static str, &'static [u8]>,
+    key: &str,
+    value: &T,
+) -> Result<()> {
+    let bytes = encode(value)?;
+    table.insert(key, bytes.as_slice()).map_err(storage_error)?;
+    Ok(())
+}
+
 /// Encodes a stored record.
 pub fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
     postcard::to_stdvec(value).map_err(Error::internal)
@@ -226,7 +293,7 @@ pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
 
 #[cfg(test)]
 mod tests {
-    use redb::{ReadableTableMetadata, TableDefinition};
+    use redb::ReadableTableMetadata;
 
     use super::*;
 
@@ -292,6 +359,27 @@ mod tests {
         assert_eq!(count, 180, "failed writes must leave nothing behind");
         assert_eq!(get(&db, "k10").await, None);
         assert_eq!(get(&db, "k11").await, Some(11));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_write_is_refused_and_the_writer_lives_on() {
+        let (_dir, db) = open();
+        let bad = db.clone();
+        let panicked = tokio::spawn(async move {
+            bad.write(|_txn| -> Result<()> { panic!("bug in a write") })
+                .await
+        });
+        let good = db.write(|txn| {
+            txn.open_table(T)
+                .map_err(Error::internal)?
+                .insert("after", 1)
+                .map_err(Error::internal)?;
+            Ok(())
+        });
+        assert!(matches!(panicked.await.unwrap(), Err(Error::Internal(_))));
+        good.await.unwrap();
+        db.ping().await.unwrap();
+        assert_eq!(get(&db, "after").await, Some(1));
     }
 
     #[tokio::test]

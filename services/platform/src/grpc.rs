@@ -70,7 +70,9 @@ pub fn from_status(status: Status) -> Error {
         }
         Code::Unimplemented => Error::Unimplemented(msg),
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::ResourceExhausted => {
-            Error::Unavailable(format!("peer service unavailable: {msg}"))
+            // Transport text names hosts and addresses: log it, never forward it.
+            tracing::warn!(code = ?status.code(), detail = %msg, "peer service unavailable");
+            Error::Unavailable("a service this call depends on is unavailable; retry".into())
         }
         Code::Ok
         | Code::Unknown

@@ -79,21 +79,22 @@ pub async fn serve(
         .build_v1()?;
     let routes = routes.add_service(health_service).add_service(reflection);
 
+    // The monitor is the only writer of health statuses. On shutdown it flips every status to
+    // NOT_SERVING and says so; only then does the server stop accepting and start draining.
     let (stopping_tx, stopping) = watch::channel(false);
+    let (flipped_tx, flipped) = tokio::sync::oneshot::channel();
     let monitor = tokio::spawn(monitor_health(
-        reporter.clone(),
+        reporter,
         health,
         Duration::from_secs(config.health_interval_secs),
-        stopping.clone(),
+        stopping,
+        flipped_tx,
     ));
-
-    // The server's own shutdown future: flip health first so load balancers stop sending.
-    let drain_reporter = reporter.clone();
-    let mut drain_started = stopping.clone();
+    let mut drain_started = stopping_tx.subscribe();
     let signal = async move {
         shutdown.await;
         let _ = stopping_tx.send(true);
-        set_all(&drain_reporter, ServingStatus::NotServing).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), flipped).await;
         tracing::info!("health is NOT_SERVING; draining in-flight calls");
     };
 
@@ -122,63 +123,73 @@ pub async fn serve(
     outcome
 }
 
-async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
-    reporter.set_service_status("", status).await;
-}
-
 /// Re-checks every entry's dependencies and publishes the result per service name. The
-/// overall ("") status is SERVING only when every service is.
+/// overall ("") status is SERVING only when every service is. When `stopping` turns true it
+/// sets everything NOT_SERVING, reports that on `flipped` and ends.
 async fn monitor_health(
     reporter: HealthReporter,
     entries: Vec<HealthEntry>,
     interval: Duration,
-    stopping: watch::Receiver<bool>,
+    mut stopping: watch::Receiver<bool>,
+    flipped: tokio::sync::oneshot::Sender<()>,
 ) {
     let mut last: Vec<Option<bool>> = vec![None; entries.len()];
     loop {
-        if *stopping.borrow() {
-            for entry in &entries {
-                for name in &entry.service_names {
-                    reporter
-                        .set_service_status(*name, ServingStatus::NotServing)
-                        .await;
-                }
-            }
-            return;
-        }
-        let mut all_ok = true;
-        for (entry, last) in entries.iter().zip(last.iter_mut()) {
-            let result = tokio::time::timeout(interval, entry.check.check())
-                .await
-                .unwrap_or_else(|_| Err("health check timed out".into()));
-            let ok = result.is_ok();
-            all_ok &= ok;
-            if *last != Some(ok) {
-                match &result {
-                    Ok(()) => tracing::info!(services = ?entry.service_names, "SERVING"),
-                    Err(why) => {
-                        tracing::warn!(services = ?entry.service_names, reason = %why, "NOT_SERVING")
+        let mut statuses = Vec::with_capacity(entries.len());
+        let checks = async {
+            for (entry, last) in entries.iter().zip(last.iter_mut()) {
+                let result = tokio::time::timeout(interval, entry.check.check())
+                    .await
+                    .unwrap_or_else(|_| Err("health check timed out".into()));
+                if *last != Some(result.is_ok()) {
+                    match &result {
+                        Ok(()) => tracing::info!(services = ?entry.service_names, "SERVING"),
+                        Err(why) => {
+                            tracing::warn!(services = ?entry.service_names, reason = %why, "NOT_SERVING")
+                        }
                     }
+                    *last = Some(result.is_ok());
                 }
-                *last = Some(ok);
+                statuses.push(result.is_ok());
             }
-            let status = if ok {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
+        };
+        tokio::select! {
+            () = checks => {}
+            _ = stopping.wait_for(|s| *s) => break,
+        }
+        if *stopping.borrow() {
+            break;
+        }
+        for (entry, ok) in entries.iter().zip(&statuses) {
             for name in &entry.service_names {
-                reporter.set_service_status(*name, status).await;
+                reporter.set_service_status(*name, serving(*ok)).await;
             }
         }
-        if !*stopping.borrow() {
-            let overall = if all_ok {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
-            set_all(&reporter, overall).await;
+        reporter
+            .set_service_status("", serving(statuses.iter().all(|ok| *ok)))
+            .await;
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            _ = stopping.wait_for(|s| *s) => break,
         }
-        tokio::time::sleep(interval).await;
+    }
+    for entry in &entries {
+        for name in &entry.service_names {
+            reporter
+                .set_service_status(*name, ServingStatus::NotServing)
+                .await;
+        }
+    }
+    reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let _ = flipped.send(());
+}
+
+fn serving(ok: bool) -> ServingStatus {
+    if ok {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
     }
 }

@@ -11,7 +11,8 @@ use crate::evaluate::{Evaluation, MemberContext, evaluate};
 use crate::ports::{Members, Points};
 use crate::program::{MONEY_SCALE, Program, Rounding};
 use crate::purchase::{
-    Purchase, PurchaseState, Refund, RefundOutcome, accrue_key, fingerprint, redeem_key, refund_key,
+    MAX_REFUNDS_PER_RECEIPT, Purchase, PurchaseState, Refund, RefundOutcome, accrue_key,
+    fingerprint, redeem_excess_key, redeem_key, refund_key,
 };
 use crate::receipt::{MAX_LINES, MAX_RECEIPT_ID_LEN, Receipt, parse_decimal};
 use crate::store::PromotionStore;
@@ -117,12 +118,9 @@ impl Checkout {
     pub async fn quote(&self, receipt: Receipt) -> Result<Evaluation> {
         let program = self.program_for(&receipt).await?;
         let member = self.member_context(&receipt).await?;
-        Ok(evaluate(
-            &program,
-            &receipt,
-            member.as_ref(),
-            self.clock.now_ms(),
-        ))
+        let evaluation = evaluate(&program, &receipt, member.as_ref(), self.clock.now_ms());
+        check_bounds(&evaluation)?;
+        Ok(evaluation)
     }
 
     /// Applies a receipt once, however often it is retried.
@@ -139,11 +137,14 @@ impl Checkout {
                 None => {
                     let program = self.program_for(&receipt).await?;
                     let member = self.member_context(&receipt).await?;
-                    let evaluation =
-                        evaluate(&program, &receipt, member.as_ref(), self.clock.now_ms());
+                    let now = self.clock.now_ms();
+                    let evaluation = evaluate(&program, &receipt, member.as_ref(), now);
+                    check_bounds(&evaluation)?;
                     let pending = Purchase {
                         receipt: receipt.clone(),
                         fingerprint: fp.clone(),
+                        program,
+                        evaluated_at: now,
                         evaluation,
                         state: PurchaseState::Pending,
                         refunds: Vec::new(),
@@ -161,6 +162,9 @@ impl Checkout {
         ))
     }
 
+    /// Moves the points of a pending purchase and marks it committed. Every step is
+    /// idempotent and depends only on the pending record and on replies the ledger stores
+    /// under fixed keys, so any number of concurrent or later retries do the same thing.
     async fn finish_commit(&self, mut p: Purchase) -> Result<Committed> {
         if let PurchaseState::Committed {
             commit_time,
@@ -175,54 +179,64 @@ impl Checkout {
         }
         let tenant = p.receipt.tenant_id.clone();
         let id = p.receipt.receipt_id.clone();
-        let e = &p.evaluation;
+        let mut evaluation = p.evaluation.clone();
         let mut balance = None;
-        if let Some(m) = &e.member {
-            if e.points_redeemed > 0 {
-                match self
+        if let Some(member) = p.evaluation.member.clone() {
+            if evaluation.points_redeemed > 0 {
+                // The ledger takes what is active up to the amount, atomically, so this step
+                // cannot fail half-way when the balance moved since the quote.
+                let redeemed = self
                     .points
                     .redeem(
                         &tenant,
-                        &m.member_id,
+                        &member.member_id,
                         &redeem_key(&id),
-                        e.points_redeemed,
+                        evaluation.points_redeemed,
                         &id,
                     )
-                    .await
-                {
-                    Ok(b) => balance = Some(b),
-                    Err(Error::FailedPrecondition(why)) => {
-                        // The balance changed since evaluation: drop the pending record so
-                        // the POS can commit again against the current balance.
-                        self.store.delete_purchase(&tenant, &id, p.version).await?;
-                        return Err(Error::FailedPrecondition(format!(
-                            "points to redeem are no longer available ({why}); quote again"
-                        )));
+                    .await?;
+                balance = Some(redeemed.active_after);
+                if redeemed.amount != evaluation.points_redeemed {
+                    evaluation = self.reprice(&p, &member, redeemed.amount);
+                    let excess = redeemed.amount - evaluation.points_redeemed;
+                    if excess > 0 {
+                        let r = self
+                            .points
+                            .reverse(
+                                &tenant,
+                                &member.member_id,
+                                &redeem_excess_key(&id),
+                                &redeem_key(&id),
+                                excess,
+                                &id,
+                            )
+                            .await?;
+                        balance = Some(r.active_after);
                     }
-                    Err(other) => return Err(other),
                 }
             }
-            if e.points_accrued > 0 {
+            if evaluation.points_accrued > 0 {
                 let b = self
                     .points
                     .accrue(
                         &tenant,
-                        &m.member_id,
+                        &member.member_id,
                         &accrue_key(&id),
-                        e.points_accrued,
+                        evaluation.points_accrued,
                         &id,
-                        e.activate_at,
-                        e.expire_at,
+                        evaluation.activate_at,
+                        evaluation.expire_at,
                     )
                     .await?;
                 balance = Some(b);
             }
             if balance.is_none() {
-                balance = Some(self.points.available(&tenant, &m.member_id).await?);
+                balance = Some(self.points.available(&tenant, &member.member_id).await?);
             }
         }
         let expected = p.version;
         let commit_time = self.clock.now_ms();
+        p.evaluation = evaluation;
         p.state = PurchaseState::Committed {
             commit_time,
             points_balance: balance,
@@ -254,6 +268,18 @@ impl Checkout {
                 "receipt is being committed concurrently; retry".into(),
             )),
         }
+    }
+
+    /// Prices the receipt again with only `redeemed` points available, under the program
+    /// and time of the pending record, so every retry gets the same answer.
+    fn reprice(&self, p: &Purchase, member: &MemberContext, redeemed: i64) -> Evaluation {
+        let available = MemberContext {
+            member_id: member.member_id.clone(),
+            points_available: redeemed,
+        };
+        let mut e = evaluate(&p.program, &p.receipt, Some(&available), p.evaluated_at);
+        e.member = Some(member.clone());
+        e
     }
 
     pub async fn purchase(&self, tenant_id: &str, receipt_id: &str) -> Result<Purchase> {
@@ -294,6 +320,11 @@ impl Checkout {
                 }
                 let existing = existing.clone();
                 return self.finish_refund(p, existing).await;
+            }
+            if p.refunds.len() >= MAX_REFUNDS_PER_RECEIPT {
+                return Err(Error::FailedPrecondition(format!(
+                    "receipt {receipt_id} already has {MAX_REFUNDS_PER_RECEIPT} refunds, the most one receipt may have"
+                )));
             }
             let program = self.store.program(tenant_id).await?;
             let returns_redeemed = program.is_none_or(|p| p.refund_returns_redeemed_points);
@@ -383,6 +414,20 @@ impl Checkout {
             outcome,
         })
     }
+}
+
+/// Refuses receipts whose points no ledger operation may carry, before anything is written.
+fn check_bounds(e: &Evaluation) -> Result<()> {
+    if e.points_accrued > crate::MAX_POINTS || e.points_redeemed > crate::MAX_POINTS {
+        return Err(Error::invalid(
+            "receipt.lines",
+            format!(
+                "the receipt would move more than {} points",
+                crate::MAX_POINTS
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn receipt_reused(receipt_id: &str) -> Error {
@@ -478,4 +523,269 @@ fn plan_refund(
         give_back_points,
         outcome: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use loyalty_platform::clock::{ManualClock, Millis};
+    use loyalty_platform::types::Channel;
+
+    use super::*;
+    use crate::catalog::{Product, Store};
+    use crate::ports::{Redeemed, Reversal};
+    use crate::receipt::{Identification, Line};
+    use crate::store::embedded::EmbeddedPromotionStore;
+
+    #[derive(Debug)]
+    struct OneMember;
+
+    #[async_trait::async_trait]
+    impl Members for OneMember {
+        async fn resolve(&self, _: &str, id: &Identification) -> Result<Option<String>> {
+            Ok((*id != Identification::None).then(|| "m1".to_string()))
+        }
+        async fn ping(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A ledger with scripted trouble: points that vanish before a redemption (a concurrent
+    /// spend elsewhere) and accruals that fail (a crash).
+    #[derive(Debug, Default)]
+    struct Ledger {
+        state: Mutex<LedgerState>,
+    }
+
+    #[derive(Debug, Default)]
+    struct LedgerState {
+        active: i64,
+        vanish_before_redeem: i64,
+        accrual_failures: u32,
+        done: HashMap<String, i64>,
+        applied: Vec<(String, i64)>,
+    }
+
+    #[async_trait::async_trait]
+    impl Points for Ledger {
+        async fn available(&self, _: &str, _: &str) -> Result<i64> {
+            Ok(self.state.lock().unwrap().active)
+        }
+        async fn accrue(
+            &self,
+            _: &str,
+            _: &str,
+            key: &str,
+            amount: i64,
+            _: &str,
+            _: Millis,
+            _: Option<Millis>,
+        ) -> Result<i64> {
+            let mut s = self.state.lock().unwrap();
+            if s.accrual_failures > 0 {
+                s.accrual_failures -= 1;
+                return Err(Error::Unavailable("balance is restarting".into()));
+            }
+            if !s.done.contains_key(key) {
+                s.done.insert(key.into(), amount);
+                s.applied.push((key.into(), amount));
+                s.active += amount;
+            }
+            Ok(s.active)
+        }
+        async fn redeem(
+            &self,
+            _: &str,
+            _: &str,
+            key: &str,
+            amount: i64,
+            _: &str,
+        ) -> Result<Redeemed> {
+            let mut s = self.state.lock().unwrap();
+            if let Some(taken) = s.done.get(key) {
+                return Ok(Redeemed {
+                    amount: *taken,
+                    active_after: s.active,
+                });
+            }
+            s.active -= std::mem::take(&mut s.vanish_before_redeem);
+            let take = amount.min(s.active);
+            s.active -= take;
+            s.done.insert(key.into(), take);
+            s.applied.push((key.into(), -take));
+            Ok(Redeemed {
+                amount: take,
+                active_after: s.active,
+            })
+        }
+        async fn reverse(
+            &self,
+            _: &str,
+            _: &str,
+            key: &str,
+            _: &str,
+            amount: i64,
+            _: &str,
+        ) -> Result<Reversal> {
+            let mut s = self.state.lock().unwrap();
+            if !s.done.contains_key(key) {
+                s.done.insert(key.into(), amount);
+                s.applied.push((key.into(), amount));
+                s.active += amount;
+            }
+            Ok(Reversal {
+                taken: amount,
+                unrecovered: 0,
+                active_after: s.active,
+            })
+        }
+        async fn ping(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    async fn checkout(ledger: Arc<Ledger>) -> (tempfile::TempDir, Checkout) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedPromotionStore::open(&dir.path().join("p.redb")).unwrap());
+        store
+            .update_program(Program::case_study("t", "KZT"), 0)
+            .await
+            .unwrap();
+        let s = Store {
+            store_id: "s".into(),
+            name: String::new(),
+            brand: String::new(),
+            region: String::new(),
+            time_zone: String::new(),
+        };
+        store.upsert_stores("t", &[s]).await.unwrap();
+        let p = Product {
+            sku: "boots".into(),
+            name: String::new(),
+            category: String::new(),
+            brand: String::new(),
+        };
+        store.upsert_products("t", &[p]).await.unwrap();
+        let clock: SharedClock = Arc::new(ManualClock::at(1_000));
+        (
+            dir,
+            Checkout::new(store, Arc::new(OneMember), ledger, clock),
+        )
+    }
+
+    fn receipt(points: i64) -> Receipt {
+        Receipt {
+            tenant_id: "t".into(),
+            receipt_id: "r1".into(),
+            store_id: "s".into(),
+            channel: Channel::Store,
+            terminal_id: String::new(),
+            cashier_id: String::new(),
+            identification: Identification::Card("12345678".into()),
+            lines: vec![Line {
+                line_id: "1".into(),
+                sku: "boots".into(),
+                quantity: Decimal::ONE,
+                unit_price: Decimal::from(1000),
+                sale_price: false,
+            }],
+            codes: Vec::new(),
+            points_to_redeem: points,
+            purchase_time: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn points_that_vanish_before_commit_are_repriced_not_failed() {
+        let ledger = Arc::new(Ledger::default());
+        ledger.state.lock().unwrap().active = 100_000;
+        ledger.state.lock().unwrap().vanish_before_redeem = 95_000;
+        let (_dir, checkout) = checkout(ledger.clone()).await;
+        let c = checkout.commit(receipt(20_000)).await.unwrap();
+        assert_eq!(
+            c.evaluation.points_redeemed, 5_000,
+            "only 50 points were left"
+        );
+        assert_eq!(c.evaluation.paid_with_points, Decimal::from(50));
+        assert_eq!(
+            c.evaluation.points_accrued, 950,
+            "1% of the 950 paid in money"
+        );
+        assert_eq!(
+            checkout.commit(receipt(20_000)).await.unwrap(),
+            c,
+            "a retry agrees"
+        );
+        let applied = ledger.state.lock().unwrap().applied.clone();
+        assert_eq!(
+            applied,
+            [
+                ("receipt:r1:redeem".to_string(), -5_000),
+                ("receipt:r1:accrue".to_string(), 950)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_crash_between_redeem_and_accrue_is_repaired_by_the_retry() {
+        let ledger = Arc::new(Ledger::default());
+        ledger.state.lock().unwrap().active = 100_000;
+        ledger.state.lock().unwrap().accrual_failures = 2;
+        let (_dir, checkout) = checkout(ledger.clone()).await;
+        assert!(matches!(
+            checkout.commit(receipt(20_000)).await,
+            Err(Error::Unavailable(_))
+        ));
+        assert!(matches!(
+            checkout.commit(receipt(20_000)).await,
+            Err(Error::Unavailable(_))
+        ));
+        let pending = checkout.purchase("t", "r1").await.unwrap();
+        assert_eq!(pending.state, PurchaseState::Pending);
+        let err = checkout
+            .refund("t", "r1", "f1", &[("1".into(), "1".into())])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::FailedPrecondition(_)),
+            "no refund before the commit finished"
+        );
+
+        let c = checkout.commit(receipt(20_000)).await.unwrap();
+        assert_eq!(
+            (c.evaluation.points_redeemed, c.evaluation.points_accrued),
+            (20_000, 800)
+        );
+        assert_eq!(c.points_balance, Some(100_000 - 20_000 + 800));
+        let applied = ledger.state.lock().unwrap().applied.clone();
+        assert_eq!(applied.len(), 2, "each effect exactly once: {applied:?}");
+        let mut other = receipt(20_000);
+        other.points_to_redeem = 1;
+        assert!(matches!(
+            checkout.commit(other).await,
+            Err(Error::AlreadyExists(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn refunds_per_receipt_are_bounded() {
+        let ledger = Arc::new(Ledger::default());
+        let (_dir, checkout) = checkout(ledger).await;
+        let mut r = receipt(0);
+        r.lines[0].quantity = Decimal::from(1000);
+        checkout.commit(r).await.unwrap();
+        for i in 0..MAX_REFUNDS_PER_RECEIPT {
+            checkout
+                .refund("t", "r1", &format!("f{i}"), &[("1".into(), "1".into())])
+                .await
+                .unwrap();
+        }
+        let err = checkout
+            .refund("t", "r1", "one-more", &[("1".into(), "1".into())])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+    }
 }

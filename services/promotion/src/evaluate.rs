@@ -169,8 +169,11 @@ pub fn evaluate(
     }
     let cap_points = to_i64((cap / program.point_value * minor).floor());
     let max_redeemable = member.map_or(0, |m| cap_points.min(m.points_available.max(0)));
-    let points_redeemed = receipt.points_to_redeem.min(max_redeemable);
-    let paid_with_points = money_down(Decimal::from(points_redeemed) * program.point_value / minor);
+    let requested = receipt.points_to_redeem.min(max_redeemable);
+    // Money is paid in whole cents: charge only the points those cents are worth.
+    let paid_with_points = money_down(Decimal::from(requested) * program.point_value / minor);
+    let points_redeemed =
+        to_i64((paid_with_points / program.point_value * minor).floor()).min(requested);
     let money_shares = spread(paid_with_points, &eligible, Decimal::new(1, MONEY_SCALE));
     // Points are spread by the same eligibility, in point units.
     let point_weights: Vec<Decimal> = eligible
@@ -184,7 +187,7 @@ pub fn evaluate(
     }
 
     // Accrual on what is paid in money.
-    let mut points_accrued = 0;
+    let mut points_accrued: i64 = 0;
     let mut effects = Vec::new();
     match (&program.accrual, member) {
         (_, None) => {}
@@ -208,7 +211,7 @@ pub fn evaluate(
                         discount: Decimal::ZERO,
                         points,
                     });
-                    points_accrued += points;
+                    points_accrued = points_accrued.saturating_add(points);
                 }
             }
             if points_accrued > 0 {
@@ -221,14 +224,29 @@ pub fn evaluate(
             }
         }
         (BaseAccrual::FixedPoints(points), Some(_)) => {
-            let paid: Decimal = receipt
+            let paid: Vec<Decimal> = receipt
                 .lines
                 .iter()
                 .zip(&lines)
-                .filter(|(raw, _)| !(raw.sale_price && program.sale_excluded_from_accrual))
-                .map(|(_, l)| l.net - l.paid_with_points)
-                .sum();
-            if paid > Decimal::ZERO && *points > 0 {
+                .map(|(raw, l)| {
+                    if raw.sale_price && program.sale_excluded_from_accrual {
+                        Decimal::ZERO
+                    } else {
+                        l.net - l.paid_with_points
+                    }
+                })
+                .collect();
+            let total: Decimal = paid.iter().copied().sum();
+            if total > Decimal::ZERO && *points > 0 {
+                // Spread over the lines by what they paid, so refunds take it back per line.
+                let weights: Vec<Decimal> = paid
+                    .iter()
+                    .map(|p| *p / total * Decimal::from(*points))
+                    .collect();
+                let shares = spread(Decimal::from(*points), &weights, Decimal::ONE);
+                for (line, share) in lines.iter_mut().zip(shares) {
+                    line.points_accrued = to_i64(share);
+                }
                 points_accrued = *points;
                 effects.push(Effect {
                     campaign_id: String::new(),
@@ -367,6 +385,45 @@ mod tests {
             e.points_accrued, 300,
             "1% of the 300 paid in money on the regular line"
         );
+    }
+
+    #[test]
+    fn fixed_points_are_spread_over_lines_so_refunds_can_take_them_back() {
+        let mut p = Program::case_study("t", "KZT");
+        p.accrual = BaseAccrual::FixedPoints(1_000);
+        let r = receipt(
+            &[
+                ("1", "300.00", false),
+                ("1", "100.00", true),
+                ("1", "100.00", false),
+            ],
+            0,
+        );
+        let e = evaluate(&p, &r, Some(&member(0)), 0);
+        let per_line: Vec<i64> = e.lines.iter().map(|l| l.points_accrued).collect();
+        assert_eq!(per_line, [750, 0, 250]);
+        assert_eq!(e.points_accrued, 1_000);
+    }
+
+    #[test]
+    fn points_are_charged_only_for_whole_cents() {
+        let mut p = Program::case_study("t", "KZT");
+        p.point_minor_units = 1000;
+        let e = evaluate(
+            &p,
+            &receipt(&[("1", "1000.00", false)], 1_234),
+            Some(&member(10_000)),
+            0,
+        );
+        assert_eq!(e.paid_with_points, d("1.23"));
+        assert_eq!(e.points_redeemed, 1_230);
+        let e = evaluate(
+            &p,
+            &receipt(&[("1", "1000.00", false)], 5),
+            Some(&member(10_000)),
+            0,
+        );
+        assert_eq!((e.points_redeemed, e.paid_with_points), (0, Decimal::ZERO));
     }
 
     #[test]

@@ -23,6 +23,13 @@ pub struct Reversal {
     pub active_after: i64,
 }
 
+/// Result of a redemption that takes what is available.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Redeemed {
+    pub amount: i64,
+    pub active_after: i64,
+}
+
 /// The member's points, idempotent by key.
 #[async_trait::async_trait]
 pub trait Points: Send + Sync + std::fmt::Debug {
@@ -39,7 +46,7 @@ pub trait Points: Send + Sync + std::fmt::Debug {
         activate_at: Millis,
         expire_at: Option<Millis>,
     ) -> Result<i64>;
-    /// Returns the active balance after.
+    /// Redeems what is active, up to `amount`, atomically; a retry returns the same result.
     async fn redeem(
         &self,
         tenant_id: &str,
@@ -47,7 +54,7 @@ pub trait Points: Send + Sync + std::fmt::Debug {
         key: &str,
         amount: i64,
         reference: &str,
-    ) -> Result<i64>;
+    ) -> Result<Redeemed>;
     /// Reverses part of the operation recorded under `original_key`.
     async fn reverse(
         &self,

@@ -9,7 +9,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::evaluate::Evaluation;
+use crate::program::Program;
 use crate::receipt::Receipt;
+
+/// Most refunds one receipt may have (each is kept in the purchase record).
+pub const MAX_REFUNDS_PER_RECEIPT: usize = 100;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PurchaseState {
@@ -25,6 +29,11 @@ pub enum PurchaseState {
 pub struct Purchase {
     pub receipt: Receipt,
     pub fingerprint: Vec<u8>,
+    /// The program the receipt was evaluated under and when: a retry that has to re-price
+    /// (because fewer points could be redeemed) uses exactly these, never today's.
+    pub program: Program,
+    pub evaluated_at: Millis,
+    /// Pending: the quote-time evaluation. Committed: what was applied.
     pub evaluation: Evaluation,
     pub state: PurchaseState,
     pub refunds: Vec<Refund>,
@@ -75,6 +84,11 @@ impl Purchase {
 /// Idempotency keys of the points operations of a receipt.
 pub fn redeem_key(receipt_id: &str) -> String {
     format!("receipt:{receipt_id}:redeem")
+}
+
+/// Gives back points redeemed beyond what re-pricing could use (odd point values only).
+pub fn redeem_excess_key(receipt_id: &str) -> String {
+    format!("receipt:{receipt_id}:redeem-excess")
 }
 
 pub fn accrue_key(receipt_id: &str) -> String {

@@ -48,12 +48,5 @@ pub trait PromotionStore: Send + Sync + std::fmt::Debug {
         purchase: &Purchase,
         expected_version: Option<u64>,
     ) -> Result<bool>;
-    /// Removes a pending purchase whose points could not move, if still at `version`.
-    async fn delete_purchase(
-        &self,
-        tenant_id: &str,
-        receipt_id: &str,
-        version: u64,
-    ) -> Result<bool>;
     async fn ping(&self) -> Result<()>;
 }

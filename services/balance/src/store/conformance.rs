@@ -23,6 +23,7 @@ fn redeem(amount: i64) -> Op {
     Op::Redeem {
         amount,
         reference: "r".into(),
+        up_to_available: false,
     }
 }
 

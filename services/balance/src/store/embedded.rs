@@ -4,17 +4,20 @@
 use std::path::Path;
 
 use loyalty_platform::clock::Millis;
-use loyalty_platform::embedded::{EmbeddedDb, decode, encode, key};
+use loyalty_platform::embedded::{
+    EmbeddedDb, Records, get_record, key, open_for_read, put_record, read_record,
+    storage_error as e,
+};
 use loyalty_platform::error::{Error, Result};
-use redb::{ReadableTable, TableDefinition};
+use redb::TableDefinition;
 
 use super::BalanceStore;
 use crate::ledger::{self, Account, Entry, Op, OpRecord};
 
-const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
+const ACCOUNTS: Records = TableDefinition::new("accounts");
 /// Key: tenant, member, sequence number as 20 digits (so byte order is numeric order).
-const LEDGER: TableDefinition<&str, &[u8]> = TableDefinition::new("ledger");
-const OPS: TableDefinition<&str, &[u8]> = TableDefinition::new("operations");
+const LEDGER: Records = TableDefinition::new("ledger");
+const OPS: Records = TableDefinition::new("operations");
 
 #[derive(Debug, Clone)]
 pub struct EmbeddedBalanceStore {
@@ -27,10 +30,6 @@ impl EmbeddedBalanceStore {
             db: EmbeddedDb::open(path)?,
         })
     }
-}
-
-fn e(err: impl Into<anyhow::Error>) -> Error {
-    Error::internal(err)
 }
 
 fn seq_key(tenant: &str, member: &str, seq: i64) -> String {
@@ -56,8 +55,7 @@ impl BalanceStore for EmbeddedBalanceStore {
             .write(move |txn| {
                 let mut ops = txn.open_table(OPS).map_err(e)?;
                 let record_key = key(&[&tenant, &op_key]);
-                if let Some(existing) = ops.get(record_key.as_str()).map_err(e)? {
-                    let record: OpRecord = decode(existing.value())?;
+                if let Some(record) = get_record::<OpRecord>(&ops, &record_key)? {
                     if record.member_id == member && record.op == op {
                         return Ok(record);
                     }
@@ -67,18 +65,11 @@ impl BalanceStore for EmbeddedBalanceStore {
                 }
                 let mut accounts = txn.open_table(ACCOUNTS).map_err(e)?;
                 let account_key = key(&[&tenant, &member]);
-                let mut account: Account = match accounts.get(account_key.as_str()).map_err(e)? {
-                    Some(v) => decode(v.value())?,
-                    None => Account::default(),
-                };
+                let mut account: Account = get_record(&accounts, &account_key)?.unwrap_or_default();
                 let mut original = match &op {
                     Op::Reverse { original_key, .. } => {
                         let k = key(&[&tenant, original_key]);
-                        let found = ops.get(k.as_str()).map_err(e)?;
-                        match found {
-                            Some(v) => Some((k, decode::<OpRecord>(v.value())?)),
-                            None => None,
-                        }
+                        get_record::<OpRecord>(&ops, &k)?.map(|record| (k, record))
                     }
                     _ => None,
                 };
@@ -92,22 +83,17 @@ impl BalanceStore for EmbeddedBalanceStore {
                 )?;
                 if let Some(entry) = &applied.record.reply.entry {
                     let mut ledger_table = txn.open_table(LEDGER).map_err(e)?;
-                    let bytes = encode(entry)?;
-                    ledger_table
-                        .insert(
-                            seq_key(&tenant, &member, entry.seq).as_str(),
-                            bytes.as_slice(),
-                        )
-                        .map_err(e)?;
+                    put_record(
+                        &mut ledger_table,
+                        &seq_key(&tenant, &member, entry.seq),
+                        entry,
+                    )?;
                 }
-                accounts
-                    .insert(account_key.as_str(), encode(&account)?.as_slice())
-                    .map_err(e)?;
+                put_record(&mut accounts, &account_key, &account)?;
                 if let Some((k, rec)) = &original {
-                    ops.insert(k.as_str(), encode(rec)?.as_slice()).map_err(e)?;
+                    put_record(&mut ops, k, rec)?;
                 }
-                ops.insert(record_key.as_str(), encode(&applied.record)?.as_slice())
-                    .map_err(e)?;
+                put_record(&mut ops, &record_key, &applied.record)?;
                 Ok(applied.record)
             })
             .await
@@ -116,15 +102,7 @@ impl BalanceStore for EmbeddedBalanceStore {
     async fn account(&self, tenant_id: &str, member_id: &str) -> Result<Account> {
         let k = key(&[tenant_id, member_id]);
         self.db
-            .read(move |txn| {
-                let Ok(t) = txn.open_table(ACCOUNTS) else {
-                    return Ok(Account::default());
-                };
-                match t.get(k.as_str()).map_err(e)? {
-                    Some(v) => decode(v.value()),
-                    None => Ok(Account::default()),
-                }
-            })
+            .read(move |txn| Ok(read_record(txn, ACCOUNTS, &k)?.unwrap_or_default()))
             .await
     }
 
@@ -139,7 +117,7 @@ impl BalanceStore for EmbeddedBalanceStore {
         let end = seq_key(tenant_id, member_id, before_seq.unwrap_or(i64::MAX));
         self.db
             .read(move |txn| {
-                let Ok(t) = txn.open_table(LEDGER) else {
+                let Some(t) = open_for_read(txn, LEDGER)? else {
                     return Ok(Vec::new());
                 };
                 let mut out = Vec::new();
@@ -150,7 +128,7 @@ impl BalanceStore for EmbeddedBalanceStore {
                     .take(limit)
                 {
                     let (_, v) = item.map_err(e)?;
-                    out.push(decode(v.value())?);
+                    out.push(loyalty_platform::embedded::decode(v.value())?);
                 }
                 Ok(out)
             })

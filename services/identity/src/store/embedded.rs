@@ -2,18 +2,21 @@
 
 use std::path::Path;
 
-use loyalty_platform::embedded::{EmbeddedDb, decode, encode, key, prefix_range};
-use loyalty_platform::error::{Error, Result};
+use loyalty_platform::embedded::{
+    EmbeddedDb, Records, get_record, key, open_for_read, prefix_range, put_record, read_record,
+    storage_error as e,
+};
+use loyalty_platform::error::Result;
 use redb::{ReadableTable, TableDefinition};
 
 use super::IdentityStore;
 use crate::domain::{Card, Inserted, Member};
 
-const MEMBERS: TableDefinition<&str, &[u8]> = TableDefinition::new("members");
+const MEMBERS: Records = TableDefinition::new("members");
 const PHONES: TableDefinition<&str, &str> = TableDefinition::new("members_by_phone");
 const REFERRAL_CODES: TableDefinition<&str, &str> =
     TableDefinition::new("members_by_referral_code");
-const CARDS: TableDefinition<&str, &[u8]> = TableDefinition::new("cards");
+const CARDS: Records = TableDefinition::new("cards");
 const MEMBER_CARDS: TableDefinition<&str, ()> = TableDefinition::new("cards_by_member");
 
 #[derive(Debug, Clone)]
@@ -27,10 +30,6 @@ impl EmbeddedIdentityStore {
             db: EmbeddedDb::open(path)?,
         })
     }
-}
-
-fn e(err: impl Into<anyhow::Error>) -> Error {
-    Error::internal(err)
 }
 
 #[async_trait::async_trait]
@@ -49,12 +48,12 @@ impl IdentityStore for EmbeddedIdentityStore {
                 if codes.get(code_key.as_str()).map_err(e)?.is_some() {
                     return Ok(Inserted::CodeTaken);
                 }
-                let bytes = encode(&member)?;
                 let mut members = txn.open_table(MEMBERS).map_err(e)?;
-                let member_key = key(&[&member.tenant_id, &member.member_id]);
-                members
-                    .insert(member_key.as_str(), bytes.as_slice())
-                    .map_err(e)?;
+                put_record(
+                    &mut members,
+                    &key(&[&member.tenant_id, &member.member_id]),
+                    &member,
+                )?;
                 phones
                     .insert(phone_key.as_str(), member.member_id.as_str())
                     .map_err(e)?;
@@ -68,17 +67,7 @@ impl IdentityStore for EmbeddedIdentityStore {
 
     async fn member(&self, tenant_id: &str, member_id: &str) -> Result<Option<Member>> {
         let k = key(&[tenant_id, member_id]);
-        self.db
-            .read(move |txn| {
-                let Ok(t) = txn.open_table(MEMBERS) else {
-                    return Ok(None);
-                };
-                t.get(k.as_str())
-                    .map_err(e)?
-                    .map(|v| decode(v.value()))
-                    .transpose()
-            })
-            .await
+        self.db.read(move |txn| read_record(txn, MEMBERS, &k)).await
     }
 
     async fn member_id_by_phone(&self, tenant_id: &str, phone: &str) -> Result<Option<String>> {
@@ -98,10 +87,7 @@ impl IdentityStore for EmbeddedIdentityStore {
                 if cards.get(card_key.as_str()).map_err(e)?.is_some() {
                     return Ok(false);
                 }
-                let bytes = encode(&card)?;
-                cards
-                    .insert(card_key.as_str(), bytes.as_slice())
-                    .map_err(e)?;
+                put_record(&mut cards, &card_key, &card)?;
                 if let Some(member_id) = &card.member_id {
                     let mut by_member = txn.open_table(MEMBER_CARDS).map_err(e)?;
                     let k = key(&[&card.tenant_id, member_id, &card.number]);
@@ -114,17 +100,7 @@ impl IdentityStore for EmbeddedIdentityStore {
 
     async fn card(&self, tenant_id: &str, number: &str) -> Result<Option<Card>> {
         let k = key(&[tenant_id, number]);
-        self.db
-            .read(move |txn| {
-                let Ok(t) = txn.open_table(CARDS) else {
-                    return Ok(None);
-                };
-                t.get(k.as_str())
-                    .map_err(e)?
-                    .map(|v| decode(v.value()))
-                    .transpose()
-            })
-            .await
+        self.db.read(move |txn| read_record(txn, CARDS, &k)).await
     }
 
     async fn cards_of_member(&self, tenant_id: &str, member_id: &str) -> Result<Vec<Card>> {
@@ -132,8 +108,10 @@ impl IdentityStore for EmbeddedIdentityStore {
         let tenant = tenant_id.to_string();
         self.db
             .read(move |txn| {
-                let (Ok(index), Ok(cards)) = (txn.open_table(MEMBER_CARDS), txn.open_table(CARDS))
-                else {
+                let (Some(index), Some(cards)) = (
+                    open_for_read(txn, MEMBER_CARDS)?,
+                    open_for_read(txn, CARDS)?,
+                ) else {
                     return Ok(Vec::new());
                 };
                 let mut out = Vec::new();
@@ -142,8 +120,8 @@ impl IdentityStore for EmbeddedIdentityStore {
                     let Some(number) = k.value().rsplit('\u{0}').next().map(str::to_string) else {
                         continue;
                     };
-                    if let Some(v) = cards.get(key(&[&tenant, &number]).as_str()).map_err(e)? {
-                        out.push(decode(v.value())?);
+                    if let Some(card) = get_record(&cards, &key(&[&tenant, &number]))? {
+                        out.push(card);
                     }
                 }
                 Ok(out)
@@ -162,7 +140,7 @@ async fn lookup(
     k: String,
 ) -> Result<Option<String>> {
     db.read(move |txn| {
-        let Ok(t) = txn.open_table(table) else {
+        let Some(t) = open_for_read(txn, table)? else {
             return Ok(None);
         };
         Ok(t.get(k.as_str()).map_err(e)?.map(|v| v.value().to_string()))

@@ -2,9 +2,12 @@
 
 use std::path::Path;
 
-use loyalty_platform::embedded::{EmbeddedDb, decode, encode, key, prefix_range};
+use loyalty_platform::embedded::{
+    EmbeddedDb, Records, decode, get_record, key, open_for_read, prefix_range, put_record,
+    read_record, storage_error as e,
+};
 use loyalty_platform::error::{Error, Result};
-use redb::{ReadableTable, TableDefinition};
+use redb::TableDefinition;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -13,10 +16,10 @@ use crate::catalog::{Product, Store};
 use crate::program::Program;
 use crate::purchase::Purchase;
 
-const PROGRAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("programs");
-const STORES: TableDefinition<&str, &[u8]> = TableDefinition::new("stores");
-const PRODUCTS: TableDefinition<&str, &[u8]> = TableDefinition::new("products");
-const PURCHASES: TableDefinition<&str, &[u8]> = TableDefinition::new("purchases");
+const PROGRAMS: Records = TableDefinition::new("programs");
+const STORES: Records = TableDefinition::new("stores");
+const PRODUCTS: Records = TableDefinition::new("products");
+const PURCHASES: Records = TableDefinition::new("purchases");
 
 #[derive(Debug, Clone)]
 pub struct EmbeddedPromotionStore {
@@ -32,32 +35,22 @@ impl EmbeddedPromotionStore {
 
     async fn get<T: DeserializeOwned + Send + 'static>(
         &self,
-        table: TableDefinition<'static, &'static str, &'static [u8]>,
+        table: Records,
         k: String,
     ) -> Result<Option<T>> {
-        self.db
-            .read(move |txn| {
-                let Ok(t) = txn.open_table(table) else {
-                    return Ok(None);
-                };
-                t.get(k.as_str())
-                    .map_err(e)?
-                    .map(|v| decode(v.value()))
-                    .transpose()
-            })
-            .await
+        self.db.read(move |txn| read_record(txn, table, &k)).await
     }
 
     async fn upsert<T: Serialize + Clone + Send + 'static>(
         &self,
-        table: TableDefinition<'static, &'static str, &'static [u8]>,
+        table: Records,
         items: Vec<(String, T)>,
     ) -> Result<()> {
         self.db
             .write(move |txn| {
                 let mut t = txn.open_table(table).map_err(e)?;
                 for (k, item) in &items {
-                    t.insert(k.as_str(), encode(item)?.as_slice()).map_err(e)?;
+                    put_record(&mut t, k, item)?;
                 }
                 Ok(())
             })
@@ -66,7 +59,7 @@ impl EmbeddedPromotionStore {
 
     async fn list<T: DeserializeOwned + Send + 'static>(
         &self,
-        table: TableDefinition<'static, &'static str, &'static [u8]>,
+        table: Records,
         tenant_id: &str,
         after: &str,
         limit: usize,
@@ -79,7 +72,7 @@ impl EmbeddedPromotionStore {
         };
         self.db
             .read(move |txn| {
-                let Ok(t) = txn.open_table(table) else {
+                let Some(t) = open_for_read(txn, table)? else {
                     return Ok(Vec::new());
                 };
                 let mut out = Vec::new();
@@ -99,10 +92,6 @@ impl EmbeddedPromotionStore {
     }
 }
 
-fn e(err: impl Into<anyhow::Error>) -> Error {
-    Error::internal(err)
-}
-
 #[async_trait::async_trait]
 impl PromotionStore for EmbeddedPromotionStore {
     async fn program(&self, tenant_id: &str) -> Result<Option<Program>> {
@@ -114,7 +103,7 @@ impl PromotionStore for EmbeddedPromotionStore {
             .write(move |txn| {
                 let mut t = txn.open_table(PROGRAMS).map_err(e)?;
                 let k = key(&[&program.tenant_id]);
-                let current: Option<Program> = t.get(k.as_str()).map_err(e)?.map(|v| decode(v.value())).transpose()?;
+                let current: Option<Program> = get_record(&t, &k)?;
                 let current_version = current.map_or(0, |p| p.version);
                 if expected_version != 0 && expected_version != current_version {
                     return Err(Error::FailedPrecondition(format!(
@@ -123,7 +112,7 @@ impl PromotionStore for EmbeddedPromotionStore {
                 }
                 let mut saved = program.clone();
                 saved.version = current_version + 1;
-                t.insert(k.as_str(), encode(&saved)?.as_slice()).map_err(e)?;
+                put_record(&mut t, &k, &saved)?;
                 Ok(saved)
             })
             .await
@@ -169,35 +158,18 @@ impl PromotionStore for EmbeddedPromotionStore {
         let product_keys: Vec<String> = skus.iter().map(|s| key(&[tenant_id, s])).collect();
         self.db
             .read(move |txn| {
-                let mut ctx = CheckoutContext::default();
-                if let Ok(t) = txn.open_table(PROGRAMS) {
-                    ctx.program = t
-                        .get(program_key.as_str())
-                        .map_err(e)?
-                        .map(|v| decode(v.value()))
-                        .transpose()?;
-                }
-                if let Ok(t) = txn.open_table(STORES) {
-                    ctx.store = t
-                        .get(store_key.as_str())
-                        .map_err(e)?
-                        .map(|v| decode(v.value()))
-                        .transpose()?;
-                }
-                match txn.open_table(PRODUCTS) {
-                    Ok(t) => {
-                        for k in &product_keys {
-                            ctx.products.push(
-                                t.get(k.as_str())
-                                    .map_err(e)?
-                                    .map(|v| decode(v.value()))
-                                    .transpose()?,
-                            );
-                        }
-                    }
-                    Err(_) => ctx.products = vec![None; product_keys.len()],
-                }
-                Ok(ctx)
+                let products = match open_for_read(txn, PRODUCTS)? {
+                    Some(t) => product_keys
+                        .iter()
+                        .map(|k| get_record(&t, k))
+                        .collect::<Result<Vec<_>>>()?,
+                    None => vec![None; product_keys.len()],
+                };
+                Ok(CheckoutContext {
+                    program: read_record(txn, PROGRAMS, &program_key)?,
+                    store: read_record(txn, STORES, &store_key)?,
+                    products,
+                })
             })
             .await
     }
@@ -216,40 +188,11 @@ impl PromotionStore for EmbeddedPromotionStore {
             .write(move |txn| {
                 let mut t = txn.open_table(PURCHASES).map_err(e)?;
                 let k = key(&[&purchase.receipt.tenant_id, &purchase.receipt.receipt_id]);
-                let current: Option<Purchase> = t
-                    .get(k.as_str())
-                    .map_err(e)?
-                    .map(|v| decode(v.value()))
-                    .transpose()?;
+                let current: Option<Purchase> = get_record(&t, &k)?;
                 if current.map(|p| p.version) != expected_version {
                     return Ok(false);
                 }
-                t.insert(k.as_str(), encode(&purchase)?.as_slice())
-                    .map_err(e)?;
-                Ok(true)
-            })
-            .await
-    }
-
-    async fn delete_purchase(
-        &self,
-        tenant_id: &str,
-        receipt_id: &str,
-        version: u64,
-    ) -> Result<bool> {
-        let k = key(&[tenant_id, receipt_id]);
-        self.db
-            .write(move |txn| {
-                let mut t = txn.open_table(PURCHASES).map_err(e)?;
-                let current: Option<Purchase> = t
-                    .get(k.as_str())
-                    .map_err(e)?
-                    .map(|v| decode(v.value()))
-                    .transpose()?;
-                if current.map(|p| p.version) != Some(version) {
-                    return Ok(false);
-                }
-                t.remove(k.as_str()).map_err(e)?;
+                put_record(&mut t, &k, &purchase)?;
                 Ok(true)
             })
             .await
