@@ -1,0 +1,363 @@
+//! `loyalty-loadtest`: drives a loyalty deployment with realistic retail traffic over gRPC and
+//! writes a JSON and an HTML report.
+
+mod model;
+mod report;
+mod runner;
+mod stats;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+use crate::model::{Model, ModelConfig};
+use crate::runner::{Clients, RunPlan, Shape, Workload};
+use crate::stats::Rpc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// The POS mix: lookups, quotes, commits, balances and some refunds at a constant rate.
+    Steady,
+    /// One call alone.
+    Lookup,
+    Quote,
+    Commit,
+    Refund,
+    Balance,
+    /// The steady mix ramping to --peak-factor times the rate, a spike, then holding.
+    BlackFriday,
+    /// A trading day (the model's daily shape) compressed into the run.
+    Day,
+    /// The steady mix for a long, bounded time.
+    Soak,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "loyalty-loadtest",
+    version,
+    about = "Realistic retail traffic against a loyalty deployment"
+)]
+struct Cli {
+    /// Address of a server (repeat for several, used round-robin), e.g. http://127.0.0.1:50051.
+    #[arg(long = "target", required = true)]
+    targets: Vec<String>,
+    #[arg(long, value_enum, default_value = "steady")]
+    scenario: Scenario,
+    /// Offered calls per second (open loop); the base rate for black-friday and day.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Closed loop with this many workers instead of a rate.
+    #[arg(long)]
+    closed: Option<usize>,
+    /// Measured seconds (after warm-up). At most 86400.
+    #[arg(long, default_value_t = 30.0)]
+    duration: f64,
+    /// Seconds of warm-up, sent but not measured.
+    #[arg(long, default_value_t = 5.0)]
+    warmup: f64,
+    /// Peak rate as a multiple of --rate in the black-friday scenario.
+    #[arg(long, default_value_t = 3.0)]
+    peak_factor: f64,
+    /// Calls waiting at once before new ones are dropped (and counted).
+    #[arg(long, default_value_t = 20_000)]
+    max_in_flight: usize,
+    /// A JSON file with the traffic model (see ModelConfig); flags below override it.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long)]
+    tenant: Option<String>,
+    #[arg(long)]
+    members: Option<usize>,
+    #[arg(long)]
+    stores: Option<usize>,
+    #[arg(long)]
+    products: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Reuse the program and catalog an earlier run created (members are still resolved:
+    /// registered, or looked up when they exist).
+    #[arg(long)]
+    skip_setup: bool,
+    /// Concurrent calls while provisioning members.
+    #[arg(long, default_value_t = 64)]
+    setup_concurrency: usize,
+    /// A header sent with every call, e.g. `authorization=Bearer KEY`. Repeatable.
+    #[arg(long = "header")]
+    headers: Vec<String>,
+    /// A PEM CA certificate for https targets (otherwise the web PKI roots).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Where report.json and report.html go.
+    #[arg(long, default_value = "loadtest-report")]
+    out: PathBuf,
+    /// Exit with status 1 when any call failed or was dropped.
+    #[arg(long)]
+    fail_on_errors: bool,
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn mix(scenario: Scenario) -> Vec<(Rpc, f64)> {
+    match scenario {
+        Scenario::Lookup => vec![(Rpc::LookupMember, 1.0)],
+        Scenario::Quote => vec![(Rpc::Quote, 1.0)],
+        Scenario::Commit => vec![(Rpc::Commit, 1.0)],
+        // Refunds need committed receipts: one commit for every refund.
+        Scenario::Refund => vec![(Rpc::Refund, 1.0), (Rpc::Commit, 1.0)],
+        Scenario::Balance => vec![(Rpc::GetBalance, 1.0)],
+        Scenario::Steady | Scenario::BlackFriday | Scenario::Day | Scenario::Soak => vec![
+            (Rpc::LookupMember, 0.25),
+            (Rpc::Quote, 0.25),
+            (Rpc::Commit, 0.35),
+            (Rpc::GetBalance, 0.12),
+            (Rpc::Refund, 0.03),
+        ],
+    }
+}
+
+fn model_config(cli: &Cli) -> anyhow::Result<ModelConfig> {
+    let mut config = match &cli.model {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+        }
+        None => ModelConfig::default(),
+    };
+    if let Some(t) = &cli.tenant {
+        config.tenant = t.clone();
+    }
+    if let Some(n) = cli.members {
+        config.members = n;
+    }
+    if let Some(n) = cli.stores {
+        config.stores = n;
+    }
+    if let Some(n) = cli.products {
+        config.products = n;
+    }
+    if let Some(s) = cli.seed {
+        config.seed = s;
+    }
+    Ok(config)
+}
+
+async fn clients(cli: &Cli) -> anyhow::Result<Clients> {
+    let mut channels = Vec::new();
+    for target in &cli.targets {
+        let mut endpoint = Endpoint::from_shared(target.clone())
+            .with_context(|| {
+                format!("--target {target} is not a URL such as http://127.0.0.1:50051")
+            })?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30));
+        if target.starts_with("https://") || cli.ca.is_some() {
+            let mut tls = ClientTlsConfig::new().with_webpki_roots();
+            if let Some(ca) = &cli.ca {
+                let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        channels.push(
+            endpoint
+                .connect()
+                .await
+                .with_context(|| format!("cannot reach {target}"))?,
+        );
+    }
+    let mut headers = Vec::new();
+    for h in &cli.headers {
+        let (k, v) = h
+            .split_once('=')
+            .with_context(|| format!("--header {h:?} must be key=value"))?;
+        headers.push((
+            k.trim()
+                .to_ascii_lowercase()
+                .parse()
+                .with_context(|| format!("bad header name {k:?}"))?,
+            v.trim()
+                .parse()
+                .with_context(|| format!("bad header value for {k}"))?,
+        ));
+    }
+    Ok(Clients::new(channels, headers))
+}
+
+#[allow(clippy::print_stdout)]
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    anyhow::ensure!(
+        cli.duration > 0.0 && cli.duration <= 86_400.0,
+        "--duration must be in (0, 86400] seconds"
+    );
+    anyhow::ensure!(
+        cli.warmup >= 0.0 && cli.warmup <= 3_600.0,
+        "--warmup must be in [0, 3600] seconds"
+    );
+    anyhow::ensure!(
+        cli.rate > 0.0 && cli.rate <= 1_000_000.0,
+        "--rate must be in (0, 1000000]"
+    );
+    anyhow::ensure!(
+        (1..=1_000_000).contains(&cli.max_in_flight),
+        "--max-in-flight must be 1..=1000000"
+    );
+    anyhow::ensure!(
+        cli.closed.is_none_or(|n| (1..=100_000).contains(&n)),
+        "--closed must be 1..=100000"
+    );
+    let model = Model::new(model_config(&cli)?)?;
+    let clients = clients(&cli).await?;
+    if !cli.quiet {
+        eprintln!(
+            "provisioning tenant {:?}: {} stores, {} products, {} members",
+            model.config.tenant,
+            model.stores.len(),
+            model.products.len(),
+            model.config.members
+        );
+    }
+    let member_ids = runner::setup(&model, &clients, cli.setup_concurrency, cli.skip_setup).await?;
+    let shape = match cli.scenario {
+        Scenario::BlackFriday => Shape::BlackFriday {
+            peak: cli.peak_factor,
+        },
+        Scenario::Day => Shape::Day(model.config.daily_shape.clone()),
+        _ => Shape::Constant,
+    };
+    let run_id = format!(
+        "lt{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis()
+    );
+    let info = report::RunInfo {
+        date: humantime(std::time::SystemTime::now()),
+        targets: cli.targets.clone(),
+        scenario: format!("{:?}", cli.scenario).to_lowercase(),
+        mode: match cli.closed {
+            Some(n) => format!("closed loop, {n} workers"),
+            None => "open loop".into(),
+        },
+        offered_rate: cli.rate,
+        duration_secs: cli.duration,
+        warmup_secs: cli.warmup,
+        model: model.config.clone(),
+    };
+    let seed = model.config.seed;
+    let workload = Arc::new(Workload::new(
+        model,
+        member_ids,
+        clients,
+        run_id,
+        mix(cli.scenario),
+    ));
+    let plan = RunPlan {
+        rate: cli.rate,
+        shape,
+        warmup: Duration::from_secs_f64(cli.warmup),
+        duration: Duration::from_secs_f64(cli.duration),
+        max_in_flight: cli.max_in_flight,
+        closed_workers: cli.closed,
+        seed,
+        progress: !cli.quiet,
+    };
+    let stats = runner::run(workload, plan).await;
+    std::fs::create_dir_all(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;
+    let json = report::json(&info, &stats);
+    std::fs::write(
+        cli.out.join("report.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    std::fs::write(cli.out.join("report.html"), report::html(&info, &stats))?;
+    println!("{}", report::summary(&info, &stats));
+    for (rpc, s) in &stats.rpcs {
+        let q = |p: f64| s.latency.value_at_quantile(p) as f64 / 1000.0;
+        println!(
+            "  {:<48} {:>8.0}/s  p50 {:>7.2} ms  p99 {:>7.2} ms  p99.9 {:>7.2} ms  max {:>8.2} ms  failed {}",
+            rpc.method(),
+            s.completed() as f64 / cli.duration,
+            q(0.5),
+            q(0.99),
+            q(0.999),
+            s.latency.max() as f64 / 1000.0,
+            s.failed()
+        );
+    }
+    println!(
+        "reports: {} and {}",
+        cli.out.join("report.json").display(),
+        cli.out.join("report.html").display()
+    );
+    let clean = stats.total().failed() == 0 && stats.dropped == 0;
+    Ok(clean || !cli.fail_on_errors)
+}
+
+/// RFC 3339 in UTC without pulling a date library.
+fn humantime(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("loyalty-loadtest: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("loyalty-loadtest: some calls failed (--fail-on-errors)");
+            std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("loyalty-loadtest: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        let t = std::time::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        assert_eq!(humantime(t), "2026-11-18T11:06:40Z");
+        assert_eq!(humantime(std::time::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+    }
+}

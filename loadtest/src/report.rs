@@ -1,0 +1,266 @@
+//! Reports: a JSON file close to ghz's format (so existing tooling reads it) and an HTML page
+//! with latency-over-time and throughput charts and a summary a manager can read.
+
+use std::fmt::Write as _;
+
+use serde_json::{Value, json};
+
+use crate::stats::{RpcStats, Stats};
+
+const PERCENTILES: [f64; 6] = [50.0, 75.0, 90.0, 99.0, 99.9, 100.0];
+
+/// What was run, for the report's header.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunInfo {
+    pub date: String,
+    pub targets: Vec<String>,
+    pub scenario: String,
+    pub mode: String,
+    pub offered_rate: f64,
+    pub duration_secs: f64,
+    pub warmup_secs: f64,
+    pub model: crate::model::ModelConfig,
+}
+
+fn ns(micros: u64) -> u64 {
+    micros.saturating_mul(1000)
+}
+
+fn rpc_json(s: &RpcStats, seconds: f64) -> Value {
+    let h = &s.latency;
+    let count = h.len();
+    json!({
+        "count": count,
+        "offered": s.offered,
+        "offeredRps": s.offered as f64 / seconds,
+        "rps": count as f64 / seconds,
+        "total": (seconds * 1e9) as u64,
+        "average": if count == 0 { 0 } else { ns(h.mean() as u64) },
+        "fastest": if count == 0 { 0 } else { ns(h.min()) },
+        "slowest": ns(h.max()),
+        "latencyDistribution": PERCENTILES.iter().map(|p| json!({
+            "percentage": p,
+            "latency": if count == 0 { 0 } else { ns(h.value_at_percentile(*p)) },
+        })).collect::<Vec<_>>(),
+        "statusCodeDistribution": s.codes,
+        "errorDistribution": s.errors,
+    })
+}
+
+/// The JSON report: ghz's top-level fields for all calls together, plus `rpcs` per method
+/// and a per-second `timeline`.
+pub fn json(info: &RunInfo, stats: &Stats) -> Value {
+    let seconds = info.duration_secs.max(1e-9);
+    let mut top = rpc_json(&stats.total(), seconds);
+    let obj = top.as_object_mut().map(std::mem::take).unwrap_or_default();
+    let mut out = serde_json::Map::new();
+    out.insert(
+        "name".into(),
+        json!(format!("loyalty-loadtest {}", info.scenario)),
+    );
+    out.insert("date".into(), json!(info.date));
+    out.insert("options".into(), json!(info));
+    out.extend(obj);
+    out.insert("dropped".into(), json!(stats.dropped));
+    out.insert(
+        "rpcs".into(),
+        Value::Object(
+            stats
+                .rpcs
+                .iter()
+                .map(|(rpc, s)| (rpc.method().to_string(), rpc_json(s, seconds)))
+                .collect(),
+        ),
+    );
+    out.insert(
+        "timeline".into(),
+        Value::Array(
+            stats
+                .timeline
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    let q = |p: f64| {
+                        if t.completed == 0 {
+                            0
+                        } else {
+                            t.latency.value_at_quantile(p)
+                        }
+                    };
+                    json!({"second": i, "count": t.completed, "errors": t.errors,
+                           "p50Us": q(0.5), "p99Us": q(0.99), "maxUs": t.latency.max()})
+                })
+                .collect(),
+        ),
+    );
+    Value::Object(out)
+}
+
+fn ms(micros: u64) -> String {
+    format!("{:.2}", micros as f64 / 1000.0)
+}
+
+/// A line chart as inline SVG: no scripts, no external files.
+fn chart(title: &str, unit: &str, series: &[(&str, &str, Vec<f64>)]) -> String {
+    let (w, h, pad) = (760.0, 220.0, 40.0);
+    let n = series.iter().map(|s| s.2.len()).max().unwrap_or(0).max(2);
+    let max = series
+        .iter()
+        .flat_map(|s| s.2.iter().copied())
+        .fold(0.0_f64, f64::max)
+        .max(1e-9);
+    let mut svg = format!(
+        "<figure><figcaption>{title}</figcaption><svg viewBox=\"0 0 {w} {h}\" width=\"{w}\" height=\"{h}\" role=\"img\">\
+         <line x1=\"{pad}\" y1=\"{y0}\" x2=\"{x1}\" y2=\"{y0}\" stroke=\"#999\"/>\
+         <line x1=\"{pad}\" y1=\"10\" x2=\"{pad}\" y2=\"{y0}\" stroke=\"#999\"/>\
+         <text x=\"2\" y=\"16\" font-size=\"11\">{max:.1} {unit}</text>\
+         <text x=\"{pad}\" y=\"{yl}\" font-size=\"11\">0 s</text><text x=\"{xl}\" y=\"{yl}\" font-size=\"11\">{last} s</text>",
+        y0 = h - pad,
+        x1 = w - 10.0,
+        yl = h - pad + 14.0,
+        xl = w - 50.0,
+        last = n - 1,
+    );
+    for (i, (name, color, values)) in series.iter().enumerate() {
+        let points: Vec<String> = values
+            .iter()
+            .enumerate()
+            .map(|(x, v)| {
+                let px = pad + (w - pad - 10.0) * x as f64 / (n - 1) as f64;
+                let py = (h - pad) - (h - pad - 10.0) * v / max;
+                format!("{px:.1},{py:.1}")
+            })
+            .collect();
+        let _ = write!(
+            svg,
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>\
+             <text x=\"{}\" y=\"16\" font-size=\"11\" fill=\"{color}\">{name}</text>",
+            points.join(" "),
+            120.0 + 90.0 * i as f64
+        );
+    }
+    svg.push_str("</svg></figure>");
+    svg
+}
+
+/// A few sentences for whoever reads the report first.
+pub fn summary(info: &RunInfo, stats: &Stats) -> String {
+    let total = stats.total();
+    let done = total.completed();
+    let failed = total.failed();
+    let rps = done as f64 / info.duration_secs.max(1e-9);
+    let p99 = total.latency.value_at_quantile(0.99);
+    let p50 = total.latency.value_at_quantile(0.5);
+    let mut text = format!(
+        "During {:.0} s of the {} scenario ({} load at {:.0} calls/s offered) against {}, the system completed {} calls \
+         ({:.0} calls/s). Half of all calls finished within {} ms and 99% within {} ms, measured from the moment each call \
+         was due to be sent, so queueing delays count.",
+        info.duration_secs,
+        info.scenario,
+        info.mode,
+        info.offered_rate,
+        info.targets.join(", "),
+        done,
+        rps,
+        ms(p50),
+        ms(p99),
+    );
+    if failed == 0 && stats.dropped == 0 {
+        text.push_str(" No call failed.");
+    } else {
+        let _ = write!(
+            text,
+            " {failed} calls failed ({:.2}%) and {} could not be sent because too many were already waiting.",
+            100.0 * failed as f64 / done.max(1) as f64,
+            stats.dropped
+        );
+    }
+    text
+}
+
+/// The HTML report.
+pub fn html(info: &RunInfo, stats: &Stats) -> String {
+    let mut rows = String::new();
+    let seconds = info.duration_secs.max(1e-9);
+    for (rpc, s) in &stats.rpcs {
+        let h = &s.latency;
+        let q = |p: f64| {
+            if h.is_empty() {
+                "-".to_string()
+            } else {
+                ms(h.value_at_quantile(p))
+            }
+        };
+        let _ = write!(
+            rows,
+            "<tr><td>{}</td><td>{:.0}</td><td>{:.0}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            rpc.method(),
+            s.offered as f64 / seconds,
+            s.completed() as f64 / seconds,
+            s.failed(),
+            q(0.5),
+            q(0.9),
+            q(0.99),
+            q(0.999),
+            if h.is_empty() {
+                "-".into()
+            } else {
+                ms(h.max())
+            },
+        );
+    }
+    let throughput: Vec<f64> = stats.timeline.iter().map(|t| t.completed as f64).collect();
+    let errors: Vec<f64> = stats.timeline.iter().map(|t| t.errors as f64).collect();
+    let p50: Vec<f64> = stats
+        .timeline
+        .iter()
+        .map(|t| t.latency.value_at_quantile(0.5) as f64 / 1000.0)
+        .collect();
+    let p99: Vec<f64> = stats
+        .timeline
+        .iter()
+        .map(|t| t.latency.value_at_quantile(0.99) as f64 / 1000.0)
+        .collect();
+    let errors_table: String = stats
+        .total()
+        .errors
+        .iter()
+        .map(|(e, n)| format!("<tr><td>{}</td><td>{n}</td></tr>", escape(e)))
+        .collect();
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Load test: {scenario}</title>\
+         <style>body{{font-family:sans-serif;max-width:820px;margin:2em auto}}table{{border-collapse:collapse}}\
+         td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{text-align:left}}</style></head><body>\
+         <h1>Load test: {scenario}</h1><p>{date} · targets {targets} · {mode} · warm-up {warmup:.0} s excluded</p>\
+         <p>{summary}</p>\
+         <h2>Per call (latency in ms)</h2><table><tr><th>RPC</th><th>offered/s</th><th>done/s</th><th>failed</th>\
+         <th>p50</th><th>p90</th><th>p99</th><th>p99.9</th><th>max</th></tr>{rows}</table>\
+         {c1}{c2}<h2>Errors</h2><table><tr><th>status: message</th><th>count</th></tr>{errors_table}</table></body></html>",
+        scenario = escape(&info.scenario),
+        date = escape(&info.date),
+        targets = escape(&info.targets.join(", ")),
+        mode = escape(&info.mode),
+        warmup = info.warmup_secs,
+        summary = escape(&summary(info, stats)),
+        c1 = chart(
+            "Throughput per second",
+            "calls/s",
+            &[
+                ("completed", "#1f77b4", throughput),
+                ("failed", "#d62728", errors)
+            ]
+        ),
+        c2 = chart(
+            "Latency per second",
+            "ms",
+            &[("p50", "#2ca02c", p50), ("p99", "#ff7f0e", p99)]
+        ),
+    )
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}

@@ -1,0 +1,621 @@
+//! Provisioning and the two load drivers.
+//!
+//! Open loop sends at the scheduled times whatever the target does and measures each call
+//! from the time it was *due*, so a slow target cannot hide its queueing (no coordinated
+//! omission). Closed loop runs a fixed number of workers back to back.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use loyalty_proto::common::v1::Decimal;
+use loyalty_proto::{balance::v1 as bpb, identity::v1 as ipb, promotion::v1 as ppb};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+use crate::model::{Model, ReceiptSpec, member_card, member_phone, money};
+use crate::stats::{Rpc, Stats};
+
+/// Channels to the targets (round-robin) and headers sent with every call.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    channels: Vec<Channel>,
+    next: Arc<AtomicUsize>,
+    headers: Arc<Vec<(AsciiMetadataKey, AsciiMetadataValue)>>,
+}
+
+impl Clients {
+    pub fn new(
+        channels: Vec<Channel>,
+        headers: Vec<(AsciiMetadataKey, AsciiMetadataValue)>,
+    ) -> Self {
+        Self {
+            channels,
+            next: Arc::new(AtomicUsize::new(0)),
+            headers: Arc::new(headers),
+        }
+    }
+
+    fn channel(&self) -> Channel {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
+        self.channels[i].clone()
+    }
+
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut r = Request::new(message);
+        for (k, v) in self.headers.iter() {
+            r.metadata_mut().insert(k.clone(), v.clone());
+        }
+        r
+    }
+}
+
+fn dec(s: String) -> Option<Decimal> {
+    Some(Decimal { value: s })
+}
+
+/// Creates the tenant's program, stores and products (unless `members_only`), then its
+/// members and cards. Idempotent: members and cards that exist are looked up, so a second
+/// run reuses them. Returns the member ids by model index.
+pub async fn setup(
+    model: &Model,
+    clients: &Clients,
+    concurrency: usize,
+    members_only: bool,
+) -> anyhow::Result<Vec<String>> {
+    if !members_only {
+        setup_program_and_catalog(model, clients).await?;
+    }
+    setup_members(model, clients, concurrency).await
+}
+
+async fn setup_program_and_catalog(model: &Model, clients: &Clients) -> anyhow::Result<()> {
+    let tenant = model.config.tenant.clone();
+    let mut program = ppb::program_service_client::ProgramServiceClient::new(clients.channel());
+    program
+        .update_program(clients.request(ppb::UpdateProgramRequest {
+            program: Some(ppb::Program {
+                tenant_id: tenant.clone(),
+                currency: "KZT".into(),
+                point_minor_units: 100,
+                base_accrual: Some(ppb::program::BaseAccrual::AccrualPercent(Decimal {
+                    value: "1".into(),
+                })),
+                point_value: dec("1".into()),
+                max_redeem_percent: dec("20".into()),
+                sale_items_excluded_from_accrual: true,
+                sale_items_excluded_from_redemption: true,
+                point_lifetime_days: 180,
+                refund_returns_redeemed_points: true,
+                ..Default::default()
+            }),
+            expected_version: 0,
+            actor: None,
+        }))
+        .await
+        .context("setting the program")?;
+    let mut catalog = ppb::catalog_service_client::CatalogServiceClient::new(clients.channel());
+    for chunk in model.stores.chunks(1000) {
+        let stores = chunk
+            .iter()
+            .map(|s| ppb::Store {
+                tenant_id: tenant.clone(),
+                store_id: s.id.clone(),
+                name: s.id.clone(),
+                brand: s.brand.clone(),
+                region: s.region.clone(),
+                time_zone: "Asia/Almaty".into(),
+            })
+            .collect();
+        catalog
+            .upsert_stores(clients.request(ppb::UpsertStoresRequest {
+                tenant_id: tenant.clone(),
+                stores,
+            }))
+            .await
+            .context("creating stores")?;
+    }
+    for chunk in model.products.chunks(1000) {
+        let products = chunk
+            .iter()
+            .map(|p| ppb::Product {
+                tenant_id: tenant.clone(),
+                sku: p.sku.clone(),
+                name: p.sku.clone(),
+                category: p.category.clone(),
+                brand: p.brand.clone(),
+            })
+            .collect();
+        catalog
+            .upsert_products(clients.request(ppb::UpsertProductsRequest {
+                tenant_id: tenant.clone(),
+                products,
+            }))
+            .await
+            .context("creating products")?;
+    }
+    Ok(())
+}
+
+async fn setup_members(
+    model: &Model,
+    clients: &Clients,
+    concurrency: usize,
+) -> anyhow::Result<Vec<String>> {
+    let tenant = model.config.tenant.clone();
+    let members = model.config.members;
+    let ids = Arc::new(Mutex::new(vec![String::new(); members]));
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (clients, ids, next, tenant) =
+            (clients.clone(), ids.clone(), next.clone(), tenant.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= members {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                let id = provision_member(&clients, &tenant, i).await?;
+                if let Ok(mut ids) = ids.lock() {
+                    ids[i] = id;
+                }
+            }
+        }));
+    }
+    for w in workers {
+        w.await??;
+    }
+    let ids = ids
+        .lock()
+        .map(|ids| ids.clone())
+        .map_err(|_| anyhow::anyhow!("setup state poisoned"))?;
+    Ok(ids)
+}
+
+async fn provision_member(clients: &Clients, tenant: &str, i: usize) -> anyhow::Result<String> {
+    let mut members = ipb::member_service_client::MemberServiceClient::new(clients.channel());
+    let registered = members
+        .register_member(clients.request(ipb::RegisterMemberRequest {
+            tenant_id: tenant.into(),
+            phone: member_phone(i),
+            ..Default::default()
+        }))
+        .await;
+    let member_id = match registered {
+        Ok(r) => r
+            .into_inner()
+            .member
+            .map(|m| m.member_id)
+            .unwrap_or_default(),
+        Err(s) if s.code() == Code::AlreadyExists => members
+            .lookup_member(clients.request(ipb::LookupMemberRequest {
+                tenant_id: tenant.into(),
+                key: Some(ipb::lookup_member_request::Key::Phone(member_phone(i))),
+                default_region: String::new(),
+            }))
+            .await
+            .with_context(|| format!("looking up member {i}"))?
+            .into_inner()
+            .member
+            .map(|m| m.member_id)
+            .unwrap_or_default(),
+        Err(s) => return Err(anyhow::anyhow!("registering member {i}: {s}")),
+    };
+    let mut cards = ipb::card_service_client::CardServiceClient::new(clients.channel());
+    match cards
+        .issue_card(clients.request(ipb::IssueCardRequest {
+            tenant_id: tenant.into(),
+            member_id: member_id.clone(),
+            kind: ipb::CardKind::Plastic as i32,
+            number: member_card(i),
+        }))
+        .await
+    {
+        Ok(_) => {}
+        Err(s) if s.code() == Code::AlreadyExists => {}
+        Err(s) => return Err(anyhow::anyhow!("issuing card {i}: {s}")),
+    }
+    Ok(member_id)
+}
+
+/// The share of each call in the traffic.
+pub type Mix = Vec<(Rpc, f64)>;
+
+/// Most committed receipts kept for refunds.
+const REFUND_POOL: usize = 10_000;
+
+/// Everything a call needs; shared by all in-flight calls.
+#[derive(Debug)]
+pub struct Workload {
+    pub model: Model,
+    pub member_ids: Vec<String>,
+    pub clients: Clients,
+    pub run_id: String,
+    pub mix: Mix,
+    refundable: Mutex<VecDeque<String>>,
+}
+
+/// One call to make, decided at schedule time.
+#[derive(Debug)]
+pub struct Call {
+    pub rpc: Rpc,
+    seed: u64,
+    refund_of: Option<String>,
+}
+
+impl Workload {
+    pub fn new(
+        model: Model,
+        member_ids: Vec<String>,
+        clients: Clients,
+        run_id: String,
+        mix: Mix,
+    ) -> Self {
+        Self {
+            model,
+            member_ids,
+            clients,
+            run_id,
+            mix,
+            refundable: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Picks the next call by the mix. A refund needs a committed receipt; without one the
+    /// call becomes a commit.
+    pub fn next_call(&self, rng: &mut StdRng, n: u64) -> Call {
+        let total: f64 = self.mix.iter().map(|(_, w)| w).sum();
+        let mut x = rng.random_range(0.0..total.max(f64::MIN_POSITIVE));
+        let mut rpc = self.mix.last().map_or(Rpc::Commit, |(r, _)| *r);
+        for (r, w) in &self.mix {
+            if x < *w {
+                rpc = *r;
+                break;
+            }
+            x -= w;
+        }
+        let mut refund_of = None;
+        if rpc == Rpc::Refund {
+            refund_of = self.refundable.lock().ok().and_then(|mut q| q.pop_front());
+            if refund_of.is_none() {
+                rpc = Rpc::Commit;
+            }
+        }
+        Call {
+            rpc,
+            seed: rng.random::<u64>() ^ n,
+            refund_of,
+        }
+    }
+
+    fn receipt(&self, spec: &ReceiptSpec, id: String) -> ppb::Receipt {
+        let m = &self.model;
+        ppb::Receipt {
+            tenant_id: m.config.tenant.clone(),
+            receipt_id: id,
+            store_id: m.stores[spec.store].id.clone(),
+            channel: loyalty_proto::common::v1::Channel::Store as i32,
+            identification: spec
+                .member
+                .map(|i| ppb::receipt::Identification::CardNumber(member_card(i))),
+            lines: spec
+                .lines
+                .iter()
+                .enumerate()
+                .map(|(n, l)| {
+                    let p = &m.products[l.product];
+                    ppb::ReceiptLine {
+                        line_id: (n + 1).to_string(),
+                        sku: p.sku.clone(),
+                        quantity: dec(l.quantity.to_string()),
+                        unit_price: dec(money(p.price)),
+                        sale_price: p.sale,
+                    }
+                })
+                .collect(),
+            points_to_redeem: spec.redeem_points,
+            ..Default::default()
+        }
+    }
+
+    /// Makes one call; `Err` carries the status.
+    pub async fn call(&self, call: Call, n: u64) -> Result<(), Status> {
+        let mut rng = StdRng::seed_from_u64(call.seed);
+        let c = &self.clients;
+        let tenant = self.model.config.tenant.clone();
+        match call.rpc {
+            Rpc::LookupMember => {
+                let i = self.model.member(&mut rng);
+                let mut client = ipb::member_service_client::MemberServiceClient::new(c.channel());
+                client
+                    .lookup_member(c.request(ipb::LookupMemberRequest {
+                        tenant_id: tenant,
+                        key: Some(ipb::lookup_member_request::Key::CardNumber(member_card(i))),
+                        default_region: String::new(),
+                    }))
+                    .await?;
+            }
+            Rpc::GetBalance => {
+                let i = self.model.member(&mut rng);
+                let mut client =
+                    bpb::balance_service_client::BalanceServiceClient::new(c.channel());
+                client
+                    .get_balance(c.request(bpb::GetBalanceRequest {
+                        tenant_id: tenant,
+                        member_id: self.member_ids.get(i).cloned().unwrap_or_default(),
+                    }))
+                    .await?;
+            }
+            Rpc::Quote => {
+                let spec = self.model.receipt(&mut rng);
+                let receipt = self.receipt(&spec, format!("{}-q{n}", self.run_id));
+                let mut client =
+                    ppb::checkout_service_client::CheckoutServiceClient::new(c.channel());
+                client
+                    .quote(c.request(ppb::QuoteRequest {
+                        receipt: Some(receipt),
+                    }))
+                    .await?;
+            }
+            Rpc::Commit => {
+                let spec = self.model.receipt(&mut rng);
+                let id = format!("{}-c{n}", self.run_id);
+                let receipt = self.receipt(&spec, id.clone());
+                let mut client =
+                    ppb::checkout_service_client::CheckoutServiceClient::new(c.channel());
+                client
+                    .commit(c.request(ppb::CommitRequest {
+                        receipt: Some(receipt),
+                    }))
+                    .await?;
+                if let Ok(mut q) = self.refundable.lock()
+                    && q.len() < REFUND_POOL
+                {
+                    q.push_back(id);
+                }
+            }
+            Rpc::Refund => {
+                let receipt_id = call.refund_of.unwrap_or_default();
+                let mut client =
+                    ppb::checkout_service_client::CheckoutServiceClient::new(c.channel());
+                client
+                    .refund(c.request(ppb::RefundRequest {
+                        tenant_id: tenant,
+                        receipt_id,
+                        refund_id: "r1".into(),
+                        lines: vec![ppb::RefundLine {
+                            line_id: "1".into(),
+                            quantity: dec("1".into()),
+                        }],
+                    }))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How the offered rate moves over the measured part of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Shape {
+    Constant,
+    /// Base rate, ramp to `peak` times it, a spike of 1.5 times the peak, back to the peak.
+    BlackFriday {
+        peak: f64,
+    },
+    /// A whole trading day compressed into the run, following the model's daily shape.
+    Day(Vec<f64>),
+}
+
+impl Shape {
+    /// Calls per second at `t` seconds into a measured phase of `duration` seconds.
+    pub fn rate(&self, base: f64, t: f64, duration: f64) -> f64 {
+        let f = (t / duration.max(1e-9)).clamp(0.0, 1.0);
+        match self {
+            Shape::Constant => base,
+            Shape::BlackFriday { peak } => {
+                let top = base * peak;
+                if f < 0.2 {
+                    base
+                } else if f < 0.6 {
+                    base + (top - base) * (f - 0.2) / 0.4
+                } else if f < 0.7 {
+                    top * 1.5
+                } else {
+                    top
+                }
+            }
+            Shape::Day(weights) => {
+                let max = weights.iter().copied().fold(0.0_f64, f64::max).max(1e-9);
+                let hour = ((f * 24.0) as usize).min(23);
+                // Never zero: closed hours still see a trickle (the web shop).
+                (base * weights[hour] / max).max(base * 0.01)
+            }
+        }
+    }
+}
+
+/// Run limits and timing.
+#[derive(Debug, Clone)]
+pub struct RunPlan {
+    pub rate: f64,
+    pub shape: Shape,
+    pub warmup: Duration,
+    pub duration: Duration,
+    pub max_in_flight: usize,
+    /// `Some(n)`: closed loop with n workers instead of a rate.
+    pub closed_workers: Option<usize>,
+    pub seed: u64,
+    pub progress: bool,
+}
+
+/// Runs the plan and returns what was measured after warm-up.
+pub async fn run(workload: Arc<Workload>, plan: RunPlan) -> Stats {
+    let stats = Arc::new(Mutex::new(Stats::default()));
+    let start = Instant::now();
+    let measured_from = start + plan.warmup;
+    let end = measured_from + plan.duration;
+    let sent = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let progress = plan.progress.then(|| {
+        let (stats, sent, done) = (stats.clone(), sent.clone(), done.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let elapsed = start.elapsed().as_secs();
+                let (errors, p99) = stats
+                    .lock()
+                    .map(|s| {
+                        let t = s.timeline.last();
+                        (t.map_or(0, |t| t.errors), t.map_or(0, |t| t.latency.value_at_quantile(0.99)))
+                    })
+                    .unwrap_or((0, 0));
+                let (s, d) = (sent.load(Ordering::Relaxed), done.load(Ordering::Relaxed));
+                eprintln!(
+                    "t={elapsed}s sent={s} done={d} in-flight={} last-second: p99={:.2}ms errors={errors}",
+                    s.saturating_sub(d),
+                    p99 as f64 / 1000.0
+                );
+            }
+        })
+    });
+
+    let record = {
+        let stats = stats.clone();
+        move |rpc: Rpc, due: Instant, result: Result<(), Status>| {
+            if due < measured_from {
+                return;
+            }
+            let micros = u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let second = (due - measured_from).as_secs() as usize;
+            let (code, message) = match &result {
+                Ok(()) => ("OK".to_string(), None),
+                Err(s) => (format!("{:?}", s.code()), Some(s.message().to_string())),
+            };
+            if let Ok(mut s) = stats.lock() {
+                s.record(rpc, second, micros, &code, message.as_deref());
+            }
+        }
+    };
+
+    match plan.closed_workers {
+        Some(workers) => {
+            let mut tasks = Vec::new();
+            for w in 0..workers {
+                let (workload, record, stats, sent, done) = (
+                    workload.clone(),
+                    record.clone(),
+                    stats.clone(),
+                    sent.clone(),
+                    done.clone(),
+                );
+                tasks.push(tokio::spawn(async move {
+                    let mut rng = StdRng::seed_from_u64(plan.seed ^ (w as u64) << 32);
+                    let mut n = (w as u64) << 40;
+                    while Instant::now() < end {
+                        let call = workload.next_call(&mut rng, n);
+                        let rpc = call.rpc;
+                        let due = Instant::now();
+                        if due >= measured_from
+                            && let Ok(mut s) = stats.lock()
+                        {
+                            s.offered(rpc);
+                        }
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        let result = workload.call(call, n).await;
+                        done.fetch_add(1, Ordering::Relaxed);
+                        record(rpc, due, result);
+                        n += 1;
+                    }
+                }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        }
+        None => {
+            let permits = Arc::new(Semaphore::new(plan.max_in_flight));
+            let mut rng = StdRng::seed_from_u64(plan.seed);
+            let mut due = start;
+            let mut n: u64 = 0;
+            let measured = plan.duration.as_secs_f64();
+            while due < end {
+                if due > Instant::now() {
+                    tokio::time::sleep_until(due).await;
+                }
+                let call = workload.next_call(&mut rng, n);
+                let rpc = call.rpc;
+                let in_measure = due >= measured_from;
+                if in_measure && let Ok(mut s) = stats.lock() {
+                    s.offered(rpc);
+                }
+                match permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let (workload, record, done) =
+                            (workload.clone(), record.clone(), done.clone());
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        tokio::spawn(async move {
+                            let result = workload.call(call, n).await;
+                            done.fetch_add(1, Ordering::Relaxed);
+                            record(rpc, due, result);
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        if in_measure && let Ok(mut s) = stats.lock() {
+                            s.dropped += 1;
+                        }
+                    }
+                }
+                n += 1;
+                let t = if in_measure {
+                    (due - measured_from).as_secs_f64()
+                } else {
+                    0.0
+                };
+                let rate = plan.shape.rate(plan.rate, t, measured).max(0.01);
+                due += Duration::from_secs_f64(1.0 / rate);
+            }
+            // Let calls in flight finish, within a bound.
+            let all = u32::try_from(plan.max_in_flight).unwrap_or(u32::MAX);
+            let _ = tokio::time::timeout(Duration::from_secs(30), permits.acquire_many(all)).await;
+        }
+    }
+    if let Some(p) = progress {
+        p.abort();
+    }
+    stats.lock().map(|s| s.clone()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn black_friday_ramps_spikes_and_holds() {
+        let s = Shape::BlackFriday { peak: 3.0 };
+        assert_eq!(s.rate(100.0, 0.0, 100.0), 100.0);
+        assert!((s.rate(100.0, 40.0, 100.0) - 200.0).abs() < 1e-9);
+        assert_eq!(s.rate(100.0, 65.0, 100.0), 450.0);
+        assert_eq!(s.rate(100.0, 90.0, 100.0), 300.0);
+    }
+
+    #[test]
+    fn a_day_follows_the_shape() {
+        let mut w = vec![0.0; 24];
+        w[12] = 2.0;
+        w[18] = 1.0;
+        let s = Shape::Day(w);
+        assert_eq!(s.rate(100.0, 12.5, 24.0), 100.0);
+        assert_eq!(s.rate(100.0, 18.5, 24.0), 50.0);
+        assert_eq!(s.rate(100.0, 3.0, 24.0), 1.0);
+    }
+}

@@ -1,0 +1,91 @@
+//! A short run against the real `loyalty dev` completes with zero errors and writes a
+//! well-formed report.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use loyalty_e2e::{Launch, Server};
+
+#[tokio::test]
+async fn a_short_steady_run_completes_cleanly_with_a_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(Launch::dev(), &dir.path().join("data")).await;
+    let out = dir.path().join("report");
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_loyalty-loadtest"))
+        .args([
+            "--target",
+            &server.url(),
+            "--scenario",
+            "steady",
+            "--rate",
+            "200",
+            "--duration",
+            "3",
+        ])
+        .args([
+            "--warmup",
+            "1",
+            "--members",
+            "200",
+            "--stores",
+            "10",
+            "--products",
+            "300",
+            "--quiet",
+        ])
+        .args(["--fail-on-errors", "--out"])
+        .arg(&out)
+        .status()
+        .await
+        .unwrap();
+    assert!(
+        status.success(),
+        "load test failed; server log:\n{}",
+        server.log_text()
+    );
+
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let count = report["count"].as_u64().unwrap();
+    assert!(count >= 500, "about 600 calls expected, got {count}");
+    assert_eq!(
+        report["statusCodeDistribution"]["OK"].as_u64(),
+        Some(count),
+        "every call OK"
+    );
+    assert_eq!(report["dropped"].as_u64(), Some(0));
+    let rpcs = report["rpcs"].as_object().unwrap();
+    for method in [
+        "loyalty.promotion.v1.CheckoutService/Commit",
+        "loyalty.promotion.v1.CheckoutService/Quote",
+        "loyalty.identity.v1.MemberService/LookupMember",
+    ] {
+        let r = &rpcs[method];
+        assert!(r["count"].as_u64().unwrap() > 0, "{method} never called");
+        let dist = r["latencyDistribution"].as_array().unwrap();
+        let p50 = dist.iter().find(|d| d["percentage"] == 50.0).unwrap()["latency"]
+            .as_u64()
+            .unwrap();
+        let p99 = dist.iter().find(|d| d["percentage"] == 99.0).unwrap()["latency"]
+            .as_u64()
+            .unwrap();
+        assert!(p50 > 0 && p50 <= p99, "{method}: p50 {p50} p99 {p99}");
+    }
+    assert!(report["timeline"].as_array().unwrap().len() >= 3);
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(
+        html.contains("<svg") && html.contains("No call failed"),
+        "{html}"
+    );
+    assert_eq!(server.stop().await, 0);
+}
+
+#[tokio::test]
+async fn refused_arguments_exit_2() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_loyalty-loadtest"))
+        .args(["--target", "http://127.0.0.1:1", "--duration", "0"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--duration"));
+}
