@@ -241,6 +241,7 @@ pub struct Workload {
     pub run_id: String,
     pub mix: Mix,
     refundable: Mutex<VecDeque<String>>,
+    run_salt: u64,
 }
 
 /// One call to make, decided at schedule time.
@@ -259,11 +260,16 @@ impl Workload {
         run_id: String,
         mix: Mix,
     ) -> Self {
+        // FNV-1a of the run id.
+        let run_salt = run_id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
         Self {
             model,
             member_ids,
             clients,
             run_id,
+            run_salt,
             mix,
             refundable: Mutex::new(VecDeque::new()),
         }
@@ -332,6 +338,29 @@ impl Workload {
         let c = &self.clients;
         let tenant = self.model.config.tenant.clone();
         match call.rpc {
+            Rpc::RegisterMember => {
+                // A new customer at the till: a random mobile number outside the provisioned
+                // range (+7701...), about 10^8 of them. The run id is mixed in so a rerun with
+                // the same seed against the same server registers new people.
+                let mut rng = StdRng::seed_from_u64(call.seed ^ self.run_salt);
+                const PREFIXES: [&str; 10] = [
+                    "702", "705", "707", "708", "747", "771", "775", "776", "777", "778",
+                ];
+                let phone = format!(
+                    "+7{}{:07}",
+                    PREFIXES[rng.random_range(0..PREFIXES.len())],
+                    rng.random_range(0..10_000_000)
+                );
+                let mut client = ipb::member_service_client::MemberServiceClient::new(c.channel());
+                client
+                    .register_member(c.request(ipb::RegisterMemberRequest {
+                        tenant_id: tenant,
+                        phone,
+                        channel: loyalty_proto::common::v1::Channel::Store as i32,
+                        ..Default::default()
+                    }))
+                    .await?;
+            }
             Rpc::LookupMember => {
                 let i = self.model.member(&mut rng);
                 let mut client = ipb::member_service_client::MemberServiceClient::new(c.channel());

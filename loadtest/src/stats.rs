@@ -10,6 +10,7 @@ use hdrhistogram::Histogram;
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
 pub enum Rpc {
+    RegisterMember,
     LookupMember,
     Quote,
     Commit,
@@ -20,6 +21,7 @@ pub enum Rpc {
 impl Rpc {
     pub fn method(self) -> &'static str {
         match self {
+            Rpc::RegisterMember => "loyalty.identity.v1.MemberService/RegisterMember",
             Rpc::LookupMember => "loyalty.identity.v1.MemberService/LookupMember",
             Rpc::Quote => "loyalty.promotion.v1.CheckoutService/Quote",
             Rpc::Commit => "loyalty.promotion.v1.CheckoutService/Commit",
