@@ -140,18 +140,28 @@ impl Checkout {
                     let now = self.clock.now_ms();
                     let evaluation = evaluate(&program, &receipt, member.as_ref(), now);
                     check_bounds(&evaluation)?;
-                    let pending = Purchase {
+                    // Without a member no points move, so one atomic insert of the committed
+                    // record is the whole commit; otherwise it starts pending.
+                    let state = if evaluation.member.is_none() {
+                        PurchaseState::Committed {
+                            commit_time: now,
+                            points_balance: None,
+                        }
+                    } else {
+                        PurchaseState::Pending
+                    };
+                    let purchase = Purchase {
                         receipt: receipt.clone(),
                         fingerprint: fp.clone(),
                         program,
                         evaluated_at: now,
                         evaluation,
-                        state: PurchaseState::Pending,
+                        state,
                         refunds: Vec::new(),
                         version: 1,
                     };
-                    if self.store.put_purchase(&pending, None).await? {
-                        return self.finish_commit(pending).await;
+                    if self.store.put_purchase(&purchase, None).await? {
+                        return self.finish_commit(purchase).await;
                     }
                     // A concurrent commit of the same receipt id won; look again.
                 }
@@ -767,6 +777,21 @@ mod tests {
             checkout.commit(other).await,
             Err(Error::AlreadyExists(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn an_unidentified_receipt_commits_in_one_write_and_replays() {
+        let ledger = Arc::new(Ledger::default());
+        let (_dir, checkout) = checkout(ledger.clone()).await;
+        let mut r = receipt(0);
+        r.identification = Identification::None;
+        let c = checkout.commit(r.clone()).await.unwrap();
+        assert_eq!((c.evaluation.points_accrued, c.points_balance), (0, None));
+        let stored = checkout.purchase("t", "r1").await.unwrap();
+        assert_eq!(stored.version, 1, "written once, already committed");
+        assert!(matches!(stored.state, PurchaseState::Committed { .. }));
+        assert_eq!(checkout.commit(r).await.unwrap(), c);
+        assert!(ledger.state.lock().unwrap().applied.is_empty());
     }
 
     #[tokio::test]
