@@ -164,7 +164,7 @@ async fn clients(cli: &Cli) -> anyhow::Result<Clients> {
             })?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30));
+            .timeout(runner::CALL_TIMEOUT);
         if target.starts_with("https://") || cli.ca.is_some() {
             let mut tls = ClientTlsConfig::new().with_webpki_roots();
             if let Some(ca) = &cli.ca {
@@ -263,7 +263,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             Some(n) => format!("closed loop, {n} workers"),
             None => "open loop".into(),
         },
-        offered_rate: cli.rate,
+        offered_rate: match (cli.closed, cli.scenario) {
+            (Some(_), _) => None,
+            (None, Scenario::BlackFriday | Scenario::Day) => None,
+            (None, _) => Some(cli.rate),
+        },
         duration_secs: cli.duration,
         warmup_secs: cli.warmup,
         model: model.config.clone(),
@@ -313,7 +317,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         cli.out.join("report.json").display(),
         cli.out.join("report.html").display()
     );
-    let clean = stats.total().failed() == 0 && stats.dropped == 0;
+    let clean = stats.total().failed() == 0 && stats.dropped == 0 && stats.unfinished() == 0;
     Ok(clean || !cli.fail_on_errors)
 }
 

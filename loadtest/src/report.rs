@@ -16,7 +16,8 @@ pub struct RunInfo {
     pub targets: Vec<String>,
     pub scenario: String,
     pub mode: String,
-    pub offered_rate: f64,
+    /// The constant offered rate, when there was one (open loop, constant shape).
+    pub offered_rate: Option<f64>,
     pub duration_secs: f64,
     pub warmup_secs: f64,
     pub model: crate::model::ModelConfig,
@@ -62,6 +63,16 @@ pub fn json(info: &RunInfo, stats: &Stats) -> Value {
     out.insert("options".into(), json!(info));
     out.extend(obj);
     out.insert("dropped".into(), json!(stats.dropped));
+    out.insert("unfinished".into(), json!(stats.unfinished()));
+    out.insert(
+        "sendLag".into(),
+        json!({
+            "p50Us": stats.send_lag.value_at_quantile(0.5),
+            "p99Us": stats.send_lag.value_at_quantile(0.99),
+            "maxUs": stats.send_lag.max(),
+        }),
+    );
+    out.insert("timelineBucketSecs".into(), json!(stats.bucket_secs));
     out.insert(
         "rpcs".into(),
         Value::Object(
@@ -87,7 +98,7 @@ pub fn json(info: &RunInfo, stats: &Stats) -> Value {
                             t.latency.value_at_quantile(p)
                         }
                     };
-                    json!({"second": i, "count": t.completed, "errors": t.errors,
+                    json!({"second": i as u64 * stats.bucket_secs, "count": t.completed, "errors": t.errors,
                            "p50Us": q(0.5), "p99Us": q(0.99), "maxUs": t.latency.max()})
                 })
                 .collect(),
@@ -101,7 +112,7 @@ fn ms(micros: u64) -> String {
 }
 
 /// A line chart as inline SVG: no scripts, no external files.
-fn chart(title: &str, unit: &str, series: &[(&str, &str, Vec<f64>)]) -> String {
+fn chart(title: &str, unit: &str, bucket_secs: u64, series: &[(&str, &str, Vec<f64>)]) -> String {
     let (w, h, pad) = (760.0, 220.0, 40.0);
     let n = series.iter().map(|s| s.2.len()).max().unwrap_or(0).max(2);
     let max = series
@@ -119,7 +130,7 @@ fn chart(title: &str, unit: &str, series: &[(&str, &str, Vec<f64>)]) -> String {
         x1 = w - 10.0,
         yl = h - pad + 14.0,
         xl = w - 50.0,
-        last = n - 1,
+        last = (n as u64 - 1) * bucket_secs,
     );
     for (i, (name, color, values)) in series.iter().enumerate() {
         let points: Vec<String> = values
@@ -146,33 +157,53 @@ fn chart(title: &str, unit: &str, series: &[(&str, &str, Vec<f64>)]) -> String {
 /// A few sentences for whoever reads the report first.
 pub fn summary(info: &RunInfo, stats: &Stats) -> String {
     let total = stats.total();
+    let seconds = info.duration_secs.max(1e-9);
     let done = total.completed();
     let failed = total.failed();
-    let rps = done as f64 / info.duration_secs.max(1e-9);
-    let p99 = total.latency.value_at_quantile(0.99);
-    let p50 = total.latency.value_at_quantile(0.5);
+    let load = match info.offered_rate {
+        Some(rate) => format!("{} at {rate:.0} calls/s", info.mode),
+        None => format!(
+            "{}, {:.0} calls/s offered on average",
+            info.mode,
+            total.offered as f64 / seconds
+        ),
+    };
     let mut text = format!(
-        "During {:.0} s of the {} scenario ({} load at {:.0} calls/s offered) against {}, the system completed {} calls \
-         ({:.0} calls/s). Half of all calls finished within {} ms and 99% within {} ms, measured from the moment each call \
-         was due to be sent, so queueing delays count.",
+        "During {:.0} s of the {} scenario ({load}) against {}, ",
         info.duration_secs,
         info.scenario,
-        info.mode,
-        info.offered_rate,
         info.targets.join(", "),
-        done,
-        rps,
-        ms(p50),
-        ms(p99),
     );
-    if failed == 0 && stats.dropped == 0 {
+    if done == 0 {
+        text.push_str("no call completed.");
+    } else {
+        let _ = write!(
+            text,
+            "the system completed {done} calls ({:.0} calls/s). Half of them finished within {} ms and 99% within {} ms, \
+             measured from the moment each call was due to be sent, so queueing delays count.",
+            done as f64 / seconds,
+            ms(total.latency.value_at_quantile(0.5)),
+            ms(total.latency.value_at_quantile(0.99)),
+        );
+    }
+    let unfinished = stats.unfinished();
+    if failed == 0 && stats.dropped == 0 && unfinished == 0 {
         text.push_str(" No call failed.");
     } else {
         let _ = write!(
             text,
-            " {failed} calls failed ({:.2}%) and {} could not be sent because too many were already waiting.",
+            " {failed} calls failed ({:.2}%; their latencies are included above), {} could not be sent because too many were \
+             already waiting, and {unfinished} had not finished when the run ended.",
             100.0 * failed as f64 / done.max(1) as f64,
             stats.dropped
+        );
+    }
+    if !stats.send_lag.is_empty() && stats.send_lag.value_at_quantile(0.99) > 5_000 {
+        let _ = write!(
+            text,
+            " Note: the load generator itself sent 1% of calls more than {} ms late, and that lag is part of the latencies; \
+             run it on another machine for cleaner figures.",
+            ms(stats.send_lag.value_at_quantile(0.99))
         );
     }
     text
@@ -243,16 +274,18 @@ pub fn html(info: &RunInfo, stats: &Stats) -> String {
         warmup = info.warmup_secs,
         summary = escape(&summary(info, stats)),
         c1 = chart(
-            "Throughput per second",
-            "calls/s",
+            &format!("Completed calls per {} s", stats.bucket_secs),
+            "calls",
+            stats.bucket_secs,
             &[
                 ("completed", "#1f77b4", throughput),
                 ("failed", "#d62728", errors)
             ]
         ),
         c2 = chart(
-            "Latency per second",
+            &format!("Latency per {} s", stats.bucket_secs),
             "ms",
+            stats.bucket_secs,
             &[("p50", "#2ca02c", p50), ("p99", "#ff7f0e", p99)]
         ),
     )
@@ -263,4 +296,62 @@ fn escape(s: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::Rpc;
+
+    fn info(rate: Option<f64>) -> RunInfo {
+        RunInfo {
+            date: "2026-11-22T00:00:00Z".into(),
+            targets: vec!["http://127.0.0.1:1".into()],
+            scenario: "steady".into(),
+            mode: "open loop".into(),
+            offered_rate: rate,
+            duration_secs: 10.0,
+            warmup_secs: 0.0,
+            model: crate::model::ModelConfig::default(),
+        }
+    }
+
+    #[test]
+    fn a_run_where_nothing_completed_says_so() {
+        let mut stats = Stats::for_duration(10);
+        for _ in 0..5 {
+            stats.offered(Rpc::Commit);
+        }
+        let text = summary(&info(Some(100.0)), &stats);
+        assert!(text.contains("no call completed"), "{text}");
+        assert!(text.contains("5 had not finished"), "{text}");
+        assert!(!text.contains("No call failed"), "{text}");
+        let j = json(&info(Some(100.0)), &stats);
+        assert_eq!(j["unfinished"], 5);
+        assert!(html(&info(None), &stats).contains("<svg"));
+    }
+
+    #[test]
+    fn a_clean_run_reports_percentiles_in_nanoseconds() {
+        let mut stats = Stats::for_duration(10);
+        for i in 1..=10u64 {
+            stats.offered(Rpc::Quote);
+            stats.record(Rpc::Quote, 0, i * 100, "OK", None);
+        }
+        let text = summary(&info(None), &stats);
+        assert!(
+            text.contains("No call failed") && text.contains("1 calls/s offered on average"),
+            "{text}"
+        );
+        let j = json(&info(None), &stats);
+        let p99 = j["latencyDistribution"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["percentage"] == 99.0)
+            .unwrap()["latency"]
+            .as_u64()
+            .unwrap();
+        assert!((990_000..=1_000_000).contains(&p99), "{p99}");
+    }
 }

@@ -472,6 +472,23 @@ impl Shape {
     }
 }
 
+/// The deadline of one call; the drain after a run waits longer than this.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The highest rate the scheduler will honour, calls per second.
+pub const MAX_RATE: f64 = 10_000_000.0;
+
+/// Time to the next send at `rate`, never zero, and never more than 1/48 of the run, so a
+/// quiet hour of the day shape cannot skip over the busy hours after it.
+pub fn next_gap(rate: f64, measured_secs: f64) -> Duration {
+    let rate = if rate.is_finite() {
+        rate.clamp(0.01, MAX_RATE)
+    } else {
+        MAX_RATE
+    };
+    let gap = (1.0 / rate).min((measured_secs / 48.0).max(1e-3));
+    Duration::from_secs_f64(gap.max(1.0 / MAX_RATE))
+}
+
 /// Run limits and timing.
 #[derive(Debug, Clone)]
 pub struct RunPlan {
@@ -488,7 +505,9 @@ pub struct RunPlan {
 
 /// Runs the plan and returns what was measured after warm-up.
 pub async fn run(workload: Arc<Workload>, plan: RunPlan) -> Stats {
-    let stats = Arc::new(Mutex::new(Stats::default()));
+    let stats = Arc::new(Mutex::new(Stats::for_duration(
+        plan.duration.as_secs().max(1),
+    )));
     let start = Instant::now();
     let measured_from = start + plan.warmup;
     let end = measured_from + plan.duration;
@@ -527,7 +546,10 @@ pub async fn run(workload: Arc<Workload>, plan: RunPlan) -> Stats {
             let second = (due - measured_from).as_secs() as usize;
             let (code, message) = match &result {
                 Ok(()) => ("OK".to_string(), None),
-                Err(s) => (format!("{:?}", s.code()), Some(s.message().to_string())),
+                Err(s) => (
+                    code_name(s.code()).to_string(),
+                    Some(s.message().to_string()),
+                ),
             };
             if let Ok(mut s) = stats.lock() {
                 s.record(rpc, second, micros, &code, message.as_deref());
@@ -591,7 +613,13 @@ pub async fn run(workload: Arc<Workload>, plan: RunPlan) -> Stats {
                         let (workload, record, done) =
                             (workload.clone(), record.clone(), done.clone());
                         sent.fetch_add(1, Ordering::Relaxed);
+                        let lag_stats = stats.clone();
                         tokio::spawn(async move {
+                            if in_measure && let Ok(mut s) = lag_stats.lock() {
+                                let lag =
+                                    u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX);
+                                let _ = s.send_lag.record(lag.clamp(1, 300_000_000));
+                            }
                             let result = workload.call(call, n).await;
                             done.fetch_add(1, Ordering::Relaxed);
                             record(rpc, due, result);
@@ -605,17 +633,23 @@ pub async fn run(workload: Arc<Workload>, plan: RunPlan) -> Stats {
                     }
                 }
                 n += 1;
-                let t = if in_measure {
-                    (due - measured_from).as_secs_f64()
+                // Warm-up runs at the base rate; the measured phase follows the shape.
+                let rate = if in_measure {
+                    plan.shape
+                        .rate(plan.rate, (due - measured_from).as_secs_f64(), measured)
                 } else {
-                    0.0
+                    plan.rate
                 };
-                let rate = plan.shape.rate(plan.rate, t, measured).max(0.01);
-                due += Duration::from_secs_f64(1.0 / rate);
+                due += next_gap(rate, measured);
             }
-            // Let calls in flight finish, within a bound.
+            // Let calls in flight finish: longer than a call's own deadline, so a call still
+            // missing afterwards really never finished (the report counts those).
             let all = u32::try_from(plan.max_in_flight).unwrap_or(u32::MAX);
-            let _ = tokio::time::timeout(Duration::from_secs(30), permits.acquire_many(all)).await;
+            let _ = tokio::time::timeout(
+                CALL_TIMEOUT + Duration::from_secs(5),
+                permits.acquire_many(all),
+            )
+            .await;
         }
     }
     if let Some(p) = progress {
@@ -624,9 +658,44 @@ pub async fn run(workload: Arc<Workload>, plan: RunPlan) -> Stats {
     stats.lock().map(|s| s.clone()).unwrap_or_default()
 }
 
+/// Status code names as ghz (and grpc-go) spell them.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "Canceled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gaps_are_never_zero_nor_too_long() {
+        assert!(next_gap(f64::INFINITY, 10.0) > Duration::ZERO);
+        assert!(next_gap(1e12, 10.0) >= Duration::from_nanos(100));
+        assert_eq!(
+            next_gap(0.01, 48.0),
+            Duration::from_secs(1),
+            "capped at 1/48 of the run"
+        );
+        assert_eq!(next_gap(1000.0, 48.0), Duration::from_millis(1));
+    }
 
     #[test]
     fn black_friday_ramps_spikes_and_holds() {

@@ -38,6 +38,15 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 300_000_000, 3).expect("valid histogram bounds")
 }
 
+/// Per-bucket histograms of the timeline: 2 significant digits keep a long run small.
+#[allow(clippy::expect_used)]
+fn coarse_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 300_000_000, 2).expect("valid histogram bounds")
+}
+
+/// Most timeline buckets: longer runs get wider buckets, so memory stays bounded.
+pub const MAX_TIMELINE_BUCKETS: usize = 1_800;
+
 #[derive(Debug, Clone)]
 pub struct RpcStats {
     pub offered: u64,
@@ -83,21 +92,55 @@ impl Default for Second {
         Self {
             completed: 0,
             errors: 0,
-            latency: histogram(),
+            latency: coarse_histogram(),
         }
     }
 }
 
 /// Everything measured after warm-up.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Stats {
     pub rpcs: BTreeMap<Rpc, RpcStats>,
+    /// One entry per `bucket_secs` seconds.
     pub timeline: Vec<Second>,
+    pub bucket_secs: u64,
     /// Sends skipped because the in-flight limit was reached (the target fell behind).
     pub dropped: u64,
+    /// How late the generator itself sent each call after its scheduled time (µs): part of
+    /// every measured latency, reported so a struggling generator is not taken for the target.
+    pub send_lag: Histogram<u64>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self::for_duration(0)
+    }
 }
 
 impl Stats {
+    /// Stats for a measured phase of `seconds`, with the timeline sized and bucketed for it.
+    pub fn for_duration(seconds: u64) -> Self {
+        let bucket_secs = seconds.div_ceil(MAX_TIMELINE_BUCKETS as u64).max(1);
+        let buckets = usize::try_from(seconds.div_ceil(bucket_secs))
+            .unwrap_or(0)
+            .min(MAX_TIMELINE_BUCKETS);
+        Self {
+            rpcs: BTreeMap::new(),
+            timeline: (0..buckets).map(|_| Second::default()).collect(),
+            bucket_secs,
+            dropped: 0,
+            send_lag: histogram(),
+        }
+    }
+
+    /// Calls offered but neither completed nor dropped: still running when the run ended.
+    pub fn unfinished(&self) -> u64 {
+        let total = self.total();
+        total
+            .offered
+            .saturating_sub(total.completed() + self.dropped)
+    }
+
     pub fn offered(&mut self, rpc: Rpc) {
         self.rpcs.entry(rpc).or_default().offered += 1;
     }
@@ -122,11 +165,12 @@ impl Stats {
                 *s.errors.entry(key).or_default() += 1;
             }
         }
-        if second < 86_400 {
-            if self.timeline.len() <= second {
-                self.timeline.resize_with(second + 1, Second::default);
+        let bucket = second / usize::try_from(self.bucket_secs).unwrap_or(1).max(1);
+        if bucket < MAX_TIMELINE_BUCKETS {
+            if self.timeline.len() <= bucket {
+                self.timeline.resize_with(bucket + 1, Second::default);
             }
-            let t = &mut self.timeline[second];
+            let t = &mut self.timeline[bucket];
             t.completed += 1;
             if code != "OK" {
                 t.errors += 1;
@@ -157,6 +201,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn long_runs_get_wide_buckets_so_memory_stays_bounded() {
+        let s = Stats::for_duration(86_400);
+        assert_eq!(s.bucket_secs, 48);
+        assert_eq!(s.timeline.len(), MAX_TIMELINE_BUCKETS);
+        let s = Stats::for_duration(20);
+        assert_eq!((s.bucket_secs, s.timeline.len()), (1, 20));
+    }
+
+    #[test]
     fn records_percentiles_codes_and_timeline() {
         let mut s = Stats::default();
         for i in 1..=100u64 {
@@ -175,6 +228,7 @@ mod tests {
         let p99 = c.latency.value_at_quantile(0.99);
         assert!((98_000..=100_000).contains(&p99), "{p99}");
         assert_eq!(s.timeline.len(), 3);
+        assert_eq!(s.unfinished(), 0);
         assert_eq!(s.timeline.iter().map(|t| t.completed).sum::<u64>(), 100);
         assert_eq!(s.total().errors.values().sum::<u64>(), 1);
     }
