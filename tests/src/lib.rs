@@ -50,6 +50,8 @@ pub fn loyalty_bin() -> PathBuf {
 pub struct Server {
     pub child: Child,
     pub addr: String,
+    /// `http://host:port/metrics` when the server was started with a metrics listener.
+    pub metrics_url: Option<String>,
     pub data_dir: PathBuf,
     pub log: PathBuf,
 }
@@ -115,8 +117,12 @@ impl Server {
         let mut child = cmd.spawn().expect("starting loyalty");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
+        let mut metrics_url = None;
         let addr = tokio::time::timeout(Duration::from_secs(60), async {
             while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(url) = line.strip_prefix("metrics on ") {
+                    metrics_url = Some(url.to_string());
+                }
                 if let Some(addr) = line.strip_prefix("listening on ") {
                     return Some(addr.to_string());
                 }
@@ -137,6 +143,7 @@ impl Server {
         Server {
             child,
             addr,
+            metrics_url,
             data_dir: data_dir.to_path_buf(),
             log,
         }
@@ -163,6 +170,27 @@ impl Server {
             .expect("loyalty did not stop within 30 s of SIGTERM")
             .unwrap();
         status.code().unwrap_or(-1)
+    }
+
+    /// Scrapes the metrics endpoint with a plain HTTP/1.1 GET.
+    pub async fn scrape_metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let url = self
+            .metrics_url
+            .as_ref()
+            .expect("started without a metrics listener");
+        let hostport = url
+            .trim_start_matches("http://")
+            .trim_end_matches("/metrics");
+        let mut socket = tokio::net::TcpStream::connect(hostport).await.unwrap();
+        socket
+            .write_all(format!("GET /metrics HTTP/1.1\r\nHost: {hostport}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut reply = String::new();
+        socket.read_to_string(&mut reply).await.unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        reply
     }
 
     /// The server's log so far, for assertion messages.

@@ -219,3 +219,63 @@ async fn sigterm_drains_in_flight_calls() {
     assert!(text.contains("NOT_SERVING"), "{text}");
     assert!(text.contains("server stopped"), "{text}");
 }
+
+#[tokio::test]
+async fn metrics_count_calls_by_method_and_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        Launch::dev().env("LOYALTY_SERVER__METRICS_LISTEN", "127.0.0.1:0"),
+        dir.path(),
+    )
+    .await;
+    let channel = server.channel().await;
+    setup_tenant(&channel, "t1").await;
+    let mut pos = Pos::new(&channel, &channel);
+    let (_, card) = pos.member_with_card("t1", "+77015556677").await;
+    for i in 0..3 {
+        let r = receipt(
+            "t1",
+            &format!("M-{i}"),
+            Some(&card),
+            vec![line("1", "boots", "1", "10.00", false)],
+        );
+        pos.commit(r).await.unwrap();
+    }
+    let bad = receipt("t1", "M-bad", Some(&card), vec![]);
+    pos.commit(bad).await.unwrap_err();
+    // A made-up method must not become a label of its own.
+    let mut raw = tonic::client::Grpc::new(channel.clone());
+    raw.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/made.up.v1.Nope/Call");
+    let _ = raw
+        .unary::<(), (), _>(
+            tonic::Request::new(()),
+            path,
+            tonic_prost::ProstCodec::default(),
+        )
+        .await;
+
+    let text = server.scrape_metrics().await;
+    let commit = "method=\"/loyalty.promotion.v1.CheckoutService/Commit\"";
+    let count = |code: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with("grpc_server_requests_total")
+                    && l.contains(commit)
+                    && l.contains(&format!("code=\"{code}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    assert_eq!(count("OK"), Some(3), "{text}");
+    assert_eq!(count("InvalidArgument"), Some(1), "{text}");
+    assert!(
+        text.contains("grpc_server_request_duration_seconds_bucket"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("made.up"),
+        "unknown methods are labelled \"unknown\": {text}"
+    );
+    server.stop().await;
+}

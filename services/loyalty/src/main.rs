@@ -160,6 +160,16 @@ async fn serve(config: Config, services: Vec<ServiceName>, demo: bool) -> anyhow
             tracing::info!(tenant = demo::TENANT, "demo tenant already present");
         }
     }
+    let metrics = match config.server.metrics_listen {
+        Some(at) => {
+            let l = TcpListener::bind(at)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {at}"))?;
+            println!("metrics on http://{}/metrics", l.local_addr()?);
+            Some(l)
+        }
+        None => None,
+    };
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -180,6 +190,7 @@ async fn serve(config: Config, services: Vec<ServiceName>, demo: bool) -> anyhow
     }
     server::serve(
         listener,
+        metrics,
         node.routes,
         node.health,
         &config.server,

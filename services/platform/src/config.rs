@@ -77,6 +77,8 @@ pub struct ServerConfig {
     pub max_concurrent_streams: u32,
     /// How often health is re-checked against real dependencies.
     pub health_interval_secs: u64,
+    /// Where `GET /metrics` (Prometheus) is served; unset: no metrics endpoint.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -87,6 +89,7 @@ impl Default for ServerConfig {
             request_timeout_secs: 10,
             max_concurrent_streams: 1024,
             health_interval_secs: 2,
+            metrics_listen: None,
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod embedded;
 pub mod error;
 pub mod grpc;
+pub mod metrics;
 pub mod server;
 pub mod telemetry;
 pub mod types;

@@ -67,11 +67,14 @@ pub async fn shutdown_signal() {
 /// stops accepting, and gives in-flight calls `grace_period_secs` to finish.
 pub async fn serve(
     listener: TcpListener,
+    metrics: Option<TcpListener>,
     routes: Routes,
     health: Vec<HealthEntry>,
     config: &ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let metrics_task =
+        metrics.map(|l| tokio::spawn(crate::metrics::serve_metrics(l, std::future::pending())));
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(loyalty_proto::FILE_DESCRIPTOR_SET)
@@ -103,6 +106,7 @@ pub async fn serve(
         .max_concurrent_streams(config.max_concurrent_streams)
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .layer(crate::metrics::RpcMetricsLayer::default())
         .add_routes(routes)
         // Accepted sockets need TCP_NODELAY set here: the builder's own setting only applies
         // when tonic binds the listener itself. Without it, Nagle holds response frames back
@@ -127,6 +131,9 @@ pub async fn serve(
         }
     };
     monitor.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     tracing::info!("server stopped");
     outcome
 }
