@@ -273,6 +273,32 @@ async fn metrics_count_calls_by_method_and_code() {
         text.contains("grpc_server_request_duration_seconds_bucket"),
         "{text}"
     );
+    // Business counters move once per receipt: 3 identified receipts of 10.00 at 1% accrue
+    // 0.10 points (10 minor units) each; replaying a commit adds nothing.
+    let value = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    assert_eq!(
+        value("loyalty_receipts_committed_total{identified=\"true\"}"),
+        Some(3),
+        "{text}"
+    );
+    assert_eq!(value("loyalty_points_accrued_total"), Some(30), "{text}");
+    let replay = receipt(
+        "t1",
+        "M-0",
+        Some(&card),
+        vec![line("1", "boots", "1", "10.00", false)],
+    );
+    pos.commit(replay).await.unwrap();
+    let again = server.scrape_metrics().await;
+    assert!(
+        again.contains("loyalty_receipts_committed_total{identified=\"true\"} 3"),
+        "{again}"
+    );
     assert!(
         !text.contains("made.up"),
         "unknown methods are labelled \"unknown\": {text}"

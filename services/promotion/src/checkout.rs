@@ -161,6 +161,9 @@ impl Checkout {
                         version: 1,
                     };
                     if self.store.put_purchase(&purchase, None).await? {
+                        if matches!(purchase.state, PurchaseState::Committed { .. }) {
+                            crate::counters::receipt_committed(&purchase.evaluation);
+                        }
                         return self.finish_commit(purchase).await;
                     }
                     // A concurrent commit of the same receipt id won; look again.
@@ -253,6 +256,7 @@ impl Checkout {
         };
         p.version += 1;
         if self.store.put_purchase(&p, Some(expected)).await? {
+            crate::counters::receipt_committed(&p.evaluation);
             return Ok(Committed {
                 evaluation: p.evaluation,
                 points_balance: balance,
@@ -414,6 +418,7 @@ impl Checkout {
             let expected = p.version;
             p.version += 1;
             if self.store.put_purchase(&p, Some(expected)).await? {
+                crate::counters::refund_applied(&outcome);
                 break;
             }
             p = self.purchase(&tenant, &id).await?;

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod catalog;
 pub mod checkout;
+mod counters;
 pub mod evaluate;
 pub mod grpc;
 pub mod ports;

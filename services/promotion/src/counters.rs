@@ -1,0 +1,23 @@
+//! Business counters, bumped once when a receipt or refund is newly applied (never on a
+//! replay). They go through the `metrics` facade; the process decides where they are
+//! exported (Prometheus `/metrics`).
+
+use crate::evaluate::Evaluation;
+use crate::purchase::RefundOutcome;
+
+pub fn receipt_committed(e: &Evaluation) {
+    let identified = if e.member.is_some() { "true" } else { "false" };
+    metrics::counter!("loyalty_receipts_committed_total", "identified" => identified).increment(1);
+    metrics::counter!("loyalty_points_accrued_total")
+        .increment(e.points_accrued.max(0).unsigned_abs());
+    metrics::counter!("loyalty_points_redeemed_total")
+        .increment(e.points_redeemed.max(0).unsigned_abs());
+}
+
+pub fn refund_applied(outcome: &RefundOutcome) {
+    metrics::counter!("loyalty_refunds_total").increment(1);
+    metrics::counter!("loyalty_points_reversed_total")
+        .increment(outcome.points_reversed.max(0).unsigned_abs());
+    metrics::counter!("loyalty_points_returned_total")
+        .increment(outcome.points_returned.max(0).unsigned_abs());
+}
