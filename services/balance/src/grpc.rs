@@ -3,11 +3,12 @@
 use loyalty_platform::error::Error;
 use loyalty_platform::grpc::{millis, timestamp, to_status};
 use loyalty_proto::balance::v1 as pb;
+use loyalty_proto::common::v1 as common;
 use pb::balance_service_server::{BalanceService, BalanceServiceServer};
 use pb::gift_certificate_service_server::{GiftCertificateService, GiftCertificateServiceServer};
 use tonic::{Request, Response, Status};
 
-use crate::ledger::{BalanceView, Entry, Op, OpRecord, Reason};
+use crate::ledger::{self, Actor, BalanceView, Entry, HoldState, Op, OpRecord, Reason};
 use crate::service::Balance;
 
 pub const SERVICE_NAMES: &[&str] = &[
@@ -48,6 +49,9 @@ pub fn reason_to_proto(r: Reason) -> pb::EntryReason {
         Reason::RegistrationBonus => pb::EntryReason::RegistrationBonus,
         Reason::CampaignBonus => pb::EntryReason::CampaignBonus,
         Reason::OpeningBalance => pb::EntryReason::OpeningBalance,
+        Reason::Expiry => pb::EntryReason::Expiry,
+        Reason::ManualAdjustment => pb::EntryReason::ManualAdjustment,
+        Reason::MergeTransfer => pb::EntryReason::MergeTransfer,
     }
 }
 
@@ -85,7 +89,10 @@ pub fn entry_to_proto(tenant_id: &str, member_id: &str, e: &Entry) -> pb::Ledger
         create_time: Some(timestamp(e.created_at)),
         activate_time: e.activate_at.map(timestamp),
         expire_time: e.expire_at.map(timestamp),
-        actor: None,
+        actor: e.actor.as_ref().map(|a| common::Actor {
+            id: a.id.clone(),
+            comment: a.comment.clone(),
+        }),
     }
 }
 
@@ -107,26 +114,67 @@ pub fn balance_to_proto(tenant_id: &str, member_id: &str, b: &BalanceView) -> pb
     }
 }
 
-struct Parts {
-    entry: Option<pb::LedgerEntry>,
-    balance: Option<pb::Balance>,
-    unrecovered: i64,
+/// Any reason, for filters.
+fn any_reason(value: i32, field: &str) -> Result<Reason, Error> {
+    let r = match pb::EntryReason::try_from(value) {
+        Ok(pb::EntryReason::Accrual) => Reason::Accrual,
+        Ok(pb::EntryReason::Redemption) => Reason::Redemption,
+        Ok(pb::EntryReason::Expiry) => Reason::Expiry,
+        Ok(pb::EntryReason::ManualAdjustment) => Reason::ManualAdjustment,
+        Ok(pb::EntryReason::RefundReversal) => Reason::RefundReversal,
+        Ok(pb::EntryReason::RedemptionReversal) => Reason::RedemptionReversal,
+        Ok(pb::EntryReason::ReferralBonus) => Reason::ReferralBonus,
+        Ok(pb::EntryReason::SurveyBonus) => Reason::SurveyBonus,
+        Ok(pb::EntryReason::RegistrationBonus) => Reason::RegistrationBonus,
+        Ok(pb::EntryReason::MergeTransfer) => Reason::MergeTransfer,
+        Ok(pb::EntryReason::OpeningBalance) => Reason::OpeningBalance,
+        Ok(pb::EntryReason::CampaignBonus) => Reason::CampaignBonus,
+        Ok(pb::EntryReason::Unspecified) | Err(_) => {
+            return Err(Error::invalid(field, "is not a ledger entry reason"));
+        }
+    };
+    Ok(r)
 }
 
-fn reply_parts(tenant_id: &str, member_id: &str, record: &OpRecord) -> Parts {
-    Parts {
-        entry: record
-            .reply
-            .entry
-            .as_ref()
-            .map(|e| entry_to_proto(tenant_id, member_id, e)),
-        balance: Some(balance_to_proto(
-            tenant_id,
-            member_id,
-            &record.reply.balance,
-        )),
-        unrecovered: record.reply.unrecovered,
+fn hold_status(state: Option<HoldState>) -> pb::HoldStatus {
+    match state {
+        Some(HoldState::Open) | None => pb::HoldStatus::Open,
+        Some(HoldState::Confirmed) => pb::HoldStatus::Confirmed,
+        Some(HoldState::Cancelled) => pb::HoldStatus::Cancelled,
+        Some(HoldState::Expired) => pb::HoldStatus::Expired,
     }
+}
+
+fn entry_of(tenant_id: &str, member_id: &str, record: &OpRecord) -> Option<pb::LedgerEntry> {
+    record
+        .reply
+        .entry
+        .as_ref()
+        .map(|e| entry_to_proto(tenant_id, member_id, e))
+}
+
+fn balance_of(tenant_id: &str, member_id: &str, record: &OpRecord) -> Option<pb::Balance> {
+    Some(balance_to_proto(
+        tenant_id,
+        member_id,
+        &record.reply.balance,
+    ))
+}
+
+fn accrue_op(
+    amount: i64,
+    reason: i32,
+    reference: String,
+    activate: Option<&prost_types::Timestamp>,
+    expire: Option<&prost_types::Timestamp>,
+) -> Result<Op, Error> {
+    Ok(Op::Accrue {
+        amount,
+        reason: accrual_reason(reason)?,
+        reference,
+        activate_at: activate.map(millis),
+        expire_at: expire.map(millis),
+    })
 }
 
 #[tonic::async_trait]
@@ -151,22 +199,22 @@ impl BalanceService for Api {
         request: Request<pb::AccrueRequest>,
     ) -> Result<Response<pb::AccrueResponse>, Status> {
         let r = request.into_inner();
-        let op = Op::Accrue {
-            amount: r.amount,
-            reason: accrual_reason(r.reason).map_err(to_status)?,
-            reference: r.reference,
-            activate_at: r.activate_time.as_ref().map(millis),
-            expire_at: r.expire_time.as_ref().map(millis),
-        };
+        let op = accrue_op(
+            r.amount,
+            r.reason,
+            r.reference,
+            r.activate_time.as_ref(),
+            r.expire_time.as_ref(),
+        )
+        .map_err(to_status)?;
         let record = self
             .0
             .execute(&r.tenant_id, &r.member_id, &r.idempotency_key, op)
             .await
             .map_err(to_status)?;
-        let p = reply_parts(&r.tenant_id, &r.member_id, &record);
         Ok(Response::new(pb::AccrueResponse {
-            entry: p.entry,
-            balance: p.balance,
+            entry: entry_of(&r.tenant_id, &r.member_id, &record),
+            balance: balance_of(&r.tenant_id, &r.member_id, &record),
         }))
     }
 
@@ -185,10 +233,77 @@ impl BalanceService for Api {
             .execute(&r.tenant_id, &r.member_id, &r.idempotency_key, op)
             .await
             .map_err(to_status)?;
-        let p = reply_parts(&r.tenant_id, &r.member_id, &record);
         Ok(Response::new(pb::RedeemResponse {
-            entry: p.entry,
-            balance: p.balance,
+            entry: entry_of(&r.tenant_id, &r.member_id, &record),
+            balance: balance_of(&r.tenant_id, &r.member_id, &record),
+        }))
+    }
+
+    async fn hold(
+        &self,
+        request: Request<pb::HoldRequest>,
+    ) -> Result<Response<pb::HoldResponse>, Status> {
+        let r = request.into_inner();
+        let timeout_ms = match r.timeout_seconds {
+            0 => ledger::DEFAULT_HOLD_TIMEOUT_MS,
+            s if s < 0 => {
+                return Err(to_status(Error::invalid(
+                    "timeout_seconds",
+                    "must not be negative",
+                )));
+            }
+            s => i64::from(s) * 1000,
+        };
+        let op = Op::Hold {
+            amount: r.amount,
+            reference: r.reference,
+            timeout_ms,
+        };
+        let hold = self
+            .0
+            .hold(&r.tenant_id, &r.member_id, &r.idempotency_key, op)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::HoldResponse {
+            hold_id: hold.hold_id,
+            status: hold_status(Some(hold.state)) as i32,
+            expire_time: hold.expire_at.map(timestamp),
+            balance: balance_of(&r.tenant_id, &r.member_id, &hold.record),
+        }))
+    }
+
+    async fn confirm_hold(
+        &self,
+        request: Request<pb::ConfirmHoldRequest>,
+    ) -> Result<Response<pb::ConfirmHoldResponse>, Status> {
+        let r = request.into_inner();
+        if r.amount < 0 {
+            return Err(to_status(Error::invalid("amount", "must not be negative")));
+        }
+        let (member, record) = self
+            .0
+            .resolve_hold(&r.tenant_id, &r.hold_id, &r.idempotency_key, Some(r.amount))
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ConfirmHoldResponse {
+            entry: entry_of(&r.tenant_id, &member, &record),
+            balance: balance_of(&r.tenant_id, &member, &record),
+        }))
+    }
+
+    async fn cancel_hold(
+        &self,
+        request: Request<pb::CancelHoldRequest>,
+    ) -> Result<Response<pb::CancelHoldResponse>, Status> {
+        let r = request.into_inner();
+        let (member, record) = self
+            .0
+            .resolve_hold(&r.tenant_id, &r.hold_id, &r.idempotency_key, None)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::CancelHoldResponse {
+            status: hold_status(record.reply.hold) as i32,
+            balance: balance_of(&r.tenant_id, &member, &record),
         }))
     }
 
@@ -207,11 +322,55 @@ impl BalanceService for Api {
             .execute(&r.tenant_id, &r.member_id, &r.idempotency_key, op)
             .await
             .map_err(to_status)?;
-        let p = reply_parts(&r.tenant_id, &r.member_id, &record);
         Ok(Response::new(pb::ReverseResponse {
-            entry: p.entry,
-            balance: p.balance,
-            unrecovered_amount: p.unrecovered,
+            entry: entry_of(&r.tenant_id, &r.member_id, &record),
+            balance: balance_of(&r.tenant_id, &r.member_id, &record),
+            unrecovered_amount: record.reply.unrecovered,
+        }))
+    }
+
+    async fn adjust(
+        &self,
+        request: Request<pb::AdjustRequest>,
+    ) -> Result<Response<pb::AdjustResponse>, Status> {
+        let r = request.into_inner();
+        let actor = r.actor.unwrap_or_default();
+        let op = Op::Adjust {
+            amount: r.amount,
+            actor: Actor {
+                id: actor.id,
+                comment: actor.comment,
+            },
+            expire_at: None,
+        };
+        let record = self
+            .0
+            .execute(&r.tenant_id, &r.member_id, &r.idempotency_key, op)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::AdjustResponse {
+            entry: entry_of(&r.tenant_id, &r.member_id, &record),
+            balance: balance_of(&r.tenant_id, &r.member_id, &record),
+        }))
+    }
+
+    async fn activate_pending(
+        &self,
+        request: Request<pb::ActivatePendingRequest>,
+    ) -> Result<Response<pb::ActivatePendingResponse>, Status> {
+        let r = request.into_inner();
+        let op = Op::Activate {
+            accrual_key: (!r.accrual_idempotency_key.is_empty())
+                .then_some(r.accrual_idempotency_key),
+        };
+        let record = self
+            .0
+            .execute(&r.tenant_id, &r.member_id, &r.idempotency_key, op)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ActivatePendingResponse {
+            activated_amount: record.reply.moved,
+            balance: balance_of(&r.tenant_id, &r.member_id, &record),
         }))
     }
 
@@ -220,26 +379,88 @@ impl BalanceService for Api {
         request: Request<pb::ListLedgerEntriesRequest>,
     ) -> Result<Response<pb::ListLedgerEntriesResponse>, Status> {
         let r = request.into_inner();
-        if !r.reasons.is_empty() || r.period.is_some() {
-            return Err(loyalty_platform::grpc::unimplemented(
-                "ListLedgerEntries filters (reasons, period)",
-            ));
-        }
-        let (entries, next) = self
+        let reasons = r
+            .reasons
+            .iter()
+            .enumerate()
+            .map(|(i, v)| any_reason(*v, &format!("reasons[{i}]")))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(to_status)?;
+        let period = r.period.as_ref().map_or((None, None), |p| {
+            (
+                p.start_time.as_ref().map(millis),
+                p.end_time.as_ref().map(millis),
+            )
+        });
+        let page = self
             .0
-            .entries(&r.tenant_id, &r.member_id, r.page_size, &r.page_token)
+            .entries(
+                &r.tenant_id,
+                &r.member_id,
+                r.page_size,
+                &r.page_token,
+                reasons,
+                period,
+            )
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::ListLedgerEntriesResponse {
-            entries: entries
+            entries: page
+                .entries
                 .iter()
                 .map(|e| entry_to_proto(&r.tenant_id, &r.member_id, e))
                 .collect(),
-            next_page_token: next.map(|s| s.to_string()).unwrap_or_default(),
+            next_page_token: page.next_before.map(|s| s.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn bulk_accrue(
+        &self,
+        request: Request<pb::BulkAccrueRequest>,
+    ) -> Result<Response<pb::BulkAccrueResponse>, Status> {
+        let r = request.into_inner();
+        let op = accrue_op(
+            r.amount,
+            r.reason,
+            r.reference,
+            r.activate_time.as_ref(),
+            r.expire_time.as_ref(),
+        )
+        .map_err(to_status)?;
+        let (accrued, done) = self
+            .0
+            .bulk_accrue(&r.tenant_id, &r.batch_id, &r.member_ids, op)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::BulkAccrueResponse {
+            accrued_count: accrued,
+            already_done_count: done,
+            unknown_member_ids: Vec::new(),
+        }))
+    }
+
+    async fn transfer_member(
+        &self,
+        request: Request<pb::TransferMemberRequest>,
+    ) -> Result<Response<pb::TransferMemberResponse>, Status> {
+        let r = request.into_inner();
+        let (moved, balance) = self
+            .0
+            .transfer(
+                &r.tenant_id,
+                &r.from_member_id,
+                &r.to_member_id,
+                &r.idempotency_key,
+            )
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::TransferMemberResponse {
+            transferred_amount: moved,
+            balance: Some(balance_to_proto(&r.tenant_id, &r.to_member_id, &balance)),
         }))
     }
 }
 
-/// Gift certificates arrive with the balance issue; every RPC answers UNIMPLEMENTED.
+/// Gift certificates are not served yet; every RPC answers UNIMPLEMENTED.
 #[tonic::async_trait]
 impl GiftCertificateService for Api {}

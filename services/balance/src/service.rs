@@ -2,20 +2,26 @@
 
 use std::sync::Arc;
 
-use loyalty_platform::clock::SharedClock;
-use loyalty_platform::error::{MAX_ID_LEN, Result, Violations};
+use loyalty_platform::clock::{Millis, SharedClock};
+use loyalty_platform::error::{Error, MAX_ID_LEN, Result, Violations};
 use loyalty_platform::types::check_tenant;
 
-use crate::ledger::{self, BalanceView, Entry, Op, OpRecord};
-use crate::store::BalanceStore;
+use crate::ledger::{self, Account, BalanceView, HoldState, Op, OpRecord, Reason};
+use crate::store::{BalanceStore, EntryQuery, Page};
 
 /// Longest idempotency key.
 pub const MAX_KEY_LEN: usize = 256;
 /// Longest free-text reference on an entry.
 pub const MAX_REFERENCE_LEN: usize = 256;
+/// Longest adjustment comment.
+pub const MAX_COMMENT_LEN: usize = 1_000;
 /// Largest page of ledger entries.
 pub const MAX_PAGE_SIZE: usize = 1000;
 const DEFAULT_PAGE_SIZE: usize = 100;
+/// Most members of one bulk accrual.
+pub const MAX_BULK_MEMBERS: usize = 10_000;
+/// Members accrued at once by a bulk accrual.
+const BULK_CONCURRENCY: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct Balance {
@@ -28,6 +34,36 @@ fn check_ids(v: &mut Violations, tenant_id: &str, member_id: &str) {
     v.text(member_id, "member_id", MAX_ID_LEN);
 }
 
+/// A hold's public id: the member and the hold's idempotency key, so a confirmation
+/// finds the member's state without another lookup.
+pub fn hold_id(member_id: &str, hold_key: &str) -> String {
+    format!("{}:{member_id}{hold_key}", member_id.len())
+}
+
+/// Splits a hold id into member and key.
+pub fn parse_hold_id(hold_id: &str) -> Result<(&str, &str)> {
+    let bad = || Error::invalid("hold_id", "is not a hold id this service issued");
+    let (len, rest) = hold_id.split_once(':').ok_or_else(bad)?;
+    let len: usize = len.parse().map_err(|_| bad())?;
+    if len == 0 || len > MAX_ID_LEN || !rest.is_char_boundary(len.min(rest.len())) {
+        return Err(bad());
+    }
+    let (member, key) = (rest.get(..len).ok_or_else(bad)?, &rest[len..]);
+    if key.is_empty() || key.len() > MAX_KEY_LEN {
+        return Err(bad());
+    }
+    Ok((member, key))
+}
+
+/// A hold as the POS sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldView {
+    pub hold_id: String,
+    pub state: HoldState,
+    pub expire_at: Option<Millis>,
+    pub record: OpRecord,
+}
+
 impl Balance {
     pub fn new(store: Arc<dyn BalanceStore>, clock: SharedClock) -> Self {
         Self { store, clock }
@@ -37,12 +73,20 @@ impl Balance {
         &self.store
     }
 
+    pub fn now(&self) -> Millis {
+        self.clock.now_ms()
+    }
+
     pub async fn balance(&self, tenant_id: &str, member_id: &str) -> Result<BalanceView> {
         let mut v = Violations::new();
         check_ids(&mut v, tenant_id, member_id);
         v.finish()?;
         let account = self.store.account(tenant_id, member_id).await?;
         Ok(account.view(self.clock.now_ms()))
+    }
+
+    pub async fn account(&self, tenant_id: &str, member_id: &str) -> Result<Account> {
+        self.store.account(tenant_id, member_id).await
     }
 
     /// Applies a mutating operation idempotently under `key`.
@@ -56,23 +100,162 @@ impl Balance {
         let mut v = Violations::new();
         check_ids(&mut v, tenant_id, member_id);
         v.text(key, "idempotency_key", MAX_KEY_LEN);
-        let (reference, original) = match &op {
-            Op::Accrue { reference, .. } | Op::Redeem { reference, .. } => (reference, None),
-            Op::Reverse {
-                reference,
-                original_key,
-                ..
-            } => (reference, Some(original_key)),
-        };
-        v.optional_text(reference, "reference", MAX_REFERENCE_LEN);
-        if let Some(original) = original {
-            v.text(original, "original_idempotency_key", MAX_KEY_LEN);
-        }
+        check_op(&mut v, &op);
         v.finish()?;
         ledger::validate(&op)?;
         self.store
             .execute(tenant_id, member_id, key, op, self.clock.now_ms())
-            .await
+            .await?
+            .ok_or_else(|| Error::internal(anyhow::anyhow!("a keyed operation kept no record")))
+    }
+
+    /// Places a hold; returns its public id with the record.
+    pub async fn hold(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        key: &str,
+        op: Op,
+    ) -> Result<HoldView> {
+        let record = self.execute(tenant_id, member_id, key, op).await?;
+        Ok(HoldView {
+            hold_id: hold_id(member_id, key),
+            state: record.reply.hold.unwrap_or(HoldState::Open),
+            expire_at: record.hold_expire_at,
+            record,
+        })
+    }
+
+    /// Confirms (`Op::Confirm`) or cancels (`Op::Cancel`) the hold `hold_id`; returns the
+    /// member and the record.
+    pub async fn resolve_hold(
+        &self,
+        tenant_id: &str,
+        hold_id: &str,
+        key: &str,
+        confirm: Option<i64>,
+    ) -> Result<(String, OpRecord)> {
+        let (member, hold_key) = parse_hold_id(hold_id)?;
+        let op = match confirm {
+            Some(amount) => Op::Confirm {
+                hold_key: hold_key.to_string(),
+                amount,
+            },
+            None => Op::Cancel {
+                hold_key: hold_key.to_string(),
+            },
+        };
+        let record = self.execute(tenant_id, member, key, op).await?;
+        Ok((member.to_string(), record))
+    }
+
+    /// Moves every point of `from` to `to` (a member merge) and closes `from`. Each side is
+    /// its own idempotent operation, so a retry after a failure between them completes the
+    /// move exactly once. Returns the amount moved and the survivor's balance.
+    pub async fn transfer(
+        &self,
+        tenant_id: &str,
+        from: &str,
+        to: &str,
+        key: &str,
+    ) -> Result<(i64, BalanceView)> {
+        let mut v = Violations::new();
+        check_ids(&mut v, tenant_id, from);
+        v.text(to, "to_member_id", MAX_ID_LEN);
+        v.check(
+            from != to,
+            "to_member_id",
+            "must differ from from_member_id",
+        );
+        v.text(key, "idempotency_key", MAX_KEY_LEN - 4);
+        v.finish()?;
+        let out = Op::TransferOut {
+            to_member: to.to_string(),
+        };
+        let out = self
+            .execute(tenant_id, from, &format!("{key}:out"), out)
+            .await?;
+        let into = Op::TransferIn {
+            from_member: from.to_string(),
+            lots: out.reply.lots.clone(),
+        };
+        let into = self
+            .execute(tenant_id, to, &format!("{key}:in"), into)
+            .await?;
+        Ok((out.reply.moved, into.reply.balance))
+    }
+
+    /// Accrues `op` to every member in `members` under the same key (keys are scoped to
+    /// the member, so each member gets it at most once). Returns (accrued, already done).
+    pub async fn bulk_accrue(
+        &self,
+        tenant_id: &str,
+        batch_id: &str,
+        members: &[String],
+        op: Op,
+    ) -> Result<(i64, i64)> {
+        let mut v = Violations::new();
+        check_tenant(&mut v, tenant_id);
+        v.text(batch_id, "batch_id", MAX_KEY_LEN - 5);
+        v.check(
+            !members.is_empty() && members.len() <= MAX_BULK_MEMBERS,
+            "member_ids",
+            format!("must hold 1 to {MAX_BULK_MEMBERS} members"),
+        );
+        for (i, m) in members.iter().enumerate() {
+            v.text(m, format!("member_ids[{i}]"), MAX_ID_LEN);
+        }
+        if !matches!(op, Op::Accrue { .. }) {
+            v.add("operation", "bulk operations accrue");
+        }
+        check_op(&mut v, &op);
+        v.finish()?;
+        ledger::validate(&op)?;
+        let key = format!("bulk:{batch_id}");
+        let mut unique: Vec<&String> = members.iter().collect();
+        unique.sort();
+        unique.dedup();
+        let (mut accrued, mut done) = (0, 0);
+        for chunk in unique.chunks(BULK_CONCURRENCY) {
+            let mut tasks = tokio::task::JoinSet::new();
+            for member in chunk {
+                let (this, member, key, op) =
+                    (self.clone(), (*member).clone(), key.clone(), op.clone());
+                let tenant = tenant_id.to_string();
+                tasks.spawn(async move {
+                    let before = this.store.record(&tenant, &member, &key).await?;
+                    this.execute(&tenant, &member, &key, op).await?;
+                    Ok::<bool, Error>(before.is_some())
+                });
+            }
+            while let Some(joined) = tasks.join_next().await {
+                match joined.map_err(Error::internal)?? {
+                    true => done += 1,
+                    false => accrued += 1,
+                }
+            }
+        }
+        Ok((accrued, done))
+    }
+
+    /// Expires what is due for up to `limit` members; returns how many members changed.
+    /// Safe to run on several replicas at once: each member's expiry is one atomic,
+    /// idempotent operation.
+    pub async fn expire_due(&self, limit: usize) -> Result<usize> {
+        let now = self.clock.now_ms();
+        let due = self.store.due(now, limit).await?;
+        let mut changed = 0;
+        for (tenant, member) in due {
+            match self
+                .store
+                .execute(&tenant, &member, "", Op::Expire, now)
+                .await
+            {
+                Ok(_) => changed += 1,
+                Err(e) => tracing::warn!(%tenant, %member, error = %e, "expiring points failed"),
+            }
+        }
+        Ok(changed)
     }
 
     /// One page of the ledger, newest first. The page token is the sequence number to
@@ -83,7 +266,9 @@ impl Balance {
         member_id: &str,
         page_size: i32,
         page_token: &str,
-    ) -> Result<(Vec<Entry>, Option<i64>)> {
+        reasons: Vec<Reason>,
+        period: (Option<Millis>, Option<Millis>),
+    ) -> Result<Page> {
         let mut v = Violations::new();
         check_ids(&mut v, tenant_id, member_id);
         v.check(
@@ -91,7 +276,10 @@ impl Balance {
             "page_size",
             format!("must be between 0 and {MAX_PAGE_SIZE}"),
         );
-        let before = if page_token.is_empty() {
+        if let (Some(from), Some(until)) = period {
+            v.check(until > from, "period.end_time", "must be after start_time");
+        }
+        let before_seq = if page_token.is_empty() {
             None
         } else {
             let parsed = page_token.parse::<i64>().ok().filter(|s| *s > 0);
@@ -103,19 +291,63 @@ impl Balance {
             parsed
         };
         v.finish()?;
-        let size = if page_size == 0 {
+        let limit = if page_size == 0 {
             DEFAULT_PAGE_SIZE
         } else {
             page_size as usize
         };
-        let entries = self
-            .store
-            .entries(tenant_id, member_id, before, size)
-            .await?;
-        let next = match entries.last() {
-            Some(last) if entries.len() == size && last.seq > 1 => Some(last.seq),
-            _ => None,
+        let query = EntryQuery {
+            before_seq,
+            limit,
+            reasons,
+            from: period.0,
+            until: period.1,
         };
-        Ok((entries, next))
+        self.store.entries(tenant_id, member_id, &query).await
+    }
+}
+
+fn check_op(v: &mut Violations, op: &Op) {
+    match op {
+        Op::Accrue { reference, .. }
+        | Op::Redeem { reference, .. }
+        | Op::Hold { reference, .. } => v.optional_text(reference, "reference", MAX_REFERENCE_LEN),
+        Op::Reverse {
+            reference,
+            original_key,
+            ..
+        } => {
+            v.optional_text(reference, "reference", MAX_REFERENCE_LEN);
+            v.text(original_key, "original_idempotency_key", MAX_KEY_LEN);
+        }
+        Op::Confirm { hold_key, .. } | Op::Cancel { hold_key } => {
+            v.text(hold_key, "hold_id", MAX_KEY_LEN);
+        }
+        Op::Activate { accrual_key } => {
+            if let Some(k) = accrual_key {
+                v.text(k, "accrual_idempotency_key", MAX_KEY_LEN);
+            }
+        }
+        Op::Adjust { actor, .. } => {
+            v.text(&actor.id, "actor.id", MAX_ID_LEN);
+            v.optional_text(&actor.comment, "actor.comment", MAX_COMMENT_LEN);
+        }
+        Op::TransferOut { to_member } => v.text(to_member, "to_member_id", MAX_ID_LEN),
+        Op::TransferIn { from_member, .. } => v.text(from_member, "from_member_id", MAX_ID_LEN),
+        Op::Expire => v.add("operation", "expiry runs only as the background process"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hold_ids_round_trip_and_refuse_forgeries() {
+        let id = hold_id("m:1", "pos-7:hold");
+        assert_eq!(parse_hold_id(&id).unwrap(), ("m:1", "pos-7:hold"));
+        for bad in ["", "x", "3:ab", "0:abc", "99:abc", "2:ab", "a:bcd"] {
+            assert!(parse_hold_id(bad).is_err(), "{bad}");
+        }
     }
 }

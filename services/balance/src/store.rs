@@ -1,20 +1,89 @@
 //! The balance service's narrow storage trait: apply one operation to one member
 //! atomically and durably, read state back. Every backend passes [`conformance`].
+//!
+//! - [`embedded`]: everything in the embedded database (dev mode); it is also the durable
+//!   [`Ledger`] under Redis on a single node.
+//! - [`redis`]: hot state in Redis, decided by a Lua script, over a durable [`Ledger`].
 
 use loyalty_platform::clock::Millis;
 use loyalty_platform::error::Result;
 
-use crate::ledger::{Account, Entry, Op, OpRecord};
+use crate::ledger::{Account, Change, Entry, Op, OpRecord, Reason};
 
 pub mod conformance;
 pub mod embedded;
+pub mod redis;
+
+/// Which entries a page holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EntryQuery {
+    /// Only entries with a sequence number below this.
+    pub before_seq: Option<i64>,
+    pub limit: usize,
+    /// Empty: every reason.
+    pub reasons: Vec<Reason>,
+    /// Inclusive start, exclusive end of `created_at`.
+    pub from: Option<Millis>,
+    pub until: Option<Millis>,
+}
+
+/// Most entries one page request examines; a sparse filter returns a short page with a
+/// token to continue.
+pub const MAX_SCAN: usize = 10_000;
+
+impl EntryQuery {
+    pub fn matches(&self, e: &Entry) -> bool {
+        (self.reasons.is_empty() || self.reasons.contains(&e.reason))
+            && self.from.is_none_or(|f| e.created_at >= f)
+            && self.until.is_none_or(|u| e.created_at < u)
+    }
+
+    /// Filters entries given newest first into a page and the token to continue below.
+    pub fn page(&self, newest_first: impl Iterator<Item = Result<Entry>>) -> Result<Page> {
+        let mut entries = Vec::new();
+        let mut last_seen = None;
+        for (scanned, e) in newest_first.enumerate() {
+            if scanned == MAX_SCAN {
+                return Ok(Page {
+                    entries,
+                    next_before: last_seen,
+                });
+            }
+            let e = e?;
+            last_seen = Some(e.seq);
+            if self.matches(&e) {
+                entries.push(e);
+                if entries.len() == self.limit {
+                    let next_before = last_seen.filter(|s| *s > 1);
+                    return Ok(Page {
+                        entries,
+                        next_before,
+                    });
+                }
+            }
+        }
+        Ok(Page {
+            entries,
+            next_before: None,
+        })
+    }
+}
+
+/// One page of entries, newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Page {
+    pub entries: Vec<Entry>,
+    /// Where the next page starts (exclusive), when there may be more.
+    pub next_before: Option<i64>,
+}
 
 #[async_trait::async_trait]
 pub trait BalanceStore: Send + Sync + std::fmt::Debug {
-    /// Applies `op` under idempotency key `key` with [`crate::ledger::apply`], atomically:
-    /// the entry, the new state and the record are durable before this returns. A retry with
-    /// the same key and operation returns the stored record; the same key with another
-    /// operation or member is `AlreadyExists`.
+    /// Applies `op` under idempotency key `key` (scoped to the member; empty only for the
+    /// keyless [`Op::Expire`]) with [`crate::ledger::apply`], atomically: the entries, the
+    /// new state and the records are durable before this returns. A retry with the same key
+    /// and operation returns the stored record; the same key with another operation is
+    /// `AlreadyExists`. Keyless operations return `None`.
     async fn execute(
         &self,
         tenant_id: &str,
@@ -22,16 +91,45 @@ pub trait BalanceStore: Send + Sync + std::fmt::Debug {
         key: &str,
         op: Op,
         now: Millis,
-    ) -> Result<OpRecord>;
+    ) -> Result<Option<OpRecord>>;
     /// The member's state; empty for a member without entries.
     async fn account(&self, tenant_id: &str, member_id: &str) -> Result<Account>;
-    /// Entries newest first, with sequence numbers below `before_seq` when given.
-    async fn entries(
+    /// The record kept under `key`.
+    async fn record(&self, tenant_id: &str, member_id: &str, key: &str)
+    -> Result<Option<OpRecord>>;
+    /// A page of entries, newest first.
+    async fn entries(&self, tenant_id: &str, member_id: &str, query: &EntryQuery) -> Result<Page>;
+    /// Up to `limit` members (tenant, member) with a lot expiry or hold timeout at or
+    /// before `now`.
+    async fn due(&self, now: Millis, limit: usize) -> Result<Vec<(String, String)>>;
+    async fn ping(&self) -> Result<()>;
+}
+
+/// The durable ledger under a hot-state backend: the source of truth it rebuilds from.
+#[async_trait::async_trait]
+pub trait Ledger: Send + Sync + std::fmt::Debug {
+    /// Durably writes `change` if the stored account's version is `expected` (0: none
+    /// stored). Returns `false`, writing nothing, when it is not.
+    async fn commit(
         &self,
         tenant_id: &str,
         member_id: &str,
-        before_seq: Option<i64>,
+        expected: i64,
+        change: &Change,
+    ) -> Result<bool>;
+    /// The member's state and every record, to rebuild hot state from.
+    async fn load(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+    ) -> Result<(Account, Vec<(String, OpRecord)>)>;
+    /// Every member with state, a page at a time after `after` (tenant, member).
+    async fn members(
+        &self,
+        after: Option<(String, String)>,
         limit: usize,
-    ) -> Result<Vec<Entry>>;
+    ) -> Result<Vec<(String, String)>>;
+    async fn entries(&self, tenant_id: &str, member_id: &str, query: &EntryQuery) -> Result<Page>;
+    async fn due(&self, now: Millis, limit: usize) -> Result<Vec<(String, String)>>;
     async fn ping(&self) -> Result<()>;
 }

@@ -6,16 +6,20 @@ use std::sync::Arc;
 
 use loyalty_platform::error::Error;
 
-use super::BalanceStore;
-use crate::ledger::{Op, Reason};
+use super::{BalanceStore, EntryQuery};
+use crate::ledger::{Actor, HoldState, Op, Reason};
 
 fn accrue(amount: i64) -> Op {
+    accrue_at(amount, None, None)
+}
+
+fn accrue_at(amount: i64, activate_at: Option<i64>, expire_at: Option<i64>) -> Op {
     Op::Accrue {
         amount,
         reason: Reason::Accrual,
         reference: "r".into(),
-        activate_at: None,
-        expire_at: None,
+        activate_at,
+        expire_at,
     }
 }
 
@@ -27,17 +31,28 @@ fn redeem(amount: i64) -> Op {
     }
 }
 
-/// Runs every check; `store` must be empty. The store is shared so concurrency checks can
-/// run against it.
-pub async fn run_all(store: &(dyn BalanceStore + 'static)) {
-    ledger_and_idempotency(store).await;
-    refused_operations_write_nothing(store).await;
-    reversals(store).await;
+fn page(limit: usize) -> EntryQuery {
+    EntryQuery {
+        limit,
+        ..Default::default()
+    }
+}
+
+/// Runs every check against an empty store.
+pub async fn run_all(store: Arc<dyn BalanceStore>) {
+    ledger_and_idempotency(store.as_ref()).await;
+    refused_operations_write_nothing(store.as_ref()).await;
+    reversals(store.as_ref()).await;
+    holds(store.as_ref()).await;
+    expiry_and_schedule(store.as_ref()).await;
+    activation_adjustment_and_transfer(store.as_ref()).await;
+    filtered_pages(store.as_ref()).await;
+    concurrent_redemptions_never_overdraw(store.clone()).await;
     store.ping().await.unwrap();
 }
 
-/// Concurrent redemptions against one balance never overdraw it (needs an owned store).
-pub async fn concurrent_redemptions_never_overdraw(store: Arc<dyn BalanceStore>) {
+/// Concurrent redemptions against one balance never overdraw it.
+async fn concurrent_redemptions_never_overdraw(store: Arc<dyn BalanceStore>) {
     store
         .execute("t", "c", "seed", accrue(1_000), 0)
         .await
@@ -62,6 +77,9 @@ pub async fn concurrent_redemptions_never_overdraw(store: Arc<dyn BalanceStore>)
     assert_eq!(accepted, 1_000 - 1_000 % 7);
     let account = store.account("t", "c").await.unwrap();
     assert_eq!(account.view(0).active, 1_000 % 7);
+    let entries = store.entries("t", "c", &page(1_000)).await.unwrap().entries;
+    assert_eq!(entries.len(), 1 + 142);
+    assert_eq!(entries.iter().map(|e| e.amount).sum::<i64>(), account.total);
 }
 
 async fn ledger_and_idempotency(store: &dyn BalanceStore) {
@@ -81,33 +99,44 @@ async fn ledger_and_idempotency(store: &dyn BalanceStore) {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
-    let err = store
+    // Keys are scoped to the member.
+    store
         .execute("t", "m2", "a1", accrue(500), 10)
         .await
-        .unwrap_err();
-    assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
+        .unwrap();
 
     store
         .execute("t", "m1", "r1", redeem(200), 20)
         .await
         .unwrap();
-    let entries = store.entries("t", "m1", None, 10).await.unwrap();
+    let entries = store.entries("t", "m1", &page(10)).await.unwrap().entries;
     let amounts: Vec<_> = entries
         .iter()
         .map(|e| (e.seq, e.amount, e.balance_after))
         .collect();
     assert_eq!(amounts, [(2, -200, 300), (1, 500, 500)], "newest first");
-    let older = store.entries("t", "m1", Some(2), 10).await.unwrap();
-    assert_eq!(older.len(), 1);
-    assert_eq!(older[0].seq, 1);
+    let older = EntryQuery {
+        before_seq: Some(2),
+        limit: 10,
+        ..Default::default()
+    };
+    let older = store.entries("t", "m1", &older).await.unwrap();
+    assert_eq!(older.entries.len(), 1);
+    assert_eq!(older.entries[0].seq, 1);
+    assert_eq!(older.next_before, None);
+    let first_page = store.entries("t", "m1", &page(1)).await.unwrap();
+    assert_eq!(first_page.next_before, Some(2));
     assert!(
         store
-            .entries("t", "nobody", None, 10)
+            .entries("t", "nobody", &page(10))
             .await
             .unwrap()
+            .entries
             .is_empty()
     );
     assert_eq!(store.account("other-tenant", "m1").await.unwrap().total, 0);
+    assert_eq!(store.record("t", "m1", "a1").await.unwrap(), first);
+    assert!(store.record("t", "m1", "none").await.unwrap().is_none());
 }
 
 async fn refused_operations_write_nothing(store: &dyn BalanceStore) {
@@ -139,7 +168,11 @@ async fn reversals(store: &dyn BalanceStore) {
         amount: 100,
         reference: "refund".into(),
     };
-    let out = store.execute("t", "m3", "rev", rev, 0).await.unwrap();
+    let out = store
+        .execute("t", "m3", "rev", rev, 0)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(out.reply.unrecovered, 40);
     assert_eq!(store.account("t", "m3").await.unwrap().total, 0);
     let again = Op::Reverse {
@@ -169,4 +202,199 @@ async fn reversals(store: &dyn BalanceStore) {
     };
     let err = store.execute("t", "m3", "x", missing, 0).await.unwrap_err();
     assert!(matches!(err, Error::NotFound(_)), "{err}");
+}
+
+async fn holds(store: &dyn BalanceStore) {
+    store
+        .execute("t", "h1", "acc", accrue(100), 0)
+        .await
+        .unwrap();
+    let hold = Op::Hold {
+        amount: 70,
+        reference: "pos".into(),
+        timeout_ms: 1_000,
+    };
+    let h = store
+        .execute("t", "h1", "h", hold, 0)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((h.reply.balance.active, h.reply.balance.held), (30, 70));
+    let confirm = Op::Confirm {
+        hold_key: "h".into(),
+        amount: 50,
+    };
+    let c = store
+        .execute("t", "h1", "c", confirm.clone(), 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.reply.entry.as_ref().unwrap().amount, -50);
+    assert_eq!(c.reply.balance.active, 50);
+    assert_eq!(
+        store
+            .execute("t", "h1", "c", confirm, 20)
+            .await
+            .unwrap()
+            .unwrap(),
+        c,
+        "a retried confirmation replays"
+    );
+    let hold_record = store.record("t", "h1", "h").await.unwrap().unwrap();
+    assert_eq!(hold_record.hold, Some(HoldState::Confirmed));
+    let cancel = Op::Cancel {
+        hold_key: "h".into(),
+    };
+    let err = store.execute("t", "h1", "x", cancel, 20).await.unwrap_err();
+    assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+
+    // A second hold times out; confirming it afterwards fails and writes nothing.
+    let hold = Op::Hold {
+        amount: 50,
+        reference: "pos".into(),
+        timeout_ms: 100,
+    };
+    store.execute("t", "h1", "h2", hold, 100).await.unwrap();
+    assert_eq!(store.account("t", "h1").await.unwrap().view(199).held, 50);
+    assert_eq!(store.account("t", "h1").await.unwrap().view(200).held, 0);
+    let late = Op::Confirm {
+        hold_key: "h2".into(),
+        amount: 0,
+    };
+    let err = store.execute("t", "h1", "c2", late, 200).await.unwrap_err();
+    assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+    let account = store.account("t", "h1").await.unwrap();
+    assert_eq!(account.view(200).active, 50);
+    assert_eq!(account.total, 50);
+}
+
+async fn expiry_and_schedule(store: &dyn BalanceStore) {
+    store
+        .execute("e", "x1", "a", accrue_at(100, None, Some(1_000)), 0)
+        .await
+        .unwrap();
+    store
+        .execute("e", "x2", "a", accrue_at(10, None, Some(5_000)), 0)
+        .await
+        .unwrap();
+    store.execute("e", "x1", "r", redeem(30), 0).await.unwrap();
+    let due_in_e = |due: Vec<(String, String)>| -> Vec<String> {
+        due.into_iter()
+            .filter(|(t, _)| t == "e")
+            .map(|(_, m)| m)
+            .collect()
+    };
+    assert!(due_in_e(store.due(999, 100).await.unwrap()).is_empty());
+    assert_eq!(due_in_e(store.due(1_000, 100).await.unwrap()), ["x1"]);
+    assert!(
+        store
+            .execute("e", "x1", "", Op::Expire, 1_000)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    store
+        .execute("e", "x1", "", Op::Expire, 1_000)
+        .await
+        .unwrap();
+    let entries = store.entries("e", "x1", &page(10)).await.unwrap().entries;
+    assert_eq!(entries[0].reason, Reason::Expiry);
+    assert_eq!(entries[0].amount, -70);
+    assert_eq!(entries.len(), 3, "a second run expires nothing more");
+    let account = store.account("e", "x1").await.unwrap();
+    assert_eq!((account.total, account.lifetime_expired), (0, 70));
+    assert!(due_in_e(store.due(1_000, 100).await.unwrap()).is_empty());
+    assert_eq!(due_in_e(store.due(5_000, 100).await.unwrap()), ["x2"]);
+}
+
+async fn activation_adjustment_and_transfer(store: &dyn BalanceStore) {
+    store
+        .execute("t", "p1", "later", accrue_at(80, Some(5_000), None), 0)
+        .await
+        .unwrap();
+    let activate = Op::Activate {
+        accrual_key: Some("later".into()),
+    };
+    let r = store
+        .execute("t", "p1", "act", activate, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((r.reply.moved, r.reply.balance.active), (80, 80));
+    let adjust = Op::Adjust {
+        amount: -30,
+        actor: Actor {
+            id: "manager:anna".into(),
+            comment: "duplicate accrual".into(),
+        },
+        expire_at: None,
+    };
+    let r = store
+        .execute("t", "p1", "adj", adjust, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    let entry = r.reply.entry.unwrap();
+    assert_eq!(entry.reason, Reason::ManualAdjustment);
+    assert_eq!(entry.actor.unwrap().comment, "duplicate accrual");
+
+    let out = store
+        .execute(
+            "t",
+            "p1",
+            "merge:p2",
+            Op::TransferOut {
+                to_member: "p2".into(),
+            },
+            20,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.reply.moved, 50);
+    let into = Op::TransferIn {
+        from_member: "p1".into(),
+        lots: out.reply.lots.clone(),
+    };
+    store
+        .execute("t", "p2", "merge:p1", into, 20)
+        .await
+        .unwrap();
+    assert_eq!(store.account("t", "p2").await.unwrap().view(20).active, 50);
+    assert_eq!(store.account("t", "p1").await.unwrap().total, 0);
+    let err = store
+        .execute("t", "p1", "late", accrue(1), 30)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+}
+
+async fn filtered_pages(store: &dyn BalanceStore) {
+    for i in 0..6 {
+        store
+            .execute("t", "f1", &format!("a{i}"), accrue(10), i * 100)
+            .await
+            .unwrap();
+        store
+            .execute("t", "f1", &format!("r{i}"), redeem(1), i * 100 + 50)
+            .await
+            .unwrap();
+    }
+    let q = EntryQuery {
+        limit: 2,
+        reasons: vec![Reason::Redemption],
+        from: Some(100),
+        until: Some(500),
+        ..Default::default()
+    };
+    let first = store.entries("t", "f1", &q).await.unwrap();
+    let at: Vec<_> = first.entries.iter().map(|e| e.created_at).collect();
+    assert_eq!(at, [450, 350]);
+    let q2 = EntryQuery {
+        before_seq: first.next_before,
+        ..q
+    };
+    let second = store.entries("t", "f1", &q2).await.unwrap();
+    let at: Vec<_> = second.entries.iter().map(|e| e.created_at).collect();
+    assert_eq!(at, [250, 150]);
 }
