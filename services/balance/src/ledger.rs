@@ -87,6 +87,11 @@ pub struct Account {
     /// Set once the member's points moved to another member; nothing changes it after.
     #[serde(default)]
     pub merged_into: Option<String>,
+    /// Identifies this state's lineage: the Redis backend chains it through every change
+    /// (a digest of the previous stamp and the operation), and the durable ledger accepts
+    /// a change only on top of the stamp it was computed from.
+    #[serde(default)]
+    pub stamp: String,
 }
 
 /// Who made a manual change, and why.
@@ -332,6 +337,8 @@ pub struct Reply {
 /// the records it created or updated (the operation's own, and the one it refers to).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
+    /// The stamp of the state this change was computed from.
+    pub prev_stamp: String,
     pub account: Account,
     pub entries: Vec<Entry>,
     pub records: Vec<(String, OpRecord)>,
@@ -808,6 +815,7 @@ pub fn apply(
     }
     Ok((
         Change {
+            prev_stamp: account.stamp.clone(),
             account: next,
             entries,
             records,

@@ -109,7 +109,8 @@ pub trait BalanceStore: Send + Sync + std::fmt::Debug {
 #[async_trait::async_trait]
 pub trait Ledger: Send + Sync + std::fmt::Debug {
     /// Durably writes `change` if the stored account's version is `expected` (0: none
-    /// stored). Returns `false`, writing nothing, when it is not.
+    /// stored) and its stamp is `change.prev_stamp`. Returns `false`, writing nothing, when
+    /// it is not.
     async fn commit(
         &self,
         tenant_id: &str,
@@ -117,6 +118,8 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
         expected: i64,
         change: &Change,
     ) -> Result<bool>;
+    /// The version of the member's stored state (0: none).
+    async fn version(&self, tenant_id: &str, member_id: &str) -> Result<i64>;
     /// The member's state and every record, to rebuild hot state from.
     async fn load(
         &self,

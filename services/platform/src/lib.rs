@@ -7,6 +7,7 @@ pub mod embedded;
 pub mod error;
 pub mod grpc;
 pub mod metrics;
+pub mod redis_server;
 pub mod server;
 pub mod telemetry;
 pub mod types;

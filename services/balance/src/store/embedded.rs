@@ -196,13 +196,19 @@ impl Ledger for EmbeddedBalanceStore {
                     let accounts = txn.open_table(ACCOUNTS).map_err(e)?;
                     get_record(&accounts, &key(&[&tenant, &member]))?.unwrap_or_default()
                 };
-                if account.version != expected {
+                if account.version != expected || account.stamp != change.prev_stamp {
                     return Ok(false);
                 }
                 write_change(txn, &tenant, &member, &account, &change)?;
                 Ok(true)
             })
             .await
+    }
+
+    async fn version(&self, tenant_id: &str, member_id: &str) -> Result<i64> {
+        Ok(BalanceStore::account(self, tenant_id, member_id)
+            .await?
+            .version)
     }
 
     async fn load(

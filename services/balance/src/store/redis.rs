@@ -1,1 +1,607 @@
+//! The balance store on Redis hot state over a durable [`Ledger`].
+//!
+//! Each member's state and records live under keys sharing one hash tag, so everything
+//! works on Redis Cluster. Only Lua scripts change them: `apply.lua` decides and applies an
+//! operation atomically (the same rules as [`crate::ledger::apply`]) and returns the change,
+//! which is then appended to the ledger *before* the caller hears of it. The ledger accepts
+//! a change only on top of the state it was computed from (the state's stamp, chained by
+//! the script through every change), so hot state that lost writes, ran ahead of the ledger
+//! or was restored from an old snapshot can never get a change into the ledger: such a
+//! change is refused, the hot state is dropped and rebuilt from the ledger, and the
+//! operation runs again. Missing state is rebuilt lazily from the ledger on first access.
+//! See ARCHITECTURE.md, "Balances on Redis".
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use loyalty_platform::clock::Millis;
+use loyalty_platform::error::{Error, Result};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, ErrorKind, Script, Value};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{BalanceStore, EntryQuery, Ledger, Page};
+use crate::ledger::{self, Account, Change, Op, OpRecord};
+
+/// How often one operation is retried after its hot state had to be rebuilt.
+const MAX_ATTEMPTS: usize = 4;
+/// How long a change waits for the ledger to catch up with the changes before it (applied
+/// to the hot state earlier, still being appended) before the hot state is declared
+/// diverged.
+const COMMIT_WAIT: Duration = Duration::from_secs(1);
+/// Stripes of the per-member lock that keeps one process's changes to a member in order
+/// between the script and the ledger.
+const STRIPES: usize = 4096;
+
+#[derive(Clone)]
+pub struct RedisBalanceStore {
+    redis: ConnectionManager,
+    ledger: Arc<dyn Ledger>,
+    apply: Script,
+    load: Script,
+    drop: Script,
+    stripes: Arc<Vec<tokio::sync::Mutex<()>>>,
+}
+
+impl std::fmt::Debug for RedisBalanceStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBalanceStore")
+            .field("ledger", &self.ledger)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Keys of one member: state and records, under one hash tag. The tag holds the tenant's
+/// length so no two (tenant, member) pairs share keys; whatever the ids contain, both keys
+/// of a member carry the same prefix and so the same tag.
+fn keys(tenant: &str, member: &str) -> (String, String) {
+    let tag = format!("lb:{{{}:{tenant}{member}}}", tenant.len());
+    (format!("{tag}:s"), format!("{tag}:o"))
+}
+
+fn redis_error(e: redis::RedisError) -> Error {
+    if e.kind() == ErrorKind::Extension
+        && let (Some(code), detail) = (e.code(), e.detail().unwrap_or_default())
+    {
+        let detail = detail.to_string();
+        match code {
+            "FAILED_PRECONDITION" => return Error::FailedPrecondition(detail),
+            "NOT_FOUND" => return Error::NotFound(detail),
+            "ALREADY_EXISTS" => return Error::AlreadyExists(detail),
+            "INVALID_ARGUMENT" => return Error::invalid("operation", detail),
+            _ => {}
+        }
+    }
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
+        return Error::Unavailable(format!("redis: {e}"));
+    }
+    Error::internal(anyhow::anyhow!("redis: {e}"))
+}
+
+fn pack<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    rmp_serde::to_vec_named(value).map_err(Error::internal)
+}
+
+fn unpack<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    rmp_serde::from_slice(bytes).map_err(Error::internal)
+}
+
+fn bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        _ => None,
+    }
+}
+
+/// What the ledger said to a change.
+enum Commit {
+    Done,
+    /// The ledger has not yet seen the changes before this one.
+    Behind,
+    /// The change was computed from a state the ledger never had.
+    Diverged,
+}
+
+impl RedisBalanceStore {
+    /// Connects to `url` (one multiplexed connection, shared by every request, reconnecting
+    /// on failure) over `ledger`.
+    pub async fn connect(url: &str, ledger: Arc<dyn Ledger>) -> anyhow::Result<Self> {
+        let client = Client::open(url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(20))
+            .set_max_delay(Duration::from_millis(500));
+        let redis = client.get_connection_manager_with_config(config).await?;
+        Ok(Self {
+            redis,
+            ledger,
+            apply: Script::new(include_str!("redis/apply.lua")),
+            load: Script::new(include_str!("redis/load.lua")),
+            drop: Script::new(include_str!("redis/drop.lua")),
+            stripes: Arc::new((0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect()),
+        })
+    }
+
+    /// Rebuilds one member's hot state from the ledger (a no-op when it is present).
+    async fn rebuild(&self, tenant: &str, member: &str) -> Result<()> {
+        let (account, records) = self.ledger.load(tenant, member).await?;
+        let (state_key, ops_key) = keys(tenant, member);
+        let mut invocation = self.load.prepare_invoke();
+        invocation
+            .key(&state_key)
+            .key(&ops_key)
+            .arg(pack(&account)?);
+        for (k, record) in &records {
+            invocation.arg(k.as_bytes()).arg(pack(record)?);
+        }
+        let mut con = self.redis.clone();
+        let _: i64 = invocation
+            .invoke_async(&mut con)
+            .await
+            .map_err(redis_error)?;
+        Ok(())
+    }
+
+    /// Drops a member's hot state: only if it still carries `stamp`, or unconditionally.
+    async fn drop_state(&self, tenant: &str, member: &str, stamp: Option<&str>) -> Result<()> {
+        let (state_key, ops_key) = keys(tenant, member);
+        let mut con = self.redis.clone();
+        let _: i64 = self
+            .drop
+            .key(&state_key)
+            .key(&ops_key)
+            .arg(stamp.unwrap_or_default())
+            .invoke_async(&mut con)
+            .await
+            .map_err(redis_error)?;
+        Ok(())
+    }
+
+    /// Drops and rebuilds every member's hot state from the ledger; returns how many.
+    pub async fn rebuild_all(&self) -> Result<usize> {
+        let mut after = None;
+        let mut count = 0;
+        loop {
+            let page = self.ledger.members(after.clone(), 500).await?;
+            let Some(last) = page.last().cloned() else {
+                return Ok(count);
+            };
+            for (tenant, member) in &page {
+                self.drop_state(tenant, member, None).await?;
+                self.rebuild(tenant, member).await?;
+                count += 1;
+            }
+            after = Some(last);
+        }
+    }
+
+    /// Appends `change` to the ledger, waiting for the changes before it.
+    async fn commit(&self, tenant: &str, member: &str, change: &Change) -> Result<Commit> {
+        let expected = change.account.version - 1;
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_micros(200);
+        loop {
+            if self.ledger.commit(tenant, member, expected, change).await? {
+                return Ok(Commit::Done);
+            }
+            let stored = self.ledger.version(tenant, member).await?;
+            if stored >= expected || started.elapsed() > COMMIT_WAIT {
+                return Ok(if stored < expected {
+                    Commit::Behind
+                } else {
+                    Commit::Diverged
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    async fn get_state(&self, tenant: &str, member: &str) -> Result<Option<Account>> {
+        let (state_key, _) = keys(tenant, member);
+        let mut con = self.redis.clone();
+        let raw: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(&state_key)
+            .query_async(&mut con)
+            .await
+            .map_err(redis_error)?;
+        raw.map(|b| unpack(&b)).transpose()
+    }
+}
+
+#[async_trait::async_trait]
+impl BalanceStore for RedisBalanceStore {
+    async fn execute(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        key: &str,
+        op: Op,
+        now: Millis,
+    ) -> Result<Option<OpRecord>> {
+        let (state_key, ops_key) = keys(tenant_id, member_id);
+        let fingerprint = if op.is_keyless() {
+            String::new()
+        } else {
+            op.fingerprint()
+        };
+        let packed_op = pack(&op)?;
+        let referenced = ledger::referenced_key(&op).unwrap_or_default();
+        // Changes to one member from this process reach the ledger in the order the script
+        // made them; other processes' changes are ordered by the ledger's condition.
+        let stripe = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (tenant_id, member_id).hash(&mut h);
+            (h.finish() % STRIPES as u64) as usize
+        };
+        let _ordered = self.stripes[stripe].lock().await;
+        for _ in 0..MAX_ATTEMPTS {
+            let mut con = self.redis.clone();
+            let reply: Vec<Value> = self
+                .apply
+                .key(&state_key)
+                .key(&ops_key)
+                .arg(now)
+                .arg(key)
+                .arg(&fingerprint)
+                .arg(packed_op.as_slice())
+                .arg(referenced)
+                .invoke_async(&mut con)
+                .await
+                .map_err(redis_error)?;
+            let status = match reply.first() {
+                Some(Value::Int(s)) => *s,
+                other => {
+                    return Err(Error::internal(anyhow::anyhow!(
+                        "unexpected reply from apply.lua: {other:?}"
+                    )));
+                }
+            };
+            match status {
+                0 => {
+                    let record = reply.get(1).and_then(bytes).ok_or_else(|| {
+                        Error::internal(anyhow::anyhow!("apply.lua replay without a record"))
+                    })?;
+                    return Ok(Some(unpack(record)?));
+                }
+                1 => {
+                    let change: Change =
+                        unpack(reply.get(1).and_then(bytes).ok_or_else(|| {
+                            Error::internal(anyhow::anyhow!("apply.lua without a change"))
+                        })?)?;
+                    let record = match reply.get(2).and_then(bytes) {
+                        Some(b) if !b.is_empty() => Some(unpack::<OpRecord>(b)?),
+                        _ => None,
+                    };
+                    match self.commit(tenant_id, member_id, &change).await {
+                        Ok(Commit::Done) => return Ok(record),
+                        Ok(Commit::Behind | Commit::Diverged) => {
+                            tracing::warn!(
+                                tenant = tenant_id,
+                                member = member_id,
+                                "hot balance state diverged from the ledger; rebuilding it"
+                            );
+                            self.drop_state(tenant_id, member_id, None).await?;
+                            self.rebuild(tenant_id, member_id).await?;
+                        }
+                        Err(e) => {
+                            // Not acknowledged: take the change back out of the hot state
+                            // (if nothing came after it) so no reader sees it.
+                            let _ = self
+                                .drop_state(tenant_id, member_id, Some(&change.account.stamp))
+                                .await;
+                            return Err(e);
+                        }
+                    }
+                }
+                2 => self.rebuild(tenant_id, member_id).await?,
+                3 => return Ok(None),
+                other => {
+                    return Err(Error::internal(anyhow::anyhow!(
+                        "unexpected status {other} from apply.lua"
+                    )));
+                }
+            }
+        }
+        Err(Error::Unavailable(
+            "the member's balance state kept changing; try again".into(),
+        ))
+    }
+
+    async fn account(&self, tenant_id: &str, member_id: &str) -> Result<Account> {
+        if let Some(account) = self.get_state(tenant_id, member_id).await? {
+            return Ok(account);
+        }
+        self.rebuild(tenant_id, member_id).await?;
+        Ok(self
+            .get_state(tenant_id, member_id)
+            .await?
+            .unwrap_or_default())
+    }
+
+    async fn record(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        key: &str,
+    ) -> Result<Option<OpRecord>> {
+        let (state_key, ops_key) = keys(tenant_id, member_id);
+        for _ in 0..2 {
+            let mut con = self.redis.clone();
+            let (exists, raw): (bool, Option<Vec<u8>>) = redis::pipe()
+                .exists(&state_key)
+                .hget(&ops_key, key)
+                .query_async(&mut con)
+                .await
+                .map_err(redis_error)?;
+            if exists {
+                return raw.map(|b| unpack(&b)).transpose();
+            }
+            self.rebuild(tenant_id, member_id).await?;
+        }
+        Err(Error::Unavailable(
+            "the member's balance state is being rebuilt".into(),
+        ))
+    }
+
+    async fn entries(&self, tenant_id: &str, member_id: &str, query: &EntryQuery) -> Result<Page> {
+        self.ledger.entries(tenant_id, member_id, query).await
+    }
+
+    async fn due(&self, now: Millis, limit: usize) -> Result<Vec<(String, String)>> {
+        self.ledger.due(now, limit).await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let mut con = self.redis.clone();
+        let _: String = redis::cmd("PING")
+            .query_async(&mut con)
+            .await
+            .map_err(redis_error)?;
+        self.ledger.ping().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use loyalty_platform::redis_server::RedisServer;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::ledger::{Actor, Reason};
+    use crate::store::embedded::EmbeddedBalanceStore;
+
+    async fn setup() -> (
+        RedisServer,
+        tempfile::TempDir,
+        Arc<EmbeddedBalanceStore>,
+        RedisBalanceStore,
+    ) {
+        let server = RedisServer::start().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(EmbeddedBalanceStore::open(&dir.path().join("ledger.redb")).unwrap());
+        let store = RedisBalanceStore::connect(&server.url(), ledger.clone())
+            .await
+            .unwrap();
+        (server, dir, ledger, store)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conformance() {
+        let (_server, _dir, _ledger, store) = setup().await;
+        crate::store::conformance::run_all(Arc::new(store)).await;
+    }
+
+    fn accrue(amount: i64) -> Op {
+        Op::Accrue {
+            amount,
+            reason: Reason::Accrual,
+            reference: String::new(),
+            activate_at: None,
+            expire_at: None,
+        }
+    }
+
+    fn redeem(amount: i64) -> Op {
+        Op::Redeem {
+            amount,
+            reference: String::new(),
+            up_to_available: false,
+        }
+    }
+
+    fn random_op(rng: &mut StdRng, n: usize, now: Millis) -> (String, Op) {
+        let earlier = |rng: &mut StdRng| format!("k{}", rng.random_range(0..n.max(1)));
+        let op = match rng.random_range(0..11) {
+            0 | 1 => Op::Accrue {
+                amount: rng.random_range(1..1_000),
+                reason: Reason::Accrual,
+                reference: "r".into(),
+                activate_at: rng.random_bool(0.3).then(|| now + rng.random_range(1..500)),
+                expire_at: rng
+                    .random_bool(0.6)
+                    .then(|| now + rng.random_range(500..5_000)),
+            },
+            2 => Op::Redeem {
+                amount: rng.random_range(1..1_500),
+                reference: "r".into(),
+                up_to_available: rng.random_bool(0.5),
+            },
+            3 => Op::Hold {
+                amount: rng.random_range(1..800),
+                reference: "pos".into(),
+                timeout_ms: rng.random_range(1..3_000),
+            },
+            4 => Op::Confirm {
+                hold_key: earlier(rng),
+                amount: rng.random_range(0..900),
+            },
+            5 => Op::Cancel {
+                hold_key: earlier(rng),
+            },
+            6 => Op::Reverse {
+                original_key: earlier(rng),
+                amount: rng.random_range(1..1_000),
+                reference: "refund".into(),
+            },
+            7 => Op::Activate {
+                accrual_key: rng.random_bool(0.5).then(|| earlier(rng)),
+            },
+            8 => Op::Adjust {
+                amount: rng.random_range(-300..300i64).max(1)
+                    * if rng.random_bool(0.3) { -1 } else { 1 },
+                actor: Actor {
+                    id: "manager:anna".into(),
+                    comment: "check".into(),
+                },
+                expire_at: rng.random_bool(0.5).then(|| now + 4_000),
+            },
+            9 => Op::Expire,
+            _ => accrue(rng.random_range(1..50)),
+        };
+        let key = if op.is_keyless() {
+            String::new()
+        } else if rng.random_bool(0.1) {
+            earlier(rng)
+        } else {
+            format!("k{n}")
+        };
+        (key, op)
+    }
+
+    fn same_outcome(a: &Result<Option<OpRecord>>, b: &Result<Option<OpRecord>>) -> bool {
+        match (a, b) {
+            (Ok(x), Ok(y)) => x == y,
+            (Err(x), Err(y)) => std::mem::discriminant(x) == std::mem::discriminant(y),
+            _ => false,
+        }
+    }
+
+    /// The Lua script and the Rust ledger agree on every outcome of random sequences:
+    /// replies, refusals, records, state and entries.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lua_and_rust_rules_agree() {
+        let (_server, dir, _ledger, redis) = setup().await;
+        let reference = EmbeddedBalanceStore::open(&dir.path().join("reference.redb")).unwrap();
+        for seed in 0..40u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let member = format!("m{seed}");
+            let mut now = 1_000;
+            for n in 0..60 {
+                if rng.random_bool(0.2) {
+                    now += rng.random_range(1..1_500);
+                }
+                let (key, op) = random_op(&mut rng, n, now);
+                let want = reference.execute("t", &member, &key, op.clone(), now).await;
+                let got = redis.execute("t", &member, &key, op.clone(), now).await;
+                assert!(
+                    same_outcome(&want, &got),
+                    "seed {seed} step {n} {key} {op:?}:\n rust {want:?}\n lua  {got:?}"
+                );
+            }
+            let mut want = reference.account("t", &member).await.unwrap();
+            let got = redis.account("t", &member).await.unwrap();
+            want.stamp.clone_from(&got.stamp);
+            assert_eq!(want, got, "seed {seed}");
+            let all = EntryQuery {
+                limit: 1_000,
+                ..Default::default()
+            };
+            assert_eq!(
+                BalanceStore::entries(&reference, "t", &member, &all)
+                    .await
+                    .unwrap(),
+                redis.entries("t", &member, &all).await.unwrap()
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lost_hot_state_is_rebuilt_from_the_ledger() {
+        let (server, _dir, _ledger, store) = setup().await;
+        let first = store.execute("t", "m", "a", accrue(100), 0).await.unwrap();
+        store.execute("t", "m", "r", redeem(30), 0).await.unwrap();
+        let mut con = store.redis.clone();
+        let _: () = redis::cmd("FLUSHALL").query_async(&mut con).await.unwrap();
+        // A retry after the loss replays instead of accruing again.
+        assert_eq!(
+            store.execute("t", "m", "a", accrue(100), 5).await.unwrap(),
+            first
+        );
+        assert_eq!(store.account("t", "m").await.unwrap().view(5).active, 70);
+        drop(server);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hot_state_ahead_of_or_behind_the_ledger_never_reaches_it() {
+        let (_server, _dir, ledger, store) = setup().await;
+        store.execute("t", "m", "a", accrue(100), 0).await.unwrap();
+        let (state_key, ops_key) = keys("t", "m");
+        let mut con = store.redis.clone();
+        let snapshot: Vec<u8> = redis::cmd("GET")
+            .arg(&state_key)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+
+        // Ahead: an accrual applied to Redis whose ledger append never happened (the
+        // process died in between). The next operation must not build on it.
+        let phantom = accrue(1_000_000);
+        let _: Vec<Value> = store
+            .apply
+            .key(&state_key)
+            .key(&ops_key)
+            .arg(0)
+            .arg("phantom")
+            .arg(phantom.fingerprint())
+            .arg(pack(&phantom).unwrap())
+            .arg("")
+            .invoke_async(&mut con)
+            .await
+            .unwrap();
+        let err = store
+            .execute("t", "m", "big", redeem(500), 1)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+        assert_eq!(store.account("t", "m").await.unwrap().total, 100);
+        assert_eq!(Ledger::version(ledger.as_ref(), "t", "m").await.unwrap(), 1);
+
+        // Behind: Redis restored from an old snapshot after more operations.
+        store.execute("t", "m", "r", redeem(60), 2).await.unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(&state_key)
+            .arg(snapshot)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        let err = store
+            .execute("t", "m", "r2", redeem(50), 3)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::FailedPrecondition(_)),
+            "40 left, not 100: {err}"
+        );
+        let account = store.account("t", "m").await.unwrap();
+        assert_eq!(account.total, 40);
+        let all = EntryQuery {
+            limit: 100,
+            ..Default::default()
+        };
+        let amounts: Vec<i64> = store
+            .entries("t", "m", &all)
+            .await
+            .unwrap()
+            .entries
+            .iter()
+            .map(|e| e.amount)
+            .collect();
+        assert_eq!(amounts, [-60, 100]);
+    }
+}
