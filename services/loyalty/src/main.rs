@@ -48,6 +48,10 @@ enum Command {
         /// Comma-separated: identity, balance, promotion, segmentation, reporting.
         #[arg(long, value_name = "NAME[,NAME...]")]
         service: String,
+        /// Before serving, drop every member's hot balance state in Redis and rebuild it
+        /// from the durable ledger (after a Redis failover or a restore from a snapshot).
+        #[arg(long)]
+        rebuild_balances: bool,
     },
     /// Prints the effective configuration (secrets redacted) and exits.
     Config {
@@ -106,10 +110,14 @@ fn main() -> ExitCode {
 
 #[allow(clippy::print_stdout)]
 async fn run(cli: Cli) -> ExitCode {
-    let (common, services, demo) = match cli.command {
-        Command::Dev { common, demo } => (common, ServiceName::ALL.to_vec(), demo),
-        Command::Serve { common, service } => match parse_services(&service) {
-            Ok(services) => (common, services, false),
+    let (common, services, demo, rebuild) = match cli.command {
+        Command::Dev { common, demo } => (common, ServiceName::ALL.to_vec(), demo, false),
+        Command::Serve {
+            common,
+            service,
+            rebuild_balances,
+        } => match parse_services(&service) {
+            Ok(services) => (common, services, false, rebuild_balances),
             Err(e) => {
                 eprintln!("loyalty: --service: {e}");
                 return ExitCode::from(2);
@@ -139,7 +147,7 @@ async fn run(cli: Cli) -> ExitCode {
         Err(code) => return code,
     };
     telemetry::init(&config.log);
-    match serve(config, services, demo).await {
+    match serve(config, services, demo, rebuild).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("loyalty: {e:#}");
@@ -149,10 +157,27 @@ async fn run(cli: Cli) -> ExitCode {
 }
 
 #[allow(clippy::print_stdout)]
-async fn serve(config: Config, services: Vec<ServiceName>, demo: bool) -> anyhow::Result<()> {
+async fn serve(
+    config: Config,
+    services: Vec<ServiceName>,
+    demo: bool,
+    rebuild_balances: bool,
+) -> anyhow::Result<()> {
     use anyhow::Context;
     let clock: SharedClock = Arc::new(SystemClock);
     let node = wiring::build(&config, &services, clock.clone())?;
+    if rebuild_balances {
+        let Some(redis) = &node.redis_balances else {
+            anyhow::bail!(
+                "--rebuild-balances needs the balance service with storage.backend = \"redis\""
+            );
+        };
+        let count = redis.rebuild_all().await?;
+        tracing::info!(members = count, "hot balance state rebuilt from the ledger");
+    }
+    if let Some(balance) = node.balance.clone() {
+        wiring::spawn_expiry(balance, &config.balance);
+    }
     if demo {
         if demo::load(&node, &clock).await? {
             tracing::info!(tenant = demo::TENANT, "demo tenant loaded");

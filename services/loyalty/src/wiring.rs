@@ -8,11 +8,13 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use loyalty_balance::Balance;
+use loyalty_balance::store::BalanceStore;
 use loyalty_balance::store::embedded::EmbeddedBalanceStore;
+use loyalty_balance::store::redis::RedisBalanceStore;
 use loyalty_identity::Identity;
 use loyalty_identity::store::embedded::EmbeddedIdentityStore;
 use loyalty_platform::clock::SharedClock;
-use loyalty_platform::config::{Backend, Config};
+use loyalty_platform::config::{Backend, BalanceSettings, Config};
 use loyalty_platform::server::{HealthCheck, HealthEntry};
 use loyalty_promotion::ports::{Members, Points};
 use loyalty_promotion::store::embedded::EmbeddedPromotionStore;
@@ -95,6 +97,8 @@ pub struct Node {
     pub health: Vec<HealthEntry>,
     pub identity: Option<Identity>,
     pub balance: Option<Balance>,
+    /// The Redis balance store, when balances run on Redis.
+    pub redis_balances: Option<RedisBalanceStore>,
     pub checkout: Option<Checkout>,
     pub admin: Option<Admin>,
 }
@@ -145,7 +149,6 @@ pub fn build(
     services: &[ServiceName],
     clock: SharedClock,
 ) -> anyhow::Result<Node> {
-    let Backend::Embedded = config.storage.backend;
     let dir = &config.data_dir;
     let max = config.server.max_message_bytes;
     let runs = |n: ServiceName| services.contains(&n);
@@ -176,9 +179,19 @@ pub fn build(
         None
     };
 
+    let mut redis_balances = None;
     let balance = if runs(ServiceName::Balance) {
-        let store = EmbeddedBalanceStore::open(&dir.join("balance.redb"))?;
-        let balance = Balance::new(Arc::new(store), clock.clone());
+        let ledger = Arc::new(EmbeddedBalanceStore::open(&dir.join("balance.redb"))?);
+        let store: Arc<dyn BalanceStore> = match config.storage.backend {
+            Backend::Embedded => ledger,
+            Backend::Redis => {
+                let redis = RedisBalanceStore::connect(&config.storage.redis.url, ledger)
+                    .context("bad configuration: `storage.redis.url`")?;
+                redis_balances = Some(redis.clone());
+                Arc::new(redis)
+            }
+        };
+        let balance = Balance::new(store, clock.clone());
         routes = loyalty_balance::grpc::add_routes(routes, balance.clone(), max);
         let probe = balance.clone();
         health.push(entry(loyalty_balance::grpc::SERVICE_NAMES, move || {
@@ -257,9 +270,43 @@ pub fn build(
         health,
         identity,
         balance,
+        redis_balances,
         checkout,
         admin,
     })
+}
+
+/// Runs the expiry process in the background: every interval, expires due lots and
+/// releases timed-out holds. Safe on every replica at once.
+pub fn spawn_expiry(balance: Balance, settings: &BalanceSettings) {
+    if settings.expiry_interval_ms == 0 {
+        return;
+    }
+    let interval = std::time::Duration::from_millis(settings.expiry_interval_ms);
+    let batch = settings.expiry_batch;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            // A full batch means more may be due: go again at once.
+            loop {
+                match balance.expire_due(batch).await {
+                    Ok(n) if n == batch => continue,
+                    Ok(n) => {
+                        if n > 0 {
+                            tracing::info!(members = n, "expired points and released holds");
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the expiry process could not run");
+                        break;
+                    }
+                }
+            }
+        }
+    });
 }
 
 #[cfg(test)]

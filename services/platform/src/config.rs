@@ -24,6 +24,7 @@ pub struct Config {
     pub peers: PeersConfig,
     pub storage: StorageConfig,
     pub identity: IdentitySettings,
+    pub balance: BalanceSettings,
 }
 
 impl Default for Config {
@@ -36,6 +37,26 @@ impl Default for Config {
             peers: PeersConfig::default(),
             storage: StorageConfig::default(),
             identity: IdentitySettings::default(),
+            balance: BalanceSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BalanceSettings {
+    /// How often the expiry process looks for due lots and timed-out holds; 0 turns it off
+    /// in this process (it is safe to run on every replica).
+    pub expiry_interval_ms: u64,
+    /// Most members one expiry round handles.
+    pub expiry_batch: usize,
+}
+
+impl Default for BalanceSettings {
+    fn default() -> Self {
+        Self {
+            expiry_interval_ms: 10_000,
+            expiry_batch: 1_000,
         }
     }
 }
@@ -125,6 +146,22 @@ impl Default for PeersConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     pub backend: Backend,
+    pub redis: RedisConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Where the hot balance state lives, e.g. `redis://redis:6379/`.
+    pub url: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379/".into(),
+        }
+    }
 }
 
 /// Storage backends this build offers.
@@ -134,6 +171,9 @@ pub enum Backend {
     /// redb files in `data_dir`, one per service.
     #[default]
     Embedded,
+    /// Balances: hot state in Redis (`storage.redis`) over the embedded durable ledger
+    /// (single node). Other services: embedded.
+    Redis,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -217,6 +257,15 @@ impl Config {
         }
         if !(1..=60_000).contains(&self.peers.timeout_ms) {
             return bad("peers.timeout_ms", "must be between 1 and 60000");
+        }
+        if !self.storage.redis.url.starts_with("redis://") {
+            return bad(
+                "storage.redis.url",
+                "must be a redis:// URL, e.g. redis://redis:6379/",
+            );
+        }
+        if self.balance.expiry_batch == 0 || self.balance.expiry_batch > 100_000 {
+            return bad("balance.expiry_batch", "must be between 1 and 100000");
         }
         for (key, url) in [
             ("peers.identity", &self.peers.identity),

@@ -104,9 +104,9 @@ enum Commit {
 }
 
 impl RedisBalanceStore {
-    /// Connects to `url` (one multiplexed connection, shared by every request, reconnecting
-    /// on failure) over `ledger`.
-    pub async fn connect(url: &str, ledger: Arc<dyn Ledger>) -> anyhow::Result<Self> {
+    /// Prepares one multiplexed connection to `url`, shared by every request, opened on
+    /// first use and reopened after a failure, over `ledger`.
+    pub fn connect(url: &str, ledger: Arc<dyn Ledger>) -> anyhow::Result<Self> {
         let client = Client::open(url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -114,7 +114,7 @@ impl RedisBalanceStore {
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(20))
             .set_max_delay(Duration::from_millis(500));
-        let redis = client.get_connection_manager_with_config(config).await?;
+        let redis = client.get_connection_manager_lazy(config)?;
         Ok(Self {
             redis,
             ledger,
@@ -385,9 +385,7 @@ mod tests {
         let server = RedisServer::start().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let ledger = Arc::new(EmbeddedBalanceStore::open(&dir.path().join("ledger.redb")).unwrap());
-        let store = RedisBalanceStore::connect(&server.url(), ledger.clone())
-            .await
-            .unwrap();
+        let store = RedisBalanceStore::connect(&server.url(), ledger.clone()).unwrap();
         (server, dir, ledger, store)
     }
 

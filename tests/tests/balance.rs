@@ -1,0 +1,483 @@
+//! The balance service through the real binary and its gRPC API, on embedded storage
+//! (`dev`) and on Redis hot state over the durable ledger (`serve --service balance` with
+//! `storage.backend = "redis"` and a redis-server the test starts on loopback).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use loyalty_e2e::*;
+use loyalty_platform::redis_server::RedisServer;
+use loyalty_proto::common::v1 as common;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use balance::balance_service_client::BalanceServiceClient;
+
+type Client = BalanceServiceClient<Channel>;
+
+fn now_plus(ms: i64) -> prost_types::Timestamp {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + ms;
+    prost_types::Timestamp {
+        seconds: now.div_euclid(1000),
+        nanos: (now.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+fn accrue(member: &str, key: &str, amount: i64) -> balance::AccrueRequest {
+    balance::AccrueRequest {
+        tenant_id: "t".into(),
+        member_id: member.into(),
+        idempotency_key: key.into(),
+        amount,
+        ..Default::default()
+    }
+}
+
+fn redeem(member: &str, key: &str, amount: i64) -> balance::RedeemRequest {
+    balance::RedeemRequest {
+        tenant_id: "t".into(),
+        member_id: member.into(),
+        idempotency_key: key.into(),
+        amount,
+        ..Default::default()
+    }
+}
+
+async fn get(c: &mut Client, member: &str) -> balance::Balance {
+    c.get_balance(balance::GetBalanceRequest {
+        tenant_id: "t".into(),
+        member_id: member.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .balance
+    .unwrap()
+}
+
+async fn entries(c: &mut Client, member: &str) -> Vec<balance::LedgerEntry> {
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_ledger_entries(balance::ListLedgerEntriesRequest {
+                tenant_id: "t".into(),
+                member_id: member.into(),
+                page_size: 1000,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        all.extend(page.entries);
+        if page.next_page_token.is_empty() {
+            return all;
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// Runs every balance behaviour against `channel`.
+async fn balance_behaviour(channel: Channel) {
+    let mut c = BalanceServiceClient::new(channel);
+
+    // Pending points, then early activation of one accrual.
+    let mut later = accrue("m1", "a-later", 500);
+    later.activate_time = Some(now_plus(3_600_000));
+    c.accrue(later.clone()).await.unwrap();
+    c.accrue(accrue("m1", "a-now", 1_000)).await.unwrap();
+    let b = get(&mut c, "m1").await;
+    assert_eq!((b.active, b.pending), (1_000, 500));
+    let activated = c
+        .activate_pending(balance::ActivatePendingRequest {
+            tenant_id: "t".into(),
+            member_id: "m1".into(),
+            idempotency_key: "act-1".into(),
+            accrual_idempotency_key: "a-later".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(activated.activated_amount, 500);
+    assert_eq!(activated.balance.unwrap().active, 1_500);
+
+    // Two-phase redemption: hold, partial confirm, the rest returns; resolved once.
+    let hold = c
+        .hold(balance::HoldRequest {
+            tenant_id: "t".into(),
+            member_id: "m1".into(),
+            idempotency_key: "hold-1".into(),
+            amount: 600,
+            reference: "R-1".into(),
+            timeout_seconds: 60,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hold.status(), balance::HoldStatus::Open);
+    let b = hold.balance.unwrap();
+    assert_eq!((b.active, b.held), (900, 600));
+    let confirm = balance::ConfirmHoldRequest {
+        tenant_id: "t".into(),
+        hold_id: hold.hold_id.clone(),
+        idempotency_key: "confirm-1".into(),
+        amount: 400,
+    };
+    let confirmed = c.confirm_hold(confirm.clone()).await.unwrap().into_inner();
+    assert_eq!(confirmed.entry.as_ref().unwrap().amount, -400);
+    assert_eq!(confirmed.balance.as_ref().unwrap().active, 1_100);
+    let replay = c.confirm_hold(confirm.clone()).await.unwrap().into_inner();
+    assert_eq!(
+        replay, confirmed,
+        "a retried confirmation gets the stored reply"
+    );
+    let again = balance::ConfirmHoldRequest {
+        idempotency_key: "confirm-2".into(),
+        ..confirm.clone()
+    };
+    let err = c.confirm_hold(again).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let err = c
+        .cancel_hold(balance::CancelHoldRequest {
+            tenant_id: "t".into(),
+            hold_id: hold.hold_id.clone(),
+            idempotency_key: "cancel-1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    // A hold that times out releases itself; confirming it afterwards fails.
+    let short = c
+        .hold(balance::HoldRequest {
+            tenant_id: "t".into(),
+            member_id: "m1".into(),
+            idempotency_key: "hold-2".into(),
+            amount: 100,
+            timeout_seconds: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(short.balance.unwrap().held, 100);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(get(&mut c, "m1").await.held, 0);
+    let err = c
+        .confirm_hold(balance::ConfirmHoldRequest {
+            tenant_id: "t".into(),
+            hold_id: short.hold_id,
+            idempotency_key: "confirm-3".into(),
+            amount: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    // An audited manual adjustment.
+    let adjusted = c
+        .adjust(balance::AdjustRequest {
+            tenant_id: "t".into(),
+            member_id: "m1".into(),
+            idempotency_key: "adj-1".into(),
+            amount: -100,
+            actor: Some(common::Actor {
+                id: "manager:anna".into(),
+                comment: "duplicate receipt".into(),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = adjusted.entry.unwrap();
+    assert_eq!(e.reason(), balance::EntryReason::ManualAdjustment);
+    assert_eq!(e.actor.unwrap().id, "manager:anna");
+
+    // History: newest first, filterable by reason.
+    let all = entries(&mut c, "m1").await;
+    let seqs: Vec<i64> = all.iter().map(|e| e.sequence).collect();
+    assert_eq!(seqs, (1..=all.len() as i64).rev().collect::<Vec<_>>());
+    let b = get(&mut c, "m1").await;
+    assert_eq!(
+        all.iter().map(|e| e.amount).sum::<i64>(),
+        b.active + b.pending + b.held
+    );
+    let redemptions = c
+        .list_ledger_entries(balance::ListLedgerEntriesRequest {
+            tenant_id: "t".into(),
+            member_id: "m1".into(),
+            reasons: vec![balance::EntryReason::Redemption as i32],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(redemptions.entries.len(), 1);
+
+    // Idempotency: a replay of an accrual returns the stored reply; another payload under
+    // the same key is refused.
+    let first = c.accrue(accrue("m2", "k", 70)).await.unwrap().into_inner();
+    assert_eq!(
+        c.accrue(accrue("m2", "k", 70)).await.unwrap().into_inner(),
+        first
+    );
+    let err = c.accrue(accrue("m2", "k", 71)).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+
+    // Bad input: a clear error and nothing written.
+    let before = get(&mut c, "m2").await;
+    for bad in [0, -5] {
+        let err = c.accrue(accrue("m2", "bad", bad)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        let err = c.redeem(redeem("m2", "bad", bad)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    }
+    let err = c
+        .confirm_hold(balance::ConfirmHoldRequest {
+            tenant_id: "t".into(),
+            hold_id: "forged".into(),
+            idempotency_key: "x".into(),
+            amount: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = c
+        .bulk_accrue(balance::BulkAccrueRequest {
+            tenant_id: "t".into(),
+            batch_id: "huge".into(),
+            member_ids: (0..10_001).map(|i| format!("b{i}")).collect(),
+            amount: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(get(&mut c, "m2").await, before);
+    assert_eq!(get(&mut c, "b0").await.ledger_sequence, 0);
+
+    // Bulk accrual: idempotent per member, resumable.
+    let bulk = |members: Vec<String>| balance::BulkAccrueRequest {
+        tenant_id: "t".into(),
+        batch_id: "birthday-2026".into(),
+        member_ids: members,
+        amount: 50,
+        reason: balance::EntryReason::CampaignBonus as i32,
+        ..Default::default()
+    };
+    let half: Vec<String> = (0..150).map(|i| format!("b{i}")).collect();
+    let all_members: Vec<String> = (0..300).map(|i| format!("b{i}")).collect();
+    let r = c.bulk_accrue(bulk(half)).await.unwrap().into_inner();
+    assert_eq!((r.accrued_count, r.already_done_count), (150, 0));
+    let r = c.bulk_accrue(bulk(all_members)).await.unwrap().into_inner();
+    assert_eq!((r.accrued_count, r.already_done_count), (150, 150));
+    assert_eq!(get(&mut c, "b7").await.active, 50);
+
+    // Merge: every point moves to the survivor, the source is closed.
+    let moved = c
+        .transfer_member(balance::TransferMemberRequest {
+            tenant_id: "t".into(),
+            from_member_id: "b1".into(),
+            to_member_id: "b2".into(),
+            idempotency_key: "merge-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(moved.transferred_amount, 50);
+    assert_eq!(moved.balance.unwrap().active, 100);
+    let err = c.accrue(accrue("b1", "late", 1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    // The expiry process (every 200 ms in these tests) expires due lots.
+    let mut expiring = accrue("x1", "soon", 300);
+    expiring.expire_time = Some(now_plus(500));
+    c.accrue(expiring).await.unwrap();
+    c.redeem(redeem("x1", "spend", 120)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let b = get(&mut c, "x1").await;
+        if b.lifetime_expired > 0 {
+            assert_eq!(
+                b.lifetime_expired, 180,
+                "only the unspent remainder expires"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing expired: {b:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let x1 = entries(&mut c, "x1").await;
+    assert_eq!(x1[0].reason(), balance::EntryReason::Expiry);
+    assert_eq!(x1[0].amount, -180);
+
+    // 200 concurrent redemptions against one balance never overdraw it; every replay
+    // returns the stored reply.
+    c.accrue(accrue("c1", "seed", 1_000)).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = redeem("c1", &format!("red-{i}"), 7);
+            let first = c.redeem(r.clone()).await;
+            let replay = c.redeem(r).await;
+            (first, replay)
+        }));
+    }
+    let mut accepted = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            (Ok(first), Ok(replay)) => {
+                assert_eq!(first.into_inner(), replay.into_inner());
+                accepted += 7;
+            }
+            (Err(e), _) => assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}"),
+            (Ok(_), Err(e)) => panic!("a replay failed: {e:?}"),
+        }
+    }
+    assert_eq!(accepted, 1_000 - 1_000 % 7);
+    assert_eq!(get(&mut c, "c1").await.active, 1_000 % 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balance_api_on_embedded_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let launch = Launch::dev().env("LOYALTY_BALANCE__EXPIRY_INTERVAL_MS", "200");
+    let server = Server::start(launch, dir.path()).await;
+    balance_behaviour(server.channel().await).await;
+    assert_eq!(server.stop().await, 0);
+}
+
+fn redis_launch(redis: &RedisServer) -> Launch {
+    Launch::serve("balance")
+        .env("LOYALTY_STORAGE__BACKEND", "redis")
+        .env("LOYALTY_STORAGE__REDIS__URL", &redis.url())
+        .env("LOYALTY_BALANCE__EXPIRY_INTERVAL_MS", "200")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balance_api_on_redis() {
+    let redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(redis_launch(&redis), dir.path()).await;
+    balance_behaviour(server.channel().await).await;
+    assert_eq!(server.stop().await, 0);
+}
+
+/// Under a running load of accruals and redemptions, Redis is killed with SIGKILL and
+/// restarted empty. Afterwards every acknowledged operation is in the ledger, no refused
+/// one is, and every balance Redis reports equals its ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_operations_survive_kill_9_of_redis() {
+    let mut redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(redis_launch(&redis), dir.path()).await;
+    let channel = server.channel().await;
+    let members = 8;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..8 {
+        let mut c = BalanceServiceClient::new(channel.clone());
+        let stop = stop.clone();
+        workers.push(tokio::spawn(async move {
+            // key -> (member, signed amount) of every acknowledged operation, and the keys
+            // of every refused one.
+            let mut acked: HashMap<String, (String, i64)> = HashMap::new();
+            let mut refused: Vec<(String, String)> = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let member = format!("f{}", (w + i) % members);
+                let key = format!("w{w}-{i}");
+                if i % 3 == 2 {
+                    let mut r = redeem(&member, &key, 40);
+                    r.up_to_available = true;
+                    match c.redeem(r).await {
+                        Ok(reply) => {
+                            let taken = reply.into_inner().entry.map_or(0, |e| e.amount);
+                            acked.insert(key, (member, taken));
+                        }
+                        Err(_) => refused.push((member, key)),
+                    }
+                } else {
+                    match c.accrue(accrue(&member, &key, 25)).await {
+                        Ok(_) => {
+                            acked.insert(key, (member, 25));
+                        }
+                        Err(_) => refused.push((member, key)),
+                    }
+                }
+                i += 1;
+            }
+            (acked, refused)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.restart().unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acked = HashMap::new();
+    let mut refused = Vec::new();
+    for w in workers {
+        let (a, r) = w.await.unwrap();
+        acked.extend(a);
+        refused.extend(r);
+    }
+    eprintln!(
+        "fault test: {} operations acknowledged, {} refused around the kill",
+        acked.len(),
+        refused.len()
+    );
+    assert!(
+        acked.len() > 100,
+        "the load ran: {} acknowledged",
+        acked.len()
+    );
+    assert!(!refused.is_empty(), "the kill interrupted some calls");
+
+    let mut c = BalanceServiceClient::new(channel);
+    for m in 0..members {
+        let member = format!("f{m}");
+        let ledger = entries(&mut c, &member).await;
+        let by_key: HashMap<&str, i64> = ledger
+            .iter()
+            .map(|e| (e.idempotency_key.as_str(), e.amount))
+            .collect();
+        for (key, (owner, amount)) in &acked {
+            if owner == &member && *amount != 0 {
+                assert_eq!(
+                    by_key.get(key.as_str()),
+                    Some(amount),
+                    "acknowledged {key} is in the ledger"
+                );
+            }
+        }
+        for (owner, key) in &refused {
+            if owner == &member {
+                assert!(
+                    !by_key.contains_key(key.as_str()),
+                    "refused {key} is not in the ledger"
+                );
+            }
+        }
+        let b = get(&mut c, &member).await;
+        assert_eq!(
+            b.active + b.pending + b.held,
+            ledger.iter().map(|e| e.amount).sum::<i64>(),
+            "{member}"
+        );
+        assert_eq!(b.ledger_sequence, ledger.len() as i64);
+    }
+    assert_eq!(server.stop().await, 0);
+}
