@@ -28,6 +28,8 @@ enum Scenario {
     Commit,
     Refund,
     Balance,
+    /// Balance operations alone: accruals and redemptions (up to what is available), 1:1.
+    Points,
     /// The steady mix ramping to --peak-factor times the rate, a spike, then holding.
     BlackFriday,
     /// A trading day (the model's daily shape) compressed into the run.
@@ -114,6 +116,7 @@ fn mix(scenario: Scenario) -> Vec<(Rpc, f64)> {
         // Refunds need committed receipts: one commit for every refund.
         Scenario::Refund => vec![(Rpc::Refund, 1.0), (Rpc::Commit, 1.0)],
         Scenario::Balance => vec![(Rpc::GetBalance, 1.0)],
+        Scenario::Points => vec![(Rpc::Accrue, 1.0), (Rpc::Redeem, 1.0)],
         // Per receipt: a card lookup when identified (60%), a quote, the commit; about 2% of
         // receipts come back as partial refunds; the app checks balances; a few customers
         // register at the till.

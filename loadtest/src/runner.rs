@@ -383,6 +383,35 @@ impl Workload {
                     }))
                     .await?;
             }
+            Rpc::Accrue | Rpc::Redeem => {
+                let i = self.model.member(&mut rng);
+                let member_id = self.member_ids.get(i).cloned().unwrap_or_default();
+                let mut client =
+                    bpb::balance_service_client::BalanceServiceClient::new(c.channel());
+                if call.rpc == Rpc::Accrue {
+                    client
+                        .accrue(c.request(bpb::AccrueRequest {
+                            tenant_id: tenant,
+                            member_id,
+                            idempotency_key: format!("{}-a{n}", self.run_id),
+                            amount: 100,
+                            reference: "loadtest".into(),
+                            ..Default::default()
+                        }))
+                        .await?;
+                } else {
+                    client
+                        .redeem(c.request(bpb::RedeemRequest {
+                            tenant_id: tenant,
+                            member_id,
+                            idempotency_key: format!("{}-r{n}", self.run_id),
+                            amount: 50,
+                            reference: "loadtest".into(),
+                            up_to_available: true,
+                        }))
+                        .await?;
+                }
+            }
             Rpc::Quote => {
                 let spec = self.model.receipt(&mut rng);
                 let receipt = self.receipt(&spec, format!("{}-q{n}", self.run_id));

@@ -16,6 +16,8 @@ pub enum Rpc {
     Commit,
     Refund,
     GetBalance,
+    Accrue,
+    Redeem,
 }
 
 impl Rpc {
@@ -27,6 +29,8 @@ impl Rpc {
             Rpc::Commit => "loyalty.promotion.v1.CheckoutService/Commit",
             Rpc::Refund => "loyalty.promotion.v1.CheckoutService/Refund",
             Rpc::GetBalance => "loyalty.balance.v1.BalanceService/GetBalance",
+            Rpc::Accrue => "loyalty.balance.v1.BalanceService/Accrue",
+            Rpc::Redeem => "loyalty.balance.v1.BalanceService/Redeem",
         }
     }
 }

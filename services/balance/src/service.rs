@@ -238,21 +238,30 @@ impl Balance {
         Ok((accrued, done))
     }
 
-    /// Expires what is due for up to `limit` members; returns how many members changed.
+    /// Expires what is due for up to `limit` members; returns how many were handled.
     /// Safe to run on several replicas at once: each member's expiry is one atomic,
     /// idempotent operation.
     pub async fn expire_due(&self, limit: usize) -> Result<usize> {
         let now = self.clock.now_ms();
         let due = self.store.due(now, limit).await?;
         let mut changed = 0;
-        for (tenant, member) in due {
-            match self
+        for d in due {
+            let done = match self
                 .store
-                .execute(&tenant, &member, "", Op::Expire, now)
+                .execute(&d.tenant, &d.member, "", Op::Expire, now)
                 .await
             {
-                Ok(_) => changed += 1,
-                Err(e) => tracing::warn!(%tenant, %member, error = %e, "expiring points failed"),
+                Ok(_) => self.store.done_due(&d).await,
+                Err(e) => Err(e),
+            };
+            match done {
+                Ok(()) => changed += 1,
+                Err(e) => tracing::warn!(
+                    tenant = %d.tenant,
+                    member = %d.member,
+                    error = %e,
+                    "expiring points failed"
+                ),
             }
         }
         Ok(changed)

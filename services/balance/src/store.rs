@@ -13,6 +13,7 @@ use crate::ledger::{Account, Change, Entry, Op, OpRecord, Reason};
 pub mod conformance;
 pub mod embedded;
 pub mod redis;
+pub mod scylla;
 
 /// Which entries a page holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -69,6 +70,14 @@ impl EntryQuery {
     }
 }
 
+/// A member with something due for the expiry process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Due {
+    pub at: Millis,
+    pub tenant: String,
+    pub member: String,
+}
+
 /// One page of entries, newest first.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Page {
@@ -99,9 +108,10 @@ pub trait BalanceStore: Send + Sync + std::fmt::Debug {
     -> Result<Option<OpRecord>>;
     /// A page of entries, newest first.
     async fn entries(&self, tenant_id: &str, member_id: &str, query: &EntryQuery) -> Result<Page>;
-    /// Up to `limit` members (tenant, member) with a lot expiry or hold timeout at or
-    /// before `now`.
-    async fn due(&self, now: Millis, limit: usize) -> Result<Vec<(String, String)>>;
+    /// Up to `limit` members with a lot expiry or hold timeout at or before `now`.
+    async fn due(&self, now: Millis, limit: usize) -> Result<Vec<Due>>;
+    /// Marks `due` handled (after the member's expiry ran).
+    async fn done_due(&self, due: &Due) -> Result<()>;
     async fn ping(&self) -> Result<()>;
 }
 
@@ -133,6 +143,7 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
         limit: usize,
     ) -> Result<Vec<(String, String)>>;
     async fn entries(&self, tenant_id: &str, member_id: &str, query: &EntryQuery) -> Result<Page>;
-    async fn due(&self, now: Millis, limit: usize) -> Result<Vec<(String, String)>>;
+    async fn due(&self, now: Millis, limit: usize) -> Result<Vec<Due>>;
+    async fn done_due(&self, due: &Due) -> Result<()>;
     async fn ping(&self) -> Result<()>;
 }

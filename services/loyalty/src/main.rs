@@ -53,6 +53,12 @@ enum Command {
         #[arg(long)]
         rebuild_balances: bool,
     },
+    /// Creates the ScyllaDB keyspace if needed and applies pending schema migrations
+    /// (`storage.scylla`), then exits.
+    Migrate {
+        #[command(flatten)]
+        common: Common,
+    },
     /// Prints the effective configuration (secrets redacted) and exits.
     Config {
         #[command(flatten)]
@@ -132,6 +138,33 @@ async fn run(cli: Cli) -> ExitCode {
                 Err(code) => code,
             };
         }
+        Command::Migrate { common } => {
+            let config = match load_config(&common) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            return match loyalty_platform::scylla::migrate(
+                &config.storage.scylla,
+                loyalty_balance::store::scylla::MIGRATIONS,
+            )
+            .await
+            {
+                Ok(applied) if applied.is_empty() => {
+                    println!("schema is up to date");
+                    ExitCode::SUCCESS
+                }
+                Ok(applied) => {
+                    for m in applied {
+                        println!("applied {m}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("loyalty migrate: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Walkthrough { addr, tenant } => {
             return match walkthrough::run(&addr, &tenant).await {
                 Ok(()) => ExitCode::SUCCESS,
@@ -165,7 +198,7 @@ async fn serve(
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     let clock: SharedClock = Arc::new(SystemClock);
-    let node = wiring::build(&config, &services, clock.clone())?;
+    let node = wiring::build(&config, &services, clock.clone()).await?;
     if rebuild_balances {
         let Some(redis) = &node.redis_balances else {
             anyhow::bail!(

@@ -8,9 +8,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use loyalty_balance::Balance;
-use loyalty_balance::store::BalanceStore;
 use loyalty_balance::store::embedded::EmbeddedBalanceStore;
 use loyalty_balance::store::redis::RedisBalanceStore;
+use loyalty_balance::store::scylla::ScyllaLedger;
+use loyalty_balance::store::{BalanceStore, Ledger};
 use loyalty_identity::Identity;
 use loyalty_identity::store::embedded::EmbeddedIdentityStore;
 use loyalty_platform::clock::SharedClock;
@@ -144,7 +145,7 @@ fn peer_channel(
 }
 
 /// Opens the stores of `services` and builds their routes and health checks.
-pub fn build(
+pub async fn build(
     config: &Config,
     services: &[ServiceName],
     clock: SharedClock,
@@ -184,8 +185,16 @@ pub fn build(
         let ledger = Arc::new(EmbeddedBalanceStore::open(&dir.join("balance.redb"))?);
         let store: Arc<dyn BalanceStore> = match config.storage.backend {
             Backend::Embedded => ledger,
-            Backend::Redis => {
-                let redis = RedisBalanceStore::connect(&config.storage.redis.url, ledger)
+            Backend::Redis | Backend::Scylla => {
+                let durable: Arc<dyn Ledger> = if config.storage.backend == Backend::Scylla {
+                    let session = loyalty_platform::scylla::connect(&config.storage.scylla).await?;
+                    Arc::new(ScyllaLedger::new(session).await.context(
+                        "preparing the balance ledger's statements (has `loyalty migrate` run?)",
+                    )?)
+                } else {
+                    ledger
+                };
+                let redis = RedisBalanceStore::connect(&config.storage.redis.url, durable)
                     .context("bad configuration: `storage.redis.url`")?;
                 redis_balances = Some(redis.clone());
                 Arc::new(redis)

@@ -147,6 +147,35 @@ impl Default for PeersConfig {
 pub struct StorageConfig {
     pub backend: Backend,
     pub redis: RedisConfig,
+    pub scylla: ScyllaConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScyllaConfig {
+    /// Contact points, `host:port`.
+    pub nodes: Vec<String>,
+    pub keyspace: String,
+    /// The keyspace's replication map, used when `loyalty migrate` creates it.
+    pub replication: String,
+    /// Extra keyspace options for `loyalty migrate`, e.g. `AND tablets = {'enabled': false}`
+    /// on ScyllaDB versions whose tablets do not support lightweight transactions.
+    pub keyspace_options: String,
+    pub connect_timeout_ms: u64,
+    pub request_timeout_ms: u64,
+}
+
+impl Default for ScyllaConfig {
+    fn default() -> Self {
+        Self {
+            nodes: vec!["127.0.0.1:9042".into()],
+            keyspace: "loyalty".into(),
+            replication: "{'class': 'NetworkTopologyStrategy', 'replication_factor': 3}".into(),
+            keyspace_options: String::new(),
+            connect_timeout_ms: 5_000,
+            request_timeout_ms: 2_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -174,6 +203,9 @@ pub enum Backend {
     /// Balances: hot state in Redis (`storage.redis`) over the embedded durable ledger
     /// (single node). Other services: embedded.
     Redis,
+    /// Balances: hot state in Redis over the durable ledger in ScyllaDB
+    /// (`storage.scylla`, schema applied by `loyalty migrate`). Other services: embedded.
+    Scylla,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -263,6 +295,19 @@ impl Config {
                 "storage.redis.url",
                 "must be a redis:// URL, e.g. redis://redis:6379/",
             );
+        }
+        let ks = &self.storage.scylla.keyspace;
+        if ks.is_empty()
+            || ks.len() > 48
+            || !ks.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return bad(
+                "storage.scylla.keyspace",
+                "must be 1 to 48 letters, digits or underscores",
+            );
+        }
+        if self.storage.scylla.nodes.is_empty() {
+            return bad("storage.scylla.nodes", "must name at least one node");
         }
         if self.balance.expiry_batch == 0 || self.balance.expiry_batch > 100_000 {
             return bad("balance.expiry_batch", "must be between 1 and 100000");

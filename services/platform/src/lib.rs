@@ -8,6 +8,7 @@ pub mod error;
 pub mod grpc;
 pub mod metrics;
 pub mod redis_server;
+pub mod scylla;
 pub mod server;
 pub mod telemetry;
 pub mod types;

@@ -278,10 +278,10 @@ async fn expiry_and_schedule(store: &dyn BalanceStore) {
         .await
         .unwrap();
     store.execute("e", "x1", "r", redeem(30), 0).await.unwrap();
-    let due_in_e = |due: Vec<(String, String)>| -> Vec<String> {
+    let due_in_e = |due: Vec<super::Due>| -> Vec<String> {
         due.into_iter()
-            .filter(|(t, _)| t == "e")
-            .map(|(_, m)| m)
+            .filter(|d| d.tenant == "e")
+            .map(|d| d.member)
             .collect()
     };
     assert!(due_in_e(store.due(999, 100).await.unwrap()).is_empty());
@@ -297,6 +297,11 @@ async fn expiry_and_schedule(store: &dyn BalanceStore) {
         .execute("e", "x1", "", Op::Expire, 1_000)
         .await
         .unwrap();
+    for d in store.due(1_000, 100).await.unwrap() {
+        if d.tenant == "e" {
+            store.done_due(&d).await.unwrap();
+        }
+    }
     let entries = store.entries("e", "x1", &page(10)).await.unwrap().entries;
     assert_eq!(entries[0].reason, Reason::Expiry);
     assert_eq!(entries[0].amount, -70);

@@ -12,7 +12,7 @@ use loyalty_platform::embedded::{
 use loyalty_platform::error::{Error, Result};
 use redb::{TableDefinition, WriteTransaction};
 
-use super::{BalanceStore, EntryQuery, Ledger, Page};
+use super::{BalanceStore, Due, EntryQuery, Ledger, Page};
 use crate::ledger::{self, Account, Change, Op, OpRecord};
 
 /// Key: tenant, member.
@@ -164,8 +164,12 @@ impl BalanceStore for EmbeddedBalanceStore {
         Ledger::entries(self, tenant_id, member_id, query).await
     }
 
-    async fn due(&self, now: Millis, limit: usize) -> Result<Vec<(String, String)>> {
+    async fn due(&self, now: Millis, limit: usize) -> Result<Vec<Due>> {
         Ledger::due(self, now, limit).await
+    }
+
+    async fn done_due(&self, due: &Due) -> Result<()> {
+        Ledger::done_due(self, due).await
     }
 
     async fn ping(&self) -> Result<()> {
@@ -283,7 +287,12 @@ impl Ledger for EmbeddedBalanceStore {
             .await
     }
 
-    async fn due(&self, now: Millis, limit: usize) -> Result<Vec<(String, String)>> {
+    /// Nothing to do: every change keeps the schedule in step in its own transaction.
+    async fn done_due(&self, _due: &Due) -> Result<()> {
+        Ok(())
+    }
+
+    async fn due(&self, now: Millis, limit: usize) -> Result<Vec<Due>> {
         let end = due_key(now.saturating_add(1), "", "");
         self.db
             .read(move |txn| {
@@ -293,9 +302,15 @@ impl Ledger for EmbeddedBalanceStore {
                 let mut out = Vec::new();
                 for item in t.range(..end.as_str()).map_err(e)?.take(limit) {
                     let (k, _) = item.map_err(e)?;
-                    let mut parts = k.value().splitn(3, '\u{0}').skip(1);
-                    if let (Some(tenant), Some(member)) = (parts.next(), parts.next()) {
-                        out.push((tenant.to_string(), member.to_string()));
+                    let mut parts = k.value().splitn(3, '\u{0}');
+                    if let (Some(at), Some(tenant), Some(member)) =
+                        (parts.next(), parts.next(), parts.next())
+                    {
+                        out.push(Due {
+                            at: at.parse().map_err(Error::internal)?,
+                            tenant: tenant.to_string(),
+                            member: member.to_string(),
+                        });
                     }
                 }
                 Ok(out)

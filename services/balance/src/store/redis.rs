@@ -21,7 +21,7 @@ use redis::{Client, ErrorKind, Script, Value};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{BalanceStore, EntryQuery, Ledger, Page};
+use super::{BalanceStore, Due, EntryQuery, Ledger, Page};
 use crate::ledger::{self, Account, Change, Op, OpRecord};
 
 /// How often one operation is retried after its hot state had to be rebuilt.
@@ -352,8 +352,12 @@ impl BalanceStore for RedisBalanceStore {
         self.ledger.entries(tenant_id, member_id, query).await
     }
 
-    async fn due(&self, now: Millis, limit: usize) -> Result<Vec<(String, String)>> {
+    async fn due(&self, now: Millis, limit: usize) -> Result<Vec<Due>> {
         self.ledger.due(now, limit).await
+    }
+
+    async fn done_due(&self, due: &Due) -> Result<()> {
+        self.ledger.done_due(due).await
     }
 
     async fn ping(&self) -> Result<()> {
