@@ -797,6 +797,7 @@ pub fn apply(
         }
     }
     let entries = std::mem::take(&mut ctx.entries);
+    consolidate(&mut next, now);
     next.lots.retain(|l| l.remaining > 0);
     let keyed = !op.is_keyless();
     if !entries.is_empty() || changed || keyed {
@@ -942,6 +943,29 @@ fn give_back(account: &mut Account, original: &mut OpRecord, key: &str, amount: 
             activate_at: now,
             expire_at: part.expire_at,
         });
+    }
+}
+
+/// Merges active lots that expire together into the first of them, so a member's state
+/// grows with the number of distinct expiry times, not with the number of purchases.
+/// Pending lots stay apart (each activates on its own); a reversal whose own lot was merged
+/// takes the points back from the active balance, earliest expiry first.
+fn consolidate(account: &mut Account, now: Millis) {
+    let mut first: Vec<(Option<Millis>, usize)> = Vec::new();
+    for i in 0..account.lots.len() {
+        let lot = &account.lots[i];
+        if lot.activate_at > now || lot.remaining == 0 {
+            continue;
+        }
+        let expire_at = lot.expire_at;
+        match first.iter().find(|(e, _)| *e == expire_at) {
+            Some(&(_, j)) => {
+                let moved = account.lots[i].remaining;
+                account.lots[j].remaining += moved;
+                account.lots[i].remaining = 0;
+            }
+            None => first.push((expire_at, i)),
+        }
     }
 }
 
@@ -1244,6 +1268,23 @@ mod tests {
             (v.active, v.pending, v.next_expiry),
             (100, 7, Some((100, 9_000)))
         );
+    }
+
+    #[test]
+    fn lots_expiring_together_merge_so_state_stays_small() {
+        let mut m = Member::default();
+        for i in 0..50 {
+            m.run(&format!("a{i}"), accrue_at(10, None, Some(9_000)), i)
+                .unwrap();
+            m.run(&format!("r{i}"), redeem(5), i).unwrap();
+        }
+        m.run("never", accrue_at(10, None, None), 60).unwrap();
+        m.run("later", accrue_at(10, Some(500), Some(9_000)), 60)
+            .unwrap();
+        assert_eq!(m.account.lots.len(), 3, "{:?}", m.account.lots);
+        let v = m.account.view(60);
+        assert_eq!((v.active, v.pending), (260, 10));
+        assert_eq!(m.account.view(500).active, 270);
     }
 
     #[test]

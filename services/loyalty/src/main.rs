@@ -20,6 +20,11 @@ use tokio::net::TcpListener;
 
 use crate::wiring::{ServiceName, parse_services};
 
+/// The storage engine allocates and frees many page-sized buffers; glibc's allocator spends
+/// more and more time consolidating them as the heap grows, mimalloc does not.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "loyalty",

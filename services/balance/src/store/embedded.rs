@@ -15,12 +15,12 @@ use redb::{TableDefinition, WriteTransaction};
 use super::{BalanceStore, Due, EntryQuery, Ledger, Page};
 use crate::ledger::{self, Account, Change, Op, OpRecord};
 
-/// Key: tenant, member.
-const ACCOUNTS: Records = TableDefinition::new("accounts");
-/// Key: tenant, member, sequence number as 20 digits (so byte order is numeric order).
-const LEDGER: Records = TableDefinition::new("ledger");
-/// Key: tenant, member, idempotency key.
-const OPS: Records = TableDefinition::new("operations");
+/// Everything of one member, adjacent so one change dirties as few pages as possible:
+/// - tenant, member, `a`: the account;
+/// - tenant, member, `e`, sequence number as 20 digits (byte order is numeric order): an
+///   entry;
+/// - tenant, member, `o`, idempotency key: an operation record.
+const MEMBERS: Records = TableDefinition::new("members");
 /// Key: due time as 20 digits, tenant, member. Value: empty.
 const DUE: Records = TableDefinition::new("due");
 
@@ -37,8 +37,16 @@ impl EmbeddedBalanceStore {
     }
 }
 
+fn account_key(tenant: &str, member: &str) -> String {
+    key(&[tenant, member, "a"])
+}
+
 fn seq_key(tenant: &str, member: &str, seq: i64) -> String {
-    key(&[tenant, member, &format!("{:020}", seq.max(0))])
+    key(&[tenant, member, "e", &format!("{:020}", seq.max(0))])
+}
+
+fn record_key(tenant: &str, member: &str, op: &str) -> String {
+    key(&[tenant, member, "o", op])
 }
 
 fn due_key(at: Millis, tenant: &str, member: &str) -> String {
@@ -53,23 +61,13 @@ fn write_change(
     before: &Account,
     change: &Change,
 ) -> Result<()> {
-    let mut accounts = txn.open_table(ACCOUNTS).map_err(e)?;
-    put_record(&mut accounts, &key(&[tenant, member]), &change.account)?;
-    if !change.entries.is_empty() {
-        let mut ledger_table = txn.open_table(LEDGER).map_err(e)?;
-        for entry in &change.entries {
-            put_record(
-                &mut ledger_table,
-                &seq_key(tenant, member, entry.seq),
-                entry,
-            )?;
-        }
+    let mut members = txn.open_table(MEMBERS).map_err(e)?;
+    put_record(&mut members, &account_key(tenant, member), &change.account)?;
+    for entry in &change.entries {
+        put_record(&mut members, &seq_key(tenant, member, entry.seq), entry)?;
     }
-    if !change.records.is_empty() {
-        let mut ops = txn.open_table(OPS).map_err(e)?;
-        for (k, record) in &change.records {
-            put_record(&mut ops, &key(&[tenant, member, k]), record)?;
-        }
+    for (k, record) in &change.records {
+        put_record(&mut members, &record_key(tenant, member, k), record)?;
     }
     let (old, new) = (before.next_due(), change.account.next_due());
     if old != new {
@@ -96,7 +94,7 @@ impl BalanceStore for EmbeddedBalanceStore {
         op: Op,
         now: Millis,
     ) -> Result<Option<OpRecord>> {
-        let (tenant, member, op_key) = (
+        let (tenant, member, key_of_op) = (
             tenant_id.to_string(),
             member_id.to_string(),
             op_key.to_string(),
@@ -104,32 +102,32 @@ impl BalanceStore for EmbeddedBalanceStore {
         let fingerprint = op.fingerprint();
         self.db
             .write(move |txn| {
-                let (stored, referenced) = {
-                    let ops = txn.open_table(OPS).map_err(e)?;
+                let (stored, referenced, account) = {
+                    let members = txn.open_table(MEMBERS).map_err(e)?;
                     let stored = if op.is_keyless() {
                         None
                     } else {
-                        get_record::<OpRecord>(&ops, &key(&[&tenant, &member, &op_key]))?
+                        get_record::<OpRecord>(&members, &record_key(&tenant, &member, &key_of_op))?
                     };
                     let referenced = match ledger::referenced_key(&op) {
-                        Some(k) => get_record::<OpRecord>(&ops, &key(&[&tenant, &member, k]))?,
+                        Some(k) => {
+                            get_record::<OpRecord>(&members, &record_key(&tenant, &member, k))?
+                        }
                         None => None,
                     };
-                    (stored, referenced)
+                    let account: Option<Account> =
+                        get_record(&members, &account_key(&tenant, &member))?;
+                    (stored, referenced, account.unwrap_or_default())
                 };
                 if let Some(record) = stored {
                     if record.fingerprint == fingerprint {
                         return Ok(Some(record));
                     }
-                    return Err(key_reused(&op_key));
+                    return Err(key_reused(&key_of_op));
                 }
-                let account: Account = {
-                    let accounts = txn.open_table(ACCOUNTS).map_err(e)?;
-                    get_record(&accounts, &key(&[&tenant, &member]))?.unwrap_or_default()
-                };
                 let (change, record) = ledger::apply(
                     &account,
-                    &op_key,
+                    &key_of_op,
                     &fingerprint,
                     &op,
                     referenced.as_ref(),
@@ -144,9 +142,9 @@ impl BalanceStore for EmbeddedBalanceStore {
     }
 
     async fn account(&self, tenant_id: &str, member_id: &str) -> Result<Account> {
-        let k = key(&[tenant_id, member_id]);
+        let k = account_key(tenant_id, member_id);
         self.db
-            .read(move |txn| Ok(read_record(txn, ACCOUNTS, &k)?.unwrap_or_default()))
+            .read(move |txn| Ok(read_record(txn, MEMBERS, &k)?.unwrap_or_default()))
             .await
     }
 
@@ -156,8 +154,8 @@ impl BalanceStore for EmbeddedBalanceStore {
         member_id: &str,
         op_key: &str,
     ) -> Result<Option<OpRecord>> {
-        let k = key(&[tenant_id, member_id, op_key]);
-        self.db.read(move |txn| read_record(txn, OPS, &k)).await
+        let k = record_key(tenant_id, member_id, op_key);
+        self.db.read(move |txn| read_record(txn, MEMBERS, &k)).await
     }
 
     async fn entries(&self, tenant_id: &str, member_id: &str, query: &EntryQuery) -> Result<Page> {
@@ -197,8 +195,8 @@ impl Ledger for EmbeddedBalanceStore {
         self.db
             .write(move |txn| {
                 let account: Account = {
-                    let accounts = txn.open_table(ACCOUNTS).map_err(e)?;
-                    get_record(&accounts, &key(&[&tenant, &member]))?.unwrap_or_default()
+                    let members = txn.open_table(MEMBERS).map_err(e)?;
+                    get_record(&members, &account_key(&tenant, &member))?.unwrap_or_default()
                 };
                 if account.version != expected || account.stamp != change.prev_stamp {
                     return Ok(false);
@@ -224,10 +222,10 @@ impl Ledger for EmbeddedBalanceStore {
         self.db
             .read(move |txn| {
                 let account =
-                    read_record(txn, ACCOUNTS, &key(&[&tenant, &member]))?.unwrap_or_default();
+                    read_record(txn, MEMBERS, &account_key(&tenant, &member))?.unwrap_or_default();
                 let mut records = Vec::new();
-                if let Some(t) = open_for_read(txn, OPS)? {
-                    let (start, end) = prefix_range(&[&tenant, &member]);
+                if let Some(t) = open_for_read(txn, MEMBERS)? {
+                    let (start, end) = prefix_range(&[&tenant, &member, "o"]);
                     for item in t.range(start.as_str()..end.as_str()).map_err(e)? {
                         let (k, v) = item.map_err(e)?;
                         let op_key = k.value()[start.len()..].to_string();
@@ -246,23 +244,28 @@ impl Ledger for EmbeddedBalanceStore {
     ) -> Result<Vec<(String, String)>> {
         self.db
             .read(move |txn| {
-                let Some(t) = open_for_read(txn, ACCOUNTS)? else {
+                let Some(t) = open_for_read(txn, MEMBERS)? else {
                     return Ok(Vec::new());
                 };
-                let start = match &after {
-                    Some((tenant, member)) => {
-                        let mut k = key(&[tenant, member]);
-                        k.push('\u{0}');
-                        k
-                    }
-                    None => String::new(),
+                // Every key of a member starts with tenant NUL member NUL; jump past them.
+                let past = |tenant: &str, member: &str| {
+                    let mut k = key(&[tenant, member]);
+                    k.push('\u{1}');
+                    k
                 };
+                let mut start = after.map_or_else(String::new, |(t, m)| past(&t, &m));
                 let mut out = Vec::new();
-                for item in t.range(start.as_str()..).map_err(e)?.take(limit) {
+                while out.len() < limit {
+                    let Some(item) = t.range(start.as_str()..).map_err(e)?.next() else {
+                        break;
+                    };
                     let (k, _) = item.map_err(e)?;
-                    if let Some((tenant, member)) = k.value().split_once('\u{0}') {
-                        out.push((tenant.to_string(), member.to_string()));
-                    }
+                    let mut parts = k.value().split('\u{0}');
+                    let (Some(tenant), Some(member)) = (parts.next(), parts.next()) else {
+                        break;
+                    };
+                    start = past(tenant, member);
+                    out.push((tenant.to_string(), member.to_string()));
                 }
                 Ok(out)
             })
@@ -275,7 +278,7 @@ impl Ledger for EmbeddedBalanceStore {
         let query = query.clone();
         self.db
             .read(move |txn| {
-                let Some(t) = open_for_read(txn, LEDGER)? else {
+                let Some(t) = open_for_read(txn, MEMBERS)? else {
                     return Ok(Page::default());
                 };
                 let range = t.range(start.as_str()..end.as_str()).map_err(e)?;

@@ -432,6 +432,23 @@ local function main()
     fail('INVALID_ARGUMENT', 'unknown operation ' .. tostring(name))
   end
 
+  -- Active lots expiring together merge into the first of them (as `consolidate` in Rust).
+  local first = {}
+  for i, lot in ipairs(acc.lots) do
+    if lot.activate_at <= now and lot.remaining > 0 then
+      local bucket = lot.expire_at
+      if bucket == nil then
+        bucket = 'never'
+      end
+      local j = first[bucket]
+      if j == nil then
+        first[bucket] = i
+      else
+        acc.lots[j].remaining = acc.lots[j].remaining + lot.remaining
+        lot.remaining = 0
+      end
+    end
+  end
   local kept = {}
   for _, lot in ipairs(acc.lots) do
     if lot.remaining > 0 then
