@@ -115,9 +115,25 @@ pub trait BalanceStore: Send + Sync + std::fmt::Debug {
     async fn ping(&self) -> Result<()>;
 }
 
+/// A commit handed to the ledger; it resolves to [`Ledger::commit`]'s answer.
+pub type PendingCommit = std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool>> + Send>>;
+
 /// The durable ledger under a hot-state backend: the source of truth it rebuilds from.
 #[async_trait::async_trait]
 pub trait Ledger: Send + Sync + std::fmt::Debug {
+    /// Hands `change` to the ledger as [`Ledger::commit`] would, returning once commits
+    /// submitted after it cannot overtake it; the returned future gives the answer.
+    async fn submit(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        expected: i64,
+        change: &Change,
+    ) -> Result<PendingCommit> {
+        let answer = self.commit(tenant_id, member_id, expected, change).await;
+        Ok(Box::pin(std::future::ready(answer)))
+    }
+
     /// Durably writes `change` if the stored account's version is `expected` (0: none
     /// stored) and its stamp is `change.prev_stamp`. Returns `false`, writing nothing, when
     /// it is not.

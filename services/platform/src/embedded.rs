@@ -111,6 +111,20 @@ impl EmbeddedDb {
         F: FnMut(&WriteTransaction) -> Result<R> + Send + 'static,
         R: Send + 'static,
     {
+        self.submit(f).await?.await
+    }
+
+    /// Queues `f` for the writer and returns once it is queued; the returned future
+    /// resolves once its effects are durable. Writes run in the order they were queued, so
+    /// a caller can keep order without waiting for each commit.
+    pub async fn submit<R, F>(
+        &self,
+        f: F,
+    ) -> Result<impl std::future::Future<Output = Result<R>> + Send + 'static>
+    where
+        F: FnMut(&WriteTransaction) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(Pending {
             f,
@@ -121,9 +135,11 @@ impl EmbeddedDb {
             .send(job)
             .await
             .map_err(|_| Error::Unavailable("the store is shutting down".into()))?;
-        answer
-            .await
-            .map_err(|_| Error::internal(anyhow::anyhow!("store writer stopped")))?
+        Ok(async move {
+            answer
+                .await
+                .map_err(|_| Error::internal(anyhow::anyhow!("store writer stopped")))?
+        })
     }
 
     /// Runs `f` in a read transaction on the blocking pool.

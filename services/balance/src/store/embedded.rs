@@ -12,7 +12,7 @@ use loyalty_platform::embedded::{
 use loyalty_platform::error::{Error, Result};
 use redb::{TableDefinition, WriteTransaction};
 
-use super::{BalanceStore, Due, EntryQuery, Ledger, Page};
+use super::{BalanceStore, Due, EntryQuery, Ledger, Page, PendingCommit};
 use crate::ledger::{self, Account, Change, Op, OpRecord};
 
 /// Everything of one member, adjacent so one change dirties as few pages as possible:
@@ -190,10 +190,24 @@ impl Ledger for EmbeddedBalanceStore {
         expected: i64,
         change: &Change,
     ) -> Result<bool> {
+        self.submit(tenant_id, member_id, expected, change)
+            .await?
+            .await
+    }
+
+    /// Queued on the group-committing writer, which commits in queue order.
+    async fn submit(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        expected: i64,
+        change: &Change,
+    ) -> Result<PendingCommit> {
         let (tenant, member, change) =
             (tenant_id.to_string(), member_id.to_string(), change.clone());
-        self.db
-            .write(move |txn| {
+        let answer = self
+            .db
+            .submit(move |txn| {
                 let account: Account = {
                     let members = txn.open_table(MEMBERS).map_err(e)?;
                     get_record(&members, &account_key(&tenant, &member))?.unwrap_or_default()
@@ -204,7 +218,8 @@ impl Ledger for EmbeddedBalanceStore {
                 write_change(txn, &tenant, &member, &account, &change)?;
                 Ok(true)
             })
-            .await
+            .await?;
+        Ok(Box::pin(answer))
     }
 
     async fn version(&self, tenant_id: &str, member_id: &str) -> Result<i64> {

@@ -178,15 +178,22 @@ impl RedisBalanceStore {
         }
     }
 
-    /// Appends `change` to the ledger, waiting for the changes before it.
-    async fn commit(&self, tenant: &str, member: &str, change: &Change) -> Result<Commit> {
+    /// Settles a change the ledger first answered with `first`: when it was refused because
+    /// the changes before it (from another process) have not landed yet, waits for them.
+    async fn settle(
+        &self,
+        tenant: &str,
+        member: &str,
+        change: &Change,
+        first: Result<bool>,
+    ) -> Result<Commit> {
+        if first? {
+            return Ok(Commit::Done);
+        }
         let expected = change.account.version - 1;
         let started = tokio::time::Instant::now();
         let mut pause = Duration::from_micros(200);
         loop {
-            if self.ledger.commit(tenant, member, expected, change).await? {
-                return Ok(Commit::Done);
-            }
             let stored = self.ledger.version(tenant, member).await?;
             if stored >= expected || started.elapsed() > COMMIT_WAIT {
                 return Ok(if stored < expected {
@@ -197,6 +204,9 @@ impl RedisBalanceStore {
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(20));
+            if self.ledger.commit(tenant, member, expected, change).await? {
+                return Ok(Commit::Done);
+            }
         }
     }
 
@@ -238,8 +248,10 @@ impl BalanceStore for RedisBalanceStore {
             (tenant_id, member_id).hash(&mut h);
             (h.finish() % STRIPES as u64) as usize
         };
-        let _ordered = self.stripes[stripe].lock().await;
         for _ in 0..MAX_ATTEMPTS {
+            // Held from the script until the change is queued on the ledger, not until it
+            // is durable: the next change of the member queues behind it.
+            let ordered = self.stripes[stripe].lock().await;
             let mut con = self.redis.clone();
             let reply: Vec<Value> = self
                 .apply
@@ -277,7 +289,16 @@ impl BalanceStore for RedisBalanceStore {
                         Some(b) if !b.is_empty() => Some(unpack::<OpRecord>(b)?),
                         _ => None,
                     };
-                    match self.commit(tenant_id, member_id, &change).await {
+                    let submitted = self
+                        .ledger
+                        .submit(tenant_id, member_id, change.account.version - 1, &change)
+                        .await;
+                    drop(ordered);
+                    let first = match submitted {
+                        Ok(pending) => pending.await,
+                        Err(e) => Err(e),
+                    };
+                    match self.settle(tenant_id, member_id, &change, first).await {
                         Ok(Commit::Done) => return Ok(record),
                         Ok(Commit::Behind | Commit::Diverged) => {
                             tracing::warn!(
