@@ -481,3 +481,135 @@ async fn acknowledged_operations_survive_kill_9_of_redis() {
     }
     assert_eq!(server.stop().await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gift_certificates_issue_spend_refund_and_expire() {
+    use balance::gift_certificate_service_client::GiftCertificateServiceClient;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(Launch::dev(), dir.path()).await;
+    let mut c = GiftCertificateServiceClient::new(server.channel().await);
+    let money = |v: &str| Some(common::Decimal { value: v.into() });
+    let issue = balance::IssueCertificateRequest {
+        tenant_id: "t".into(),
+        idempotency_key: "issue-1".into(),
+        value: money("5000.00"),
+        ..Default::default()
+    };
+    let issued = c
+        .issue_certificate(issue.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let cert = issued.certificate.clone().unwrap();
+    assert_eq!(cert.code.len(), 16, "a code is generated");
+    assert_eq!(cert.status(), balance::CertificateStatus::Active);
+    let again = c.issue_certificate(issue).await.unwrap().into_inner();
+    assert_eq!(
+        again, issued,
+        "a retried issue returns the same certificate"
+    );
+
+    let spend = |key: &str, amount: &str| balance::SpendCertificateRequest {
+        tenant_id: "t".into(),
+        code: cert.code.clone(),
+        idempotency_key: key.into(),
+        amount: money(amount),
+        reference: "R-1".into(),
+    };
+    let refund = |key: &str, amount: &str| balance::RefundCertificateRequest {
+        tenant_id: "t".into(),
+        code: cert.code.clone(),
+        idempotency_key: key.into(),
+        amount: money(amount),
+        reference: "R-1".into(),
+    };
+    let after = c
+        .spend_certificate(spend("s1", "1200.50"))
+        .await
+        .unwrap()
+        .into_inner();
+    let remaining = |r: &Option<balance::Certificate>| {
+        r.as_ref().unwrap().remaining_value.clone().unwrap().value
+    };
+    assert_eq!(remaining(&after.certificate), "3799.50");
+    assert_eq!(
+        c.spend_certificate(spend("s1", "1200.50"))
+            .await
+            .unwrap()
+            .into_inner(),
+        after
+    );
+    let err = c
+        .spend_certificate(spend("s2", "3799.51"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let err = c
+        .refund_certificate(refund("r1", "1200.51"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let back = c
+        .refund_certificate(refund("r1", "200.50"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(remaining(&back.certificate), "4000.00");
+    for bad in ["0", "-1", "1.234", "abc", ""] {
+        let err = c.spend_certificate(spend("bad", bad)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad}: {err:?}");
+    }
+    let got = c
+        .get_certificate(balance::GetCertificateRequest {
+            tenant_id: "t".into(),
+            code: cert.code.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        remaining(&got.certificate),
+        "4000.00",
+        "bad input wrote nothing"
+    );
+
+    // A certificate past its expiry can no longer be spent.
+    let short = c
+        .issue_certificate(balance::IssueCertificateRequest {
+            tenant_id: "t".into(),
+            idempotency_key: "issue-2".into(),
+            code: "GIFT-SHORT".into(),
+            value: money("100"),
+            expire_time: Some(now_plus(800)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(short.certificate.unwrap().code, "GIFT-SHORT");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let mut late = spend("late", "10");
+    late.code = "GIFT-SHORT".into();
+    let err = c.spend_certificate(late).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let got = c
+        .get_certificate(balance::GetCertificateRequest {
+            tenant_id: "t".into(),
+            code: "GIFT-SHORT".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        got.certificate.unwrap().status(),
+        balance::CertificateStatus::Expired
+    );
+    let err = c
+        .get_certificate(balance::GetCertificateRequest {
+            tenant_id: "t".into(),
+            code: "NOPE-1234".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(server.stop().await, 0);
+}

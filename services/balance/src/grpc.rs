@@ -8,6 +8,7 @@ use pb::balance_service_server::{BalanceService, BalanceServiceServer};
 use pb::gift_certificate_service_server::{GiftCertificateService, GiftCertificateServiceServer};
 use tonic::{Request, Response, Status};
 
+use crate::certificate::{Certificate, GiftCertificates, Status as CertStatus};
 use crate::ledger::{self, Actor, BalanceView, Entry, HoldState, Op, OpRecord, Reason};
 use crate::service::Balance;
 
@@ -19,17 +20,18 @@ pub const SERVICE_NAMES: &[&str] = &[
 pub fn add_routes(
     routes: tonic::service::Routes,
     balance: Balance,
+    certificates: GiftCertificates,
     max_message_bytes: usize,
 ) -> tonic::service::Routes {
     let api = Api(balance);
     routes
         .add_service(
-            BalanceServiceServer::new(api.clone())
+            BalanceServiceServer::new(api)
                 .max_decoding_message_size(max_message_bytes)
                 .max_encoding_message_size(max_message_bytes),
         )
         .add_service(
-            GiftCertificateServiceServer::new(api)
+            GiftCertificateServiceServer::new(CertificatesApi(certificates))
                 .max_decoding_message_size(max_message_bytes)
                 .max_encoding_message_size(max_message_bytes),
         )
@@ -37,6 +39,9 @@ pub fn add_routes(
 
 #[derive(Debug, Clone)]
 struct Api(Balance);
+
+#[derive(Debug, Clone)]
+struct CertificatesApi(GiftCertificates);
 
 pub fn reason_to_proto(r: Reason) -> pb::EntryReason {
     match r {
@@ -461,6 +466,123 @@ impl BalanceService for Api {
     }
 }
 
-/// Gift certificates are not served yet; every RPC answers UNIMPLEMENTED.
+fn money(
+    v: &mut loyalty_platform::error::Violations,
+    field: &str,
+    d: Option<&common::Decimal>,
+) -> rust_decimal::Decimal {
+    let text = d.map(|d| d.value.as_str()).unwrap_or_default();
+    loyalty_platform::types::parse_decimal(text, crate::certificate::MONEY_SCALE).unwrap_or_else(
+        |why| {
+            v.add(field, why);
+            rust_decimal::Decimal::ZERO
+        },
+    )
+}
+
+fn certificate_to_proto(tenant_id: &str, c: &Certificate, now: i64) -> pb::Certificate {
+    pb::Certificate {
+        tenant_id: tenant_id.to_string(),
+        code: c.code.clone(),
+        status: match c.status(now) {
+            CertStatus::Active => pb::CertificateStatus::Active,
+            CertStatus::Spent => pb::CertificateStatus::Spent,
+            CertStatus::Expired => pb::CertificateStatus::Expired,
+        } as i32,
+        initial_value: Some(common::Decimal {
+            value: c.initial.to_string(),
+        }),
+        remaining_value: Some(common::Decimal {
+            value: c.remaining.to_string(),
+        }),
+        expire_time: c.expire_at.map(timestamp),
+    }
+}
+
 #[tonic::async_trait]
-impl GiftCertificateService for Api {}
+impl GiftCertificateService for CertificatesApi {
+    async fn issue_certificate(
+        &self,
+        request: Request<pb::IssueCertificateRequest>,
+    ) -> Result<Response<pb::IssueCertificateResponse>, Status> {
+        let r = request.into_inner();
+        let mut v = loyalty_platform::error::Violations::new();
+        let value = money(&mut v, "value", r.value.as_ref());
+        v.finish().map_err(to_status)?;
+        let c = self
+            .0
+            .issue(
+                &r.tenant_id,
+                &r.idempotency_key,
+                &r.code,
+                value,
+                r.expire_time.as_ref().map(millis),
+            )
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::IssueCertificateResponse {
+            certificate: Some(certificate_to_proto(&r.tenant_id, &c, self.0.now())),
+        }))
+    }
+
+    async fn get_certificate(
+        &self,
+        request: Request<pb::GetCertificateRequest>,
+    ) -> Result<Response<pb::GetCertificateResponse>, Status> {
+        let r = request.into_inner();
+        let c = self.0.get(&r.tenant_id, &r.code).await.map_err(to_status)?;
+        Ok(Response::new(pb::GetCertificateResponse {
+            certificate: Some(certificate_to_proto(&r.tenant_id, &c, self.0.now())),
+        }))
+    }
+
+    async fn spend_certificate(
+        &self,
+        request: Request<pb::SpendCertificateRequest>,
+    ) -> Result<Response<pb::SpendCertificateResponse>, Status> {
+        let r = request.into_inner();
+        let mut v = loyalty_platform::error::Violations::new();
+        let amount = money(&mut v, "amount", r.amount.as_ref());
+        v.finish().map_err(to_status)?;
+        let c = self
+            .0
+            .change(
+                &r.tenant_id,
+                &r.code,
+                &r.idempotency_key,
+                amount,
+                r.reference,
+                false,
+            )
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::SpendCertificateResponse {
+            certificate: Some(certificate_to_proto(&r.tenant_id, &c, self.0.now())),
+        }))
+    }
+
+    async fn refund_certificate(
+        &self,
+        request: Request<pb::RefundCertificateRequest>,
+    ) -> Result<Response<pb::RefundCertificateResponse>, Status> {
+        let r = request.into_inner();
+        let mut v = loyalty_platform::error::Violations::new();
+        let amount = money(&mut v, "amount", r.amount.as_ref());
+        v.finish().map_err(to_status)?;
+        let c = self
+            .0
+            .change(
+                &r.tenant_id,
+                &r.code,
+                &r.idempotency_key,
+                amount,
+                r.reference,
+                true,
+            )
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::RefundCertificateResponse {
+            certificate: Some(certificate_to_proto(&r.tenant_id, &c, self.0.now())),
+        }))
+    }
+}

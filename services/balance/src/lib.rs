@@ -3,6 +3,7 @@
 //! `ledger` is the pure core (lots, entries, reversals), `service` the domain operations,
 //! `store` the narrow storage trait and its backends, `grpc` the adapter.
 
+pub mod certificate;
 pub mod grpc;
 pub mod ledger;
 pub mod service;

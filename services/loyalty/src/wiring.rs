@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use loyalty_balance::Balance;
+use loyalty_balance::certificate::{CertificateStore, GiftCertificates};
 use loyalty_balance::store::embedded::EmbeddedBalanceStore;
 use loyalty_balance::store::redis::RedisBalanceStore;
 use loyalty_balance::store::scylla::ScyllaLedger;
@@ -183,6 +184,7 @@ pub async fn build(
     let mut redis_balances = None;
     let balance = if runs(ServiceName::Balance) {
         let ledger = Arc::new(EmbeddedBalanceStore::open(&dir.join("balance.redb"))?);
+        let certificate_store: Arc<dyn CertificateStore> = ledger.clone();
         let store: Arc<dyn BalanceStore> = match config.storage.backend {
             Backend::Embedded => ledger,
             Backend::Redis | Backend::Scylla => {
@@ -201,7 +203,10 @@ pub async fn build(
             }
         };
         let balance = Balance::new(store, clock.clone());
-        routes = loyalty_balance::grpc::add_routes(routes, balance.clone(), max);
+        // Certificates are low-volume money records: they stay in the embedded store on
+        // every backend for now.
+        let certificates = GiftCertificates::new(certificate_store, clock.clone());
+        routes = loyalty_balance::grpc::add_routes(routes, balance.clone(), certificates, max);
         let probe = balance.clone();
         health.push(entry(loyalty_balance::grpc::SERVICE_NAMES, move || {
             let probe = probe.clone();

@@ -57,26 +57,7 @@ pub struct RawLine {
     pub sale_price: bool,
 }
 
-/// Parses an exact decimal, refusing floats' friends (exponents, NaN) and excess precision.
-pub fn parse_decimal(text: &str, max_scale: u32) -> std::result::Result<Decimal, String> {
-    if text.is_empty() {
-        return Err("is required".into());
-    }
-    if text.len() > 32
-        || !text
-            .chars()
-            .all(|c| c.is_ascii_digit() || c == '.' || c == '-')
-    {
-        return Err(format!("{text:?} is not a decimal number like \"12.50\""));
-    }
-    let d: Decimal = text
-        .parse()
-        .map_err(|_| format!("{text:?} is not a decimal number like \"12.50\""))?;
-    if d.normalize().scale() > max_scale {
-        return Err(format!("has more than {max_scale} fraction digits"));
-    }
-    Ok(d)
-}
+pub use loyalty_platform::types::parse_decimal;
 
 impl Receipt {
     /// Builds a receipt from its raw parts, reporting every problem at once.

@@ -21,6 +21,10 @@ use crate::ledger::{self, Account, Change, Op, OpRecord};
 ///   entry;
 /// - tenant, member, `o`, idempotency key: an operation record.
 const MEMBERS: Records = TableDefinition::new("members");
+/// Key: tenant, code (the certificate); tenant, code, key (an operation's record); tenant,
+/// NUL-prefixed issue key (an issue's record, scoped to the tenant because an issue may
+/// generate its code).
+const CERTIFICATES: Records = TableDefinition::new("certificates");
 /// Key: due time as 20 digits, tenant, member. Value: empty.
 const DUE: Records = TableDefinition::new("due");
 
@@ -338,6 +342,59 @@ impl Ledger for EmbeddedBalanceStore {
 
     async fn ping(&self) -> Result<()> {
         self.db.ping().await
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::certificate::CertificateStore for EmbeddedBalanceStore {
+    async fn execute(
+        &self,
+        tenant_id: &str,
+        code: &str,
+        op_key: &str,
+        fingerprint: &str,
+        op: crate::certificate::CertOp,
+        now: Millis,
+    ) -> Result<crate::certificate::Certificate> {
+        use crate::certificate::{self, CertOp, CertRecord, Certificate};
+        let record_key = match op {
+            CertOp::Issue { .. } => key(&[tenant_id, "", op_key]),
+            _ => key(&[tenant_id, code, op_key]),
+        };
+        let cert_key = key(&[tenant_id, code]);
+        let (code, fingerprint) = (code.to_string(), fingerprint.to_string());
+        let op_key = op_key.to_string();
+        self.db
+            .write(move |txn| {
+                let mut t = txn.open_table(CERTIFICATES).map_err(e)?;
+                if let Some(r) = get_record::<CertRecord>(&t, &record_key)? {
+                    if r.fingerprint == fingerprint {
+                        return Ok(r.certificate);
+                    }
+                    return Err(key_reused(&op_key));
+                }
+                let current: Option<Certificate> = get_record(&t, &cert_key)?;
+                let next = certificate::apply(current.as_ref(), &code, &op, now)?;
+                put_record(&mut t, &cert_key, &next)?;
+                let record = CertRecord {
+                    fingerprint: fingerprint.clone(),
+                    certificate: next.clone(),
+                };
+                put_record(&mut t, &record_key, &record)?;
+                Ok(next)
+            })
+            .await
+    }
+
+    async fn get(
+        &self,
+        tenant_id: &str,
+        code: &str,
+    ) -> Result<Option<crate::certificate::Certificate>> {
+        let k = key(&[tenant_id, code]);
+        self.db
+            .read(move |txn| read_record(txn, CERTIFICATES, &k))
+            .await
     }
 }
 
