@@ -84,8 +84,10 @@ async fn entries(c: &mut Client, member: &str) -> Vec<balance::LedgerEntry> {
     }
 }
 
-/// Runs every balance behaviour against `channel`.
-async fn balance_behaviour(channel: Channel) {
+/// Runs every balance behaviour against `channel`. `bulk_members` are 300 member ids for
+/// the bulk accrual; with `identity_checks`, identity runs too and a made-up id is reported
+/// unknown.
+async fn balance_behaviour(channel: Channel, bulk_members: Vec<String>, identity_checks: bool) {
     let mut c = BalanceServiceClient::new(channel);
 
     // Pending points, then early activation of one accrual.
@@ -263,7 +265,7 @@ async fn balance_behaviour(channel: Channel) {
     assert_eq!(get(&mut c, "m2").await, before);
     assert_eq!(get(&mut c, "b0").await.ledger_sequence, 0);
 
-    // Bulk accrual: idempotent per member, resumable.
+    // Bulk accrual: idempotent per member, resumable; unknown members are skipped.
     let bulk = |members: Vec<String>| balance::BulkAccrueRequest {
         tenant_id: "t".into(),
         batch_id: "birthday-2026".into(),
@@ -272,20 +274,34 @@ async fn balance_behaviour(channel: Channel) {
         reason: balance::EntryReason::CampaignBonus as i32,
         ..Default::default()
     };
-    let half: Vec<String> = (0..150).map(|i| format!("b{i}")).collect();
-    let all_members: Vec<String> = (0..300).map(|i| format!("b{i}")).collect();
+    let mut half: Vec<String> = bulk_members[..150].to_vec();
+    half.push("ghost".into());
     let r = c.bulk_accrue(bulk(half)).await.unwrap().into_inner();
-    assert_eq!((r.accrued_count, r.already_done_count), (150, 0));
-    let r = c.bulk_accrue(bulk(all_members)).await.unwrap().into_inner();
+    if identity_checks {
+        assert_eq!((r.accrued_count, r.already_done_count), (150, 0));
+        assert_eq!(r.unknown_member_ids, ["ghost"]);
+        assert_eq!(
+            get(&mut c, "ghost").await.ledger_sequence,
+            0,
+            "nothing written"
+        );
+    } else {
+        assert_eq!((r.accrued_count, r.already_done_count), (151, 0));
+    }
+    let r = c
+        .bulk_accrue(bulk(bulk_members.clone()))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((r.accrued_count, r.already_done_count), (150, 150));
-    assert_eq!(get(&mut c, "b7").await.active, 50);
+    assert_eq!(get(&mut c, &bulk_members[7]).await.active, 50);
 
     // Merge: every point moves to the survivor, the source is closed.
     let moved = c
         .transfer_member(balance::TransferMemberRequest {
             tenant_id: "t".into(),
-            from_member_id: "b1".into(),
-            to_member_id: "b2".into(),
+            from_member_id: bulk_members[1].clone(),
+            to_member_id: bulk_members[2].clone(),
             idempotency_key: "merge-1".into(),
         })
         .await
@@ -293,7 +309,10 @@ async fn balance_behaviour(channel: Channel) {
         .into_inner();
     assert_eq!(moved.transferred_amount, 50);
     assert_eq!(moved.balance.unwrap().active, 100);
-    let err = c.accrue(accrue("b1", "late", 1)).await.unwrap_err();
+    let err = c
+        .accrue(accrue(&bulk_members[1], "late", 1))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
 
     // The expiry process (every 200 ms in these tests) expires due lots.
@@ -354,7 +373,24 @@ async fn balance_api_on_embedded_storage() {
     let dir = tempfile::tempdir().unwrap();
     let launch = Launch::dev().env("LOYALTY_BALANCE__EXPIRY_INTERVAL_MS", "200");
     let server = Server::start(launch, dir.path()).await;
-    balance_behaviour(server.channel().await).await;
+    let channel = server.channel().await;
+    let mut members = identity::member_service_client::MemberServiceClient::new(channel.clone());
+    let mut ids = Vec::new();
+    for i in 0..300 {
+        let m = members
+            .register_member(identity::RegisterMemberRequest {
+                tenant_id: "t".into(),
+                phone: format!("+7701555{i:04}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .member
+            .unwrap();
+        ids.push(m.member_id);
+    }
+    balance_behaviour(channel, ids, true).await;
     assert_eq!(server.stop().await, 0);
 }
 
@@ -370,7 +406,8 @@ async fn balance_api_on_redis() {
     let redis = RedisServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(redis_launch(&redis), dir.path()).await;
-    balance_behaviour(server.channel().await).await;
+    let ids = (0..300).map(|i| format!("b{i}")).collect();
+    balance_behaviour(server.channel().await, ids, false).await;
     assert_eq!(server.stop().await, 0);
 }
 

@@ -432,15 +432,15 @@ impl BalanceService for Api {
             r.expire_time.as_ref(),
         )
         .map_err(to_status)?;
-        let (accrued, done) = self
+        let outcome = self
             .0
             .bulk_accrue(&r.tenant_id, &r.batch_id, &r.member_ids, op)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::BulkAccrueResponse {
-            accrued_count: accrued,
-            already_done_count: done,
-            unknown_member_ids: Vec::new(),
+            accrued_count: outcome.accrued,
+            already_done_count: outcome.already_done,
+            unknown_member_ids: outcome.unknown,
         }))
     }
 

@@ -27,6 +27,23 @@ const BULK_CONCURRENCY: usize = 64;
 pub struct Balance {
     store: Arc<dyn BalanceStore>,
     clock: SharedClock,
+    directory: Option<Arc<dyn MemberDirectory>>,
+}
+
+/// Which members exist: identity owns them. Bulk accrual skips ids it does not know.
+#[async_trait::async_trait]
+pub trait MemberDirectory: Send + Sync + std::fmt::Debug {
+    async fn exists(&self, tenant_id: &str, member_id: &str) -> Result<bool>;
+}
+
+/// What a bulk accrual did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BulkOutcome {
+    pub accrued: i64,
+    /// Members this batch had already accrued (a resumed or retried batch).
+    pub already_done: i64,
+    /// Members identity does not know; nothing was written for them.
+    pub unknown: Vec<String>,
 }
 
 fn check_ids(v: &mut Violations, tenant_id: &str, member_id: &str) {
@@ -66,7 +83,17 @@ pub struct HoldView {
 
 impl Balance {
     pub fn new(store: Arc<dyn BalanceStore>, clock: SharedClock) -> Self {
-        Self { store, clock }
+        Self {
+            store,
+            clock,
+            directory: None,
+        }
+    }
+
+    /// Checks bulk accruals' members against `directory`.
+    pub fn with_directory(mut self, directory: Arc<dyn MemberDirectory>) -> Self {
+        self.directory = Some(directory);
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn BalanceStore> {
@@ -186,14 +213,15 @@ impl Balance {
     }
 
     /// Accrues `op` to every member in `members` under the same key (keys are scoped to
-    /// the member, so each member gets it at most once). Returns (accrued, already done).
+    /// the member, so each member gets it at most once, and a retried or resumed batch
+    /// skips those done). Members identity does not know are skipped and reported.
     pub async fn bulk_accrue(
         &self,
         tenant_id: &str,
         batch_id: &str,
         members: &[String],
         op: Op,
-    ) -> Result<(i64, i64)> {
+    ) -> Result<BulkOutcome> {
         let mut v = Violations::new();
         check_tenant(&mut v, tenant_id);
         v.text(batch_id, "batch_id", MAX_KEY_LEN - 5);
@@ -215,7 +243,7 @@ impl Balance {
         let mut unique: Vec<&String> = members.iter().collect();
         unique.sort();
         unique.dedup();
-        let (mut accrued, mut done) = (0, 0);
+        let mut outcome = BulkOutcome::default();
         for chunk in unique.chunks(BULK_CONCURRENCY) {
             let mut tasks = tokio::task::JoinSet::new();
             for member in chunk {
@@ -223,19 +251,26 @@ impl Balance {
                     (self.clone(), (*member).clone(), key.clone(), op.clone());
                 let tenant = tenant_id.to_string();
                 tasks.spawn(async move {
+                    if let Some(directory) = &this.directory
+                        && !directory.exists(&tenant, &member).await?
+                    {
+                        return Ok::<_, Error>((member, None));
+                    }
                     let before = this.store.record(&tenant, &member, &key).await?;
                     this.execute(&tenant, &member, &key, op).await?;
-                    Ok::<bool, Error>(before.is_some())
+                    Ok((member, Some(before.is_some())))
                 });
             }
             while let Some(joined) = tasks.join_next().await {
                 match joined.map_err(Error::internal)?? {
-                    true => done += 1,
-                    false => accrued += 1,
+                    (_, Some(true)) => outcome.already_done += 1,
+                    (_, Some(false)) => outcome.accrued += 1,
+                    (member, None) => outcome.unknown.push(member),
                 }
             }
         }
-        Ok((accrued, done))
+        outcome.unknown.sort();
+        Ok(outcome)
     }
 
     /// Expires what is due for up to `limit` members; returns how many were handled.

@@ -3,6 +3,7 @@
 
 use loyalty_balance::Balance;
 use loyalty_balance::ledger::{Op, Reason};
+use loyalty_balance::service::MemberDirectory;
 use loyalty_identity::Identity;
 use loyalty_platform::clock::Millis;
 use loyalty_platform::error::{Error, Result};
@@ -292,5 +293,31 @@ impl Points for RemotePoints {
 
     async fn ping(&self) -> Result<()> {
         peer_health(&self.0, "loyalty.balance.v1.BalanceService").await
+    }
+}
+
+/// Whether identity knows `member_id`, through either way of reaching it.
+async fn member_exists(members: &impl Members, tenant_id: &str, member_id: &str) -> Result<bool> {
+    match members
+        .resolve(tenant_id, &Identification::Member(member_id.to_string()))
+        .await
+    {
+        Ok(found) => Ok(found.is_some()),
+        Err(Error::NotFound(_)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[async_trait::async_trait]
+impl MemberDirectory for LocalMembers {
+    async fn exists(&self, tenant_id: &str, member_id: &str) -> Result<bool> {
+        member_exists(self, tenant_id, member_id).await
+    }
+}
+
+#[async_trait::async_trait]
+impl MemberDirectory for RemoteMembers {
+    async fn exists(&self, tenant_id: &str, member_id: &str) -> Result<bool> {
+        member_exists(self, tenant_id, member_id).await
     }
 }

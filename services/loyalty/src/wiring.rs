@@ -202,7 +202,14 @@ pub async fn build(
                 Arc::new(redis)
             }
         };
-        let balance = Balance::new(store, clock.clone());
+        let mut balance = Balance::new(store, clock.clone());
+        // Bulk accrual checks members with identity, in process or over gRPC when reachable.
+        if let Some(identity) = &identity {
+            balance = balance.with_directory(Arc::new(LocalMembers(identity.clone())));
+        } else if config.peers.identity.is_some() {
+            let channel = peer_channel(config, ServiceName::Identity, &config.peers.identity)?;
+            balance = balance.with_directory(Arc::new(RemoteMembers(channel)));
+        }
         // Certificates are low-volume money records: they stay in the embedded store on
         // every backend for now.
         let certificates = GiftCertificates::new(certificate_store, clock.clone());
