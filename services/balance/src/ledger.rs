@@ -17,6 +17,11 @@ use sha2::{Digest, Sha256};
 
 /// Largest amount of one operation, in point minor units.
 pub const MAX_AMOUNT: i64 = 1_000_000_000_000;
+/// Largest balance or lifetime sum of one member. Far below 2^53, so every figure is exact
+/// in the Redis script's numbers too.
+pub const MAX_BALANCE: i64 = 1_000_000_000_000_000;
+/// Latest time the ledger accepts (9999-12-31T23:59:59.999Z); earlier than 2^53 ms.
+pub const MAX_TIME: Millis = 253_402_300_799_999;
 /// Most lots one member may hold; an accrual beyond it is refused.
 pub const MAX_LOTS: usize = 10_000;
 /// Most open holds one member may have.
@@ -337,11 +342,24 @@ pub struct Reply {
 /// the records it created or updated (the operation's own, and the one it refers to).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
+    /// The idempotency key of the operation ('' for a keyless one): the ledger refuses a
+    /// change whose own record it already holds.
+    pub key: String,
     /// The stamp of the state this change was computed from.
     pub prev_stamp: String,
     pub account: Account,
     pub entries: Vec<Entry>,
     pub records: Vec<(String, OpRecord)>,
+}
+
+fn check_time(field: &str, at: Option<Millis>) -> Result<()> {
+    match at {
+        Some(t) if !(0..=MAX_TIME).contains(&t) => Err(Error::invalid(
+            field,
+            "must be between 1970-01-01 and 9999-12-31",
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn check_amount(field: &str, amount: i64) -> Result<()> {
@@ -366,6 +384,8 @@ pub fn validate(op: &Op) -> Result<()> {
             expire_at,
             ..
         } => {
+            check_time("activate_time", *activate_at)?;
+            check_time("expire_time", *expire_at)?;
             if let (Some(a), Some(e)) = (activate_at, expire_at)
                 && e <= a
             {
@@ -391,7 +411,12 @@ pub fn validate(op: &Op) -> Result<()> {
             }
             Ok(())
         }
-        Op::Adjust { amount, actor, .. } => {
+        Op::Adjust {
+            amount,
+            actor,
+            expire_at,
+        } => {
+            check_time("expire_time", *expire_at)?;
             if actor.id.is_empty() {
                 return Err(Error::invalid("actor.id", "is required"));
             }
@@ -404,8 +429,15 @@ pub fn validate(op: &Op) -> Result<()> {
                     format!("at most {MAX_LOTS} lots move at once"),
                 ));
             }
-            if lots.iter().any(|l| l.remaining <= 0) {
+            if lots
+                .iter()
+                .any(|l| l.remaining <= 0 || l.remaining > MAX_BALANCE)
+            {
                 return Err(Error::invalid("lots", "every lot must hold points"));
+            }
+            for lot in lots {
+                check_time("lots.activate_at", Some(lot.activate_at))?;
+                check_time("lots.expire_at", lot.expire_at)?;
             }
             Ok(())
         }
@@ -797,6 +829,11 @@ pub fn apply(
         }
     }
     let entries = std::mem::take(&mut ctx.entries);
+    if next.total > MAX_BALANCE || next.lifetime_accrued > MAX_BALANCE {
+        return Err(Error::FailedPrecondition(format!(
+            "the member's balance would exceed {MAX_BALANCE}"
+        )));
+    }
     consolidate(&mut next, now);
     next.lots.retain(|l| l.remaining > 0);
     let keyed = !op.is_keyless();
@@ -816,6 +853,11 @@ pub fn apply(
     }
     Ok((
         Change {
+            key: if keyed {
+                key.to_string()
+            } else {
+                String::new()
+            },
             prev_stamp: account.stamp.clone(),
             account: next,
             entries,
@@ -1285,6 +1327,21 @@ mod tests {
         let v = m.account.view(60);
         assert_eq!((v.active, v.pending), (260, 10));
         assert_eq!(m.account.view(500).active, 270);
+    }
+
+    #[test]
+    fn times_and_balances_stay_within_exact_bounds() {
+        let mut m = Member::default();
+        let far = m.run("far", accrue_at(1, None, Some(i64::MAX)), 0);
+        assert!(matches!(far, Err(Error::InvalidArgument(_))), "{far:?}");
+        m.account.total = MAX_BALANCE - 5;
+        m.account.lifetime_accrued = MAX_BALANCE - 5;
+        let over = m.run("over", accrue_at(6, None, None), 0);
+        assert!(
+            matches!(over, Err(Error::FailedPrecondition(_))),
+            "{over:?}"
+        );
+        m.run("fits", accrue_at(5, None, None), 0).unwrap();
     }
 
     #[test]

@@ -196,6 +196,22 @@ impl Balance {
         );
         v.text(key, "idempotency_key", MAX_KEY_LEN - 4);
         v.finish()?;
+        // Refuse up front what the receiving side would refuse after the source is closed.
+        let source = self.store.account(tenant_id, from).await?;
+        if source.merged_into.is_none() {
+            let target = self.store.account(tenant_id, to).await?;
+            if let Some(into) = &target.merged_into {
+                return Err(Error::FailedPrecondition(format!(
+                    "member {to} was merged into {into}; transfer to that member instead"
+                )));
+            }
+            if source.lots.len() + target.lots.len() > ledger::MAX_LOTS {
+                return Err(Error::FailedPrecondition(format!(
+                    "member {to} would have more than {} lots",
+                    ledger::MAX_LOTS
+                )));
+            }
+        }
         let out = Op::TransferOut {
             to_member: to.to_string(),
         };

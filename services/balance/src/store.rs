@@ -76,6 +76,8 @@ pub struct Due {
     pub at: Millis,
     pub tenant: String,
     pub member: String,
+    /// Where the backend filed it (ScyllaDB: the day partition).
+    pub bucket: i64,
 }
 
 /// One page of entries, newest first.
@@ -135,8 +137,8 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     }
 
     /// Durably writes `change` if the stored account's version is `expected` (0: none
-    /// stored) and its stamp is `change.prev_stamp`. Returns `false`, writing nothing, when
-    /// it is not.
+    /// stored), its stamp is `change.prev_stamp` and no record is kept under `change.key`
+    /// yet. Returns `false`, writing nothing, when not.
     async fn commit(
         &self,
         tenant_id: &str,
@@ -146,6 +148,9 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     ) -> Result<bool>;
     /// The version of the member's stored state (0: none).
     async fn version(&self, tenant_id: &str, member_id: &str) -> Result<i64>;
+    /// The durable record kept under `key`.
+    async fn record(&self, tenant_id: &str, member_id: &str, key: &str)
+    -> Result<Option<OpRecord>>;
     /// The member's state and every record, to rebuild hot state from.
     async fn load(
         &self,

@@ -10,7 +10,7 @@ use loyalty_platform::embedded::{
     read_record, storage_error as e,
 };
 use loyalty_platform::error::{Error, Result};
-use redb::{TableDefinition, WriteTransaction};
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
 
 use super::{BalanceStore, Due, EntryQuery, Ledger, Page, PendingCommit};
 use crate::ledger::{self, Account, Change, Op, OpRecord};
@@ -212,11 +212,21 @@ impl Ledger for EmbeddedBalanceStore {
         let answer = self
             .db
             .submit(move |txn| {
-                let account: Account = {
+                let (account, applied_before) = {
                     let members = txn.open_table(MEMBERS).map_err(e)?;
-                    get_record(&members, &account_key(&tenant, &member))?.unwrap_or_default()
+                    let account: Account =
+                        get_record(&members, &account_key(&tenant, &member))?.unwrap_or_default();
+                    let applied_before = !change.key.is_empty()
+                        && members
+                            .get(record_key(&tenant, &member, &change.key).as_str())
+                            .map_err(e)?
+                            .is_some();
+                    (account, applied_before)
                 };
-                if account.version != expected || account.stamp != change.prev_stamp {
+                if account.version != expected
+                    || account.stamp != change.prev_stamp
+                    || applied_before
+                {
                     return Ok(false);
                 }
                 write_change(txn, &tenant, &member, &account, &change)?;
@@ -224,6 +234,15 @@ impl Ledger for EmbeddedBalanceStore {
             })
             .await?;
         Ok(Box::pin(answer))
+    }
+
+    async fn record(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        op_key: &str,
+    ) -> Result<Option<OpRecord>> {
+        BalanceStore::record(self, tenant_id, member_id, op_key).await
     }
 
     async fn version(&self, tenant_id: &str, member_id: &str) -> Result<i64> {
@@ -332,6 +351,7 @@ impl Ledger for EmbeddedBalanceStore {
                             at: at.parse().map_err(Error::internal)?,
                             tenant: tenant.to_string(),
                             member: member.to_string(),
+                            bucket: 0,
                         });
                     }
                 }

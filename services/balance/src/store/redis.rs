@@ -195,18 +195,24 @@ impl RedisBalanceStore {
         let mut pause = Duration::from_micros(200);
         loop {
             let stored = self.ledger.version(tenant, member).await?;
-            if stored >= expected || started.elapsed() > COMMIT_WAIT {
-                return Ok(if stored < expected {
-                    Commit::Behind
-                } else {
-                    Commit::Diverged
-                });
+            if stored > expected {
+                return Ok(Commit::Diverged);
+            }
+            if stored == expected {
+                // The predecessor has landed (or the lineage differs): one more try decides.
+                return Ok(
+                    if self.ledger.commit(tenant, member, expected, change).await? {
+                        Commit::Done
+                    } else {
+                        Commit::Diverged
+                    },
+                );
+            }
+            if started.elapsed() > COMMIT_WAIT {
+                return Ok(Commit::Behind);
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(20));
-            if self.ledger.commit(tenant, member, expected, change).await? {
-                return Ok(Commit::Done);
-            }
         }
     }
 
@@ -222,9 +228,45 @@ impl RedisBalanceStore {
     }
 }
 
-#[async_trait::async_trait]
-impl BalanceStore for RedisBalanceStore {
-    async fn execute(
+impl RedisBalanceStore {
+    fn stripe(&self, tenant: &str, member: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (tenant, member).hash(&mut h);
+        &self.stripes[(h.finish() % STRIPES as u64) as usize]
+    }
+
+    /// Drops a member's hot state and rebuilds it from the ledger, ordered with this
+    /// process's other changes of the member.
+    async fn reset(&self, tenant: &str, member: &str) -> Result<()> {
+        tracing::warn!(
+            tenant,
+            member,
+            "hot balance state diverged from the ledger; rebuilding it"
+        );
+        let _ordered = self.stripe(tenant, member).lock().await;
+        self.drop_state(tenant, member, None).await?;
+        self.rebuild(tenant, member).await
+    }
+
+    /// Whether the ledger holds the record under `key`, waiting a little for a change that
+    /// may still be on its way there.
+    async fn durable(&self, tenant: &str, member: &str, key: &str) -> Result<bool> {
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_micros(200);
+        loop {
+            if self.ledger.record(tenant, member, key).await?.is_some() {
+                return Ok(true);
+            }
+            if started.elapsed() > COMMIT_WAIT {
+                return Ok(false);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    async fn run(
         &self,
         tenant_id: &str,
         member_id: &str,
@@ -240,18 +282,11 @@ impl BalanceStore for RedisBalanceStore {
         };
         let packed_op = pack(&op)?;
         let referenced = ledger::referenced_key(&op).unwrap_or_default();
-        // Changes to one member from this process reach the ledger in the order the script
-        // made them; other processes' changes are ordered by the ledger's condition.
-        let stripe = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            (tenant_id, member_id).hash(&mut h);
-            (h.finish() % STRIPES as u64) as usize
-        };
         for _ in 0..MAX_ATTEMPTS {
             // Held from the script until the change is queued on the ledger, not until it
-            // is durable: the next change of the member queues behind it.
-            let ordered = self.stripes[stripe].lock().await;
+            // is durable: the member's next change from this process queues behind it.
+            // Other processes' changes are ordered by the ledger's condition.
+            let ordered = self.stripe(tenant_id, member_id).lock().await;
             let mut con = self.redis.clone();
             let reply: Vec<Value> = self
                 .apply
@@ -275,16 +310,34 @@ impl BalanceStore for RedisBalanceStore {
             };
             match status {
                 0 => {
+                    drop(ordered);
                     let record = reply.get(1).and_then(bytes).ok_or_else(|| {
                         Error::internal(anyhow::anyhow!("apply.lua replay without a record"))
                     })?;
-                    return Ok(Some(unpack(record)?));
+                    let record: OpRecord = unpack(record)?;
+                    // A record in Redis whose change never reached the ledger must not be
+                    // replayed as if it had: rebuild and apply the operation for real.
+                    if self.durable(tenant_id, member_id, key).await? {
+                        return Ok(Some(record));
+                    }
+                    self.reset(tenant_id, member_id).await?;
                 }
                 1 => {
-                    let change: Change =
-                        unpack(reply.get(1).and_then(bytes).ok_or_else(|| {
+                    let change: Change = match reply
+                        .get(1)
+                        .and_then(bytes)
+                        .ok_or_else(|| {
                             Error::internal(anyhow::anyhow!("apply.lua without a change"))
-                        })?)?;
+                        })
+                        .and_then(unpack)
+                    {
+                        Ok(change) => change,
+                        Err(e) => {
+                            // Applied in Redis but unreadable here: take it back out.
+                            let _ = self.drop_state(tenant_id, member_id, None).await;
+                            return Err(e);
+                        }
+                    };
                     let record = match reply.get(2).and_then(bytes) {
                         Some(b) if !b.is_empty() => Some(unpack::<OpRecord>(b)?),
                         _ => None,
@@ -301,13 +354,7 @@ impl BalanceStore for RedisBalanceStore {
                     match self.settle(tenant_id, member_id, &change, first).await {
                         Ok(Commit::Done) => return Ok(record),
                         Ok(Commit::Behind | Commit::Diverged) => {
-                            tracing::warn!(
-                                tenant = tenant_id,
-                                member = member_id,
-                                "hot balance state diverged from the ledger; rebuilding it"
-                            );
-                            self.drop_state(tenant_id, member_id, None).await?;
-                            self.rebuild(tenant_id, member_id).await?;
+                            self.reset(tenant_id, member_id).await?;
                         }
                         Err(e) => {
                             // Not acknowledged: take the change back out of the hot state
@@ -319,8 +366,23 @@ impl BalanceStore for RedisBalanceStore {
                         }
                     }
                 }
-                2 => self.rebuild(tenant_id, member_id).await?,
-                3 => return Ok(None),
+                2 => {
+                    drop(ordered);
+                    self.rebuild(tenant_id, member_id).await?;
+                }
+                3 => {
+                    drop(ordered);
+                    // Nothing to do in the hot state; make sure it is not behind the ledger
+                    // (the expiry process relies on this answer).
+                    let hot = match reply.get(1) {
+                        Some(Value::Int(v)) => *v,
+                        _ => 0,
+                    };
+                    if self.ledger.version(tenant_id, member_id).await? <= hot {
+                        return Ok(None);
+                    }
+                    self.reset(tenant_id, member_id).await?;
+                }
                 other => {
                     return Err(Error::internal(anyhow::anyhow!(
                         "unexpected status {other} from apply.lua"
@@ -331,6 +393,30 @@ impl BalanceStore for RedisBalanceStore {
         Err(Error::Unavailable(
             "the member's balance state kept changing; try again".into(),
         ))
+    }
+}
+
+#[async_trait::async_trait]
+impl BalanceStore for RedisBalanceStore {
+    /// Runs to completion even when the caller goes away: once the script has applied a
+    /// change, its ledger append (or its removal from the hot state) must happen.
+    async fn execute(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        key: &str,
+        op: Op,
+        now: Millis,
+    ) -> Result<Option<OpRecord>> {
+        let this = self.clone();
+        let (tenant, member, key) = (
+            tenant_id.to_string(),
+            member_id.to_string(),
+            key.to_string(),
+        );
+        tokio::spawn(async move { this.run(&tenant, &member, &key, op, now).await })
+            .await
+            .map_err(Error::internal)?
     }
 
     async fn account(&self, tenant_id: &str, member_id: &str) -> Result<Account> {
@@ -626,5 +712,55 @@ mod tests {
             .map(|e| e.amount)
             .collect();
         assert_eq!(amounts, [-60, 100]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_that_never_reached_the_ledger_is_not_replayed() {
+        let (_server, _dir, ledger, store) = setup().await;
+        store.execute("t", "m", "a", accrue(100), 0).await.unwrap();
+        // The script applies "ghost" but the process dies before the ledger append.
+        let (state_key, ops_key) = keys("t", "m");
+        let mut con = store.redis.clone();
+        let ghost = accrue(5);
+        let _: Vec<Value> = store
+            .apply
+            .key(&state_key)
+            .key(&ops_key)
+            .arg(1)
+            .arg("ghost")
+            .arg(ghost.fingerprint())
+            .arg(pack(&ghost).unwrap())
+            .arg("")
+            .invoke_async(&mut con)
+            .await
+            .unwrap();
+        // The client's retry must apply it for real, once.
+        store.execute("t", "m", "ghost", ghost, 2).await.unwrap();
+        assert!(
+            Ledger::record(ledger.as_ref(), "t", "m", "ghost")
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(store.account("t", "m").await.unwrap().total, 105);
+        assert_eq!(Ledger::version(ledger.as_ref(), "t", "m").await.unwrap(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lost_records_never_apply_an_operation_twice() {
+        let (_server, _dir, _ledger, store) = setup().await;
+        let first = store.execute("t", "m", "a", accrue(100), 0).await.unwrap();
+        let (_, ops_key) = keys("t", "m");
+        let mut con = store.redis.clone();
+        let _: () = redis::cmd("DEL")
+            .arg(&ops_key)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.execute("t", "m", "a", accrue(100), 1).await.unwrap(),
+            first
+        );
+        assert_eq!(store.account("t", "m").await.unwrap().total, 100);
     }
 }

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use loyalty_platform::clock::{DAY_MS, Millis};
+use loyalty_platform::clock::{Clock, DAY_MS, Millis};
 use loyalty_platform::embedded::{decode, encode};
 use loyalty_platform::error::{Error, Result};
 use loyalty_platform::scylla::{Migration, execution_error};
@@ -45,6 +45,8 @@ struct Statements {
     insert_state: PreparedStatement,
     update_state: PreparedStatement,
     insert_row: PreparedStatement,
+    insert_own_record: PreparedStatement,
+    select_record: PreparedStatement,
     select_state: PreparedStatement,
     select_records: PreparedStatement,
     select_entries: PreparedStatement,
@@ -93,6 +95,16 @@ impl ScyllaLedger {
             .await?,
             insert_row: prepare(
                 "INSERT INTO balance_ledger (tenant, member, kind, id, body) VALUES (?, ?, ?, ?, ?)",
+            )
+            .await?,
+            insert_own_record: prepare(
+                "INSERT INTO balance_ledger (tenant, member, kind, id, body) VALUES (?, ?, 2, ?, ?) \
+                 IF NOT EXISTS",
+            )
+            .await?,
+            select_record: prepare(
+                "SELECT body FROM balance_ledger \
+                 WHERE tenant = ? AND member = ? AND kind = 2 AND id = ?",
             )
             .await?,
             select_state: prepare(
@@ -177,8 +189,13 @@ impl Ledger for ScyllaLedger {
         // The schedule first: a due row for a change that then fails only costs the expiry
         // process a no-op.
         if let Some(at) = change.account.next_due() {
+            // Filed no earlier than today, so the expiry process's look-back always finds it.
+            let today = day(loyalty_platform::clock::SystemClock.now_ms());
             self.session
-                .execute_unpaged(&self.s.insert_due, (day(at), at, tenant_id, member_id))
+                .execute_unpaged(
+                    &self.s.insert_due,
+                    (day(at).max(today), at, tenant_id, member_id),
+                )
                 .await
                 .map_err(execution_error)?;
         }
@@ -220,14 +237,26 @@ impl Ledger for ScyllaLedger {
             ]);
         }
         for (key, record) in &change.records {
-            batch.append_statement(self.s.insert_row.clone());
-            values.push(vec![
-                text(tenant_id),
-                text(member_id),
-                CqlValue::TinyInt(RECORD),
-                text(key),
-                CqlValue::Blob(encode(record)?),
-            ]);
+            if *key == change.key {
+                // Conditional too: a change whose own record the ledger already holds (hot
+                // state that lost its records) must not apply twice.
+                batch.append_statement(self.s.insert_own_record.clone());
+                values.push(vec![
+                    text(tenant_id),
+                    text(member_id),
+                    text(key),
+                    CqlValue::Blob(encode(record)?),
+                ]);
+            } else {
+                batch.append_statement(self.s.insert_row.clone());
+                values.push(vec![
+                    text(tenant_id),
+                    text(member_id),
+                    CqlValue::TinyInt(RECORD),
+                    text(key),
+                    CqlValue::Blob(encode(record)?),
+                ]);
+            }
         }
         let result = self
             .session
@@ -235,6 +264,24 @@ impl Ledger for ScyllaLedger {
             .await
             .map_err(execution_error)?;
         applied(result)
+    }
+
+    async fn record(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        key: &str,
+    ) -> Result<Option<OpRecord>> {
+        let row = self
+            .session
+            .execute_unpaged(&self.s.select_record, (tenant_id, member_id, key))
+            .await
+            .map_err(execution_error)?
+            .into_rows_result()
+            .map_err(rows_error)?
+            .maybe_first_row::<(Vec<u8>,)>()
+            .map_err(rows_error)?;
+        row.map(|(b,)| decode(&b)).transpose()
     }
 
     async fn version(&self, tenant_id: &str, member_id: &str) -> Result<i64> {
@@ -342,7 +389,12 @@ impl Ledger for ScyllaLedger {
                 .map_err(rows_error)?;
             for row in rows.rows::<(i64, String, String)>().map_err(rows_error)? {
                 let (at, tenant, member) = row.map_err(rows_error)?;
-                out.push(Due { at, tenant, member });
+                out.push(Due {
+                    at,
+                    tenant,
+                    member,
+                    bucket: d,
+                });
             }
         }
         Ok(out)

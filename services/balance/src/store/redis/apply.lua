@@ -8,11 +8,12 @@
 --
 -- Returns {0, record} for a replay, {1, change, record} for an applied change (record ''
 -- when keyless), {2} when the state is not loaded (the caller rebuilds it from the
--- ledger and retries), {3} when a keyless operation changed nothing. Refusals are error
+-- ledger and retries), {3, version} when a keyless operation changed nothing. Refusals are error
 -- replies 'CODE message' and write nothing.
 
 local MAX_LOTS = 10000
 local MAX_OPEN_HOLDS = 100
+local MAX_BALANCE = 1000000000000000
 
 local now = tonumber(ARGV[1])
 local key = ARGV[2]
@@ -432,6 +433,9 @@ local function main()
     fail('INVALID_ARGUMENT', 'unknown operation ' .. tostring(name))
   end
 
+  if acc.total > MAX_BALANCE or acc.lifetime_accrued > MAX_BALANCE then
+    fail('FAILED_PRECONDITION', "the member's balance would exceed " .. string.format('%d', MAX_BALANCE))
+  end
   -- Active lots expiring together merge into the first of them (as `consolidate` in Rust).
   local first = {}
   for i, lot in ipairs(acc.lots) do
@@ -457,7 +461,7 @@ local function main()
   end
   acc.lots = kept
   if not (#entries > 0 or changed or keyed) then
-    return { 3 }
+    return { 3, acc.version }
   end
   acc.version = acc.version + 1
   acc.stamp = redis.sha1hex(prev_stamp .. '\0' .. key .. '\0' .. fingerprint .. '\0' ..
@@ -476,7 +480,9 @@ local function main()
     records[#records + 1] = { key, record }
   end
   redis.call('SET', KEYS[1], cmsgpack.pack(acc))
-  local change = { prev_stamp = prev_stamp, account = acc, entries = entries, records = records }
+  local change = {
+    key = key, prev_stamp = prev_stamp, account = acc, entries = entries, records = records,
+  }
   return { 1, cmsgpack.pack(change), packed_record }
 end
 
