@@ -196,8 +196,13 @@ pub async fn build(
                 } else {
                     ledger
                 };
-                let redis = RedisBalanceStore::connect(&config.storage.redis.url, durable)
-                    .context("bad configuration: `storage.redis.url`")?;
+                let redis = if config.storage.redis.cluster_nodes.is_empty() {
+                    RedisBalanceStore::connect(&config.storage.redis.url, durable)
+                        .context("bad configuration: `storage.redis.url`")?
+                } else {
+                    RedisBalanceStore::connect_cluster(&config.storage.redis.cluster_nodes, durable)
+                        .context("bad configuration: `storage.redis.cluster_nodes`")?
+                };
                 redis_balances = Some(redis.clone());
                 Arc::new(redis)
             }

@@ -183,12 +183,15 @@ impl Default for ScyllaConfig {
 pub struct RedisConfig {
     /// Where the hot balance state lives, e.g. `redis://redis:6379/`.
     pub url: String,
+    /// Redis Cluster seed nodes (`redis://host:port/`); when given, `url` is not used.
+    pub cluster_nodes: Vec<String>,
 }
 
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379/".into(),
+            cluster_nodes: Vec::new(),
         }
     }
 }
@@ -290,7 +293,14 @@ impl Config {
         if !(1..=60_000).contains(&self.peers.timeout_ms) {
             return bad("peers.timeout_ms", "must be between 1 and 60000");
         }
-        if !self.storage.redis.url.starts_with("redis://") {
+        if !self.storage.redis.url.starts_with("redis://")
+            || self
+                .storage
+                .redis
+                .cluster_nodes
+                .iter()
+                .any(|n| !n.starts_with("redis://"))
+        {
             return bad(
                 "storage.redis.url",
                 "must be a redis:// URL, e.g. redis://redis:6379/",

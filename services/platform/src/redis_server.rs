@@ -14,6 +14,7 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    extra: Vec<String>,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -23,6 +24,10 @@ fn free_port() -> anyhow::Result<u16> {
 impl RedisServer {
     /// Starts a server on a free port; fails with a hint when `redis-server` is missing.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> anyhow::Result<Self> {
         let port = free_port()?;
         let dir = std::env::temp_dir().join(format!("loyalty-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
@@ -30,9 +35,51 @@ impl RedisServer {
             child: None,
             port,
             dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         server.spawn()?;
         Ok(server)
+    }
+
+    /// Starts `n` cluster-enabled servers and joins them into one Redis Cluster (no
+    /// replicas) with `redis-cli --cluster create`; returns once every slot is served.
+    pub fn start_cluster(n: usize) -> anyhow::Result<Vec<Self>> {
+        let nodes = (0..n)
+            .map(|_| {
+                Self::start_with(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for node in &nodes {
+            create.arg(format!("127.0.0.1:{}", node.port));
+        }
+        let out = create
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .context("running redis-cli --cluster create")?;
+        if !out.status.success() {
+            bail!(
+                "redis-cli --cluster create failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for node in &nodes {
+            loop {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &node.port.to_string(), "cluster", "info"])
+                    .output()?;
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("the Redis Cluster did not become ready");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(nodes)
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
@@ -48,6 +95,7 @@ impl RedisServer {
             ])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -17,6 +17,8 @@ use std::time::Duration;
 use loyalty_platform::clock::Millis;
 use loyalty_platform::error::{Error, Result};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClientBuilder, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
 use redis::{Client, ErrorKind, Script, Value};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -34,9 +36,45 @@ const COMMIT_WAIT: Duration = Duration::from_secs(1);
 /// between the script and the ledger.
 const STRIPES: usize = 4096;
 
+/// One multiplexed connection: to a single Redis (reconnecting), or to a Redis Cluster
+/// (routing each command by its keys' hash slot).
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct RedisBalanceStore {
-    redis: ConnectionManager,
+    redis: Conn,
     ledger: Arc<dyn Ledger>,
     apply: Script,
     load: Script,
@@ -114,15 +152,33 @@ impl RedisBalanceStore {
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(20))
             .set_max_delay(Duration::from_millis(500));
-        let redis = client.get_connection_manager_lazy(config)?;
-        Ok(Self {
+        let redis = Conn::Single(client.get_connection_manager_lazy(config)?);
+        Ok(Self::with(redis, ledger))
+    }
+
+    /// Prepares one multiplexed connection per node of the Redis Cluster seeded by `nodes`,
+    /// opened in the background, over `ledger`. All of a member's keys share a hash slot.
+    pub fn connect_cluster(nodes: &[String], ledger: Arc<dyn Ledger>) -> anyhow::Result<Self> {
+        let client = ClusterClientBuilder::new(nodes.to_vec())
+            .connection_timeout(Duration::from_secs(2))
+            .response_timeout(Duration::from_secs(2))
+            .retries(3)
+            .build()?;
+        let redis = Conn::Cluster(
+            client.get_pending_async_connection_with_config(ClusterConfig::default()),
+        );
+        Ok(Self::with(redis, ledger))
+    }
+
+    fn with(redis: Conn, ledger: Arc<dyn Ledger>) -> Self {
+        Self {
             redis,
             ledger,
             apply: Script::new(include_str!("redis/apply.lua")),
             load: Script::new(include_str!("redis/load.lua")),
             drop: Script::new(include_str!("redis/drop.lua")),
             stripes: Arc::new((0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect()),
-        })
+        }
     }
 
     /// Rebuilds one member's hot state from the ledger (a no-op when it is present).
@@ -498,6 +554,32 @@ mod tests {
         let ledger = Arc::new(EmbeddedBalanceStore::open(&dir.path().join("ledger.redb")).unwrap());
         let store = RedisBalanceStore::connect(&server.url(), ledger.clone()).unwrap();
         (server, dir, ledger, store)
+    }
+
+    /// The same suite on a three-node Redis Cluster: every script call and pipeline touches
+    /// one member's keys, which share a hash slot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conformance_on_redis_cluster() {
+        let nodes = RedisServer::start_cluster(3).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(EmbeddedBalanceStore::open(&dir.path().join("ledger.redb")).unwrap());
+        let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
+        let store = RedisBalanceStore::connect_cluster(&urls, ledger).unwrap();
+        crate::store::conformance::run_all(Arc::new(store.clone())).await;
+        // The members' keys really are spread over the nodes.
+        let mut holding = 0;
+        for node in &nodes {
+            let out = std::process::Command::new("redis-cli")
+                .args(["-p", &node.port().to_string(), "dbsize"])
+                .output()
+                .unwrap();
+            let keys: u64 = String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            holding += u64::from(keys > 0);
+        }
+        assert!(holding >= 2, "keys on {holding} of 3 nodes");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
