@@ -650,3 +650,40 @@ async fn gift_certificates_issue_spend_refund_and_expire() {
     assert_eq!(err.code(), Code::NotFound);
     assert_eq!(server.stop().await, 0);
 }
+
+/// Redis comes back with old data (a restore or a lagging failover): reads show the stale
+/// balance until `serve --rebuild-balances` rebuilds every member from the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_balances_repairs_redis_restored_from_an_old_snapshot() {
+    let mut redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(redis_launch(&redis), dir.path()).await;
+    let mut c = BalanceServiceClient::new(server.channel().await);
+    c.accrue(accrue("s1", "a1", 100)).await.unwrap();
+    c.accrue(accrue("s2", "a1", 7)).await.unwrap();
+    redis.save().unwrap();
+    c.accrue(accrue("s1", "a2", 50)).await.unwrap();
+    c.redeem(redeem("s2", "r1", 7)).await.unwrap();
+    assert_eq!(server.stop().await, 0);
+    redis.restart().unwrap();
+
+    let server = Server::start(redis_launch(&redis), dir.path()).await;
+    let mut c = BalanceServiceClient::new(server.channel().await);
+    assert_eq!(
+        get(&mut c, "s1").await.active,
+        100,
+        "the restored snapshot is stale"
+    );
+    assert_eq!(server.stop().await, 0);
+
+    let server = Server::start(redis_launch(&redis).arg("--rebuild-balances"), dir.path()).await;
+    let mut c = BalanceServiceClient::new(server.channel().await);
+    let s1 = get(&mut c, "s1").await;
+    assert_eq!((s1.active, s1.ledger_sequence), (150, 2));
+    let s2 = get(&mut c, "s2").await;
+    assert_eq!((s2.active, s2.ledger_sequence), (0, 2));
+    // And the next operation builds on the ledger's state.
+    let err = c.redeem(redeem("s2", "r2", 1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(server.stop().await, 0);
+}

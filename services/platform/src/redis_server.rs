@@ -134,6 +134,19 @@ impl RedisServer {
         self.port
     }
 
+    /// Writes a snapshot (`SAVE`) that the next [`RedisServer::restart`] loads: a way to
+    /// make a server come back with old data, as after a restore or a lagging failover.
+    pub fn save(&self) -> anyhow::Result<()> {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "SAVE"])
+            .output()
+            .context("running redis-cli SAVE")?;
+        if !String::from_utf8_lossy(&out.stdout).contains("OK") {
+            bail!("SAVE failed: {}", String::from_utf8_lossy(&out.stdout));
+        }
+        Ok(())
+    }
+
     /// Kills the server the hard way (SIGKILL): everything in memory is lost.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -142,7 +155,8 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server again, empty, on the same port.
+    /// Starts the server again on the same port: empty, unless [`RedisServer::save`] left a
+    /// snapshot.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
         self.spawn()
