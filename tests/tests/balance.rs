@@ -371,7 +371,9 @@ async fn balance_behaviour(channel: Channel, bulk_members: Vec<String>, identity
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn balance_api_on_embedded_storage() {
     let dir = tempfile::tempdir().unwrap();
-    let launch = Launch::dev().env("LOYALTY_BALANCE__EXPIRY_INTERVAL_MS", "200");
+    let launch = Launch::dev()
+        .env("LOYALTY_BALANCE__EXPIRY_INTERVAL_MS", "200")
+        .env("LOYALTY_SERVER__METRICS_LISTEN", "127.0.0.1:0");
     let server = Server::start(launch, dir.path()).await;
     let channel = server.channel().await;
     let mut members = identity::member_service_client::MemberServiceClient::new(channel.clone());
@@ -391,6 +393,18 @@ async fn balance_api_on_embedded_storage() {
         ids.push(m.member_id);
     }
     balance_behaviour(channel, ids, true).await;
+    let metrics = server.scrape_metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "loyalty_points_expired_total 180"),
+        "expired points are counted once: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("expired"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     assert_eq!(server.stop().await, 0);
 }
 

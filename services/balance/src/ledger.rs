@@ -501,7 +501,8 @@ impl Ctx<'_> {
 /// Applies `op`, under idempotency key `key` with fingerprint `fingerprint` (empty for a
 /// keyless [`Op::Expire`]), to `account` at `now`. `referenced` is the stored record of
 /// [`referenced_key`]. On `Err` the caller must write nothing; on `Ok` with no change
-/// (`Change::account.version` unchanged) there is nothing to write either.
+/// (`Change::account.version` unchanged, and no record) there is nothing to write either.
+/// A keyless operation that changed something returns a record that is not kept.
 pub fn apply(
     account: &Account,
     key: &str,
@@ -798,7 +799,7 @@ pub fn apply(
                 }
             }
             ctx.account.lifetime_expired += expired;
-            ctx.entry(Reason::Expiry, -expired, "", None, None, None);
+            record.reply.entry = ctx.entry(Reason::Expiry, -expired, "", None, None, None);
         }
         Op::TransferOut { to_member } => {
             if !ctx.account.holds.is_empty() {
@@ -847,8 +848,9 @@ pub fn apply(
     {
         records.push((k.to_string(), r));
     }
-    let record = keyed.then_some(record);
-    if let Some(r) = &record {
+    // A keyless operation keeps no record, but its caller still learns what it did.
+    let record = (keyed || next.version != account.version).then_some(record);
+    if let (true, Some(r)) = (keyed, &record) {
         records.push((key.to_string(), r.clone()));
     }
     Ok((

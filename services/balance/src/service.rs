@@ -302,7 +302,15 @@ impl Balance {
                 .execute(&d.tenant, &d.member, "", Op::Expire, now)
                 .await
             {
-                Ok(_) => self.store.done_due(&d).await,
+                Ok(did) => {
+                    let expired = did.and_then(|r| r.reply.entry).map_or(0, |e| -e.amount);
+                    if expired > 0 {
+                        // Counted once: only the change that reached the ledger answers.
+                        metrics::counter!("loyalty_points_expired_total")
+                            .increment(expired.unsigned_abs());
+                    }
+                    self.store.done_due(&d).await
+                }
                 Err(e) => Err(e),
             };
             match done {

@@ -94,7 +94,8 @@ pub trait BalanceStore: Send + Sync + std::fmt::Debug {
     /// keyless [`Op::Expire`]) with [`crate::ledger::apply`], atomically: the entries, the
     /// new state and the records are durable before this returns. A retry with the same key
     /// and operation returns the stored record; the same key with another operation is
-    /// `AlreadyExists`. Keyless operations return `None`.
+    /// `AlreadyExists`. A keyless operation returns what it did when it changed something
+    /// (a record that is not kept), `None` otherwise.
     async fn execute(
         &self,
         tenant_id: &str,

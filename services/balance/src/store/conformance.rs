@@ -286,17 +286,25 @@ async fn expiry_and_schedule(store: &dyn BalanceStore) {
     };
     assert!(due_in_e(store.due(999, 100).await.unwrap()).is_empty());
     assert_eq!(due_in_e(store.due(1_000, 100).await.unwrap()), ["x1"]);
+    let expired = store
+        .execute("e", "x1", "", Op::Expire, 1_000)
+        .await
+        .unwrap()
+        .and_then(|r| r.reply.entry)
+        .map(|e| e.amount);
+    assert_eq!(expired, Some(-70));
     assert!(
         store
             .execute("e", "x1", "", Op::Expire, 1_000)
             .await
             .unwrap()
-            .is_none()
+            .is_none(),
+        "nothing left to expire"
     );
-    store
-        .execute("e", "x1", "", Op::Expire, 1_000)
-        .await
-        .unwrap();
+    assert!(
+        store.record("e", "x1", "").await.unwrap().is_none(),
+        "not kept"
+    );
     for d in store.due(1_000, 100).await.unwrap() {
         if d.tenant == "e" {
             store.done_due(&d).await.unwrap();

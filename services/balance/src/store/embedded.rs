@@ -103,7 +103,11 @@ impl BalanceStore for EmbeddedBalanceStore {
             member_id.to_string(),
             op_key.to_string(),
         );
-        let fingerprint = op.fingerprint();
+        let fingerprint = if op.is_keyless() {
+            String::new()
+        } else {
+            op.fingerprint()
+        };
         self.db
             .write(move |txn| {
                 let (stored, referenced, account) = {

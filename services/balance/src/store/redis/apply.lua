@@ -6,8 +6,8 @@
 -- ARGV: now (ms), idempotency key ('' for the keyless expiry), fingerprint,
 -- operation (MessagePack `Op`), key of the record the operation refers to ('' for none).
 --
--- Returns {0, record} for a replay, {1, change, record} for an applied change (record ''
--- when keyless), {2} when the state is not loaded (the caller rebuilds it from the
+-- Returns {0, record} for a replay, {1, change, record} for an applied change (a keyless
+-- operation's record is not kept), {2} when the state is not loaded (the caller rebuilds it from the
 -- ledger and retries), {3, version} when a keyless operation changed nothing. Refusals are error
 -- replies 'CODE message' and write nothing.
 
@@ -404,7 +404,7 @@ local function main()
       end
     end
     acc.lifetime_expired = acc.lifetime_expired + expired
-    entry('Expiry', -expired, '', nil, nil, nil)
+    record.reply.entry = entry('Expiry', -expired, '', nil, nil, nil)
   elseif name == 'TransferOut' then
     if #acc.holds > 0 then
       fail('FAILED_PRECONDITION', 'the member has open holds; confirm or cancel them first')
@@ -473,9 +473,9 @@ local function main()
     redis.call('HSET', KEYS[2], ref_key, packed)
     records[#records + 1] = { ref_key, referenced }
   end
-  local packed_record = ''
+  -- A keyless operation keeps no record, but its caller still learns what it did.
+  local packed_record = cmsgpack.pack(record)
   if keyed then
-    packed_record = cmsgpack.pack(record)
     redis.call('HSET', KEYS[2], key, packed_record)
     records[#records + 1] = { key, record }
   end
