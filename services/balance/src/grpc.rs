@@ -541,24 +541,17 @@ impl GiftCertificateService for CertificatesApi {
         request: Request<pb::SpendCertificateRequest>,
     ) -> Result<Response<pb::SpendCertificateResponse>, Status> {
         let r = request.into_inner();
-        let mut v = loyalty_platform::error::Violations::new();
-        let amount = money(&mut v, "amount", r.amount.as_ref());
-        v.finish().map_err(to_status)?;
-        let c = self
-            .0
+        let certificate = self
             .change(
-                &r.tenant_id,
-                &r.code,
-                &r.idempotency_key,
-                amount,
+                r.tenant_id,
+                r.code,
+                r.idempotency_key,
+                r.amount,
                 r.reference,
                 false,
             )
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(pb::SpendCertificateResponse {
-            certificate: Some(certificate_to_proto(&r.tenant_id, &c, self.0.now())),
-        }))
+            .await?;
+        Ok(Response::new(pb::SpendCertificateResponse { certificate }))
     }
 
     async fn refund_certificate(
@@ -566,23 +559,39 @@ impl GiftCertificateService for CertificatesApi {
         request: Request<pb::RefundCertificateRequest>,
     ) -> Result<Response<pb::RefundCertificateResponse>, Status> {
         let r = request.into_inner();
-        let mut v = loyalty_platform::error::Violations::new();
-        let amount = money(&mut v, "amount", r.amount.as_ref());
-        v.finish().map_err(to_status)?;
-        let c = self
-            .0
+        let certificate = self
             .change(
-                &r.tenant_id,
-                &r.code,
-                &r.idempotency_key,
-                amount,
+                r.tenant_id,
+                r.code,
+                r.idempotency_key,
+                r.amount,
                 r.reference,
                 true,
             )
+            .await?;
+        Ok(Response::new(pb::RefundCertificateResponse { certificate }))
+    }
+}
+
+impl CertificatesApi {
+    /// Spends or refunds: the two requests carry the same fields.
+    async fn change(
+        &self,
+        tenant_id: String,
+        code: String,
+        key: String,
+        amount: Option<common::Decimal>,
+        reference: String,
+        refund: bool,
+    ) -> Result<Option<pb::Certificate>, Status> {
+        let mut v = loyalty_platform::error::Violations::new();
+        let amount = money(&mut v, "amount", amount.as_ref());
+        v.finish().map_err(to_status)?;
+        let c = self
+            .0
+            .change(&tenant_id, &code, &key, amount, reference, refund)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::RefundCertificateResponse {
-            certificate: Some(certificate_to_proto(&r.tenant_id, &c, self.0.now())),
-        }))
+        Ok(Some(certificate_to_proto(&tenant_id, &c, self.0.now())))
     }
 }

@@ -582,6 +582,25 @@ mod tests {
         assert!(holding >= 2, "keys on {holding} of 3 nodes");
     }
 
+    /// Runs the script for member ("t", "m") as a process that dies before the ledger
+    /// append would.
+    async fn apply_without_ledger(store: &RedisBalanceStore, key: &str, op: &Op, now: Millis) {
+        let (state_key, ops_key) = keys("t", "m");
+        let mut con = store.redis.clone();
+        let _: Vec<Value> = store
+            .apply
+            .key(&state_key)
+            .key(&ops_key)
+            .arg(now)
+            .arg(key)
+            .arg(op.fingerprint())
+            .arg(pack(op).unwrap())
+            .arg("")
+            .invoke_async(&mut con)
+            .await
+            .unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn conformance() {
         let (_server, _dir, _ledger, store) = setup().await;
@@ -732,7 +751,7 @@ mod tests {
     async fn hot_state_ahead_of_or_behind_the_ledger_never_reaches_it() {
         let (_server, _dir, ledger, store) = setup().await;
         store.execute("t", "m", "a", accrue(100), 0).await.unwrap();
-        let (state_key, ops_key) = keys("t", "m");
+        let (state_key, _) = keys("t", "m");
         let mut con = store.redis.clone();
         let snapshot: Vec<u8> = redis::cmd("GET")
             .arg(&state_key)
@@ -742,19 +761,7 @@ mod tests {
 
         // Ahead: an accrual applied to Redis whose ledger append never happened (the
         // process died in between). The next operation must not build on it.
-        let phantom = accrue(1_000_000);
-        let _: Vec<Value> = store
-            .apply
-            .key(&state_key)
-            .key(&ops_key)
-            .arg(0)
-            .arg("phantom")
-            .arg(phantom.fingerprint())
-            .arg(pack(&phantom).unwrap())
-            .arg("")
-            .invoke_async(&mut con)
-            .await
-            .unwrap();
+        apply_without_ledger(&store, "phantom", &accrue(1_000_000), 0).await;
         let err = store
             .execute("t", "m", "big", redeem(500), 1)
             .await
@@ -801,21 +808,8 @@ mod tests {
         let (_server, _dir, ledger, store) = setup().await;
         store.execute("t", "m", "a", accrue(100), 0).await.unwrap();
         // The script applies "ghost" but the process dies before the ledger append.
-        let (state_key, ops_key) = keys("t", "m");
-        let mut con = store.redis.clone();
         let ghost = accrue(5);
-        let _: Vec<Value> = store
-            .apply
-            .key(&state_key)
-            .key(&ops_key)
-            .arg(1)
-            .arg("ghost")
-            .arg(ghost.fingerprint())
-            .arg(pack(&ghost).unwrap())
-            .arg("")
-            .invoke_async(&mut con)
-            .await
-            .unwrap();
+        apply_without_ledger(&store, "ghost", &ghost, 1).await;
         // The client's retry must apply it for real, once.
         store.execute("t", "m", "ghost", ghost, 2).await.unwrap();
         assert!(
