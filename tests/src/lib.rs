@@ -543,3 +543,31 @@ pub async fn skeleton_flow(pos: &mut Pos, tenant: &str) -> (String, String) {
     assert_eq!(pos.balance(tenant, &member_id).await.active, 1500);
     (member_id, "R-1".into())
 }
+
+/// Every ledger entry of a member, newest first, following page tokens.
+pub async fn all_ledger_entries(
+    client: &mut balance::balance_service_client::BalanceServiceClient<Channel>,
+    tenant: &str,
+    member: &str,
+) -> Vec<balance::LedgerEntry> {
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_ledger_entries(balance::ListLedgerEntriesRequest {
+                tenant_id: tenant.into(),
+                member_id: member.into(),
+                page_size: 1000,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        all.extend(page.entries);
+        if page.next_page_token.is_empty() {
+            return all;
+        }
+        token = page.next_page_token;
+    }
+}

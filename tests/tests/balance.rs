@@ -62,26 +62,7 @@ async fn get(c: &mut Client, member: &str) -> balance::Balance {
 }
 
 async fn entries(c: &mut Client, member: &str) -> Vec<balance::LedgerEntry> {
-    let mut all = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = c
-            .list_ledger_entries(balance::ListLedgerEntriesRequest {
-                tenant_id: "t".into(),
-                member_id: member.into(),
-                page_size: 1000,
-                page_token: token.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        all.extend(page.entries);
-        if page.next_page_token.is_empty() {
-            return all;
-        }
-        token = page.next_page_token;
-    }
+    all_ledger_entries(c, "t", member).await
 }
 
 /// Runs every balance behaviour against `channel`. `bulk_members` are 300 member ids for

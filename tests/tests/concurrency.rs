@@ -65,27 +65,11 @@ async fn concurrent_commits_paying_with_points_never_overdraw() {
     );
 
     // And the ledger agrees: the sum of all entries is the balance.
-    let mut total = 0;
-    let mut token = String::new();
-    loop {
-        let page = pos
-            .balance
-            .list_ledger_entries(balance::ListLedgerEntriesRequest {
-                tenant_id: "t1".into(),
-                member_id: member.clone(),
-                page_size: 1000,
-                page_token: token.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        total += page.entries.iter().map(|e| e.amount).sum::<i64>();
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
-    }
+    let total: i64 = all_ledger_entries(&mut pos.balance, "t1", &member)
+        .await
+        .iter()
+        .map(|e| e.amount)
+        .sum();
     assert_eq!(total, balance.active);
     server.stop().await;
 }
