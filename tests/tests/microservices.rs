@@ -79,6 +79,8 @@ async fn two_processes_complete_the_skeleton_over_grpc() {
         status(&b, "loyalty.balance.v1.BalanceService").await,
         ServingStatus::Serving as i32
     );
+    // Liveness never follows a dependency: a restart would not bring identity back.
+    assert_eq!(status(&b, "liveness").await, ServingStatus::Serving as i32);
     // And a card checkout now fails as UNAVAILABLE, not as an internal error.
     let err = pos
         .checkout

@@ -27,7 +27,7 @@ async fn health_and_reflection_cover_every_service() {
     let server = Server::start(Launch::dev(), dir.path()).await;
     let channel = server.channel().await;
     let mut health = HealthClient::new(channel.clone());
-    for service in SERVICES.iter().chain(&[""]) {
+    for service in SERVICES.iter().chain(&["", "liveness"]) {
         let mut serving = false;
         for _ in 0..50 {
             let reply = health

@@ -357,8 +357,27 @@ impl Config {
 
     /// The effective configuration as TOML, secrets redacted.
     pub fn to_toml(&self) -> String {
-        toml::to_string(self)
+        let mut shown = self.clone();
+        let redis = &mut shown.storage.redis;
+        redis.url = redact_credentials(&redis.url);
+        for node in &mut redis.cluster_nodes {
+            *node = redact_credentials(node);
+        }
+        toml::to_string(&shown)
             .unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
+    }
+}
+
+/// `redis://user:password@host/` → `redis://[redacted]@host/`: a URL's user information
+/// never prints.
+fn redact_credentials(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://[redacted]{}", &rest[at..]),
+        None => url.to_owned(),
     }
 }
 
@@ -458,6 +477,26 @@ impl Serialize for Secret {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn printed_config_hides_redis_credentials() {
+        let env = [
+            (
+                "LOYALTY_STORAGE__REDIS__URL".to_owned(),
+                "redis://:hunter2@redis:6379/0".to_owned(),
+            ),
+            (
+                "LOYALTY_STORAGE__REDIS__CLUSTER_NODES".to_owned(),
+                r#"["redis://user:hunter2@a:6379/", "redis://b:6379/"]"#.to_owned(),
+            ),
+        ];
+        let config = super::Config::load(None, env, &super::Overrides::default()).unwrap();
+        assert_eq!(config.storage.redis.url, "redis://:hunter2@redis:6379/0");
+        let shown = config.to_toml();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("redis://[redacted]@redis:6379/0"), "{shown}");
+        assert!(shown.contains("redis://b:6379/"), "{shown}");
+    }
+
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

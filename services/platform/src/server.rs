@@ -14,6 +14,11 @@ use tonic_health::server::HealthReporter;
 
 use crate::config::ServerConfig;
 
+/// The health service name that answers SERVING for as long as the process runs, whatever
+/// its dependencies do and during the drain: what a liveness probe asks. Readiness asks for
+/// "" (every service) or one service's name.
+pub const LIVENESS: &str = "liveness";
+
 /// Something whose health decides whether a set of gRPC services is SERVING.
 #[async_trait::async_trait]
 pub trait HealthCheck: Send + Sync {
@@ -76,6 +81,9 @@ pub async fn serve(
     let metrics_task =
         metrics.map(|l| tokio::spawn(crate::metrics::serve_metrics(l, std::future::pending())));
     let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(LIVENESS, ServingStatus::Serving)
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(loyalty_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
