@@ -1,0 +1,527 @@
+#!/usr/bin/env python3
+"""Offline validation of the Helm chart (charts/loyalty) and the plain manifests (k8s/).
+
+Run by scripts/k8s-check, which provides the tools (helm, kubernetes-validate, PyYAML) in a
+virtual environment. Every check prints what it checked; the first failure ends the run
+with a non-zero exit code and says why.
+
+  1. `helm lint --strict` with the default values and every charts/loyalty/ci/*.yaml;
+  2. values the schema or the templates must refuse (wrong types, unknown keys, a grace
+     period the kubelet would cut short) are refused, with the expected message;
+  3. every rendering of the chart and every kustomization in k8s/ passes
+     `kubernetes-validate --strict` for the oldest and newest Kubernetes we support;
+  4. the rendered workloads carry what SREs rely on (probes, security, rollout, labels);
+  5. the chart and k8s/ agree on ports, probes, security settings, rollout and config;
+  6. the real binary accepts the config.toml both produce (`loyalty config --config`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "charts" / "loyalty"
+K8S = ROOT / "k8s"
+KUBE_VERSIONS = ["1.30.0", "1.37.0"]
+# Kinds whose schemas come from operators' CRDs, not from Kubernetes itself.
+CRD_KINDS = {"ServiceMonitor", "ScyllaCluster"}
+SERVICES = ["identity", "balance", "promotion", "segmentation", "reporting"]
+
+HELM = os.environ.get("HELM", "helm")
+VALIDATE = os.environ.get("KUBERNETES_VALIDATE", "kubernetes-validate")
+LOYALTY = os.environ.get("LOYALTY_BIN")
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def fail(msg: str) -> None:
+    raise CheckFailed(msg)
+
+
+def ok(msg: str) -> None:
+    print(f"  ok  {msg}")
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+# ---------------------------------------------------------------- helm
+
+
+def helm_template(values: dict | None = None, sets: list[str] | None = None) -> list[dict]:
+    cmd = [HELM, "template", "loyalty", str(CHART), "--namespace", "loyalty"]
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(values or {}, f)
+        path = f.name
+    try:
+        cmd += ["-f", path]
+        for s in sets or []:
+            cmd += ["--set", s]
+        out = run(cmd)
+    finally:
+        os.unlink(path)
+    if out.returncode != 0:
+        fail(f"helm template {sets or values} failed:\n{out.stderr}")
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def lint_cases() -> None:
+    print("==> helm lint --strict")
+    out = run([HELM, "lint", "--strict", str(CHART)])
+    if out.returncode != 0:
+        fail(f"helm lint (default values):\n{out.stdout}{out.stderr}")
+    ok("default values")
+    for ci in sorted((CHART / "ci").glob("*.yaml")):
+        out = run([HELM, "lint", "--strict", str(CHART), "-f", str(ci)])
+        if out.returncode != 0:
+            fail(f"helm lint -f {ci.name}:\n{out.stdout}{out.stderr}")
+        ok(f"values {ci.relative_to(ROOT)}")
+
+
+# Values the chart must refuse, and a piece of the message that says why.
+NEGATIVE = [
+    (["bogus=1"], "Additional property bogus is not allowed"),
+    (["services.balance.replicas=three"], "services.balance.replicas: Invalid type"),
+    (["services.balance.autoscaling.enabled=maybe"], "Invalid type"),
+    (["services.billing.enabled=true"], "Additional property billing is not allowed"),
+    (["image.pullPolicy=Sometimes"], "image.pullPolicy must be one of"),
+    (["profile=staging"], "profile must be one of"),
+    (["ports.grpc=70000"], "Must be less than or equal to 65535"),
+    (["redis.url=http://redis:6379"], "redis.url: Does not match pattern"),
+    (["scylla.keyspace=bad-name"], "scylla.keyspace: Does not match pattern"),
+    (["scylla.nodes=null"], "nodes is required"),
+    (["scylla.nodes[0]=scylla"], "Does not match pattern"),
+    (["config.server.gracePeriodSeconds=null"], "gracePeriodSeconds is required"),
+    (["config.log.format=xml"], "config.log.format must be one of"),
+    (["config.server.maxMessageBytes=10"], "Must be greater than or equal to 1024"),
+    (["config.identity.defaultRegion=kz"], "Does not match pattern"),
+    (["services.identity.resources.requests.cpu=lots"], "cpu"),
+    (["networkPolicy.grpcFrom=everyone"], "networkPolicy.grpcFrom: Invalid type"),
+    (["topologySpread.zone.whenUnsatisfiable=Sometimes"], "whenUnsatisfiable must be one of"),
+    (["serviceMonitor.interval=often"], "serviceMonitor.interval: Does not match pattern"),
+    # Rules the schema cannot express, enforced by the templates (`helm lint` reports a
+    # template's `fail` only as INFO, so these are checked with `helm template` alone).
+    (
+        ["terminationGracePeriodSeconds=20"],
+        "terminationGracePeriodSeconds (20) must exceed",
+    ),
+    (
+        ["profile=dev", "terminationGracePeriodSeconds=25"],
+        "terminationGracePeriodSeconds (25) must exceed",
+    ),
+    (
+        ["services.balance.autoscaling.minReplicas=9", "services.balance.autoscaling.maxReplicas=3"],
+        "services.balance.autoscaling.minReplicas exceeds maxReplicas",
+    ),
+]
+
+
+def negative_cases() -> None:
+    print("==> values the chart refuses")
+    for sets, expected in NEGATIVE:
+        cmd = [HELM, "template", "loyalty", str(CHART)]
+        for s in sets:
+            cmd += ["--set", s]
+        out = run(cmd)
+        if out.returncode == 0:
+            fail(f"the chart accepted {sets}; it must refuse them ({expected})")
+        if expected not in out.stderr:
+            fail(f"refusing {sets} did not say {expected!r}:\n{out.stderr}")
+        lint = run([HELM, "lint", "--strict", str(CHART)] + [a for s in sets for a in ("--set", s)])
+        if "must exceed" not in expected and "exceeds" not in expected and lint.returncode == 0:
+            fail(f"helm lint accepted {sets}")
+        ok(f"{' '.join(sets)} -> {expected}")
+
+
+# ---------------------------------------------------------------- kustomize (the subset k8s/ uses)
+
+
+def load_docs(path: Path) -> list[dict]:
+    with path.open() as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+SUPPORTED = {
+    "apiVersion",
+    "kind",
+    "resources",
+    "namespace",
+    "labels",
+    "images",
+    "replicas",
+    "patches",
+    "configMapGenerator",
+}
+
+
+def kustomize(directory: Path) -> list[dict]:
+    """Builds a kustomization: the subset of kustomize's features k8s/ uses. Anything else
+    in a kustomization.yaml is an error here, so the check never silently ignores a field."""
+    kfile = directory / "kustomization.yaml"
+    if not kfile.exists():
+        fail(f"{directory.relative_to(ROOT)} has no kustomization.yaml")
+    k = yaml.safe_load(kfile.read_text()) or {}
+    unknown = set(k) - SUPPORTED
+    if unknown:
+        fail(f"{kfile.relative_to(ROOT)} uses {sorted(unknown)}, which the offline build does not implement")
+    objs: list[dict] = []
+    for res in k.get("resources", []):
+        path = (directory / res).resolve()
+        objs += kustomize(path) if path.is_dir() else load_docs(path)
+    renames: dict[str, str] = {}
+    for gen in k.get("configMapGenerator", []):
+        data = {}
+        for f in gen.get("files", []):
+            key, _, src = f.partition("=") if "=" in f else (Path(f).name, "", f)
+            data[key] = (directory / (src or f)).read_text()
+        body = json.dumps({"kind": "ConfigMap", "name": gen["name"], "data": data}, sort_keys=True)
+        name = f"{gen['name']}-{hashlib.sha256(body.encode()).hexdigest()[:10]}"
+        renames[gen["name"]] = name
+        objs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data})
+    for o in objs:
+        for vol in pod_spec(o).get("volumes", []) if pod_spec(o) else []:
+            cm = vol.get("configMap")
+            if cm and cm.get("name") in renames:
+                cm["name"] = renames[cm["name"]]
+    for patch in k.get("patches", []):
+        target = patch.get("target", {})
+        body = yaml.safe_load((directory / patch["path"]).read_text())
+        hits = [
+            o
+            for o in objs
+            if o["kind"] == target.get("kind", body.get("kind"))
+            and o["metadata"]["name"] == target.get("name", body["metadata"]["name"])
+        ]
+        if not hits:
+            fail(f"{kfile.relative_to(ROOT)}: patch {patch['path']} matches nothing")
+        for o in hits:
+            merge(o, body)
+    for r in k.get("replicas", []):
+        hits = [o for o in objs if o["metadata"]["name"] == r["name"] and "replicas" in o.get("spec", {})]
+        if not hits:
+            fail(f"{kfile.relative_to(ROOT)}: replicas for {r['name']} matches nothing")
+        for o in hits:
+            o["spec"]["replicas"] = r["count"]
+    for img in k.get("images", []):
+        for c in containers(objs):
+            repo, _, tag = c["image"].partition(":")
+            if repo == img["name"]:
+                c["image"] = f"{img.get('newName', repo)}:{img.get('newTag', tag)}"
+    for label in k.get("labels", []):
+        for o in objs:
+            o["metadata"].setdefault("labels", {}).update(label["pairs"])
+            if label.get("includeSelectors"):
+                fail("labels with includeSelectors are not implemented by the offline build")
+            if label.get("includeTemplates") and pod_template(o):
+                pod_template(o)["metadata"].setdefault("labels", {}).update(label["pairs"])
+    if "namespace" in k:
+        for o in objs:
+            if o["kind"] != "Namespace":
+                o["metadata"]["namespace"] = k["namespace"]
+    return objs
+
+
+def merge(base: dict, patch: dict) -> None:
+    """Strategic merge for the shapes k8s/ patches: maps merge, lists of named items merge
+    by name, other lists are replaced, and `null` deletes a key."""
+    for key, value in patch.items():
+        if value is None:
+            base.pop(key, None)
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        elif (
+            isinstance(value, list)
+            and isinstance(base.get(key), list)
+            and value
+            and all(isinstance(v, dict) and "name" in v for v in value)
+        ):
+            by_name = {item.get("name"): item for item in base[key] if isinstance(item, dict)}
+            for item in value:
+                if item["name"] in by_name:
+                    merge(by_name[item["name"]], item)
+                else:
+                    base[key].append(copy.deepcopy(item))
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def pod_template(o: dict) -> dict | None:
+    spec = o.get("spec", {})
+    if o["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+        return spec.get("template")
+    return None
+
+
+def pod_spec(o: dict) -> dict | None:
+    t = pod_template(o)
+    return t.get("spec") if t else None
+
+
+def containers(objs: list[dict]) -> list[dict]:
+    return [c for o in objs if pod_spec(o) for c in pod_spec(o).get("containers", [])]
+
+
+# ---------------------------------------------------------------- schema validation
+
+
+def kube_validate(name: str, objs: list[dict]) -> None:
+    crds = sorted({o["kind"] for o in objs if o["kind"] in CRD_KINDS})
+    plain = [o for o in objs if o["kind"] not in CRD_KINDS]
+    for o in objs:
+        if o["kind"] in CRD_KINDS and not o.get("spec"):
+            fail(f"{name}: {o['kind']} {o['metadata']['name']} has no spec")
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump_all(plain, f)
+        path = f.name
+    try:
+        for version in KUBE_VERSIONS:
+            out = run([VALIDATE, "--strict", "--quiet", "-k", version, path])
+            if out.returncode != 0 or "ERROR" in out.stdout + out.stderr:
+                fail(f"{name} does not validate against Kubernetes {version}:\n{out.stdout}{out.stderr}")
+    finally:
+        os.unlink(path)
+    note = f"; CRD kinds checked for shape only: {', '.join(crds)}" if crds else ""
+    ok(f"{name}: {len(plain)} objects valid (--strict) for Kubernetes {' and '.join(KUBE_VERSIONS)}{note}")
+
+
+# ---------------------------------------------------------------- what SREs rely on
+
+
+def by_kind(objs: list[dict], kind: str) -> list[dict]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def expect(cond: bool, msg: str) -> None:
+    if not cond:
+        fail(msg)
+
+
+def workload_checks(name: str, objs: list[dict], grace_needed: int) -> None:
+    workloads = by_kind(objs, "Deployment") + by_kind(objs, "StatefulSet")
+    expect(workloads, f"{name}: no workloads rendered")
+    services = {s["metadata"]["name"]: s for s in by_kind(objs, "Service")}
+    policies = by_kind(objs, "NetworkPolicy")
+    expect(
+        any(
+            not p["spec"].get("ingress") and not p["spec"].get("egress")
+            and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+            for p in policies
+        ),
+        f"{name}: no deny-by-default NetworkPolicy",
+    )
+    for w in workloads:
+        wname = w["metadata"]["name"]
+        labels = w["metadata"]["labels"]
+        for key in ("name", "instance", "component", "part-of", "version"):
+            expect(f"app.kubernetes.io/{key}" in labels, f"{wname}: label app.kubernetes.io/{key} missing")
+        spec = pod_spec(w)
+        psc = spec["securityContext"]
+        expect(psc.get("runAsNonRoot") is True, f"{wname}: pod may run as root")
+        expect(psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{wname}: seccomp")
+        expect(spec.get("automountServiceAccountToken") is False, f"{wname}: mounts an API token")
+        grace = spec["terminationGracePeriodSeconds"]
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            expect(sc.get("readOnlyRootFilesystem") is True, f"{wname}: writable root filesystem")
+            expect(sc.get("allowPrivilegeEscalation") is False, f"{wname}: privilege escalation")
+            expect(sc.get("capabilities", {}).get("drop") == ["ALL"], f"{wname}: capabilities not dropped")
+            expect(sc.get("runAsNonRoot") is True, f"{wname}: container may run as root")
+            ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+            expect(set(ports) == {"grpc", "metrics"}, f"{wname}: ports {ports}")
+            for probe, service in (
+                ("startupProbe", "liveness"),
+                ("livenessProbe", "liveness"),
+                ("readinessProbe", ""),
+            ):
+                g = c[probe].get("grpc")
+                expect(g is not None, f"{wname}: {probe} is not a native gRPC probe")
+                expect(g["port"] == ports["grpc"], f"{wname}: {probe} on port {g['port']}")
+                expect(g.get("service", "") == service, f"{wname}: {probe} asks for {g.get('service')!r}")
+            sleep = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+            expect(grace > sleep + grace_needed, f"{wname}: grace {grace} <= preStop {sleep} + drain {grace_needed}")
+        if w["kind"] == "Deployment":
+            ru = w["spec"]["strategy"]["rollingUpdate"]
+            expect(ru["maxUnavailable"] == 0, f"{wname}: maxUnavailable {ru['maxUnavailable']}")
+            expect(spec.get("topologySpreadConstraints"), f"{wname}: no topology spread")
+        annotations = pod_template(w)["metadata"].get("annotations", {})
+        volumes = [v["configMap"]["name"] for v in spec["volumes"] if "configMap" in v]
+        expect(
+            "checksum/config" in annotations or any(len(n.rsplit("-", 1)[-1]) == 10 for n in volumes),
+            f"{wname}: pods do not roll when the config changes",
+        )
+        component = labels["app.kubernetes.io/component"]
+        for svc_name in (wname, f"{wname}-headless"):
+            expect(svc_name in services, f"{wname}: Service {svc_name} missing")
+        expect(services[f"{wname}-headless"]["spec"].get("clusterIP") == "None", f"{wname}: headless Service is not headless")
+        expect(
+            any(p["metadata"].get("labels", {}).get("app.kubernetes.io/component") == component for p in policies),
+            f"{wname}: no NetworkPolicy for {component}",
+        )
+    ok(f"{name}: probes, security, rollout, labels, Services and NetworkPolicies of {len(workloads)} workloads")
+
+
+def config_of(objs: list[dict]) -> str:
+    maps = [m for m in by_kind(objs, "ConfigMap") if "config.toml" in m.get("data", {})
+            and "migrate" not in m["metadata"]["name"]]
+    expect(len(maps) == 1, f"expected one config ConfigMap, found {[m['metadata']['name'] for m in maps]}")
+    return maps[0]["data"]["config.toml"]
+
+
+def binary_accepts(name: str, config: str) -> None:
+    if not LOYALTY:
+        fail("LOYALTY_BIN is not set: cannot check that the binary accepts the rendered config")
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(config)
+        path = f.name
+    env = {"PATH": os.environ.get("PATH", ""), "LOYALTY_STORAGE__REDIS__URL": "redis://:secret@redis:6379/"}
+    try:
+        out = run([LOYALTY, "config", "--config", path], env=env)
+    finally:
+        os.unlink(path)
+    if out.returncode != 0:
+        fail(f"loyalty refuses the config.toml of {name}:\n{out.stderr}")
+    expect("secret" not in out.stdout, f"loyalty config printed the Redis password for {name}")
+    ok(f"loyalty config accepts the config.toml of {name}")
+
+
+# ---------------------------------------------------------------- chart and k8s/ agree
+
+
+def comparable(w: dict) -> dict:
+    spec = pod_spec(w)
+    c = spec["containers"][0]
+    keep = ("ports", "startupProbe", "livenessProbe", "readinessProbe", "lifecycle", "securityContext", "args", "env")
+    out = {k: c.get(k) for k in keep}
+    out["podSecurityContext"] = spec.get("securityContext")
+    out["terminationGracePeriodSeconds"] = spec.get("terminationGracePeriodSeconds")
+    out["automountServiceAccountToken"] = spec.get("automountServiceAccountToken")
+    out["mounts"] = sorted(m["mountPath"] for m in c.get("volumeMounts", []))
+    if w["kind"] == "Deployment":
+        out["strategy"] = w["spec"]["strategy"]
+    return out
+
+
+def diff(a, b, path="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in diff(a.get(k), b.get(k), f"{path}.{k}")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in diff(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"{path}: chart {a!r} vs k8s {b!r}"]
+
+
+def agree(name: str, chart: list[dict], plain: list[dict]) -> None:
+    def workloads(objs):
+        return {
+            w["metadata"]["labels"]["app.kubernetes.io/component"]: w
+            for w in by_kind(objs, "Deployment") + by_kind(objs, "StatefulSet")
+        }
+
+    cw, kw = workloads(chart), workloads(plain)
+    expect(set(cw) == set(kw), f"{name}: chart runs {sorted(cw)}, k8s/ runs {sorted(kw)}")
+    problems = []
+    for component in sorted(cw):
+        problems += [f"{component}{d}" for d in diff(comparable(cw[component]), comparable(kw[component]))]
+
+    def service_ports(objs):
+        return {
+            s["metadata"]["name"].removeprefix("loyalty-"): sorted((p["name"], p["port"]) for p in s["spec"]["ports"])
+            for s in by_kind(objs, "Service")
+        }
+
+    problems += diff(service_ports(chart), service_ports(plain), ".services")
+    chart_toml, plain_toml = tomllib.loads(config_of(chart)), tomllib.loads(config_of(plain))
+    problems += diff(chart_toml, plain_toml, ".config.toml")
+    if problems:
+        fail(f"{name}: the chart and k8s/ disagree:\n  " + "\n  ".join(problems))
+    ok(f"{name}: chart and k8s/ agree on ports, probes, security, rollout, args and config.toml")
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> int:
+    try:
+        lint_cases()
+        negative_cases()
+
+        print("==> chart renderings")
+        microservices = helm_template(sets=["fullnameOverride=loyalty"])
+        dev = helm_template(sets=["fullnameOverride=loyalty", "profile=dev"])
+        everything = helm_template(
+            sets=[
+                "serviceMonitor.enabled=true",
+                "redis.clusterNodes[0]=redis://a:6379/",
+                "services.identity.autoscaling.enabled=true",
+                "image.digest=sha256:" + "0" * 64,
+            ]
+        )
+        trimmed = helm_template(
+            sets=[f"services.{s}.enabled=false" for s in ("segmentation", "reporting")]
+            + ["networkPolicy.enabled=false", "migrations.enabled=false"]
+        )
+        for name, objs in (
+            ("chart (microservices)", microservices),
+            ("chart (dev profile)", dev),
+            ("chart (every option on)", everything),
+            ("chart (services and options off)", trimmed),
+        ):
+            kube_validate(name, objs)
+        expect(len(by_kind(trimmed, "Deployment")) == 3, "disabled services still render")
+        expect(not by_kind(trimmed, "NetworkPolicy") and not by_kind(trimmed, "Job"), "disabled options still render")
+        expect(len(by_kind(everything, "ServiceMonitor")) == 5, "ServiceMonitors missing")
+        jobs = by_kind(microservices, "Job")
+        expect(
+            len(jobs) == 1 and "pre-install" in jobs[0]["metadata"]["annotations"]["helm.sh/hook"]
+            and "pre-upgrade" in jobs[0]["metadata"]["annotations"]["helm.sh/hook"]
+            and pod_spec(jobs[0])["containers"][0]["args"][0] == "migrate",
+            "no pre-install/pre-upgrade migrate Job",
+        )
+        ok("options switch objects on and off; the migrate Job is a pre-install/pre-upgrade hook")
+
+        values = yaml.safe_load((CHART / "values.yaml").read_text())
+        drain = values["config"]["server"]["gracePeriodSeconds"]
+        workload_checks("chart (microservices)", microservices, drain)
+        workload_checks("chart (dev profile)", dev, drain)
+
+        print("==> k8s/ kustomizations")
+        built = {}
+        for kdir in sorted(p.parent for p in K8S.rglob("kustomization.yaml")):
+            rel = str(kdir.relative_to(ROOT))
+            built[rel] = kustomize(kdir)
+            kube_validate(rel, built[rel])
+        for required in ("k8s/base", "k8s/overlays/production", "k8s/overlays/dev", "k8s/all-in-one"):
+            expect(required in built, f"{required} is missing")
+        for rel in ("k8s/base", "k8s/overlays/production", "k8s/overlays/dev", "k8s/all-in-one"):
+            workload_checks(rel, built[rel], drain)
+
+        print("==> the chart and k8s/ agree")
+        agree("microservices (k8s/base)", microservices, built["k8s/base"])
+        agree("dev profile (k8s/all-in-one)", dev, built["k8s/all-in-one"])
+
+        print("==> the binary accepts the rendered config")
+        binary_accepts("the chart (microservices)", config_of(microservices))
+        binary_accepts("the chart (dev profile)", config_of(dev))
+        binary_accepts("k8s/base", config_of(built["k8s/base"]))
+        binary_accepts("k8s/all-in-one", config_of(built["k8s/all-in-one"]))
+    except CheckFailed as e:
+        print(f"\nFAILED: {e}", file=sys.stderr)
+        return 1
+    print("\nchart and manifests: all checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
