@@ -449,6 +449,33 @@ def agree(name: str, chart: list[dict], plain: list[dict]) -> None:
     ok(f"{name}: chart and k8s/ agree on ports, probes, security, rollout, args and config.toml")
 
 
+# ---------------------------------------------------------------- the image
+
+
+def dockerfile_checks(values: dict) -> None:
+    """No container engine runs here, so the Dockerfile is checked for what the chart
+    relies on: a multi-stage build, a runtime stage without a shell, the same non-root user
+    as the pods' security context, the ports, and `loyalty` as entrypoint."""
+    print("==> the Dockerfile and the chart agree")
+    lines = [
+        line.strip()
+        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    stages = [line for line in lines if line.upper().startswith("FROM ")]
+    expect(len(stages) >= 2, "the Dockerfile is not a multi-stage build")
+    runtime = lines[lines.index(stages[-1]):]
+    expect("distroless" in stages[-1], f"the runtime stage {stages[-1]!r} is not distroless (no shell)")
+    expect(not any(line.upper().startswith("RUN ") for line in runtime), "the runtime stage runs commands")
+    user = [line.split()[1] for line in runtime if line.upper().startswith("USER ")]
+    expect(user == ["65532:65532"], f"the image runs as {user}, the pods as 65532:65532")
+    exposed = {int(p) for line in runtime if line.upper().startswith("EXPOSE ") for p in line.split()[1:]}
+    expect(exposed == {values["ports"]["grpc"], values["ports"]["metrics"]}, f"the image exposes {exposed}")
+    entry = [line for line in runtime if line.upper().startswith("ENTRYPOINT ")]
+    expect(entry and json.loads(entry[0].split(None, 1)[1]) == ["/usr/local/bin/loyalty"], f"entrypoint {entry}")
+    ok("multi-stage, distroless runtime, user 65532, ports and entrypoint match the chart")
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -492,6 +519,7 @@ def main() -> int:
         ok("options switch objects on and off; the migrate Job is a pre-install/pre-upgrade hook")
 
         values = yaml.safe_load((CHART / "values.yaml").read_text())
+        dockerfile_checks(values)
         drain = values["config"]["server"]["gracePeriodSeconds"]
         workload_checks("chart (microservices)", microservices, drain)
         workload_checks("chart (dev profile)", dev, drain)
