@@ -347,6 +347,8 @@ pub struct Change {
     pub key: String,
     /// The stamp of the state this change was computed from.
     pub prev_stamp: String,
+    /// The operation's time (the `now` it was applied at).
+    pub at: Millis,
     pub account: Account,
     pub entries: Vec<Entry>,
     pub records: Vec<(String, OpRecord)>,
@@ -861,6 +863,7 @@ pub fn apply(
                 String::new()
             },
             prev_stamp: account.stamp.clone(),
+            at: now,
             account: next,
             entries,
             records,

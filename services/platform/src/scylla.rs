@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::errors::{ExecutionError, RequestAttemptError};
@@ -53,9 +54,13 @@ impl Migration {
 
 /// Connects to the cluster (no keyspace selected).
 pub async fn connect_cluster(config: &ScyllaConfig) -> anyhow::Result<Session> {
+    let profile = ExecutionProfile::builder()
+        .request_timeout(Some(Duration::from_millis(config.request_timeout_ms)))
+        .build();
     SessionBuilder::new()
         .known_nodes(&config.nodes)
         .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
+        .default_execution_profile_handle(profile.into_handle())
         .build()
         .await
         .with_context(|| format!("connecting to ScyllaDB at {}", config.nodes.join(", ")))

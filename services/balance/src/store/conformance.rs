@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use loyalty_platform::clock::DAY_MS;
 use loyalty_platform::error::Error;
 
 use super::{BalanceStore, EntryQuery};
@@ -318,6 +319,30 @@ async fn expiry_and_schedule(store: &dyn BalanceStore) {
     assert_eq!((account.total, account.lifetime_expired), (0, 70));
     assert!(due_in_e(store.due(1_000, 100).await.unwrap()).is_empty());
     assert_eq!(due_in_e(store.due(5_000, 100).await.unwrap()), ["x2"]);
+
+    // A lot written when it is already due (a late retry) is found, expired and, once done,
+    // never handed out again, even though it is due days before it was written.
+    let now = 10 * DAY_MS;
+    store
+        .execute("e", "x3", "late", accrue_at(40, None, Some(DAY_MS)), now)
+        .await
+        .unwrap();
+    let due: Vec<_> = store
+        .due(now, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.tenant == "e" && d.member == "x3")
+        .collect();
+    assert_eq!(due.len(), 1, "{due:?}");
+    store.execute("e", "x3", "", Op::Expire, now).await.unwrap();
+    store.done_due(&due[0]).await.unwrap();
+    let again = store.due(now, 100).await.unwrap();
+    assert!(
+        !again.iter().any(|d| d.tenant == "e" && d.member == "x3"),
+        "done twice: {again:?}"
+    );
+    assert_eq!(store.account("e", "x3").await.unwrap().total, 0);
 }
 
 async fn activation_adjustment_and_transfer(store: &dyn BalanceStore) {

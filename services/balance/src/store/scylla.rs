@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use loyalty_platform::clock::{Clock, DAY_MS, Millis};
+use loyalty_platform::clock::{DAY_MS, Millis};
 use loyalty_platform::embedded::{decode, encode};
 use loyalty_platform::error::{Error, Result};
 use loyalty_platform::scylla::{Migration, execution_error};
@@ -189,12 +189,12 @@ impl Ledger for ScyllaLedger {
         // The schedule first: a due row for a change that then fails only costs the expiry
         // process a no-op.
         if let Some(at) = change.account.next_due() {
-            // Filed no earlier than today, so the expiry process's look-back always finds it.
-            let today = day(loyalty_platform::clock::SystemClock.now_ms());
+            // Filed no earlier than the operation's day, so the expiry process's look-back
+            // (from its own clock) finds even a lot that was already due when it was written.
             self.session
                 .execute_unpaged(
                     &self.s.insert_due,
-                    (day(at).max(today), at, tenant_id, member_id),
+                    (day(at).max(day(change.at)), at, tenant_id, member_id),
                 )
                 .await
                 .map_err(execution_error)?;
@@ -405,7 +405,9 @@ impl Ledger for ScyllaLedger {
             .execute_unpaged(
                 &self.s.delete_due,
                 (
-                    day(due.at),
+                    // Where `due` found it, which is later than `day(at)` for a lot written
+                    // when it was already due.
+                    due.bucket,
                     due.at,
                     due.tenant.as_str(),
                     due.member.as_str(),

@@ -481,7 +481,7 @@ local function main()
   end
   redis.call('SET', KEYS[1], cmsgpack.pack(acc))
   local change = {
-    key = key, prev_stamp = prev_stamp, account = acc, entries = entries, records = records,
+    key = key, prev_stamp = prev_stamp, at = now, account = acc, entries = entries, records = records,
   }
   return { 1, cmsgpack.pack(change), packed_record }
 end
