@@ -122,6 +122,8 @@ NEGATIVE = [
         ["profile=dev", "terminationGracePeriodSeconds=25"],
         "terminationGracePeriodSeconds (25) must exceed",
     ),
+    (["services.identity.replicas=2"], "services.identity runs one replica"),
+    (["services.promotion.autoscaling.enabled=true"], "services.promotion runs one replica"),
     (
         ["services.balance.autoscaling.minReplicas=9", "services.balance.autoscaling.maxReplicas=3"],
         "services.balance.autoscaling.minReplicas exceeds maxReplicas",
@@ -141,7 +143,7 @@ def negative_cases() -> None:
         if expected not in out.stderr:
             fail(f"refusing {sets} did not say {expected!r}:\n{out.stderr}")
         lint = run([HELM, "lint", "--strict", str(CHART)] + [a for s in sets for a in ("--set", s)])
-        if "must exceed" not in expected and "exceeds" not in expected and lint.returncode == 0:
+        if not any(m in expected for m in ("must exceed", "exceeds", "one replica")) and lint.returncode == 0:
             fail(f"helm lint accepted {sets}")
         ok(f"{' '.join(sets)} -> {expected}")
 
@@ -491,7 +493,7 @@ def main() -> int:
             sets=[
                 "serviceMonitor.enabled=true",
                 "redis.clusterNodes[0]=redis://a:6379/",
-                "services.identity.autoscaling.enabled=true",
+                "services.balance.autoscaling.enabled=false",
                 "image.digest=sha256:" + "0" * 64,
             ]
         )
