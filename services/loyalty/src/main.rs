@@ -3,6 +3,7 @@
 //! - `loyalty dev`: all five services in one process on embedded storage.
 //! - `loyalty serve --service NAME[,NAME...]`: the named services; peers over gRPC.
 
+mod balancer;
 mod demo;
 mod peers;
 mod walkthrough;

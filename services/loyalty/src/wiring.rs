@@ -24,6 +24,7 @@ use loyalty_promotion::{Admin, Checkout};
 use tonic::service::Routes;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::balancer;
 use crate::peers::{LocalMembers, LocalPoints, RemoteMembers, RemotePoints};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -129,6 +130,8 @@ where
     }
 }
 
+/// The channel to a peer: balanced per call over every address of the URL's host name,
+/// re-resolved every `peers.dns_refresh_ms` (see `balancer`).
 fn peer_channel(
     config: &Config,
     name: ServiceName,
@@ -137,12 +140,21 @@ fn peer_channel(
     let url = url.as_ref().with_context(|| {
         format!("bad configuration: `peers.{name}` is required because the {name} service does not run in this process")
     })?;
-    let endpoint = Endpoint::from_shared(url.clone())
-        .with_context(|| format!("bad configuration: `peers.{name}` is not a valid URL"))?
-        .connect_timeout(config.peer_timeout())
-        .timeout(config.peer_timeout())
-        .tcp_nodelay(true);
-    Ok(endpoint.connect_lazy())
+    let timeout = config.peer_timeout();
+    let configure: balancer::Configure = Arc::new(move |endpoint: Endpoint| {
+        endpoint
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .tcp_nodelay(true)
+    });
+    balancer::channel(
+        name.as_str(),
+        url,
+        configure,
+        config.peer_dns_refresh(),
+        Arc::new(balancer::Dns),
+    )
+    .with_context(|| format!("bad configuration: `peers.{name}` is not a valid URL"))
 }
 
 /// Opens the stores of `services` and builds their routes and health checks.

@@ -116,7 +116,9 @@ impl Default for ServerConfig {
 }
 
 /// Addresses of peer services, used in microservices mode for services not run in this
-/// process, e.g. `http://identity:50051`.
+/// process, e.g. `http://identity:50051`. When a peer's host is a DNS name, calls are spread
+/// per call over every address the name resolves to (a Kubernetes headless Service resolves to
+/// all ready pods); an IP address is one endpoint.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PeersConfig {
@@ -127,6 +129,10 @@ pub struct PeersConfig {
     pub reporting: Option<String>,
     /// Deadline of one call to a peer.
     pub timeout_ms: u64,
+    /// How often, in milliseconds, a peer's DNS name is resolved again: new addresses join
+    /// the set calls are spread over and vanished ones leave it. A failed or empty answer
+    /// keeps the last known addresses. Between 100 and 600000; default 5000.
+    pub dns_refresh_ms: u64,
 }
 
 impl Default for PeersConfig {
@@ -138,6 +144,7 @@ impl Default for PeersConfig {
             segmentation: None,
             reporting: None,
             timeout_ms: 1000,
+            dns_refresh_ms: 5000,
         }
     }
 }
@@ -293,6 +300,9 @@ impl Config {
         if !(1..=60_000).contains(&self.peers.timeout_ms) {
             return bad("peers.timeout_ms", "must be between 1 and 60000");
         }
+        if !(100..=600_000).contains(&self.peers.dns_refresh_ms) {
+            return bad("peers.dns_refresh_ms", "must be between 100 and 600000");
+        }
         if !self.storage.redis.url.starts_with("redis://")
             || self
                 .storage
@@ -353,6 +363,11 @@ impl Config {
     /// The deadline of one call to a peer service.
     pub fn peer_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.peers.timeout_ms)
+    }
+
+    /// How often a peer's DNS name is resolved again.
+    pub fn peer_dns_refresh(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.peers.dns_refresh_ms)
     }
 
     /// The effective configuration as TOML, secrets redacted.
@@ -569,6 +584,25 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("peers.balance"), "{err}");
+
+        for refresh in ["0", "99", "600001"] {
+            let err = Config::load(
+                None,
+                env(&[("LOYALTY_PEERS__DNS_REFRESH_MS", refresh)]),
+                &Overrides::default(),
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("peers.dns_refresh_ms"), "{err}");
+        }
+        for refresh in ["100", "600000"] {
+            let c = Config::load(
+                None,
+                env(&[("LOYALTY_PEERS__DNS_REFRESH_MS", refresh)]),
+                &Overrides::default(),
+            )
+            .unwrap();
+            assert_eq!(c.peers.dns_refresh_ms.to_string(), refresh);
+        }
 
         let err = Config::load(
             None,
