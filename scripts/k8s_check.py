@@ -12,7 +12,9 @@ with a non-zero exit code and says why.
      `kubernetes-validate --strict` for the oldest and newest Kubernetes we support;
   4. the rendered workloads carry what SREs rely on (probes, security, rollout, labels);
   5. the chart and k8s/ agree on ports, probes, security settings, rollout and config;
-  6. the real binary accepts the config.toml both produce (`loyalty config --config`).
+  6. the real binary accepts the config.toml both produce (`loyalty config --config`);
+  7. the Grafana dashboard parses, queries only metrics (and labels) the code defines, and
+     the chart and k8s/overlays/production ship the same file in a ConfigMap.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -32,6 +35,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "loyalty"
 K8S = ROOT / "k8s"
+DASHBOARD = CHART / "dashboards" / "loyalty.json"
+DASHBOARD_COPY = K8S / "overlays" / "production" / "dashboards" / "loyalty.json"
 KUBE_VERSIONS = ["1.30.0", "1.37.0"]
 # Kinds whose schemas come from operators' CRDs, not from Kubernetes itself.
 CRD_KINDS = {"ServiceMonitor", "ScyllaCluster"}
@@ -112,6 +117,8 @@ NEGATIVE = [
     (["networkPolicy.grpcFrom=everyone"], "networkPolicy.grpcFrom: Invalid type"),
     (["topologySpread.zone.whenUnsatisfiable=Sometimes"], "whenUnsatisfiable must be one of"),
     (["serviceMonitor.interval=often"], "serviceMonitor.interval: Does not match pattern"),
+    (["grafanaDashboard.enabled=maybe"], "grafanaDashboard.enabled: Invalid type"),
+    (["grafanaDashboard.folder=Loyalty"], "Additional property folder is not allowed"),
     # Rules the schema cannot express, enforced by the templates (`helm lint` reports a
     # template's `fail` only as INFO, so these are checked with `helm template` alone).
     (
@@ -167,6 +174,9 @@ SUPPORTED = {
     "patches",
     "configMapGenerator",
 }
+# What a configMapGenerator entry, and its `options`, may say.
+GENERATOR_KEYS = {"name", "files", "options"}
+GENERATOR_OPTIONS = {"labels", "disableNameSuffixHash"}
 
 
 def kustomize(directory: Path) -> list[dict]:
@@ -185,14 +195,28 @@ def kustomize(directory: Path) -> list[dict]:
         objs += kustomize(path) if path.is_dir() else load_docs(path)
     renames: dict[str, str] = {}
     for gen in k.get("configMapGenerator", []):
+        unknown = set(gen) - GENERATOR_KEYS
+        options = gen.get("options") or {}
+        unknown |= {f"options.{o}" for o in set(options) - GENERATOR_OPTIONS}
+        if unknown:
+            fail(
+                f"{kfile.relative_to(ROOT)}: configMapGenerator {gen.get('name')} uses {sorted(unknown)}, "
+                "which the offline build does not implement"
+            )
         data = {}
         for f in gen.get("files", []):
             key, _, src = f.partition("=") if "=" in f else (Path(f).name, "", f)
             data[key] = (directory / (src or f)).read_text()
-        body = json.dumps({"kind": "ConfigMap", "name": gen["name"], "data": data}, sort_keys=True)
-        name = f"{gen['name']}-{hashlib.sha256(body.encode()).hexdigest()[:10]}"
+        if options.get("disableNameSuffixHash"):
+            name = gen["name"]
+        else:
+            body = json.dumps({"kind": "ConfigMap", "name": gen["name"], "data": data}, sort_keys=True)
+            name = f"{gen['name']}-{hashlib.sha256(body.encode()).hexdigest()[:10]}"
         renames[gen["name"]] = name
-        objs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data})
+        metadata = {"name": name}
+        if options.get("labels"):
+            metadata["labels"] = dict(options["labels"])
+        objs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
     for o in objs:
         for vol in pod_spec(o).get("volumes", []) if pod_spec(o) else []:
             cm = vol.get("configMap")
@@ -478,6 +502,169 @@ def dockerfile_checks(values: dict) -> None:
     ok("multi-stage, distroless runtime, user 65532, ports and entrypoint match the chart")
 
 
+# ---------------------------------------------------------------- the Grafana dashboard
+
+
+# Labels Prometheus (and the ServiceMonitors) put on every scraped series.
+TARGET_LABELS = {"namespace", "service", "pod", "instance", "job", "container", "endpoint"}
+# Series Prometheus records itself for every scrape target.
+SCRAPE_SERIES = {"up"}
+# Words of PromQL that look like names: keywords and operators.
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset"}
+STRING = r'"(?:[^"\\]|\\.)*"'
+NAME = r"[A-Za-z_:][A-Za-z0-9_:]*"
+
+
+def code_metrics() -> dict[str, dict]:
+    """The metrics the Rust code defines (`counter!`, `gauge!`, `histogram!` under
+    services/), with their labels and the string literals of the files that record them."""
+    found: dict[str, dict] = {}
+    call = re.compile(r"\b(counter|gauge|histogram)!\(\s*\"([^\"]+)\"")
+    for path in sorted((ROOT / "services").rglob("*.rs")):
+        text = path.read_text()
+        for m in call.finditer(text):
+            depth, end = 1, m.end()
+            while depth and end < len(text):
+                depth += {"(": 1, ")": -1}.get(text[end], 0)
+                end += 1
+            args = text[m.end():end]
+            entry = found.setdefault(m.group(2), {"type": m.group(1), "labels": set(), "literals": set()})
+            expect(entry["type"] == m.group(1), f"{m.group(2)} is both a {entry['type']} and a {m.group(1)}")
+            entry["labels"] |= set(re.findall(r'"([A-Za-z_][A-Za-z0-9_]*)"\s*=>', args))
+            entry["literals"] |= set(re.findall(r'"([^"\\]*)"', text))
+    expect(found, "no counter!/gauge!/histogram! found under services/")
+    return found
+
+
+def series_of(metrics: dict[str, dict]) -> dict[str, tuple[set, set]]:
+    """Every series name Prometheus can hold for the code's metrics (a histogram's _bucket,
+    _sum and _count, not its bare name), with its labels and allowed literal values."""
+    series: dict[str, tuple[set, set]] = {}
+    for name, m in metrics.items():
+        if m["type"] == "histogram":
+            series[f"{name}_bucket"] = (m["labels"] | {"le"}, m["literals"])
+            series[f"{name}_sum"] = (m["labels"], m["literals"])
+            series[f"{name}_count"] = (m["labels"], m["literals"])
+        else:
+            series[name] = (m["labels"], m["literals"])
+    for name in SCRAPE_SERIES:
+        series[name] = (set(), set())
+    return series
+
+
+def promql_names(expr: str) -> tuple[list[str], list[str]]:
+    """The metric names and the grouping labels (by, without, on, ignoring) of a PromQL
+    expression."""
+    s = re.sub(STRING, '""', expr)
+    s = re.sub(r"\[[^\]]*\]", "", s)
+    s = re.sub(r"\{[^}]*\}", "", s)
+    grouping = []
+    for m in re.finditer(r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", s):
+        grouping += [g.strip() for g in m.group(2).split(",") if g.strip()]
+    s = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", s)
+    names = []
+    for m in re.finditer(NAME, s):
+        if s[m.end():].lstrip().startswith("(") or m.group() in PROMQL_WORDS:
+            continue  # a function call or a keyword
+        if m.start() and (s[m.start() - 1].isdigit() or s[m.start() - 1] == "."):
+            continue  # inside a number, e.g. 1e3
+        names.append(m.group())
+    return names, grouping
+
+
+def dashboard_checks(everything: list[dict], default: list[dict], production: list[dict]) -> None:
+    print("==> the Grafana dashboard")
+    text = DASHBOARD.read_text()
+    try:
+        dash = json.loads(text)
+    except json.JSONDecodeError as e:
+        fail(f"{DASHBOARD.relative_to(ROOT)} is not valid JSON: {e}")
+    expect(dash.get("uid") == "loyalty-overview", f"dashboard uid {dash.get('uid')!r}")
+    expect(dash.get("title") == "Loyalty engine", f"dashboard title {dash.get('title')!r}")
+    expect(dash.get("tags") == ["loyalty"], f"dashboard tags {dash.get('tags')!r}")
+    variables = {v["name"]: v for v in dash.get("templating", {}).get("list", [])}
+    expect(set(variables) == {"datasource", "namespace", "service"}, f"dashboard variables {sorted(variables)}")
+    expect(
+        variables["datasource"].get("type") == "datasource" and variables["datasource"].get("query") == "prometheus",
+        "the datasource variable does not pick a Prometheus data source",
+    )
+    panels = dash.get("panels", [])
+    ids = [p.get("id") for p in panels]
+    expect(len(ids) == len(set(ids)), f"dashboard panel ids repeat: {ids}")
+    rows = [p["title"] for p in panels if p.get("type") == "row"]
+    expect(rows == ["RED per RPC", "Business", "Pods"], f"dashboard rows {rows}")
+    ok(f"{DASHBOARD.relative_to(ROOT)} parses: uid, title, tags, variables, rows {rows}")
+
+    series = series_of(code_metrics())
+    # (query, labels it reads): panel queries, and the selector of each label_values() variable.
+    exprs: list[tuple[str, list[str]]] = []
+    for v in variables.values():
+        if v.get("type") == "query":
+            m = re.fullmatch(r"label_values\((.+),\s*([A-Za-z_][A-Za-z0-9_]*)\)", v.get("definition", ""))
+            expect(m, f"dashboard variable {v['name']}: expected label_values(selector, label), got {v.get('definition')!r}")
+            exprs.append((m.group(1), [m.group(2)]))
+    for p in panels:
+        if p.get("type") == "row":
+            continue
+        title = p.get("title")
+        expect(p.get("description", "").strip(), f"dashboard panel {title!r} has no description")
+        expect(p.get("datasource", {}).get("uid") == "${datasource}", f"dashboard panel {title!r}: datasource")
+        targets = p.get("targets", [])
+        expect(targets, f"dashboard panel {title!r} has no queries")
+        for t in targets:
+            expr = t.get("expr", "")
+            expect('namespace="$namespace"' in expr, f"dashboard panel {title!r}: no namespace filter in {expr}")
+            ranges = set(re.findall(r"\[([^\]]*)\]", re.sub(STRING, '""', expr)))
+            expect(ranges <= {"$__rate_interval"}, f"dashboard panel {title!r}: ranges {sorted(ranges)}, use $__rate_interval")
+            exprs.append((expr, []))
+    used = set()
+    for expr, reads in exprs:
+        names, grouping = promql_names(expr)
+        grouping += reads
+        expect(names, f"dashboard query references no metric: {expr}")
+        labels = set(TARGET_LABELS)
+        for name in names:
+            expect(name in series, f"dashboard query uses {name}, which the code does not export: {expr}")
+            labels |= series[name][0]
+            used.add(name)
+        for label in grouping:
+            expect(label in labels, f"dashboard query uses the label {label!r}, which {names} do not have: {expr}")
+        for m in re.finditer(rf"({NAME})\s*\{{([^}}]*)\}}", expr):
+            own, literals = series[m.group(1)]
+            for mm in re.finditer(rf'([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*({STRING})', m.group(2)):
+                label, op, value = mm.group(1), mm.group(2), json.loads(mm.group(3))
+                expect(label in own | TARGET_LABELS, f"dashboard query: {m.group(1)} has no label {label!r}: {expr}")
+                if label in own and op in ("=", "!=") and "$" not in value:
+                    expect(value in literals, f"dashboard query: {label}{op}{value!r} is a value the code never sets: {expr}")
+    ok(f"every query uses metrics and labels the code defines: {', '.join(sorted(used))}")
+
+    copy_text = DASHBOARD_COPY.read_text() if DASHBOARD_COPY.exists() else None
+    expect(copy_text == text, f"{DASHBOARD_COPY.relative_to(ROOT)} differs from {DASHBOARD.relative_to(ROOT)}")
+    json.loads(copy_text)
+    ok(f"{DASHBOARD_COPY.relative_to(ROOT)} is identical")
+
+    def dashboards(objs):
+        return [m for m in by_kind(objs, "ConfigMap") if "loyalty.json" in m.get("data", {})]
+
+    expect(not dashboards(default), "the chart renders the dashboard ConfigMap while grafanaDashboard.enabled is false")
+    maps = dashboards(everything)
+    expect(len(maps) == 1 and maps[0]["metadata"]["name"] == "loyalty-dashboard", "the chart renders no loyalty-dashboard ConfigMap")
+    meta = maps[0]["metadata"]
+    expect(meta["labels"].get("grafana_dashboard") == "1", f"chart dashboard labels {meta['labels']}")
+    expect(meta["labels"].get("app.kubernetes.io/part-of") == "loyalty", f"chart dashboard labels {meta['labels']}")
+    expect(meta.get("annotations", {}).get("grafana_folder") == "Loyalty", f"chart dashboard annotations {meta.get('annotations')}")
+    expect(maps[0]["data"]["loyalty.json"] == text, "the chart's ConfigMap does not hold dashboards/loyalty.json as is")
+    ok("the chart renders loyalty-dashboard (labels, annotations, the file as is) only when enabled")
+
+    maps = dashboards(production)
+    expect(len(maps) == 1, "k8s/overlays/production has no dashboard ConfigMap")
+    meta = maps[0]["metadata"]
+    expect(meta["name"] == "loyalty-dashboard" and meta.get("namespace") == "loyalty", f"k8s dashboard ConfigMap {meta}")
+    expect(meta.get("labels", {}).get("grafana_dashboard") == "1", f"k8s dashboard labels {meta.get('labels')}")
+    expect(maps[0]["data"]["loyalty.json"] == text, "k8s/overlays/production's ConfigMap does not hold the dashboard as is")
+    ok("k8s/overlays/production generates loyalty-dashboard with the same file")
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -495,6 +682,8 @@ def main() -> int:
                 "redis.clusterNodes[0]=redis://a:6379/",
                 "services.balance.autoscaling.enabled=false",
                 "image.digest=sha256:" + "0" * 64,
+                "grafanaDashboard.enabled=true",
+                "grafanaDashboard.annotations.grafana_folder=Loyalty",
             ]
         )
         trimmed = helm_template(
@@ -540,6 +729,8 @@ def main() -> int:
         print("==> the chart and k8s/ agree")
         agree("microservices (k8s/base)", microservices, built["k8s/base"])
         agree("dev profile (k8s/all-in-one)", dev, built["k8s/all-in-one"])
+
+        dashboard_checks(everything, microservices, built["k8s/overlays/production"])
 
         print("==> the binary accepts the rendered config")
         binary_accepts("the chart (microservices)", config_of(microservices))
