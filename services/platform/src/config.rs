@@ -20,6 +20,7 @@ pub struct Config {
     /// Where embedded stores keep their files.
     pub data_dir: PathBuf,
     pub log: LogConfig,
+    pub tracing: TracingConfig,
     pub server: ServerConfig,
     pub peers: PeersConfig,
     pub storage: StorageConfig,
@@ -33,6 +34,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             data_dir: PathBuf::from("data"),
             log: LogConfig::default(),
+            tracing: TracingConfig::default(),
             server: ServerConfig::default(),
             peers: PeersConfig::default(),
             storage: StorageConfig::default(),
@@ -74,6 +76,33 @@ impl Default for LogConfig {
         Self {
             format: LogFormat::Text,
             filter: "info".into(),
+        }
+    }
+}
+
+/// OpenTelemetry tracing. With no endpoint nothing is exported and no span is made for it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// Where spans go over OTLP/gRPC, e.g. `http://otel-collector:4317`; unset: tracing off.
+    pub otlp_endpoint: Option<String>,
+    /// Share of traces started here that are kept (head sampling, 0 to 1). A call that comes
+    /// with a sampled W3C `traceparent` is always kept (parent-based).
+    pub sample_ratio: f64,
+    /// The `service.name` resource attribute; unset: `loyalty-` and the services this
+    /// process runs, e.g. `loyalty-balance`.
+    pub service_name: Option<String>,
+    /// Deadline of one export of a batch of spans.
+    pub export_timeout_ms: u64,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            sample_ratio: 1.0,
+            service_name: None,
+            export_timeout_ms: 10_000,
         }
     }
 }
@@ -349,6 +378,28 @@ impl Config {
                     );
                 }
             }
+        }
+        if let Some(url) = &self.tracing.otlp_endpoint {
+            let ok = (url.starts_with("http://") || url.starts_with("https://"))
+                && url.parse::<tonic::transport::Uri>().is_ok();
+            if !ok {
+                return bad(
+                    "tracing.otlp_endpoint",
+                    "must be an http:// or https:// URL, e.g. http://otel-collector:4317",
+                );
+            }
+        }
+        if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
+            return bad("tracing.sample_ratio", "must be between 0 and 1");
+        }
+        if !(1..=600_000).contains(&self.tracing.export_timeout_ms) {
+            return bad("tracing.export_timeout_ms", "must be between 1 and 600000");
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.filter).is_err() {
+            return bad(
+                "log.filter",
+                "must be a tracing filter such as `info` or `info,loyalty_balance=debug`",
+            );
         }
         let region = &self.identity.default_region;
         if region.len() != 2 || !region.chars().all(|c| c.is_ascii_uppercase()) {

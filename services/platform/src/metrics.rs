@@ -1,5 +1,6 @@
 //! Prometheus metrics: RED per RPC (requests by method and status code, duration histogram)
-//! recorded by a tower layer around the gRPC server, and a small `/metrics` HTTP endpoint.
+//! recorded by a tower layer around the gRPC server, which also opens each call's server span
+//! when tracing is on, and a small `/metrics` HTTP endpoint.
 //!
 //! Method labels come from an allowlist built from the API's descriptors (plus health and
 //! reflection), so a client sending made-up paths cannot grow the label set.
@@ -15,6 +16,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tracing::Instrument;
 
 /// Seconds buckets of the request duration histogram: sub-millisecond to the deadline.
 const DURATION_BUCKETS: &[f64] = &[
@@ -101,25 +103,24 @@ pub struct RpcMetrics<S> {
 }
 
 /// grpc-go's names for status codes, as dashboards expect them.
-fn code_label(value: &[u8]) -> &'static str {
-    match value {
-        b"0" => "OK",
-        b"1" => "Canceled",
-        b"2" => "Unknown",
-        b"3" => "InvalidArgument",
-        b"4" => "DeadlineExceeded",
-        b"5" => "NotFound",
-        b"6" => "AlreadyExists",
-        b"7" => "PermissionDenied",
-        b"8" => "ResourceExhausted",
-        b"9" => "FailedPrecondition",
-        b"10" => "Aborted",
-        b"11" => "OutOfRange",
-        b"12" => "Unimplemented",
-        b"13" => "Internal",
-        b"14" => "Unavailable",
-        b"15" => "DataLoss",
-        b"16" => "Unauthenticated",
+fn code_label(code: i32) -> &'static str {
+    match code {
+        0 => "OK",
+        1 => "Canceled",
+        3 => "InvalidArgument",
+        4 => "DeadlineExceeded",
+        5 => "NotFound",
+        6 => "AlreadyExists",
+        7 => "PermissionDenied",
+        8 => "ResourceExhausted",
+        9 => "FailedPrecondition",
+        10 => "Aborted",
+        11 => "OutOfRange",
+        12 => "Unimplemented",
+        13 => "Internal",
+        14 => "Unavailable",
+        15 => "DataLoss",
+        16 => "Unauthenticated",
         _ => "Unknown",
     }
 }
@@ -144,25 +145,35 @@ where
         } else {
             "unknown".to_string()
         };
+        let span = crate::telemetry::server_span(request.headers(), &method);
         let start = Instant::now();
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let result = response.await;
-            // Unary errors come back "trailers-only", with grpc-status in the headers; a
-            // response without it in the headers carries its status in the trailers, which
-            // for unary calls that got this far means OK.
-            let code = match &result {
-                Ok(r) => r
-                    .headers()
-                    .get("grpc-status")
-                    .map_or("OK", |v| code_label(v.as_bytes())),
-                Err(_) => "Unknown",
-            };
-            metrics::counter!("grpc_server_requests_total", "method" => method.clone(), "code" => code).increment(1);
-            metrics::histogram!("grpc_server_request_duration_seconds", "method" => method)
-                .record(start.elapsed().as_secs_f64());
-            result
-        })
+        let response = {
+            let _entered = span.enter();
+            self.inner.call(request)
+        };
+        Box::pin(
+            async move {
+                let result = response.await;
+                // Unary errors come back "trailers-only", with grpc-status in the headers; a
+                // response without it in the headers carries its status in the trailers,
+                // which for unary calls that got this far means OK.
+                let code = match &result {
+                    Ok(r) => r.headers().get("grpc-status").map_or(0, |v| {
+                        std::str::from_utf8(v.as_bytes())
+                            .ok()
+                            .and_then(|s| s.parse().ok())
+                            .unwrap_or(2)
+                    }),
+                    Err(_) => 2,
+                };
+                crate::telemetry::record_status(&tracing::Span::current(), code);
+                metrics::counter!("grpc_server_requests_total", "method" => method.clone(), "code" => code_label(code)).increment(1);
+                metrics::histogram!("grpc_server_request_duration_seconds", "method" => method)
+                    .record(start.elapsed().as_secs_f64());
+                result
+            }
+            .instrument(span),
+        )
     }
 }
 
