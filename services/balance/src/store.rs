@@ -14,6 +14,7 @@ pub mod conformance;
 pub mod embedded;
 pub mod redis;
 pub mod scylla;
+pub mod traced;
 
 /// Which entries a page holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -7,6 +7,7 @@ use crate::domain::{Card, Inserted, Member};
 
 pub mod conformance;
 pub mod embedded;
+pub mod traced;
 
 #[async_trait::async_trait]
 pub trait IdentityStore: Send + Sync + std::fmt::Debug {

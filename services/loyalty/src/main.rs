@@ -185,12 +185,60 @@ async fn run(cli: Cli) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    telemetry::init(&config.log);
-    match serve(config, services, demo, rebuild).await {
+    let service_name = if services.len() == ServiceName::ALL.len() {
+        "loyalty".to_owned()
+    } else {
+        let names: Vec<&str> = services.iter().map(|s| s.as_str()).collect();
+        format!("loyalty-{}", names.join("-"))
+    };
+    let telemetry = match telemetry::init(&config.log, &config.tracing, &service_name) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            eprintln!("loyalty: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(file) = common.config.clone() {
+        tokio::spawn(watch_log_filter(file, common, telemetry.clone()));
+    }
+    let outcome = serve(config, services, demo, rebuild).await;
+    telemetry.shutdown().await;
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("loyalty: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// How often the config file is read again for a new `log.filter`.
+const LOG_FILTER_RELOAD: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Applies `log.filter` from the config file (and environment) while the process runs, so
+/// the log level changes without a restart. Other settings need one.
+async fn watch_log_filter(file: PathBuf, common: Common, telemetry: Arc<telemetry::Telemetry>) {
+    let mut last_error = String::new();
+    loop {
+        tokio::time::sleep(LOG_FILTER_RELOAD).await;
+        let overrides = Overrides {
+            listen: common.listen,
+            data_dir: common.data_dir.clone(),
+        };
+        match Config::load(Some(&file), std::env::vars(), &overrides) {
+            Ok(config) => {
+                last_error.clear();
+                if let Err(e) = telemetry.set_filter(&config.log.filter) {
+                    tracing::warn!(error = %e, "cannot apply the new log filter");
+                }
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if e != last_error {
+                    tracing::warn!(error = %e, "the config file no longer loads; keeping the log filter");
+                    last_error = e;
+                }
+            }
         }
     }
 }

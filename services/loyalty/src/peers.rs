@@ -8,6 +8,7 @@ use loyalty_identity::Identity;
 use loyalty_platform::clock::Millis;
 use loyalty_platform::error::{Error, Result};
 use loyalty_platform::grpc::{from_status, timestamp};
+use loyalty_platform::telemetry::ClientTrace;
 use loyalty_promotion::ports::{Members, Points, Redeemed, Reversal};
 use loyalty_promotion::receipt::Identification;
 use loyalty_proto::balance::v1 as bpb;
@@ -16,6 +17,9 @@ use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+
+/// A channel to a peer service whose calls carry the caller's trace.
+pub type PeerChannel = ClientTrace<Channel>;
 
 #[derive(Debug, Clone)]
 pub struct LocalMembers(pub Identity);
@@ -128,7 +132,7 @@ impl Points for LocalPoints {
 }
 
 /// Asks a peer's grpc.health.v1 whether `service` is SERVING.
-async fn peer_health(channel: &Channel, service: &str) -> Result<()> {
+async fn peer_health(channel: &PeerChannel, service: &str) -> Result<()> {
     let reply = HealthClient::new(channel.clone())
         .check(HealthCheckRequest {
             service: service.to_string(),
@@ -143,7 +147,7 @@ async fn peer_health(channel: &Channel, service: &str) -> Result<()> {
 }
 
 #[derive(Debug, Clone)]
-pub struct RemoteMembers(pub Channel);
+pub struct RemoteMembers(pub PeerChannel);
 
 #[async_trait::async_trait]
 impl Members for RemoteMembers {
@@ -182,10 +186,10 @@ impl Members for RemoteMembers {
 }
 
 #[derive(Debug, Clone)]
-pub struct RemotePoints(pub Channel);
+pub struct RemotePoints(pub PeerChannel);
 
 impl RemotePoints {
-    fn client(&self) -> bpb::balance_service_client::BalanceServiceClient<Channel> {
+    fn client(&self) -> bpb::balance_service_client::BalanceServiceClient<PeerChannel> {
         bpb::balance_service_client::BalanceServiceClient::new(self.0.clone())
     }
 }

@@ -22,10 +22,12 @@ use loyalty_promotion::ports::{Members, Points};
 use loyalty_promotion::store::embedded::EmbeddedPromotionStore;
 use loyalty_promotion::{Admin, Checkout};
 use tonic::service::Routes;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::balancer;
-use crate::peers::{LocalMembers, LocalPoints, RemoteMembers, RemotePoints};
+use loyalty_balance::store::traced::Traced as BalanceTraced;
+
+use crate::peers::{LocalMembers, LocalPoints, PeerChannel, RemoteMembers, RemotePoints};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ServiceName {
@@ -136,7 +138,7 @@ fn peer_channel(
     config: &Config,
     name: ServiceName,
     url: &Option<String>,
-) -> anyhow::Result<Channel> {
+) -> anyhow::Result<PeerChannel> {
     let url = url.as_ref().with_context(|| {
         format!("bad configuration: `peers.{name}` is required because the {name} service does not run in this process")
     })?;
@@ -154,6 +156,7 @@ fn peer_channel(
         config.peer_dns_refresh(),
         Arc::new(balancer::Dns),
     )
+    .map(PeerChannel::new)
     .with_context(|| format!("bad configuration: `peers.{name}` is not a valid URL"))
 }
 
@@ -170,9 +173,9 @@ pub async fn build(
     let mut health = Vec::new();
 
     let identity = if runs(ServiceName::Identity) {
-        let store = EmbeddedIdentityStore::open(&dir.join("identity.redb"))?;
+        let store = Arc::new(EmbeddedIdentityStore::open(&dir.join("identity.redb"))?);
         let identity = Identity::new(
-            Arc::new(store),
+            Arc::new(loyalty_identity::store::traced::Traced::new("redb", store)),
             clock.clone(),
             config.identity.default_region.clone(),
         );
@@ -198,15 +201,16 @@ pub async fn build(
         let ledger = Arc::new(EmbeddedBalanceStore::open(&dir.join("balance.redb"))?);
         let certificate_store: Arc<dyn CertificateStore> = ledger.clone();
         let store: Arc<dyn BalanceStore> = match config.storage.backend {
-            Backend::Embedded => ledger,
+            Backend::Embedded => Arc::new(BalanceTraced::new("redb", ledger)),
             Backend::Redis | Backend::Scylla => {
                 let durable: Arc<dyn Ledger> = if config.storage.backend == Backend::Scylla {
                     let session = loyalty_platform::scylla::connect(&config.storage.scylla).await?;
-                    Arc::new(ScyllaLedger::new(session).await.context(
+                    let ledger = ScyllaLedger::new(session).await.context(
                         "preparing the balance ledger's statements (has `loyalty migrate` run?)",
-                    )?)
+                    )?;
+                    Arc::new(BalanceTraced::new("scylladb", Arc::new(ledger)))
                 } else {
-                    ledger
+                    Arc::new(BalanceTraced::new("redb", ledger))
                 };
                 let redis = if config.storage.redis.cluster_nodes.is_empty() {
                     RedisBalanceStore::connect(&config.storage.redis.url, durable)
@@ -216,7 +220,7 @@ pub async fn build(
                         .context("bad configuration: `storage.redis.cluster_nodes`")?
                 };
                 redis_balances = Some(redis.clone());
-                Arc::new(redis)
+                Arc::new(BalanceTraced::new("redis", Arc::new(redis)))
             }
         };
         let mut balance = Balance::new(store, clock.clone());
@@ -248,7 +252,11 @@ pub async fn build(
     };
 
     let (checkout, admin) = if runs(ServiceName::Promotion) {
-        let store = Arc::new(EmbeddedPromotionStore::open(&dir.join("promotion.redb"))?);
+        let store: Arc<dyn loyalty_promotion::store::PromotionStore> =
+            Arc::new(loyalty_promotion::store::traced::Traced::new(
+                "redb",
+                Arc::new(EmbeddedPromotionStore::open(&dir.join("promotion.redb"))?),
+            ));
         let members: Arc<dyn Members> = match &identity {
             Some(identity) => Arc::new(LocalMembers(identity.clone())),
             None => Arc::new(RemoteMembers(peer_channel(
@@ -277,7 +285,6 @@ pub async fn build(
         health.push(entry(loyalty_promotion::grpc::SERVICE_NAMES, move || {
             let (store, members, points) = (store.clone(), members.clone(), points.clone());
             async move {
-                use loyalty_promotion::store::PromotionStore;
                 store
                     .ping()
                     .await

@@ -120,6 +120,8 @@ pub fn evaluate(
     member: Option<&MemberContext>,
     now: Millis,
 ) -> Evaluation {
+    // One span per rule evaluation when tracing is on; nothing otherwise.
+    let _span = loyalty_platform::telemetry::work_span("promotion.evaluate").entered();
     let minor = Decimal::from(program.point_minor_units);
     let mut lines: Vec<LineResult> = receipt
         .lines

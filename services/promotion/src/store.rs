@@ -8,6 +8,7 @@ use crate::purchase::Purchase;
 
 pub mod conformance;
 pub mod embedded;
+pub mod traced;
 
 /// What a checkout reads before evaluating, in one snapshot.
 #[derive(Debug, Clone, Default)]

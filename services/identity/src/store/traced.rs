@@ -1,0 +1,74 @@
+//! Storage spans: wraps any [`IdentityStore`] so each call runs in a span with the database
+//! semantic-convention attributes (system and operation, never phones, names or numbers).
+
+use std::sync::Arc;
+
+use loyalty_platform::error::Result;
+use loyalty_platform::telemetry::in_db_span;
+
+use super::IdentityStore;
+use crate::domain::{Card, Inserted, Member};
+
+/// A store whose calls are traced as `system` (e.g. `redb`).
+#[derive(Debug)]
+pub struct Traced {
+    system: &'static str,
+    inner: Arc<dyn IdentityStore>,
+}
+
+impl Traced {
+    pub fn new(system: &'static str, inner: Arc<dyn IdentityStore>) -> Self {
+        Self { system, inner }
+    }
+}
+
+#[async_trait::async_trait]
+impl IdentityStore for Traced {
+    async fn insert_member(&self, member: &Member) -> Result<Inserted> {
+        in_db_span(
+            self.system,
+            "identity.insert_member",
+            self.inner.insert_member(member),
+        )
+        .await
+    }
+    async fn member(&self, tenant_id: &str, member_id: &str) -> Result<Option<Member>> {
+        in_db_span(
+            self.system,
+            "identity.member",
+            self.inner.member(tenant_id, member_id),
+        )
+        .await
+    }
+    async fn member_id_by_phone(&self, tenant_id: &str, phone: &str) -> Result<Option<String>> {
+        let call = self.inner.member_id_by_phone(tenant_id, phone);
+        in_db_span(self.system, "identity.member_by_phone", call).await
+    }
+    async fn member_by_referral_code(&self, tenant_id: &str, code: &str) -> Result<Option<String>> {
+        let call = self.inner.member_by_referral_code(tenant_id, code);
+        in_db_span(self.system, "identity.member_by_referral_code", call).await
+    }
+    async fn insert_card(&self, card: &Card) -> Result<bool> {
+        in_db_span(
+            self.system,
+            "identity.insert_card",
+            self.inner.insert_card(card),
+        )
+        .await
+    }
+    async fn card(&self, tenant_id: &str, number: &str) -> Result<Option<Card>> {
+        in_db_span(
+            self.system,
+            "identity.card",
+            self.inner.card(tenant_id, number),
+        )
+        .await
+    }
+    async fn cards_of_member(&self, tenant_id: &str, member_id: &str) -> Result<Vec<Card>> {
+        let call = self.inner.cards_of_member(tenant_id, member_id);
+        in_db_span(self.system, "identity.cards_of_member", call).await
+    }
+    async fn ping(&self) -> Result<()> {
+        self.inner.ping().await
+    }
+}
