@@ -1,0 +1,277 @@
+//! One trace per receipt: three processes (identity; balance; promotion with segmentation
+//! and reporting) export spans over OTLP to a receiver inside the test. A commit carrying
+//! the POS's W3C `traceparent` yields one trace in which every span hangs off the POS's,
+//! linked parent to child across processes, with storage and rule-evaluation spans inside.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use loyalty_e2e::*;
+use loyalty_proto::promotion::v1 as promotion;
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const POS_SPAN: &str = "00f067aa0ba902b7";
+const FAILED_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `span` descends from `ancestor` through the parent links in `by_id`.
+fn descends(by_id: &HashMap<String, &ReceivedSpan>, span: &ReceivedSpan, ancestor: &str) -> bool {
+    let mut parent = hex(&span.parent_span_id);
+    for _ in 0..64 {
+        if parent == ancestor {
+            return true;
+        }
+        match by_id.get(&parent) {
+            Some(p) => parent = hex(&p.parent_span_id),
+            None => return false,
+        }
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_receipt_is_one_trace_across_processes() {
+    let receiver = OtlpReceiver::start().await;
+    let tracing_env = |launch: Launch| {
+        launch
+            .env("LOYALTY_TRACING__OTLP_ENDPOINT", &receiver.endpoint)
+            .env("LOYALTY_SERVER__HEALTH_INTERVAL_SECS", "1")
+    };
+    let (dir_a, dir_b, dir_c) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let identity_node = Server::start(tracing_env(Launch::serve("identity")), dir_a.path()).await;
+    let balance_node = Server::start(
+        tracing_env(Launch::serve("balance")).env("LOYALTY_PEERS__IDENTITY", &identity_node.url()),
+        dir_c.path(),
+    )
+    .await;
+    let promotion_node = Server::start(
+        tracing_env(Launch::serve("promotion,segmentation,reporting"))
+            .env("LOYALTY_PEERS__IDENTITY", &identity_node.url())
+            .env("LOYALTY_PEERS__BALANCE", &balance_node.url())
+            .env("LOYALTY_LOG__FORMAT", "json")
+            .env("LOYALTY_SERVER__METRICS_LISTEN", "127.0.0.1:0"),
+        dir_b.path(),
+    )
+    .await;
+    let a = identity_node.channel().await;
+    let b = promotion_node.channel().await;
+    setup_tenant(&b, "t1").await;
+    let mut pos = Pos::new(&a, &b);
+    let (_, card) = pos.member_with_card("t1", "+77017778899").await;
+
+    // The POS starts the trace and sends its context with the commit.
+    let mut request = tonic::Request::new(promotion::CommitRequest {
+        receipt: Some(receipt(
+            "t1",
+            "TRACED-1",
+            Some(&card),
+            vec![line("1", "boots", "1", "100.00", false)],
+        )),
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{TRACE}-{POS_SPAN}-01").parse().unwrap(),
+    );
+    let mut checkout = promotion::checkout_service_client::CheckoutServiceClient::new(b.clone());
+    let reply = checkout.commit(request).await.unwrap().into_inner();
+    assert!(
+        reply
+            .evaluation
+            .as_ref()
+            .is_some_and(|e| e.points_accrued > 0),
+        "{reply:?}"
+    );
+
+    // The metrics of that receipt moved too.
+    let metrics = promotion_node.scrape_metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("loyalty_receipts_committed_total{identified=\"true\"} 1")),
+        "{metrics}"
+    );
+
+    // A call that goes wrong logs with its trace id: identity is gone for this one.
+    assert_eq!(identity_node.stop().await, 0);
+    let mut request = tonic::Request::new(promotion::CommitRequest {
+        receipt: Some(receipt(
+            "t1",
+            "TRACED-2",
+            Some(&card),
+            vec![line("1", "boots", "1", "100.00", false)],
+        )),
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{FAILED_TRACE}-{POS_SPAN}-01").parse().unwrap(),
+    );
+    let err = checkout.commit(request).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    let log = promotion_node.log_text();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("peer service unavailable"))
+        .unwrap_or_else(|| panic!("no warning logged:\n{log}"));
+    assert!(warning.contains(FAILED_TRACE), "{warning}");
+    assert!(warning.starts_with('{'), "not JSON: {warning}");
+
+    // Stopping flushes every process's exporter.
+    assert_eq!(promotion_node.stop().await, 0);
+    assert_eq!(balance_node.stop().await, 0);
+    let mut spans = Vec::new();
+    for _ in 0..50 {
+        spans = receiver.spans();
+        if spans.iter().any(|s| s.service == "loyalty-balance") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let traced: Vec<&ReceivedSpan> = spans.iter().filter(|s| hex(&s.trace_id) == TRACE).collect();
+    let by_id: HashMap<String, &ReceivedSpan> =
+        traced.iter().map(|s| (hex(&s.span_id), *s)).collect();
+    let describe = || {
+        traced
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} {} kind={} id={} parent={}",
+                    s.service,
+                    s.name,
+                    s.kind,
+                    hex(&s.span_id),
+                    hex(&s.parent_span_id)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+
+    // Every span of the receipt hangs off the POS's span: one trace, no orphans.
+    assert!(
+        !traced.is_empty(),
+        "no span of the trace arrived: {spans:?}"
+    );
+    for span in &traced {
+        assert!(
+            descends(&by_id, span, POS_SPAN),
+            "{} is not linked to the POS's span:\n{}",
+            span.name,
+            describe()
+        );
+    }
+
+    let commit = traced
+        .iter()
+        .find(|s| s.kind == 2 && s.name == "loyalty.promotion.v1.CheckoutService/Commit")
+        .unwrap_or_else(|| panic!("no checkout server span:\n{}", describe()));
+    assert_eq!(hex(&commit.parent_span_id), POS_SPAN);
+    assert_eq!(commit.service, "loyalty-promotion-segmentation-reporting");
+    assert_eq!(commit.attribute("rpc.system"), Some("grpc"));
+    assert_eq!(commit.attribute("rpc.method"), Some("Commit"));
+    assert_eq!(commit.attribute("rpc.grpc.status_code"), Some("0"));
+    let commit_id = hex(&commit.span_id);
+
+    // Each peer call: a client span under the commit, and the peer's server span under it.
+    for (peer_service, process) in [
+        ("loyalty.identity.v1.MemberService", "loyalty-identity"),
+        ("loyalty.balance.v1.BalanceService", "loyalty-balance"),
+    ] {
+        let client = traced
+            .iter()
+            .find(|s| s.kind == 3 && s.attribute("rpc.service") == Some(peer_service))
+            .unwrap_or_else(|| panic!("no client span to {peer_service}:\n{}", describe()));
+        assert!(descends(&by_id, client, &commit_id));
+        let server = traced
+            .iter()
+            .find(|s| s.kind == 2 && s.service == process)
+            .unwrap_or_else(|| panic!("no server span in {process}:\n{}", describe()));
+        assert_eq!(
+            server.parent_span_id,
+            client.span_id,
+            "{process}'s span is not the child of the caller's:\n{}",
+            describe()
+        );
+    }
+
+    // Storage calls in every process, with the database attributes, and the rule evaluation.
+    for process in [
+        "loyalty-identity",
+        "loyalty-balance",
+        "loyalty-promotion-segmentation-reporting",
+    ] {
+        let db = traced
+            .iter()
+            .find(|s| s.service == process && s.attribute("db.system.name").is_some())
+            .unwrap_or_else(|| panic!("no storage span in {process}:\n{}", describe()));
+        assert_eq!(db.kind, 3);
+        assert_eq!(db.attribute("db.system.name"), Some("redb"));
+        assert!(db.attribute("db.operation.name").is_some());
+    }
+    let evaluate = traced
+        .iter()
+        .find(|s| s.name == "promotion.evaluate")
+        .unwrap_or_else(|| panic!("no rule-evaluation span:\n{}", describe()));
+    assert!(descends(&by_id, evaluate, &commit_id));
+
+    // No personal data in span attributes.
+    for span in &spans {
+        for (k, v) in &span.attributes {
+            assert!(
+                !v.contains("7701777") && !v.contains(&card),
+                "{k}={v} in {}",
+                span.name
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_log_filter_changes_while_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[log]\nfilter = \"warn\"\n").unwrap();
+    let server = Server::start(
+        Launch::dev().arg("--config").arg(config.to_str().unwrap()),
+        &dir.path().join("data"),
+    )
+    .await;
+    assert!(
+        !server.log_text().contains("SERVING"),
+        "info lines at warn: {}",
+        server.log_text()
+    );
+    std::fs::write(&config, "[log]\nfilter = \"info\"\n").unwrap();
+    let mut changed = false;
+    for _ in 0..100 {
+        if server.log_text().contains("log filter changed") {
+            changed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(changed, "{}", server.log_text());
+    // A bad filter is refused and the running one stays.
+    std::fs::write(&config, "[log]\nfilter = \"info,=[\"\n").unwrap();
+    let mut refused = false;
+    for _ in 0..100 {
+        if server
+            .log_text()
+            .contains("the config file no longer loads")
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused, "{}", server.log_text());
+    assert_eq!(server.stop().await, 0);
+}
