@@ -111,6 +111,8 @@ NEGATIVE = [
     (["scylla.nodes[0]=scylla"], "Does not match pattern"),
     (["config.server.gracePeriodSeconds=null"], "gracePeriodSeconds is required"),
     (["config.log.format=xml"], "config.log.format must be one of"),
+    (["config.tracing.sampleRatio=2"], "Must be less than or equal to 1"),
+    (["config.tracing.otlpEndpoint=collector:4317"], "otlpEndpoint: Does not match pattern"),
     (["config.server.maxMessageBytes=10"], "Must be greater than or equal to 1024"),
     (["config.identity.defaultRegion=kz"], "Does not match pattern"),
     (["services.identity.resources.requests.cpu=lots"], "cpu"),
@@ -681,6 +683,7 @@ def main() -> int:
                 "serviceMonitor.enabled=true",
                 "redis.clusterNodes[0]=redis://a:6379/",
                 "services.balance.autoscaling.enabled=false",
+                "config.tracing.otlpEndpoint=http://otel-collector.observability:4317",
                 "image.digest=sha256:" + "0" * 64,
                 "grafanaDashboard.enabled=true",
                 "grafanaDashboard.annotations.grafana_folder=Loyalty",
@@ -735,6 +738,7 @@ def main() -> int:
         print("==> the binary accepts the rendered config")
         binary_accepts("the chart (microservices)", config_of(microservices))
         binary_accepts("the chart (dev profile)", config_of(dev))
+        binary_accepts("the chart (every option on)", config_of(everything))
         binary_accepts("k8s/base", config_of(built["k8s/base"]))
         binary_accepts("k8s/all-in-one", config_of(built["k8s/all-in-one"]))
     except CheckFailed as e:

@@ -242,6 +242,12 @@ keyspace_options = {{ .Values.scylla.keyspaceOptions | quote }}
 connect_timeout_ms = {{ .Values.scylla.connectTimeoutMs | int }}
 request_timeout_ms = {{ .Values.scylla.requestTimeoutMs | int }}
 
+[tracing]
+{{- with .Values.config.tracing.otlpEndpoint }}
+otlp_endpoint = {{ . | quote }}
+{{- end }}
+sample_ratio = {{ .Values.config.tracing.sampleRatio }}
+
 [identity]
 default_region = {{ .Values.config.identity.defaultRegion | quote }}
 
