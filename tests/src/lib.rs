@@ -667,8 +667,13 @@ impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Tra
 
 impl OtlpReceiver {
     pub async fn start() -> Self {
+        Self::start_on("127.0.0.1:0").await
+    }
+
+    /// Listens on `addr` (loopback only in tests and benchmarks).
+    pub async fn start_on(addr: &str) -> Self {
         use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let collect = Collect::default();
         let spans = collect.0.clone();

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use loyalty_e2e::*;
+use loyalty_platform::redis_server::RedisServer;
 use loyalty_proto::promotion::v1 as promotion;
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -48,8 +49,13 @@ async fn a_receipt_is_one_trace_across_processes() {
         tempfile::tempdir().unwrap(),
     );
     let identity_node = Server::start(tracing_env(Launch::serve("identity")), dir_a.path()).await;
+    // Balance on Redis over its ledger, so the trace shows both.
+    let redis = RedisServer::start().unwrap();
     let balance_node = Server::start(
-        tracing_env(Launch::serve("balance")).env("LOYALTY_PEERS__IDENTITY", &identity_node.url()),
+        tracing_env(Launch::serve("balance"))
+            .env("LOYALTY_PEERS__IDENTITY", &identity_node.url())
+            .env("LOYALTY_STORAGE__BACKEND", "redis")
+            .env("LOYALTY_STORAGE__REDIS__URL", &redis.url()),
         dir_c.path(),
     )
     .await;
@@ -97,6 +103,14 @@ async fn a_receipt_is_one_trace_across_processes() {
         metrics
             .lines()
             .any(|l| l.starts_with("loyalty_receipts_committed_total{identified=\"true\"} 1")),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("loyalty_storage_duration_seconds_count")
+                && l.contains("system=\"redb\"")
+                && l.contains("operation=\"promotion.put_purchase\"")),
         "{metrics}"
     );
 
@@ -202,20 +216,30 @@ async fn a_receipt_is_one_trace_across_processes() {
         );
     }
 
-    // Storage calls in every process, with the database attributes, and the rule evaluation.
-    for process in [
-        "loyalty-identity",
-        "loyalty-balance",
-        "loyalty-promotion-segmentation-reporting",
+    // Storage calls in every process, with the database attributes.
+    for (process, system) in [
+        ("loyalty-identity", "redb"),
+        ("loyalty-balance", "redis"),
+        ("loyalty-promotion-segmentation-reporting", "redb"),
     ] {
         let db = traced
             .iter()
-            .find(|s| s.service == process && s.attribute("db.system.name").is_some())
-            .unwrap_or_else(|| panic!("no storage span in {process}:\n{}", describe()));
+            .find(|s| s.service == process && s.attribute("db.system.name") == Some(system))
+            .unwrap_or_else(|| panic!("no {system} span in {process}:\n{}", describe()));
         assert_eq!(db.kind, 3);
-        assert_eq!(db.attribute("db.system.name"), Some("redb"));
         assert!(db.attribute("db.operation.name").is_some());
     }
+    // Under Redis, the durable ledger's commit is part of the same call.
+    let execute = traced
+        .iter()
+        .find(|s| s.name == "balance.execute")
+        .unwrap_or_else(|| panic!("no balance.execute span:\n{}", describe()));
+    let commit_to_ledger = traced
+        .iter()
+        .find(|s| s.name == "ledger.commit")
+        .unwrap_or_else(|| panic!("no ledger.commit span:\n{}", describe()));
+    assert!(descends(&by_id, commit_to_ledger, &hex(&execute.span_id)));
+    assert_eq!(commit_to_ledger.attribute("db.system.name"), Some("redb"));
     let evaluate = traced
         .iter()
         .find(|s| s.name == "promotion.evaluate")

@@ -272,13 +272,31 @@ pub fn work_span(name: &'static str) -> Span {
     tracing::info_span!("work", otel.name = name, otel.kind = "internal")
 }
 
-/// Runs `fut` inside a storage span.
+/// Runs `fut` inside a storage span and records its duration in
+/// `loyalty_storage_duration_seconds{system, operation}`.
 pub async fn in_db_span<F: Future>(
     system: &'static str,
     operation: &'static str,
     fut: F,
 ) -> F::Output {
-    fut.instrument(db_span(system, operation)).await
+    let start = std::time::Instant::now();
+    let out = fut.instrument(db_span(system, operation)).await;
+    record_storage_duration(system, operation, start);
+    out
+}
+
+/// Records one storage call's duration.
+pub fn record_storage_duration(
+    system: &'static str,
+    operation: &'static str,
+    start: std::time::Instant,
+) {
+    metrics::histogram!(
+        "loyalty_storage_duration_seconds",
+        "system" => system,
+        "operation" => operation
+    )
+    .record(start.elapsed().as_secs_f64());
 }
 
 /// A tower layer for gRPC clients: a client span per call, whose context travels in the

@@ -470,7 +470,9 @@ impl BalanceStore for RedisBalanceStore {
             member_id.to_string(),
             key.to_string(),
         );
-        tokio::spawn(async move { this.run(&tenant, &member, &key, op, now).await })
+        // The task keeps the caller's span, so the ledger commit stays in the call's trace.
+        let run = async move { this.run(&tenant, &member, &key, op, now).await };
+        tokio::spawn(tracing::Instrument::in_current_span(run))
             .await
             .map_err(Error::internal)?
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use loyalty_platform::clock::Millis;
 use loyalty_platform::error::Result;
-use loyalty_platform::telemetry::{db_span, in_db_span};
+use loyalty_platform::telemetry::{db_span, in_db_span, record_storage_duration};
 use tracing::Instrument;
 
 use super::{BalanceStore, Due, EntryQuery, Ledger, Page, PendingCommit};
@@ -79,14 +79,24 @@ impl<L: Ledger + ?Sized> Ledger for Traced<L> {
         expected: i64,
         change: &Change,
     ) -> Result<PendingCommit> {
-        // The span covers the commit up to its answer, not just the hand-over.
+        // The span and the duration cover the commit up to its answer, not just the
+        // hand-over.
         let span = db_span(self.system, "ledger.commit");
+        let start = std::time::Instant::now();
         let pending = self
             .inner
             .submit(tenant_id, member_id, expected, change)
             .instrument(span.clone())
             .await?;
-        Ok(Box::pin(pending.instrument(span)))
+        let system = self.system;
+        Ok(Box::pin(
+            async move {
+                let answer = pending.await;
+                record_storage_duration(system, "ledger.commit", start);
+                answer
+            }
+            .instrument(span),
+        ))
     }
     async fn commit(
         &self,
