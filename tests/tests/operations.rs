@@ -216,7 +216,7 @@ async fn sigterm_drains_in_flight_calls() {
     }
     assert!(ok > 0, "some calls were in flight");
     let text = std::fs::read_to_string(log).unwrap();
-    assert!(text.contains("NOT_SERVING"), "{text}");
+    assert!(text.contains("health is not serving"), "{text}");
     assert!(text.contains("server stopped"), "{text}");
 }
 

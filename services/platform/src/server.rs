@@ -44,7 +44,7 @@ impl std::fmt::Debug for HealthEntry {
 pub async fn shutdown_signal() {
     let ctrl_c = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
+            tracing::error!(error = %e, "cannot listen for sigint");
             std::future::pending::<()>().await;
         }
     };
@@ -55,7 +55,7 @@ pub async fn shutdown_signal() {
                 s.recv().await;
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                tracing::error!(error = %e, "cannot listen for sigterm");
                 std::future::pending::<()>().await;
             }
         }
@@ -63,8 +63,8 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received, shutting down"),
-        () = term => tracing::info!("SIGTERM received, shutting down"),
+        () = ctrl_c => tracing::info!("sigint received, shutting down"),
+        () = term => tracing::info!("sigterm received, shutting down"),
     }
 }
 
@@ -106,7 +106,7 @@ pub async fn serve(
         shutdown.await;
         let _ = stopping_tx.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), flipped).await;
-        tracing::info!("health is NOT_SERVING; draining in-flight calls");
+        tracing::info!("health is not serving; draining in-flight calls");
     };
 
     let server = tonic::transport::Server::builder()
@@ -166,9 +166,9 @@ async fn monitor_health(
                     .unwrap_or_else(|_| Err("health check timed out".into()));
                 if *last != Some(result.is_ok()) {
                     match &result {
-                        Ok(()) => tracing::info!(services = ?entry.service_names, "SERVING"),
+                        Ok(()) => tracing::info!(services = ?entry.service_names, "serving"),
                         Err(why) => {
-                            tracing::warn!(services = ?entry.service_names, reason = %why, "NOT_SERVING")
+                            tracing::warn!(services = ?entry.service_names, reason = %why, "not serving")
                         }
                     }
                     *last = Some(result.is_ok());
