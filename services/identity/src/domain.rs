@@ -8,7 +8,7 @@ use loyalty_platform::types::{Channel, check_tenant};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::store::IdentityStore;
+use crate::store::{IdentityStore, Replaced};
 
 const MAX_NAME_LEN: usize = 100;
 const MAX_EMAIL_LEN: usize = 254;
@@ -51,6 +51,16 @@ pub enum BlockReason {
     Lost,
     Stolen,
     Fraud,
+}
+
+impl BlockReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Lost => "lost",
+            Self::Stolen => "stolen",
+            Self::Fraud => "fraud",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,6 +167,12 @@ fn new_virtual_card_number() -> String {
 
 /// How many times a generated code or number is retried on a collision.
 const GENERATION_ATTEMPTS: usize = 8;
+
+/// Most cards one range import creates.
+pub const MAX_CARD_RANGE: u64 = 100_000;
+
+/// How many times a card change is re-decided after a concurrent change to the same card.
+const CARD_CHANGE_ATTEMPTS: usize = 4;
 
 /// The identity service's domain operations.
 #[derive(Debug, Clone)]
@@ -288,7 +304,8 @@ impl Identity {
             (CardStatus::Active, Some(id)) => id.clone(),
             (CardStatus::Blocked(reason), _) => {
                 return Err(Error::FailedPrecondition(format!(
-                    "card {number} is blocked ({reason:?})"
+                    "card {number} is blocked ({})",
+                    reason.as_str()
                 )));
             }
             (CardStatus::Replaced { by }, _) => {
@@ -390,6 +407,13 @@ impl Identity {
                 return Ok(card);
             }
             if kind != CardKind::Virtual {
+                // A pre-printed card from an imported range is handed out by binding it.
+                if let Some(existing) = self.store.card(tenant_id, &card.number).await?
+                    && existing.status == CardStatus::Unbound
+                    && existing.kind == CardKind::Plastic
+                {
+                    return self.bind_card(tenant_id, &card.number, member_id).await;
+                }
                 return Err(Error::AlreadyExists(format!(
                     "card {} already exists",
                     card.number
@@ -411,6 +435,276 @@ impl Identity {
             .card(tenant_id, number)
             .await?
             .ok_or_else(|| Error::NotFound(format!("card {number} not found")))
+    }
+
+    /// Imports a range of pre-printed plastic or no-name card numbers, unbound. Numbers that
+    /// exist already are skipped, so a retried or overlapping import creates each card once.
+    /// Returns how many cards were created.
+    pub async fn import_card_range(
+        &self,
+        tenant_id: &str,
+        kind: CardKind,
+        first: &str,
+        last: &str,
+    ) -> Result<u64> {
+        let mut v = Violations::new();
+        check_tenant(&mut v, tenant_id);
+        v.check(
+            kind != CardKind::Virtual,
+            "kind",
+            "must be CARD_KIND_PLASTIC or CARD_KIND_NO_NAME: virtual numbers are generated",
+        );
+        check_card_number(&mut v, first, "first_number");
+        check_card_number(&mut v, last, "last_number");
+        v.finish()?;
+        if first.len() != last.len() {
+            return Err(Error::invalid(
+                "last_number",
+                "must have as many digits as first_number",
+            ));
+        }
+        let (Ok(start), Ok(end)) = (first.parse::<u64>(), last.parse::<u64>()) else {
+            return Err(Error::invalid("first_number", "must be 8 to 19 digits"));
+        };
+        if end < start {
+            return Err(Error::invalid(
+                "last_number",
+                "must not be below first_number",
+            ));
+        }
+        if end - start >= MAX_CARD_RANGE {
+            return Err(Error::invalid(
+                "last_number",
+                format!("a range holds at most {MAX_CARD_RANGE} cards; import it in parts"),
+            ));
+        }
+        let width = first.len();
+        let now = self.clock.now_ms();
+        let mut created = 0;
+        let numbers: Vec<u64> = (start..=end).collect();
+        for chunk in numbers.chunks(5_000) {
+            let cards: Vec<Card> = chunk
+                .iter()
+                .map(|n| Card {
+                    tenant_id: tenant_id.to_string(),
+                    number: format!("{n:0width$}"),
+                    kind,
+                    status: CardStatus::Unbound,
+                    member_id: None,
+                    issued_at: now,
+                })
+                .collect();
+            created += self.store.insert_cards(&cards).await?;
+        }
+        Ok(created)
+    }
+
+    /// Binds an unbound plastic or no-name card to a member (at the POS, when the card is
+    /// handed out). Binding it again to the same member returns it unchanged.
+    pub async fn bind_card(&self, tenant_id: &str, number: &str, member_id: &str) -> Result<Card> {
+        let mut v = Violations::new();
+        check_tenant(&mut v, tenant_id);
+        check_card_number(&mut v, number, "number");
+        v.text(member_id, "member_id", MAX_ID_LEN);
+        v.finish()?;
+        self.active_member(tenant_id, member_id).await?;
+        for _ in 0..CARD_CHANGE_ATTEMPTS {
+            let card = self.card(tenant_id, number).await?;
+            match &card.status {
+                CardStatus::Unbound => {
+                    let bound = Card {
+                        status: CardStatus::Active,
+                        member_id: Some(member_id.to_string()),
+                        ..card.clone()
+                    };
+                    if self.store.update_card(&bound, &card.status).await? {
+                        return Ok(bound);
+                    }
+                }
+                CardStatus::Active if card.member_id.as_deref() == Some(member_id) => {
+                    return Ok(card);
+                }
+                CardStatus::Active => {
+                    return Err(Error::AlreadyExists(format!(
+                        "card {number} is already bound to another member"
+                    )));
+                }
+                CardStatus::Blocked(reason) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "card {number} is blocked ({}) and cannot be bound",
+                        reason.as_str()
+                    )));
+                }
+                CardStatus::Replaced { by } => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "card {number} was replaced by card {by} and cannot be bound"
+                    )));
+                }
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "card {number} kept changing; retry"
+        )))
+    }
+
+    /// Blocks a card (lost, stolen, fraud): the POS refuses it from then on with the reason.
+    /// Blocking a blocked card returns it unchanged.
+    pub async fn block_card(
+        &self,
+        tenant_id: &str,
+        number: &str,
+        reason: Option<BlockReason>,
+    ) -> Result<Card> {
+        let mut v = Violations::new();
+        check_tenant(&mut v, tenant_id);
+        check_card_number(&mut v, number, "number");
+        v.check(
+            reason.is_some(),
+            "reason",
+            "must be BLOCK_REASON_LOST, BLOCK_REASON_STOLEN or BLOCK_REASON_FRAUD",
+        );
+        v.finish()?;
+        let reason = reason.ok_or_else(|| Error::invalid("reason", "is required"))?;
+        for _ in 0..CARD_CHANGE_ATTEMPTS {
+            let card = self.card(tenant_id, number).await?;
+            match &card.status {
+                CardStatus::Blocked(_) => return Ok(card),
+                CardStatus::Replaced { by } => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "card {number} was replaced by card {by}; it is no longer usable"
+                    )));
+                }
+                CardStatus::Active | CardStatus::Unbound => {
+                    let blocked = Card {
+                        status: CardStatus::Blocked(reason),
+                        ..card.clone()
+                    };
+                    if self.store.update_card(&blocked, &card.status).await? {
+                        return Ok(blocked);
+                    }
+                }
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "card {number} kept changing; retry"
+        )))
+    }
+
+    /// Replaces a member's card (active or blocked) with a new one: an unbound pre-printed
+    /// card given by number, a new plastic number, or, when `new_number` is empty, a virtual
+    /// card. The member, and so the balance and history, stay the same; the old card is
+    /// refused at the POS from then on. A retry returns the same pair.
+    pub async fn replace_card(
+        &self,
+        tenant_id: &str,
+        old_number: &str,
+        new_number: &str,
+    ) -> Result<(Card, Card)> {
+        let mut v = Violations::new();
+        check_tenant(&mut v, tenant_id);
+        check_card_number(&mut v, old_number, "old_number");
+        if !new_number.is_empty() {
+            check_card_number(&mut v, new_number, "new_number");
+            v.check(
+                new_number != old_number,
+                "new_number",
+                "must differ from old_number",
+            );
+        }
+        v.finish()?;
+        for _ in 0..CARD_CHANGE_ATTEMPTS {
+            let old = self.card(tenant_id, old_number).await?;
+            let member_id = match (&old.status, &old.member_id) {
+                (CardStatus::Replaced { by }, _) => {
+                    if new_number.is_empty() || new_number == by {
+                        let new = self.card(tenant_id, by).await?;
+                        return Ok((old, new));
+                    }
+                    return Err(Error::FailedPrecondition(format!(
+                        "card {old_number} was already replaced by card {by}"
+                    )));
+                }
+                (CardStatus::Active | CardStatus::Blocked(_), Some(member_id)) => member_id.clone(),
+                _ => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "card {old_number} is not bound to a member; nothing to replace"
+                    )));
+                }
+            };
+            self.active_member(tenant_id, &member_id).await?;
+            let (new, new_expected) = if new_number.is_empty() {
+                (
+                    Card {
+                        tenant_id: tenant_id.to_string(),
+                        number: new_virtual_card_number(),
+                        kind: CardKind::Virtual,
+                        status: CardStatus::Active,
+                        member_id: Some(member_id.clone()),
+                        issued_at: self.clock.now_ms(),
+                    },
+                    None,
+                )
+            } else {
+                match self.store.card(tenant_id, new_number).await? {
+                    None => (
+                        Card {
+                            tenant_id: tenant_id.to_string(),
+                            number: new_number.to_string(),
+                            kind: CardKind::Plastic,
+                            status: CardStatus::Active,
+                            member_id: Some(member_id.clone()),
+                            issued_at: self.clock.now_ms(),
+                        },
+                        None,
+                    ),
+                    Some(existing) if existing.status == CardStatus::Unbound => (
+                        Card {
+                            status: CardStatus::Active,
+                            member_id: Some(member_id.clone()),
+                            ..existing
+                        },
+                        Some(CardStatus::Unbound),
+                    ),
+                    Some(_) => {
+                        return Err(Error::AlreadyExists(format!(
+                            "card {new_number} is already in use"
+                        )));
+                    }
+                }
+            };
+            let replaced = Card {
+                status: CardStatus::Replaced {
+                    by: new.number.clone(),
+                },
+                ..old.clone()
+            };
+            match self
+                .store
+                .replace_card(&replaced, &old.status, &new, new_expected.as_ref())
+                .await?
+            {
+                Replaced::Done => return Ok((replaced, new)),
+                // A generated number collided, or either card changed meanwhile: decide again.
+                Replaced::OldChanged | Replaced::NewChanged => {}
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "card {old_number} kept changing; retry"
+        )))
+    }
+
+    async fn active_member(&self, tenant_id: &str, member_id: &str) -> Result<Member> {
+        let member = self
+            .store
+            .member(tenant_id, member_id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("member {member_id} not found")))?;
+        if member.status != MemberStatus::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "member {member_id} is not active"
+            )));
+        }
+        Ok(member)
     }
 
     pub async fn resolve_referral_code(&self, tenant_id: &str, code: &str) -> Result<String> {

@@ -239,6 +239,83 @@ impl CardService for Api {
             card: Some(card_to_proto(&card)),
         }))
     }
+    async fn import_card_range(
+        &self,
+        request: Request<pb::ImportCardRangeRequest>,
+    ) -> Result<Response<pb::ImportCardRangeResponse>, Status> {
+        let r = request.into_inner();
+        let kind = match pb::CardKind::try_from(r.kind) {
+            Ok(pb::CardKind::Plastic) => CardKind::Plastic,
+            Ok(pb::CardKind::NoName) => CardKind::NoName,
+            Ok(pb::CardKind::Virtual) => CardKind::Virtual,
+            Ok(pb::CardKind::Unspecified) | Err(_) => {
+                return Err(to_status(loyalty_platform::Error::invalid(
+                    "kind",
+                    "must be CARD_KIND_PLASTIC or CARD_KIND_NO_NAME",
+                )));
+            }
+        };
+        let created = self
+            .0
+            .import_card_range(&r.tenant_id, kind, &r.first_number, &r.last_number)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ImportCardRangeResponse {
+            cards_created: i64::try_from(created).unwrap_or(i64::MAX),
+        }))
+    }
+
+    async fn bind_card(
+        &self,
+        request: Request<pb::BindCardRequest>,
+    ) -> Result<Response<pb::BindCardResponse>, Status> {
+        let r = request.into_inner();
+        let card = self
+            .0
+            .bind_card(&r.tenant_id, &r.number, &r.member_id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::BindCardResponse {
+            card: Some(card_to_proto(&card)),
+        }))
+    }
+
+    async fn block_card(
+        &self,
+        request: Request<pb::BlockCardRequest>,
+    ) -> Result<Response<pb::BlockCardResponse>, Status> {
+        let r = request.into_inner();
+        let reason = match pb::BlockReason::try_from(r.reason) {
+            Ok(pb::BlockReason::Lost) => Some(BlockReason::Lost),
+            Ok(pb::BlockReason::Stolen) => Some(BlockReason::Stolen),
+            Ok(pb::BlockReason::Fraud) => Some(BlockReason::Fraud),
+            Ok(pb::BlockReason::Unspecified) | Err(_) => None,
+        };
+        let card = self
+            .0
+            .block_card(&r.tenant_id, &r.number, reason)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::BlockCardResponse {
+            card: Some(card_to_proto(&card)),
+        }))
+    }
+
+    async fn replace_card(
+        &self,
+        request: Request<pb::ReplaceCardRequest>,
+    ) -> Result<Response<pb::ReplaceCardResponse>, Status> {
+        let r = request.into_inner();
+        let (old, new) = self
+            .0
+            .replace_card(&r.tenant_id, &r.old_number, &r.new_number)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ReplaceCardResponse {
+            old_card: Some(card_to_proto(&old)),
+            new_card: Some(card_to_proto(&new)),
+        }))
+    }
 }
 
 #[tonic::async_trait]

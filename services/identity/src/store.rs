@@ -3,7 +3,18 @@
 
 use loyalty_platform::error::Result;
 
-use crate::domain::{Card, Inserted, Member};
+use crate::domain::{Card, CardStatus, Inserted, Member};
+
+/// What [`IdentityStore::replace_card`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replaced {
+    Done,
+    /// The old card's stored status was not the expected one: nothing written.
+    OldChanged,
+    /// The new card exists when it should not, or its status was not the expected one:
+    /// nothing written.
+    NewChanged,
+}
 
 pub mod conformance;
 pub mod embedded;
@@ -21,6 +32,20 @@ pub trait IdentityStore: Send + Sync + std::fmt::Debug {
     async fn insert_card(&self, card: &Card) -> Result<bool>;
     async fn card(&self, tenant_id: &str, number: &str) -> Result<Option<Card>>;
     async fn cards_of_member(&self, tenant_id: &str, member_id: &str) -> Result<Vec<Card>>;
+    /// Inserts the cards whose numbers do not exist yet, atomically; returns how many.
+    async fn insert_cards(&self, cards: &[Card]) -> Result<u64>;
+    /// Writes `card` if the stored card's status is `expected`; `false` (nothing written)
+    /// otherwise. A newly set member id enters the member's card index.
+    async fn update_card(&self, card: &Card, expected: &CardStatus) -> Result<bool>;
+    /// Writes `old` (status `old_expected` before) and `new` together, or nothing: `new` is
+    /// inserted when `new_expected` is `None`, else its stored status must be `new_expected`.
+    async fn replace_card(
+        &self,
+        old: &Card,
+        old_expected: &CardStatus,
+        new: &Card,
+        new_expected: Option<&CardStatus>,
+    ) -> Result<Replaced>;
     /// Answers when the backend is reachable.
     async fn ping(&self) -> Result<()>;
 }

@@ -5,7 +5,7 @@
 
 use loyalty_platform::types::Channel;
 
-use super::IdentityStore;
+use super::{IdentityStore, Replaced};
 use crate::domain::{Card, CardKind, CardStatus, Inserted, Member, MemberStatus};
 
 fn member(tenant: &str, id: &str, phone: &str, code: &str) -> Member {
@@ -43,6 +43,7 @@ pub async fn run_all(store: &dyn IdentityStore) {
     uniqueness_writes_nothing(store).await;
     tenants_are_isolated(store).await;
     cards(store).await;
+    card_lifecycle(store).await;
     store.ping().await.unwrap();
 }
 
@@ -154,4 +155,116 @@ async fn cards(store: &dyn IdentityStore) {
     assert_eq!(numbers, ["100000001", "100000002"]);
     assert!(store.cards_of_member("t2", "m1").await.unwrap().is_empty());
     assert_eq!(store.card("t2", "100000001").await.unwrap(), None);
+}
+
+async fn card_lifecycle(store: &dyn IdentityStore) {
+    // A range imports once; a second import of an overlapping range adds only the new ones.
+    let unbound = |n: &str| Card {
+        kind: CardKind::NoName,
+        status: CardStatus::Unbound,
+        ..card("lc", n, None)
+    };
+    let first: Vec<Card> = ["50000001", "50000002", "50000003"]
+        .iter()
+        .map(|n| unbound(n))
+        .collect();
+    assert_eq!(store.insert_cards(&first).await.unwrap(), 3);
+    let again: Vec<Card> = ["50000003", "50000004"]
+        .iter()
+        .map(|n| unbound(n))
+        .collect();
+    assert_eq!(store.insert_cards(&again).await.unwrap(), 1);
+    assert_eq!(
+        store.card("lc", "50000004").await.unwrap().unwrap().status,
+        CardStatus::Unbound
+    );
+
+    // Binding is a compare-and-set on the status, and files the card under its member.
+    let bound = Card {
+        status: CardStatus::Active,
+        member_id: Some("m9".into()),
+        ..unbound("50000001")
+    };
+    assert!(
+        store
+            .update_card(&bound, &CardStatus::Unbound)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .update_card(&bound, &CardStatus::Unbound)
+            .await
+            .unwrap(),
+        "the second bind sees Active"
+    );
+    let missing = unbound("59999999");
+    assert!(
+        !store
+            .update_card(&missing, &CardStatus::Unbound)
+            .await
+            .unwrap()
+    );
+    assert!(store.card("lc", "59999999").await.unwrap().is_none());
+    let of_m9 = store.cards_of_member("lc", "m9").await.unwrap();
+    assert_eq!(of_m9, vec![bound.clone()]);
+
+    // Replacing moves the member to the new card in one write, or writes nothing.
+    let old = Card {
+        status: CardStatus::Replaced {
+            by: "50000002".into(),
+        },
+        ..bound.clone()
+    };
+    let new = Card {
+        status: CardStatus::Active,
+        member_id: Some("m9".into()),
+        ..unbound("50000002")
+    };
+    let stale = store
+        .replace_card(&old, &CardStatus::Unbound, &new, Some(&CardStatus::Unbound))
+        .await
+        .unwrap();
+    assert_eq!(stale, Replaced::OldChanged);
+    let taken = store
+        .replace_card(&old, &CardStatus::Active, &new, None)
+        .await
+        .unwrap();
+    assert_eq!(taken, Replaced::NewChanged, "the new number exists");
+    assert_eq!(store.card("lc", "50000001").await.unwrap(), Some(bound));
+    let done = store
+        .replace_card(&old, &CardStatus::Active, &new, Some(&CardStatus::Unbound))
+        .await
+        .unwrap();
+    assert_eq!(done, Replaced::Done);
+    assert_eq!(
+        store.card("lc", "50000001").await.unwrap(),
+        Some(old.clone())
+    );
+    assert_eq!(
+        store.card("lc", "50000002").await.unwrap(),
+        Some(new.clone())
+    );
+    let mut of_m9 = store.cards_of_member("lc", "m9").await.unwrap();
+    of_m9.sort_by(|a, b| a.number.cmp(&b.number));
+    assert_eq!(of_m9, vec![old.clone(), new]);
+
+    // A new card that does not exist yet is inserted.
+    let fresh = Card {
+        status: CardStatus::Active,
+        member_id: Some("m9".into()),
+        ..card("lc", "50000009", Some("m9"))
+    };
+    let newer = Card {
+        status: CardStatus::Replaced {
+            by: "50000009".into(),
+        },
+        ..store.card("lc", "50000002").await.unwrap().unwrap()
+    };
+    let done = store
+        .replace_card(&newer, &CardStatus::Active, &fresh, None)
+        .await
+        .unwrap();
+    assert_eq!(done, Replaced::Done);
+    assert_eq!(store.card("lc", "50000009").await.unwrap(), Some(fresh));
 }

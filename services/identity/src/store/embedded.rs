@@ -9,8 +9,8 @@ use loyalty_platform::embedded::{
 use loyalty_platform::error::Result;
 use redb::{ReadableTable, TableDefinition};
 
-use super::IdentityStore;
-use crate::domain::{Card, Inserted, Member};
+use super::{IdentityStore, Replaced};
+use crate::domain::{Card, CardStatus, Inserted, Member};
 
 const MEMBERS: Records = TableDefinition::new("members");
 const PHONES: TableDefinition<&str, &str> = TableDefinition::new("members_by_phone");
@@ -88,11 +88,8 @@ impl IdentityStore for EmbeddedIdentityStore {
                     return Ok(false);
                 }
                 put_record(&mut cards, &card_key, &card)?;
-                if let Some(member_id) = &card.member_id {
-                    let mut by_member = txn.open_table(MEMBER_CARDS).map_err(e)?;
-                    let k = key(&[&card.tenant_id, member_id, &card.number]);
-                    by_member.insert(k.as_str(), ()).map_err(e)?;
-                }
+                let mut by_member = txn.open_table(MEMBER_CARDS).map_err(e)?;
+                index_card(&mut by_member, &card)?;
                 Ok(true)
             })
             .await
@@ -129,9 +126,93 @@ impl IdentityStore for EmbeddedIdentityStore {
             .await
     }
 
+    async fn insert_cards(&self, cards: &[Card]) -> Result<u64> {
+        let cards = cards.to_vec();
+        self.db
+            .write(move |txn| {
+                let mut table = txn.open_table(CARDS).map_err(e)?;
+                let mut by_member = txn.open_table(MEMBER_CARDS).map_err(e)?;
+                let mut created = 0;
+                for card in &cards {
+                    let card_key = key(&[&card.tenant_id, &card.number]);
+                    if table.get(card_key.as_str()).map_err(e)?.is_some() {
+                        continue;
+                    }
+                    put_record(&mut table, &card_key, card)?;
+                    index_card(&mut by_member, card)?;
+                    created += 1;
+                }
+                Ok(created)
+            })
+            .await
+    }
+
+    async fn update_card(&self, card: &Card, expected: &CardStatus) -> Result<bool> {
+        let (card, expected) = (card.clone(), expected.clone());
+        self.db
+            .write(move |txn| {
+                let mut table = txn.open_table(CARDS).map_err(e)?;
+                let card_key = key(&[&card.tenant_id, &card.number]);
+                let stored: Option<Card> = get_record(&table, &card_key)?;
+                if stored.is_none_or(|s| s.status != expected) {
+                    return Ok(false);
+                }
+                put_record(&mut table, &card_key, &card)?;
+                let mut by_member = txn.open_table(MEMBER_CARDS).map_err(e)?;
+                index_card(&mut by_member, &card)?;
+                Ok(true)
+            })
+            .await
+    }
+
+    async fn replace_card(
+        &self,
+        old: &Card,
+        old_expected: &CardStatus,
+        new: &Card,
+        new_expected: Option<&CardStatus>,
+    ) -> Result<Replaced> {
+        let (old, old_expected, new) = (old.clone(), old_expected.clone(), new.clone());
+        let new_expected = new_expected.cloned();
+        self.db
+            .write(move |txn| {
+                let mut table = txn.open_table(CARDS).map_err(e)?;
+                let old_key = key(&[&old.tenant_id, &old.number]);
+                let new_key = key(&[&new.tenant_id, &new.number]);
+                let stored_old: Option<Card> = get_record(&table, &old_key)?;
+                if stored_old.is_none_or(|s| s.status != old_expected) {
+                    return Ok(Replaced::OldChanged);
+                }
+                let stored_new: Option<Card> = get_record(&table, &new_key)?;
+                let new_ok = match (&new_expected, stored_new) {
+                    (None, None) => true,
+                    (Some(want), Some(s)) => s.status == *want,
+                    _ => false,
+                };
+                if !new_ok {
+                    return Ok(Replaced::NewChanged);
+                }
+                put_record(&mut table, &old_key, &old)?;
+                put_record(&mut table, &new_key, &new)?;
+                let mut by_member = txn.open_table(MEMBER_CARDS).map_err(e)?;
+                index_card(&mut by_member, &new)?;
+                Ok(Replaced::Done)
+            })
+            .await
+    }
+
     async fn ping(&self) -> Result<()> {
         self.db.ping().await
     }
+}
+
+/// Files a bound card under its member.
+fn index_card(by_member: &mut redb::Table<'_, &str, ()>, card: &Card) -> Result<()> {
+    if let Some(member_id) = &card.member_id {
+        let k = key(&[&card.tenant_id, member_id, &card.number]);
+        by_member.insert(k.as_str(), ()).map_err(e)?;
+    }
+    Ok(())
 }
 
 async fn lookup(

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use loyalty_platform::error::Result;
 use loyalty_platform::telemetry::in_db_span;
 
-use super::IdentityStore;
-use crate::domain::{Card, Inserted, Member};
+use super::{IdentityStore, Replaced};
+use crate::domain::{Card, CardStatus, Inserted, Member};
 
 /// A store whose calls are traced as `system` (e.g. `redb`).
 #[derive(Debug)]
@@ -67,6 +67,30 @@ impl IdentityStore for Traced {
     async fn cards_of_member(&self, tenant_id: &str, member_id: &str) -> Result<Vec<Card>> {
         let call = self.inner.cards_of_member(tenant_id, member_id);
         in_db_span(self.system, "identity.cards_of_member", call).await
+    }
+    async fn insert_cards(&self, cards: &[Card]) -> Result<u64> {
+        in_db_span(
+            self.system,
+            "identity.insert_cards",
+            self.inner.insert_cards(cards),
+        )
+        .await
+    }
+    async fn update_card(&self, card: &Card, expected: &CardStatus) -> Result<bool> {
+        let call = self.inner.update_card(card, expected);
+        in_db_span(self.system, "identity.update_card", call).await
+    }
+    async fn replace_card(
+        &self,
+        old: &Card,
+        old_expected: &CardStatus,
+        new: &Card,
+        new_expected: Option<&CardStatus>,
+    ) -> Result<Replaced> {
+        let call = self
+            .inner
+            .replace_card(old, old_expected, new, new_expected);
+        in_db_span(self.system, "identity.replace_card", call).await
     }
     async fn ping(&self) -> Result<()> {
         self.inner.ping().await
