@@ -81,6 +81,105 @@ pub struct Card {
     pub issued_at: Millis,
 }
 
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Gender {
+    #[default]
+    Unspecified,
+    Female,
+    Male,
+    Other,
+}
+
+/// A calendar date (birthdays).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Date {
+    pub year: u16,
+    pub month: u8,
+    pub day: u8,
+}
+
+impl Date {
+    /// A real date between 1900-01-01 and 2100-12-31.
+    pub fn checked(year: i32, month: i32, day: i32) -> Option<Self> {
+        let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+        let days = match month {
+            1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+            4 | 6 | 9 | 11 => 30,
+            2 if leap => 29,
+            2 => 28,
+            _ => return None,
+        };
+        if !(1900..=2100).contains(&year) || !(1..=days).contains(&day) {
+            return None;
+        }
+        Some(Self {
+            year: u16::try_from(year).ok()?,
+            month: u8::try_from(month).ok()?,
+            day: u8::try_from(day).ok()?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ConsentChannel {
+    Sms,
+    Email,
+    Push,
+    Messenger,
+}
+
+/// Consent (or its withdrawal) to be contacted on one channel, with when and where it was
+/// given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consent {
+    pub channel: ConsentChannel,
+    pub granted: bool,
+    pub recorded_at: Millis,
+    pub source: String,
+}
+
+/// The profile beyond registration: kept beside the member, versioned for safe updates.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Profile {
+    /// 0 before the first update.
+    pub version: u64,
+    pub gender: Gender,
+    pub birthday: Option<Date>,
+    pub preferred_store_id: String,
+    pub attributes: std::collections::BTreeMap<String, String>,
+    /// At most one per channel, in channel order.
+    pub consents: Vec<Consent>,
+}
+
+impl Profile {
+    /// Whether the member may be contacted on at least one channel.
+    pub fn contactable(&self) -> bool {
+        self.consents.iter().any(|c| c.granted)
+    }
+}
+
+/// The fields a questionnaire can require.
+pub use loyalty_platform::config::QUESTIONNAIRE_FIELDS;
+
+/// Changes to a profile; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct ProfileUpdate {
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub email: Option<String>,
+    pub gender: Option<Gender>,
+    /// `Some(None)` clears the birthday.
+    pub birthday: Option<Option<Date>>,
+    pub preferred_store_id: Option<String>,
+    pub attributes: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// Most custom attributes per member, and their sizes.
+pub const MAX_ATTRIBUTES: usize = 50;
+const MAX_ATTRIBUTE_KEY_LEN: usize = 64;
+const MAX_ATTRIBUTE_VALUE_LEN: usize = 256;
+const MAX_CONSENT_SOURCE_LEN: usize = 32;
+
 /// A registration as it arrives.
 #[derive(Debug, Clone, Default)]
 pub struct Registration {
@@ -180,6 +279,7 @@ pub struct Identity {
     store: Arc<dyn IdentityStore>,
     clock: SharedClock,
     default_region: String,
+    questionnaire: Vec<String>,
 }
 
 impl Identity {
@@ -188,7 +288,191 @@ impl Identity {
             store,
             clock,
             default_region,
+            questionnaire: ["first_name", "last_name", "gender", "birthday"]
+                .map(String::from)
+                .to_vec(),
         }
+    }
+
+    /// The profile fields that make the questionnaire complete (names from
+    /// [`QUESTIONNAIRE_FIELDS`]).
+    #[must_use]
+    pub fn with_questionnaire(mut self, fields: Vec<String>) -> Self {
+        self.questionnaire = fields;
+        self
+    }
+
+    /// Whether every questionnaire field is filled.
+    pub fn questionnaire_complete(&self, member: &Member, profile: &Profile) -> bool {
+        self.questionnaire.iter().all(|f| match f.as_str() {
+            "first_name" => !member.first_name.is_empty(),
+            "last_name" => !member.last_name.is_empty(),
+            "email" => !member.email.is_empty(),
+            "gender" => profile.gender != Gender::Unspecified,
+            "birthday" => profile.birthday.is_some(),
+            "preferred_store_id" => !profile.preferred_store_id.is_empty(),
+            _ => false,
+        })
+    }
+
+    /// The member's profile (empty before its first update).
+    pub async fn profile(&self, tenant_id: &str, member_id: &str) -> Result<Profile> {
+        Ok(self
+            .store
+            .profile(tenant_id, member_id)
+            .await?
+            .unwrap_or_default())
+    }
+
+    /// Changes the fields `update` names, atomically with a version check; concurrent
+    /// updates are re-applied on the newer profile.
+    pub async fn update_profile(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        update: ProfileUpdate,
+    ) -> Result<(Member, Profile)> {
+        let mut v = Violations::new();
+        check_tenant(&mut v, tenant_id);
+        v.text(member_id, "member_id", MAX_ID_LEN);
+        if let Some(name) = &update.first_name {
+            v.optional_text(name, "member.first_name", MAX_NAME_LEN);
+        }
+        if let Some(name) = &update.last_name {
+            v.optional_text(name, "member.last_name", MAX_NAME_LEN);
+        }
+        if let Some(email) = &update.email {
+            v.optional_text(email, "member.email", MAX_EMAIL_LEN);
+            if !email.is_empty() && !looks_like_email(email) {
+                v.add("member.email", "is not an email address");
+            }
+        }
+        if let Some(store) = &update.preferred_store_id {
+            v.optional_text(store, "member.preferred_store_id", MAX_ID_LEN);
+        }
+        if let Some(attributes) = &update.attributes {
+            v.check(
+                attributes.len() <= MAX_ATTRIBUTES,
+                "member.attributes",
+                format!("at most {MAX_ATTRIBUTES} attributes"),
+            );
+            for (k, value) in attributes {
+                v.check(
+                    !k.is_empty() && k.len() <= MAX_ATTRIBUTE_KEY_LEN,
+                    "member.attributes",
+                    format!("keys are 1 to {MAX_ATTRIBUTE_KEY_LEN} bytes"),
+                );
+                v.check(
+                    value.len() <= MAX_ATTRIBUTE_VALUE_LEN,
+                    format!("member.attributes[{k}]"),
+                    format!("at most {MAX_ATTRIBUTE_VALUE_LEN} bytes"),
+                );
+            }
+        }
+        v.finish()?;
+        for _ in 0..CARD_CHANGE_ATTEMPTS {
+            let mut member = self.active_member(tenant_id, member_id).await?;
+            let before = self.profile(tenant_id, member_id).await?;
+            let mut profile = before.clone();
+            if let Some(name) = &update.first_name {
+                member.first_name.clone_from(name);
+            }
+            if let Some(name) = &update.last_name {
+                member.last_name.clone_from(name);
+            }
+            if let Some(email) = &update.email {
+                member.email = email.to_ascii_lowercase();
+            }
+            if let Some(gender) = update.gender {
+                profile.gender = gender;
+            }
+            if let Some(birthday) = update.birthday {
+                profile.birthday = birthday;
+            }
+            if let Some(store) = &update.preferred_store_id {
+                profile.preferred_store_id.clone_from(store);
+            }
+            if let Some(attributes) = &update.attributes {
+                profile.attributes.clone_from(attributes);
+            }
+            if self.save(&mut member, &mut profile, before.version).await? {
+                return Ok((member, profile));
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "member {member_id} kept changing; retry"
+        )))
+    }
+
+    /// Records consent (or its withdrawal) per channel, with the time and the source.
+    pub async fn set_consents(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        consents: &[(Option<ConsentChannel>, bool, String)],
+    ) -> Result<(Member, Profile)> {
+        let mut v = Violations::new();
+        check_tenant(&mut v, tenant_id);
+        v.text(member_id, "member_id", MAX_ID_LEN);
+        v.check(
+            !consents.is_empty(),
+            "consents",
+            "must name at least one channel",
+        );
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, (channel, _, source)) in consents.iter().enumerate().take(4) {
+            match channel {
+                None => v.add(
+                    format!("consents[{i}].channel"),
+                    "must be SMS, EMAIL, PUSH or MESSENGER",
+                ),
+                Some(c) => v.check(
+                    seen.insert(*c),
+                    format!("consents[{i}].channel"),
+                    "appears twice",
+                ),
+            }
+            v.optional_text(
+                source,
+                format!("consents[{i}].source"),
+                MAX_CONSENT_SOURCE_LEN,
+            );
+        }
+        v.finish()?;
+        for _ in 0..CARD_CHANGE_ATTEMPTS {
+            let mut member = self.active_member(tenant_id, member_id).await?;
+            let before = self.profile(tenant_id, member_id).await?;
+            let mut profile = before.clone();
+            let now = self.clock.now_ms();
+            for (channel, granted, source) in consents {
+                let Some(channel) = *channel else { continue };
+                profile.consents.retain(|c| c.channel != channel);
+                profile.consents.push(Consent {
+                    channel,
+                    granted: *granted,
+                    recorded_at: now,
+                    source: source.clone(),
+                });
+            }
+            profile.consents.sort_by_key(|c| c.channel);
+            if self.save(&mut member, &mut profile, before.version).await? {
+                return Ok((member, profile));
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "member {member_id} kept changing; retry"
+        )))
+    }
+
+    async fn save(
+        &self,
+        member: &mut Member,
+        profile: &mut Profile,
+        expected: u64,
+    ) -> Result<bool> {
+        member.updated_at = self.clock.now_ms();
+        profile.version = expected + 1;
+        self.store.save_profile(member, profile, expected).await
     }
 
     pub fn store(&self) -> &Arc<dyn IdentityStore> {

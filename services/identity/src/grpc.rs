@@ -8,7 +8,8 @@ use pb::referral_service_server::{ReferralService, ReferralServiceServer};
 use tonic::{Request, Response, Status};
 
 use crate::domain::{
-    BlockReason, Card, CardKind, CardStatus, Identity, Member, MemberStatus, Registration,
+    BlockReason, Card, CardKind, CardStatus, ConsentChannel, Date, Gender, Identity, Member,
+    MemberStatus, Profile, ProfileUpdate, Registration,
 };
 
 /// gRPC service names, for health reporting.
@@ -46,8 +47,133 @@ pub fn add_routes(
 #[derive(Debug, Clone)]
 struct Api(Identity);
 
-pub fn member_to_proto(m: &Member) -> pb::Member {
+impl Api {
+    /// The member with its profile.
+    async fn view(&self, member: &Member) -> Result<pb::Member, Status> {
+        let profile = self
+            .0
+            .profile(&member.tenant_id, &member.member_id)
+            .await
+            .map_err(to_status)?;
+        Ok(self.shown(member, &profile))
+    }
+
+    fn shown(&self, member: &Member, profile: &Profile) -> pb::Member {
+        member_to_proto(
+            member,
+            profile,
+            self.0.questionnaire_complete(member, profile),
+        )
+    }
+}
+
+/// Reads an update mask over `member` into the changes it names.
+fn profile_update(
+    member: Option<pb::Member>,
+    mask: &[String],
+) -> Result<ProfileUpdate, loyalty_platform::Error> {
+    let member = member.unwrap_or_default();
+    if mask.is_empty() {
+        return Err(loyalty_platform::Error::invalid(
+            "update_mask",
+            "must name the fields to change, e.g. [\"email\", \"birthday\"]",
+        ));
+    }
+    let mut update = ProfileUpdate::default();
+    for path in mask {
+        match path.as_str() {
+            "first_name" => update.first_name = Some(member.first_name.clone()),
+            "last_name" => update.last_name = Some(member.last_name.clone()),
+            "email" => update.email = Some(member.email.clone()),
+            "gender" => {
+                update.gender = Some(match pb::Gender::try_from(member.gender) {
+                    Ok(pb::Gender::Female) => Gender::Female,
+                    Ok(pb::Gender::Male) => Gender::Male,
+                    Ok(pb::Gender::Other) => Gender::Other,
+                    Ok(pb::Gender::Unspecified) => Gender::Unspecified,
+                    Err(_) => {
+                        return Err(loyalty_platform::Error::invalid(
+                            "member.gender",
+                            "is not a known gender",
+                        ));
+                    }
+                });
+            }
+            "birthday" => {
+                update.birthday = Some(match member.birthday {
+                    None => None,
+                    Some(d) => Some(Date::checked(d.year, d.month, d.day).ok_or_else(|| {
+                        loyalty_platform::Error::invalid(
+                            "member.birthday",
+                            "must be a real date between 1900 and 2100",
+                        )
+                    })?),
+                });
+            }
+            "preferred_store_id" => {
+                update.preferred_store_id = Some(member.preferred_store_id.clone());
+            }
+            "attributes" => {
+                update.attributes = Some(member.attributes.clone().into_iter().collect());
+            }
+            other => {
+                return Err(loyalty_platform::Error::invalid(
+                    "update_mask",
+                    format!(
+                        "{other:?} cannot be changed here; allowed: first_name, last_name, email, gender, birthday, preferred_store_id, attributes"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(update)
+}
+
+fn gender_to_proto(g: Gender) -> pb::Gender {
+    match g {
+        Gender::Unspecified => pb::Gender::Unspecified,
+        Gender::Female => pb::Gender::Female,
+        Gender::Male => pb::Gender::Male,
+        Gender::Other => pb::Gender::Other,
+    }
+}
+
+fn consent_channel_to_proto(c: ConsentChannel) -> pb::ConsentChannel {
+    match c {
+        ConsentChannel::Sms => pb::ConsentChannel::Sms,
+        ConsentChannel::Email => pb::ConsentChannel::Email,
+        ConsentChannel::Push => pb::ConsentChannel::Push,
+        ConsentChannel::Messenger => pb::ConsentChannel::Messenger,
+    }
+}
+
+/// A member with its profile, as the API shows it.
+pub fn member_to_proto(m: &Member, profile: &Profile, questionnaire_complete: bool) -> pb::Member {
     pb::Member {
+        gender: gender_to_proto(profile.gender) as i32,
+        birthday: profile.birthday.map(|d| loyalty_proto::common::v1::Date {
+            year: i32::from(d.year),
+            month: i32::from(d.month),
+            day: i32::from(d.day),
+        }),
+        preferred_store_id: profile.preferred_store_id.clone(),
+        attributes: profile
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        consents: profile
+            .consents
+            .iter()
+            .map(|c| pb::Consent {
+                channel: consent_channel_to_proto(c.channel) as i32,
+                granted: c.granted,
+                recorded_at: Some(timestamp(c.recorded_at)),
+                source: c.source.clone(),
+            })
+            .collect(),
+        contactable: profile.contactable(),
+        questionnaire_complete,
         tenant_id: m.tenant_id.clone(),
         member_id: m.member_id.clone(),
         status: match m.status {
@@ -135,7 +261,7 @@ impl MemberService for Api {
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::RegisterMemberResponse {
-            member: Some(member_to_proto(&member)),
+            member: Some(self.shown(&member, &Profile::default())),
         }))
     }
 
@@ -150,7 +276,7 @@ impl MemberService for Api {
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::GetMemberResponse {
-            member: Some(member_to_proto(&member)),
+            member: Some(self.view(&member).await?),
             cards: cards.iter().map(card_to_proto).collect(),
         }))
     }
@@ -191,8 +317,53 @@ impl MemberService for Api {
             }
         };
         Ok(Response::new(pb::LookupMemberResponse {
-            member: Some(member_to_proto(&member)),
+            member: Some(self.view(&member).await?),
             card,
+        }))
+    }
+
+    async fn update_profile(
+        &self,
+        request: Request<pb::UpdateProfileRequest>,
+    ) -> Result<Response<pb::UpdateProfileResponse>, Status> {
+        let r = request.into_inner();
+        let update = profile_update(r.member, &r.update_mask).map_err(to_status)?;
+        let (member, profile) = self
+            .0
+            .update_profile(&r.tenant_id, &r.member_id, update)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::UpdateProfileResponse {
+            member: Some(self.shown(&member, &profile)),
+        }))
+    }
+
+    async fn set_consents(
+        &self,
+        request: Request<pb::SetConsentsRequest>,
+    ) -> Result<Response<pb::SetConsentsResponse>, Status> {
+        let r = request.into_inner();
+        let consents: Vec<(Option<ConsentChannel>, bool, String)> = r
+            .consents
+            .into_iter()
+            .map(|c| {
+                let channel = match pb::ConsentChannel::try_from(c.channel) {
+                    Ok(pb::ConsentChannel::Sms) => Some(ConsentChannel::Sms),
+                    Ok(pb::ConsentChannel::Email) => Some(ConsentChannel::Email),
+                    Ok(pb::ConsentChannel::Push) => Some(ConsentChannel::Push),
+                    Ok(pb::ConsentChannel::Messenger) => Some(ConsentChannel::Messenger),
+                    Ok(pb::ConsentChannel::Unspecified) | Err(_) => None,
+                };
+                (channel, c.granted, c.source)
+            })
+            .collect();
+        let (member, profile) = self
+            .0
+            .set_consents(&r.tenant_id, &r.member_id, &consents)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::SetConsentsResponse {
+            member: Some(self.shown(&member, &profile)),
         }))
     }
 }

@@ -3,7 +3,7 @@
 
 use loyalty_platform::error::Result;
 
-use crate::domain::{Card, CardStatus, Inserted, Member};
+use crate::domain::{Card, CardStatus, Inserted, Member, Profile};
 
 /// What [`IdentityStore::replace_card`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +32,12 @@ pub trait IdentityStore: Send + Sync + std::fmt::Debug {
     async fn insert_card(&self, card: &Card) -> Result<bool>;
     async fn card(&self, tenant_id: &str, number: &str) -> Result<Option<Card>>;
     async fn cards_of_member(&self, tenant_id: &str, member_id: &str) -> Result<Vec<Card>>;
+    /// The member's profile; `None` before its first update.
+    async fn profile(&self, tenant_id: &str, member_id: &str) -> Result<Option<Profile>>;
+    /// Writes `member` and `profile` together if the stored profile's version is `expected`
+    /// (0: none stored); `false` and nothing written otherwise.
+    async fn save_profile(&self, member: &Member, profile: &Profile, expected: u64)
+    -> Result<bool>;
     /// Inserts the cards whose numbers do not exist yet, atomically; returns how many.
     async fn insert_cards(&self, cards: &[Card]) -> Result<u64>;
     /// Writes `card` if the stored card's status is `expected`; `false` (nothing written)

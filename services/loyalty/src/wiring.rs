@@ -178,7 +178,8 @@ pub async fn build(
             Arc::new(loyalty_identity::store::traced::Traced::new("redb", store)),
             clock.clone(),
             config.identity.default_region.clone(),
-        );
+        )
+        .with_questionnaire(config.identity.questionnaire.clone());
         routes = loyalty_identity::grpc::add_routes(routes, identity.clone(), max);
         let probe = identity.clone();
         health.push(entry(loyalty_identity::grpc::SERVICE_NAMES, move || {

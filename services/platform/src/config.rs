@@ -247,17 +247,33 @@ pub enum Backend {
     Scylla,
 }
 
+/// The member fields a questionnaire can require.
+pub const QUESTIONNAIRE_FIELDS: &[&str] = &[
+    "first_name",
+    "last_name",
+    "email",
+    "gender",
+    "birthday",
+    "preferred_store_id",
+];
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdentitySettings {
     /// ISO 3166-1 region assumed for phone numbers written without a country code.
     pub default_region: String,
+    /// The fields whose filling makes a member's questionnaire complete (any of
+    /// [`QUESTIONNAIRE_FIELDS`]).
+    pub questionnaire: Vec<String>,
 }
 
 impl Default for IdentitySettings {
     fn default() -> Self {
         Self {
             default_region: "KZ".into(),
+            questionnaire: ["first_name", "last_name", "gender", "birthday"]
+                .map(String::from)
+                .to_vec(),
         }
     }
 }
@@ -399,6 +415,20 @@ impl Config {
             return bad(
                 "log.filter",
                 "must be a tracing filter such as `info` or `info,loyalty_balance=debug`",
+            );
+        }
+        if let Some(field) = self
+            .identity
+            .questionnaire
+            .iter()
+            .find(|f| !QUESTIONNAIRE_FIELDS.contains(&f.as_str()))
+        {
+            return bad(
+                "identity.questionnaire",
+                &format!(
+                    "names {field:?}; the fields are {}",
+                    QUESTIONNAIRE_FIELDS.join(", ")
+                ),
             );
         }
         let region = &self.identity.default_region;

@@ -6,7 +6,7 @@
 use loyalty_platform::types::Channel;
 
 use super::{IdentityStore, Replaced};
-use crate::domain::{Card, CardKind, CardStatus, Inserted, Member, MemberStatus};
+use crate::domain::{Card, CardKind, CardStatus, Gender, Inserted, Member, MemberStatus, Profile};
 
 fn member(tenant: &str, id: &str, phone: &str, code: &str) -> Member {
     Member {
@@ -44,6 +44,7 @@ pub async fn run_all(store: &dyn IdentityStore) {
     tenants_are_isolated(store).await;
     cards(store).await;
     card_lifecycle(store).await;
+    profiles(store).await;
     store.ping().await.unwrap();
 }
 
@@ -267,4 +268,56 @@ async fn card_lifecycle(store: &dyn IdentityStore) {
         .unwrap();
     assert_eq!(done, Replaced::Done);
     assert_eq!(store.card("lc", "50000009").await.unwrap(), Some(fresh));
+}
+
+async fn profiles(store: &dyn IdentityStore) {
+    let m = member("pr", "p1", "+77010000099", "CODEPR01");
+    assert_eq!(store.insert_member(&m).await.unwrap(), Inserted::Done);
+    assert_eq!(store.profile("pr", "p1").await.unwrap(), None);
+    let renamed = Member {
+        first_name: "B".into(),
+        updated_at: 2,
+        ..m.clone()
+    };
+    let profile = Profile {
+        version: 1,
+        gender: Gender::Female,
+        ..Profile::default()
+    };
+    assert!(
+        !store.save_profile(&renamed, &profile, 1).await.unwrap(),
+        "no profile stored yet: version 0"
+    );
+    assert!(store.save_profile(&renamed, &profile, 0).await.unwrap());
+    assert_eq!(
+        store.profile("pr", "p1").await.unwrap(),
+        Some(profile.clone())
+    );
+    assert_eq!(
+        store.member("pr", "p1").await.unwrap(),
+        Some(renamed.clone())
+    );
+    // A stale version writes nothing, neither the member nor the profile.
+    let stale = Member {
+        first_name: "C".into(),
+        ..renamed.clone()
+    };
+    assert!(
+        !store
+            .save_profile(
+                &stale,
+                &Profile {
+                    version: 2,
+                    ..profile.clone()
+                },
+                0
+            )
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.member("pr", "p1").await.unwrap(), Some(renamed));
+    // No profile for a member that does not exist.
+    let ghost = member("pr", "nobody", "+77010000098", "CODEPR02");
+    assert!(!store.save_profile(&ghost, &profile, 0).await.unwrap());
+    assert_eq!(store.profile("pr", "nobody").await.unwrap(), None);
 }

@@ -10,7 +10,7 @@ use loyalty_platform::error::Result;
 use redb::{ReadableTable, TableDefinition};
 
 use super::{IdentityStore, Replaced};
-use crate::domain::{Card, CardStatus, Inserted, Member};
+use crate::domain::{Card, CardStatus, Inserted, Member, Profile};
 
 const MEMBERS: Records = TableDefinition::new("members");
 const PHONES: TableDefinition<&str, &str> = TableDefinition::new("members_by_phone");
@@ -18,6 +18,8 @@ const REFERRAL_CODES: TableDefinition<&str, &str> =
     TableDefinition::new("members_by_referral_code");
 const CARDS: Records = TableDefinition::new("cards");
 const MEMBER_CARDS: TableDefinition<&str, ()> = TableDefinition::new("cards_by_member");
+/// Profiles beside members (a separate table, so member records keep their layout).
+const PROFILES: Records = TableDefinition::new("profiles");
 
 #[derive(Debug, Clone)]
 pub struct EmbeddedIdentityStore {
@@ -122,6 +124,39 @@ impl IdentityStore for EmbeddedIdentityStore {
                     }
                 }
                 Ok(out)
+            })
+            .await
+    }
+
+    async fn profile(&self, tenant_id: &str, member_id: &str) -> Result<Option<Profile>> {
+        let k = key(&[tenant_id, member_id]);
+        self.db
+            .read(move |txn| read_record(txn, PROFILES, &k))
+            .await
+    }
+
+    async fn save_profile(
+        &self,
+        member: &Member,
+        profile: &Profile,
+        expected: u64,
+    ) -> Result<bool> {
+        let (member, profile) = (member.clone(), profile.clone());
+        self.db
+            .write(move |txn| {
+                let k = key(&[&member.tenant_id, &member.member_id]);
+                let mut profiles = txn.open_table(PROFILES).map_err(e)?;
+                let stored: Option<Profile> = get_record(&profiles, &k)?;
+                if stored.map_or(0, |p| p.version) != expected {
+                    return Ok(false);
+                }
+                let mut members = txn.open_table(MEMBERS).map_err(e)?;
+                if get_record::<Member>(&members, &k)?.is_none() {
+                    return Ok(false);
+                }
+                put_record(&mut members, &k, &member)?;
+                put_record(&mut profiles, &k, &profile)?;
+                Ok(true)
             })
             .await
     }

@@ -7,7 +7,7 @@ use loyalty_platform::error::Result;
 use loyalty_platform::telemetry::in_db_span;
 
 use super::{IdentityStore, Replaced};
-use crate::domain::{Card, CardStatus, Inserted, Member};
+use crate::domain::{Card, CardStatus, Inserted, Member, Profile};
 
 /// A store whose calls are traced as `system` (e.g. `redb`).
 #[derive(Debug)]
@@ -67,6 +67,23 @@ impl IdentityStore for Traced {
     async fn cards_of_member(&self, tenant_id: &str, member_id: &str) -> Result<Vec<Card>> {
         let call = self.inner.cards_of_member(tenant_id, member_id);
         in_db_span(self.system, "identity.cards_of_member", call).await
+    }
+    async fn profile(&self, tenant_id: &str, member_id: &str) -> Result<Option<Profile>> {
+        in_db_span(
+            self.system,
+            "identity.profile",
+            self.inner.profile(tenant_id, member_id),
+        )
+        .await
+    }
+    async fn save_profile(
+        &self,
+        member: &Member,
+        profile: &Profile,
+        expected: u64,
+    ) -> Result<bool> {
+        let call = self.inner.save_profile(member, profile, expected);
+        in_db_span(self.system, "identity.save_profile", call).await
     }
     async fn insert_cards(&self, cards: &[Card]) -> Result<u64> {
         in_db_span(
