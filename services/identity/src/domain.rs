@@ -270,8 +270,8 @@ const GENERATION_ATTEMPTS: usize = 8;
 /// Most cards one range import creates.
 pub const MAX_CARD_RANGE: u64 = 100_000;
 
-/// How many times a card change is re-decided after a concurrent change to the same card.
-const CARD_CHANGE_ATTEMPTS: usize = 4;
+/// How many times a card or profile change is re-decided after a concurrent change.
+const CHANGE_ATTEMPTS: usize = 4;
 
 /// The identity service's domain operations.
 #[derive(Debug, Clone)]
@@ -370,7 +370,7 @@ impl Identity {
             }
         }
         v.finish()?;
-        for _ in 0..CARD_CHANGE_ATTEMPTS {
+        for _ in 0..CHANGE_ATTEMPTS {
             let mut member = self.active_member(tenant_id, member_id).await?;
             let before = self.profile(tenant_id, member_id).await?;
             let mut profile = before.clone();
@@ -439,7 +439,7 @@ impl Identity {
             );
         }
         v.finish()?;
-        for _ in 0..CARD_CHANGE_ATTEMPTS {
+        for _ in 0..CHANGE_ATTEMPTS {
             let mut member = self.active_member(tenant_id, member_id).await?;
             let before = self.profile(tenant_id, member_id).await?;
             let mut profile = before.clone();
@@ -664,16 +664,7 @@ impl Identity {
             ),
         }
         v.finish()?;
-        let member = self
-            .store
-            .member(tenant_id, member_id)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("member {member_id} not found")))?;
-        if member.status != MemberStatus::Active {
-            return Err(Error::FailedPrecondition(format!(
-                "member {member_id} is not active"
-            )));
-        }
+        self.active_member(tenant_id, member_id).await?;
         let mut card = Card {
             tenant_id: tenant_id.to_string(),
             number: if kind == CardKind::Virtual {
@@ -792,7 +783,7 @@ impl Identity {
         v.text(member_id, "member_id", MAX_ID_LEN);
         v.finish()?;
         self.active_member(tenant_id, member_id).await?;
-        for _ in 0..CARD_CHANGE_ATTEMPTS {
+        for _ in 0..CHANGE_ATTEMPTS {
             let card = self.card(tenant_id, number).await?;
             match &card.status {
                 CardStatus::Unbound => {
@@ -849,7 +840,7 @@ impl Identity {
         );
         v.finish()?;
         let reason = reason.ok_or_else(|| Error::invalid("reason", "is required"))?;
-        for _ in 0..CARD_CHANGE_ATTEMPTS {
+        for _ in 0..CHANGE_ATTEMPTS {
             let card = self.card(tenant_id, number).await?;
             match &card.status {
                 CardStatus::Blocked(_) => return Ok(card),
@@ -896,7 +887,7 @@ impl Identity {
             );
         }
         v.finish()?;
-        for _ in 0..CARD_CHANGE_ATTEMPTS {
+        for _ in 0..CHANGE_ATTEMPTS {
             let old = self.card(tenant_id, old_number).await?;
             let member_id = match (&old.status, &old.member_id) {
                 (CardStatus::Replaced { by }, _) => {

@@ -154,16 +154,8 @@ where
         Box::pin(
             async move {
                 let result = response.await;
-                // Unary errors come back "trailers-only", with grpc-status in the headers; a
-                // response without it in the headers carries its status in the trailers,
-                // which for unary calls that got this far means OK.
                 let code = match &result {
-                    Ok(r) => r.headers().get("grpc-status").map_or(0, |v| {
-                        std::str::from_utf8(v.as_bytes())
-                            .ok()
-                            .and_then(|s| s.parse().ok())
-                            .unwrap_or(2)
-                    }),
+                    Ok(r) => crate::telemetry::grpc_code(r.headers()),
                     Err(_) => 2,
                 };
                 crate::telemetry::record_status(&tracing::Span::current(), code);

@@ -376,13 +376,11 @@ where
 
 /// The status code in a response's headers: a unary error comes back "trailers-only", with
 /// `grpc-status` in the headers; without it the status is in the trailers, which for a unary
-/// call that got this far means OK.
+/// call that got this far means OK. An unreadable status counts as UNKNOWN.
 pub fn grpc_code(headers: &http::HeaderMap) -> i32 {
-    headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    headers.get("grpc-status").map_or(0, |v| {
+        v.to_str().ok().and_then(|s| s.parse().ok()).unwrap_or(2)
+    })
 }
 
 #[cfg(test)]
