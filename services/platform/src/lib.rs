@@ -5,6 +5,7 @@ pub mod clock;
 pub mod config;
 pub mod embedded;
 pub mod error;
+pub mod events;
 pub mod grpc;
 pub mod metrics;
 pub mod redis_server;

@@ -1,0 +1,231 @@
+//! The event log on Redis Streams (microservices mode): `XADD` with `MAXLEN ~` trimming,
+//! consumer groups (`XREADGROUP`), `XACK`, and `XAUTOCLAIM` to take over entries a dead
+//! consumer left pending.
+//!
+//! A stream `s` lives under the key `ev:{s}`. Blocking reads use a connection of their own
+//! (a blocked command would hold up everything queued behind it on a multiplexed connection),
+//! with a response timeout longer than the block.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::streams::{
+    StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamInfoGroupsReply, StreamMaxlen,
+    StreamReadOptions, StreamReadReply,
+};
+use redis::{AsyncCommands, Client, Value};
+use tokio::sync::Mutex;
+
+use super::{Delivery, EventLog, Lag, MAX_READ, check_payloads};
+use crate::error::{Error, Result};
+
+/// Entries a stream keeps (approximately, `MAXLEN ~`).
+pub const MAX_RETAINED: usize = 5_000_000;
+/// Longest a read blocks on the server.
+const MAX_BLOCK: Duration = Duration::from_secs(5);
+const FIELD: &str = "e";
+
+#[derive(Clone)]
+pub struct RedisEventLog {
+    commands: ConnectionManager,
+    /// One blocking reader at a time per process (consumers of one process take turns).
+    reader: std::sync::Arc<Mutex<ConnectionManager>>,
+}
+
+impl std::fmt::Debug for RedisEventLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisEventLog").finish_non_exhaustive()
+    }
+}
+
+fn key(stream: &str) -> String {
+    format!("ev:{{{stream}}}")
+}
+
+fn unavailable(err: redis::RedisError) -> Error {
+    Error::Unavailable(format!("event stream: {err}"))
+}
+
+fn deliveries(ids: Vec<StreamId>) -> Vec<Delivery> {
+    ids.into_iter()
+        .filter_map(|mut entry| match entry.map.remove(FIELD) {
+            Some(Value::BulkString(payload)) => Some(Delivery {
+                id: entry.id,
+                payload,
+            }),
+            _ => {
+                tracing::warn!(id = %entry.id, "event stream entry without a payload skipped");
+                None
+            }
+        })
+        .collect()
+}
+
+impl RedisEventLog {
+    /// Prepares the connections (opened on first use, reopened after a failure).
+    pub fn connect(url: &str) -> anyhow::Result<Self> {
+        let client = Client::open(url)?;
+        let base = || {
+            ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(2)))
+                .set_number_of_retries(2)
+                .set_min_delay(Duration::from_millis(20))
+                .set_max_delay(Duration::from_millis(500))
+        };
+        let commands = client.get_connection_manager_lazy(
+            base().set_response_timeout(Some(Duration::from_secs(2))),
+        )?;
+        let reader = client.get_connection_manager_lazy(
+            base().set_response_timeout(Some(MAX_BLOCK + Duration::from_secs(2))),
+        )?;
+        Ok(Self {
+            commands,
+            reader: std::sync::Arc::new(Mutex::new(reader)),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl EventLog for RedisEventLog {
+    async fn append(&self, stream: &str, payloads: &[Vec<u8>]) -> Result<()> {
+        check_payloads(payloads)?;
+        if payloads.is_empty() {
+            return Ok(());
+        }
+        let key = key(stream);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for p in payloads {
+            pipe.xadd_maxlen(
+                &key,
+                StreamMaxlen::Approx(MAX_RETAINED),
+                "*",
+                &[(FIELD, p.as_slice())],
+            )
+            .ignore();
+        }
+        let mut con = self.commands.clone();
+        let () = pipe.query_async(&mut con).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn create_group(&self, stream: &str, group: &str) -> Result<()> {
+        let mut con = self.commands.clone();
+        let created: redis::RedisResult<()> =
+            con.xgroup_create_mkstream(key(stream), group, "0").await;
+        match created {
+            Ok(()) => Ok(()),
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn read(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>> {
+        let max = max.clamp(1, MAX_READ);
+        let block = wait.min(MAX_BLOCK);
+        let options = StreamReadOptions::default()
+            .group(group, consumer)
+            .count(max)
+            .block(usize::try_from(block.as_millis()).unwrap_or(0).max(1));
+        let keys = [key(stream)];
+        let reply: Option<StreamReadReply> = if block.is_zero() {
+            let mut con = self.commands.clone();
+            con.xread_options(&keys, &[">"], &options.block(1))
+                .await
+                .map_err(unavailable)?
+        } else {
+            let mut con = self.reader.lock().await;
+            con.xread_options(&keys, &[">"], &options)
+                .await
+                .map_err(unavailable)?
+        };
+        Ok(reply
+            .map(|r| r.keys.into_iter().flat_map(|k| deliveries(k.ids)).collect())
+            .unwrap_or_default())
+    }
+
+    async fn ack(&self, stream: &str, group: &str, ids: &[String]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut con = self.commands.clone();
+        let _: usize = con
+            .xack(key(stream), group, ids)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn claim(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        max: usize,
+    ) -> Result<Vec<Delivery>> {
+        let max = max.clamp(1, MAX_READ);
+        let min_idle = u64::try_from(min_idle.as_millis()).unwrap_or(u64::MAX);
+        let mut con = self.commands.clone();
+        let mut start = "0-0".to_owned();
+        let mut out = Vec::new();
+        // XAUTOCLAIM scans a bounded part of the pending list per call: go on until the scan
+        // wraps around or enough entries were claimed.
+        for _ in 0..64 {
+            let reply: StreamAutoClaimReply = con
+                .xautoclaim_options(
+                    key(stream),
+                    group,
+                    consumer,
+                    min_idle,
+                    &start,
+                    StreamAutoClaimOptions::default().count(max - out.len()),
+                )
+                .await
+                .map_err(unavailable)?;
+            out.extend(deliveries(reply.claimed));
+            if reply.next_stream_id == "0-0" || out.len() >= max {
+                break;
+            }
+            start = reply.next_stream_id;
+        }
+        Ok(out)
+    }
+
+    async fn lag(&self, stream: &str, group: &str) -> Result<Lag> {
+        let mut con = self.commands.clone();
+        let info: StreamInfoGroupsReply = con.xinfo_groups(key(stream)).await.map_err(|e| {
+            if e.code() == Some("ERR") && e.to_string().contains("no such key") {
+                Error::NotFound(format!("no stream {stream:?}"))
+            } else {
+                unavailable(e)
+            }
+        })?;
+        let Some(g) = info.groups.into_iter().find(|g| g.name == group) else {
+            return Err(Error::NotFound(format!(
+                "no group {group:?} on stream {stream:?}"
+            )));
+        };
+        Ok(Lag {
+            // Redis leaves `lag` out when it cannot tell (after deletions); count as unknown 0.
+            undelivered: g.lag.unwrap_or(0) as u64,
+            pending: g.pending as u64,
+        })
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let mut con = self.commands.clone();
+        let _: String = redis::cmd("PING")
+            .query_async(&mut con)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
