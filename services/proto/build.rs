@@ -12,6 +12,7 @@ const FILES: &[&str] = &[
     "loyalty/promotion/v1/promotion.proto",
     "loyalty/segmentation/v1/segmentation.proto",
     "loyalty/reporting/v1/reporting.proto",
+    "loyalty/events/v1/events.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -38,3 +38,8 @@ pub mod reporting {
         include!(concat!(env!("OUT_DIR"), "/loyalty.reporting.v1.rs"));
     }
 }
+pub mod events {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/loyalty.events.v1.rs"));
+    }
+}

@@ -92,8 +92,8 @@ fn api_follows_buf_standard_rules() {
     let files = api_files();
     assert_eq!(
         files.len(),
-        6,
-        "one file per package: common and the five services"
+        7,
+        "one file per package: common, events and the five services"
     );
     let mut problems = Vec::new();
     let mut used: HashMap<String, String> = HashMap::new();
