@@ -8,6 +8,7 @@ use loyalty_platform::types::check_tenant;
 use rust_decimal::Decimal;
 
 use crate::evaluate::{Evaluation, MemberContext, evaluate};
+use crate::events::{Catalog, Events, purchase_event, refund_event};
 use crate::ports::{Members, Points};
 use crate::program::{MONEY_SCALE, Program, Rounding};
 use crate::purchase::{
@@ -41,6 +42,7 @@ pub struct Checkout {
     store: Arc<dyn PromotionStore>,
     members: Arc<dyn Members>,
     points: Arc<dyn Points>,
+    events: Arc<dyn Events>,
     clock: SharedClock,
 }
 
@@ -49,14 +51,46 @@ impl Checkout {
         store: Arc<dyn PromotionStore>,
         members: Arc<dyn Members>,
         points: Arc<dyn Points>,
+        events: Arc<dyn Events>,
         clock: SharedClock,
     ) -> Self {
         Self {
             store,
             members,
             points,
+            events,
             clock,
         }
+    }
+
+    /// (category, brand) of each line's product, for the events.
+    async fn catalog(&self, p: &Purchase) -> Result<Catalog> {
+        let skus: Vec<String> = p.receipt.lines.iter().map(|l| l.sku.clone()).collect();
+        let ctx = self
+            .store
+            .checkout_context(&p.receipt.tenant_id, &p.receipt.store_id, &skus)
+            .await?;
+        Ok(ctx
+            .products
+            .into_iter()
+            .map(|product| product.map(|p| (p.category, p.brand)).unwrap_or_default())
+            .collect())
+    }
+
+    /// Finishes the commit, then publishes the purchase before the caller is answered: a
+    /// caller that never got its answer retries, and the retry publishes again.
+    async fn committed(&self, p: Purchase) -> Result<Committed> {
+        let (committed, p) = self.finish_commit(p).await?;
+        let catalog = self.catalog(&p).await?;
+        self.events
+            .purchase_committed(purchase_event(
+                &p,
+                &catalog,
+                committed.commit_time,
+                committed.points_balance,
+            ))
+            .await?;
+        Ok(committed)
     }
 
     /// Reads what the receipt refers to and refuses unknown stores, products and codes.
@@ -133,7 +167,7 @@ impl Checkout {
                 .await?
             {
                 Some(p) if p.fingerprint != fp => return Err(receipt_reused(&receipt.receipt_id)),
-                Some(p) => return self.finish_commit(p).await,
+                Some(p) => return self.committed(p).await,
                 None => {
                     let program = self.program_for(&receipt).await?;
                     let member = self.member_context(&receipt).await?;
@@ -164,7 +198,7 @@ impl Checkout {
                         if matches!(purchase.state, PurchaseState::Committed { .. }) {
                             crate::counters::receipt_committed(&purchase.evaluation);
                         }
-                        return self.finish_commit(purchase).await;
+                        return self.committed(purchase).await;
                     }
                     // A concurrent commit of the same receipt id won; look again.
                 }
@@ -178,17 +212,18 @@ impl Checkout {
     /// Moves the points of a pending purchase and marks it committed. Every step is
     /// idempotent and depends only on the pending record and on replies the ledger stores
     /// under fixed keys, so any number of concurrent or later retries do the same thing.
-    async fn finish_commit(&self, mut p: Purchase) -> Result<Committed> {
+    async fn finish_commit(&self, mut p: Purchase) -> Result<(Committed, Purchase)> {
         if let PurchaseState::Committed {
             commit_time,
             points_balance,
         } = p.state
         {
-            return Ok(Committed {
-                evaluation: p.evaluation,
+            let committed = Committed {
+                evaluation: p.evaluation.clone(),
                 points_balance,
                 commit_time,
-            });
+            };
+            return Ok((committed, p));
         }
         let tenant = p.receipt.tenant_id.clone();
         let id = p.receipt.receipt_id.clone();
@@ -257,27 +292,21 @@ impl Checkout {
         p.version += 1;
         if self.store.put_purchase(&p, Some(expected)).await? {
             crate::counters::receipt_committed(&p.evaluation);
-            return Ok(Committed {
-                evaluation: p.evaluation,
+            let committed = Committed {
+                evaluation: p.evaluation.clone(),
                 points_balance: balance,
                 commit_time,
-            });
+            };
+            return Ok((committed, p));
         }
         // A concurrent retry finished first; answer what it recorded.
         match self.store.purchase(&tenant, &id).await? {
-            Some(Purchase {
-                state:
-                    PurchaseState::Committed {
-                        commit_time,
-                        points_balance,
-                    },
-                evaluation,
-                ..
-            }) => Ok(Committed {
-                evaluation,
-                points_balance,
-                commit_time,
-            }),
+            Some(
+                p @ Purchase {
+                    state: PurchaseState::Committed { .. },
+                    ..
+                },
+            ) => Box::pin(self.finish_commit(p)).await,
             _ => Err(Error::Unavailable(
                 "receipt is being committed concurrently; retry".into(),
             )),
@@ -333,7 +362,7 @@ impl Checkout {
                     )));
                 }
                 let existing = existing.clone();
-                return self.finish_refund(p, existing).await;
+                return self.refunded(p, existing).await;
             }
             if p.refunds.len() >= MAX_REFUNDS_PER_RECEIPT {
                 return Err(Error::FailedPrecondition(format!(
@@ -347,7 +376,7 @@ impl Checkout {
             p.refunds.push(refund.clone());
             p.version += 1;
             if self.store.put_purchase(&p, Some(expected)).await? {
-                return self.finish_refund(p, refund).await;
+                return self.refunded(p, refund).await;
             }
         }
         Err(Error::Unavailable(
@@ -355,13 +384,29 @@ impl Checkout {
         ))
     }
 
-    async fn finish_refund(&self, mut p: Purchase, refund: Refund) -> Result<Refunded> {
+    /// Finishes the refund, then publishes it before the caller is answered (a retry
+    /// publishes again).
+    async fn refunded(&self, p: Purchase, refund: Refund) -> Result<Refunded> {
+        let (refunded, p) = self.finish_refund(p, refund.clone()).await?;
+        let settled = Refund {
+            outcome: Some(refunded.outcome),
+            ..refund
+        };
+        let catalog = self.catalog(&p).await?;
+        self.events
+            .refund_committed(refund_event(&p, &settled, &catalog, self.clock.now_ms()))
+            .await?;
+        Ok(refunded)
+    }
+
+    async fn finish_refund(&self, mut p: Purchase, refund: Refund) -> Result<(Refunded, Purchase)> {
         if let Some(outcome) = refund.outcome {
-            return Ok(Refunded {
+            let refunded = Refunded {
                 refund_id: refund.refund_id,
                 refunded_amount: refund.refunded_amount,
                 outcome,
-            });
+            };
+            return Ok((refunded, p));
         }
         let tenant = p.receipt.tenant_id.clone();
         let id = p.receipt.receipt_id.clone();
@@ -423,11 +468,12 @@ impl Checkout {
             }
             p = self.purchase(&tenant, &id).await?;
         }
-        Ok(Refunded {
+        let refunded = Refunded {
             refund_id: refund.refund_id,
             refunded_amount: refund.refunded_amount,
             outcome,
-        })
+        };
+        Ok((refunded, p))
     }
 }
 
@@ -686,7 +732,13 @@ mod tests {
         let clock: SharedClock = Arc::new(ManualClock::at(1_000));
         (
             dir,
-            Checkout::new(store, Arc::new(OneMember), ledger, clock),
+            Checkout::new(
+                store,
+                Arc::new(OneMember),
+                ledger,
+                Arc::new(crate::events::NoEvents),
+                clock,
+            ),
         )
     }
 

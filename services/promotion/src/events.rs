@@ -1,0 +1,215 @@
+//! What promotion tells other services about purchases: one event per committed receipt and
+//! one per refund, published before the caller gets its answer. A retried commit or refund
+//! publishes again, so an acknowledged receipt is never missing from the stream; consumers
+//! deduplicate by the event id.
+
+use loyalty_platform::clock::Millis;
+use loyalty_platform::error::Result;
+use rust_decimal::Decimal;
+
+use crate::program::{MONEY_SCALE, Rounding};
+use crate::purchase::{Purchase, Refund};
+use loyalty_platform::types::Channel;
+
+/// One line as consumers see it: what was bought and what was paid for it in money.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineFact {
+    pub sku: String,
+    pub category: String,
+    pub brand: String,
+    pub quantity: Decimal,
+    pub paid: Decimal,
+    pub sale_price: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PurchaseEvent {
+    pub tenant_id: String,
+    pub receipt_id: String,
+    pub store_id: String,
+    pub channel: Channel,
+    pub member_id: Option<String>,
+    pub purchase_time: Millis,
+    pub commit_time: Millis,
+    pub lines: Vec<LineFact>,
+    pub gross: Decimal,
+    pub discount: Decimal,
+    pub paid: Decimal,
+    pub points_accrued: i64,
+    pub points_redeemed: i64,
+    pub points_balance: Option<i64>,
+    pub codes: Vec<String>,
+}
+
+impl PurchaseEvent {
+    pub fn event_id(&self) -> String {
+        format!("purchase/{}/{}", self.tenant_id, self.receipt_id)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundEvent {
+    pub tenant_id: String,
+    pub receipt_id: String,
+    pub refund_id: String,
+    pub store_id: String,
+    pub member_id: Option<String>,
+    pub purchase_time: Millis,
+    pub refund_time: Millis,
+    pub lines: Vec<LineFact>,
+    pub refunded: Decimal,
+    pub receipt_fully_refunded: bool,
+    pub points_reversed: i64,
+    pub points_returned: i64,
+}
+
+impl RefundEvent {
+    pub fn event_id(&self) -> String {
+        format!(
+            "refund/{}/{}/{}",
+            self.tenant_id, self.receipt_id, self.refund_id
+        )
+    }
+}
+
+/// Where events go. The wiring plugs in the event log (or nothing, in unit tests).
+#[async_trait::async_trait]
+pub trait Events: Send + Sync + std::fmt::Debug {
+    async fn purchase_committed(&self, event: PurchaseEvent) -> Result<()>;
+    async fn refund_committed(&self, event: RefundEvent) -> Result<()>;
+}
+
+/// Publishes nothing (unit tests of checkout alone).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoEvents;
+
+#[async_trait::async_trait]
+impl Events for NoEvents {
+    async fn purchase_committed(&self, _: PurchaseEvent) -> Result<()> {
+        Ok(())
+    }
+    async fn refund_committed(&self, _: RefundEvent) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// (category, brand) of each line's product, in line order; empty when unknown.
+pub type Catalog = Vec<(String, String)>;
+
+pub fn purchase_event(
+    p: &Purchase,
+    catalog: &Catalog,
+    commit_time: Millis,
+    points_balance: Option<i64>,
+) -> PurchaseEvent {
+    let e = &p.evaluation;
+    let lines = p
+        .receipt
+        .lines
+        .iter()
+        .enumerate()
+        .map(|(i, line)| {
+            let result = e.lines.iter().find(|l| l.line_id == line.line_id);
+            let (category, brand) = catalog.get(i).cloned().unwrap_or_default();
+            LineFact {
+                sku: line.sku.clone(),
+                category,
+                brand,
+                quantity: line.quantity,
+                paid: result.map_or(Decimal::ZERO, |l| l.net - l.paid_with_points),
+                sale_price: line.sale_price,
+            }
+        })
+        .collect();
+    PurchaseEvent {
+        tenant_id: p.receipt.tenant_id.clone(),
+        receipt_id: p.receipt.receipt_id.clone(),
+        store_id: p.receipt.store_id.clone(),
+        channel: p.receipt.channel,
+        member_id: e.member.as_ref().map(|m| m.member_id.clone()),
+        purchase_time: p.receipt.purchase_time.unwrap_or(p.evaluated_at),
+        commit_time,
+        lines,
+        gross: e.gross,
+        discount: e.discount,
+        paid: e.amount_due,
+        points_accrued: e.points_accrued,
+        points_redeemed: e.points_redeemed,
+        points_balance,
+        codes: p.receipt.codes.clone(),
+    }
+}
+
+/// The refund's event. `p` holds the refund (with its outcome) among its refunds.
+pub fn refund_event(p: &Purchase, refund: &Refund, catalog: &Catalog, now: Millis) -> RefundEvent {
+    let e = &p.evaluation;
+    // Quantities refunded by the refunds recorded before this one, per line.
+    let earlier: Vec<&Refund> = p
+        .refunds
+        .iter()
+        .take_while(|r| r.refund_id != refund.refund_id)
+        .collect();
+    let mut lines = Vec::new();
+    for (line_id, qty) in &refund.lines {
+        let Some(i) = p.receipt.lines.iter().position(|l| &l.line_id == line_id) else {
+            continue;
+        };
+        let Some(result) = e.lines.iter().find(|l| &l.line_id == line_id) else {
+            continue;
+        };
+        let before: Decimal = earlier
+            .iter()
+            .flat_map(|r| r.lines.iter())
+            .filter(|(id, _)| id == line_id)
+            .map(|(_, q)| *q)
+            .sum();
+        let paid = result.net - result.paid_with_points;
+        let money = |q: Decimal| Rounding::Down.apply(paid * q / result.quantity, MONEY_SCALE);
+        let (category, brand) = catalog.get(i).cloned().unwrap_or_default();
+        lines.push(LineFact {
+            sku: result.sku.clone(),
+            category,
+            brand,
+            quantity: *qty,
+            paid: money(before + qty) - money(before),
+            sale_price: p.receipt.lines[i].sale_price,
+        });
+    }
+    // Fully refunded with this refund: every line is refunded in full counting the refunds
+    // up to and including this one, and was not before it.
+    let refunded_through = |refunds: &[&Refund], line_id: &str| -> Decimal {
+        refunds
+            .iter()
+            .flat_map(|r| r.lines.iter())
+            .filter(|(id, _)| id == line_id)
+            .map(|(_, q)| *q)
+            .sum()
+    };
+    let mut through: Vec<&Refund> = earlier.clone();
+    through.push(refund);
+    let full = |refunds: &[&Refund]| {
+        e.lines
+            .iter()
+            .all(|l| refunded_through(refunds, &l.line_id) >= l.quantity)
+    };
+    let outcome = refund.outcome.unwrap_or(crate::purchase::RefundOutcome {
+        points_reversed: 0,
+        points_unrecovered: 0,
+        points_returned: 0,
+        points_balance: 0,
+    });
+    RefundEvent {
+        tenant_id: p.receipt.tenant_id.clone(),
+        receipt_id: p.receipt.receipt_id.clone(),
+        refund_id: refund.refund_id.clone(),
+        store_id: p.receipt.store_id.clone(),
+        member_id: e.member.as_ref().map(|m| m.member_id.clone()),
+        purchase_time: p.receipt.purchase_time.unwrap_or(p.evaluated_at),
+        refund_time: now,
+        lines,
+        refunded: refund.refunded_amount,
+        receipt_fully_refunded: full(&through) && !full(&earlier),
+        points_reversed: outcome.points_reversed,
+        points_returned: outcome.points_returned,
+    }
+}
