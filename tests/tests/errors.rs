@@ -237,7 +237,7 @@ async fn not_found_already_exists_failed_precondition_unimplemented() {
     let channel = server.channel().await;
     let mut segments = loyalty_proto::segmentation::v1::segmentation_service_client::SegmentationServiceClient::new(channel.clone());
     let err = segments
-        .get_member_segments(loyalty_proto::segmentation::v1::GetMemberSegmentsRequest::default())
+        .get_member_rfm(loyalty_proto::segmentation::v1::GetMemberRfmRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);

@@ -17,10 +17,16 @@ use loyalty_identity::Identity;
 use loyalty_identity::store::embedded::EmbeddedIdentityStore;
 use loyalty_platform::clock::SharedClock;
 use loyalty_platform::config::{Backend, BalanceSettings, Config};
+use loyalty_platform::events::redis::RedisEventLog;
+use loyalty_platform::events::{EmbeddedEventLog, SharedEventLog};
 use loyalty_platform::server::{HealthCheck, HealthEntry};
 use loyalty_promotion::ports::{Members, Points};
+use loyalty_promotion::publish::LogEvents;
 use loyalty_promotion::store::embedded::EmbeddedPromotionStore;
 use loyalty_promotion::{Admin, Checkout};
+use loyalty_segmentation::Segmentation;
+use loyalty_segmentation::store::SegmentationStore;
+use loyalty_segmentation::store::embedded::EmbeddedSegmentationStore;
 use tonic::service::Routes;
 use tonic::transport::Endpoint;
 
@@ -106,6 +112,16 @@ pub struct Node {
     pub redis_balances: Option<RedisBalanceStore>,
     pub checkout: Option<Checkout>,
     pub admin: Option<Admin>,
+}
+
+/// This process's name in consumer groups: the host (the pod's name on Kubernetes) and pid.
+fn consumer_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "loyalty".into());
+    format!("{host}-{}", std::process::id())
 }
 
 struct Check<F>(F);
@@ -252,6 +268,28 @@ pub async fn build(
         None
     };
 
+    // The event stream between promotion (producer) and segmentation (consumer): an embedded
+    // log in dev mode, Redis Streams on the Redis backends.
+    let events: Option<SharedEventLog> =
+        if runs(ServiceName::Promotion) || runs(ServiceName::Segmentation) {
+            Some(match config.storage.backend {
+                Backend::Embedded => Arc::new(EmbeddedEventLog::open(&dir.join("events.redb"))?),
+                Backend::Redis | Backend::Scylla => Arc::new(
+                    RedisEventLog::connect(&config.storage.redis.url)
+                        .context("bad configuration: `storage.redis.url` (the event stream)")?,
+                ),
+            })
+        } else {
+            None
+        };
+    if config.storage.backend == Backend::Embedded
+        && runs(ServiceName::Promotion) != runs(ServiceName::Segmentation)
+    {
+        tracing::warn!(
+            "the embedded event log is local to this process: purchases reach segmentation only when both run in one process (use the redis backend to split them)"
+        );
+    }
+
     let (checkout, admin) = if runs(ServiceName::Promotion) {
         let store: Arc<dyn loyalty_promotion::store::PromotionStore> =
             Arc::new(loyalty_promotion::store::traced::Traced::new(
@@ -274,10 +312,14 @@ pub async fn build(
                 &config.peers.balance,
             )?)),
         };
+        let log = events
+            .clone()
+            .context("the event log is opened for promotion")?;
         let checkout = Checkout::new(
             store.clone(),
             members.clone(),
             points.clone(),
+            Arc::new(LogEvents::new(log.clone())),
             clock.clone(),
         );
         let admin = Admin::new(store.clone(), clock.clone());
@@ -285,13 +327,15 @@ pub async fn build(
         // Checkout cannot serve without its store and both peers.
         health.push(entry(loyalty_promotion::grpc::SERVICE_NAMES, move || {
             let (store, members, points) = (store.clone(), members.clone(), points.clone());
+            let log = log.clone();
             async move {
                 store
                     .ping()
                     .await
                     .map_err(|e| format!("promotion store: {e}"))?;
                 members.ping().await.map_err(|e| format!("identity: {e}"))?;
-                points.ping().await.map_err(|e| format!("balance: {e}"))
+                points.ping().await.map_err(|e| format!("balance: {e}"))?;
+                log.ping().await.map_err(|e| format!("event stream: {e}"))
             }
         }));
         (Some(checkout), Some(admin))
@@ -300,10 +344,37 @@ pub async fn build(
     };
 
     if runs(ServiceName::Segmentation) {
-        routes = loyalty_segmentation::add_routes(routes, max);
-        health.push(entry(loyalty_segmentation::SERVICE_NAMES, || async {
-            Ok(())
+        let store: Arc<dyn SegmentationStore> = Arc::new(EmbeddedSegmentationStore::open(
+            &dir.join("segmentation.redb"),
+        )?);
+        let segmentation = Segmentation::new(store.clone(), clock.clone());
+        routes = loyalty_segmentation::add_routes(routes, segmentation.clone(), max);
+        let log = events
+            .clone()
+            .context("the event log is opened for segmentation")?;
+        let probe = log.clone();
+        health.push(entry(loyalty_segmentation::SERVICE_NAMES, move || {
+            let (store, log) = (store.clone(), probe.clone());
+            async move {
+                store
+                    .ping()
+                    .await
+                    .map_err(|e| format!("segmentation store: {e}"))?;
+                log.ping().await.map_err(|e| format!("event stream: {e}"))
+            }
         }));
+        tokio::spawn(loyalty_segmentation::consumer::run(
+            segmentation.clone(),
+            log,
+            consumer_name(),
+        ));
+        let every = config.segmentation.reevaluate_interval_ms;
+        if every > 0 {
+            tokio::spawn(loyalty_segmentation::consumer::schedule(
+                segmentation.clone(),
+                std::time::Duration::from_millis(every),
+            ));
+        }
     }
     if runs(ServiceName::Reporting) {
         routes = loyalty_reporting::add_routes(routes, max);

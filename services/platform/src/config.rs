@@ -26,6 +26,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub identity: IdentitySettings,
     pub balance: BalanceSettings,
+    pub segmentation: SegmentationSettings,
 }
 
 impl Default for Config {
@@ -40,6 +41,23 @@ impl Default for Config {
             storage: StorageConfig::default(),
             identity: IdentitySettings::default(),
             balance: BalanceSettings::default(),
+            segmentation: SegmentationSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SegmentationSettings {
+    /// How often segments whose truth moves with time alone ("bought in the last 30 days")
+    /// are re-evaluated for every member; 0 turns the schedule off in this process.
+    pub reevaluate_interval_ms: u64,
+}
+
+impl Default for SegmentationSettings {
+    fn default() -> Self {
+        Self {
+            reevaluate_interval_ms: 300_000,
         }
     }
 }

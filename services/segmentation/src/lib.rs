@@ -1,27 +1,17 @@
-//! The segmentation service. Its API v1 is served so clients can be generated and wired now; every
-//! RPC answers UNIMPLEMENTED until the service's own issue lands. It has no storage yet,
-//! so it has no dependency whose health could fail.
+//! The segmentation service: member features maintained from purchase events, dynamic
+//! segments as predicates over them (`expr`), static segments, and membership answered at
+//! the POS with one read.
+//!
+//! `calendar`, `features` and `expr` are the pure domain; `service` orchestrates it over the
+//! `store` trait; `consumer` (the event stream) and `grpc` are adapters.
 
-use loyalty_proto::segmentation::v1::segmentation_service_server::{
-    SegmentationService, SegmentationServiceServer,
-};
+pub mod calendar;
+pub mod consumer;
+pub mod expr;
+pub mod features;
+pub mod grpc;
+pub mod service;
+pub mod store;
 
-pub const SERVICE_NAMES: &[&str] = &["loyalty.segmentation.v1.SegmentationService"];
-
-#[derive(Debug, Clone, Default)]
-struct Api;
-
-/// Every RPC answers UNIMPLEMENTED (the generated default).
-#[tonic::async_trait]
-impl SegmentationService for Api {}
-
-pub fn add_routes(
-    routes: tonic::service::Routes,
-    max_message_bytes: usize,
-) -> tonic::service::Routes {
-    routes.add_service(
-        SegmentationServiceServer::new(Api)
-            .max_decoding_message_size(max_message_bytes)
-            .max_encoding_message_size(max_message_bytes),
-    )
-}
+pub use grpc::{SERVICE_NAMES, add_routes};
+pub use service::Segmentation;

@@ -1,0 +1,151 @@
+//! The adapter from the event stream to the segmentation core: reads the purchase stream in
+//! the `segmentation` consumer group, applies each batch (deduplicated by event id, durable),
+//! and only then acknowledges it. Entries a dead consumer left pending are claimed after
+//! [`CLAIM_IDLE`]. Also runs the scheduled re-evaluation of time-relative segments.
+
+use std::time::Duration;
+
+use loyalty_platform::clock::Millis;
+use loyalty_platform::events::{Delivery, PURCHASES, SharedEventLog};
+use loyalty_platform::grpc::millis;
+use loyalty_proto::events::v1 as pb;
+use prost::Message;
+use rust_decimal::Decimal;
+
+use crate::features::{PurchaseFacts, RefundFacts};
+use crate::service::Segmentation;
+use crate::store::{Change, FeatureChange};
+
+pub const GROUP: &str = "segmentation";
+/// Entries pending this long are taken over from their consumer.
+pub const CLAIM_IDLE: Duration = Duration::from_secs(30);
+const BATCH: usize = 500;
+
+fn dec(d: &Option<loyalty_proto::common::v1::Decimal>) -> Decimal {
+    d.as_ref()
+        .and_then(|d| d.value.parse().ok())
+        .unwrap_or_default()
+}
+
+fn time(t: &Option<prost_types::Timestamp>, or: Millis) -> Millis {
+    t.as_ref().map_or(or, millis)
+}
+
+fn lines(lines: &[pb::Line]) -> Vec<(String, String, Decimal)> {
+    lines
+        .iter()
+        .map(|l| (l.category.clone(), l.brand.clone(), dec(&l.paid)))
+        .collect()
+}
+
+/// The feature change an event carries; None for events about no member (anonymous
+/// receipts) and for payloads this version does not understand (logged, then skipped).
+pub fn decode(payload: &[u8]) -> Option<FeatureChange> {
+    let event = match pb::Event::decode(payload) {
+        Ok(e) => e,
+        Err(err) => {
+            tracing::warn!(error = %err, "undecodable event skipped");
+            return None;
+        }
+    };
+    let event_time = time(&event.event_time, 0);
+    let (member_id, change) = match event.kind? {
+        pb::event::Kind::Purchase(p) => (
+            p.member_id.clone(),
+            Change::Purchase(PurchaseFacts {
+                time: time(&p.purchase_time, event_time),
+                store_id: p.store_id.clone(),
+                paid: dec(&p.paid),
+                lines: lines(&p.lines),
+                points_balance: p.points_balance,
+            }),
+        ),
+        pb::event::Kind::Refund(r) => (
+            r.member_id.clone(),
+            Change::Refund(RefundFacts {
+                purchase_time: time(&r.purchase_time, event_time),
+                store_id: r.store_id.clone(),
+                refunded: dec(&r.refunded),
+                lines: lines(&r.lines),
+                receipt_fully_refunded: r.receipt_fully_refunded,
+            }),
+        ),
+    };
+    if member_id.is_empty() || event.event_id.is_empty() || event.tenant_id.is_empty() {
+        return None;
+    }
+    Some(FeatureChange {
+        tenant_id: event.tenant_id,
+        event_id: event.event_id,
+        member_id,
+        change,
+    })
+}
+
+/// Applies one batch; the caller acknowledges it after this returns Ok.
+pub async fn apply_batch(
+    segmentation: &Segmentation,
+    batch: &[Delivery],
+) -> loyalty_platform::error::Result<()> {
+    let changes: Vec<FeatureChange> = batch.iter().filter_map(|d| decode(&d.payload)).collect();
+    segmentation.apply(changes).await?;
+    Ok(())
+}
+
+/// Consumes the purchase stream for as long as the process runs. Stopping at any point is
+/// safe: a batch is acknowledged only after its effect is durable, so one cut short is
+/// delivered again (and deduplicated).
+pub async fn run(segmentation: Segmentation, log: SharedEventLog, consumer: String) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match step(&segmentation, &log, &consumer).await {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(err) => {
+                tracing::warn!(error = %err, "event consumer step failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn step(
+    segmentation: &Segmentation,
+    log: &SharedEventLog,
+    consumer: &str,
+) -> loyalty_platform::error::Result<()> {
+    log.create_group(PURCHASES, GROUP).await?;
+    let mut batch = log
+        .claim(PURCHASES, GROUP, consumer, CLAIM_IDLE, BATCH)
+        .await?;
+    if batch.is_empty() {
+        batch = log
+            .read(PURCHASES, GROUP, consumer, BATCH, Duration::from_secs(1))
+            .await?;
+    }
+    if batch.is_empty() {
+        return Ok(());
+    }
+    apply_batch(segmentation, &batch).await?;
+    let ids: Vec<String> = batch.into_iter().map(|d| d.id).collect();
+    log.ack(PURCHASES, GROUP, &ids).await?;
+    if let Ok(lag) = log.lag(PURCHASES, GROUP).await {
+        metrics::gauge!("loyalty_event_stream_lag", "stream" => PURCHASES, "group" => GROUP)
+            .set(lag.undelivered as f64 + lag.pending as f64);
+    }
+    Ok(())
+}
+
+/// Re-evaluates time-relative segments every `every`, for as long as the process runs.
+pub async fn schedule(segmentation: Segmentation, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        match segmentation.reevaluate_time_dependent().await {
+            Ok(changed) if changed > 0 => {
+                tracing::info!(changed, "time-relative segments re-evaluated");
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(error = %err, "re-evaluating segments failed"),
+        }
+    }
+}

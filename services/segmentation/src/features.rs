@@ -1,0 +1,347 @@
+//! A member's features, maintained incrementally from purchase and refund events.
+//!
+//! Every aggregate is a sum, a minimum or a maximum, so applying the same set of events in any
+//! order gives the same features; redelivery is handled before this (an event applies at most
+//! once per member, see `store`). Window figures (30/90/365 days, the previous calendar year)
+//! are computed at read time from per-day totals, so they stay true as time passes without any
+//! event arriving.
+
+use std::collections::BTreeMap;
+
+use loyalty_platform::clock::{DAY_MS, Millis};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use crate::calendar::{self, Day};
+
+/// Per-day totals are kept for this many days back from the newest purchase (enough for the
+/// 365-day window and the whole previous calendar year).
+pub const DAYS_KEPT: i64 = 800;
+/// At most this many categories, brands or stores are tracked per member; past it, the ones
+/// with the oldest last purchase are dropped.
+pub const MAX_AFFINITIES: usize = 512;
+
+/// The windows the features answer, in days.
+pub const WINDOWS: [i64; 3] = [30, 90, 365];
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    /// Receipts (a fully refunded receipt counts −1 on its purchase day).
+    pub count: i64,
+    /// Paid amount in money, net of refunds.
+    pub spend: Decimal,
+}
+
+impl Totals {
+    fn add(&mut self, other: Totals) {
+        self.count += other.count;
+        self.spend += other.spend;
+    }
+}
+
+/// What a member bought in one category, brand or store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Affinity {
+    pub first: Millis,
+    pub last: Millis,
+    /// Net of refunds.
+    pub spend: Decimal,
+    /// Receipts with at least one line of it.
+    pub receipts: i64,
+}
+
+/// The member-data part of the features (from member events).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberData {
+    pub registered_at: Option<Millis>,
+    /// (month, day), and the year when known.
+    pub birthday: Option<(u32, u32, Option<i32>)>,
+    pub consents: Consents,
+    pub questionnaire_complete: bool,
+    pub referred: bool,
+    pub tier_id: String,
+    /// The version of the member record these came from (newer wins).
+    pub version: i64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consents {
+    pub sms: bool,
+    pub email: bool,
+    pub push: bool,
+    pub messenger: bool,
+}
+
+impl Consents {
+    pub fn any(&self) -> bool {
+        self.sms || self.email || self.push || self.messenger
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Features {
+    pub first_purchase: Option<Millis>,
+    pub last_purchase: Option<Millis>,
+    pub total: Totals,
+    /// Per-day totals by purchase day (UTC), pruned to `DAYS_KEPT`.
+    pub days: BTreeMap<Day, Totals>,
+    pub categories: BTreeMap<String, Affinity>,
+    pub brands: BTreeMap<String, Affinity>,
+    pub stores: BTreeMap<String, Affinity>,
+    /// Active points after the member's latest receipt, and when that was.
+    pub points_balance: i64,
+    pub points_balance_at: Millis,
+    pub member: MemberData,
+}
+
+/// One receipt's contribution, as the purchase event tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PurchaseFacts {
+    pub time: Millis,
+    pub store_id: String,
+    /// Paid amount of the receipt.
+    pub paid: Decimal,
+    /// (category, brand, paid) per line.
+    pub lines: Vec<(String, String, Decimal)>,
+    pub points_balance: Option<i64>,
+}
+
+/// A refund's contribution: amounts come off the original purchase's day.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundFacts {
+    pub purchase_time: Millis,
+    pub store_id: String,
+    pub refunded: Decimal,
+    /// (category, brand, refunded) per line.
+    pub lines: Vec<(String, String, Decimal)>,
+    /// The receipt is refunded in full with this refund: it stops counting as a purchase.
+    pub receipt_fully_refunded: bool,
+}
+
+fn touch(
+    map: &mut BTreeMap<String, Affinity>,
+    key: &str,
+    time: Millis,
+    spend: Decimal,
+    receipt: i64,
+) {
+    if key.is_empty() {
+        return;
+    }
+    match map.get_mut(key) {
+        Some(a) => {
+            a.first = a.first.min(time);
+            a.last = a.last.max(time);
+            a.spend += spend;
+            a.receipts += receipt;
+        }
+        None => {
+            map.insert(
+                key.to_owned(),
+                Affinity {
+                    first: time,
+                    last: time,
+                    spend,
+                    receipts: receipt,
+                },
+            );
+        }
+    }
+}
+
+fn bound(map: &mut BTreeMap<String, Affinity>) {
+    while map.len() > MAX_AFFINITIES {
+        let oldest = map
+            .iter()
+            .min_by_key(|(k, a)| (a.last, (*k).clone()))
+            .map(|(k, _)| k.clone());
+        match oldest {
+            Some(k) => {
+                map.remove(&k);
+            }
+            None => break,
+        }
+    }
+}
+
+impl Features {
+    pub fn apply_purchase(&mut self, p: &PurchaseFacts) {
+        self.first_purchase = Some(self.first_purchase.map_or(p.time, |t| t.min(p.time)));
+        self.last_purchase = Some(self.last_purchase.map_or(p.time, |t| t.max(p.time)));
+        let one = Totals {
+            count: 1,
+            spend: p.paid,
+        };
+        self.total.add(one);
+        self.days
+            .entry(calendar::day_of(p.time))
+            .or_default()
+            .add(one);
+        touch(&mut self.stores, &p.store_id, p.time, p.paid, 1);
+        let mut categories: BTreeMap<&str, Decimal> = BTreeMap::new();
+        let mut brands: BTreeMap<&str, Decimal> = BTreeMap::new();
+        for (category, brand, paid) in &p.lines {
+            *categories.entry(category).or_default() += *paid;
+            *brands.entry(brand).or_default() += *paid;
+        }
+        for (c, spend) in categories {
+            touch(&mut self.categories, c, p.time, spend, 1);
+        }
+        for (b, spend) in brands {
+            touch(&mut self.brands, b, p.time, spend, 1);
+        }
+        if let Some(balance) = p.points_balance
+            && p.time >= self.points_balance_at
+        {
+            self.points_balance = balance;
+            self.points_balance_at = p.time;
+        }
+        self.prune();
+    }
+
+    pub fn apply_refund(&mut self, r: &RefundFacts) {
+        let minus = Totals {
+            count: if r.receipt_fully_refunded { -1 } else { 0 },
+            spend: -r.refunded,
+        };
+        self.total.add(minus);
+        self.days
+            .entry(calendar::day_of(r.purchase_time))
+            .or_default()
+            .add(minus);
+        let receipt = minus.count;
+        touch(
+            &mut self.stores,
+            &r.store_id,
+            r.purchase_time,
+            -r.refunded,
+            receipt,
+        );
+        for (category, brand, refunded) in &r.lines {
+            touch(
+                &mut self.categories,
+                category,
+                r.purchase_time,
+                -*refunded,
+                0,
+            );
+            touch(&mut self.brands, brand, r.purchase_time, -*refunded, 0);
+        }
+        self.prune();
+    }
+
+    /// Drops per-day totals older than `DAYS_KEPT` before the newest day, and bounds the
+    /// affinity maps. Depends only on the set of events, not their order: the newest day is a
+    /// maximum.
+    fn prune(&mut self) {
+        if let Some((&newest, _)) = self.days.last_key_value() {
+            let keep_from = newest - DAYS_KEPT;
+            self.days = self.days.split_off(&keep_from);
+        }
+        bound(&mut self.categories);
+        bound(&mut self.brands);
+        bound(&mut self.stores);
+    }
+
+    /// Receipts and spend over the last `days` days up to `now` (today included).
+    pub fn window(&self, days: i64, now: Millis) -> Totals {
+        let today = calendar::day_of(now);
+        let mut out = Totals::default();
+        for (_, t) in self.days.range(today - days + 1..=today) {
+            out.add(*t);
+        }
+        out
+    }
+
+    /// Receipts and spend in the previous calendar year (UTC).
+    pub fn previous_year(&self, now: Millis) -> Totals {
+        let (year, _, _) = calendar::civil(calendar::day_of(now));
+        let from = calendar::day_from_civil(year - 1, 1, 1);
+        let to = calendar::day_from_civil(year, 1, 1);
+        let mut out = Totals::default();
+        for (_, t) in self.days.range(from..to) {
+            out.add(*t);
+        }
+        out
+    }
+
+    /// Spend per receipt over all time (zero without receipts), rounded to cents.
+    pub fn average_check(&self) -> Decimal {
+        if self.total.count <= 0 {
+            return Decimal::ZERO;
+        }
+        (self.total.spend / Decimal::from(self.total.count)).round_dp(2)
+    }
+
+    /// Whole days since `time` at `now` (negative in the future).
+    pub fn days_since(time: Millis, now: Millis) -> i64 {
+        (now - time).div_euclid(DAY_MS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: Millis = 1_700_000_000_000; // 2023-11-14
+
+    fn purchase(time: Millis, paid: i64, category: &str) -> PurchaseFacts {
+        PurchaseFacts {
+            time,
+            store_id: "s1".into(),
+            paid: Decimal::from(paid),
+            lines: vec![(category.into(), "b".into(), Decimal::from(paid))],
+            points_balance: None,
+        }
+    }
+
+    #[test]
+    fn windows_move_with_time() {
+        let mut f = Features::default();
+        f.apply_purchase(&purchase(T0, 100, "c"));
+        f.apply_purchase(&purchase(T0 - 40 * DAY_MS, 50, "c"));
+        assert_eq!(f.window(30, T0).count, 1);
+        assert_eq!(f.window(90, T0).spend, Decimal::from(150));
+        assert_eq!(f.window(30, T0 + 31 * DAY_MS).count, 0);
+        assert_eq!(f.average_check(), Decimal::from(75));
+    }
+
+    #[test]
+    fn order_does_not_matter() {
+        let events = [
+            purchase(T0, 100, "a"),
+            purchase(T0 + DAY_MS, 20, "b"),
+            purchase(T0 - 900 * DAY_MS, 7, "a"),
+        ];
+        let refund = RefundFacts {
+            purchase_time: T0,
+            store_id: "s1".into(),
+            refunded: Decimal::from(100),
+            lines: vec![("a".into(), "b".into(), Decimal::from(100))],
+            receipt_fully_refunded: true,
+        };
+        let mut forward = Features::default();
+        for e in &events {
+            forward.apply_purchase(e);
+        }
+        forward.apply_refund(&refund);
+        let mut backward = Features::default();
+        backward.apply_refund(&refund);
+        for e in events.iter().rev() {
+            backward.apply_purchase(e);
+        }
+        assert_eq!(forward, backward);
+        assert_eq!(forward.total.count, 2);
+        assert_eq!(forward.window(30, T0 + DAY_MS).spend, Decimal::from(20));
+    }
+
+    #[test]
+    fn previous_calendar_year() {
+        let mut f = Features::default();
+        let jan_2023 = calendar::day_from_civil(2023, 1, 5) * DAY_MS;
+        f.apply_purchase(&purchase(jan_2023, 10, "c"));
+        let in_2024 = calendar::day_from_civil(2024, 3, 1) * DAY_MS;
+        assert_eq!(f.previous_year(in_2024).spend, Decimal::from(10));
+        assert_eq!(f.previous_year(jan_2023).spend, Decimal::ZERO);
+    }
+}

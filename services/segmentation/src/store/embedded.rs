@@ -1,0 +1,469 @@
+//! The segmentation store on redb (`segmentation.redb`).
+//!
+//! Features, applied event ids, segments and memberships of a change go in one transaction,
+//! so an event's effect and the record that it was applied can never part.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use loyalty_platform::clock::Millis;
+use loyalty_platform::embedded::{
+    EmbeddedDb, Records, get_record, key, open_for_read, prefix_range, put_record, read_record,
+    storage_error as e,
+};
+use loyalty_platform::error::Result;
+use redb::{ReadableTable, TableDefinition};
+
+use super::{
+    Change, DEDUP_WINDOW_MS, FeatureChange, MembershipChange, SegmentDef, SegmentationStore,
+};
+use crate::features::Features;
+
+/// (tenant, member) → features.
+const FEATURES: Records = TableDefinition::new("features");
+/// (tenant, event id) → when it was applied.
+const APPLIED: TableDefinition<&str, i64> = TableDefinition::new("applied_events");
+/// (applied at, tenant, event id), to forget old ids in order.
+const APPLIED_BY_TIME: TableDefinition<&str, ()> = TableDefinition::new("applied_by_time");
+/// (tenant, segment) → definition.
+const SEGMENTS: Records = TableDefinition::new("segments");
+/// (tenant, member) → the member's segment ids.
+const MEMBERSHIP: Records = TableDefinition::new("membership");
+/// (tenant, segment, member) → ().
+const SEGMENT_MEMBERS: TableDefinition<&str, ()> = TableDefinition::new("segment_members");
+/// (tenant, segment) → member count.
+const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("segment_counts");
+/// (tenant, member, time, segment) → entered.
+const HISTORY: TableDefinition<&str, bool> = TableDefinition::new("membership_history");
+
+/// Most history entries kept per member (the oldest go first).
+const MAX_HISTORY: usize = 1000;
+
+#[derive(Debug, Clone)]
+pub struct EmbeddedSegmentationStore {
+    db: EmbeddedDb,
+}
+
+impl EmbeddedSegmentationStore {
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        Ok(Self {
+            db: EmbeddedDb::open(path)?,
+        })
+    }
+}
+
+fn padded(ms: Millis) -> String {
+    format!("{:020}", ms.max(0))
+}
+
+/// Sets one membership flag inside a write transaction; true when it changed.
+fn set_one(
+    txn: &redb::WriteTransaction,
+    tenant: &str,
+    member: &str,
+    segment: &str,
+    is_member: bool,
+    now: Millis,
+) -> Result<bool> {
+    let mut index = txn.open_table(SEGMENT_MEMBERS).map_err(e)?;
+    let k = key(&[tenant, segment, member]);
+    let was = index.get(k.as_str()).map_err(e)?.is_some();
+    if was == is_member {
+        return Ok(false);
+    }
+    let mut counts = txn.open_table(COUNTS).map_err(e)?;
+    let ck = key(&[tenant, segment]);
+    let count = counts.get(ck.as_str()).map_err(e)?.map_or(0, |v| v.value());
+    let mut membership = txn.open_table(MEMBERSHIP).map_err(e)?;
+    let mk = key(&[tenant, member]);
+    let mut segments: BTreeSet<String> = get_record(&membership, &mk)?.unwrap_or_default();
+    if is_member {
+        index.insert(k.as_str(), ()).map_err(e)?;
+        counts.insert(ck.as_str(), count + 1).map_err(e)?;
+        segments.insert(segment.to_owned());
+    } else {
+        index.remove(k.as_str()).map_err(e)?;
+        counts
+            .insert(ck.as_str(), count.saturating_sub(1))
+            .map_err(e)?;
+        segments.remove(segment);
+    }
+    if segments.is_empty() {
+        membership.remove(mk.as_str()).map_err(e)?;
+    } else {
+        put_record(&mut membership, &mk, &segments)?;
+    }
+    let mut history = txn.open_table(HISTORY).map_err(e)?;
+    history
+        .insert(
+            key(&[tenant, member, &padded(now), segment]).as_str(),
+            is_member,
+        )
+        .map_err(e)?;
+    // Bound the member's history.
+    let (start, end) = prefix_range(&[tenant, member]);
+    let extra = history
+        .range(start.as_str()..end.as_str())
+        .map_err(e)?
+        .count()
+        .saturating_sub(MAX_HISTORY);
+    if extra > 0 {
+        let oldest: Vec<String> = history
+            .range(start.as_str()..end.as_str())
+            .map_err(e)?
+            .take(extra)
+            .filter_map(|r| r.ok().map(|(k, _)| k.value().to_owned()))
+            .collect();
+        for k in oldest {
+            history.remove(k.as_str()).map_err(e)?;
+        }
+    }
+    Ok(true)
+}
+
+#[async_trait::async_trait]
+impl SegmentationStore for EmbeddedSegmentationStore {
+    async fn apply_changes(
+        &self,
+        changes: Vec<FeatureChange>,
+        now: Millis,
+    ) -> Result<Vec<(String, String)>> {
+        self.db
+            .write(move |txn| {
+                let mut applied = txn.open_table(APPLIED).map_err(e)?;
+                let mut by_time = txn.open_table(APPLIED_BY_TIME).map_err(e)?;
+                let mut features = txn.open_table(FEATURES).map_err(e)?;
+                let mut changed = BTreeSet::new();
+                for c in &changes {
+                    let ak = key(&[&c.tenant_id, &c.event_id]);
+                    if applied.get(ak.as_str()).map_err(e)?.is_some() {
+                        continue;
+                    }
+                    applied.insert(ak.as_str(), now).map_err(e)?;
+                    by_time
+                        .insert(key(&[&padded(now), &c.tenant_id, &c.event_id]).as_str(), ())
+                        .map_err(e)?;
+                    let fk = key(&[&c.tenant_id, &c.member_id]);
+                    let mut f: Features = get_record(&features, &fk)?.unwrap_or_default();
+                    match &c.change {
+                        Change::Purchase(p) => f.apply_purchase(p),
+                        Change::Refund(r) => f.apply_refund(r),
+                    }
+                    put_record(&mut features, &fk, &f)?;
+                    changed.insert((c.tenant_id.clone(), c.member_id.clone()));
+                }
+                // Forget ids older than the window, a bounded number per call.
+                let horizon = padded(now - DEDUP_WINDOW_MS);
+                let old: Vec<String> = by_time
+                    .range(..horizon.as_str())
+                    .map_err(e)?
+                    .take(1000)
+                    .filter_map(|r| r.ok().map(|(k, _)| k.value().to_owned()))
+                    .collect();
+                for k in old {
+                    by_time.remove(k.as_str()).map_err(e)?;
+                    let mut parts = k.splitn(3, '\u{0}');
+                    let (_, tenant, event) = (parts.next(), parts.next(), parts.next());
+                    if let (Some(tenant), Some(event)) = (tenant, event) {
+                        applied.remove(key(&[tenant, event]).as_str()).map_err(e)?;
+                    }
+                }
+                Ok(changed.into_iter().collect())
+            })
+            .await
+    }
+
+    async fn features(&self, tenant_id: &str, member_id: &str) -> Result<Option<Features>> {
+        let k = key(&[tenant_id, member_id]);
+        self.db
+            .read(move |txn| read_record(txn, FEATURES, &k))
+            .await
+    }
+
+    async fn features_page(
+        &self,
+        tenant_id: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Features)>> {
+        let (start, end) = prefix_range(&[tenant_id]);
+        let from = if after.is_empty() {
+            start
+        } else {
+            let mut k = key(&[tenant_id, after]);
+            k.push('\u{0}');
+            k
+        };
+        self.db
+            .read(move |txn| {
+                let Some(t) = open_for_read(txn, FEATURES)? else {
+                    return Ok(Vec::new());
+                };
+                let mut out = Vec::new();
+                for item in t.range(from.as_str()..end.as_str()).map_err(e)?.take(limit) {
+                    let (k, v) = item.map_err(e)?;
+                    let member = k
+                        .value()
+                        .rsplit('\u{0}')
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned();
+                    out.push((member, loyalty_platform::embedded::decode(v.value())?));
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    async fn put_segment(
+        &self,
+        segment: SegmentDef,
+        expected_version: Option<i64>,
+    ) -> Result<bool> {
+        self.db
+            .write(move |txn| {
+                let mut segments = txn.open_table(SEGMENTS).map_err(e)?;
+                let k = key(&[&segment.tenant_id, &segment.segment_id]);
+                let current: Option<SegmentDef> = get_record(&segments, &k)?;
+                let ok = match (&current, expected_version) {
+                    (None, None) => {
+                        let (start, end) = prefix_range(&[&segment.tenant_id]);
+                        segments
+                            .range(start.as_str()..end.as_str())
+                            .map_err(e)?
+                            .count()
+                            < super::MAX_SEGMENTS
+                    }
+                    (Some(c), Some(v)) => c.version == v,
+                    _ => false,
+                };
+                if ok {
+                    put_record(&mut segments, &k, &segment)?;
+                }
+                Ok(ok)
+            })
+            .await
+    }
+
+    async fn segment(&self, tenant_id: &str, segment_id: &str) -> Result<Option<SegmentDef>> {
+        let k = key(&[tenant_id, segment_id]);
+        self.db
+            .read(move |txn| read_record(txn, SEGMENTS, &k))
+            .await
+    }
+
+    async fn segments(&self, tenant_id: &str) -> Result<Vec<SegmentDef>> {
+        let (start, end) = prefix_range(&[tenant_id]);
+        self.db
+            .read(move |txn| {
+                let Some(t) = open_for_read(txn, SEGMENTS)? else {
+                    return Ok(Vec::new());
+                };
+                let mut out = Vec::new();
+                for item in t.range(start.as_str()..end.as_str()).map_err(e)? {
+                    let (_, v) = item.map_err(e)?;
+                    out.push(loyalty_platform::embedded::decode(v.value())?);
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    async fn delete_segment(&self, tenant_id: &str, segment_id: &str, now: Millis) -> Result<bool> {
+        let (tenant, segment) = (tenant_id.to_owned(), segment_id.to_owned());
+        self.db
+            .write(move |txn| {
+                let mut segments = txn.open_table(SEGMENTS).map_err(e)?;
+                if segments
+                    .remove(key(&[&tenant, &segment]).as_str())
+                    .map_err(e)?
+                    .is_none()
+                {
+                    return Ok(false);
+                }
+                let (start, end) = prefix_range(&[&tenant, &segment]);
+                let members: Vec<String> = {
+                    let index = txn.open_table(SEGMENT_MEMBERS).map_err(e)?;
+                    index
+                        .range(start.as_str()..end.as_str())
+                        .map_err(e)?
+                        .filter_map(|r| {
+                            r.ok().map(|(k, _)| {
+                                k.value()
+                                    .rsplit('\u{0}')
+                                    .next()
+                                    .unwrap_or_default()
+                                    .to_owned()
+                            })
+                        })
+                        .collect()
+                };
+                for m in members {
+                    set_one(txn, &tenant, &m, &segment, false, now)?;
+                }
+                let mut counts = txn.open_table(COUNTS).map_err(e)?;
+                counts
+                    .remove(key(&[&tenant, &segment]).as_str())
+                    .map_err(e)?;
+                Ok(true)
+            })
+            .await
+    }
+
+    async fn set_memberships(
+        &self,
+        tenant_id: &str,
+        changes: Vec<(String, String, bool)>,
+        now: Millis,
+    ) -> Result<usize> {
+        let tenant = tenant_id.to_owned();
+        self.db
+            .write(move |txn| {
+                let mut n = 0;
+                for (member, segment, is_member) in &changes {
+                    let exists = {
+                        let segments = txn.open_table(SEGMENTS).map_err(e)?;
+                        segments
+                            .get(key(&[&tenant, segment]).as_str())
+                            .map_err(e)?
+                            .is_some()
+                    };
+                    if exists && set_one(txn, &tenant, member, segment, *is_member, now)? {
+                        n += 1;
+                    }
+                }
+                Ok(n)
+            })
+            .await
+    }
+
+    async fn member_segments(&self, tenant_id: &str, member_id: &str) -> Result<Vec<String>> {
+        let k = key(&[tenant_id, member_id]);
+        self.db
+            .read(move |txn| {
+                let set: Option<BTreeSet<String>> = read_record(txn, MEMBERSHIP, &k)?;
+                Ok(set.unwrap_or_default().into_iter().collect())
+            })
+            .await
+    }
+
+    async fn segment_members(
+        &self,
+        tenant_id: &str,
+        segment_id: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        let (start, end) = prefix_range(&[tenant_id, segment_id]);
+        let from = if after.is_empty() {
+            start
+        } else {
+            let mut k = key(&[tenant_id, segment_id, after]);
+            k.push('\u{0}');
+            k
+        };
+        self.db
+            .read(move |txn| {
+                let Some(t) = open_for_read(txn, SEGMENT_MEMBERS)? else {
+                    return Ok(Vec::new());
+                };
+                let mut out = Vec::new();
+                for item in t.range(from.as_str()..end.as_str()).map_err(e)?.take(limit) {
+                    let (k, _) = item.map_err(e)?;
+                    out.push(
+                        k.value()
+                            .rsplit('\u{0}')
+                            .next()
+                            .unwrap_or_default()
+                            .to_owned(),
+                    );
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    async fn count(&self, tenant_id: &str, segment_id: &str) -> Result<u64> {
+        let k = key(&[tenant_id, segment_id]);
+        self.db
+            .read(move |txn| {
+                let Some(t) = open_for_read(txn, COUNTS)? else {
+                    return Ok(0);
+                };
+                Ok(t.get(k.as_str()).map_err(e)?.map_or(0, |v| v.value()))
+            })
+            .await
+    }
+
+    async fn history(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        before: Option<String>,
+        limit: usize,
+    ) -> Result<(Vec<MembershipChange>, Option<String>)> {
+        let (start, end) = prefix_range(&[tenant_id, member_id]);
+        let end = before
+            .filter(|b| b.as_str() > start.as_str() && b.as_str() <= end.as_str())
+            .unwrap_or(end);
+        self.db
+            .read(move |txn| {
+                let Some(t) = open_for_read(txn, HISTORY)? else {
+                    return Ok((Vec::new(), None));
+                };
+                let mut out = Vec::new();
+                let mut last = None;
+                for item in t
+                    .range(start.as_str()..end.as_str())
+                    .map_err(e)?
+                    .rev()
+                    .take(limit + 1)
+                {
+                    let (k, v) = item.map_err(e)?;
+                    if out.len() == limit {
+                        return Ok((out, last));
+                    }
+                    let k = k.value().to_owned();
+                    let mut parts = k.rsplitn(3, '\u{0}');
+                    let segment_id = parts.next().unwrap_or_default().to_owned();
+                    let time = parts.next().and_then(|t| t.parse().ok()).unwrap_or(0);
+                    out.push(MembershipChange {
+                        segment_id,
+                        entered: v.value(),
+                        time,
+                    });
+                    last = Some(k);
+                }
+                Ok((out, None))
+            })
+            .await
+    }
+
+    async fn tenants(&self) -> Result<Vec<String>> {
+        self.db
+            .read(move |txn| {
+                let Some(t) = open_for_read(txn, SEGMENTS)? else {
+                    return Ok(Vec::new());
+                };
+                let mut out: Vec<String> = Vec::new();
+                for item in t.iter().map_err(e)? {
+                    let (k, _) = item.map_err(e)?;
+                    let tenant = k
+                        .value()
+                        .split('\u{0}')
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned();
+                    if out.last() != Some(&tenant) {
+                        out.push(tenant);
+                    }
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.db.ping().await
+    }
+}

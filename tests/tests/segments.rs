@@ -1,0 +1,376 @@
+//! Segmentation through the real binary: purchases committed at the POS reach member features
+//! over the event stream (the embedded log in dev mode, Redis Streams between processes),
+//! dynamic segments follow them, and the admin API previews, explains, counts and streams.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use loyalty_e2e::*;
+use loyalty_platform::redis_server::RedisServer;
+use loyalty_proto::promotion::v1 as ppb;
+use loyalty_proto::segmentation::v1 as spb;
+use spb::segmentation_service_client::SegmentationServiceClient;
+use tonic::transport::Channel;
+
+const TENANT: &str = "seg-tenant";
+
+async fn add_gloves(channel: &Channel) {
+    ppb::catalog_service_client::CatalogServiceClient::new(channel.clone())
+        .upsert_products(ppb::UpsertProductsRequest {
+            tenant_id: TENANT.into(),
+            products: vec![ppb::Product {
+                sku: "gloves".into(),
+                name: "gloves".into(),
+                category: "Accessories".into(),
+                brand: "Polar".into(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap();
+}
+
+fn dynamic(id: &str, predicate: &str) -> spb::CreateSegmentRequest {
+    spb::CreateSegmentRequest {
+        segment: Some(spb::Segment {
+            tenant_id: TENANT.into(),
+            segment_id: id.into(),
+            name: id.into(),
+            kind: spb::SegmentKind::Dynamic as i32,
+            predicate: predicate.into(),
+            ..Default::default()
+        }),
+    }
+}
+
+async fn features(
+    seg: &mut SegmentationServiceClient<Channel>,
+    member: &str,
+) -> spb::MemberFeatures {
+    seg.get_member_features(spb::GetMemberFeaturesRequest {
+        tenant_id: TENANT.into(),
+        member_id: member.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .features
+    .unwrap()
+}
+
+/// Waits until the member's features count `receipts` purchases (events are asynchronous).
+async fn wait_for_receipts(
+    seg: &mut SegmentationServiceClient<Channel>,
+    member: &str,
+    receipts: i64,
+) {
+    for _ in 0..200 {
+        if features(seg, member).await.purchase_count_total == receipts {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let f = features(seg, member).await;
+    panic!("{member} never reached {receipts} receipts: {f:?}");
+}
+
+async fn segments_of(seg: &mut SegmentationServiceClient<Channel>, member: &str) -> Vec<String> {
+    seg.get_member_segments(spb::GetMemberSegmentsRequest {
+        tenant_id: TENANT.into(),
+        member_id: member.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .segment_ids
+}
+
+async fn wait_for_segments(
+    seg: &mut SegmentationServiceClient<Channel>,
+    member: &str,
+    want: &[&str],
+) {
+    for _ in 0..200 {
+        if segments_of(seg, member).await == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = segments_of(seg, member).await;
+    panic!("{member} is in {got:?}, expected {want:?}");
+}
+
+/// The whole flow against one POS channel and one segmentation channel.
+async fn purchases_drive_segments(
+    pos_channel: &Channel,
+    identity_channel: &Channel,
+    seg_channel: &Channel,
+) {
+    setup_tenant(pos_channel, TENANT).await;
+    add_gloves(pos_channel).await;
+    let mut pos = Pos::new(identity_channel, pos_channel);
+    let mut seg = SegmentationServiceClient::new(seg_channel.clone());
+    let (anna, anna_card) = pos.member_with_card(TENANT, "+77015550101").await;
+    let (boris, boris_card) = pos.member_with_card(TENANT, "+77015550102").await;
+
+    // Anna buys boots twice and gloves once; Boris buys gloves; one anonymous receipt.
+    let boots = |id: &str, card: &str| {
+        receipt(
+            TENANT,
+            id,
+            Some(card),
+            vec![line("l1", "boots", "1", "30000", false)],
+        )
+    };
+    pos.commit(boots("a1", &anna_card)).await.unwrap();
+    pos.commit(boots("a2", &anna_card)).await.unwrap();
+    pos.commit(receipt(
+        TENANT,
+        "a3",
+        Some(&anna_card),
+        vec![line("l1", "gloves", "2", "2500", false)],
+    ))
+    .await
+    .unwrap();
+    // A retried commit publishes again; it must not count twice.
+    pos.commit(boots("a2", &anna_card)).await.unwrap();
+    pos.commit(receipt(
+        TENANT,
+        "b1",
+        Some(&boris_card),
+        vec![line("l1", "gloves", "1", "2500", false)],
+    ))
+    .await
+    .unwrap();
+    pos.commit(receipt(
+        TENANT,
+        "anon",
+        None,
+        vec![line("l1", "socks", "1", "900", false)],
+    ))
+    .await
+    .unwrap();
+    wait_for_receipts(&mut seg, &anna, 3).await;
+    wait_for_receipts(&mut seg, &boris, 1).await;
+
+    let f = features(&mut seg, &anna).await;
+    assert_eq!(f.spend_total.as_ref().unwrap().value, "65000");
+    assert_eq!(f.purchase_count_30d, 3);
+    assert!(f.categories.contains_key("Shoes") && f.categories.contains_key("Accessories"));
+    assert!(f.brands.contains_key("Tundra") && f.brands.contains_key("Polar"));
+    assert!(f.stores.contains_key("s1"));
+    assert!(
+        f.points_balance > 0,
+        "the balance after the last receipt: {f:?}"
+    );
+
+    // A bad predicate: the column is in the message, nothing is saved.
+    let err = seg
+        .create_segment(dynamic("broken", "spend_total > and contactable"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let fields = violations(&err);
+    assert_eq!(fields[0].0, "segment.predicate");
+    assert!(fields[0].1.contains("column 15"), "{fields:?}");
+    let err = seg
+        .create_segment(dynamic("broken", "spend_totl > 5"))
+        .await
+        .unwrap_err();
+    assert!(violations(&err)[0].1.contains("unknown feature"), "{err:?}");
+    let listed = seg
+        .list_segments(spb::ListSegmentsRequest {
+            tenant_id: TENANT.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.segments.is_empty());
+
+    // Preview before saving.
+    let preview = seg
+        .preview_segment(spb::PreviewSegmentRequest {
+            tenant_id: TENANT.into(),
+            predicate: "bought_brand(\"Polar\")".into(),
+            sample_size: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(preview.member_count, 2);
+
+    // Segments computed at creation.
+    let big = seg
+        .create_segment(dynamic("big-spenders", "spend_30d >= 60000"))
+        .await
+        .unwrap()
+        .into_inner()
+        .segment
+        .unwrap();
+    assert_eq!(big.member_count, 1);
+    assert_eq!(big.version, 1);
+    seg.create_segment(dynamic("only-polar", "only_brand(\"Polar\")"))
+        .await
+        .unwrap();
+    assert_eq!(segments_of(&mut seg, &anna).await, ["big-spenders"]);
+    assert_eq!(segments_of(&mut seg, &boris).await, ["only-polar"]);
+
+    // An event moves a member in: Boris buys boots and leaves `only-polar`, then joins
+    // `big-spenders` with a second pair.
+    pos.commit(boots("b2", &boris_card)).await.unwrap();
+    wait_for_segments(&mut seg, &boris, &[]).await;
+    pos.commit(boots("b3", &boris_card)).await.unwrap();
+    wait_for_segments(&mut seg, &boris, &["big-spenders"]).await;
+
+    // A refund moves Anna out: one pair of boots back.
+    pos.refund(TENANT, "a1", "r1", &[("l1", "1")])
+        .await
+        .unwrap();
+    wait_for_segments(&mut seg, &anna, &[]).await;
+    let f = features(&mut seg, &anna).await;
+    assert_eq!(
+        f.purchase_count_total, 2,
+        "a fully refunded receipt stops counting"
+    );
+    assert_eq!(f.spend_total.unwrap().value, "35000");
+
+    // Why is Anna not in `big-spenders`?
+    let why = seg
+        .explain_membership(spb::ExplainMembershipRequest {
+            tenant_id: TENANT.into(),
+            segment_id: "big-spenders".into(),
+            member_id: anna.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!why.member);
+    assert_eq!(why.conditions.len(), 1);
+    assert_eq!(why.conditions[0].text, "spend_30d >= 60000");
+    assert_eq!(why.conditions[0].values, ["spend_30d = 35000"]);
+
+    // Counts, streaming and history.
+    let count = seg
+        .count_segment_members(spb::CountSegmentMembersRequest {
+            tenant_id: TENANT.into(),
+            segment_id: "big-spenders".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .member_count;
+    assert_eq!(count, 1);
+    let mut stream = seg
+        .stream_segment_members(spb::StreamSegmentMembersRequest {
+            tenant_id: TENANT.into(),
+            segment_id: "big-spenders".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut streamed = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        streamed.extend(chunk.member_ids);
+    }
+    assert_eq!(streamed, std::slice::from_ref(&boris));
+    let history = seg
+        .get_membership_history(spb::GetMembershipHistoryRequest {
+            tenant_id: TENANT.into(),
+            member_id: boris.clone(),
+            page_size: 2,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(history.changes.len(), 2);
+    assert_eq!(history.changes[0].segment_id, "big-spenders");
+    assert!(history.changes[0].entered);
+    assert!(!history.next_page_token.is_empty());
+    let rest = seg
+        .get_membership_history(spb::GetMembershipHistoryRequest {
+            tenant_id: TENANT.into(),
+            member_id: boris.clone(),
+            page_size: 10,
+            page_token: history.next_page_token,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rest.changes.len(), 1, "entered only-polar at creation");
+    assert!(rest.changes[0].entered && rest.changes[0].segment_id == "only-polar");
+}
+
+#[tokio::test]
+async fn dev_mode_segments_follow_purchases_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(Launch::dev(), dir.path()).await;
+    let channel = server.channel().await;
+    purchases_drive_segments(&channel, &channel, &channel).await;
+    server.stop().await;
+
+    // After a restart nothing is applied twice and new purchases still flow.
+    let server = Server::start(Launch::dev(), dir.path()).await;
+    let channel = server.channel().await;
+    let mut seg = SegmentationServiceClient::new(channel.clone());
+    let big = seg
+        .get_segment(spb::GetSegmentRequest {
+            tenant_id: TENANT.into(),
+            segment_id: "big-spenders".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .segment
+        .unwrap();
+    assert_eq!(big.member_count, 1);
+    let mut pos = Pos::new(&channel, &channel);
+    let (carla, card) = pos.member_with_card(TENANT, "+77015550103").await;
+    pos.commit(receipt(
+        TENANT,
+        "c1",
+        Some(&card),
+        vec![line("l1", "boots", "2", "30000", false)],
+    ))
+    .await
+    .unwrap();
+    wait_for_segments(&mut seg, &carla, &["big-spenders"]).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn microservices_events_cross_processes_on_redis_streams() {
+    let redis = RedisServer::start().unwrap();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let redis_env = |launch: Launch| {
+        launch
+            .env("LOYALTY_STORAGE__BACKEND", "redis")
+            .env("LOYALTY_STORAGE__REDIS__URL", &redis.url())
+    };
+    let segmentation = Server::start(redis_env(Launch::serve("segmentation")), dir_a.path()).await;
+    let pos_node = Server::start(
+        redis_env(Launch::serve("identity,balance,promotion")),
+        dir_b.path(),
+    )
+    .await;
+    let pos_channel = pos_node.channel().await;
+    let seg_channel = segmentation.channel().await;
+    purchases_drive_segments(&pos_channel, &pos_channel, &seg_channel).await;
+    // The stream really is in Redis, and the group has acknowledged everything.
+    let out = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port().to_string(),
+            "xinfo",
+            "groups",
+            "ev:{purchases}",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("segmentation"), "{text}");
+    pos_node.stop().await;
+    segmentation.stop().await;
+}
