@@ -235,9 +235,12 @@ async fn not_found_already_exists_failed_precondition_unimplemented() {
 
     // Later issues' RPCs answer UNIMPLEMENTED, never a fake answer.
     let channel = server.channel().await;
-    let mut segments = loyalty_proto::segmentation::v1::segmentation_service_client::SegmentationServiceClient::new(channel.clone());
-    let err = segments
-        .get_member_rfm(loyalty_proto::segmentation::v1::GetMemberRfmRequest::default())
+    let mut reports =
+        loyalty_proto::reporting::v1::reporting_service_client::ReportingServiceClient::new(
+            channel.clone(),
+        );
+    let err = reports
+        .get_kpis(loyalty_proto::reporting::v1::GetKpisRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);

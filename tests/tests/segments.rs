@@ -301,6 +301,53 @@ async fn purchases_drive_segments(
         .into_inner();
     assert_eq!(rest.changes.len(), 1, "entered only-polar at creation");
     assert!(rest.changes[0].entered && rest.changes[0].segment_id == "only-polar");
+
+    // RFM on demand: two scored members; Boris spent more in the year (90,000 against 35,000
+    // after Anna's refund) and bought more often, so he scores higher on both.
+    let err = seg
+        .get_member_rfm(spb::GetMemberRfmRequest {
+            tenant_id: TENANT.into(),
+            member_id: anna.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "no run yet");
+    let run = seg
+        .recompute_rfm(spb::RecomputeRfmRequest {
+            tenant_id: TENANT.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(run.member_count, 2);
+    let rfm = |member: &str| {
+        let mut seg = seg.clone();
+        let member = member.to_owned();
+        async move {
+            seg.get_member_rfm(spb::GetMemberRfmRequest {
+                tenant_id: TENANT.into(),
+                member_id: member,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .rfm
+            .unwrap()
+        }
+    };
+    let (a, b) = (rfm(&anna).await, rfm(&boris).await);
+    assert_eq!((b.frequency, b.monetary), (3, 3), "{b:?}");
+    assert_eq!((a.frequency, a.monetary), (1, 1), "{a:?}");
+    assert_eq!(a.recency, b.recency, "both bought today");
+    let answer = seg
+        .get_member_segments(spb::GetMemberSegmentsRequest {
+            tenant_id: TENANT.into(),
+            member_id: boris.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.rfm, Some(b));
 }
 
 #[tokio::test]

@@ -368,6 +368,13 @@ pub async fn build(
             log,
             consumer_name(),
         ));
+        let rfm_every = config.segmentation.rfm_interval_ms;
+        if rfm_every > 0 {
+            tokio::spawn(loyalty_segmentation::consumer::schedule_rfm(
+                segmentation.clone(),
+                std::time::Duration::from_millis(rfm_every),
+            ));
+        }
         let every = config.segmentation.reevaluate_interval_ms;
         if every > 0 {
             tokio::spawn(loyalty_segmentation::consumer::schedule(

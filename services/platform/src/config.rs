@@ -52,12 +52,16 @@ pub struct SegmentationSettings {
     /// How often segments whose truth moves with time alone ("bought in the last 30 days")
     /// are re-evaluated for every member; 0 turns the schedule off in this process.
     pub reevaluate_interval_ms: u64,
+    /// How often every tenant's RFM scores are recomputed; 0 turns the schedule off in this
+    /// process (`RecomputeRfm` still works).
+    pub rfm_interval_ms: u64,
 }
 
 impl Default for SegmentationSettings {
     fn default() -> Self {
         Self {
             reevaluate_interval_ms: 300_000,
+            rfm_interval_ms: 3_600_000,
         }
     }
 }

@@ -136,6 +136,22 @@ async fn step(
     Ok(())
 }
 
+/// Recomputes every tenant's RFM scores every `every`, for as long as the process runs.
+pub async fn schedule_rfm(segmentation: Segmentation, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let started = std::time::Instant::now();
+        match segmentation.recompute_all_rfm().await {
+            Ok(members) => tracing::info!(
+                members,
+                seconds = started.elapsed().as_secs_f64(),
+                "rfm scores recomputed"
+            ),
+            Err(err) => tracing::warn!(error = %err, "recomputing rfm scores failed"),
+        }
+    }
+}
+
 /// Re-evaluates time-relative segments every `every`, for as long as the process runs.
 pub async fn schedule(segmentation: Segmentation, every: Duration) {
     loop {

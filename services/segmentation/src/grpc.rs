@@ -12,6 +12,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::features::Features;
+use crate::rfm::{Named, Score};
 use crate::service::Segmentation;
 use crate::store::{SegmentDef, SegmentKind};
 
@@ -74,6 +75,27 @@ fn definition(segment: Option<pb::Segment>) -> Result<SegmentDef, Status> {
         version: 0,
         update_time: 0,
     })
+}
+
+fn rfm_score(s: Score) -> pb::RfmScore {
+    pb::RfmScore {
+        recency: i32::from(s.recency),
+        frequency: i32::from(s.frequency),
+        monetary: i32::from(s.monetary),
+        segment: match s.named {
+            Named::Champions => pb::RfmSegment::Champions,
+            Named::Loyal => pb::RfmSegment::Loyal,
+            Named::PotentialLoyalists => pb::RfmSegment::PotentialLoyalist,
+            Named::NewCustomers => pb::RfmSegment::NewCustomers,
+            Named::Promising => pb::RfmSegment::Promising,
+            Named::NeedAttention => pb::RfmSegment::NeedAttention,
+            Named::AboutToSleep => pb::RfmSegment::AboutToSleep,
+            Named::AtRisk => pb::RfmSegment::AtRisk,
+            Named::CannotLose => pb::RfmSegment::CannotLose,
+            Named::Hibernating => pb::RfmSegment::Hibernating,
+            Named::Lost => pb::RfmSegment::Lost,
+        } as i32,
+    }
 }
 
 fn dec(d: Decimal) -> Option<PbDecimal> {
@@ -309,9 +331,14 @@ impl SegmentationService for Api {
             .member_segments(&r.tenant_id, &r.member_id)
             .await
             .map_err(to_status)?;
+        let rfm = self
+            .0
+            .member_rfm(&r.tenant_id, &r.member_id)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::GetMemberSegmentsResponse {
             segment_ids,
-            rfm: None,
+            rfm: rfm.map(rfm_score),
         }))
     }
 
@@ -397,11 +424,39 @@ impl SegmentationService for Api {
 
     async fn get_member_rfm(
         &self,
-        _request: Request<pb::GetMemberRfmRequest>,
+        request: Request<pb::GetMemberRfmRequest>,
     ) -> Result<Response<pb::GetMemberRfmResponse>, Status> {
-        Err(Status::unimplemented(
-            "RFM scores are not computed yet: GetMemberRfm is not available",
-        ))
+        let r = request.into_inner();
+        let score = self
+            .0
+            .member_rfm(&r.tenant_id, &r.member_id)
+            .await
+            .map_err(to_status)?
+            .ok_or_else(|| {
+                to_status(Error::NotFound(format!(
+                    "member {} has no RFM score: no purchase yet, or none before the last computation",
+                    r.member_id
+                )))
+            })?;
+        Ok(Response::new(pb::GetMemberRfmResponse {
+            rfm: Some(rfm_score(score)),
+        }))
+    }
+
+    async fn recompute_rfm(
+        &self,
+        request: Request<pb::RecomputeRfmRequest>,
+    ) -> Result<Response<pb::RecomputeRfmResponse>, Status> {
+        let r = request.into_inner();
+        let run = self
+            .0
+            .recompute_rfm(&r.tenant_id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::RecomputeRfmResponse {
+            member_count: i64::try_from(run.members).unwrap_or(i64::MAX),
+            compute_time: Some(timestamp(run.computed_at)),
+        }))
     }
 
     async fn preview_segment(

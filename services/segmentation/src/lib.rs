@@ -10,6 +10,7 @@ pub mod consumer;
 pub mod expr;
 pub mod features;
 pub mod grpc;
+pub mod rfm;
 pub mod service;
 pub mod store;
 

@@ -11,7 +11,10 @@ use loyalty_platform::types::check_tenant;
 
 use crate::expr::{self, Clause, Context, Expr};
 use crate::features::Features;
-use crate::store::{FeatureChange, MembershipChange, SegmentDef, SegmentKind, SegmentationStore};
+use crate::rfm::{self, Inputs, Score};
+use crate::store::{
+    FeatureChange, MembershipChange, RfmRun, SegmentDef, SegmentKind, SegmentationStore,
+};
 
 /// Longest segment name.
 pub const MAX_NAME_LEN: usize = 200;
@@ -365,6 +368,76 @@ impl Segmentation {
             .await
     }
 
+    /// Recomputes the tenant's RFM scores from every member's features and publishes them
+    /// at once: until the new run is complete, readers keep getting the previous one.
+    pub async fn recompute_rfm(&self, tenant_id: &str) -> Result<RfmRun> {
+        loyalty_platform::types::tenant(tenant_id)?;
+        let now = self.now();
+        let mut inputs = Vec::new();
+        let mut after = String::new();
+        loop {
+            let page = self.store.features_page(tenant_id, &after, PAGE).await?;
+            let Some((last, _)) = page.last() else { break };
+            after = last.clone();
+            let full = page.len() == PAGE;
+            for (member, f) in page {
+                let (Some(last), true) = (f.last_purchase, f.total.count > 0) else {
+                    continue;
+                };
+                let year = f.window(365, now);
+                inputs.push(Inputs {
+                    member_id: member,
+                    recency_days: Features::days_since(last, now).max(0),
+                    frequency: year.count.max(0),
+                    monetary: year.spend,
+                });
+            }
+            if !full {
+                break;
+            }
+        }
+        let scores = rfm::score_all(&inputs);
+        let generation = self
+            .store
+            .rfm_run(tenant_id)
+            .await?
+            .map_or(1, |r| r.generation + 1);
+        let mut rows: Vec<(String, Score)> = inputs
+            .into_iter()
+            .map(|i| i.member_id)
+            .zip(scores)
+            .collect();
+        let members = rows.len() as u64;
+        while !rows.is_empty() {
+            let rest = rows.split_off(rows.len().min(PAGE * 5));
+            self.store.put_rfm(tenant_id, generation, rows).await?;
+            rows = rest;
+        }
+        let run = RfmRun {
+            generation,
+            computed_at: now,
+            members,
+        };
+        self.store.publish_rfm(tenant_id, run).await?;
+        Ok(run)
+    }
+
+    /// Recomputes RFM for every tenant with features (the schedule).
+    pub async fn recompute_all_rfm(&self) -> Result<u64> {
+        let mut members = 0;
+        for tenant in self.store.tenants_with_features().await? {
+            members += self.recompute_rfm(&tenant).await?.members;
+        }
+        Ok(members)
+    }
+
+    /// The member's RFM score in the latest run (None: not scored, e.g. no purchase yet or
+    /// no run since their first).
+    pub async fn member_rfm(&self, tenant_id: &str, member_id: &str) -> Result<Option<Score>> {
+        Self::check_member(tenant_id, member_id)?;
+        self.store.rfm(tenant_id, member_id).await
+    }
+
     /// Counts the members a predicate selects, with a sample, saving nothing.
     pub async fn preview(
         &self,
@@ -689,5 +762,70 @@ mod tests {
         assert!(s.upload("t", "vip", &too_many).await.is_err());
         s.create(dynamic("dyn", "contactable")).await.unwrap();
         assert!(s.upload("t", "dyn", &ids[..1]).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn rfm_scores_through_the_store_match_the_definition() {
+        let (_d, _, s) = setup();
+        // A generated population: member i last bought (i * 7) % 300 days ago, with
+        // i % 9 receipts of (i * 13) % 500 + 1 each in the last year, one older receipt.
+        let mut events = Vec::new();
+        for i in 0..300i64 {
+            let member = format!("m{i:03}");
+            for k in 0..(i % 9) {
+                let at = T0 - ((i * 7) % 300 + k * 3) * DAY_MS;
+                events.push(purchase(
+                    &format!("{member}-{k}"),
+                    &member,
+                    at,
+                    (i * 13) % 500 + 1,
+                    "c",
+                ));
+            }
+            events.push(purchase(
+                &format!("{member}-old"),
+                &member,
+                T0 - 600 * DAY_MS,
+                5,
+                "c",
+            ));
+        }
+        s.apply(events).await.unwrap();
+        assert!(
+            s.member_rfm("t", "m001").await.unwrap().is_none(),
+            "no run yet"
+        );
+        let run = s.recompute_rfm("t").await.unwrap();
+        assert_eq!((run.generation, run.members), (1, 300));
+        // The straightforward computation from the features the service reads.
+        let mut inputs = Vec::new();
+        for i in 0..300i64 {
+            let f = s.features("t", &format!("m{i:03}")).await.unwrap();
+            let year = f.window(365, T0);
+            inputs.push((
+                Features::days_since(f.last_purchase.unwrap(), T0),
+                year.count,
+                year.spend,
+            ));
+        }
+        let n = inputs.len();
+        let score = |worse: usize| (1 + 5 * worse / n) as u8;
+        for (i, (r, f, m)) in inputs.iter().enumerate() {
+            let want = (
+                score(inputs.iter().filter(|x| x.0 > *r).count()),
+                score(inputs.iter().filter(|x| x.1 < *f).count()),
+                score(inputs.iter().filter(|x| x.2 < *m).count()),
+            );
+            let got = s
+                .member_rfm("t", &format!("m{i:03}"))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!((got.recency, got.frequency, got.monetary), want, "m{i:03}");
+            assert_eq!(got.named, crate::rfm::Named::of(want.0, want.1, want.2));
+        }
+        let again = s.recompute_rfm("t").await.unwrap();
+        assert_eq!(again.generation, 2);
+        assert_eq!(s.recompute_all_rfm().await.unwrap(), 300);
     }
 }

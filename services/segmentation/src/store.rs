@@ -7,6 +7,7 @@ use loyalty_platform::error::Result;
 use serde::{Deserialize, Serialize};
 
 use crate::features::{Features, PurchaseFacts, RefundFacts};
+use crate::rfm::Score;
 
 /// Most segments per tenant.
 pub const MAX_SEGMENTS: usize = 1000;
@@ -52,6 +53,14 @@ pub struct MembershipChange {
     pub segment_id: String,
     pub entered: bool,
     pub time: Millis,
+}
+
+/// One published RFM computation of a tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RfmRun {
+    pub generation: u64,
+    pub computed_at: Millis,
+    pub members: u64,
 }
 
 #[async_trait::async_trait]
@@ -119,6 +128,25 @@ pub trait SegmentationStore: Send + Sync + std::fmt::Debug {
 
     /// Tenants that have at least one segment.
     async fn tenants(&self) -> Result<Vec<String>>;
+
+    /// Tenants with member features.
+    async fn tenants_with_features(&self) -> Result<Vec<String>>;
+
+    /// Writes scores of an RFM run that is not published yet.
+    async fn put_rfm(
+        &self,
+        tenant_id: &str,
+        generation: u64,
+        scores: Vec<(String, Score)>,
+    ) -> Result<()>;
+
+    /// Makes the run current: from now on only its scores are answered.
+    async fn publish_rfm(&self, tenant_id: &str, run: RfmRun) -> Result<()>;
+
+    async fn rfm_run(&self, tenant_id: &str) -> Result<Option<RfmRun>>;
+
+    /// The member's score in the current run.
+    async fn rfm(&self, tenant_id: &str, member_id: &str) -> Result<Option<Score>>;
 
     async fn ping(&self) -> Result<()>;
 }

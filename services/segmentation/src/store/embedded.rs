@@ -15,9 +15,10 @@ use loyalty_platform::error::Result;
 use redb::{ReadableTable, TableDefinition};
 
 use super::{
-    Change, DEDUP_WINDOW_MS, FeatureChange, MembershipChange, SegmentDef, SegmentationStore,
+    Change, DEDUP_WINDOW_MS, FeatureChange, MembershipChange, RfmRun, SegmentDef, SegmentationStore,
 };
 use crate::features::Features;
+use crate::rfm::Score;
 
 /// (tenant, member) → features.
 const FEATURES: Records = TableDefinition::new("features");
@@ -35,6 +36,11 @@ const SEGMENT_MEMBERS: TableDefinition<&str, ()> = TableDefinition::new("segment
 const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("segment_counts");
 /// (tenant, member, time, segment) → entered.
 const HISTORY: TableDefinition<&str, bool> = TableDefinition::new("membership_history");
+
+/// (tenant, member) → (generation, score).
+const RFM: Records = TableDefinition::new("rfm");
+/// tenant → the current run.
+const RFM_RUNS: Records = TableDefinition::new("rfm_runs");
 
 /// Most history entries kept per member (the oldest go first).
 const MAX_HISTORY: usize = 1000;
@@ -459,6 +465,86 @@ impl SegmentationStore for EmbeddedSegmentationStore {
                     }
                 }
                 Ok(out)
+            })
+            .await
+    }
+
+    async fn tenants_with_features(&self) -> Result<Vec<String>> {
+        self.db
+            .read(move |txn| {
+                let Some(t) = open_for_read(txn, FEATURES)? else {
+                    return Ok(Vec::new());
+                };
+                // Skip from tenant to tenant instead of walking every member.
+                let mut out: Vec<String> = Vec::new();
+                let mut from = String::new();
+                loop {
+                    let next = t
+                        .range(from.as_str()..)
+                        .map_err(e)?
+                        .next()
+                        .transpose()
+                        .map_err(e)?
+                        .map(|(k, _)| {
+                            k.value()
+                                .split('\u{0}')
+                                .next()
+                                .unwrap_or_default()
+                                .to_owned()
+                        });
+                    let Some(tenant) = next else { break };
+                    from = prefix_range(&[&tenant]).1;
+                    out.push(tenant);
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    async fn put_rfm(
+        &self,
+        tenant_id: &str,
+        generation: u64,
+        scores: Vec<(String, Score)>,
+    ) -> Result<()> {
+        let tenant = tenant_id.to_owned();
+        self.db
+            .write(move |txn| {
+                let mut t = txn.open_table(RFM).map_err(e)?;
+                for (member, score) in &scores {
+                    put_record(&mut t, &key(&[&tenant, member]), &(generation, *score))?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn publish_rfm(&self, tenant_id: &str, run: RfmRun) -> Result<()> {
+        let tenant = tenant_id.to_owned();
+        self.db
+            .write(move |txn| {
+                let mut t = txn.open_table(RFM_RUNS).map_err(e)?;
+                put_record(&mut t, &tenant, &run)
+            })
+            .await
+    }
+
+    async fn rfm_run(&self, tenant_id: &str) -> Result<Option<RfmRun>> {
+        let tenant = tenant_id.to_owned();
+        self.db
+            .read(move |txn| read_record(txn, RFM_RUNS, &tenant))
+            .await
+    }
+
+    async fn rfm(&self, tenant_id: &str, member_id: &str) -> Result<Option<Score>> {
+        let (tenant, k) = (tenant_id.to_owned(), key(&[tenant_id, member_id]));
+        self.db
+            .read(move |txn| {
+                let Some(run) = read_record::<RfmRun>(txn, RFM_RUNS, &tenant)? else {
+                    return Ok(None);
+                };
+                let row: Option<(u64, Score)> = read_record(txn, RFM, &k)?;
+                Ok(row.filter(|(g, _)| *g == run.generation).map(|(_, s)| s))
             })
             .await
     }
