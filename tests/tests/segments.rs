@@ -418,6 +418,56 @@ async fn microservices_events_cross_processes_on_redis_streams() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("segmentation"), "{text}");
+
+    // A segmentation pod that starts empty, with the group moved back to the start of the
+    // stream (docs/operations.md): features are rebuilt from the stream, each event once.
+    let anna_before = {
+        let mut seg = SegmentationServiceClient::new(seg_channel.clone());
+        let mut pos = Pos::new(&pos_channel, &pos_channel);
+        let anna = pos
+            .members
+            .lookup_member(identity::LookupMemberRequest {
+                tenant_id: TENANT.into(),
+                key: Some(identity::lookup_member_request::Key::Phone(
+                    "+77015550101".into(),
+                )),
+                default_region: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .member
+            .unwrap()
+            .member_id;
+        (anna.clone(), features(&mut seg, &anna).await)
+    };
+    segmentation.stop().await;
+    let out = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port().to_string(),
+            "xgroup",
+            "setid",
+            "ev:{purchases}",
+            "segmentation",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+    let dir_c = tempfile::tempdir().unwrap();
+    let segmentation = Server::start(redis_env(Launch::serve("segmentation")), dir_c.path()).await;
+    let mut seg = SegmentationServiceClient::new(segmentation.channel().await);
+    let (anna, before) = anna_before;
+    let mut after = features(&mut seg, &anna).await;
+    for _ in 0..200 {
+        if after == before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        after = features(&mut seg, &anna).await;
+    }
+    assert_eq!(after, before, "rebuilt from the stream, each event once");
     pos_node.stop().await;
     segmentation.stop().await;
 }

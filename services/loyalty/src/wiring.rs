@@ -274,10 +274,17 @@ pub async fn build(
         if runs(ServiceName::Promotion) || runs(ServiceName::Segmentation) {
             Some(match config.storage.backend {
                 Backend::Embedded => Arc::new(EmbeddedEventLog::open(&dir.join("events.redb"))?),
-                Backend::Redis | Backend::Scylla => Arc::new(
-                    RedisEventLog::connect(&config.storage.redis.url)
-                        .context("bad configuration: `storage.redis.url` (the event stream)")?,
-                ),
+                Backend::Redis | Backend::Scylla => {
+                    let redis = &config.storage.redis;
+                    Arc::new(if redis.cluster_nodes.is_empty() {
+                        RedisEventLog::connect(&redis.url)
+                            .context("bad configuration: `storage.redis.url` (the event stream)")?
+                    } else {
+                        RedisEventLog::connect_cluster(&redis.cluster_nodes).context(
+                            "bad configuration: `storage.redis.cluster_nodes` (the event stream)",
+                        )?
+                    })
+                }
             })
         } else {
             None

@@ -8,6 +8,7 @@ pub mod error;
 pub mod events;
 pub mod grpc;
 pub mod metrics;
+pub mod redis_conn;
 pub mod redis_server;
 pub mod scylla;
 pub mod server;

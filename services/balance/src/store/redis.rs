@@ -16,10 +16,8 @@ use std::time::Duration;
 
 use loyalty_platform::clock::Millis;
 use loyalty_platform::error::{Error, Result};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::{ClusterClientBuilder, ClusterConfig};
-use redis::cluster_async::ClusterConnection;
-use redis::{Client, ErrorKind, Script, Value};
+use loyalty_platform::redis_conn::RedisConn;
+use redis::{ErrorKind, Script, Value};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -36,45 +34,9 @@ const COMMIT_WAIT: Duration = Duration::from_secs(1);
 /// between the script and the ledger.
 const STRIPES: usize = 4096;
 
-/// One multiplexed connection: to a single Redis (reconnecting), or to a Redis Cluster
-/// (routing each command by its keys' hash slot).
-#[derive(Clone)]
-enum Conn {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-impl redis::aio::ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
-        match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
-        }
-    }
-}
-
 #[derive(Clone)]
 pub struct RedisBalanceStore {
-    redis: Conn,
+    redis: RedisConn,
     ledger: Arc<dyn Ledger>,
     apply: Script,
     load: Script,
@@ -145,32 +107,18 @@ impl RedisBalanceStore {
     /// Prepares one multiplexed connection to `url`, shared by every request, opened on
     /// first use and reopened after a failure, over `ledger`.
     pub fn connect(url: &str, ledger: Arc<dyn Ledger>) -> anyhow::Result<Self> {
-        let client = Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(2)
-            .set_min_delay(Duration::from_millis(20))
-            .set_max_delay(Duration::from_millis(500));
-        let redis = Conn::Single(client.get_connection_manager_lazy(config)?);
+        let redis = RedisConn::single(url, Duration::from_secs(2))?;
         Ok(Self::with(redis, ledger))
     }
 
     /// Prepares one multiplexed connection per node of the Redis Cluster seeded by `nodes`,
     /// opened in the background, over `ledger`. All of a member's keys share a hash slot.
     pub fn connect_cluster(nodes: &[String], ledger: Arc<dyn Ledger>) -> anyhow::Result<Self> {
-        let client = ClusterClientBuilder::new(nodes.to_vec())
-            .connection_timeout(Duration::from_secs(2))
-            .response_timeout(Duration::from_secs(2))
-            .retries(3)
-            .build()?;
-        let redis = Conn::Cluster(
-            client.get_pending_async_connection_with_config(ClusterConfig::default()),
-        );
+        let redis = RedisConn::cluster(nodes, Duration::from_secs(2))?;
         Ok(Self::with(redis, ledger))
     }
 
-    fn with(redis: Conn, ledger: Arc<dyn Ledger>) -> Self {
+    fn with(redis: RedisConn, ledger: Arc<dyn Ledger>) -> Self {
         Self {
             redis,
             ledger,

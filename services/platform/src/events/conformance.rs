@@ -217,6 +217,14 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_streams_on_a_cluster() {
+        let nodes = RedisServer::start_cluster(3).unwrap();
+        let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
+        let log = RedisEventLog::connect_cluster(&urls).unwrap();
+        super::run_all(&log).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn redis_streams() {
         let server = RedisServer::start().unwrap();
         let log = RedisEventLog::connect(&server.url()).unwrap();

@@ -8,16 +8,16 @@
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{
     StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamInfoGroupsReply, StreamMaxlen,
     StreamReadOptions, StreamReadReply,
 };
-use redis::{AsyncCommands, Client, Value};
+use redis::{AsyncCommands, Value};
 use tokio::sync::Mutex;
 
 use super::{Delivery, EventLog, Lag, MAX_READ, check_payloads};
 use crate::error::{Error, Result};
+use crate::redis_conn::RedisConn;
 
 /// Entries a stream keeps (approximately, `MAXLEN ~`).
 pub const MAX_RETAINED: usize = 5_000_000;
@@ -27,9 +27,9 @@ const FIELD: &str = "e";
 
 #[derive(Clone)]
 pub struct RedisEventLog {
-    commands: ConnectionManager,
+    commands: RedisConn,
     /// One blocking reader at a time per process (consumers of one process take turns).
-    reader: std::sync::Arc<Mutex<ConnectionManager>>,
+    reader: std::sync::Arc<Mutex<RedisConn>>,
 }
 
 impl std::fmt::Debug for RedisEventLog {
@@ -62,25 +62,27 @@ fn deliveries(ids: Vec<StreamId>) -> Vec<Delivery> {
 }
 
 impl RedisEventLog {
-    /// Prepares the connections (opened on first use, reopened after a failure).
+    /// Prepares the connections to one Redis (opened on first use, reopened after a
+    /// failure).
     pub fn connect(url: &str) -> anyhow::Result<Self> {
-        let client = Client::open(url)?;
-        let base = || {
-            ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(Duration::from_secs(2)))
-                .set_number_of_retries(2)
-                .set_min_delay(Duration::from_millis(20))
-                .set_max_delay(Duration::from_millis(500))
-        };
-        let commands = client.get_connection_manager_lazy(
-            base().set_response_timeout(Some(Duration::from_secs(2))),
-        )?;
-        let reader = client.get_connection_manager_lazy(
-            base().set_response_timeout(Some(MAX_BLOCK + Duration::from_secs(2))),
-        )?;
         Ok(Self {
-            commands,
-            reader: std::sync::Arc::new(Mutex::new(reader)),
+            commands: RedisConn::single(url, Duration::from_secs(2))?,
+            reader: std::sync::Arc::new(Mutex::new(RedisConn::single(
+                url,
+                MAX_BLOCK + Duration::from_secs(2),
+            )?)),
+        })
+    }
+
+    /// Prepares the connections to a Redis Cluster seeded by `nodes`; the stream is one key,
+    /// so it lives on the node that owns its slot.
+    pub fn connect_cluster(nodes: &[String]) -> anyhow::Result<Self> {
+        Ok(Self {
+            commands: RedisConn::cluster(nodes, Duration::from_secs(2))?,
+            reader: std::sync::Arc::new(Mutex::new(RedisConn::cluster(
+                nodes,
+                MAX_BLOCK + Duration::from_secs(2),
+            )?)),
         })
     }
 }
