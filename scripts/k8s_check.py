@@ -11,7 +11,8 @@ with a non-zero exit code and says why.
   3. every rendering of the chart and every kustomization in k8s/ passes
      `kubernetes-validate --strict` for the oldest and newest Kubernetes we support;
   4. the rendered workloads carry what SREs rely on (probes, security, rollout, labels);
-  5. the chart and k8s/ agree on ports, probes, security settings, rollout and config;
+  5. the chart and k8s/ agree on ports, probes, security settings, rollout and config, on
+     which components may reach Redis and ScyllaDB, and on the one-replica services;
   6. the real binary accepts the config.toml both produce (`loyalty config --config`);
   7. the Grafana dashboard parses, queries only metrics (and labels) the code defines, and
      the chart and k8s/overlays/production ship the same file in a ConfigMap.
@@ -41,6 +42,13 @@ KUBE_VERSIONS = ["1.30.0", "1.37.0"]
 # Kinds whose schemas come from operators' CRDs, not from Kubernetes itself.
 CRD_KINDS = {"ServiceMonitor", "ScyllaCluster"}
 SERVICES = ["identity", "balance", "promotion", "segmentation", "reporting"]
+# Services whose state is in embedded files under /data: one replica, no autoscaler.
+SINGLE_REPLICA = ["identity", "promotion", "segmentation"]
+# Who reaches which store in the microservices profile: Redis holds balance's hot state and
+# the purchase event stream (promotion appends, segmentation consumes); ScyllaDB holds the
+# ledger (balance) and gets its schema from the migrate Job.
+REDIS_CLIENTS = {"balance", "promotion", "segmentation"}
+SCYLLA_CLIENTS = {"balance", "migrate"}
 
 HELM = os.environ.get("HELM", "helm")
 VALIDATE = os.environ.get("KUBERNETES_VALIDATE", "kubernetes-validate")
@@ -133,6 +141,11 @@ NEGATIVE = [
     ),
     (["services.identity.replicas=2"], "services.identity runs one replica"),
     (["services.promotion.autoscaling.enabled=true"], "services.promotion runs one replica"),
+    (["services.segmentation.replicas=2"], "services.segmentation runs one replica"),
+    (["services.segmentation.autoscaling.enabled=true"], "services.segmentation runs one replica"),
+    (["config.segmentation.reevaluateIntervalMs=-1"], "Must be greater than or equal to 0"),
+    (["config.segmentation.rfmIntervalMs=-5"], "Must be greater than or equal to 0"),
+    (["config.segmentation.everyMs=1"], "Additional property everyMs is not allowed"),
     (
         ["services.balance.autoscaling.minReplicas=9", "services.balance.autoscaling.maxReplicas=3"],
         "services.balance.autoscaling.minReplicas exceeds maxReplicas",
@@ -425,6 +438,63 @@ def binary_accepts(name: str, config: str) -> None:
     ok(f"loyalty config accepts the config.toml of {name}")
 
 
+# ---------------------------------------------------------------- stores and replicas
+
+
+def egress_ports(objs: list[dict]) -> dict[str, set[int]]:
+    """The TCP/UDP ports each component's NetworkPolicy lets it reach."""
+    out: dict[str, set[int]] = {}
+    for p in by_kind(objs, "NetworkPolicy"):
+        component = p["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+        if not component:
+            continue
+        ports = out.setdefault(component, set())
+        for rule in p["spec"].get("egress") or []:
+            ports |= {int(port["port"]) for port in rule.get("ports", [])}
+    return out
+
+
+def store_checks(name: str, objs: list[dict], redis_port: int, scylla_ports: list[int]) -> None:
+    """Only the components that use a store may reach it, and the one-replica services
+    have one replica and no autoscaler."""
+    egress = egress_ports(objs)
+    for component, ports in sorted(egress.items()):
+        reaches_redis = redis_port in ports
+        reaches_scylla = bool(set(scylla_ports) & ports)
+        expect(
+            reaches_redis == (component in REDIS_CLIENTS),
+            f"{name}: {component} {'may' if reaches_redis else 'may not'} reach Redis ({redis_port})",
+        )
+        expect(
+            reaches_scylla == (component in SCYLLA_CLIENTS)
+            and (not reaches_scylla or set(scylla_ports) <= ports),
+            f"{name}: {component} reaches ScyllaDB ports {sorted(set(scylla_ports) & ports)}",
+        )
+    missing = (REDIS_CLIENTS | SCYLLA_CLIENTS) - set(egress)
+    expect(not missing, f"{name}: no NetworkPolicy for {sorted(missing)}")
+    deployments = {
+        d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in by_kind(objs, "Deployment")
+    }
+    scaled = {
+        h["spec"]["scaleTargetRef"]["name"] for h in by_kind(objs, "HorizontalPodAutoscaler")
+    }
+    for component in SINGLE_REPLICA:
+        d = deployments.get(component)
+        expect(d is not None, f"{name}: no Deployment for {component}")
+        expect(d["spec"].get("replicas") == 1, f"{name}: {component} has replicas {d['spec'].get('replicas')}, not 1")
+        expect(d["metadata"]["name"] not in scaled, f"{name}: {component} has a HorizontalPodAutoscaler")
+        mounts = {m["mountPath"]: m["name"] for m in pod_spec(d)["containers"][0].get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in pod_spec(d).get("volumes", [])}
+        expect(
+            "/data" in mounts and "emptyDir" in volumes.get(mounts["/data"], {}),
+            f"{name}: {component} has no writable /data (emptyDir)",
+        )
+    ok(
+        f"{name}: Redis egress only for {', '.join(sorted(REDIS_CLIENTS))}; ScyllaDB only for "
+        f"{', '.join(sorted(SCYLLA_CLIENTS))}; {', '.join(SINGLE_REPLICA)}: one replica, no HPA, /data emptyDir"
+    )
+
+
 # ---------------------------------------------------------------- chart and k8s/ agree
 
 
@@ -470,6 +540,11 @@ def agree(name: str, chart: list[dict], plain: list[dict]) -> None:
         }
 
     problems += diff(service_ports(chart), service_ports(plain), ".services")
+    problems += diff(
+        {c: sorted(p) for c, p in egress_ports(chart).items()},
+        {c: sorted(p) for c, p in egress_ports(plain).items()},
+        ".egress",
+    )
     chart_toml, plain_toml = tomllib.loads(config_of(chart)), tomllib.loads(config_of(plain))
     problems += diff(chart_toml, plain_toml, ".config.toml")
     if problems:
@@ -728,6 +803,17 @@ def main() -> int:
             expect(required in built, f"{required} is missing")
         for rel in ("k8s/base", "k8s/overlays/production", "k8s/overlays/dev", "k8s/all-in-one"):
             workload_checks(rel, built[rel], drain)
+
+        print("==> stores and replicas")
+        redis_port, scylla_ports = values["redis"]["port"], values["scylla"]["ports"]
+        store_checks("chart (microservices)", microservices, redis_port, scylla_ports)
+        store_checks("chart (every option on)", everything, redis_port, scylla_ports)
+        for rel in ("k8s/base", "k8s/overlays/production", "k8s/overlays/dev"):
+            store_checks(rel, built[rel], redis_port, scylla_ports)
+        for name, objs in (("chart (dev profile)", dev), ("k8s/all-in-one", built["k8s/all-in-one"])):
+            reached = {c: p & ({redis_port} | set(scylla_ports)) for c, p in egress_ports(objs).items()}
+            expect(not any(reached.values()), f"{name}: reaches store ports {reached}")
+        ok("chart (dev profile), k8s/all-in-one: no egress to Redis or ScyllaDB")
 
         print("==> the chart and k8s/ agree")
         agree("microservices (k8s/base)", microservices, built["k8s/base"])

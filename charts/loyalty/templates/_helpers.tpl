@@ -254,4 +254,8 @@ default_region = {{ .Values.config.identity.defaultRegion | quote }}
 [balance]
 expiry_interval_ms = {{ .Values.config.balance.expiryIntervalMs | int }}
 expiry_batch = {{ .Values.config.balance.expiryBatch | int }}
+
+[segmentation]
+reevaluate_interval_ms = {{ .Values.config.segmentation.reevaluateIntervalMs | int }}
+rfm_interval_ms = {{ .Values.config.segmentation.rfmIntervalMs | int }}
 {{- end }}
