@@ -30,6 +30,8 @@ enum Scenario {
     Balance,
     /// Balance operations alone: accruals and redemptions (up to what is available), 1:1.
     Points,
+    /// The segments of a member (the POS's targeting lookup) alone.
+    Segments,
     /// The steady mix ramping to --peak-factor times the rate, a spike, then holding.
     BlackFriday,
     /// A trading day (the model's daily shape) compressed into the run.
@@ -117,6 +119,7 @@ fn mix(scenario: Scenario) -> Vec<(Rpc, f64)> {
         Scenario::Refund => vec![(Rpc::Refund, 1.0), (Rpc::Commit, 1.0)],
         Scenario::Balance => vec![(Rpc::GetBalance, 1.0)],
         Scenario::Points => vec![(Rpc::Accrue, 1.0), (Rpc::Redeem, 1.0)],
+        Scenario::Segments => vec![(Rpc::GetMemberSegments, 1.0)],
         // Per receipt: a card lookup when identified (60%), a quote, the commit; about 2% of
         // receipts come back as partial refunds; the app checks balances; a few customers
         // register at the till.

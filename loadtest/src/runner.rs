@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use loyalty_proto::common::v1::Decimal;
-use loyalty_proto::{balance::v1 as bpb, identity::v1 as ipb, promotion::v1 as ppb};
+use loyalty_proto::{
+    balance::v1 as bpb, identity::v1 as ipb, promotion::v1 as ppb, segmentation::v1 as spb,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::Semaphore;
@@ -76,7 +78,40 @@ pub async fn setup(
     setup_members(model, clients, concurrency).await
 }
 
+/// A few dynamic segments of the kind chains target, so membership lookups answer something.
+const SEGMENTS: [(&str, &str); 3] = [
+    ("active-30d", "purchase_count_30d > 0"),
+    ("regulars", "purchase_count_365d >= 3"),
+    ("big-spenders", "spend_365d > 100000"),
+];
+
+async fn setup_segments(model: &Model, clients: &Clients) -> anyhow::Result<()> {
+    let mut client =
+        spb::segmentation_service_client::SegmentationServiceClient::new(clients.channel());
+    for (id, predicate) in SEGMENTS {
+        let created = client
+            .create_segment(clients.request(spb::CreateSegmentRequest {
+                segment: Some(spb::Segment {
+                    tenant_id: model.config.tenant.clone(),
+                    segment_id: id.into(),
+                    name: id.into(),
+                    kind: spb::SegmentKind::Dynamic as i32,
+                    predicate: predicate.into(),
+                    ..Default::default()
+                }),
+            }))
+            .await;
+        match created {
+            Ok(_) => {}
+            Err(status) if status.code() == tonic::Code::AlreadyExists => {}
+            Err(status) => anyhow::bail!("creating segment {id}: {status}"),
+        }
+    }
+    Ok(())
+}
+
 async fn setup_program_and_catalog(model: &Model, clients: &Clients) -> anyhow::Result<()> {
+    setup_segments(model, clients).await?;
     let tenant = model.config.tenant.clone();
     let mut program = ppb::program_service_client::ProgramServiceClient::new(clients.channel());
     program
@@ -378,6 +413,17 @@ impl Workload {
                     bpb::balance_service_client::BalanceServiceClient::new(c.channel());
                 client
                     .get_balance(c.request(bpb::GetBalanceRequest {
+                        tenant_id: tenant,
+                        member_id: self.member_ids.get(i).cloned().unwrap_or_default(),
+                    }))
+                    .await?;
+            }
+            Rpc::GetMemberSegments => {
+                let i = self.model.member(&mut rng);
+                let mut client =
+                    spb::segmentation_service_client::SegmentationServiceClient::new(c.channel());
+                client
+                    .get_member_segments(c.request(spb::GetMemberSegmentsRequest {
                         tenant_id: tenant,
                         member_id: self.member_ids.get(i).cloned().unwrap_or_default(),
                     }))

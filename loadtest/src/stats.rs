@@ -18,6 +18,7 @@ pub enum Rpc {
     GetBalance,
     Accrue,
     Redeem,
+    GetMemberSegments,
 }
 
 impl Rpc {
@@ -31,6 +32,9 @@ impl Rpc {
             Rpc::GetBalance => "loyalty.balance.v1.BalanceService/GetBalance",
             Rpc::Accrue => "loyalty.balance.v1.BalanceService/Accrue",
             Rpc::Redeem => "loyalty.balance.v1.BalanceService/Redeem",
+            Rpc::GetMemberSegments => {
+                "loyalty.segmentation.v1.SegmentationService/GetMemberSegments"
+            }
         }
     }
 }
