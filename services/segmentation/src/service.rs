@@ -13,7 +13,7 @@ use crate::expr::{self, Clause, Context, Expr};
 use crate::features::Features;
 use crate::rfm::{self, Inputs, Score};
 use crate::store::{
-    FeatureChange, MembershipChange, RfmRun, SegmentDef, SegmentKind, SegmentationStore,
+    FeatureChange, MembershipChange, RfmRun, SegmentDef, SegmentKind, SegmentationStore, Touched,
 };
 
 /// Longest segment name.
@@ -81,38 +81,29 @@ impl Segmentation {
         }
         let now = self.now();
         let touched = self.store.apply_changes(changes, now).await?;
-        let mut by_tenant: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-        for (tenant, member) in &touched {
-            by_tenant
-                .entry(tenant.clone())
-                .or_default()
-                .push(member.clone());
+        let count = touched.len();
+        let mut by_tenant: std::collections::BTreeMap<String, Vec<Touched>> = Default::default();
+        for t in touched {
+            by_tenant.entry(t.tenant_id.clone()).or_default().push(t);
         }
+        let cx = Context { now };
         for (tenant, members) in by_tenant {
             let segments = self.compiled(&tenant).await?;
             if segments.iter().all(|s| s.expr.is_none()) {
                 continue;
             }
             let mut flags = Vec::new();
-            for member in members {
-                let features = self
-                    .store
-                    .features(&tenant, &member)
-                    .await?
-                    .unwrap_or_default();
+            for t in members {
                 for s in &segments {
                     if let Some(e) = &s.expr {
-                        flags.push((
-                            member.clone(),
-                            s.def.segment_id.clone(),
-                            e.matches(&features, Context { now }),
-                        ));
+                        let member = e.matches(&t.features, cx);
+                        flags.push((t.member_id.clone(), s.def.segment_id.clone(), member));
                     }
                 }
             }
             self.store.set_memberships(&tenant, flags, now).await?;
         }
-        Ok(touched.len())
+        Ok(count)
     }
 
     /// Re-evaluates `segments` (all dynamic ones of the tenant when None) for every member

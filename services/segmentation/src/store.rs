@@ -55,6 +55,14 @@ pub struct MembershipChange {
     pub time: Millis,
 }
 
+/// A member whose features an event changed, with the features after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Touched {
+    pub tenant_id: String,
+    pub member_id: String,
+    pub features: Features,
+}
+
 /// One published RFM computation of a tenant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RfmRun {
@@ -66,12 +74,9 @@ pub struct RfmRun {
 #[async_trait::async_trait]
 pub trait SegmentationStore: Send + Sync + std::fmt::Debug {
     /// Applies each change whose event id has not been applied for its tenant, atomically
-    /// with remembering the id, and returns the (tenant, member) pairs that changed.
-    async fn apply_changes(
-        &self,
-        changes: Vec<FeatureChange>,
-        now: Millis,
-    ) -> Result<Vec<(String, String)>>;
+    /// with remembering the id, and returns the members that changed with their features.
+    async fn apply_changes(&self, changes: Vec<FeatureChange>, now: Millis)
+    -> Result<Vec<Touched>>;
 
     async fn features(&self, tenant_id: &str, member_id: &str) -> Result<Option<Features>>;
 

@@ -15,7 +15,8 @@ use loyalty_platform::error::Result;
 use redb::{ReadableTable, TableDefinition};
 
 use super::{
-    Change, DEDUP_WINDOW_MS, FeatureChange, MembershipChange, RfmRun, SegmentDef, SegmentationStore,
+    Change, DEDUP_WINDOW_MS, FeatureChange, MembershipChange, RfmRun, SegmentDef,
+    SegmentationStore, Touched,
 };
 use crate::features::Features;
 use crate::rfm::Score;
@@ -133,13 +134,14 @@ impl SegmentationStore for EmbeddedSegmentationStore {
         &self,
         changes: Vec<FeatureChange>,
         now: Millis,
-    ) -> Result<Vec<(String, String)>> {
+    ) -> Result<Vec<Touched>> {
         self.db
             .write(move |txn| {
                 let mut applied = txn.open_table(APPLIED).map_err(e)?;
                 let mut by_time = txn.open_table(APPLIED_BY_TIME).map_err(e)?;
                 let mut features = txn.open_table(FEATURES).map_err(e)?;
-                let mut changed = BTreeSet::new();
+                let mut changed: std::collections::BTreeMap<(String, String), Features> =
+                    Default::default();
                 for c in &changes {
                     let ak = key(&[&c.tenant_id, &c.event_id]);
                     if applied.get(ak.as_str()).map_err(e)?.is_some() {
@@ -150,13 +152,17 @@ impl SegmentationStore for EmbeddedSegmentationStore {
                         .insert(key(&[&padded(now), &c.tenant_id, &c.event_id]).as_str(), ())
                         .map_err(e)?;
                     let fk = key(&[&c.tenant_id, &c.member_id]);
-                    let mut f: Features = get_record(&features, &fk)?.unwrap_or_default();
+                    let id = (c.tenant_id.clone(), c.member_id.clone());
+                    let mut f: Features = match changed.remove(&id) {
+                        Some(f) => f,
+                        None => get_record(&features, &fk)?.unwrap_or_default(),
+                    };
                     match &c.change {
                         Change::Purchase(p) => f.apply_purchase(p),
                         Change::Refund(r) => f.apply_refund(r),
                     }
                     put_record(&mut features, &fk, &f)?;
-                    changed.insert((c.tenant_id.clone(), c.member_id.clone()));
+                    changed.insert(id, f);
                 }
                 // Forget ids older than the window, a bounded number per call.
                 let horizon = padded(now - DEDUP_WINDOW_MS);
@@ -174,7 +180,14 @@ impl SegmentationStore for EmbeddedSegmentationStore {
                         applied.remove(key(&[tenant, event]).as_str()).map_err(e)?;
                     }
                 }
-                Ok(changed.into_iter().collect())
+                Ok(changed
+                    .into_iter()
+                    .map(|((tenant_id, member_id), features)| Touched {
+                        tenant_id,
+                        member_id,
+                        features,
+                    })
+                    .collect())
             })
             .await
     }
