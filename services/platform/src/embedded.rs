@@ -34,12 +34,15 @@ trait WriteJob: Send {
     fn run(&mut self, txn: &WriteTransaction) -> Result<(), ()>;
     /// Reports the outcome after the commit (or its failure).
     fn finish(self: Box<Self>, committed: Result<(), &anyhow::Error>);
+    /// Whether the caller must not be answered before the write is on disk.
+    fn durable(&self) -> bool;
 }
 
 struct Pending<F, R> {
     f: F,
     outcome: Option<Result<R>>,
     reply: oneshot::Sender<Result<R>>,
+    durable: bool,
 }
 
 impl<F, R> WriteJob for Pending<F, R>
@@ -64,6 +67,10 @@ where
         };
         // The caller may have gone away (cancelled request); the write stands regardless.
         let _ = self.reply.send(outcome);
+    }
+
+    fn durable(&self) -> bool {
+        self.durable
     }
 }
 
@@ -114,6 +121,18 @@ impl EmbeddedDb {
         self.submit(f).await?.await
     }
 
+    /// Runs `f` in a write transaction and returns once it is committed and visible, but
+    /// maybe not yet on disk: it becomes durable with the next durable commit, and a crash
+    /// before that loses it. For bookkeeping whose loss only repeats work (an event log's
+    /// delivery marks), never for anything acknowledged as stored.
+    pub async fn write_lazily<R, F>(&self, f: F) -> Result<R>
+    where
+        F: FnMut(&WriteTransaction) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        self.queue(f, false).await?.await
+    }
+
     /// Queues `f` for the writer and returns once it is queued; the returned future
     /// resolves once its effects are durable. Writes run in the order they were queued, so
     /// a caller can keep order without waiting for each commit.
@@ -125,11 +144,24 @@ impl EmbeddedDb {
         F: FnMut(&WriteTransaction) -> Result<R> + Send + 'static,
         R: Send + 'static,
     {
+        self.queue(f, true).await
+    }
+
+    async fn queue<R, F>(
+        &self,
+        f: F,
+        durable: bool,
+    ) -> Result<impl std::future::Future<Output = Result<R>> + Send + 'static>
+    where
+        F: FnMut(&WriteTransaction) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(Pending {
             f,
             outcome: None,
             reply,
+            durable,
         });
         self.writes
             .send(job)
@@ -205,7 +237,11 @@ fn commit_batch(db: &Database, batch: &mut Vec<Job>) {
 /// Runs the jobs in one transaction. `Ok(None)`: committed. `Ok(Some(i))`: job `i` failed
 /// (or panicked) and the transaction was aborted.
 fn run_in_one_transaction(db: &Database, jobs: &mut [Job]) -> anyhow::Result<Option<usize>> {
-    let txn = db.begin_write().context("beginning a write transaction")?;
+    let mut txn = db.begin_write().context("beginning a write transaction")?;
+    if !jobs.iter().any(|j| j.durable()) {
+        txn.set_durability(redb::Durability::None)
+            .context("setting a lazy commit")?;
+    }
     for (i, job) in jobs.iter_mut().enumerate() {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(&txn)));
         if !matches!(outcome, Ok(Ok(()))) {

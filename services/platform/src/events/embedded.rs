@@ -71,8 +71,10 @@ impl EmbeddedEventLog {
         max: usize,
     ) -> Result<Vec<Delivery>> {
         let (stream, group, consumer) = (stream.to_owned(), group.to_owned(), consumer.to_owned());
+        // Delivery marks need not be on disk: after a crash they are gone and the entries
+        // are delivered again, which at-least-once allows.
         self.db
-            .write(move |txn| {
+            .write_lazily(move |txn| {
                 let mut groups = txn.open_table(GROUPS).map_err(storage_error)?;
                 let Some(last) = groups
                     .get((stream.as_str(), group.as_str()))
@@ -214,8 +216,9 @@ impl EventLog for EmbeddedEventLog {
             .map(|id| seq_of(id))
             .collect::<Result<Vec<_>>>()?;
         let (stream, group) = (stream.to_owned(), group.to_owned());
+        // A lost acknowledgement only means a redelivery.
         self.db
-            .write(move |txn| {
+            .write_lazily(move |txn| {
                 let mut pending = txn.open_table(PENDING).map_err(storage_error)?;
                 for seq in &seqs {
                     pending
@@ -267,7 +270,7 @@ impl EventLog for EmbeddedEventLog {
         let min_idle = i64::try_from(min_idle.as_millis()).unwrap_or(i64::MAX);
         let (stream, group, consumer) = (stream.to_owned(), group.to_owned(), consumer.to_owned());
         self.db
-            .write(move |txn| {
+            .write_lazily(move |txn| {
                 let mut pending = txn.open_table(PENDING).map_err(storage_error)?;
                 let entries = txn.open_table(ENTRIES).map_err(storage_error)?;
                 let now = now_ms();
