@@ -302,6 +302,62 @@ async fn purchases_drive_segments(
     assert_eq!(rest.changes.len(), 1, "entered only-polar at creation");
     assert!(rest.changes[0].entered && rest.changes[0].segment_id == "only-polar");
 
+    // Member events: registration is known at once; consents and the birthday follow the
+    // profile (a segment on them, computed at creation, then moved by the events).
+    let f = features(&mut seg, &anna).await;
+    assert!(f.registered_at.is_some(), "{f:?}");
+    assert!(!f.contactable);
+    seg.create_segment(dynamic(
+        "sms-birthday",
+        "contactable_sms and days_to_birthday <= 400",
+    ))
+    .await
+    .unwrap();
+    assert!(
+        !segments_of(&mut seg, &anna)
+            .await
+            .contains(&"sms-birthday".to_string())
+    );
+    pos.members
+        .set_consents(identity::SetConsentsRequest {
+            tenant_id: TENANT.into(),
+            member_id: anna.clone(),
+            consents: vec![identity::Consent {
+                channel: identity::ConsentChannel::Sms as i32,
+                granted: true,
+                recorded_at: None,
+                source: "pos".into(),
+            }],
+        })
+        .await
+        .unwrap();
+    pos.members
+        .update_profile(identity::UpdateProfileRequest {
+            tenant_id: TENANT.into(),
+            member_id: anna.clone(),
+            member: Some(identity::Member {
+                birthday: Some(loyalty_proto::common::v1::Date {
+                    year: 1991,
+                    month: 3,
+                    day: 8,
+                }),
+                ..Default::default()
+            }),
+            update_mask: vec!["birthday".into()],
+        })
+        .await
+        .unwrap();
+    wait_for_segments(&mut seg, &anna, &["sms-birthday"]).await;
+    let f = features(&mut seg, &anna).await;
+    assert!(f.contactable);
+    assert_eq!(f.birthday.map(|d| (d.month, d.day)), Some((3, 8)));
+    seg.delete_segment(spb::DeleteSegmentRequest {
+        tenant_id: TENANT.into(),
+        segment_id: "sms-birthday".into(),
+    })
+    .await
+    .unwrap();
+
     // RFM on demand: two scored members; Boris spent more in the year (90,000 against 35,000
     // after Anna's refund) and bought more often, so he scores higher on both.
     let err = seg
@@ -442,19 +498,18 @@ async fn microservices_events_cross_processes_on_redis_streams() {
         (anna.clone(), features(&mut seg, &anna).await)
     };
     segmentation.stop().await;
-    let out = std::process::Command::new("redis-cli")
-        .args([
-            "-p",
-            &redis.port().to_string(),
-            "xgroup",
-            "setid",
-            "ev:{purchases}",
-            "segmentation",
-            "0",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+    for stream in ["ev:{purchases}", "ev:{members}"] {
+        let port = redis.port().to_string();
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &port, "xgroup", "setid", stream, "segmentation", "0"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "OK",
+            "{stream}"
+        );
+    }
     let dir_c = tempfile::tempdir().unwrap();
     let segmentation = Server::start(redis_env(Launch::serve("segmentation")), dir_c.path()).await;
     let mut seg = SegmentationServiceClient::new(segmentation.channel().await);

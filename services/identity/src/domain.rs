@@ -8,6 +8,7 @@ use loyalty_platform::types::{Channel, check_tenant};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::events::{MemberEvents, MemberSnapshot, NoMemberEvents};
 use crate::store::{IdentityStore, Replaced};
 
 const MAX_NAME_LEN: usize = 100;
@@ -280,6 +281,7 @@ pub struct Identity {
     clock: SharedClock,
     default_region: String,
     questionnaire: Vec<String>,
+    events: Arc<dyn MemberEvents>,
 }
 
 impl Identity {
@@ -291,7 +293,23 @@ impl Identity {
             questionnaire: ["first_name", "last_name", "gender", "birthday"]
                 .map(String::from)
                 .to_vec(),
+            events: Arc::new(NoMemberEvents),
         }
+    }
+
+    /// Where member events go (nowhere by default).
+    #[must_use]
+    pub fn with_events(mut self, events: Arc<dyn MemberEvents>) -> Self {
+        self.events = events;
+        self
+    }
+
+    /// Publishes the member's snapshot; the caller is answered only after it.
+    async fn publish(&self, member: &Member, profile: &Profile) -> Result<()> {
+        let complete = self.questionnaire_complete(member, profile);
+        self.events
+            .member_changed(MemberSnapshot::of(member, profile, complete))
+            .await
     }
 
     /// The profile fields that make the questionnaire complete (names from
@@ -396,6 +414,7 @@ impl Identity {
                 profile.attributes.clone_from(attributes);
             }
             if self.save(&mut member, &mut profile, before.version).await? {
+                self.publish(&member, &profile).await?;
                 return Ok((member, profile));
             }
         }
@@ -456,6 +475,7 @@ impl Identity {
             }
             profile.consents.sort_by_key(|c| c.channel);
             if self.save(&mut member, &mut profile, before.version).await? {
+                self.publish(&member, &profile).await?;
                 return Ok((member, profile));
             }
         }
@@ -543,7 +563,10 @@ impl Identity {
         };
         for _ in 0..GENERATION_ATTEMPTS {
             match self.store.insert_member(&member).await? {
-                Inserted::Done => return Ok(member),
+                Inserted::Done => {
+                    self.publish(&member, &Profile::default()).await?;
+                    return Ok(member);
+                }
                 Inserted::PhoneTaken => {
                     return Err(Error::AlreadyExists(format!(
                         "a member with phone {} already exists",

@@ -4,7 +4,9 @@
 //! its backends, `grpc` the adapter.
 
 pub mod domain;
+pub mod events;
 pub mod grpc;
+pub mod publish;
 pub mod store;
 
 pub use domain::Identity;

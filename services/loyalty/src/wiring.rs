@@ -14,6 +14,7 @@ use loyalty_balance::store::redis::RedisBalanceStore;
 use loyalty_balance::store::scylla::ScyllaLedger;
 use loyalty_balance::store::{BalanceStore, Ledger};
 use loyalty_identity::Identity;
+use loyalty_identity::publish::LogMemberEvents;
 use loyalty_identity::store::embedded::EmbeddedIdentityStore;
 use loyalty_platform::clock::SharedClock;
 use loyalty_platform::config::{Backend, BalanceSettings, Config};
@@ -188,6 +189,40 @@ pub async fn build(
     let mut routes = Routes::default();
     let mut health = Vec::new();
 
+    // The event stream from identity and promotion (producers) to segmentation (consumer): an
+    // embedded log in dev mode, Redis Streams on the Redis backends.
+    let events: Option<SharedEventLog> = if runs(ServiceName::Identity)
+        || runs(ServiceName::Promotion)
+        || runs(ServiceName::Segmentation)
+    {
+        Some(match config.storage.backend {
+            Backend::Embedded => Arc::new(EmbeddedEventLog::open(&dir.join("events.redb"))?),
+            Backend::Redis | Backend::Scylla => {
+                let redis = &config.storage.redis;
+                Arc::new(if redis.cluster_nodes.is_empty() {
+                    RedisEventLog::connect(&redis.url)
+                        .context("bad configuration: `storage.redis.url` (the event stream)")?
+                } else {
+                    RedisEventLog::connect_cluster(&redis.cluster_nodes).context(
+                        "bad configuration: `storage.redis.cluster_nodes` (the event stream)",
+                    )?
+                })
+            }
+        })
+    } else {
+        None
+    };
+    let producers = [ServiceName::Identity, ServiceName::Promotion];
+    if config.storage.backend == Backend::Embedded
+        && producers
+            .iter()
+            .any(|p| runs(*p) != runs(ServiceName::Segmentation))
+    {
+        tracing::warn!(
+            "the embedded event log is local to this process: member and purchase events reach segmentation only when identity, promotion and segmentation run in one process (use the redis backend to split them)"
+        );
+    }
+
     let identity = if runs(ServiceName::Identity) {
         let store = Arc::new(EmbeddedIdentityStore::open(&dir.join("identity.redb"))?);
         let identity = Identity::new(
@@ -195,17 +230,29 @@ pub async fn build(
             clock.clone(),
             config.identity.default_region.clone(),
         )
-        .with_questionnaire(config.identity.questionnaire.clone());
+        .with_questionnaire(config.identity.questionnaire.clone())
+        .with_events(Arc::new(LogMemberEvents::new(
+            events
+                .clone()
+                .context("the event log is opened for identity")?,
+        )));
         routes = loyalty_identity::grpc::add_routes(routes, identity.clone(), max);
         let probe = identity.clone();
+        let stream = events
+            .clone()
+            .context("the event log is opened for identity")?;
         health.push(entry(loyalty_identity::grpc::SERVICE_NAMES, move || {
-            let probe = probe.clone();
+            let (probe, stream) = (probe.clone(), stream.clone());
             async move {
                 probe
                     .store()
                     .ping()
                     .await
-                    .map_err(|e| format!("identity store: {e}"))
+                    .map_err(|e| format!("identity store: {e}"))?;
+                stream
+                    .ping()
+                    .await
+                    .map_err(|e| format!("event stream: {e}"))
             }
         }));
         Some(identity)
@@ -267,35 +314,6 @@ pub async fn build(
     } else {
         None
     };
-
-    // The event stream between promotion (producer) and segmentation (consumer): an embedded
-    // log in dev mode, Redis Streams on the Redis backends.
-    let events: Option<SharedEventLog> =
-        if runs(ServiceName::Promotion) || runs(ServiceName::Segmentation) {
-            Some(match config.storage.backend {
-                Backend::Embedded => Arc::new(EmbeddedEventLog::open(&dir.join("events.redb"))?),
-                Backend::Redis | Backend::Scylla => {
-                    let redis = &config.storage.redis;
-                    Arc::new(if redis.cluster_nodes.is_empty() {
-                        RedisEventLog::connect(&redis.url)
-                            .context("bad configuration: `storage.redis.url` (the event stream)")?
-                    } else {
-                        RedisEventLog::connect_cluster(&redis.cluster_nodes).context(
-                            "bad configuration: `storage.redis.cluster_nodes` (the event stream)",
-                        )?
-                    })
-                }
-            })
-        } else {
-            None
-        };
-    if config.storage.backend == Backend::Embedded
-        && runs(ServiceName::Promotion) != runs(ServiceName::Segmentation)
-    {
-        tracing::warn!(
-            "the embedded event log is local to this process: purchases reach segmentation only when both run in one process (use the redis backend to split them)"
-        );
-    }
 
     let (checkout, admin) = if runs(ServiceName::Promotion) {
         let store: Arc<dyn loyalty_promotion::store::PromotionStore> =
@@ -370,11 +388,14 @@ pub async fn build(
                 log.ping().await.map_err(|e| format!("event stream: {e}"))
             }
         }));
-        tokio::spawn(loyalty_segmentation::consumer::run(
-            segmentation.clone(),
-            log,
-            consumer_name(),
-        ));
+        for stream in loyalty_segmentation::consumer::STREAMS {
+            tokio::spawn(loyalty_segmentation::consumer::run(
+                segmentation.clone(),
+                log.clone(),
+                stream,
+                consumer_name(),
+            ));
+        }
         let rfm_every = config.segmentation.rfm_interval_ms;
         if rfm_every > 0 {
             tokio::spawn(loyalty_segmentation::consumer::schedule_rfm(

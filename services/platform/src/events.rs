@@ -23,6 +23,8 @@ pub use embedded::EmbeddedEventLog;
 
 /// The stream purchase and refund events go to (promotion produces them).
 pub const PURCHASES: &str = "purchases";
+/// The stream member events go to (identity produces them).
+pub const MEMBERS: &str = "members";
 
 /// Longest payload accepted by `append`.
 pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;

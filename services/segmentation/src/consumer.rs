@@ -6,13 +6,13 @@
 use std::time::Duration;
 
 use loyalty_platform::clock::Millis;
-use loyalty_platform::events::{Delivery, PURCHASES, SharedEventLog};
+use loyalty_platform::events::{Delivery, MEMBERS, PURCHASES, SharedEventLog};
 use loyalty_platform::grpc::millis;
 use loyalty_proto::events::v1 as pb;
 use prost::Message;
 use rust_decimal::Decimal;
 
-use crate::features::{PurchaseFacts, RefundFacts};
+use crate::features::{Consents, MemberData, PurchaseFacts, RefundFacts};
 use crate::service::Segmentation;
 use crate::store::{Change, FeatureChange};
 
@@ -62,6 +62,32 @@ pub fn decode(payload: &[u8]) -> Option<FeatureChange> {
                 points_balance: p.points_balance,
             }),
         ),
+        pb::event::Kind::Member(m) => (
+            m.member_id.clone(),
+            Change::Member(MemberData {
+                known: true,
+                active: m.active,
+                registered_at: m.registration_time.as_ref().map(millis),
+                first_store: m.store_id.clone(),
+                birthday: m.birthday.as_ref().and_then(|d| {
+                    let month = u32::try_from(d.month)
+                        .ok()
+                        .filter(|m| (1..=12).contains(m))?;
+                    let day = u32::try_from(d.day).ok().filter(|d| (1..=31).contains(d))?;
+                    Some((month, day, (d.year > 0).then_some(d.year)))
+                }),
+                consents: Consents {
+                    sms: m.contactable_sms,
+                    email: m.contactable_email,
+                    push: m.contactable_push,
+                    messenger: m.contactable_messenger,
+                },
+                questionnaire_complete: m.questionnaire_complete,
+                referred: m.referred,
+                tier_id: String::new(),
+                version: m.version,
+            }),
+        ),
         pb::event::Kind::Refund(r) => (
             r.member_id.clone(),
             Change::Refund(RefundFacts {
@@ -94,13 +120,21 @@ pub async fn apply_batch(
     Ok(())
 }
 
-/// Consumes the purchase stream for as long as the process runs. Stopping at any point is
-/// safe: a batch is acknowledged only after its effect is durable, so one cut short is
-/// delivered again (and deduplicated).
-pub async fn run(segmentation: Segmentation, log: SharedEventLog, consumer: String) {
+/// The streams segmentation consumes.
+pub const STREAMS: [&str; 2] = [PURCHASES, MEMBERS];
+
+/// Consumes `stream` for as long as the process runs. Stopping at any point is safe: a batch
+/// is acknowledged only after its effect is durable, so one cut short is delivered again
+/// (and deduplicated).
+pub async fn run(
+    segmentation: Segmentation,
+    log: SharedEventLog,
+    stream: &'static str,
+    consumer: String,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match step(&segmentation, &log, &consumer).await {
+        match step(&segmentation, &log, stream, &consumer).await {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(err) => {
                 tracing::warn!(error = %err, "event consumer step failed; retrying");
@@ -114,15 +148,16 @@ pub async fn run(segmentation: Segmentation, log: SharedEventLog, consumer: Stri
 async fn step(
     segmentation: &Segmentation,
     log: &SharedEventLog,
+    stream: &'static str,
     consumer: &str,
 ) -> loyalty_platform::error::Result<()> {
-    log.create_group(PURCHASES, GROUP).await?;
+    log.create_group(stream, GROUP).await?;
     let mut batch = log
-        .claim(PURCHASES, GROUP, consumer, CLAIM_IDLE, BATCH)
+        .claim(stream, GROUP, consumer, CLAIM_IDLE, BATCH)
         .await?;
     if batch.is_empty() {
         batch = log
-            .read(PURCHASES, GROUP, consumer, BATCH, Duration::from_secs(1))
+            .read(stream, GROUP, consumer, BATCH, Duration::from_secs(1))
             .await?;
     }
     if batch.is_empty() {
@@ -131,14 +166,14 @@ async fn step(
     let full = batch.len() >= BATCH;
     apply_batch(segmentation, &batch).await?;
     let ids: Vec<String> = batch.into_iter().map(|d| d.id).collect();
-    log.ack(PURCHASES, GROUP, &ids).await?;
+    log.ack(stream, GROUP, &ids).await?;
     if !full {
         // Let events gather: a few larger batches cost the disk far less than many small
         // ones, for a few milliseconds of delay.
         tokio::time::sleep(GATHER).await;
     }
-    if let Ok(lag) = log.lag(PURCHASES, GROUP).await {
-        metrics::gauge!("loyalty_event_stream_lag", "stream" => PURCHASES, "group" => GROUP)
+    if let Ok(lag) = log.lag(stream, GROUP).await {
+        metrics::gauge!("loyalty_event_stream_lag", "stream" => stream, "group" => GROUP)
             .set(lag.undelivered as f64 + lag.pending as f64);
     }
     Ok(())

@@ -53,7 +53,12 @@ pub struct Affinity {
 /// The member-data part of the features (from member events).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberData {
+    /// Whether a member event has arrived at all.
+    pub known: bool,
+    pub active: bool,
     pub registered_at: Option<Millis>,
+    /// Where the member registered.
+    pub first_store: String,
     /// (month, day), and the year when known.
     pub birthday: Option<(u32, u32, Option<i32>)>,
     pub consents: Consents,
@@ -197,6 +202,17 @@ impl Features {
             self.points_balance_at = p.time;
         }
         self.prune();
+    }
+
+    /// Keeps the newer of the two snapshots (by version; on a tie, the incoming one, which is
+    /// the same snapshot delivered again).
+    pub fn apply_member(&mut self, m: &MemberData) {
+        if !self.member.known || m.version >= self.member.version {
+            self.member = MemberData {
+                known: true,
+                ..m.clone()
+            };
+        }
     }
 
     pub fn apply_refund(&mut self, r: &RefundFacts) {
@@ -343,5 +359,32 @@ mod tests {
         let in_2024 = calendar::day_from_civil(2024, 3, 1) * DAY_MS;
         assert_eq!(f.previous_year(in_2024).spend, Decimal::from(10));
         assert_eq!(f.previous_year(jan_2023).spend, Decimal::ZERO);
+    }
+
+    #[test]
+    fn the_newest_member_snapshot_wins_in_any_order() {
+        let snapshot = |version: i64, sms: bool| MemberData {
+            known: true,
+            active: true,
+            registered_at: Some(T0),
+            consents: Consents {
+                sms,
+                ..Consents::default()
+            },
+            version,
+            ..MemberData::default()
+        };
+        let (v0, v1, v2) = (snapshot(0, false), snapshot(1, true), snapshot(2, false));
+        let mut forward = Features::default();
+        for m in [&v0, &v1, &v2, &v1] {
+            forward.apply_member(m);
+        }
+        let mut backward = Features::default();
+        for m in [&v2, &v0, &v1] {
+            backward.apply_member(m);
+        }
+        assert_eq!(forward, backward);
+        assert_eq!(forward.member, v2);
+        assert!(!forward.member.consents.sms);
     }
 }

@@ -6,7 +6,7 @@ use loyalty_platform::clock::Millis;
 use loyalty_platform::error::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::features::{Features, PurchaseFacts, RefundFacts};
+use crate::features::{Features, MemberData, PurchaseFacts, RefundFacts};
 use crate::rfm::Score;
 
 /// Most segments per tenant.
@@ -19,6 +19,8 @@ pub const DEDUP_WINDOW_MS: Millis = 30 * loyalty_platform::clock::DAY_MS;
 pub enum Change {
     Purchase(PurchaseFacts),
     Refund(RefundFacts),
+    /// A member snapshot: replaces the member data when its version is newer.
+    Member(MemberData),
 }
 
 /// One event's effect on one member.

@@ -6,6 +6,7 @@
 //! (a blocked command would hold up everything queued behind it on a multiplexed connection),
 //! with a response timeout longer than the block.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use redis::streams::{
@@ -25,11 +26,15 @@ pub const MAX_RETAINED: usize = 5_000_000;
 const MAX_BLOCK: Duration = Duration::from_secs(5);
 const FIELD: &str = "e";
 
+type Reader = std::sync::Arc<Mutex<RedisConn>>;
+
 #[derive(Clone)]
 pub struct RedisEventLog {
     commands: RedisConn,
-    /// One blocking reader at a time per process (consumers of one process take turns).
-    reader: std::sync::Arc<Mutex<RedisConn>>,
+    /// A connection per stream for blocking reads (a blocked read holds up its connection;
+    /// consumers of one stream in a process take turns on it).
+    readers: std::sync::Arc<std::sync::Mutex<HashMap<String, Reader>>>,
+    connect_reader: std::sync::Arc<dyn Fn() -> redis::RedisResult<RedisConn> + Send + Sync>,
 }
 
 impl std::fmt::Debug for RedisEventLog {
@@ -65,25 +70,52 @@ impl RedisEventLog {
     /// Prepares the connections to one Redis (opened on first use, reopened after a
     /// failure).
     pub fn connect(url: &str) -> anyhow::Result<Self> {
-        Ok(Self {
-            commands: RedisConn::single(url, Duration::from_secs(2))?,
-            reader: std::sync::Arc::new(Mutex::new(RedisConn::single(
-                url,
-                MAX_BLOCK + Duration::from_secs(2),
-            )?)),
-        })
+        let url = url.to_owned();
+        let commands = RedisConn::single(&url, Duration::from_secs(2))?;
+        Ok(Self::with(
+            commands,
+            std::sync::Arc::new(move || {
+                RedisConn::single(&url, MAX_BLOCK + Duration::from_secs(2))
+            }),
+        ))
+    }
+
+    fn with(
+        commands: RedisConn,
+        connect_reader: std::sync::Arc<dyn Fn() -> redis::RedisResult<RedisConn> + Send + Sync>,
+    ) -> Self {
+        Self {
+            commands,
+            readers: std::sync::Arc::default(),
+            connect_reader,
+        }
+    }
+
+    fn reader(&self, stream: &str) -> Result<Reader> {
+        let mut readers = self
+            .readers
+            .lock()
+            .map_err(|_| Error::internal(anyhow::anyhow!("event stream readers poisoned")))?;
+        if let Some(r) = readers.get(stream) {
+            return Ok(r.clone());
+        }
+        let conn = (self.connect_reader)().map_err(unavailable)?;
+        let reader: Reader = std::sync::Arc::new(Mutex::new(conn));
+        readers.insert(stream.to_owned(), reader.clone());
+        Ok(reader)
     }
 
     /// Prepares the connections to a Redis Cluster seeded by `nodes`; the stream is one key,
     /// so it lives on the node that owns its slot.
     pub fn connect_cluster(nodes: &[String]) -> anyhow::Result<Self> {
-        Ok(Self {
-            commands: RedisConn::cluster(nodes, Duration::from_secs(2))?,
-            reader: std::sync::Arc::new(Mutex::new(RedisConn::cluster(
-                nodes,
-                MAX_BLOCK + Duration::from_secs(2),
-            )?)),
-        })
+        let nodes = nodes.to_vec();
+        let commands = RedisConn::cluster(&nodes, Duration::from_secs(2))?;
+        Ok(Self::with(
+            commands,
+            std::sync::Arc::new(move || {
+                RedisConn::cluster(&nodes, MAX_BLOCK + Duration::from_secs(2))
+            }),
+        ))
     }
 }
 
@@ -143,7 +175,8 @@ impl EventLog for RedisEventLog {
                 .await
                 .map_err(unavailable)?
         } else {
-            let mut con = self.reader.lock().await;
+            let reader = self.reader(stream)?;
+            let mut con = reader.lock().await;
             con.xread_options(&keys, &[">"], &options)
                 .await
                 .map_err(unavailable)?

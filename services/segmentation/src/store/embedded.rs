@@ -160,6 +160,7 @@ impl SegmentationStore for EmbeddedSegmentationStore {
                     match &c.change {
                         Change::Purchase(p) => f.apply_purchase(p),
                         Change::Refund(r) => f.apply_refund(r),
+                        Change::Member(m) => f.apply_member(m),
                     }
                     put_record(&mut features, &fk, &f)?;
                     changed.insert(id, f);

@@ -1,0 +1,58 @@
+//! The adapter from identity's member events to the event stream: each snapshot encoded as a
+//! `loyalty.events.v1.Event` and appended to `events::MEMBERS`.
+
+use loyalty_platform::error::Result;
+use loyalty_platform::events::{MEMBERS, SharedEventLog};
+use loyalty_platform::grpc::{channel_to_proto, timestamp};
+use loyalty_proto::common::v1::Date as PbDate;
+use loyalty_proto::events::v1 as pb;
+use prost::Message;
+
+use crate::events::{MemberEvents, MemberSnapshot};
+
+#[derive(Debug, Clone)]
+pub struct LogMemberEvents {
+    log: SharedEventLog,
+}
+
+impl LogMemberEvents {
+    pub fn new(log: SharedEventLog) -> Self {
+        Self { log }
+    }
+}
+
+pub fn encode(s: MemberSnapshot, now: i64) -> Vec<u8> {
+    pb::Event {
+        event_id: s.event_id(),
+        tenant_id: s.tenant_id,
+        event_time: Some(timestamp(now)),
+        kind: Some(pb::event::Kind::Member(pb::MemberChanged {
+            member_id: s.member_id,
+            version: i64::try_from(s.version).unwrap_or(i64::MAX),
+            active: s.active,
+            registration_time: Some(timestamp(s.registered_at)),
+            channel: channel_to_proto(s.channel),
+            store_id: s.store_id,
+            birthday: s.birthday.map(|d| PbDate {
+                year: i32::from(d.year),
+                month: i32::from(d.month),
+                day: i32::from(d.day),
+            }),
+            contactable_sms: s.sms,
+            contactable_email: s.email,
+            contactable_push: s.push,
+            contactable_messenger: s.messenger,
+            questionnaire_complete: s.questionnaire_complete,
+            referred: s.referred,
+        })),
+    }
+    .encode_to_vec()
+}
+
+#[async_trait::async_trait]
+impl MemberEvents for LogMemberEvents {
+    async fn member_changed(&self, snapshot: MemberSnapshot) -> Result<()> {
+        let now = loyalty_platform::clock::Clock::now_ms(&loyalty_platform::clock::SystemClock);
+        self.log.append(MEMBERS, &[encode(snapshot, now)]).await
+    }
+}
