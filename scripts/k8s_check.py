@@ -47,7 +47,7 @@ SINGLE_REPLICA = ["identity", "promotion", "segmentation"]
 # Who reaches which store in the microservices profile: Redis holds balance's hot state and
 # the purchase event stream (promotion appends, segmentation consumes); ScyllaDB holds the
 # ledger (balance) and gets its schema from the migrate Job.
-REDIS_CLIENTS = {"balance", "promotion", "segmentation"}
+REDIS_CLIENTS = {"identity", "balance", "promotion", "segmentation"}
 SCYLLA_CLIENTS = {"balance", "migrate"}
 
 HELM = os.environ.get("HELM", "helm")
