@@ -6,6 +6,7 @@ mod report;
 mod runner;
 mod stats;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use clap::{Parser, ValueEnum};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use crate::model::{Model, ModelConfig};
-use crate::runner::{Clients, RunPlan, Shape, Workload};
+use crate::runner::{Clients, RunPlan, Service, Shape, Workload};
 use crate::stats::Rpc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -48,6 +49,8 @@ enum Scenario {
 )]
 struct Cli {
     /// Address of a server (repeat for several, used round-robin), e.g. http://127.0.0.1:50051.
+    /// `SERVICE=URL` (identity, balance, promotion or segmentation) sends that service's calls
+    /// to URL instead, for deployments that split the services over processes.
     #[arg(long = "target", required = true)]
     targets: Vec<String>,
     #[arg(long, value_enum, default_value = "steady")]
@@ -161,9 +164,28 @@ fn model_config(cli: &Cli) -> anyhow::Result<ModelConfig> {
     Ok(config)
 }
 
+/// Splits `identity=http://…` into the service and the URL; a plain URL has no service.
+fn parse_target(target: &str) -> anyhow::Result<(Option<Service>, String)> {
+    if let Some((name, url)) = target.split_once('=')
+        && !name.contains(':')
+    {
+        let service = Service::ALL
+            .into_iter()
+            .find(|s| s.name() == name)
+            .with_context(|| {
+                format!("--target {target}: unknown service {name:?}; use identity, balance, promotion or segmentation")
+            })?;
+        return Ok((Some(service), url.to_string()));
+    }
+    Ok((None, target.to_string()))
+}
+
 async fn clients(cli: &Cli) -> anyhow::Result<Clients> {
-    let mut channels = Vec::new();
-    for target in &cli.targets {
+    let mut shared = Vec::new();
+    let mut per_service: BTreeMap<Service, Vec<_>> = BTreeMap::new();
+    for given in &cli.targets {
+        let (service, target) = parse_target(given)?;
+        let target = &target;
         let mut endpoint = Endpoint::from_shared(target.clone())
             .with_context(|| {
                 format!("--target {target} is not a URL such as http://127.0.0.1:50051")
@@ -179,13 +201,25 @@ async fn clients(cli: &Cli) -> anyhow::Result<Clients> {
             }
             endpoint = endpoint.tls_config(tls)?;
         }
-        channels.push(
-            endpoint
-                .connect()
-                .await
-                .with_context(|| format!("cannot reach {target}"))?,
-        );
+        let channel = endpoint
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach {target}"))?;
+        match service {
+            Some(service) => per_service.entry(service).or_default().push(channel),
+            None => shared.push(channel),
+        }
     }
+    let unrouted: Vec<&str> = Service::ALL
+        .into_iter()
+        .filter(|s| !per_service.contains_key(s))
+        .map(Service::name)
+        .collect();
+    anyhow::ensure!(
+        !shared.is_empty() || unrouted.is_empty(),
+        "no --target for {}: give a plain --target URL or SERVICE=URL for each",
+        unrouted.join(", ")
+    );
     let mut headers = Vec::new();
     for h in &cli.headers {
         let (k, v) = h
@@ -201,7 +235,7 @@ async fn clients(cli: &Cli) -> anyhow::Result<Clients> {
                 .with_context(|| format!("bad header value for {k}"))?,
         ));
     }
-    Ok(Clients::new(channels, headers))
+    Ok(Clients::new(shared, per_service, headers))
 }
 
 #[allow(clippy::print_stdout)]
@@ -392,6 +426,21 @@ mod tests {
             (w(Rpc::Refund) / w(Rpc::Commit) - 0.02).abs() < 1e-9,
             "2% of receipts refunded"
         );
+    }
+
+    #[test]
+    fn targets_name_a_service_or_none() {
+        assert_eq!(
+            parse_target("identity=http://a:1").unwrap(),
+            (Some(Service::Identity), "http://a:1".to_string())
+        );
+        assert_eq!(
+            parse_target("http://b:2").unwrap(),
+            (None, "http://b:2".to_string())
+        );
+        // A URL whose query has `=` is still a plain URL.
+        assert_eq!(parse_target("http://b:2/?x=1").unwrap().0, None);
+        assert!(parse_target("billing=http://c:3").is_err());
     }
 
     #[test]

@@ -176,6 +176,23 @@ pub fn member_card(i: usize) -> String {
     format!("77{:010}", i)
 }
 
+/// Member `i`'s birthday as (year, month, day): adults born 1950-2007, spread over the year.
+/// Four members in five give one at the till; the rest are `None`.
+pub fn member_birthday(i: usize) -> Option<(i32, i32, i32)> {
+    // A fixed scatter (splitmix64) so a member keeps their birthday across runs.
+    let mut x = (i as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 31;
+    if x.is_multiple_of(5) {
+        return None;
+    }
+    let year = 1950 + (x >> 8) % 58;
+    let month = 1 + (x >> 16) % 12;
+    let day = 1 + (x >> 24) % 28;
+    Some((year as i32, month as i32, day as i32))
+}
+
 impl Model {
     pub fn new(config: ModelConfig) -> anyhow::Result<Self> {
         use rand::SeedableRng;
@@ -298,6 +315,20 @@ mod tests {
             (redeeming - 0.06).abs() < 0.01,
             "redeeming share {redeeming}"
         );
+    }
+
+    #[test]
+    fn four_members_in_five_have_a_real_birthday() {
+        let given: Vec<(i32, i32, i32)> = (0..10_000).filter_map(member_birthday).collect();
+        let share = given.len() as f64 / 10_000.0;
+        assert!((0.77..0.83).contains(&share), "{share}");
+        assert!(given.iter().all(|&(y, m, d)| (1950..2008).contains(&y)
+            && (1..=12).contains(&m)
+            && (1..=28).contains(&d)));
+        for month in 1..=12 {
+            assert!(given.iter().any(|b| b.1 == month), "month {month}");
+        }
+        assert_eq!(member_birthday(42), member_birthday(42));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! from the time it was *due*, so a slow target cannot hide its queueing (no coordinated
 //! omission). Closed loop runs a fixed number of workers back to back.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,32 +22,69 @@ use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-use crate::model::{Model, ReceiptSpec, member_card, member_phone, money};
+use crate::model::{Model, ReceiptSpec, member_birthday, member_card, member_phone, money};
 use crate::stats::{Rpc, Stats};
 
-/// Channels to the targets (round-robin) and headers sent with every call.
+/// The service an RPC belongs to, for routing to per-service targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Service {
+    Identity,
+    Balance,
+    Promotion,
+    Segmentation,
+}
+
+impl Service {
+    pub const ALL: [Service; 4] = [
+        Service::Identity,
+        Service::Balance,
+        Service::Promotion,
+        Service::Segmentation,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Identity => "identity",
+            Service::Balance => "balance",
+            Service::Promotion => "promotion",
+            Service::Segmentation => "segmentation",
+        }
+    }
+}
+
+/// Channels to the targets and headers sent with every call. A service with targets of its
+/// own (`--target identity=URL`) is called there; every other service on the shared targets.
+/// Several targets for one service are used round-robin.
 #[derive(Debug, Clone)]
 pub struct Clients {
-    channels: Vec<Channel>,
+    shared: Vec<Channel>,
+    per_service: Arc<BTreeMap<Service, Vec<Channel>>>,
     next: Arc<AtomicUsize>,
     headers: Arc<Vec<(AsciiMetadataKey, AsciiMetadataValue)>>,
 }
 
 impl Clients {
     pub fn new(
-        channels: Vec<Channel>,
+        shared: Vec<Channel>,
+        per_service: BTreeMap<Service, Vec<Channel>>,
         headers: Vec<(AsciiMetadataKey, AsciiMetadataValue)>,
     ) -> Self {
         Self {
-            channels,
+            shared,
+            per_service: Arc::new(per_service),
             next: Arc::new(AtomicUsize::new(0)),
             headers: Arc::new(headers),
         }
     }
 
-    fn channel(&self) -> Channel {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
-        self.channels[i].clone()
+    fn channel(&self, service: Service) -> Channel {
+        let pool = self
+            .per_service
+            .get(&service)
+            .filter(|c| !c.is_empty())
+            .unwrap_or(&self.shared);
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % pool.len().max(1);
+        pool[i].clone()
     }
 
     fn request<T>(&self, message: T) -> Request<T> {
@@ -86,8 +123,9 @@ const SEGMENTS: [(&str, &str); 3] = [
 ];
 
 async fn setup_segments(model: &Model, clients: &Clients) -> anyhow::Result<()> {
-    let mut client =
-        spb::segmentation_service_client::SegmentationServiceClient::new(clients.channel());
+    let mut client = spb::segmentation_service_client::SegmentationServiceClient::new(
+        clients.channel(Service::Segmentation),
+    );
     for (id, predicate) in SEGMENTS {
         let created = client
             .create_segment(clients.request(spb::CreateSegmentRequest {
@@ -113,7 +151,8 @@ async fn setup_segments(model: &Model, clients: &Clients) -> anyhow::Result<()> 
 async fn setup_program_and_catalog(model: &Model, clients: &Clients) -> anyhow::Result<()> {
     setup_segments(model, clients).await?;
     let tenant = model.config.tenant.clone();
-    let mut program = ppb::program_service_client::ProgramServiceClient::new(clients.channel());
+    let mut program =
+        ppb::program_service_client::ProgramServiceClient::new(clients.channel(Service::Promotion));
     program
         .update_program(clients.request(ppb::UpdateProgramRequest {
             program: Some(ppb::Program {
@@ -136,7 +175,8 @@ async fn setup_program_and_catalog(model: &Model, clients: &Clients) -> anyhow::
         }))
         .await
         .context("setting the program")?;
-    let mut catalog = ppb::catalog_service_client::CatalogServiceClient::new(clients.channel());
+    let mut catalog =
+        ppb::catalog_service_client::CatalogServiceClient::new(clients.channel(Service::Promotion));
     for chunk in model.stores.chunks(1000) {
         let stores = chunk
             .iter()
@@ -216,7 +256,8 @@ async fn setup_members(
 }
 
 async fn provision_member(clients: &Clients, tenant: &str, i: usize) -> anyhow::Result<String> {
-    let mut members = ipb::member_service_client::MemberServiceClient::new(clients.channel());
+    let mut members =
+        ipb::member_service_client::MemberServiceClient::new(clients.channel(Service::Identity));
     let registered = members
         .register_member(clients.request(ipb::RegisterMemberRequest {
             tenant_id: tenant.into(),
@@ -225,11 +266,28 @@ async fn provision_member(clients: &Clients, tenant: &str, i: usize) -> anyhow::
         }))
         .await;
     let member_id = match registered {
-        Ok(r) => r
-            .into_inner()
-            .member
-            .map(|m| m.member_id)
-            .unwrap_or_default(),
+        Ok(r) => {
+            let member_id = r
+                .into_inner()
+                .member
+                .map(|m| m.member_id)
+                .unwrap_or_default();
+            if let Some((year, month, day)) = member_birthday(i) {
+                members
+                    .update_profile(clients.request(ipb::UpdateProfileRequest {
+                        tenant_id: tenant.into(),
+                        member_id: member_id.clone(),
+                        member: Some(ipb::Member {
+                            birthday: Some(loyalty_proto::common::v1::Date { year, month, day }),
+                            ..Default::default()
+                        }),
+                        update_mask: vec!["birthday".into()],
+                    }))
+                    .await
+                    .with_context(|| format!("giving member {i} a birthday"))?;
+            }
+            member_id
+        }
         Err(s) if s.code() == Code::AlreadyExists => members
             .lookup_member(clients.request(ipb::LookupMemberRequest {
                 tenant_id: tenant.into(),
@@ -244,7 +302,8 @@ async fn provision_member(clients: &Clients, tenant: &str, i: usize) -> anyhow::
             .unwrap_or_default(),
         Err(s) => return Err(anyhow::anyhow!("registering member {i}: {s}")),
     };
-    let mut cards = ipb::card_service_client::CardServiceClient::new(clients.channel());
+    let mut cards =
+        ipb::card_service_client::CardServiceClient::new(clients.channel(Service::Identity));
     match cards
         .issue_card(clients.request(ipb::IssueCardRequest {
             tenant_id: tenant.into(),
@@ -386,7 +445,9 @@ impl Workload {
                     PREFIXES[rng.random_range(0..PREFIXES.len())],
                     rng.random_range(0..10_000_000)
                 );
-                let mut client = ipb::member_service_client::MemberServiceClient::new(c.channel());
+                let mut client = ipb::member_service_client::MemberServiceClient::new(
+                    c.channel(Service::Identity),
+                );
                 client
                     .register_member(c.request(ipb::RegisterMemberRequest {
                         tenant_id: tenant,
@@ -398,7 +459,9 @@ impl Workload {
             }
             Rpc::LookupMember => {
                 let i = self.model.member(&mut rng);
-                let mut client = ipb::member_service_client::MemberServiceClient::new(c.channel());
+                let mut client = ipb::member_service_client::MemberServiceClient::new(
+                    c.channel(Service::Identity),
+                );
                 client
                     .lookup_member(c.request(ipb::LookupMemberRequest {
                         tenant_id: tenant,
@@ -409,8 +472,9 @@ impl Workload {
             }
             Rpc::GetBalance => {
                 let i = self.model.member(&mut rng);
-                let mut client =
-                    bpb::balance_service_client::BalanceServiceClient::new(c.channel());
+                let mut client = bpb::balance_service_client::BalanceServiceClient::new(
+                    c.channel(Service::Balance),
+                );
                 client
                     .get_balance(c.request(bpb::GetBalanceRequest {
                         tenant_id: tenant,
@@ -420,8 +484,9 @@ impl Workload {
             }
             Rpc::GetMemberSegments => {
                 let i = self.model.member(&mut rng);
-                let mut client =
-                    spb::segmentation_service_client::SegmentationServiceClient::new(c.channel());
+                let mut client = spb::segmentation_service_client::SegmentationServiceClient::new(
+                    c.channel(Service::Segmentation),
+                );
                 client
                     .get_member_segments(c.request(spb::GetMemberSegmentsRequest {
                         tenant_id: tenant,
@@ -432,8 +497,9 @@ impl Workload {
             Rpc::Accrue | Rpc::Redeem => {
                 let i = self.model.member(&mut rng);
                 let member_id = self.member_ids.get(i).cloned().unwrap_or_default();
-                let mut client =
-                    bpb::balance_service_client::BalanceServiceClient::new(c.channel());
+                let mut client = bpb::balance_service_client::BalanceServiceClient::new(
+                    c.channel(Service::Balance),
+                );
                 if call.rpc == Rpc::Accrue {
                     client
                         .accrue(c.request(bpb::AccrueRequest {
@@ -461,8 +527,9 @@ impl Workload {
             Rpc::Quote => {
                 let spec = self.model.receipt(&mut rng);
                 let receipt = self.receipt(&spec, format!("{}-q{n}", self.run_id));
-                let mut client =
-                    ppb::checkout_service_client::CheckoutServiceClient::new(c.channel());
+                let mut client = ppb::checkout_service_client::CheckoutServiceClient::new(
+                    c.channel(Service::Promotion),
+                );
                 client
                     .quote(c.request(ppb::QuoteRequest {
                         receipt: Some(receipt),
@@ -473,8 +540,9 @@ impl Workload {
                 let spec = self.model.receipt(&mut rng);
                 let id = format!("{}-c{n}", self.run_id);
                 let receipt = self.receipt(&spec, id.clone());
-                let mut client =
-                    ppb::checkout_service_client::CheckoutServiceClient::new(c.channel());
+                let mut client = ppb::checkout_service_client::CheckoutServiceClient::new(
+                    c.channel(Service::Promotion),
+                );
                 client
                     .commit(c.request(ppb::CommitRequest {
                         receipt: Some(receipt),
@@ -488,8 +556,9 @@ impl Workload {
             }
             Rpc::Refund => {
                 let receipt_id = call.refund_of.unwrap_or_default();
-                let mut client =
-                    ppb::checkout_service_client::CheckoutServiceClient::new(c.channel());
+                let mut client = ppb::checkout_service_client::CheckoutServiceClient::new(
+                    c.channel(Service::Promotion),
+                );
                 client
                     .refund(c.request(ppb::RefundRequest {
                         tenant_id: tenant,
@@ -594,10 +663,14 @@ pub async fn run(workload: Arc<Workload>, plan: RunPlan) -> Stats {
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let elapsed = start.elapsed().as_secs();
+                // The bucket of the second that just ended (none during warm-up).
+                let finished = Instant::now()
+                    .checked_duration_since(measured_from)
+                    .and_then(|d| d.as_secs().checked_sub(1));
                 let (errors, p99) = stats
                     .lock()
                     .map(|s| {
-                        let t = s.timeline.last();
+                        let t = finished.and_then(|sec| s.bucket_at(sec));
                         (t.map_or(0, |t| t.errors), t.map_or(0, |t| t.latency.value_at_quantile(0.99)))
                     })
                     .unwrap_or((0, 0));

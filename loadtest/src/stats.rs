@@ -141,6 +141,12 @@ impl Stats {
         }
     }
 
+    /// The timeline bucket holding measured second `second` (0 = the first after warm-up).
+    pub fn bucket_at(&self, second: u64) -> Option<&Second> {
+        self.timeline
+            .get(usize::try_from(second / self.bucket_secs.max(1)).ok()?)
+    }
+
     /// Calls offered but neither completed nor dropped: still running when the run ended.
     pub fn unfinished(&self) -> u64 {
         let total = self.total();

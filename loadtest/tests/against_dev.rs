@@ -89,3 +89,77 @@ async fn refused_arguments_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--duration"));
 }
+
+/// Identity in one process, everything else in another: `--target identity=URL` sends the
+/// identity calls (seeding, lookups, registrations) there and the rest to the other process.
+#[tokio::test]
+async fn per_service_targets_drive_a_split_deployment() {
+    let dir = tempfile::tempdir().unwrap();
+    let identity = Server::start(Launch::serve("identity"), &dir.path().join("a")).await;
+    let rest = Server::start(
+        Launch::serve("balance,promotion,segmentation,reporting")
+            .env("LOYALTY_PEERS__IDENTITY", &identity.url()),
+        &dir.path().join("b"),
+    )
+    .await;
+    let out = dir.path().join("report");
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_loyalty-loadtest"))
+        .args(["--target", &format!("identity={}", identity.url())])
+        .args(["--target", &rest.url()])
+        .args([
+            "--scenario",
+            "steady",
+            "--rate",
+            "100",
+            "--duration",
+            "2",
+            "--warmup",
+            "1",
+        ])
+        .args([
+            "--members",
+            "100",
+            "--stores",
+            "5",
+            "--products",
+            "100",
+            "--quiet",
+        ])
+        .args(["--fail-on-errors", "--out"])
+        .arg(&out)
+        .status()
+        .await
+        .unwrap();
+    assert!(
+        status.success(),
+        "load test failed; logs:\n{}\n{}",
+        identity.log_text(),
+        rest.log_text()
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let rpcs = report["rpcs"].as_object().unwrap();
+    assert!(
+        rpcs["loyalty.identity.v1.MemberService/LookupMember"]["count"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert!(
+        rpcs["loyalty.promotion.v1.CheckoutService/Commit"]["count"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+
+    // A service name the tool does not know is refused.
+    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_loyalty-loadtest"))
+        .args(["--target", "billing=http://127.0.0.1:1", "--duration", "1"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("unknown service"));
+    assert_eq!(identity.stop().await, 0);
+    assert_eq!(rest.stop().await, 0);
+}
