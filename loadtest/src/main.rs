@@ -67,6 +67,10 @@ struct Cli {
     /// Seconds of warm-up, sent but not measured.
     #[arg(long, default_value_t = 5.0)]
     warmup: f64,
+    /// Stop after this many measured calls (after warm-up), or at the end of --duration,
+    /// whichever comes first.
+    #[arg(long)]
+    count: Option<u64>,
     /// Peak rate as a multiple of --rate in the black-friday scenario.
     #[arg(long, default_value_t = 3.0)]
     peak_factor: f64,
@@ -260,6 +264,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         cli.closed.is_none_or(|n| (1..=100_000).contains(&n)),
         "--closed must be 1..=100000"
     );
+    anyhow::ensure!(
+        cli.count.is_none_or(|n| n >= 1),
+        "--count must be at least 1"
+    );
     let model = Model::new(model_config(&cli)?)?;
     let clients = clients(&cli).await?;
     if !cli.quiet {
@@ -327,10 +335,13 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         duration: Duration::from_secs_f64(cli.duration),
         max_in_flight: cli.max_in_flight,
         closed_workers: cli.closed,
+        max_calls: cli.count,
         seed,
         progress: !cli.quiet,
     };
     let stats = runner::run(workload, plan).await;
+    let mut info = info;
+    info.duration_secs = stats.measured_secs;
     std::fs::create_dir_all(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;
     let json = report::json(&info, &stats);
     std::fs::write(

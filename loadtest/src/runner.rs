@@ -643,6 +643,8 @@ pub struct RunPlan {
     pub max_in_flight: usize,
     /// `Some(n)`: closed loop with n workers instead of a rate.
     pub closed_workers: Option<usize>,
+    /// Stop sending after this many measured calls (or at the end of the duration).
+    pub max_calls: Option<u64>,
     pub seed: u64,
     pub progress: bool,
 }
@@ -657,6 +659,22 @@ pub async fn run(workload: Arc<Workload>, plan: RunPlan) -> Stats {
     let end = measured_from + plan.duration;
     let sent = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
+    // Measured calls sent so far, against `max_calls`, and when sending stopped because of it.
+    let measured_sent = Arc::new(AtomicU64::new(0));
+    let stopped: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let may_send = {
+        let (measured_sent, stopped) = (measured_sent.clone(), stopped.clone());
+        move |measured: bool| {
+            let ok = !measured
+                || plan
+                    .max_calls
+                    .is_none_or(|max| measured_sent.fetch_add(1, Ordering::Relaxed) < max);
+            if !ok && let Ok(mut at) = stopped.lock() {
+                at.get_or_insert_with(Instant::now);
+            }
+            ok
+        }
+    };
     let progress = plan.progress.then(|| {
         let (stats, sent, done) = (stats.clone(), sent.clone(), done.clone());
         tokio::spawn(async move {
@@ -709,12 +727,13 @@ pub async fn run(workload: Arc<Workload>, plan: RunPlan) -> Stats {
         Some(workers) => {
             let mut tasks = Vec::new();
             for w in 0..workers {
-                let (workload, record, stats, sent, done) = (
+                let (workload, record, stats, sent, done, may_send) = (
                     workload.clone(),
                     record.clone(),
                     stats.clone(),
                     sent.clone(),
                     done.clone(),
+                    may_send.clone(),
                 );
                 tasks.push(tokio::spawn(async move {
                     let mut rng = StdRng::seed_from_u64(plan.seed ^ (w as u64) << 32);
@@ -723,6 +742,9 @@ pub async fn run(workload: Arc<Workload>, plan: RunPlan) -> Stats {
                         let call = workload.next_call(&mut rng, n);
                         let rpc = call.rpc;
                         let due = Instant::now();
+                        if !may_send(due >= measured_from) {
+                            break;
+                        }
                         if due >= measured_from
                             && let Ok(mut s) = stats.lock()
                         {
@@ -753,6 +775,9 @@ pub async fn run(workload: Arc<Workload>, plan: RunPlan) -> Stats {
                 let call = workload.next_call(&mut rng, n);
                 let rpc = call.rpc;
                 let in_measure = due >= measured_from;
+                if !may_send(in_measure) {
+                    break;
+                }
                 if in_measure && let Ok(mut s) = stats.lock() {
                     s.offered(rpc);
                 }
@@ -803,7 +828,19 @@ pub async fn run(workload: Arc<Workload>, plan: RunPlan) -> Stats {
     if let Some(p) = progress {
         p.abort();
     }
-    stats.lock().map(|s| s.clone()).unwrap_or_default()
+    let mut out = stats.lock().map(|s| s.clone()).unwrap_or_default();
+    // The measured phase ends with the duration, or earlier when `max_calls` stopped it.
+    let stopped_at = stopped
+        .lock()
+        .ok()
+        .and_then(|at| *at)
+        .unwrap_or(end)
+        .min(end);
+    out.measured_secs = stopped_at
+        .saturating_duration_since(measured_from)
+        .as_secs_f64()
+        .max(1e-3);
+    out
 }
 
 /// Status code names as ghz (and grpc-go) spell them.

@@ -117,6 +117,8 @@ pub struct Stats {
     /// How late the generator itself sent each call after its scheduled time (µs): part of
     /// every measured latency, reported so a struggling generator is not taken for the target.
     pub send_lag: Histogram<u64>,
+    /// How long the measured phase really lasted (shorter than asked when `--count` ended it).
+    pub measured_secs: f64,
 }
 
 impl Default for Stats {
@@ -138,6 +140,7 @@ impl Stats {
             bucket_secs,
             dropped: 0,
             send_lag: histogram(),
+            measured_secs: seconds as f64,
         }
     }
 

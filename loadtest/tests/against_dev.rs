@@ -160,6 +160,36 @@ async fn per_service_targets_drive_a_split_deployment() {
         .unwrap();
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("unknown service"));
+    // A run bounded by count: exactly that many measured calls, long before the duration.
+    let counted = dir.path().join("counted");
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_loyalty-loadtest"))
+        .args(["--target", &format!("identity={}", identity.url())])
+        .args(["--target", &rest.url()])
+        .args(["--scenario", "lookup", "--closed", "4", "--count", "300"])
+        .args([
+            "--duration",
+            "60",
+            "--warmup",
+            "0",
+            "--members",
+            "100",
+            "--skip-setup",
+        ])
+        .args(["--quiet", "--fail-on-errors", "--out"])
+        .arg(&counted)
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(counted.join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["count"].as_u64(), Some(300));
+    let seconds = report["total"].as_f64().unwrap() / 1e9;
+    assert!(
+        seconds < 30.0,
+        "stopped by count, not by the 60 s duration: {seconds}"
+    );
     assert_eq!(identity.stop().await, 0);
     assert_eq!(rest.stop().await, 0);
 }
