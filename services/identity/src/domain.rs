@@ -304,6 +304,21 @@ impl Identity {
         self
     }
 
+    async fn republish_by_phone(&self, tenant_id: &str, phone: &str) -> Result<()> {
+        let Some(id) = self.store.member_id_by_phone(tenant_id, phone).await? else {
+            return Ok(());
+        };
+        let Some(existing) = self.store.member(tenant_id, &id).await? else {
+            return Ok(());
+        };
+        let profile = self
+            .store
+            .profile(tenant_id, &id)
+            .await?
+            .unwrap_or_default();
+        self.publish(&existing, &profile).await
+    }
+
     /// Publishes the member's snapshot; the caller is answered only after it.
     async fn publish(&self, member: &Member, profile: &Profile) -> Result<()> {
         let complete = self.questionnaire_complete(member, profile);
@@ -568,6 +583,10 @@ impl Identity {
                     return Ok(member);
                 }
                 Inserted::PhoneTaken => {
+                    // Perhaps a retry of a registration whose event never went out: publish
+                    // the existing member's snapshot again (consumers skip it if they have it).
+                    self.republish_by_phone(&member.tenant_id, &member.phone)
+                        .await?;
                     return Err(Error::AlreadyExists(format!(
                         "a member with phone {} already exists",
                         member.phone

@@ -388,6 +388,9 @@ pub async fn build(
                 log.ping().await.map_err(|e| format!("event stream: {e}"))
             }
         }));
+        tokio::spawn(loyalty_segmentation::consumer::evaluate_at_start(
+            segmentation.clone(),
+        ));
         for stream in loyalty_segmentation::consumer::STREAMS {
             tokio::spawn(loyalty_segmentation::consumer::run(
                 segmentation.clone(),

@@ -33,6 +33,16 @@ fn time(t: &Option<prost_types::Timestamp>, or: Millis) -> Millis {
     t.as_ref().map_or(or, millis)
 }
 
+/// A purchase time the till sent is trusted up to a day past the event: one dated years
+/// ahead would otherwise push every real day out of the member's window history.
+fn not_after(t: Millis, event_time: Millis) -> Millis {
+    if event_time > 0 {
+        t.min(event_time + loyalty_platform::clock::DAY_MS)
+    } else {
+        t
+    }
+}
+
 fn lines(lines: &[pb::Line]) -> Vec<(String, String, Decimal)> {
     lines
         .iter()
@@ -55,7 +65,7 @@ pub fn decode(payload: &[u8]) -> Option<FeatureChange> {
         pb::event::Kind::Purchase(p) => (
             p.member_id.clone(),
             Change::Purchase(PurchaseFacts {
-                time: time(&p.purchase_time, event_time),
+                time: not_after(time(&p.purchase_time, event_time), event_time),
                 store_id: p.store_id.clone(),
                 paid: dec(&p.paid),
                 lines: lines(&p.lines),
@@ -91,7 +101,7 @@ pub fn decode(payload: &[u8]) -> Option<FeatureChange> {
         pb::event::Kind::Refund(r) => (
             r.member_id.clone(),
             Change::Refund(RefundFacts {
-                purchase_time: time(&r.purchase_time, event_time),
+                purchase_time: not_after(time(&r.purchase_time, event_time), event_time),
                 store_id: r.store_id.clone(),
                 refunded: dec(&r.refunded),
                 lines: lines(&r.lines),
@@ -133,10 +143,17 @@ pub async fn run(
     consumer: String,
 ) {
     let mut backoff = Duration::from_millis(100);
+    let mut group_ready = false;
     loop {
+        if !group_ready {
+            // Once per start and after an error (the stream may have been deleted), not per
+            // step: on the embedded log it is a durable write.
+            group_ready = log.create_group(stream, GROUP).await.is_ok();
+        }
         match step(&segmentation, &log, stream, &consumer).await {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(err) => {
+                group_ready = false;
                 tracing::warn!(error = %err, "event consumer step failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -151,7 +168,6 @@ async fn step(
     stream: &'static str,
     consumer: &str,
 ) -> loyalty_platform::error::Result<()> {
-    log.create_group(stream, GROUP).await?;
     let mut batch = log
         .claim(stream, GROUP, consumer, CLAIM_IDLE, BATCH)
         .await?;
@@ -195,6 +211,20 @@ pub async fn schedule_rfm(segmentation: Segmentation, every: Duration) {
     }
 }
 
+/// Evaluates every dynamic segment once, at start-up: a full evaluation that a crash cut
+/// short (after a segment was saved) is finished here.
+pub async fn evaluate_at_start(segmentation: Segmentation) {
+    let started = std::time::Instant::now();
+    match segmentation.reevaluate_all().await {
+        Ok(changed) => tracing::info!(
+            changed,
+            seconds = started.elapsed().as_secs_f64(),
+            "segments evaluated at start-up"
+        ),
+        Err(err) => tracing::warn!(error = %err, "evaluating segments at start-up failed"),
+    }
+}
+
 /// Re-evaluates time-relative segments every `every`, for as long as the process runs.
 pub async fn schedule(segmentation: Segmentation, every: Duration) {
     loop {
@@ -206,5 +236,51 @@ pub async fn schedule(segmentation: Segmentation, every: Duration) {
             Ok(_) => {}
             Err(err) => tracing::warn!(error = %err, "re-evaluating segments failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use loyalty_platform::clock::DAY_MS;
+    use loyalty_platform::grpc::timestamp;
+
+    use super::*;
+
+    fn purchase_event(purchase_time: Millis, event_time: Millis, member: &str) -> Vec<u8> {
+        pb::Event {
+            event_id: "purchase/t/r1".into(),
+            tenant_id: "t".into(),
+            event_time: Some(timestamp(event_time)),
+            kind: Some(pb::event::Kind::Purchase(pb::PurchaseCommitted {
+                receipt_id: "r1".into(),
+                member_id: member.into(),
+                purchase_time: Some(timestamp(purchase_time)),
+                ..Default::default()
+            })),
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn purchase_times_far_ahead_of_their_event_are_clamped() {
+        let now = 1_750_000_000_000;
+        let far = decode(&purchase_event(now + 900 * DAY_MS, now, "m")).unwrap();
+        let Change::Purchase(p) = far.change else {
+            panic!("a purchase")
+        };
+        assert_eq!(p.time, now + DAY_MS);
+        let past = decode(&purchase_event(now - 3 * DAY_MS, now, "m")).unwrap();
+        let Change::Purchase(p) = past.change else {
+            panic!("a purchase")
+        };
+        assert_eq!(p.time, now - 3 * DAY_MS);
+    }
+
+    #[test]
+    fn anonymous_and_undecodable_events_are_skipped() {
+        assert!(decode(&purchase_event(1, 1, "")).is_none());
+        assert!(decode(b"\xff\xff not protobuf").is_none());
     }
 }

@@ -225,19 +225,31 @@ fn lex(src: &[char]) -> Result<Vec<Token>, ExprError> {
             }
             Tok::Ident(src[start..i].iter().collect())
         } else if c.is_ascii_digit() {
-            while i < src.len() && (src[i].is_ascii_digit() || src[i] == '.' || src[i] == '-') {
-                // A '-' continues a date only after exactly four digits (2024-01-31).
-                if src[i] == '-' && !(i - start == 4 || i - start == 7) {
-                    break;
+            // A date is exactly YYYY-MM-DD; anything else with '-' is a subtraction (1000-30).
+            let is_date = src.len() >= i + 10
+                && src[i..i + 10].iter().enumerate().all(|(k, ch)| {
+                    if k == 4 || k == 7 {
+                        *ch == '-'
+                    } else {
+                        ch.is_ascii_digit()
+                    }
+                })
+                && src
+                    .get(i + 10)
+                    .is_none_or(|ch| !(ch.is_ascii_alphanumeric() || *ch == '_' || *ch == '.'));
+            if is_date {
+                i += 10;
+            } else {
+                while i < src.len() && (src[i].is_ascii_digit() || src[i] == '.') {
+                    i += 1;
                 }
-                i += 1;
             }
             let text: String = src[start..i].iter().collect();
             if text.contains('-') {
                 Tok::Date(parse_date(&text).ok_or_else(|| {
                     err(start, format!("{text:?} is not a date (write YYYY-MM-DD)"))
                 })?)
-            } else if i < src.len() && src[i] == 'd' && !text.contains('.') {
+            } else if i < src.len() && (src[i] == 'd' || src[i] == 'D') && !text.contains('.') {
                 i += 1;
                 if i < src.len() && (src[i].is_ascii_alphanumeric() || src[i] == '_') {
                     return Err(err(start, "a duration is a whole number of days, like 30d"));
@@ -925,10 +937,23 @@ fn show(v: &Value) -> String {
 fn arith(l: Value, r: Value, plus: bool) -> Value {
     let sign = if plus { 1 } else { -1 };
     match (l, r) {
-        (Value::Number(a), Value::Number(b)) => Value::Number(if plus { a + b } else { a - b }),
-        (Value::Time(t), Value::Duration(d)) => Value::Time(t.saturating_add(sign * d * DAY_MS)),
-        (Value::Duration(d), Value::Time(t)) => Value::Time(t.saturating_add(d * DAY_MS)),
-        (Value::Duration(a), Value::Duration(b)) => Value::Duration(a + sign * b),
+        // Checked: a predicate such as `79228162514264337593543950335 + 1 > 0` must not panic
+        // the consumer; an overflow is absent, so every comparison with it is false.
+        (Value::Number(a), Value::Number(b)) => {
+            let sum = if plus {
+                a.checked_add(b)
+            } else {
+                a.checked_sub(b)
+            };
+            sum.map_or(Value::Absent, Value::Number)
+        }
+        (Value::Time(t), Value::Duration(d)) => {
+            Value::Time(t.saturating_add((sign * d).saturating_mul(DAY_MS)))
+        }
+        (Value::Duration(d), Value::Time(t)) => {
+            Value::Time(t.saturating_add(d.saturating_mul(DAY_MS)))
+        }
+        (Value::Duration(a), Value::Duration(b)) => Value::Duration(a.saturating_add(sign * b)),
         _ => Value::Absent,
     }
 }
@@ -1146,6 +1171,17 @@ mod tests {
         assert!(e.message.contains("no order"), "{e}");
         let e = error("not spend_30d");
         assert_eq!(e.column, 5, "{e}");
+    }
+
+    #[test]
+    fn arithmetic_never_panics_and_minus_is_not_a_date() {
+        let f = Features::default();
+        assert!(!holds("79228162514264337593543950335 + 1 > 0", &f));
+        assert!(holds("not (79228162514264337593543950335 + 1 > 0)", &f));
+        assert!(holds("1000-30 = 970", &f));
+        assert!(holds("2025-06-15 - 1d < 2025-06-15", &f));
+        assert!(holds("now - 30D < now", &f));
+        assert!(!holds("last_purchase > now - 36600d - 36600d", &f));
     }
 
     #[test]

@@ -13,7 +13,8 @@ use crate::expr::{self, Clause, Context, Expr};
 use crate::features::Features;
 use crate::rfm::{self, Inputs, Score};
 use crate::store::{
-    FeatureChange, MembershipChange, RfmRun, SegmentDef, SegmentKind, SegmentationStore, Touched,
+    FeatureChange, MembershipChange, RfmRun, Rule, RuleBook, SegmentDef, SegmentKind,
+    SegmentationStore,
 };
 
 /// Longest segment name.
@@ -73,75 +74,74 @@ impl Segmentation {
             .collect())
     }
 
-    /// Applies events (each at most once) and brings the touched members' memberships up
-    /// to date. Idempotent: a redelivered batch changes nothing.
+    /// The tenant's dynamic segments as rules (optionally only `only`).
+    async fn rules(&self, tenant_id: &str, only: Option<&[String]>) -> Result<Vec<Rule>> {
+        Ok(self
+            .compiled(tenant_id)
+            .await?
+            .into_iter()
+            .filter(|s| only.is_none_or(|ids| ids.contains(&s.def.segment_id)))
+            .filter_map(|s| {
+                s.expr.map(|expr| Rule {
+                    segment_id: s.def.segment_id,
+                    version: s.def.version,
+                    expr,
+                })
+            })
+            .collect())
+    }
+
+    /// Applies events (each at most once) and brings the named members' memberships up to
+    /// date in the same transaction. Idempotent: a redelivered batch changes no feature, and
+    /// re-evaluates its members in case the first delivery's effect stopped short.
     pub async fn apply(&self, changes: Vec<FeatureChange>) -> Result<usize> {
         if changes.is_empty() {
             return Ok(0);
         }
-        let now = self.now();
-        let touched = self.store.apply_changes(changes, now).await?;
-        let count = touched.len();
-        let mut by_tenant: std::collections::BTreeMap<String, Vec<Touched>> = Default::default();
-        for t in touched {
-            by_tenant.entry(t.tenant_id.clone()).or_default().push(t);
-        }
-        let cx = Context { now };
-        for (tenant, members) in by_tenant {
-            let segments = self.compiled(&tenant).await?;
-            if segments.iter().all(|s| s.expr.is_none()) {
-                continue;
+        let tenants: BTreeSet<&str> = changes.iter().map(|c| c.tenant_id.as_str()).collect();
+        let mut book = RuleBook::new();
+        for tenant in tenants {
+            let rules = self.rules(tenant, None).await?;
+            if !rules.is_empty() {
+                book.insert(tenant.to_owned(), rules);
             }
-            let mut flags = Vec::new();
-            for t in members {
-                for s in &segments {
-                    if let Some(e) = &s.expr {
-                        let member = e.matches(&t.features, cx);
-                        flags.push((t.member_id.clone(), s.def.segment_id.clone(), member));
-                    }
-                }
-            }
-            self.store.set_memberships(&tenant, flags, now).await?;
         }
-        Ok(count)
+        self.store.apply_changes(changes, book, self.now()).await
     }
 
     /// Re-evaluates `segments` (all dynamic ones of the tenant when None) for every member
-    /// with features. Returns how many memberships changed.
+    /// with features, a page per transaction. Returns how many memberships changed. It runs
+    /// in a task of its own, so a caller that goes away does not cut it short.
     async fn reevaluate(&self, tenant_id: &str, only: Option<&[String]>) -> Result<usize> {
-        let segments: Vec<Compiled> = self
-            .compiled(tenant_id)
-            .await?
-            .into_iter()
-            .filter(|s| s.expr.is_some())
-            .filter(|s| only.is_none_or(|ids| ids.contains(&s.def.segment_id)))
-            .collect();
-        if segments.is_empty() {
+        let rules = self.rules(tenant_id, only).await?;
+        if rules.is_empty() {
             return Ok(0);
         }
-        let now = self.now();
-        let mut after = String::new();
-        let mut changed = 0;
-        loop {
-            let page = self.store.features_page(tenant_id, &after, PAGE).await?;
-            let Some((last, _)) = page.last() else { break };
-            after = last.clone();
-            let mut flags = Vec::with_capacity(page.len() * segments.len());
-            for (member, f) in &page {
-                for s in &segments {
-                    if let Some(e) = &s.expr {
-                        flags.push((
-                            member.clone(),
-                            s.def.segment_id.clone(),
-                            e.matches(f, Context { now }),
-                        ));
-                    }
+        let (store, tenant, now) = (self.store.clone(), tenant_id.to_owned(), self.now());
+        let pass = tokio::spawn(async move {
+            let mut after = String::new();
+            let mut changed = 0;
+            loop {
+                let (last, n) = store
+                    .evaluate_page(&tenant, &after, PAGE, rules.clone(), now)
+                    .await?;
+                changed += n;
+                match last {
+                    Some(last) => after = last,
+                    None => break,
                 }
             }
-            changed += self.store.set_memberships(tenant_id, flags, now).await?;
-            if page.len() < PAGE {
-                break;
-            }
+            Ok::<usize, Error>(changed)
+        });
+        pass.await.map_err(Error::internal)?
+    }
+
+    /// Evaluates every dynamic segment of every tenant for every member: at start-up, so a
+    /// full evaluation cut short by a crash is finished.
+    pub async fn reevaluate_all(&self) -> Result<usize> {
+        let mut changed = 0;
+        for tenant in self.store.tenants().await? {
+            changed += self.reevaluate(&tenant, None).await?;
         }
         Ok(changed)
     }
@@ -388,11 +388,7 @@ impl Segmentation {
             }
         }
         let scores = rfm::score_all(&inputs);
-        let generation = self
-            .store
-            .rfm_run(tenant_id)
-            .await?
-            .map_or(1, |r| r.generation + 1);
+        let generation = self.store.next_rfm_generation(tenant_id).await?;
         let mut rows: Vec<(String, Score)> = inputs
             .into_iter()
             .map(|i| i.member_id)
@@ -409,7 +405,11 @@ impl Segmentation {
             computed_at: now,
             members,
         };
-        self.store.publish_rfm(tenant_id, run).await?;
+        if !self.store.publish_rfm(tenant_id, run).await? {
+            return Err(Error::Unavailable(
+                "a later RFM computation finished first; its scores stand".into(),
+            ));
+        }
         Ok(run)
     }
 
@@ -605,6 +605,44 @@ mod tests {
         assert_eq!(
             once.count("t", "big").await.unwrap(),
             messy.count("t", "big").await.unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_redelivered_batch_brings_memberships_up_to_date() {
+        // As after a crash between applying a batch and evaluating it: the features are in,
+        // the membership is not. The redelivery finds every event applied and still
+        // evaluates the members it names.
+        let (_d, _, s) = setup();
+        let batch = vec![purchase("r1", "m1", T0, 500, "c")];
+        s.apply(batch.clone()).await.unwrap();
+        let mut def = dynamic("big", "spend_total > 100");
+        def.version = 1;
+        assert!(s.store.put_segment(def, None).await.unwrap());
+        assert!(s.member_segments("t", "m1").await.unwrap().is_empty());
+        assert_eq!(s.apply(batch).await.unwrap(), 0, "nothing new applied");
+        assert_eq!(s.member_segments("t", "m1").await.unwrap(), ["big"]);
+        assert_eq!(s.features("t", "m1").await.unwrap().total.count, 1);
+    }
+
+    #[tokio::test]
+    async fn an_evaluation_from_an_older_predicate_is_not_written() {
+        let (_d, _, s) = setup();
+        s.create(dynamic("x", "spend_total > 100")).await.unwrap();
+        let stale = s.rules("t", None).await.unwrap();
+        s.update(dynamic("x", "spend_total > 1000"), 1)
+            .await
+            .unwrap();
+        // An event evaluated with the rules compiled before the update.
+        let mut book = RuleBook::new();
+        book.insert("t".into(), stale);
+        s.store
+            .apply_changes(vec![purchase("r1", "m1", T0, 500, "c")], book, T0)
+            .await
+            .unwrap();
+        assert!(
+            s.member_segments("t", "m1").await.unwrap().is_empty(),
+            "500 is not above 1000: the old predicate must not decide"
         );
     }
 
@@ -815,8 +853,30 @@ mod tests {
             assert_eq!((got.recency, got.frequency, got.monetary), want, "m{i:03}");
             assert_eq!(got.named, crate::rfm::Named::of(want.0, want.1, want.2));
         }
+        // A run in progress (written, not published) does not disturb readers.
+        let before = s.member_rfm("t", "m001").await.unwrap();
+        let pending = s.store.next_rfm_generation("t").await.unwrap();
+        let junk = crate::rfm::Score {
+            recency: 1,
+            frequency: 1,
+            monetary: 1,
+            named: crate::rfm::Named::Lost,
+        };
+        s.store
+            .put_rfm("t", pending, vec![("m001".into(), junk)])
+            .await
+            .unwrap();
+        assert_eq!(s.member_rfm("t", "m001").await.unwrap(), before);
         let again = s.recompute_rfm("t").await.unwrap();
-        assert_eq!(again.generation, 2);
+        assert_eq!(again.generation, 3);
+        // The abandoned run can no longer be published over a later one.
+        let stale = crate::store::RfmRun {
+            generation: pending,
+            computed_at: T0,
+            members: 1,
+        };
+        assert!(!s.store.publish_rfm("t", stale).await.unwrap());
+        assert_eq!(s.member_rfm("t", "m001").await.unwrap(), before);
         assert_eq!(s.recompute_all_rfm().await.unwrap(), 300);
     }
 }

@@ -57,13 +57,18 @@ pub struct MembershipChange {
     pub time: Millis,
 }
 
-/// A member whose features an event changed, with the features after it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Touched {
-    pub tenant_id: String,
-    pub member_id: String,
-    pub features: Features,
+/// A dynamic segment's predicate, compiled from the segment's `version`. Inside the write
+/// transaction a rule is used only if the stored segment still has that version, so an
+/// evaluation computed from an older predicate never overwrites a newer one.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub segment_id: String,
+    pub version: i64,
+    pub expr: crate::expr::Expr,
 }
+
+/// Rules per tenant.
+pub type RuleBook = std::collections::BTreeMap<String, Vec<Rule>>;
 
 /// One published RFM computation of a tenant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,9 +81,28 @@ pub struct RfmRun {
 #[async_trait::async_trait]
 pub trait SegmentationStore: Send + Sync + std::fmt::Debug {
     /// Applies each change whose event id has not been applied for its tenant, atomically
-    /// with remembering the id, and returns the members that changed with their features.
-    async fn apply_changes(&self, changes: Vec<FeatureChange>, now: Millis)
-    -> Result<Vec<Touched>>;
+    /// with remembering the id, then evaluates every member the batch names (those whose
+    /// events were already applied too, so a batch redelivered after a crash still brings
+    /// memberships up to date) against `rules`, in the same transaction. Returns how many
+    /// changes were new.
+    async fn apply_changes(
+        &self,
+        changes: Vec<FeatureChange>,
+        rules: RuleBook,
+        now: Millis,
+    ) -> Result<usize>;
+
+    /// Evaluates the members after `after` (at most `limit`, in id order) against `rules`,
+    /// reading their features in the same transaction that writes the memberships. Returns
+    /// the last member evaluated (None when there were none) and how many memberships changed.
+    async fn evaluate_page(
+        &self,
+        tenant_id: &str,
+        after: &str,
+        limit: usize,
+        rules: Vec<Rule>,
+        now: Millis,
+    ) -> Result<(Option<String>, usize)>;
 
     async fn features(&self, tenant_id: &str, member_id: &str) -> Result<Option<Features>>;
 
@@ -139,6 +163,9 @@ pub trait SegmentationStore: Send + Sync + std::fmt::Debug {
     /// Tenants with member features.
     async fn tenants_with_features(&self) -> Result<Vec<String>>;
 
+    /// A new RFM run's generation, never handed out before for the tenant.
+    async fn next_rfm_generation(&self, tenant_id: &str) -> Result<u64>;
+
     /// Writes scores of an RFM run that is not published yet.
     async fn put_rfm(
         &self,
@@ -147,8 +174,9 @@ pub trait SegmentationStore: Send + Sync + std::fmt::Debug {
         scores: Vec<(String, Score)>,
     ) -> Result<()>;
 
-    /// Makes the run current: from now on only its scores are answered.
-    async fn publish_rfm(&self, tenant_id: &str, run: RfmRun) -> Result<()>;
+    /// Makes the run current (unless a later run already is) and drops earlier runs' scores.
+    /// False when a later run was published first.
+    async fn publish_rfm(&self, tenant_id: &str, run: RfmRun) -> Result<bool>;
 
     async fn rfm_run(&self, tenant_id: &str) -> Result<Option<RfmRun>>;
 

@@ -3,7 +3,7 @@
 //! Features, applied event ids, segments and memberships of a change go in one transaction,
 //! so an event's effect and the record that it was applied can never part.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use loyalty_platform::clock::Millis;
@@ -15,9 +15,10 @@ use loyalty_platform::error::Result;
 use redb::{ReadableTable, TableDefinition};
 
 use super::{
-    Change, DEDUP_WINDOW_MS, FeatureChange, MembershipChange, RfmRun, SegmentDef,
-    SegmentationStore, Touched,
+    Change, DEDUP_WINDOW_MS, FeatureChange, MembershipChange, RfmRun, Rule, RuleBook, SegmentDef,
+    SegmentationStore,
 };
+use crate::expr::Context;
 use crate::features::Features;
 use crate::rfm::Score;
 
@@ -38,8 +39,11 @@ const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("segment_counts"
 /// (tenant, member, time, segment) → entered.
 const HISTORY: TableDefinition<&str, bool> = TableDefinition::new("membership_history");
 
-/// (tenant, member) → (generation, score).
-const RFM: Records = TableDefinition::new("rfm");
+/// (tenant, generation, member) → score: each run writes its own rows, so readers of the
+/// published run never see a run in progress.
+const RFM: Records = TableDefinition::new("rfm_scores");
+/// tenant → the last generation handed out.
+const RFM_GENERATIONS: TableDefinition<&str, u64> = TableDefinition::new("rfm_generations");
 /// tenant → the current run.
 const RFM_RUNS: Records = TableDefinition::new("rfm_runs");
 
@@ -61,6 +65,49 @@ impl EmbeddedSegmentationStore {
 
 fn padded(ms: Millis) -> String {
     format!("{:020}", ms.max(0))
+}
+
+/// The rules whose segment still has the version they were compiled from.
+fn current_rules<'r>(
+    txn: &redb::WriteTransaction,
+    tenant: &str,
+    rules: &'r [Rule],
+) -> Result<Vec<&'r Rule>> {
+    let segments = txn.open_table(SEGMENTS).map_err(e)?;
+    let mut out = Vec::with_capacity(rules.len());
+    for rule in rules {
+        let stored: Option<SegmentDef> = get_record(&segments, &key(&[tenant, &rule.segment_id]))?;
+        if stored.is_some_and(|d| d.version == rule.version) {
+            out.push(rule);
+        }
+    }
+    Ok(out)
+}
+
+/// Evaluates one member against the rules and writes the flags; how many changed.
+fn evaluate_member(
+    txn: &redb::WriteTransaction,
+    tenant: &str,
+    member: &str,
+    f: &Features,
+    rules: &[&Rule],
+    now: Millis,
+) -> Result<usize> {
+    let cx = Context { now };
+    let mut changed = 0;
+    for rule in rules {
+        if set_one(
+            txn,
+            tenant,
+            member,
+            &rule.segment_id,
+            rule.expr.matches(f, cx),
+            now,
+        )? {
+            changed += 1;
+        }
+    }
+    Ok(changed)
 }
 
 /// Sets one membership flag inside a write transaction; true when it changed.
@@ -133,62 +180,110 @@ impl SegmentationStore for EmbeddedSegmentationStore {
     async fn apply_changes(
         &self,
         changes: Vec<FeatureChange>,
+        rules: RuleBook,
         now: Millis,
-    ) -> Result<Vec<Touched>> {
+    ) -> Result<usize> {
         self.db
             .write(move |txn| {
-                let mut applied = txn.open_table(APPLIED).map_err(e)?;
-                let mut by_time = txn.open_table(APPLIED_BY_TIME).map_err(e)?;
-                let mut features = txn.open_table(FEATURES).map_err(e)?;
-                let mut changed: std::collections::BTreeMap<(String, String), Features> =
-                    Default::default();
-                for c in &changes {
-                    let ak = key(&[&c.tenant_id, &c.event_id]);
-                    if applied.get(ak.as_str()).map_err(e)?.is_some() {
-                        continue;
+                let mut new = 0;
+                // Every member the batch names, with their features after it.
+                let mut named: BTreeMap<(String, String), Features> = BTreeMap::new();
+                {
+                    let mut applied = txn.open_table(APPLIED).map_err(e)?;
+                    let mut by_time = txn.open_table(APPLIED_BY_TIME).map_err(e)?;
+                    let mut features = txn.open_table(FEATURES).map_err(e)?;
+                    for c in &changes {
+                        let id = (c.tenant_id.clone(), c.member_id.clone());
+                        let fk = key(&[&c.tenant_id, &c.member_id]);
+                        let mut f: Features = match named.remove(&id) {
+                            Some(f) => f,
+                            None => get_record(&features, &fk)?.unwrap_or_default(),
+                        };
+                        let ak = key(&[&c.tenant_id, &c.event_id]);
+                        if applied.get(ak.as_str()).map_err(e)?.is_none() {
+                            applied.insert(ak.as_str(), now).map_err(e)?;
+                            by_time
+                                .insert(
+                                    key(&[&padded(now), &c.tenant_id, &c.event_id]).as_str(),
+                                    (),
+                                )
+                                .map_err(e)?;
+                            match &c.change {
+                                Change::Purchase(p) => f.apply_purchase(p),
+                                Change::Refund(r) => f.apply_refund(r),
+                                Change::Member(m) => f.apply_member(m),
+                            }
+                            put_record(&mut features, &fk, &f)?;
+                            new += 1;
+                        }
+                        named.insert(id, f);
                     }
-                    applied.insert(ak.as_str(), now).map_err(e)?;
-                    by_time
-                        .insert(key(&[&padded(now), &c.tenant_id, &c.event_id]).as_str(), ())
-                        .map_err(e)?;
-                    let fk = key(&[&c.tenant_id, &c.member_id]);
-                    let id = (c.tenant_id.clone(), c.member_id.clone());
-                    let mut f: Features = match changed.remove(&id) {
-                        Some(f) => f,
-                        None => get_record(&features, &fk)?.unwrap_or_default(),
-                    };
-                    match &c.change {
-                        Change::Purchase(p) => f.apply_purchase(p),
-                        Change::Refund(r) => f.apply_refund(r),
-                        Change::Member(m) => f.apply_member(m),
+                    // Forget ids older than the window, a bounded number per call.
+                    let horizon = padded(now - DEDUP_WINDOW_MS);
+                    let old: Vec<String> = by_time
+                        .range(..horizon.as_str())
+                        .map_err(e)?
+                        .take(1000)
+                        .filter_map(|r| r.ok().map(|(k, _)| k.value().to_owned()))
+                        .collect();
+                    for k in old {
+                        by_time.remove(k.as_str()).map_err(e)?;
+                        let mut parts = k.splitn(3, '\u{0}');
+                        let (_, tenant, event) = (parts.next(), parts.next(), parts.next());
+                        if let (Some(tenant), Some(event)) = (tenant, event) {
+                            applied.remove(key(&[tenant, event]).as_str()).map_err(e)?;
+                        }
                     }
-                    put_record(&mut features, &fk, &f)?;
-                    changed.insert(id, f);
                 }
-                // Forget ids older than the window, a bounded number per call.
-                let horizon = padded(now - DEDUP_WINDOW_MS);
-                let old: Vec<String> = by_time
-                    .range(..horizon.as_str())
-                    .map_err(e)?
-                    .take(1000)
-                    .filter_map(|r| r.ok().map(|(k, _)| k.value().to_owned()))
-                    .collect();
-                for k in old {
-                    by_time.remove(k.as_str()).map_err(e)?;
-                    let mut parts = k.splitn(3, '\u{0}');
-                    let (_, tenant, event) = (parts.next(), parts.next(), parts.next());
-                    if let (Some(tenant), Some(event)) = (tenant, event) {
-                        applied.remove(key(&[tenant, event]).as_str()).map_err(e)?;
+                for ((tenant, member), f) in &named {
+                    if let Some(tenant_rules) = rules.get(tenant) {
+                        let current = current_rules(txn, tenant, tenant_rules)?;
+                        evaluate_member(txn, tenant, member, f, &current, now)?;
                     }
                 }
-                Ok(changed
-                    .into_iter()
-                    .map(|((tenant_id, member_id), features)| Touched {
-                        tenant_id,
-                        member_id,
-                        features,
-                    })
-                    .collect())
+                Ok(new)
+            })
+            .await
+    }
+
+    async fn evaluate_page(
+        &self,
+        tenant_id: &str,
+        after: &str,
+        limit: usize,
+        rules: Vec<Rule>,
+        now: Millis,
+    ) -> Result<(Option<String>, usize)> {
+        let tenant = tenant_id.to_owned();
+        let (start, end) = prefix_range(&[tenant_id]);
+        let from = if after.is_empty() {
+            start
+        } else {
+            let mut k = key(&[tenant_id, after]);
+            k.push('\u{0}');
+            k
+        };
+        self.db
+            .write(move |txn| {
+                let page: Vec<(String, Features)> = {
+                    let t = txn.open_table(FEATURES).map_err(e)?;
+                    let mut page = Vec::new();
+                    for item in t.range(from.as_str()..end.as_str()).map_err(e)?.take(limit) {
+                        let (k, v) = item.map_err(e)?;
+                        let member = k.value().rsplit('\u{0}').next().unwrap_or_default();
+                        page.push((
+                            member.to_owned(),
+                            loyalty_platform::embedded::decode(v.value())?,
+                        ));
+                    }
+                    page
+                };
+                let current = current_rules(txn, &tenant, &rules)?;
+                let mut changed = 0;
+                for (member, f) in &page {
+                    changed += evaluate_member(txn, &tenant, member, f, &current, now)?;
+                }
+                Ok((page.last().map(|(m, _)| m.clone()), changed))
             })
             .await
     }
@@ -515,30 +610,54 @@ impl SegmentationStore for EmbeddedSegmentationStore {
             .await
     }
 
+    async fn next_rfm_generation(&self, tenant_id: &str) -> Result<u64> {
+        let tenant = tenant_id.to_owned();
+        self.db
+            .write(move |txn| {
+                let mut t = txn.open_table(RFM_GENERATIONS).map_err(e)?;
+                let next = t.get(tenant.as_str()).map_err(e)?.map_or(0, |v| v.value()) + 1;
+                t.insert(tenant.as_str(), next).map_err(e)?;
+                Ok(next)
+            })
+            .await
+    }
+
     async fn put_rfm(
         &self,
         tenant_id: &str,
         generation: u64,
         scores: Vec<(String, Score)>,
     ) -> Result<()> {
-        let tenant = tenant_id.to_owned();
+        let (tenant, generation) = (tenant_id.to_owned(), format!("{generation:020}"));
         self.db
             .write(move |txn| {
                 let mut t = txn.open_table(RFM).map_err(e)?;
                 for (member, score) in &scores {
-                    put_record(&mut t, &key(&[&tenant, member]), &(generation, *score))?;
+                    put_record(&mut t, &key(&[&tenant, &generation, member]), score)?;
                 }
                 Ok(())
             })
             .await
     }
 
-    async fn publish_rfm(&self, tenant_id: &str, run: RfmRun) -> Result<()> {
+    async fn publish_rfm(&self, tenant_id: &str, run: RfmRun) -> Result<bool> {
         let tenant = tenant_id.to_owned();
         self.db
             .write(move |txn| {
-                let mut t = txn.open_table(RFM_RUNS).map_err(e)?;
-                put_record(&mut t, &tenant, &run)
+                let mut runs = txn.open_table(RFM_RUNS).map_err(e)?;
+                let current: Option<RfmRun> = get_record(&runs, &tenant)?;
+                if current.is_some_and(|c| c.generation >= run.generation) {
+                    // A later run was published first; this one is dropped below.
+                    return Ok(false);
+                }
+                put_record(&mut runs, &tenant, &run)?;
+                // Scores of every earlier run go.
+                let mut t = txn.open_table(RFM).map_err(e)?;
+                let (start, _) = prefix_range(&[&tenant]);
+                let below = key(&[&tenant, &format!("{:020}", run.generation)]);
+                t.retain_in(start.as_str()..below.as_str(), |_, _| false)
+                    .map_err(e)?;
+                Ok(true)
             })
             .await
     }
@@ -551,14 +670,14 @@ impl SegmentationStore for EmbeddedSegmentationStore {
     }
 
     async fn rfm(&self, tenant_id: &str, member_id: &str) -> Result<Option<Score>> {
-        let (tenant, k) = (tenant_id.to_owned(), key(&[tenant_id, member_id]));
+        let (tenant, member) = (tenant_id.to_owned(), member_id.to_owned());
         self.db
             .read(move |txn| {
                 let Some(run) = read_record::<RfmRun>(txn, RFM_RUNS, &tenant)? else {
                     return Ok(None);
                 };
-                let row: Option<(u64, Score)> = read_record(txn, RFM, &k)?;
-                Ok(row.filter(|(g, _)| *g == run.generation).map(|(_, s)| s))
+                let generation = format!("{:020}", run.generation);
+                read_record(txn, RFM, &key(&[&tenant, &generation, &member]))
             })
             .await
     }
