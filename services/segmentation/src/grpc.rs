@@ -20,6 +20,8 @@ pub const SERVICE_NAMES: &[&str] = &["loyalty.segmentation.v1.SegmentationServic
 
 /// Members per message of a streamed segment.
 const STREAM_CHUNK: usize = 1000;
+/// Most member ids in one upload stream.
+const MAX_UPLOAD_TOTAL: usize = 5_000_000;
 /// Largest history page.
 const MAX_PAGE: usize = 500;
 
@@ -291,7 +293,17 @@ impl SegmentationService for Api {
     ) -> Result<Response<pb::UploadSegmentMembersResponse>, Status> {
         let mut stream = request.into_inner();
         let mut target: Option<(String, String)> = None;
+        let mut total = 0usize;
         while let Some(message) = stream.message().await? {
+            total += message.member_ids.len();
+            if total > MAX_UPLOAD_TOTAL {
+                return Err(to_status(Error::invalid(
+                    "member_ids",
+                    format!(
+                        "at most {MAX_UPLOAD_TOTAL} members per upload; the members so far are saved, send the rest in another upload"
+                    ),
+                )));
+            }
             let this = (message.tenant_id.clone(), message.segment_id.clone());
             match &target {
                 None => target = Some(this),

@@ -673,6 +673,13 @@ mod tests {
         assert_eq!(history.len(), 3);
         assert_eq!(history[0].segment_id, "active");
         assert!(!history[0].entered, "newest first: left `active`");
+        let (first, cursor) = s.history("t", "m1", None, 1).await.unwrap();
+        assert_eq!(first, history[..1]);
+        let (rest, end) = s.history("t", "m1", cursor.clone(), 10).await.unwrap();
+        assert_eq!(rest, history[1..]);
+        assert!(end.is_none());
+        let err = s.history("t", "m2", cursor, 10).await.unwrap_err();
+        assert!(err.to_string().contains("another member"), "{err}");
     }
 
     #[tokio::test]

@@ -518,9 +518,16 @@ impl SegmentationStore for EmbeddedSegmentationStore {
         limit: usize,
     ) -> Result<(Vec<MembershipChange>, Option<String>)> {
         let (start, end) = prefix_range(&[tenant_id, member_id]);
-        let end = before
-            .filter(|b| b.as_str() > start.as_str() && b.as_str() <= end.as_str())
-            .unwrap_or(end);
+        let end = match before {
+            None => end,
+            Some(b) if b.as_str() > start.as_str() && b.as_str() <= end.as_str() => b,
+            Some(_) => {
+                return Err(loyalty_platform::error::Error::invalid(
+                    "page_token",
+                    "belongs to another member's history",
+                ));
+            }
+        };
         self.db
             .read(move |txn| {
                 let Some(t) = open_for_read(txn, HISTORY)? else {
