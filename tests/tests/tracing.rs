@@ -245,6 +245,13 @@ async fn a_receipt_is_one_trace_across_processes() {
         .find(|s| s.name == "promotion.evaluate")
         .unwrap_or_else(|| panic!("no rule-evaluation span:\n{}", describe()));
     assert!(descends(&by_id, evaluate, &commit_id));
+    // The purchase event is appended within the commit, before the POS gets its answer.
+    let append = traced
+        .iter()
+        .find(|s| s.attribute("db.operation.name") == Some("events.append"))
+        .unwrap_or_else(|| panic!("no events.append span:\n{}", describe()));
+    assert!(descends(&by_id, append, &commit_id));
+    assert_eq!(append.attribute("db.system.name"), Some("redb"));
 
     // No personal data in span attributes.
     for span in &spans {

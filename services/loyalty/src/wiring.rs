@@ -196,17 +196,21 @@ pub async fn build(
         || runs(ServiceName::Segmentation)
     {
         Some(match config.storage.backend {
-            Backend::Embedded => Arc::new(EmbeddedEventLog::open(&dir.join("events.redb"))?),
+            Backend::Embedded => Arc::new(loyalty_platform::events::traced::Traced::new(
+                "redb",
+                Arc::new(EmbeddedEventLog::open(&dir.join("events.redb"))?),
+            )),
             Backend::Redis | Backend::Scylla => {
                 let redis = &config.storage.redis;
-                Arc::new(if redis.cluster_nodes.is_empty() {
+                let log: SharedEventLog = Arc::new(if redis.cluster_nodes.is_empty() {
                     RedisEventLog::connect(&redis.url)
                         .context("bad configuration: `storage.redis.url` (the event stream)")?
                 } else {
                     RedisEventLog::connect_cluster(&redis.cluster_nodes).context(
                         "bad configuration: `storage.redis.cluster_nodes` (the event stream)",
                     )?
-                })
+                });
+                Arc::new(loyalty_platform::events::traced::Traced::new("redis", log))
             }
         })
     } else {
@@ -369,9 +373,13 @@ pub async fn build(
     };
 
     if runs(ServiceName::Segmentation) {
-        let store: Arc<dyn SegmentationStore> = Arc::new(EmbeddedSegmentationStore::open(
-            &dir.join("segmentation.redb"),
-        )?);
+        let store: Arc<dyn SegmentationStore> =
+            Arc::new(loyalty_segmentation::store::traced::Traced::new(
+                "redb",
+                Arc::new(EmbeddedSegmentationStore::open(
+                    &dir.join("segmentation.redb"),
+                )?),
+            ));
         let segmentation = Segmentation::new(store.clone(), clock.clone());
         routes = loyalty_segmentation::add_routes(routes, segmentation.clone(), max);
         let log = events

@@ -14,6 +14,7 @@
 mod conformance;
 pub mod embedded;
 pub mod redis;
+pub mod traced;
 
 use std::time::Duration;
 

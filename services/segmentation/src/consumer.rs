@@ -8,9 +8,11 @@ use std::time::Duration;
 use loyalty_platform::clock::Millis;
 use loyalty_platform::events::{Delivery, MEMBERS, PURCHASES, SharedEventLog};
 use loyalty_platform::grpc::millis;
+use loyalty_platform::telemetry::work_span;
 use loyalty_proto::events::v1 as pb;
 use prost::Message;
 use rust_decimal::Decimal;
+use tracing::Instrument;
 
 use crate::features::{Consents, MemberData, PurchaseFacts, RefundFacts};
 use crate::service::Segmentation;
@@ -180,7 +182,10 @@ async fn step(
         return Ok(());
     }
     let full = batch.len() >= BATCH;
-    apply_batch(segmentation, &batch).await?;
+    // One trace per batch, with the store's spans under it.
+    apply_batch(segmentation, &batch)
+        .instrument(work_span("segmentation.apply_batch"))
+        .await?;
     let ids: Vec<String> = batch.into_iter().map(|d| d.id).collect();
     log.ack(stream, GROUP, &ids).await?;
     if !full {

@@ -1,6 +1,7 @@
 //! What the segmentation core needs from storage.
 
 pub mod embedded;
+pub mod traced;
 
 use loyalty_platform::clock::Millis;
 use loyalty_platform::error::Result;
