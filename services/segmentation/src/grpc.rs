@@ -40,6 +40,19 @@ pub fn add_routes(
 #[derive(Debug, Clone)]
 struct Api(Segmentation);
 
+impl Api {
+    /// A segment as the API shows it, with its current member count.
+    async fn view(&self, def: SegmentDef) -> Result<pb::Segment, Status> {
+        let count = self
+            .0
+            .store()
+            .count(&def.tenant_id, &def.segment_id)
+            .await
+            .map_err(to_status)?;
+        Ok(shown(def, count))
+    }
+}
+
 fn shown(def: SegmentDef, member_count: u64) -> pb::Segment {
     pb::Segment {
         tenant_id: def.tenant_id,
@@ -186,14 +199,8 @@ impl SegmentationService for Api {
     ) -> Result<Response<pb::CreateSegmentResponse>, Status> {
         let def = definition(request.into_inner().segment)?;
         let def = self.0.create(def).await.map_err(to_status)?;
-        let count = self
-            .0
-            .store()
-            .count(&def.tenant_id, &def.segment_id)
-            .await
-            .map_err(to_status)?;
         Ok(Response::new(pb::CreateSegmentResponse {
-            segment: Some(shown(def, count)),
+            segment: Some(self.view(def).await?),
         }))
     }
 
@@ -208,14 +215,8 @@ impl SegmentationService for Api {
             .update(def, r.expected_version)
             .await
             .map_err(to_status)?;
-        let count = self
-            .0
-            .store()
-            .count(&def.tenant_id, &def.segment_id)
-            .await
-            .map_err(to_status)?;
         Ok(Response::new(pb::UpdateSegmentResponse {
-            segment: Some(shown(def, count)),
+            segment: Some(self.view(def).await?),
         }))
     }
 
@@ -229,14 +230,8 @@ impl SegmentationService for Api {
             .get(&r.tenant_id, &r.segment_id)
             .await
             .map_err(to_status)?;
-        let count = self
-            .0
-            .store()
-            .count(&def.tenant_id, &def.segment_id)
-            .await
-            .map_err(to_status)?;
         Ok(Response::new(pb::GetSegmentResponse {
-            segment: Some(shown(def, count)),
+            segment: Some(self.view(def).await?),
         }))
     }
 
@@ -261,13 +256,7 @@ impl SegmentationService for Api {
         };
         let mut segments = Vec::with_capacity(defs.len());
         for def in defs {
-            let count = self
-                .0
-                .store()
-                .count(&def.tenant_id, &def.segment_id)
-                .await
-                .map_err(to_status)?;
-            segments.push(shown(def, count));
+            segments.push(self.view(def).await?);
         }
         Ok(Response::new(pb::ListSegmentsResponse {
             segments,
