@@ -67,6 +67,20 @@ fn padded(ms: Millis) -> String {
     format!("{:020}", ms.max(0))
 }
 
+/// The keys under `prefix` that come after the entry `prefix, after` (all of them when
+/// `after` is empty), for paging in key order.
+fn page_range(prefix: &[&str], after: &str) -> (String, String) {
+    let (start, end) = prefix_range(prefix);
+    if after.is_empty() {
+        return (start, end);
+    }
+    let mut parts = prefix.to_vec();
+    parts.push(after);
+    let mut from = key(&parts);
+    from.push('\u{0}');
+    (from, end)
+}
+
 /// The rules whose segment still has the version they were compiled from.
 fn current_rules<'r>(
     txn: &redb::WriteTransaction,
@@ -255,14 +269,7 @@ impl SegmentationStore for EmbeddedSegmentationStore {
         now: Millis,
     ) -> Result<(Option<String>, usize)> {
         let tenant = tenant_id.to_owned();
-        let (start, end) = prefix_range(&[tenant_id]);
-        let from = if after.is_empty() {
-            start
-        } else {
-            let mut k = key(&[tenant_id, after]);
-            k.push('\u{0}');
-            k
-        };
+        let (from, end) = page_range(&[tenant_id], after);
         self.db
             .write(move |txn| {
                 let page: Vec<(String, Features)> = {
@@ -301,14 +308,7 @@ impl SegmentationStore for EmbeddedSegmentationStore {
         after: &str,
         limit: usize,
     ) -> Result<Vec<(String, Features)>> {
-        let (start, end) = prefix_range(&[tenant_id]);
-        let from = if after.is_empty() {
-            start
-        } else {
-            let mut k = key(&[tenant_id, after]);
-            k.push('\u{0}');
-            k
-        };
+        let (from, end) = page_range(&[tenant_id], after);
         self.db
             .read(move |txn| {
                 let Some(t) = open_for_read(txn, FEATURES)? else {
@@ -469,14 +469,7 @@ impl SegmentationStore for EmbeddedSegmentationStore {
         after: &str,
         limit: usize,
     ) -> Result<Vec<String>> {
-        let (start, end) = prefix_range(&[tenant_id, segment_id]);
-        let from = if after.is_empty() {
-            start
-        } else {
-            let mut k = key(&[tenant_id, segment_id, after]);
-            k.push('\u{0}');
-            k
-        };
+        let (from, end) = page_range(&[tenant_id, segment_id], after);
         self.db
             .read(move |txn| {
                 let Some(t) = open_for_read(txn, SEGMENT_MEMBERS)? else {
