@@ -9,10 +9,12 @@ use loyalty_platform::clock::Millis;
 use loyalty_platform::error::{Error, Result};
 use loyalty_platform::grpc::{from_status, timestamp};
 use loyalty_platform::telemetry::ClientTrace;
-use loyalty_promotion::ports::{Members, Points, Redeemed, Reversal};
+use loyalty_promotion::ports::{Members, Points, Redeemed, Resolved, Reversal, Segments};
 use loyalty_promotion::receipt::Identification;
 use loyalty_proto::balance::v1 as bpb;
 use loyalty_proto::identity::v1 as ipb;
+use loyalty_proto::segmentation::v1 as spb;
+use loyalty_segmentation::Segmentation;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -26,22 +28,37 @@ pub struct LocalMembers(pub Identity);
 
 #[async_trait::async_trait]
 impl Members for LocalMembers {
-    async fn resolve(&self, tenant_id: &str, id: &Identification) -> Result<Option<String>> {
-        Ok(match id {
-            Identification::None => None,
+    async fn resolve(
+        &self,
+        tenant_id: &str,
+        id: &Identification,
+        with_profile: bool,
+    ) -> Result<Option<Resolved>> {
+        let member_id = match id {
+            Identification::None => return Ok(None),
             Identification::Card(number) => {
-                Some(self.0.lookup_by_card(tenant_id, number).await?.0.member_id)
+                self.0.lookup_by_card(tenant_id, number).await?.0.member_id
             }
             Identification::Member(member_id) => {
-                Some(self.0.member(tenant_id, member_id).await?.0.member_id)
+                self.0.member(tenant_id, member_id).await?.0.member_id
             }
-            Identification::Phone(phone) => Some(
+            Identification::Phone(phone) => {
                 self.0
                     .lookup_by_phone(tenant_id, phone, "")
                     .await?
-                    .member_id,
-            ),
-        })
+                    .member_id
+            }
+        };
+        let mut resolved = Resolved {
+            member_id,
+            ..Resolved::default()
+        };
+        if with_profile {
+            let profile = self.0.profile(tenant_id, &resolved.member_id).await?;
+            resolved.birthday = profile.birthday.map(|d| (d.month, d.day));
+            resolved.attributes = profile.attributes;
+        }
+        Ok(Some(resolved))
     }
 
     async fn ping(&self) -> Result<()> {
@@ -151,7 +168,12 @@ pub struct RemoteMembers(pub PeerChannel);
 
 #[async_trait::async_trait]
 impl Members for RemoteMembers {
-    async fn resolve(&self, tenant_id: &str, id: &Identification) -> Result<Option<String>> {
+    async fn resolve(
+        &self,
+        tenant_id: &str,
+        id: &Identification,
+        _with_profile: bool,
+    ) -> Result<Option<Resolved>> {
         use ipb::lookup_member_request::Key;
         let mut client = ipb::member_service_client::MemberServiceClient::new(self.0.clone());
         let key = match id {
@@ -164,7 +186,7 @@ impl Members for RemoteMembers {
                     })
                     .await
                     .map_err(from_status)?;
-                return Ok(reply.into_inner().member.map(|m| m.member_id));
+                return Ok(reply.into_inner().member.map(resolved));
             }
             Identification::Card(number) => Key::CardNumber(number.clone()),
             Identification::Phone(phone) => Key::Phone(phone.clone()),
@@ -177,11 +199,90 @@ impl Members for RemoteMembers {
             })
             .await
             .map_err(from_status)?;
-        Ok(reply.into_inner().member.map(|m| m.member_id))
+        Ok(reply.into_inner().member.map(resolved))
     }
 
     async fn ping(&self) -> Result<()> {
         peer_health(&self.0, "loyalty.identity.v1.MemberService").await
+    }
+}
+
+/// A member as identity's API shows it (the profile always comes along).
+fn resolved(m: ipb::Member) -> Resolved {
+    Resolved {
+        member_id: m.member_id,
+        birthday: m
+            .birthday
+            .and_then(|d| Some((u8::try_from(d.month).ok()?, u8::try_from(d.day).ok()?))),
+        attributes: m.attributes.into_iter().collect(),
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LocalSegments(pub Segmentation);
+
+#[async_trait::async_trait]
+impl Segments for LocalSegments {
+    async fn member_segments(&self, tenant_id: &str, member_id: &str) -> Result<Vec<String>> {
+        self.0.member_segments(tenant_id, member_id).await
+    }
+
+    async fn exist(&self, tenant_id: &str, segment_ids: &[String]) -> Result<Vec<bool>> {
+        let mut out = Vec::with_capacity(segment_ids.len());
+        for id in segment_ids {
+            out.push(match self.0.get(tenant_id, id).await {
+                Ok(_) => true,
+                Err(Error::NotFound(_) | Error::InvalidArgument(_)) => false,
+                Err(e) => return Err(e),
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RemoteSegments(pub PeerChannel);
+
+#[async_trait::async_trait]
+impl Segments for RemoteSegments {
+    async fn member_segments(&self, tenant_id: &str, member_id: &str) -> Result<Vec<String>> {
+        let mut client =
+            spb::segmentation_service_client::SegmentationServiceClient::new(self.0.clone());
+        let reply = client
+            .get_member_segments(spb::GetMemberSegmentsRequest {
+                tenant_id: tenant_id.to_string(),
+                member_id: member_id.to_string(),
+            })
+            .await
+            .map_err(from_status)?;
+        Ok(reply.into_inner().segment_ids)
+    }
+
+    async fn exist(&self, tenant_id: &str, segment_ids: &[String]) -> Result<Vec<bool>> {
+        let mut client =
+            spb::segmentation_service_client::SegmentationServiceClient::new(self.0.clone());
+        let mut out = Vec::with_capacity(segment_ids.len());
+        for id in segment_ids {
+            let reply = client
+                .get_segment(spb::GetSegmentRequest {
+                    tenant_id: tenant_id.to_string(),
+                    segment_id: id.clone(),
+                })
+                .await;
+            out.push(match reply {
+                Ok(_) => true,
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::NotFound | tonic::Code::InvalidArgument
+                    ) =>
+                {
+                    false
+                }
+                Err(s) => return Err(from_status(s)),
+            });
+        }
+        Ok(out)
     }
 }
 
@@ -303,7 +404,11 @@ impl Points for RemotePoints {
 /// Whether identity knows `member_id`, through either way of reaching it.
 async fn member_exists(members: &impl Members, tenant_id: &str, member_id: &str) -> Result<bool> {
     match members
-        .resolve(tenant_id, &Identification::Member(member_id.to_string()))
+        .resolve(
+            tenant_id,
+            &Identification::Member(member_id.to_string()),
+            false,
+        )
         .await
     {
         Ok(found) => Ok(found.is_some()),

@@ -21,7 +21,7 @@ use loyalty_platform::config::{Backend, BalanceSettings, Config};
 use loyalty_platform::events::redis::RedisEventLog;
 use loyalty_platform::events::{EmbeddedEventLog, SharedEventLog};
 use loyalty_platform::server::{HealthCheck, HealthEntry};
-use loyalty_promotion::ports::{Members, Points};
+use loyalty_promotion::ports::{Members, NoSegments, Points, Segments};
 use loyalty_promotion::publish::LogEvents;
 use loyalty_promotion::store::embedded::EmbeddedPromotionStore;
 use loyalty_promotion::{Admin, Checkout};
@@ -34,7 +34,10 @@ use tonic::transport::Endpoint;
 use crate::balancer;
 use loyalty_balance::store::traced::Traced as BalanceTraced;
 
-use crate::peers::{LocalMembers, LocalPoints, PeerChannel, RemoteMembers, RemotePoints};
+use crate::peers::{
+    LocalMembers, LocalPoints, LocalSegments, PeerChannel, RemoteMembers, RemotePoints,
+    RemoteSegments,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ServiceName {
@@ -319,60 +322,7 @@ pub async fn build(
         None
     };
 
-    let (checkout, admin) = if runs(ServiceName::Promotion) {
-        let store: Arc<dyn loyalty_promotion::store::PromotionStore> =
-            Arc::new(loyalty_promotion::store::traced::Traced::new(
-                "redb",
-                Arc::new(EmbeddedPromotionStore::open(&dir.join("promotion.redb"))?),
-            ));
-        let members: Arc<dyn Members> = match &identity {
-            Some(identity) => Arc::new(LocalMembers(identity.clone())),
-            None => Arc::new(RemoteMembers(peer_channel(
-                config,
-                ServiceName::Identity,
-                &config.peers.identity,
-            )?)),
-        };
-        let points: Arc<dyn Points> = match &balance {
-            Some(balance) => Arc::new(LocalPoints(balance.clone())),
-            None => Arc::new(RemotePoints(peer_channel(
-                config,
-                ServiceName::Balance,
-                &config.peers.balance,
-            )?)),
-        };
-        let log = events
-            .clone()
-            .context("the event log is opened for promotion")?;
-        let checkout = Checkout::new(
-            store.clone(),
-            members.clone(),
-            points.clone(),
-            Arc::new(LogEvents::new(log.clone())),
-            clock.clone(),
-        );
-        let admin = Admin::new(store.clone(), clock.clone());
-        routes = loyalty_promotion::grpc::add_routes(routes, checkout.clone(), admin.clone(), max);
-        // Checkout cannot serve without its store and both peers.
-        health.push(entry(loyalty_promotion::grpc::SERVICE_NAMES, move || {
-            let (store, members, points) = (store.clone(), members.clone(), points.clone());
-            let log = log.clone();
-            async move {
-                store
-                    .ping()
-                    .await
-                    .map_err(|e| format!("promotion store: {e}"))?;
-                members.ping().await.map_err(|e| format!("identity: {e}"))?;
-                points.ping().await.map_err(|e| format!("balance: {e}"))?;
-                log.ping().await.map_err(|e| format!("event stream: {e}"))
-            }
-        }));
-        (Some(checkout), Some(admin))
-    } else {
-        (None, None)
-    };
-
-    if runs(ServiceName::Segmentation) {
+    let segmentation = if runs(ServiceName::Segmentation) {
         let store: Arc<dyn SegmentationStore> =
             Arc::new(loyalty_segmentation::store::traced::Traced::new(
                 "redb",
@@ -421,7 +371,79 @@ pub async fn build(
                 std::time::Duration::from_millis(every),
             ));
         }
-    }
+        Some(segmentation)
+    } else {
+        None
+    };
+    let (checkout, admin) = if runs(ServiceName::Promotion) {
+        let store: Arc<dyn loyalty_promotion::store::PromotionStore> =
+            Arc::new(loyalty_promotion::store::traced::Traced::new(
+                "redb",
+                Arc::new(EmbeddedPromotionStore::open(&dir.join("promotion.redb"))?),
+            ));
+        let members: Arc<dyn Members> = match &identity {
+            Some(identity) => Arc::new(LocalMembers(identity.clone())),
+            None => Arc::new(RemoteMembers(peer_channel(
+                config,
+                ServiceName::Identity,
+                &config.peers.identity,
+            )?)),
+        };
+        let points: Arc<dyn Points> = match &balance {
+            Some(balance) => Arc::new(LocalPoints(balance.clone())),
+            None => Arc::new(RemotePoints(peer_channel(
+                config,
+                ServiceName::Balance,
+                &config.peers.balance,
+            )?)),
+        };
+        let log = events
+            .clone()
+            .context("the event log is opened for promotion")?;
+        // Segment targeting asks segmentation, in process or over gRPC; without it no
+        // member is in any segment and campaigns cannot target one.
+        let segments: Arc<dyn Segments> = match &segmentation {
+            Some(s) => Arc::new(LocalSegments(s.clone())),
+            None if config.peers.segmentation.is_some() => Arc::new(RemoteSegments(peer_channel(
+                config,
+                ServiceName::Segmentation,
+                &config.peers.segmentation,
+            )?)),
+            None => {
+                tracing::info!(
+                    "segmentation is not reachable from promotion (`peers.segmentation` is unset): campaigns cannot target segments"
+                );
+                Arc::new(NoSegments)
+            }
+        };
+        let checkout = Checkout::new(
+            store.clone(),
+            members.clone(),
+            points.clone(),
+            segments.clone(),
+            Arc::new(LogEvents::new(log.clone())),
+            clock.clone(),
+        );
+        let admin = Admin::new(store.clone(), segments, clock.clone());
+        routes = loyalty_promotion::grpc::add_routes(routes, checkout.clone(), admin.clone(), max);
+        // Checkout cannot serve without its store and both peers.
+        health.push(entry(loyalty_promotion::grpc::SERVICE_NAMES, move || {
+            let (store, members, points) = (store.clone(), members.clone(), points.clone());
+            let log = log.clone();
+            async move {
+                store
+                    .ping()
+                    .await
+                    .map_err(|e| format!("promotion store: {e}"))?;
+                members.ping().await.map_err(|e| format!("identity: {e}"))?;
+                points.ping().await.map_err(|e| format!("balance: {e}"))?;
+                log.ping().await.map_err(|e| format!("event stream: {e}"))
+            }
+        }));
+        (Some(checkout), Some(admin))
+    } else {
+        (None, None)
+    };
     if runs(ServiceName::Reporting) {
         routes = loyalty_reporting::add_routes(routes, max);
         health.push(entry(loyalty_reporting::SERVICE_NAMES, || async { Ok(()) }));

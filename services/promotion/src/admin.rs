@@ -7,6 +7,7 @@ use loyalty_platform::error::{Error, MAX_ID_LEN, Result, Violations};
 use loyalty_platform::types::{check_tenant, tenant};
 
 use crate::catalog::{Product, Store, validate_products, validate_stores};
+use crate::ports::Segments;
 use crate::program::Program;
 use crate::store::PromotionStore;
 
@@ -16,8 +17,9 @@ const DEFAULT_PAGE_SIZE: usize = 100;
 
 #[derive(Debug, Clone)]
 pub struct Admin {
-    store: Arc<dyn PromotionStore>,
-    clock: SharedClock,
+    pub(crate) store: Arc<dyn PromotionStore>,
+    pub(crate) segments: Arc<dyn Segments>,
+    pub(crate) clock: SharedClock,
 }
 
 /// Checks paging arguments; the token is the last id of the previous page.
@@ -39,8 +41,16 @@ pub fn page(tenant_id: &str, page_size: i32, page_token: &str) -> Result<usize> 
 }
 
 impl Admin {
-    pub fn new(store: Arc<dyn PromotionStore>, clock: SharedClock) -> Self {
-        Self { store, clock }
+    pub fn new(
+        store: Arc<dyn PromotionStore>,
+        segments: Arc<dyn Segments>,
+        clock: SharedClock,
+    ) -> Self {
+        Self {
+            store,
+            segments,
+            clock,
+        }
     }
 
     pub async fn program(&self, tenant_id: &str) -> Result<Program> {
@@ -66,6 +76,18 @@ impl Admin {
 
     pub async fn upsert_stores(&self, tenant_id: &str, stores: &[Store]) -> Result<usize> {
         validate_stores(tenant_id, stores)?;
+        let mut v = Violations::new();
+        for (i, s) in stores.iter().enumerate() {
+            v.check(
+                crate::calendar::known_time_zone(&s.time_zone),
+                format!("stores[{i}].time_zone"),
+                format!(
+                    "unknown time zone {:?}: use an IANA name such as Asia/Almaty",
+                    s.time_zone
+                ),
+            );
+        }
+        v.finish()?;
         self.store.upsert_stores(tenant_id, stores).await?;
         Ok(stores.len())
     }

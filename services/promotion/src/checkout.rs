@@ -1,22 +1,32 @@
-//! Quote, Commit and Refund: the POS path, orchestrating the store, identity and balance.
+//! Quote, Commit and Refund: the POS path, orchestrating the store, identity, balance and
+//! segmentation.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 
-use loyalty_platform::clock::SharedClock;
+use loyalty_platform::clock::{Millis, SharedClock};
 use loyalty_platform::error::{Error, Result, Violations};
 use loyalty_platform::types::check_tenant;
 use rust_decimal::Decimal;
 
-use crate::evaluate::{Evaluation, MemberContext, evaluate};
+use crate::book::CampaignBook;
+use crate::calendar::LocalTime;
+use crate::campaign::{CodeRequirement, normalize_code};
+use crate::catalog::Store;
+use crate::evaluate::{
+    Codes, Evaluation, LineInfo, MemberContext, MemberProfile, Situation, cents, evaluate, reprice,
+};
 use crate::events::{Catalog, Events, purchase_event, refund_event};
-use crate::ports::{Members, Points};
+use crate::ports::{Members, Points, Segments};
 use crate::program::{MONEY_SCALE, Program, Rounding};
 use crate::purchase::{
-    MAX_REFUNDS_PER_RECEIPT, Purchase, PurchaseState, Refund, RefundOutcome, accrue_key,
+    MAX_REFUNDS_PER_RECEIPT, Purchase, PurchaseState, Refund, RefundOutcome, accrue_key, bonus_key,
     fingerprint, redeem_excess_key, redeem_key, refund_key,
 };
 use crate::receipt::{MAX_LINES, MAX_RECEIPT_ID_LEN, Receipt, parse_decimal};
-use crate::store::PromotionStore;
+use crate::store::{PromotionStore, Put};
+use crate::tier;
+use crate::usage::{Claim, Counters};
 
 /// Compare-and-set attempts before a contended purchase update gives up.
 const CAS_ATTEMPTS: usize = 16;
@@ -37,13 +47,47 @@ pub struct Refunded {
     pub outcome: RefundOutcome,
 }
 
+/// Everything an evaluation reads, gathered once per request.
+#[derive(Debug)]
+struct Prepared {
+    program: Program,
+    book: Arc<CampaignBook>,
+    store: Store,
+    infos: Vec<LineInfo>,
+    member: Option<MemberContext>,
+    profile: Option<MemberProfile>,
+    codes: Codes,
+    counters: Counters,
+    local: LocalTime,
+    now: Millis,
+}
+
+impl Prepared {
+    fn evaluate(&self, receipt: &Receipt) -> Evaluation {
+        let situation = Situation {
+            store_brand: &self.store.brand,
+            local: self.local,
+            lines: &self.infos,
+            member: self.member.as_ref(),
+            profile: self.profile.as_ref(),
+            codes: &self.codes,
+            counters: &self.counters,
+            now: self.now,
+        };
+        evaluate(&self.program, &self.book, receipt, &situation)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Checkout {
     store: Arc<dyn PromotionStore>,
     members: Arc<dyn Members>,
     points: Arc<dyn Points>,
+    segments: Arc<dyn Segments>,
     events: Arc<dyn Events>,
     clock: SharedClock,
+    /// Compiled campaigns per tenant; replaced when the stored version moves.
+    books: Arc<RwLock<HashMap<String, Arc<CampaignBook>>>>,
 }
 
 impl Checkout {
@@ -51,6 +95,7 @@ impl Checkout {
         store: Arc<dyn PromotionStore>,
         members: Arc<dyn Members>,
         points: Arc<dyn Points>,
+        segments: Arc<dyn Segments>,
         events: Arc<dyn Events>,
         clock: SharedClock,
     ) -> Self {
@@ -58,9 +103,34 @@ impl Checkout {
             store,
             members,
             points,
+            segments,
             events,
             clock,
+            books: Arc::default(),
         }
+    }
+
+    /// The tenant's compiled campaigns at `version`: a change is seen by the next request
+    /// on every replica, since each request reads the version.
+    async fn book(&self, tenant_id: &str, version: u64) -> Result<Arc<CampaignBook>> {
+        if version == 0 {
+            return Ok(Arc::default());
+        }
+        if let Ok(books) = self.books.read()
+            && let Some(b) = books.get(tenant_id)
+            && b.version == version
+        {
+            return Ok(b.clone());
+        }
+        let (stored, campaigns, groups) = self.store.campaigns(tenant_id).await?;
+        let book = Arc::new(CampaignBook::compile(stored, campaigns, &groups));
+        if let Ok(mut books) = self.books.write() {
+            let newer = books.get(tenant_id).is_some_and(|b| b.version > stored);
+            if !newer {
+                books.insert(tenant_id.to_string(), book.clone());
+            }
+        }
+        Ok(book)
     }
 
     /// (category, brand) of each line's product, for the events.
@@ -68,7 +138,7 @@ impl Checkout {
         let skus: Vec<String> = p.receipt.lines.iter().map(|l| l.sku.clone()).collect();
         let ctx = self
             .store
-            .checkout_context(&p.receipt.tenant_id, &p.receipt.store_id, &skus)
+            .checkout_context(&p.receipt.tenant_id, &p.receipt.store_id, &skus, &[])
             .await?;
         Ok(ctx
             .products
@@ -93,19 +163,24 @@ impl Checkout {
         Ok(committed)
     }
 
-    /// Reads what the receipt refers to and refuses unknown stores, products and codes.
-    async fn program_for(&self, receipt: &Receipt) -> Result<Program> {
+    /// Reads everything the receipt's evaluation needs, refusing unknown stores, products
+    /// and codes. Member, balance, segments and counters are read concurrently.
+    async fn prepare(&self, receipt: &Receipt) -> Result<Prepared> {
+        let tenant = receipt.tenant_id.as_str();
         let skus: Vec<String> = receipt.lines.iter().map(|l| l.sku.clone()).collect();
+        let codes: Vec<String> = receipt.codes.iter().map(|c| normalize_code(c)).collect();
         let ctx = self
             .store
-            .checkout_context(&receipt.tenant_id, &receipt.store_id, &skus)
+            .checkout_context(tenant, &receipt.store_id, &skus, &codes)
             .await?;
         let program = ctx.program.ok_or_else(|| {
             Error::FailedPrecondition(format!(
-                "tenant {} has no program: set one with ProgramService.UpdateProgram",
-                receipt.tenant_id
+                "tenant {tenant} has no program: set one with ProgramService.UpdateProgram"
             ))
         })?;
+        let book = self.book(tenant, ctx.campaigns_version).await?;
+        // Campaigns run on the server's clock: a POS cannot move a receipt into a window.
+        let now = self.clock.now_ms();
         let mut v = Violations::new();
         v.check(
             ctx.store.is_some(),
@@ -119,40 +194,147 @@ impl Checkout {
                 format!("unknown product {:?}", line.sku),
             );
         }
-        // No coupon or promo-code campaign exists yet, so every code is unknown.
-        for (i, code) in receipt.codes.iter().enumerate() {
-            v.add(
-                format!("receipt.codes[{i}]"),
-                format!("unknown coupon or promo code {code:?}"),
-            );
+        let member = self
+            .members
+            .resolve(tenant, &receipt.identification, book.needs_profile)
+            .await?;
+        let mut presented = Codes::default();
+        for (i, (code, coupon)) in codes.iter().zip(&ctx.coupons).enumerate() {
+            let field = format!("receipt.codes[{i}]");
+            if presented.promo.contains(code) || presented.coupons.iter().any(|c| &c.code == code) {
+                v.add(field, format!("code {code:?} is presented twice"));
+                continue;
+            }
+            match coupon {
+                Some((c, uses)) => {
+                    let active = book.entries.iter().any(|e| {
+                        e.campaign.campaign_id == c.campaign_id
+                            && matches!(e.campaign.code, Some(CodeRequirement::Coupons { .. }))
+                    });
+                    if c.expire_at.is_some_and(|t| now >= t) {
+                        v.add(field, format!("coupon {code:?} has expired"));
+                    } else if *uses >= i64::from(c.max_uses) {
+                        v.add(field, format!("coupon {code:?} is used up"));
+                    } else if !c.member_id.is_empty()
+                        && member.as_ref().is_none_or(|m| m.member_id != c.member_id)
+                    {
+                        v.add(field, format!("coupon {code:?} belongs to another member"));
+                    } else if !active {
+                        v.add(
+                            field,
+                            format!("coupon {code:?} is for a campaign that is not running"),
+                        );
+                    } else {
+                        presented.coupons.push(c.clone());
+                    }
+                }
+                None if book.promo_codes.contains_key(code) => presented.promo.push(code.clone()),
+                None => v.add(field, format!("unknown coupon or promo code {code:?}")),
+            }
         }
         v.finish()?;
-        Ok(program)
-    }
+        let store = ctx
+            .store
+            .ok_or_else(|| Error::invalid("receipt.store_id", "unknown store"))?;
+        let local = LocalTime::at(now, &store.time_zone);
 
-    async fn member_context(&self, receipt: &Receipt) -> Result<Option<MemberContext>> {
-        let Some(member_id) = self
-            .members
-            .resolve(&receipt.tenant_id, &receipt.identification)
-            .await?
-        else {
-            return Ok(None);
+        // Counters the campaigns and the tier read.
+        let mut names: Vec<String> = Vec::new();
+        if book.needs_counters {
+            for e in &book.entries {
+                let c = &e.campaign;
+                let id = &c.campaign_id;
+                if c.budget.max_uses > 0 {
+                    names.push(crate::usage::uses_counter(id));
+                }
+                if c.budget.max_discount.is_some() {
+                    names.push(crate::usage::discount_counter(id));
+                }
+                if c.budget.max_points > 0 {
+                    names.push(crate::usage::points_counter(id));
+                }
+                if c.member_limit > 0
+                    && let Some(m) = &member
+                {
+                    let period = crate::evaluate::period(now, c.member_limit_period_days);
+                    names.push(crate::usage::member_counter(id, &m.member_id, period));
+                }
+            }
+        }
+        let spend_names = member
+            .as_ref()
+            .map(|m| tier::spend_counters(&program, &m.member_id, &local))
+            .unwrap_or_default();
+        names.extend(spend_names.iter().cloned());
+
+        let (points_available, segments, values) = match &member {
+            None => (0, Vec::new(), self.store.counters(tenant, &names).await?),
+            Some(m) => {
+                let segments = async {
+                    if book.needs_segments {
+                        self.segments.member_segments(tenant, &m.member_id).await
+                    } else {
+                        Ok(Vec::new())
+                    }
+                };
+                tokio::try_join!(
+                    self.points.available(tenant, &m.member_id),
+                    segments,
+                    self.store.counters(tenant, &names),
+                )?
+            }
         };
-        let points_available = self
-            .points
-            .available(&receipt.tenant_id, &member_id)
-            .await?;
-        Ok(Some(MemberContext {
-            member_id,
-            points_available,
-        }))
+        let counters: Counters = names.into_iter().zip(values).collect();
+        let (member, profile) = match member {
+            None => (None, None),
+            Some(m) => {
+                let spent: Vec<i64> = spend_names
+                    .iter()
+                    .map(|n| counters.get(n).copied().unwrap_or(0))
+                    .collect();
+                let status = tier::status(&program, tier::spend_from_cents(&spent));
+                (
+                    Some(MemberContext {
+                        member_id: m.member_id,
+                        points_available,
+                        tier_id: status.tier.map(|t| t.tier_id).unwrap_or_default(),
+                    }),
+                    Some(MemberProfile {
+                        birthday: m.birthday,
+                        attributes: m.attributes,
+                        segments,
+                    }),
+                )
+            }
+        };
+        Ok(Prepared {
+            infos: ctx
+                .products
+                .into_iter()
+                .map(|p| {
+                    p.map(|p| LineInfo {
+                        category: p.category,
+                        brand: p.brand,
+                    })
+                    .unwrap_or_default()
+                })
+                .collect(),
+            program,
+            book,
+            store,
+            member,
+            profile,
+            codes: presented,
+            counters,
+            local,
+            now,
+        })
     }
 
     /// A dry run: evaluates and writes nothing.
     pub async fn quote(&self, receipt: Receipt) -> Result<Evaluation> {
-        let program = self.program_for(&receipt).await?;
-        let member = self.member_context(&receipt).await?;
-        let evaluation = evaluate(&program, &receipt, member.as_ref(), self.clock.now_ms());
+        let prepared = self.prepare(&receipt).await?;
+        let evaluation = prepared.evaluate(&receipt);
         check_bounds(&evaluation)?;
         Ok(evaluation)
     }
@@ -169,35 +351,8 @@ impl Checkout {
                 Some(p) if p.fingerprint != fp => return Err(receipt_reused(&receipt.receipt_id)),
                 Some(p) => return self.committed(p).await,
                 None => {
-                    let program = self.program_for(&receipt).await?;
-                    let member = self.member_context(&receipt).await?;
-                    let now = self.clock.now_ms();
-                    let evaluation = evaluate(&program, &receipt, member.as_ref(), now);
-                    check_bounds(&evaluation)?;
-                    // Without a member no points move, so one atomic insert of the committed
-                    // record is the whole commit; otherwise it starts pending.
-                    let state = if evaluation.member.is_none() {
-                        PurchaseState::Committed {
-                            commit_time: now,
-                            points_balance: None,
-                        }
-                    } else {
-                        PurchaseState::Pending
-                    };
-                    let purchase = Purchase {
-                        receipt: receipt.clone(),
-                        fingerprint: fp.clone(),
-                        program,
-                        evaluated_at: now,
-                        evaluation,
-                        state,
-                        refunds: Vec::new(),
-                        version: 1,
-                    };
-                    if self.store.put_purchase(&purchase, None).await? {
-                        if matches!(purchase.state, PurchaseState::Committed { .. }) {
-                            crate::counters::receipt_committed(&purchase.evaluation);
-                        }
+                    let mut prepared = self.prepare(&receipt).await?;
+                    if let Some(purchase) = self.insert(&receipt, &fp, &mut prepared).await? {
                         return self.committed(purchase).await;
                     }
                     // A concurrent commit of the same receipt id won; look again.
@@ -206,6 +361,76 @@ impl Checkout {
         }
         Err(Error::Unavailable(
             "receipt is being committed concurrently; retry".into(),
+        ))
+    }
+
+    /// Writes the new purchase with its claims on budgets, limits and coupons in one atomic
+    /// write. A claim that no longer fits (a concurrent commit took the last of a budget)
+    /// marks its counter full and the receipt is evaluated again without that campaign.
+    /// `None` when another commit of the same receipt id got there first.
+    async fn insert(
+        &self,
+        receipt: &Receipt,
+        fp: &[u8],
+        prepared: &mut Prepared,
+    ) -> Result<Option<Purchase>> {
+        for _ in 0..CAS_ATTEMPTS {
+            let evaluation = prepared.evaluate(receipt);
+            check_bounds(&evaluation)?;
+            let mut claims = evaluation.claims.clone();
+            if let Some(m) = &evaluation.member {
+                claims.push(Claim {
+                    counter: tier::spend_counter(&m.member_id, prepared.local.month_number()),
+                    amount: cents(evaluation.net),
+                    limit: 0,
+                });
+            }
+            // Without a member no points move, so one atomic insert of the committed
+            // record is the whole commit; otherwise it starts pending.
+            let now = prepared.now;
+            let state = if evaluation.member.is_none() {
+                PurchaseState::Committed {
+                    commit_time: self.clock.now_ms(),
+                    points_balance: None,
+                }
+            } else {
+                PurchaseState::Pending
+            };
+            let purchase = Purchase {
+                receipt: receipt.clone(),
+                fingerprint: fp.to_vec(),
+                program: prepared.program.clone(),
+                evaluated_at: now,
+                month: prepared.local.month_number(),
+                evaluation,
+                state,
+                refunds: Vec::new(),
+                version: 1,
+            };
+            match self.store.put_purchase(&purchase, None, &claims).await? {
+                Put::Written => {
+                    if matches!(purchase.state, PurchaseState::Committed { .. }) {
+                        crate::counters::receipt_committed(&purchase.evaluation);
+                    }
+                    return Ok(Some(purchase));
+                }
+                Put::Conflict => return Ok(None),
+                Put::Refused(i) => {
+                    let refused = &claims[i];
+                    if refused.counter.starts_with("coupon/") {
+                        return Err(Error::FailedPrecondition(format!(
+                            "a coupon of this receipt was used up by another purchase just now: {}",
+                            refused.counter.trim_start_matches("coupon/")
+                        )));
+                    }
+                    prepared
+                        .counters
+                        .insert(refused.counter.clone(), refused.limit);
+                }
+            }
+        }
+        Err(Error::Unavailable(
+            "the receipt's campaigns are contended; retry".into(),
         ))
     }
 
@@ -245,7 +470,9 @@ impl Checkout {
                     .await?;
                 balance = Some(redeemed.active_after);
                 if redeemed.amount != evaluation.points_redeemed {
-                    evaluation = self.reprice(&p, &member, redeemed.amount);
+                    // Under the program and time of the pending record, so every retry
+                    // gets the same answer.
+                    evaluation = reprice(&p.program, &p.receipt, &p.evaluation, redeemed.amount);
                     let excess = redeemed.amount - evaluation.points_redeemed;
                     if excess > 0 {
                         let r = self
@@ -278,6 +505,21 @@ impl Checkout {
                     .await?;
                 balance = Some(b);
             }
+            for bonus in &evaluation.bonuses {
+                let b = self
+                    .points
+                    .accrue(
+                        &tenant,
+                        &member.member_id,
+                        &bonus_key(&id, &bonus.campaign_id),
+                        bonus.points,
+                        &id,
+                        bonus.activate_at,
+                        bonus.expire_at,
+                    )
+                    .await?;
+                balance = Some(b);
+            }
             if balance.is_none() {
                 balance = Some(self.points.available(&tenant, &member.member_id).await?);
             }
@@ -290,7 +532,7 @@ impl Checkout {
             points_balance: balance,
         };
         p.version += 1;
-        if self.store.put_purchase(&p, Some(expected)).await? {
+        if self.store.put_purchase(&p, Some(expected), &[]).await? == Put::Written {
             crate::counters::receipt_committed(&p.evaluation);
             let committed = Committed {
                 evaluation: p.evaluation.clone(),
@@ -311,18 +553,6 @@ impl Checkout {
                 "receipt is being committed concurrently; retry".into(),
             )),
         }
-    }
-
-    /// Prices the receipt again with only `redeemed` points available, under the program
-    /// and time of the pending record, so every retry gets the same answer.
-    fn reprice(&self, p: &Purchase, member: &MemberContext, redeemed: i64) -> Evaluation {
-        let available = MemberContext {
-            member_id: member.member_id.clone(),
-            points_available: redeemed,
-        };
-        let mut e = evaluate(&p.program, &p.receipt, Some(&available), p.evaluated_at);
-        e.member = Some(member.clone());
-        e
     }
 
     pub async fn purchase(&self, tenant_id: &str, receipt_id: &str) -> Result<Purchase> {
@@ -375,7 +605,14 @@ impl Checkout {
             let expected = p.version;
             p.refunds.push(refund.clone());
             p.version += 1;
-            if self.store.put_purchase(&p, Some(expected)).await? {
+            // Budgets, limits, coupons and tier spend are given back in the same write
+            // that records the refund, so exactly once.
+            if self
+                .store
+                .put_purchase(&p, Some(expected), &refund.releases)
+                .await?
+                == Put::Written
+            {
                 return self.refunded(p, refund).await;
             }
         }
@@ -433,6 +670,25 @@ impl Checkout {
                 outcome.points_reversed = r.taken;
                 outcome.points_unrecovered = r.unrecovered;
             }
+            for (bonus, amount) in p.evaluation.bonuses.iter().zip(&refund.reverse_bonus) {
+                if *amount <= 0 {
+                    continue;
+                }
+                let what = format!("bonus:{}", bonus.campaign_id);
+                let r = self
+                    .points
+                    .reverse(
+                        &tenant,
+                        &m.member_id,
+                        &refund_key(&id, &refund.refund_id, &what),
+                        &bonus_key(&id, &bonus.campaign_id),
+                        *amount,
+                        &id,
+                    )
+                    .await?;
+                outcome.points_reversed += r.taken;
+                outcome.points_unrecovered += r.unrecovered;
+            }
             if refund.give_back_points > 0 {
                 let key = refund_key(&id, &refund.refund_id, "redemption");
                 self.points
@@ -462,7 +718,7 @@ impl Checkout {
             }
             let expected = p.version;
             p.version += 1;
-            if self.store.put_purchase(&p, Some(expected)).await? {
+            if self.store.put_purchase(&p, Some(expected), &[]).await? == Put::Written {
                 crate::counters::refund_applied(&outcome);
                 break;
             }
@@ -533,7 +789,9 @@ fn parse_refund(
     Ok(lines)
 }
 
-/// Works out what a refund moves, from the cumulative refunded quantity per line.
+/// Works out what a refund moves, from the cumulative refunded quantity per line: points
+/// to take back and give back, and what goes back to budgets, limits, coupons and the
+/// member's tier spend.
 fn plan_refund(
     p: &Purchase,
     refund_id: &str,
@@ -544,7 +802,12 @@ fn plan_refund(
     let mut v = Violations::new();
     let mut reverse_points = 0;
     let mut give_back_points = 0;
+    let mut reverse_bonus = vec![0i64; p.evaluation.bonuses.len()];
     let mut refunded_amount = Decimal::ZERO;
+    let mut refunded_net = Decimal::ZERO;
+    // Per campaign: discount (cents) and points given back.
+    let mut discount_back: HashMap<&str, i64> = HashMap::new();
+    let mut points_back: HashMap<&str, i64> = HashMap::new();
     for (i, (line_id, qty)) in lines.iter().enumerate() {
         let Some(line) = p.evaluation.lines.iter().find(|l| &l.line_id == line_id) else {
             v.add(
@@ -565,16 +828,74 @@ fn plan_refund(
         let share = |total: i64, q: Decimal| -> i64 {
             i64::try_from((Decimal::from(total) * q / line.quantity).floor()).unwrap_or(0)
         };
-        reverse_points += share(line.points_accrued, after) - share(line.points_accrued, before);
+        let moved = |total: i64| share(total, after) - share(total, before);
+        reverse_points += moved(line.points_accrued);
         if returns_redeemed {
-            give_back_points +=
-                share(line.points_redeemed, after) - share(line.points_redeemed, before);
+            give_back_points += moved(line.points_redeemed);
+        }
+        for (k, points) in line.bonus_points.iter().enumerate() {
+            if let Some(slot) = reverse_bonus.get_mut(k) {
+                *slot += moved(*points);
+            }
+        }
+        for effect in line.effects.iter().filter(|e| !e.campaign_id.is_empty()) {
+            if !effect.discount.is_zero() {
+                *discount_back.entry(&effect.campaign_id).or_default() +=
+                    moved(cents(effect.discount));
+            }
+            if effect.points > 0 {
+                *points_back.entry(&effect.campaign_id).or_default() += moved(effect.points);
+            }
+        }
+        for (k, points) in line.bonus_points.iter().enumerate() {
+            if let Some(b) = p.evaluation.bonuses.get(k) {
+                *points_back.entry(&b.campaign_id).or_default() += moved(*points);
+            }
         }
         let paid = line.net - line.paid_with_points;
         let money = |q: Decimal| Rounding::Down.apply(paid * q / line.quantity, MONEY_SCALE);
         refunded_amount += money(after) - money(before);
+        let net = |q: Decimal| Rounding::Down.apply(line.net * q / line.quantity, MONEY_SCALE);
+        refunded_net += net(after) - net(before);
     }
     v.finish()?;
+    // The receipt is fully refunded once every line is.
+    let fully = p.evaluation.lines.iter().all(|l| {
+        let requested: Decimal = lines
+            .iter()
+            .filter(|(id, _)| id == &l.line_id)
+            .map(|(_, q)| *q)
+            .sum();
+        p.refunded_quantity(&l.line_id) + requested >= l.quantity
+    });
+    let mut releases = Vec::new();
+    for claim in &p.evaluation.claims {
+        let c = claim.counter.as_str();
+        let campaign = c.split('/').nth(1).unwrap_or_default();
+        let amount = if c.starts_with("discount/") {
+            discount_back.get(campaign).copied().unwrap_or(0)
+        } else if c.starts_with("points/") {
+            points_back.get(campaign).copied().unwrap_or(0)
+        } else if fully {
+            // A use (of the campaign, by the member, of a coupon) comes back with the
+            // whole receipt.
+            claim.amount
+        } else {
+            0
+        };
+        if amount > 0 {
+            releases.push(claim.give_back(amount));
+        }
+    }
+    if let Some(m) = &p.evaluation.member
+        && refunded_net > Decimal::ZERO
+    {
+        releases.push(Claim {
+            counter: tier::spend_counter(&m.member_id, p.month),
+            amount: -cents(refunded_net),
+            limit: 0,
+        });
+    }
     Ok(Refund {
         refund_id: refund_id.to_string(),
         fingerprint,
@@ -582,6 +903,8 @@ fn plan_refund(
         refunded_amount,
         reverse_points,
         give_back_points,
+        reverse_bonus,
+        releases,
         outcome: None,
     })
 }
@@ -605,8 +928,18 @@ mod tests {
 
     #[async_trait::async_trait]
     impl Members for OneMember {
-        async fn resolve(&self, _: &str, id: &Identification) -> Result<Option<String>> {
-            Ok((*id != Identification::None).then(|| "m1".to_string()))
+        async fn resolve(
+            &self,
+            _: &str,
+            id: &Identification,
+            _: bool,
+        ) -> Result<Option<crate::ports::Resolved>> {
+            Ok(
+                (*id != Identification::None).then(|| crate::ports::Resolved {
+                    member_id: "m1".to_string(),
+                    ..Default::default()
+                }),
+            )
         }
         async fn ping(&self) -> Result<()> {
             Ok(())
@@ -736,6 +1069,7 @@ mod tests {
                 store,
                 Arc::new(OneMember),
                 ledger,
+                Arc::new(crate::ports::NoSegments),
                 Arc::new(crate::events::NoEvents),
                 clock,
             ),

@@ -1,22 +1,75 @@
-//! Evaluates a receipt under the program: a pure function, the same for Quote and Commit,
-//! so a quote equals the commit that follows it.
+//! Evaluates a receipt under the program and its campaigns: a pure function, the same for
+//! Quote and Commit, so a quote equals the commit that follows it.
 //!
-//! Order: gross per line → discounts (none until campaigns exist) → points payment, capped
-//! and spread over eligible lines → accrual on what is left to pay in money.
+//! Order: gross per line → who may take part (targeting, codes, budgets, limits, control
+//! groups) → discounts, group by group in stacking order, within the line, group, receipt
+//! and budget caps → points payment, capped and spread over eligible lines → accrual on what
+//! is left to pay in money, at the best rate a line earns → fixed bonuses in their own lots.
+
+use std::collections::BTreeMap;
 
 use loyalty_platform::clock::{DAY_MS, Millis};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+use crate::book::{Bits, CampaignBook};
+use crate::calendar::{LocalTime, in_birthday_window};
+use crate::campaign::{
+    Benefit, Campaign, CodeRequirement, Coupon, Mechanic, SkipReason, StackingMode, Step, held_out,
+};
 use crate::program::{BaseAccrual, MONEY_SCALE, Program, Rounding};
 use crate::receipt::Receipt;
+use crate::usage::{
+    Claim, Counters, coupon_counter, discount_counter, member_counter, points_counter, uses_counter,
+};
 
-/// Who is buying, as far as pricing cares.
+/// Who is buying, as far as pricing cares (kept with the purchase).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberContext {
     pub member_id: String,
     /// Active points (minor units) before this receipt.
     pub points_available: i64,
+    /// Empty without tiers.
+    pub tier_id: String,
+}
+
+/// What targeting reads about a member beyond the id (not kept with the purchase).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemberProfile {
+    /// (month, day).
+    pub birthday: Option<(u8, u8)>,
+    pub attributes: BTreeMap<String, String>,
+    pub segments: Vec<String>,
+}
+
+/// Category and brand of a line's product.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LineInfo {
+    pub category: String,
+    pub brand: String,
+}
+
+/// Codes the customer presented, checked and resolved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Codes {
+    /// Normalized promo codes.
+    pub promo: Vec<String>,
+    /// Valid coupons.
+    pub coupons: Vec<Coupon>,
+}
+
+/// Everything an evaluation reads besides the program, the campaigns and the receipt.
+#[derive(Debug, Clone)]
+pub struct Situation<'a> {
+    pub store_brand: &'a str,
+    pub local: LocalTime,
+    /// Aligned with the receipt's lines.
+    pub lines: &'a [LineInfo],
+    pub member: Option<&'a MemberContext>,
+    pub profile: Option<&'a MemberProfile>,
+    pub codes: &'a Codes,
+    pub counters: &'a Counters,
+    pub now: Millis,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,6 +79,22 @@ pub struct Effect {
     pub description: String,
     pub discount: Decimal,
     pub points: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Skipped {
+    pub campaign_id: String,
+    pub reason: SkipReason,
+    pub description: String,
+}
+
+/// Points of a fixed-bonus campaign, accrued as their own lot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bonus {
+    pub campaign_id: String,
+    pub points: i64,
+    pub activate_at: Millis,
+    pub expire_at: Option<Millis>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,8 +108,16 @@ pub struct LineResult {
     pub paid_with_points: Decimal,
     /// Points (minor units) redeemed on this line; refunds give back from it.
     pub points_redeemed: i64,
+    /// Points this line accrues in the receipt's main lot (base and boosts).
     pub points_accrued: i64,
     pub max_payable_with_points: Decimal,
+    /// The accrual rate of the base program (or the member's tier) and the rate the line
+    /// earned, with the campaign that raised it (empty: none).
+    pub base_percent: Decimal,
+    pub accrual_percent: Decimal,
+    pub accrual_campaign_id: String,
+    /// This line's share of each of the evaluation's bonuses, in their order.
+    pub bonus_points: Vec<i64>,
     pub effects: Vec<Effect>,
     pub notes: Vec<String>,
 }
@@ -54,13 +131,48 @@ pub struct Evaluation {
     pub amount_due: Decimal,
     pub paid_with_points: Decimal,
     pub points_redeemed: i64,
+    /// The main lot: base accrual and boosts.
     pub points_accrued: i64,
     pub activate_at: Millis,
     pub expire_at: Option<Millis>,
+    pub bonuses: Vec<Bonus>,
     pub max_redeemable_points: i64,
     pub effects: Vec<Effect>,
+    pub skipped: Vec<Skipped>,
+    /// What the applied campaigns use of budgets, member limits and coupons.
+    pub claims: Vec<Claim>,
     pub member: Option<MemberContext>,
     pub program_version: i64,
+    pub campaigns_version: u64,
+}
+
+impl Evaluation {
+    /// Every point the receipt accrues, bonuses included.
+    pub fn total_points_accrued(&self) -> i64 {
+        self.bonuses
+            .iter()
+            .fold(self.points_accrued, |t, b| t.saturating_add(b.points))
+    }
+
+    /// Campaigns that held this member out (A/B control group).
+    pub fn held_out(&self) -> impl Iterator<Item = &str> {
+        self.skipped
+            .iter()
+            .filter(|s| s.reason == SkipReason::ControlGroup)
+            .map(|s| s.campaign_id.as_str())
+    }
+
+    /// Campaigns that gave something.
+    pub fn applied_campaigns(&self) -> Vec<&str> {
+        let mut ids: Vec<&str> = self
+            .effects
+            .iter()
+            .filter(|e| !e.campaign_id.is_empty())
+            .map(|e| e.campaign_id.as_str())
+            .collect();
+        ids.dedup();
+        ids
+    }
 }
 
 fn money(value: Decimal) -> Decimal {
@@ -71,6 +183,10 @@ fn money_down(value: Decimal) -> Decimal {
     Rounding::Down.apply(value, MONEY_SCALE)
 }
 
+fn cent() -> Decimal {
+    Decimal::new(1, MONEY_SCALE)
+}
+
 fn to_i64(value: Decimal) -> i64 {
     i64::try_from(value).unwrap_or(if value.is_sign_negative() {
         0
@@ -79,10 +195,15 @@ fn to_i64(value: Decimal) -> i64 {
     })
 }
 
+/// Money in cents.
+pub fn cents(value: Decimal) -> i64 {
+    to_i64((value * Decimal::ONE_HUNDRED).trunc())
+}
+
 /// Spreads `total` over `weights` proportionally without ever giving a slot more than its
 /// weight; `unit` is the smallest step (one cent, one point). Sum of the result = `total`
 /// when `total <= sum(weights)`.
-fn spread(total: Decimal, weights: &[Decimal], unit: Decimal) -> Vec<Decimal> {
+pub fn spread(total: Decimal, weights: &[Decimal], unit: Decimal) -> Vec<Decimal> {
     let sum: Decimal = weights.iter().copied().sum();
     if sum.is_zero() || total.is_zero() {
         return vec![Decimal::ZERO; weights.len()];
@@ -113,17 +234,402 @@ fn spread(total: Decimal, weights: &[Decimal], unit: Decimal) -> Vec<Decimal> {
     shares
 }
 
-/// Evaluates `receipt` for `member` (None: unidentified) at `now`.
+fn label(c: &Campaign) -> &str {
+    if c.name.is_empty() {
+        &c.campaign_id
+    } else {
+        &c.name
+    }
+}
+
+fn remaining(counters: &Counters, counter: &str, limit: i64) -> i64 {
+    limit - counters.get(counter).copied().unwrap_or(0)
+}
+
+/// Whether a campaign may take part in this receipt at all, and why not.
+fn target(c: &Campaign, receipt: &Receipt, s: &Situation) -> Option<(SkipReason, String)> {
+    use SkipReason as R;
+    let t = &c.targeting;
+    if t.start.is_some_and(|start| s.now < start) {
+        return Some((R::OutsideWindow, "the campaign has not started".into()));
+    }
+    if t.end.is_some_and(|end| s.now >= end) {
+        return Some((R::OutsideWindow, "the campaign has ended".into()));
+    }
+    if !t.days_of_week.is_empty() && !t.days_of_week.contains(&s.local.weekday) {
+        return Some((
+            R::WrongDayOrHour,
+            format!("not on weekday {} (store time)", s.local.weekday),
+        ));
+    }
+    if (t.start_hour, t.end_hour) != (0, 0) && !(t.start_hour..t.end_hour).contains(&s.local.hour) {
+        return Some((
+            R::WrongDayOrHour,
+            format!(
+                "runs {}:00 to {}:00 store time, now {}:00",
+                t.start_hour, t.end_hour, s.local.hour
+            ),
+        ));
+    }
+    if !t.store_ids.is_empty() && !t.store_ids.contains(&receipt.store_id) {
+        return Some((R::WrongStore, format!("not in store {}", receipt.store_id)));
+    }
+    if !t.brands.is_empty() && !t.brands.iter().any(|b| b == s.store_brand) {
+        return Some((
+            R::WrongStore,
+            format!("not in stores of brand {:?}", s.store_brand),
+        ));
+    }
+    if !t.channels.is_empty() && !t.channels.contains(&receipt.channel) {
+        return Some((
+            R::WrongChannel,
+            format!("not in channel {:?}", receipt.channel),
+        ));
+    }
+    let needs_member = t.needs_member()
+        || c.member_limit > 0
+        || c.control_group_percent > 0
+        || matches!(
+            c.mechanic,
+            Mechanic::AccrualBoost { .. }
+                | Mechanic::BirthdayBoost { .. }
+                | Mechanic::FixedBonus { .. }
+        );
+    let member = s.member;
+    if needs_member && member.is_none() {
+        return Some((
+            R::MemberRequired,
+            "applies to identified members only".into(),
+        ));
+    }
+    if let Some(m) = member {
+        if held_out(&c.campaign_id, &m.member_id, c.control_group_percent) {
+            return Some((
+                R::ControlGroup,
+                format!(
+                    "member is in the {}% control group",
+                    c.control_group_percent
+                ),
+            ));
+        }
+        if !t.segment_ids.is_empty() {
+            let segments = s.profile.map_or(&[][..], |p| p.segments.as_slice());
+            if !t.segment_ids.iter().any(|id| segments.contains(id)) {
+                return Some((R::NotInSegment, "member is in none of the segments".into()));
+            }
+        }
+        if !t.tier_ids.is_empty() && !t.tier_ids.contains(&m.tier_id) {
+            return Some((
+                R::WrongTier,
+                format!("member's tier {:?} is not targeted", m.tier_id),
+            ));
+        }
+        for (key, want) in &t.member_attributes {
+            let have = s.profile.and_then(|p| p.attributes.get(key));
+            if have != Some(want) {
+                return Some((
+                    R::MemberAttributes,
+                    format!("member attribute {key:?} is not {want:?}"),
+                ));
+            }
+        }
+        if let Mechanic::BirthdayBoost {
+            days_before,
+            days_after,
+            ..
+        } = c.mechanic
+        {
+            match s.profile.and_then(|p| p.birthday) {
+                None => return Some((R::OutsideWindow, "member has no birthday on file".into())),
+                Some((month, day))
+                    if !in_birthday_window(&s.local, month, day, days_before, days_after) =>
+                {
+                    return Some((R::OutsideWindow, "not within the birthday window".into()));
+                }
+                Some(_) => {}
+            }
+        }
+        if c.member_limit > 0 {
+            let counter = member_counter(
+                &c.campaign_id,
+                &m.member_id,
+                period(s.now, c.member_limit_period_days),
+            );
+            if remaining(s.counters, &counter, i64::from(c.member_limit)) <= 0 {
+                return Some((
+                    R::MemberLimitReached,
+                    format!(
+                        "member used it {} times in {} days already",
+                        c.member_limit, c.member_limit_period_days
+                    ),
+                ));
+            }
+        }
+    }
+    match &c.code {
+        None => {}
+        Some(CodeRequirement::PromoCode(code)) => {
+            let code = crate::campaign::normalize_code(code);
+            if !s.codes.promo.contains(&code) {
+                return Some((R::CodeMissing, "needs its promo code".into()));
+            }
+        }
+        Some(CodeRequirement::Coupons { .. }) => {
+            if !s
+                .codes
+                .coupons
+                .iter()
+                .any(|k| k.campaign_id == c.campaign_id)
+            {
+                return Some((R::CodeMissing, "needs one of its coupons".into()));
+            }
+        }
+    }
+    let b = &c.budget;
+    if b.max_uses > 0 && remaining(s.counters, &uses_counter(&c.campaign_id), b.max_uses) <= 0 {
+        return Some((R::BudgetExhausted, "all its uses are spent".into()));
+    }
+    if let Some(max) = b.max_discount
+        && remaining(s.counters, &discount_counter(&c.campaign_id), cents(max)) <= 0
+    {
+        return Some((R::BudgetExhausted, "its discount budget is spent".into()));
+    }
+    if b.max_points > 0 && remaining(s.counters, &points_counter(&c.campaign_id), b.max_points) <= 0
+    {
+        return Some((R::BudgetExhausted, "its points budget is spent".into()));
+    }
+    None
+}
+
+/// The member-limit period `now` falls in.
+pub fn period(now: Millis, days: u32) -> i64 {
+    now.div_euclid(i64::from(days.max(1)) * DAY_MS)
+}
+
+/// A step reached by `value`, the highest one.
+fn step_for(steps: &[Step], value: Decimal) -> Option<&Step> {
+    steps.iter().rev().find(|s| value >= s.from)
+}
+
+/// Units made free by "buy n, pay m" among the first `x` of the units sorted from the
+/// most expensive: in each group of `n`, positions `m..n` are free.
+fn free_before(x: i64, n: i64, m: i64) -> i64 {
+    (x / n) * (n - m) + (x % n - m).max(0)
+}
+
+struct Pricing<'a> {
+    program: &'a Program,
+    book: &'a CampaignBook,
+    receipt: &'a Receipt,
+    lines: Vec<LineResult>,
+    covering: Vec<Bits>,
+    discountable: Vec<bool>,
+    receipt_room: Decimal,
+    rounding: Rounding,
+}
+
+impl Pricing<'_> {
+    /// Lines a campaign covers and may discount; or why none.
+    fn scope_lines(&self, i: usize) -> Result<Vec<usize>, (SkipReason, String)> {
+        let covered: Vec<usize> = (0..self.lines.len())
+            .filter(|&l| self.covering[l].get(i))
+            .collect();
+        if covered.is_empty() {
+            return Err((
+                SkipReason::NoMatchingLines,
+                "no line matches its products".into(),
+            ));
+        }
+        let open: Vec<usize> = covered
+            .into_iter()
+            .filter(|&l| self.discountable[l] && self.lines[l].net > Decimal::ZERO)
+            .collect();
+        if open.is_empty() {
+            return Err((
+                SkipReason::SaleItem,
+                "its lines are at a sale price or already free".into(),
+            ));
+        }
+        Ok(open)
+    }
+
+    fn percent_of_gross(&self, lines: &[usize], pct: Decimal) -> Vec<(usize, Decimal)> {
+        lines
+            .iter()
+            .map(|&l| {
+                let d = self.rounding.apply(
+                    self.lines[l].gross * pct / Decimal::ONE_HUNDRED,
+                    MONEY_SCALE,
+                );
+                (l, d)
+            })
+            .collect()
+    }
+
+    fn benefit(&self, lines: &[usize], benefit: Benefit) -> Vec<(usize, Decimal)> {
+        match benefit {
+            Benefit::Percent(p) => self.percent_of_gross(lines, p),
+            Benefit::Amount(a) => {
+                let weights: Vec<Decimal> = lines.iter().map(|&l| self.lines[l].net).collect();
+                let total: Decimal = weights.iter().copied().sum();
+                let shares = spread(a.min(total), &weights, cent());
+                lines.iter().copied().zip(shares).collect()
+            }
+        }
+    }
+
+    /// What campaign `i` would take off each line, before caps.
+    fn propose(&self, i: usize) -> Result<Vec<(usize, Decimal)>, (SkipReason, String)> {
+        let c = &self.book.entries[i].campaign;
+        let lines = self.scope_lines(i)?;
+        let gross_of = |ls: &[usize]| -> Decimal { ls.iter().map(|&l| self.lines[l].gross).sum() };
+        match &c.mechanic {
+            Mechanic::ThresholdDiscount { steps, .. } => {
+                let total = gross_of(&lines);
+                let step = step_for(steps, total).ok_or_else(|| {
+                    (
+                        SkipReason::ThresholdNotReached,
+                        format!("the total {total} is below {}", steps[0].from),
+                    )
+                })?;
+                Ok(self.benefit(&lines, step.benefit))
+            }
+            Mechanic::QuantityDiscount { steps, .. } => {
+                let count: Decimal = lines.iter().map(|&l| self.lines[l].quantity).sum();
+                let step = step_for(steps, count).ok_or_else(|| {
+                    (
+                        SkipReason::ThresholdNotReached,
+                        format!("{count} items, fewer than {}", steps[0].from),
+                    )
+                })?;
+                Ok(self.benefit(&lines, step.benefit))
+            }
+            Mechanic::NForM { n, m, .. } => {
+                let (n, m) = (i64::from(*n), i64::from(*m));
+                let mut runs: Vec<(usize, i64, Decimal)> = lines
+                    .iter()
+                    .map(|&l| {
+                        let r = &self.receipt.lines[l];
+                        (l, to_i64(r.quantity.floor()), r.unit_price)
+                    })
+                    .filter(|(_, units, _)| *units > 0)
+                    .collect();
+                runs.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
+                let units: i64 = runs.iter().map(|r| r.1).sum();
+                let full = units / n * n;
+                if full == 0 {
+                    return Err((
+                        SkipReason::ThresholdNotReached,
+                        format!("{units} matching items, the offer needs {n}"),
+                    ));
+                }
+                let mut at = 0;
+                let mut out = Vec::new();
+                for (l, count, price) in runs {
+                    let (a, b) = (at.min(full), (at + count).min(full));
+                    at += count;
+                    let free = free_before(b, n, m) - free_before(a, n, m);
+                    if free > 0 {
+                        out.push((l, price * Decimal::from(free)));
+                    }
+                }
+                Ok(out)
+            }
+            Mechanic::ExtraDiscount { percent, .. } => Ok(self.percent_of_gross(&lines, *percent)),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Caps a proposal by each line's room and by the receipt's and group's room.
+    fn cap(&self, proposal: Vec<(usize, Decimal)>, group_room: Decimal) -> Vec<(usize, Decimal)> {
+        let line_max = self.program.max_line_discount_percent;
+        let capped: Vec<(usize, Decimal)> = proposal
+            .into_iter()
+            .map(|(l, d)| {
+                let line = &self.lines[l];
+                let cap = money_down(line.gross * line_max / Decimal::ONE_HUNDRED) - line.discount;
+                (l, d.min(cap).min(line.net).max(Decimal::ZERO))
+            })
+            .collect();
+        let total: Decimal = capped.iter().map(|(_, d)| *d).sum();
+        let room = self.receipt_room.min(group_room).max(Decimal::ZERO);
+        if total <= room {
+            return capped;
+        }
+        let weights: Vec<Decimal> = capped.iter().map(|(_, d)| *d).collect();
+        let shares = spread(room, &weights, cent());
+        capped.into_iter().map(|(l, _)| l).zip(shares).collect()
+    }
+
+    fn apply(&mut self, i: usize, discounts: &[(usize, Decimal)]) -> Decimal {
+        let c = &self.book.entries[i].campaign;
+        let mut total = Decimal::ZERO;
+        for (l, d) in discounts {
+            if d.is_zero() {
+                continue;
+            }
+            let line = &mut self.lines[*l];
+            line.discount += *d;
+            line.net -= *d;
+            line.effects.push(Effect {
+                campaign_id: c.campaign_id.clone(),
+                description: format!("{}: {}", label(c), c.mechanic.name()),
+                discount: *d,
+                points: 0,
+            });
+            total += *d;
+        }
+        self.receipt_room -= total;
+        total
+    }
+}
+
+/// Accrual rate of a line: the base (or tier) rate, raised by the best campaign covering it.
+fn rate_for(
+    book: &CampaignBook,
+    selected: &[bool],
+    covering: &Bits,
+    base: Decimal,
+) -> (Decimal, Option<usize>) {
+    let mut best = (base, None);
+    for (i, sel) in selected.iter().enumerate() {
+        if !sel || !covering.get(i) {
+            continue;
+        }
+        let rate = match &book.entries[i].campaign.mechanic {
+            Mechanic::AccrualBoost {
+                percent: Some(p), ..
+            } => *p,
+            Mechanic::AccrualBoost {
+                multiplier: Some(x),
+                ..
+            } => base * *x,
+            Mechanic::BirthdayBoost { percent, .. } => *percent,
+            _ => continue,
+        };
+        if rate > best.0 {
+            best = (rate, Some(i));
+        }
+    }
+    best
+}
+
+/// Evaluates `receipt` under `program` and the campaigns of `book`.
 pub fn evaluate(
     program: &Program,
+    book: &CampaignBook,
     receipt: &Receipt,
-    member: Option<&MemberContext>,
-    now: Millis,
+    s: &Situation,
 ) -> Evaluation {
     // One span per rule evaluation when tracing is on; nothing otherwise.
     let _span = loyalty_platform::telemetry::work_span("promotion.evaluate").entered();
-    let minor = Decimal::from(program.point_minor_units);
-    let mut lines: Vec<LineResult> = receipt
+    let n = book.entries.len();
+    let mut skip: Vec<Option<(SkipReason, String)>> = book
+        .entries
+        .iter()
+        .map(|e| target(&e.campaign, receipt, s))
+        .collect();
+    let lines: Vec<LineResult> = receipt
         .lines
         .iter()
         .map(|l| {
@@ -139,23 +645,541 @@ pub fn evaluate(
                 points_redeemed: 0,
                 points_accrued: 0,
                 max_payable_with_points: Decimal::ZERO,
+                base_percent: Decimal::ZERO,
+                accrual_percent: Decimal::ZERO,
+                accrual_campaign_id: String::new(),
+                bonus_points: Vec::new(),
                 effects: Vec::new(),
                 notes: Vec::new(),
             }
         })
         .collect();
+    let gross_total: Decimal = lines.iter().map(|l| l.gross).sum();
+    let empty = LineInfo::default();
+    let covering: Vec<Bits> = receipt
+        .lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let info = s.lines.get(i).unwrap_or(&empty);
+            book.covering(&l.sku, &info.category, &info.brand)
+        })
+        .collect();
+    let mut pricing = Pricing {
+        program,
+        book,
+        receipt,
+        discountable: receipt
+            .lines
+            .iter()
+            .map(|l| !(l.sale_price && program.sale_excluded_from_discounts))
+            .collect(),
+        lines,
+        covering,
+        receipt_room: money_down(
+            gross_total * program.max_receipt_discount_percent / Decimal::ONE_HUNDRED,
+        ),
+        rounding: program.discount_rounding,
+    };
+
+    // Discounts, group by group. Campaigns of other kinds are chosen here too (exclusive
+    // groups weigh every kind against the others) and applied further down.
+    let mut selected = vec![false; n];
+    let mut given = vec![Decimal::ZERO; n];
+    let point_money =
+        |points: Decimal| points * program.point_value / Decimal::from(program.point_minor_units);
+    for group in &book.groups {
+        let mut group_room = group.max_discount_percent.map_or(Decimal::MAX, |p| {
+            money_down(gross_total * p / Decimal::ONE_HUNDRED)
+        });
+        let open: Vec<usize> = group
+            .members
+            .iter()
+            .copied()
+            .filter(|&i| skip[i].is_none())
+            .collect();
+        match group.mode {
+            StackingMode::Stackable => {
+                for i in open {
+                    let c = &book.entries[i].campaign;
+                    if !c.mechanic.is_discount() {
+                        selected[i] = true;
+                        continue;
+                    }
+                    match pricing.propose(i) {
+                        Err(why) => skip[i] = Some(why),
+                        Ok(p) => {
+                            let raw: Decimal = p.iter().map(|(_, d)| *d).sum();
+                            let capped = pricing.cap(p, group_room);
+                            let total: Decimal = capped.iter().map(|(_, d)| *d).sum();
+                            if let Some(why) = budget_refusal(c, s.counters, total, 0) {
+                                skip[i] = Some(why);
+                            } else if total.is_zero() {
+                                skip[i] = Some(cap_reason(raw));
+                            } else {
+                                given[i] = pricing.apply(i, &capped);
+                                group_room -= given[i];
+                            }
+                        }
+                    }
+                }
+            }
+            StackingMode::ExclusiveFirst | StackingMode::ExclusiveBest => {
+                // Weigh each candidate: discount money, or points at their money value.
+                let mut best: Option<(usize, Decimal, Vec<(usize, Decimal)>)> = None;
+                for &i in &open {
+                    let c = &book.entries[i].campaign;
+                    let (value, plan) = if c.mechanic.is_discount() {
+                        match pricing.propose(i) {
+                            Err(why) => {
+                                skip[i] = Some(why);
+                                continue;
+                            }
+                            Ok(p) => {
+                                let raw: Decimal = p.iter().map(|(_, d)| *d).sum();
+                                let capped = pricing.cap(p, group_room);
+                                let total: Decimal = capped.iter().map(|(_, d)| *d).sum();
+                                if let Some(why) = budget_refusal(c, s.counters, total, 0) {
+                                    skip[i] = Some(why);
+                                    continue;
+                                }
+                                if total.is_zero() {
+                                    skip[i] = Some(cap_reason(raw));
+                                    continue;
+                                }
+                                (total, capped)
+                            }
+                        }
+                    } else {
+                        let points = estimate_points(program, &pricing, i, s);
+                        if points <= 0 {
+                            skip[i] = Some((
+                                SkipReason::NoMatchingLines,
+                                "would earn no points on this receipt".into(),
+                            ));
+                            continue;
+                        }
+                        (point_money(Decimal::from(points)), Vec::new())
+                    };
+                    let better = match &best {
+                        None => true,
+                        Some((_, v, _)) => group.mode == StackingMode::ExclusiveBest && value > *v,
+                    };
+                    if better {
+                        best = Some((i, value, plan));
+                    }
+                    if group.mode == StackingMode::ExclusiveFirst {
+                        break;
+                    }
+                }
+                if let Some((winner, _, plan)) = best {
+                    let wc = &book.entries[winner].campaign;
+                    for &i in &open {
+                        if i != winner && skip[i].is_none() {
+                            skip[i] = Some((
+                                SkipReason::ExcludedByStacking,
+                                format!(
+                                    "only one campaign of group {:?} applies: {}",
+                                    group.group_id,
+                                    label(wc)
+                                ),
+                            ));
+                        }
+                    }
+                    if wc.mechanic.is_discount() {
+                        given[winner] = pricing.apply(winner, &plan);
+                    } else {
+                        selected[winner] = true;
+                    }
+                }
+            }
+        }
+    }
+    let Pricing {
+        mut lines,
+        covering,
+        ..
+    } = pricing;
     let net: Decimal = lines.iter().map(|l| l.net).sum();
 
-    // Points payment: the cap is a share of the receipt, only eligible lines can take it,
-    // and a minimum may have to be paid in money.
+    // Points payment.
+    let member = s.member;
+    let max_redeemable = pay_with_points(program, receipt, &mut lines, member, net);
+
+    // Accrual: the best rate each line earns; a campaign over its points budget drops out.
+    let base_percent = base_rate(program, member);
+    let minor = Decimal::from(program.point_minor_units);
+    let accruable: Vec<bool> = receipt
+        .lines
+        .iter()
+        .map(|l| !(l.sale_price && program.sale_excluded_from_accrual))
+        .collect();
+    let points_at = |paid: Decimal, rate: Decimal| -> i64 {
+        to_i64(program.accrual_rounding.apply(
+            paid * rate / Decimal::ONE_HUNDRED / program.point_value * minor,
+            0,
+        ))
+    };
+    let mut campaign_points = vec![0i64; n];
+    if member.is_some() {
+        loop {
+            campaign_points.iter_mut().for_each(|p| *p = 0);
+            for (l, line) in lines.iter_mut().enumerate() {
+                line.base_percent = base_percent;
+                line.accrual_percent = base_percent;
+                line.accrual_campaign_id.clear();
+                if !accruable[l] {
+                    continue;
+                }
+                let (rate, winner) = rate_for(book, &selected, &covering[l], base_percent);
+                if let Some(i) = winner {
+                    let paid = line.net - line.paid_with_points;
+                    let extra = points_at(paid, rate) - points_at(paid, base_percent);
+                    campaign_points[i] += extra.max(0);
+                    line.accrual_percent = rate;
+                    line.accrual_campaign_id = book.entries[i].campaign.campaign_id.clone();
+                }
+            }
+            let over = (0..n).find(|&i| {
+                campaign_points[i] > 0
+                    && budget_refusal(
+                        &book.entries[i].campaign,
+                        s.counters,
+                        Decimal::ZERO,
+                        campaign_points[i],
+                    )
+                    .is_some()
+            });
+            match over {
+                Some(i) => {
+                    selected[i] = false;
+                    skip[i] = Some((
+                        SkipReason::BudgetExhausted,
+                        "its points budget cannot cover this receipt".into(),
+                    ));
+                }
+                None => break,
+            }
+        }
+    }
+    let mut effects = Vec::new();
+    let points_accrued = accrue(
+        program,
+        receipt,
+        &mut lines,
+        member,
+        &accruable,
+        &mut effects,
+    );
+
+    // Campaigns chosen for accrual that raised no line explain why.
+    for i in 0..n {
+        let c = &book.entries[i].campaign;
+        if selected[i] && c.mechanic.is_accrual() && campaign_points[i] == 0 && skip[i].is_none() {
+            let covered = (0..lines.len()).any(|l| covering[l].get(i));
+            let accrues = (0..lines.len()).any(|l| covering[l].get(i) && accruable[l]);
+            skip[i] = Some(if !covered {
+                (
+                    SkipReason::NoMatchingLines,
+                    "no line matches its products".into(),
+                )
+            } else if !accrues {
+                (
+                    SkipReason::SaleItem,
+                    "its lines are at a sale price and accrue nothing".into(),
+                )
+            } else {
+                (
+                    SkipReason::ExcludedByStacking,
+                    "a higher accrual rate applied".into(),
+                )
+            });
+            selected[i] = false;
+        }
+    }
+
+    // Fixed bonuses, each its own lot, spread over the lines for refunds.
+    let activate_at = s.now + i64::from(program.activation_delay_days) * DAY_MS;
+    let expire_at = (program.point_lifetime_days > 0)
+        .then(|| activate_at + i64::from(program.point_lifetime_days) * DAY_MS);
+    let mut bonuses = Vec::new();
+    if member.is_some() {
+        for i in 0..n {
+            let c = &book.entries[i].campaign;
+            let Mechanic::FixedBonus {
+                points,
+                activation_delay_days,
+                lifetime_days,
+            } = c.mechanic
+            else {
+                continue;
+            };
+            if !selected[i] {
+                continue;
+            }
+            if let Some(why) = budget_refusal(c, s.counters, Decimal::ZERO, points) {
+                skip[i] = Some(why);
+                selected[i] = false;
+                continue;
+            }
+            let activate = s.now + i64::from(activation_delay_days) * DAY_MS;
+            let lifetime = if lifetime_days > 0 {
+                i64::from(lifetime_days)
+            } else {
+                i64::from(program.point_lifetime_days)
+            };
+            bonuses.push(Bonus {
+                campaign_id: c.campaign_id.clone(),
+                points,
+                activate_at: activate,
+                expire_at: (lifetime > 0).then(|| activate + lifetime * DAY_MS),
+            });
+            campaign_points[i] = points;
+            let weights: Vec<Decimal> = lines.iter().map(|l| l.net.max(Decimal::ZERO)).collect();
+            let weights = if weights.iter().all(|w| w.is_zero()) {
+                vec![Decimal::ONE; lines.len()]
+            } else {
+                weights
+            };
+            let total: Decimal = weights.iter().copied().sum();
+            let scaled: Vec<Decimal> = weights
+                .iter()
+                .map(|w| *w / total * Decimal::from(points))
+                .collect();
+            for (line, share) in
+                lines
+                    .iter_mut()
+                    .zip(spread(Decimal::from(points), &scaled, Decimal::ONE))
+            {
+                line.bonus_points.push(to_i64(share));
+            }
+            effects.push(Effect {
+                campaign_id: c.campaign_id.clone(),
+                description: format!("{}: {} bonus points", label(c), points),
+                discount: Decimal::ZERO,
+                points,
+            });
+        }
+    }
+
+    // Receipt-level effects and claims of every campaign that gave something.
+    let mut claims = Vec::new();
+    for i in 0..n {
+        let c = &book.entries[i].campaign;
+        let discount = given[i];
+        let points = campaign_points[i];
+        if discount.is_zero() && points == 0 {
+            continue;
+        }
+        if c.mechanic.is_discount() {
+            effects.push(Effect {
+                campaign_id: c.campaign_id.clone(),
+                description: format!("{}: {}", label(c), c.mechanic.name()),
+                discount,
+                points: 0,
+            });
+        } else if c.mechanic.is_accrual() {
+            effects.push(Effect {
+                campaign_id: c.campaign_id.clone(),
+                description: format!("{}: {}", label(c), c.mechanic.name()),
+                discount: Decimal::ZERO,
+                points,
+            });
+        }
+        claims.extend(campaign_claims(c, s, discount, points));
+    }
+    let skipped = skip
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, why)| {
+            why.map(|(reason, description)| Skipped {
+                campaign_id: book.entries[i].campaign.campaign_id.clone(),
+                reason,
+                description,
+            })
+        })
+        .collect();
+    let paid_with_points: Decimal = lines.iter().map(|l| l.paid_with_points).sum();
+    let points_redeemed: i64 = lines.iter().map(|l| l.points_redeemed).sum();
+    Evaluation {
+        gross: gross_total,
+        discount: lines.iter().map(|l| l.discount).sum(),
+        net,
+        amount_due: net - paid_with_points,
+        paid_with_points,
+        points_redeemed,
+        points_accrued,
+        activate_at,
+        expire_at,
+        bonuses,
+        max_redeemable_points: max_redeemable,
+        effects,
+        skipped,
+        claims,
+        member: member.cloned(),
+        program_version: program.version,
+        campaigns_version: book.version,
+        lines,
+    }
+}
+
+fn cap_reason(raw: Decimal) -> (SkipReason, String) {
+    if raw.is_zero() {
+        (
+            SkipReason::NoMatchingLines,
+            "gives nothing on these lines".into(),
+        )
+    } else {
+        (
+            SkipReason::CapReached,
+            "the discount caps are reached".into(),
+        )
+    }
+}
+
+/// Why a campaign cannot give `discount` and `points` more, if its budget says so.
+fn budget_refusal(
+    c: &Campaign,
+    counters: &Counters,
+    discount: Decimal,
+    points: i64,
+) -> Option<(SkipReason, String)> {
+    if let Some(max) = c.budget.max_discount
+        && cents(discount) > remaining(counters, &discount_counter(&c.campaign_id), cents(max))
+    {
+        return Some((
+            SkipReason::BudgetExhausted,
+            "its discount budget cannot cover this receipt".into(),
+        ));
+    }
+    if c.budget.max_points > 0
+        && points
+            > remaining(
+                counters,
+                &points_counter(&c.campaign_id),
+                c.budget.max_points,
+            )
+    {
+        return Some((
+            SkipReason::BudgetExhausted,
+            "its points budget cannot cover this receipt".into(),
+        ));
+    }
+    None
+}
+
+fn campaign_claims(c: &Campaign, s: &Situation, discount: Decimal, points: i64) -> Vec<Claim> {
+    let id = &c.campaign_id;
+    let mut claims = Vec::new();
+    if c.budget.max_uses > 0 {
+        claims.push(Claim {
+            counter: uses_counter(id),
+            amount: 1,
+            limit: c.budget.max_uses,
+        });
+    }
+    if let Some(max) = c.budget.max_discount {
+        claims.push(Claim {
+            counter: discount_counter(id),
+            amount: cents(discount),
+            limit: cents(max),
+        });
+    }
+    if c.budget.max_points > 0 {
+        claims.push(Claim {
+            counter: points_counter(id),
+            amount: points,
+            limit: c.budget.max_points,
+        });
+    }
+    if c.member_limit > 0
+        && let Some(m) = s.member
+    {
+        claims.push(Claim {
+            counter: member_counter(id, &m.member_id, period(s.now, c.member_limit_period_days)),
+            amount: 1,
+            limit: i64::from(c.member_limit),
+        });
+    }
+    if let Some(coupon) = s.codes.coupons.iter().find(|k| &k.campaign_id == id) {
+        claims.push(Claim {
+            counter: coupon_counter(&coupon.code),
+            amount: 1,
+            limit: i64::from(coupon.max_uses),
+        });
+    }
+    claims
+}
+
+/// Points an accrual or bonus campaign would give on the lines as they stand (for weighing
+/// it against discounts in an exclusive group).
+fn estimate_points(program: &Program, pricing: &Pricing, i: usize, s: &Situation) -> i64 {
+    let c = &pricing.book.entries[i].campaign;
+    let base = base_rate(program, s.member);
+    let minor = Decimal::from(program.point_minor_units);
+    let rate = match &c.mechanic {
+        Mechanic::FixedBonus { points, .. } => return *points,
+        Mechanic::AccrualBoost {
+            percent: Some(p), ..
+        } => *p,
+        Mechanic::AccrualBoost {
+            multiplier: Some(x),
+            ..
+        } => base * *x,
+        Mechanic::BirthdayBoost { percent, .. } => *percent,
+        _ => return 0,
+    };
+    let extra = (rate - base).max(Decimal::ZERO);
+    let paid: Decimal = pricing
+        .lines
+        .iter()
+        .enumerate()
+        .filter(|(l, _)| {
+            pricing.covering[*l].get(i)
+                && !(pricing.receipt.lines[*l].sale_price && program.sale_excluded_from_accrual)
+        })
+        .map(|(_, line)| line.net)
+        .sum();
+    to_i64((paid * extra / Decimal::ONE_HUNDRED / program.point_value * minor).floor())
+}
+
+/// The member's base accrual percent: the tier's rate, or the program's percent (0 for a
+/// fixed-points program, whose points come per receipt).
+fn base_rate(program: &Program, member: Option<&MemberContext>) -> Decimal {
+    if let Some(m) = member
+        && !m.tier_id.is_empty()
+        && let Some(t) = program.tiers.iter().find(|t| t.tier_id == m.tier_id)
+    {
+        return t.accrual_percent;
+    }
+    match program.accrual {
+        BaseAccrual::Percent(p) => p,
+        BaseAccrual::FixedPoints(_) => Decimal::ZERO,
+    }
+}
+
+/// Points payment: the cap is a share of the receipt, only eligible lines can take it, and
+/// a minimum may have to be paid in money. Returns the most points the member could redeem.
+fn pay_with_points(
+    program: &Program,
+    receipt: &Receipt,
+    lines: &mut [LineResult],
+    member: Option<&MemberContext>,
+    net: Decimal,
+) -> i64 {
+    let minor = Decimal::from(program.point_minor_units);
     let eligible: Vec<Decimal> = receipt
         .lines
         .iter()
-        .zip(&mut lines)
+        .zip(lines.iter_mut())
         .map(|(raw, line)| {
+            line.paid_with_points = Decimal::ZERO;
+            line.points_redeemed = 0;
             if raw.sale_price && program.sale_excluded_from_redemption {
-                line.notes
-                    .push("sale item: cannot be paid with points".into());
+                let note = "sale item: cannot be paid with points";
+                if !line.notes.iter().any(|n| n == note) {
+                    line.notes.push(note.into());
+                }
                 Decimal::ZERO
             } else {
                 line.net
@@ -176,7 +1200,7 @@ pub fn evaluate(
     let paid_with_points = money_down(Decimal::from(requested) * program.point_value / minor);
     let points_redeemed =
         to_i64((paid_with_points / program.point_value * minor).floor()).min(requested);
-    let money_shares = spread(paid_with_points, &eligible, Decimal::new(1, MONEY_SCALE));
+    let money_shares = spread(paid_with_points, &eligible, cent());
     // Points are spread by the same eligibility, in point units.
     let point_weights: Vec<Decimal> = eligible
         .iter()
@@ -187,98 +1211,215 @@ pub fn evaluate(
         line.paid_with_points = m;
         line.points_redeemed = to_i64(p);
     }
+    max_redeemable
+}
 
-    // Accrual on what is paid in money.
-    let mut points_accrued: i64 = 0;
-    let mut effects = Vec::new();
-    match (&program.accrual, member) {
-        (_, None) => {}
-        (BaseAccrual::Percent(pct), Some(_)) => {
-            for (raw, line) in receipt.lines.iter().zip(&mut lines) {
-                if raw.sale_price && program.sale_excluded_from_accrual {
-                    line.notes.push("sale item: no accrual".into());
-                    continue;
+/// Accrues the main lot at each line's rate (set in `base_percent`, `accrual_percent` and
+/// `accrual_campaign_id`) on what it pays in money, or the program's fixed points. Fills
+/// the lines' accrual effects and the receipt's base effect; returns the lot's points.
+fn accrue(
+    program: &Program,
+    receipt: &Receipt,
+    lines: &mut [LineResult],
+    member: Option<&MemberContext>,
+    accruable: &[bool],
+    effects: &mut Vec<Effect>,
+) -> i64 {
+    lines.iter_mut().for_each(|l| {
+        l.points_accrued = 0;
+        l.effects.retain(|e| e.points == 0);
+    });
+    if member.is_none() {
+        return 0;
+    }
+    let minor = Decimal::from(program.point_minor_units);
+    let points_at = |paid: Decimal, rate: Decimal| -> i64 {
+        to_i64(program.accrual_rounding.apply(
+            paid * rate / Decimal::ONE_HUNDRED / program.point_value * minor,
+            0,
+        ))
+    };
+    let mut base_total = 0i64;
+    let mut total = 0i64;
+    for (l, line) in lines.iter_mut().enumerate() {
+        if !accruable[l] {
+            let note = "sale item: no accrual";
+            if !line.notes.iter().any(|n| n == note) {
+                line.notes.push(note.into());
+            }
+            continue;
+        }
+        let paid = line.net - line.paid_with_points;
+        let base = points_at(paid, line.base_percent);
+        let all = points_at(paid, line.accrual_percent).max(base);
+        if base > 0 {
+            line.effects.push(Effect {
+                campaign_id: String::new(),
+                description: format!("base accrual {}%", line.base_percent.normalize()),
+                discount: Decimal::ZERO,
+                points: base,
+            });
+        }
+        if all > base {
+            line.effects.push(Effect {
+                campaign_id: line.accrual_campaign_id.clone(),
+                description: format!("accrual raised to {}%", line.accrual_percent.normalize()),
+                discount: Decimal::ZERO,
+                points: all - base,
+            });
+        }
+        line.points_accrued = all;
+        base_total = base_total.saturating_add(base);
+        total = total.saturating_add(all);
+    }
+    if let BaseAccrual::FixedPoints(points) = program.accrual {
+        let paid: Vec<Decimal> = receipt
+            .lines
+            .iter()
+            .zip(lines.iter())
+            .enumerate()
+            .map(|(l, (_, line))| {
+                if accruable[l] {
+                    line.net - line.paid_with_points
+                } else {
+                    Decimal::ZERO
                 }
-                let paid = line.net - line.paid_with_points;
-                let points = program.accrual_rounding.apply(
-                    paid * *pct / Decimal::ONE_HUNDRED / program.point_value * minor,
-                    0,
-                );
-                let points = to_i64(points);
-                if points > 0 {
-                    line.points_accrued = points;
+            })
+            .collect();
+        let sum: Decimal = paid.iter().copied().sum();
+        if sum > Decimal::ZERO && points > 0 {
+            // Spread over the lines by what they paid, so refunds take it back per line.
+            let weights: Vec<Decimal> = paid
+                .iter()
+                .map(|p| *p / sum * Decimal::from(points))
+                .collect();
+            let shares = spread(Decimal::from(points), &weights, Decimal::ONE);
+            for (line, share) in lines.iter_mut().zip(shares) {
+                let share = to_i64(share);
+                if share > 0 {
+                    line.points_accrued += share;
                     line.effects.push(Effect {
                         campaign_id: String::new(),
-                        description: format!("base accrual {pct}%"),
+                        description: "base accrual: fixed points per receipt".into(),
                         discount: Decimal::ZERO,
-                        points,
+                        points: share,
                     });
-                    points_accrued = points_accrued.saturating_add(points);
                 }
             }
-            if points_accrued > 0 {
-                effects.push(Effect {
-                    campaign_id: String::new(),
-                    description: format!("base accrual {pct}% of the amount paid in money"),
-                    discount: Decimal::ZERO,
-                    points: points_accrued,
-                });
+            effects.push(Effect {
+                campaign_id: String::new(),
+                description: "base accrual: fixed points per receipt".into(),
+                discount: Decimal::ZERO,
+                points,
+            });
+            total = total.saturating_add(points);
+        }
+    }
+    if base_total > 0 {
+        let rate = lines
+            .first()
+            .map_or(Decimal::ZERO, |l| l.base_percent)
+            .normalize();
+        effects.insert(
+            0,
+            Effect {
+                campaign_id: String::new(),
+                description: format!("base accrual {rate}% of the amount paid in money"),
+                discount: Decimal::ZERO,
+                points: base_total,
+            },
+        );
+    }
+    total
+}
+
+/// Prices a stored evaluation again with only `available` points to redeem, keeping its
+/// discounts, rates and bonuses: what a commit does when the balance moved since its
+/// evaluation. Campaign points never grow, so the budgets claimed stay enough.
+pub fn reprice(
+    program: &Program,
+    receipt: &Receipt,
+    stored: &Evaluation,
+    available: i64,
+) -> Evaluation {
+    let mut e = stored.clone();
+    let Some(member) = stored.member.clone() else {
+        return e;
+    };
+    let mut ctx = member.clone();
+    ctx.points_available = available;
+    let before: Vec<i64> = stored
+        .lines
+        .iter()
+        .map(|l| {
+            l.effects
+                .iter()
+                .filter(|x| !x.campaign_id.is_empty())
+                .map(|x| x.points)
+                .sum()
+        })
+        .collect();
+    let max_redeemable = pay_with_points(program, receipt, &mut e.lines, Some(&ctx), e.net);
+    let accruable: Vec<bool> = receipt
+        .lines
+        .iter()
+        .map(|l| !(l.sale_price && program.sale_excluded_from_accrual))
+        .collect();
+    let mut effects: Vec<Effect> = Vec::new();
+    e.points_accrued = accrue(
+        program,
+        receipt,
+        &mut e.lines,
+        Some(&ctx),
+        &accruable,
+        &mut effects,
+    );
+    // Hold each line's campaign points at most at what was claimed.
+    for (line, cap) in e.lines.iter_mut().zip(before) {
+        let mut over = line
+            .effects
+            .iter()
+            .filter(|x| !x.campaign_id.is_empty())
+            .map(|x| x.points)
+            .sum::<i64>()
+            - cap;
+        if over > 0 {
+            for x in line
+                .effects
+                .iter_mut()
+                .filter(|x| !x.campaign_id.is_empty() && x.points > 0)
+            {
+                let cut = over.min(x.points);
+                x.points -= cut;
+                line.points_accrued -= cut;
+                e.points_accrued -= cut;
+                over -= cut;
             }
         }
-        (BaseAccrual::FixedPoints(points), Some(_)) => {
-            let paid: Vec<Decimal> = receipt
+    }
+    // Receipt-level effects: the base ones anew, each boost's points as its lines add up.
+    e.effects.retain(|x| !x.campaign_id.is_empty());
+    let bonus_ids: Vec<String> = e.bonuses.iter().map(|b| b.campaign_id.clone()).collect();
+    for x in e.effects.iter_mut() {
+        if x.points > 0 && !bonus_ids.contains(&x.campaign_id) {
+            x.points = e
                 .lines
                 .iter()
-                .zip(&lines)
-                .map(|(raw, l)| {
-                    if raw.sale_price && program.sale_excluded_from_accrual {
-                        Decimal::ZERO
-                    } else {
-                        l.net - l.paid_with_points
-                    }
-                })
-                .collect();
-            let total: Decimal = paid.iter().copied().sum();
-            if total > Decimal::ZERO && *points > 0 {
-                // Spread over the lines by what they paid, so refunds take it back per line.
-                let weights: Vec<Decimal> = paid
-                    .iter()
-                    .map(|p| *p / total * Decimal::from(*points))
-                    .collect();
-                let shares = spread(Decimal::from(*points), &weights, Decimal::ONE);
-                for (line, share) in lines.iter_mut().zip(shares) {
-                    line.points_accrued = to_i64(share);
-                }
-                points_accrued = *points;
-                effects.push(Effect {
-                    campaign_id: String::new(),
-                    description: "base accrual: fixed points per receipt".into(),
-                    discount: Decimal::ZERO,
-                    points: *points,
-                });
-            }
+                .flat_map(|l| l.effects.iter())
+                .filter(|y| y.campaign_id == x.campaign_id)
+                .map(|y| y.points)
+                .sum();
         }
     }
-
-    let activate_at = now + i64::from(program.activation_delay_days) * DAY_MS;
-    let expire_at = (program.point_lifetime_days > 0)
-        .then(|| activate_at + i64::from(program.point_lifetime_days) * DAY_MS);
-    Evaluation {
-        gross: lines.iter().map(|l| l.gross).sum(),
-        discount: lines.iter().map(|l| l.discount).sum(),
-        net,
-        amount_due: net - paid_with_points,
-        paid_with_points,
-        points_redeemed,
-        points_accrued,
-        activate_at,
-        expire_at,
-        max_redeemable_points: max_redeemable,
-        effects,
-        member: member.cloned(),
-        program_version: program.version,
-        lines,
+    for x in effects.into_iter().rev() {
+        e.effects.insert(0, x);
     }
+    e.paid_with_points = e.lines.iter().map(|l| l.paid_with_points).sum();
+    e.points_redeemed = e.lines.iter().map(|l| l.points_redeemed).sum();
+    e.amount_due = e.net - e.paid_with_points;
+    e.max_redeemable_points = max_redeemable;
+    e.member = Some(member);
+    e
 }
 
 #[cfg(test)]
@@ -319,7 +1460,24 @@ mod tests {
         MemberContext {
             member_id: "m".into(),
             points_available: points,
+            tier_id: String::new(),
         }
+    }
+
+    /// Evaluates under the program alone, no campaigns.
+    fn evaluate(p: &Program, r: &Receipt, m: Option<&MemberContext>, now: Millis) -> Evaluation {
+        let infos = vec![LineInfo::default(); r.lines.len()];
+        let s = Situation {
+            store_brand: "",
+            local: LocalTime::at(now, ""),
+            lines: &infos,
+            member: m,
+            profile: None,
+            codes: &Codes::default(),
+            counters: &Counters::default(),
+            now,
+        };
+        super::evaluate(p, &CampaignBook::default(), r, &s)
     }
 
     fn d(s: &str) -> Decimal {

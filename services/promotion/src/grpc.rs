@@ -12,10 +12,15 @@ use rust_decimal::Decimal;
 use tonic::{Request, Response, Status};
 
 use crate::Admin;
+use crate::campaign::normalize_code;
 use crate::catalog::{Product, Store};
 use crate::checkout::{Checkout, Committed, Refunded};
 use crate::evaluate::{Effect, Evaluation};
-use crate::program::{BaseAccrual, Program, Rounding};
+use crate::grpc_campaign::{
+    campaign_from_proto, campaign_to_proto, coupon_to_proto, group_from_proto, group_to_proto,
+    skip_reason_to, status_from,
+};
+use crate::program::{BaseAccrual, Program, Rounding, Tier, TierWindow};
 use crate::purchase::{Purchase, PurchaseState};
 use crate::receipt::{Identification, RawLine, Receipt, parse_decimal};
 
@@ -175,11 +180,19 @@ fn evaluation_to_proto(e: &Evaluation) -> pb::Evaluation {
         points_expire_time: e.expire_at.map(timestamp),
         max_redeemable_points: e.max_redeemable_points,
         effects: e.effects.iter().map(effect_to_proto).collect(),
-        skipped_campaigns: Vec::new(),
+        skipped_campaigns: e
+            .skipped
+            .iter()
+            .map(|s| pb::SkippedCampaign {
+                campaign_id: s.campaign_id.clone(),
+                reason: skip_reason_to(s.reason),
+                description: s.description.clone(),
+            })
+            .collect(),
         member: e.member.as_ref().map(|m| pb::MemberContext {
             member_id: m.member_id.clone(),
             points_available: m.points_available,
-            tier_id: String::new(),
+            tier_id: m.tier_id.clone(),
         }),
         program_version: e.program_version,
     }
@@ -257,16 +270,34 @@ fn decimal_field(
 fn program_from_proto(p: Option<pb::Program>) -> Result<Program, Error> {
     let p = p.ok_or_else(|| Error::invalid("program", "is required"))?;
     let mut v = Violations::new();
-    v.check(
-        p.tiers.is_empty(),
-        "program.tiers",
-        "tiers are not supported yet by this server",
-    );
-    v.check(
-        p.tier_window == pb::TierWindow::Unspecified as i32,
-        "program.tier_window",
-        "tiers are not supported yet by this server",
-    );
+    let tiers: Vec<Tier> = p
+        .tiers
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Tier {
+            tier_id: t.tier_id.clone(),
+            name: t.name.clone(),
+            min_spend: decimal_field(
+                &mut v,
+                &t.min_spend,
+                &format!("program.tiers[{i}].min_spend"),
+                Decimal::ZERO,
+            ),
+            accrual_percent: decimal_field(
+                &mut v,
+                &t.accrual_percent,
+                &format!("program.tiers[{i}].accrual_percent"),
+                Decimal::ZERO,
+            ),
+        })
+        .collect();
+    let tier_window =
+        match pb::TierWindow::try_from(p.tier_window).unwrap_or(pb::TierWindow::Unspecified) {
+            pb::TierWindow::PreviousCalendarYear => TierWindow::PreviousCalendarYear,
+            pb::TierWindow::Rolling12Months | pb::TierWindow::Unspecified => {
+                TierWindow::Rolling12Months
+            }
+        };
     let accrual =
         match p.base_accrual {
             Some(pb::program::BaseAccrual::AccrualPercent(d)) => BaseAccrual::Percent(
@@ -327,6 +358,9 @@ fn program_from_proto(p: Option<pb::Program>) -> Result<Program, Error> {
             Decimal::ONE_HUNDRED,
         ),
         refund_returns_redeemed_points: p.refund_returns_redeemed_points,
+        sale_excluded_from_discounts: p.sale_items_excluded_from_discounts,
+        tiers,
+        tier_window,
         version: 0,
         updated_at: 0,
     };
@@ -357,10 +391,23 @@ pub fn program_to_proto(p: &Program) -> pb::Program {
         max_line_discount_percent: dec(p.max_line_discount_percent),
         max_receipt_discount_percent: dec(p.max_receipt_discount_percent),
         refund_returns_redeemed_points: p.refund_returns_redeemed_points,
-        tiers: Vec::new(),
-        tier_window: pb::TierWindow::Unspecified as i32,
+        tiers: p.tiers.iter().map(tier_to_proto).collect(),
+        tier_window: (match p.tier_window {
+            TierWindow::PreviousCalendarYear => pb::TierWindow::PreviousCalendarYear,
+            TierWindow::Rolling12Months => pb::TierWindow::Rolling12Months,
+        }) as i32,
         version: p.version,
         update_time: Some(timestamp(p.updated_at)),
+        sale_items_excluded_from_discounts: p.sale_excluded_from_discounts,
+    }
+}
+
+fn tier_to_proto(t: &Tier) -> pb::Tier {
+    pb::Tier {
+        tier_id: t.tier_id.clone(),
+        name: t.name.clone(),
+        min_spend: dec(t.min_spend),
+        accrual_percent: dec(t.accrual_percent),
     }
 }
 
@@ -457,6 +504,24 @@ impl ProgramService for Api {
             .map_err(to_status)?;
         Ok(Response::new(pb::UpdateProgramResponse {
             program: Some(program_to_proto(&saved)),
+        }))
+    }
+
+    async fn get_member_tier(
+        &self,
+        request: Request<pb::GetMemberTierRequest>,
+    ) -> Result<Response<pb::GetMemberTierResponse>, Status> {
+        let r = request.into_inner();
+        let s = self
+            .admin
+            .member_tier(&r.tenant_id, &r.member_id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::GetMemberTierResponse {
+            tier: s.tier.as_ref().map(tier_to_proto),
+            next_tier: s.next.as_ref().map(tier_to_proto),
+            spend_in_window: dec(s.spend),
+            missing_for_next_tier: dec(s.missing),
         }))
     }
 }
@@ -566,6 +631,218 @@ impl CatalogService for Api {
     }
 }
 
-/// Campaigns arrive with the promotion issue; every RPC answers UNIMPLEMENTED.
+fn actor(a: Option<loyalty_proto::common::v1::Actor>) -> String {
+    a.map(|a| a.id)
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn checked_actor(a: Option<loyalty_proto::common::v1::Actor>) -> Result<String, Status> {
+    let id = actor(a);
+    if id.len() > 200 {
+        return Err(to_status(Error::invalid(
+            "actor.id",
+            "at most 200 characters",
+        )));
+    }
+    Ok(id)
+}
+
 #[tonic::async_trait]
-impl CampaignService for Api {}
+impl CampaignService for Api {
+    async fn create_campaign(
+        &self,
+        request: Request<pb::CreateCampaignRequest>,
+    ) -> Result<Response<pb::CreateCampaignResponse>, Status> {
+        let r = request.into_inner();
+        let who = checked_actor(r.actor)?;
+        let c = campaign_from_proto(r.campaign).map_err(to_status)?;
+        let saved = self
+            .admin
+            .create_campaign(c, &who)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::CreateCampaignResponse {
+            campaign: Some(campaign_to_proto(&saved)),
+        }))
+    }
+
+    async fn update_campaign(
+        &self,
+        request: Request<pb::UpdateCampaignRequest>,
+    ) -> Result<Response<pb::UpdateCampaignResponse>, Status> {
+        let r = request.into_inner();
+        let who = checked_actor(r.actor)?;
+        let c = campaign_from_proto(r.campaign).map_err(to_status)?;
+        let saved = self
+            .admin
+            .update_campaign(c, r.expected_version, &who)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::UpdateCampaignResponse {
+            campaign: Some(campaign_to_proto(&saved)),
+        }))
+    }
+
+    async fn get_campaign(
+        &self,
+        request: Request<pb::GetCampaignRequest>,
+    ) -> Result<Response<pb::GetCampaignResponse>, Status> {
+        let r = request.into_inner();
+        let c = self
+            .admin
+            .campaign(&r.tenant_id, &r.campaign_id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::GetCampaignResponse {
+            campaign: Some(campaign_to_proto(&c)),
+        }))
+    }
+
+    async fn list_campaigns(
+        &self,
+        request: Request<pb::ListCampaignsRequest>,
+    ) -> Result<Response<pb::ListCampaignsResponse>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::new();
+        let statuses: Vec<_> = r
+            .statuses
+            .iter()
+            .map(|s| match pb::CampaignStatus::try_from(*s) {
+                Ok(pb::CampaignStatus::Archived) => crate::campaign::CampaignStatus::Archived,
+                _ => status_from(&mut v, *s, "statuses"),
+            })
+            .collect();
+        v.finish().map_err(to_status)?;
+        let (items, next) = self
+            .admin
+            .list_campaigns(&r.tenant_id, &statuses, r.page_size, &r.page_token)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ListCampaignsResponse {
+            campaigns: items.iter().map(campaign_to_proto).collect(),
+            next_page_token: next,
+        }))
+    }
+
+    async fn archive_campaign(
+        &self,
+        request: Request<pb::ArchiveCampaignRequest>,
+    ) -> Result<Response<pb::ArchiveCampaignResponse>, Status> {
+        let r = request.into_inner();
+        let who = checked_actor(r.actor)?;
+        let c = self
+            .admin
+            .archive_campaign(&r.tenant_id, &r.campaign_id, &who)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ArchiveCampaignResponse {
+            campaign: Some(campaign_to_proto(&c)),
+        }))
+    }
+
+    async fn upsert_stacking_group(
+        &self,
+        request: Request<pb::UpsertStackingGroupRequest>,
+    ) -> Result<Response<pb::UpsertStackingGroupResponse>, Status> {
+        let r = request.into_inner();
+        checked_actor(r.actor)?;
+        let g = group_from_proto(r.group).map_err(to_status)?;
+        let saved = self.admin.upsert_group(g).await.map_err(to_status)?;
+        Ok(Response::new(pb::UpsertStackingGroupResponse {
+            group: Some(group_to_proto(&saved)),
+        }))
+    }
+
+    async fn list_stacking_groups(
+        &self,
+        request: Request<pb::ListStackingGroupsRequest>,
+    ) -> Result<Response<pb::ListStackingGroupsResponse>, Status> {
+        let r = request.into_inner();
+        let groups = self.admin.groups(&r.tenant_id).await.map_err(to_status)?;
+        Ok(Response::new(pb::ListStackingGroupsResponse {
+            groups: groups.iter().map(group_to_proto).collect(),
+        }))
+    }
+
+    async fn generate_coupons(
+        &self,
+        request: Request<pb::GenerateCouponsRequest>,
+    ) -> Result<Response<pb::GenerateCouponsResponse>, Status> {
+        let r = request.into_inner();
+        let codes = self
+            .admin
+            .generate_coupons(
+                &r.tenant_id,
+                &r.campaign_id,
+                r.count,
+                &r.member_id,
+                r.expire_time.as_ref().map(millis),
+                &r.idempotency_key,
+            )
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::GenerateCouponsResponse { codes }))
+    }
+
+    async fn get_coupon(
+        &self,
+        request: Request<pb::GetCouponRequest>,
+    ) -> Result<Response<pb::GetCouponResponse>, Status> {
+        let r = request.into_inner();
+        let (c, uses) = self
+            .admin
+            .coupon(&r.tenant_id, &normalize_code(&r.code))
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::GetCouponResponse {
+            coupon: Some(coupon_to_proto(&c, uses)),
+        }))
+    }
+
+    async fn export_campaigns(
+        &self,
+        request: Request<pb::ExportCampaignsRequest>,
+    ) -> Result<Response<pb::ExportCampaignsResponse>, Status> {
+        let r = request.into_inner();
+        let doc = self
+            .admin
+            .export_campaigns(&r.tenant_id)
+            .await
+            .map_err(to_status)?;
+        let json = serde_json::to_string_pretty(&doc).map_err(|e| to_status(Error::internal(e)))?;
+        Ok(Response::new(pb::ExportCampaignsResponse { json }))
+    }
+
+    async fn import_campaigns(
+        &self,
+        request: Request<pb::ImportCampaignsRequest>,
+    ) -> Result<Response<pb::ImportCampaignsResponse>, Status> {
+        let r = request.into_inner();
+        let who = checked_actor(r.actor)?;
+        let n = self
+            .admin
+            .import_campaigns(&r.tenant_id, &r.json, &who)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ImportCampaignsResponse {
+            imported_count: i32::try_from(n).unwrap_or(i32::MAX),
+        }))
+    }
+
+    async fn list_campaign_versions(
+        &self,
+        request: Request<pb::ListCampaignVersionsRequest>,
+    ) -> Result<Response<pb::ListCampaignVersionsResponse>, Status> {
+        let r = request.into_inner();
+        let (items, next) = self
+            .admin
+            .campaign_versions(&r.tenant_id, &r.campaign_id, r.page_size, &r.page_token)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ListCampaignVersionsResponse {
+            versions: items.iter().map(campaign_to_proto).collect(),
+            next_page_token: next,
+        }))
+    }
+}

@@ -5,20 +5,30 @@
 //! balance; `grpc` is the adapter.
 
 pub mod admin;
+pub mod book;
+pub mod calendar;
+pub mod campaign;
+mod campaign_admin;
 pub mod catalog;
 pub mod checkout;
 mod counters;
 pub mod evaluate;
 pub mod events;
 pub mod grpc;
+mod grpc_campaign;
+#[cfg(test)]
+mod mechanics_tests;
 pub mod ports;
 pub mod program;
 pub mod publish;
 pub mod purchase;
 pub mod receipt;
 pub mod store;
+pub mod tier;
+pub mod usage;
 
 pub use admin::Admin;
+pub use campaign_admin::CampaignDocument;
 pub use checkout::Checkout;
 
 /// Largest points amount accepted anywhere, in point minor units.

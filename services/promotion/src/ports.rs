@@ -6,13 +6,52 @@ use loyalty_platform::error::Result;
 
 use crate::receipt::Identification;
 
-/// Resolves how a customer identified to a member id.
+/// A member as checkout needs them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resolved {
+    pub member_id: String,
+    /// Filled when asked for: (month, day).
+    pub birthday: Option<(u8, u8)>,
+    pub attributes: std::collections::BTreeMap<String, String>,
+}
+
+/// Resolves how a customer identified to a member.
 #[async_trait::async_trait]
 pub trait Members: Send + Sync + std::fmt::Debug {
     /// `Ok(None)` for an unidentified purchase; errors for unknown or blocked cards.
-    async fn resolve(&self, tenant_id: &str, id: &Identification) -> Result<Option<String>>;
+    /// `with_profile` also reads the birthday and attributes.
+    async fn resolve(
+        &self,
+        tenant_id: &str,
+        id: &Identification,
+        with_profile: bool,
+    ) -> Result<Option<Resolved>>;
     /// Answers when the peer is reachable.
     async fn ping(&self) -> Result<()>;
+}
+
+/// Segment membership, for campaigns targeted at segments.
+#[async_trait::async_trait]
+pub trait Segments: Send + Sync + std::fmt::Debug {
+    /// Ids of the segments the member is in.
+    async fn member_segments(&self, tenant_id: &str, member_id: &str) -> Result<Vec<String>>;
+    /// Whether each segment exists (campaign validation).
+    async fn exist(&self, tenant_id: &str, segment_ids: &[String]) -> Result<Vec<bool>>;
+}
+
+/// Where segmentation does not run: no member is in any segment, and targeting a segment
+/// is refused as unknown.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoSegments;
+
+#[async_trait::async_trait]
+impl Segments for NoSegments {
+    async fn member_segments(&self, _: &str, _: &str) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+    async fn exist(&self, _: &str, segment_ids: &[String]) -> Result<Vec<bool>> {
+        Ok(vec![false; segment_ids.len()])
+    }
 }
 
 /// Result of taking points back.

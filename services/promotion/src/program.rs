@@ -35,6 +35,25 @@ pub enum BaseAccrual {
     FixedPoints(i64),
 }
 
+/// Which spend decides a member's tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TierWindow {
+    PreviousCalendarYear,
+    Rolling12Months,
+}
+
+/// A status level: from `min_spend` over the tier window, accrual at `accrual_percent`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tier {
+    pub tier_id: String,
+    pub name: String,
+    pub min_spend: Decimal,
+    pub accrual_percent: Decimal,
+}
+
+/// Most tiers in a program.
+pub const MAX_TIERS: usize = 20;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Program {
     pub tenant_id: String,
@@ -55,6 +74,11 @@ pub struct Program {
     pub max_line_discount_percent: Decimal,
     pub max_receipt_discount_percent: Decimal,
     pub refund_returns_redeemed_points: bool,
+    /// Campaign discounts skip lines already at a sale price.
+    pub sale_excluded_from_discounts: bool,
+    /// Status levels, lowest first; a member's tier rate replaces the base rate.
+    pub tiers: Vec<Tier>,
+    pub tier_window: TierWindow,
     pub version: i64,
     pub updated_at: Millis,
 }
@@ -80,6 +104,9 @@ impl Program {
             max_line_discount_percent: Decimal::ONE_HUNDRED,
             max_receipt_discount_percent: Decimal::ONE_HUNDRED,
             refund_returns_redeemed_points: true,
+            sale_excluded_from_discounts: true,
+            tiers: Vec::new(),
+            tier_window: TierWindow::Rolling12Months,
             version: 0,
             updated_at: 0,
         }
@@ -148,6 +175,42 @@ impl Program {
             "program.point_lifetime_days",
             "must be between 0 (never expire) and 36500",
         );
+        v.check(
+            self.tiers.len() <= MAX_TIERS,
+            "program.tiers",
+            format!("at most {MAX_TIERS} tiers"),
+        );
+        for (i, t) in self.tiers.iter().enumerate().take(MAX_TIERS) {
+            v.text(
+                &t.tier_id,
+                format!("program.tiers[{i}].tier_id"),
+                loyalty_platform::error::MAX_ID_LEN,
+            );
+            v.optional_text(&t.name, format!("program.tiers[{i}].name"), 200);
+            v.check(
+                t.min_spend >= Decimal::ZERO,
+                format!("program.tiers[{i}].min_spend"),
+                "must not be negative",
+            );
+            v.check(
+                t.accrual_percent >= Decimal::ZERO && t.accrual_percent <= Decimal::ONE_HUNDRED,
+                format!("program.tiers[{i}].accrual_percent"),
+                "must be between 0 and 100",
+            );
+            if i > 0 {
+                let prev = &self.tiers[i - 1];
+                v.check(
+                    t.min_spend > prev.min_spend,
+                    format!("program.tiers[{i}].min_spend"),
+                    "tiers go from the lowest spend up, strictly",
+                );
+                v.check(
+                    !self.tiers[..i].iter().any(|p| p.tier_id == t.tier_id),
+                    format!("program.tiers[{i}].tier_id"),
+                    format!("duplicate tier id {:?}", t.tier_id),
+                );
+            }
+        }
         v.finish()
     }
 }

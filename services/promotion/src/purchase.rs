@@ -33,6 +33,8 @@ pub struct Purchase {
     /// (because fewer points could be redeemed) uses exactly these, never today's.
     pub program: Program,
     pub evaluated_at: Millis,
+    /// The store's local month of the purchase (tier spend).
+    pub month: i32,
     /// Pending: the quote-time evaluation. Committed: what was applied.
     pub evaluation: Evaluation,
     pub state: PurchaseState,
@@ -51,6 +53,10 @@ pub struct Refund {
     pub reverse_points: i64,
     /// Redeemed points to give back.
     pub give_back_points: i64,
+    /// Points to take back from each bonus lot, in the evaluation's order.
+    pub reverse_bonus: Vec<i64>,
+    /// Given back to budgets, limits, coupons and tier spend with the refund record.
+    pub releases: Vec<crate::usage::Claim>,
     /// Set once the points have moved.
     pub outcome: Option<RefundOutcome>,
 }
@@ -93,6 +99,11 @@ pub fn redeem_excess_key(receipt_id: &str) -> String {
 
 pub fn accrue_key(receipt_id: &str) -> String {
     format!("receipt:{receipt_id}:accrue")
+}
+
+/// The lot of a fixed-bonus campaign on a receipt.
+pub fn bonus_key(receipt_id: &str, campaign_id: &str) -> String {
+    format!("receipt:{receipt_id}:bonus:{campaign_id}")
 }
 
 pub fn refund_key(receipt_id: &str, refund_id: &str, what: &str) -> String {

@@ -5,12 +5,18 @@
 use loyalty_platform::error::Error;
 use loyalty_platform::types::Channel;
 
-use super::PromotionStore;
+use super::{PromotionStore, Put};
+use crate::book::CampaignBook;
+use crate::calendar::LocalTime;
+use crate::campaign::{
+    Budget, Campaign, CampaignStatus, Coupon, Mechanic, StackingGroup, StackingMode, Targeting,
+};
 use crate::catalog::{Product, Store};
-use crate::evaluate::evaluate;
+use crate::evaluate::{Codes, LineInfo, Situation, evaluate};
 use crate::program::Program;
 use crate::purchase::{Purchase, PurchaseState, fingerprint};
 use crate::receipt::{Identification, Line, Receipt};
+use crate::usage::{Claim, Counters};
 
 fn store(id: &str) -> Store {
     Store {
@@ -51,12 +57,24 @@ fn purchase(receipt_id: &str) -> Purchase {
         points_to_redeem: 0,
         purchase_time: None,
     };
-    let evaluation = evaluate(&Program::case_study("t", "KZT"), &receipt, None, 0);
+    let situation = Situation {
+        store_brand: "",
+        local: LocalTime::at(0, ""),
+        lines: &[LineInfo::default()],
+        member: None,
+        profile: None,
+        codes: &Codes::default(),
+        counters: &Counters::default(),
+        now: 0,
+    };
+    let program = Program::case_study("t", "KZT");
+    let evaluation = evaluate(&program, &CampaignBook::default(), &receipt, &situation);
     Purchase {
         fingerprint: fingerprint(&receipt),
         receipt,
-        program: Program::case_study("t", "KZT"),
+        program,
         evaluated_at: 0,
+        month: 0,
         evaluation,
         state: PurchaseState::Pending,
         refunds: Vec::new(),
@@ -69,6 +87,9 @@ pub async fn run_all(s: &dyn PromotionStore) {
     programs(s).await;
     catalog(s).await;
     purchases(s).await;
+    claims(s).await;
+    campaigns(s).await;
+    coupons(s).await;
     s.ping().await.unwrap();
 }
 
@@ -123,7 +144,7 @@ async fn catalog(s: &dyn PromotionStore) {
         .unwrap();
     assert_eq!(s.list_products("t", "", 10).await.unwrap().len(), 2);
     let ctx = s
-        .checkout_context("t", "s1", &["p2".into(), "nope".into(), "p1".into()])
+        .checkout_context("t", "s1", &["p2".into(), "nope".into(), "p1".into()], &[])
         .await
         .unwrap();
     assert_eq!(ctx.store.unwrap().store_id, "s1");
@@ -134,19 +155,220 @@ async fn catalog(s: &dyn PromotionStore) {
         .map(|p| p.as_ref().map(|p| p.sku.as_str()))
         .collect();
     assert_eq!(skus, [Some("p2"), None, Some("p1")]);
-    let ctx = s.checkout_context("u", "s1", &["p1".into()]).await.unwrap();
+    let ctx = s
+        .checkout_context("u", "s1", &["p1".into()], &[])
+        .await
+        .unwrap();
     assert!(ctx.store.is_none() && ctx.program.is_none() && ctx.products == [None]);
+    assert_eq!(ctx.campaigns_version, 0);
 }
 
 async fn purchases(s: &dyn PromotionStore) {
     let mut p = purchase("r1");
-    assert!(s.put_purchase(&p, None).await.unwrap());
-    assert!(!s.put_purchase(&p, None).await.unwrap(), "insert-if-absent");
+    assert_eq!(s.put_purchase(&p, None, &[]).await.unwrap(), Put::Written);
+    assert_eq!(
+        s.put_purchase(&p, None, &[]).await.unwrap(),
+        Put::Conflict,
+        "insert-if-absent"
+    );
     p.version = 2;
-    assert!(
-        !s.put_purchase(&p, Some(7)).await.unwrap(),
+    assert_eq!(
+        s.put_purchase(&p, Some(7), &[]).await.unwrap(),
+        Put::Conflict,
         "compare-and-set on the version"
     );
-    assert!(s.put_purchase(&p, Some(1)).await.unwrap());
+    assert_eq!(
+        s.put_purchase(&p, Some(1), &[]).await.unwrap(),
+        Put::Written
+    );
     assert_eq!(s.purchase("t", "r1").await.unwrap().unwrap().version, 2);
+}
+
+fn claim(counter: &str, amount: i64, limit: i64) -> Claim {
+    Claim {
+        counter: counter.into(),
+        amount,
+        limit,
+    }
+}
+
+async fn claims(s: &dyn PromotionStore) {
+    let names = ["uses/c1".to_string(), "spend/m/1".to_string()];
+    assert_eq!(s.counters("t", &names).await.unwrap(), [0, 0]);
+    let p = purchase("r2");
+    let both = [claim("uses/c1", 1, 2), claim("spend/m/1", 500, 0)];
+    assert_eq!(s.put_purchase(&p, None, &both).await.unwrap(), Put::Written);
+    assert_eq!(s.counters("t", &names).await.unwrap(), [1, 500]);
+    // Two uses of the same counter in one write count together.
+    let p = purchase("r3");
+    let twice = [claim("uses/c1", 1, 2), claim("uses/c1", 1, 2)];
+    assert_eq!(
+        s.put_purchase(&p, None, &twice).await.unwrap(),
+        Put::Refused(1)
+    );
+    assert!(
+        s.purchase("t", "r3").await.unwrap().is_none(),
+        "a refusal writes nothing"
+    );
+    assert_eq!(s.counters("t", &names).await.unwrap(), [1, 500]);
+    let p = purchase("r3");
+    assert_eq!(
+        s.put_purchase(
+            &p,
+            None,
+            &[claim("spend/m/1", 7, 0), claim("uses/c1", 1, 2)]
+        )
+        .await
+        .unwrap(),
+        Put::Written
+    );
+    assert_eq!(s.counters("t", &names).await.unwrap(), [2, 507]);
+    assert_eq!(
+        s.claim("t", &[claim("uses/c1", 1, 2)]).await.unwrap(),
+        Some(0)
+    );
+    // Giving back never goes below zero; other tenants are apart.
+    assert_eq!(
+        s.claim("t", &[claim("uses/c1", -5, 0)]).await.unwrap(),
+        None
+    );
+    assert_eq!(s.counters("t", &names).await.unwrap(), [0, 507]);
+    assert_eq!(s.counters("u", &names).await.unwrap(), [0, 0]);
+}
+
+fn campaign(id: &str, group: &str) -> Campaign {
+    Campaign {
+        tenant_id: "t".into(),
+        campaign_id: id.into(),
+        name: format!("Campaign {id}"),
+        status: CampaignStatus::Active,
+        stacking_group_id: group.into(),
+        priority: 0,
+        targeting: Targeting::default(),
+        mechanic: Mechanic::FixedBonus {
+            points: 100,
+            activation_delay_days: 0,
+            lifetime_days: 7,
+        },
+        code: None,
+        budget: Budget::default(),
+        member_limit: 0,
+        member_limit_period_days: 0,
+        control_group_percent: 0,
+        version: 0,
+        updated_at: 0,
+        updated_by: "test".into(),
+    }
+}
+
+async fn campaigns(s: &dyn PromotionStore) {
+    let (v0, none, _) = s.campaigns("t").await.unwrap();
+    assert!(none.is_empty());
+    let saved = s.save_campaign(campaign("c1", ""), None).await.unwrap();
+    assert_eq!(saved.version, 1);
+    let err = s.save_campaign(campaign("c1", ""), None).await.unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
+    let err = s
+        .save_campaign(campaign("c1", ""), Some(7))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+    let err = s
+        .save_campaign(campaign("zz", ""), Some(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+    assert_eq!(
+        s.save_campaign(campaign("c1", ""), Some(1))
+            .await
+            .unwrap()
+            .version,
+        2
+    );
+    s.save_group(StackingGroup {
+        tenant_id: "t".into(),
+        group_id: "g".into(),
+        name: String::new(),
+        mode: StackingMode::ExclusiveBest,
+        priority: 1,
+        max_discount_percent: None,
+    })
+    .await
+    .unwrap();
+    s.save_campaign(campaign("c0", "g"), None).await.unwrap();
+    let (v1, all, groups) = s.campaigns("t").await.unwrap();
+    assert!(v1 > v0, "every change moves the version");
+    let ids: Vec<_> = all.iter().map(|c| c.campaign_id.as_str()).collect();
+    assert_eq!(ids, ["c0", "c1"]);
+    assert_eq!(groups.len(), 1);
+    let ctx = s.checkout_context("t", "s1", &[], &[]).await.unwrap();
+    assert_eq!(ctx.campaigns_version, v1);
+    assert_eq!(
+        s.campaign("t", "c0")
+            .await
+            .unwrap()
+            .unwrap()
+            .stacking_group_id,
+        "g"
+    );
+    assert!(s.campaign("u", "c0").await.unwrap().is_none());
+    assert!(s.campaigns("u").await.unwrap().1.is_empty());
+    let history: Vec<i64> = s
+        .campaign_versions("t", "c1", 0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.version)
+        .collect();
+    assert_eq!(history, [2, 1], "every saved version is kept, newest first");
+    let older: Vec<i64> = s
+        .campaign_versions("t", "c1", 2, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.version)
+        .collect();
+    assert_eq!(older, [1]);
+}
+
+async fn coupons(s: &dyn PromotionStore) {
+    let coupon = |code: &str| Coupon {
+        tenant_id: "t".into(),
+        code: code.into(),
+        campaign_id: "c1".into(),
+        member_id: String::new(),
+        max_uses: 1,
+        expire_at: None,
+        created_at: 0,
+    };
+    let codes = s
+        .insert_coupons("t", "batch-1", &[coupon("AAA"), coupon("BBB")])
+        .await
+        .unwrap();
+    assert_eq!(codes, ["AAA", "BBB"]);
+    let again = s
+        .insert_coupons("t", "batch-1", &[coupon("CCC")])
+        .await
+        .unwrap();
+    assert_eq!(again, ["AAA", "BBB"], "the batch key makes it idempotent");
+    let err = s
+        .insert_coupons("t", "batch-2", &[coupon("DDD"), coupon("AAA")])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
+    assert!(
+        s.coupon("t", "DDD").await.unwrap().is_none(),
+        "nothing written"
+    );
+    s.claim("t", &[claim("coupon/AAA", 1, 1)]).await.unwrap();
+    let (c, uses) = s.coupon("t", "AAA").await.unwrap().unwrap();
+    assert_eq!((c.code.as_str(), uses), ("AAA", 1));
+    let ctx = s
+        .checkout_context("t", "s1", &[], &["BBB".into(), "NOPE".into()])
+        .await
+        .unwrap();
+    assert_eq!(ctx.coupons.len(), 2);
+    assert_eq!(ctx.coupons[0].as_ref().unwrap().1, 0);
+    assert!(ctx.coupons[1].is_none());
+    assert!(s.coupon("u", "AAA").await.unwrap().is_none());
 }

@@ -7,19 +7,82 @@ use loyalty_platform::embedded::{
     read_record, storage_error as e,
 };
 use loyalty_platform::error::{Error, Result};
-use redb::TableDefinition;
+use redb::{ReadableTable, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{CheckoutContext, PromotionStore};
+use super::{CheckoutContext, PromotionStore, Put};
+use crate::campaign::{Campaign, Coupon, StackingGroup};
 use crate::catalog::{Product, Store};
 use crate::program::Program;
 use crate::purchase::Purchase;
+use crate::usage::{Claim, coupon_counter};
 
 const PROGRAMS: Records = TableDefinition::new("programs");
 const STORES: Records = TableDefinition::new("stores");
 const PRODUCTS: Records = TableDefinition::new("products");
 const PURCHASES: Records = TableDefinition::new("purchases");
+const CAMPAIGNS: Records = TableDefinition::new("campaigns");
+/// (tenant, campaign, version as 20 digits) → that version.
+const CAMPAIGN_HISTORY: Records = TableDefinition::new("campaign_history");
+const GROUPS: Records = TableDefinition::new("stacking_groups");
+const COUPONS: Records = TableDefinition::new("coupons");
+const COUPON_BATCHES: Records = TableDefinition::new("coupon_batches");
+/// (tenant) → version of the tenant's campaigns and groups.
+const CAMPAIGN_VERSIONS: TableDefinition<'static, &'static str, u64> =
+    TableDefinition::new("campaign_versions");
+/// (tenant, counter) → value.
+const COUNTERS: TableDefinition<'static, &'static str, i64> = TableDefinition::new("counters");
+
+fn bump_campaigns(txn: &redb::WriteTransaction, tenant_id: &str) -> Result<()> {
+    let mut t = txn.open_table(CAMPAIGN_VERSIONS).map_err(e)?;
+    let current = t.get(tenant_id).map_err(e)?.map_or(0, |v| v.value());
+    t.insert(tenant_id, current + 1).map_err(e)?;
+    Ok(())
+}
+
+/// Applies `claims` inside a write: the index of the first that does not fit, or all applied.
+fn apply_claims(
+    txn: &redb::WriteTransaction,
+    tenant_id: &str,
+    claims: &[Claim],
+) -> Result<Option<usize>> {
+    if claims.is_empty() {
+        return Ok(None);
+    }
+    let mut t = txn.open_table(COUNTERS).map_err(e)?;
+    let mut next = Vec::with_capacity(claims.len());
+    for (i, c) in claims.iter().enumerate() {
+        let k = key(&[tenant_id, &c.counter]);
+        // A counter may be claimed twice in one write; the pending value counts.
+        let current = match next.iter().rev().find(|(k2, _): &&(String, i64)| *k2 == k) {
+            Some((_, v)) => *v,
+            None => t.get(k.as_str()).map_err(e)?.map_or(0, |v| v.value()),
+        };
+        if !c.fits(current) {
+            return Ok(Some(i));
+        }
+        next.push((k, current.saturating_add(c.amount).max(0)));
+    }
+    for (k, v) in next {
+        if v == 0 {
+            t.remove(k.as_str()).map_err(e)?;
+        } else {
+            t.insert(k.as_str(), v).map_err(e)?;
+        }
+    }
+    Ok(None)
+}
+
+fn read_counter(txn: &redb::ReadTransaction, tenant_id: &str, name: &str) -> Result<i64> {
+    Ok(match open_for_read(txn, COUNTERS)? {
+        Some(t) => t
+            .get(key(&[tenant_id, name]).as_str())
+            .map_err(e)?
+            .map_or(0, |v| v.value()),
+        None => 0,
+    })
+}
 
 #[derive(Debug, Clone)]
 pub struct EmbeddedPromotionStore {
@@ -152,10 +215,13 @@ impl PromotionStore for EmbeddedPromotionStore {
         tenant_id: &str,
         store_id: &str,
         skus: &[String],
+        codes: &[String],
     ) -> Result<CheckoutContext> {
+        let tenant = tenant_id.to_string();
         let program_key = key(&[tenant_id]);
         let store_key = key(&[tenant_id, store_id]);
         let product_keys: Vec<String> = skus.iter().map(|s| key(&[tenant_id, s])).collect();
+        let codes = codes.to_vec();
         self.db
             .read(move |txn| {
                 let products = match open_for_read(txn, PRODUCTS)? {
@@ -165,10 +231,27 @@ impl PromotionStore for EmbeddedPromotionStore {
                         .collect::<Result<Vec<_>>>()?,
                     None => vec![None; product_keys.len()],
                 };
+                let campaigns_version = match open_for_read(txn, CAMPAIGN_VERSIONS)? {
+                    Some(t) => t.get(tenant.as_str()).map_err(e)?.map_or(0, |v| v.value()),
+                    None => 0,
+                };
+                let mut coupons = Vec::with_capacity(codes.len());
+                for code in &codes {
+                    let coupon: Option<Coupon> = read_record(txn, COUPONS, &key(&[&tenant, code]))?;
+                    coupons.push(match coupon {
+                        Some(c) => {
+                            let uses = read_counter(txn, &tenant, &coupon_counter(code))?;
+                            Some((c, uses))
+                        }
+                        None => None,
+                    });
+                }
                 Ok(CheckoutContext {
                     program: read_record(txn, PROGRAMS, &program_key)?,
                     store: read_record(txn, STORES, &store_key)?,
                     products,
+                    campaigns_version,
+                    coupons,
                 })
             })
             .await
@@ -182,18 +265,214 @@ impl PromotionStore for EmbeddedPromotionStore {
         &self,
         purchase: &Purchase,
         expected_version: Option<u64>,
-    ) -> Result<bool> {
+        claims: &[Claim],
+    ) -> Result<Put> {
         let purchase = purchase.clone();
+        let claims = claims.to_vec();
         self.db
             .write(move |txn| {
+                let tenant = purchase.receipt.tenant_id.as_str();
                 let mut t = txn.open_table(PURCHASES).map_err(e)?;
-                let k = key(&[&purchase.receipt.tenant_id, &purchase.receipt.receipt_id]);
+                let k = key(&[tenant, &purchase.receipt.receipt_id]);
                 let current: Option<Purchase> = get_record(&t, &k)?;
                 if current.map(|p| p.version) != expected_version {
-                    return Ok(false);
+                    return Ok(Put::Conflict);
+                }
+                // Claims are all checked before any is written: a refusal writes nothing.
+                if let Some(i) = apply_claims(txn, tenant, &claims)? {
+                    return Ok(Put::Refused(i));
                 }
                 put_record(&mut t, &k, &purchase)?;
-                Ok(true)
+                Ok(Put::Written)
+            })
+            .await
+    }
+
+    async fn claim(&self, tenant_id: &str, claims: &[Claim]) -> Result<Option<usize>> {
+        let tenant = tenant_id.to_string();
+        let claims = claims.to_vec();
+        self.db
+            .write(move |txn| apply_claims(txn, &tenant, &claims))
+            .await
+    }
+
+    async fn counters(&self, tenant_id: &str, names: &[String]) -> Result<Vec<i64>> {
+        let tenant = tenant_id.to_string();
+        let names = names.to_vec();
+        self.db
+            .read(move |txn| {
+                names
+                    .iter()
+                    .map(|n| read_counter(txn, &tenant, n))
+                    .collect()
+            })
+            .await
+    }
+
+    async fn campaigns(&self, tenant_id: &str) -> Result<(u64, Vec<Campaign>, Vec<StackingGroup>)> {
+        let tenant = tenant_id.to_string();
+        self.db
+            .read(move |txn| {
+                let version = match open_for_read(txn, CAMPAIGN_VERSIONS)? {
+                    Some(t) => t.get(tenant.as_str()).map_err(e)?.map_or(0, |v| v.value()),
+                    None => 0,
+                };
+                let all = |table: Records| -> Result<Vec<Vec<u8>>> {
+                    let (start, end) = prefix_range(&[&tenant]);
+                    let Some(t) = open_for_read(txn, table)? else {
+                        return Ok(Vec::new());
+                    };
+                    let mut out = Vec::new();
+                    for item in t.range(start.as_str()..end.as_str()).map_err(e)? {
+                        out.push(item.map_err(e)?.1.value().to_vec());
+                    }
+                    Ok(out)
+                };
+                let campaigns = all(CAMPAIGNS)?
+                    .iter()
+                    .map(|b| decode(b))
+                    .collect::<Result<Vec<Campaign>>>()?;
+                let groups = all(GROUPS)?
+                    .iter()
+                    .map(|b| decode(b))
+                    .collect::<Result<Vec<StackingGroup>>>()?;
+                Ok((version, campaigns, groups))
+            })
+            .await
+    }
+
+    async fn campaign(&self, tenant_id: &str, campaign_id: &str) -> Result<Option<Campaign>> {
+        self.get(CAMPAIGNS, key(&[tenant_id, campaign_id])).await
+    }
+
+    async fn save_campaign(
+        &self,
+        campaign: Campaign,
+        expected_version: Option<i64>,
+    ) -> Result<Campaign> {
+        self.db
+            .write(move |txn| {
+                let tenant = campaign.tenant_id.clone();
+                let mut t = txn.open_table(CAMPAIGNS).map_err(e)?;
+                let k = key(&[&tenant, &campaign.campaign_id]);
+                let current: Option<Campaign> = get_record(&t, &k)?;
+                let current_version = match (&current, expected_version) {
+                    (Some(_), None) => {
+                        return Err(Error::AlreadyExists(format!(
+                            "campaign {} exists; update it instead",
+                            campaign.campaign_id
+                        )));
+                    }
+                    (None, Some(v)) if v != 0 => {
+                        return Err(Error::NotFound(format!(
+                            "campaign {} not found",
+                            campaign.campaign_id
+                        )));
+                    }
+                    (Some(c), Some(v)) if v != 0 && v != c.version => {
+                        return Err(Error::FailedPrecondition(format!(
+                            "campaign is at version {}, not {v}: read it again",
+                            c.version
+                        )));
+                    }
+                    (c, _) => c.as_ref().map_or(0, |c| c.version),
+                };
+                let mut saved = campaign.clone();
+                saved.version = current_version + 1;
+                put_record(&mut t, &k, &saved)?;
+                drop(t);
+                let mut history = txn.open_table(CAMPAIGN_HISTORY).map_err(e)?;
+                let version = format!("{:020}", saved.version);
+                put_record(
+                    &mut history,
+                    &key(&[&tenant, &saved.campaign_id, &version]),
+                    &saved,
+                )?;
+                drop(history);
+                bump_campaigns(txn, &tenant)?;
+                Ok(saved)
+            })
+            .await
+    }
+
+    async fn campaign_versions(
+        &self,
+        tenant_id: &str,
+        campaign_id: &str,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<Campaign>> {
+        let (start, end) = prefix_range(&[tenant_id, campaign_id]);
+        let end = if before > 0 {
+            key(&[tenant_id, campaign_id, &format!("{before:020}")])
+        } else {
+            end
+        };
+        self.db
+            .read(move |txn| {
+                let Some(t) = open_for_read(txn, CAMPAIGN_HISTORY)? else {
+                    return Ok(Vec::new());
+                };
+                let mut out = Vec::new();
+                for item in t.range(start.as_str()..end.as_str()).map_err(e)?.rev() {
+                    out.push(decode(item.map_err(e)?.1.value())?);
+                    if out.len() == limit {
+                        break;
+                    }
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    async fn save_group(&self, group: StackingGroup) -> Result<()> {
+        self.db
+            .write(move |txn| {
+                let mut t = txn.open_table(GROUPS).map_err(e)?;
+                put_record(&mut t, &key(&[&group.tenant_id, &group.group_id]), &group)?;
+                drop(t);
+                bump_campaigns(txn, &group.tenant_id)
+            })
+            .await
+    }
+
+    async fn coupon(&self, tenant_id: &str, code: &str) -> Result<Option<(Coupon, i64)>> {
+        let ctx = self
+            .checkout_context(tenant_id, "", &[], &[code.to_string()])
+            .await?;
+        Ok(ctx.coupons.into_iter().next().flatten())
+    }
+
+    async fn insert_coupons(
+        &self,
+        tenant_id: &str,
+        batch_key: &str,
+        coupons: &[Coupon],
+    ) -> Result<Vec<String>> {
+        let tenant = tenant_id.to_string();
+        let batch = (!batch_key.is_empty()).then(|| key(&[tenant_id, batch_key]));
+        let coupons = coupons.to_vec();
+        self.db
+            .write(move |txn| {
+                let mut batches = txn.open_table(COUPON_BATCHES).map_err(e)?;
+                if let Some(b) = &batch
+                    && let Some(codes) = get_record::<Vec<String>>(&batches, b)?
+                {
+                    return Ok(codes);
+                }
+                let mut t = txn.open_table(COUPONS).map_err(e)?;
+                for c in &coupons {
+                    let k = key(&[&tenant, &c.code]);
+                    if t.get(k.as_str()).map_err(e)?.is_some() {
+                        return Err(Error::AlreadyExists(format!("coupon {} exists", c.code)));
+                    }
+                    put_record(&mut t, &k, c)?;
+                }
+                let codes: Vec<String> = coupons.iter().map(|c| c.code.clone()).collect();
+                if let Some(b) = &batch {
+                    put_record(&mut batches, b, &codes)?;
+                }
+                Ok(codes)
             })
             .await
     }

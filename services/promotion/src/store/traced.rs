@@ -6,10 +6,12 @@ use std::sync::Arc;
 use loyalty_platform::error::Result;
 use loyalty_platform::telemetry::in_db_span;
 
-use super::{CheckoutContext, PromotionStore};
+use super::{CheckoutContext, PromotionStore, Put};
+use crate::campaign::{Campaign, Coupon, StackingGroup};
 use crate::catalog::{Product, Store};
 use crate::program::Program;
 use crate::purchase::Purchase;
+use crate::usage::Claim;
 
 /// A store whose calls are traced as `system` (e.g. `redb`).
 #[derive(Debug)]
@@ -64,8 +66,11 @@ impl PromotionStore for Traced {
         tenant_id: &str,
         store_id: &str,
         skus: &[String],
+        codes: &[String],
     ) -> Result<CheckoutContext> {
-        let call = self.inner.checkout_context(tenant_id, store_id, skus);
+        let call = self
+            .inner
+            .checkout_context(tenant_id, store_id, skus, codes);
         in_db_span(self.system, "promotion.checkout_context", call).await
     }
     async fn purchase(&self, tenant_id: &str, receipt_id: &str) -> Result<Option<Purchase>> {
@@ -76,9 +81,63 @@ impl PromotionStore for Traced {
         &self,
         purchase: &Purchase,
         expected_version: Option<u64>,
-    ) -> Result<bool> {
-        let call = self.inner.put_purchase(purchase, expected_version);
+        claims: &[Claim],
+    ) -> Result<Put> {
+        let call = self.inner.put_purchase(purchase, expected_version, claims);
         in_db_span(self.system, "promotion.put_purchase", call).await
+    }
+    async fn claim(&self, tenant_id: &str, claims: &[Claim]) -> Result<Option<usize>> {
+        let call = self.inner.claim(tenant_id, claims);
+        in_db_span(self.system, "promotion.claim", call).await
+    }
+    async fn counters(&self, tenant_id: &str, names: &[String]) -> Result<Vec<i64>> {
+        let call = self.inner.counters(tenant_id, names);
+        in_db_span(self.system, "promotion.counters", call).await
+    }
+    async fn campaigns(&self, tenant_id: &str) -> Result<(u64, Vec<Campaign>, Vec<StackingGroup>)> {
+        let call = self.inner.campaigns(tenant_id);
+        in_db_span(self.system, "promotion.campaigns", call).await
+    }
+    async fn campaign(&self, tenant_id: &str, campaign_id: &str) -> Result<Option<Campaign>> {
+        let call = self.inner.campaign(tenant_id, campaign_id);
+        in_db_span(self.system, "promotion.campaign", call).await
+    }
+    async fn save_campaign(
+        &self,
+        campaign: Campaign,
+        expected_version: Option<i64>,
+    ) -> Result<Campaign> {
+        let call = self.inner.save_campaign(campaign, expected_version);
+        in_db_span(self.system, "promotion.save_campaign", call).await
+    }
+    async fn campaign_versions(
+        &self,
+        tenant_id: &str,
+        campaign_id: &str,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<Campaign>> {
+        let call = self
+            .inner
+            .campaign_versions(tenant_id, campaign_id, before, limit);
+        in_db_span(self.system, "promotion.campaign_versions", call).await
+    }
+    async fn save_group(&self, group: StackingGroup) -> Result<()> {
+        let call = self.inner.save_group(group);
+        in_db_span(self.system, "promotion.save_group", call).await
+    }
+    async fn coupon(&self, tenant_id: &str, code: &str) -> Result<Option<(Coupon, i64)>> {
+        let call = self.inner.coupon(tenant_id, code);
+        in_db_span(self.system, "promotion.coupon", call).await
+    }
+    async fn insert_coupons(
+        &self,
+        tenant_id: &str,
+        batch_key: &str,
+        coupons: &[Coupon],
+    ) -> Result<Vec<String>> {
+        let call = self.inner.insert_coupons(tenant_id, batch_key, coupons);
+        in_db_span(self.system, "promotion.insert_coupons", call).await
     }
     async fn ping(&self) -> Result<()> {
         self.inner.ping().await
