@@ -9,7 +9,7 @@ pub fn receipt_committed(e: &Evaluation) {
     let identified = if e.member.is_some() { "true" } else { "false" };
     metrics::counter!("loyalty_receipts_committed_total", "identified" => identified).increment(1);
     metrics::counter!("loyalty_points_accrued_total")
-        .increment(e.points_accrued.max(0).unsigned_abs());
+        .increment(e.total_points_accrued().max(0).unsigned_abs());
     metrics::counter!("loyalty_points_redeemed_total")
         .increment(e.points_redeemed.max(0).unsigned_abs());
 }

@@ -133,7 +133,7 @@ pub fn purchase_event(
         gross: e.gross,
         discount: e.discount,
         paid: e.amount_due,
-        points_accrued: e.points_accrued,
+        points_accrued: e.total_points_accrued(),
         points_redeemed: e.points_redeemed,
         points_balance,
         codes: p.receipt.codes.clone(),

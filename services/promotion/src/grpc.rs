@@ -163,7 +163,10 @@ fn evaluation_to_proto(e: &Evaluation) -> pb::Evaluation {
                 discount: dec(l.discount),
                 net_amount: dec(l.net),
                 paid_with_points: dec(l.paid_with_points),
-                points_accrued: l.points_accrued,
+                points_accrued: l
+                    .bonus_points
+                    .iter()
+                    .fold(l.points_accrued, |t, b| t.saturating_add(*b)),
                 max_payable_with_points: dec(l.max_payable_with_points),
                 effects: l.effects.iter().map(effect_to_proto).collect(),
                 notes: l.notes.clone(),
@@ -175,7 +178,7 @@ fn evaluation_to_proto(e: &Evaluation) -> pb::Evaluation {
         amount_due: dec(e.amount_due),
         paid_with_points: dec(e.paid_with_points),
         points_redeemed: e.points_redeemed,
-        points_accrued: e.points_accrued,
+        points_accrued: e.total_points_accrued(),
         points_activate_time: Some(timestamp(e.activate_at)),
         points_expire_time: e.expire_at.map(timestamp),
         max_redeemable_points: e.max_redeemable_points,
