@@ -801,3 +801,102 @@ async fn definitions_are_validated_versioned_live_and_exported() {
     );
     server.stop().await;
 }
+
+async fn wait_for_balance(pos: &mut Pos, member: &str, want: i64) {
+    for _ in 0..200 {
+        if pos.balance("t1", member).await.active == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = pos.balance("t1", member).await.active;
+    panic!("{member} has {got} points, expected {want}");
+}
+
+#[tokio::test]
+async fn registration_questionnaire_and_referral_bonuses_are_granted_once() {
+    let (_dir, server, channel) = dev().await;
+    let mut campaigns = CampaignServiceClient::new(channel.clone());
+    let mut pos = Pos::new(&channel, &channel);
+    for (id, action, points) in [
+        ("welcome", ppb::ActionKind::Registration, 10_000),
+        ("profile", ppb::ActionKind::Questionnaire, 5_000),
+        ("invite", ppb::ActionKind::Referral, 20_000),
+    ] {
+        create(
+            &mut campaigns,
+            campaign(
+                "t1",
+                id,
+                ppb::campaign::Mechanic::ActionBonus(ppb::ActionBonus {
+                    action: action as i32,
+                    points,
+                    lifetime_days: 30,
+                }),
+            ),
+        )
+        .await
+        .unwrap();
+    }
+    let referrer = pos
+        .members
+        .register_member(ipb::RegisterMemberRequest {
+            tenant_id: "t1".into(),
+            phone: "+77010000010".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .member
+        .unwrap();
+    wait_for_balance(&mut pos, &referrer.member_id, 10_000).await;
+    let friend = pos
+        .members
+        .register_member(ipb::RegisterMemberRequest {
+            tenant_id: "t1".into(),
+            phone: "+77010000011".into(),
+            referral_code: referrer.referral_code.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .member
+        .unwrap();
+    wait_for_balance(&mut pos, &friend.member_id, 10_000).await;
+    wait_for_balance(&mut pos, &referrer.member_id, 30_000).await;
+    // Filling the questionnaire earns its bonus once, however often the profile changes.
+    for name in ["Aigerim", "Aiya"] {
+        pos.members
+            .update_profile(ipb::UpdateProfileRequest {
+                tenant_id: "t1".into(),
+                member_id: friend.member_id.clone(),
+                member: Some(ipb::Member {
+                    first_name: name.into(),
+                    last_name: "Sadykova".into(),
+                    gender: ipb::Gender::Female as i32,
+                    birthday: Some(Date {
+                        year: 1990,
+                        month: 5,
+                        day: 17,
+                    }),
+                    ..Default::default()
+                }),
+                update_mask: vec![
+                    "first_name".into(),
+                    "last_name".into(),
+                    "gender".into(),
+                    "birthday".into(),
+                ],
+            })
+            .await
+            .unwrap();
+    }
+    wait_for_balance(&mut pos, &friend.member_id, 15_000).await;
+    // Nothing more arrives later (redeliveries and later changes grant nothing twice).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(pos.balance("t1", &friend.member_id).await.active, 15_000);
+    assert_eq!(pos.balance("t1", &referrer.member_id).await.active, 30_000);
+    server.stop().await;
+}

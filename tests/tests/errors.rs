@@ -244,11 +244,20 @@ async fn not_found_already_exists_failed_precondition_unimplemented() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
+    // Campaigns are served: a request without a tenant is refused as invalid.
     let mut campaigns = promotion::campaign_service_client::CampaignServiceClient::new(channel);
     let err = campaigns
         .list_campaigns(promotion::ListCampaignsRequest::default())
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = campaigns
+        .get_campaign(promotion::GetCampaignRequest {
+            tenant_id: "t1".into(),
+            campaign_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
     server.stop().await;
 }

@@ -26,6 +26,8 @@ pub struct MemberSnapshot {
     pub messenger: bool,
     pub questionnaire_complete: bool,
     pub referred: bool,
+    /// The member whose referral code this one registered with (empty: none).
+    pub referred_by: String,
 }
 
 impl MemberSnapshot {
@@ -51,6 +53,7 @@ impl MemberSnapshot {
             messenger: granted(ConsentChannel::Messenger),
             questionnaire_complete,
             referred: member.referred_by.is_some(),
+            referred_by: member.referred_by.clone().unwrap_or_default(),
         }
     }
 

@@ -44,6 +44,7 @@ pub fn encode(s: MemberSnapshot, now: i64) -> Vec<u8> {
             contactable_messenger: s.messenger,
             questionnaire_complete: s.questionnaire_complete,
             referred: s.referred,
+            referred_by_member_id: s.referred_by,
         })),
     }
     .encode_to_vec()

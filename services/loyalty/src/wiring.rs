@@ -21,6 +21,7 @@ use loyalty_platform::config::{Backend, BalanceSettings, Config};
 use loyalty_platform::events::redis::RedisEventLog;
 use loyalty_platform::events::{EmbeddedEventLog, SharedEventLog};
 use loyalty_platform::server::{HealthCheck, HealthEntry};
+use loyalty_promotion::actions::ActionBonuses;
 use loyalty_promotion::ports::{Members, NoSegments, Points, Segments};
 use loyalty_promotion::publish::LogEvents;
 use loyalty_promotion::store::embedded::EmbeddedPromotionStore;
@@ -425,6 +426,12 @@ pub async fn build(
             clock.clone(),
         );
         let admin = Admin::new(store.clone(), segments, clock.clone());
+        // Registration, questionnaire and referral bonuses, from the member stream.
+        tokio::spawn(loyalty_promotion::consume::run(
+            ActionBonuses::new(store.clone(), points.clone(), clock.clone()),
+            log.clone(),
+            consumer_name(),
+        ));
         routes = loyalty_promotion::grpc::add_routes(routes, checkout.clone(), admin.clone(), max);
         // Checkout cannot serve without its store and both peers.
         health.push(entry(loyalty_promotion::grpc::SERVICE_NAMES, move || {

@@ -12,6 +12,7 @@
 
 #[cfg(test)]
 mod conformance;
+pub mod consume;
 pub mod embedded;
 pub mod redis;
 pub mod traced;

@@ -19,13 +19,13 @@ pub struct LocalTime {
 impl LocalTime {
     /// `now` in `time_zone` (empty or unknown: UTC).
     pub fn at(now: Millis, time_zone: &str) -> Self {
-        let zoned = jiff::Timestamp::from_millisecond(now).ok().and_then(|ts| {
+        let zoned = jiff::Timestamp::from_millisecond(now).ok().map(|ts| {
             let tz = if time_zone.is_empty() {
                 jiff::tz::TimeZone::UTC
             } else {
                 jiff::tz::TimeZone::get(time_zone).unwrap_or(jiff::tz::TimeZone::UTC)
             };
-            Some(ts.to_zoned(tz))
+            ts.to_zoned(tz)
         });
         match zoned {
             Some(z) => {

@@ -249,6 +249,8 @@ pub struct Campaign {
     /// Percent of members held out (A/B), stable per member.
     pub control_group_percent: u8,
     pub version: i64,
+    /// When the first version was saved (action bonuses count actions from then on).
+    pub created_at: Millis,
     pub updated_at: Millis,
     /// Who saved this version.
     pub updated_by: String,

@@ -106,6 +106,7 @@ impl Admin {
     pub async fn create_campaign(&self, mut c: Campaign, actor: &str) -> Result<Campaign> {
         self.check_campaign(&c, &[]).await?;
         c.updated_at = self.clock.now_ms();
+        c.created_at = c.updated_at;
         c.updated_by = actor.to_string();
         self.store.save_campaign(c, None).await
     }
@@ -129,6 +130,7 @@ impl Admin {
             )));
         }
         c.updated_at = self.clock.now_ms();
+        c.created_at = current.created_at;
         c.updated_by = actor.to_string();
         let expected = if expected_version == 0 {
             current.version
@@ -408,6 +410,9 @@ impl Admin {
         for c in doc.campaigns.iter().cloned() {
             let mut c = c;
             c.updated_at = now;
+            if c.created_at == 0 {
+                c.created_at = now;
+            }
             c.updated_by = actor.to_string();
             self.store.save_campaign(c, Some(0)).await?;
         }

@@ -374,16 +374,16 @@ fn target(c: &Campaign, receipt: &Receipt, s: &Situation) -> Option<(SkipReason,
                 return Some((R::CodeMissing, "needs its promo code".into()));
             }
         }
-        Some(CodeRequirement::Coupons { .. }) => {
+        Some(CodeRequirement::Coupons { .. })
             if !s
                 .codes
                 .coupons
                 .iter()
-                .any(|k| k.campaign_id == c.campaign_id)
-            {
-                return Some((R::CodeMissing, "needs one of its coupons".into()));
-            }
+                .any(|k| k.campaign_id == c.campaign_id) =>
+        {
+            return Some((R::CodeMissing, "needs one of its coupons".into()));
         }
+        Some(CodeRequirement::Coupons { .. }) => {}
     }
     let b = &c.budget;
     if b.max_uses > 0 && remaining(s.counters, &uses_counter(&c.campaign_id), b.max_uses) <= 0 {
@@ -416,6 +416,9 @@ fn step_for(steps: &[Step], value: Decimal) -> Option<&Step> {
 fn free_before(x: i64, n: i64, m: i64) -> i64 {
     (x / n) * (n - m) + (x % n - m).max(0)
 }
+
+/// What a discount campaign takes off each line: (line index, amount).
+type Plan = Vec<(usize, Decimal)>;
 
 struct Pricing<'a> {
     program: &'a Program,
@@ -726,7 +729,7 @@ pub fn evaluate(
             }
             StackingMode::ExclusiveFirst | StackingMode::ExclusiveBest => {
                 // Weigh each candidate: discount money, or points at their money value.
-                let mut best: Option<(usize, Decimal, Vec<(usize, Decimal)>)> = None;
+                let mut best: Option<(usize, Decimal, Plan)> = None;
                 for &i in &open {
                     let c = &book.entries[i].campaign;
                     let (value, plan) = if c.mechanic.is_discount() {

@@ -376,6 +376,7 @@ pub fn campaign_from_proto(c: Option<pb::Campaign>) -> Result<Campaign, Error> {
             0
         }),
         version: 0,
+        created_at: 0,
         updated_at: 0,
         updated_by: String::new(),
     };
@@ -416,6 +417,7 @@ pub fn campaign_to_proto(c: &Campaign) -> pb::Campaign {
         version: c.version,
         update_time: Some(timestamp(c.updated_at)),
         updated_by: c.updated_by.clone(),
+        create_time: Some(timestamp(c.created_at)),
     }
 }
 

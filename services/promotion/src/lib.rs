@@ -4,6 +4,7 @@
 //! and `admin` orchestrate it over the `store` trait and the `ports` to identity and
 //! balance; `grpc` is the adapter.
 
+pub mod actions;
 pub mod admin;
 pub mod book;
 pub mod calendar;
@@ -11,6 +12,7 @@ pub mod campaign;
 mod campaign_admin;
 pub mod catalog;
 pub mod checkout;
+pub mod consume;
 mod counters;
 pub mod evaluate;
 pub mod events;

@@ -48,6 +48,7 @@ fn campaign(id: &str, mechanic: Mechanic) -> Campaign {
         member_limit_period_days: 0,
         control_group_percent: 0,
         version: 1,
+        created_at: 0,
         updated_at: 0,
         updated_by: String::new(),
     }

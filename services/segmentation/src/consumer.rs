@@ -1,29 +1,23 @@
 //! The adapter from the event stream to the segmentation core: reads the purchase stream in
 //! the `segmentation` consumer group, applies each batch (deduplicated by event id, durable),
 //! and only then acknowledges it. Entries a dead consumer left pending are claimed after
-//! [`CLAIM_IDLE`]. Also runs the scheduled re-evaluation of time-relative segments.
+//! [`loyalty_platform::events::consume::CLAIM_IDLE`]. Also runs the scheduled re-evaluation of time-relative segments.
 
 use std::time::Duration;
 
 use loyalty_platform::clock::Millis;
+use loyalty_platform::events::consume::{Subscription, consume};
 use loyalty_platform::events::{Delivery, MEMBERS, PURCHASES, SharedEventLog};
 use loyalty_platform::grpc::millis;
-use loyalty_platform::telemetry::work_span;
 use loyalty_proto::events::v1 as pb;
 use prost::Message;
 use rust_decimal::Decimal;
-use tracing::Instrument;
 
 use crate::features::{Consents, MemberData, PurchaseFacts, RefundFacts};
 use crate::service::Segmentation;
 use crate::store::{Change, FeatureChange};
 
 pub const GROUP: &str = "segmentation";
-/// Entries pending this long are taken over from their consumer.
-pub const CLAIM_IDLE: Duration = Duration::from_secs(30);
-const BATCH: usize = 500;
-/// Pause after a batch that was not full.
-const GATHER: Duration = Duration::from_millis(25);
 
 fn dec(d: &Option<loyalty_proto::common::v1::Decimal>) -> Decimal {
     d.as_ref()
@@ -135,69 +129,24 @@ pub async fn apply_batch(
 /// The streams segmentation consumes.
 pub const STREAMS: [&str; 2] = [PURCHASES, MEMBERS];
 
-/// Consumes `stream` for as long as the process runs. Stopping at any point is safe: a batch
-/// is acknowledged only after its effect is durable, so one cut short is delivered again
-/// (and deduplicated).
+/// Consumes `stream` for as long as the process runs (see [`consume`]).
 pub async fn run(
     segmentation: Segmentation,
     log: SharedEventLog,
     stream: &'static str,
     consumer: String,
 ) {
-    let mut backoff = Duration::from_millis(100);
-    let mut group_ready = false;
-    loop {
-        if !group_ready {
-            // Once per start and after an error (the stream may have been deleted), not per
-            // step: on the embedded log it is a durable write.
-            group_ready = log.create_group(stream, GROUP).await.is_ok();
-        }
-        match step(&segmentation, &log, stream, &consumer).await {
-            Ok(()) => backoff = Duration::from_millis(100),
-            Err(err) => {
-                group_ready = false;
-                tracing::warn!(error = %err, "event consumer step failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
-async fn step(
-    segmentation: &Segmentation,
-    log: &SharedEventLog,
-    stream: &'static str,
-    consumer: &str,
-) -> loyalty_platform::error::Result<()> {
-    let mut batch = log
-        .claim(stream, GROUP, consumer, CLAIM_IDLE, BATCH)
-        .await?;
-    if batch.is_empty() {
-        batch = log
-            .read(stream, GROUP, consumer, BATCH, Duration::from_secs(1))
-            .await?;
-    }
-    if batch.is_empty() {
-        return Ok(());
-    }
-    let full = batch.len() >= BATCH;
-    // One trace per batch, with the store's spans under it.
-    apply_batch(segmentation, &batch)
-        .instrument(work_span("segmentation.apply_batch"))
-        .await?;
-    let ids: Vec<String> = batch.into_iter().map(|d| d.id).collect();
-    log.ack(stream, GROUP, &ids).await?;
-    if !full {
-        // Let events gather: a few larger batches cost the disk far less than many small
-        // ones, for a few milliseconds of delay.
-        tokio::time::sleep(GATHER).await;
-    }
-    if let Ok(lag) = log.lag(stream, GROUP).await {
-        metrics::gauge!("loyalty_event_stream_lag", "stream" => stream, "group" => GROUP)
-            .set(lag.undelivered as f64 + lag.pending as f64);
-    }
-    Ok(())
+    let sub = Subscription {
+        stream,
+        group: GROUP,
+        consumer,
+        span: "segmentation.apply_batch",
+    };
+    consume(log, sub, move |batch| {
+        let segmentation = segmentation.clone();
+        async move { apply_batch(&segmentation, &batch).await }
+    })
+    .await;
 }
 
 /// Recomputes every tenant's RFM scores every `every`, for as long as the process runs.

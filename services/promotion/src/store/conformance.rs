@@ -256,6 +256,7 @@ fn campaign(id: &str, group: &str) -> Campaign {
         member_limit_period_days: 0,
         control_group_percent: 0,
         version: 0,
+        created_at: 0,
         updated_at: 0,
         updated_by: "test".into(),
     }
