@@ -566,6 +566,29 @@ impl Checkout {
             .ok_or_else(|| Error::NotFound(format!("receipt {receipt_id} not found")))
     }
 
+    /// A member's purchase history, newest first; the token continues a listing.
+    pub async fn list_purchases(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        page_size: i32,
+        page_token: &str,
+    ) -> Result<(Vec<Purchase>, String)> {
+        let size = crate::admin::page(tenant_id, page_size, page_token)?;
+        let mut v = Violations::new();
+        v.text(member_id, "member_id", loyalty_platform::error::MAX_ID_LEN);
+        v.finish()?;
+        let items = self
+            .store
+            .member_purchases(tenant_id, member_id, page_token, size)
+            .await?;
+        let next = match items.last() {
+            Some((position, _)) if items.len() == size => position.clone(),
+            _ => String::new(),
+        };
+        Ok((items.into_iter().map(|(_, p)| p).collect(), next))
+    }
+
     /// Refunds lines by quantity. Accrued points are taken back and redeemed points given
     /// back in proportion to the quantity, cumulatively, so all partial refunds together
     /// never move more than the receipt did.

@@ -476,6 +476,22 @@ impl CheckoutService for Api {
             purchase: Some(purchase_to_proto(&p)),
         }))
     }
+
+    async fn list_purchases(
+        &self,
+        request: Request<pb::ListPurchasesRequest>,
+    ) -> Result<Response<pb::ListPurchasesResponse>, Status> {
+        let r = request.into_inner();
+        let (items, next) = self
+            .checkout
+            .list_purchases(&r.tenant_id, &r.member_id, r.page_size, &r.page_token)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ListPurchasesResponse {
+            purchases: items.iter().map(purchase_to_proto).collect(),
+            next_page_token: next,
+        }))
+    }
 }
 
 #[tonic::async_trait]

@@ -69,6 +69,15 @@ pub trait PromotionStore: Send + Sync + std::fmt::Debug {
         expected_version: Option<u64>,
         claims: &[Claim],
     ) -> Result<Put>;
+    /// A member's committed purchases, newest first, strictly after `after` (a token this
+    /// call returned; empty: from the newest).
+    async fn member_purchases(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Purchase)>>;
     /// Applies claims atomically outside a purchase (action bonuses): all or, with the
     /// index of the first that does not fit, none.
     async fn claim(&self, tenant_id: &str, claims: &[Claim]) -> Result<Option<usize>>;

@@ -15,13 +15,20 @@ use super::{CheckoutContext, PromotionStore, Put};
 use crate::campaign::{Campaign, Coupon, StackingGroup};
 use crate::catalog::{Product, Store};
 use crate::program::Program;
-use crate::purchase::Purchase;
+use crate::purchase::{Purchase, PurchaseState};
 use crate::usage::{Claim, coupon_counter};
+
+/// Orders a member's purchases newest first: the commit time counted down, then the id.
+fn history_position(commit_time: i64, receipt_id: &str) -> String {
+    format!("{:020}:{receipt_id}", i64::MAX - commit_time.max(0))
+}
 
 const PROGRAMS: Records = TableDefinition::new("programs");
 const STORES: Records = TableDefinition::new("stores");
 const PRODUCTS: Records = TableDefinition::new("products");
 const PURCHASES: Records = TableDefinition::new("purchases");
+/// (tenant, member, newest-first commit time, receipt) → nothing: purchase history.
+const MEMBER_PURCHASES: Records = TableDefinition::new("member_purchases");
 const CAMPAIGNS: Records = TableDefinition::new("campaigns");
 /// (tenant, campaign, version as 20 digits) → that version.
 const CAMPAIGN_HISTORY: Records = TableDefinition::new("campaign_history");
@@ -283,7 +290,60 @@ impl PromotionStore for EmbeddedPromotionStore {
                     return Ok(Put::Refused(i));
                 }
                 put_record(&mut t, &k, &purchase)?;
+                if let (PurchaseState::Committed { commit_time, .. }, Some(m)) =
+                    (&purchase.state, &purchase.evaluation.member)
+                {
+                    let mut index = txn.open_table(MEMBER_PURCHASES).map_err(e)?;
+                    let position = history_position(*commit_time, &purchase.receipt.receipt_id);
+                    index
+                        .insert(key(&[tenant, &m.member_id, &position]).as_str(), &[][..])
+                        .map_err(e)?;
+                }
                 Ok(Put::Written)
+            })
+            .await
+    }
+
+    async fn member_purchases(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Purchase)>> {
+        let (start, end) = prefix_range(&[tenant_id, member_id]);
+        let start = if after.is_empty() {
+            start
+        } else {
+            // Just past the token's key.
+            format!("{}\u{1}", key(&[tenant_id, member_id, after]))
+        };
+        let tenant = tenant_id.to_string();
+        self.db
+            .read(move |txn| {
+                let Some(index) = open_for_read(txn, MEMBER_PURCHASES)? else {
+                    return Ok(Vec::new());
+                };
+                let mut out = Vec::new();
+                for item in index.range(start.as_str()..end.as_str()).map_err(e)? {
+                    let (k, _) = item.map_err(e)?;
+                    let position = k
+                        .value()
+                        .rsplit('\0')
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
+                    let receipt = position.split_once(':').map(|(_, r)| r).unwrap_or_default();
+                    if let Some(p) =
+                        read_record::<Purchase>(txn, PURCHASES, &key(&[&tenant, receipt]))?
+                    {
+                        out.push((position, p));
+                    }
+                    if out.len() == limit {
+                        break;
+                    }
+                }
+                Ok(out)
             })
             .await
     }

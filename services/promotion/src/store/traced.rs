@@ -86,6 +86,18 @@ impl PromotionStore for Traced {
         let call = self.inner.put_purchase(purchase, expected_version, claims);
         in_db_span(self.system, "promotion.put_purchase", call).await
     }
+    async fn member_purchases(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Purchase)>> {
+        let call = self
+            .inner
+            .member_purchases(tenant_id, member_id, after, limit);
+        in_db_span(self.system, "promotion.member_purchases", call).await
+    }
     async fn claim(&self, tenant_id: &str, claims: &[Claim]) -> Result<Option<usize>> {
         let call = self.inner.claim(tenant_id, claims);
         in_db_span(self.system, "promotion.claim", call).await
