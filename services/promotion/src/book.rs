@@ -38,6 +38,8 @@ impl Bits {
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub campaign: Campaign,
+    /// How its effects are described: "name: mechanic".
+    pub description: String,
     /// Index into [`CampaignBook::groups`].
     pub group: usize,
 }
@@ -118,6 +120,15 @@ impl CampaignBook {
                     && !matches!(c.mechanic, Mechanic::ActionBonus { .. })
             })
             .map(|c| Entry {
+                description: format!(
+                    "{}: {}",
+                    if c.name.is_empty() {
+                        &c.campaign_id
+                    } else {
+                        &c.name
+                    },
+                    c.mechanic.name()
+                ),
                 group: index
                     .get(c.stacking_group_id.as_str())
                     .copied()

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use loyalty_platform::clock::{DAY_MS, Millis};
 use rust_decimal::Decimal;
+use rust_decimal::prelude::ToPrimitive;
 use serde::{Deserialize, Serialize};
 
 use crate::book::{Bits, CampaignBook};
@@ -213,16 +214,23 @@ pub fn spread(total: Decimal, weights: &[Decimal], unit: Decimal) -> Vec<Decimal
         .map(|w| ((total * *w / sum) / unit).floor() * unit)
         .collect();
     let mut left = total - shares.iter().copied().sum::<Decimal>();
-    let mut order: Vec<usize> = (0..weights.len()).collect();
-    order.sort_by(|&a, &b| (weights[b] - shares[b]).cmp(&(weights[a] - shares[a])));
-    for i in order {
-        if left <= Decimal::ZERO {
-            break;
+    if left > Decimal::ZERO {
+        // The slots with the most room left take the remaining units first. Ordered by a
+        // float copy of the room (exact enough to rank, and far cheaper to compare); the
+        // stable sort keeps slot order among equals, so the result is deterministic.
+        let mut order: Vec<(f64, usize)> = (0..weights.len())
+            .map(|i| ((weights[i] - shares[i]).to_f64().unwrap_or(0.0), i))
+            .collect();
+        order.sort_by(|a, b| b.0.total_cmp(&a.0));
+        for (_, i) in order {
+            if left <= Decimal::ZERO {
+                break;
+            }
+            let room = ((weights[i] - shares[i]) / unit).floor() * unit;
+            let add = left.min(room);
+            shares[i] += add;
+            left -= add;
         }
-        let room = ((weights[i] - shares[i]) / unit).floor() * unit;
-        let add = left.min(room);
-        shares[i] += add;
-        left -= add;
     }
     // Rounding of fractional weights can leave less than one unit per slot unplaced; the
     // largest slot takes it so the shares always add up to the total.
@@ -421,13 +429,14 @@ fn free_before(x: i64, n: i64, m: i64) -> i64 {
 type Plan = Vec<(usize, Decimal)>;
 
 struct Pricing<'a> {
-    program: &'a Program,
     book: &'a CampaignBook,
     receipt: &'a Receipt,
     lines: Vec<LineResult>,
     covering: Vec<Bits>,
     discountable: Vec<bool>,
     receipt_room: Decimal,
+    /// The most discount each line may carry in all (the program's line cap).
+    line_caps: Vec<Decimal>,
     rounding: Rounding,
 }
 
@@ -545,12 +554,11 @@ impl Pricing<'_> {
 
     /// Caps a proposal by each line's room and by the receipt's and group's room.
     fn cap(&self, proposal: Vec<(usize, Decimal)>, group_room: Decimal) -> Vec<(usize, Decimal)> {
-        let line_max = self.program.max_line_discount_percent;
         let capped: Vec<(usize, Decimal)> = proposal
             .into_iter()
             .map(|(l, d)| {
                 let line = &self.lines[l];
-                let cap = money_down(line.gross * line_max / Decimal::ONE_HUNDRED) - line.discount;
+                let cap = self.line_caps[l] - line.discount;
                 (l, d.min(cap).min(line.net).max(Decimal::ZERO))
             })
             .collect();
@@ -576,7 +584,7 @@ impl Pricing<'_> {
             line.net -= *d;
             line.effects.push(Effect {
                 campaign_id: c.campaign_id.clone(),
-                description: format!("{}: {}", label(c), c.mechanic.name()),
+                description: self.book.entries[i].description.clone(),
                 discount: *d,
                 points: 0,
             });
@@ -658,6 +666,7 @@ pub fn evaluate(
         })
         .collect();
     let gross_total: Decimal = lines.iter().map(|l| l.gross).sum();
+    let lines_gross: Vec<Decimal> = lines.iter().map(|l| l.gross).collect();
     let empty = LineInfo::default();
     let covering: Vec<Bits> = receipt
         .lines
@@ -669,7 +678,6 @@ pub fn evaluate(
         })
         .collect();
     let mut pricing = Pricing {
-        program,
         book,
         receipt,
         discountable: receipt
@@ -682,6 +690,16 @@ pub fn evaluate(
         receipt_room: money_down(
             gross_total * program.max_receipt_discount_percent / Decimal::ONE_HUNDRED,
         ),
+        line_caps: lines_gross
+            .iter()
+            .map(|g| {
+                if program.max_line_discount_percent == Decimal::ONE_HUNDRED {
+                    *g
+                } else {
+                    money_down(*g * program.max_line_discount_percent / Decimal::ONE_HUNDRED)
+                }
+            })
+            .collect(),
         rounding: program.discount_rounding,
     };
 
@@ -811,36 +829,51 @@ pub fn evaluate(
 
     // Accrual: the best rate each line earns; a campaign over its points budget drops out.
     let base_percent = base_rate(program, member);
-    let minor = Decimal::from(program.point_minor_units);
     let accruable: Vec<bool> = receipt
         .lines
         .iter()
         .map(|l| !(l.sale_price && program.sale_excluded_from_accrual))
         .collect();
-    let points_at = |paid: Decimal, rate: Decimal| -> i64 {
-        to_i64(program.accrual_rounding.apply(
-            paid * rate / Decimal::ONE_HUNDRED / program.point_value * minor,
-            0,
-        ))
-    };
     let mut campaign_points = vec![0i64; n];
+    let mut effects = Vec::new();
+    let mut points_accrued = 0;
+    let mut winners: Vec<Option<usize>> = vec![None; lines.len()];
     if member.is_some() {
         loop {
-            campaign_points.iter_mut().for_each(|p| *p = 0);
             for (l, line) in lines.iter_mut().enumerate() {
                 line.base_percent = base_percent;
                 line.accrual_percent = base_percent;
                 line.accrual_campaign_id.clear();
+                winners[l] = None;
                 if !accruable[l] {
                     continue;
                 }
                 let (rate, winner) = rate_for(book, &selected, &covering[l], base_percent);
                 if let Some(i) = winner {
-                    let paid = line.net - line.paid_with_points;
-                    let extra = points_at(paid, rate) - points_at(paid, base_percent);
-                    campaign_points[i] += extra.max(0);
+                    winners[l] = Some(i);
                     line.accrual_percent = rate;
                     line.accrual_campaign_id = book.entries[i].campaign.campaign_id.clone();
+                }
+            }
+            effects.clear();
+            points_accrued = accrue(
+                program,
+                receipt,
+                &mut lines,
+                member,
+                &accruable,
+                &mut effects,
+            );
+            // What each boost gave, from the lines' effects.
+            campaign_points.iter_mut().for_each(|p| *p = 0);
+            for (line, winner) in lines.iter().zip(&winners) {
+                if let Some(i) = winner {
+                    campaign_points[*i] += line
+                        .effects
+                        .iter()
+                        .filter(|x| !x.campaign_id.is_empty())
+                        .map(|x| x.points)
+                        .sum::<i64>();
                 }
             }
             let over = (0..n).find(|&i| {
@@ -864,16 +897,16 @@ pub fn evaluate(
                 None => break,
             }
         }
+    } else {
+        accrue(
+            program,
+            receipt,
+            &mut lines,
+            member,
+            &accruable,
+            &mut effects,
+        );
     }
-    let mut effects = Vec::new();
-    let points_accrued = accrue(
-        program,
-        receipt,
-        &mut lines,
-        member,
-        &accruable,
-        &mut effects,
-    );
 
     // Campaigns chosen for accrual that raised no line explain why.
     for i in 0..n {
@@ -977,14 +1010,14 @@ pub fn evaluate(
         if c.mechanic.is_discount() {
             effects.push(Effect {
                 campaign_id: c.campaign_id.clone(),
-                description: format!("{}: {}", label(c), c.mechanic.name()),
+                description: book.entries[i].description.clone(),
                 discount,
                 points: 0,
             });
         } else if c.mechanic.is_accrual() {
             effects.push(Effect {
                 campaign_id: c.campaign_id.clone(),
-                description: format!("{}: {}", label(c), c.mechanic.name()),
+                description: book.entries[i].description.clone(),
                 discount: Decimal::ZERO,
                 points,
             });
@@ -1236,12 +1269,19 @@ fn accrue(
         return 0;
     }
     let minor = Decimal::from(program.point_minor_units);
+    // Points = paid × rate% ÷ point value, in minor units: one division per line and rate.
+    let denominator = program.point_value * Decimal::ONE_HUNDRED;
     let points_at = |paid: Decimal, rate: Decimal| -> i64 {
-        to_i64(program.accrual_rounding.apply(
-            paid * rate / Decimal::ONE_HUNDRED / program.point_value * minor,
-            0,
-        ))
+        if rate.is_zero() || paid.is_zero() {
+            return 0;
+        }
+        to_i64(
+            program
+                .accrual_rounding
+                .apply(paid * rate * minor / denominator, 0),
+        )
     };
+    let mut described: Option<(Decimal, String)> = None;
     let mut base_total = 0i64;
     let mut total = 0i64;
     for (l, line) in lines.iter_mut().enumerate() {
@@ -1254,11 +1294,23 @@ fn accrue(
         }
         let paid = line.net - line.paid_with_points;
         let base = points_at(paid, line.base_percent);
-        let all = points_at(paid, line.accrual_percent).max(base);
+        let all = if line.accrual_percent == line.base_percent {
+            base
+        } else {
+            points_at(paid, line.accrual_percent).max(base)
+        };
         if base > 0 {
+            let description = match &described {
+                Some((rate, text)) if *rate == line.base_percent => text.clone(),
+                _ => {
+                    let text = format!("base accrual {}%", line.base_percent.normalize());
+                    described = Some((line.base_percent, text.clone()));
+                    text
+                }
+            };
             line.effects.push(Effect {
                 campaign_id: String::new(),
-                description: format!("base accrual {}%", line.base_percent.normalize()),
+                description,
                 discount: Decimal::ZERO,
                 points: base,
             });
