@@ -1,6 +1,8 @@
 //! Rule evaluation: a 20-line receipt against 100 active campaigns of every discount and
-//! accrual mechanic, in stacking groups, some targeted elsewhere. One core, no I/O. Run
-//! with `cargo bench -p loyalty-promotion --bench evaluate`.
+//! accrual mechanic, in stacking groups, some targeted elsewhere. One core, no I/O. Two
+//! catalogues: a typical one (campaigns spread over 40 categories, the receipt's lines in 20
+//! of them) and a dense one (8 categories, so every line is covered by about a dozen
+//! campaigns). Run with `cargo bench -p loyalty-promotion --bench evaluate`.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -26,18 +28,15 @@ use loyalty_promotion::receipt::{Identification, Line, Receipt};
 use loyalty_promotion::usage::Counters;
 use rust_decimal::Decimal;
 
-const CATEGORIES: [&str; 8] = [
-    "Boots", "Socks", "Coats", "Hats", "Gloves", "Bags", "Belts", "Scarves",
-];
-
-fn scope(i: usize) -> ProductScope {
-    ProductScope {
-        categories: vec![CATEGORIES[i % CATEGORIES.len()].to_string()],
-        ..ProductScope::default()
-    }
+fn category(i: usize, categories: usize) -> String {
+    format!("category-{}", i % categories)
 }
 
-fn campaign(i: usize) -> Campaign {
+fn campaign(i: usize, categories: usize) -> Campaign {
+    let scope = |i: usize| ProductScope {
+        categories: vec![category(i, categories)],
+        ..ProductScope::default()
+    };
     let mechanic = match i % 5 {
         0 => Mechanic::ThresholdDiscount {
             scope: scope(i),
@@ -118,6 +117,13 @@ fn group(id: &str, mode: StackingMode, priority: i32) -> StackingGroup {
 }
 
 fn bench(c: &mut Criterion) {
+    for (name, categories) in [("typical", 40), ("dense", 8)] {
+        let (program, book, receipt, infos) = setup(categories);
+        run(c, name, &program, &book, &receipt, &infos);
+    }
+}
+
+fn setup(categories: usize) -> (Program, CampaignBook, Receipt, Vec<LineInfo>) {
     let mut program = Program::case_study("t", "KZT");
     program.max_receipt_discount_percent = Decimal::from(50);
     let groups = [
@@ -125,7 +131,11 @@ fn bench(c: &mut Criterion) {
         group("best", StackingMode::ExclusiveBest, 2),
         group("stack", StackingMode::Stackable, 3),
     ];
-    let book = CampaignBook::compile(1, (0..100).map(campaign).collect(), &groups);
+    let book = CampaignBook::compile(
+        1,
+        (0..100).map(|i| campaign(i, categories)).collect(),
+        &groups,
+    );
     let lines: Vec<Line> = (0..20)
         .map(|i| Line {
             line_id: i.to_string(),
@@ -137,7 +147,7 @@ fn bench(c: &mut Criterion) {
         .collect();
     let infos: Vec<LineInfo> = (0..20)
         .map(|i| LineInfo {
-            category: CATEGORIES[i % CATEGORIES.len()].to_string(),
+            category: category(i, categories),
             brand: "Tundra".into(),
         })
         .collect();
@@ -154,6 +164,17 @@ fn bench(c: &mut Criterion) {
         points_to_redeem: 50_000,
         purchase_time: None,
     };
+    (program, book, receipt, infos)
+}
+
+fn run(
+    c: &mut Criterion,
+    name: &str,
+    program: &Program,
+    book: &CampaignBook,
+    receipt: &Receipt,
+    infos: &[LineInfo],
+) {
     let member = MemberContext {
         member_id: "m1".into(),
         points_available: 1_000_000,
@@ -172,22 +193,24 @@ fn bench(c: &mut Criterion) {
     let situation = Situation {
         store_brand: "Main",
         local: LocalTime::at(now, "Asia/Almaty"),
-        lines: &infos,
+        lines: infos,
         member: Some(&member),
         profile: Some(&profile),
         codes: &codes,
         counters: &counters,
         now,
     };
-    let e = evaluate(&program, &book, &receipt, &situation);
+    let e = evaluate(program, book, receipt, &situation);
     assert!(!e.effects.is_empty() && !e.skipped.is_empty());
-    c.bench_function("evaluate 20 lines x 100 campaigns", |b| {
-        b.iter(|| evaluate(black_box(&program), &book, black_box(&receipt), &situation))
+    c.bench_function(&format!("evaluate 20 lines x 100 campaigns, {name}"), |b| {
+        b.iter(|| evaluate(black_box(program), book, black_box(receipt), &situation))
     });
-    c.bench_function("evaluate 20 lines, no campaigns", |b| {
-        let empty = CampaignBook::default();
-        b.iter(|| evaluate(black_box(&program), &empty, black_box(&receipt), &situation))
-    });
+    if name == "typical" {
+        c.bench_function("evaluate 20 lines, no campaigns", |b| {
+            let empty = CampaignBook::default();
+            b.iter(|| evaluate(black_box(program), &empty, black_box(receipt), &situation))
+        });
+    }
 }
 
 criterion_group!(benches, bench);

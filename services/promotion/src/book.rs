@@ -5,6 +5,9 @@ use std::collections::{HashMap, HashSet};
 
 use rust_decimal::Decimal;
 
+use crate::evaluate::Text;
+use crate::usage::{discount_counter, points_counter, uses_counter};
+
 use crate::campaign::{
     Campaign, CampaignStatus, CodeRequirement, Mechanic, StackingGroup, StackingMode,
     normalize_code,
@@ -38,8 +41,15 @@ impl Bits {
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub campaign: Campaign,
+    pub id: Text,
     /// How its effects are described: "name: mechanic".
-    pub description: String,
+    pub description: Text,
+    /// Its normalized promo code, if it has one.
+    pub promo_code: Option<String>,
+    /// Names of its budget counters.
+    pub uses_counter: String,
+    pub discount_counter: String,
+    pub points_counter: String,
     /// Index into [`CampaignBook::groups`].
     pub group: usize,
 }
@@ -120,7 +130,8 @@ impl CampaignBook {
                     && !matches!(c.mechanic, Mechanic::ActionBonus { .. })
             })
             .map(|c| Entry {
-                description: format!(
+                id: Text::from(c.campaign_id.as_str()),
+                description: Text::from(format!(
                     "{}: {}",
                     if c.name.is_empty() {
                         &c.campaign_id
@@ -128,7 +139,14 @@ impl CampaignBook {
                         &c.name
                     },
                     c.mechanic.name()
-                ),
+                )),
+                promo_code: match &c.code {
+                    Some(CodeRequirement::PromoCode(p)) => Some(normalize_code(p)),
+                    _ => None,
+                },
+                uses_counter: uses_counter(&c.campaign_id),
+                discount_counter: discount_counter(&c.campaign_id),
+                points_counter: points_counter(&c.campaign_id),
                 group: index
                     .get(c.stacking_group_id.as_str())
                     .copied()

@@ -6,23 +6,22 @@
 //! and budget caps → points payment, capped and spread over eligible lines → accrual on what
 //! is left to pay in money, at the best rate a line earns → fixed bonuses in their own lots.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock};
 
 use loyalty_platform::clock::{DAY_MS, Millis};
 use rust_decimal::Decimal;
-use rust_decimal::prelude::ToPrimitive;
 use serde::{Deserialize, Serialize};
 
-use crate::book::{Bits, CampaignBook};
+use crate::book::{Bits, CampaignBook, Entry};
 use crate::calendar::{LocalTime, in_birthday_window};
 use crate::campaign::{
     Benefit, Campaign, CodeRequirement, Coupon, Mechanic, SkipReason, StackingMode, Step, held_out,
 };
 use crate::program::{BaseAccrual, MONEY_SCALE, Program, Rounding};
 use crate::receipt::Receipt;
-use crate::usage::{
-    Claim, Counters, coupon_counter, discount_counter, member_counter, points_counter, uses_counter,
-};
+use crate::usage::{Claim, Counters, coupon_counter, member_counter};
 
 /// Who is buying, as far as pricing cares (kept with the purchase).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,20 +72,32 @@ pub struct Situation<'a> {
     pub now: Millis,
 }
 
+/// Shared text: cloning an effect's campaign id or description costs no allocation.
+pub type Text = Arc<str>;
+
+/// The campaign id of the base program's effects (empty).
+pub fn base_program() -> Text {
+    static EMPTY: LazyLock<Text> = LazyLock::new(|| Text::from(""));
+    EMPTY.clone()
+}
+
+/// Why a campaign did not apply: the reason and, in words, the detail.
+pub type Why = (SkipReason, Cow<'static, str>);
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Effect {
     /// Empty for the base program.
-    pub campaign_id: String,
-    pub description: String,
+    pub campaign_id: Text,
+    pub description: Text,
     pub discount: Decimal,
     pub points: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Skipped {
-    pub campaign_id: String,
+    pub campaign_id: Text,
     pub reason: SkipReason,
-    pub description: String,
+    pub description: Cow<'static, str>,
 }
 
 /// Points of a fixed-bonus campaign, accrued as their own lot.
@@ -116,7 +127,7 @@ pub struct LineResult {
     /// earned, with the campaign that raised it (empty: none).
     pub base_percent: Decimal,
     pub accrual_percent: Decimal,
-    pub accrual_campaign_id: String,
+    pub accrual_campaign_id: Text,
     /// This line's share of each of the evaluation's bonuses, in their order.
     pub bonus_points: Vec<i64>,
     pub effects: Vec<Effect>,
@@ -160,7 +171,7 @@ impl Evaluation {
         self.skipped
             .iter()
             .filter(|s| s.reason == SkipReason::ControlGroup)
-            .map(|s| s.campaign_id.as_str())
+            .map(|s| &*s.campaign_id)
     }
 
     /// Campaigns that gave something.
@@ -169,7 +180,7 @@ impl Evaluation {
             .effects
             .iter()
             .filter(|e| !e.campaign_id.is_empty())
-            .map(|e| e.campaign_id.as_str())
+            .map(|e| &*e.campaign_id)
             .collect();
         ids.dedup();
         ids
@@ -203,8 +214,65 @@ pub fn cents(value: Decimal) -> i64 {
 
 /// Spreads `total` over `weights` proportionally without ever giving a slot more than its
 /// weight; `unit` is the smallest step (one cent, one point). Sum of the result = `total`
-/// when `total <= sum(weights)`.
+/// when `total <= sum(weights)`. The slots with the most room left take the units that
+/// proportional floors leave over, the earlier slot first among equals.
 pub fn spread(total: Decimal, weights: &[Decimal], unit: Decimal) -> Vec<Decimal> {
+    spread_scaled(total, weights, unit).unwrap_or_else(|| spread_decimal(total, weights, unit))
+}
+
+/// [`spread`] in integers at one common scale: the usual case (money and points), exact and
+/// an order of magnitude cheaper than decimal division. `None` when the values do not fit.
+fn spread_scaled(total: Decimal, weights: &[Decimal], unit: Decimal) -> Option<Vec<Decimal>> {
+    let scale = weights
+        .iter()
+        .map(Decimal::scale)
+        .chain([total.scale(), unit.scale()])
+        .max()
+        .unwrap_or(0);
+    if scale > 12 {
+        return None;
+    }
+    let int = |d: Decimal| -> Option<i128> {
+        let m = d.mantissa();
+        (m >= 0)
+            .then_some(m)?
+            .checked_mul(10i128.checked_pow(scale - d.scale())?)
+    };
+    let w: Vec<i128> = weights.iter().map(|d| int(*d)).collect::<Option<_>>()?;
+    let (t, u) = (int(total)?, int(unit)?);
+    let sum = w.iter().try_fold(0i128, |a, b| a.checked_add(*b))?;
+    let back = |v: i128| Decimal::from_i128_with_scale(v, scale);
+    if sum == 0 || t == 0 || u == 0 {
+        return Some(vec![Decimal::ZERO; weights.len()]);
+    }
+    let den = sum.checked_mul(u)?;
+    let mut shares = Vec::with_capacity(w.len());
+    for wi in &w {
+        shares.push(t.checked_mul(*wi)? / den * u);
+    }
+    let mut left = t - shares.iter().sum::<i128>();
+    if left > 0 {
+        let mut order: Vec<usize> = (0..w.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(w[i] - shares[i]));
+        for i in order {
+            if left <= 0 {
+                break;
+            }
+            let room = (w[i] - shares[i]) / u * u;
+            let add = left.min(room);
+            shares[i] += add;
+            left -= add;
+        }
+    }
+    if left > 0
+        && let Some(i) = (0..w.len()).max_by(|&a, &b| w[a].cmp(&w[b]))
+    {
+        shares[i] += left;
+    }
+    Some(shares.into_iter().map(back).collect())
+}
+
+fn spread_decimal(total: Decimal, weights: &[Decimal], unit: Decimal) -> Vec<Decimal> {
     let sum: Decimal = weights.iter().copied().sum();
     if sum.is_zero() || total.is_zero() {
         return vec![Decimal::ZERO; weights.len()];
@@ -215,14 +283,9 @@ pub fn spread(total: Decimal, weights: &[Decimal], unit: Decimal) -> Vec<Decimal
         .collect();
     let mut left = total - shares.iter().copied().sum::<Decimal>();
     if left > Decimal::ZERO {
-        // The slots with the most room left take the remaining units first. Ordered by a
-        // float copy of the room (exact enough to rank, and far cheaper to compare); the
-        // stable sort keeps slot order among equals, so the result is deterministic.
-        let mut order: Vec<(f64, usize)> = (0..weights.len())
-            .map(|i| ((weights[i] - shares[i]).to_f64().unwrap_or(0.0), i))
-            .collect();
-        order.sort_by(|a, b| b.0.total_cmp(&a.0));
-        for (_, i) in order {
+        let mut order: Vec<usize> = (0..weights.len()).collect();
+        order.sort_by(|&a, &b| (weights[b] - shares[b]).cmp(&(weights[a] - shares[a])));
+        for i in order {
             if left <= Decimal::ZERO {
                 break;
             }
@@ -255,7 +318,8 @@ fn remaining(counters: &Counters, counter: &str, limit: i64) -> i64 {
 }
 
 /// Whether a campaign may take part in this receipt at all, and why not.
-fn target(c: &Campaign, receipt: &Receipt, s: &Situation) -> Option<(SkipReason, String)> {
+fn target(e: &Entry, receipt: &Receipt, s: &Situation) -> Option<Why> {
+    let c = &e.campaign;
     use SkipReason as R;
     let t = &c.targeting;
     if t.start.is_some_and(|start| s.now < start) {
@@ -265,10 +329,7 @@ fn target(c: &Campaign, receipt: &Receipt, s: &Situation) -> Option<(SkipReason,
         return Some((R::OutsideWindow, "the campaign has ended".into()));
     }
     if !t.days_of_week.is_empty() && !t.days_of_week.contains(&s.local.weekday) {
-        return Some((
-            R::WrongDayOrHour,
-            format!("not on weekday {} (store time)", s.local.weekday),
-        ));
+        return Some((R::WrongDayOrHour, "not on this weekday (store time)".into()));
     }
     if (t.start_hour, t.end_hour) != (0, 0) && !(t.start_hour..t.end_hour).contains(&s.local.hour) {
         return Some((
@@ -276,23 +337,18 @@ fn target(c: &Campaign, receipt: &Receipt, s: &Situation) -> Option<(SkipReason,
             format!(
                 "runs {}:00 to {}:00 store time, now {}:00",
                 t.start_hour, t.end_hour, s.local.hour
-            ),
+            )
+            .into(),
         ));
     }
     if !t.store_ids.is_empty() && !t.store_ids.contains(&receipt.store_id) {
-        return Some((R::WrongStore, format!("not in store {}", receipt.store_id)));
+        return Some((R::WrongStore, "not in this store".into()));
     }
     if !t.brands.is_empty() && !t.brands.iter().any(|b| b == s.store_brand) {
-        return Some((
-            R::WrongStore,
-            format!("not in stores of brand {:?}", s.store_brand),
-        ));
+        return Some((R::WrongStore, "not in stores of this brand".into()));
     }
     if !t.channels.is_empty() && !t.channels.contains(&receipt.channel) {
-        return Some((
-            R::WrongChannel,
-            format!("not in channel {:?}", receipt.channel),
-        ));
+        return Some((R::WrongChannel, "not in this channel".into()));
     }
     let needs_member = t.needs_member()
         || c.member_limit > 0
@@ -317,7 +373,8 @@ fn target(c: &Campaign, receipt: &Receipt, s: &Situation) -> Option<(SkipReason,
                 format!(
                     "member is in the {}% control group",
                     c.control_group_percent
-                ),
+                )
+                .into(),
             ));
         }
         if !t.segment_ids.is_empty() {
@@ -327,17 +384,14 @@ fn target(c: &Campaign, receipt: &Receipt, s: &Situation) -> Option<(SkipReason,
             }
         }
         if !t.tier_ids.is_empty() && !t.tier_ids.contains(&m.tier_id) {
-            return Some((
-                R::WrongTier,
-                format!("member's tier {:?} is not targeted", m.tier_id),
-            ));
+            return Some((R::WrongTier, "the member's tier is not targeted".into()));
         }
         for (key, want) in &t.member_attributes {
             let have = s.profile.and_then(|p| p.attributes.get(key));
             if have != Some(want) {
                 return Some((
                     R::MemberAttributes,
-                    format!("member attribute {key:?} is not {want:?}"),
+                    format!("member attribute {key:?} is not {want:?}").into(),
                 ));
             }
         }
@@ -369,16 +423,21 @@ fn target(c: &Campaign, receipt: &Receipt, s: &Situation) -> Option<(SkipReason,
                     format!(
                         "member used it {} times in {} days already",
                         c.member_limit, c.member_limit_period_days
-                    ),
+                    )
+                    .into(),
                 ));
             }
         }
     }
     match &c.code {
         None => {}
-        Some(CodeRequirement::PromoCode(code)) => {
-            let code = crate::campaign::normalize_code(code);
-            if !s.codes.promo.contains(&code) {
+        Some(CodeRequirement::PromoCode(_)) => {
+            if !s
+                .codes
+                .promo
+                .iter()
+                .any(|p| Some(p) == e.promo_code.as_ref())
+            {
                 return Some((R::CodeMissing, "needs its promo code".into()));
             }
         }
@@ -394,16 +453,15 @@ fn target(c: &Campaign, receipt: &Receipt, s: &Situation) -> Option<(SkipReason,
         Some(CodeRequirement::Coupons { .. }) => {}
     }
     let b = &c.budget;
-    if b.max_uses > 0 && remaining(s.counters, &uses_counter(&c.campaign_id), b.max_uses) <= 0 {
+    if b.max_uses > 0 && remaining(s.counters, &e.uses_counter, b.max_uses) <= 0 {
         return Some((R::BudgetExhausted, "all its uses are spent".into()));
     }
     if let Some(max) = b.max_discount
-        && remaining(s.counters, &discount_counter(&c.campaign_id), cents(max)) <= 0
+        && remaining(s.counters, &e.discount_counter, cents(max)) <= 0
     {
         return Some((R::BudgetExhausted, "its discount budget is spent".into()));
     }
-    if b.max_points > 0 && remaining(s.counters, &points_counter(&c.campaign_id), b.max_points) <= 0
-    {
+    if b.max_points > 0 && remaining(s.counters, &e.points_counter, b.max_points) <= 0 {
         return Some((R::BudgetExhausted, "its points budget is spent".into()));
     }
     None
@@ -442,7 +500,7 @@ struct Pricing<'a> {
 
 impl Pricing<'_> {
     /// Lines a campaign covers and may discount; or why none.
-    fn scope_lines(&self, i: usize) -> Result<Vec<usize>, (SkipReason, String)> {
+    fn scope_lines(&self, i: usize) -> Result<Vec<usize>, Why> {
         let covered: Vec<usize> = (0..self.lines.len())
             .filter(|&l| self.covering[l].get(i))
             .collect();
@@ -466,13 +524,14 @@ impl Pricing<'_> {
     }
 
     fn percent_of_gross(&self, lines: &[usize], pct: Decimal) -> Vec<(usize, Decimal)> {
+        // A percent over 100 is exact in decimal: one division per campaign, not per line.
+        let share = pct / Decimal::ONE_HUNDRED;
         lines
             .iter()
             .map(|&l| {
-                let d = self.rounding.apply(
-                    self.lines[l].gross * pct / Decimal::ONE_HUNDRED,
-                    MONEY_SCALE,
-                );
+                let d = self
+                    .rounding
+                    .apply(self.lines[l].gross * share, MONEY_SCALE);
                 (l, d)
             })
             .collect()
@@ -491,7 +550,7 @@ impl Pricing<'_> {
     }
 
     /// What campaign `i` would take off each line, before caps.
-    fn propose(&self, i: usize) -> Result<Vec<(usize, Decimal)>, (SkipReason, String)> {
+    fn propose(&self, i: usize) -> Result<Vec<(usize, Decimal)>, Why> {
         let c = &self.book.entries[i].campaign;
         let lines = self.scope_lines(i)?;
         let gross_of = |ls: &[usize]| -> Decimal { ls.iter().map(|&l| self.lines[l].gross).sum() };
@@ -501,7 +560,7 @@ impl Pricing<'_> {
                 let step = step_for(steps, total).ok_or_else(|| {
                     (
                         SkipReason::ThresholdNotReached,
-                        format!("the total {total} is below {}", steps[0].from),
+                        format!("the total {total} is below {}", steps[0].from).into(),
                     )
                 })?;
                 Ok(self.benefit(&lines, step.benefit))
@@ -511,7 +570,7 @@ impl Pricing<'_> {
                 let step = step_for(steps, count).ok_or_else(|| {
                     (
                         SkipReason::ThresholdNotReached,
-                        format!("{count} items, fewer than {}", steps[0].from),
+                        format!("{count} items, fewer than {}", steps[0].from).into(),
                     )
                 })?;
                 Ok(self.benefit(&lines, step.benefit))
@@ -532,7 +591,7 @@ impl Pricing<'_> {
                 if full == 0 {
                     return Err((
                         SkipReason::ThresholdNotReached,
-                        format!("{units} matching items, the offer needs {n}"),
+                        format!("{units} matching items, the offer needs {n}").into(),
                     ));
                 }
                 let mut at = 0;
@@ -573,7 +632,6 @@ impl Pricing<'_> {
     }
 
     fn apply(&mut self, i: usize, discounts: &[(usize, Decimal)]) -> Decimal {
-        let c = &self.book.entries[i].campaign;
         let mut total = Decimal::ZERO;
         for (l, d) in discounts {
             if d.is_zero() {
@@ -583,7 +641,7 @@ impl Pricing<'_> {
             line.discount += *d;
             line.net -= *d;
             line.effects.push(Effect {
-                campaign_id: c.campaign_id.clone(),
+                campaign_id: self.book.entries[i].id.clone(),
                 description: self.book.entries[i].description.clone(),
                 discount: *d,
                 points: 0,
@@ -635,11 +693,7 @@ pub fn evaluate(
     // One span per rule evaluation when tracing is on; nothing otherwise.
     let _span = loyalty_platform::telemetry::work_span("promotion.evaluate").entered();
     let n = book.entries.len();
-    let mut skip: Vec<Option<(SkipReason, String)>> = book
-        .entries
-        .iter()
-        .map(|e| target(&e.campaign, receipt, s))
-        .collect();
+    let mut skip: Vec<Option<Why>> = book.entries.iter().map(|e| target(e, receipt, s)).collect();
     let lines: Vec<LineResult> = receipt
         .lines
         .iter()
@@ -658,7 +712,7 @@ pub fn evaluate(
                 max_payable_with_points: Decimal::ZERO,
                 base_percent: Decimal::ZERO,
                 accrual_percent: Decimal::ZERO,
-                accrual_campaign_id: String::new(),
+                accrual_campaign_id: base_program(),
                 bonus_points: Vec::new(),
                 effects: Vec::new(),
                 notes: Vec::new(),
@@ -733,7 +787,9 @@ pub fn evaluate(
                             let raw: Decimal = p.iter().map(|(_, d)| *d).sum();
                             let capped = pricing.cap(p, group_room);
                             let total: Decimal = capped.iter().map(|(_, d)| *d).sum();
-                            if let Some(why) = budget_refusal(c, s.counters, total, 0) {
+                            if let Some(why) =
+                                budget_refusal(&book.entries[i], s.counters, total, 0)
+                            {
                                 skip[i] = Some(why);
                             } else if total.is_zero() {
                                 skip[i] = Some(cap_reason(raw));
@@ -760,7 +816,9 @@ pub fn evaluate(
                                 let raw: Decimal = p.iter().map(|(_, d)| *d).sum();
                                 let capped = pricing.cap(p, group_room);
                                 let total: Decimal = capped.iter().map(|(_, d)| *d).sum();
-                                if let Some(why) = budget_refusal(c, s.counters, total, 0) {
+                                if let Some(why) =
+                                    budget_refusal(&book.entries[i], s.counters, total, 0)
+                                {
                                     skip[i] = Some(why);
                                     continue;
                                 }
@@ -803,7 +861,8 @@ pub fn evaluate(
                                     "only one campaign of group {:?} applies: {}",
                                     group.group_id,
                                     label(wc)
-                                ),
+                                )
+                                .into(),
                             ));
                         }
                     }
@@ -843,7 +902,7 @@ pub fn evaluate(
             for (l, line) in lines.iter_mut().enumerate() {
                 line.base_percent = base_percent;
                 line.accrual_percent = base_percent;
-                line.accrual_campaign_id.clear();
+                line.accrual_campaign_id = base_program();
                 winners[l] = None;
                 if !accruable[l] {
                     continue;
@@ -852,7 +911,7 @@ pub fn evaluate(
                 if let Some(i) = winner {
                     winners[l] = Some(i);
                     line.accrual_percent = rate;
-                    line.accrual_campaign_id = book.entries[i].campaign.campaign_id.clone();
+                    line.accrual_campaign_id = book.entries[i].id.clone();
                 }
             }
             effects.clear();
@@ -879,7 +938,7 @@ pub fn evaluate(
             let over = (0..n).find(|&i| {
                 campaign_points[i] > 0
                     && budget_refusal(
-                        &book.entries[i].campaign,
+                        &book.entries[i],
                         s.counters,
                         Decimal::ZERO,
                         campaign_points[i],
@@ -953,7 +1012,7 @@ pub fn evaluate(
             if !selected[i] {
                 continue;
             }
-            if let Some(why) = budget_refusal(c, s.counters, Decimal::ZERO, points) {
+            if let Some(why) = budget_refusal(&book.entries[i], s.counters, Decimal::ZERO, points) {
                 skip[i] = Some(why);
                 selected[i] = false;
                 continue;
@@ -990,8 +1049,8 @@ pub fn evaluate(
                 line.bonus_points.push(to_i64(share));
             }
             effects.push(Effect {
-                campaign_id: c.campaign_id.clone(),
-                description: format!("{}: {} bonus points", label(c), points),
+                campaign_id: book.entries[i].id.clone(),
+                description: format!("{}: {} bonus points", label(c), points).into(),
                 discount: Decimal::ZERO,
                 points,
             });
@@ -1009,27 +1068,27 @@ pub fn evaluate(
         }
         if c.mechanic.is_discount() {
             effects.push(Effect {
-                campaign_id: c.campaign_id.clone(),
+                campaign_id: book.entries[i].id.clone(),
                 description: book.entries[i].description.clone(),
                 discount,
                 points: 0,
             });
         } else if c.mechanic.is_accrual() {
             effects.push(Effect {
-                campaign_id: c.campaign_id.clone(),
+                campaign_id: book.entries[i].id.clone(),
                 description: book.entries[i].description.clone(),
                 discount: Decimal::ZERO,
                 points,
             });
         }
-        claims.extend(campaign_claims(c, s, discount, points));
+        claims.extend(campaign_claims(&book.entries[i], s, discount, points));
     }
     let skipped = skip
         .into_iter()
         .enumerate()
         .filter_map(|(i, why)| {
             why.map(|(reason, description)| Skipped {
-                campaign_id: book.entries[i].campaign.campaign_id.clone(),
+                campaign_id: book.entries[i].id.clone(),
                 reason,
                 description,
             })
@@ -1059,7 +1118,7 @@ pub fn evaluate(
     }
 }
 
-fn cap_reason(raw: Decimal) -> (SkipReason, String) {
+fn cap_reason(raw: Decimal) -> Why {
     if raw.is_zero() {
         (
             SkipReason::NoMatchingLines,
@@ -1074,14 +1133,10 @@ fn cap_reason(raw: Decimal) -> (SkipReason, String) {
 }
 
 /// Why a campaign cannot give `discount` and `points` more, if its budget says so.
-fn budget_refusal(
-    c: &Campaign,
-    counters: &Counters,
-    discount: Decimal,
-    points: i64,
-) -> Option<(SkipReason, String)> {
+fn budget_refusal(e: &Entry, counters: &Counters, discount: Decimal, points: i64) -> Option<Why> {
+    let c = &e.campaign;
     if let Some(max) = c.budget.max_discount
-        && cents(discount) > remaining(counters, &discount_counter(&c.campaign_id), cents(max))
+        && cents(discount) > remaining(counters, &e.discount_counter, cents(max))
     {
         return Some((
             SkipReason::BudgetExhausted,
@@ -1089,12 +1144,7 @@ fn budget_refusal(
         ));
     }
     if c.budget.max_points > 0
-        && points
-            > remaining(
-                counters,
-                &points_counter(&c.campaign_id),
-                c.budget.max_points,
-            )
+        && points > remaining(counters, &e.points_counter, c.budget.max_points)
     {
         return Some((
             SkipReason::BudgetExhausted,
@@ -1104,26 +1154,27 @@ fn budget_refusal(
     None
 }
 
-fn campaign_claims(c: &Campaign, s: &Situation, discount: Decimal, points: i64) -> Vec<Claim> {
+fn campaign_claims(e: &Entry, s: &Situation, discount: Decimal, points: i64) -> Vec<Claim> {
+    let c = &e.campaign;
     let id = &c.campaign_id;
     let mut claims = Vec::new();
     if c.budget.max_uses > 0 {
         claims.push(Claim {
-            counter: uses_counter(id),
+            counter: e.uses_counter.clone(),
             amount: 1,
             limit: c.budget.max_uses,
         });
     }
     if let Some(max) = c.budget.max_discount {
         claims.push(Claim {
-            counter: discount_counter(id),
+            counter: e.discount_counter.clone(),
             amount: cents(discount),
             limit: cents(max),
         });
     }
     if c.budget.max_points > 0 {
         claims.push(Claim {
-            counter: points_counter(id),
+            counter: e.points_counter.clone(),
             amount: points,
             limit: c.budget.max_points,
         });
@@ -1281,7 +1332,7 @@ fn accrue(
                 .apply(paid * rate * minor / denominator, 0),
         )
     };
-    let mut described: Option<(Decimal, String)> = None;
+    let mut described: Option<(Decimal, Text)> = None;
     let mut base_total = 0i64;
     let mut total = 0i64;
     for (l, line) in lines.iter_mut().enumerate() {
@@ -1303,13 +1354,14 @@ fn accrue(
             let description = match &described {
                 Some((rate, text)) if *rate == line.base_percent => text.clone(),
                 _ => {
-                    let text = format!("base accrual {}%", line.base_percent.normalize());
+                    let text =
+                        Text::from(format!("base accrual {}%", line.base_percent.normalize()));
                     described = Some((line.base_percent, text.clone()));
                     text
                 }
             };
             line.effects.push(Effect {
-                campaign_id: String::new(),
+                campaign_id: base_program(),
                 description,
                 discount: Decimal::ZERO,
                 points: base,
@@ -1318,7 +1370,8 @@ fn accrue(
         if all > base {
             line.effects.push(Effect {
                 campaign_id: line.accrual_campaign_id.clone(),
-                description: format!("accrual raised to {}%", line.accrual_percent.normalize()),
+                description: format!("accrual raised to {}%", line.accrual_percent.normalize())
+                    .into(),
                 discount: Decimal::ZERO,
                 points: all - base,
             });
@@ -1354,7 +1407,7 @@ fn accrue(
                 if share > 0 {
                     line.points_accrued += share;
                     line.effects.push(Effect {
-                        campaign_id: String::new(),
+                        campaign_id: base_program(),
                         description: "base accrual: fixed points per receipt".into(),
                         discount: Decimal::ZERO,
                         points: share,
@@ -1362,7 +1415,7 @@ fn accrue(
                 }
             }
             effects.push(Effect {
-                campaign_id: String::new(),
+                campaign_id: base_program(),
                 description: "base accrual: fixed points per receipt".into(),
                 discount: Decimal::ZERO,
                 points,
@@ -1378,8 +1431,8 @@ fn accrue(
         effects.insert(
             0,
             Effect {
-                campaign_id: String::new(),
-                description: format!("base accrual {rate}% of the amount paid in money"),
+                campaign_id: base_program(),
+                description: format!("base accrual {rate}% of the amount paid in money").into(),
                 discount: Decimal::ZERO,
                 points: base_total,
             },
@@ -1456,7 +1509,7 @@ pub fn reprice(
     e.effects.retain(|x| !x.campaign_id.is_empty());
     let bonus_ids: Vec<String> = e.bonuses.iter().map(|b| b.campaign_id.clone()).collect();
     for x in e.effects.iter_mut() {
-        if x.points > 0 && !bonus_ids.contains(&x.campaign_id) {
+        if x.points > 0 && !bonus_ids.iter().any(|b| **b == *x.campaign_id) {
             x.points = e
                 .lines
                 .iter()
@@ -1650,6 +1703,29 @@ mod tests {
     }
 
     proptest! {
+        /// The integer spread and the decimal one agree wherever both apply.
+        #[test]
+        fn integer_and_decimal_spreads_agree(
+            weights in proptest::collection::vec(0i64..10_000_000, 1..30),
+            wscale in 0u32..4,
+            total_share in 0u32..=100,
+            unit_cents in prop_oneof![Just(1i64), Just(100)],
+        ) {
+            let w: Vec<Decimal> = weights.iter().map(|x| Decimal::new(*x, wscale)).collect();
+            let sum: Decimal = w.iter().copied().sum();
+            let unit = Decimal::new(unit_cents, 2);
+            let total = ((sum * Decimal::from(total_share) / Decimal::ONE_HUNDRED) / unit).floor() * unit;
+            let a = spread_scaled(total, &w, unit).unwrap();
+            let b = spread_decimal(total, &w, unit);
+            prop_assert_eq!(&a, &b);
+            prop_assert_eq!(a.iter().copied().sum::<Decimal>(), total);
+            // Fractional weights can leave units over, which the largest slot takes.
+            let slack = unit * Decimal::from(w.len());
+            for (share, weight) in a.iter().zip(&w) {
+                prop_assert!(*share < *weight + slack);
+            }
+        }
+
         #[test]
         fn points_payment_never_exceeds_cap_or_lines(
             prices in proptest::collection::vec((1u32..100_000, any::<bool>()), 1..20),

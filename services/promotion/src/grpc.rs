@@ -143,8 +143,8 @@ fn receipt_to_proto(r: &Receipt) -> pb::Receipt {
 
 fn effect_to_proto(e: &Effect) -> pb::AppliedEffect {
     pb::AppliedEffect {
-        campaign_id: e.campaign_id.clone(),
-        description: e.description.clone(),
+        campaign_id: e.campaign_id.to_string(),
+        description: e.description.to_string(),
         discount: dec(e.discount),
         points: e.points,
     }
@@ -187,9 +187,9 @@ fn evaluation_to_proto(e: &Evaluation) -> pb::Evaluation {
             .skipped
             .iter()
             .map(|s| pb::SkippedCampaign {
-                campaign_id: s.campaign_id.clone(),
+                campaign_id: s.campaign_id.to_string(),
                 reason: skip_reason_to(s.reason),
-                description: s.description.clone(),
+                description: s.description.to_string(),
             })
             .collect(),
         member: e.member.as_ref().map(|m| pb::MemberContext {

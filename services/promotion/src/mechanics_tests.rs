@@ -188,7 +188,7 @@ impl World {
 fn skip_of(e: &Evaluation, id: &str) -> Option<SkipReason> {
     e.skipped
         .iter()
-        .find(|s| s.campaign_id == id)
+        .find(|s| &*s.campaign_id == id)
         .map(|s| s.reason)
 }
 
@@ -255,7 +255,7 @@ fn birthday_boost_of_14_percent_from_two_days_before_through_the_birthday() {
     assert!(
         e.effects
             .iter()
-            .any(|x| x.campaign_id == "bday" && x.points == 130_000)
+            .any(|x| &*x.campaign_id == "bday" && x.points == 130_000)
     );
 }
 
@@ -816,7 +816,7 @@ proptest! {
                 let given: Decimal = e
                     .effects
                     .iter()
-                    .filter(|x| w.campaigns.iter().any(|c| c.campaign_id == x.campaign_id && c.stacking_group_id == g.group_id))
+                    .filter(|x| w.campaigns.iter().any(|c| *c.campaign_id == *x.campaign_id && c.stacking_group_id == g.group_id))
                     .map(|x| x.discount)
                     .sum();
                 prop_assert!(given <= e.gross * Decimal::from(cap) / Decimal::ONE_HUNDRED);
