@@ -431,16 +431,16 @@ fn target(e: &Entry, receipt: &Receipt, s: &Situation) -> Option<Why> {
     }
     match &c.code {
         None => {}
-        Some(CodeRequirement::PromoCode(_)) => {
+        Some(CodeRequirement::PromoCode(_))
             if !s
                 .codes
                 .promo
                 .iter()
-                .any(|p| Some(p) == e.promo_code.as_ref())
-            {
-                return Some((R::CodeMissing, "needs its promo code".into()));
-            }
+                .any(|p| Some(p) == e.promo_code.as_ref()) =>
+        {
+            return Some((R::CodeMissing, "needs its promo code".into()));
         }
+        Some(CodeRequirement::PromoCode(_)) => {}
         Some(CodeRequirement::Coupons { .. })
             if !s
                 .codes
@@ -656,13 +656,13 @@ impl Pricing<'_> {
 /// Accrual rate of a line: the base (or tier) rate, raised by the best campaign covering it.
 fn rate_for(
     book: &CampaignBook,
-    selected: &[bool],
+    boosts: &[usize],
     covering: &Bits,
     base: Decimal,
 ) -> (Decimal, Option<usize>) {
     let mut best = (base, None);
-    for (i, sel) in selected.iter().enumerate() {
-        if !sel || !covering.get(i) {
+    for &i in boosts {
+        if !covering.get(i) {
             continue;
         }
         let rate = match &book.entries[i].campaign.mechanic {
@@ -899,6 +899,10 @@ pub fn evaluate(
     let mut winners: Vec<Option<usize>> = vec![None; lines.len()];
     if member.is_some() {
         loop {
+            // The accrual campaigns still chosen.
+            let boosts: Vec<usize> = (0..n)
+                .filter(|&i| selected[i] && book.entries[i].campaign.mechanic.is_accrual())
+                .collect();
             for (l, line) in lines.iter_mut().enumerate() {
                 line.base_percent = base_percent;
                 line.accrual_percent = base_percent;
@@ -907,7 +911,7 @@ pub fn evaluate(
                 if !accruable[l] {
                     continue;
                 }
-                let (rate, winner) = rate_for(book, &selected, &covering[l], base_percent);
+                let (rate, winner) = rate_for(book, &boosts, &covering[l], base_percent);
                 if let Some(i) = winner {
                     winners[l] = Some(i);
                     line.accrual_percent = rate;
@@ -1333,6 +1337,7 @@ fn accrue(
         )
     };
     let mut described: Option<(Decimal, Text)> = None;
+    let mut raised: Vec<(Decimal, Text)> = Vec::new();
     let mut base_total = 0i64;
     let mut total = 0i64;
     for (l, line) in lines.iter_mut().enumerate() {
@@ -1368,10 +1373,20 @@ fn accrue(
             });
         }
         if all > base {
+            let description = match raised.iter().find(|(r, _)| *r == line.accrual_percent) {
+                Some((_, text)) => text.clone(),
+                None => {
+                    let text = Text::from(format!(
+                        "accrual raised to {}%",
+                        line.accrual_percent.normalize()
+                    ));
+                    raised.push((line.accrual_percent, text.clone()));
+                    text
+                }
+            };
             line.effects.push(Effect {
                 campaign_id: line.accrual_campaign_id.clone(),
-                description: format!("accrual raised to {}%", line.accrual_percent.normalize())
-                    .into(),
+                description,
                 discount: Decimal::ZERO,
                 points: all - base,
             });
