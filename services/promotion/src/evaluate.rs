@@ -182,6 +182,7 @@ impl Evaluation {
             .filter(|e| !e.campaign_id.is_empty())
             .map(|e| &*e.campaign_id)
             .collect();
+        ids.sort_unstable();
         ids.dedup();
         ids
     }

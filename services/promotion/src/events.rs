@@ -39,6 +39,12 @@ pub struct PurchaseEvent {
     pub points_redeemed: i64,
     pub points_balance: Option<i64>,
     pub codes: Vec<String>,
+    /// Campaigns that gave the receipt something.
+    pub campaign_ids: Vec<String>,
+    /// Campaigns whose control group held this member out (for uplift).
+    pub held_out_campaign_ids: Vec<String>,
+    /// Points paid as fixed bonuses (part of `points_accrued`).
+    pub bonus_points: i64,
 }
 
 impl PurchaseEvent {
@@ -137,6 +143,13 @@ pub fn purchase_event(
         points_redeemed: e.points_redeemed,
         points_balance,
         codes: p.receipt.codes.clone(),
+        campaign_ids: e
+            .applied_campaigns()
+            .iter()
+            .map(|c| c.to_string())
+            .collect(),
+        held_out_campaign_ids: e.held_out().map(str::to_string).collect(),
+        bonus_points: e.bonuses.iter().map(|b| b.points).sum(),
     }
 }
 

@@ -824,3 +824,44 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_purchase_event_names_applied_and_held_out_campaigns() {
+    let mut held = percent_off("held", "10");
+    held.control_group_percent = 99;
+    let bonus = campaign(
+        "burn",
+        Mechanic::FixedBonus {
+            points: 700,
+            activation_delay_days: 0,
+            lifetime_days: 7,
+        },
+    );
+    let w = World::new(&[("x", "C", "1", "1000.00", false)])
+        .with(percent_off("sale", "5"))
+        .with(held)
+        .with(bonus);
+    let evaluation = w.eval();
+    assert_eq!(
+        skip_of(&evaluation, "held"),
+        Some(SkipReason::ControlGroup),
+        "99% are held out, m1 among them"
+    );
+    let receipt = w.receipt();
+    let purchase = crate::purchase::Purchase {
+        fingerprint: Vec::new(),
+        program: w.program.clone(),
+        evaluated_at: w.now,
+        month: 0,
+        evaluation,
+        state: crate::purchase::PurchaseState::Pending,
+        refunds: Vec::new(),
+        version: 1,
+        receipt,
+    };
+    let event = crate::events::purchase_event(&purchase, &Vec::new(), w.now, None);
+    assert_eq!(event.campaign_ids, ["burn", "sale"]);
+    assert_eq!(event.held_out_campaign_ids, ["held"]);
+    assert_eq!(event.bonus_points, 700);
+    assert_eq!(event.points_accrued, 700 + 950);
+}

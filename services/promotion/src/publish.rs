@@ -61,6 +61,9 @@ pub fn encode_purchase(e: PurchaseEvent) -> Vec<u8> {
             points_redeemed: e.points_redeemed,
             points_balance: e.points_balance,
             codes: e.codes,
+            campaign_ids: e.campaign_ids,
+            held_out_campaign_ids: e.held_out_campaign_ids,
+            bonus_points: e.bonus_points,
         })),
     }
     .encode_to_vec()
