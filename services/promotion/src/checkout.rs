@@ -149,9 +149,12 @@ impl Checkout {
 
     /// Finishes the commit, then publishes the purchase before the caller is answered: a
     /// caller that never got its answer retries, and the retry publishes again.
-    async fn committed(&self, p: Purchase) -> Result<Committed> {
+    async fn committed(&self, p: Purchase, known: Option<Catalog>) -> Result<Committed> {
         let (committed, p) = self.finish_commit(p).await?;
-        let catalog = self.catalog(&p).await?;
+        let catalog = match known {
+            Some(c) => c,
+            None => self.catalog(&p).await?,
+        };
         self.events
             .purchase_committed(purchase_event(
                 &p,
@@ -267,8 +270,15 @@ impl Checkout {
             .unwrap_or_default();
         names.extend(spend_names.iter().cloned());
 
+        let counters = async {
+            if names.is_empty() {
+                Ok(Vec::new())
+            } else {
+                self.store.counters(tenant, &names).await
+            }
+        };
         let (points_available, segments, values) = match &member {
-            None => (0, Vec::new(), self.store.counters(tenant, &names).await?),
+            None => (0, Vec::new(), counters.await?),
             Some(m) => {
                 let segments = async {
                     if book.needs_segments {
@@ -280,7 +290,7 @@ impl Checkout {
                 tokio::try_join!(
                     self.points.available(tenant, &m.member_id),
                     segments,
-                    self.store.counters(tenant, &names),
+                    counters
                 )?
             }
         };
@@ -349,11 +359,17 @@ impl Checkout {
                 .await?
             {
                 Some(p) if p.fingerprint != fp => return Err(receipt_reused(&receipt.receipt_id)),
-                Some(p) => return self.committed(p).await,
+                Some(p) => return self.committed(p, None).await,
                 None => {
                     let mut prepared = self.prepare(&receipt).await?;
                     if let Some(purchase) = self.insert(&receipt, &fp, &mut prepared).await? {
-                        return self.committed(purchase).await;
+                        // The products were read for the evaluation: the event reuses them.
+                        let catalog = prepared
+                            .infos
+                            .iter()
+                            .map(|i| (i.category.clone(), i.brand.clone()))
+                            .collect();
+                        return self.committed(purchase, Some(catalog)).await;
                     }
                     // A concurrent commit of the same receipt id won; look again.
                 }
