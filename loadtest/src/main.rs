@@ -84,6 +84,10 @@ struct Cli {
     tenant: Option<String>,
     #[arg(long)]
     members: Option<usize>,
+    /// Active campaigns to seed over the categories (a birthday boost, the promo code
+    /// "11.11" and a coupon campaign come on top); 0 seeds only those three.
+    #[arg(long)]
+    campaigns: Option<usize>,
     #[arg(long)]
     stores: Option<usize>,
     #[arg(long)]
@@ -158,6 +162,9 @@ fn model_config(cli: &Cli) -> anyhow::Result<ModelConfig> {
     }
     if let Some(n) = cli.stores {
         config.stores = n;
+    }
+    if let Some(n) = cli.campaigns {
+        config.campaigns = n;
     }
     if let Some(n) = cli.products {
         config.products = n;
@@ -321,12 +328,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         model: model.config.clone(),
     };
     let seed = model.config.seed;
+    let coupons = runner::generate_coupons(&model, &clients, &run_id).await?;
     let workload = Arc::new(Workload::new(
         model,
         member_ids,
         clients,
         run_id,
         mix(cli.scenario),
+        coupons,
     ));
     let plan = RunPlan {
         rate: cli.rate,

@@ -31,6 +31,16 @@ pub struct ModelConfig {
     pub max_lines: usize,
     /// Share of identified receipts that pay with points.
     pub redeem_share: f64,
+    /// Active campaigns seeded: accrual boosts, threshold and quantity discounts, n for m,
+    /// fixed bonuses and a birthday boost over the categories, in stacking groups; a promo
+    /// code and a coupon campaign come on top.
+    pub campaigns: usize,
+    /// Share of receipts that present the promo code "11.11".
+    pub promo_share: f64,
+    /// Share of commits that present a single-use coupon (a fresh batch per run).
+    pub coupon_share: f64,
+    /// Coupons generated per run.
+    pub coupons: usize,
     /// Prices in whole currency units, log-uniform between these.
     pub price_min: u32,
     pub price_max: u32,
@@ -61,6 +71,10 @@ impl Default for ModelConfig {
             basket_mean: 4.0,
             max_lines: 30,
             redeem_share: 0.1,
+            campaigns: 100,
+            promo_share: 0.05,
+            coupon_share: 0.02,
+            coupons: 20_000,
             price_min: 200,
             price_max: 60_000,
             // Stores open 8:00-22:00, a lunch peak and an evening peak.
@@ -94,9 +108,15 @@ impl ModelConfig {
             "brands and regions must not be empty"
         );
         anyhow::ensure!(
-            share(self.sale_share) && share(self.identified_share) && share(self.redeem_share),
+            share(self.sale_share)
+                && share(self.identified_share)
+                && share(self.redeem_share)
+                && share(self.promo_share)
+                && share(self.coupon_share),
             "shares must be between 0 and 1"
         );
+        anyhow::ensure!(self.campaigns <= 5_000, "campaigns must be 0..=5000");
+        anyhow::ensure!(self.coupons <= 100_000, "coupons must be 0..=100000");
         anyhow::ensure!(
             (1..=500).contains(&self.max_lines),
             "max_lines must be 1..=500"
@@ -153,6 +173,10 @@ pub struct ReceiptSpec {
     pub lines: Vec<LineSpec>,
     /// Points (minor units) the customer asks to pay with.
     pub redeem_points: i64,
+    /// Presents the promo code.
+    pub promo: bool,
+    /// Presents a coupon (commits only).
+    pub coupon: bool,
 }
 
 /// The chain, generated once from the config and a seed.
@@ -265,11 +289,15 @@ impl Model {
         } else {
             0
         };
+        let promo = rng.random_bool(self.config.promo_share);
+        let coupon = rng.random_bool(self.config.coupon_share);
         ReceiptSpec {
             store,
             member,
             lines,
             redeem_points,
+            promo,
+            coupon,
         }
     }
 

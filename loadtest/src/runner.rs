@@ -148,6 +148,229 @@ async fn setup_segments(model: &Model, clients: &Clients) -> anyhow::Result<()> 
     Ok(())
 }
 
+fn pct(value: &str) -> Option<Decimal> {
+    dec(value.to_string())
+}
+
+fn percent_step(from: &str, percent: &str) -> ppb::DiscountStep {
+    ppb::DiscountStep {
+        from_value: pct(from),
+        benefit: Some(ppb::discount_step::Benefit::Percent(Decimal {
+            value: percent.into(),
+        })),
+    }
+}
+
+/// The promo code receipts present (`promo_share`).
+pub const PROMO_CODE: &str = "11.11";
+/// The campaign whose coupons commits present (`coupon_share`).
+pub const COUPON_CAMPAIGN: &str = "coupon-15";
+
+/// The campaigns of the model: `model.config.campaigns` over the categories, in two stacking
+/// groups, a third of them for a few stores only and some with budgets; then a birthday
+/// boost, the promo code and the coupon campaign. Idempotent.
+fn campaigns(model: &Model) -> (Vec<ppb::StackingGroup>, Vec<ppb::Campaign>) {
+    let tenant = model.config.tenant.clone();
+    let group = |id: &str, mode: ppb::StackingMode, priority: i32| ppb::StackingGroup {
+        tenant_id: tenant.clone(),
+        group_id: id.into(),
+        name: id.into(),
+        mode: mode as i32,
+        priority,
+        max_discount_percent: pct("30"),
+    };
+    let groups = vec![
+        group("discounts", ppb::StackingMode::ExclusiveBest, 1),
+        group("accrual", ppb::StackingMode::Stackable, 2),
+    ];
+    let category = |i: usize| ppb::ProductScope {
+        categories: vec![format!("category-{:03}", i % model.config.categories)],
+        ..Default::default()
+    };
+    use ppb::campaign::Mechanic as M;
+    let mut list: Vec<ppb::Campaign> = (0..model.config.campaigns)
+        .map(|i| {
+            let (mechanic, group) = match i % 6 {
+                0 => (
+                    M::AccrualBoost(ppb::AccrualBoost {
+                        scope: Some(category(i)),
+                        accrual_percent: pct("3"),
+                        multiplier: None,
+                    }),
+                    "accrual",
+                ),
+                1 => (
+                    M::ThresholdDiscount(ppb::ThresholdDiscount {
+                        scope: Some(category(i)),
+                        steps: vec![percent_step("5000", "5"), percent_step("20000", "10")],
+                    }),
+                    "discounts",
+                ),
+                2 => (
+                    M::QuantityDiscount(ppb::QuantityDiscount {
+                        scope: Some(category(i)),
+                        steps: vec![percent_step("2", "7")],
+                    }),
+                    "discounts",
+                ),
+                3 => (
+                    M::NForM(ppb::NForM {
+                        scope: Some(category(i)),
+                        n: 3,
+                        m: 2,
+                    }),
+                    "",
+                ),
+                4 => (
+                    M::FixedBonus(ppb::FixedBonus {
+                        points: 500,
+                        activation_delay_days: 0,
+                        lifetime_days: 7,
+                    }),
+                    "accrual",
+                ),
+                _ => (
+                    M::AccrualBoost(ppb::AccrualBoost {
+                        scope: Some(category(i)),
+                        accrual_percent: None,
+                        multiplier: pct("2"),
+                    }),
+                    "accrual",
+                ),
+            };
+            let mut targeting = ppb::Targeting::default();
+            if i % 3 == 2 {
+                targeting.store_ids = model
+                    .stores
+                    .iter()
+                    .skip(i % model.stores.len())
+                    .take(3)
+                    .map(|s| s.id.clone())
+                    .collect();
+            }
+            if i % 6 == 4 {
+                // Fixed bonuses go to regulars only.
+                targeting.segment_ids = vec!["regulars".into()];
+            }
+            ppb::Campaign {
+                tenant_id: tenant.clone(),
+                campaign_id: format!("campaign-{i:04}"),
+                name: format!("Campaign {i}"),
+                status: ppb::CampaignStatus::Active as i32,
+                stacking_group_id: group.into(),
+                priority: (i % 10) as i32,
+                targeting: Some(targeting),
+                mechanic: Some(mechanic),
+                budget: (i % 10 == 7).then(|| ppb::Budget {
+                    max_uses: 10_000_000,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        })
+        .collect();
+    list.push(ppb::Campaign {
+        tenant_id: tenant.clone(),
+        campaign_id: "birthday-14".into(),
+        name: "Birthday 14%".into(),
+        status: ppb::CampaignStatus::Active as i32,
+        mechanic: Some(M::BirthdayBoost(ppb::BirthdayBoost {
+            accrual_percent: pct("14"),
+            days_before: 2,
+            days_after: 0,
+        })),
+        ..Default::default()
+    });
+    list.push(ppb::Campaign {
+        tenant_id: tenant.clone(),
+        campaign_id: "promo-11-11".into(),
+        name: "11.11".into(),
+        status: ppb::CampaignStatus::Active as i32,
+        mechanic: Some(M::ExtraDiscount(ppb::ExtraDiscount {
+            scope: None,
+            percent: pct("11"),
+        })),
+        code: Some(ppb::CodeRequirement {
+            kind: Some(ppb::code_requirement::Kind::PromoCode(PROMO_CODE.into())),
+        }),
+        ..Default::default()
+    });
+    list.push(ppb::Campaign {
+        tenant_id: tenant,
+        campaign_id: COUPON_CAMPAIGN.into(),
+        name: "Coupon 15%".into(),
+        status: ppb::CampaignStatus::Active as i32,
+        mechanic: Some(M::ThresholdDiscount(ppb::ThresholdDiscount {
+            scope: None,
+            steps: vec![percent_step("0", "15")],
+        })),
+        code: Some(ppb::CodeRequirement {
+            kind: Some(ppb::code_requirement::Kind::Coupons(ppb::CouponPolicy {
+                max_uses: 1,
+                member_bound: false,
+            })),
+        }),
+        ..Default::default()
+    });
+    (groups, list)
+}
+
+async fn setup_campaigns(model: &Model, clients: &Clients) -> anyhow::Result<()> {
+    let mut client = ppb::campaign_service_client::CampaignServiceClient::new(
+        clients.channel(Service::Promotion),
+    );
+    let (groups, list) = campaigns(model);
+    for g in groups {
+        client
+            .upsert_stacking_group(clients.request(ppb::UpsertStackingGroupRequest {
+                group: Some(g),
+                actor: None,
+            }))
+            .await
+            .context("creating a stacking group")?;
+    }
+    for c in list {
+        let id = c.campaign_id.clone();
+        match client
+            .create_campaign(clients.request(ppb::CreateCampaignRequest {
+                campaign: Some(c),
+                actor: None,
+            }))
+            .await
+        {
+            Ok(_) => {}
+            Err(status) if status.code() == Code::AlreadyExists => {}
+            Err(status) => anyhow::bail!("creating campaign {id}: {status}"),
+        }
+    }
+    Ok(())
+}
+
+/// A fresh batch of single-use coupons for this run (none when the model wants none).
+pub async fn generate_coupons(
+    model: &Model,
+    clients: &Clients,
+    run_id: &str,
+) -> anyhow::Result<Vec<String>> {
+    if model.config.coupons == 0 || model.config.coupon_share == 0.0 {
+        return Ok(Vec::new());
+    }
+    let mut client = ppb::campaign_service_client::CampaignServiceClient::new(
+        clients.channel(Service::Promotion),
+    );
+    let reply = client
+        .generate_coupons(clients.request(ppb::GenerateCouponsRequest {
+            tenant_id: model.config.tenant.clone(),
+            campaign_id: COUPON_CAMPAIGN.into(),
+            count: i32::try_from(model.config.coupons).unwrap_or(i32::MAX),
+            idempotency_key: run_id.into(),
+            ..Default::default()
+        }))
+        .await
+        .context("generating coupons")?;
+    Ok(reply.into_inner().codes)
+}
+
 async fn setup_program_and_catalog(model: &Model, clients: &Clients) -> anyhow::Result<()> {
     setup_segments(model, clients).await?;
     let tenant = model.config.tenant.clone();
@@ -216,7 +439,7 @@ async fn setup_program_and_catalog(model: &Model, clients: &Clients) -> anyhow::
             .await
             .context("creating products")?;
     }
-    Ok(())
+    setup_campaigns(model, clients).await
 }
 
 async fn setup_members(
@@ -336,6 +559,9 @@ pub struct Workload {
     pub mix: Mix,
     refundable: Mutex<VecDeque<String>>,
     run_salt: u64,
+    /// This run's coupons, each presented once, in order.
+    coupons: Vec<String>,
+    next_coupon: AtomicUsize,
 }
 
 /// One call to make, decided at schedule time.
@@ -353,6 +579,7 @@ impl Workload {
         clients: Clients,
         run_id: String,
         mix: Mix,
+        coupons: Vec<String>,
     ) -> Self {
         // FNV-1a of the run id.
         let run_salt = run_id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -366,6 +593,8 @@ impl Workload {
             run_salt,
             mix,
             refundable: Mutex::new(VecDeque::new()),
+            coupons,
+            next_coupon: AtomicUsize::new(0),
         }
     }
 
@@ -396,8 +625,19 @@ impl Workload {
         }
     }
 
-    fn receipt(&self, spec: &ReceiptSpec, id: String) -> ppb::Receipt {
+    /// The receipt a spec describes. `with_coupon`: a commit, which may use up a coupon.
+    fn receipt(&self, spec: &ReceiptSpec, id: String, with_coupon: bool) -> ppb::Receipt {
         let m = &self.model;
+        let mut codes = Vec::new();
+        if spec.promo {
+            codes.push(PROMO_CODE.to_string());
+        }
+        if with_coupon && spec.coupon {
+            let k = self.next_coupon.fetch_add(1, Ordering::Relaxed);
+            if let Some(code) = self.coupons.get(k) {
+                codes.push(code.clone());
+            }
+        }
         ppb::Receipt {
             tenant_id: m.config.tenant.clone(),
             receipt_id: id,
@@ -422,6 +662,7 @@ impl Workload {
                 })
                 .collect(),
             points_to_redeem: spec.redeem_points,
+            codes,
             ..Default::default()
         }
     }
@@ -526,7 +767,7 @@ impl Workload {
             }
             Rpc::Quote => {
                 let spec = self.model.receipt(&mut rng);
-                let receipt = self.receipt(&spec, format!("{}-q{n}", self.run_id));
+                let receipt = self.receipt(&spec, format!("{}-q{n}", self.run_id), false);
                 let mut client = ppb::checkout_service_client::CheckoutServiceClient::new(
                     c.channel(Service::Promotion),
                 );
@@ -539,7 +780,7 @@ impl Workload {
             Rpc::Commit => {
                 let spec = self.model.receipt(&mut rng);
                 let id = format!("{}-c{n}", self.run_id);
-                let receipt = self.receipt(&spec, id.clone());
+                let receipt = self.receipt(&spec, id.clone(), true);
                 let mut client = ppb::checkout_service_client::CheckoutServiceClient::new(
                     c.channel(Service::Promotion),
                 );

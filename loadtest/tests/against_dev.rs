@@ -71,6 +71,23 @@ async fn a_short_steady_run_completes_cleanly_with_a_report() {
         assert!(p50 > 0 && p50 <= p99, "{method}: p50 {p50} p99 {p99}");
     }
     assert!(report["timeline"].as_array().unwrap().len() >= 3);
+    // The seed made the model's campaigns: 100 over the categories, a birthday boost, the
+    // promo code and the coupon campaign (receipts presented both, and none failed).
+    let mut campaigns =
+        loyalty_proto::promotion::v1::campaign_service_client::CampaignServiceClient::new(
+            server.channel().await,
+        );
+    let listed = campaigns
+        .list_campaigns(loyalty_proto::promotion::v1::ListCampaignsRequest {
+            tenant_id: "loadtest".into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .campaigns;
+    assert_eq!(listed.len(), 103);
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(
         html.contains("<svg") && html.contains("No call failed"),
