@@ -190,7 +190,13 @@ fn campaigns(model: &Model) -> (Vec<ppb::StackingGroup>, Vec<ppb::Campaign>) {
     use ppb::campaign::Mechanic as M;
     let mut list: Vec<ppb::Campaign> = (0..model.config.campaigns)
         .map(|i| {
-            let (mechanic, group) = match i % 6 {
+            // Mostly boosts and discounts on categories; one in twenty a fixed bonus.
+            let kind = if i % 20 == 19 {
+                4
+            } else {
+                [0, 1, 2, 3, 5, 1, 2, 0, 5, 3][i % 10]
+            };
+            let (mechanic, group) = match kind {
                 0 => (
                     M::AccrualBoost(ppb::AccrualBoost {
                         scope: Some(category(i)),
@@ -248,7 +254,7 @@ fn campaigns(model: &Model) -> (Vec<ppb::StackingGroup>, Vec<ppb::Campaign>) {
                     .map(|s| s.id.clone())
                     .collect();
             }
-            if i % 6 == 4 {
+            if kind == 4 {
                 // Fixed bonuses go to regulars only.
                 targeting.segment_ids = vec!["regulars".into()];
             }

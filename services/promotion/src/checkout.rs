@@ -506,35 +506,44 @@ impl Checkout {
                     }
                 }
             }
+            // The main lot and each bonus lot are independent ledger operations (each
+            // idempotent by its key): they go together, so a receipt with bonuses costs the
+            // ledger one round of durable writes, not one per lot.
+            let mut lots = Vec::with_capacity(1 + evaluation.bonuses.len());
             if evaluation.points_accrued > 0 {
-                let b = self
-                    .points
-                    .accrue(
-                        &tenant,
-                        &member.member_id,
-                        &accrue_key(&id),
-                        evaluation.points_accrued,
-                        &id,
-                        evaluation.activate_at,
-                        evaluation.expire_at,
-                    )
-                    .await?;
-                balance = Some(b);
+                lots.push((
+                    accrue_key(&id),
+                    evaluation.points_accrued,
+                    evaluation.activate_at,
+                    evaluation.expire_at,
+                ));
             }
             for bonus in &evaluation.bonuses {
-                let b = self
-                    .points
-                    .accrue(
-                        &tenant,
-                        &member.member_id,
-                        &bonus_key(&id, &bonus.campaign_id),
-                        bonus.points,
-                        &id,
-                        bonus.activate_at,
-                        bonus.expire_at,
-                    )
-                    .await?;
-                balance = Some(b);
+                lots.push((
+                    bonus_key(&id, &bonus.campaign_id),
+                    bonus.points,
+                    bonus.activate_at,
+                    bonus.expire_at,
+                ));
+            }
+            let accruals = lots.iter().map(|(key, amount, activate_at, expire_at)| {
+                self.points.accrue(
+                    &tenant,
+                    &member.member_id,
+                    key,
+                    *amount,
+                    &id,
+                    *activate_at,
+                    *expire_at,
+                )
+            });
+            // Every lot only adds, so the balance after all of them is the largest reported.
+            if let Some(after) = futures_util::future::try_join_all(accruals)
+                .await?
+                .into_iter()
+                .max()
+            {
+                balance = Some(after);
             }
             if balance.is_none() {
                 balance = Some(self.points.available(&tenant, &member.member_id).await?);
