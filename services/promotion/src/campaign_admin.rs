@@ -38,9 +38,20 @@ fn new_code(rng: &mut impl Rng) -> String {
 }
 
 impl Admin {
+    /// Checks a campaign against the tenant as it stands.
+    async fn check_campaign(&self, c: &Campaign) -> Result<()> {
+        let (_, campaigns, groups) = self.store.campaigns(&c.tenant_id).await?;
+        self.check_against(c, &campaigns, &groups).await
+    }
+
     /// Checks what a campaign refers to: its group, segments and tiers exist; its promo
-    /// code is not another campaign's or a coupon.
-    async fn check_campaign(&self, c: &Campaign, pending_groups: &[StackingGroup]) -> Result<()> {
+    /// code is not another campaign's (in `campaigns`) or a coupon.
+    async fn check_against(
+        &self,
+        c: &Campaign,
+        campaigns: &[Campaign],
+        groups: &[StackingGroup],
+    ) -> Result<()> {
         let known_segments = if c.targeting.segment_ids.is_empty() {
             Vec::new()
         } else {
@@ -55,14 +66,10 @@ impl Admin {
             .map(|p| p.tiers.into_iter().map(|t| t.tier_id).collect())
             .unwrap_or_default();
         c.validate(&known_segments, &tiers)?;
-        let (_, campaigns, groups) = self.store.campaigns(&c.tenant_id).await?;
         let mut v = Violations::new();
         if !c.stacking_group_id.is_empty() {
             v.check(
-                groups
-                    .iter()
-                    .chain(pending_groups)
-                    .any(|g| g.group_id == c.stacking_group_id),
+                groups.iter().any(|g| g.group_id == c.stacking_group_id),
                 "campaign.stacking_group_id",
                 format!(
                     "unknown stacking group {:?}: create it with UpsertStackingGroup",
@@ -104,7 +111,7 @@ impl Admin {
     }
 
     pub async fn create_campaign(&self, mut c: Campaign, actor: &str) -> Result<Campaign> {
-        self.check_campaign(&c, &[]).await?;
+        self.check_campaign(&c).await?;
         c.updated_at = self.clock.now_ms();
         c.created_at = c.updated_at;
         c.updated_by = actor.to_string();
@@ -121,7 +128,7 @@ impl Admin {
         if expected_version < 0 {
             return Err(Error::invalid("expected_version", "must not be negative"));
         }
-        self.check_campaign(&c, &[]).await?;
+        self.check_campaign(&c).await?;
         let current = self.campaign(&c.tenant_id, &c.campaign_id).await?;
         if current.status == CampaignStatus::Archived {
             return Err(Error::FailedPrecondition(format!(
@@ -389,8 +396,27 @@ impl Admin {
         }
         v.finish()?;
         let now = self.clock.now_ms();
+        // Checked against the tenant as it will be: its campaigns and groups with the
+        // document's in place of those with the same ids. Read once, whatever the size.
+        let (_, stored, stored_groups) = self.store.campaigns(tenant_id).await?;
+        let mut campaigns: Vec<Campaign> = stored
+            .into_iter()
+            .filter(|c| !ids.contains_key(&c.campaign_id))
+            .collect();
+        campaigns.extend(doc.campaigns.iter().cloned());
+        let mut groups: Vec<StackingGroup> = stored_groups
+            .into_iter()
+            .filter(|g| !doc.groups.iter().any(|d| d.group_id == g.group_id))
+            .collect();
+        groups.extend(doc.groups.iter().cloned());
+        if campaigns.len() > MAX_CAMPAIGNS {
+            return Err(Error::invalid(
+                "json.campaigns",
+                format!("the tenant would keep more than {MAX_CAMPAIGNS} campaigns"),
+            ));
+        }
         for (i, c) in doc.campaigns.iter().enumerate() {
-            self.check_campaign(c, &doc.groups)
+            self.check_against(c, &campaigns, &groups)
                 .await
                 .map_err(|e| match e {
                     Error::InvalidArgument(list) => Error::InvalidArgument(
