@@ -18,6 +18,10 @@ pub enum Rounding {
 
 impl Rounding {
     pub fn apply(self, value: Decimal, dp: u32) -> Decimal {
+        // Already that precise: nothing to round (the common case for money).
+        if value.scale() <= dp {
+            return value;
+        }
         let strategy = match self {
             Rounding::Down => RoundingStrategy::ToZero,
             Rounding::HalfUp => RoundingStrategy::MidpointAwayFromZero,
