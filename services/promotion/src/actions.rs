@@ -118,7 +118,12 @@ impl ActionBonuses {
             // When the action happened, and who gets the points.
             let (when, receiver) = match action {
                 ActionKind::Registration => (facts.registered_at, facts.member_id.as_str()),
-                ActionKind::Questionnaire if facts.questionnaire_complete => {
+                // A snapshot says the questionnaire is complete, not when it became so: only
+                // members who registered while the campaign existed can have completed it
+                // during the campaign, so only they qualify.
+                ActionKind::Questionnaire
+                    if facts.questionnaire_complete && facts.registered_at >= c.created_at =>
+                {
                     (facts.at, facts.member_id.as_str())
                 }
                 ActionKind::Referral if !facts.referred_by.is_empty() => {
@@ -141,15 +146,16 @@ impl ActionBonuses {
                     limit: c.budget.max_points,
                 });
             }
-            match self.store.claim(&facts.tenant_id, &claims).await? {
-                // Claimed now, or claimed by an earlier delivery whose accrual may not have
-                // happened: the ledger key makes the accrual below happen exactly once.
-                None | Some(0) => {}
+            let claimed_now = match self.store.claim(&facts.tenant_id, &claims).await? {
+                None => true,
+                // Claimed by an earlier delivery whose accrual may not have happened: the
+                // ledger key makes the accrual below happen exactly once.
+                Some(0) => false,
                 Some(_) => {
                     tracing::info!(campaign = %c.campaign_id, "action bonus budget is spent");
                     continue;
                 }
-            }
+            };
             let now = self.clock.now_ms();
             let lifetime = if lifetime_days > 0 {
                 i64::from(lifetime_days)
@@ -174,6 +180,22 @@ impl ActionBonuses {
                 // The key is the bonus: an entry under it (written by an earlier delivery,
                 // with that delivery's dates) means it was granted.
                 Ok(_) | Err(Error::AlreadyExists(_)) => {}
+                // The ledger refuses this member for good (merged, at its lot limit, gone):
+                // the bonus is not paid, what was claimed for it goes back, and the stream
+                // moves on rather than retrying forever.
+                Err(
+                    e @ (Error::FailedPrecondition(_)
+                    | Error::InvalidArgument(_)
+                    | Error::NotFound(_)),
+                ) => {
+                    tracing::warn!(campaign = %c.campaign_id, error = %e, "action bonus refused by the ledger");
+                    if claimed_now {
+                        let back: Vec<Claim> =
+                            claims.iter().map(|k| k.give_back(k.amount)).collect();
+                        self.store.claim(&facts.tenant_id, &back).await?;
+                    }
+                    continue;
+                }
                 Err(e) => return Err(e),
             }
             granted.push(Granted {
@@ -195,4 +217,135 @@ fn eligible(c: &Campaign, facts: &MemberFacts, when: Millis) -> bool {
         && t.end.is_none_or(|e| when < e)
         && (t.store_ids.is_empty() || t.store_ids.contains(&facts.store_id))
         && (t.channels.is_empty() || t.channels.contains(&facts.channel))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Mutex as StdMutex;
+
+    use loyalty_platform::clock::ManualClock;
+
+    use super::*;
+    use crate::campaign::{Budget, Targeting};
+    use crate::ports::{Redeemed, Reversal};
+    use crate::store::embedded::EmbeddedPromotionStore;
+
+    /// A ledger that refuses for good until told otherwise, and counts what it accrued.
+    #[derive(Debug, Default)]
+    struct Ledger {
+        refuse: StdMutex<bool>,
+        accrued: StdMutex<Vec<(String, String, i64)>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Points for Ledger {
+        async fn available(&self, _: &str, _: &str) -> Result<i64> {
+            Ok(0)
+        }
+        async fn accrue(
+            &self,
+            _: &str,
+            member: &str,
+            key: &str,
+            amount: i64,
+            _: &str,
+            _: Millis,
+            _: Option<Millis>,
+        ) -> Result<i64> {
+            if *self.refuse.lock().unwrap() {
+                return Err(Error::FailedPrecondition("member was merged".into()));
+            }
+            let mut a = self.accrued.lock().unwrap();
+            if !a.iter().any(|(_, k, _)| k == key) {
+                a.push((member.into(), key.into(), amount));
+            }
+            Ok(amount)
+        }
+        async fn redeem(&self, _: &str, _: &str, _: &str, _: i64, _: &str) -> Result<Redeemed> {
+            unreachable!()
+        }
+        async fn reverse(
+            &self,
+            _: &str,
+            _: &str,
+            _: &str,
+            _: &str,
+            _: i64,
+            _: &str,
+        ) -> Result<Reversal> {
+            unreachable!()
+        }
+        async fn ping(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_grant_gives_its_claims_back_and_a_repeat_pays_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedPromotionStore::open(&dir.path().join("p.redb")).unwrap());
+        let welcome = Campaign {
+            tenant_id: "t".into(),
+            campaign_id: "welcome".into(),
+            name: String::new(),
+            status: CampaignStatus::Active,
+            stacking_group_id: String::new(),
+            priority: 0,
+            targeting: Targeting::default(),
+            mechanic: Mechanic::ActionBonus {
+                action: ActionKind::Registration,
+                points: 300,
+                lifetime_days: 30,
+            },
+            code: None,
+            budget: Budget {
+                max_points: 1_000,
+                ..Budget::default()
+            },
+            member_limit: 0,
+            member_limit_period_days: 0,
+            control_group_percent: 0,
+            version: 0,
+            created_at: 0,
+            updated_at: 0,
+            updated_by: String::new(),
+        };
+        store.save_campaign(welcome, None).await.unwrap();
+        let ledger = Arc::new(Ledger::default());
+        *ledger.refuse.lock().unwrap() = true;
+        let clock: SharedClock = Arc::new(ManualClock::at(1_000));
+        let bonuses = ActionBonuses::new(store.clone(), ledger.clone(), clock);
+        let facts = MemberFacts {
+            tenant_id: "t".into(),
+            member_id: "m1".into(),
+            active: true,
+            registered_at: 500,
+            store_id: String::new(),
+            channel: Channel::Store,
+            questionnaire_complete: false,
+            referred_by: String::new(),
+            at: 500,
+        };
+        assert!(
+            bonuses.apply(&facts).await.unwrap().is_empty(),
+            "refused, not an error"
+        );
+        let names = [
+            "action/welcome/m1".to_string(),
+            "points/welcome".to_string(),
+        ];
+        assert_eq!(
+            store.counters("t", &names).await.unwrap(),
+            [0, 0],
+            "claims given back"
+        );
+        *ledger.refuse.lock().unwrap() = false;
+        for _ in 0..3 {
+            bonuses.apply(&facts).await.unwrap();
+        }
+        assert_eq!(ledger.accrued.lock().unwrap().len(), 1);
+        assert_eq!(store.counters("t", &names).await.unwrap(), [1, 300]);
+    }
 }

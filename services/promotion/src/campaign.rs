@@ -19,6 +19,8 @@ const MAX_NAME_LEN: usize = 200;
 const MAX_CODE_LEN: usize = 64;
 const MAX_STEPS: usize = 20;
 const MAX_ATTRIBUTES: usize = 20;
+/// Largest amount of money a campaign may name (a threshold, a discount, a budget).
+pub const MAX_MONEY: i64 = 1_000_000_000_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CampaignStatus {
@@ -319,9 +321,9 @@ fn check_steps(v: &mut Violations, steps: &[Step], field: &str, what: &str) {
     for (i, s) in steps.iter().enumerate().take(MAX_STEPS) {
         let f = format!("{field}[{i}]");
         v.check(
-            s.from >= Decimal::ZERO,
+            s.from >= Decimal::ZERO && s.from <= Decimal::from(MAX_MONEY),
             format!("{f}.from_value"),
-            format!("the {what} must not be negative"),
+            format!("the {what} must be between 0 and 10^12"),
         );
         if i > 0 {
             v.check(
@@ -333,9 +335,11 @@ fn check_steps(v: &mut Violations, steps: &[Step], field: &str, what: &str) {
         match s.benefit {
             Benefit::Percent(p) => check_percent(v, p, &format!("{f}.percent")),
             Benefit::Amount(a) => v.check(
-                a > Decimal::ZERO && a.scale() <= crate::program::MONEY_SCALE,
+                a > Decimal::ZERO
+                    && a <= Decimal::from(MAX_MONEY)
+                    && a.scale() <= crate::program::MONEY_SCALE,
                 format!("{f}.amount"),
-                "must be positive, in whole cents",
+                "must be positive, at most 10^12, in whole cents",
             ),
         }
     }
@@ -577,9 +581,11 @@ impl Campaign {
         }
         if let Some(max) = self.budget.max_discount {
             v.check(
-                max > Decimal::ZERO && max.scale() <= crate::program::MONEY_SCALE,
+                max > Decimal::ZERO
+                    && max <= Decimal::from(MAX_MONEY)
+                    && max.scale() <= crate::program::MONEY_SCALE,
                 format!("{c}.budget.max_discount"),
-                "must be positive, in whole cents",
+                "must be positive, at most 10^12, in whole cents",
             );
             v.check(
                 self.mechanic.is_discount(),
@@ -661,6 +667,41 @@ mod tests {
         assert!((800..1200).contains(&held), "{held}");
         assert_eq!(held_out("c1", "m7", 10), held_out("c1", "m7", 10));
         assert!(!held_out("c1", "m7", 0));
+    }
+
+    #[test]
+    fn money_in_a_campaign_is_bounded() {
+        let mut c = Campaign {
+            tenant_id: "t".into(),
+            campaign_id: "c".into(),
+            name: String::new(),
+            status: CampaignStatus::Active,
+            stacking_group_id: String::new(),
+            priority: 0,
+            targeting: Targeting::default(),
+            mechanic: Mechanic::ThresholdDiscount {
+                scope: ProductScope::default(),
+                steps: vec![Step {
+                    from: Decimal::ZERO,
+                    benefit: Benefit::Percent(Decimal::TEN),
+                }],
+            },
+            code: None,
+            budget: Budget::default(),
+            member_limit: 0,
+            member_limit_period_days: 0,
+            control_group_percent: 0,
+            version: 0,
+            created_at: 0,
+            updated_at: 0,
+            updated_by: String::new(),
+        };
+        assert!(c.validate(&[], &[]).is_ok());
+        c.budget.max_discount = Some(Decimal::from_i128_with_scale(10i128.pow(27), 0));
+        let Err(loyalty_platform::error::Error::InvalidArgument(v)) = c.validate(&[], &[]) else {
+            panic!("a budget of 10^27 was accepted");
+        };
+        assert_eq!(v[0].field, "campaign.budget.max_discount");
     }
 
     #[test]

@@ -399,6 +399,11 @@ impl Admin {
         // Checked against the tenant as it will be: its campaigns and groups with the
         // document's in place of those with the same ids. Read once, whatever the size.
         let (_, stored, stored_groups) = self.store.campaigns(tenant_id).await?;
+        // An imported campaign starts here now, or keeps when it started if it exists.
+        let created: BTreeMap<String, i64> = stored
+            .iter()
+            .map(|c| (c.campaign_id.clone(), c.created_at))
+            .collect();
         let mut campaigns: Vec<Campaign> = stored
             .into_iter()
             .filter(|c| !ids.contains_key(&c.campaign_id))
@@ -436,9 +441,7 @@ impl Admin {
         for c in doc.campaigns.iter().cloned() {
             let mut c = c;
             c.updated_at = now;
-            if c.created_at == 0 {
-                c.created_at = now;
-            }
+            c.created_at = created.get(&c.campaign_id).copied().unwrap_or(now);
             c.updated_by = actor.to_string();
             self.store.save_campaign(c, Some(0)).await?;
         }

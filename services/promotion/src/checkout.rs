@@ -840,7 +840,7 @@ fn parse_refund(
 /// Works out what a refund moves, from the cumulative refunded quantity per line: points
 /// to take back and give back, and what goes back to budgets, limits, coupons and the
 /// member's tier spend.
-fn plan_refund(
+pub(crate) fn plan_refund(
     p: &Purchase,
     refund_id: &str,
     fingerprint: Vec<u8>,
@@ -919,10 +919,10 @@ fn plan_refund(
     let mut releases = Vec::new();
     for claim in &p.evaluation.claims {
         let c = claim.counter.as_str();
-        let campaign = c.split('/').nth(1).unwrap_or_default();
-        let amount = if c.starts_with("discount/") {
+        // The whole rest is the campaign id (ids may contain '/').
+        let amount = if let Some(campaign) = c.strip_prefix("discount/") {
             discount_back.get(campaign).copied().unwrap_or(0)
-        } else if c.starts_with("points/") {
+        } else if let Some(campaign) = c.strip_prefix("points/") {
             points_back.get(campaign).copied().unwrap_or(0)
         } else if fully {
             // A use (of the campaign, by the member, of a coupon) comes back with the

@@ -208,9 +208,11 @@ fn to_i64(value: Decimal) -> i64 {
     })
 }
 
-/// Money in cents.
+/// Money in cents (saturating far beyond any bounded amount).
 pub fn cents(value: Decimal) -> i64 {
-    to_i64((value * Decimal::ONE_HUNDRED).trunc())
+    value
+        .checked_mul(Decimal::ONE_HUNDRED)
+        .map_or(i64::MAX, |c| to_i64(c.trunc()))
 }
 
 /// Spreads `total` over `weights` proportionally without ever giving a slot more than its
@@ -278,9 +280,15 @@ fn spread_decimal(total: Decimal, weights: &[Decimal], unit: Decimal) -> Vec<Dec
     if sum.is_zero() || total.is_zero() {
         return vec![Decimal::ZERO; weights.len()];
     }
+    // total × w ÷ sum; when the product would overflow, the share is taken first.
     let mut shares: Vec<Decimal> = weights
         .iter()
-        .map(|w| ((total * *w / sum) / unit).floor() * unit)
+        .map(|w| {
+            let share = total
+                .checked_mul(*w)
+                .map_or_else(|| total * (*w / sum), |x| x / sum);
+            (share / unit).floor() * unit
+        })
         .collect();
     let mut left = total - shares.iter().copied().sum::<Decimal>();
     if left > Decimal::ZERO {
@@ -839,6 +847,13 @@ pub fn evaluate(
                             ));
                             continue;
                         }
+                        // A candidate its budget would refuse must not win the group.
+                        if let Some(why) =
+                            budget_refusal(&book.entries[i], s.counters, Decimal::ZERO, points)
+                        {
+                            skip[i] = Some(why);
+                            continue;
+                        }
                         (point_money(Decimal::from(points)), Vec::new())
                     };
                     let better = match &best {
@@ -932,12 +947,12 @@ pub fn evaluate(
             campaign_points.iter_mut().for_each(|p| *p = 0);
             for (line, winner) in lines.iter().zip(&winners) {
                 if let Some(i) = winner {
-                    campaign_points[*i] += line
+                    let points = line
                         .effects
                         .iter()
                         .filter(|x| !x.campaign_id.is_empty())
-                        .map(|x| x.points)
-                        .sum::<i64>();
+                        .fold(0i64, |t, x| t.saturating_add(x.points));
+                    campaign_points[*i] = campaign_points[*i].saturating_add(points);
                 }
             }
             let over = (0..n).find(|&i| {

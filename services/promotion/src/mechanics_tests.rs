@@ -865,3 +865,51 @@ fn the_purchase_event_names_applied_and_held_out_campaigns() {
     assert_eq!(event.bonus_points, 700);
     assert_eq!(event.points_accrued, 700 + 950);
 }
+
+#[test]
+fn a_full_refund_gives_each_budget_back_what_it_claimed_even_with_slashes_in_ids() {
+    let mut a = percent_off("a", "10");
+    a.budget.max_discount = Some(d("100000"));
+    let mut ab = percent_off("a/b", "5");
+    ab.budget.max_discount = Some(d("100000"));
+    let w = World::new(&[("x", "C", "2", "1000.00", false)])
+        .with(a)
+        .with(ab);
+    let evaluation = w.eval();
+    let claimed: Vec<(&str, i64)> = evaluation
+        .claims
+        .iter()
+        .map(|c| (c.counter.as_str(), c.amount))
+        .collect();
+    assert_eq!(claimed, [("discount/a", 20_000), ("discount/a/b", 10_000)]);
+    let receipt = w.receipt();
+    let purchase = crate::purchase::Purchase {
+        fingerprint: Vec::new(),
+        program: w.program.clone(),
+        evaluated_at: w.now,
+        month: 0,
+        evaluation,
+        state: crate::purchase::PurchaseState::Committed {
+            commit_time: w.now,
+            points_balance: Some(0),
+        },
+        refunds: Vec::new(),
+        version: 2,
+        receipt,
+    };
+    let half = crate::checkout::plan_refund(
+        &purchase,
+        "f1",
+        Vec::new(),
+        vec![("0".into(), d("1"))],
+        true,
+    )
+    .unwrap();
+    let back: Vec<(&str, i64)> = half
+        .releases
+        .iter()
+        .filter(|c| c.counter.starts_with("discount/"))
+        .map(|c| (c.counter.as_str(), c.amount))
+        .collect();
+    assert_eq!(back, [("discount/a", -10_000), ("discount/a/b", -5_000)]);
+}
