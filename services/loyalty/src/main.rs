@@ -265,6 +265,9 @@ async fn serve(
     if let Some(balance) = node.balance.clone() {
         wiring::spawn_expiry(balance, &config.balance);
     }
+    if let Some(checkout) = node.checkout.clone() {
+        wiring::spawn_commit_repair(checkout);
+    }
     if demo {
         if demo::load(&node, &clock).await? {
             tracing::info!(tenant = demo::TENANT, "demo tenant loaded");

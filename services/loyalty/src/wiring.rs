@@ -470,6 +470,28 @@ pub async fn build(
 
 /// Runs the expiry process in the background: every interval, expires due lots and
 /// releases timed-out holds. Safe on every replica at once.
+/// Finishes, every 30 s, commits left pending for over a minute (their caller never
+/// retried), exactly as a retry would. Safe on every replica at once.
+pub fn spawn_commit_repair(checkout: Checkout) {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+    const AGE_MS: i64 = 60_000;
+    const BATCH: usize = 1_000;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match checkout.repair_stale(AGE_MS, BATCH).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(receipts = n, "finished commits their callers left pending")
+                }
+                Err(e) => tracing::warn!(error = %e, "finishing pending commits could not run"),
+            }
+        }
+    });
+}
+
 pub fn spawn_expiry(balance: Balance, settings: &BalanceSettings) {
     if settings.expiry_interval_ms == 0 {
         return;

@@ -591,6 +591,31 @@ impl Checkout {
             .ok_or_else(|| Error::NotFound(format!("receipt {receipt_id} not found")))
     }
 
+    /// Finishes commits whose caller never retried: pending purchases evaluated more than
+    /// `age_ms` ago are finished exactly as a retry would finish them (the same keys, the
+    /// same event), so their points move, their claims count, and segmentation and
+    /// reporting hear of them. Returns how many were finished; one that fails stays pending
+    /// for the next round.
+    pub async fn repair_stale(&self, age_ms: Millis, limit: usize) -> Result<usize> {
+        let before = self.clock.now_ms() - age_ms;
+        let mut finished = 0;
+        for (tenant, receipt) in self.store.stale_pending(before, limit).await? {
+            let Some(p) = self.store.purchase(&tenant, &receipt).await? else {
+                continue;
+            };
+            if p.state != PurchaseState::Pending {
+                continue;
+            }
+            match self.committed(p, None).await {
+                Ok(_) => finished += 1,
+                Err(err) => {
+                    tracing::warn!(%tenant, %receipt, error = %err, "finishing a stale commit failed; it stays pending");
+                }
+            }
+        }
+        Ok(finished)
+    }
+
     /// A member's purchase history, newest first; the token continues a listing.
     pub async fn list_purchases(
         &self,
@@ -1089,6 +1114,14 @@ mod tests {
     }
 
     async fn checkout(ledger: Arc<Ledger>) -> (tempfile::TempDir, Checkout) {
+        let (dir, checkout, _) = checkout_at(ledger, ManualClock::at(1_000)).await;
+        (dir, checkout)
+    }
+
+    async fn checkout_at(
+        ledger: Arc<Ledger>,
+        manual: ManualClock,
+    ) -> (tempfile::TempDir, Checkout, ManualClock) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(EmbeddedPromotionStore::open(&dir.path().join("p.redb")).unwrap());
         store
@@ -1110,7 +1143,7 @@ mod tests {
             brand: String::new(),
         };
         store.upsert_products("t", &[p]).await.unwrap();
-        let clock: SharedClock = Arc::new(ManualClock::at(1_000));
+        let clock: SharedClock = Arc::new(manual.clone());
         (
             dir,
             Checkout::new(
@@ -1121,6 +1154,7 @@ mod tests {
                 Arc::new(crate::events::NoEvents),
                 clock,
             ),
+            manual,
         )
     }
 
@@ -1216,6 +1250,39 @@ mod tests {
             checkout.commit(other).await,
             Err(Error::AlreadyExists(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_commit_its_caller_never_retried_is_finished_by_the_repair() {
+        let ledger = Arc::new(Ledger::default());
+        ledger.state.lock().unwrap().active = 100_000;
+        ledger.state.lock().unwrap().accrual_failures = 1;
+        let (_dir, checkout, clock) = checkout_at(ledger.clone(), ManualClock::at(1_000)).await;
+        assert!(checkout.commit(receipt(20_000)).await.is_err());
+        assert_eq!(
+            checkout.repair_stale(60_000, 100).await.unwrap(),
+            0,
+            "too young"
+        );
+        clock.advance(120_000);
+        assert_eq!(checkout.repair_stale(60_000, 100).await.unwrap(), 1);
+        let p = checkout.purchase("t", "r1").await.unwrap();
+        assert!(matches!(p.state, PurchaseState::Committed { .. }));
+        let applied = ledger.state.lock().unwrap().applied.clone();
+        assert_eq!(
+            applied.len(),
+            2,
+            "redeemed and accrued once each: {applied:?}"
+        );
+        assert_eq!(
+            checkout.repair_stale(60_000, 100).await.unwrap(),
+            0,
+            "nothing left"
+        );
+        // A late retry by the till gets the same answer and moves nothing more.
+        let c = checkout.commit(receipt(20_000)).await.unwrap();
+        assert_eq!(c.evaluation.points_accrued, 800);
+        assert_eq!(ledger.state.lock().unwrap().applied.len(), 2);
     }
 
     #[tokio::test]

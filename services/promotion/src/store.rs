@@ -1,5 +1,6 @@
 //! The promotion service's narrow storage trait. Every backend passes [`conformance`].
 
+use loyalty_platform::clock::Millis;
 use loyalty_platform::error::Result;
 
 use crate::campaign::{Campaign, Coupon, StackingGroup};
@@ -69,6 +70,9 @@ pub trait PromotionStore: Send + Sync + std::fmt::Debug {
         expected_version: Option<u64>,
         claims: &[Claim],
     ) -> Result<Put>;
+    /// Purchases still pending that were evaluated before `before`, oldest first, as
+    /// (tenant, receipt id): commits whose caller never retried.
+    async fn stale_pending(&self, before: Millis, limit: usize) -> Result<Vec<(String, String)>>;
     /// A member's committed purchases, newest first, strictly after `after` (a token this
     /// call returned; empty: from the newest).
     async fn member_purchases(

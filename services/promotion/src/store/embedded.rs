@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use loyalty_platform::clock::Millis;
 use loyalty_platform::embedded::{
     EmbeddedDb, Records, decode, get_record, key, open_for_read, prefix_range, put_record,
     read_record, storage_error as e,
@@ -29,6 +30,8 @@ const PRODUCTS: Records = TableDefinition::new("products");
 const PURCHASES: Records = TableDefinition::new("purchases");
 /// (tenant, member, newest-first commit time, receipt) → nothing: purchase history.
 const MEMBER_PURCHASES: Records = TableDefinition::new("member_purchases");
+/// (evaluation time, tenant, receipt) → nothing: purchases still pending, oldest first.
+const PENDING: Records = TableDefinition::new("pending_purchases");
 const CAMPAIGNS: Records = TableDefinition::new("campaigns");
 /// (tenant, campaign, version as 20 digits) → that version.
 const CAMPAIGN_HISTORY: Records = TableDefinition::new("campaign_history");
@@ -290,6 +293,21 @@ impl PromotionStore for EmbeddedPromotionStore {
                     return Ok(Put::Refused(i));
                 }
                 put_record(&mut t, &k, &purchase)?;
+                let pending = key(&[
+                    &format!("{:020}", purchase.evaluated_at.max(0)),
+                    tenant,
+                    &purchase.receipt.receipt_id,
+                ]);
+                let mut waiting = txn.open_table(PENDING).map_err(e)?;
+                match purchase.state {
+                    PurchaseState::Pending => {
+                        waiting.insert(pending.as_str(), &[][..]).map_err(e)?;
+                    }
+                    PurchaseState::Committed { .. } => {
+                        waiting.remove(pending.as_str()).map_err(e)?;
+                    }
+                }
+                drop(waiting);
                 if let (PurchaseState::Committed { commit_time, .. }, Some(m)) =
                     (&purchase.state, &purchase.evaluation.member)
                 {
@@ -300,6 +318,29 @@ impl PromotionStore for EmbeddedPromotionStore {
                         .map_err(e)?;
                 }
                 Ok(Put::Written)
+            })
+            .await
+    }
+
+    async fn stale_pending(&self, before: Millis, limit: usize) -> Result<Vec<(String, String)>> {
+        let end = format!("{:020}", before.max(0));
+        self.db
+            .read(move |txn| {
+                let Some(t) = open_for_read(txn, PENDING)? else {
+                    return Ok(Vec::new());
+                };
+                let mut out = Vec::new();
+                for item in t.range(..end.as_str()).map_err(e)? {
+                    let (k, _) = item.map_err(e)?;
+                    let mut parts = k.value().split('\0').skip(1);
+                    if let (Some(tenant), Some(receipt)) = (parts.next(), parts.next()) {
+                        out.push((tenant.to_string(), receipt.to_string()));
+                    }
+                    if out.len() == limit {
+                        break;
+                    }
+                }
+                Ok(out)
             })
             .await
     }
