@@ -167,27 +167,22 @@ async fn discounts_codes_and_coupons_at_the_pos() {
         })),
     });
     create(&mut campaigns, coupon_campaign).await.unwrap();
+    let batch = ppb::GenerateCouponsRequest {
+        tenant_id: "t1".into(),
+        campaign_id: "coupon15".into(),
+        count: 3,
+        idempotency_key: "batch-1".into(),
+        ..Default::default()
+    };
     let codes = campaigns
-        .generate_coupons(ppb::GenerateCouponsRequest {
-            tenant_id: "t1".into(),
-            campaign_id: "coupon15".into(),
-            count: 3,
-            idempotency_key: "batch-1".into(),
-            ..Default::default()
-        })
+        .generate_coupons(batch.clone())
         .await
         .unwrap()
         .into_inner()
         .codes;
     assert_eq!(codes.len(), 3);
     let again = campaigns
-        .generate_coupons(ppb::GenerateCouponsRequest {
-            tenant_id: "t1".into(),
-            campaign_id: "coupon15".into(),
-            count: 3,
-            idempotency_key: "batch-1".into(),
-            ..Default::default()
-        })
+        .generate_coupons(batch)
         .await
         .unwrap()
         .into_inner()

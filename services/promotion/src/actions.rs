@@ -71,12 +71,8 @@ impl ActionBonuses {
         }
     }
 
-    async fn campaigns(&self, tenant_id: &str) -> Result<Arc<Vec<Campaign>>> {
-        let version = self
-            .store
-            .checkout_context(tenant_id, "", &[], &[])
-            .await?
-            .campaigns_version;
+    /// The tenant's action campaigns at `version` (from the caller's snapshot read).
+    async fn campaigns(&self, tenant_id: &str, version: u64) -> Result<Arc<Vec<Campaign>>> {
         if let Ok(cache) = self.cache.lock()
             && let Some((v, list)) = cache.get(tenant_id)
             && *v == version
@@ -100,8 +96,15 @@ impl ActionBonuses {
         if !facts.active {
             return Ok(Vec::new());
         }
-        let campaigns = self.campaigns(&facts.tenant_id).await?;
-        let program = self.store.program(&facts.tenant_id).await?;
+        // One snapshot read gives the program and the campaigns version.
+        let ctx = self
+            .store
+            .checkout_context(&facts.tenant_id, "", &[], &[])
+            .await?;
+        let program = ctx.program;
+        let campaigns = self
+            .campaigns(&facts.tenant_id, ctx.campaigns_version)
+            .await?;
         let mut granted = Vec::new();
         for c in campaigns
             .iter()
