@@ -233,14 +233,19 @@ async fn not_found_already_exists_failed_precondition_unimplemented() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 
-    // Later issues' RPCs answer UNIMPLEMENTED, never a fake answer.
+    // What is not built answers UNIMPLEMENTED, never a fake answer: Arrow IPC exports.
     let channel = server.channel().await;
     let mut reports =
         loyalty_proto::reporting::v1::reporting_service_client::ReportingServiceClient::new(
             channel.clone(),
         );
     let err = reports
-        .get_kpis(loyalty_proto::reporting::v1::GetKpisRequest::default())
+        .export_facts(loyalty_proto::reporting::v1::ExportFactsRequest {
+            tenant_id: "t1".into(),
+            kind: loyalty_proto::reporting::v1::FactKind::Purchases as i32,
+            format: loyalty_proto::reporting::v1::ExportFormat::ArrowIpc as i32,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);

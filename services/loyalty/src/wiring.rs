@@ -193,11 +193,12 @@ pub async fn build(
     let mut routes = Routes::default();
     let mut health = Vec::new();
 
-    // The event stream from identity and promotion (producers) to segmentation (consumer): an
-    // embedded log in dev mode, Redis Streams on the Redis backends.
+    // The event stream from identity and promotion (producers) to segmentation and reporting
+    // (consumers): an embedded log in dev mode, Redis Streams on the Redis backends.
     let events: Option<SharedEventLog> = if runs(ServiceName::Identity)
         || runs(ServiceName::Promotion)
         || runs(ServiceName::Segmentation)
+        || runs(ServiceName::Reporting)
     {
         Some(match config.storage.backend {
             Backend::Embedded => Arc::new(loyalty_platform::events::traced::Traced::new(
@@ -221,13 +222,14 @@ pub async fn build(
         None
     };
     let producers = [ServiceName::Identity, ServiceName::Promotion];
+    let consumers = [ServiceName::Segmentation, ServiceName::Reporting];
     if config.storage.backend == Backend::Embedded
         && producers
             .iter()
-            .any(|p| runs(*p) != runs(ServiceName::Segmentation))
+            .any(|p| consumers.iter().any(|c| runs(*p) != runs(*c)))
     {
         tracing::warn!(
-            "the embedded event log is local to this process: member and purchase events reach segmentation only when identity, promotion and segmentation run in one process (use the redis backend to split them)"
+            "the embedded event log is local to this process: member and purchase events reach segmentation and reporting only when identity, promotion, segmentation and reporting run in one process (use the redis backend to split them)"
         );
     }
 
@@ -452,8 +454,44 @@ pub async fn build(
         (None, None)
     };
     if runs(ServiceName::Reporting) {
-        routes = loyalty_reporting::add_routes(routes, max);
-        health.push(entry(loyalty_reporting::SERVICE_NAMES, || async { Ok(()) }));
+        // Reporting keeps its facts in its embedded store on every backend (one replica; the
+        // chart pins it), and rebuilds its rollups from them here.
+        let store: Arc<dyn loyalty_reporting::store::ReportingStore> = Arc::new(
+            loyalty_reporting::store::embedded::EmbeddedReportingStore::open(
+                &dir.join("reporting.redb"),
+            )?,
+        );
+        let started = std::time::Instant::now();
+        let reporting = loyalty_reporting::Reporting::open(store, clock.clone())
+            .await
+            .context("rebuilding the reporting rollups from the stored facts")?;
+        tracing::info!(
+            seconds = started.elapsed().as_secs_f64(),
+            "reporting rollups rebuilt from the stored facts"
+        );
+        routes = loyalty_reporting::add_routes(routes, reporting.clone(), max);
+        let log = events
+            .clone()
+            .context("the event log is opened for reporting")?;
+        let probe = (reporting.clone(), log.clone());
+        health.push(entry(loyalty_reporting::SERVICE_NAMES, move || {
+            let (reporting, log) = probe.clone();
+            async move {
+                reporting
+                    .ping()
+                    .await
+                    .map_err(|e| format!("reporting store: {e}"))?;
+                log.ping().await.map_err(|e| format!("event stream: {e}"))
+            }
+        }));
+        for stream in loyalty_reporting::consumer::STREAMS {
+            tokio::spawn(loyalty_reporting::consumer::run(
+                reporting.clone(),
+                log.clone(),
+                stream,
+                consumer_name(),
+            ));
+        }
     }
 
     Ok(Node {

@@ -11,6 +11,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod redis_conn;
 pub mod redis_server;
+pub mod rfm;
 pub mod scylla;
 pub mod server;
 pub mod telemetry;

@@ -6,7 +6,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{MAX_TENANT_ID_LEN, Result, Violations};
 
 /// Where a call or a purchase comes from.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub enum Channel {
     #[default]
     Unspecified,

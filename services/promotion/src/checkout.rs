@@ -16,7 +16,7 @@ use crate::catalog::Store;
 use crate::evaluate::{
     Codes, Evaluation, LineInfo, MemberContext, MemberProfile, Situation, cents, evaluate, reprice,
 };
-use crate::events::{Catalog, Events, purchase_event, refund_event};
+use crate::events::{Catalog, Events, StoreFacts, purchase_event, refund_event};
 use crate::ports::{Members, Points, Segments};
 use crate::program::{MONEY_SCALE, Program, Rounding};
 use crate::purchase::{
@@ -140,11 +140,14 @@ impl Checkout {
             .store
             .checkout_context(&p.receipt.tenant_id, &p.receipt.store_id, &skus, &[])
             .await?;
-        Ok(ctx
-            .products
-            .into_iter()
-            .map(|product| product.map(|p| (p.category, p.brand)).unwrap_or_default())
-            .collect())
+        Ok(Catalog {
+            lines: ctx
+                .products
+                .into_iter()
+                .map(|product| product.map(|p| (p.category, p.brand)).unwrap_or_default())
+                .collect(),
+            store: ctx.store.as_ref().map(StoreFacts::of).unwrap_or_default(),
+        })
     }
 
     /// Finishes the commit, then publishes the purchase before the caller is answered: a
@@ -364,11 +367,14 @@ impl Checkout {
                     let mut prepared = self.prepare(&receipt).await?;
                     if let Some(purchase) = self.insert(&receipt, &fp, &mut prepared).await? {
                         // The products were read for the evaluation: the event reuses them.
-                        let catalog = prepared
-                            .infos
-                            .iter()
-                            .map(|i| (i.category.clone(), i.brand.clone()))
-                            .collect();
+                        let catalog = Catalog {
+                            lines: prepared
+                                .infos
+                                .iter()
+                                .map(|i| (i.category.clone(), i.brand.clone()))
+                                .collect(),
+                            store: StoreFacts::of(&prepared.store),
+                        };
                         return self.committed(purchase, Some(catalog)).await;
                     }
                     // A concurrent commit of the same receipt id won; look again.

@@ -45,6 +45,9 @@ pub struct PurchaseEvent {
     pub held_out_campaign_ids: Vec<String>,
     /// Points paid as fixed bonuses (part of `points_accrued`).
     pub bonus_points: i64,
+    pub store: StoreFacts,
+    /// The store's local date of the purchase, as days since 1970-01-01.
+    pub business_day: i64,
 }
 
 impl PurchaseEvent {
@@ -67,6 +70,13 @@ pub struct RefundEvent {
     pub receipt_fully_refunded: bool,
     pub points_reversed: i64,
     pub points_returned: i64,
+    pub channel: Channel,
+    pub codes: Vec<String>,
+    pub campaign_ids: Vec<String>,
+    pub held_out_campaign_ids: Vec<String>,
+    pub store: StoreFacts,
+    /// The refunded purchase's business day.
+    pub business_day: i64,
 }
 
 impl RefundEvent {
@@ -99,8 +109,36 @@ impl Events for NoEvents {
     }
 }
 
-/// (category, brand) of each line's product, in line order; empty when unknown.
-pub type Catalog = Vec<(String, String)>;
+/// What the events say about the receipt's products and store, as they were at the purchase.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Catalog {
+    /// (category, brand) of each line's product, in line order; empty when unknown.
+    pub lines: Vec<(String, String)>,
+    pub store: StoreFacts,
+}
+
+/// The store's brand, region and time zone: reports slice by them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreFacts {
+    pub brand: String,
+    pub region: String,
+    pub time_zone: String,
+}
+
+impl StoreFacts {
+    pub fn of(store: &crate::catalog::Store) -> Self {
+        Self {
+            brand: store.brand.clone(),
+            region: store.region.clone(),
+            time_zone: store.time_zone.clone(),
+        }
+    }
+
+    /// The store's local date at `time`, as days since 1970-01-01: the business day.
+    pub fn business_day(&self, time: Millis) -> i64 {
+        crate::calendar::LocalTime::at(time, &self.time_zone).day_number
+    }
+}
 
 pub fn purchase_event(
     p: &Purchase,
@@ -116,7 +154,7 @@ pub fn purchase_event(
         .enumerate()
         .map(|(i, line)| {
             let result = e.lines.iter().find(|l| l.line_id == line.line_id);
-            let (category, brand) = catalog.get(i).cloned().unwrap_or_default();
+            let (category, brand) = catalog.lines.get(i).cloned().unwrap_or_default();
             LineFact {
                 sku: line.sku.clone(),
                 category,
@@ -127,13 +165,14 @@ pub fn purchase_event(
             }
         })
         .collect();
+    let purchase_time = p.receipt.purchase_time.unwrap_or(p.evaluated_at);
     PurchaseEvent {
         tenant_id: p.receipt.tenant_id.clone(),
         receipt_id: p.receipt.receipt_id.clone(),
         store_id: p.receipt.store_id.clone(),
         channel: p.receipt.channel,
         member_id: e.member.as_ref().map(|m| m.member_id.clone()),
-        purchase_time: p.receipt.purchase_time.unwrap_or(p.evaluated_at),
+        purchase_time,
         commit_time,
         lines,
         gross: e.gross,
@@ -150,6 +189,8 @@ pub fn purchase_event(
             .collect(),
         held_out_campaign_ids: e.held_out().map(str::to_string).collect(),
         bonus_points: e.bonuses.iter().map(|b| b.points).sum(),
+        business_day: catalog.store.business_day(purchase_time),
+        store: catalog.store.clone(),
     }
 }
 
@@ -178,7 +219,7 @@ pub fn refund_event(p: &Purchase, refund: &Refund, catalog: &Catalog, now: Milli
             .sum();
         let paid = result.net - result.paid_with_points;
         let money = |q: Decimal| Rounding::Down.apply(paid * q / result.quantity, MONEY_SCALE);
-        let (category, brand) = catalog.get(i).cloned().unwrap_or_default();
+        let (category, brand) = catalog.lines.get(i).cloned().unwrap_or_default();
         lines.push(LineFact {
             sku: result.sku.clone(),
             category,
@@ -211,18 +252,29 @@ pub fn refund_event(p: &Purchase, refund: &Refund, catalog: &Catalog, now: Milli
         points_returned: 0,
         points_balance: 0,
     });
+    let purchase_time = p.receipt.purchase_time.unwrap_or(p.evaluated_at);
     RefundEvent {
         tenant_id: p.receipt.tenant_id.clone(),
         receipt_id: p.receipt.receipt_id.clone(),
         refund_id: refund.refund_id.clone(),
         store_id: p.receipt.store_id.clone(),
         member_id: e.member.as_ref().map(|m| m.member_id.clone()),
-        purchase_time: p.receipt.purchase_time.unwrap_or(p.evaluated_at),
+        purchase_time,
         refund_time: now,
         lines,
         refunded: refund.refunded_amount,
         receipt_fully_refunded: full(&through) && !full(&earlier),
         points_reversed: outcome.points_reversed,
         points_returned: outcome.points_returned,
+        channel: p.receipt.channel,
+        codes: p.receipt.codes.clone(),
+        campaign_ids: e
+            .applied_campaigns()
+            .iter()
+            .map(|c| c.to_string())
+            .collect(),
+        held_out_campaign_ids: e.held_out().map(str::to_string).collect(),
+        business_day: catalog.store.business_day(purchase_time),
+        store: catalog.store.clone(),
     }
 }

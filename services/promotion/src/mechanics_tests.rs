@@ -859,7 +859,7 @@ fn the_purchase_event_names_applied_and_held_out_campaigns() {
         version: 1,
         receipt,
     };
-    let event = crate::events::purchase_event(&purchase, &Vec::new(), w.now, None);
+    let event = crate::events::purchase_event(&purchase, &Default::default(), w.now, None);
     assert_eq!(event.campaign_ids, ["burn", "sale"]);
     assert_eq!(event.held_out_campaign_ids, ["held"]);
     assert_eq!(event.bonus_points, 700);

@@ -28,6 +28,15 @@ fn dec(d: Decimal) -> Option<PbDecimal> {
     })
 }
 
+fn date(day: i64) -> loyalty_proto::common::v1::Date {
+    let (year, month, day) = loyalty_platform::calendar::civil(day);
+    loyalty_proto::common::v1::Date {
+        year,
+        month: month as i32,
+        day: day as i32,
+    }
+}
+
 fn lines(lines: Vec<LineFact>) -> Vec<pb::Line> {
     lines
         .into_iter()
@@ -64,6 +73,10 @@ pub fn encode_purchase(e: PurchaseEvent) -> Vec<u8> {
             campaign_ids: e.campaign_ids,
             held_out_campaign_ids: e.held_out_campaign_ids,
             bonus_points: e.bonus_points,
+            business_day: Some(date(e.business_day)),
+            store_brand: e.store.brand,
+            store_region: e.store.region,
+            store_time_zone: e.store.time_zone,
         })),
     }
     .encode_to_vec()
@@ -85,6 +98,14 @@ pub fn encode_refund(e: RefundEvent) -> Vec<u8> {
             receipt_fully_refunded: e.receipt_fully_refunded,
             points_reversed: e.points_reversed,
             points_returned: e.points_returned,
+            channel: channel_to_proto(e.channel),
+            codes: e.codes,
+            campaign_ids: e.campaign_ids,
+            held_out_campaign_ids: e.held_out_campaign_ids,
+            business_day: Some(date(e.business_day)),
+            store_brand: e.store.brand,
+            store_region: e.store.region,
+            store_time_zone: e.store.time_zone,
         })),
     }
     .encode_to_vec()

@@ -1,26 +1,33 @@
-//! The reporting service. Its API v1 is served so clients can be generated and wired now; every
-//! RPC answers UNIMPLEMENTED until the service's own issue lands. It has no storage yet,
-//! so it has no dependency whose health could fail.
+//! The reporting service: the case studies' KPIs defined as code, kept exact from the event
+//! stream, and raw facts exported for data teams.
+//!
+//! `fact`, `rollup` and `kpi` are the pure domain; `service` is the core over a
+//! [`store::ReportingStore`]; `consumer` and `grpc` are the adapters.
 
-use loyalty_proto::reporting::v1::reporting_service_server::{
-    ReportingService, ReportingServiceServer,
-};
+pub mod consumer;
+pub mod export;
+pub mod fact;
+pub mod grpc;
+pub mod kpi;
+pub mod rollup;
+pub mod service;
+pub mod store;
+#[cfg(test)]
+mod tests;
+
+use loyalty_proto::reporting::v1::reporting_service_server::ReportingServiceServer;
+
+pub use service::Reporting;
 
 pub const SERVICE_NAMES: &[&str] = &["loyalty.reporting.v1.ReportingService"];
 
-#[derive(Debug, Clone, Default)]
-struct Api;
-
-/// Every RPC answers UNIMPLEMENTED (the generated default).
-#[tonic::async_trait]
-impl ReportingService for Api {}
-
 pub fn add_routes(
     routes: tonic::service::Routes,
+    reporting: Reporting,
     max_message_bytes: usize,
 ) -> tonic::service::Routes {
     routes.add_service(
-        ReportingServiceServer::new(Api)
+        ReportingServiceServer::new(grpc::Api::new(reporting))
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes),
     )

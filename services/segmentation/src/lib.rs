@@ -10,7 +10,7 @@ pub mod consumer;
 pub mod expr;
 pub mod features;
 pub mod grpc;
-pub mod rfm;
+pub use loyalty_platform::rfm;
 pub mod service;
 pub mod store;
 

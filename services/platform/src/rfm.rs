@@ -1,5 +1,6 @@
 //! RFM: recency, frequency and monetary scores 1-5 by quintiles within a tenant, and the
-//! named segments they map to. Pure; `service` feeds it every member's features.
+//! named segments they map to. Pure: segmentation scores its members with it on a schedule,
+//! reporting its RFM overview.
 //!
 //! Inputs per member who has bought (at least one receipt that still counts):
 //! - recency: whole days since the last purchase (fewer is better);

@@ -1,0 +1,126 @@
+//! The facts reporting keeps: purchases, refunds and members as the event stream told them,
+//! without personal data (member ids are opaque; no phones, names, emails or birthdays).
+//! Every KPI is a function of these facts; the rollups are only a faster way to it.
+
+use loyalty_platform::calendar::Day;
+use loyalty_platform::clock::Millis;
+use loyalty_platform::types::Channel;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+/// One line of a purchase or refund: what was bought and the money paid for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Line {
+    pub sku: String,
+    pub category: String,
+    pub brand: String,
+    pub quantity: Decimal,
+    pub paid: Decimal,
+    pub sale_price: bool,
+}
+
+/// Where a purchase happened, as the store was at the time.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Outlet {
+    pub store_id: String,
+    pub brand: String,
+    pub region: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Purchase {
+    pub receipt_id: String,
+    pub outlet: Outlet,
+    pub time_zone: String,
+    pub channel: Channel,
+    /// None: an anonymous receipt.
+    pub member_id: Option<String>,
+    pub time: Millis,
+    /// The store's local date: the day every figure of the receipt counts on.
+    pub day: Day,
+    pub lines: Vec<Line>,
+    pub gross: Decimal,
+    pub discount: Decimal,
+    /// Money paid, after discounts and points.
+    pub paid: Decimal,
+    pub points_accrued: i64,
+    pub points_redeemed: i64,
+    pub codes: Vec<String>,
+    pub campaign_ids: Vec<String>,
+    pub held_out_campaign_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refund {
+    pub receipt_id: String,
+    pub refund_id: String,
+    pub outlet: Outlet,
+    pub time_zone: String,
+    pub channel: Channel,
+    pub member_id: Option<String>,
+    /// When the refund was made.
+    pub time: Millis,
+    /// The refunded purchase's business day: refunds count against it.
+    pub day: Day,
+    pub lines: Vec<Line>,
+    pub refunded: Decimal,
+    /// With this refund, the whole receipt has been refunded.
+    pub fully_refunded: bool,
+    pub points_reversed: i64,
+    pub points_returned: i64,
+    pub codes: Vec<String>,
+    pub campaign_ids: Vec<String>,
+    pub held_out_campaign_ids: Vec<String>,
+}
+
+/// A member as their newest event describes them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub member_id: String,
+    pub version: i64,
+    /// False once the member was erased or merged away.
+    pub active: bool,
+    pub registered_at: Option<Millis>,
+    pub channel: Channel,
+    /// The store they registered in.
+    pub store_id: String,
+    pub contactable: bool,
+    pub questionnaire_complete: bool,
+    pub referred: bool,
+}
+
+/// A fact with its identity: the event it came from names it exactly once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Fact {
+    Purchase(Purchase),
+    Refund(Refund),
+    Member(Member),
+}
+
+impl Fact {
+    /// What deduplicates the fact: a receipt, a refund of a receipt, a member. A member's
+    /// facts replace each other by version instead.
+    pub fn identity(&self) -> String {
+        match self {
+            Fact::Purchase(p) => format!("p\0{}", p.receipt_id),
+            Fact::Refund(r) => format!("r\0{}\0{}", r.receipt_id, r.refund_id),
+            Fact::Member(m) => format!("m\0{}", m.member_id),
+        }
+    }
+
+    /// The business day the fact counts on (None for members).
+    pub fn day(&self) -> Option<Day> {
+        match self {
+            Fact::Purchase(p) => Some(p.day),
+            Fact::Refund(r) => Some(r.day),
+            Fact::Member(_) => None,
+        }
+    }
+}
+
+/// Facts of one tenant, as a batch arrives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantFact {
+    pub tenant_id: String,
+    pub fact: Fact,
+}

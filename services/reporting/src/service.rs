@@ -1,0 +1,372 @@
+//! The reporting core: takes facts in (stored first, deduplicated, then rolled up), answers
+//! KPI queries from the rollups, and pages facts out for exports. Knows nothing of gRPC.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+
+use loyalty_platform::calendar::Day;
+use loyalty_platform::clock::{Millis, SharedClock};
+use loyalty_platform::error::{Error, MAX_ID_LEN, Result, Violations};
+use loyalty_platform::types::{Channel, check_tenant};
+use rust_decimal::Decimal;
+
+use crate::fact::{Fact, Member, TenantFact};
+use crate::kpi::{self, Group, Kpi, Scope, Uplift, Value};
+use crate::rollup::Rollups;
+use crate::store::{Position, Receipts, ReportingStore, ScanFrom};
+
+/// Longest period a query or export covers.
+pub const MAX_PERIOD_DAYS: i64 = 3 * 366;
+/// Most entries of each filter list.
+pub const MAX_FILTER: usize = 1000;
+/// Most KPIs one request asks for.
+pub const MAX_KPIS: usize = 64;
+/// Rows per export chunk: default and most.
+pub const DEFAULT_CHUNK_ROWS: usize = 10_000;
+pub const MAX_CHUNK_ROWS: usize = 100_000;
+/// Facts read per page while rebuilding at start.
+const SCAN_PAGE: usize = 10_000;
+
+/// A period as asked: instants, both required.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Period {
+    pub start: Option<Millis>,
+    pub end: Option<Millis>,
+}
+
+/// The filter lists of a request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub stores: Vec<String>,
+    pub brands: Vec<String>,
+    pub regions: Vec<String>,
+    pub channels: Vec<Channel>,
+}
+
+/// What a KPI request names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Request {
+    pub tenant_id: String,
+    pub period: Period,
+    pub filter: Filter,
+    /// Empty: the zone the tenant's stores share, else UTC.
+    pub time_zone: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Reporting {
+    store: Arc<dyn ReportingStore>,
+    tenants: Arc<RwLock<HashMap<String, Rollups>>>,
+    clock: SharedClock,
+}
+
+fn poisoned<T>(_: T) -> Error {
+    Error::internal(anyhow::anyhow!("reporting state lock poisoned"))
+}
+
+fn zone(name: &str, field: &str) -> Result<jiff::tz::TimeZone> {
+    jiff::tz::TimeZone::get(name)
+        .map_err(|_| Error::invalid(field, format!("unknown IANA time zone {name:?}")))
+}
+
+/// The local date of an instant in a zone, as days since 1970-01-01.
+pub fn local_day(at: Millis, tz: &jiff::tz::TimeZone) -> Day {
+    match jiff::Timestamp::from_millisecond(at) {
+        Ok(ts) => {
+            let d = ts.to_zoned(tz.clone()).date();
+            loyalty_platform::calendar::day_from_civil(
+                i32::from(d.year()),
+                d.month() as u32,
+                d.day() as u32,
+            )
+        }
+        Err(_) => loyalty_platform::calendar::day_of(at),
+    }
+}
+
+impl Reporting {
+    /// Opens the service over its store, rebuilding every tenant's rollups from the facts.
+    pub async fn open(store: Arc<dyn ReportingStore>, clock: SharedClock) -> Result<Self> {
+        let mut tenants: HashMap<String, Rollups> = HashMap::new();
+        let mut from = ScanFrom::START;
+        loop {
+            let (facts, next) = store.scan(from, SCAN_PAGE).await?;
+            for f in &facts {
+                tenants
+                    .entry(f.tenant_id.clone())
+                    .or_default()
+                    .apply(&f.fact);
+            }
+            match next {
+                Some(n) => from = n,
+                None => break,
+            }
+        }
+        Ok(Self {
+            store,
+            tenants: Arc::new(RwLock::new(tenants)),
+            clock,
+        })
+    }
+
+    /// Stores the facts (one durable write) and rolls up those not seen before. Returns how
+    /// many were new. Safe to repeat: a fact already stored changes nothing.
+    pub async fn ingest(&self, facts: Vec<TenantFact>) -> Result<usize> {
+        let fresh = self.store.append(facts).await?;
+        let mut tenants = self.tenants.write().map_err(poisoned)?;
+        for f in &fresh {
+            tenants
+                .entry(f.tenant_id.clone())
+                .or_default()
+                .apply(&f.fact);
+        }
+        metrics::counter!("loyalty_reporting_facts_total").increment(fresh.len() as u64);
+        Ok(fresh.len())
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        self.store.ping().await
+    }
+
+    fn with<R>(&self, tenant: &str, f: impl FnOnce(&Rollups) -> Result<R>) -> Result<R> {
+        let tenants = self.tenants.read().map_err(poisoned)?;
+        match tenants.get(tenant) {
+            Some(r) => f(r),
+            None => f(&Rollups::default()),
+        }
+    }
+
+    /// Checks the request and turns it into business days and filter sets.
+    fn scope(&self, r: &Rollups, req: &Request) -> Result<(Scope, jiff::tz::TimeZone)> {
+        let mut v = Violations::new();
+        check_tenant(&mut v, &req.tenant_id);
+        let (start, end) = (req.period.start, req.period.end);
+        v.check(start.is_some(), "period.start_time", "is required");
+        v.check(end.is_some(), "period.end_time", "is required");
+        if let (Some(s), Some(e)) = (start, end) {
+            v.check(s < e, "period", "must end after it starts");
+        }
+        let lists = [
+            ("filter.store_ids", &req.filter.stores),
+            ("filter.brands", &req.filter.brands),
+            ("filter.regions", &req.filter.regions),
+        ];
+        for (field, list) in lists {
+            v.check(
+                list.len() <= MAX_FILTER,
+                field,
+                format!("at most {MAX_FILTER} entries"),
+            );
+            for (i, s) in list.iter().take(MAX_FILTER).enumerate() {
+                v.text(s, format!("{field}[{i}]"), MAX_ID_LEN);
+            }
+        }
+        for (i, s) in req.filter.stores.iter().take(MAX_FILTER).enumerate() {
+            v.check(
+                r.stores.contains_key(s),
+                format!("filter.store_ids[{i}]"),
+                format!("unknown store {s:?}: no purchase was ever reported for it"),
+            );
+        }
+        v.check(
+            req.filter.channels.len() <= CHANNEL_LIMIT,
+            "filter.channels",
+            format!("at most {CHANNEL_LIMIT} entries"),
+        );
+        let tz = if req.time_zone.is_empty() {
+            match (r.time_zones.len(), r.time_zones.iter().next()) {
+                (1, Some(only)) => zone(only, "time_zone").unwrap_or(jiff::tz::TimeZone::UTC),
+                _ => jiff::tz::TimeZone::UTC,
+            }
+        } else {
+            match zone(&req.time_zone, "time_zone") {
+                Ok(tz) => tz,
+                Err(_) => {
+                    v.add(
+                        "time_zone",
+                        format!("unknown IANA time zone {:?}", req.time_zone),
+                    );
+                    jiff::tz::TimeZone::UTC
+                }
+            }
+        };
+        let days = match (start, end) {
+            (Some(s), Some(e)) if s < e => Some((local_day(s, &tz), local_day(e - 1, &tz))),
+            _ => None,
+        };
+        if let Some((from, to)) = days {
+            v.check(
+                to - from < MAX_PERIOD_DAYS,
+                "period",
+                format!("covers {} days; at most {MAX_PERIOD_DAYS}", to - from + 1),
+            );
+        }
+        v.finish()?;
+        let (from, to) = days.unwrap_or_default();
+        let set = |l: &Vec<String>| l.iter().cloned().collect::<BTreeSet<String>>();
+        Ok((
+            Scope {
+                from,
+                to,
+                stores: set(&req.filter.stores),
+                brands: set(&req.filter.brands),
+                regions: set(&req.filter.regions),
+                channels: req.filter.channels.iter().copied().collect(),
+            },
+            tz,
+        ))
+    }
+
+    pub fn kpis(&self, req: &Request, kpis: &[Kpi], group: Group) -> Result<Vec<Value>> {
+        if kpis.is_empty() || kpis.len() > MAX_KPIS {
+            return Err(Error::invalid(
+                "kpis",
+                format!("name between 1 and {MAX_KPIS} KPIs"),
+            ));
+        }
+        self.with(&req.tenant_id, |r| {
+            let (scope, tz) = self.scope(r, req)?;
+            kpi::compute(r, kpis, &scope, group, &|at| local_day(at, &tz))
+        })
+    }
+
+    pub fn category_intersection(&self, req: &Request, a: &str, b: &str) -> Result<(u64, u64)> {
+        let mut v = Violations::new();
+        v.text(a, "category_a", MAX_ID_LEN);
+        v.text(b, "category_b", MAX_ID_LEN);
+        v.finish()?;
+        self.with(&req.tenant_id, |r| {
+            let (scope, _) = self.scope(r, req)?;
+            Ok(kpi::category_intersection(r, &scope, a, b))
+        })
+    }
+
+    pub fn uplift(&self, req: &Request, campaign_id: &str) -> Result<Uplift> {
+        let mut v = Violations::new();
+        v.text(campaign_id, "campaign_id", MAX_ID_LEN);
+        v.finish()?;
+        self.with(&req.tenant_id, |r| {
+            let (scope, _) = self.scope(r, req)?;
+            Ok(kpi::uplift(r, &scope, campaign_id))
+        })
+    }
+
+    /// Members and spend per RFM segment as of `as_of` (now when None).
+    pub fn rfm_overview(
+        &self,
+        tenant_id: &str,
+        as_of: Option<Millis>,
+    ) -> Result<Vec<(&'static str, u64, Decimal)>> {
+        loyalty_platform::types::tenant(tenant_id)?;
+        let at = as_of.unwrap_or_else(|| self.clock.now_ms());
+        self.with(tenant_id, |r| {
+            let tz = match (r.time_zones.len(), r.time_zones.iter().next()) {
+                (1, Some(only)) => zone(only, "time_zone").unwrap_or(jiff::tz::TimeZone::UTC),
+                _ => jiff::tz::TimeZone::UTC,
+            };
+            Ok(kpi::rfm_overview(r, local_day(at, &tz))
+                .into_iter()
+                .map(|(n, c, s)| (n.as_str(), c, s))
+                .collect())
+        })
+    }
+
+    /// The days and snapshot an export reads; checks the request like a KPI query.
+    pub async fn export_scope(&self, req: &Request) -> Result<(Scope, u64)> {
+        let scope = self.with(&req.tenant_id, |r| Ok(self.scope(r, req)?.0))?;
+        Ok((scope, self.store.snapshot().await?))
+    }
+
+    pub async fn export_page(
+        &self,
+        tenant_id: &str,
+        kind: Receipts,
+        scope: &Scope,
+        snapshot: u64,
+        after: Option<Position>,
+        limit: usize,
+    ) -> Result<(Vec<Fact>, Option<Position>)> {
+        let limit = limit.max(1);
+        let rows = self
+            .store
+            .page(
+                tenant_id, kind, scope.from, scope.to, snapshot, after, limit,
+            )
+            .await?;
+        // Where the next page starts; None once the store has nothing more.
+        let next = if rows.len() < limit {
+            None
+        } else {
+            rows.last().map(|(p, _)| *p)
+        };
+        // The filter applies to what the rows say; the store pages by day only.
+        let kept = rows
+            .into_iter()
+            .map(|(_, f)| f)
+            .filter(|f| admits(scope, f))
+            .collect();
+        Ok((kept, next))
+    }
+
+    /// Member features after `after` (by member id), at most `limit`: each member's newest
+    /// profile facts and their purchase summary, without personal data.
+    pub fn member_features(
+        &self,
+        tenant_id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<MemberFeatures>> {
+        self.with(tenant_id, |r| {
+            let mut ids: Vec<(&String, u32)> = r
+                .members
+                .iter()
+                .map(|(i, id)| (id, i))
+                .filter(|(id, _)| after.is_none_or(|a| id.as_str() > a))
+                .collect();
+            ids.sort_unstable();
+            ids.truncate(limit.max(1));
+            Ok(ids
+                .into_iter()
+                .map(|(id, i)| {
+                    let days = r.member_days.get(&i);
+                    let bought = || days.into_iter().flatten().filter(|(_, d)| d.receipts > 0);
+                    MemberFeatures {
+                        member_id: id.clone(),
+                        profile: r.profiles.get(&i).cloned(),
+                        first_purchase: bought().map(|(d, _)| *d).next(),
+                        last_purchase: bought().map(|(d, _)| *d).next_back(),
+                        receipts: days.into_iter().flatten().map(|(_, d)| d.receipts).sum(),
+                        spend: days.into_iter().flatten().map(|(_, d)| d.paid).sum(),
+                    }
+                })
+                .collect())
+        })
+    }
+}
+
+const CHANNEL_LIMIT: usize = 16;
+
+fn admits(scope: &Scope, fact: &Fact) -> bool {
+    let (outlet, channel) = match fact {
+        Fact::Purchase(p) => (&p.outlet, p.channel),
+        Fact::Refund(r) => (&r.outlet, r.channel),
+        Fact::Member(_) => return true,
+    };
+    (scope.stores.is_empty() || scope.stores.contains(&outlet.store_id))
+        && (scope.brands.is_empty() || scope.brands.contains(&outlet.brand))
+        && (scope.regions.is_empty() || scope.regions.contains(&outlet.region))
+        && (scope.channels.is_empty() || scope.channels.contains(&channel))
+}
+
+/// One member's row of the member features export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberFeatures {
+    pub member_id: String,
+    /// None when no member event arrived for them (they are known from purchases only).
+    pub profile: Option<Member>,
+    pub first_purchase: Option<Day>,
+    pub last_purchase: Option<Day>,
+    /// Receipts that still count, and the money paid net of refunds, over all time.
+    pub receipts: i64,
+    pub spend: Decimal,
+}

@@ -1,0 +1,68 @@
+//! Where reporting keeps its facts. The facts are the truth; rollups are rebuilt from them
+//! when the service starts. A fact is stored once: purchases by receipt, refunds by refund,
+//! members by their newest version, so a redelivered or older event stores nothing.
+
+#[cfg(test)]
+pub(crate) mod conformance;
+pub mod embedded;
+
+use loyalty_platform::calendar::Day;
+use loyalty_platform::error::Result;
+
+use crate::fact::{Fact, TenantFact};
+
+/// Which receipts' facts a page reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Receipts {
+    Purchases,
+    Refunds,
+}
+
+/// Where a page of a tenant's receipt facts starts: after this (business day, sequence).
+pub type Position = (Day, u64);
+
+/// Where a full scan continues: the purchases, then the refunds, then the members, each
+/// after the key given (from their start when None).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScanFrom {
+    Purchases(Option<(String, Day, u64)>),
+    Refunds(Option<(String, Day, u64)>),
+    Members(Option<(String, String)>),
+}
+
+impl ScanFrom {
+    pub const START: ScanFrom = ScanFrom::Purchases(None);
+}
+
+#[async_trait::async_trait]
+pub trait ReportingStore: Send + Sync + std::fmt::Debug {
+    /// Stores, in one durable write, the facts not stored yet, and returns exactly those
+    /// (a fact repeated within the batch is returned once).
+    async fn append(&self, facts: Vec<TenantFact>) -> Result<Vec<TenantFact>>;
+
+    /// The newest sequence number handed out: a snapshot of every receipt fact so far.
+    async fn snapshot(&self) -> Result<u64>;
+
+    /// A tenant's receipt facts with business days `from..=to` and sequence numbers up to
+    /// `snapshot`, in (day, sequence) order after `after`, at most `limit`.
+    #[allow(clippy::too_many_arguments)]
+    async fn page(
+        &self,
+        tenant_id: &str,
+        kind: Receipts,
+        from: Day,
+        to: Day,
+        snapshot: u64,
+        after: Option<Position>,
+        limit: usize,
+    ) -> Result<Vec<(Position, Fact)>>;
+
+    /// Every stored fact of every tenant, a page at a time, for rebuilding rollups.
+    async fn scan(
+        &self,
+        from: ScanFrom,
+        limit: usize,
+    ) -> Result<(Vec<TenantFact>, Option<ScanFrom>)>;
+
+    async fn ping(&self) -> Result<()>;
+}

@@ -1,0 +1,203 @@
+//! What every reporting store must do; run against each backend.
+
+#![allow(clippy::unwrap_used)]
+
+use loyalty_platform::types::Channel;
+use rust_decimal::Decimal;
+
+use super::{Receipts, ReportingStore, ScanFrom};
+use crate::fact::{Fact, Member, Outlet, Purchase, Refund, TenantFact};
+
+pub fn purchase(tenant: &str, receipt: &str, day: i64) -> TenantFact {
+    TenantFact {
+        tenant_id: tenant.into(),
+        fact: Fact::Purchase(Purchase {
+            receipt_id: receipt.into(),
+            outlet: Outlet {
+                store_id: "s".into(),
+                brand: "b".into(),
+                region: "r".into(),
+            },
+            time_zone: "UTC".into(),
+            channel: Channel::Store,
+            member_id: None,
+            time: day * 86_400_000,
+            day,
+            lines: vec![],
+            gross: Decimal::TEN,
+            discount: Decimal::ZERO,
+            paid: Decimal::TEN,
+            points_accrued: 0,
+            points_redeemed: 0,
+            codes: vec![],
+            campaign_ids: vec![],
+            held_out_campaign_ids: vec![],
+        }),
+    }
+}
+
+fn refund(tenant: &str, receipt: &str, refund: &str, day: i64) -> TenantFact {
+    TenantFact {
+        tenant_id: tenant.into(),
+        fact: Fact::Refund(Refund {
+            receipt_id: receipt.into(),
+            refund_id: refund.into(),
+            outlet: Outlet::default(),
+            time_zone: String::new(),
+            channel: Channel::Store,
+            member_id: None,
+            time: 0,
+            day,
+            lines: vec![],
+            refunded: Decimal::ONE,
+            fully_refunded: false,
+            points_reversed: 0,
+            points_returned: 0,
+            codes: vec![],
+            campaign_ids: vec![],
+            held_out_campaign_ids: vec![],
+        }),
+    }
+}
+
+fn member(tenant: &str, id: &str, version: i64) -> TenantFact {
+    TenantFact {
+        tenant_id: tenant.into(),
+        fact: Fact::Member(Member {
+            member_id: id.into(),
+            version,
+            active: true,
+            ..Member::default()
+        }),
+    }
+}
+
+async fn all(store: &dyn ReportingStore, page: usize) -> Vec<TenantFact> {
+    let mut out = Vec::new();
+    let mut from = ScanFrom::START;
+    loop {
+        let (facts, next) = store.scan(from, page).await.unwrap();
+        out.extend(facts);
+        match next {
+            Some(n) => from = n,
+            None => return out,
+        }
+    }
+}
+
+pub async fn run(store: &dyn ReportingStore) {
+    stores_each_fact_once(store).await;
+    members_keep_their_newest_version(store).await;
+    pages_respect_days_snapshots_and_positions(store).await;
+    scans_visit_everything_once(store).await;
+}
+
+async fn stores_each_fact_once(store: &dyn ReportingStore) {
+    let batch = vec![
+        purchase("once", "r1", 10),
+        purchase("once", "r1", 10),
+        refund("once", "r1", "x", 10),
+        purchase("other", "r1", 10),
+    ];
+    let fresh = store.append(batch.clone()).await.unwrap();
+    assert_eq!(fresh.len(), 3, "a repeat within a batch is stored once");
+    assert!(store.append(batch).await.unwrap().is_empty());
+    let again = store
+        .append(vec![refund("once", "r1", "y", 10)])
+        .await
+        .unwrap();
+    assert_eq!(
+        again.len(),
+        1,
+        "another refund of the receipt is a new fact"
+    );
+}
+
+async fn members_keep_their_newest_version(store: &dyn ReportingStore) {
+    assert_eq!(
+        store.append(vec![member("m", "a", 2)]).await.unwrap().len(),
+        1
+    );
+    assert!(
+        store
+            .append(vec![member("m", "a", 1)])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .append(vec![member("m", "a", 2)])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.append(vec![member("m", "a", 3)]).await.unwrap().len(),
+        1
+    );
+    let stored: Vec<TenantFact> = all(store, 100)
+        .await
+        .into_iter()
+        .filter(|f| f.tenant_id == "m")
+        .collect();
+    assert_eq!(stored, vec![member("m", "a", 3)]);
+}
+
+async fn pages_respect_days_snapshots_and_positions(store: &dyn ReportingStore) {
+    let facts: Vec<TenantFact> = (0..10)
+        .map(|i| purchase("pages", &format!("r{i}"), 100 + i % 5))
+        .collect();
+    store.append(facts).await.unwrap();
+    let snapshot = store.snapshot().await.unwrap();
+    store
+        .append(vec![purchase("pages", "late", 101)])
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .page("pages", Receipts::Purchases, 101, 103, snapshot, after, 3)
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().map(|(p, _)| *p);
+        seen.extend(page);
+    }
+    assert_eq!(seen.len(), 6, "days 101..=103 hold two receipts each");
+    assert!(
+        seen.windows(2).all(|w| w[0].0 < w[1].0),
+        "in (day, seq) order"
+    );
+    assert!(seen.iter().all(|(p, _)| (101..=103).contains(&p.0)));
+    let later = store
+        .page("pages", Receipts::Purchases, 101, 101, u64::MAX, None, 100)
+        .await
+        .unwrap();
+    assert_eq!(later.len(), 3, "a newer snapshot sees the late receipt");
+    let refunds = store
+        .page("pages", Receipts::Refunds, 0, 1000, u64::MAX, None, 100)
+        .await
+        .unwrap();
+    assert!(refunds.is_empty());
+}
+
+async fn scans_visit_everything_once(store: &dyn ReportingStore) {
+    let whole = all(store, 1000).await;
+    for page in [1, 2, 7] {
+        assert_eq!(all(store, page).await, whole, "page size {page}");
+    }
+    assert!(whole.iter().any(|f| matches!(f.fact, Fact::Refund(_))));
+    assert!(whole.iter().any(|f| matches!(f.fact, Fact::Member(_))));
+}
+
+#[tokio::test]
+async fn embedded_store_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        super::embedded::EmbeddedReportingStore::open(&dir.path().join("reporting.redb")).unwrap();
+    run(&store).await;
+}

@@ -1,0 +1,543 @@
+//! Reporting through the real binary: receipts committed and refunded at the POS reach the
+//! KPIs (from the event stream), which agree with what the POS was answered; groups, series,
+//! category intersection, campaign uplift and RFM answer; exports stream the same facts and
+//! resume; bad queries are refused; and a restart rebuilds the same figures from the
+//! stored facts.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::str::FromStr;
+use std::time::Duration;
+
+use loyalty_e2e::*;
+use loyalty_proto::common::v1::TimeRange;
+use loyalty_proto::promotion::v1 as ppb;
+use loyalty_proto::reporting::v1 as rpb;
+use rpb::reporting_service_client::ReportingServiceClient;
+use rust_decimal::Decimal;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const T: &str = "t1";
+
+fn d(v: &Option<loyalty_proto::common::v1::Decimal>) -> Decimal {
+    Decimal::from_str(&v.as_ref().unwrap().value).unwrap()
+}
+
+/// Two days either side of now, in UTC.
+fn period() -> Option<TimeRange> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let day = 86_400_000;
+    Some(TimeRange {
+        start_time: Some(loyalty_platform::grpc::timestamp(now - 2 * day)),
+        end_time: Some(loyalty_platform::grpc::timestamp(now + 2 * day)),
+    })
+}
+
+fn kpis_request(kpis: &[rpb::Kpi], group: rpb::GroupBy) -> rpb::GetKpisRequest {
+    rpb::GetKpisRequest {
+        tenant_id: T.into(),
+        kpis: kpis.iter().map(|k| *k as i32).collect(),
+        period: period(),
+        group_by: group as i32,
+        time_zone: "UTC".into(),
+        ..Default::default()
+    }
+}
+
+async fn kpis(
+    r: &mut ReportingServiceClient<Channel>,
+    kpis: &[rpb::Kpi],
+    group: rpb::GroupBy,
+) -> BTreeMap<(i32, String), Decimal> {
+    r.get_kpis(kpis_request(kpis, group))
+        .await
+        .unwrap()
+        .into_inner()
+        .values
+        .into_iter()
+        .map(|v| ((v.kpi, v.group), d(&v.value)))
+        .collect()
+}
+
+fn one(values: &BTreeMap<(i32, String), Decimal>, k: rpb::Kpi) -> Decimal {
+    values[&(k as i32, String::new())]
+}
+
+/// Waits until reporting has taken in `receipts` net receipts (the stream is asynchronous).
+async fn settled(r: &mut ReportingServiceClient<Channel>, receipts: i64, refunded: Decimal) {
+    for _ in 0..200 {
+        let v = kpis(
+            r,
+            &[rpb::Kpi::Receipts, rpb::Kpi::Sales],
+            rpb::GroupBy::Unspecified,
+        )
+        .await;
+        let gross_sales = one(&v, rpb::Kpi::Sales) + refunded;
+        if one(&v, rpb::Kpi::Receipts) == Decimal::from(receipts) && gross_sales > Decimal::ZERO {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("reporting did not take the receipts in");
+}
+
+async fn export(
+    r: &mut ReportingServiceClient<Channel>,
+    kind: rpb::FactKind,
+    chunk_rows: i32,
+    resume: &str,
+) -> Vec<rpb::ExportFactsResponse> {
+    let mut stream = r
+        .export_facts(rpb::ExportFactsRequest {
+            tenant_id: T.into(),
+            kind: kind as i32,
+            period: period(),
+            format: rpb::ExportFormat::Csv as i32,
+            chunk_rows,
+            time_zone: "UTC".into(),
+            resume_token: resume.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut chunks = Vec::new();
+    while let Some(c) = stream.message().await.unwrap() {
+        chunks.push(c);
+    }
+    chunks
+}
+
+fn csv(chunks: &[rpb::ExportFactsResponse]) -> Vec<Vec<String>> {
+    chunks
+        .iter()
+        .flat_map(|c| {
+            String::from_utf8(c.data.clone())
+                .unwrap()
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect()
+}
+
+struct Committed {
+    receipt: String,
+    member: Option<String>,
+    paid: Decimal,
+    held_out: bool,
+    applied: bool,
+}
+
+#[tokio::test]
+async fn receipts_reach_every_report_and_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(Launch::dev(), dir.path()).await;
+    let channel = server.channel().await;
+    setup_tenant(&channel, T).await;
+    let mut catalog = ppb::catalog_service_client::CatalogServiceClient::new(channel.clone());
+    catalog
+        .upsert_stores(ppb::UpsertStoresRequest {
+            tenant_id: T.into(),
+            stores: vec![ppb::Store {
+                store_id: "s2".into(),
+                name: "Store 2".into(),
+                brand: "Other".into(),
+                region: "North".into(),
+                time_zone: "UTC".into(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap();
+    catalog
+        .upsert_products(ppb::UpsertProductsRequest {
+            tenant_id: T.into(),
+            products: vec![ppb::Product {
+                sku: "polish".into(),
+                name: "polish".into(),
+                category: "Care".into(),
+                brand: "Tundra".into(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap();
+    // 10% off with half the members held out as a control group; a promo code adds 11%.
+    let mut campaigns = ppb::campaign_service_client::CampaignServiceClient::new(channel.clone());
+    campaigns
+        .create_campaign(ppb::CreateCampaignRequest {
+            campaign: Some(ppb::Campaign {
+                tenant_id: T.into(),
+                campaign_id: "ten".into(),
+                name: "ten".into(),
+                status: ppb::CampaignStatus::Active as i32,
+                control_group_percent: 50,
+                mechanic: Some(ppb::campaign::Mechanic::ThresholdDiscount(
+                    ppb::ThresholdDiscount {
+                        scope: None,
+                        steps: vec![ppb::DiscountStep {
+                            from_value: dec("0"),
+                            benefit: Some(ppb::discount_step::Benefit::Percent(
+                                loyalty_proto::common::v1::Decimal { value: "10".into() },
+                            )),
+                        }],
+                    },
+                )),
+                ..Default::default()
+            }),
+            actor: None,
+        })
+        .await
+        .unwrap();
+    campaigns
+        .create_campaign(ppb::CreateCampaignRequest {
+            campaign: Some(ppb::Campaign {
+                tenant_id: T.into(),
+                campaign_id: "promo".into(),
+                name: "promo".into(),
+                status: ppb::CampaignStatus::Active as i32,
+                code: Some(ppb::CodeRequirement {
+                    kind: Some(ppb::code_requirement::Kind::PromoCode("11.11".into())),
+                }),
+                mechanic: Some(ppb::campaign::Mechanic::ExtraDiscount(ppb::ExtraDiscount {
+                    scope: None,
+                    percent: dec("11"),
+                })),
+                ..Default::default()
+            }),
+            actor: None,
+        })
+        .await
+        .unwrap();
+
+    let mut pos = Pos::new(&channel, &channel);
+    let mut cards = Vec::new();
+    for i in 0..8 {
+        cards.push(pos.member_with_card(T, &format!("+7701555000{i}")).await);
+    }
+    // Each member buys boots at s1; the even ones buy polish too, at s2, with the code for
+    // the first two; two anonymous receipts.
+    let mut committed = Vec::new();
+    let mut n = 0;
+    let mut commit = |store: &str,
+                      card: Option<&str>,
+                      member: Option<&str>,
+                      lines: Vec<ppb::ReceiptLine>,
+                      codes: &[&str]| {
+        n += 1;
+        let mut r = receipt(T, &format!("r{n}"), card, lines);
+        r.store_id = store.into();
+        r.codes = codes.iter().map(|c| c.to_string()).collect();
+        (r, member.map(str::to_string))
+    };
+    let mut receipts = Vec::new();
+    for (i, (member, card)) in cards.iter().enumerate() {
+        receipts.push(commit(
+            "s1",
+            Some(card),
+            Some(member),
+            vec![line("1", "boots", "2", "5000.00", false)],
+            &[],
+        ));
+        if i % 2 == 0 {
+            let codes: &[&str] = if i < 4 { &["11.11"] } else { &[] };
+            receipts.push(commit(
+                "s2",
+                Some(card),
+                Some(member),
+                vec![line("1", "polish", "1", "500.00", false)],
+                codes,
+            ));
+        }
+    }
+    receipts.push(commit(
+        "s1",
+        None,
+        None,
+        vec![line("1", "socks", "1", "2000.00", false)],
+        &[],
+    ));
+    receipts.push(commit(
+        "s2",
+        None,
+        None,
+        vec![line("1", "socks", "3", "1000.00", false)],
+        &["11.11"],
+    ));
+    for (r, member) in receipts {
+        let id = r.receipt_id.clone();
+        let e = pos.commit(r).await.unwrap().evaluation.unwrap();
+        let held_out = e
+            .skipped_campaigns
+            .iter()
+            .any(|s| s.campaign_id == "ten" && s.reason == ppb::SkipReason::ControlGroup as i32);
+        let applied = e.effects.iter().any(|x| x.campaign_id == "ten");
+        assert!(
+            held_out != applied || member.is_none(),
+            "a member is either held out or given the discount"
+        );
+        committed.push(Committed {
+            receipt: id,
+            member,
+            paid: d(&e.amount_due),
+            held_out,
+            applied,
+        });
+    }
+    // A full refund of r2 (polish of the first member) and one of the two boots of r1.
+    pos.refund(T, "r2", "f1", &[("1", "1")]).await.unwrap();
+    let partial = pos.refund(T, "r1", "f1", &[("1", "1")]).await.unwrap();
+    let partial_money = d(&partial.refunded_amount);
+    let r2 = committed.iter().find(|c| c.receipt == "r2").unwrap().paid;
+    let refunded = r2 + partial_money;
+
+    let mut reports = ReportingServiceClient::new(channel.clone());
+    let total_receipts = committed.len() as i64 - 1;
+    settled(&mut reports, total_receipts, refunded).await;
+
+    // Receipt KPIs agree with what the POS was answered.
+    let paid = |f: &dyn Fn(&Committed) -> bool| -> Decimal {
+        committed.iter().filter(|c| f(c)).map(|c| c.paid).sum()
+    };
+    let card_sales = paid(&|c| c.member.is_some()) - refunded;
+    let anon_sales = paid(&|c| c.member.is_none());
+    let card_receipts =
+        Decimal::from(committed.iter().filter(|c| c.member.is_some()).count() as i64 - 1);
+    let all = [
+        rpb::Kpi::Sales,
+        rpb::Kpi::Receipts,
+        rpb::Kpi::SalesWithCard,
+        rpb::Kpi::SalesWithoutCard,
+        rpb::Kpi::ReceiptsWithCard,
+        rpb::Kpi::ReceiptsWithoutCard,
+        rpb::Kpi::PenetrationAmount,
+        rpb::Kpi::PenetrationReceipts,
+        rpb::Kpi::AverageCheckWithCard,
+        rpb::Kpi::AverageCheckWithoutCard,
+        rpb::Kpi::CodeUsage,
+        rpb::Kpi::ActiveMembers,
+        rpb::Kpi::RepeatPurchaseRate,
+        rpb::Kpi::NewMembers,
+        rpb::Kpi::NoQuestionnaireShare,
+        rpb::Kpi::PointsAccrued,
+        rpb::Kpi::RedemptionRate,
+    ];
+    let v = kpis(&mut reports, &all, rpb::GroupBy::Unspecified).await;
+    assert_eq!(one(&v, rpb::Kpi::SalesWithCard), card_sales);
+    assert_eq!(one(&v, rpb::Kpi::SalesWithoutCard), anon_sales);
+    assert_eq!(one(&v, rpb::Kpi::Sales), card_sales + anon_sales);
+    assert_eq!(one(&v, rpb::Kpi::Receipts), Decimal::from(total_receipts));
+    assert_eq!(one(&v, rpb::Kpi::ReceiptsWithCard), card_receipts);
+    assert_eq!(one(&v, rpb::Kpi::ReceiptsWithoutCard), Decimal::TWO);
+    assert_eq!(
+        one(&v, rpb::Kpi::PenetrationAmount),
+        (card_sales / (card_sales + anon_sales))
+            .round_dp(6)
+            .normalize()
+    );
+    assert_eq!(
+        one(&v, rpb::Kpi::AverageCheckWithCard),
+        (card_sales / card_receipts).round_dp(6).normalize()
+    );
+    assert_eq!(
+        one(&v, rpb::Kpi::AverageCheckWithoutCard),
+        (anon_sales / Decimal::TWO).normalize()
+    );
+    assert_eq!(
+        one(&v, rpb::Kpi::CodeUsage),
+        Decimal::TWO,
+        "two member receipts and one anonymous presented 11.11; one was refunded in full"
+    );
+    assert_eq!(one(&v, rpb::Kpi::ActiveMembers), Decimal::from(8));
+    assert_eq!(
+        one(&v, rpb::Kpi::RepeatPurchaseRate),
+        Decimal::new(5, 1),
+        "4 of 8 bought twice"
+    );
+    assert_eq!(one(&v, rpb::Kpi::NewMembers), Decimal::from(8));
+    assert_eq!(one(&v, rpb::Kpi::NoQuestionnaireShare), Decimal::ONE);
+    assert!(one(&v, rpb::Kpi::PointsAccrued) > Decimal::ZERO);
+
+    // By store and by brand; a day series; by campaign and code.
+    let by_store = kpis(&mut reports, &[rpb::Kpi::Receipts], rpb::GroupBy::Store).await;
+    assert_eq!(
+        by_store.values().copied().sum::<Decimal>(),
+        Decimal::from(total_receipts)
+    );
+    assert_eq!(
+        by_store[&(rpb::Kpi::Receipts as i32, "s1".into())],
+        Decimal::from(9)
+    );
+    let by_brand = kpis(&mut reports, &[rpb::Kpi::Sales], rpb::GroupBy::Brand).await;
+    assert_eq!(
+        by_brand.keys().map(|(_, g)| g.as_str()).collect::<Vec<_>>(),
+        vec!["Other", "ShoeHub"]
+    );
+    let by_code = kpis(&mut reports, &[rpb::Kpi::Receipts], rpb::GroupBy::Code).await;
+    assert_eq!(
+        by_code[&(rpb::Kpi::Receipts as i32, "11.11".into())],
+        Decimal::TWO
+    );
+    let series = reports
+        .get_time_series(rpb::GetTimeSeriesRequest {
+            tenant_id: T.into(),
+            kpi: rpb::Kpi::Sales as i32,
+            period: period(),
+            granularity: rpb::Granularity::Day as i32,
+            time_zone: "UTC".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .points;
+    assert_eq!(
+        series.iter().map(|p| d(&p.value)).sum::<Decimal>(),
+        card_sales + anon_sales
+    );
+    assert!(
+        series.iter().all(|p| p.group.len() == 10),
+        "days as YYYY-MM-DD"
+    );
+
+    // Every member bought boots (Shoes); the even ones polish (Care).
+    let x = reports
+        .get_category_intersection(rpb::GetCategoryIntersectionRequest {
+            tenant_id: T.into(),
+            category_a: "Shoes".into(),
+            category_b: "Care".into(),
+            period: period(),
+            time_zone: "UTC".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((x.members_a, x.members_a_and_b), (8, 4));
+    assert_eq!(d(&x.share), Decimal::new(5, 1));
+
+    // Uplift: the members the campaign applied to against those it held out.
+    let u = reports
+        .get_campaign_uplift(rpb::GetCampaignUpliftRequest {
+            tenant_id: T.into(),
+            campaign_id: "ten".into(),
+            period: period(),
+            time_zone: "UTC".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let members = |f: &dyn Fn(&Committed) -> bool| -> BTreeSet<String> {
+        committed
+            .iter()
+            .filter(|c| f(c))
+            .filter_map(|c| c.member.clone())
+            .collect()
+    };
+    assert_eq!(u.target_members as usize, members(&|c| c.applied).len());
+    assert_eq!(u.control_members as usize, members(&|c| c.held_out).len());
+    assert_eq!(u.target_members + u.control_members, 8);
+
+    // RFM over the members who bought: every one of them is scored.
+    let rfm = reports
+        .get_rfm_overview(rpb::GetRfmOverviewRequest {
+            tenant_id: T.into(),
+            as_of: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rows;
+    assert_eq!(rfm.iter().map(|r| r.member_count).sum::<i64>(), 8);
+    assert_eq!(rfm.iter().map(|r| d(&r.spend)).sum::<Decimal>(), card_sales);
+
+    // Exports: purchases, lines and refunds agree with the POS, and resume where they stopped.
+    let purchases = export(&mut reports, rpb::FactKind::Purchases, 0, "").await;
+    let rows = csv(&purchases);
+    assert_eq!(rows[0][0], "receipt_id");
+    assert_eq!(rows.len() - 1, committed.len());
+    let exported: BTreeSet<&str> = rows[1..].iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(
+        exported,
+        committed.iter().map(|c| c.receipt.as_str()).collect()
+    );
+    let paid_col = rows[0].iter().position(|c| c == "paid").unwrap();
+    assert_eq!(
+        rows[1..]
+            .iter()
+            .map(|r| Decimal::from_str(&r[paid_col]).unwrap())
+            .sum::<Decimal>(),
+        paid(&|_| true)
+    );
+    let member_col = rows[0].iter().position(|c| c == "member_id").unwrap();
+    assert!(
+        rows[1..].iter().all(|r| !r[member_col].starts_with('+')),
+        "no phones"
+    );
+    let paged = export(&mut reports, rpb::FactKind::Purchases, 4, "").await;
+    assert!(paged.len() >= 4);
+    let resumed = export(
+        &mut reports,
+        rpb::FactKind::Purchases,
+        4,
+        &paged[1].resume_token,
+    )
+    .await;
+    let mut stitched = csv(&paged[..2]);
+    stitched.extend(csv(&resumed));
+    assert_eq!(
+        stitched, rows,
+        "a resumed export continues exactly after its chunk"
+    );
+    assert_eq!(paged.last().unwrap().resume_token, "");
+    let lines = csv(&export(&mut reports, rpb::FactKind::PurchaseLines, 0, "").await);
+    assert_eq!(lines.len() - 1, committed.len(), "one line per receipt");
+    let refunds = csv(&export(&mut reports, rpb::FactKind::Refunds, 0, "").await);
+    assert_eq!(refunds.len() - 1, 2);
+    let features = csv(&export(&mut reports, rpb::FactKind::MemberFeatures, 0, "").await);
+    assert_eq!(features.len() - 1, 8);
+    assert!(
+        features[0]
+            .iter()
+            .all(|c| !c.contains("phone") && !c.contains("name"))
+    );
+
+    // Bad input: clear errors.
+    let mut bad = kpis_request(&[rpb::Kpi::Sales], rpb::GroupBy::Unspecified);
+    let p = bad.period.as_mut().unwrap();
+    std::mem::swap(&mut p.start_time, &mut p.end_time);
+    let err = reports.get_kpis(bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violations(&err)[0].0, "period");
+    let mut unknown = kpis_request(&[rpb::Kpi::Sales], rpb::GroupBy::Unspecified);
+    unknown.store_ids = vec!["s9".into()];
+    let err = reports.get_kpis(unknown).await.unwrap_err();
+    assert_eq!(violations(&err)[0].0, "filter.store_ids[0]");
+    let mut long = kpis_request(&[rpb::Kpi::Sales], rpb::GroupBy::Unspecified);
+    long.period.as_mut().unwrap().start_time = Some(loyalty_platform::grpc::timestamp(0));
+    let err = reports.get_kpis(long).await.unwrap_err();
+    assert_eq!(violations(&err)[0].0, "period");
+    let err = reports
+        .get_kpis(kpis_request(
+            &[rpb::Kpi::PointsLiability],
+            rpb::GroupBy::Unspecified,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    // A restart rebuilds the same figures from the stored facts.
+    drop(reports);
+    assert_eq!(server.stop().await, 0);
+    let server = Server::start(Launch::dev(), dir.path()).await;
+    let mut reports = ReportingServiceClient::new(server.channel().await);
+    assert_eq!(kpis(&mut reports, &all, rpb::GroupBy::Unspecified).await, v);
+    server.stop().await;
+}
