@@ -43,11 +43,11 @@ KUBE_VERSIONS = ["1.30.0", "1.37.0"]
 CRD_KINDS = {"ServiceMonitor", "ScyllaCluster"}
 SERVICES = ["identity", "balance", "promotion", "segmentation", "reporting"]
 # Services whose state is in embedded files under /data: one replica, no autoscaler.
-SINGLE_REPLICA = ["identity", "promotion", "segmentation"]
+SINGLE_REPLICA = ["identity", "promotion", "segmentation", "reporting"]
 # Who reaches which store in the microservices profile: Redis holds balance's hot state and
-# the purchase event stream (promotion appends, segmentation consumes); ScyllaDB holds the
-# ledger (balance) and gets its schema from the migrate Job.
-REDIS_CLIENTS = {"identity", "balance", "promotion", "segmentation"}
+# the event streams (identity and promotion append, segmentation and reporting consume);
+# ScyllaDB holds the ledger (balance) and gets its schema from the migrate Job.
+REDIS_CLIENTS = {"identity", "balance", "promotion", "segmentation", "reporting"}
 SCYLLA_CLIENTS = {"balance", "migrate"}
 
 HELM = os.environ.get("HELM", "helm")
@@ -143,6 +143,7 @@ NEGATIVE = [
     (["services.promotion.autoscaling.enabled=true"], "services.promotion runs one replica"),
     (["services.segmentation.replicas=2"], "services.segmentation runs one replica"),
     (["services.segmentation.autoscaling.enabled=true"], "services.segmentation runs one replica"),
+    (["services.reporting.replicas=2"], "services.reporting runs one replica"),
     (["config.segmentation.reevaluateIntervalMs=-1"], "Must be greater than or equal to 0"),
     (["config.segmentation.rfmIntervalMs=-5"], "Must be greater than or equal to 0"),
     (["config.segmentation.everyMs=1"], "Additional property everyMs is not allowed"),
