@@ -2,7 +2,7 @@
 //! property test in `tests` checks each against a straightforward recomputation from the
 //! raw facts.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use loyalty_platform::calendar::{Day, civil};
 use loyalty_platform::error::{Error, Result};
@@ -11,7 +11,9 @@ use loyalty_platform::types::Channel;
 use roaring::RoaringBitmap;
 use rust_decimal::Decimal;
 
-use crate::rollup::{CHANNELS, CellKey, Measures, Rollups, SliceKey, channel_index, channel_name};
+use crate::rollup::{
+    Buyers, CHANNELS, Cells, Measures, Rollups, SliceKey, Slot, channel_index, channel_name, money,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kpi {
@@ -150,21 +152,79 @@ fn sum(kpi: Kpi, group: String, v: Decimal) -> Value {
     }
 }
 
-/// Measures split by identified (first index) and with a code (second).
+/// Sums of measures, money in [`crate::rollup::units`] with room for any total.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Split([[Measures; 2]; 2]);
+struct Sums {
+    receipts: i64,
+    fully_refunded: i64,
+    discount: i128,
+    paid: i128,
+    refunded: i128,
+    points_accrued: i128,
+    points_reversed: i128,
+    points_redeemed: i128,
+    points_returned: i128,
+}
 
-impl Split {
-    fn add(&mut self, key: &CellKey, m: &Measures) {
-        self.0[usize::from(key.identified)][usize::from(key.with_code)].add(m);
+impl Sums {
+    fn add(&mut self, m: &Measures) {
+        self.receipts += m.receipts;
+        self.fully_refunded += m.fully_refunded;
+        self.discount += i128::from(m.discount);
+        self.paid += i128::from(m.paid);
+        self.refunded += i128::from(m.refunded);
+        self.points_accrued += i128::from(m.points_accrued);
+        self.points_reversed += i128::from(m.points_reversed);
+        self.points_redeemed += i128::from(m.points_redeemed);
+        self.points_returned += i128::from(m.points_returned);
     }
 
-    fn pick(&self, identified: Option<bool>, coded: Option<bool>) -> Measures {
-        let mut out = Measures::default();
+    fn merge(&mut self, o: &Sums) {
+        self.receipts += o.receipts;
+        self.fully_refunded += o.fully_refunded;
+        self.discount += o.discount;
+        self.paid += o.paid;
+        self.refunded += o.refunded;
+        self.points_accrued += o.points_accrued;
+        self.points_reversed += o.points_reversed;
+        self.points_redeemed += o.points_redeemed;
+        self.points_returned += o.points_returned;
+    }
+
+    /// Receipts that still count: committed and not refunded in full.
+    fn receipts(&self) -> Decimal {
+        Decimal::from(self.receipts - self.fully_refunded)
+    }
+
+    /// Money paid, less money refunded.
+    fn sales(&self) -> Decimal {
+        money(self.paid - self.refunded)
+    }
+
+    fn accrued(&self) -> Decimal {
+        Decimal::from_i128_with_scale(self.points_accrued - self.points_reversed, 0)
+    }
+
+    fn redeemed(&self) -> Decimal {
+        Decimal::from_i128_with_scale(self.points_redeemed - self.points_returned, 0)
+    }
+}
+
+/// Sums split by identified (first index) and with a code (second).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Split([[Sums; 2]; 2]);
+
+impl Split {
+    fn add(&mut self, slot: &Slot, m: &Measures) {
+        self.0[usize::from(slot.identified)][usize::from(slot.with_code)].add(m);
+    }
+
+    fn pick(&self, identified: Option<bool>, coded: Option<bool>) -> Sums {
+        let mut out = Sums::default();
         for i in [false, true] {
             for c in [false, true] {
                 if identified.is_none_or(|x| x == i) && coded.is_none_or(|x| x == c) {
-                    out.add(&self.0[usize::from(i)][usize::from(c)]);
+                    out.merge(&self.0[usize::from(i)][usize::from(c)]);
                 }
             }
         }
@@ -178,31 +238,25 @@ impl Split {
         let anon = self.pick(Some(false), None);
         let code = self.pick(None, Some(true));
         let no_code = self.pick(None, Some(false));
-        let receipts = |m: &Measures| Decimal::from(m.net_receipts());
         match kpi {
             PenetrationAmount => ratio(kpi, group, card.sales(), all.sales()),
-            PenetrationReceipts => ratio(kpi, group, receipts(&card), receipts(&all)),
-            AverageCheckWithCard => ratio(kpi, group, card.sales(), receipts(&card)),
-            AverageCheckWithoutCard => ratio(kpi, group, anon.sales(), receipts(&anon)),
+            PenetrationReceipts => ratio(kpi, group, card.receipts(), all.receipts()),
+            AverageCheckWithCard => ratio(kpi, group, card.sales(), card.receipts()),
+            AverageCheckWithoutCard => ratio(kpi, group, anon.sales(), anon.receipts()),
             SalesWithCard => sum(kpi, group, card.sales()),
             SalesWithoutCard => sum(kpi, group, anon.sales()),
-            ReceiptsWithCard => sum(kpi, group, receipts(&card)),
-            ReceiptsWithoutCard => sum(kpi, group, receipts(&anon)),
-            RedemptionRate => ratio(
-                kpi,
-                group,
-                Decimal::from(all.net_points_redeemed()),
-                Decimal::from(all.net_points_accrued()),
-            ),
-            PointsAccrued => sum(kpi, group, Decimal::from(all.net_points_accrued())),
-            PointsRedeemed => sum(kpi, group, Decimal::from(all.net_points_redeemed())),
-            CodeUsage => sum(kpi, group, receipts(&code)),
-            AverageCheckWithCode => ratio(kpi, group, code.sales(), receipts(&code)),
-            AverageCheckWithoutCode => ratio(kpi, group, no_code.sales(), receipts(&no_code)),
+            ReceiptsWithCard => sum(kpi, group, card.receipts()),
+            ReceiptsWithoutCard => sum(kpi, group, anon.receipts()),
+            RedemptionRate => ratio(kpi, group, all.redeemed(), all.accrued()),
+            PointsAccrued => sum(kpi, group, all.accrued()),
+            PointsRedeemed => sum(kpi, group, all.redeemed()),
+            CodeUsage => sum(kpi, group, code.receipts()),
+            AverageCheckWithCode => ratio(kpi, group, code.sales(), code.receipts()),
+            AverageCheckWithoutCode => ratio(kpi, group, no_code.sales(), no_code.receipts()),
             Sales => sum(kpi, group, all.sales()),
-            Receipts => sum(kpi, group, receipts(&all)),
-            AverageCheck => ratio(kpi, group, all.sales(), receipts(&all)),
-            Discounts => sum(kpi, group, all.discount),
+            Receipts => sum(kpi, group, all.receipts()),
+            AverageCheck => ratio(kpi, group, all.sales(), all.receipts()),
+            Discounts => sum(kpi, group, money(all.discount)),
             _ => sum(kpi, group, Decimal::ZERO),
         }
     }
@@ -228,16 +282,106 @@ fn channels(scope: &Scope) -> [bool; CHANNELS.len()] {
     out
 }
 
-/// The group label of a slice; None when the grouping is by campaign or code (handled by
-/// the caller).
-fn label(r: &Rollups, group: Group, day: Day, outlet: u32, channel: u8) -> String {
-    match group {
-        Group::None | Group::Campaign | Group::Code => String::new(),
-        Group::Day | Group::Week | Group::Month => date_label(period_start(day, group)),
-        Group::Store => r.outlets.value(outlet).store_id.clone(),
-        Group::Brand => r.outlets.value(outlet).brand.clone(),
-        Group::Region => r.outlets.value(outlet).region.clone(),
-        Group::Channel => channel_name(CHANNELS[usize::from(channel)]).to_string(),
+fn month_number(day: Day) -> i64 {
+    let (y, m, _) = civil(day);
+    i64::from(y) * 12 + i64::from(m) - 1
+}
+
+/// Numbers the groups of a scope: which slices it admits and the group each falls in, by
+/// dense index, with the labels made once at the end.
+struct Grouper {
+    group: Group,
+    from: Day,
+    outlets: Vec<bool>,
+    channels: [bool; CHANNELS.len()],
+    /// Store, brand or region grouping: each outlet's group.
+    outlet_group: Vec<usize>,
+    names: Vec<String>,
+}
+
+impl Grouper {
+    fn new(r: &Rollups, scope: &Scope, group: Group) -> Self {
+        let mut names: Vec<String> = Vec::new();
+        let mut outlet_group = Vec::new();
+        if matches!(group, Group::Store | Group::Brand | Group::Region) {
+            let mut ids: HashMap<&str, usize> = HashMap::new();
+            for (_, o) in r.outlets.iter() {
+                let name = match group {
+                    Group::Store => o.store_id.as_str(),
+                    Group::Brand => o.brand.as_str(),
+                    _ => o.region.as_str(),
+                };
+                let next = ids.len();
+                let id = *ids.entry(name).or_insert(next);
+                if id == names.len() {
+                    names.push(name.to_string());
+                }
+                outlet_group.push(id);
+            }
+        }
+        let from = period_start(scope.from, group);
+        match group {
+            Group::Day | Group::Week => {
+                let step = if group == Group::Week { 7 } else { 1 };
+                let mut d = from;
+                while d <= scope.to {
+                    names.push(date_label(d));
+                    d += step;
+                }
+            }
+            Group::Month => {
+                for m in month_number(scope.from)..=month_number(scope.to) {
+                    let (y, mo) = (m.div_euclid(12) as i32, (m.rem_euclid(12) + 1) as u32);
+                    names.push(date_label(loyalty_platform::calendar::day_from_civil(
+                        y, mo, 1,
+                    )));
+                }
+            }
+            Group::Channel => {
+                names = CHANNELS
+                    .iter()
+                    .map(|c| channel_name(*c).to_string())
+                    .collect();
+            }
+            Group::None | Group::Campaign | Group::Code => names.push(String::new()),
+            Group::Store | Group::Brand | Group::Region => {}
+        }
+        Self {
+            group,
+            from,
+            outlets: admitted(r, scope),
+            channels: channels(scope),
+            outlet_group,
+            names,
+        }
+    }
+
+    /// The group of a slice, None when the scope leaves it out.
+    #[inline]
+    fn index(&self, day: Day, outlet: u32, channel: u8) -> Option<usize> {
+        if !self.outlets[outlet as usize] || !self.channels[usize::from(channel)] {
+            return None;
+        }
+        Some(match self.group {
+            Group::Day | Group::Week | Group::Month => self.day_index(day),
+            Group::None | Group::Campaign | Group::Code => 0,
+            Group::Store | Group::Brand | Group::Region => self.outlet_group[outlet as usize],
+            Group::Channel => usize::from(channel),
+        })
+    }
+
+    /// The group of a day when grouping by time (0 otherwise).
+    fn day_index(&self, day: Day) -> usize {
+        match self.group {
+            Group::Day => (day - self.from) as usize,
+            Group::Week => ((day - self.from) / 7) as usize,
+            Group::Month => (month_number(day) - month_number(self.from)) as usize,
+            _ => 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.names.len()
     }
 }
 
@@ -253,90 +397,166 @@ fn check_groups(n: usize) -> Result<()> {
     Ok(())
 }
 
-fn receipt_groups(r: &Rollups, scope: &Scope, group: Group) -> Result<BTreeMap<String, Split>> {
-    let outlets = admitted(r, scope);
-    let chans = channels(scope);
-    let range = CellKey::first_of(scope.from)..=CellKey::last_of(scope.to);
-    let mut out: BTreeMap<String, Split> = BTreeMap::new();
-    let mut fold = |cells: &BTreeMap<CellKey, Measures>, name: &str| {
-        for (k, m) in cells.range(range.clone()) {
-            if !outlets[k.outlet as usize] || !chans[usize::from(k.channel)] {
-                continue;
+fn receipt_groups(r: &Rollups, scope: &Scope, group: Group) -> Result<Vec<(String, Split)>> {
+    let g = Grouper::new(r, scope, group);
+    let fold = |cells: &Cells, into: &mut Vec<Option<Split>>| {
+        for (day, slots) in cells.range(scope.from, scope.to) {
+            for (slot, m) in slots {
+                if let Some(i) = g.index(day, slot.outlet, slot.channel) {
+                    into[i].get_or_insert_with(Split::default).add(slot, m);
+                }
             }
-            let g = match group {
-                Group::Campaign | Group::Code => name.to_string(),
-                _ => label(r, group, k.day, k.outlet, k.channel),
-            };
-            out.entry(g).or_default().add(k, m);
         }
     };
+    let mut out: Vec<(String, Split)> = Vec::new();
     match group {
-        Group::Campaign => {
-            for (id, cells) in &r.by_campaign {
-                fold(cells, r.campaigns.value(*id));
+        Group::Campaign | Group::Code => {
+            let (maps, names) = if group == Group::Campaign {
+                (&r.by_campaign, &r.campaigns)
+            } else {
+                (&r.by_code, &r.codes)
+            };
+            for (id, cells) in maps {
+                let mut one = vec![None];
+                fold(cells, &mut one);
+                if let Some(split) = one.pop().flatten() {
+                    out.push((names.value(*id).clone(), split));
+                }
             }
         }
-        Group::Code => {
-            for (id, cells) in &r.by_code {
-                fold(cells, r.codes.value(*id));
-            }
+        _ => {
+            let mut groups = vec![None; g.len()];
+            fold(&r.cells, &mut groups);
+            out.extend(
+                groups
+                    .into_iter()
+                    .zip(g.names.iter())
+                    .filter_map(|(s, name)| s.map(|s| (name.clone(), s))),
+            );
         }
-        _ => fold(&r.cells, ""),
     }
     if group == Group::None && out.is_empty() {
-        out.insert(String::new(), Split::default());
+        out.push((String::new(), Split::default()));
     }
     check_groups(out.len())?;
+    out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }
 
-/// Member sets of the scope's slices, grouped.
+/// Member sets of the scope's slices, by group.
 fn slices<'a, T>(
     r: &Rollups,
     scope: &Scope,
     group: Group,
     sets: &'a BTreeMap<SliceKey, T>,
-) -> BTreeMap<String, Vec<&'a T>> {
-    let outlets = admitted(r, scope);
-    let chans = channels(scope);
-    let mut out: BTreeMap<String, Vec<&T>> = BTreeMap::new();
+) -> Vec<(String, Vec<&'a T>)> {
+    let g = Grouper::new(r, scope, group);
+    let mut groups: Vec<Vec<&T>> = vec![Vec::new(); g.len()];
+    let mut used = vec![false; g.len()];
     for ((day, outlet, channel), set) in
         sets.range((scope.from, 0, 0)..=(scope.to, u32::MAX, u8::MAX))
     {
-        if outlets[*outlet as usize] && chans[usize::from(*channel)] {
-            out.entry(label(r, group, *day, *outlet, *channel))
-                .or_default()
-                .push(set);
+        if let Some(i) = g.index(*day, *outlet, *channel) {
+            groups[i].push(set);
+            used[i] = true;
         }
     }
+    let mut out: Vec<(String, Vec<&T>)> = groups
+        .into_iter()
+        .zip(g.names)
+        .zip(used)
+        .filter(|(_, used)| *used || group == Group::None)
+        .map(|((sets, name), _)| (name, sets))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }
 
-fn buyer_values(r: &Rollups, scope: &Scope, group: Group, kpis: &[Kpi]) -> Result<Vec<Value>> {
-    let mut groups = slices(r, scope, group, &r.buyers);
-    if group == Group::None && groups.is_empty() {
-        groups.insert(String::new(), Vec::new());
+/// How many distinct members a group's sets hold, and how many of them bought twice or more
+/// (in two sets, or twice within one).
+fn fold_buyers(sets: &[&Buyers]) -> (u64, u64) {
+    let total: u64 = sets.iter().map(|b| b.once.len() + b.again.len()).sum();
+    if sets.is_empty() {
+        return (0, 0);
     }
+    if total / sets.len() as u64 >= 256 {
+        by_bitmaps(sets)
+    } else {
+        by_sorting(sets, total as usize)
+    }
+}
+
+/// Few large sets (whole days): whole-bitmap operations.
+fn by_bitmaps(sets: &[&Buyers]) -> (u64, u64) {
+    let mut seen = RoaringBitmap::new();
+    let mut twice = RoaringBitmap::new();
+    for b in sets {
+        twice |= &seen & &b.once;
+        twice |= &b.again;
+        seen |= &b.once;
+    }
+    (seen.len(), twice.len())
+}
+
+/// Many small sets (a store's days): the members in one array, sorted, counted in runs; a
+/// member twice within a set is there twice.
+fn by_sorting(sets: &[&Buyers], total: usize) -> (u64, u64) {
+    let mut all: Vec<u32> = Vec::with_capacity(total);
+    for b in sets {
+        all.extend(b.once.iter());
+        all.extend(b.again.iter());
+    }
+    all.sort_unstable();
+    let (mut seen, mut twice) = (0, 0);
+    let mut i = 0;
+    while i < all.len() {
+        let mut j = i + 1;
+        while j < all.len() && all[j] == all[i] {
+            j += 1;
+        }
+        seen += 1;
+        twice += u64::from(j - i >= 2);
+        i = j;
+    }
+    (seen, twice)
+}
+
+fn buyer_values(r: &Rollups, scope: &Scope, group: Group, kpis: &[Kpi]) -> Result<Vec<Value>> {
+    let unfiltered = scope.stores.is_empty()
+        && scope.brands.is_empty()
+        && scope.regions.is_empty()
+        && scope.channels.is_empty();
+    let groups: Vec<(String, (u64, u64))> = match group {
+        // Whole days: the per-day sets, a few hundred bitmaps for a year.
+        Group::None | Group::Day | Group::Week | Group::Month if unfiltered => {
+            let g = Grouper::new(r, scope, group);
+            let mut per: Vec<Vec<&Buyers>> = vec![Vec::new(); g.len()];
+            if scope.from <= scope.to {
+                for (day, b) in r.day_buyers.range(scope.from..=scope.to) {
+                    per[g.day_index(*day)].push(b);
+                }
+            }
+            let mut out: Vec<(String, (u64, u64))> = per
+                .into_iter()
+                .zip(g.names)
+                .filter(|(sets, _)| !sets.is_empty() || group == Group::None)
+                .map(|(sets, name)| (name, fold_buyers(&sets)))
+                .collect();
+            out.sort_by(|a, b| a.0.cmp(&b.0));
+            out
+        }
+        _ => slices(r, scope, group, &r.buyers)
+            .into_iter()
+            .map(|(name, sets)| (name, fold_buyers(&sets)))
+            .collect(),
+    };
     check_groups(groups.len())?;
     let mut out = Vec::new();
-    for (g, sets) in groups {
-        // Members seen in two slices, or twice in one, bought at least twice.
-        let mut seen = RoaringBitmap::new();
-        let mut twice = RoaringBitmap::new();
-        for b in sets {
-            twice |= &seen & &b.once;
-            twice |= &b.again;
-            seen |= &b.once;
-        }
-        for &kpi in kpis {
+    for &kpi in kpis {
+        for (g, (seen, twice)) in &groups {
             out.push(match kpi {
-                Kpi::ActiveMembers => sum(kpi, g.clone(), Decimal::from(seen.len())),
-                _ => ratio(
-                    kpi,
-                    g.clone(),
-                    Decimal::from(twice.len()),
-                    Decimal::from(seen.len()),
-                ),
+                Kpi::ActiveMembers => sum(kpi, g.clone(), Decimal::from(*seen)),
+                _ => ratio(kpi, g.clone(), Decimal::from(*twice), Decimal::from(*seen)),
             });
         }
     }
@@ -447,6 +667,12 @@ pub fn compute(
         }
     }
     let mut receipts_groups = None;
+    let buyer_kpis: Vec<Kpi> = kpis
+        .iter()
+        .copied()
+        .filter(|k| k.source() == Source::Buyers)
+        .collect();
+    let mut buyers: Option<Vec<Value>> = None;
     for &kpi in kpis {
         match kpi.source() {
             Source::Receipts => {
@@ -457,7 +683,12 @@ pub fn compute(
                     out.extend(groups.iter().map(|(g, s)| s.value(kpi, g.clone())));
                 }
             }
-            Source::Buyers => out.extend(buyer_values(r, scope, group, &[kpi])?),
+            Source::Buyers => {
+                if buyers.is_none() {
+                    buyers = Some(buyer_values(r, scope, group, &buyer_kpis)?);
+                }
+                out.extend(buyers.iter().flatten().filter(|v| v.kpi == kpi).cloned());
+            }
             Source::Members => out.extend(member_values(r, scope, group, &[kpi], day_of)?),
             Source::Ledger => {}
         }
@@ -476,8 +707,10 @@ pub fn category_intersection(r: &Rollups, scope: &Scope, a: &str, b: &str) -> (u
         else {
             return set;
         };
-        for s in slices(r, scope, Group::None, sets).into_values().flatten() {
-            set |= s;
+        for (_, group) in slices(r, scope, Group::None, sets) {
+            for s in group {
+                set |= s;
+            }
         }
         set
     };
@@ -506,7 +739,10 @@ pub fn uplift(r: &Rollups, scope: &Scope, campaign: &str) -> Uplift {
     };
     let (mut target, mut control) = (RoaringBitmap::new(), RoaringBitmap::new());
     let (mut target_paid, mut control_paid) = (Decimal::ZERO, Decimal::ZERO);
-    for e in slices(r, scope, Group::None, sets).into_values().flatten() {
+    for e in slices(r, scope, Group::None, sets)
+        .into_iter()
+        .flat_map(|(_, v)| v)
+    {
         target |= &e.target;
         control |= &e.control;
         target_paid += e.target_paid;
@@ -565,4 +801,35 @@ pub fn rfm_overview(r: &Rollups, today: Day) -> Vec<(rfm::Named, u64, Decimal)> 
         e.2 += i.monetary;
     }
     by.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_ways_of_counting_buyers_agree() {
+        let mut state = 7u64;
+        let mut next = move |n: u64| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) % n) as u32
+        };
+        for _ in 0..50 {
+            let sets: Vec<Buyers> = (0..next(20) + 1)
+                .map(|_| {
+                    let once: RoaringBitmap = (0..next(600)).map(|_| next(2000)).collect();
+                    let again: RoaringBitmap = once.iter().filter(|m| m % 7 == 0).collect();
+                    Buyers { once, again }
+                })
+                .collect();
+            let refs: Vec<&Buyers> = sets.iter().collect();
+            let total = sets
+                .iter()
+                .map(|b| (b.once.len() + b.again.len()) as usize)
+                .sum();
+            assert_eq!(by_bitmaps(&refs), by_sorting(&refs, total));
+        }
+    }
 }

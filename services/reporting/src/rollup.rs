@@ -89,18 +89,40 @@ impl<T: Clone + Eq + Hash> Interner<T> {
     }
 }
 
-/// Sums over receipts and refunds. Receipts and money count on the purchase's business day;
-/// a refund takes its money (and, when it completes the receipt's refund, the receipt)
-/// back on that same day.
+/// Money in rollups: integer ten-thousandths (prices carry at most two decimals), so sums
+/// are exact and cheap.
+pub const MONEY_SCALE: u32 = 4;
+
+/// `d` in ten-thousandths, saturating far beyond any receipt.
+pub fn units(d: Decimal) -> i64 {
+    let r = d.round_dp(MONEY_SCALE);
+    let v = r.mantissa() * 10i128.pow(MONEY_SCALE - r.scale());
+    i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX })
+}
+
+/// Ten-thousandths back to money.
+pub fn money(units: i128) -> Decimal {
+    Decimal::try_from_i128_with_scale(units, MONEY_SCALE)
+        .unwrap_or(if units < 0 {
+            Decimal::MIN
+        } else {
+            Decimal::MAX
+        })
+        .normalize()
+}
+
+/// Sums over receipts and refunds, money in [`units`]. Receipts and money count on the
+/// purchase's business day; a refund takes its money (and, when it completes the receipt's
+/// refund, the receipt) back on that same day.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Measures {
     pub receipts: i64,
     /// Receipts refunded in full.
     pub fully_refunded: i64,
-    pub gross: Decimal,
-    pub discount: Decimal,
-    pub paid: Decimal,
-    pub refunded: Decimal,
+    pub gross: i64,
+    pub discount: i64,
+    pub paid: i64,
+    pub refunded: i64,
     pub points_accrued: i64,
     pub points_reversed: i64,
     pub points_redeemed: i64,
@@ -111,40 +133,22 @@ impl Measures {
     pub fn add(&mut self, o: &Measures) {
         self.receipts += o.receipts;
         self.fully_refunded += o.fully_refunded;
-        self.gross += o.gross;
-        self.discount += o.discount;
-        self.paid += o.paid;
-        self.refunded += o.refunded;
-        self.points_accrued += o.points_accrued;
-        self.points_reversed += o.points_reversed;
-        self.points_redeemed += o.points_redeemed;
-        self.points_returned += o.points_returned;
-    }
-
-    /// Receipts that still count: committed and not refunded in full.
-    pub fn net_receipts(&self) -> i64 {
-        self.receipts - self.fully_refunded
-    }
-
-    /// Money paid, less money refunded.
-    pub fn sales(&self) -> Decimal {
-        self.paid - self.refunded
-    }
-
-    pub fn net_points_accrued(&self) -> i64 {
-        self.points_accrued - self.points_reversed
-    }
-
-    pub fn net_points_redeemed(&self) -> i64 {
-        self.points_redeemed - self.points_returned
+        self.gross = self.gross.saturating_add(o.gross);
+        self.discount = self.discount.saturating_add(o.discount);
+        self.paid = self.paid.saturating_add(o.paid);
+        self.refunded = self.refunded.saturating_add(o.refunded);
+        self.points_accrued = self.points_accrued.saturating_add(o.points_accrued);
+        self.points_reversed = self.points_reversed.saturating_add(o.points_reversed);
+        self.points_redeemed = self.points_redeemed.saturating_add(o.points_redeemed);
+        self.points_returned = self.points_returned.saturating_add(o.points_returned);
     }
 
     fn of_purchase(p: &Purchase) -> Self {
         Self {
             receipts: 1,
-            gross: p.gross,
-            discount: p.discount,
-            paid: p.paid,
+            gross: units(p.gross),
+            discount: units(p.discount),
+            paid: units(p.paid),
             points_accrued: p.points_accrued,
             points_redeemed: p.points_redeemed,
             ..Self::default()
@@ -154,7 +158,7 @@ impl Measures {
     fn of_refund(r: &Refund) -> Self {
         Self {
             fully_refunded: i64::from(r.fully_refunded),
-            refunded: r.refunded,
+            refunded: units(r.refunded),
             points_reversed: r.points_reversed,
             points_returned: r.points_returned,
             ..Self::default()
@@ -162,35 +166,53 @@ impl Measures {
     }
 }
 
-/// Where additive measures are kept: ordered by day first, so a period is one range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct CellKey {
-    pub day: Day,
+/// Where in a day additive measures are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Slot {
     pub outlet: u32,
     pub channel: u8,
     pub identified: bool,
     pub with_code: bool,
 }
 
-impl CellKey {
-    pub fn first_of(day: Day) -> Self {
-        Self {
-            day,
-            outlet: 0,
-            channel: 0,
-            identified: false,
-            with_code: false,
-        }
+impl Slot {
+    fn packed(&self) -> u64 {
+        (u64::from(self.outlet) << 8)
+            | (u64::from(self.channel) << 2)
+            | (u64::from(self.identified) << 1)
+            | u64::from(self.with_code)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct DayCells {
+    index: HashMap<u64, u32>,
+    cells: Vec<(Slot, Measures)>,
+}
+
+/// Measures per business day and slot, each day's cells contiguous, so a period is a scan
+/// of a few arrays.
+#[derive(Debug, Clone, Default)]
+pub struct Cells {
+    days: BTreeMap<Day, DayCells>,
+}
+
+impl Cells {
+    pub fn add(&mut self, day: Day, slot: Slot, m: &Measures) {
+        let d = self.days.entry(day).or_default();
+        let i = *d.index.entry(slot.packed()).or_insert_with(|| {
+            d.cells.push((slot, Measures::default()));
+            (d.cells.len() - 1) as u32
+        });
+        d.cells[i as usize].1.add(m);
     }
 
-    pub fn last_of(day: Day) -> Self {
-        Self {
-            day,
-            outlet: u32::MAX,
-            channel: u8::MAX,
-            identified: true,
-            with_code: true,
-        }
+    /// Every cell of days `from..=to`, day by day.
+    pub fn range(&self, from: Day, to: Day) -> impl Iterator<Item = (Day, &[(Slot, Measures)])> {
+        self.days
+            .range(from..=to.max(from))
+            .filter(move |_| from <= to)
+            .map(|(d, c)| (*d, c.cells.as_slice()))
     }
 }
 
@@ -227,10 +249,12 @@ pub struct Rollups {
     pub campaigns: Interner<String>,
     pub codes: Interner<String>,
     pub categories: Interner<String>,
-    pub cells: BTreeMap<CellKey, Measures>,
-    pub by_campaign: HashMap<u32, BTreeMap<CellKey, Measures>>,
-    pub by_code: HashMap<u32, BTreeMap<CellKey, Measures>>,
+    pub cells: Cells,
+    pub by_campaign: HashMap<u32, Cells>,
+    pub by_code: HashMap<u32, Cells>,
     pub buyers: BTreeMap<SliceKey, Buyers>,
+    /// The same over every outlet and channel: what unfiltered queries read.
+    pub day_buyers: BTreeMap<Day, Buyers>,
     pub category_buyers: HashMap<u32, BTreeMap<SliceKey, RoaringBitmap>>,
     pub exposure: HashMap<u32, BTreeMap<SliceKey, Exposure>>,
     pub member_days: HashMap<u32, BTreeMap<Day, MemberDay>>,
@@ -273,45 +297,51 @@ impl Rollups {
         o
     }
 
-    fn add_measures(&mut self, key: CellKey, m: &Measures, campaigns: &[String], codes: &[String]) {
-        self.cells.entry(key).or_default().add(m);
+    fn add_measures(
+        &mut self,
+        day: Day,
+        slot: Slot,
+        m: &Measures,
+        campaigns: &[String],
+        codes: &[String],
+    ) {
+        self.cells.add(day, slot, m);
         for c in distinct(campaigns) {
             let id = self.campaigns.intern(c);
-            self.by_campaign
-                .entry(id)
-                .or_default()
-                .entry(key)
-                .or_default()
-                .add(m);
+            self.by_campaign.entry(id).or_default().add(day, slot, m);
         }
         for c in distinct(codes) {
             let id = self.codes.intern(c);
-            self.by_code
-                .entry(id)
-                .or_default()
-                .entry(key)
-                .or_default()
-                .add(m);
+            self.by_code.entry(id).or_default().add(day, slot, m);
         }
     }
 
     fn purchase(&mut self, p: &Purchase) {
         let outlet = self.outlet(&p.outlet, &p.time_zone);
         let channel = channel_index(p.channel);
-        let key = CellKey {
-            day: p.day,
+        let slot = Slot {
             outlet,
             channel,
             identified: p.member_id.is_some(),
             with_code: !p.codes.is_empty(),
         };
-        self.add_measures(key, &Measures::of_purchase(p), &p.campaign_ids, &p.codes);
+        self.add_measures(
+            p.day,
+            slot,
+            &Measures::of_purchase(p),
+            &p.campaign_ids,
+            &p.codes,
+        );
         let Some(member) = &p.member_id else { return };
         let m = self.members.intern(member);
         let slice = (p.day, outlet, channel);
-        let buyers = self.buyers.entry(slice).or_default();
-        if !buyers.once.insert(m) {
-            buyers.again.insert(m);
+        for buyers in [
+            self.buyers.entry(slice).or_default(),
+            self.day_buyers.entry(p.day).or_default(),
+        ] {
+            if !buyers.once.insert(m) {
+                buyers.again.insert(m);
+            }
         }
         let categories: BTreeSet<&String> = p
             .lines
@@ -370,14 +400,19 @@ impl Rollups {
     fn refund(&mut self, r: &Refund) {
         let outlet = self.outlet(&r.outlet, &r.time_zone);
         let channel = channel_index(r.channel);
-        let key = CellKey {
-            day: r.day,
+        let slot = Slot {
             outlet,
             channel,
             identified: r.member_id.is_some(),
             with_code: !r.codes.is_empty(),
         };
-        self.add_measures(key, &Measures::of_refund(r), &r.campaign_ids, &r.codes);
+        self.add_measures(
+            r.day,
+            slot,
+            &Measures::of_refund(r),
+            &r.campaign_ids,
+            &r.codes,
+        );
         let Some(member) = &r.member_id else { return };
         let m = self.members.intern(member);
         // The refund's money leaves the exposure sums; the member stays exposed.
@@ -454,12 +489,14 @@ mod tests {
         r.apply(&Fact::Purchase(purchase("3", None, 10, 1)));
         let b = r.buyers.values().next().cloned().unwrap_or_default();
         assert_eq!((b.once.len(), b.again.len()), (1, 1));
-        let total: Measures = r.cells.values().fold(Measures::default(), |mut a, m| {
-            a.add(m);
-            a
-        });
+        let mut total = Measures::default();
+        for (_, cells) in r.cells.range(0, 100) {
+            for (_, m) in cells {
+                total.add(m);
+            }
+        }
         assert_eq!(total.receipts, 3);
-        assert_eq!(total.paid, Decimal::from(13));
+        assert_eq!(money(i128::from(total.paid)), Decimal::from(13));
         assert_eq!(r.time_zones.len(), 1);
     }
 
