@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
 use std::time::Duration;
 
+use futures_util::TryStreamExt;
 use loyalty_e2e::*;
 use loyalty_proto::common::v1::TimeRange;
 use loyalty_proto::promotion::v1 as ppb;
@@ -124,6 +125,65 @@ fn csv(chunks: &[rpb::ExportFactsResponse]) -> Vec<Vec<String>> {
         })
         .map(|l| l.split(',').map(str::to_string).collect())
         .collect()
+}
+
+fn rfc3339(days: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let t = prost_types::Timestamp {
+        seconds: now + days * 86_400,
+        nanos: 0,
+    };
+    t.to_string()
+}
+
+/// A Flight ticket for the test's period.
+fn ticket(kind: &str) -> String {
+    format!(
+        "{{\"tenant_id\":\"{T}\",\"kind\":\"{kind}\",\"start_time\":\"{}\",\"end_time\":\"{}\",\"time_zone\":\"UTC\"}}",
+        rfc3339(-2),
+        rfc3339(2)
+    )
+}
+
+fn receipt_ids(batches: &[arrow_array::RecordBatch]) -> Vec<String> {
+    use arrow_array::Array;
+    let mut out = Vec::new();
+    for b in batches {
+        let col = b.column_by_name("receipt_id").unwrap();
+        let ids = col
+            .as_any()
+            .downcast_ref::<arrow_array::StringArray>()
+            .unwrap();
+        out.extend((0..ids.len()).map(|i| ids.value(i).to_string()));
+    }
+    out
+}
+
+fn decimal_sum(batches: &[arrow_array::RecordBatch], column: &str) -> Decimal {
+    use arrow_array::Array;
+    let mut sum = Decimal::ZERO;
+    for b in batches {
+        let col = b.column_by_name(column).unwrap();
+        let values = col
+            .as_any()
+            .downcast_ref::<arrow_array::Decimal128Array>()
+            .unwrap();
+        for i in 0..values.len() {
+            sum += Decimal::from_i128_with_scale(values.value(i), values.scale() as u32);
+        }
+    }
+    sum
+}
+
+fn decimal_column_sum(rows: &[Vec<String>], column: &str) -> Decimal {
+    let i = rows[0].iter().position(|c| c == column).unwrap();
+    rows[1..]
+        .iter()
+        .map(|r| Decimal::from_str(&r[i]).unwrap())
+        .sum()
 }
 
 struct Committed {
@@ -507,6 +567,105 @@ async fn receipts_reach_every_report_and_exports() {
         features[0]
             .iter()
             .all(|c| !c.contains("phone") && !c.contains("name"))
+    );
+
+    // The same facts as Arrow: IPC chunks, a Flight stream and a Parquet file.
+    let ipc: Vec<u8> = {
+        let mut stream = reports
+            .export_facts(rpb::ExportFactsRequest {
+                tenant_id: T.into(),
+                kind: rpb::FactKind::Purchases as i32,
+                period: period(),
+                format: rpb::ExportFormat::ArrowIpc as i32,
+                chunk_rows: 4,
+                time_zone: "UTC".into(),
+                resume_token: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut bytes = Vec::new();
+        while let Some(c) = stream.message().await.unwrap() {
+            bytes.extend(c.data);
+        }
+        bytes
+    };
+    let reader = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc), None).unwrap();
+    let batches: Vec<arrow_array::RecordBatch> = reader.map(Result::unwrap).collect();
+    let csv_receipts: Vec<String> = rows[1..].iter().map(|r| r[0].clone()).collect();
+    assert_eq!(
+        receipt_ids(&batches),
+        csv_receipts,
+        "Arrow IPC holds the CSV's receipts in order"
+    );
+
+    let mut flight = arrow_flight::FlightClient::new(channel.clone());
+    let lines_csv = csv(&export(&mut reports, rpb::FactKind::PurchaseLines, 0, "").await);
+    let flown: Vec<arrow_array::RecordBatch> = flight
+        .do_get(arrow_flight::Ticket::new(ticket("purchase_lines")))
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(
+        receipt_ids(&flown),
+        lines_csv[1..]
+            .iter()
+            .map(|r| r[0].clone())
+            .collect::<Vec<_>>(),
+        "Flight carries the CSV's lines"
+    );
+    assert_eq!(
+        decimal_sum(&flown, "paid"),
+        decimal_column_sum(&lines_csv, "paid")
+    );
+    let err = flight
+        .do_get(arrow_flight::Ticket::new("{\"tenant_id\":\"t1\"}"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("ticket"), "{err}");
+
+    let out = dir.path().join("exports");
+    let status = std::process::Command::new(loyalty_bin())
+        .args([
+            "export",
+            "--addr",
+            &server.url(),
+            "--tenant",
+            T,
+            "--kind",
+            "purchases",
+        ])
+        .args([
+            "--from",
+            &rfc3339(-2),
+            "--to",
+            &rfc3339(2),
+            "--time-zone",
+            "UTC",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let file = std::fs::File::open(out.join("t1-purchases.parquet")).unwrap();
+    let parquet: Vec<arrow_array::RecordBatch> =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+    assert_eq!(
+        receipt_ids(&parquet),
+        csv_receipts,
+        "the Parquet file holds the CSV's receipts"
+    );
+    assert_eq!(
+        decimal_sum(&parquet, "paid"),
+        decimal_column_sum(&rows, "paid")
     );
 
     // Bad input: clear errors.

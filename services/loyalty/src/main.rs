@@ -5,6 +5,7 @@
 
 mod balancer;
 mod demo;
+mod export;
 mod peers;
 mod walkthrough;
 mod wiring;
@@ -78,6 +79,30 @@ enum Command {
         addr: String,
         #[arg(long, default_value = demo::TENANT)]
         tenant: String,
+    },
+    /// Writes an export of reporting's facts as a Parquet file, read over Arrow Flight from
+    /// a running server: `<out>/<tenant>-<kind>.parquet`.
+    Export {
+        /// The server's address.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        addr: String,
+        #[arg(long)]
+        tenant: String,
+        /// purchases, purchase_lines, refunds or member_features.
+        #[arg(long)]
+        kind: String,
+        /// Start of the period (RFC 3339, inclusive); purchases, lines and refunds need it.
+        #[arg(long)]
+        from: Option<String>,
+        /// End of the period (RFC 3339, exclusive).
+        #[arg(long)]
+        to: Option<String>,
+        /// IANA time zone the period's days are read in.
+        #[arg(long, default_value = "")]
+        time_zone: String,
+        /// Directory to write into.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
 }
 
@@ -167,6 +192,35 @@ async fn run(cli: Cli) -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("loyalty migrate: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Export {
+            addr,
+            tenant,
+            kind,
+            from,
+            to,
+            time_zone,
+            out,
+        } => {
+            let request = export::Request {
+                addr,
+                tenant,
+                kind,
+                from,
+                to,
+                time_zone,
+                out,
+            };
+            return match export::run(&request).await {
+                Ok((path, rows)) => {
+                    eprintln!("{}", export::describe(&path, rows));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("loyalty export: {e:#}");
                     ExitCode::FAILURE
                 }
             };

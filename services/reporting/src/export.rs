@@ -5,6 +5,7 @@ use std::fmt::Write;
 
 use loyalty_platform::clock::Millis;
 
+use crate::exporter::{Kind, Rows};
 use crate::fact::{Fact, Purchase, Refund};
 use crate::kpi::date_label;
 use crate::rollup::channel_name;
@@ -185,6 +186,33 @@ pub fn fact(out: &mut String, f: &Fact, as_lines: bool) -> usize {
             1
         }
         (Fact::Member(_), _) => 0,
+    }
+}
+
+/// A page of rows as CSV, with the header row first when asked.
+pub fn chunk(out: &mut String, kind: Kind, rows: &Rows, with_header: bool) {
+    if with_header {
+        header(
+            out,
+            match kind {
+                Kind::Purchases => PURCHASE_COLUMNS,
+                Kind::Lines => LINE_COLUMNS,
+                Kind::Refunds => REFUND_COLUMNS,
+                Kind::Members => MEMBER_COLUMNS,
+            },
+        );
+    }
+    match rows {
+        Rows::Facts(facts) => {
+            for f in facts {
+                fact(out, f, kind == Kind::Lines);
+            }
+        }
+        Rows::Members(members) => {
+            for m in members {
+                member(out, m);
+            }
+        }
     }
 }
 

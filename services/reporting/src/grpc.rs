@@ -12,11 +12,11 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::export;
-use crate::kpi::{Group, Kpi, Scope};
+use crate::exporter::{self, Kind, Page, Resume};
+use crate::kpi::{Group, Kpi};
 use crate::service::{
     DEFAULT_CHUNK_ROWS, Filter, MAX_CHUNK_ROWS, MAX_FILTER, Period, Reporting, Request as Query,
 };
-use crate::store::{Position, Receipts};
 
 #[derive(Debug, Clone)]
 pub struct Api {
@@ -130,7 +130,7 @@ fn granularity(value: i32) -> Group {
     }
 }
 
-fn query(
+pub(crate) fn query(
     tenant_id: String,
     period: Option<loyalty_proto::common::v1::TimeRange>,
     stores: Vec<String>,
@@ -180,165 +180,70 @@ fn values(values: Vec<crate::kpi::Value>) -> Vec<pb::KpiValue> {
         .collect()
 }
 
-/// Where an export continues: `<kind>.<snapshot>.<day>.<seq>` for receipt facts,
-/// `members.<member id>` for member features.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Resume {
-    Receipts(u64, Position),
-    Members(String),
-}
-
-fn kind_name(kind: pb::FactKind) -> &'static str {
-    kind.as_str_name()
-}
-
-fn parse_token(token: &str, kind: pb::FactKind) -> Result<Option<Resume>, Status> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    let bad = || {
-        to_status(Error::invalid(
-            "resume_token",
-            "is not a token this export handed out",
-        ))
-    };
-    let (name, rest) = token.split_once('.').ok_or_else(bad)?;
-    if name != kind_name(kind) {
-        return Err(to_status(Error::invalid(
-            "resume_token",
-            "belongs to an export of another kind",
-        )));
-    }
-    if kind == pb::FactKind::MemberFeatures {
-        return Ok(Some(Resume::Members(rest.to_string())));
-    }
-    let parts: Vec<&str> = rest.split('.').collect();
-    match parts.as_slice() {
-        [snapshot, day, seq] => Ok(Some(Resume::Receipts(
-            snapshot.parse().map_err(|_| bad())?,
-            (
-                day.parse().map_err(|_| bad())?,
-                seq.parse().map_err(|_| bad())?,
-            ),
-        ))),
-        _ => Err(bad()),
-    }
-}
-
 type ExportStream = Pin<Box<dyn Stream<Item = Result<pb::ExportFactsResponse, Status>> + Send>>;
 
-/// One export as asked.
-#[derive(Debug)]
-struct Export {
-    tenant_id: String,
-    kind: pb::FactKind,
-    scope: Scope,
-    snapshot: u64,
-    resume: Option<Resume>,
-    chunk_rows: usize,
+fn kind(value: i32) -> Result<Kind, Status> {
+    match pb::FactKind::try_from(value).unwrap_or(pb::FactKind::Unspecified) {
+        pb::FactKind::Unspecified => Err(to_status(Error::invalid("kind", "is required"))),
+        pb::FactKind::LedgerEntries => Err(to_status(Error::FailedPrecondition(
+            "ledger entries are not exported yet: reporting does not receive the ledger's entries"
+                .into(),
+        ))),
+        pb::FactKind::Purchases => Ok(Kind::Purchases),
+        pb::FactKind::PurchaseLines => Ok(Kind::Lines),
+        pb::FactKind::Refunds => Ok(Kind::Refunds),
+        pb::FactKind::MemberFeatures => Ok(Kind::Members),
+    }
 }
 
-/// Streams the export chunk by chunk; at most two chunks wait for a slow reader.
-async fn export(
-    reporting: Reporting,
-    job: Export,
+/// The export's pages as the response's chunks, in the asked format. A resumed export
+/// continues the first one's bytes: no second header row, no second schema message.
+async fn respond(
+    kind: Kind,
+    arrow: bool,
+    resumed: bool,
+    mut pages: tokio::sync::mpsc::Receiver<loyalty_platform::error::Result<Page>>,
     tx: tokio::sync::mpsc::Sender<Result<pb::ExportFactsResponse, Status>>,
 ) {
-    let Export {
-        tenant_id,
-        kind,
-        scope,
-        snapshot,
-        resume,
-        chunk_rows,
-    } = job;
-    let send = |data: String, rows: usize, token: String| {
-        let tx = tx.clone();
-        async move {
-            tx.send(Ok(pb::ExportFactsResponse {
-                data: data.into_bytes(),
-                row_count: rows as i64,
-                resume_token: token,
-            }))
-            .await
-            .is_ok()
-        }
-    };
-    let first = resume.is_none();
-    if kind == pb::FactKind::MemberFeatures {
-        let mut after = match resume {
-            Some(Resume::Members(m)) => Some(m),
-            _ => None,
-        };
-        let mut header = first;
-        loop {
-            let rows = match reporting.member_features(&tenant_id, after.as_deref(), chunk_rows) {
-                Ok(rows) => rows,
-                Err(e) => {
-                    let _ = tx.send(Err(to_status(e))).await;
-                    return;
+    let mut ipc: Option<arrow_ipc::writer::StreamWriter<Vec<u8>>> = None;
+    let mut first = !resumed;
+    while let Some(page) = pages.recv().await {
+        let chunk = page.and_then(|page| {
+            let rows = page.rows.count(kind);
+            let data = if arrow {
+                let batch = crate::arrow::batch(kind, &page.rows)?;
+                let writer = match &mut ipc {
+                    Some(w) => w,
+                    None => {
+                        let mut w =
+                            arrow_ipc::writer::StreamWriter::try_new(Vec::new(), &batch.schema())
+                                .map_err(Error::internal)?;
+                        if resumed {
+                            w.get_mut().clear();
+                        }
+                        ipc.insert(w)
+                    }
+                };
+                writer.write(&batch).map_err(Error::internal)?;
+                if page.resume.is_none() {
+                    writer.finish().map_err(Error::internal)?;
                 }
+                std::mem::take(writer.get_mut())
+            } else {
+                let mut out = String::new();
+                export::chunk(&mut out, kind, &page.rows, first);
+                out.into_bytes()
             };
-            let mut out = String::new();
-            if std::mem::take(&mut header) {
-                export::header(&mut out, export::MEMBER_COLUMNS);
-            }
-            for m in &rows {
-                export::member(&mut out, m);
-            }
-            let more = rows.len() >= chunk_rows;
-            after = rows.last().map(|m| m.member_id.clone());
-            let token = match (&after, more) {
-                (Some(a), true) => format!("{}.{a}", kind_name(kind)),
-                _ => String::new(),
-            };
-            if !send(out, rows.len(), token).await || !more {
-                return;
-            }
-        }
-    }
-    let (receipts, columns, as_lines) = match kind {
-        pb::FactKind::Refunds => (Receipts::Refunds, export::REFUND_COLUMNS, false),
-        pb::FactKind::PurchaseLines => (Receipts::Purchases, export::LINE_COLUMNS, true),
-        _ => (Receipts::Purchases, export::PURCHASE_COLUMNS, false),
-    };
-    let (snapshot, mut after) = match resume {
-        Some(Resume::Receipts(s, p)) => (s, Some(p)),
-        _ => (snapshot, None),
-    };
-    // Lines come whole receipts at a time: read fewer receipts per chunk.
-    let page = if as_lines {
-        chunk_rows.div_ceil(16)
-    } else {
-        chunk_rows
-    };
-    let mut header = first;
-    loop {
-        let (facts, next) = match reporting
-            .export_page(&tenant_id, receipts, &scope, snapshot, after, page)
-            .await
-        {
-            Ok(p) => p,
-            Err(e) => {
-                let _ = tx.send(Err(to_status(e))).await;
-                return;
-            }
-        };
-        let mut out = String::new();
-        if std::mem::take(&mut header) {
-            export::header(&mut out, columns);
-        }
-        let rows: usize = facts
-            .iter()
-            .map(|f| export::fact(&mut out, f, as_lines))
-            .sum();
-        let token = next.map_or(String::new(), |(day, seq)| {
-            format!("{}.{snapshot}.{day}.{seq}", kind_name(kind))
+            first = false;
+            Ok(pb::ExportFactsResponse {
+                data,
+                row_count: rows as i64,
+                resume_token: page.resume.map(|r| r.token(kind)).unwrap_or_default(),
+            })
         });
-        if !send(out, rows, token).await || next.is_none() {
+        if tx.send(chunk.map_err(to_status)).await.is_err() {
             return;
         }
-        after = next;
     }
 }
 
@@ -446,27 +351,13 @@ impl ReportingService for Api {
         request: Request<pb::ExportFactsRequest>,
     ) -> Result<Response<ExportStream>, Status> {
         let r = request.into_inner();
-        let kind = pb::FactKind::try_from(r.kind).unwrap_or(pb::FactKind::Unspecified);
-        match kind {
-            pb::FactKind::Unspecified => {
-                return Err(to_status(Error::invalid("kind", "is required")));
-            }
-            pb::FactKind::LedgerEntries => {
-                return Err(to_status(Error::FailedPrecondition(
-                    "ledger entries are not exported yet: reporting does not receive the ledger's entries".into(),
-                )));
-            }
-            _ => {}
-        }
-        match pb::ExportFormat::try_from(r.format).unwrap_or(pb::ExportFormat::Unspecified) {
-            pb::ExportFormat::Unspecified | pb::ExportFormat::Csv => {}
-            pb::ExportFormat::ArrowIpc => {
-                return Err(Status::unimplemented(
-                    "Arrow IPC exports are not built yet; ask for EXPORT_FORMAT_CSV",
-                ));
-            }
-        }
-        let chunk_rows = match r.chunk_rows {
+        let kind = kind(r.kind)?;
+        let arrow =
+            match pb::ExportFormat::try_from(r.format).unwrap_or(pb::ExportFormat::Unspecified) {
+                pb::ExportFormat::Unspecified | pb::ExportFormat::Csv => false,
+                pb::ExportFormat::ArrowIpc => true,
+            };
+        let rows = match r.chunk_rows {
             0 => DEFAULT_CHUNK_ROWS,
             n if n < 0 || n as usize > MAX_CHUNK_ROWS => {
                 return Err(to_status(Error::invalid(
@@ -476,55 +367,20 @@ impl ReportingService for Api {
             }
             n => n as usize,
         };
-        let resume = parse_token(&r.resume_token, kind)?;
-        let tenant_id = r.tenant_id.clone();
-        // Member features have no period: any (or none) is accepted.
-        let (scope, snapshot) = if kind == pb::FactKind::MemberFeatures {
-            loyalty_platform::types::tenant(&tenant_id).map_err(to_status)?;
-            (Scope::default(), 0)
-        } else {
-            let q = query(r.tenant_id, r.period, Vec::new(), None, r.time_zone);
-            self.reporting.export_scope(&q).await.map_err(to_status)?
-        };
+        let resume = Resume::parse(&r.resume_token, kind).map_err(to_status)?;
+        let resumed = resume.is_some();
+        let q = query(r.tenant_id, r.period, Vec::new(), None, r.time_zone);
+        let job = self
+            .reporting
+            .export_job(&q, kind, resume, rows)
+            .await
+            .map_err(to_status)?;
+        let (pages_tx, pages) = tokio::sync::mpsc::channel(2);
         let (tx, rx) = tokio::sync::mpsc::channel(2);
-        let job = Export {
-            tenant_id,
-            kind,
-            scope,
-            snapshot,
-            resume,
-            chunk_rows,
-        };
-        tokio::spawn(export(self.reporting.clone(), job, tx));
+        tokio::spawn(exporter::run(self.reporting.clone(), job, pages_tx));
+        tokio::spawn(respond(kind, arrow, resumed, pages, tx));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use super::*;
-
-    #[test]
-    fn resume_tokens_round_trip_and_refuse_strangers() {
-        let k = pb::FactKind::Purchases;
-        let t = format!("{}.7.20000.42", kind_name(k));
-        assert_eq!(
-            parse_token(&t, k).unwrap(),
-            Some(Resume::Receipts(7, (20000, 42)))
-        );
-        assert!(parse_token("garbage", k).is_err());
-        assert!(parse_token(&t, pb::FactKind::Refunds).is_err());
-        let m = format!(
-            "{}.member.with.dots",
-            kind_name(pb::FactKind::MemberFeatures)
-        );
-        assert_eq!(
-            parse_token(&m, pb::FactKind::MemberFeatures).unwrap(),
-            Some(Resume::Members("member.with.dots".into()))
-        );
     }
 }

@@ -4,9 +4,12 @@
 //! `fact`, `rollup` and `kpi` are the pure domain; `service` is the core over a
 //! [`store::ReportingStore`]; `consumer` and `grpc` are the adapters.
 
+pub mod arrow;
 pub mod consumer;
 pub mod export;
+pub mod exporter;
 pub mod fact;
+pub mod flight;
 pub mod grpc;
 pub mod kpi;
 pub mod rollup;
@@ -19,16 +22,27 @@ use loyalty_proto::reporting::v1::reporting_service_server::ReportingServiceServ
 
 pub use service::Reporting;
 
-pub const SERVICE_NAMES: &[&str] = &["loyalty.reporting.v1.ReportingService"];
+pub const SERVICE_NAMES: &[&str] = &[
+    "loyalty.reporting.v1.ReportingService",
+    "arrow.flight.protocol.FlightService",
+];
 
 pub fn add_routes(
     routes: tonic::service::Routes,
     reporting: Reporting,
     max_message_bytes: usize,
 ) -> tonic::service::Routes {
-    routes.add_service(
-        ReportingServiceServer::new(grpc::Api::new(reporting))
+    routes
+        .add_service(
+            ReportingServiceServer::new(grpc::Api::new(reporting.clone()))
+                .max_decoding_message_size(max_message_bytes)
+                .max_encoding_message_size(max_message_bytes),
+        )
+        .add_service(
+            arrow_flight::flight_service_server::FlightServiceServer::new(flight::Flight::new(
+                reporting,
+            ))
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes),
-    )
+        )
 }

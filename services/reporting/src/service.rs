@@ -271,10 +271,29 @@ impl Reporting {
         })
     }
 
-    /// The days and snapshot an export reads; checks the request like a KPI query.
-    pub async fn export_scope(&self, req: &Request) -> Result<(Scope, u64)> {
-        let scope = self.with(&req.tenant_id, |r| Ok(self.scope(r, req)?.0))?;
-        Ok((scope, self.store.snapshot().await?))
+    /// Checks an export request like a KPI query (member features need no period) and
+    /// pins its snapshot.
+    pub async fn export_job(
+        &self,
+        req: &Request,
+        kind: crate::exporter::Kind,
+        resume: Option<crate::exporter::Resume>,
+        rows: usize,
+    ) -> Result<crate::exporter::Job> {
+        let scope = if kind == crate::exporter::Kind::Members {
+            loyalty_platform::types::tenant(&req.tenant_id)?;
+            Scope::default()
+        } else {
+            self.with(&req.tenant_id, |r| Ok(self.scope(r, req)?.0))?
+        };
+        Ok(crate::exporter::Job {
+            tenant_id: req.tenant_id.clone(),
+            kind,
+            scope,
+            snapshot: self.store.snapshot().await?,
+            resume,
+            rows,
+        })
     }
 
     pub async fn export_page(
