@@ -350,6 +350,21 @@ async fn receipts_reach_every_report_and_exports() {
             applied,
         });
     }
+    // s2 moves to another brand: its receipts, and their refunds, stay with the old one.
+    catalog
+        .upsert_stores(ppb::UpsertStoresRequest {
+            tenant_id: T.into(),
+            stores: vec![ppb::Store {
+                store_id: "s2".into(),
+                name: "Store 2".into(),
+                brand: "Renamed".into(),
+                region: "North".into(),
+                time_zone: "UTC".into(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap();
     // A full refund of r2 (polish of the first member) and one of the two boots of r1.
     pos.refund(T, "r2", "f1", &[("1", "1")]).await.unwrap();
     let partial = pos.refund(T, "r1", "f1", &[("1", "1")]).await.unwrap();
@@ -438,6 +453,12 @@ async fn receipts_reach_every_report_and_exports() {
     assert_eq!(
         by_brand.keys().map(|(_, g)| g.as_str()).collect::<Vec<_>>(),
         vec!["Other", "ShoeHub"]
+    );
+    // s2 had 5 receipts as "Other"; the full refund of r2 there took one back.
+    let by_brand_receipts = kpis(&mut reports, &[rpb::Kpi::Receipts], rpb::GroupBy::Brand).await;
+    assert_eq!(
+        by_brand_receipts[&(rpb::Kpi::Receipts as i32, "Other".into())],
+        Decimal::from(4)
     );
     let by_code = kpis(&mut reports, &[rpb::Kpi::Receipts], rpb::GroupBy::Code).await;
     assert_eq!(
@@ -557,6 +578,25 @@ async fn receipts_reach_every_report_and_exports() {
         "a resumed export continues exactly after its chunk"
     );
     assert_eq!(paged.last().unwrap().resume_token, "");
+    // A token continues only its own export.
+    let mut elsewhere = kpis_request(&[rpb::Kpi::Sales], rpb::GroupBy::Unspecified).period;
+    elsewhere.as_mut().unwrap().end_time = Some(loyalty_platform::grpc::timestamp(
+        loyalty_platform::grpc::millis(elsewhere.as_ref().unwrap().end_time.as_ref().unwrap())
+            + 86_400_000,
+    ));
+    let err = reports
+        .export_facts(rpb::ExportFactsRequest {
+            tenant_id: T.into(),
+            kind: rpb::FactKind::Purchases as i32,
+            period: elsewhere,
+            chunk_rows: 4,
+            time_zone: "UTC".into(),
+            resume_token: paged[1].resume_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&err)[0].0, "resume_token");
     let lines = csv(&export(&mut reports, rpb::FactKind::PurchaseLines, 0, "").await);
     assert_eq!(lines.len() - 1, committed.len(), "one line per receipt");
     let refunds = csv(&export(&mut reports, rpb::FactKind::Refunds, 0, "").await);

@@ -35,9 +35,20 @@ fn ticket(r: &Request) -> String {
     t.to_string()
 }
 
-/// Writes `<out>/<tenant>-<kind>.parquet` (through a temporary file renamed when complete)
-/// and returns its path and row count.
+/// Writes `<out>/<tenant>-<kind>.parquet` (through a temporary file renamed when complete,
+/// removed when the export fails) and returns its path and row count.
 pub async fn run(r: &Request) -> anyhow::Result<(PathBuf, usize)> {
+    let partial = r
+        .out
+        .join(format!(".{}-{}.parquet.partial", r.tenant, r.kind));
+    let written = write(r, &partial).await;
+    if written.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    written
+}
+
+async fn write(r: &Request, partial: &Path) -> anyhow::Result<(PathBuf, usize)> {
     std::fs::create_dir_all(&r.out)
         .with_context(|| format!("creating the output directory {}", r.out.display()))?;
     let channel = tonic::transport::Endpoint::from_shared(r.addr.clone())
@@ -51,10 +62,7 @@ pub async fn run(r: &Request) -> anyhow::Result<(PathBuf, usize)> {
         .await
         .context("starting the export")?;
     let path = r.out.join(format!("{}-{}.parquet", r.tenant, r.kind));
-    let partial = r
-        .out
-        .join(format!(".{}-{}.parquet.partial", r.tenant, r.kind));
-    let file = std::fs::File::create(&partial)
+    let file = std::fs::File::create(partial)
         .with_context(|| format!("creating {}", partial.display()))?;
     let mut writer: Option<ArrowWriter<std::fs::File>> = None;
     let mut rows = 0;
@@ -88,7 +96,7 @@ pub async fn run(r: &Request) -> anyhow::Result<(PathBuf, usize)> {
             ArrowWriter::try_new(f, schema, None)?.close()?;
         }
     }
-    std::fs::rename(&partial, &path)
+    std::fs::rename(partial, &path)
         .with_context(|| format!("moving the export into place at {}", path.display()))?;
     Ok((path, rows))
 }

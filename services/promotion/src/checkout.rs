@@ -133,7 +133,8 @@ impl Checkout {
         Ok(book)
     }
 
-    /// (category, brand) of each line's product, for the events.
+    /// (category, brand) of each line's product, for the events; the store as it was at the
+    /// purchase.
     async fn catalog(&self, p: &Purchase) -> Result<Catalog> {
         let skus: Vec<String> = p.receipt.lines.iter().map(|l| l.sku.clone()).collect();
         let ctx = self
@@ -146,7 +147,7 @@ impl Checkout {
                 .into_iter()
                 .map(|product| product.map(|p| (p.category, p.brand)).unwrap_or_default())
                 .collect(),
-            store: ctx.store.as_ref().map(StoreFacts::of).unwrap_or_default(),
+            store: p.store.clone(),
         })
     }
 
@@ -373,7 +374,7 @@ impl Checkout {
                                 .iter()
                                 .map(|i| (i.category.clone(), i.brand.clone()))
                                 .collect(),
-                            store: StoreFacts::of(&prepared.store),
+                            store: purchase.store.clone(),
                         };
                         return self.committed(purchase, Some(catalog)).await;
                     }
@@ -424,6 +425,7 @@ impl Checkout {
                 program: prepared.program.clone(),
                 evaluated_at: now,
                 month: prepared.local.month_number(),
+                store: StoreFacts::of(&prepared.store),
                 evaluation,
                 state,
                 refunds: Vec::new(),

@@ -118,7 +118,7 @@ pub struct Catalog {
 }
 
 /// The store's brand, region and time zone: reports slice by them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StoreFacts {
     pub brand: String,
     pub region: String,

@@ -853,6 +853,7 @@ fn the_purchase_event_names_applied_and_held_out_campaigns() {
         program: w.program.clone(),
         evaluated_at: w.now,
         month: 0,
+        store: Default::default(),
         evaluation,
         state: crate::purchase::PurchaseState::Pending,
         refunds: Vec::new(),
@@ -888,6 +889,7 @@ fn a_full_refund_gives_each_budget_back_what_it_claimed_even_with_slashes_in_ids
         program: w.program.clone(),
         evaluated_at: w.now,
         month: 0,
+        store: Default::default(),
         evaluation,
         state: crate::purchase::PurchaseState::Committed {
             commit_time: w.now,

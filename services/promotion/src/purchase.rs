@@ -35,6 +35,9 @@ pub struct Purchase {
     pub evaluated_at: Millis,
     /// The store's local month of the purchase (tier spend).
     pub month: i32,
+    /// The store's brand, region and time zone at the purchase: its events, and its
+    /// refunds' events, report it where it was bought.
+    pub store: crate::events::StoreFacts,
     /// Pending: the quote-time evaluation. Committed: what was applied.
     pub evaluation: Evaluation,
     pub state: PurchaseState,

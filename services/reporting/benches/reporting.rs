@@ -226,11 +226,19 @@ fn export_lines(c: &mut Criterion) {
                 let mut rows = 0;
                 loop {
                     let (facts, next) = reporting
-                        .export_page("t", Receipts::Purchases, &scope, u64::MAX, after, 625)
+                        .export_page(
+                            "t",
+                            Receipts::Purchases,
+                            &scope,
+                            u64::MAX,
+                            after,
+                            10_000,
+                            loyalty_reporting::exporter::PAGE_BYTES,
+                        )
                         .await
                         .unwrap();
                     let mut out = String::with_capacity(1 << 20);
-                    for f in &facts {
+                    for (_, f) in &facts {
                         rows += loyalty_reporting::export::fact(&mut out, f, true);
                     }
                     black_box(out);

@@ -29,14 +29,17 @@ fn time(t: &Option<prost_types::Timestamp>, or: Millis) -> Millis {
     t.as_ref().map_or(or, millis)
 }
 
-/// The business day the event names; the UTC date of the purchase for events from before
-/// events carried it.
-fn business_day(d: &Option<loyalty_proto::common::v1::Date>, time: Millis) -> Day {
+/// The business day the event names; for events from before events carried it, the date of
+/// the purchase in the store's time zone (UTC when that is unknown too).
+fn business_day(d: &Option<loyalty_proto::common::v1::Date>, time: Millis, zone: &str) -> Day {
     match d {
         Some(d) if (1..=12).contains(&d.month) && (1..=31).contains(&d.day) => {
             day_from_civil(d.year, d.month as u32, d.day as u32)
         }
-        _ => loyalty_platform::calendar::day_of(time),
+        _ => {
+            let tz = jiff::tz::TimeZone::get(zone).unwrap_or(jiff::tz::TimeZone::UTC);
+            crate::service::local_day(time, &tz)
+        }
     }
 }
 
@@ -75,6 +78,7 @@ pub fn decode(payload: &[u8]) -> Option<TenantFact> {
     let fact = match event.kind? {
         pb::event::Kind::Purchase(p) => {
             let at = time(&p.purchase_time, event_time);
+            let day = business_day(&p.business_day, at, &p.store_time_zone);
             Fact::Purchase(Purchase {
                 outlet: Outlet {
                     store_id: p.store_id,
@@ -85,7 +89,7 @@ pub fn decode(payload: &[u8]) -> Option<TenantFact> {
                 channel: channel(p.channel),
                 member_id: member(&p.member_id),
                 time: at,
-                day: business_day(&p.business_day, at),
+                day,
                 lines: lines(&p.lines),
                 gross: dec(&p.gross),
                 discount: dec(&p.discount),
@@ -100,6 +104,7 @@ pub fn decode(payload: &[u8]) -> Option<TenantFact> {
         }
         pb::event::Kind::Refund(r) => {
             let bought = time(&r.purchase_time, event_time);
+            let day = business_day(&r.business_day, bought, &r.store_time_zone);
             Fact::Refund(Refund {
                 outlet: Outlet {
                     store_id: r.store_id,
@@ -110,7 +115,7 @@ pub fn decode(payload: &[u8]) -> Option<TenantFact> {
                 channel: channel(r.channel),
                 member_id: member(&r.member_id),
                 time: event_time,
-                day: business_day(&r.business_day, bought),
+                day,
                 lines: lines(&r.lines),
                 refunded: dec(&r.refunded),
                 fully_refunded: r.receipt_fully_refunded,

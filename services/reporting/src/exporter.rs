@@ -46,26 +46,34 @@ pub enum Resume {
 }
 
 impl Resume {
-    /// `<kind>.<snapshot>.<day>.<seq>` or `member_features.<member id>`.
-    pub fn token(&self, kind: Kind) -> String {
+    /// `<kind>.<binding>.<snapshot>.<day>.<seq>` or `member_features.<binding>.<member id>`;
+    /// the binding names the export (tenant, kind, days, format) the token continues.
+    pub fn token(&self, kind: Kind, binding: u64) -> String {
         match self {
             Resume::Receipts(snapshot, (day, seq)) => {
-                format!("{}.{snapshot}.{day}.{seq}", kind.name())
+                format!("{}.{binding:016x}.{snapshot}.{day}.{seq}", kind.name())
             }
-            Resume::Members(m) => format!("{}.{m}", kind.name()),
+            Resume::Members(m) => format!("{}.{binding:016x}.{m}", kind.name()),
         }
     }
 
-    pub fn parse(token: &str, kind: Kind) -> Result<Option<Resume>> {
+    pub fn parse(token: &str, kind: Kind, binding: u64) -> Result<Option<Resume>> {
         if token.is_empty() {
             return Ok(None);
         }
+        if token.len() > 512 {
+            return Err(Error::invalid("resume_token", "at most 512 characters"));
+        }
         let bad = || Error::invalid("resume_token", "is not a token this export handed out");
-        let (name, rest) = token.split_once('.').ok_or_else(bad)?;
-        if name != kind.name() {
+        let mut parts = token.splitn(3, '.');
+        let (Some(name), Some(bound), Some(rest)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        if name != kind.name() || bound != format!("{binding:016x}") {
             return Err(Error::invalid(
                 "resume_token",
-                "belongs to an export of another kind",
+                "belongs to another export (tenant, kind, period or format)",
             ));
         }
         if kind == Kind::Members {
@@ -94,9 +102,16 @@ pub struct Job {
     /// The snapshot of receipt facts it reads (ignored when resuming: the token's).
     pub snapshot: u64,
     pub resume: Option<Resume>,
-    /// Rows per page (lines: about that many, whole receipts at a time).
+    /// Rows per page at most (a line export ends a page at a receipt's end, so one receipt
+    /// of more lines makes a larger page).
     pub rows: usize,
+    /// What the export's resume tokens carry.
+    pub binding: u64,
 }
+
+/// Stored bytes one page reads at most: it keeps every chunk well under gRPC's message
+/// limit whatever the rows hold.
+pub const PAGE_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Clone)]
 pub enum Rows {
@@ -171,15 +186,17 @@ pub async fn run(reporting: Reporting, job: Job, tx: mpsc::Sender<Result<Page>>)
         Some(Resume::Receipts(s, p)) => (s, Some(p)),
         _ => (job.snapshot, None),
     };
-    // Lines come whole receipts at a time: read fewer receipts per page.
-    let page = if job.kind == Kind::Lines {
-        rows.div_ceil(16)
-    } else {
-        rows
-    };
     loop {
-        let (facts, next) = match reporting
-            .export_page(&job.tenant_id, receipts, &job.scope, snapshot, after, page)
+        let (mut kept, mut next) = match reporting
+            .export_page(
+                &job.tenant_id,
+                receipts,
+                &job.scope,
+                snapshot,
+                after,
+                rows,
+                PAGE_BYTES,
+            )
             .await
         {
             Ok(p) => p,
@@ -188,7 +205,22 @@ pub async fn run(reporting: Reporting, job: Job, tx: mpsc::Sender<Result<Page>>)
                 return;
             }
         };
+        if job.kind == Kind::Lines {
+            // End the page at the receipt that reaches the row count.
+            let mut lines = 0;
+            for i in 0..kept.len() {
+                if let Fact::Purchase(p) = &kept[i].1 {
+                    lines += p.lines.len();
+                }
+                if lines >= rows && i + 1 < kept.len() {
+                    next = Some(kept[i].0);
+                    kept.truncate(i + 1);
+                    break;
+                }
+            }
+        }
         let resume = next.map(|p| Resume::Receipts(snapshot, p));
+        let facts = kept.into_iter().map(|(_, f)| f).collect();
         if tx
             .send(Ok(Page {
                 rows: Rows::Facts(facts),
@@ -213,13 +245,17 @@ mod tests {
     #[test]
     fn resume_tokens_round_trip_and_refuse_strangers() {
         let r = Resume::Receipts(7, (20000, 42));
-        let t = r.token(Kind::Purchases);
-        assert_eq!(Resume::parse(&t, Kind::Purchases).unwrap(), Some(r));
-        assert!(Resume::parse("garbage", Kind::Purchases).is_err());
-        assert!(Resume::parse(&t, Kind::Refunds).is_err());
+        let t = r.token(Kind::Purchases, 99);
+        assert_eq!(Resume::parse(&t, Kind::Purchases, 99).unwrap(), Some(r));
+        assert!(Resume::parse("garbage", Kind::Purchases, 99).is_err());
+        assert!(Resume::parse(&t, Kind::Refunds, 99).is_err());
+        assert!(
+            Resume::parse(&t, Kind::Purchases, 98).is_err(),
+            "another export's token"
+        );
         let m = Resume::Members("member.with.dots".into());
         assert_eq!(
-            Resume::parse(&m.token(Kind::Members), Kind::Members).unwrap(),
+            Resume::parse(&m.token(Kind::Members, 1), Kind::Members, 1).unwrap(),
             Some(m)
         );
     }

@@ -6,9 +6,10 @@
 //!  "end_time": "2026-02-01T00:00:00Z", "time_zone": "Asia/Almaty"}
 //! ```
 //!
-//! `kind` is `purchases`, `purchase_lines`, `refunds` or `member_features`; `rows` (record
-//! batch size, default 10,000) and `resume_token` are optional. The stream is the same
-//! snapshot-consistent, paged export `ExportFacts` sends, as Arrow record batches.
+//! `kind` is `purchases`, `purchase_lines`, `refunds` or `member_features`; `time_zone` and
+//! `rows` (record batch size, default 10,000) are optional. The stream is the same
+//! snapshot-consistent, paged export `ExportFacts` sends, as Arrow record batches; it is not
+//! resumable (an interrupted `DoGet` starts again).
 
 use std::pin::Pin;
 
@@ -26,7 +27,7 @@ use serde::Deserialize;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::exporter::{self, Kind, Resume};
+use crate::exporter::{self, Kind};
 use crate::service::{DEFAULT_CHUNK_ROWS, MAX_CHUNK_ROWS, Period, Reporting, Request as Query};
 
 /// Longest ticket accepted.
@@ -56,8 +57,6 @@ struct ExportTicket {
     time_zone: String,
     #[serde(default)]
     rows: Option<usize>,
-    #[serde(default)]
-    resume_token: String,
 }
 
 fn instant(field: &str, value: Option<&str>) -> Result<Option<i64>, Status> {
@@ -132,10 +131,9 @@ impl FlightService for Flight {
             time_zone: t.time_zone,
             ..Query::default()
         };
-        let resume = Resume::parse(&t.resume_token, kind).map_err(to_status)?;
         let job = self
             .reporting
-            .export_job(&query, kind, resume, rows)
+            .export_job(&query, kind, "flight", "", rows)
             .await
             .map_err(to_status)?;
         let (tx, rx) = tokio::sync::mpsc::channel(2);

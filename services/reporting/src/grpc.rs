@@ -12,7 +12,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::export;
-use crate::exporter::{self, Kind, Page, Resume};
+use crate::exporter::{self, Kind, Page};
 use crate::kpi::{Group, Kpi};
 use crate::service::{
     DEFAULT_CHUNK_ROWS, Filter, MAX_CHUNK_ROWS, MAX_FILTER, Period, Reporting, Request as Query,
@@ -26,6 +26,20 @@ pub struct Api {
 impl Api {
     pub fn new(reporting: Reporting) -> Self {
         Self { reporting }
+    }
+
+    /// Runs a query on the blocking pool: a year of a large chain takes milliseconds of CPU
+    /// that the async workers (and the event consumer on them) should not wait for.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, Status>
+    where
+        F: FnOnce(&Reporting) -> loyalty_platform::error::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let reporting = self.reporting.clone();
+        tokio::task::spawn_blocking(move || f(&reporting))
+            .await
+            .map_err(|e| to_status(Error::internal(e)))?
+            .map_err(to_status)
     }
 }
 
@@ -202,6 +216,7 @@ async fn respond(
     kind: Kind,
     arrow: bool,
     resumed: bool,
+    binding: u64,
     mut pages: tokio::sync::mpsc::Receiver<loyalty_platform::error::Result<Page>>,
     tx: tokio::sync::mpsc::Sender<Result<pb::ExportFactsResponse, Status>>,
 ) {
@@ -238,7 +253,10 @@ async fn respond(
             Ok(pb::ExportFactsResponse {
                 data,
                 row_count: rows as i64,
-                resume_token: page.resume.map(|r| r.token(kind)).unwrap_or_default(),
+                resume_token: page
+                    .resume
+                    .map(|r| r.token(kind, binding))
+                    .unwrap_or_default(),
             })
         });
         if tx.send(chunk.map_err(to_status)).await.is_err() {
@@ -262,9 +280,8 @@ impl ReportingService for Api {
             .collect::<Result<Vec<_>, _>>()?;
         let q = query(r.tenant_id, r.period, r.store_ids, r.filter, r.time_zone);
         let v = self
-            .reporting
-            .kpis(&q, &kpis, group(r.group_by))
-            .map_err(to_status)?;
+            .blocking(move |rep| rep.kpis(&q, &kpis, group(r.group_by)))
+            .await?;
         Ok(Response::new(pb::GetKpisResponse { values: values(v) }))
     }
 
@@ -276,9 +293,8 @@ impl ReportingService for Api {
         let k = kpi(r.kpi, "kpi")?;
         let q = query(r.tenant_id, r.period, r.store_ids, r.filter, r.time_zone);
         let v = self
-            .reporting
-            .kpis(&q, &[k], granularity(r.granularity))
-            .map_err(to_status)?;
+            .blocking(move |rep| rep.kpis(&q, &[k], granularity(r.granularity)))
+            .await?;
         Ok(Response::new(pb::GetTimeSeriesResponse {
             points: values(v),
         }))
@@ -291,9 +307,8 @@ impl ReportingService for Api {
         let r = request.into_inner();
         let q = query(r.tenant_id, r.period, Vec::new(), r.filter, r.time_zone);
         let (a, both) = self
-            .reporting
-            .category_intersection(&q, &r.category_a, &r.category_b)
-            .map_err(to_status)?;
+            .blocking(move |rep| rep.category_intersection(&q, &r.category_a, &r.category_b))
+            .await?;
         let share = if a == 0 {
             Decimal::ZERO
         } else {
@@ -312,9 +327,8 @@ impl ReportingService for Api {
     ) -> Result<Response<pb::GetRfmOverviewResponse>, Status> {
         let r = request.into_inner();
         let rows = self
-            .reporting
-            .rfm_overview(&r.tenant_id, r.as_of.as_ref().map(millis))
-            .map_err(to_status)?;
+            .blocking(move |rep| rep.rfm_overview(&r.tenant_id, r.as_of.as_ref().map(millis)))
+            .await?;
         Ok(Response::new(pb::GetRfmOverviewResponse {
             rows: rows
                 .into_iter()
@@ -334,9 +348,8 @@ impl ReportingService for Api {
         let r = request.into_inner();
         let q = query(r.tenant_id, r.period, Vec::new(), r.filter, r.time_zone);
         let u = self
-            .reporting
-            .uplift(&q, &r.campaign_id)
-            .map_err(to_status)?;
+            .blocking(move |rep| rep.uplift(&q, &r.campaign_id))
+            .await?;
         Ok(Response::new(pb::GetCampaignUpliftResponse {
             target_members: u.target_members as i64,
             control_members: u.control_members as i64,
@@ -367,18 +380,19 @@ impl ReportingService for Api {
             }
             n => n as usize,
         };
-        let resume = Resume::parse(&r.resume_token, kind).map_err(to_status)?;
-        let resumed = resume.is_some();
         let q = query(r.tenant_id, r.period, Vec::new(), None, r.time_zone);
+        let format = if arrow { "arrow" } else { "csv" };
         let job = self
             .reporting
-            .export_job(&q, kind, resume, rows)
+            .export_job(&q, kind, format, &r.resume_token, rows)
             .await
             .map_err(to_status)?;
+        let resumed = job.resume.is_some();
+        let binding = job.binding;
         let (pages_tx, pages) = tokio::sync::mpsc::channel(2);
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         tokio::spawn(exporter::run(self.reporting.clone(), job, pages_tx));
-        tokio::spawn(respond(kind, arrow, resumed, pages, tx));
+        tokio::spawn(respond(kind, arrow, resumed, binding, pages, tx));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))

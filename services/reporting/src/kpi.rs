@@ -575,8 +575,16 @@ fn member_values(
 ) -> Result<Vec<Value>> {
     let outlets = admitted(r, scope);
     let chans = channels(scope);
-    let store_outlet =
-        |store: &str| -> Option<u32> { r.stores.get(store).and_then(|s| s.iter().next().copied()) };
+    // A store that changed brand or region has several outlets: the member's registration
+    // counts under the first by (brand, region), whatever order they arrived in.
+    let store_outlet = |store: &str| -> Option<u32> {
+        r.stores.get(store).and_then(|s| {
+            s.iter().copied().min_by(|a, b| {
+                let (a, b) = (r.outlets.value(*a), r.outlets.value(*b));
+                (&a.brand, &a.region).cmp(&(&b.brand, &b.region))
+            })
+        })
+    };
     let filtered =
         !(scope.stores.is_empty() && scope.brands.is_empty() && scope.regions.is_empty());
     // (new, population, contactable, without a questionnaire) per group.
@@ -597,9 +605,10 @@ fn member_values(
             (Group::Region, Some(o)) => r.outlets.value(o).region.clone(),
             (Group::Brand | Group::Region, None) => String::new(),
             (Group::Channel, _) => channel_name(m.channel).to_string(),
+            // A series shows the period's registrations only.
             (Group::Day | Group::Week | Group::Month, _) => match day {
-                Some(d) => date_label(period_start(d, group)),
-                None => continue,
+                Some(d) if d >= scope.from && d <= scope.to => date_label(period_start(d, group)),
+                _ => continue,
             },
             _ => String::new(),
         };

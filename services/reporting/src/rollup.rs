@@ -258,6 +258,8 @@ pub struct Rollups {
     pub category_buyers: HashMap<u32, BTreeMap<SliceKey, RoaringBitmap>>,
     pub exposure: HashMap<u32, BTreeMap<SliceKey, Exposure>>,
     pub member_days: HashMap<u32, BTreeMap<Day, MemberDay>>,
+    /// Member ids in order, for paging member features.
+    pub member_order: BTreeMap<String, u32>,
     /// Newest facts of each member, by member number.
     pub profiles: HashMap<u32, Member>,
     /// The time zones of the tenant's stores.
@@ -277,6 +279,15 @@ impl Rollups {
             Fact::Refund(r) => self.refund(r),
             Fact::Member(m) => self.member(m),
         }
+    }
+
+    fn member_number(&mut self, id: &String) -> u32 {
+        let before = self.members.len();
+        let m = self.members.intern(id);
+        if self.members.len() > before {
+            self.member_order.insert(id.clone(), m);
+        }
+        m
     }
 
     fn outlet(&mut self, outlet: &Outlet, time_zone: &str) -> u32 {
@@ -333,7 +344,7 @@ impl Rollups {
             &p.codes,
         );
         let Some(member) = &p.member_id else { return };
-        let m = self.members.intern(member);
+        let m = self.member_number(member);
         let slice = (p.day, outlet, channel);
         for buyers in [
             self.buyers.entry(slice).or_default(),
@@ -366,7 +377,7 @@ impl Rollups {
             .entry(p.day)
             .or_default();
         day.receipts += 1;
-        day.paid += p.paid;
+        day.paid = day.paid.saturating_add(p.paid);
     }
 
     fn expose(
@@ -388,10 +399,10 @@ impl Rollups {
                     .or_default();
                 if held_out {
                     e.control.insert(m);
-                    e.control_paid += paid;
+                    e.control_paid = e.control_paid.saturating_add(paid);
                 } else {
                     e.target.insert(m);
-                    e.target_paid += paid;
+                    e.target_paid = e.target_paid.saturating_add(paid);
                 }
             }
         }
@@ -414,7 +425,7 @@ impl Rollups {
             &r.codes,
         );
         let Some(member) = &r.member_id else { return };
-        let m = self.members.intern(member);
+        let m = self.member_number(member);
         // The refund's money leaves the exposure sums; the member stays exposed.
         self.expose(
             &r.campaign_ids,
@@ -430,11 +441,11 @@ impl Rollups {
             .entry(r.day)
             .or_default();
         day.receipts -= i64::from(r.fully_refunded);
-        day.paid -= r.refunded;
+        day.paid = day.paid.saturating_sub(r.refunded);
     }
 
     fn member(&mut self, member: &Member) {
-        let m = self.members.intern(&member.member_id);
+        let m = self.member_number(&member.member_id);
         match self.profiles.get(&m) {
             Some(known) if known.version >= member.version => {}
             _ => {

@@ -10,6 +10,7 @@ use loyalty_platform::error::{Error, MAX_ID_LEN, Result, Violations};
 use loyalty_platform::types::{Channel, check_tenant};
 use rust_decimal::Decimal;
 
+use crate::exporter::{Job, Kind, Resume};
 use crate::fact::{Fact, Member, TenantFact};
 use crate::kpi::{self, Group, Kpi, Scope, Uplift, Value};
 use crate::rollup::Rollups;
@@ -58,10 +59,6 @@ pub struct Reporting {
     store: Arc<dyn ReportingStore>,
     tenants: Arc<RwLock<HashMap<String, Rollups>>>,
     clock: SharedClock,
-}
-
-fn poisoned<T>(_: T) -> Error {
-    Error::internal(anyhow::anyhow!("reporting state lock poisoned"))
 }
 
 fn zone(name: &str, field: &str) -> Result<jiff::tz::TimeZone> {
@@ -113,7 +110,12 @@ impl Reporting {
     /// many were new. Safe to repeat: a fact already stored changes nothing.
     pub async fn ingest(&self, facts: Vec<TenantFact>) -> Result<usize> {
         let fresh = self.store.append(facts).await?;
-        let mut tenants = self.tenants.write().map_err(poisoned)?;
+        // A panic while applying cannot leave a half-applied sum worse than a lost service:
+        // the rollups stay readable, and a restart rebuilds them from the stored facts.
+        let mut tenants = self
+            .tenants
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for f in &fresh {
             tenants
                 .entry(f.tenant_id.clone())
@@ -129,7 +131,10 @@ impl Reporting {
     }
 
     fn with<R>(&self, tenant: &str, f: impl FnOnce(&Rollups) -> Result<R>) -> Result<R> {
-        let tenants = self.tenants.read().map_err(poisoned)?;
+        let tenants = self
+            .tenants
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match tenants.get(tenant) {
             Some(r) => f(r),
             None => f(&Rollups::default()),
@@ -161,19 +166,27 @@ impl Reporting {
                 v.text(s, format!("{field}[{i}]"), MAX_ID_LEN);
             }
         }
-        for (i, s) in req.filter.stores.iter().take(MAX_FILTER).enumerate() {
-            v.check(
-                r.stores.contains_key(s),
+        let unknown = req
+            .filter
+            .stores
+            .iter()
+            .take(MAX_FILTER)
+            .enumerate()
+            .filter(|(_, s)| !r.stores.contains_key(*s) && s.len() <= MAX_ID_LEN);
+        // A few are enough to say what is wrong; thousands would not fit an error.
+        for (i, s) in unknown.take(10) {
+            v.add(
                 format!("filter.store_ids[{i}]"),
                 format!("unknown store {s:?}: no purchase was ever reported for it"),
             );
         }
+        v.optional_text(&req.time_zone, "time_zone", MAX_ID_LEN);
         v.check(
             req.filter.channels.len() <= CHANNEL_LIMIT,
             "filter.channels",
             format!("at most {CHANNEL_LIMIT} entries"),
         );
-        let tz = if req.time_zone.is_empty() {
+        let tz = if req.time_zone.is_empty() || req.time_zone.len() > MAX_ID_LEN {
             match (r.time_zones.len(), r.time_zones.iter().next()) {
                 (1, Some(only)) => zone(only, "time_zone").unwrap_or(jiff::tz::TimeZone::UTC),
                 _ => jiff::tz::TimeZone::UTC,
@@ -190,8 +203,13 @@ impl Reporting {
                 }
             }
         };
+        // A short period across a daylight-saving change can end on an earlier local date
+        // than it starts: it is then the start's day.
         let days = match (start, end) {
-            (Some(s), Some(e)) if s < e => Some((local_day(s, &tz), local_day(e - 1, &tz))),
+            (Some(s), Some(e)) if s < e => {
+                let from = local_day(s, &tz);
+                Some((from, local_day(e - 1, &tz).max(from)))
+            }
             _ => None,
         };
         if let Some((from, to)) = days {
@@ -271,31 +289,48 @@ impl Reporting {
         })
     }
 
-    /// Checks an export request like a KPI query (member features need no period) and
-    /// pins its snapshot.
+    /// Checks an export request like a KPI query (member features need no period), pins
+    /// its snapshot, and checks a resume token against it: a token continues only the
+    /// export (tenant, kind, days, format) that handed it out.
     pub async fn export_job(
         &self,
         req: &Request,
-        kind: crate::exporter::Kind,
-        resume: Option<crate::exporter::Resume>,
+        kind: Kind,
+        format: &str,
+        token: &str,
         rows: usize,
-    ) -> Result<crate::exporter::Job> {
-        let scope = if kind == crate::exporter::Kind::Members {
+    ) -> Result<Job> {
+        let scope = if kind == Kind::Members {
             loyalty_platform::types::tenant(&req.tenant_id)?;
             Scope::default()
         } else {
             self.with(&req.tenant_id, |r| Ok(self.scope(r, req)?.0))?
         };
-        Ok(crate::exporter::Job {
+        let binding = binding(&req.tenant_id, kind, &scope, format);
+        let snapshot = self.store.snapshot().await?;
+        let resume = Resume::parse(token, kind, binding)?;
+        if let Some(Resume::Receipts(s, _)) = &resume
+            && *s > snapshot
+        {
+            return Err(Error::invalid(
+                "resume_token",
+                "is not a token this export handed out",
+            ));
+        }
+        Ok(Job {
             tenant_id: req.tenant_id.clone(),
             kind,
             scope,
-            snapshot: self.store.snapshot().await?,
+            snapshot,
             resume,
             rows,
+            binding,
         })
     }
 
+    /// A page of receipt facts the scope admits, and where the next page starts (None
+    /// when there is nothing more).
+    #[allow(clippy::too_many_arguments)]
     pub async fn export_page(
         &self,
         tenant_id: &str,
@@ -304,25 +339,24 @@ impl Reporting {
         snapshot: u64,
         after: Option<Position>,
         limit: usize,
-    ) -> Result<(Vec<Fact>, Option<Position>)> {
-        let limit = limit.max(1);
-        let rows = self
+        max_bytes: usize,
+    ) -> Result<(Vec<(Position, Fact)>, Option<Position>)> {
+        let page = self
             .store
             .page(
-                tenant_id, kind, scope.from, scope.to, snapshot, after, limit,
+                tenant_id, kind, scope.from, scope.to, snapshot, after, limit, max_bytes,
             )
             .await?;
-        // Where the next page starts; None once the store has nothing more.
-        let next = if rows.len() < limit {
-            None
+        let next = if page.more {
+            page.rows.last().map(|(p, _)| *p)
         } else {
-            rows.last().map(|(p, _)| *p)
+            None
         };
         // The filter applies to what the rows say; the store pages by day only.
-        let kept = rows
+        let kept = page
+            .rows
             .into_iter()
-            .map(|(_, f)| f)
-            .filter(|f| admits(scope, f))
+            .filter(|(_, f)| admits(scope, f))
             .collect();
         Ok((kept, next))
     }
@@ -336,14 +370,17 @@ impl Reporting {
         limit: usize,
     ) -> Result<Vec<MemberFeatures>> {
         self.with(tenant_id, |r| {
-            let mut ids: Vec<(&String, u32)> = r
-                .members
-                .iter()
-                .map(|(i, id)| (id, i))
-                .filter(|(id, _)| after.is_none_or(|a| id.as_str() > a))
+            use std::ops::Bound;
+            let from = match after {
+                Some(a) => Bound::Excluded(a),
+                None => Bound::Unbounded,
+            };
+            let ids: Vec<(&String, u32)> = r
+                .member_order
+                .range::<str, _>((from, Bound::Unbounded))
+                .take(limit.max(1))
+                .map(|(id, i)| (id, *i))
                 .collect();
-            ids.sort_unstable();
-            ids.truncate(limit.max(1));
             Ok(ids
                 .into_iter()
                 .map(|(id, i)| {
@@ -364,6 +401,19 @@ impl Reporting {
 }
 
 const CHANNEL_LIMIT: usize = 16;
+
+/// What ties a resume token to its export: FNV-1a over tenant, kind, days and format.
+fn binding(tenant_id: &str, kind: Kind, scope: &Scope, format: &str) -> u64 {
+    let text = format!(
+        "{tenant_id}\0{}\0{}\0{}\0{format}",
+        kind.name(),
+        scope.from,
+        scope.to
+    );
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
 
 fn admits(scope: &Scope, fact: &Fact) -> bool {
     let (outlet, channel) = match fact {

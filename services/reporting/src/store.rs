@@ -21,6 +21,14 @@ pub enum Receipts {
 /// Where a page of a tenant's receipt facts starts: after this (business day, sequence).
 pub type Position = (Day, u64);
 
+/// A page of receipt facts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FactPage {
+    pub rows: Vec<(Position, Fact)>,
+    /// The page stopped at its limit or size: there may be more after its last row.
+    pub more: bool,
+}
+
 /// Where a full scan continues: the purchases, then the refunds, then the members, each
 /// after the key given (from their start when None).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +52,8 @@ pub trait ReportingStore: Send + Sync + std::fmt::Debug {
     async fn snapshot(&self) -> Result<u64>;
 
     /// A tenant's receipt facts with business days `from..=to` and sequence numbers up to
-    /// `snapshot`, in (day, sequence) order after `after`, at most `limit`.
+    /// `snapshot`, in (day, sequence) order after `after`: at most `limit` of them, and no
+    /// more once they take `max_bytes` stored (at least one).
     #[allow(clippy::too_many_arguments)]
     async fn page(
         &self,
@@ -55,7 +64,8 @@ pub trait ReportingStore: Send + Sync + std::fmt::Debug {
         snapshot: u64,
         after: Option<Position>,
         limit: usize,
-    ) -> Result<Vec<(Position, Fact)>>;
+        max_bytes: usize,
+    ) -> Result<FactPage>;
 
     /// Every stored fact of every tenant, a page at a time, for rebuilding rollups.
     async fn scan(

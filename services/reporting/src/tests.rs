@@ -349,6 +349,10 @@ fn reference(
                         continue;
                     }
                     let day = m.registered_at.map(|t| t.div_euclid(DAY_MS));
+                    let series = matches!(q.group, Group::Day | Group::Week | Group::Month);
+                    if series && !day.is_some_and(in_period) {
+                        continue;
+                    }
                     let g = match q.group {
                         Group::Store => o.store_id.clone(),
                         Group::Brand => o.brand.clone(),

@@ -75,6 +75,11 @@ fn purchase(receipt_id: &str) -> Purchase {
         program,
         evaluated_at: 0,
         month: 0,
+        store: crate::events::StoreFacts {
+            brand: "b".into(),
+            region: "r".into(),
+            time_zone: "Asia/Almaty".into(),
+        },
         evaluation,
         state: PurchaseState::Pending,
         refunds: Vec::new(),

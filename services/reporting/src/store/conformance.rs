@@ -158,14 +158,24 @@ async fn pages_respect_days_snapshots_and_positions(store: &dyn ReportingStore) 
     let mut after = None;
     loop {
         let page = store
-            .page("pages", Receipts::Purchases, 101, 103, snapshot, after, 3)
+            .page(
+                "pages",
+                Receipts::Purchases,
+                101,
+                103,
+                snapshot,
+                after,
+                3,
+                usize::MAX,
+            )
             .await
             .unwrap();
-        if page.is_empty() {
+        after = page.rows.last().map(|(p, _)| *p);
+        let more = page.more;
+        seen.extend(page.rows);
+        if !more {
             break;
         }
-        after = page.last().map(|(p, _)| *p);
-        seen.extend(page);
     }
     assert_eq!(seen.len(), 6, "days 101..=103 hold two receipts each");
     assert!(
@@ -174,15 +184,74 @@ async fn pages_respect_days_snapshots_and_positions(store: &dyn ReportingStore) 
     );
     assert!(seen.iter().all(|(p, _)| (101..=103).contains(&p.0)));
     let later = store
-        .page("pages", Receipts::Purchases, 101, 101, u64::MAX, None, 100)
+        .page(
+            "pages",
+            Receipts::Purchases,
+            101,
+            101,
+            u64::MAX,
+            None,
+            100,
+            usize::MAX,
+        )
         .await
         .unwrap();
-    assert_eq!(later.len(), 3, "a newer snapshot sees the late receipt");
+    assert_eq!(
+        later.rows.len(),
+        3,
+        "a newer snapshot sees the late receipt"
+    );
+    assert!(!later.more);
+    let small = store
+        .page(
+            "pages",
+            Receipts::Purchases,
+            0,
+            1000,
+            u64::MAX,
+            None,
+            100,
+            1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        small.rows.len(),
+        1,
+        "a page past its size holds at least one row"
+    );
+    assert!(small.more);
+    let before = store
+        .page(
+            "pages",
+            Receipts::Purchases,
+            103,
+            103,
+            u64::MAX,
+            Some((0, 0)),
+            100,
+            usize::MAX,
+        )
+        .await
+        .unwrap();
+    assert!(
+        before.rows.iter().all(|(p, _)| p.0 == 103),
+        "a position before the period starts at it"
+    );
     let refunds = store
-        .page("pages", Receipts::Refunds, 0, 1000, u64::MAX, None, 100)
+        .page(
+            "pages",
+            Receipts::Refunds,
+            0,
+            1000,
+            u64::MAX,
+            None,
+            100,
+            usize::MAX,
+        )
         .await
         .unwrap();
-    assert!(refunds.is_empty());
+    assert!(refunds.rows.is_empty());
 }
 
 async fn scans_visit_everything_once(store: &dyn ReportingStore) {

@@ -9,7 +9,7 @@ use loyalty_platform::embedded::{EmbeddedDb, decode, encode, open_for_read, stor
 use loyalty_platform::error::Result;
 use redb::{ReadableTable, TableDefinition};
 
-use super::{Position, Receipts, ReportingStore, ScanFrom};
+use super::{FactPage, Position, Receipts, ReportingStore, ScanFrom};
 use crate::fact::{Fact, TenantFact};
 
 type FactTable = TableDefinition<'static, (&'static str, i64, u64), &'static [u8]>;
@@ -131,19 +131,25 @@ impl ReportingStore for EmbeddedReportingStore {
         snapshot: u64,
         after: Option<Position>,
         limit: usize,
-    ) -> Result<Vec<(Position, Fact)>> {
+        max_bytes: usize,
+    ) -> Result<FactPage> {
         let tenant = tenant_id.to_string();
         self.db
             .read(move |txn| {
+                let mut page = FactPage::default();
                 let Some(t) = open_for_read(txn, table(kind))? else {
-                    return Ok(Vec::new());
+                    return Ok(page);
                 };
                 let start = match after {
                     Some((day, seq)) if seq == u64::MAX => (day + 1, 0),
                     Some((day, seq)) => (day, seq + 1),
                     None => (from, 0),
-                };
-                let mut out = Vec::new();
+                }
+                .max((from, 0));
+                if start.0 > to {
+                    return Ok(page);
+                }
+                let mut bytes = 0;
                 let range = t
                     .range((tenant.as_str(), start.0, start.1)..=(tenant.as_str(), to, u64::MAX))
                     .map_err(e)?;
@@ -153,12 +159,16 @@ impl ReportingStore for EmbeddedReportingStore {
                     if seq > snapshot {
                         continue;
                     }
-                    out.push(((day, seq), decode(v.value())?));
-                    if out.len() >= limit {
+                    if page.rows.len() >= limit.max(1)
+                        || (bytes >= max_bytes && !page.rows.is_empty())
+                    {
+                        page.more = true;
                         break;
                     }
+                    bytes += v.value().len();
+                    page.rows.push(((day, seq), decode(v.value())?));
                 }
-                Ok(out)
+                Ok(page)
             })
             .await
     }
