@@ -234,26 +234,14 @@ async fn not_found_already_exists_failed_precondition_unimplemented() {
     assert_eq!(err.code(), Code::NotFound);
 
     // What is not offered answers UNIMPLEMENTED, never a fake answer: Flight serves DoGet
-    // only. What cannot be answered yet says why: ledger exports.
+    // only.
     let channel = server.channel().await;
     let err = arrow_flight::flight_service_client::FlightServiceClient::new(channel.clone())
         .list_flights(arrow_flight::Criteria::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
-    let mut reports =
-        loyalty_proto::reporting::v1::reporting_service_client::ReportingServiceClient::new(
-            channel.clone(),
-        );
-    let err = reports
-        .export_facts(loyalty_proto::reporting::v1::ExportFactsRequest {
-            tenant_id: "t1".into(),
-            kind: loyalty_proto::reporting::v1::FactKind::LedgerEntries as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition);
+
     // Campaigns are served: a request without a tenant is refused as invalid.
     let mut campaigns = promotion::campaign_service_client::CampaignServiceClient::new(channel);
     let err = campaigns

@@ -4,8 +4,10 @@
 //! `store` the narrow storage trait and its backends, `grpc` the adapter.
 
 pub mod certificate;
+pub mod events;
 pub mod grpc;
 pub mod ledger;
+pub mod publish;
 pub mod service;
 pub mod store;
 

@@ -6,7 +6,8 @@ use loyalty_platform::clock::{Millis, SharedClock};
 use loyalty_platform::error::{Error, MAX_ID_LEN, Result, Violations};
 use loyalty_platform::types::check_tenant;
 
-use crate::ledger::{self, Account, BalanceView, HoldState, Op, OpRecord, Reason};
+use crate::events::{LedgerEvent, LedgerEvents, NoLedgerEvents};
+use crate::ledger::{self, Account, BalanceView, Entry, HoldState, Op, OpRecord, Reason};
 use crate::store::{BalanceStore, EntryQuery, Page};
 
 /// Longest idempotency key.
@@ -28,6 +29,7 @@ pub struct Balance {
     store: Arc<dyn BalanceStore>,
     clock: SharedClock,
     directory: Option<Arc<dyn MemberDirectory>>,
+    events: Arc<dyn LedgerEvents>,
 }
 
 /// Which members exist: identity owns them. Bulk accrual skips ids it does not know.
@@ -87,7 +89,26 @@ impl Balance {
             store,
             clock,
             directory: None,
+            events: Arc::new(NoLedgerEvents),
         }
+    }
+
+    /// Publishes every ledger entry to `events`.
+    pub fn with_events(mut self, events: Arc<dyn LedgerEvents>) -> Self {
+        self.events = events;
+        self
+    }
+
+    /// Publishes the entry a change appended, before its caller is answered.
+    async fn publish(&self, tenant_id: &str, member_id: &str, entry: Option<&Entry>) -> Result<()> {
+        let Some(entry) = entry else { return Ok(()) };
+        self.events
+            .appended(LedgerEvent {
+                tenant_id: tenant_id.to_string(),
+                member_id: member_id.to_string(),
+                entry: entry.clone(),
+            })
+            .await
     }
 
     /// Checks bulk accruals' members against `directory`.
@@ -130,10 +151,14 @@ impl Balance {
         check_op(&mut v, &op);
         v.finish()?;
         ledger::validate(&op)?;
-        self.store
+        let record = self
+            .store
             .execute(tenant_id, member_id, key, op, self.clock.now_ms())
             .await?
-            .ok_or_else(|| Error::internal(anyhow::anyhow!("a keyed operation kept no record")))
+            .ok_or_else(|| Error::internal(anyhow::anyhow!("a keyed operation kept no record")))?;
+        self.publish(tenant_id, member_id, record.reply.entry.as_ref())
+            .await?;
+        Ok(record)
     }
 
     /// Places a hold; returns its public id with the record.
@@ -303,13 +328,21 @@ impl Balance {
                 .await
             {
                 Ok(did) => {
-                    let expired = did.and_then(|r| r.reply.entry).map_or(0, |e| -e.amount);
-                    if expired > 0 {
-                        // Counted once: only the change that reached the ledger answers.
-                        metrics::counter!("loyalty_points_expired_total")
-                            .increment(expired.unsigned_abs());
+                    let entry = match did.and_then(|r| r.reply.entry) {
+                        Some(entry) => {
+                            // Counted once: only the change that reached the ledger answers.
+                            metrics::counter!("loyalty_points_expired_total")
+                                .increment(entry.amount.unsigned_abs());
+                            Some(entry)
+                        }
+                        // Nothing left to expire: maybe a run that crashed before marking
+                        // this due expired it; its entry is published again.
+                        None => self.latest_expiry(&d).await?,
+                    };
+                    match self.publish(&d.tenant, &d.member, entry.as_ref()).await {
+                        Ok(()) => self.store.done_due(&d).await,
+                        Err(e) => Err(e),
                     }
-                    self.store.done_due(&d).await
                 }
                 Err(e) => Err(e),
             };
@@ -324,6 +357,18 @@ impl Balance {
             }
         }
         Ok(changed)
+    }
+
+    /// The member's newest expiry made since `due` fell due, if any.
+    async fn latest_expiry(&self, due: &crate::store::Due) -> Result<Option<Entry>> {
+        let query = EntryQuery {
+            limit: 1,
+            reasons: vec![Reason::Expiry],
+            from: Some(due.at),
+            ..Default::default()
+        };
+        let page = self.store.entries(&due.tenant, &due.member, &query).await?;
+        Ok(page.entries.into_iter().next())
     }
 
     /// One page of the ledger, newest first. The page token is the sequence number to

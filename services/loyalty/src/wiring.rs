@@ -193,9 +193,10 @@ pub async fn build(
     let mut routes = Routes::default();
     let mut health = Vec::new();
 
-    // The event stream from identity and promotion (producers) to segmentation and reporting
-    // (consumers): an embedded log in dev mode, Redis Streams on the Redis backends.
+    // The event streams from identity, promotion and balance (producers) to segmentation and
+    // reporting (consumers): an embedded log in dev mode, Redis Streams on the Redis backends.
     let events: Option<SharedEventLog> = if runs(ServiceName::Identity)
+        || (runs(ServiceName::Balance) && config.storage.backend != Backend::Embedded)
         || runs(ServiceName::Promotion)
         || runs(ServiceName::Segmentation)
         || runs(ServiceName::Reporting)
@@ -298,6 +299,15 @@ pub async fn build(
             }
         };
         let mut balance = Balance::new(store, clock.clone());
+        // Ledger entries go to the stream reporting reads: always on the shared Redis
+        // stream; on the embedded log only when reporting runs in this process to read it.
+        if let Some(log) = &events
+            && (config.storage.backend != Backend::Embedded || runs(ServiceName::Reporting))
+        {
+            balance = balance.with_events(Arc::new(
+                loyalty_balance::publish::LogLedgerEvents::new(log.clone()),
+            ));
+        }
         // Bulk accrual checks members with identity, in process or over gRPC when reachable.
         if let Some(identity) = &identity {
             balance = balance.with_directory(Arc::new(LocalMembers(identity.clone())));

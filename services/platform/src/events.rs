@@ -27,6 +27,8 @@ pub use embedded::EmbeddedEventLog;
 pub const PURCHASES: &str = "purchases";
 /// The stream member events go to (identity produces them).
 pub const MEMBERS: &str = "members";
+/// The stream ledger entries go to (balance produces them).
+pub const LEDGER: &str = "ledger";
 
 /// Longest payload accepted by `append`.
 pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;

@@ -230,6 +230,7 @@ fn export_lines(c: &mut Criterion) {
                             "t",
                             Receipts::Purchases,
                             &scope,
+                            (scope.from, scope.to),
                             u64::MAX,
                             after,
                             10_000,

@@ -84,6 +84,17 @@ static REFUNDS: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
+static LEDGER: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        field("member_id", DataType::Utf8, false),
+        field("sequence", DataType::Int64, false),
+        field("reason", DataType::Utf8, false),
+        field("amount", DataType::Int64, false),
+        field("balance_after", DataType::Int64, false),
+        field("create_time", time(), false),
+    ]))
+});
+
 static MEMBERS: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         field("member_id", DataType::Utf8, false),
@@ -106,6 +117,7 @@ pub fn schema(kind: Kind) -> SchemaRef {
         Kind::Purchases => PURCHASES.clone(),
         Kind::Lines => LINES.clone(),
         Kind::Refunds => REFUNDS.clone(),
+        Kind::Ledger => LEDGER.clone(),
         Kind::Members => MEMBERS.clone(),
     }
 }
@@ -144,6 +156,7 @@ pub fn batch(kind: Kind, rows: &Rows) -> Result<RecordBatch> {
         (Kind::Purchases, Rows::Facts(f)) => purchases(f),
         (Kind::Lines, Rows::Facts(f)) => lines(f),
         (Kind::Refunds, Rows::Facts(f)) => refunds(f),
+        (Kind::Ledger, Rows::Facts(f)) => ledger(f),
         _ => Err(Error::internal(anyhow::anyhow!(
             "rows of another kind than {kind:?}"
         ))),
@@ -290,6 +303,35 @@ fn refunds(facts: &[Fact]) -> Result<RecordBatch> {
             Arc::new(full.finish()),
             Arc::new(reversed.finish()),
             Arc::new(returned.finish()),
+        ],
+    )
+}
+
+fn ledger(facts: &[Fact]) -> Result<RecordBatch> {
+    let (mut member, mut seq, mut reason) = (
+        StringBuilder::new(),
+        Int64Builder::new(),
+        StringBuilder::new(),
+    );
+    let (mut amount, mut after, mut at) = (Int64Builder::new(), Int64Builder::new(), times());
+    for f in facts {
+        let Fact::Ledger(l) = f else { continue };
+        member.append_value(&l.member_id);
+        seq.append_value(l.seq);
+        reason.append_value(l.reason.name());
+        amount.append_value(l.amount);
+        after.append_value(l.balance_after);
+        at.append_value(l.time);
+    }
+    finish(
+        Kind::Ledger,
+        vec![
+            Arc::new(member.finish()),
+            Arc::new(seq.finish()),
+            Arc::new(reason.finish()),
+            Arc::new(amount.finish()),
+            Arc::new(after.finish()),
+            Arc::new(at.finish()),
         ],
     )
 }

@@ -1,23 +1,23 @@
-//! The adapter from the event stream to the reporting core: reads the purchase and member
-//! streams in the `reporting` consumer group, stores each batch's new facts (deduplicated,
+//! The adapter from the event stream to the reporting core: reads the purchase, member and
+//! ledger streams in the `reporting` consumer group, stores each batch's new facts (deduplicated,
 //! durable), rolls them up, and only then acknowledges the batch.
 
 use loyalty_platform::calendar::{Day, day_from_civil};
 use loyalty_platform::clock::Millis;
 use loyalty_platform::events::consume::{Subscription, consume};
-use loyalty_platform::events::{Delivery, MEMBERS, PURCHASES, SharedEventLog};
+use loyalty_platform::events::{Delivery, LEDGER, MEMBERS, PURCHASES, SharedEventLog};
 use loyalty_platform::grpc::{channel, millis};
 use loyalty_proto::events::v1 as pb;
 use prost::Message;
 use rust_decimal::Decimal;
 
-use crate::fact::{Fact, Line, Member, Outlet, Purchase, Refund, TenantFact};
+use crate::fact::{Fact, LedgerEntry, Line, Member, Outlet, Purchase, Reason, Refund, TenantFact};
 use crate::service::Reporting;
 
 pub const GROUP: &str = "reporting";
 
 /// The streams reporting consumes.
-pub const STREAMS: [&str; 2] = [PURCHASES, MEMBERS];
+pub const STREAMS: [&str; 3] = [PURCHASES, MEMBERS, LEDGER];
 
 fn dec(d: &Option<loyalty_proto::common::v1::Decimal>) -> Decimal {
     d.as_ref()
@@ -55,6 +55,25 @@ fn lines(lines: &[pb::Line]) -> Vec<Line> {
             sale_price: l.sale_price,
         })
         .collect()
+}
+
+fn reason(value: i32) -> Reason {
+    use loyalty_proto::balance::v1::EntryReason as P;
+    match P::try_from(value).unwrap_or(P::Unspecified) {
+        P::Unspecified => Reason::Unspecified,
+        P::Accrual => Reason::Accrual,
+        P::Redemption => Reason::Redemption,
+        P::Expiry => Reason::Expiry,
+        P::ManualAdjustment => Reason::ManualAdjustment,
+        P::RefundReversal => Reason::RefundReversal,
+        P::RedemptionReversal => Reason::RedemptionReversal,
+        P::ReferralBonus => Reason::ReferralBonus,
+        P::SurveyBonus => Reason::SurveyBonus,
+        P::RegistrationBonus => Reason::RegistrationBonus,
+        P::MergeTransfer => Reason::MergeTransfer,
+        P::OpeningBalance => Reason::OpeningBalance,
+        P::CampaignBonus => Reason::CampaignBonus,
+    }
 }
 
 fn member(id: &str) -> Option<String> {
@@ -128,6 +147,14 @@ pub fn decode(payload: &[u8]) -> Option<TenantFact> {
                 refund_id: r.refund_id,
             })
         }
+        pb::event::Kind::Ledger(l) => Fact::Ledger(LedgerEntry {
+            reason: reason(l.reason),
+            amount: l.amount,
+            balance_after: l.balance_after,
+            time: time(&l.create_time, event_time),
+            seq: l.sequence,
+            member_id: l.member_id,
+        }),
         pb::event::Kind::Member(m) => Fact::Member(Member {
             version: m.version,
             active: m.active,
@@ -147,6 +174,7 @@ pub fn decode(payload: &[u8]) -> Option<TenantFact> {
         Fact::Purchase(p) => !p.receipt_id.is_empty(),
         Fact::Refund(r) => !r.receipt_id.is_empty() && !r.refund_id.is_empty(),
         Fact::Member(m) => !m.member_id.is_empty(),
+        Fact::Ledger(l) => !l.member_id.is_empty() && l.seq > 0,
     };
     named.then_some(TenantFact {
         tenant_id: event.tenant_id,
@@ -212,7 +240,7 @@ mod tests {
         }
         .encode_to_vec();
         let f = decode(&payload).unwrap();
-        assert_eq!(f.fact.day(), Some(day_from_civil(2025, 11, 23)));
+        assert_eq!(f.fact.order(), Some(day_from_civil(2025, 11, 23)));
         assert!(decode(b"\xff not protobuf").is_none());
     }
 }

@@ -57,6 +57,15 @@ pub const REFUND_COLUMNS: &[&str] = &[
     "points_returned",
 ];
 
+pub const LEDGER_COLUMNS: &[&str] = &[
+    "member_id",
+    "sequence",
+    "reason",
+    "amount",
+    "balance_after",
+    "create_time",
+];
+
 pub const MEMBER_COLUMNS: &[&str] = &[
     "member_id",
     "active",
@@ -185,6 +194,20 @@ pub fn fact(out: &mut String, f: &Fact, as_lines: bool) -> usize {
             refund(out, r);
             1
         }
+        (Fact::Ledger(l), _) => {
+            row(
+                out,
+                &[
+                    &l.member_id,
+                    &l.seq.to_string(),
+                    l.reason.name(),
+                    &l.amount.to_string(),
+                    &l.balance_after.to_string(),
+                    &time(l.time),
+                ],
+            );
+            1
+        }
         (Fact::Member(_), _) => 0,
     }
 }
@@ -198,6 +221,7 @@ pub fn chunk(out: &mut String, kind: Kind, rows: &Rows, with_header: bool) {
                 Kind::Purchases => PURCHASE_COLUMNS,
                 Kind::Lines => LINE_COLUMNS,
                 Kind::Refunds => REFUND_COLUMNS,
+                Kind::Ledger => LEDGER_COLUMNS,
                 Kind::Members => MEMBER_COLUMNS,
             },
         );

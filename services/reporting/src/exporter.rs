@@ -16,6 +16,7 @@ pub enum Kind {
     Purchases,
     Lines,
     Refunds,
+    Ledger,
     Members,
 }
 
@@ -25,14 +26,21 @@ impl Kind {
             Kind::Purchases => "purchases",
             Kind::Lines => "purchase_lines",
             Kind::Refunds => "refunds",
+            Kind::Ledger => "ledger_entries",
             Kind::Members => "member_features",
         }
     }
 
     pub fn parse(name: &str) -> Option<Kind> {
-        [Kind::Purchases, Kind::Lines, Kind::Refunds, Kind::Members]
-            .into_iter()
-            .find(|k| k.name() == name)
+        [
+            Kind::Purchases,
+            Kind::Lines,
+            Kind::Refunds,
+            Kind::Ledger,
+            Kind::Members,
+        ]
+        .into_iter()
+        .find(|k| k.name() == name)
     }
 }
 
@@ -99,6 +107,9 @@ pub struct Job {
     pub tenant_id: String,
     pub kind: Kind,
     pub scope: Scope,
+    /// What the pages range over: business days for receipts, milliseconds for ledger
+    /// entries (inclusive).
+    pub range: (i64, i64),
     /// The snapshot of receipt facts it reads (ignored when resuming: the token's).
     pub snapshot: u64,
     pub resume: Option<Resume>,
@@ -177,10 +188,10 @@ pub async fn run(reporting: Reporting, job: Job, tx: mpsc::Sender<Result<Page>>)
             }
         }
     }
-    let receipts = if job.kind == Kind::Refunds {
-        Receipts::Refunds
-    } else {
-        Receipts::Purchases
+    let receipts = match job.kind {
+        Kind::Refunds => Receipts::Refunds,
+        Kind::Ledger => Receipts::Ledger,
+        _ => Receipts::Purchases,
     };
     let (snapshot, mut after) = match job.resume {
         Some(Resume::Receipts(s, p)) => (s, Some(p)),
@@ -192,6 +203,7 @@ pub async fn run(reporting: Reporting, job: Job, tx: mpsc::Sender<Result<Page>>)
                 &job.tenant_id,
                 receipts,
                 &job.scope,
+                job.range,
                 snapshot,
                 after,
                 rows,

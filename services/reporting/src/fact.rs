@@ -89,12 +89,78 @@ pub struct Member {
     pub referred: bool,
 }
 
+/// An entry of a member's points ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    pub member_id: String,
+    pub seq: i64,
+    pub reason: Reason,
+    /// Signed, in point minor units.
+    pub amount: i64,
+    pub balance_after: i64,
+    pub time: Millis,
+}
+
+/// Why a ledger entry was made (the ledger's own reasons).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Reason {
+    Unspecified,
+    Accrual,
+    Redemption,
+    Expiry,
+    ManualAdjustment,
+    RefundReversal,
+    RedemptionReversal,
+    ReferralBonus,
+    SurveyBonus,
+    RegistrationBonus,
+    MergeTransfer,
+    OpeningBalance,
+    CampaignBonus,
+}
+
+impl Reason {
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::Unspecified => "unspecified",
+            Reason::Accrual => "accrual",
+            Reason::Redemption => "redemption",
+            Reason::Expiry => "expiry",
+            Reason::ManualAdjustment => "manual_adjustment",
+            Reason::RefundReversal => "refund_reversal",
+            Reason::RedemptionReversal => "redemption_reversal",
+            Reason::ReferralBonus => "referral_bonus",
+            Reason::SurveyBonus => "survey_bonus",
+            Reason::RegistrationBonus => "registration_bonus",
+            Reason::MergeTransfer => "merge_transfer",
+            Reason::OpeningBalance => "opening_balance",
+            Reason::CampaignBonus => "campaign_bonus",
+        }
+    }
+
+    /// Points issued to members: what breakage is a share of. Reversals give back what
+    /// was moved before, transfers move between members, redemptions and expiries take.
+    pub fn issues(self) -> bool {
+        matches!(
+            self,
+            Reason::Accrual
+                | Reason::ManualAdjustment
+                | Reason::ReferralBonus
+                | Reason::SurveyBonus
+                | Reason::RegistrationBonus
+                | Reason::OpeningBalance
+                | Reason::CampaignBonus
+        )
+    }
+}
+
 /// A fact with its identity: the event it came from names it exactly once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Fact {
     Purchase(Purchase),
     Refund(Refund),
     Member(Member),
+    Ledger(LedgerEntry),
 }
 
 impl Fact {
@@ -105,14 +171,17 @@ impl Fact {
             Fact::Purchase(p) => format!("p\0{}", p.receipt_id),
             Fact::Refund(r) => format!("r\0{}\0{}", r.receipt_id, r.refund_id),
             Fact::Member(m) => format!("m\0{}", m.member_id),
+            Fact::Ledger(l) => format!("l\0{}\0{}", l.member_id, l.seq),
         }
     }
 
-    /// The business day the fact counts on (None for members).
-    pub fn day(&self) -> Option<Day> {
+    /// What the fact is stored and paged by: the business day of receipts, the time of
+    /// ledger entries (None for members).
+    pub fn order(&self) -> Option<i64> {
         match self {
             Fact::Purchase(p) => Some(p.day),
             Fact::Refund(r) => Some(r.day),
+            Fact::Ledger(l) => Some(l.time),
             Fact::Member(_) => None,
         }
     }

@@ -6,7 +6,7 @@
 //!  "end_time": "2026-02-01T00:00:00Z", "time_zone": "Asia/Almaty"}
 //! ```
 //!
-//! `kind` is `purchases`, `purchase_lines`, `refunds` or `member_features`; `time_zone` and
+//! `kind` is `purchases`, `purchase_lines`, `refunds`, `ledger_entries` or `member_features`; `time_zone` and
 //! `rows` (record batch size, default 10,000) are optional. The stream is the same
 //! snapshot-consistent, paged export `ExportFacts` sends, as Arrow record batches; it is not
 //! resumable (an interrupted `DoGet` starts again).
@@ -112,7 +112,7 @@ impl FlightService for Flight {
         let kind = Kind::parse(&t.kind).ok_or_else(|| {
             to_status(Error::invalid(
                 "ticket.kind",
-                "one of purchases, purchase_lines, refunds, member_features",
+                "one of purchases, purchase_lines, refunds, ledger_entries, member_features",
             ))
         })?;
         let rows = t.rows.unwrap_or(DEFAULT_CHUNK_ROWS);

@@ -199,10 +199,7 @@ type ExportStream = Pin<Box<dyn Stream<Item = Result<pb::ExportFactsResponse, St
 fn kind(value: i32) -> Result<Kind, Status> {
     match pb::FactKind::try_from(value).unwrap_or(pb::FactKind::Unspecified) {
         pb::FactKind::Unspecified => Err(to_status(Error::invalid("kind", "is required"))),
-        pb::FactKind::LedgerEntries => Err(to_status(Error::FailedPrecondition(
-            "ledger entries are not exported yet: reporting does not receive the ledger's entries"
-                .into(),
-        ))),
+        pb::FactKind::LedgerEntries => Ok(Kind::Ledger),
         pb::FactKind::Purchases => Ok(Kind::Purchases),
         pb::FactKind::PurchaseLines => Ok(Kind::Lines),
         pb::FactKind::Refunds => Ok(Kind::Refunds),

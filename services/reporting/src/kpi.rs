@@ -12,7 +12,8 @@ use roaring::RoaringBitmap;
 use rust_decimal::Decimal;
 
 use crate::rollup::{
-    Buyers, CHANNELS, Cells, Measures, Rollups, SliceKey, Slot, channel_index, channel_name, money,
+    Buyers, CHANNELS, Cells, LEDGER_BUCKET_MS, Measures, Rollups, SliceKey, Slot, channel_index,
+    channel_name, money,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -640,6 +641,46 @@ fn member_values(
     Ok(out)
 }
 
+/// The ledger's KPIs: expired points and breakage over each group, liability at each
+/// group's end. Every group of the period answers, entries or not.
+fn ledger_values(
+    r: &Rollups,
+    scope: &Scope,
+    group: Group,
+    kpi: Kpi,
+    day_of: &dyn Fn(i64) -> Day,
+) -> Vec<Value> {
+    let g = Grouper::new(r, scope, group);
+    let n = g.len();
+    let (mut opening, mut net, mut expired, mut issued) =
+        (0i128, vec![0i128; n], vec![0i128; n], vec![0i128; n]);
+    // Buckets far enough past the period's last day to cover any time zone.
+    let last = (scope.to + 2) * loyalty_platform::clock::DAY_MS / LEDGER_BUCKET_MS;
+    for (bucket, sums) in r.ledger.range(..=last) {
+        let day = day_of(bucket * LEDGER_BUCKET_MS);
+        if day < scope.from {
+            opening += i128::from(sums.net);
+        } else if day <= scope.to {
+            let i = g.day_index(day);
+            net[i] += i128::from(sums.net);
+            expired[i] += i128::from(sums.expired);
+            issued[i] += i128::from(sums.issued);
+        }
+    }
+    let points = |v: i128| Decimal::from_i128_with_scale(v, 0);
+    let mut running = opening;
+    let mut out = Vec::with_capacity(n);
+    for (i, name) in g.names.iter().enumerate() {
+        running += net[i];
+        out.push(match kpi {
+            Kpi::PointsExpired => sum(kpi, name.clone(), points(expired[i])),
+            Kpi::BreakageRate => ratio(kpi, name.clone(), points(expired[i]), points(issued[i])),
+            _ => sum(kpi, name.clone(), points(running)),
+        });
+    }
+    out
+}
+
 /// Every KPI asked, in the order asked, each over the scope and grouped.
 pub fn compute(
     r: &Rollups,
@@ -651,10 +692,18 @@ pub fn compute(
     let mut out = Vec::new();
     for &kpi in kpis {
         match (kpi.source(), group) {
+            (Source::Ledger, Group::None | Group::Day | Group::Week | Group::Month)
+                if scope.stores.is_empty()
+                    && scope.brands.is_empty()
+                    && scope.regions.is_empty()
+                    && scope.channels.is_empty() => {}
             (Source::Ledger, _) => {
-                return Err(Error::FailedPrecondition(format!(
-                    "{kpi:?} needs the points ledger's entries (expiries), which reporting does not receive yet"
-                )));
+                return Err(Error::invalid(
+                    "filter",
+                    format!(
+                        "{kpi:?} is chain-wide (the ledger knows members, not stores or channels): no store, brand, region or channel filter, grouped by time or not at all"
+                    ),
+                ));
             }
             (Source::Buyers | Source::Members, Group::Campaign | Group::Code) => {
                 return Err(Error::invalid(
@@ -699,7 +748,7 @@ pub fn compute(
                 out.extend(buyers.iter().flatten().filter(|v| v.kpi == kpi).cloned());
             }
             Source::Members => out.extend(member_values(r, scope, group, &[kpi], day_of)?),
-            Source::Ledger => {}
+            Source::Ledger => out.extend(ledger_values(r, scope, group, kpi, day_of)),
         }
     }
     Ok(out)

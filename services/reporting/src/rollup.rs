@@ -14,7 +14,7 @@ use loyalty_platform::types::Channel;
 use roaring::RoaringBitmap;
 use rust_decimal::Decimal;
 
-use crate::fact::{Fact, Member, Outlet, Purchase, Refund};
+use crate::fact::{Fact, Member, Outlet, Purchase, Reason, Refund};
 
 /// Every channel, in the order their index in a cell key follows.
 pub const CHANNELS: [Channel; 6] = [
@@ -216,6 +216,21 @@ impl Cells {
     }
 }
 
+/// Ledger entries are summed per quarter hour: every time zone's offset is a multiple of
+/// it, so a local day is a whole number of buckets.
+pub const LEDGER_BUCKET_MS: i64 = 15 * 60_000;
+
+/// Sums of ledger entries in a bucket, in point minor units.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LedgerSums {
+    /// Every entry's amount: the change of the points outstanding.
+    pub net: i64,
+    /// Points expired (positive).
+    pub expired: i64,
+    /// Points issued (`Reason::issues`).
+    pub issued: i64,
+}
+
 /// Day, outlet and channel: where member sets are kept.
 pub type SliceKey = (Day, u32, u8);
 
@@ -262,6 +277,8 @@ pub struct Rollups {
     pub member_order: BTreeMap<String, u32>,
     /// Newest facts of each member, by member number.
     pub profiles: HashMap<u32, Member>,
+    /// Ledger sums per quarter hour (every time zone's day starts on one).
+    pub ledger: BTreeMap<i64, LedgerSums>,
     /// The time zones of the tenant's stores.
     pub time_zones: BTreeSet<String>,
     /// Each store's outlets (a store that changed brand or region has several).
@@ -278,6 +295,17 @@ impl Rollups {
             Fact::Purchase(p) => self.purchase(p),
             Fact::Refund(r) => self.refund(r),
             Fact::Member(m) => self.member(m),
+            Fact::Ledger(l) => {
+                let bucket = l.time.div_euclid(LEDGER_BUCKET_MS);
+                let sums = self.ledger.entry(bucket).or_default();
+                sums.net = sums.net.saturating_add(l.amount);
+                if l.reason == Reason::Expiry {
+                    sums.expired = sums.expired.saturating_sub(l.amount);
+                }
+                if l.reason.issues() && l.amount > 0 {
+                    sums.issued = sums.issued.saturating_add(l.amount);
+                }
+            }
         }
     }
 

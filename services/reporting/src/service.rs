@@ -317,9 +317,14 @@ impl Reporting {
                 "is not a token this export handed out",
             ));
         }
+        let range = match (kind, req.period.start, req.period.end) {
+            (Kind::Ledger, Some(start), Some(end)) => (start, end - 1),
+            _ => (scope.from, scope.to),
+        };
         Ok(Job {
             tenant_id: req.tenant_id.clone(),
             kind,
+            range,
             scope,
             snapshot,
             resume,
@@ -336,16 +341,16 @@ impl Reporting {
         tenant_id: &str,
         kind: Receipts,
         scope: &Scope,
+        range: (i64, i64),
         snapshot: u64,
         after: Option<Position>,
         limit: usize,
         max_bytes: usize,
     ) -> Result<(Vec<(Position, Fact)>, Option<Position>)> {
+        let (from, to) = range;
         let page = self
             .store
-            .page(
-                tenant_id, kind, scope.from, scope.to, snapshot, after, limit, max_bytes,
-            )
+            .page(tenant_id, kind, from, to, snapshot, after, limit, max_bytes)
             .await?;
         let next = if page.more {
             page.rows.last().map(|(p, _)| *p)
@@ -419,7 +424,7 @@ fn admits(scope: &Scope, fact: &Fact) -> bool {
     let (outlet, channel) = match fact {
         Fact::Purchase(p) => (&p.outlet, p.channel),
         Fact::Refund(r) => (&r.outlet, r.channel),
-        Fact::Member(_) => return true,
+        Fact::Member(_) | Fact::Ledger(_) => return true,
     };
     (scope.stores.is_empty() || scope.stores.contains(&outlet.store_id))
         && (scope.brands.is_empty() || scope.brands.contains(&outlet.brand))

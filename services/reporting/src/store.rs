@@ -11,15 +11,17 @@ use loyalty_platform::error::Result;
 
 use crate::fact::{Fact, TenantFact};
 
-/// Which receipts' facts a page reads.
+/// Which facts a page reads: receipts (by business day) or ledger entries (by time).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Receipts {
     Purchases,
     Refunds,
+    Ledger,
 }
 
-/// Where a page of a tenant's receipt facts starts: after this (business day, sequence).
-pub type Position = (Day, u64);
+/// Where a page of a tenant's facts starts: after this (business day or, for ledger
+/// entries, time in milliseconds; sequence).
+pub type Position = (i64, u64);
 
 /// A page of receipt facts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -29,12 +31,13 @@ pub struct FactPage {
     pub more: bool,
 }
 
-/// Where a full scan continues: the purchases, then the refunds, then the members, each
-/// after the key given (from their start when None).
+/// Where a full scan continues: the purchases, the refunds, the ledger entries, then the
+/// members, each after the key given (from their start when None).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScanFrom {
     Purchases(Option<(String, Day, u64)>),
     Refunds(Option<(String, Day, u64)>),
+    Ledger(Option<(String, i64, u64)>),
     Members(Option<(String, String)>),
 }
 

@@ -17,7 +17,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
 
-use crate::fact::{Fact, Line, Member, Outlet, Purchase, Refund, TenantFact};
+use crate::fact::{Fact, LedgerEntry, Line, Member, Outlet, Purchase, Reason, Refund, TenantFact};
 use crate::kpi::{Group, Kpi, date_label};
 use crate::rollup::channel_name;
 use crate::service::{Filter, Period, Reporting, Request};
@@ -161,7 +161,47 @@ fn world(seed: u64) -> World {
         }
         facts.push(Fact::Purchase(p));
     }
+    // Each member's ledger: accruals, redemptions, bonuses, adjustments and expiries at any
+    // minute of the days around the period.
+    for m in &members {
+        let mut balance = 0;
+        for seq in 1..=rng.random_range(0..8i64) {
+            let reason = [
+                Reason::Accrual,
+                Reason::Redemption,
+                Reason::Expiry,
+                Reason::RegistrationBonus,
+                Reason::ManualAdjustment,
+                Reason::RefundReversal,
+            ][rng.random_range(0..6)];
+            let amount = match reason {
+                Reason::Accrual | Reason::RegistrationBonus => rng.random_range(1..5000),
+                Reason::ManualAdjustment => rng.random_range(-500..500),
+                _ => -rng.random_range(0..300),
+            };
+            balance += amount;
+            facts.push(Fact::Ledger(LedgerEntry {
+                member_id: m.clone(),
+                seq,
+                reason,
+                amount,
+                balance_after: balance,
+                time: (BASE - 10) * DAY_MS + rng.random_range(0..(DAYS + 20) * DAY_MS),
+            }));
+        }
+    }
     World { stores, facts }
+}
+
+/// Every ledger entry once.
+fn entries(facts: &[Fact]) -> Vec<LedgerEntry> {
+    let mut out: BTreeMap<(String, i64), LedgerEntry> = BTreeMap::new();
+    for f in facts {
+        if let Fact::Ledger(l) = f {
+            out.insert((l.member_id.clone(), l.seq), l.clone());
+        }
+    }
+    out.into_values().collect()
 }
 
 /// The unique facts: receipts once, members at their newest version.
@@ -181,6 +221,7 @@ fn unique(facts: &[Fact]) -> (Vec<Purchase>, Vec<Refund>, Vec<Member>) {
                     m.insert(x.member_id.clone(), x.clone());
                 }
             }
+            Fact::Ledger(_) => {}
         }
     }
     (
@@ -340,6 +381,49 @@ fn reference(
                     out.insert((kpi, g), v);
                 }
             }
+            PointsExpired | PointsLiability | BreakageRate => {
+                // Every group of the period, by the entries' UTC days.
+                let label = |d: Day| match q.group {
+                    Group::Day => date_label(d),
+                    Group::Week => date_label(week_start(d)),
+                    Group::Month => date_label(month_start(d)),
+                    _ => String::new(),
+                };
+                let labels: BTreeSet<String> = (q.from..=q.to).map(label).collect();
+                let ledger = entries(facts);
+                for g in labels {
+                    let in_group = |t: i64| {
+                        let d = t.div_euclid(DAY_MS);
+                        in_period(d) && label(d) == g
+                    };
+                    let last = (q.from..=q.to).filter(|d| label(*d) == g).max().unwrap();
+                    let v = match kpi {
+                        PointsExpired => one(d(ledger
+                            .iter()
+                            .filter(|l| l.reason == Reason::Expiry && in_group(l.time))
+                            .map(|l| -l.amount)
+                            .sum())),
+                        PointsLiability => one(d(ledger
+                            .iter()
+                            .filter(|l| l.time.div_euclid(DAY_MS) <= last)
+                            .map(|l| l.amount)
+                            .sum())),
+                        _ => ratio(
+                            d(ledger
+                                .iter()
+                                .filter(|l| l.reason == Reason::Expiry && in_group(l.time))
+                                .map(|l| -l.amount)
+                                .sum()),
+                            d(ledger
+                                .iter()
+                                .filter(|l| l.reason.issues() && l.amount > 0 && in_group(l.time))
+                                .map(|l| l.amount)
+                                .sum()),
+                        ),
+                    };
+                    out.insert((kpi, g), v);
+                }
+            }
             NewMembers | ContactableShare | NoQuestionnaireShare => {
                 let mut groups: BTreeMap<String, [i64; 4]> = BTreeMap::new();
                 for m in &members {
@@ -463,6 +547,7 @@ const RECEIPT_KPIS: &[Kpi] = &[
 
 const MEMBER_KPIS: &[Kpi] = &[Kpi::ActiveMembers, Kpi::RepeatPurchaseRate, Kpi::NewMembers];
 const SHARE_KPIS: &[Kpi] = &[Kpi::ContactableShare, Kpi::NoQuestionnaireShare];
+const LEDGER_KPIS: &[Kpi] = &[Kpi::PointsExpired, Kpi::PointsLiability, Kpi::BreakageRate];
 
 fn request(q: &Query) -> Request {
     Request {
@@ -610,6 +695,20 @@ fn rfm_reference(facts: &[Fact], today: Day) -> BTreeMap<&'static str, (u64, Dec
 
 fn check(r: &Reporting, w: &World, seed: u64) {
     for q in queries(w, seed) {
+        let unfiltered = q.stores.is_empty() && q.brands.is_empty() && q.channels.is_empty();
+        let by_time = matches!(
+            q.group,
+            Group::None | Group::Day | Group::Week | Group::Month
+        );
+        if unfiltered && by_time {
+            assert_eq!(
+                answer(r, &q, LEDGER_KPIS),
+                reference(&w.facts, &q, LEDGER_KPIS),
+                "{q:?}"
+            );
+        } else {
+            assert!(r.kpis(&request(&q), LEDGER_KPIS, q.group).is_err(), "{q:?}");
+        }
         let kpis: Vec<Kpi> = match q.group {
             Group::Campaign | Group::Code => RECEIPT_KPIS.to_vec(),
             Group::Day | Group::Week | Group::Month => {
@@ -878,10 +977,12 @@ fn bad_queries_are_refused_with_their_field() {
         let mut open_ended = request(&ok);
         open_ended.period.end = None;
         assert_eq!(field(open_ended), "period.end_time");
-        assert!(matches!(
-            r.kpis(&request(&ok), &[Kpi::PointsLiability], Group::None),
-            Err(loyalty_platform::Error::FailedPrecondition(_))
-        ));
+        let mut by_store = request(&ok);
+        by_store.filter.stores = vec!["s".into()];
+        match r.kpis(&by_store, &[Kpi::PointsLiability], Group::None) {
+            Err(loyalty_platform::Error::InvalidArgument(v)) => assert_eq!(v[0].field, "filter"),
+            other => panic!("ledger KPIs are chain-wide, got {other:?}"),
+        }
         assert_eq!(
             r.kpis(&request(&ok), &[Kpi::Sales], Group::None).unwrap()[0].value,
             Decimal::TEN

@@ -94,6 +94,8 @@ pub fn decode(payload: &[u8]) -> Option<FeatureChange> {
                 version: m.version,
             }),
         ),
+        // Ledger entries are reporting's; segmentation reads balances from purchases.
+        pb::event::Kind::Ledger(_) => return None,
         pb::event::Kind::Refund(r) => (
             r.member_id.clone(),
             Change::Refund(RefundFacts {

@@ -18,6 +18,8 @@ type FactTable = TableDefinition<'static, (&'static str, i64, u64), &'static [u8
 const PURCHASES: FactTable = TableDefinition::new("purchases");
 /// (tenant, business day, sequence) → refund.
 const REFUNDS: FactTable = TableDefinition::new("refunds");
+/// (tenant, time, sequence) → ledger entry.
+const LEDGER: FactTable = TableDefinition::new("ledger");
 /// (tenant, member) → the member's newest facts.
 const MEMBERS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("members");
 /// (tenant, identity) → the sequence a receipt fact was stored under.
@@ -42,6 +44,7 @@ fn table(kind: Receipts) -> FactTable {
     match kind {
         Receipts::Purchases => PURCHASES,
         Receipts::Refunds => REFUNDS,
+        Receipts::Ledger => LEDGER,
     }
 }
 
@@ -59,6 +62,7 @@ impl ReportingStore for EmbeddedReportingStore {
                 let mut purchases = txn.open_table(PURCHASES).map_err(e)?;
                 let mut refunds = txn.open_table(REFUNDS).map_err(e)?;
                 let mut members = txn.open_table(MEMBERS).map_err(e)?;
+                let mut ledger = txn.open_table(LEDGER).map_err(e)?;
                 let mut fresh = Vec::new();
                 let mut in_batch = HashSet::new();
                 for f in &facts {
@@ -92,11 +96,11 @@ impl ReportingStore for EmbeddedReportingStore {
                             }
                             seq += 1;
                             identities.insert(id_key, seq).map_err(e)?;
-                            let day = fact.day().unwrap_or_default();
-                            let target = if matches!(fact, Fact::Refund(_)) {
-                                &mut refunds
-                            } else {
-                                &mut purchases
+                            let day = fact.order().unwrap_or_default();
+                            let target = match fact {
+                                Fact::Refund(_) => &mut refunds,
+                                Fact::Ledger(_) => &mut ledger,
+                                _ => &mut purchases,
                             };
                             target
                                 .insert((tenant, day, seq), encode(fact)?.as_slice())
@@ -185,10 +189,13 @@ impl ReportingStore for EmbeddedReportingStore {
                 loop {
                     let kind = match &phase {
                         ScanFrom::Purchases(_) => Receipts::Purchases,
-                        _ => Receipts::Refunds,
+                        ScanFrom::Refunds(_) => Receipts::Refunds,
+                        _ => Receipts::Ledger,
                     };
                     match phase {
-                        ScanFrom::Purchases(after) | ScanFrom::Refunds(after) => {
+                        ScanFrom::Purchases(after)
+                        | ScanFrom::Refunds(after)
+                        | ScanFrom::Ledger(after) => {
                             if let Some(t) = open_for_read(txn, table(kind))? {
                                 let rows = match &after {
                                     Some((tenant, day, seq)) => {
@@ -211,6 +218,7 @@ impl ReportingStore for EmbeddedReportingStore {
                                         let next = match kind {
                                             Receipts::Purchases => ScanFrom::Purchases(at),
                                             Receipts::Refunds => ScanFrom::Refunds(at),
+                                            Receipts::Ledger => ScanFrom::Ledger(at),
                                         };
                                         return Ok((out, Some(next)));
                                     }
@@ -218,7 +226,8 @@ impl ReportingStore for EmbeddedReportingStore {
                             }
                             phase = match kind {
                                 Receipts::Purchases => ScanFrom::Refunds(None),
-                                Receipts::Refunds => ScanFrom::Members(None),
+                                Receipts::Refunds => ScanFrom::Ledger(None),
+                                Receipts::Ledger => ScanFrom::Members(None),
                             };
                         }
                         ScanFrom::Members(after) => {
