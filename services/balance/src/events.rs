@@ -1,8 +1,10 @@
 //! What balance tells other services: every ledger entry, once it is durable. Published
 //! before the caller gets its answer, so a caller that never got one retries, and the
 //! retry (answered from the stored record) publishes again; the expiry process publishes
-//! an expiry again when it finds one it made before a crash. Consumers deduplicate by
-//! member and sequence number.
+//! an expiry again when it finds one it made before a crash. A stream that refuses an event
+//! gets it again in the background rather than failing a change that was made: the one
+//! gap is a process that dies while an event waits for the stream to come back. Consumers
+//! deduplicate by member and sequence number.
 
 use loyalty_platform::error::Result;
 

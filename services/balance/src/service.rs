@@ -1,6 +1,8 @@
 //! The balance service's domain operations over its store.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use loyalty_platform::clock::{Millis, SharedClock};
 use loyalty_platform::error::{Error, MAX_ID_LEN, Result, Violations};
@@ -30,7 +32,12 @@ pub struct Balance {
     clock: SharedClock,
     directory: Option<Arc<dyn MemberDirectory>>,
     events: Arc<dyn LedgerEvents>,
+    /// Events waiting to be published again.
+    republishing: Arc<AtomicUsize>,
 }
+
+/// Most ledger events retried in the background at once.
+pub const MAX_REPUBLISHING: usize = 10_000;
 
 /// Which members exist: identity owns them. Bulk accrual skips ids it does not know.
 #[async_trait::async_trait]
@@ -90,6 +97,7 @@ impl Balance {
             clock,
             directory: None,
             events: Arc::new(NoLedgerEvents),
+            republishing: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -99,16 +107,39 @@ impl Balance {
         self
     }
 
-    /// Publishes the entry a change appended, before its caller is answered.
+    /// Publishes the entry a change appended, before its caller is answered. The entry is
+    /// durable by then, so the change stands whatever happens here: a stream that refuses
+    /// the event gets it again in the background (with back-off, up to
+    /// [`MAX_REPUBLISHING`] at a time) instead of failing a change that was made.
     async fn publish(&self, tenant_id: &str, member_id: &str, entry: Option<&Entry>) -> Result<()> {
         let Some(entry) = entry else { return Ok(()) };
-        self.events
-            .appended(LedgerEvent {
-                tenant_id: tenant_id.to_string(),
-                member_id: member_id.to_string(),
-                entry: entry.clone(),
-            })
-            .await
+        let event = LedgerEvent {
+            tenant_id: tenant_id.to_string(),
+            member_id: member_id.to_string(),
+            entry: entry.clone(),
+        };
+        let Err(err) = self.events.appended(event.clone()).await else {
+            return Ok(());
+        };
+        let waiting = self.republishing.clone();
+        if waiting.fetch_add(1, Ordering::Relaxed) >= MAX_REPUBLISHING {
+            waiting.fetch_sub(1, Ordering::Relaxed);
+            metrics::counter!("loyalty_ledger_events_lost_total").increment(1);
+            tracing::error!(error = %err, "a ledger entry's event was dropped: too many wait for the stream");
+            return Ok(());
+        }
+        tracing::warn!(error = %err, "publishing a ledger entry failed; retrying in the background");
+        metrics::counter!("loyalty_ledger_events_retried_total").increment(1);
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            while events.appended(event.clone()).await.is_err() {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            waiting.fetch_sub(1, Ordering::Relaxed);
+        });
+        Ok(())
     }
 
     /// Checks bulk accruals' members against `directory`.
@@ -453,7 +484,68 @@ fn check_op(v: &mut Violations, op: &Op) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Mutex;
+
     use super::*;
+
+    /// Refuses the first `refuse` events, then keeps them.
+    #[derive(Debug, Default)]
+    struct Flaky {
+        refuse: Mutex<usize>,
+        kept: Mutex<Vec<LedgerEvent>>,
+    }
+
+    #[async_trait::async_trait]
+    impl LedgerEvents for Flaky {
+        async fn appended(&self, event: LedgerEvent) -> Result<()> {
+            let mut refuse = self.refuse.lock().unwrap();
+            if *refuse > 0 {
+                *refuse -= 1;
+                return Err(Error::Unavailable("the stream is restarting".into()));
+            }
+            self.kept.lock().unwrap().push(event);
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_made_change_stands_when_its_event_must_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            crate::store::embedded::EmbeddedBalanceStore::open(&dir.path().join("b.redb")).unwrap();
+        let events = Arc::new(Flaky {
+            refuse: Mutex::new(2),
+            kept: Mutex::default(),
+        });
+        let balance = Balance::new(
+            Arc::new(store),
+            Arc::new(loyalty_platform::clock::SystemClock),
+        )
+        .with_events(events.clone());
+        let op = Op::Accrue {
+            amount: 500,
+            reason: Reason::Accrual,
+            reference: "r1".into(),
+            activate_at: None,
+            expire_at: None,
+        };
+        let record = balance.execute("t", "m", "k1", op).await.unwrap();
+        assert_eq!(
+            record.reply.balance.active, 500,
+            "the change was made and answered"
+        );
+        for _ in 0..100 {
+            if !events.kept.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let kept = events.kept.lock().unwrap().clone();
+        assert_eq!(kept.len(), 1, "published once the stream took it");
+        assert_eq!((kept[0].entry.seq, kept[0].entry.amount), (1, 500));
+    }
 
     #[test]
     fn hold_ids_round_trip_and_refuse_forgeries() {
