@@ -319,6 +319,27 @@ impl Identity {
         self.publish(&existing, &profile).await
     }
 
+    /// The newest snapshot of every member after `after` (tenant, member), at most `limit`:
+    /// what the member stream last said of each, for rebuilding what others derive from it.
+    pub async fn snapshots(
+        &self,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<MemberSnapshot>> {
+        let members = self.store.members_after(after, limit).await?;
+        let mut out = Vec::with_capacity(members.len());
+        for m in members {
+            let profile = self
+                .store
+                .profile(&m.tenant_id, &m.member_id)
+                .await?
+                .unwrap_or_default();
+            let complete = self.questionnaire_complete(&m, &profile);
+            out.push(MemberSnapshot::of(&m, &profile, complete));
+        }
+        Ok(out)
+    }
+
     /// Publishes the member's snapshot; the caller is answered only after it.
     async fn publish(&self, member: &Member, profile: &Profile) -> Result<()> {
         let complete = self.questionnaire_complete(member, profile);

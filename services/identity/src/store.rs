@@ -26,6 +26,13 @@ pub trait IdentityStore: Send + Sync + std::fmt::Debug {
     /// nothing is written when the phone or the code is taken.
     async fn insert_member(&self, member: &Member) -> Result<Inserted>;
     async fn member(&self, tenant_id: &str, member_id: &str) -> Result<Option<Member>>;
+    /// Every member of every tenant in (tenant, member id) order after `after`, at most
+    /// `limit`: for rebuilding what other services derive from members.
+    async fn members_after(
+        &self,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<Member>>;
     async fn member_id_by_phone(&self, tenant_id: &str, phone: &str) -> Result<Option<String>>;
     async fn member_by_referral_code(&self, tenant_id: &str, code: &str) -> Result<Option<String>>;
     /// Inserts a card; `false` (and nothing written) when the number exists.

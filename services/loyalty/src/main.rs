@@ -7,6 +7,7 @@ mod balancer;
 mod demo;
 mod export;
 mod peers;
+mod rebuild;
 mod walkthrough;
 mod wiring;
 
@@ -79,6 +80,12 @@ enum Command {
         addr: String,
         #[arg(long, default_value = demo::TENANT)]
         tenant: String,
+    },
+    /// Rebuilds reporting's facts from the purchase history, the points ledger and the
+    /// members in --data-dir (dev mode's embedded stores; the server must be stopped).
+    RebuildReporting {
+        #[command(flatten)]
+        common: Common,
     },
     /// Writes an export of reporting's facts as a Parquet file, read over Arrow Flight from
     /// a running server: `<out>/<tenant>-<kind>.parquet`.
@@ -192,6 +199,29 @@ async fn run(cli: Cli) -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("loyalty migrate: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::RebuildReporting { common } => {
+            let config = match load_config(&common) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            return match rebuild::run(&config).await {
+                Ok(r) => {
+                    eprintln!(
+                        "reporting rebuilt in {}: {} purchases, {} refunds, {} ledger entries, {} members",
+                        config.data_dir.display(),
+                        r.purchases,
+                        r.refunds,
+                        r.ledger_entries,
+                        r.members
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("loyalty rebuild-reporting: {e:#}");
                     ExitCode::FAILURE
                 }
             };

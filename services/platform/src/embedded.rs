@@ -322,6 +322,31 @@ pub fn open_for_read<K: redb::Key + 'static, V: redb::Value + 'static>(
     }
 }
 
+/// Records of a table in key order after `after` (from the start when None), at most
+/// `limit`: for walking a whole table a page at a time.
+pub fn records_after<T: serde::de::DeserializeOwned>(
+    txn: &ReadTransaction,
+    table: Records,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<T>> {
+    let Some(t) = open_for_read(txn, table)? else {
+        return Ok(Vec::new());
+    };
+    let rows = match after {
+        Some(a) => t
+            .range::<&str>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
+            .map_err(storage_error)?,
+        None => t.range::<&str>(..).map_err(storage_error)?,
+    };
+    let mut out = Vec::new();
+    for row in rows.take(limit) {
+        let (_, v) = row.map_err(storage_error)?;
+        out.push(decode(v.value())?);
+    }
+    Ok(out)
+}
+
 /// Encodes `value` and stores it under `key`.
 pub fn put_record<T: serde::Serialize>(
     table: &mut redb::Table<'_, &'static str, &'static [u8]>,

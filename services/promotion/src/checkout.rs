@@ -16,7 +16,9 @@ use crate::catalog::Store;
 use crate::evaluate::{
     Codes, Evaluation, LineInfo, MemberContext, MemberProfile, Situation, cents, evaluate, reprice,
 };
-use crate::events::{Catalog, Events, StoreFacts, purchase_event, refund_event};
+use crate::events::{
+    Catalog, Events, PurchaseEvent, RefundEvent, StoreFacts, purchase_event, refund_event,
+};
 use crate::ports::{Members, Points, Segments};
 use crate::program::{MONEY_SCALE, Program, Rounding};
 use crate::purchase::{
@@ -136,19 +138,7 @@ impl Checkout {
     /// (category, brand) of each line's product, for the events; the store as it was at the
     /// purchase.
     async fn catalog(&self, p: &Purchase) -> Result<Catalog> {
-        let skus: Vec<String> = p.receipt.lines.iter().map(|l| l.sku.clone()).collect();
-        let ctx = self
-            .store
-            .checkout_context(&p.receipt.tenant_id, &p.receipt.store_id, &skus, &[])
-            .await?;
-        Ok(Catalog {
-            lines: ctx
-                .products
-                .into_iter()
-                .map(|product| product.map(|p| (p.category, p.brand)).unwrap_or_default())
-                .collect(),
-            store: p.store.clone(),
-        })
+        catalog_of(self.store.as_ref(), p).await
     }
 
     /// Finishes the commit, then publishes the purchase before the caller is answered: a
@@ -682,7 +672,9 @@ impl Checkout {
             }
             let program = self.store.program(tenant_id).await?;
             let returns_redeemed = program.is_none_or(|p| p.refund_returns_redeemed_points);
-            let refund = plan_refund(&p, refund_id, fp.clone(), lines.clone(), returns_redeemed)?;
+            let mut refund =
+                plan_refund(&p, refund_id, fp.clone(), lines.clone(), returns_redeemed)?;
+            refund.refunded_at = self.clock.now_ms();
             let expected = p.version;
             p.refunds.push(refund.clone());
             p.version += 1;
@@ -712,7 +704,7 @@ impl Checkout {
         };
         let catalog = self.catalog(&p).await?;
         self.events
-            .refund_committed(refund_event(&p, &settled, &catalog, self.clock.now_ms()))
+            .refund_committed(refund_event(&p, &settled, &catalog, settled.refunded_at))
             .await?;
         Ok(refunded)
     }
@@ -987,7 +979,50 @@ pub(crate) fn plan_refund(
         reverse_bonus,
         releases,
         outcome: None,
+        refunded_at: 0,
     })
+}
+
+/// (category, brand) of each line's product, and the store as it was at the purchase.
+async fn catalog_of(store: &dyn PromotionStore, p: &Purchase) -> Result<Catalog> {
+    let skus: Vec<String> = p.receipt.lines.iter().map(|l| l.sku.clone()).collect();
+    let ctx = store
+        .checkout_context(&p.receipt.tenant_id, &p.receipt.store_id, &skus, &[])
+        .await?;
+    Ok(Catalog {
+        lines: ctx
+            .products
+            .into_iter()
+            .map(|product| product.map(|p| (p.category, p.brand)).unwrap_or_default())
+            .collect(),
+        store: p.store.clone(),
+    })
+}
+
+/// The events a stored purchase published: its purchase event once committed, and one per
+/// settled refund. What other services rebuild their view of purchases from.
+pub async fn stored_events(
+    store: &dyn PromotionStore,
+    p: &Purchase,
+) -> Result<(Option<PurchaseEvent>, Vec<RefundEvent>)> {
+    let PurchaseState::Committed {
+        commit_time,
+        points_balance,
+    } = p.state
+    else {
+        return Ok((None, Vec::new()));
+    };
+    let catalog = catalog_of(store, p).await?;
+    let refunds = p
+        .refunds
+        .iter()
+        .filter(|r| r.outcome.is_some())
+        .map(|r| refund_event(p, r, &catalog, r.refunded_at))
+        .collect();
+    Ok((
+        Some(purchase_event(p, &catalog, commit_time, points_balance)),
+        refunds,
+    ))
 }
 
 #[cfg(test)]

@@ -62,6 +62,8 @@ pub struct Refund {
     pub releases: Vec<crate::usage::Claim>,
     /// Set once the points have moved.
     pub outcome: Option<RefundOutcome>,
+    /// When the refund was first asked for: its event's time, however often it is retried.
+    pub refunded_at: Millis,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

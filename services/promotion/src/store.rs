@@ -61,6 +61,13 @@ pub trait PromotionStore: Send + Sync + std::fmt::Debug {
         codes: &[String],
     ) -> Result<CheckoutContext>;
     async fn purchase(&self, tenant_id: &str, receipt_id: &str) -> Result<Option<Purchase>>;
+    /// Every purchase of every tenant in (tenant, receipt id) order after `after`, at most
+    /// `limit`: the purchase history other services rebuild from.
+    async fn purchases_after(
+        &self,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<Purchase>>;
     /// Writes `purchase` if the stored version is `expected_version` (`None`: only if no
     /// purchase with that receipt id exists) and every claim fits, applying the claims in
     /// the same atomic write. Nothing is written otherwise.

@@ -45,7 +45,43 @@ pub async fn run_all(store: &dyn IdentityStore) {
     cards(store).await;
     card_lifecycle(store).await;
     profiles(store).await;
+    members_in_order(store).await;
     store.ping().await.unwrap();
+}
+
+/// Every member once, in (tenant, member) order, a page at a time.
+async fn members_in_order(store: &dyn IdentityStore) {
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.members_after(after.clone(), 2).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after = page
+            .last()
+            .map(|m| (m.tenant_id.clone(), m.member_id.clone()));
+        all.extend(page);
+    }
+    let keys: Vec<(String, String)> = all
+        .iter()
+        .map(|m| (m.tenant_id.clone(), m.member_id.clone()))
+        .collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(keys, sorted, "in order, each once");
+    assert!(keys.contains(&("t1".to_string(), "m1".to_string())));
+    for m in &all {
+        assert_eq!(
+            store
+                .member(&m.tenant_id, &m.member_id)
+                .await
+                .unwrap()
+                .as_ref(),
+            Some(m)
+        );
+    }
 }
 
 async fn members_and_their_indexes(store: &dyn IdentityStore) {

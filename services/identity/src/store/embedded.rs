@@ -4,7 +4,7 @@ use std::path::Path;
 
 use loyalty_platform::embedded::{
     EmbeddedDb, Records, get_record, key, open_for_read, prefix_range, put_record, read_record,
-    storage_error as e,
+    records_after, storage_error as e,
 };
 use loyalty_platform::error::Result;
 use redb::{ReadableTable, TableDefinition};
@@ -70,6 +70,17 @@ impl IdentityStore for EmbeddedIdentityStore {
     async fn member(&self, tenant_id: &str, member_id: &str) -> Result<Option<Member>> {
         let k = key(&[tenant_id, member_id]);
         self.db.read(move |txn| read_record(txn, MEMBERS, &k)).await
+    }
+
+    async fn members_after(
+        &self,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<Member>> {
+        let after = after.map(|(t, m)| key(&[&t, &m]));
+        self.db
+            .read(move |txn| records_after(txn, MEMBERS, after.as_deref(), limit))
+            .await
     }
 
     async fn member_id_by_phone(&self, tenant_id: &str, phone: &str) -> Result<Option<String>> {

@@ -32,6 +32,14 @@ impl IdentityStore for Traced {
         )
         .await
     }
+    async fn members_after(
+        &self,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<Member>> {
+        let call = self.inner.members_after(after, limit);
+        in_db_span(self.system, "identity.members_after", call).await
+    }
     async fn member(&self, tenant_id: &str, member_id: &str) -> Result<Option<Member>> {
         in_db_span(
             self.system,

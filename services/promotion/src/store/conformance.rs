@@ -95,7 +95,32 @@ pub async fn run_all(s: &dyn PromotionStore) {
     claims(s).await;
     campaigns(s).await;
     coupons(s).await;
+    purchases_in_order(s).await;
     s.ping().await.unwrap();
+}
+
+/// Every purchase once, in (tenant, receipt) order, a page at a time.
+async fn purchases_in_order(s: &dyn PromotionStore) {
+    let mut keys = Vec::new();
+    let mut after = None;
+    loop {
+        let page = s.purchases_after(after.clone(), 3).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after = page
+            .last()
+            .map(|p| (p.receipt.tenant_id.clone(), p.receipt.receipt_id.clone()));
+        keys.extend(
+            page.iter()
+                .map(|p| (p.receipt.tenant_id.clone(), p.receipt.receipt_id.clone())),
+        );
+    }
+    assert!(!keys.is_empty(), "the suite stored purchases before");
+    let mut sorted = keys.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(keys, sorted, "in order, each once");
 }
 
 async fn programs(s: &dyn PromotionStore) {

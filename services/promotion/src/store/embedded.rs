@@ -5,7 +5,7 @@ use std::path::Path;
 use loyalty_platform::clock::Millis;
 use loyalty_platform::embedded::{
     EmbeddedDb, Records, decode, get_record, key, open_for_read, prefix_range, put_record,
-    read_record, storage_error as e,
+    read_record, records_after, storage_error as e,
 };
 use loyalty_platform::error::{Error, Result};
 use redb::{ReadableTable, TableDefinition};
@@ -269,6 +269,17 @@ impl PromotionStore for EmbeddedPromotionStore {
 
     async fn purchase(&self, tenant_id: &str, receipt_id: &str) -> Result<Option<Purchase>> {
         self.get(PURCHASES, key(&[tenant_id, receipt_id])).await
+    }
+
+    async fn purchases_after(
+        &self,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<Purchase>> {
+        let after = after.map(|(t, r)| key(&[&t, &r]));
+        self.db
+            .read(move |txn| records_after(txn, PURCHASES, after.as_deref(), limit))
+            .await
     }
 
     async fn put_purchase(

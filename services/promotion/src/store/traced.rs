@@ -73,6 +73,14 @@ impl PromotionStore for Traced {
             .checkout_context(tenant_id, store_id, skus, codes);
         in_db_span(self.system, "promotion.checkout_context", call).await
     }
+    async fn purchases_after(
+        &self,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<Purchase>> {
+        let call = self.inner.purchases_after(after, limit);
+        in_db_span(self.system, "promotion.purchases_after", call).await
+    }
     async fn purchase(&self, tenant_id: &str, receipt_id: &str) -> Result<Option<Purchase>> {
         let call = self.inner.purchase(tenant_id, receipt_id);
         in_db_span(self.system, "promotion.purchase", call).await

@@ -1,0 +1,164 @@
+//! `loyalty rebuild-reporting`: rebuilds reporting's facts from the sources of truth, the
+//! purchase history (promotion), the points ledger (balance) and the members (identity), in
+//! the data directory of a stopped dev-mode server. Every record is encoded as the event it
+//! published and decoded by reporting's own consumer, so a rebuilt fact is the fact the
+//! stream delivered. The new file replaces `reporting.redb` only once it is complete.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use loyalty_balance::store::embedded::EmbeddedBalanceStore;
+use loyalty_balance::store::{EntryQuery, Ledger};
+use loyalty_identity::Identity;
+use loyalty_identity::store::embedded::EmbeddedIdentityStore;
+use loyalty_platform::clock::{SharedClock, SystemClock};
+use loyalty_platform::config::{Backend, Config};
+use loyalty_promotion::store::PromotionStore;
+use loyalty_promotion::store::embedded::EmbeddedPromotionStore;
+use loyalty_reporting::fact::TenantFact;
+use loyalty_reporting::store::ReportingStore;
+use loyalty_reporting::store::embedded::EmbeddedReportingStore;
+
+const PAGE: usize = 1000;
+
+/// What a rebuild read.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Rebuilt {
+    pub purchases: usize,
+    pub refunds: usize,
+    pub ledger_entries: usize,
+    pub members: usize,
+}
+
+fn open<T>(
+    dir: &Path,
+    file: &str,
+    open: impl FnOnce(&Path) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let path = dir.join(file);
+    anyhow::ensure!(
+        path.exists(),
+        "{} does not exist: nothing to rebuild from",
+        path.display()
+    );
+    open(&path).with_context(|| {
+        format!(
+            "opening {} (is a server still running on this data directory? stop it first)",
+            path.display()
+        )
+    })
+}
+
+async fn store(into: &EmbeddedReportingStore, payloads: Vec<Vec<u8>>) -> anyhow::Result<()> {
+    let facts: Vec<TenantFact> = payloads
+        .iter()
+        .filter_map(|p| loyalty_reporting::consumer::decode(p))
+        .collect();
+    into.append(facts).await?;
+    Ok(())
+}
+
+pub async fn run(config: &Config) -> anyhow::Result<Rebuilt> {
+    anyhow::ensure!(
+        config.storage.backend == Backend::Embedded,
+        "rebuilding reporting reads the embedded stores of one data directory (dev mode); with the {:?} backend the ledger and history live elsewhere",
+        config.storage.backend
+    );
+    let dir = &config.data_dir;
+    let clock: SharedClock = Arc::new(SystemClock);
+    let promotion = open(dir, "promotion.redb", EmbeddedPromotionStore::open)?;
+    let ledger = open(dir, "balance.redb", EmbeddedBalanceStore::open)?;
+    let identity = Identity::new(
+        Arc::new(open(dir, "identity.redb", EmbeddedIdentityStore::open)?),
+        clock.clone(),
+        config.identity.default_region.clone(),
+    )
+    .with_questionnaire(config.identity.questionnaire.clone());
+    let partial = dir.join("reporting.redb.rebuilding");
+    if partial.exists() {
+        std::fs::remove_file(&partial)
+            .with_context(|| format!("removing {}", partial.display()))?;
+    }
+    let into = EmbeddedReportingStore::open(&partial)?;
+    let mut done = Rebuilt::default();
+
+    let mut after = None;
+    loop {
+        let page = promotion.purchases_after(after.clone(), PAGE).await?;
+        let Some(last) = page.last() else { break };
+        after = Some((
+            last.receipt.tenant_id.clone(),
+            last.receipt.receipt_id.clone(),
+        ));
+        let mut payloads = Vec::new();
+        for p in &page {
+            let (purchase, refunds) =
+                loyalty_promotion::checkout::stored_events(&promotion, p).await?;
+            if let Some(e) = purchase {
+                done.purchases += 1;
+                payloads.push(loyalty_promotion::publish::encode_purchase(e));
+            }
+            done.refunds += refunds.len();
+            payloads.extend(
+                refunds
+                    .into_iter()
+                    .map(loyalty_promotion::publish::encode_refund),
+            );
+        }
+        store(&into, payloads).await?;
+    }
+
+    let mut after = None;
+    loop {
+        let members = ledger.members(after.clone(), PAGE).await?;
+        let Some(last) = members.last() else { break };
+        after = Some(last.clone());
+        for (tenant, member) in &members {
+            let mut before = None;
+            loop {
+                let query = EntryQuery {
+                    before_seq: before,
+                    limit: PAGE,
+                    ..EntryQuery::default()
+                };
+                let page = Ledger::entries(&ledger, tenant, member, &query).await?;
+                done.ledger_entries += page.entries.len();
+                let payloads = page
+                    .entries
+                    .into_iter()
+                    .map(|entry| {
+                        loyalty_balance::publish::encode(loyalty_balance::events::LedgerEvent {
+                            tenant_id: tenant.clone(),
+                            member_id: member.clone(),
+                            entry,
+                        })
+                    })
+                    .collect();
+                store(&into, payloads).await?;
+                match page.next_before {
+                    Some(n) => before = Some(n),
+                    None => break,
+                }
+            }
+        }
+    }
+
+    let mut after = None;
+    let now = clock.now_ms();
+    loop {
+        let snapshots = identity.snapshots(after.clone(), PAGE).await?;
+        let Some(last) = snapshots.last() else { break };
+        after = Some((last.tenant_id.clone(), last.member_id.clone()));
+        done.members += snapshots.len();
+        let payloads = snapshots
+            .into_iter()
+            .map(|s| loyalty_identity::publish::encode(s, now))
+            .collect();
+        store(&into, payloads).await?;
+    }
+    drop(into);
+    std::fs::rename(&partial, dir.join("reporting.redb"))
+        .context("moving the rebuilt reporting.redb into place")?;
+    Ok(done)
+}
