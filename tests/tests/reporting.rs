@@ -704,6 +704,43 @@ async fn receipts_reach_every_report_and_exports() {
         decimal_sum(&flown, "paid"),
         decimal_column_sum(&lines_csv, "paid")
     );
+    // And with pyarrow, a real Flight client, when the test command could install it.
+    match std::env::var("LOYALTY_TEST_PYARROW") {
+        Ok(python) => {
+            let script = "import sys, pyarrow.flight as fl\n\
+                t = fl.connect(sys.argv[1]).do_get(fl.Ticket(sys.argv[2].encode())).read_all()\n\
+                print(' '.join(t.column('receipt_id').to_pylist()))\n\
+                print(sum(t.column('paid').to_pylist()))\n";
+            let url = server.url().replace("http://", "grpc://");
+            let out = std::process::Command::new(python)
+                .args(["-c", script, &url, &ticket("purchase_lines")])
+                .output()
+                .unwrap();
+            let said = String::from_utf8_lossy(&out.stdout).to_string();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let mut said = said.lines();
+            let ids: Vec<String> = said
+                .next()
+                .unwrap()
+                .split(' ')
+                .map(str::to_string)
+                .collect();
+            assert_eq!(
+                ids,
+                receipt_ids(&flown),
+                "pyarrow reads the lines the Rust client reads"
+            );
+            let paid = Decimal::from_str(said.next().unwrap().trim()).unwrap();
+            assert_eq!(paid, decimal_column_sum(&lines_csv, "paid"));
+        }
+        Err(_) => eprintln!(
+            "pyarrow is not installed (LOYALTY_TEST_PYARROW unset): the Flight export was read with the Rust client only"
+        ),
+    }
     let err = flight
         .do_get(arrow_flight::Ticket::new("{\"tenant_id\":\"t1\"}"))
         .await
