@@ -1,5 +1,5 @@
-//! One trace per receipt: three processes (identity; balance; promotion with segmentation
-//! and reporting) export spans over OTLP to a receiver inside the test. A commit carrying
+//! One trace per receipt: four processes (identity; balance; segmentation; promotion with
+//! reporting) export spans over OTLP to a receiver inside the test. A commit carrying
 //! the POS's W3C `traceparent` yields one trace in which every span hangs off the POS's,
 //! linked parent to child across processes, with storage and rule-evaluation spans inside.
 
@@ -43,11 +43,15 @@ async fn a_receipt_is_one_trace_across_processes() {
             .env("LOYALTY_TRACING__OTLP_ENDPOINT", &receiver.endpoint)
             .env("LOYALTY_SERVER__HEALTH_INTERVAL_SECS", "1")
     };
-    let (dir_a, dir_b, dir_c) = (
+    let (dir_a, dir_b, dir_c, dir_d) = (
+        tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
     );
+    // Segmentation in its own process: checkout asks it for the member's segments.
+    let segmentation_node =
+        Server::start(tracing_env(Launch::serve("segmentation")), dir_d.path()).await;
     let identity_node = Server::start(tracing_env(Launch::serve("identity")), dir_a.path()).await;
     // Balance on Redis over its ledger, so the trace shows both.
     let redis = RedisServer::start().unwrap();
@@ -60,9 +64,10 @@ async fn a_receipt_is_one_trace_across_processes() {
     )
     .await;
     let promotion_node = Server::start(
-        tracing_env(Launch::serve("promotion,segmentation,reporting"))
+        tracing_env(Launch::serve("promotion,reporting"))
             .env("LOYALTY_PEERS__IDENTITY", &identity_node.url())
             .env("LOYALTY_PEERS__BALANCE", &balance_node.url())
+            .env("LOYALTY_PEERS__SEGMENTATION", &segmentation_node.url())
             .env("LOYALTY_LOG__FORMAT", "json")
             .env("LOYALTY_SERVER__METRICS_LISTEN", "127.0.0.1:0"),
         dir_b.path(),
@@ -71,6 +76,44 @@ async fn a_receipt_is_one_trace_across_processes() {
     let a = identity_node.channel().await;
     let b = promotion_node.channel().await;
     setup_tenant(&b, "t1").await;
+    // A campaign for a segment, so the checkout asks segmentation about the member.
+    let s = segmentation_node.channel().await;
+    loyalty_proto::segmentation::v1::segmentation_service_client::SegmentationServiceClient::new(s)
+        .create_segment(loyalty_proto::segmentation::v1::CreateSegmentRequest {
+            segment: Some(loyalty_proto::segmentation::v1::Segment {
+                tenant_id: "t1".into(),
+                segment_id: "buyers".into(),
+                name: "Buyers".into(),
+                kind: loyalty_proto::segmentation::v1::SegmentKind::Dynamic as i32,
+                predicate: "spend_365d > 0".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    promotion::campaign_service_client::CampaignServiceClient::new(b.clone())
+        .create_campaign(promotion::CreateCampaignRequest {
+            campaign: Some(promotion::Campaign {
+                tenant_id: "t1".into(),
+                campaign_id: "buyers-boost".into(),
+                name: "Buyers boost".into(),
+                status: promotion::CampaignStatus::Active as i32,
+                targeting: Some(promotion::Targeting {
+                    segment_ids: vec!["buyers".into()],
+                    ..Default::default()
+                }),
+                mechanic: Some(promotion::campaign::Mechanic::AccrualBoost(
+                    promotion::AccrualBoost {
+                        multiplier: dec("2"),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }),
+            actor: None,
+        })
+        .await
+        .unwrap();
     let mut pos = Pos::new(&a, &b);
     let (_, card) = pos.member_with_card("t1", "+77017778899").await;
 
@@ -141,6 +184,7 @@ async fn a_receipt_is_one_trace_across_processes() {
     // Stopping flushes every process's exporter.
     assert_eq!(promotion_node.stop().await, 0);
     assert_eq!(balance_node.stop().await, 0);
+    assert_eq!(segmentation_node.stop().await, 0);
     let mut spans = Vec::new();
     for _ in 0..50 {
         spans = receiver.spans();
@@ -188,7 +232,7 @@ async fn a_receipt_is_one_trace_across_processes() {
         .find(|s| s.kind == 2 && s.name == "loyalty.promotion.v1.CheckoutService/Commit")
         .unwrap_or_else(|| panic!("no checkout server span:\n{}", describe()));
     assert_eq!(hex(&commit.parent_span_id), POS_SPAN);
-    assert_eq!(commit.service, "loyalty-promotion-segmentation-reporting");
+    assert_eq!(commit.service, "loyalty-promotion-reporting");
     assert_eq!(commit.attribute("rpc.system"), Some("grpc"));
     assert_eq!(commit.attribute("rpc.method"), Some("Commit"));
     assert_eq!(commit.attribute("rpc.grpc.status_code"), Some("0"));
@@ -198,6 +242,10 @@ async fn a_receipt_is_one_trace_across_processes() {
     for (peer_service, process) in [
         ("loyalty.identity.v1.MemberService", "loyalty-identity"),
         ("loyalty.balance.v1.BalanceService", "loyalty-balance"),
+        (
+            "loyalty.segmentation.v1.SegmentationService",
+            "loyalty-segmentation",
+        ),
     ] {
         let client = traced
             .iter()
@@ -220,7 +268,7 @@ async fn a_receipt_is_one_trace_across_processes() {
     for (process, system) in [
         ("loyalty-identity", "redb"),
         ("loyalty-balance", "redis"),
-        ("loyalty-promotion-segmentation-reporting", "redb"),
+        ("loyalty-promotion-reporting", "redb"),
     ] {
         let db = traced
             .iter()
