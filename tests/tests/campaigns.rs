@@ -86,7 +86,11 @@ fn money(d: &Option<loyalty_proto::common::v1::Decimal>) -> String {
 
 async fn dev() -> (tempfile::TempDir, Server, Channel) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(Launch::dev(), dir.path()).await;
+    let server = Server::start(
+        Launch::dev().env("LOYALTY_SERVER__METRICS_LISTEN", "127.0.0.1:0"),
+        dir.path(),
+    )
+    .await;
     let channel = server.channel().await;
     setup_tenant(&channel, "t1").await;
     (dir, server, channel)
@@ -353,6 +357,24 @@ async fn a_budget_of_n_uses_grants_exactly_n_under_200_concurrent_commits() {
         }
     }
     assert_eq!(granted, 10);
+    // The business counters saw it: ten discounts of 50.00, 190 receipts the budget refused.
+    let metrics = server.scrape_metrics().await;
+    let value = |name: &str| -> Option<String> {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().last().map(str::to_string))
+    };
+    assert_eq!(
+        value("loyalty_discounts_granted_total").as_deref(),
+        Some("50000"),
+        "{metrics}"
+    );
+    assert_eq!(
+        value("loyalty_campaign_budget_exhausted_total").as_deref(),
+        Some("190"),
+        "{metrics}"
+    );
     // A refund gives the use back; the next receipt gets it.
     let mut pos = pos.clone();
     let mut refunded = None;
