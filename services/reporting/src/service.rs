@@ -66,6 +66,14 @@ fn zone(name: &str, field: &str) -> Result<jiff::tz::TimeZone> {
         .map_err(|_| Error::invalid(field, format!("unknown IANA time zone {name:?}")))
 }
 
+/// The zone every store of the tenant shares; UTC when they differ or none is known.
+fn tenant_zone(r: &Rollups) -> jiff::tz::TimeZone {
+    match (r.time_zones.len(), r.time_zones.iter().next()) {
+        (1, Some(only)) => zone(only, "time_zone").unwrap_or(jiff::tz::TimeZone::UTC),
+        _ => jiff::tz::TimeZone::UTC,
+    }
+}
+
 /// The local date of an instant in a zone, as days since 1970-01-01.
 pub fn local_day(at: Millis, tz: &jiff::tz::TimeZone) -> Day {
     match jiff::Timestamp::from_millisecond(at) {
@@ -187,10 +195,7 @@ impl Reporting {
             format!("at most {CHANNEL_LIMIT} entries"),
         );
         let tz = if req.time_zone.is_empty() || req.time_zone.len() > MAX_ID_LEN {
-            match (r.time_zones.len(), r.time_zones.iter().next()) {
-                (1, Some(only)) => zone(only, "time_zone").unwrap_or(jiff::tz::TimeZone::UTC),
-                _ => jiff::tz::TimeZone::UTC,
-            }
+            tenant_zone(r)
         } else {
             match zone(&req.time_zone, "time_zone") {
                 Ok(tz) => tz,
@@ -278,10 +283,7 @@ impl Reporting {
         loyalty_platform::types::tenant(tenant_id)?;
         let at = as_of.unwrap_or_else(|| self.clock.now_ms());
         self.with(tenant_id, |r| {
-            let tz = match (r.time_zones.len(), r.time_zones.iter().next()) {
-                (1, Some(only)) => zone(only, "time_zone").unwrap_or(jiff::tz::TimeZone::UTC),
-                _ => jiff::tz::TimeZone::UTC,
-            };
+            let tz = tenant_zone(r);
             Ok(kpi::rfm_overview(r, local_day(at, &tz))
                 .into_iter()
                 .map(|(n, c, s)| (n.as_str(), c, s))
