@@ -595,16 +595,135 @@ impl ReceivedSpan {
     }
 }
 
-/// An OTLP/gRPC trace receiver on a free loopback port that keeps what it is sent.
+/// One data point of one metric as an OTLP receiver got it.
+#[derive(Debug, Clone)]
+pub struct ReceivedPoint {
+    /// The exporting process's `service.name`.
+    pub service: String,
+    pub name: String,
+    pub attributes: Vec<(String, String)>,
+    /// A sum's or gauge's value; a histogram's count.
+    pub value: f64,
+    /// A histogram's sum.
+    pub sum: f64,
+    /// Whether the point is a monotonic sum (a counter).
+    pub monotonic: bool,
+}
+
+impl ReceivedPoint {
+    pub fn attribute(&self, key: &str) -> Option<&str> {
+        self.attributes
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// An OTLP/gRPC trace and metrics receiver on a free loopback port that keeps what it is
+/// sent.
 #[derive(Debug)]
 pub struct OtlpReceiver {
     pub endpoint: String,
     spans: std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>,
+    points: std::sync::Arc<std::sync::Mutex<Vec<ReceivedPoint>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 #[derive(Debug, Clone, Default)]
 struct Collect(std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>);
+
+#[derive(Debug, Clone, Default)]
+struct CollectMetrics(std::sync::Arc<std::sync::Mutex<Vec<ReceivedPoint>>>);
+
+fn attribute_texts(
+    attributes: &[opentelemetry_proto::tonic::common::v1::KeyValue],
+) -> Vec<(String, String)> {
+    attributes
+        .iter()
+        .map(|kv| (kv.key.clone(), any_value_text(kv.value.as_ref())))
+        .collect()
+}
+
+fn service_name(resource: Option<&opentelemetry_proto::tonic::resource::v1::Resource>) -> String {
+    resource
+        .iter()
+        .flat_map(|r| r.attributes.iter())
+        .find(|kv| kv.key == "service.name")
+        .map(|kv| any_value_text(kv.value.as_ref()))
+        .unwrap_or_default()
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsService
+    for CollectMetrics
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+        use opentelemetry_proto::tonic::metrics::v1::number_data_point::Value;
+        let number = |v: Option<&Value>| match v {
+            Some(Value::AsDouble(d)) => *d,
+            #[allow(clippy::cast_precision_loss)]
+            Some(Value::AsInt(i)) => *i as f64,
+            None => 0.0,
+        };
+        let mut got = Vec::new();
+        for resource_metrics in request.into_inner().resource_metrics {
+            let service = service_name(resource_metrics.resource.as_ref());
+            for scope in resource_metrics.scope_metrics {
+                for metric in scope.metrics {
+                    let point = |attributes, value, sum, monotonic| ReceivedPoint {
+                        service: service.clone(),
+                        name: metric.name.clone(),
+                        attributes,
+                        value,
+                        sum,
+                        monotonic,
+                    };
+                    match &metric.data {
+                        Some(Data::Sum(s)) => got.extend(s.data_points.iter().map(|p| {
+                            point(
+                                attribute_texts(&p.attributes),
+                                number(p.value.as_ref()),
+                                0.0,
+                                s.is_monotonic,
+                            )
+                        })),
+                        Some(Data::Gauge(g)) => got.extend(g.data_points.iter().map(|p| {
+                            point(
+                                attribute_texts(&p.attributes),
+                                number(p.value.as_ref()),
+                                0.0,
+                                false,
+                            )
+                        })),
+                        #[allow(clippy::cast_precision_loss)]
+                        Some(Data::Histogram(h)) => got.extend(h.data_points.iter().map(|p| {
+                            point(
+                                attribute_texts(&p.attributes),
+                                p.count as f64,
+                                p.sum.unwrap_or_default(),
+                                false,
+                            )
+                        })),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        self.0.lock().unwrap().extend(got);
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
 
 fn any_value_text(value: Option<&opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
     use opentelemetry_proto::tonic::common::v1::any_value::Value;
@@ -635,13 +754,7 @@ impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Tra
     > {
         let mut got = Vec::new();
         for resource_spans in request.into_inner().resource_spans {
-            let service = resource_spans
-                .resource
-                .iter()
-                .flat_map(|r| r.attributes.iter())
-                .find(|kv| kv.key == "service.name")
-                .map(|kv| any_value_text(kv.value.as_ref()))
-                .unwrap_or_default();
+            let service = service_name(resource_spans.resource.as_ref());
             for scope in resource_spans.scope_spans {
                 for span in scope.spans {
                     got.push(ReceivedSpan {
@@ -651,11 +764,7 @@ impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Tra
                         trace_id: span.trace_id,
                         span_id: span.span_id,
                         parent_span_id: span.parent_span_id,
-                        attributes: span
-                            .attributes
-                            .iter()
-                            .map(|kv| (kv.key.clone(), any_value_text(kv.value.as_ref())))
-                            .collect(),
+                        attributes: attribute_texts(&span.attributes),
                     });
                 }
             }
@@ -672,20 +781,25 @@ impl OtlpReceiver {
 
     /// Listens on `addr` (loopback only in tests and benchmarks).
     pub async fn start_on(addr: &str) -> Self {
+        use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
         use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let collect = Collect::default();
         let spans = collect.0.clone();
+        let collect_metrics = CollectMetrics::default();
+        let points = collect_metrics.0.clone();
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(TraceServiceServer::new(collect))
+                .add_service(MetricsServiceServer::new(collect_metrics))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
                 .await;
         });
         Self {
             endpoint,
             spans,
+            points,
             task,
         }
     }
@@ -693,6 +807,22 @@ impl OtlpReceiver {
     /// Every span received so far.
     pub fn spans(&self) -> Vec<ReceivedSpan> {
         self.spans.lock().unwrap().clone()
+    }
+
+    /// Every metric data point received so far, oldest first.
+    pub fn points(&self) -> Vec<ReceivedPoint> {
+        self.points.lock().unwrap().clone()
+    }
+
+    /// The newest value pushed for the series `name` whose attributes include `labels`.
+    pub fn latest(&self, name: &str, labels: &[(&str, &str)]) -> Option<ReceivedPoint> {
+        self.points
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|p| p.name == name && labels.iter().all(|(k, v)| p.attribute(k) == Some(*v)))
+            .cloned()
     }
 }
 

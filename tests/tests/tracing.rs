@@ -354,3 +354,135 @@ async fn the_log_filter_changes_while_running() {
     assert!(refused, "{}", server.log_text());
     assert_eq!(server.stop().await, 0);
 }
+
+/// Polls `receiver` until `check` holds, for up to 30 s.
+async fn eventually(receiver: &OtlpReceiver, what: &str, check: impl Fn(&OtlpReceiver) -> bool) {
+    for _ in 0..300 {
+        if check(receiver) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "{what}: not received within 30 s; got {:#?}",
+        receiver.points()
+    );
+}
+
+/// The value of the Prometheus series `series` (name and labels as printed) in `text`.
+fn scraped(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_are_pushed_over_otlp_and_flushed_at_shutdown() {
+    const COMMIT: &str = "/loyalty.promotion.v1.CheckoutService/Commit";
+    let receiver = OtlpReceiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        Launch::dev()
+            .env("LOYALTY_METRICS__OTLP_ENDPOINT", &receiver.endpoint)
+            .env("LOYALTY_METRICS__EXPORT_INTERVAL_MS", "200")
+            .env("LOYALTY_TRACING__SERVICE_NAME", "loyalty-pushing")
+            .env("LOYALTY_SERVER__METRICS_LISTEN", "127.0.0.1:0"),
+        dir.path(),
+    )
+    .await;
+    let channel = server.channel().await;
+    setup_tenant(&channel, "t1").await;
+    let mut pos = Pos::new(&channel, &channel);
+    let (_, card) = pos.member_with_card("t1", "+77017778800").await;
+    let reply = pos
+        .commit(receipt(
+            "t1",
+            "PUSHED-1",
+            Some(&card),
+            vec![line("1", "boots", "1", "100.00", false)],
+        ))
+        .await
+        .unwrap();
+    let accrued = reply.evaluation.as_ref().unwrap().points_accrued;
+    assert!(accrued > 0, "{reply:?}");
+
+    eventually(&receiver, "the commit's counters", |r| {
+        r.latest(
+            "loyalty_receipts_committed_total",
+            &[("identified", "true")],
+        )
+        .is_some_and(|p| p.value == 1.0)
+            && r.latest("loyalty_points_accrued_total", &[])
+                .is_some_and(|p| p.value == accrued as f64)
+            && r.latest(
+                "grpc_server_requests_total",
+                &[("method", COMMIT), ("code", "OK")],
+            )
+            .is_some_and(|p| p.value == 1.0)
+    })
+    .await;
+    let receipts = receiver
+        .latest(
+            "loyalty_receipts_committed_total",
+            &[("identified", "true")],
+        )
+        .unwrap();
+    assert_eq!(receipts.service, "loyalty-pushing");
+    assert!(receipts.monotonic, "a counter is a monotonic sum");
+    let duration = receiver
+        .latest(
+            "grpc_server_request_duration_seconds",
+            &[("method", COMMIT)],
+        )
+        .expect("the commit's duration histogram");
+    assert_eq!(duration.value, 1.0, "one commit timed");
+    assert!(duration.sum > 0.0 && duration.sum < 10.0, "{duration:?}");
+    // The Prometheus endpoint tells the same.
+    let text = server.scrape_metrics().await;
+    assert_eq!(
+        scraped(
+            &text,
+            "loyalty_receipts_committed_total{identified=\"true\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        scraped(&text, "loyalty_points_accrued_total"),
+        Some(accrued as f64),
+        "{text}"
+    );
+    assert_eq!(server.stop().await, 0);
+
+    // Pushed once an hour: what arrives can only come from the push at shutdown.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        Launch::dev()
+            .env("LOYALTY_METRICS__OTLP_ENDPOINT", &receiver.endpoint)
+            .env("LOYALTY_METRICS__EXPORT_INTERVAL_MS", "3600000")
+            .env("LOYALTY_TRACING__SERVICE_NAME", "loyalty-stopping"),
+        dir.path(),
+    )
+    .await;
+    let channel = server.channel().await;
+    setup_tenant(&channel, "t1").await;
+    let mut pos = Pos::new(&channel, &channel);
+    pos.commit(receipt(
+        "t1",
+        "ANONYMOUS-1",
+        None,
+        vec![line("1", "boots", "1", "100.00", false)],
+    ))
+    .await
+    .unwrap();
+    let stopping = |r: &OtlpReceiver| {
+        r.points().into_iter().any(|p| {
+            p.service == "loyalty-stopping"
+                && p.name == "loyalty_receipts_committed_total"
+                && p.attribute("identified") == Some("false")
+                && p.value == 1.0
+        })
+    };
+    assert!(!stopping(&receiver), "pushed before the interval");
+    assert_eq!(server.stop().await, 0);
+    eventually(&receiver, "the push at shutdown", stopping).await;
+}

@@ -248,6 +248,12 @@ otlp_endpoint = {{ . | quote }}
 {{- end }}
 sample_ratio = {{ .Values.config.tracing.sampleRatio }}
 
+[metrics]
+{{- with .Values.config.metrics.otlpEndpoint }}
+otlp_endpoint = {{ . | quote }}
+{{- end }}
+export_interval_ms = {{ .Values.config.metrics.exportIntervalMs | int }}
+
 [identity]
 default_region = {{ .Values.config.identity.defaultRegion | quote }}
 

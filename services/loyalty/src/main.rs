@@ -275,13 +275,14 @@ async fn run(cli: Cli) -> ExitCode {
         let names: Vec<&str> = services.iter().map(|s| s.as_str()).collect();
         format!("loyalty-{}", names.join("-"))
     };
-    let telemetry = match telemetry::init(&config.log, &config.tracing, &service_name) {
-        Ok(t) => Arc::new(t),
-        Err(e) => {
-            eprintln!("loyalty: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let telemetry =
+        match telemetry::init(&config.log, &config.tracing, &config.metrics, &service_name) {
+            Ok(t) => Arc::new(t),
+            Err(e) => {
+                eprintln!("loyalty: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
     if let Some(file) = common.config.clone() {
         tokio::spawn(watch_log_filter(file, common, telemetry.clone()));
     }

@@ -21,6 +21,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub log: LogConfig,
     pub tracing: TracingConfig,
+    pub metrics: MetricsConfig,
     pub server: ServerConfig,
     pub peers: PeersConfig,
     pub storage: StorageConfig,
@@ -36,6 +37,7 @@ impl Default for Config {
             data_dir: PathBuf::from("data"),
             log: LogConfig::default(),
             tracing: TracingConfig::default(),
+            metrics: MetricsConfig::default(),
             server: ServerConfig::default(),
             peers: PeersConfig::default(),
             storage: StorageConfig::default(),
@@ -124,6 +126,29 @@ impl Default for TracingConfig {
             otlp_endpoint: None,
             sample_ratio: 1.0,
             service_name: None,
+            export_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Metrics pushed over OTLP, besides the Prometheus endpoint (`server.metrics_listen`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where metrics go over OTLP/gRPC, e.g. `http://otel-collector:4317`; unset: not pushed.
+    /// The `service.name` is the one of `tracing.service_name`.
+    pub otlp_endpoint: Option<String>,
+    /// How often the current values are pushed (cumulative).
+    pub export_interval_ms: u64,
+    /// Deadline of one push.
+    pub export_timeout_ms: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            export_interval_ms: 15_000,
             export_timeout_ms: 10_000,
         }
     }
@@ -399,33 +424,39 @@ impl Config {
         if self.balance.expiry_batch == 0 || self.balance.expiry_batch > 100_000 {
             return bad("balance.expiry_batch", "must be between 1 and 100000");
         }
-        for (key, url) in [
+        let peers = [
             ("peers.identity", &self.peers.identity),
             ("peers.balance", &self.peers.balance),
             ("peers.promotion", &self.peers.promotion),
             ("peers.segmentation", &self.peers.segmentation),
             ("peers.reporting", &self.peers.reporting),
-        ] {
+        ]
+        .map(|(key, url)| (key, url, "http://identity:50051"));
+        let collectors = [
+            ("tracing.otlp_endpoint", &self.tracing.otlp_endpoint),
+            ("metrics.otlp_endpoint", &self.metrics.otlp_endpoint),
+        ]
+        .map(|(key, url)| (key, url, "http://otel-collector:4317"));
+        for (key, url, example) in peers.into_iter().chain(collectors) {
             if let Some(url) = url {
                 let ok = (url.starts_with("http://") || url.starts_with("https://"))
                     && url.parse::<tonic::transport::Uri>().is_ok();
                 if !ok {
                     return bad(
                         key,
-                        "must be an http:// or https:// URL, e.g. http://identity:50051",
+                        &format!("must be an http:// or https:// URL, e.g. {example}"),
                     );
                 }
             }
         }
-        if let Some(url) = &self.tracing.otlp_endpoint {
-            let ok = (url.starts_with("http://") || url.starts_with("https://"))
-                && url.parse::<tonic::transport::Uri>().is_ok();
-            if !ok {
-                return bad(
-                    "tracing.otlp_endpoint",
-                    "must be an http:// or https:// URL, e.g. http://otel-collector:4317",
-                );
-            }
+        if !(100..=3_600_000).contains(&self.metrics.export_interval_ms) {
+            return bad(
+                "metrics.export_interval_ms",
+                "must be between 100 and 3600000",
+            );
+        }
+        if !(1..=600_000).contains(&self.metrics.export_timeout_ms) {
+            return bad("metrics.export_timeout_ms", "must be between 1 and 600000");
         }
         if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
             return bad("tracing.sample_ratio", "must be between 0 and 1");
@@ -687,6 +718,37 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("peers.balance"), "{err}");
+
+        for (key, value, named) in [
+            (
+                "LOYALTY_METRICS__OTLP_ENDPOINT",
+                "collector:4317",
+                "metrics.otlp_endpoint",
+            ),
+            (
+                "LOYALTY_METRICS__EXPORT_INTERVAL_MS",
+                "99",
+                "metrics.export_interval_ms",
+            ),
+            (
+                "LOYALTY_METRICS__EXPORT_TIMEOUT_MS",
+                "0",
+                "metrics.export_timeout_ms",
+            ),
+        ] {
+            let err = Config::load(None, env(&[(key, value)]), &Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains(named), "{err}");
+        }
+        let c = Config::load(
+            None,
+            env(&[("LOYALTY_METRICS__OTLP_ENDPOINT", "http://collector:4317")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.metrics.otlp_endpoint.as_deref(),
+            Some("http://collector:4317")
+        );
 
         for refresh in ["0", "99", "600001"] {
             let err = Config::load(

@@ -3,20 +3,29 @@
 //! when tracing is on, and a small `/metrics` HTTP endpoint.
 //!
 //! Method labels come from an allowlist built from the API's descriptors (plus health and
-//! reflection), so a client sending made-up paths cannot grow the label set.
+//! reflection), so a client sending made-up paths cannot grow the label set. The same series
+//! can also be pushed over OTLP ([`otlp`]).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics::{
+    Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata,
+    SharedString, Unit,
+};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tracing::Instrument;
+
+pub mod otlp;
 
 /// Seconds buckets of the request duration histogram: sub-millisecond to the deadline.
 const DURATION_BUCKETS: &[f64] = &[
@@ -35,13 +44,143 @@ pub fn recorder() -> PrometheusHandle {
                     DURATION_BUCKETS,
                 )
                 .unwrap_or_else(|_| PrometheusBuilder::new());
-            let recorder = builder.build_recorder();
-            let handle = recorder.handle();
+            let prometheus = builder.build_recorder();
+            let handle = prometheus.handle();
             // Fails only when another recorder is installed (tests): keep that one.
-            let _ = metrics::set_global_recorder(recorder);
+            let _ = metrics::set_global_recorder(Recorder {
+                prometheus,
+                handles: Handles::default(),
+            });
             handle
         })
         .clone()
+}
+
+/// The process's recorder: Prometheus, and OTLP too once [`otlp::start`] has run. Handles
+/// are kept per name and labels, so both sides see one handle for each series.
+struct Recorder {
+    prometheus: PrometheusRecorder,
+    handles: Handles,
+}
+
+#[derive(Default)]
+struct Handles {
+    counters: RwLock<HashMap<Key, Counter>>,
+    gauges: RwLock<HashMap<Key, Gauge>>,
+    histograms: RwLock<HashMap<Key, Histogram>>,
+}
+
+/// The handle kept for `key`, made once with `make`.
+fn handle<T: Clone>(map: &RwLock<HashMap<Key, T>>, key: &Key, make: impl FnOnce() -> T) -> T {
+    if let Some(found) = map.read().unwrap_or_else(|e| e.into_inner()).get(key) {
+        return found.clone();
+    }
+    map.write()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(key.clone())
+        .or_insert_with(make)
+        .clone()
+}
+
+/// One series recorded on both sides.
+struct Both<P, O> {
+    prometheus: P,
+    otlp: Arc<O>,
+}
+
+impl<O: CounterFn> CounterFn for Both<Counter, O> {
+    fn increment(&self, value: u64) {
+        self.prometheus.increment(value);
+        self.otlp.increment(value);
+    }
+
+    fn absolute(&self, value: u64) {
+        self.prometheus.absolute(value);
+        self.otlp.absolute(value);
+    }
+}
+
+impl<O: GaugeFn> GaugeFn for Both<Gauge, O> {
+    fn increment(&self, value: f64) {
+        self.prometheus.increment(value);
+        self.otlp.increment(value);
+    }
+
+    fn decrement(&self, value: f64) {
+        self.prometheus.decrement(value);
+        self.otlp.decrement(value);
+    }
+
+    fn set(&self, value: f64) {
+        self.prometheus.set(value);
+        self.otlp.set(value);
+    }
+}
+
+impl<O: HistogramFn> HistogramFn for Both<Histogram, O> {
+    fn record(&self, value: f64) {
+        self.prometheus.record(value);
+        self.otlp.record(value);
+    }
+}
+
+impl metrics::Recorder for Recorder {
+    fn describe_counter(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        if let Some(bridge) = otlp::bridge() {
+            bridge.describe(key.as_str(), description.clone());
+        }
+        self.prometheus.describe_counter(key, unit, description);
+    }
+
+    fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        if let Some(bridge) = otlp::bridge() {
+            bridge.describe(key.as_str(), description.clone());
+        }
+        self.prometheus.describe_gauge(key, unit, description);
+    }
+
+    fn describe_histogram(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        if let Some(bridge) = otlp::bridge() {
+            bridge.describe(key.as_str(), description.clone());
+        }
+        self.prometheus.describe_histogram(key, unit, description);
+    }
+
+    fn register_counter(&self, key: &Key, metadata: &Metadata<'_>) -> Counter {
+        let Some(bridge) = otlp::bridge() else {
+            return self.prometheus.register_counter(key, metadata);
+        };
+        handle(&self.handles.counters, key, || {
+            Counter::from_arc(Arc::new(Both {
+                prometheus: self.prometheus.register_counter(key, metadata),
+                otlp: bridge.counter(key),
+            }))
+        })
+    }
+
+    fn register_gauge(&self, key: &Key, metadata: &Metadata<'_>) -> Gauge {
+        let Some(bridge) = otlp::bridge() else {
+            return self.prometheus.register_gauge(key, metadata);
+        };
+        handle(&self.handles.gauges, key, || {
+            Gauge::from_arc(Arc::new(Both {
+                prometheus: self.prometheus.register_gauge(key, metadata),
+                otlp: bridge.gauge(key),
+            }))
+        })
+    }
+
+    fn register_histogram(&self, key: &Key, metadata: &Metadata<'_>) -> Histogram {
+        let Some(bridge) = otlp::bridge() else {
+            return self.prometheus.register_histogram(key, metadata);
+        };
+        handle(&self.handles.histograms, key, || {
+            Histogram::from_arc(Arc::new(Both {
+                prometheus: self.prometheus.register_histogram(key, metadata),
+                otlp: bridge.histogram(key),
+            }))
+        })
+    }
 }
 
 /// Every gRPC method path the server knows.

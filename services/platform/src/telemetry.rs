@@ -24,7 +24,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
-use crate::config::{LogConfig, LogFormat, TracingConfig};
+use crate::config::{LogConfig, LogFormat, MetricsConfig, TracingConfig};
 
 static TRACING: AtomicBool = AtomicBool::new(false);
 
@@ -39,6 +39,7 @@ pub struct Telemetry {
     filter: Option<reload::Handle<EnvFilter, Registry>>,
     current: std::sync::Mutex<String>,
     provider: std::sync::Mutex<Option<SdkTracerProvider>>,
+    meters: std::sync::Mutex<Option<opentelemetry_sdk::metrics::SdkMeterProvider>>,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -49,12 +50,14 @@ impl std::fmt::Debug for Telemetry {
     }
 }
 
-/// Installs the global subscriber: logs per `log`, and spans exported per `tracing` when it
-/// names an endpoint. `RUST_LOG` overrides the configured filter. Must run inside the Tokio
-/// runtime when tracing is on (the exporter's gRPC client lives there).
+/// Installs the global subscriber: logs per `log`, spans exported per `tracing` and metrics
+/// pushed per `metrics` when they name an endpoint. `RUST_LOG` overrides the configured
+/// filter. Must run inside the Tokio runtime when either exports (the exporters' gRPC
+/// clients live there).
 pub fn init(
     log: &LogConfig,
     tracing: &TracingConfig,
+    metrics: &MetricsConfig,
     service_name: &str,
 ) -> anyhow::Result<Telemetry> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
@@ -104,10 +107,13 @@ pub fn init(
     if from_env.is_some() {
         tracing::info!("log filter comes from RUST_LOG; log.filter changes are ignored");
     }
+    let name = tracing.service_name.as_deref().unwrap_or(service_name);
+    let meters = crate::metrics::otlp::start(metrics, name)?;
     Ok(Telemetry {
         filter: filter.filter(|_| from_env.is_none()),
         current: std::sync::Mutex::new(filter_text),
         provider: std::sync::Mutex::new(provider),
+        meters: std::sync::Mutex::new(meters),
     })
 }
 
@@ -161,7 +167,8 @@ impl Telemetry {
         Ok(true)
     }
 
-    /// Exports the spans still buffered and stops the exporter.
+    /// Exports the spans still buffered and the metrics' last values, and stops the
+    /// exporters.
     pub async fn shutdown(&self) {
         TRACING.store(false, Ordering::Relaxed);
         let provider = self.provider.lock().ok().and_then(|mut p| p.take());
@@ -169,6 +176,13 @@ impl Telemetry {
             let done = tokio::task::spawn_blocking(move || provider.shutdown()).await;
             if let Ok(Err(e)) = done {
                 tracing::warn!(error = %e, "flushing spans at shutdown failed");
+            }
+        }
+        let meters = self.meters.lock().ok().and_then(|mut p| p.take());
+        if let Some(meters) = meters {
+            let done = tokio::task::spawn_blocking(move || meters.shutdown()).await;
+            if let Ok(Err(e)) = done {
+                tracing::warn!(error = %e, "pushing the last metrics at shutdown failed");
             }
         }
     }

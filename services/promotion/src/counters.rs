@@ -1,6 +1,6 @@
 //! Business counters, bumped once when a receipt or refund is newly applied (never on a
 //! replay). They go through the `metrics` facade; the process decides where they are
-//! exported (Prometheus `/metrics`).
+//! exported (Prometheus `/metrics`, and OTLP when configured).
 
 use crate::campaign::SkipReason;
 use crate::evaluate::Evaluation;
