@@ -180,6 +180,12 @@ async fn a_receipt_is_one_trace_across_processes() {
         .unwrap_or_else(|| panic!("no warning logged:\n{log}"));
     assert!(warning.contains(FAILED_TRACE), "{warning}");
     assert!(warning.starts_with('{'), "not JSON: {warning}");
+    let logged_span = warning
+        .split("\"span_id\":\"")
+        .nth(1)
+        .and_then(|rest| rest.get(..16))
+        .unwrap_or_else(|| panic!("no span id: {warning}"))
+        .to_owned();
 
     // Stopping flushes every process's exporter.
     assert_eq!(promotion_node.stop().await, 0);
@@ -193,6 +199,12 @@ async fn a_receipt_is_one_trace_across_processes() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The failed call's log line named its server span.
+    let failed = spans
+        .iter()
+        .find(|s| hex(&s.trace_id) == FAILED_TRACE && s.kind == 2 && s.name.ends_with("/Commit"))
+        .expect("the failed commit's server span");
+    assert_eq!(hex(&failed.span_id), logged_span);
     let traced: Vec<&ReceivedSpan> = spans.iter().filter(|s| hex(&s.trace_id) == TRACE).collect();
     let by_id: HashMap<String, &ReceivedSpan> =
         traced.iter().map(|s| (hex(&s.span_id), *s)).collect();

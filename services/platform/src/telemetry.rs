@@ -241,13 +241,16 @@ pub fn server_span(headers: &http::HeaderMap, path: &str) -> Span {
         rpc.method = method,
         rpc.grpc.status_code = Empty,
         trace_id = Empty,
+        span_id = Empty,
     );
     let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&Headers(headers)));
     let _ = span.set_parent(parent);
+    // The ids as fields too, so every log line written during the call names them.
     let context = span.context();
-    let trace_id = context.span().span_context().trace_id();
-    if trace_id != opentelemetry::TraceId::INVALID {
-        span.record("trace_id", tracing::field::display(trace_id));
+    let ids = context.span().span_context().clone();
+    if ids.trace_id() != opentelemetry::TraceId::INVALID {
+        span.record("trace_id", tracing::field::display(ids.trace_id()));
+        span.record("span_id", tracing::field::display(ids.span_id()));
     }
     span
 }
