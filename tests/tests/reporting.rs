@@ -471,6 +471,87 @@ async fn receipts_reach_every_report_and_exports() {
     assert!(liability > Decimal::ZERO);
     assert_eq!(one(&ledger, rpb::Kpi::PointsLiability), liability);
     assert_eq!(one(&ledger, rpb::Kpi::PointsExpired), Decimal::ZERO);
+
+    // Filtered by a segment of two members: their receipts, money and points alone.
+    let picked: Vec<String> = cards[..2].iter().map(|(m, _)| m.clone()).collect();
+    let mut segments =
+        loyalty_proto::segmentation::v1::segmentation_service_client::SegmentationServiceClient::new(
+            channel.clone(),
+        );
+    segments
+        .create_segment(loyalty_proto::segmentation::v1::CreateSegmentRequest {
+            segment: Some(loyalty_proto::segmentation::v1::Segment {
+                tenant_id: T.into(),
+                segment_id: "picked".into(),
+                name: "Picked".into(),
+                kind: loyalty_proto::segmentation::v1::SegmentKind::Static as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    segments
+        .upload_segment_members(tokio_stream::iter(vec![
+            loyalty_proto::segmentation::v1::UploadSegmentMembersRequest {
+                tenant_id: T.into(),
+                segment_id: "picked".into(),
+                member_ids: picked.clone(),
+            },
+        ]))
+        .await
+        .unwrap();
+    let in_segment = |c: &Committed| c.member.as_ref().is_some_and(|m| picked.contains(m));
+    // The first member's r2 was refunded in full and one boot of r1 was returned.
+    let segment_sales = paid(&in_segment) - refunded;
+    let mut segment_liability = Decimal::ZERO;
+    for member in &picked {
+        let b = pos.balance(T, member).await;
+        segment_liability += Decimal::from(b.active + b.pending + b.held);
+    }
+    let mut request = kpis_request(
+        &[
+            rpb::Kpi::Sales,
+            rpb::Kpi::Receipts,
+            rpb::Kpi::SalesWithoutCard,
+            rpb::Kpi::PenetrationReceipts,
+            rpb::Kpi::ActiveMembers,
+            rpb::Kpi::NewMembers,
+            rpb::Kpi::PointsLiability,
+        ],
+        rpb::GroupBy::Unspecified,
+    );
+    request.filter = Some(rpb::Filter {
+        segment_id: "picked".into(),
+        ..Default::default()
+    });
+    let seg: BTreeMap<(i32, String), Decimal> = reports
+        .get_kpis(request.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .values
+        .into_iter()
+        .map(|v| ((v.kpi, v.group), d(&v.value)))
+        .collect();
+    assert_eq!(one(&seg, rpb::Kpi::Sales), segment_sales);
+    assert_eq!(
+        one(&seg, rpb::Kpi::Receipts),
+        Decimal::TWO,
+        "r1 and the second member's"
+    );
+    assert_eq!(one(&seg, rpb::Kpi::SalesWithoutCard), Decimal::ZERO);
+    assert_eq!(one(&seg, rpb::Kpi::PenetrationReceipts), Decimal::ONE);
+    assert_eq!(one(&seg, rpb::Kpi::ActiveMembers), Decimal::TWO);
+    assert_eq!(one(&seg, rpb::Kpi::NewMembers), Decimal::TWO);
+    assert_eq!(one(&seg, rpb::Kpi::PointsLiability), segment_liability);
+    assert!(segment_liability > Decimal::ZERO && segment_liability < liability);
+    // A segment that does not exist.
+    request.filter = Some(rpb::Filter {
+        segment_id: "nobody".into(),
+        ..Default::default()
+    });
+    let err = reports.get_kpis(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
     let ledger_rows = csv(&export(&mut reports, rpb::FactKind::LedgerEntries, 0, "").await);
     assert_eq!(ledger_rows[0][0], "member_id");
     assert_eq!((ledger_rows.len() - 1) as i64, entries);

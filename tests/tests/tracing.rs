@@ -2,6 +2,8 @@
 //! reporting) export spans over OTLP to a receiver inside the test. A commit carrying
 //! the POS's W3C `traceparent` yields one trace in which every span hangs off the POS's,
 //! linked parent to child across processes, with storage and rule-evaluation spans inside.
+//! Reporting, beside promotion, filters KPIs by a segment it asks segmentation for over gRPC.
+//! Metrics go over OTLP too, and the last values at shutdown.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -115,7 +117,7 @@ async fn a_receipt_is_one_trace_across_processes() {
         .await
         .unwrap();
     let mut pos = Pos::new(&a, &b);
-    let (_, card) = pos.member_with_card("t1", "+77017778899").await;
+    let (member, card) = pos.member_with_card("t1", "+77017778899").await;
 
     // The POS starts the trace and sends its context with the commit.
     let mut request = tonic::Request::new(promotion::CommitRequest {
@@ -156,6 +158,89 @@ async fn a_receipt_is_one_trace_across_processes() {
                 && l.contains("operation=\"promotion.put_purchase\"")),
         "{metrics}"
     );
+
+    // Reporting, beside promotion, filters by a segment kept in segmentation's process.
+    {
+        use loyalty_proto::reporting::v1 as rpb;
+        use loyalty_proto::segmentation::v1 as spb;
+        let mut segments = spb::segmentation_service_client::SegmentationServiceClient::new(
+            segmentation_node.channel().await,
+        );
+        segments
+            .create_segment(spb::CreateSegmentRequest {
+                segment: Some(spb::Segment {
+                    tenant_id: "t1".into(),
+                    segment_id: "listed".into(),
+                    name: "Listed".into(),
+                    kind: spb::SegmentKind::Static as i32,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap();
+        segments
+            .upload_segment_members(tokio_stream::iter(vec![spb::UploadSegmentMembersRequest {
+                tenant_id: "t1".into(),
+                segment_id: "listed".into(),
+                member_ids: vec![member.clone()],
+            }]))
+            .await
+            .unwrap();
+        let mut reports = rpb::reporting_service_client::ReportingServiceClient::new(b.clone());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let request = |segment: &str| rpb::GetKpisRequest {
+            tenant_id: "t1".into(),
+            kpis: vec![rpb::Kpi::Receipts as i32],
+            period: Some(loyalty_proto::common::v1::TimeRange {
+                start_time: Some(loyalty_platform::grpc::timestamp(now - 86_400_000)),
+                end_time: Some(loyalty_platform::grpc::timestamp(now + 86_400_000)),
+            }),
+            filter: Some(rpb::Filter {
+                segment_id: segment.into(),
+                ..Default::default()
+            }),
+            time_zone: "UTC".into(),
+            ..Default::default()
+        };
+        let mut receipts = String::new();
+        for _ in 0..100 {
+            let reply = reports
+                .get_kpis(request("listed"))
+                .await
+                .unwrap()
+                .into_inner();
+            receipts = reply.values[0].value.clone().unwrap().value;
+            if receipts == "1" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(receipts, "1", "the member's one receipt");
+        // A segment nobody is in counts nothing, though the receipt is in.
+        segments
+            .create_segment(spb::CreateSegmentRequest {
+                segment: Some(spb::Segment {
+                    tenant_id: "t1".into(),
+                    segment_id: "empty".into(),
+                    name: "Empty".into(),
+                    kind: spb::SegmentKind::Static as i32,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap();
+        let reply = reports
+            .get_kpis(request("empty"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.values[0].value.clone().unwrap().value, "0");
+        let err = reports.get_kpis(request("unlisted")).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    }
 
     // A call that goes wrong logs with its trace id: identity is gone for this one.
     assert_eq!(identity_node.stop().await, 0);

@@ -14,6 +14,7 @@ use loyalty_promotion::receipt::Identification;
 use loyalty_proto::balance::v1 as bpb;
 use loyalty_proto::identity::v1 as ipb;
 use loyalty_proto::segmentation::v1 as spb;
+use loyalty_reporting::ports::SegmentMembers;
 use loyalty_segmentation::Segmentation;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -235,6 +236,74 @@ impl Segments for LocalSegments {
                 Err(Error::NotFound(_) | Error::InvalidArgument(_)) => false,
                 Err(e) => return Err(e),
             });
+        }
+        Ok(out)
+    }
+}
+
+/// Reporting's segment filter, on segmentation in this process.
+#[derive(Debug, Clone)]
+pub struct LocalSegmentMembers(pub Segmentation);
+
+/// Members read from segmentation per page.
+const SEGMENT_PAGE: usize = 10_000;
+
+#[async_trait::async_trait]
+impl SegmentMembers for LocalSegmentMembers {
+    async fn members(
+        &self,
+        tenant_id: &str,
+        segment_id: &str,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        self.0.get(tenant_id, segment_id).await?;
+        let mut out: Vec<String> = Vec::new();
+        loop {
+            let after = out.last().cloned().unwrap_or_default();
+            let page = self
+                .0
+                .members_page(tenant_id, segment_id, &after, SEGMENT_PAGE)
+                .await?;
+            let full = page.len() == SEGMENT_PAGE;
+            out.extend(page);
+            if out.len() > limit {
+                return Err(loyalty_reporting::ports::too_many(segment_id, limit));
+            }
+            if !full {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+/// Reporting's segment filter, on segmentation over gRPC.
+#[derive(Debug, Clone)]
+pub struct RemoteSegmentMembers(pub PeerChannel);
+
+#[async_trait::async_trait]
+impl SegmentMembers for RemoteSegmentMembers {
+    async fn members(
+        &self,
+        tenant_id: &str,
+        segment_id: &str,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        let mut client =
+            spb::segmentation_service_client::SegmentationServiceClient::new(self.0.clone());
+        let mut stream = client
+            .stream_segment_members(spb::StreamSegmentMembersRequest {
+                tenant_id: tenant_id.to_string(),
+                segment_id: segment_id.to_string(),
+            })
+            .await
+            .map_err(from_status)?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(page) = stream.message().await.map_err(from_status)? {
+            out.extend(page.member_ids);
+            if out.len() > limit {
+                return Err(loyalty_reporting::ports::too_many(segment_id, limit));
+            }
         }
         Ok(out)
     }

@@ -36,8 +36,8 @@ use crate::balancer;
 use loyalty_balance::store::traced::Traced as BalanceTraced;
 
 use crate::peers::{
-    LocalMembers, LocalPoints, LocalSegments, PeerChannel, RemoteMembers, RemotePoints,
-    RemoteSegments,
+    LocalMembers, LocalPoints, LocalSegmentMembers, LocalSegments, PeerChannel, RemoteMembers,
+    RemotePoints, RemoteSegmentMembers, RemoteSegments,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -472,9 +472,27 @@ pub async fn build(
             )?,
         );
         let started = std::time::Instant::now();
+        // The segment filter asks segmentation, in process or over gRPC.
+        let segments: Arc<dyn loyalty_reporting::ports::SegmentMembers> = match &segmentation {
+            Some(s) => Arc::new(LocalSegmentMembers(s.clone())),
+            None if config.peers.segmentation.is_some() => {
+                Arc::new(RemoteSegmentMembers(peer_channel(
+                    config,
+                    ServiceName::Segmentation,
+                    &config.peers.segmentation,
+                )?))
+            }
+            None => {
+                tracing::info!(
+                    "segmentation is not reachable from reporting (`peers.segmentation` is unset): KPIs cannot be filtered by segment"
+                );
+                Arc::new(loyalty_reporting::ports::NoSegmentation)
+            }
+        };
         let reporting = loyalty_reporting::Reporting::open(store, clock.clone())
             .await
-            .context("rebuilding the reporting rollups from the stored facts")?;
+            .context("rebuilding the reporting rollups from the stored facts")?
+            .with_segments(segments);
         tracing::info!(
             seconds = started.elapsed().as_secs_f64(),
             "reporting rollups rebuilt from the stored facts"

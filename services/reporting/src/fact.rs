@@ -164,6 +164,17 @@ pub enum Fact {
 }
 
 impl Fact {
+    /// The member a receipt or ledger fact belongs to; None for anonymous receipts and for
+    /// member profiles (kept by member anyway).
+    pub fn member_id(&self) -> Option<&String> {
+        match self {
+            Fact::Purchase(p) => p.member_id.as_ref(),
+            Fact::Refund(r) => r.member_id.as_ref(),
+            Fact::Ledger(l) => Some(&l.member_id),
+            Fact::Member(_) => None,
+        }
+    }
+
     /// What deduplicates the fact: a receipt, a refund of a receipt, a member. A member's
     /// facts replace each other by version instead.
     pub fn identity(&self) -> String {

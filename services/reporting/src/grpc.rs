@@ -16,6 +16,7 @@ use crate::exporter::{self, Kind, Page};
 use crate::kpi::{Group, Kpi};
 use crate::service::{
     DEFAULT_CHUNK_ROWS, Filter, MAX_CHUNK_ROWS, MAX_FILTER, Period, Reporting, Request as Query,
+    View,
 };
 
 #[derive(Debug, Clone)]
@@ -40,6 +41,18 @@ impl Api {
             .await
             .map_err(|e| to_status(Error::internal(e)))?
             .map_err(to_status)
+    }
+}
+
+impl Api {
+    /// Runs a query over the rollups it reads (a segment filter's are built first).
+    async fn over<T, F>(&self, q: Query, f: F) -> Result<T, Status>
+    where
+        F: FnOnce(&Reporting, &View, &Query) -> loyalty_platform::error::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let view = self.reporting.view(&q).await.map_err(to_status)?;
+        self.blocking(move |rep| f(rep, &view, &q)).await
     }
 }
 
@@ -176,6 +189,7 @@ pub(crate) fn query(
                 .take(MAX_FILTER)
                 .map(channel)
                 .collect(),
+            segment: f.segment_id,
         },
         time_zone,
     }
@@ -277,7 +291,9 @@ impl ReportingService for Api {
             .collect::<Result<Vec<_>, _>>()?;
         let q = query(r.tenant_id, r.period, r.store_ids, r.filter, r.time_zone);
         let v = self
-            .blocking(move |rep| rep.kpis(&q, &kpis, group(r.group_by)))
+            .over(q, move |rep, view, q| {
+                rep.kpis(view, q, &kpis, group(r.group_by))
+            })
             .await?;
         Ok(Response::new(pb::GetKpisResponse { values: values(v) }))
     }
@@ -290,7 +306,9 @@ impl ReportingService for Api {
         let k = kpi(r.kpi, "kpi")?;
         let q = query(r.tenant_id, r.period, r.store_ids, r.filter, r.time_zone);
         let v = self
-            .blocking(move |rep| rep.kpis(&q, &[k], granularity(r.granularity)))
+            .over(q, move |rep, view, q| {
+                rep.kpis(view, q, &[k], granularity(r.granularity))
+            })
             .await?;
         Ok(Response::new(pb::GetTimeSeriesResponse {
             points: values(v),
@@ -304,7 +322,9 @@ impl ReportingService for Api {
         let r = request.into_inner();
         let q = query(r.tenant_id, r.period, Vec::new(), r.filter, r.time_zone);
         let (a, both) = self
-            .blocking(move |rep| rep.category_intersection(&q, &r.category_a, &r.category_b))
+            .over(q, move |rep, view, q| {
+                rep.category_intersection(view, q, &r.category_a, &r.category_b)
+            })
             .await?;
         let share = if a == 0 {
             Decimal::ZERO
@@ -345,7 +365,7 @@ impl ReportingService for Api {
         let r = request.into_inner();
         let q = query(r.tenant_id, r.period, Vec::new(), r.filter, r.time_zone);
         let u = self
-            .blocking(move |rep| rep.uplift(&q, &r.campaign_id))
+            .over(q, move |rep, view, q| rep.uplift(view, q, &r.campaign_id))
             .await?;
         Ok(Response::new(pb::GetCampaignUpliftResponse {
             target_members: u.target_members as i64,

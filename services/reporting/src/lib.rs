@@ -12,6 +12,7 @@ pub mod fact;
 pub mod flight;
 pub mod grpc;
 pub mod kpi;
+pub mod ports;
 pub mod rollup;
 pub mod service;
 pub mod store;

@@ -290,6 +290,17 @@ fn distinct(values: &[String]) -> BTreeSet<&String> {
 }
 
 impl Rollups {
+    /// Empty rollups that know this tenant's stores (outlets, brands, regions, time zones),
+    /// to fill with part of its facts.
+    pub fn directory(&self) -> Rollups {
+        Rollups {
+            outlets: self.outlets.clone(),
+            time_zones: self.time_zones.clone(),
+            stores: self.stores.clone(),
+            ..Rollups::default()
+        }
+    }
+
     pub fn apply(&mut self, fact: &Fact) {
         match fact {
             Fact::Purchase(p) => self.purchase(p),

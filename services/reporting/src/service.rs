@@ -13,6 +13,7 @@ use rust_decimal::Decimal;
 use crate::exporter::{Job, Kind, Resume};
 use crate::fact::{Fact, Member, TenantFact};
 use crate::kpi::{self, Group, Kpi, Scope, Uplift, Value};
+use crate::ports::{NoSegmentation, SegmentMembers};
 use crate::rollup::Rollups;
 use crate::store::{Position, Receipts, ReportingStore, ScanFrom};
 
@@ -42,6 +43,8 @@ pub struct Filter {
     pub brands: Vec<String>,
     pub regions: Vec<String>,
     pub channels: Vec<Channel>,
+    /// Only the members of this segment (as they are now); empty: everyone.
+    pub segment: String,
 }
 
 /// What a KPI request names.
@@ -59,7 +62,18 @@ pub struct Reporting {
     store: Arc<dyn ReportingStore>,
     tenants: Arc<RwLock<HashMap<String, Rollups>>>,
     clock: SharedClock,
+    segments: Arc<dyn SegmentMembers>,
 }
+
+/// The most members a segment filter reads.
+pub const MAX_SEGMENT_MEMBERS: usize = 1_000_000;
+/// Members whose facts are read at once while a segment's rollups are built.
+const SEGMENT_BATCH: usize = 1_000;
+
+/// Whose facts a query reads: the tenant's rollups, or with a segment filter, rollups built
+/// from the facts of the segment's members alone.
+#[derive(Debug, Clone, Default)]
+pub struct View(Option<Arc<Rollups>>);
 
 fn zone(name: &str, field: &str) -> Result<jiff::tz::TimeZone> {
     jiff::tz::TimeZone::get(name)
@@ -111,7 +125,70 @@ impl Reporting {
             store,
             tenants: Arc::new(RwLock::new(tenants)),
             clock,
+            segments: Arc::new(NoSegmentation),
         })
+    }
+
+    /// Where the segment filter learns a segment's members.
+    #[must_use]
+    pub fn with_segments(mut self, segments: Arc<dyn SegmentMembers>) -> Self {
+        self.segments = segments;
+        self
+    }
+
+    /// The rollups `req` reads. Without a segment filter, the tenant's (nothing is built).
+    /// With one, rollups of the segment's members' purchases, refunds, ledger entries and
+    /// profiles, so every KPI reads as if the tenant had those members alone: the cost is
+    /// reading their facts.
+    pub async fn view(&self, req: &Request) -> Result<View> {
+        let segment = req.filter.segment.as_str();
+        if segment.is_empty() {
+            return Ok(View::default());
+        }
+        let mut v = Violations::new();
+        check_tenant(&mut v, &req.tenant_id);
+        v.text(segment, "filter.segment_id", MAX_ID_LEN);
+        v.finish()?;
+        let members = self
+            .segments
+            .members(&req.tenant_id, segment, MAX_SEGMENT_MEMBERS)
+            .await?;
+        if members.len() > MAX_SEGMENT_MEMBERS {
+            return Err(crate::ports::too_many(segment, MAX_SEGMENT_MEMBERS));
+        }
+        // Only members the tenant's facts know: the others have nothing to count.
+        let (mut sub, known, profiles) = {
+            let tenants = self
+                .tenants
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let Some(r) = tenants.get(&req.tenant_id) else {
+                return Ok(View(Some(Arc::new(Rollups::default()))));
+            };
+            let known: Vec<(String, u32)> = members
+                .into_iter()
+                .filter_map(|m| r.members.get(&m).map(|i| (m, i)))
+                .collect();
+            let profiles: Vec<Fact> = known
+                .iter()
+                .filter_map(|(_, i)| r.profiles.get(i).cloned().map(Fact::Member))
+                .collect();
+            let known: Vec<String> = known.into_iter().map(|(m, _)| m).collect();
+            (r.directory(), known, profiles)
+        };
+        for p in &profiles {
+            sub.apply(p);
+        }
+        for batch in known.chunks(SEGMENT_BATCH) {
+            for f in self
+                .store
+                .member_facts(&req.tenant_id, batch.to_vec())
+                .await?
+            {
+                sub.apply(&f);
+            }
+        }
+        Ok(View(Some(Arc::new(sub))))
     }
 
     /// Stores the facts (one durable write) and rolls up those not seen before. Returns how
@@ -147,6 +224,23 @@ impl Reporting {
             Some(r) => f(r),
             None => f(&Rollups::default()),
         }
+    }
+
+    /// Checks `req` against the tenant's rollups (stores, time zone), then runs `f` on the
+    /// rollups `view` reads.
+    fn scoped<R>(
+        &self,
+        view: &View,
+        req: &Request,
+        f: impl FnOnce(&Rollups, Scope, jiff::tz::TimeZone) -> Result<R>,
+    ) -> Result<R> {
+        self.with(&req.tenant_id, |tenant| {
+            let (scope, tz) = self.scope(tenant, req)?;
+            match &view.0 {
+                Some(segment) => f(segment, scope, tz),
+                None => f(tenant, scope, tz),
+            }
+        })
     }
 
     /// Checks the request and turns it into business days and filter sets.
@@ -240,36 +334,46 @@ impl Reporting {
         ))
     }
 
-    pub fn kpis(&self, req: &Request, kpis: &[Kpi], group: Group) -> Result<Vec<Value>> {
+    /// The KPIs over `view` (from [`Reporting::view`] for the same request).
+    pub fn kpis(
+        &self,
+        view: &View,
+        req: &Request,
+        kpis: &[Kpi],
+        group: Group,
+    ) -> Result<Vec<Value>> {
         if kpis.is_empty() || kpis.len() > MAX_KPIS {
             return Err(Error::invalid(
                 "kpis",
                 format!("name between 1 and {MAX_KPIS} KPIs"),
             ));
         }
-        self.with(&req.tenant_id, |r| {
-            let (scope, tz) = self.scope(r, req)?;
+        self.scoped(view, req, |r, scope, tz| {
             kpi::compute(r, kpis, &scope, group, &|at| local_day(at, &tz))
         })
     }
 
-    pub fn category_intersection(&self, req: &Request, a: &str, b: &str) -> Result<(u64, u64)> {
+    pub fn category_intersection(
+        &self,
+        view: &View,
+        req: &Request,
+        a: &str,
+        b: &str,
+    ) -> Result<(u64, u64)> {
         let mut v = Violations::new();
         v.text(a, "category_a", MAX_ID_LEN);
         v.text(b, "category_b", MAX_ID_LEN);
         v.finish()?;
-        self.with(&req.tenant_id, |r| {
-            let (scope, _) = self.scope(r, req)?;
+        self.scoped(view, req, |r, scope, _| {
             Ok(kpi::category_intersection(r, &scope, a, b))
         })
     }
 
-    pub fn uplift(&self, req: &Request, campaign_id: &str) -> Result<Uplift> {
+    pub fn uplift(&self, view: &View, req: &Request, campaign_id: &str) -> Result<Uplift> {
         let mut v = Violations::new();
         v.text(campaign_id, "campaign_id", MAX_ID_LEN);
         v.finish()?;
-        self.with(&req.tenant_id, |r| {
-            let (scope, _) = self.scope(r, req)?;
+        self.scoped(view, req, |r, scope, _| {
             Ok(kpi::uplift(r, &scope, campaign_id))
         })
     }

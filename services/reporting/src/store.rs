@@ -77,5 +77,9 @@ pub trait ReportingStore: Send + Sync + std::fmt::Debug {
         limit: usize,
     ) -> Result<(Vec<TenantFact>, Option<ScanFrom>)>;
 
+    /// Every stored purchase, refund and ledger entry of these members (not their
+    /// profiles), in no particular order.
+    async fn member_facts(&self, tenant_id: &str, members: Vec<String>) -> Result<Vec<Fact>>;
+
     async fn ping(&self) -> Result<()>;
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use loyalty_platform::calendar::Day;
 use loyalty_platform::clock::{DAY_MS, SystemClock};
+use loyalty_platform::error::MAX_ID_LEN;
 use loyalty_platform::rfm;
 use loyalty_platform::types::Channel;
 use proptest::prelude::*;
@@ -19,8 +20,9 @@ use rust_decimal::Decimal;
 
 use crate::fact::{Fact, LedgerEntry, Line, Member, Outlet, Purchase, Reason, Refund, TenantFact};
 use crate::kpi::{Group, Kpi, date_label};
+use crate::ports::SegmentMembers;
 use crate::rollup::channel_name;
-use crate::service::{Filter, Period, Reporting, Request};
+use crate::service::{Filter, Period, Reporting, Request, View};
 use crate::store::embedded::EmbeddedReportingStore;
 
 const T: &str = "t";
@@ -305,13 +307,16 @@ fn ratio(n: Decimal, d: Decimal) -> (Decimal, Decimal, Decimal) {
     (v, n, d)
 }
 
-/// The KPIs by their definitions (docs/kpis.md), from the facts themselves.
-fn reference(
+/// The KPIs by their definitions (docs/kpis.md), from the facts themselves; the stores'
+/// brands and regions come from the purchases in `directory`.
+fn reference_with(
     facts: &[Fact],
+    directory: &[Fact],
     q: &Query,
     kpis: &[Kpi],
 ) -> BTreeMap<(Kpi, String), (Decimal, Decimal, Decimal)> {
     let (purchases, refunds, members) = unique(facts);
+    let (known_stores, _, _) = unique(directory);
     let in_period = |d: Day| d >= q.from && d <= q.to;
     let mut tallies: BTreeMap<String, Tally> = BTreeMap::new();
     for p in purchases
@@ -427,7 +432,7 @@ fn reference(
             NewMembers | ContactableShare | NoQuestionnaireShare => {
                 let mut groups: BTreeMap<String, [i64; 4]> = BTreeMap::new();
                 for m in &members {
-                    let store = facts_store(&purchases, &m.store_id);
+                    let store = facts_store(&known_stores, &m.store_id);
                     let Some(o) = store else { continue };
                     if !admitted(q, &o, m.channel) {
                         continue;
@@ -550,6 +555,10 @@ const SHARE_KPIS: &[Kpi] = &[Kpi::ContactableShare, Kpi::NoQuestionnaireShare];
 const LEDGER_KPIS: &[Kpi] = &[Kpi::PointsExpired, Kpi::PointsLiability, Kpi::BreakageRate];
 
 fn request(q: &Query) -> Request {
+    segment_request(q, "")
+}
+
+fn segment_request(q: &Query, segment: &str) -> Request {
     Request {
         tenant_id: T.into(),
         period: Period {
@@ -561,17 +570,20 @@ fn request(q: &Query) -> Request {
             brands: q.brands.clone(),
             regions: Vec::new(),
             channels: q.channels.clone(),
+            segment: segment.into(),
         },
         time_zone: "UTC".into(),
     }
 }
 
-fn answer(
+async fn answer(
     r: &Reporting,
     q: &Query,
+    segment: &str,
     kpis: &[Kpi],
 ) -> BTreeMap<(Kpi, String), (Decimal, Decimal, Decimal)> {
-    r.kpis(&request(q), kpis, q.group)
+    let req = segment_request(q, segment);
+    r.kpis(&r.view(&req).await.unwrap(), &req, kpis, q.group)
         .unwrap()
         .into_iter()
         .map(|v| ((v.kpi, v.group), (v.value, v.numerator, v.denominator)))
@@ -693,8 +705,76 @@ fn rfm_reference(facts: &[Fact], today: Day) -> BTreeMap<&'static str, (u64, Dec
     out
 }
 
-fn check(r: &Reporting, w: &World, seed: u64) {
+/// A segment for the segment filter: these members, as segmentation would list them.
+#[derive(Debug)]
+struct FixedSegment(Vec<String>);
+
+#[async_trait::async_trait]
+impl SegmentMembers for FixedSegment {
+    async fn members(
+        &self,
+        _: &str,
+        segment_id: &str,
+        _: usize,
+    ) -> loyalty_platform::error::Result<Vec<String>> {
+        match segment_id {
+            "picked" => Ok(self.0.clone()),
+            other => Err(loyalty_platform::error::Error::NotFound(format!(
+                "segment {other}"
+            ))),
+        }
+    }
+}
+
+/// A random part of the world's members (and one the facts never mention), and the facts
+/// of that part alone: what the segment filter must read as if they were the tenant.
+fn pick_segment(w: &World, seed: u64) -> (Vec<String>, Vec<Fact>) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5e9);
+    let everyone: BTreeSet<&String> = w.facts.iter().filter_map(Fact::member_id).collect();
+    let mut picked: BTreeSet<String> = everyone
+        .into_iter()
+        .filter(|_| rng.random_bool(0.4))
+        .cloned()
+        .collect();
+    let facts = w
+        .facts
+        .iter()
+        .filter(|f| match f {
+            Fact::Member(m) => picked.contains(&m.member_id),
+            f => f.member_id().is_some_and(|m| picked.contains(m)),
+        })
+        .cloned()
+        .collect();
+    picked.insert("never-bought".into());
+    (picked.into_iter().collect(), facts)
+}
+
+async fn check(r: &Reporting, w: &World, seed: u64) {
+    check_over(r, w, &w.facts, "", seed).await;
+    let (members, facts) = pick_segment(w, seed);
+    let r = r.clone().with_segments(Arc::new(FixedSegment(members)));
+    check_over(&r, w, &facts, "picked", seed).await;
+    let q = &queries(w, seed)[0];
+    let unknown = segment_request(q, "nobody");
+    assert!(matches!(
+        r.view(&unknown).await,
+        Err(loyalty_platform::error::Error::NotFound(_))
+    ));
+    let today = BASE + DAYS;
+    let rfm: BTreeMap<&'static str, (u64, Decimal)> = r
+        .rfm_overview(T, Some(today * DAY_MS + 1))
+        .unwrap()
+        .into_iter()
+        .map(|(n, c, s)| (n, (c, s)))
+        .collect();
+    assert_eq!(rfm, rfm_reference(&w.facts, today));
+}
+
+/// Every query's KPIs over `facts`: the world's, or a segment's members' with `segment`.
+async fn check_over(r: &Reporting, w: &World, facts: &[Fact], segment: &str, seed: u64) {
     for q in queries(w, seed) {
+        let req = segment_request(&q, segment);
+        let view = r.view(&req).await.unwrap();
         let unfiltered = q.stores.is_empty() && q.brands.is_empty() && q.channels.is_empty();
         let by_time = matches!(
             q.group,
@@ -702,12 +782,12 @@ fn check(r: &Reporting, w: &World, seed: u64) {
         );
         if unfiltered && by_time {
             assert_eq!(
-                answer(r, &q, LEDGER_KPIS),
-                reference(&w.facts, &q, LEDGER_KPIS),
+                answer(r, &q, segment, LEDGER_KPIS).await,
+                reference_with(facts, &w.facts, &q, LEDGER_KPIS),
                 "{q:?}"
             );
         } else {
-            assert!(r.kpis(&request(&q), LEDGER_KPIS, q.group).is_err(), "{q:?}");
+            assert!(r.kpis(&view, &req, LEDGER_KPIS, q.group).is_err(), "{q:?}");
         }
         let kpis: Vec<Kpi> = match q.group {
             Group::Campaign | Group::Code => RECEIPT_KPIS.to_vec(),
@@ -722,12 +802,12 @@ fn check(r: &Reporting, w: &World, seed: u64) {
                 .collect(),
         };
         assert_eq!(
-            answer(r, &q, &kpis),
-            reference(&w.facts, &q, &kpis),
+            answer(r, &q, segment, &kpis).await,
+            reference_with(facts, &w.facts, &q, &kpis),
             "{q:?}"
         );
         // Category intersection and uplift over the same scope.
-        let (purchases, refunds, _) = unique(&w.facts);
+        let (purchases, refunds, _) = unique(facts);
         let in_scope =
             |p: &Purchase| p.day >= q.from && p.day <= q.to && admitted(&q, &p.outlet, p.channel);
         let buyers = |c: &str| -> BTreeSet<String> {
@@ -738,9 +818,9 @@ fn check(r: &Reporting, w: &World, seed: u64) {
                 .collect()
         };
         let (a, b) = (buyers("c0"), buyers("c1"));
-        let got = r.category_intersection(&request(&q), "c0", "c1").unwrap();
+        let got = r.category_intersection(&view, &req, "c0", "c1").unwrap();
         assert_eq!(got, (a.len() as u64, a.intersection(&b).count() as u64));
-        let u = r.uplift(&request(&q), "k1").unwrap();
+        let u = r.uplift(&view, &req, "k1").unwrap();
         let (mut target, mut control) = (BTreeSet::new(), BTreeSet::new());
         let (mut tp, mut cp) = (Decimal::ZERO, Decimal::ZERO);
         for p in purchases.iter().filter(|p| in_scope(p)) {
@@ -785,14 +865,6 @@ fn check(r: &Reporting, w: &World, seed: u64) {
             );
         }
     }
-    let today = BASE + DAYS;
-    let rfm: BTreeMap<&'static str, (u64, Decimal)> = r
-        .rfm_overview(T, Some(today * DAY_MS + 1))
-        .unwrap()
-        .into_iter()
-        .map(|(n, c, s)| (n, (c, s)))
-        .collect();
-    assert_eq!(rfm, rfm_reference(&w.facts, today));
 }
 
 fn deliver(facts: &[Fact], rng: &mut StdRng) -> Vec<TenantFact> {
@@ -837,10 +909,10 @@ proptest! {
             for batch in events[cut..].chunks(5).chain(events[..cut].chunks(11)) {
                 r.ingest(batch.to_vec()).await.unwrap();
             }
-            check(&r, &w, seed);
+            check(&r, &w, seed).await;
             // And once more from the stored facts alone.
             drop(r);
-            check(&open(&path).await, &w, seed);
+            check(&open(&path).await, &w, seed).await;
         });
     }
 }
@@ -904,6 +976,7 @@ fn the_case_study_shape_comes_back_as_constructed() {
         let a = answer(
             &r,
             &q,
+            "",
             &[
                 Kpi::PenetrationReceipts,
                 Kpi::PenetrationAmount,
@@ -912,7 +985,8 @@ fn the_case_study_shape_comes_back_as_constructed() {
                 Kpi::RepeatPurchaseRate,
                 Kpi::ActiveMembers,
             ],
-        );
+        )
+        .await;
         let v = |k: Kpi| a[&(k, String::new())].0;
         assert_eq!(
             v(Kpi::PenetrationReceipts),
@@ -955,7 +1029,8 @@ fn bad_queries_are_refused_with_their_field() {
             channels: vec![],
             group: Group::None,
         };
-        let field = |req: Request| match r.kpis(&req, &[Kpi::Sales], Group::None) {
+        let all = View::default();
+        let field = |req: Request| match r.kpis(&all, &req, &[Kpi::Sales], Group::None) {
             Err(loyalty_platform::Error::InvalidArgument(v)) => v[0].field.clone(),
             other => panic!("expected a violation, got {other:?}"),
         };
@@ -979,13 +1054,29 @@ fn bad_queries_are_refused_with_their_field() {
         assert_eq!(field(open_ended), "period.end_time");
         let mut by_store = request(&ok);
         by_store.filter.stores = vec!["s".into()];
-        match r.kpis(&by_store, &[Kpi::PointsLiability], Group::None) {
+        match r.kpis(&all, &by_store, &[Kpi::PointsLiability], Group::None) {
             Err(loyalty_platform::Error::InvalidArgument(v)) => assert_eq!(v[0].field, "filter"),
             other => panic!("ledger KPIs are chain-wide, got {other:?}"),
         }
         assert_eq!(
-            r.kpis(&request(&ok), &[Kpi::Sales], Group::None).unwrap()[0].value,
+            r.kpis(&all, &request(&ok), &[Kpi::Sales], Group::None)
+                .unwrap()[0]
+                .value,
             Decimal::TEN
         );
+        // A segment filter needs segmentation, and names a segment it knows.
+        let mut segment = request(&ok);
+        segment.filter.segment = "vip".into();
+        assert!(matches!(
+            r.view(&segment).await,
+            Err(loyalty_platform::Error::FailedPrecondition(_))
+        ));
+        segment.filter.segment = "x".repeat(MAX_ID_LEN + 1);
+        match r.view(&segment).await {
+            Err(loyalty_platform::Error::InvalidArgument(v)) => {
+                assert_eq!(v[0].field, "filter.segment_id");
+            }
+            other => panic!("expected a violation, got {other:?}"),
+        }
     });
 }

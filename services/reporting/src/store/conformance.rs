@@ -6,7 +6,7 @@ use loyalty_platform::types::Channel;
 use rust_decimal::Decimal;
 
 use super::{Receipts, ReportingStore, ScanFrom};
-use crate::fact::{Fact, Member, Outlet, Purchase, Refund, TenantFact};
+use crate::fact::{Fact, LedgerEntry, Member, Outlet, Purchase, Reason, Refund, TenantFact};
 
 pub fn purchase(tenant: &str, receipt: &str, day: i64) -> TenantFact {
     TenantFact {
@@ -89,7 +89,75 @@ pub async fn run(store: &dyn ReportingStore) {
     stores_each_fact_once(store).await;
     members_keep_their_newest_version(store).await;
     pages_respect_days_snapshots_and_positions(store).await;
+    member_facts_are_found_by_member(store).await;
     scans_visit_everything_once(store).await;
+}
+
+fn of_member(mut f: TenantFact, member: &str) -> TenantFact {
+    match &mut f.fact {
+        Fact::Purchase(p) => p.member_id = Some(member.into()),
+        Fact::Refund(r) => r.member_id = Some(member.into()),
+        _ => {}
+    }
+    f
+}
+
+fn ledger(tenant: &str, member: &str, seq: i64) -> TenantFact {
+    TenantFact {
+        tenant_id: tenant.into(),
+        fact: Fact::Ledger(LedgerEntry {
+            member_id: member.into(),
+            seq,
+            reason: Reason::Accrual,
+            amount: 10,
+            balance_after: 10 * seq,
+            time: seq * 1000,
+        }),
+    }
+}
+
+async fn member_facts_are_found_by_member(store: &dyn ReportingStore) {
+    let mine = vec![
+        of_member(purchase("tm", "m-r1", 100), "m1"),
+        of_member(purchase("tm", "m-r2", 140), "m1"),
+        of_member(refund("tm", "m-r1", "x1", 101), "m1"),
+        ledger("tm", "m1", 1),
+        ledger("tm", "m1", 2),
+    ];
+    let others = vec![
+        purchase("tm", "m-anonymous", 100),
+        of_member(purchase("tm", "m-r3", 100), "m2"),
+        ledger("tm", "m2", 1),
+        of_member(purchase("tm-other", "m-r1", 100), "m1"),
+        member("tm", "m1", 1),
+    ];
+    store.append(mine.clone()).await.unwrap();
+    store.append(others.clone()).await.unwrap();
+    // Redelivered: still found once.
+    store.append(mine.clone()).await.unwrap();
+    let mut got: Vec<String> = store
+        .member_facts("tm", vec!["m1".into()])
+        .await
+        .unwrap()
+        .iter()
+        .map(Fact::identity)
+        .collect();
+    got.sort();
+    let mut want: Vec<String> = mine.iter().map(|f| f.fact.identity()).collect();
+    want.sort();
+    assert_eq!(got, want);
+    let both = store
+        .member_facts("tm", vec!["m1".into(), "m2".into(), "nobody".into()])
+        .await
+        .unwrap();
+    assert_eq!(both.len(), mine.len() + 2);
+    assert!(
+        store
+            .member_facts("tm", vec!["nobody".into()])
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn stores_each_fact_once(store: &dyn ReportingStore) {

@@ -24,8 +24,46 @@ const LEDGER: FactTable = TableDefinition::new("ledger");
 const MEMBERS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("members");
 /// (tenant, identity) → the sequence a receipt fact was stored under.
 const IDENTITIES: TableDefinition<(&str, &str), u64> = TableDefinition::new("identities");
-/// name → value: "seq", the last sequence handed out.
+/// name → value: "seq", the last sequence handed out; "by_member", 1 once `BY_MEMBER` covers
+/// the facts stored before it existed.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// (tenant, member, kind, day or time, sequence) → (): where each member's receipt and
+/// ledger facts are, for the segment filter.
+const BY_MEMBER: TableDefinition<(&str, &str, u8, i64, u64), ()> =
+    TableDefinition::new("by_member");
+
+const KINDS: [Receipts; 3] = [Receipts::Purchases, Receipts::Refunds, Receipts::Ledger];
+
+fn kind_code(kind: Receipts) -> u8 {
+    match kind {
+        Receipts::Purchases => 0,
+        Receipts::Refunds => 1,
+        Receipts::Ledger => 2,
+    }
+}
+
+/// Indexes every stored fact by member, once: facts stored before the index existed.
+fn backfill_by_member(txn: &redb::WriteTransaction) -> Result<()> {
+    let mut meta = txn.open_table(META).map_err(e)?;
+    if meta.get("by_member").map_err(e)?.is_some() {
+        return Ok(());
+    }
+    let mut index = txn.open_table(BY_MEMBER).map_err(e)?;
+    for kind in KINDS {
+        let t = txn.open_table(table(kind)).map_err(e)?;
+        for row in t.range::<(&str, i64, u64)>(..).map_err(e)? {
+            let (k, v) = row.map_err(e)?;
+            let (tenant, order, seq) = k.value();
+            if let Some(member) = decode::<Fact>(v.value())?.member_id() {
+                index
+                    .insert((tenant, member.as_str(), kind_code(kind), order, seq), ())
+                    .map_err(e)?;
+            }
+        }
+    }
+    meta.insert("by_member", 1).map_err(e)?;
+    Ok(())
+}
 
 #[derive(Debug, Clone)]
 pub struct EmbeddedReportingStore {
@@ -63,6 +101,7 @@ impl ReportingStore for EmbeddedReportingStore {
                 let mut refunds = txn.open_table(REFUNDS).map_err(e)?;
                 let mut members = txn.open_table(MEMBERS).map_err(e)?;
                 let mut ledger = txn.open_table(LEDGER).map_err(e)?;
+                let mut by_member = txn.open_table(BY_MEMBER).map_err(e)?;
                 let mut fresh = Vec::new();
                 let mut in_batch = HashSet::new();
                 for f in &facts {
@@ -97,14 +136,22 @@ impl ReportingStore for EmbeddedReportingStore {
                             seq += 1;
                             identities.insert(id_key, seq).map_err(e)?;
                             let day = fact.order().unwrap_or_default();
-                            let target = match fact {
-                                Fact::Refund(_) => &mut refunds,
-                                Fact::Ledger(_) => &mut ledger,
-                                _ => &mut purchases,
+                            let (target, kind) = match fact {
+                                Fact::Refund(_) => (&mut refunds, Receipts::Refunds),
+                                Fact::Ledger(_) => (&mut ledger, Receipts::Ledger),
+                                _ => (&mut purchases, Receipts::Purchases),
                             };
                             target
                                 .insert((tenant, day, seq), encode(fact)?.as_slice())
                                 .map_err(e)?;
+                            if let Some(member) = fact.member_id() {
+                                by_member
+                                    .insert(
+                                        (tenant, member.as_str(), kind_code(kind), day, seq),
+                                        (),
+                                    )
+                                    .map_err(e)?;
+                            }
                             fresh.push(f.clone());
                         }
                     }
@@ -263,7 +310,87 @@ impl ReportingStore for EmbeddedReportingStore {
             .await
     }
 
+    async fn member_facts(&self, tenant_id: &str, members: Vec<String>) -> Result<Vec<Fact>> {
+        let indexed = self
+            .db
+            .read(|txn| {
+                Ok(open_for_read(txn, META)?
+                    .map(|m| m.get("by_member").map(|v| v.is_some()))
+                    .transpose()
+                    .map_err(e)?
+                    .unwrap_or(false))
+            })
+            .await?;
+        if !indexed {
+            self.db.write(backfill_by_member).await?;
+        }
+        let tenant = tenant_id.to_string();
+        self.db
+            .read(move |txn| {
+                let mut out = Vec::new();
+                let Some(index) = open_for_read(txn, BY_MEMBER)? else {
+                    return Ok(out);
+                };
+                let tables = KINDS
+                    .map(|k| open_for_read(txn, table(k)))
+                    .into_iter()
+                    .collect::<Result<Vec<_>>>()?;
+                for member in &members {
+                    let (t, m) = (tenant.as_str(), member.as_str());
+                    let rows = index
+                        .range((t, m, 0, i64::MIN, 0)..=(t, m, u8::MAX, i64::MAX, u64::MAX))
+                        .map_err(e)?;
+                    for row in rows {
+                        let (k, _) = row.map_err(e)?;
+                        let (_, _, kind, order, seq) = k.value();
+                        let Some(Some(facts)) = tables.get(usize::from(kind)) else {
+                            continue;
+                        };
+                        if let Some(v) = facts.get((t, order, seq)).map_err(e)? {
+                            out.push(decode(v.value())?);
+                        }
+                    }
+                }
+                Ok(out)
+            })
+            .await
+    }
+
     async fn ping(&self) -> Result<()> {
         self.db.ping().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::store::conformance::purchase;
+
+    #[tokio::test]
+    async fn facts_stored_before_the_member_index_are_indexed_at_first_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedReportingStore::open(&dir.path().join("reporting.redb")).unwrap();
+        let mut fact = purchase("t", "r1", 10);
+        if let Fact::Purchase(p) = &mut fact.fact {
+            p.member_id = Some("m1".into());
+        }
+        store.append(vec![fact.clone()]).await.unwrap();
+        // As a file written before the index existed.
+        store
+            .db
+            .write(|txn| {
+                txn.delete_table(BY_MEMBER).map_err(e)?;
+                txn.open_table(META)
+                    .map_err(e)?
+                    .remove("by_member")
+                    .map_err(e)?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let found = store.member_facts("t", vec!["m1".into()]).await.unwrap();
+        assert_eq!(found, vec![fact.fact]);
     }
 }
