@@ -33,6 +33,9 @@ const DURATION_BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
+/// How often histogram samples are folded into their buckets between scrapes.
+const UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Installs the process-wide recorder once and returns its handle.
 pub fn recorder() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -46,6 +49,17 @@ pub fn recorder() -> PrometheusHandle {
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             let prometheus = builder.build_recorder();
             let handle = prometheus.handle();
+            // Histogram samples wait in the recorder until a scrape or an upkeep drains
+            // them: without this, a process nobody scrapes would keep every sample.
+            let upkeep = handle.clone();
+            let _ = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(UPKEEP);
+                        upkeep.run_upkeep();
+                    }
+                });
             // Fails only when another recorder is installed (tests): keep that one.
             let _ = metrics::set_global_recorder(Recorder {
                 prometheus,

@@ -326,7 +326,7 @@ fn segment_filter(c: &mut Criterion) {
         g.bench_function(format!("six_kpis_year_{members}_members"), |b| {
             b.iter(|| {
                 rt.block_on(async {
-                    let view = r.view(&request).await.unwrap();
+                    let view = r.view(&request, false).await.unwrap();
                     black_box(r.kpis(&view, &request, &six, Group::None).unwrap())
                 })
             })

@@ -45,13 +45,14 @@ impl Api {
 }
 
 impl Api {
-    /// Runs a query over the rollups it reads (a segment filter's are built first).
-    async fn over<T, F>(&self, q: Query, f: F) -> Result<T, Status>
+    /// Runs a query over the rollups it reads (a segment filter's are built first, with
+    /// the members' ledger entries when `ledger`).
+    async fn over<T, F>(&self, q: Query, ledger: bool, f: F) -> Result<T, Status>
     where
         F: FnOnce(&Reporting, &View, &Query) -> loyalty_platform::error::Result<T> + Send + 'static,
         T: Send + 'static,
     {
-        let view = self.reporting.view(&q).await.map_err(to_status)?;
+        let view = self.reporting.view(&q, ledger).await.map_err(to_status)?;
         self.blocking(move |rep| f(rep, &view, &q)).await
     }
 }
@@ -290,8 +291,9 @@ impl ReportingService for Api {
             .map(|(i, k)| kpi(*k, &format!("kpis[{i}]")))
             .collect::<Result<Vec<_>, _>>()?;
         let q = query(r.tenant_id, r.period, r.store_ids, r.filter, r.time_zone);
+        let ledger = kpis.iter().any(|k| k.reads_ledger());
         let v = self
-            .over(q, move |rep, view, q| {
+            .over(q, ledger, move |rep, view, q| {
                 rep.kpis(view, q, &kpis, group(r.group_by))
             })
             .await?;
@@ -306,7 +308,7 @@ impl ReportingService for Api {
         let k = kpi(r.kpi, "kpi")?;
         let q = query(r.tenant_id, r.period, r.store_ids, r.filter, r.time_zone);
         let v = self
-            .over(q, move |rep, view, q| {
+            .over(q, k.reads_ledger(), move |rep, view, q| {
                 rep.kpis(view, q, &[k], granularity(r.granularity))
             })
             .await?;
@@ -322,7 +324,7 @@ impl ReportingService for Api {
         let r = request.into_inner();
         let q = query(r.tenant_id, r.period, Vec::new(), r.filter, r.time_zone);
         let (a, both) = self
-            .over(q, move |rep, view, q| {
+            .over(q, false, move |rep, view, q| {
                 rep.category_intersection(view, q, &r.category_a, &r.category_b)
             })
             .await?;
@@ -365,7 +367,9 @@ impl ReportingService for Api {
         let r = request.into_inner();
         let q = query(r.tenant_id, r.period, Vec::new(), r.filter, r.time_zone);
         let u = self
-            .over(q, move |rep, view, q| rep.uplift(view, q, &r.campaign_id))
+            .over(q, false, move |rep, view, q| {
+                rep.uplift(view, q, &r.campaign_id)
+            })
             .await?;
         Ok(Response::new(pb::GetCampaignUpliftResponse {
             target_members: u.target_members as i64,

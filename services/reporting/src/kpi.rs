@@ -60,6 +60,11 @@ enum Source {
 }
 
 impl Kpi {
+    /// Whether the KPI is read from the points ledger.
+    pub fn reads_ledger(self) -> bool {
+        self.source() == Source::Ledger
+    }
+
     fn source(self) -> Source {
         use Kpi::*;
         match self {

@@ -63,10 +63,13 @@ pub struct Reporting {
     tenants: Arc<RwLock<HashMap<String, Rollups>>>,
     clock: SharedClock,
     segments: Arc<dyn SegmentMembers>,
+    building: Arc<tokio::sync::Semaphore>,
 }
 
 /// The most members a segment filter reads.
-pub const MAX_SEGMENT_MEMBERS: usize = 1_000_000;
+pub const MAX_SEGMENT_MEMBERS: usize = 250_000;
+/// Segment views built at once; more wait their turn.
+pub const VIEW_BUILDS: usize = 2;
 /// Members whose facts are read at once while a segment's rollups are built.
 const SEGMENT_BATCH: usize = 1_000;
 
@@ -106,6 +109,7 @@ pub fn local_day(at: Millis, tz: &jiff::tz::TimeZone) -> Day {
 impl Reporting {
     /// Opens the service over its store, rebuilding every tenant's rollups from the facts.
     pub async fn open(store: Arc<dyn ReportingStore>, clock: SharedClock) -> Result<Self> {
+        store.prepare().await?;
         let mut tenants: HashMap<String, Rollups> = HashMap::new();
         let mut from = ScanFrom::START;
         loop {
@@ -126,6 +130,7 @@ impl Reporting {
             tenants: Arc::new(RwLock::new(tenants)),
             clock,
             segments: Arc::new(NoSegmentation),
+            building: Arc::new(tokio::sync::Semaphore::new(VIEW_BUILDS)),
         })
     }
 
@@ -137,18 +142,20 @@ impl Reporting {
     }
 
     /// The rollups `req` reads. Without a segment filter, the tenant's (nothing is built).
-    /// With one, rollups of the segment's members' purchases, refunds, ledger entries and
-    /// profiles, so every KPI reads as if the tenant had those members alone: the cost is
-    /// reading their facts.
-    pub async fn view(&self, req: &Request) -> Result<View> {
+    /// With one, rollups of the segment's members' purchases and refunds in the period,
+    /// their ledger entries when `ledger` (liability needs all of them) and their profiles,
+    /// so every KPI reads as if the tenant had those members alone: the cost is reading
+    /// their facts. The request is checked first; at most [`VIEW_BUILDS`] are built at once.
+    pub async fn view(&self, req: &Request, ledger: bool) -> Result<View> {
         let segment = req.filter.segment.as_str();
         if segment.is_empty() {
             return Ok(View::default());
         }
         let mut v = Violations::new();
-        check_tenant(&mut v, &req.tenant_id);
         v.text(segment, "filter.segment_id", MAX_ID_LEN);
         v.finish()?;
+        let (scope, _) = self.with(&req.tenant_id, |r| self.scope(r, req))?;
+        let _permit = self.building.acquire().await.map_err(Error::internal)?;
         let members = self
             .segments
             .members(&req.tenant_id, segment, MAX_SEGMENT_MEMBERS)
@@ -156,39 +163,62 @@ impl Reporting {
         if members.len() > MAX_SEGMENT_MEMBERS {
             return Err(crate::ports::too_many(segment, MAX_SEGMENT_MEMBERS));
         }
-        // Only members the tenant's facts know: the others have nothing to count.
-        let (mut sub, known, profiles) = {
-            let tenants = self
-                .tenants
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let Some(r) = tenants.get(&req.tenant_id) else {
-                return Ok(View(Some(Arc::new(Rollups::default()))));
+        // Rolling up takes CPU the async workers (and the consumers on them) should not
+        // wait for.
+        let (this, tenant) = (self.clone(), req.tenant_id.clone());
+        let runtime = tokio::runtime::Handle::current();
+        let days = (scope.from, scope.to);
+        let sub = tokio::task::spawn_blocking(move || {
+            this.build_view(&runtime, &tenant, &members, days, ledger)
+        })
+        .await
+        .map_err(Error::internal)??;
+        Ok(View(Some(Arc::new(sub))))
+    }
+
+    fn build_view(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        tenant: &str,
+        members: &[String],
+        days: (Day, Day),
+        ledger: bool,
+    ) -> Result<Rollups> {
+        let mut sub: Option<Rollups> = None;
+        for batch in members.chunks(SEGMENT_BATCH) {
+            // Only members the tenant's facts know: the others have nothing to count. The
+            // lock is held for one batch at a time.
+            let (known, profiles) = {
+                let tenants = self
+                    .tenants
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let Some(r) = tenants.get(tenant) else {
+                    return Ok(Rollups::default());
+                };
+                if sub.is_none() {
+                    sub = Some(r.directory());
+                }
+                let mut known = Vec::new();
+                let mut profiles = Vec::new();
+                for m in batch {
+                    if let Some(i) = r.members.get(m) {
+                        known.push(m.clone());
+                        profiles.extend(r.profiles.get(&i).cloned().map(Fact::Member));
+                    }
+                }
+                (known, profiles)
             };
-            let known: Vec<(String, u32)> = members
-                .into_iter()
-                .filter_map(|m| r.members.get(&m).map(|i| (m, i)))
-                .collect();
-            let profiles: Vec<Fact> = known
-                .iter()
-                .filter_map(|(_, i)| r.profiles.get(i).cloned().map(Fact::Member))
-                .collect();
-            let known: Vec<String> = known.into_iter().map(|(m, _)| m).collect();
-            (r.directory(), known, profiles)
-        };
-        for p in &profiles {
-            sub.apply(p);
-        }
-        for batch in known.chunks(SEGMENT_BATCH) {
-            for f in self
-                .store
-                .member_facts(&req.tenant_id, batch.to_vec())
-                .await?
-            {
-                sub.apply(&f);
+            let Some(sub) = sub.as_mut() else { break };
+            for p in &profiles {
+                sub.apply(p);
+            }
+            let facts = runtime.block_on(self.store.member_facts(tenant, known, days, ledger))?;
+            for f in &facts {
+                sub.apply(f);
             }
         }
-        Ok(View(Some(Arc::new(sub))))
+        Ok(sub.unwrap_or_default())
     }
 
     /// Stores the facts (one durable write) and rolls up those not seen before. Returns how

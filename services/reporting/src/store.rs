@@ -77,9 +77,19 @@ pub trait ReportingStore: Send + Sync + std::fmt::Debug {
         limit: usize,
     ) -> Result<(Vec<TenantFact>, Option<ScanFrom>)>;
 
-    /// Every stored purchase, refund and ledger entry of these members (not their
-    /// profiles), in no particular order.
-    async fn member_facts(&self, tenant_id: &str, members: Vec<String>) -> Result<Vec<Fact>>;
+    /// Brings the store's indexes up to date with its facts; called once at open, before
+    /// anything else.
+    async fn prepare(&self) -> Result<()>;
+
+    /// These members' stored purchases and refunds with business days `from..=to`, and
+    /// with `ledger` all their ledger entries (not their profiles), in no particular order.
+    async fn member_facts(
+        &self,
+        tenant_id: &str,
+        members: Vec<String>,
+        days: (Day, Day),
+        ledger: bool,
+    ) -> Result<Vec<Fact>>;
 
     async fn ping(&self) -> Result<()>;
 }

@@ -583,7 +583,8 @@ async fn answer(
     kpis: &[Kpi],
 ) -> BTreeMap<(Kpi, String), (Decimal, Decimal, Decimal)> {
     let req = segment_request(q, segment);
-    r.kpis(&r.view(&req).await.unwrap(), &req, kpis, q.group)
+    let ledger = kpis.iter().any(|k| k.reads_ledger());
+    r.kpis(&r.view(&req, ledger).await.unwrap(), &req, kpis, q.group)
         .unwrap()
         .into_iter()
         .map(|v| ((v.kpi, v.group), (v.value, v.numerator, v.denominator)))
@@ -757,7 +758,7 @@ async fn check(r: &Reporting, w: &World, seed: u64) {
     let q = &queries(w, seed)[0];
     let unknown = segment_request(q, "nobody");
     assert!(matches!(
-        r.view(&unknown).await,
+        r.view(&unknown, false).await,
         Err(loyalty_platform::error::Error::NotFound(_))
     ));
     let today = BASE + DAYS;
@@ -774,7 +775,8 @@ async fn check(r: &Reporting, w: &World, seed: u64) {
 async fn check_over(r: &Reporting, w: &World, facts: &[Fact], segment: &str, seed: u64) {
     for q in queries(w, seed) {
         let req = segment_request(&q, segment);
-        let view = r.view(&req).await.unwrap();
+        // Without the ledger: what category intersection and uplift ask for.
+        let view = r.view(&req, false).await.unwrap();
         let unfiltered = q.stores.is_empty() && q.brands.is_empty() && q.channels.is_empty();
         let by_time = matches!(
             q.group,
@@ -1068,11 +1070,11 @@ fn bad_queries_are_refused_with_their_field() {
         let mut segment = request(&ok);
         segment.filter.segment = "vip".into();
         assert!(matches!(
-            r.view(&segment).await,
+            r.view(&segment, false).await,
             Err(loyalty_platform::Error::FailedPrecondition(_))
         ));
         segment.filter.segment = "x".repeat(MAX_ID_LEN + 1);
-        match r.view(&segment).await {
+        match r.view(&segment, false).await {
             Err(loyalty_platform::Error::InvalidArgument(v)) => {
                 assert_eq!(v[0].field, "filter.segment_id");
             }

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -152,7 +152,7 @@ impl Bridge {
         Arc::new(OtlpGauge {
             gauge,
             attributes: attributes(key),
-            value: AtomicU64::new(0f64.to_bits()),
+            value: Mutex::new(0.0),
         })
     }
 
@@ -202,20 +202,16 @@ impl CounterFn for OtlpCounter {
 pub(super) struct OtlpGauge {
     gauge: opentelemetry::metrics::Gauge<f64>,
     attributes: Vec<KeyValue>,
-    /// The current value's bits, for `increment` and `decrement`.
-    value: AtomicU64,
+    /// The current value, for `increment` and `decrement`; recorded under the lock so
+    /// concurrent changes are recorded in the order they were made.
+    value: Mutex<f64>,
 }
 
 impl OtlpGauge {
     fn update(&self, change: impl Fn(f64) -> f64) {
-        let mut now = 0.0;
-        let _ = self
-            .value
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |bits| {
-                now = change(f64::from_bits(bits));
-                Some(now.to_bits())
-            });
-        self.gauge.record(now, &self.attributes);
+        let mut value = self.value.lock().unwrap_or_else(|e| e.into_inner());
+        *value = change(*value);
+        self.gauge.record(*value, &self.attributes);
     }
 }
 

@@ -86,6 +86,7 @@ async fn all(store: &dyn ReportingStore, page: usize) -> Vec<TenantFact> {
 }
 
 pub async fn run(store: &dyn ReportingStore) {
+    store.prepare().await.unwrap();
     stores_each_fact_once(store).await;
     members_keep_their_newest_version(store).await;
     pages_respect_days_snapshots_and_positions(store).await;
@@ -135,8 +136,9 @@ async fn member_facts_are_found_by_member(store: &dyn ReportingStore) {
     store.append(others.clone()).await.unwrap();
     // Redelivered: still found once.
     store.append(mine.clone()).await.unwrap();
+    let all_days = (i64::MIN, i64::MAX);
     let mut got: Vec<String> = store
-        .member_facts("tm", vec!["m1".into()])
+        .member_facts("tm", vec!["m1".into()], all_days, true)
         .await
         .unwrap()
         .iter()
@@ -147,17 +149,39 @@ async fn member_facts_are_found_by_member(store: &dyn ReportingStore) {
     want.sort();
     assert_eq!(got, want);
     let both = store
-        .member_facts("tm", vec!["m1".into(), "m2".into(), "nobody".into()])
+        .member_facts(
+            "tm",
+            vec!["m1".into(), "m2".into(), "nobody".into()],
+            all_days,
+            true,
+        )
         .await
         .unwrap();
     assert_eq!(both.len(), mine.len() + 2);
     assert!(
         store
-            .member_facts("tm", vec!["nobody".into()])
+            .member_facts("tm", vec!["nobody".into()], all_days, true)
             .await
             .unwrap()
             .is_empty()
     );
+    // Receipts of the days asked for (a refund counts on its purchase's day); the ledger
+    // only when asked for.
+    let mut days: Vec<String> = store
+        .member_facts("tm", vec!["m1".into()], (100, 101), false)
+        .await
+        .unwrap()
+        .iter()
+        .map(Fact::identity)
+        .collect();
+    days.sort();
+    let mut want: Vec<String> = mine[..1]
+        .iter()
+        .chain(&mine[2..3])
+        .map(|f| f.fact.identity())
+        .collect();
+    want.sort();
+    assert_eq!(days, want);
 }
 
 async fn stores_each_fact_once(store: &dyn ReportingStore) {

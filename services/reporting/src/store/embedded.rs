@@ -24,8 +24,8 @@ const LEDGER: FactTable = TableDefinition::new("ledger");
 const MEMBERS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("members");
 /// (tenant, identity) → the sequence a receipt fact was stored under.
 const IDENTITIES: TableDefinition<(&str, &str), u64> = TableDefinition::new("identities");
-/// name → value: "seq", the last sequence handed out; "by_member", 1 once `BY_MEMBER` covers
-/// the facts stored before it existed.
+/// name → value: "seq", the last sequence handed out; "by_member", the sequence up to which
+/// `BY_MEMBER` covers the facts (behind "seq" when a binary without the index stored some).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// (tenant, member, kind, day or time, sequence) → (): where each member's receipt and
 /// ledger facts are, for the segment filter.
@@ -42,26 +42,31 @@ fn kind_code(kind: Receipts) -> u8 {
     }
 }
 
-/// Indexes every stored fact by member, once: facts stored before the index existed.
-fn backfill_by_member(txn: &redb::WriteTransaction) -> Result<()> {
+/// Indexes every stored fact by member when the index does not cover them all: a file
+/// written before the index existed, or facts stored since by a binary without it.
+fn index_by_member(txn: &redb::WriteTransaction) -> Result<()> {
     let mut meta = txn.open_table(META).map_err(e)?;
-    if meta.get("by_member").map_err(e)?.is_some() {
+    let seq = meta.get("seq").map_err(e)?.map_or(0, |v| v.value());
+    let covered = meta.get("by_member").map_err(e)?.map(|v| v.value());
+    if covered == Some(seq) {
         return Ok(());
     }
     let mut index = txn.open_table(BY_MEMBER).map_err(e)?;
-    for kind in KINDS {
-        let t = txn.open_table(table(kind)).map_err(e)?;
-        for row in t.range::<(&str, i64, u64)>(..).map_err(e)? {
-            let (k, v) = row.map_err(e)?;
-            let (tenant, order, seq) = k.value();
-            if let Some(member) = decode::<Fact>(v.value())?.member_id() {
-                index
-                    .insert((tenant, member.as_str(), kind_code(kind), order, seq), ())
-                    .map_err(e)?;
+    if seq > 0 {
+        for kind in KINDS {
+            let t = txn.open_table(table(kind)).map_err(e)?;
+            for row in t.range::<(&str, i64, u64)>(..).map_err(e)? {
+                let (k, v) = row.map_err(e)?;
+                let (tenant, order, seq) = k.value();
+                if let Some(member) = decode::<Fact>(v.value())?.member_id() {
+                    index
+                        .insert((tenant, member.as_str(), kind_code(kind), order, seq), ())
+                        .map_err(e)?;
+                }
             }
         }
     }
-    meta.insert("by_member", 1).map_err(e)?;
+    meta.insert("by_member", seq).map_err(e)?;
     Ok(())
 }
 
@@ -157,6 +162,8 @@ impl ReportingStore for EmbeddedReportingStore {
                     }
                 }
                 meta.insert("seq", seq).map_err(e)?;
+                // `prepare` made the index whole; this batch's facts are in it too.
+                meta.insert("by_member", seq).map_err(e)?;
                 Ok(fresh)
             })
             .await
@@ -310,20 +317,17 @@ impl ReportingStore for EmbeddedReportingStore {
             .await
     }
 
-    async fn member_facts(&self, tenant_id: &str, members: Vec<String>) -> Result<Vec<Fact>> {
-        let indexed = self
-            .db
-            .read(|txn| {
-                Ok(open_for_read(txn, META)?
-                    .map(|m| m.get("by_member").map(|v| v.is_some()))
-                    .transpose()
-                    .map_err(e)?
-                    .unwrap_or(false))
-            })
-            .await?;
-        if !indexed {
-            self.db.write(backfill_by_member).await?;
-        }
+    async fn prepare(&self) -> Result<()> {
+        self.db.write(index_by_member).await
+    }
+
+    async fn member_facts(
+        &self,
+        tenant_id: &str,
+        members: Vec<String>,
+        days: (Day, Day),
+        ledger: bool,
+    ) -> Result<Vec<Fact>> {
         let tenant = tenant_id.to_string();
         self.db
             .read(move |txn| {
@@ -335,19 +339,29 @@ impl ReportingStore for EmbeddedReportingStore {
                     .map(|k| open_for_read(txn, table(k)))
                     .into_iter()
                     .collect::<Result<Vec<_>>>()?;
+                let mut ranges = vec![
+                    (Receipts::Purchases, days.0, days.1),
+                    (Receipts::Refunds, days.0, days.1),
+                ];
+                if ledger {
+                    ranges.push((Receipts::Ledger, i64::MIN, i64::MAX));
+                }
                 for member in &members {
                     let (t, m) = (tenant.as_str(), member.as_str());
-                    let rows = index
-                        .range((t, m, 0, i64::MIN, 0)..=(t, m, u8::MAX, i64::MAX, u64::MAX))
-                        .map_err(e)?;
-                    for row in rows {
-                        let (k, _) = row.map_err(e)?;
-                        let (_, _, kind, order, seq) = k.value();
-                        let Some(Some(facts)) = tables.get(usize::from(kind)) else {
+                    for &(kind, from, to) in &ranges {
+                        let k = kind_code(kind);
+                        let Some(Some(facts)) = tables.get(usize::from(k)) else {
                             continue;
                         };
-                        if let Some(v) = facts.get((t, order, seq)).map_err(e)? {
-                            out.push(decode(v.value())?);
+                        let rows = index
+                            .range((t, m, k, from, 0)..=(t, m, k, to, u64::MAX))
+                            .map_err(e)?;
+                        for row in rows {
+                            let (key, _) = row.map_err(e)?;
+                            let (_, _, _, order, seq) = key.value();
+                            if let Some(v) = facts.get((t, order, seq)).map_err(e)? {
+                                out.push(decode(v.value())?);
+                            }
                         }
                     }
                 }
@@ -368,15 +382,28 @@ mod tests {
     use super::*;
     use crate::store::conformance::purchase;
 
-    #[tokio::test]
-    async fn facts_stored_before_the_member_index_are_indexed_at_first_use() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedReportingStore::open(&dir.path().join("reporting.redb")).unwrap();
-        let mut fact = purchase("t", "r1", 10);
-        if let Fact::Purchase(p) = &mut fact.fact {
+    fn of_m1(mut f: TenantFact) -> TenantFact {
+        if let Fact::Purchase(p) = &mut f.fact {
             p.member_id = Some("m1".into());
         }
-        store.append(vec![fact.clone()]).await.unwrap();
+        f
+    }
+
+    async fn found(store: &EmbeddedReportingStore) -> Vec<Fact> {
+        store
+            .member_facts("t", vec!["m1".into()], (0, 100), true)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn facts_the_member_index_does_not_cover_are_indexed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedReportingStore::open(&dir.path().join("reporting.redb")).unwrap();
+        store.prepare().await.unwrap();
+        let first = of_m1(purchase("t", "r1", 10));
+        store.append(vec![first.clone()]).await.unwrap();
+        assert_eq!(found(&store).await, vec![first.fact.clone()]);
         // As a file written before the index existed.
         store
             .db
@@ -390,7 +417,27 @@ mod tests {
             })
             .await
             .unwrap();
-        let found = store.member_facts("t", vec!["m1".into()]).await.unwrap();
-        assert_eq!(found, vec![fact.fact]);
+        assert!(found(&store).await.is_empty());
+        store.prepare().await.unwrap();
+        assert_eq!(found(&store).await, vec![first.fact.clone()]);
+        // As a fact stored by a binary without the index, after this one had covered all.
+        let second = of_m1(purchase("t", "r2", 11));
+        store.append(vec![second.clone()]).await.unwrap();
+        store
+            .db
+            .write(|txn| {
+                let mut index = txn.open_table(BY_MEMBER).map_err(e)?;
+                index.retain(|k, _| k.4 != 2).map_err(e)?;
+                txn.open_table(META)
+                    .map_err(e)?
+                    .insert("by_member", 1)
+                    .map_err(e)?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(found(&store).await, vec![first.fact.clone()]);
+        store.prepare().await.unwrap();
+        assert_eq!(found(&store).await, vec![first.fact, second.fact]);
     }
 }
