@@ -195,23 +195,37 @@ fn kpis(c: &mut Criterion) {
     g.finish();
 }
 
-fn export_lines(c: &mut Criterion) {
-    let rt = runtime();
-    let dir = tempfile::tempdir().unwrap();
-    let reporting = rt.block_on(async {
-        let store = Arc::new(EmbeddedReportingStore::open(&dir.path().join("r.redb")).unwrap());
+/// Reporting on a fresh embedded store in `dir`, holding purchases `0..count` made by
+/// `make`, ingested in batches of `batch`.
+fn stored(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    count: u64,
+    batch: usize,
+    make: impl Fn(u64) -> Purchase,
+) -> Reporting {
+    rt.block_on(async {
+        let store = Arc::new(EmbeddedReportingStore::open(&dir.join("r.redb")).unwrap());
         let reporting = Reporting::open(store, Arc::new(SystemClock)).await.unwrap();
-        for chunk in (0..10_000u64).collect::<Vec<_>>().chunks(500) {
-            let batch = chunk
+        for chunk in (0..count).collect::<Vec<_>>().chunks(batch) {
+            let facts = chunk
                 .iter()
                 .map(|&n| TenantFact {
                     tenant_id: "t".into(),
-                    fact: Fact::Purchase(purchase(n, n % 500, BASE + (n % 30) as i64, 10)),
+                    fact: Fact::Purchase(make(n)),
                 })
                 .collect();
-            reporting.ingest(batch).await.unwrap();
+            reporting.ingest(facts).await.unwrap();
         }
         reporting
+    })
+}
+
+fn export_lines(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let reporting = stored(&rt, dir.path(), 10_000, 500, |n| {
+        purchase(n, n % 500, BASE + (n % 30) as i64, 10)
     });
     let scope = Scope {
         from: BASE,
@@ -278,24 +292,10 @@ fn segment_filter(c: &mut Criterion) {
     use loyalty_reporting::service::{Filter, Period, Request};
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
-    let reporting = rt.block_on(async {
-        let store = Arc::new(EmbeddedReportingStore::open(&dir.path().join("r.redb")).unwrap());
-        let reporting = Reporting::open(store, Arc::new(SystemClock)).await.unwrap();
-        for chunk in (0..240_000u64).collect::<Vec<_>>().chunks(2_000) {
-            let batch = chunk
-                .iter()
-                .map(|&n| {
-                    let mut p = purchase(n, n % 500, BASE + (n % 365) as i64, 2);
-                    p.member_id = p.member_id.map(|_| format!("m{}", n % 20_000));
-                    TenantFact {
-                        tenant_id: "t".into(),
-                        fact: Fact::Purchase(p),
-                    }
-                })
-                .collect();
-            reporting.ingest(batch).await.unwrap();
-        }
-        reporting
+    let reporting = stored(&rt, dir.path(), 240_000, 2_000, |n| {
+        let mut p = purchase(n, n % 500, BASE + (n % 365) as i64, 2);
+        p.member_id = p.member_id.map(|_| format!("m{}", n % 20_000));
+        p
     });
     let request = Request {
         tenant_id: "t".into(),
