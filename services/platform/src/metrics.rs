@@ -84,14 +84,20 @@ struct Handles {
     histograms: RwLock<HashMap<Key, Histogram>>,
 }
 
-/// The handle kept for `key`, made once with `make`.
-fn handle<T: Clone>(map: &RwLock<HashMap<Key, T>>, key: &Key, make: impl FnOnce() -> T) -> T {
+/// The value kept for `key` in `map`, made once with `make`: a read lock when it is
+/// there, the write lock only the first time.
+pub(crate) fn cached<K, Q, T>(map: &RwLock<HashMap<K, T>>, key: &Q, make: impl FnOnce() -> T) -> T
+where
+    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+    Q: ToOwned<Owned = K> + std::hash::Hash + Eq + ?Sized,
+    T: Clone,
+{
     if let Some(found) = map.read().unwrap_or_else(|e| e.into_inner()).get(key) {
         return found.clone();
     }
     map.write()
         .unwrap_or_else(|e| e.into_inner())
-        .entry(key.clone())
+        .entry(key.to_owned())
         .or_insert_with(make)
         .clone()
 }
@@ -164,7 +170,7 @@ impl metrics::Recorder for Recorder {
         let Some(bridge) = otlp::bridge() else {
             return self.prometheus.register_counter(key, metadata);
         };
-        handle(&self.handles.counters, key, || {
+        cached(&self.handles.counters, key, || {
             Counter::from_arc(Arc::new(Both {
                 prometheus: self.prometheus.register_counter(key, metadata),
                 otlp: bridge.counter(key),
@@ -176,7 +182,7 @@ impl metrics::Recorder for Recorder {
         let Some(bridge) = otlp::bridge() else {
             return self.prometheus.register_gauge(key, metadata);
         };
-        handle(&self.handles.gauges, key, || {
+        cached(&self.handles.gauges, key, || {
             Gauge::from_arc(Arc::new(Both {
                 prometheus: self.prometheus.register_gauge(key, metadata),
                 otlp: bridge.gauge(key),
@@ -188,7 +194,7 @@ impl metrics::Recorder for Recorder {
         let Some(bridge) = otlp::bridge() else {
             return self.prometheus.register_histogram(key, metadata);
         };
-        handle(&self.handles.histograms, key, || {
+        cached(&self.handles.histograms, key, || {
             Histogram::from_arc(Arc::new(Both {
                 prometheus: self.prometheus.register_histogram(key, metadata),
                 otlp: bridge.histogram(key),

@@ -17,7 +17,7 @@ use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 
 use crate::config::MetricsConfig;
 
-use super::DURATION_BUCKETS;
+use super::{DURATION_BUCKETS, cached};
 
 static BRIDGE: OnceLock<Bridge> = OnceLock::new();
 
@@ -87,18 +87,6 @@ fn attributes(key: &Key) -> Vec<KeyValue> {
         .collect()
 }
 
-/// The instrument named `name`, made once with `make`.
-fn instrument<T: Clone>(map: &Instruments<T>, name: &str, make: impl FnOnce() -> T) -> T {
-    if let Some(found) = map.read().unwrap_or_else(|e| e.into_inner()).get(name) {
-        return found.clone();
-    }
-    map.write()
-        .unwrap_or_else(|e| e.into_inner())
-        .entry(name.to_owned())
-        .or_insert_with(make)
-        .clone()
-}
-
 impl Bridge {
     fn new(meter: Meter) -> Self {
         Self {
@@ -128,7 +116,7 @@ impl Bridge {
 
     pub(super) fn counter(&self, key: &Key) -> Arc<OtlpCounter> {
         let name = key.name();
-        let counter = instrument(&self.counters, name, || {
+        let counter = cached(&self.counters, name, || {
             self.meter
                 .u64_counter(name.to_owned())
                 .with_description(self.description(name))
@@ -143,7 +131,7 @@ impl Bridge {
 
     pub(super) fn gauge(&self, key: &Key) -> Arc<OtlpGauge> {
         let name = key.name();
-        let gauge = instrument(&self.gauges, name, || {
+        let gauge = cached(&self.gauges, name, || {
             self.meter
                 .f64_gauge(name.to_owned())
                 .with_description(self.description(name))
@@ -158,7 +146,7 @@ impl Bridge {
 
     pub(super) fn histogram(&self, key: &Key) -> Arc<OtlpHistogram> {
         let name = key.name();
-        let histogram = instrument(&self.histograms, name, || {
+        let histogram = cached(&self.histograms, name, || {
             let builder = self
                 .meter
                 .f64_histogram(name.to_owned())
