@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use crate::model::{Model, ModelConfig};
 use crate::runner::{Clients, RunPlan, Service, Shape, Workload};
@@ -27,7 +27,10 @@ enum Scenario {
     Lookup,
     Quote,
     Commit,
+    /// Partial refunds of receipts this run commits: one commit feeds each refund, and the
+    /// report shows the two calls apart.
     Refund,
+    Register,
     Balance,
     /// Balance operations alone: accruals and redemptions (up to what is available), 1:1.
     Points,
@@ -107,6 +110,12 @@ struct Cli {
     /// A PEM CA certificate for https targets (otherwise the web PKI roots).
     #[arg(long)]
     ca: Option<PathBuf>,
+    /// A PEM client certificate presented to https targets (mutual TLS); needs --key.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// The PEM private key of --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
     /// Where report.json and report.html go.
     #[arg(long, default_value = "loadtest-report")]
     out: PathBuf,
@@ -121,27 +130,31 @@ struct Cli {
     quiet: bool,
 }
 
-fn mix(scenario: Scenario) -> Vec<(Rpc, f64)> {
+fn mix(scenario: Scenario, model: &ModelConfig) -> Vec<(Rpc, f64)> {
     match scenario {
         Scenario::Lookup => vec![(Rpc::LookupMember, 1.0)],
         Scenario::Quote => vec![(Rpc::Quote, 1.0)],
         Scenario::Commit => vec![(Rpc::Commit, 1.0)],
         // Refunds need committed receipts: one commit for every refund.
         Scenario::Refund => vec![(Rpc::Refund, 1.0), (Rpc::Commit, 1.0)],
+        Scenario::Register => vec![(Rpc::RegisterMember, 1.0)],
         Scenario::Balance => vec![(Rpc::GetBalance, 1.0)],
         Scenario::Points => vec![(Rpc::Accrue, 1.0), (Rpc::Redeem, 1.0)],
         Scenario::Segments => vec![(Rpc::GetMemberSegments, 1.0)],
-        // Per receipt: a card lookup when identified (60%), a quote, the commit; about 2% of
-        // receipts come back as partial refunds; the app checks balances; a few customers
-        // register at the till.
+        // Per receipt: a card lookup when identified (the penetration), a quote, the commit;
+        // a share of receipts come back as partial refunds; the app checks balances; a few
+        // customers register at the till. The model file sets every share.
         Scenario::Steady | Scenario::BlackFriday | Scenario::Day | Scenario::Soak => vec![
-            (Rpc::LookupMember, 0.60),
+            (Rpc::LookupMember, model.identified_share),
             (Rpc::Quote, 1.0),
             (Rpc::Commit, 1.0),
-            (Rpc::Refund, 0.02),
-            (Rpc::GetBalance, 0.30),
-            (Rpc::RegisterMember, 0.03),
-        ],
+            (Rpc::Refund, model.refund_share),
+            (Rpc::GetBalance, model.balance_share),
+            (Rpc::RegisterMember, model.register_share),
+        ]
+        .into_iter()
+        .filter(|(_, w)| *w > 0.0)
+        .collect(),
     }
 }
 
@@ -204,11 +217,16 @@ async fn clients(cli: &Cli) -> anyhow::Result<Clients> {
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
             .timeout(runner::CALL_TIMEOUT);
-        if target.starts_with("https://") || cli.ca.is_some() {
+        if target.starts_with("https://") || cli.ca.is_some() || cli.cert.is_some() {
+            let read = |path: &PathBuf| {
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+            };
             let mut tls = ClientTlsConfig::new().with_webpki_roots();
             if let Some(ca) = &cli.ca {
-                let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
+                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&cli.cert, &cli.key) {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
             }
             endpoint = endpoint.tls_config(tls)?;
         }
@@ -329,13 +347,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     };
     let seed = model.config.seed;
     let coupons = runner::generate_coupons(&model, &clients, &run_id).await?;
+    let mix = mix(cli.scenario, &model.config);
     let workload = Arc::new(Workload::new(
-        model,
-        member_ids,
-        clients,
-        run_id,
-        mix(cli.scenario),
-        coupons,
+        model, member_ids, clients, run_id, mix, coupons,
     ));
     let plan = RunPlan {
         rate: cli.rate,
@@ -381,29 +395,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     Ok(clean || !cli.fail_on_errors)
 }
 
-/// RFC 3339 in UTC without pulling a date library.
+/// RFC 3339 in UTC, to the second.
 fn humantime(t: std::time::SystemTime) -> String {
-    let secs = t
+    let micros = t
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    report::rfc3339(micros, false)
 }
 
 fn main() -> std::process::ExitCode {
@@ -437,15 +434,38 @@ mod tests {
 
     #[test]
     fn the_steady_mix_follows_the_receipt_flow() {
-        let m = mix(Scenario::Steady);
-        let w = |rpc: Rpc| m.iter().find(|(r, _)| *r == rpc).map(|(_, w)| *w).unwrap();
         let defaults = ModelConfig::default();
+        let m = mix(Scenario::Steady, &defaults);
+        let w = |rpc: Rpc| m.iter().find(|(r, _)| *r == rpc).map(|(_, w)| *w).unwrap();
         assert_eq!(w(Rpc::Quote), w(Rpc::Commit), "a quote before every commit");
         assert!((w(Rpc::LookupMember) / w(Rpc::Commit) - defaults.identified_share).abs() < 1e-9);
         assert!(
             (w(Rpc::Refund) / w(Rpc::Commit) - 0.02).abs() < 1e-9,
             "2% of receipts refunded"
         );
+        assert!((w(Rpc::GetBalance) / w(Rpc::Commit) - 0.30).abs() < 1e-9);
+        assert!((w(Rpc::RegisterMember) / w(Rpc::Commit) - 0.03).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_model_file_sets_the_mix_and_a_zero_share_leaves_the_call_out() {
+        let config: ModelConfig = serde_json::from_str(
+            r#"{"identified_share": 0.8, "refund_share": 0.05, "balance_share": 2.0, "register_share": 0}"#,
+        )
+        .unwrap();
+        config.validate().unwrap();
+        let m = mix(Scenario::BlackFriday, &config);
+        let w = |rpc: Rpc| m.iter().find(|(r, _)| *r == rpc).map(|(_, w)| *w);
+        assert_eq!(w(Rpc::LookupMember), Some(0.8));
+        assert_eq!(w(Rpc::Refund), Some(0.05));
+        assert_eq!(w(Rpc::GetBalance), Some(2.0));
+        assert_eq!(w(Rpc::RegisterMember), None);
+        assert_eq!(
+            mix(Scenario::Register, &config),
+            vec![(Rpc::RegisterMember, 1.0)]
+        );
+        let bad: ModelConfig = serde_json::from_str(r#"{"refund_share": 1.5}"#).unwrap();
+        assert!(bad.validate().is_err());
     }
 
     #[test]

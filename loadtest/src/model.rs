@@ -31,6 +31,12 @@ pub struct ModelConfig {
     pub max_lines: usize,
     /// Share of identified receipts that pay with points.
     pub redeem_share: f64,
+    /// Receipts later refunded in part, per committed receipt (the steady mix).
+    pub refund_share: f64,
+    /// Balance checks from the app, per committed receipt (the steady mix).
+    pub balance_share: f64,
+    /// Customers registering at the till, per committed receipt (the steady mix).
+    pub register_share: f64,
     /// Active campaigns seeded: accrual boosts, threshold and quantity discounts, n for m,
     /// fixed bonuses and a birthday boost over the categories, in stacking groups; a promo
     /// code and a coupon campaign come on top.
@@ -71,6 +77,9 @@ impl Default for ModelConfig {
             basket_mean: 4.0,
             max_lines: 30,
             redeem_share: 0.1,
+            refund_share: 0.02,
+            balance_share: 0.30,
+            register_share: 0.03,
             campaigns: 100,
             promo_share: 0.05,
             coupon_share: 0.02,
@@ -112,8 +121,14 @@ impl ModelConfig {
                 && share(self.identified_share)
                 && share(self.redeem_share)
                 && share(self.promo_share)
-                && share(self.coupon_share),
+                && share(self.coupon_share)
+                && share(self.refund_share)
+                && share(self.register_share),
             "shares must be between 0 and 1"
+        );
+        anyhow::ensure!(
+            (0.0..=100.0).contains(&self.balance_share),
+            "balance_share must be between 0 and 100 checks per receipt"
         );
         anyhow::ensure!(self.campaigns <= 5_000, "campaigns must be 0..=5000");
         anyhow::ensure!(self.coupons <= 100_000, "coupons must be 0..=100000");

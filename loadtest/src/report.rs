@@ -27,6 +27,79 @@ fn ns(micros: u64) -> u64 {
     micros.saturating_mul(1000)
 }
 
+/// RFC 3339 in UTC, with microseconds when `fraction`, without pulling a date library.
+pub fn rfc3339(unix_micros: u64, fraction: bool) -> String {
+    let secs = unix_micros / 1_000_000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let sub = if fraction {
+        format!(".{:06}", unix_micros % 1_000_000)
+    } else {
+        String::new()
+    };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}{sub}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// ghz's `histogram`: ten equal-width bins from the fastest to the slowest call, each with
+/// its upper mark in seconds, its count and its share of all calls.
+fn latency_bins(h: &hdrhistogram::Histogram<u64>) -> Vec<Value> {
+    let total = h.len();
+    if total == 0 {
+        return Vec::new();
+    }
+    let (lo, hi) = (h.min(), h.max());
+    let width = ((hi - lo) as f64 / 10.0).max(1.0);
+    let mut counts = [0u64; 11];
+    for v in h.iter_recorded() {
+        let bin = ((h.highest_equivalent(v.value_iterated_to()).min(hi) - lo) as f64 / width).ceil()
+            as usize;
+        counts[bin.min(10)] += v.count_at_value();
+    }
+    counts
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            json!({
+                "mark": (lo as f64 + width * i as f64) / 1e6,
+                "count": n,
+                "frequency": *n as f64 / total as f64,
+            })
+        })
+        .collect()
+}
+
+/// ghz's `details`: the sampled calls, each with its due time, latency (ns) and status.
+fn details(stats: &Stats) -> Vec<Value> {
+    let mut sample: Vec<_> = stats.details.iter().collect();
+    sample.sort_by_key(|d| d.offset_micros);
+    sample
+        .into_iter()
+        .map(|d| {
+            json!({
+                "timestamp": rfc3339(stats.measured_from_unix_micros.saturating_add(d.offset_micros), true),
+                "latency": ns(d.latency_micros),
+                "error": d.error.as_deref().unwrap_or(""),
+                "status": d.code,
+                "rpc": d.rpc.method(),
+            })
+        })
+        .collect()
+}
+
 fn rpc_json(s: &RpcStats, seconds: f64) -> Value {
     let h = &s.latency;
     let count = h.len();
@@ -60,8 +133,13 @@ pub fn json(info: &RunInfo, stats: &Stats) -> Value {
         json!(format!("loyalty-loadtest {}", info.scenario)),
     );
     out.insert("date".into(), json!(info.date));
+    out.insert("endReason".into(), json!(stats.end_reason));
     out.insert("options".into(), json!(info));
     out.extend(obj);
+    let all = stats.total();
+    out.insert("histogram".into(), json!(latency_bins(&all.latency)));
+    out.insert("details".into(), json!(details(stats)));
+    out.insert("detailsSampledFrom".into(), json!(stats.seen));
     out.insert("dropped".into(), json!(stats.dropped));
     out.insert("unfinished".into(), json!(stats.unfinished()));
     out.insert(
@@ -336,7 +414,7 @@ mod tests {
         let mut stats = Stats::for_duration(10);
         for i in 1..=10u64 {
             stats.offered(Rpc::Quote);
-            stats.record(Rpc::Quote, 0, i * 100, "OK", None);
+            stats.record(Rpc::Quote, i * 1000, i * 100, "OK", None);
         }
         let text = summary(&info(None), &stats);
         assert!(
@@ -353,5 +431,34 @@ mod tests {
             .as_u64()
             .unwrap();
         assert!((990_000..=1_000_000).contains(&p99), "{p99}");
+        // ghz's histogram: eleven marks from the fastest to the slowest, counts adding up.
+        let bins = j["histogram"].as_array().unwrap();
+        assert_eq!(bins.len(), 11);
+        assert_eq!(
+            bins.iter()
+                .map(|b| b["count"].as_u64().unwrap())
+                .sum::<u64>(),
+            10
+        );
+        assert!((bins[0]["mark"].as_f64().unwrap() - 0.0001).abs() < 1e-6);
+        // ...and the calls one by one, in order, with their status.
+        let details = j["details"].as_array().unwrap();
+        assert_eq!(details.len(), 10);
+        assert_eq!(details[9]["latency"], 1_000_000);
+        assert_eq!(details[9]["status"], "OK");
+        assert_eq!(details[0]["timestamp"], "1970-01-01T00:00:00.001000Z");
+        assert_eq!(j["endReason"], "timeout");
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(
+            rfc3339(1_795_000_000_123_456, true),
+            "2026-11-18T11:06:40.123456Z"
+        );
+        assert_eq!(
+            rfc3339(1_795_000_000_123_456, false),
+            "2026-11-18T11:06:40Z"
+        );
     }
 }

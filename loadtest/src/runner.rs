@@ -903,6 +903,7 @@ pub async fn run(workload: Arc<Workload>, plan: RunPlan) -> Stats {
     )));
     let start = Instant::now();
     let measured_from = start + plan.warmup;
+    let measured_from_wall = std::time::SystemTime::now() + plan.warmup;
     let end = measured_from + plan.duration;
     let sent = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
@@ -956,7 +957,7 @@ pub async fn run(workload: Arc<Workload>, plan: RunPlan) -> Stats {
                 return;
             }
             let micros = u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX);
-            let second = (due - measured_from).as_secs() as usize;
+            let offset = u64::try_from((due - measured_from).as_micros()).unwrap_or(u64::MAX);
             let (code, message) = match &result {
                 Ok(()) => ("OK".to_string(), None),
                 Err(s) => (
@@ -965,7 +966,7 @@ pub async fn run(workload: Arc<Workload>, plan: RunPlan) -> Stats {
                 ),
             };
             if let Ok(mut s) = stats.lock() {
-                s.record(rpc, second, micros, &code, message.as_deref());
+                s.record(rpc, offset, micros, &code, message.as_deref());
             }
         }
     };
@@ -1077,12 +1078,20 @@ pub async fn run(workload: Arc<Workload>, plan: RunPlan) -> Stats {
     }
     let mut out = stats.lock().map(|s| s.clone()).unwrap_or_default();
     // The measured phase ends with the duration, or earlier when `max_calls` stopped it.
-    let stopped_at = stopped
+    let stopped_early = stopped
         .lock()
         .ok()
         .and_then(|at| *at)
-        .unwrap_or(end)
-        .min(end);
+        .filter(|at| *at < end);
+    out.end_reason = if stopped_early.is_some() {
+        "normal"
+    } else {
+        "timeout"
+    };
+    out.measured_from_unix_micros = measured_from_wall
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    let stopped_at = stopped_early.unwrap_or(end);
     out.measured_secs = stopped_at
         .saturating_duration_since(measured_from)
         .as_secs_f64()

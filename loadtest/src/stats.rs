@@ -55,6 +55,20 @@ fn coarse_histogram() -> Histogram<u64> {
 /// Most timeline buckets: longer runs get wider buckets, so memory stays bounded.
 pub const MAX_TIMELINE_BUCKETS: usize = 1_800;
 
+/// Most calls kept one by one for the report's `details` (a uniform sample of the run).
+pub const MAX_DETAILS: usize = 10_000;
+
+/// One measured call, as ghz lists them in `details`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detail {
+    pub rpc: Rpc,
+    /// When it was due, in µs after the end of warm-up.
+    pub offset_micros: u64,
+    pub latency_micros: u64,
+    pub code: String,
+    pub error: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct RpcStats {
     pub offered: u64,
@@ -119,6 +133,17 @@ pub struct Stats {
     pub send_lag: Histogram<u64>,
     /// How long the measured phase really lasted (shorter than asked when `--count` ended it).
     pub measured_secs: f64,
+    /// A uniform sample of at most `MAX_DETAILS` measured calls (reservoir sampling).
+    pub details: Vec<Detail>,
+    /// Calls the sample was drawn from.
+    pub seen: u64,
+    /// The sampler's state (xorshift64): deterministic, no shared RNG behind a lock.
+    sampler: u64,
+    /// Wall-clock end of warm-up (µs since the Unix epoch), for the details' timestamps.
+    pub measured_from_unix_micros: u64,
+    /// Why the run ended, in ghz's words: "timeout" (the duration passed) or "normal"
+    /// (`--count` calls were sent).
+    pub end_reason: &'static str,
 }
 
 impl Default for Stats {
@@ -141,6 +166,11 @@ impl Stats {
             dropped: 0,
             send_lag: histogram(),
             measured_secs: seconds as f64,
+            details: Vec::new(),
+            seen: 0,
+            sampler: 0x9e37_79b9_7f4a_7c15,
+            measured_from_unix_micros: 0,
+            end_reason: "timeout",
         }
     }
 
@@ -162,18 +192,26 @@ impl Stats {
         self.rpcs.entry(rpc).or_default().offered += 1;
     }
 
-    /// Records one finished call: `second` since the end of warm-up, latency in µs, and the
-    /// status code name ("OK" on success).
+    /// Records one finished call: when it was due (µs after the end of warm-up), its latency
+    /// in µs, and the status code name ("OK" on success).
     pub fn record(
         &mut self,
         rpc: Rpc,
-        second: usize,
+        offset_micros: u64,
         micros: u64,
         code: &str,
         message: Option<&str>,
     ) {
-        let s = self.rpcs.entry(rpc).or_default();
         let micros = micros.clamp(1, 300_000_000);
+        self.sample(Detail {
+            rpc,
+            offset_micros,
+            latency_micros: micros,
+            code: code.to_string(),
+            error: message.map(|m| m.chars().take(120).collect()),
+        });
+        let second = usize::try_from(offset_micros / 1_000_000).unwrap_or(usize::MAX);
+        let s = self.rpcs.entry(rpc).or_default();
         let _ = s.latency.record(micros);
         *s.codes.entry(code.to_string()).or_default() += 1;
         if let Some(m) = message {
@@ -193,6 +231,25 @@ impl Stats {
                 t.errors += 1;
             }
             let _ = t.latency.record(micros);
+        }
+    }
+
+    /// Keeps `detail` with probability `MAX_DETAILS / seen` (Algorithm R).
+    fn sample(&mut self, detail: Detail) {
+        self.seen += 1;
+        if self.details.len() < MAX_DETAILS {
+            self.details.push(detail);
+            return;
+        }
+        let mut x = self.sampler;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.sampler = x;
+        if let Ok(k) = usize::try_from(x % self.seen)
+            && let Some(slot) = self.details.get_mut(k)
+        {
+            *slot = detail;
         }
     }
 
@@ -233,7 +290,7 @@ mod tests {
             s.offered(Rpc::Commit);
             s.record(
                 Rpc::Commit,
-                (i / 50) as usize,
+                i / 50 * 1_000_000,
                 i * 1000,
                 if i == 100 { "UNAVAILABLE" } else { "OK" },
                 (i == 100).then_some("down"),
@@ -248,5 +305,28 @@ mod tests {
         assert_eq!(s.unfinished(), 0);
         assert_eq!(s.timeline.iter().map(|t| t.completed).sum::<u64>(), 100);
         assert_eq!(s.total().errors.values().sum::<u64>(), 1);
+        assert_eq!(s.details.len(), 100);
+        assert_eq!(s.details[99].code, "UNAVAILABLE");
+        assert_eq!(s.details[99].error.as_deref(), Some("down"));
+    }
+
+    #[test]
+    fn details_are_a_bounded_uniform_sample() {
+        let mut s = Stats::for_duration(100);
+        let n = 5 * MAX_DETAILS as u64;
+        for i in 0..n {
+            s.record(Rpc::Quote, i * 10, 100, "OK", None);
+        }
+        assert_eq!((s.details.len(), s.seen), (MAX_DETAILS, n));
+        // Uniform over the run: about a fifth of the sample from each fifth of it.
+        for fifth in 0..5 {
+            let range = fifth * n * 2..(fifth + 1) * n * 2;
+            let kept = s
+                .details
+                .iter()
+                .filter(|d| range.contains(&d.offset_micros))
+                .count();
+            assert!((1_600..=2_400).contains(&kept), "fifth {fifth}: {kept}");
+        }
     }
 }

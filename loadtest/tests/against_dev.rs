@@ -71,6 +71,24 @@ async fn a_short_steady_run_completes_cleanly_with_a_report() {
         assert!(p50 > 0 && p50 <= p99, "{method}: p50 {p50} p99 {p99}");
     }
     assert!(report["timeline"].as_array().unwrap().len() >= 3);
+    // ghz's fields: why the run ended, the latency histogram and the calls one by one.
+    assert_eq!(report["endReason"], "timeout");
+    let bins = report["histogram"].as_array().unwrap();
+    assert_eq!(
+        bins.iter()
+            .map(|b| b["count"].as_u64().unwrap())
+            .sum::<u64>(),
+        count
+    );
+    let details = report["details"].as_array().unwrap();
+    assert_eq!(
+        details.len() as u64,
+        count,
+        "runs this short keep every call"
+    );
+    assert!(details.iter().all(|d| d["status"] == "OK"
+        && d["latency"].as_u64().unwrap() > 0
+        && d["timestamp"].as_str().unwrap().ends_with('Z')));
     // The seed made the model's campaigns: 100 over the categories, a birthday boost, the
     // promo code and the coupon campaign (receipts presented both, and none failed).
     let mut campaigns =
@@ -92,6 +110,27 @@ async fn a_short_steady_run_completes_cleanly_with_a_report() {
     assert!(
         html.contains("<svg") && html.contains("No call failed"),
         "{html}"
+    );
+
+    // Registrations alone, ended by a call count: every call a new member.
+    let out = dir.path().join("register");
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_loyalty-loadtest"))
+        .args(["--target", &server.url(), "--scenario", "register"])
+        .args(["--rate", "100", "--count", "40", "--warmup", "0"])
+        .args(["--members", "200", "--stores", "10", "--products", "300"])
+        .args(["--skip-setup", "--quiet", "--fail-on-errors", "--out"])
+        .arg(&out)
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success(), "{}", server.log_text());
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["endReason"], "normal");
+    assert_eq!(report["count"], 40);
+    assert_eq!(
+        report["rpcs"]["loyalty.identity.v1.MemberService/RegisterMember"]["count"],
+        40
     );
     assert_eq!(server.stop().await, 0);
 }
