@@ -22,6 +22,7 @@ pub struct Config {
     pub log: LogConfig,
     pub tracing: TracingConfig,
     pub metrics: MetricsConfig,
+    pub auth: AuthConfig,
     pub server: ServerConfig,
     pub peers: PeersConfig,
     pub storage: StorageConfig,
@@ -38,6 +39,7 @@ impl Default for Config {
             log: LogConfig::default(),
             tracing: TracingConfig::default(),
             metrics: MetricsConfig::default(),
+            auth: AuthConfig::default(),
             server: ServerConfig::default(),
             peers: PeersConfig::default(),
             storage: StorageConfig::default(),
@@ -150,6 +152,59 @@ impl Default for MetricsConfig {
             otlp_endpoint: None,
             export_interval_ms: 15_000,
             export_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Who may call: API keys with roles (see `access`).
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `required` or `off`. Unset: off when the server listens on loopback only (dev mode on
+    /// a laptop), required otherwise. `off` is refused on any other address.
+    pub mode: Option<AuthMode>,
+    /// The shared secret our processes present to each other (role `service`, every
+    /// tenant); at least 32 characters. Needed when services run in separate processes with
+    /// authentication on. Usually from `LOYALTY_AUTH__SERVICE_KEY`.
+    pub service_key: Option<String>,
+    /// How long a process that does not run identity trusts identity's answer about a key:
+    /// a revoked key keeps working there for at most this long.
+    pub cache_ttl_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: None,
+            service_key: None,
+            cache_ttl_secs: 10,
+        }
+    }
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("mode", &self.mode)
+            .field("service_key", &self.service_key.as_ref().map(|_| "<set>"))
+            .field("cache_ttl_secs", &self.cache_ttl_secs)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    Required,
+    Off,
+}
+
+impl Config {
+    /// Whether calls must present an API key, after the default for `auth.mode`.
+    pub fn auth_required(&self) -> bool {
+        match self.auth.mode {
+            Some(mode) => mode == AuthMode::Required,
+            None => !self.listen.ip().is_loopback(),
         }
     }
 }
@@ -457,6 +512,23 @@ impl Config {
         }
         if !(1..=600_000).contains(&self.metrics.export_timeout_ms) {
             return bad("metrics.export_timeout_ms", "must be between 1 and 600000");
+        }
+        if self.auth.mode == Some(AuthMode::Off) && !self.listen.ip().is_loopback() {
+            return bad(
+                "auth.mode",
+                "may be \"off\" only when `listen` is a loopback address: anyone who can reach the port could do anything",
+            );
+        }
+        if let Some(key) = &self.auth.service_key
+            && (key.len() < 32 || key.len() > 256 || !key.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return bad(
+                "auth.service_key",
+                "must be 32 to 256 printable characters without spaces (`loyalty create-key --role service` makes one)",
+            );
+        }
+        if self.auth.cache_ttl_secs > 3_600 {
+            return bad("auth.cache_ttl_secs", "must be at most 3600");
         }
         if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
             return bad("tracing.sample_ratio", "must be between 0 and 1");

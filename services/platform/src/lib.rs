@@ -1,6 +1,7 @@
 //! Shared runtime of every loyalty service: the error vocabulary and its gRPC mapping,
 //! layered config, the embedded store, server bootstrap and health, clock and logging.
 
+pub mod access;
 pub mod calendar;
 pub mod clock;
 pub mod config;

@@ -75,6 +75,7 @@ pub async fn serve(
     metrics: Option<TcpListener>,
     routes: Routes,
     health: Vec<HealthEntry>,
+    gate: crate::access::Gate,
     config: &ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -115,6 +116,7 @@ pub async fn serve(
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .layer(crate::metrics::RpcMetricsLayer::default())
+        .layer(gate)
         .add_routes(routes)
         // Accepted sockets need TCP_NODELAY set here: the builder's own setting only applies
         // when tonic binds the listener itself. Without it, Nagle holds response frames back

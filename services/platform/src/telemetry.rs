@@ -324,19 +324,46 @@ pub struct ClientTraceLayer;
 impl<S> tower::Layer<S> for ClientTraceLayer {
     type Service = ClientTrace<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        ClientTrace { inner }
+        ClientTrace::new(inner)
     }
 }
 
-/// See [`ClientTraceLayer`].
-#[derive(Debug, Clone)]
+/// See [`ClientTraceLayer`]. Also presents this process's service key, when it has one.
+#[derive(Clone)]
 pub struct ClientTrace<S> {
     inner: S,
+    authorization: Option<http::HeaderValue>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for ClientTrace<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTrace")
+            .field("inner", &self.inner)
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "<set>"),
+            )
+            .finish()
+    }
 }
 
 impl<S> ClientTrace<S> {
     pub fn new(inner: S) -> Self {
-        Self { inner }
+        Self {
+            inner,
+            authorization: None,
+        }
+    }
+
+    /// Sends `authorization: Bearer <key>` with every call (the peer's `service` key).
+    #[must_use]
+    pub fn with_key(mut self, key: Option<&str>) -> Self {
+        self.authorization = key.and_then(|k| {
+            let mut v = http::HeaderValue::from_str(&format!("Bearer {k}")).ok()?;
+            v.set_sensitive(true);
+            Some(v)
+        });
+        self
     }
 }
 
@@ -356,6 +383,12 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        if let Some(key) = &self.authorization {
+            request
+                .headers_mut()
+                .entry(http::header::AUTHORIZATION)
+                .or_insert_with(|| key.clone());
+        }
         if !tracing_on() || is_plumbing(request.uri().path()) {
             return Box::pin(self.inner.call(request));
         }
