@@ -17,16 +17,20 @@ pub const SERVICE_NAMES: &[&str] = &[
     "loyalty.identity.v1.MemberService",
     "loyalty.identity.v1.CardService",
     "loyalty.identity.v1.ReferralService",
+    crate::grpc_access::SERVICE_NAME,
 ];
 
-/// Adds the identity services to `routes`, with message size limits.
+/// Adds the identity services (API key management included) to `routes`, with message size
+/// limits.
 pub fn add_routes(
     routes: tonic::service::Routes,
     identity: Identity,
+    keys: crate::keys::Keys,
     max_message_bytes: usize,
 ) -> tonic::service::Routes {
     let api = Api(identity);
     routes
+        .add_service(crate::grpc_access::server(keys, max_message_bytes))
         .add_service(
             MemberServiceServer::new(api.clone())
                 .max_decoding_message_size(max_message_bytes)

@@ -6,6 +6,8 @@
 pub mod domain;
 pub mod events;
 pub mod grpc;
+pub mod grpc_access;
+pub mod keys;
 pub mod publish;
 pub mod store;
 

@@ -4,6 +4,7 @@
 use loyalty_platform::error::Result;
 
 use crate::domain::{Card, CardStatus, Inserted, Member, Profile};
+use crate::keys::ApiKey;
 
 /// What [`IdentityStore::replace_card`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,4 +62,16 @@ pub trait IdentityStore: Send + Sync + std::fmt::Debug {
     ) -> Result<Replaced>;
     /// Answers when the backend is reachable.
     async fn ping(&self) -> Result<()>;
+
+    /// Writes API keys in one transaction. With `expect_live`, nothing is written (and the
+    /// answer is false) unless that key exists unrevoked: a key is revoked or rotated once.
+    async fn save_api_keys(&self, keys: &[ApiKey], expect_live: Option<&str>) -> Result<bool>;
+    async fn api_key(&self, key_id: &str) -> Result<Option<ApiKey>>;
+    /// A tenant's keys in key id order after `after`, at most `limit`.
+    async fn api_keys(
+        &self,
+        tenant_id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ApiKey>>;
 }

@@ -46,7 +46,82 @@ pub async fn run_all(store: &dyn IdentityStore) {
     card_lifecycle(store).await;
     profiles(store).await;
     members_in_order(store).await;
+    api_keys(store).await;
     store.ping().await.unwrap();
+}
+
+fn api_key(tenant: &str, id: &str) -> crate::keys::ApiKey {
+    crate::keys::ApiKey {
+        key_id: id.into(),
+        tenant_id: tenant.into(),
+        role: loyalty_platform::access::Role::Pos,
+        store_id: "s1".into(),
+        member_id: String::new(),
+        name: "till 1".into(),
+        secret_hash: "ab".repeat(32),
+        created_at: 5,
+        revoked_at: None,
+        created_by: "cli".into(),
+        rotated_from: String::new(),
+    }
+}
+
+/// Keys by id and by tenant in id order; a conditional write writes all or nothing.
+async fn api_keys(store: &dyn IdentityStore) {
+    for id in ["k3", "k1", "k2"] {
+        assert!(
+            store
+                .save_api_keys(&[api_key("t1", id)], None)
+                .await
+                .unwrap()
+        );
+    }
+    assert!(
+        store
+            .save_api_keys(&[api_key("t10", "k0")], None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.api_key("k1").await.unwrap(),
+        Some(api_key("t1", "k1"))
+    );
+    assert_eq!(store.api_key("nope").await.unwrap(), None);
+    let ids =
+        |keys: Vec<crate::keys::ApiKey>| keys.into_iter().map(|k| k.key_id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.api_keys("t1", None, 10).await.unwrap()),
+        ["k1", "k2", "k3"]
+    );
+    assert_eq!(
+        ids(store.api_keys("t1", Some("k1"), 1).await.unwrap()),
+        ["k2"]
+    );
+    assert_eq!(ids(store.api_keys("t10", None, 10).await.unwrap()), ["k0"]);
+    assert!(store.api_keys("t2", None, 10).await.unwrap().is_empty());
+    // Rotation: the new key and the old one revoked, only while the old one is live.
+    let revoked = crate::keys::ApiKey {
+        revoked_at: Some(9),
+        ..api_key("t1", "k1")
+    };
+    let successor = api_key("t1", "k4");
+    assert!(
+        store
+            .save_api_keys(&[successor.clone(), revoked.clone()], Some("k1"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.api_key("k1").await.unwrap(), Some(revoked));
+    let again = api_key("t1", "k5");
+    assert!(!store.save_api_keys(&[again], Some("k1")).await.unwrap());
+    assert_eq!(store.api_key("k5").await.unwrap(), None, "nothing written");
+    assert!(
+        !store
+            .save_api_keys(&[api_key("t1", "k6")], Some("missing"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.api_keys("t1", None, 10).await.unwrap().len(), 4);
 }
 
 /// Every member once, in (tenant, member) order, a page at a time.

@@ -11,6 +11,7 @@ use redb::{ReadableTable, TableDefinition};
 
 use super::{IdentityStore, Replaced};
 use crate::domain::{Card, CardStatus, Inserted, Member, Profile};
+use crate::keys::ApiKey;
 
 const MEMBERS: Records = TableDefinition::new("members");
 const PHONES: TableDefinition<&str, &str> = TableDefinition::new("members_by_phone");
@@ -18,6 +19,9 @@ const REFERRAL_CODES: TableDefinition<&str, &str> =
     TableDefinition::new("members_by_referral_code");
 const CARDS: Records = TableDefinition::new("cards");
 const MEMBER_CARDS: TableDefinition<&str, ()> = TableDefinition::new("cards_by_member");
+/// API keys by key id, and their ids by tenant.
+const API_KEYS: Records = TableDefinition::new("api_keys");
+const TENANT_KEYS: TableDefinition<&str, ()> = TableDefinition::new("api_keys_by_tenant");
 /// Profiles beside members (a separate table, so member records keep their layout).
 const PROFILES: Records = TableDefinition::new("profiles");
 
@@ -243,6 +247,78 @@ impl IdentityStore for EmbeddedIdentityStore {
                 let mut by_member = txn.open_table(MEMBER_CARDS).map_err(e)?;
                 index_card(&mut by_member, &new)?;
                 Ok(Replaced::Done)
+            })
+            .await
+    }
+
+    async fn save_api_keys(&self, keys: &[ApiKey], expect_live: Option<&str>) -> Result<bool> {
+        let keys = keys.to_vec();
+        let expect_live = expect_live.map(str::to_string);
+        self.db
+            .write(move |txn| {
+                let mut table = txn.open_table(API_KEYS).map_err(e)?;
+                if let Some(id) = &expect_live {
+                    let live: Option<ApiKey> = get_record(&table, id)?;
+                    if live.is_none_or(|k| k.revoked_at.is_some()) {
+                        return Ok(false);
+                    }
+                }
+                let mut by_tenant = txn.open_table(TENANT_KEYS).map_err(e)?;
+                for k in &keys {
+                    put_record(&mut table, &k.key_id, k)?;
+                    by_tenant
+                        .insert(key(&[&k.tenant_id, &k.key_id]).as_str(), ())
+                        .map_err(e)?;
+                }
+                Ok(true)
+            })
+            .await
+    }
+
+    async fn api_key(&self, key_id: &str) -> Result<Option<ApiKey>> {
+        let id = key_id.to_string();
+        self.db
+            .read(move |txn| read_record(txn, API_KEYS, &id))
+            .await
+    }
+
+    async fn api_keys(
+        &self,
+        tenant_id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ApiKey>> {
+        let (start, end) = prefix_range(&[tenant_id]);
+        let start = match after {
+            Some(id) => {
+                let mut k = key(&[tenant_id, id]);
+                k.push('\u{0}');
+                k
+            }
+            None => start,
+        };
+        self.db
+            .read(move |txn| {
+                let (Some(index), Some(keys)) = (
+                    open_for_read(txn, TENANT_KEYS)?,
+                    open_for_read(txn, API_KEYS)?,
+                ) else {
+                    return Ok(Vec::new());
+                };
+                let mut out = Vec::new();
+                for entry in index.range(start.as_str()..end.as_str()).map_err(e)? {
+                    if out.len() >= limit {
+                        break;
+                    }
+                    let (k, _) = entry.map_err(e)?;
+                    let Some(id) = k.value().rsplit('\u{0}').next().map(str::to_string) else {
+                        continue;
+                    };
+                    if let Some(found) = get_record(&keys, &id)? {
+                        out.push(found);
+                    }
+                }
+                Ok(out)
             })
             .await
     }

@@ -8,6 +8,7 @@ use loyalty_platform::telemetry::in_db_span;
 
 use super::{IdentityStore, Replaced};
 use crate::domain::{Card, CardStatus, Inserted, Member, Profile};
+use crate::keys::ApiKey;
 
 /// A store whose calls are traced as `system` (e.g. `redb`).
 #[derive(Debug)]
@@ -119,5 +120,30 @@ impl IdentityStore for Traced {
     }
     async fn ping(&self) -> Result<()> {
         self.inner.ping().await
+    }
+
+    async fn save_api_keys(&self, keys: &[ApiKey], expect_live: Option<&str>) -> Result<bool> {
+        in_db_span(
+            self.system,
+            "identity.save_api_keys",
+            self.inner.save_api_keys(keys, expect_live),
+        )
+        .await
+    }
+    async fn api_key(&self, key_id: &str) -> Result<Option<ApiKey>> {
+        in_db_span(self.system, "identity.api_key", self.inner.api_key(key_id)).await
+    }
+    async fn api_keys(
+        &self,
+        tenant_id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ApiKey>> {
+        in_db_span(
+            self.system,
+            "identity.api_keys",
+            self.inner.api_keys(tenant_id, after, limit),
+        )
+        .await
     }
 }
