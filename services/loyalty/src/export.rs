@@ -18,6 +18,8 @@ pub struct Request {
     pub to: Option<String>,
     pub time_zone: String,
     pub out: PathBuf,
+    /// Sent as `authorization: Bearer <key>`.
+    pub api_key: Option<String>,
 }
 
 /// The JSON ticket the Flight endpoint takes (docs/kpis.md).
@@ -57,6 +59,11 @@ async fn write(r: &Request, partial: &Path) -> anyhow::Result<(PathBuf, usize)> 
         .await
         .with_context(|| format!("connecting to {}", r.addr))?;
     let mut client = FlightClient::new(channel);
+    if let Some(key) = &r.api_key {
+        client
+            .add_header("authorization", &format!("Bearer {key}"))
+            .context("the API key is not a valid header value")?;
+    }
     let mut batches = client
         .do_get(Ticket::new(ticket(r)))
         .await

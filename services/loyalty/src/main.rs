@@ -6,6 +6,7 @@
 mod balancer;
 mod demo;
 mod export;
+mod keys;
 mod peers;
 mod rebuild;
 mod walkthrough;
@@ -87,6 +88,31 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Creates an API key and prints it (shown only now). With --addr, asks a running
+    /// identity service, presenting `auth.service_key`; otherwise writes into --data-dir's
+    /// identity store (the server must be stopped). `--role service` prints a fresh
+    /// `auth.service_key` and stores nothing.
+    CreateKey {
+        #[command(flatten)]
+        common: Common,
+        /// A running identity service, e.g. http://identity:50051.
+        #[arg(long)]
+        addr: Option<String>,
+        /// pos, app, admin, analyst or service.
+        #[arg(long)]
+        role: String,
+        #[arg(long, default_value = "")]
+        tenant: String,
+        /// The store a pos key is bound to.
+        #[arg(long, default_value = "")]
+        store: String,
+        /// The one member an app key may act for (optional).
+        #[arg(long, default_value = "")]
+        member: String,
+        /// A label, e.g. "back office".
+        #[arg(long, default_value = "")]
+        name: String,
+    },
     /// Writes an export of reporting's facts as a Parquet file, read over Arrow Flight from
     /// a running server: `<out>/<tenant>-<kind>.parquet`.
     Export {
@@ -110,6 +136,9 @@ enum Command {
         /// Directory to write into.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// The API key to present (when the server checks keys).
+        #[arg(long, env = "LOYALTY_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
     },
 }
 
@@ -234,6 +263,7 @@ async fn run(cli: Cli) -> ExitCode {
             to,
             time_zone,
             out,
+            api_key,
         } => {
             let request = export::Request {
                 addr,
@@ -243,6 +273,7 @@ async fn run(cli: Cli) -> ExitCode {
                 to,
                 time_zone,
                 out,
+                api_key,
             };
             return match export::run(&request).await {
                 Ok((path, rows)) => {
@@ -251,6 +282,37 @@ async fn run(cli: Cli) -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("loyalty export: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::CreateKey {
+            common,
+            addr,
+            role,
+            tenant,
+            store,
+            member,
+            name,
+        } => {
+            let config = match load_config(&common) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let new = keys::NewKey {
+                role,
+                tenant,
+                store,
+                member,
+                name,
+            };
+            return match keys::create(&config, addr.as_deref(), new).await {
+                Ok(key) => {
+                    println!("{key}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("loyalty create-key: {e:#}");
                     ExitCode::FAILURE
                 }
             };
@@ -370,6 +432,7 @@ async fn serve(
         }
         None => None,
     };
+    let gate = wiring::gate(&config, &node)?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -393,6 +456,7 @@ async fn serve(
         metrics,
         node.routes,
         node.health,
+        gate,
         &config.server,
         server::shutdown_signal(),
     )

@@ -164,6 +164,36 @@ async fn peer_health(channel: &PeerChannel, service: &str) -> Result<()> {
     }
 }
 
+/// API keys checked by a remote identity service (with this process's service key).
+#[derive(Debug, Clone)]
+pub struct RemoteKeys(pub PeerChannel);
+
+#[async_trait::async_trait]
+impl loyalty_platform::access::KeyVerifier for RemoteKeys {
+    async fn verify(&self, key: &str) -> Result<Option<loyalty_platform::access::Principal>> {
+        use loyalty_platform::access::{Principal, Role};
+        let mut client = ipb::access_service_client::AccessServiceClient::new(self.0.clone());
+        let reply = client
+            .verify_api_key(ipb::VerifyApiKeyRequest {
+                key: key.to_string(),
+            })
+            .await
+            .map_err(from_status)?
+            .into_inner();
+        Ok(reply.api_key.and_then(|k| {
+            let role = loyalty_identity::grpc_access::role_from_proto(k.role)?;
+            Some(Principal {
+                key_id: k.key_id,
+                role,
+                tenant_id: k.tenant_id,
+                store_id: k.store_id,
+                member_id: k.member_id,
+                all_tenants: role == Role::Service,
+            })
+        }))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RemoteMembers(pub PeerChannel);
 

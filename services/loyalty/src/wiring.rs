@@ -5,6 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use loyalty_balance::Balance;
@@ -14,8 +15,10 @@ use loyalty_balance::store::redis::RedisBalanceStore;
 use loyalty_balance::store::scylla::ScyllaLedger;
 use loyalty_balance::store::{BalanceStore, Ledger};
 use loyalty_identity::Identity;
+use loyalty_identity::keys::Keys;
 use loyalty_identity::publish::LogMemberEvents;
 use loyalty_identity::store::embedded::EmbeddedIdentityStore;
+use loyalty_platform::access::{CachedVerifier, Gate, KeyVerifier, Policy, WithServiceKey};
 use loyalty_platform::clock::SharedClock;
 use loyalty_platform::config::{Backend, BalanceSettings, Config};
 use loyalty_platform::events::redis::RedisEventLog;
@@ -36,8 +39,8 @@ use crate::balancer;
 use loyalty_balance::store::traced::Traced as BalanceTraced;
 
 use crate::peers::{
-    LocalMembers, LocalPoints, LocalSegmentMembers, LocalSegments, PeerChannel, RemoteMembers,
-    RemotePoints, RemoteSegmentMembers, RemoteSegments,
+    LocalMembers, LocalPoints, LocalSegmentMembers, LocalSegments, PeerChannel, RemoteKeys,
+    RemoteMembers, RemotePoints, RemoteSegmentMembers, RemoteSegments,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -112,6 +115,8 @@ pub struct Node {
     pub routes: Routes,
     pub health: Vec<HealthEntry>,
     pub identity: Option<Identity>,
+    /// API keys, where identity runs.
+    pub keys: Option<Keys>,
     pub balance: Option<Balance>,
     /// The Redis balance store, when balances run on Redis.
     pub redis_balances: Option<RedisBalanceStore>,
@@ -177,7 +182,7 @@ fn peer_channel(
         config.peer_dns_refresh(),
         Arc::new(balancer::Dns),
     )
-    .map(PeerChannel::new)
+    .map(|channel| PeerChannel::new(channel).with_key(config.auth.service_key.as_deref()))
     .with_context(|| format!("bad configuration: `peers.{name}` is not a valid URL"))
 }
 
@@ -234,6 +239,7 @@ pub async fn build(
         );
     }
 
+    let mut api_keys = None;
     let identity = if runs(ServiceName::Identity) {
         let store = Arc::new(EmbeddedIdentityStore::open(&dir.join("identity.redb"))?);
         let identity = Identity::new(
@@ -247,7 +253,9 @@ pub async fn build(
                 .clone()
                 .context("the event log is opened for identity")?,
         )));
-        routes = loyalty_identity::grpc::add_routes(routes, identity.clone(), max);
+        let keys = Keys::new(identity.store().clone(), clock.clone());
+        routes = loyalty_identity::grpc::add_routes(routes, identity.clone(), keys.clone(), max);
+        api_keys = Some(keys);
         let probe = identity.clone();
         let stream = events
             .clone()
@@ -527,11 +535,50 @@ pub async fn build(
         routes,
         health,
         identity,
+        keys: api_keys,
         balance,
         redis_balances,
         checkout,
         admin,
     })
+}
+
+/// The access layer of this process: API keys checked by identity (here, or over gRPC with
+/// the service key, its answers cached), or nothing checked on a loopback-only listener.
+pub fn gate(config: &Config, node: &Node) -> anyhow::Result<Gate> {
+    let policy = Policy::loyalty()?;
+    if !config.auth_required() {
+        tracing::warn!(
+            listen = %config.listen,
+            "authentication is OFF: every caller may do anything for any tenant; this is allowed only on a loopback address (set auth.mode = \"required\" to check API keys)"
+        );
+        return Ok(Gate::open(policy));
+    }
+    let service_key = config.auth.service_key.as_deref();
+    let keys: Arc<dyn KeyVerifier> = match &node.keys {
+        Some(keys) => Arc::new(keys.clone()),
+        None => {
+            anyhow::ensure!(
+                service_key.is_some(),
+                "bad configuration: `auth.service_key` is required: with authentication on, this process asks the identity service about API keys, and presents the service key to do so"
+            );
+            let channel = peer_channel(config, ServiceName::Identity, &config.peers.identity)?;
+            Arc::new(CachedVerifier::new(
+                RemoteKeys(channel),
+                Duration::from_secs(config.auth.cache_ttl_secs),
+                100_000,
+            ))
+        }
+    };
+    tracing::info!(
+        service_key = service_key.is_some(),
+        "authentication is on: every call presents an API key"
+    );
+    Ok(Gate::new(
+        policy,
+        Arc::new(WithServiceKey::new(service_key, Some(keys))),
+        config.server.max_message_bytes,
+    ))
 }
 
 /// Runs the expiry process in the background: every interval, expires due lots and

@@ -96,6 +96,7 @@ impl FlightService for Flight {
         &self,
         request: Request<Ticket>,
     ) -> Result<Response<Self::DoGetStream>, Status> {
+        let who = loyalty_platform::access::caller(&request)?.clone();
         let ticket = request.into_inner().ticket;
         if ticket.len() > MAX_TICKET_BYTES {
             return Err(to_status(Error::invalid(
@@ -115,6 +116,7 @@ impl FlightService for Flight {
                 "one of purchases, purchase_lines, refunds, ledger_entries, member_features",
             ))
         })?;
+        loyalty_platform::access::admit_tenant(&who, &t.tenant_id)?;
         let rows = t.rows.unwrap_or(DEFAULT_CHUNK_ROWS);
         if rows == 0 || rows > MAX_CHUNK_ROWS {
             return Err(to_status(Error::invalid(
