@@ -168,7 +168,21 @@ identity balance promotion segmentation reporting
 {{- end }}
 
 {{/* Environment every serving container gets: the Redis URL(s) from the Secret. */}}
+{{- define "loyalty.authSecretName" -}}
+{{- default (printf "%s-auth" (include "loyalty.fullname" .)) .Values.auth.existingSecret }}
+{{- end }}
+
+{{/* The service key every pod presents to the others (docs/security.md). */}}
+{{- define "loyalty.authEnv" -}}
+- name: LOYALTY_AUTH__SERVICE_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "loyalty.authSecretName" . }}
+      key: serviceKey
+{{- end }}
+
 {{- define "loyalty.secretEnv" -}}
+{{ include "loyalty.authEnv" . }}
 {{- if eq .Values.profile "microservices" }}
 - name: LOYALTY_STORAGE__REDIS__URL
   valueFrom:
@@ -247,6 +261,10 @@ request_timeout_ms = {{ .Values.scylla.requestTimeoutMs | int }}
 otlp_endpoint = {{ . | quote }}
 {{- end }}
 sample_ratio = {{ .Values.config.tracing.sampleRatio }}
+
+[auth]
+mode = "required"
+cache_ttl_secs = {{ .Values.config.auth.cacheTtlSeconds | int }}
 
 [metrics]
 {{- with .Values.config.metrics.otlpEndpoint }}
