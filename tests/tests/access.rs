@@ -314,6 +314,7 @@ async fn keys_are_listed_without_secrets_rotated_and_revoked() {
         (ipb::Role::Pos, ""),
         (ipb::Role::Service, ""),
         (ipb::Role::Unspecified, ""),
+        (ipb::Role::App, ""),
     ] {
         let status = access
             .create_api_key(with_key(

@@ -106,7 +106,7 @@ enum Command {
         /// The store a pos key is bound to.
         #[arg(long, default_value = "")]
         store: String,
-        /// The one member an app key may act for (optional).
+        /// The one member an app key acts for (required for app keys).
         #[arg(long, default_value = "")]
         member: String,
         /// A label, e.g. "back office".

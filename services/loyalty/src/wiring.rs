@@ -555,6 +555,20 @@ pub fn gate(config: &Config, node: &Node) -> anyhow::Result<Gate> {
         return Ok(Gate::open(policy));
     }
     let service_key = config.auth.service_key.as_deref();
+    let p = &config.peers;
+    let has_peers = [
+        &p.identity,
+        &p.balance,
+        &p.promotion,
+        &p.segmentation,
+        &p.reporting,
+    ]
+    .iter()
+    .any(|peer| peer.is_some());
+    anyhow::ensure!(
+        service_key.is_some() || !has_peers,
+        "bad configuration: `auth.service_key` is required: with authentication on, this process calls other services (`peers.*`) and presents the service key to them"
+    );
     let keys: Arc<dyn KeyVerifier> = match &node.keys {
         Some(keys) => Arc::new(keys.clone()),
         None => {

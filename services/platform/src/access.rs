@@ -174,9 +174,10 @@ impl KeyVerifier for WithServiceKey {
                 all_tenants: true,
             }));
         }
+        // Anything not shaped like a key is refused here, without asking anyone.
         match &self.inner {
-            Some(inner) => inner.verify(key).await,
-            None => Ok(None),
+            Some(inner) if parse_key(key).is_some() => inner.verify(key).await,
+            _ => Ok(None),
         }
     }
 }
@@ -213,16 +214,27 @@ impl<V: KeyVerifier> KeyVerifier for CachedVerifier<V> {
         {
             return Ok(answer.clone());
         }
+        // Timed from before the question: an answer is never trusted longer than `ttl` after
+        // it could have been true.
+        let asked = Instant::now();
         let answer = self.inner.verify(key).await?;
-        if let Ok(mut seen) = self.seen.lock() {
+        // Only valid keys are remembered: made-up ones cannot push real ones out.
+        if answer.is_some()
+            && let Ok(mut seen) = self.seen.lock()
+        {
             if seen.len() >= self.max_entries {
                 let ttl = self.ttl;
                 seen.retain(|_, (at, _)| at.elapsed() < ttl);
-                if seen.len() >= self.max_entries {
-                    seen.clear();
+                if seen.len() >= self.max_entries
+                    && let Some(oldest) = seen
+                        .iter()
+                        .min_by_key(|(_, (at, _))| *at)
+                        .map(|(k, _)| k.clone())
+                {
+                    seen.remove(&oldest);
                 }
             }
-            seen.insert(id, (Instant::now(), answer.clone()));
+            seen.insert(id, (asked, answer.clone()));
         }
         Ok(answer)
     }
@@ -246,7 +258,15 @@ pub fn admit_tenant(who: &Principal, tenant_id: &str) -> std::result::Result<(),
 }
 
 fn other_tenant(named: &str) -> Status {
-    Status::permission_denied(format!("this API key may not act for tenant {named:?}"))
+    Status::permission_denied(format!(
+        "this API key may not act for tenant {:?}",
+        shown(named)
+    ))
+}
+
+/// A caller's value as echoed in an error: at most 64 characters.
+fn shown(value: &str) -> String {
+    value.chars().take(64).collect()
 }
 
 /// The access layer: installed on the server in front of every service.
@@ -306,7 +326,10 @@ impl Gate {
         let principal = verifier
             .verify(key)
             .await
-            .map_err(crate::grpc::to_status)?
+            .map_err(|e| {
+                tracing::warn!(error = %e, "cannot check an API key");
+                Status::unavailable("cannot check the API key now; retry")
+            })?
             .ok_or_else(|| Status::unauthenticated("unknown, revoked or expired API key"))?;
         if !rule.roles.contains(&principal.role) {
             return Err(Status::permission_denied(format!(
@@ -420,8 +443,9 @@ impl Checks {
             && store != p.store_id
         {
             return Err(Status::permission_denied(format!(
-                "this API key is bound to store {:?} and may not act for store {store:?}",
-                p.store_id
+                "this API key is bound to store {:?} and may not act for store {:?}",
+                p.store_id,
+                shown(&store)
             )));
         }
         // RPCs open to apps without naming a member hold no member's data (the policy's
@@ -431,7 +455,8 @@ impl Checks {
             && member != p.member_id
         {
             return Err(Status::permission_denied(format!(
-                "this API key acts for one member and may not act for member {member:?}"
+                "this API key acts for one member and may not act for member {:?}",
+                shown(&member)
             )));
         }
         Ok(())
@@ -462,7 +487,7 @@ impl Checked {
                 self.pending[4],
             ]) as usize;
             if len > self.checks.max_message_bytes {
-                return Err(Status::out_of_range(format!(
+                return Err(Status::resource_exhausted(format!(
                     "a request message of {len} bytes is over the limit of {}",
                     self.checks.max_message_bytes
                 )));
@@ -543,7 +568,7 @@ mod tests {
     impl KeyVerifier for Counting {
         async fn verify(&self, key: &str) -> Result<Option<Principal>> {
             self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Ok((key == "good").then(Principal::unrestricted))
+            Ok((key != "bad").then(Principal::unrestricted))
         }
     }
 
@@ -554,9 +579,11 @@ mod tests {
             assert!(cached.verify("good").await.unwrap().is_some());
             assert!(cached.verify("bad").await.unwrap().is_none());
         }
-        assert_eq!(cached.inner.0.load(std::sync::atomic::Ordering::Relaxed), 2);
+        // Valid keys asked once; made-up ones every time, never remembered.
+        assert_eq!(cached.inner.0.load(std::sync::atomic::Ordering::Relaxed), 4);
         cached.verify("third").await.unwrap();
-        assert!(cached.seen.lock().unwrap().len() <= 2);
+        cached.verify("fourth").await.unwrap();
+        assert_eq!(cached.seen.lock().unwrap().len(), 2, "the oldest made room");
         let fresh = CachedVerifier::new(Counting::default(), Duration::ZERO, 10);
         fresh.verify("good").await.unwrap();
         fresh.verify("good").await.unwrap();
