@@ -339,7 +339,7 @@ impl Gate {
             )));
         }
         let checks = (!principal.all_tenants).then(|| Checks {
-            rule: rule.clone(),
+            rule,
             principal: principal.clone(),
             max_message_bytes: self.max_message_bytes,
         });
@@ -411,7 +411,7 @@ where
 /// What every message of a bound caller's request must name.
 #[derive(Debug, Clone)]
 struct Checks {
-    rule: MethodRule,
+    rule: std::sync::Arc<MethodRule>,
     principal: Principal,
     max_message_bytes: usize,
 }

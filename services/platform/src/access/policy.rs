@@ -6,6 +6,7 @@
 //! its store or member) is checked on the wire, before any handler runs.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use prost::Message;
 use prost_types::{DescriptorProto, FileDescriptorSet, field_descriptor_proto::Type};
@@ -277,7 +278,8 @@ pub struct MethodRule {
 /// Every RPC's rule, by path (`/package.Service/Method`).
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
-    rules: HashMap<String, MethodRule>,
+    rules: HashMap<String, Arc<MethodRule>>,
+    flight: Arc<MethodRule>,
 }
 
 impl Policy {
@@ -313,7 +315,7 @@ impl Policy {
                         store: path_to(&messages, input, "store_id"),
                         member: path_to(&messages, input, "member_id"),
                     };
-                    out.insert(format!("/{name}"), rule);
+                    out.insert(format!("/{name}"), Arc::new(rule));
                 }
             }
         }
@@ -323,23 +325,26 @@ impl Policy {
                 "roles are declared for {name}, which the API does not have"
             );
         }
-        Ok(Self { rules: out })
+        Ok(Self {
+            rules: out,
+            flight: Arc::new(MethodRule {
+                roles: FLIGHT_ROLES,
+                ..MethodRule::default()
+            }),
+        })
     }
 
     /// The rule of the RPC at `path`; Flight methods get the export's roles and no paths.
-    pub fn rule(&self, path: &str) -> Option<MethodRule> {
+    pub fn rule(&self, path: &str) -> Option<Arc<MethodRule>> {
         if let Some(rule) = self.rules.get(path) {
             return Some(rule.clone());
         }
-        path.starts_with(FLIGHT_PREFIX).then(|| MethodRule {
-            roles: FLIGHT_ROLES,
-            ..MethodRule::default()
-        })
+        path.starts_with(FLIGHT_PREFIX).then(|| self.flight.clone())
     }
 
     /// Every RPC path with its rule, for tests that walk the whole API.
     pub fn rules(&self) -> impl Iterator<Item = (&str, &MethodRule)> {
-        self.rules.iter().map(|(k, v)| (k.as_str(), v))
+        self.rules.iter().map(|(k, v)| (k.as_str(), v.as_ref()))
     }
 }
 
