@@ -85,7 +85,8 @@ pub struct Keys {
     clock: SharedClock,
 }
 
-fn random_hex(bytes: usize) -> String {
+/// `bytes` random bytes from the OS-seeded generator, as lowercase hex.
+pub fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::rng().fill_bytes(&mut buf);
     buf.iter().map(|b| format!("{b:02x}")).collect()

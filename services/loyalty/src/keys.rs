@@ -10,7 +10,6 @@ use loyalty_platform::access::{self, Role};
 use loyalty_platform::clock::SystemClock;
 use loyalty_platform::config::Config;
 use loyalty_proto::identity::v1 as pb;
-use rand::RngCore;
 
 /// What the command line asked for.
 #[derive(Debug, Clone)]
@@ -32,9 +31,7 @@ pub async fn create(config: &Config, addr: Option<&str>, new: NewKey) -> anyhow:
     })?;
     if role == Role::Service {
         // The shared secret of our own processes: configured, never stored.
-        let mut secret = [0u8; 32];
-        rand::rng().fill_bytes(&mut secret);
-        let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = loyalty_identity::keys::random_hex(32);
         eprintln!(
             "a service key: set it as auth.service_key (LOYALTY_AUTH__SERVICE_KEY) on every process"
         );

@@ -386,8 +386,8 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let gate = self.gate.clone();
         Box::pin(async move {
-            let path = request.uri().path().to_string();
-            match gate.admit(&path, request.headers()).await {
+            let admitted = gate.admit(request.uri().path(), request.headers()).await;
+            match admitted {
                 Ok(None) => inner.call(request).await,
                 Ok(Some((principal, checks))) => {
                     let (mut parts, body) = request.into_parts();
