@@ -52,6 +52,8 @@ pub struct Server {
     pub addr: String,
     /// `http://host:port/metrics` when the server was started with a metrics listener.
     pub metrics_url: Option<String>,
+    /// `host:port` of the plain-text health listener, when started with one.
+    pub health_addr: Option<String>,
     pub data_dir: PathBuf,
     pub log: PathBuf,
 }
@@ -118,10 +120,14 @@ impl Server {
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let mut metrics_url = None;
+        let mut health_addr = None;
         let addr = tokio::time::timeout(Duration::from_secs(60), async {
             while let Some(line) = lines.next_line().await.unwrap() {
                 if let Some(url) = line.strip_prefix("metrics on ") {
                     metrics_url = Some(url.to_string());
+                }
+                if let Some(addr) = line.strip_prefix("health on ") {
+                    health_addr = Some(addr.to_string());
                 }
                 if let Some(addr) = line.strip_prefix("listening on ") {
                     return Some(addr.to_string());
@@ -144,6 +150,7 @@ impl Server {
             child,
             addr,
             metrics_url,
+            health_addr,
             data_dir: data_dir.to_path_buf(),
             log,
         }

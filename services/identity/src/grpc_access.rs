@@ -1,6 +1,6 @@
 //! The thin gRPC adapter of API key management (`AccessService`).
 
-use loyalty_platform::access::{Role, caller};
+use loyalty_platform::access::{self, Role, caller};
 use loyalty_platform::grpc::{timestamp, to_status};
 use loyalty_proto::identity::v1 as pb;
 use pb::access_service_server::{AccessService, AccessServiceServer};
@@ -146,7 +146,17 @@ impl AccessService for AccessApi {
         if r.key.len() > 256 {
             return Err(Status::invalid_argument("key is longer than 256 bytes"));
         }
-        let key = self.0.verify_key(&r.key).await.map_err(to_status)?;
+        let key = if r.key.is_empty() && !r.certified_key_id.is_empty() {
+            if !access::is_key_id(&r.certified_key_id) {
+                return Err(Status::invalid_argument(
+                    "certified_key_id must be a key id: 16 lowercase hex digits",
+                ));
+            }
+            self.0.certified_key(&r.certified_key_id).await
+        } else {
+            self.0.verify_key(&r.key).await
+        }
+        .map_err(to_status)?;
         Ok(Response::new(pb::VerifyApiKeyResponse {
             api_key: key.as_ref().map(key_to_proto),
         }))

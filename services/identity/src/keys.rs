@@ -287,11 +287,25 @@ impl Keys {
         let genuine = access::same_hash(&stored.secret_hash, &access::hash_secret(secret));
         Ok((genuine && stored.revoked_at.is_none()).then_some(stored))
     }
+
+    /// The live key `key_id`, for a caller whose verified client certificate names it (no
+    /// secret to check: the certificate authority vouched for the caller).
+    pub async fn certified_key(&self, key_id: &str) -> Result<Option<ApiKey>> {
+        if !access::is_key_id(key_id) {
+            return Ok(None);
+        }
+        let stored = self.store.api_key(key_id).await?;
+        Ok(stored.filter(|k| k.revoked_at.is_none()))
+    }
 }
 
 #[async_trait::async_trait]
 impl KeyVerifier for Keys {
     async fn verify(&self, key: &str) -> Result<Option<Principal>> {
         Ok(self.verify_key(key).await?.map(|k| k.principal()))
+    }
+
+    async fn verify_certified(&self, key_id: &str) -> Result<Option<Principal>> {
+        Ok(self.certified_key(key_id).await?.map(|k| k.principal()))
     }
 }

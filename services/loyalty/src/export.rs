@@ -20,6 +20,8 @@ pub struct Request {
     pub out: PathBuf,
     /// Sent as `authorization: Bearer <key>`.
     pub api_key: Option<String>,
+    /// The CA certificate an https server is checked against.
+    pub ca: Option<PathBuf>,
 }
 
 /// The JSON ticket the Flight endpoint takes (docs/kpis.md).
@@ -53,11 +55,7 @@ pub async fn run(r: &Request) -> anyhow::Result<(PathBuf, usize)> {
 async fn write(r: &Request, partial: &Path) -> anyhow::Result<(PathBuf, usize)> {
     std::fs::create_dir_all(&r.out)
         .with_context(|| format!("creating the output directory {}", r.out.display()))?;
-    let channel = tonic::transport::Endpoint::from_shared(r.addr.clone())
-        .context("the server address")?
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {}", r.addr))?;
+    let channel = loyalty_platform::tls::connect(&r.addr, r.ca.as_deref()).await?;
     let mut client = FlightClient::new(channel);
     if let Some(key) = &r.api_key {
         client

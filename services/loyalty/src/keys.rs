@@ -88,11 +88,8 @@ async fn remote(
     let service_key = config.auth.service_key.as_deref().context(
         "--addr needs `auth.service_key` (LOYALTY_AUTH__SERVICE_KEY): the identity service only makes keys for a service or an admin",
     )?;
-    let channel = tonic::transport::Endpoint::from_shared(addr.to_string())
-        .context("--addr is not a URL such as http://identity:50051")?
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {addr}"))?;
+    // Identity is asked as a peer is: an https address is checked against `tls.peer_ca_file`.
+    let channel = loyalty_platform::tls::connect(addr, config.tls.peer_ca_file.as_deref()).await?;
     let mut client = pb::access_service_client::AccessServiceClient::new(channel);
     let mut request = tonic::Request::new(pb::CreateApiKeyRequest {
         tenant_id: new.tenant,

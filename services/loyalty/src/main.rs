@@ -136,6 +136,10 @@ enum Command {
         /// Directory to write into.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// The PEM CA certificate an https:// server is checked against (otherwise the web
+        /// PKI roots).
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
         /// The API key to present (when the server checks keys).
         #[arg(long, env = "LOYALTY_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
@@ -263,6 +267,7 @@ async fn run(cli: Cli) -> ExitCode {
             to,
             time_zone,
             out,
+            ca,
             api_key,
         } => {
             let request = export::Request {
@@ -274,6 +279,7 @@ async fn run(cli: Cli) -> ExitCode {
                 time_zone,
                 out,
                 api_key,
+                ca,
             };
             return match export::run(&request).await {
                 Ok((path, rows)) => {
@@ -432,7 +438,18 @@ async fn serve(
         }
         None => None,
     };
+    let health = match config.server.health_listen {
+        Some(at) => {
+            let l = TcpListener::bind(at)
+                .await
+                .with_context(|| format!("cannot listen for health checks on {at}"))?;
+            println!("health on {}", l.local_addr()?);
+            Some(l)
+        }
+        None => None,
+    };
     let gate = wiring::gate(&config, &node)?;
+    let tls = loyalty_platform::tls::server_config(&config.tls)?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -444,7 +461,15 @@ async fn serve(
         config.data_dir.display()
     );
     println!("listening on {addr}");
-    if node.checkout.is_some() && node.identity.is_some() {
+    if tls.is_some() {
+        let clients = match (&config.tls.client_ca_file, config.tls.require_client_cert) {
+            (None, _) => "not asked for",
+            (Some(_), false) => "optional",
+            (Some(_), true) => "required",
+        };
+        tracing::info!(client_certificates = clients, "TLS on the gRPC listener");
+    }
+    if node.checkout.is_some() && node.identity.is_some() && tls.is_none() {
         println!("Try it (the demo tenant comes with `loyalty dev --demo`):");
         println!("  loyalty walkthrough --addr http://{addr}");
         println!(
@@ -452,8 +477,12 @@ async fn serve(
         );
     }
     server::serve(
-        listener,
-        metrics,
+        server::Listeners {
+            grpc: listener,
+            tls,
+            metrics,
+            health,
+        },
         node.routes,
         node.health,
         gate,

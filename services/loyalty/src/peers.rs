@@ -171,12 +171,34 @@ pub struct RemoteKeys(pub PeerChannel);
 #[async_trait::async_trait]
 impl loyalty_platform::access::KeyVerifier for RemoteKeys {
     async fn verify(&self, key: &str) -> Result<Option<loyalty_platform::access::Principal>> {
+        self.ask(ipb::VerifyApiKeyRequest {
+            key: key.to_string(),
+            certified_key_id: String::new(),
+        })
+        .await
+    }
+
+    async fn verify_certified(
+        &self,
+        key_id: &str,
+    ) -> Result<Option<loyalty_platform::access::Principal>> {
+        self.ask(ipb::VerifyApiKeyRequest {
+            key: String::new(),
+            certified_key_id: key_id.to_string(),
+        })
+        .await
+    }
+}
+
+impl RemoteKeys {
+    async fn ask(
+        &self,
+        request: ipb::VerifyApiKeyRequest,
+    ) -> Result<Option<loyalty_platform::access::Principal>> {
         use loyalty_platform::access::{Principal, Role};
         let mut client = ipb::access_service_client::AccessServiceClient::new(self.0.clone());
         let reply = client
-            .verify_api_key(ipb::VerifyApiKeyRequest {
-                key: key.to_string(),
-            })
+            .verify_api_key(request)
             .await
             .map_err(from_status)?
             .into_inner();

@@ -169,11 +169,26 @@ fn peer_channel(
         format!("bad configuration: `peers.{name}` is required because the {name} service does not run in this process")
     })?;
     let timeout = config.peer_timeout();
+    // An https peer is checked against its URL's host, whichever address a call goes to.
+    let tls = match url.parse::<tonic::transport::Uri>() {
+        Ok(uri) if uri.scheme_str() == Some("https") => {
+            let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+            let tls = loyalty_platform::tls::client_config(&config.tls, host)?;
+            // Settings that load once load every time: `configure` cannot fail later.
+            Endpoint::from_shared(url.clone())?.tls_config(tls.clone())?;
+            Some(tls)
+        }
+        _ => None,
+    };
     let configure: balancer::Configure = Arc::new(move |endpoint: Endpoint| {
-        endpoint
+        let endpoint = endpoint
             .connect_timeout(timeout)
             .timeout(timeout)
-            .tcp_nodelay(true)
+            .tcp_nodelay(true);
+        match &tls {
+            Some(tls) => endpoint.clone().tls_config(tls.clone()).unwrap_or(endpoint),
+            None => endpoint,
+        }
     });
     balancer::channel(
         name.as_str(),

@@ -138,7 +138,16 @@ pub fn same_hash(a: &str, b: &str) -> bool {
 /// Tells who presents a key: `None` for an unknown, revoked or expired key.
 #[async_trait::async_trait]
 pub trait KeyVerifier: Send + Sync + fmt::Debug {
+    /// Who presents `key` (id and secret); `None`: unknown, revoked or a wrong secret.
     async fn verify(&self, key: &str) -> Result<Option<Principal>>;
+    /// Who the key `key_id` is, for a caller whose client certificate, checked by TLS
+    /// against `tls.client_ca_file`, names it; `None`: unknown or revoked.
+    async fn verify_certified(&self, key_id: &str) -> Result<Option<Principal>>;
+}
+
+/// Whether `id` has the shape of a key id: 16 lowercase hex digits.
+pub fn is_key_id(id: &str) -> bool {
+    id.len() == 16 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Our own processes' shared key (`auth.service_key`), checked before the keys `inner`
@@ -180,6 +189,13 @@ impl KeyVerifier for WithServiceKey {
             _ => Ok(None),
         }
     }
+
+    async fn verify_certified(&self, key_id: &str) -> Result<Option<Principal>> {
+        match &self.inner {
+            Some(inner) if is_key_id(key_id) => inner.verify_certified(key_id).await,
+            _ => Ok(None),
+        }
+    }
 }
 
 /// Remembers answers of a slower verifier (another process) for a while, so the hot path
@@ -207,7 +223,27 @@ impl<V: KeyVerifier> CachedVerifier<V> {
 impl<V: KeyVerifier> KeyVerifier for CachedVerifier<V> {
     async fn verify(&self, key: &str) -> Result<Option<Principal>> {
         // Keyed by a hash, so the process holds no usable secret.
-        let id = hash_secret(key);
+        self.remembered(hash_secret(key), self.inner.verify(key))
+            .await
+    }
+
+    async fn verify_certified(&self, key_id: &str) -> Result<Option<Principal>> {
+        // A key id is not a secret; the prefix keeps it apart from hashes of whole keys.
+        self.remembered(
+            format!("cert:{key_id}"),
+            self.inner.verify_certified(key_id),
+        )
+        .await
+    }
+}
+
+impl<V: KeyVerifier> CachedVerifier<V> {
+    /// The answer remembered under `id`, or `ask`'s.
+    async fn remembered(
+        &self,
+        id: String,
+        ask: impl Future<Output = Result<Option<Principal>>>,
+    ) -> Result<Option<Principal>> {
         if let Ok(seen) = self.seen.lock()
             && let Some((at, answer)) = seen.get(&id)
             && at.elapsed() < self.ttl
@@ -217,7 +253,7 @@ impl<V: KeyVerifier> KeyVerifier for CachedVerifier<V> {
         // Timed from before the question: an answer is never trusted longer than `ttl` after
         // it could have been true.
         let asked = Instant::now();
-        let answer = self.inner.verify(key).await?;
+        let answer = ask.await?;
         // Only valid keys are remembered: made-up ones cannot push real ones out.
         if answer.is_some()
             && let Ok(mut seen) = self.seen.lock()
@@ -303,10 +339,13 @@ impl Gate {
 
     /// Who the request's caller is, and whether they may call its RPC; the checks of the
     /// request's fields, when the caller is bound to a tenant.
+    /// `certified`: the key id a verified client certificate names, `Some("")` for a
+    /// certificate naming none.
     async fn admit(
         &self,
         path: &str,
         headers: &http::HeaderMap,
+        certified: Option<String>,
     ) -> std::result::Result<Option<(Principal, Option<Checks>)>, Status> {
         let Some(rule) = self.policy.rule(path) else {
             // Not an RPC of ours (health, reflection) or not one at all (tonic answers).
@@ -319,13 +358,22 @@ impl Gate {
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .ok_or_else(|| {
-                Status::unauthenticated("send an API key: `authorization: Bearer <key>`")
-            })?;
-        let principal = verifier
-            .verify(key)
-            .await
+            .map(str::trim);
+        let answer = match (key, certified) {
+            (Some(key), _) => verifier.verify(key).await,
+            (None, Some(key_id)) if !key_id.is_empty() => verifier.verify_certified(&key_id).await,
+            (None, Some(_)) => {
+                return Err(Status::unauthenticated(
+                    "the client certificate's common name is not an API key id; send an API key: `authorization: Bearer <key>`",
+                ));
+            }
+            (None, None) => {
+                return Err(Status::unauthenticated(
+                    "send an API key: `authorization: Bearer <key>`",
+                ));
+            }
+        };
+        let principal = answer
             .map_err(|e| {
                 tracing::warn!(error = %e, "cannot check an API key");
                 Status::unavailable("cannot check the API key now; retry")
@@ -386,7 +434,13 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let gate = self.gate.clone();
         Box::pin(async move {
-            let admitted = gate.admit(request.uri().path(), request.headers()).await;
+            let admitted = gate
+                .admit(
+                    request.uri().path(),
+                    request.headers(),
+                    certified_key_id(&request),
+                )
+                .await;
             match admitted {
                 Ok(None) => inner.call(request).await,
                 Ok(Some((principal, checks))) => {
@@ -406,6 +460,18 @@ where
             }
         })
     }
+}
+
+/// The key id named by the client certificate TLS verified on the request's connection:
+/// `None` without one, `Some("")` when its common name is no key id.
+fn certified_key_id(request: &http::Request<Body>) -> Option<String> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let certs = request
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()?
+        .peer_certs()?;
+    let leaf = certs.first()?;
+    Some(crate::tls::certified_key_id(leaf).unwrap_or_default())
 }
 
 /// What every message of a bound caller's request must name.
@@ -570,6 +636,10 @@ mod tests {
             self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Ok((key != "bad").then(Principal::unrestricted))
         }
+
+        async fn verify_certified(&self, key_id: &str) -> Result<Option<Principal>> {
+            self.verify(key_id).await
+        }
     }
 
     #[tokio::test]
@@ -588,6 +658,12 @@ mod tests {
         fresh.verify("good").await.unwrap();
         fresh.verify("good").await.unwrap();
         assert_eq!(fresh.inner.0.load(std::sync::atomic::Ordering::Relaxed), 2);
+        // A certificate's key id is remembered apart from a whole key of the same text.
+        let both = CachedVerifier::new(Counting::default(), Duration::from_secs(60), 10);
+        both.verify("good").await.unwrap();
+        both.verify_certified("good").await.unwrap();
+        both.verify_certified("good").await.unwrap();
+        assert_eq!(both.inner.0.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 
     fn bound(role: Role, store: &str, member: &str) -> Principal {

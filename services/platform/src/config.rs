@@ -23,6 +23,7 @@ pub struct Config {
     pub tracing: TracingConfig,
     pub metrics: MetricsConfig,
     pub auth: AuthConfig,
+    pub tls: TlsConfig,
     pub server: ServerConfig,
     pub peers: PeersConfig,
     pub storage: StorageConfig,
@@ -40,6 +41,7 @@ impl Default for Config {
             tracing: TracingConfig::default(),
             metrics: MetricsConfig::default(),
             auth: AuthConfig::default(),
+            tls: TlsConfig::default(),
             server: ServerConfig::default(),
             peers: PeersConfig::default(),
             storage: StorageConfig::default(),
@@ -192,6 +194,35 @@ impl std::fmt::Debug for AuthConfig {
     }
 }
 
+/// TLS on the gRPC listener and to peers; unset files leave the listener plain.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// This process's certificate chain, PEM. With `key_file`, the gRPC listener speaks TLS
+    /// only.
+    pub cert_file: Option<PathBuf>,
+    /// The private key of `cert_file`, PEM.
+    pub key_file: Option<PathBuf>,
+    /// A CA certificate (PEM) whose client certificates identify callers (mutual TLS): a
+    /// certificate whose subject common name is an API key's id acts as that key, without
+    /// its secret. Clients without a certificate still connect unless
+    /// `require_client_cert`.
+    pub client_ca_file: Option<PathBuf>,
+    /// Refuse connections without a client certificate signed by `client_ca_file`.
+    pub require_client_cert: bool,
+    /// The CA certificate (PEM) that signed the peers' certificates, for `https://` peer
+    /// URLs; unset: the web PKI roots. Calls to peers present `cert_file` as a client
+    /// certificate.
+    pub peer_ca_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// Whether the gRPC listener speaks TLS.
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMode {
@@ -231,6 +262,9 @@ pub struct ServerConfig {
     pub health_interval_secs: u64,
     /// Where `GET /metrics` (Prometheus) is served; unset: no metrics endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where `grpc.health.v1.Health` alone is served in plain text, for probes that cannot
+    /// speak TLS (Kubernetes' gRPC probes); unset: health only on `listen`.
+    pub health_listen: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -242,6 +276,7 @@ impl Default for ServerConfig {
             max_concurrent_streams: 1024,
             health_interval_secs: 2,
             metrics_listen: None,
+            health_listen: None,
         }
     }
 }
@@ -527,6 +562,22 @@ impl Config {
                 "must be 32 to 256 printable characters without spaces (`loyalty create-key --role service` makes one)",
             );
         }
+        let tls = &self.tls;
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            return bad("tls.cert_file", "and `tls.key_file` must be set together");
+        }
+        if tls.client_ca_file.is_some() && !tls.enabled() {
+            return bad(
+                "tls.client_ca_file",
+                "needs `tls.cert_file` and `tls.key_file`: client certificates are asked for only over TLS",
+            );
+        }
+        if tls.require_client_cert && tls.client_ca_file.is_none() {
+            return bad(
+                "tls.require_client_cert",
+                "needs `tls.client_ca_file`, the CA the client certificates are checked against",
+            );
+        }
         if self.auth.cache_ttl_secs > 3_600 {
             return bad("auth.cache_ttl_secs", "must be at most 3600");
         }
@@ -579,6 +630,9 @@ impl Config {
     /// The effective configuration as TOML, secrets redacted.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
+        if shown.auth.service_key.is_some() {
+            shown.auth.service_key = Some("[redacted]".into());
+        }
         let redis = &mut shown.storage.redis;
         redis.url = redact_credentials(&redis.url);
         for node in &mut redis.cluster_nodes {

@@ -16,6 +16,7 @@ pub mod rfm;
 pub mod scylla;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod types;
 
 pub use error::{Error, Result, Violations};

@@ -68,20 +68,49 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Serves `routes` on `listener` until `shutdown` resolves, then reports NOT_SERVING,
+/// The listeners of one process: gRPC, and optionally Prometheus metrics and plain-text
+/// health (for probes that cannot speak TLS).
+#[derive(Debug)]
+pub struct Listeners {
+    pub grpc: TcpListener,
+    /// TLS on `grpc`; `None`: plain text.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+    pub metrics: Option<TcpListener>,
+    pub health: Option<TcpListener>,
+}
+
+/// Serves `routes` on `listeners.grpc` until `shutdown` resolves, then reports NOT_SERVING,
 /// stops accepting, and gives in-flight calls `grace_period_secs` to finish.
 pub async fn serve(
-    listener: TcpListener,
-    metrics: Option<TcpListener>,
+    listeners: Listeners,
     routes: Routes,
     health: Vec<HealthEntry>,
     gate: crate::access::Gate,
     config: &ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let Listeners {
+        grpc: listener,
+        tls,
+        metrics,
+        health: health_listener,
+    } = listeners;
     let metrics_task =
         metrics.map(|l| tokio::spawn(crate::metrics::serve_metrics(l, std::future::pending())));
     let (reporter, health_service) = tonic_health::server::health_reporter();
+    // The same statuses, plain text on their own port; nothing else is served there.
+    let health_task = health_listener.map(|l| {
+        let health_service = health_service.clone();
+        tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(health_service)
+                .serve_with_incoming(TcpIncoming::from(l).with_nodelay(Some(true)))
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the health listener stopped");
+            }
+        })
+    });
     reporter
         .set_service_status(LIVENESS, ServingStatus::Serving)
         .await;
@@ -110,7 +139,11 @@ pub async fn serve(
         tracing::info!("health is not serving; draining in-flight calls");
     };
 
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let server = builder
         .timeout(Duration::from_secs(config.request_timeout_secs))
         .max_concurrent_streams(config.max_concurrent_streams)
         .tcp_nodelay(true)
@@ -141,7 +174,7 @@ pub async fn serve(
         }
     };
     monitor.abort();
-    if let Some(task) = metrics_task {
+    for task in [metrics_task, health_task].into_iter().flatten() {
         task.abort();
     }
     tracing::info!("server stopped");

@@ -1,0 +1,151 @@
+//! TLS on the gRPC listener and on calls to peers (`[tls]`), and callers named by their
+//! client certificates.
+//!
+//! - With `tls.cert_file` and `tls.key_file` the listener speaks TLS only.
+//! - With `tls.client_ca_file` it also asks for a client certificate signed by that CA. A
+//!   certificate whose subject common name is an API key's id (`0123456789abcdef`, or
+//!   `lk_0123456789abcdef`) acts as that key: its role, tenant and bindings, and it stops
+//!   working when the key is revoked. A `Bearer` key sent over the same connection wins.
+//! - Calls to `https://` peers check the peer against `tls.peer_ca_file` (or the web PKI
+//!   roots) and, when `tls.require_client_cert` is on, present this process's certificate.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use tonic::transport::{
+    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
+};
+
+use crate::config::TlsConfig;
+
+fn read(key: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("bad configuration: cannot read `{key}` {}", path.display()))?;
+    if !String::from_utf8_lossy(&bytes).contains("-----BEGIN ") {
+        anyhow::bail!(
+            "bad configuration: `{key}` {} is not a PEM file",
+            path.display()
+        );
+    }
+    Ok(bytes)
+}
+
+fn identity(tls: &TlsConfig) -> anyhow::Result<Option<Identity>> {
+    match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => Ok(Some(Identity::from_pem(
+            read("tls.cert_file", cert)?,
+            read("tls.key_file", key)?,
+        ))),
+        _ => Ok(None),
+    }
+}
+
+/// The listener's TLS settings; `None` when `tls.cert_file` is unset (plain text).
+pub fn server_config(tls: &TlsConfig) -> anyhow::Result<Option<ServerTlsConfig>> {
+    let Some(identity) = identity(tls)? else {
+        return Ok(None);
+    };
+    let mut config = ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &tls.client_ca_file {
+        config = config
+            .client_ca_root(Certificate::from_pem(read("tls.client_ca_file", ca)?))
+            .client_auth_optional(!tls.require_client_cert);
+    }
+    Ok(Some(config))
+}
+
+/// TLS for calls to a peer at `https://{domain}…`.
+pub fn client_config(tls: &TlsConfig, domain: &str) -> anyhow::Result<ClientTlsConfig> {
+    let mut config = ClientTlsConfig::new().domain_name(domain);
+    config = match &tls.peer_ca_file {
+        Some(ca) => config.ca_certificate(Certificate::from_pem(read("tls.peer_ca_file", ca)?)),
+        None => config.with_webpki_roots(),
+    };
+    if tls.require_client_cert
+        && let Some(identity) = identity(tls)?
+    {
+        config = config.identity(identity);
+    }
+    Ok(config)
+}
+
+/// A channel to `url` for the command line: `https://` URLs are checked against the PEM CA
+/// in `ca_file` (or the web PKI roots).
+pub async fn connect(url: &str, ca_file: Option<&Path>) -> anyhow::Result<Channel> {
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
+        .with_context(|| format!("{url:?} is not a URL such as http://127.0.0.1:50051"))?;
+    if endpoint.uri().scheme_str() == Some("https") {
+        let mut tls = ClientTlsConfig::new();
+        tls = match ca_file {
+            Some(ca) => tls.ca_certificate(Certificate::from_pem(read("--ca", ca)?)),
+            None => tls.with_webpki_roots(),
+        };
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    endpoint
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {url}"))
+}
+
+/// The API key id a verified client certificate (DER) names in its subject common name.
+pub fn certified_key_id(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    let id = cn
+        .strip_prefix(crate::access::KEY_PREFIX)
+        .unwrap_or(cn)
+        .to_ascii_lowercase();
+    crate::access::is_key_id(&id).then_some(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_or_garbled_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let garbled = dir.path().join("cert.pem");
+        std::fs::write(&garbled, "not a certificate").unwrap();
+        let tls = TlsConfig {
+            cert_file: Some(garbled),
+            key_file: Some(dir.path().join("missing.pem")),
+            ..TlsConfig::default()
+        };
+        let err = server_config(&tls).unwrap_err().to_string();
+        assert!(
+            err.contains("`tls.cert_file`") && err.contains("not a PEM file"),
+            "{err}"
+        );
+        let tls = TlsConfig {
+            peer_ca_file: Some(dir.path().join("missing.pem")),
+            ..TlsConfig::default()
+        };
+        let err = client_config(&tls, "identity").unwrap_err().to_string();
+        assert!(err.contains("`tls.peer_ca_file`"), "{err}");
+    }
+
+    fn cert_for(common_name: &str) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn the_common_name_names_a_key_id() {
+        let id = "0123456789abcdef";
+        assert_eq!(certified_key_id(&cert_for(id)).as_deref(), Some(id));
+        assert_eq!(
+            certified_key_id(&cert_for("lk_0123456789ABCDEF")).as_deref(),
+            Some(id)
+        );
+        for other in ["till-7", "0123456789abcde", "lk_0123456789abcdef_00", ""] {
+            assert_eq!(certified_key_id(&cert_for(other)), None, "{other:?}");
+        }
+        assert_eq!(certified_key_id(b"not a certificate"), None);
+    }
+}
