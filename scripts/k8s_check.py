@@ -133,6 +133,8 @@ NEGATIVE = [
     (["serviceMonitor.interval=often"], "serviceMonitor.interval: Does not match pattern"),
     (["grafanaDashboard.enabled=maybe"], "grafanaDashboard.enabled: Invalid type"),
     (["grafanaDashboard.folder=Loyalty"], "Additional property folder is not allowed"),
+    (["tls.clientCertificates=sometimes"], "tls.clientCertificates must be one of"),
+    (["tls.enabled=yes"], "tls.enabled: Invalid type"),
     # Rules the schema cannot express, enforced by the templates (`helm lint` reports a
     # template's `fail` only as INFO, so these are checked with `helm template` alone).
     (
@@ -144,6 +146,7 @@ NEGATIVE = [
         "terminationGracePeriodSeconds (25) must exceed",
     ),
     (["services.identity.replicas=2"], "services.identity runs one replica"),
+    (["tls.enabled=true"], "tls.enabled needs tls.secretName"),
     (["services.promotion.autoscaling.enabled=true"], "services.promotion runs one replica"),
     (["services.segmentation.replicas=2"], "services.segmentation runs one replica"),
     (["services.segmentation.autoscaling.enabled=true"], "services.segmentation runs one replica"),
@@ -170,7 +173,7 @@ def negative_cases() -> None:
         if expected not in out.stderr:
             fail(f"refusing {sets} did not say {expected!r}:\n{out.stderr}")
         lint = run([HELM, "lint", "--strict", str(CHART)] + [a for s in sets for a in ("--set", s)])
-        if not any(m in expected for m in ("must exceed", "exceeds", "one replica")) and lint.returncode == 0:
+        if not any(m in expected for m in ("must exceed", "exceeds", "one replica", "needs tls")) and lint.returncode == 0:
             fail(f"helm lint accepted {sets}")
         ok(f"{' '.join(sets)} -> {expected}")
 
@@ -386,7 +389,13 @@ def workload_checks(name: str, objs: list[dict], grace_needed: int) -> None:
             expect(sc.get("capabilities", {}).get("drop") == ["ALL"], f"{wname}: capabilities not dropped")
             expect(sc.get("runAsNonRoot") is True, f"{wname}: container may run as root")
             ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-            expect(set(ports) == {"grpc", "metrics"}, f"{wname}: ports {ports}")
+            tls = any(m["name"] == "tls" for m in c.get("volumeMounts", []))
+            expect(
+                set(ports) == ({"grpc", "metrics", "health"} if tls else {"grpc", "metrics"}),
+                f"{wname}: ports {ports}",
+            )
+            # The kubelet's gRPC probes cannot speak TLS: with it, they ask the health port.
+            probe_port = ports["health"] if tls else ports["grpc"]
             for probe, service in (
                 ("startupProbe", "liveness"),
                 ("livenessProbe", "liveness"),
@@ -394,7 +403,7 @@ def workload_checks(name: str, objs: list[dict], grace_needed: int) -> None:
             ):
                 g = c[probe].get("grpc")
                 expect(g is not None, f"{wname}: {probe} is not a native gRPC probe")
-                expect(g["port"] == ports["grpc"], f"{wname}: {probe} on port {g['port']}")
+                expect(g["port"] == probe_port, f"{wname}: {probe} on port {g['port']}")
                 expect(g.get("service", "") == service, f"{wname}: {probe} asks for {g.get('service')!r}")
             sleep = c["lifecycle"]["preStop"]["sleep"]["seconds"]
             expect(grace > sleep + grace_needed, f"{wname}: grace {grace} <= preStop {sleep} + drain {grace_needed}")
@@ -770,6 +779,17 @@ def main() -> int:
                 "grafanaDashboard.annotations.grafana_folder=Loyalty",
             ]
         )
+        secured = helm_template(
+            sets=[
+                "fullnameOverride=loyalty",
+                "tls.enabled=true",
+                "tls.secretName=loyalty-tls",
+                "tls.clientCertificates=required",
+            ]
+        )
+        secured_dev = helm_template(
+            sets=["profile=dev", "tls.enabled=true", "tls.secretName=loyalty-tls"]
+        )
         trimmed = helm_template(
             sets=[f"services.{s}.enabled=false" for s in ("segmentation", "reporting")]
             + ["networkPolicy.enabled=false", "migrations.enabled=false"]
@@ -778,6 +798,8 @@ def main() -> int:
             ("chart (microservices)", microservices),
             ("chart (dev profile)", dev),
             ("chart (every option on)", everything),
+            ("chart (TLS)", secured),
+            ("chart (dev profile, TLS)", secured_dev),
             ("chart (services and options off)", trimmed),
         ):
             kube_validate(name, objs)
@@ -798,6 +820,17 @@ def main() -> int:
         drain = values["config"]["server"]["gracePeriodSeconds"]
         workload_checks("chart (microservices)", microservices, drain)
         workload_checks("chart (dev profile)", dev, drain)
+        workload_checks("chart (TLS)", secured, drain)
+        workload_checks("chart (dev profile, TLS)", secured_dev, drain)
+        tls_config = config_of(secured)
+        expect(
+            "https://loyalty-identity-headless:" in tls_config
+            and 'require_client_cert = true' in tls_config
+            and 'client_ca_file = "/etc/loyalty-tls/ca.crt"' in tls_config,
+            f"chart (TLS): config.toml does not call peers over mutual TLS:\n{tls_config}",
+        )
+        expect("[tls]" not in config_of(microservices), "chart (microservices): TLS without tls.enabled")
+        ok("chart (TLS): peers over https with client certificates, probes on the health port")
 
         print("==> k8s/ kustomizations")
         built = {}
@@ -831,6 +864,7 @@ def main() -> int:
         binary_accepts("the chart (microservices)", config_of(microservices))
         binary_accepts("the chart (dev profile)", config_of(dev))
         binary_accepts("the chart (every option on)", config_of(everything))
+        binary_accepts("the chart (TLS)", config_of(secured))
         binary_accepts("k8s/base", config_of(built["k8s/base"]))
         binary_accepts("k8s/all-in-one", config_of(built["k8s/all-in-one"]))
     except CheckFailed as e:

@@ -107,23 +107,29 @@ ports:
   - name: metrics
     containerPort: {{ .Values.ports.metrics }}
     protocol: TCP
+{{- if .Values.tls.enabled }}
+  - name: health
+    containerPort: {{ .Values.ports.health }}
+    protocol: TCP
+{{- end }}
+{{- $probePort := ternary .Values.ports.health .Values.ports.grpc .Values.tls.enabled }}
 startupProbe:
   grpc:
-    port: {{ .Values.ports.grpc }}
+    port: {{ $probePort }}
     service: liveness
   periodSeconds: {{ .Values.probes.startup.periodSeconds }}
   timeoutSeconds: {{ .Values.probes.startup.timeoutSeconds }}
   failureThreshold: {{ .Values.probes.startup.failureThreshold }}
 livenessProbe:
   grpc:
-    port: {{ .Values.ports.grpc }}
+    port: {{ $probePort }}
     service: liveness
   periodSeconds: {{ .Values.probes.liveness.periodSeconds }}
   timeoutSeconds: {{ .Values.probes.liveness.timeoutSeconds }}
   failureThreshold: {{ .Values.probes.liveness.failureThreshold }}
 readinessProbe:
   grpc:
-    port: {{ .Values.ports.grpc }}
+    port: {{ $probePort }}
     service: ""
   periodSeconds: {{ .Values.probes.readiness.periodSeconds }}
   timeoutSeconds: {{ .Values.probes.readiness.timeoutSeconds }}
@@ -150,7 +156,7 @@ identity balance promotion segmentation reporting
 
 {{/* Peer URL of a service: its headless Service, balanced per call by the caller. */}}
 {{- define "loyalty.peerURL" -}}
-{{- printf "http://%s-headless:%v" (include "loyalty.componentName" (dict "root" .root "component" .component)) .root.Values.ports.grpc }}
+{{- printf "%s://%s-headless:%v" (ternary "https" "http" .root.Values.tls.enabled) (include "loyalty.componentName" (dict "root" .root "component" .component)) .root.Values.ports.grpc }}
 {{- end }}
 
 {{/* Volumes of the config file and a writable /tmp. */}}
@@ -160,6 +166,27 @@ identity balance promotion segmentation reporting
   readOnly: true
 - name: tmp
   mountPath: /tmp
+{{- end }}
+
+{{/* Where serving pods read the TLS Secret, with tls.enabled. */}}
+{{- define "loyalty.tlsVolumeMount" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  mountPath: /etc/loyalty-tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The TLS Secret's volume, with tls.enabled. */}}
+{{- define "loyalty.tlsVolume" -}}
+{{- if .Values.tls.enabled }}
+{{- if not .Values.tls.secretName }}
+{{- fail "tls.enabled needs tls.secretName: a kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt" }}
+{{- end }}
+- name: tls
+  secret:
+    secretName: {{ .Values.tls.secretName }}
+{{- end }}
 {{- end }}
 
 {{/* A list of strings as TOML array items: "a", "b". */}}
@@ -233,6 +260,18 @@ max_message_bytes = {{ .Values.config.server.maxMessageBytes | int }}
 max_concurrent_streams = {{ .Values.config.server.maxConcurrentStreams | int }}
 health_interval_secs = {{ .Values.config.server.healthIntervalSeconds | int }}
 metrics_listen = "0.0.0.0:{{ .Values.ports.metrics }}"
+{{- if .Values.tls.enabled }}
+health_listen = "0.0.0.0:{{ .Values.ports.health }}"
+
+[tls]
+cert_file = "/etc/loyalty-tls/tls.crt"
+key_file = "/etc/loyalty-tls/tls.key"
+peer_ca_file = "/etc/loyalty-tls/ca.crt"
+{{- if ne .Values.tls.clientCertificates "none" }}
+client_ca_file = "/etc/loyalty-tls/ca.crt"
+require_client_cert = {{ eq .Values.tls.clientCertificates "required" }}
+{{- end }}
+{{- end }}
 
 [peers]
 timeout_ms = {{ .Values.config.peers.timeoutMs | int }}
