@@ -1,6 +1,7 @@
 //! `loyalty-loadtest`: drives a loyalty deployment with realistic retail traffic over gRPC and
 //! writes a JSON and an HTML report.
 
+mod keys;
 mod model;
 mod report;
 mod runner;
@@ -104,9 +105,18 @@ struct Cli {
     /// Concurrent calls while provisioning members.
     #[arg(long, default_value_t = 64)]
     setup_concurrency: usize,
-    /// A header sent with every call, e.g. `authorization=Bearer KEY`. Repeatable.
+    /// A header sent with every call, e.g. `x-tenant-region=kz`. Repeatable.
     #[arg(long = "header")]
     headers: Vec<String>,
+    /// An admin API key of the tenant, for a target that checks keys. It provisions the
+    /// tenant and makes this run's keys: a POS key per store for the tills and app keys for
+    /// the busiest members (`--app-keys`), revoked when the run ends.
+    #[arg(long, env = "LOYALTY_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// How many of the busiest members get an app key for balance lookups (with
+    /// `--api-key`); the others' lookups go through a till.
+    #[arg(long, default_value_t = 1000)]
+    app_keys: usize,
     /// A PEM CA certificate for https targets (otherwise the web PKI roots).
     #[arg(long)]
     ca: Option<PathBuf>,
@@ -264,7 +274,18 @@ async fn clients(cli: &Cli) -> anyhow::Result<Clients> {
                 .with_context(|| format!("bad header value for {k}"))?,
         ));
     }
-    Ok(Clients::new(shared, per_service, headers))
+    anyhow::ensure!(
+        cli.api_key.is_none()
+            || !headers.iter().any(
+                |(k, _): &(tonic::metadata::AsciiMetadataKey, _)| k.as_str() == "authorization"
+            ),
+        "--api-key and --header authorization=... both name a key; give one"
+    );
+    let clients = Clients::new(shared, per_service, headers);
+    Ok(match &cli.api_key {
+        Some(key) => clients.with_credentials(keys::Credentials::admin(key)?),
+        None => clients,
+    })
 }
 
 #[allow(clippy::print_stdout)]
@@ -305,6 +326,22 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         );
     }
     let member_ids = runner::setup(&model, &clients, cli.setup_concurrency, cli.skip_setup).await?;
+    let clients = if cli.api_key.is_some() && !cli.seed_only {
+        let made = keys::provision(
+            &model,
+            &clients,
+            &member_ids,
+            cli.app_keys,
+            cli.setup_concurrency,
+        )
+        .await?;
+        if !cli.quiet {
+            eprintln!("made {} API keys for this run", made.made());
+        }
+        clients.with_credentials(made)
+    } else {
+        clients
+    };
     if cli.seed_only {
         println!(
             "seeded tenant {:?}: {} stores, {} products, {} members with cards",
@@ -349,7 +386,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let coupons = runner::generate_coupons(&model, &clients, &run_id).await?;
     let mix = mix(cli.scenario, &model.config);
     let workload = Arc::new(Workload::new(
-        model, member_ids, clients, run_id, mix, coupons,
+        model,
+        member_ids,
+        clients.clone(),
+        run_id,
+        mix,
+        coupons,
     ));
     let plan = RunPlan {
         rate: cli.rate,
@@ -362,7 +404,13 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         seed,
         progress: !cli.quiet,
     };
-    let stats = runner::run(workload, plan).await;
+    let stats = runner::run(workload.clone(), plan).await;
+    if clients.credentials().made() > 0 {
+        let revoked = keys::revoke(&workload.model, &clients, cli.setup_concurrency).await?;
+        if !cli.quiet {
+            eprintln!("revoked this run's {revoked} API keys");
+        }
+    }
     let mut info = info;
     info.duration_secs = stats.measured_secs;
     std::fs::create_dir_all(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;

@@ -22,6 +22,7 @@ use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
+use crate::keys::{Caller, Credentials};
 use crate::model::{Model, ReceiptSpec, member_birthday, member_card, member_phone, money};
 use crate::stats::{Rpc, Stats};
 
@@ -61,6 +62,7 @@ pub struct Clients {
     per_service: Arc<BTreeMap<Service, Vec<Channel>>>,
     next: Arc<AtomicUsize>,
     headers: Arc<Vec<(AsciiMetadataKey, AsciiMetadataValue)>>,
+    credentials: Arc<Credentials>,
 }
 
 impl Clients {
@@ -74,10 +76,23 @@ impl Clients {
             per_service: Arc::new(per_service),
             next: Arc::new(AtomicUsize::new(0)),
             headers: Arc::new(headers),
+            credentials: Arc::new(Credentials::default()),
         }
     }
 
-    fn channel(&self, service: Service) -> Channel {
+    /// The same targets, presenting `credentials`.
+    pub fn with_credentials(&self, credentials: Credentials) -> Self {
+        Self {
+            credentials: Arc::new(credentials),
+            ..self.clone()
+        }
+    }
+
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
+    }
+
+    pub(crate) fn channel(&self, service: Service) -> Channel {
         let pool = self
             .per_service
             .get(&service)
@@ -87,10 +102,18 @@ impl Clients {
         pool[i].clone()
     }
 
-    fn request<T>(&self, message: T) -> Request<T> {
+    /// A request made as the operator (provisioning).
+    pub(crate) fn request<T>(&self, message: T) -> Request<T> {
+        self.request_as(message, Caller::Admin)
+    }
+
+    fn request_as<T>(&self, message: T, caller: Caller) -> Request<T> {
         let mut r = Request::new(message);
         for (k, v) in self.headers.iter() {
             r.metadata_mut().insert(k.clone(), v.clone());
+        }
+        if let Some(value) = self.credentials.value(caller) {
+            r.metadata_mut().insert("authorization", value.clone());
         }
         r
     }
@@ -563,7 +586,8 @@ pub struct Workload {
     pub clients: Clients,
     pub run_id: String,
     pub mix: Mix,
-    refundable: Mutex<VecDeque<String>>,
+    /// Committed receipts and their stores, for refunds.
+    refundable: Mutex<VecDeque<(String, usize)>>,
     run_salt: u64,
     /// This run's coupons, each presented once, in order.
     coupons: Vec<String>,
@@ -575,7 +599,7 @@ pub struct Workload {
 pub struct Call {
     pub rpc: Rpc,
     seed: u64,
-    refund_of: Option<String>,
+    refund_of: Option<(String, usize)>,
 }
 
 impl Workload {
@@ -678,6 +702,8 @@ impl Workload {
         let mut rng = StdRng::seed_from_u64(call.seed);
         let c = &self.clients;
         let tenant = self.model.config.tenant.clone();
+        // The till of a random store, for calls whose store the model does not decide.
+        let till = Caller::Pos(rng.random_range(0..self.model.stores.len().max(1)));
         match call.rpc {
             Rpc::RegisterMember => {
                 // A new customer at the till: a random mobile number outside the provisioned
@@ -696,12 +722,15 @@ impl Workload {
                     c.channel(Service::Identity),
                 );
                 client
-                    .register_member(c.request(ipb::RegisterMemberRequest {
-                        tenant_id: tenant,
-                        phone,
-                        channel: loyalty_proto::common::v1::Channel::Store as i32,
-                        ..Default::default()
-                    }))
+                    .register_member(c.request_as(
+                        ipb::RegisterMemberRequest {
+                            tenant_id: tenant,
+                            phone,
+                            channel: loyalty_proto::common::v1::Channel::Store as i32,
+                            ..Default::default()
+                        },
+                        till,
+                    ))
                     .await?;
             }
             Rpc::LookupMember => {
@@ -710,11 +739,14 @@ impl Workload {
                     c.channel(Service::Identity),
                 );
                 client
-                    .lookup_member(c.request(ipb::LookupMemberRequest {
-                        tenant_id: tenant,
-                        key: Some(ipb::lookup_member_request::Key::CardNumber(member_card(i))),
-                        default_region: String::new(),
-                    }))
+                    .lookup_member(c.request_as(
+                        ipb::LookupMemberRequest {
+                            tenant_id: tenant,
+                            key: Some(ipb::lookup_member_request::Key::CardNumber(member_card(i))),
+                            default_region: String::new(),
+                        },
+                        till,
+                    ))
                     .await?;
             }
             Rpc::GetBalance => {
@@ -723,10 +755,13 @@ impl Workload {
                     c.channel(Service::Balance),
                 );
                 client
-                    .get_balance(c.request(bpb::GetBalanceRequest {
-                        tenant_id: tenant,
-                        member_id: self.member_ids.get(i).cloned().unwrap_or_default(),
-                    }))
+                    .get_balance(c.request_as(
+                        bpb::GetBalanceRequest {
+                            tenant_id: tenant,
+                            member_id: self.member_ids.get(i).cloned().unwrap_or_default(),
+                        },
+                        Caller::App(i),
+                    ))
                     .await?;
             }
             Rpc::GetMemberSegments => {
@@ -735,10 +770,13 @@ impl Workload {
                     c.channel(Service::Segmentation),
                 );
                 client
-                    .get_member_segments(c.request(spb::GetMemberSegmentsRequest {
-                        tenant_id: tenant,
-                        member_id: self.member_ids.get(i).cloned().unwrap_or_default(),
-                    }))
+                    .get_member_segments(c.request_as(
+                        spb::GetMemberSegmentsRequest {
+                            tenant_id: tenant,
+                            member_id: self.member_ids.get(i).cloned().unwrap_or_default(),
+                        },
+                        till,
+                    ))
                     .await?;
             }
             Rpc::Accrue | Rpc::Redeem => {
@@ -749,25 +787,31 @@ impl Workload {
                 );
                 if call.rpc == Rpc::Accrue {
                     client
-                        .accrue(c.request(bpb::AccrueRequest {
-                            tenant_id: tenant,
-                            member_id,
-                            idempotency_key: format!("{}-a{n}", self.run_id),
-                            amount: 100,
-                            reference: "loadtest".into(),
-                            ..Default::default()
-                        }))
+                        .accrue(c.request_as(
+                            bpb::AccrueRequest {
+                                tenant_id: tenant,
+                                member_id,
+                                idempotency_key: format!("{}-a{n}", self.run_id),
+                                amount: 100,
+                                reference: "loadtest".into(),
+                                ..Default::default()
+                            },
+                            till,
+                        ))
                         .await?;
                 } else {
                     client
-                        .redeem(c.request(bpb::RedeemRequest {
-                            tenant_id: tenant,
-                            member_id,
-                            idempotency_key: format!("{}-r{n}", self.run_id),
-                            amount: 50,
-                            reference: "loadtest".into(),
-                            up_to_available: true,
-                        }))
+                        .redeem(c.request_as(
+                            bpb::RedeemRequest {
+                                tenant_id: tenant,
+                                member_id,
+                                idempotency_key: format!("{}-r{n}", self.run_id),
+                                amount: 50,
+                                reference: "loadtest".into(),
+                                up_to_available: true,
+                            },
+                            till,
+                        ))
                         .await?;
                 }
             }
@@ -778,9 +822,12 @@ impl Workload {
                     c.channel(Service::Promotion),
                 );
                 client
-                    .quote(c.request(ppb::QuoteRequest {
-                        receipt: Some(receipt),
-                    }))
+                    .quote(c.request_as(
+                        ppb::QuoteRequest {
+                            receipt: Some(receipt),
+                        },
+                        Caller::Pos(spec.store),
+                    ))
                     .await?;
             }
             Rpc::Commit => {
@@ -791,31 +838,37 @@ impl Workload {
                     c.channel(Service::Promotion),
                 );
                 client
-                    .commit(c.request(ppb::CommitRequest {
-                        receipt: Some(receipt),
-                    }))
+                    .commit(c.request_as(
+                        ppb::CommitRequest {
+                            receipt: Some(receipt),
+                        },
+                        Caller::Pos(spec.store),
+                    ))
                     .await?;
                 if let Ok(mut q) = self.refundable.lock()
                     && q.len() < REFUND_POOL
                 {
-                    q.push_back(id);
+                    q.push_back((id, spec.store));
                 }
             }
             Rpc::Refund => {
-                let receipt_id = call.refund_of.unwrap_or_default();
+                let (receipt_id, store) = call.refund_of.unwrap_or_default();
                 let mut client = ppb::checkout_service_client::CheckoutServiceClient::new(
                     c.channel(Service::Promotion),
                 );
                 client
-                    .refund(c.request(ppb::RefundRequest {
-                        tenant_id: tenant,
-                        receipt_id,
-                        refund_id: "r1".into(),
-                        lines: vec![ppb::RefundLine {
-                            line_id: "1".into(),
-                            quantity: dec("1".into()),
-                        }],
-                    }))
+                    .refund(c.request_as(
+                        ppb::RefundRequest {
+                            tenant_id: tenant,
+                            receipt_id,
+                            refund_id: "r1".into(),
+                            lines: vec![ppb::RefundLine {
+                                line_id: "1".into(),
+                                quantity: dec("1".into()),
+                            }],
+                        },
+                        Caller::Pos(store),
+                    ))
                     .await?;
             }
         }

@@ -249,3 +249,113 @@ async fn per_service_targets_drive_a_split_deployment() {
     assert_eq!(identity.stop().await, 0);
     assert_eq!(rest.stop().await, 0);
 }
+
+/// A server that checks keys and speaks mutual TLS: the operator's admin key provisions the
+/// tenant and makes the run's POS and app keys, the traffic presents them, and they are
+/// revoked at the end.
+#[tokio::test]
+async fn a_run_presents_per_store_and_per_member_keys_over_mutual_tls() {
+    use loyalty_e2e::pki::{Ca, write};
+    use loyalty_proto::identity::v1 as ipb;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut args: Vec<String> = vec!["create-key".into(), "--data-dir".into()];
+    args.push(data.display().to_string());
+    args.extend(["--role", "admin", "--tenant", "loadtest"].map(String::from));
+    let made = loyalty_e2e::command(&args, &[]).output().await.unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let admin = String::from_utf8(made.stdout).unwrap().trim().to_string();
+    let ca = Ca::new("loadtest CA");
+    let (cert, key) = ca.issue("localhost");
+    let (client_cert, client_key) = ca.issue("loyalty-loadtest");
+    let file = |name: &str, text: &str| write(dir.path(), name, text).display().to_string();
+    let server = Server::start(
+        Launch::dev()
+            .env("LOYALTY_AUTH__MODE", "required")
+            .env("LOYALTY_TLS__CERT_FILE", &file("server.pem", &cert))
+            .env("LOYALTY_TLS__KEY_FILE", &file("server.key", &key))
+            .env("LOYALTY_TLS__CLIENT_CA_FILE", &file("ca.pem", &ca.pem))
+            .env("LOYALTY_TLS__REQUIRE_CLIENT_CERT", "true"),
+        &data,
+    )
+    .await;
+    let target = format!(
+        "https://localhost:{}",
+        server.addr.rsplit(':').next().unwrap()
+    );
+    let out = dir.path().join("report");
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_loyalty-loadtest"))
+        .args(["--target", &target, "--scenario", "steady"])
+        .args(["--rate", "100", "--count", "150", "--warmup", "0"])
+        .args(["--members", "60", "--stores", "4", "--products", "100"])
+        .args(["--campaigns", "5", "--app-keys", "20"])
+        .args(["--ca", &file("ca.pem", &ca.pem)])
+        .args(["--cert", &file("client.pem", &client_cert)])
+        .args(["--key", &file("client.key", &client_key)])
+        .env("LOYALTY_API_KEY", &admin)
+        .args(["--quiet", "--fail-on-errors", "--out"])
+        .arg(&out)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "load test failed:\n{}\nserver log:\n{}",
+        String::from_utf8_lossy(&run.stderr),
+        server.log_text()
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["count"], 150);
+    assert_eq!(report["statusCodeDistribution"]["OK"], 150);
+
+    // Four till keys and twenty app keys were made for the run, and revoked after it.
+    let channel = tonic::transport::Endpoint::from_shared(target)
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&ca.pem))
+                .identity(tonic::transport::Identity::from_pem(
+                    &client_cert,
+                    &client_key,
+                )),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(ipb::ListApiKeysRequest {
+        tenant_id: "loadtest".into(),
+        include_revoked: true,
+        page_size: 1000,
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {admin}").parse().unwrap());
+    let keys = ipb::access_service_client::AccessServiceClient::new(channel)
+        .list_api_keys(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .api_keys;
+    let made: Vec<_> = keys
+        .iter()
+        .filter(|k| k.name.starts_with("loyalty-loadtest"))
+        .collect();
+    let role = |r: ipb::Role| made.iter().filter(|k| k.role == r as i32).count();
+    assert_eq!((role(ipb::Role::Pos), role(ipb::Role::App)), (4, 20));
+    assert!(
+        made.iter().all(|k| k.revoked_at.is_some()),
+        "the run's keys outlived it"
+    );
+    assert!(
+        keys.iter()
+            .any(|k| k.role == ipb::Role::Admin as i32 && k.revoked_at.is_none())
+    );
+    assert_eq!(server.stop().await, 0);
+}

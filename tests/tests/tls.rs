@@ -4,52 +4,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use loyalty_e2e::pki::{Ca, ExtendedKeyUsagePurpose, write};
 use loyalty_e2e::{Launch, Server, command};
 use loyalty_proto::balance::v1 as bpb;
 use loyalty_proto::identity::v1 as ipb;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-
-/// A certificate authority made for one test.
-struct Ca {
-    pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let pem = params.self_signed(&key).unwrap().pem();
-        Ca {
-            pem,
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A certificate and key (PEM) for `common_name`, valid for localhost.
-    fn issue(&self, common_name: &str) -> (String, String) {
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 /// `loyalty create-key` against a stopped server's data directory: the whole key.
 async fn create_key(data_dir: &Path, args: &[&str]) -> String {
@@ -158,6 +120,12 @@ async fn the_listener_speaks_tls_and_client_certificates_name_keys() {
         list_keys(&certified, None, "other").await,
         Err(Code::PermissionDenied)
     );
+    // A key sent over the same connection decides: a wrong one is not rescued by the
+    // certificate.
+    assert_eq!(
+        list_keys(&certified, Some("lk_0123456789abcdef_nope"), "acme").await,
+        Err(Code::Unauthenticated)
+    );
     // The `lk_` form of the id works too.
     let prefixed = ca.issue(&format!("lk_{}", key_id(&admin)));
     let prefixed = tls_channel(&server, &ca.pem, Some(&prefixed))
@@ -248,6 +216,16 @@ async fn the_listener_speaks_tls_and_client_certificates_name_keys() {
         status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+    let health = Channel::from_shared(format!("http://{health_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(
+        list_keys(&health, Some(&admin), "acme").await,
+        Err(Code::Unimplemented),
+        "the health port serves health alone"
+    );
 
     // The command line reaches the TLS listener with the CA.
     let mut args: Vec<String> = [
@@ -287,7 +265,14 @@ async fn a_split_deployment_calls_its_peers_over_mutual_tls() {
     let admin = create_key(&a, &["--role", "admin", "--tenant", "acme"]).await;
     let service = create_key(&a, &["--role", "service"]).await;
     let ca = Ca::new("cluster CA");
-    let (cert, key) = ca.issue("localhost");
+    // As cert-manager issues them for pods that serve and call each other.
+    let (cert, key) = ca.issue_for(
+        "localhost",
+        &[
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+    );
     let tls = |launch: Launch| {
         launch
             .env("LOYALTY_AUTH__MODE", "required")
@@ -398,6 +383,24 @@ async fn a_split_deployment_calls_its_peers_over_mutual_tls() {
         .await
         .unwrap();
     assert_eq!(balance().await.unwrap_err().code(), Code::Unauthenticated);
+
+    // `loyalty create-key --addr` reaches identity over mutual TLS, as a peer does.
+    let launch = tls(Launch::default());
+    let mut args: Vec<String> = ["create-key", "--addr"].map(String::from).to_vec();
+    args.push(format!("https://localhost:{port}"));
+    args.extend(["--role", "admin", "--tenant", "beta"].map(String::from));
+    let out = command(&args, &launch.env).output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let beta_admin = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let beta = tls_channel(&identity, &ca.pem, Some(&as_admin))
+        .await
+        .unwrap();
+    assert_eq!(list_keys(&beta, Some(&beta_admin), "beta").await, Ok(1));
+
     assert_eq!(rest.stop().await, 0);
     assert_eq!(identity.stop().await, 0);
 }
@@ -406,6 +409,11 @@ async fn a_split_deployment_calls_its_peers_over_mutual_tls() {
 async fn tls_settings_that_cannot_work_are_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let garbled = write(dir.path(), "cert.pem", "not a certificate");
+    let ca = Ca::new("test CA");
+    let (cert, _) = ca.issue("localhost");
+    let (_, other_key) = ca.issue("localhost");
+    let cert = write(dir.path(), "server.pem", &cert);
+    let other_key = write(dir.path(), "other.key", &other_key);
     for (env, expected) in [
         (
             vec![("LOYALTY_TLS__CERT_FILE", garbled.to_str().unwrap())],
@@ -419,8 +427,23 @@ async fn tls_settings_that_cannot_work_are_refused_at_start() {
             "is not a PEM file",
         ),
         (
+            vec![
+                ("LOYALTY_TLS__CERT_FILE", cert.to_str().unwrap()),
+                ("LOYALTY_TLS__KEY_FILE", other_key.to_str().unwrap()),
+            ],
+            "do not make a TLS server",
+        ),
+        (
             vec![("LOYALTY_TLS__REQUIRE_CLIENT_CERT", "true")],
             "`tls.require_client_cert` needs `tls.client_ca_file`",
+        ),
+        (
+            vec![
+                ("LOYALTY_TLS__CERT_FILE", garbled.to_str().unwrap()),
+                ("LOYALTY_TLS__KEY_FILE", garbled.to_str().unwrap()),
+                ("LOYALTY_PEERS__IDENTITY", "http://127.0.0.1:1"),
+            ],
+            "`peers.identity` is http:// while `tls.cert_file` is set",
         ),
     ] {
         let mut args: Vec<String> = vec!["dev".into(), "--listen".into(), "127.0.0.1:0".into()];

@@ -295,7 +295,8 @@ impl Keys {
             return Ok(None);
         }
         let stored = self.store.api_key(key_id).await?;
-        Ok(stored.filter(|k| k.revoked_at.is_none()))
+        // The service role spans every tenant: it is never granted on a certificate's word.
+        Ok(stored.filter(|k| k.revoked_at.is_none() && k.role != Role::Service))
     }
 }
 

@@ -22,6 +22,9 @@ pub struct Request {
     pub api_key: Option<String>,
     /// The CA certificate an https server is checked against.
     pub ca: Option<PathBuf>,
+    /// A client certificate and its key (PEM), for a server that asks for one.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 /// The JSON ticket the Flight endpoint takes (docs/kpis.md).
@@ -55,7 +58,11 @@ pub async fn run(r: &Request) -> anyhow::Result<(PathBuf, usize)> {
 async fn write(r: &Request, partial: &Path) -> anyhow::Result<(PathBuf, usize)> {
     std::fs::create_dir_all(&r.out)
         .with_context(|| format!("creating the output directory {}", r.out.display()))?;
-    let channel = loyalty_platform::tls::connect(&r.addr, r.ca.as_deref()).await?;
+    let identity = match (&r.cert, &r.key) {
+        (Some(cert), Some(key)) => Some(loyalty_platform::tls::identity_from(cert, key)?),
+        _ => None,
+    };
+    let channel = loyalty_platform::tls::connect(&r.addr, r.ca.as_deref(), identity).await?;
     let mut client = FlightClient::new(channel);
     if let Some(key) = &r.api_key {
         client

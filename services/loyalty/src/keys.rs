@@ -88,8 +88,14 @@ async fn remote(
     let service_key = config.auth.service_key.as_deref().context(
         "--addr needs `auth.service_key` (LOYALTY_AUTH__SERVICE_KEY): the identity service only makes keys for a service or an admin",
     )?;
-    // Identity is asked as a peer is: an https address is checked against `tls.peer_ca_file`.
-    let channel = loyalty_platform::tls::connect(addr, config.tls.peer_ca_file.as_deref()).await?;
+    // Identity is asked as a peer is: an https address is checked against `tls.peer_ca_file`,
+    // and presented this process's certificate when the deployment uses client certificates.
+    let channel = loyalty_platform::tls::connect(
+        addr,
+        config.tls.peer_ca_file.as_deref(),
+        loyalty_platform::tls::client_identity(&config.tls)?,
+    )
+    .await?;
     let mut client = pb::access_service_client::AccessServiceClient::new(channel);
     let mut request = tonic::Request::new(pb::CreateApiKeyRequest {
         tenant_id: new.tenant,

@@ -140,6 +140,13 @@ enum Command {
         /// PKI roots).
         #[arg(long, value_name = "FILE")]
         ca: Option<PathBuf>,
+        /// A PEM client certificate for a server that asks for one; its common name may
+        /// name the API key instead of `--api-key`.
+        #[arg(long, value_name = "FILE", requires = "key")]
+        cert: Option<PathBuf>,
+        /// The PEM private key of `--cert`.
+        #[arg(long, value_name = "FILE", requires = "cert")]
+        key: Option<PathBuf>,
         /// The API key to present (when the server checks keys).
         #[arg(long, env = "LOYALTY_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
@@ -268,6 +275,8 @@ async fn run(cli: Cli) -> ExitCode {
             time_zone,
             out,
             ca,
+            cert,
+            key,
             api_key,
         } => {
             let request = export::Request {
@@ -280,6 +289,8 @@ async fn run(cli: Cli) -> ExitCode {
                 out,
                 api_key,
                 ca,
+                cert,
+                key,
             };
             return match export::run(&request).await {
                 Ok((path, rows)) => {

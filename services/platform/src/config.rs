@@ -211,8 +211,8 @@ pub struct TlsConfig {
     /// Refuse connections without a client certificate signed by `client_ca_file`.
     pub require_client_cert: bool,
     /// The CA certificate (PEM) that signed the peers' certificates, for `https://` peer
-    /// URLs; unset: the web PKI roots. Calls to peers present `cert_file` as a client
-    /// certificate.
+    /// URLs; unset: the web PKI roots. With `client_ca_file`, calls to peers present
+    /// `cert_file` as a client certificate, so it must allow client authentication.
     pub peer_ca_file: Option<PathBuf>,
 }
 
@@ -576,6 +576,23 @@ impl Config {
             return bad(
                 "tls.require_client_cert",
                 "needs `tls.client_ca_file`, the CA the client certificates are checked against",
+            );
+        }
+        let plain_peer = [
+            ("peers.identity", &self.peers.identity),
+            ("peers.balance", &self.peers.balance),
+            ("peers.promotion", &self.peers.promotion),
+            ("peers.segmentation", &self.peers.segmentation),
+            ("peers.reporting", &self.peers.reporting),
+        ]
+        .into_iter()
+        .find(|(_, url)| url.as_deref().is_some_and(|u| u.starts_with("http://")));
+        if tls.enabled()
+            && let Some((key, _)) = plain_peer
+        {
+            return bad(
+                key,
+                "is http:// while `tls.cert_file` is set: the peers speak TLS, and the service key would travel in clear; use https://",
             );
         }
         if self.auth.cache_ttl_secs > 3_600 {

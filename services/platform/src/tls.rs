@@ -30,6 +30,21 @@ fn read(key: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// How long a client may take over its TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// An error and its sources on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 fn identity(tls: &TlsConfig) -> anyhow::Result<Option<Identity>> {
     match (&tls.cert_file, &tls.key_file) {
         (Some(cert), Some(key)) => Ok(Some(Identity::from_pem(
@@ -45,12 +60,24 @@ pub fn server_config(tls: &TlsConfig) -> anyhow::Result<Option<ServerTlsConfig>>
     let Some(identity) = identity(tls)? else {
         return Ok(None);
     };
-    let mut config = ServerTlsConfig::new().identity(identity);
+    // A client that stalls its handshake is dropped, not kept waiting on a task.
+    let mut config = ServerTlsConfig::new()
+        .identity(identity)
+        .timeout(HANDSHAKE_TIMEOUT);
     if let Some(ca) = &tls.client_ca_file {
         config = config
             .client_ca_root(Certificate::from_pem(read("tls.client_ca_file", ca)?))
             .client_auth_optional(!tls.require_client_cert);
     }
+    // Built once here so a key that does not match its certificate is named at start.
+    tonic::transport::Server::builder()
+        .tls_config(config.clone())
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "bad configuration: `tls.cert_file`, `tls.key_file` and `tls.client_ca_file` do not make a TLS server: {}",
+                error_chain(&e)
+            )
+        })?;
     Ok(Some(config))
 }
 
@@ -61,17 +88,29 @@ pub fn client_config(tls: &TlsConfig, domain: &str) -> anyhow::Result<ClientTlsC
         Some(ca) => config.ca_certificate(Certificate::from_pem(read("tls.peer_ca_file", ca)?)),
         None => config.with_webpki_roots(),
     };
-    if tls.require_client_cert
-        && let Some(identity) = identity(tls)?
-    {
+    if let Some(identity) = client_identity(tls)? {
         config = config.identity(identity);
     }
     Ok(config)
 }
 
+/// What this process presents to peers as its client certificate: its own certificate,
+/// when the deployment uses client certificates (`tls.client_ca_file`). That certificate must
+/// then allow client authentication.
+pub fn client_identity(tls: &TlsConfig) -> anyhow::Result<Option<Identity>> {
+    if tls.client_ca_file.is_none() {
+        return Ok(None);
+    }
+    identity(tls)
+}
+
 /// A channel to `url` for the command line: `https://` URLs are checked against the PEM CA
-/// in `ca_file` (or the web PKI roots).
-pub async fn connect(url: &str, ca_file: Option<&Path>) -> anyhow::Result<Channel> {
+/// in `ca_file` (or the web PKI roots) and are presented `identity` as a client certificate.
+pub async fn connect(
+    url: &str,
+    ca_file: Option<&Path>,
+    identity: Option<Identity>,
+) -> anyhow::Result<Channel> {
     let mut endpoint = Endpoint::from_shared(url.to_owned())
         .with_context(|| format!("{url:?} is not a URL such as http://127.0.0.1:50051"))?;
     if endpoint.uri().scheme_str() == Some("https") {
@@ -80,12 +119,27 @@ pub async fn connect(url: &str, ca_file: Option<&Path>) -> anyhow::Result<Channe
             Some(ca) => tls.ca_certificate(Certificate::from_pem(read("--ca", ca)?)),
             None => tls.with_webpki_roots(),
         };
+        if let Some(identity) = identity {
+            tls = tls.identity(identity);
+        }
         endpoint = endpoint.tls_config(tls)?;
+    } else if ca_file.is_some() || identity.is_some() {
+        anyhow::bail!(
+            "{url} is plain text: a CA or client certificate needs an https:// address, or the key would travel in clear"
+        );
     }
     endpoint
         .connect()
         .await
         .with_context(|| format!("connecting to {url}"))
+}
+
+/// A client certificate from PEM files (`--cert`, `--key`).
+pub fn identity_from(cert: &Path, key: &Path) -> anyhow::Result<Identity> {
+    Ok(Identity::from_pem(
+        read("--cert", cert)?,
+        read("--key", key)?,
+    ))
 }
 
 /// The API key id a verified client certificate (DER) names in its subject common name.
