@@ -125,6 +125,9 @@ NEGATIVE = [
     (["config.metrics.exportIntervalMs=10"], "Must be greater than or equal to 100"),
     (["auth.serviceKey=short"], "Does not match pattern"),
     (["config.auth.cacheTtlSeconds=7200"], "Must be less than or equal to 3600"),
+    (["config.rateLimits.perKey=-1"], "Must be greater than or equal to 0"),
+    (["config.rateLimits.burstSeconds=0"], "Must be greater than 0"),
+    (["config.rateLimits.tenants.acme=lots"], "Invalid type"),
     (["config.server.maxMessageBytes=10"], "Must be greater than or equal to 1024"),
     (["config.identity.defaultRegion=kz"], "Does not match pattern"),
     (["services.identity.resources.requests.cpu=lots"], "cpu"),
@@ -777,6 +780,9 @@ def main() -> int:
                 "image.digest=sha256:" + "0" * 64,
                 "grafanaDashboard.enabled=true",
                 "grafanaDashboard.annotations.grafana_folder=Loyalty",
+                "config.rateLimits.perKey=500",
+                "config.rateLimits.perTenant=20000",
+                "config.rateLimits.tenants.acme=50000",
             ]
         )
         secured = helm_template(

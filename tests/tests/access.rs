@@ -539,3 +539,99 @@ async fn auth_cannot_be_off_off_loopback() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("auth.mode"));
 }
+
+async fn list_keys(channel: &Channel, key: &str, tenant: &str) -> Result<(), Status> {
+    ipb::access_service_client::AccessServiceClient::new(channel.clone())
+        .list_api_keys(with_key(
+            ipb::ListApiKeysRequest {
+                tenant_id: tenant.into(),
+                ..Default::default()
+            },
+            key,
+        ))
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test]
+async fn callers_over_their_rate_get_resource_exhausted_with_a_retry_hint() {
+    use tonic_types::StatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let acme = create_key(&data, &["--role", "admin", "--tenant", "acme"]).await;
+    let acme_other = create_key(&data, &["--role", "admin", "--tenant", "acme"]).await;
+    let beta = create_key(&data, &["--role", "admin", "--tenant", "beta"]).await;
+    let beta_other = create_key(&data, &["--role", "admin", "--tenant", "beta"]).await;
+    let server = Server::start(
+        Launch::dev()
+            .env("LOYALTY_AUTH__MODE", "required")
+            .env("LOYALTY_RATE_LIMITS__PER_KEY", "5")
+            .env("LOYALTY_RATE_LIMITS__BURST_SECS", "1")
+            .env("LOYALTY_RATE_LIMITS__TENANTS__BETA", "3"),
+        &data,
+    )
+    .await;
+    let channel = server.channel().await;
+
+    // One key: its burst of five, then refusals that say when to come back.
+    let started = std::time::Instant::now();
+    let (mut passed, mut refusal) = (0u32, None);
+    for _ in 0..40 {
+        match list_keys(&channel, &acme, "acme").await {
+            Ok(()) => passed += 1,
+            Err(status) => {
+                refusal = Some(status);
+                break;
+            }
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let refusal = refusal.expect("forty calls in a row were never limited");
+    assert_eq!(refusal.code(), Code::ResourceExhausted, "{refusal:?}");
+    assert!(
+        f64::from(passed) <= 5.0 + (elapsed * 5.0).ceil(),
+        "{passed} calls passed in {elapsed:.2} s at 5/s"
+    );
+    assert!(
+        refusal.message().contains("for this API key"),
+        "{}",
+        refusal.message()
+    );
+    let retry = refusal
+        .get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("a RetryInfo detail");
+    assert!(retry > std::time::Duration::ZERO && retry <= std::time::Duration::from_millis(201));
+    // The tenant's other key has its own bucket (acme has no tenant limit).
+    list_keys(&channel, &acme_other, "acme").await.unwrap();
+    // Waiting as told lets the next call through.
+    tokio::time::sleep(retry).await;
+    list_keys(&channel, &acme, "acme").await.unwrap();
+
+    // beta has a tenant limit of 3/s over all its keys.
+    let (mut passed, mut refusal) = (0u32, None);
+    let started = std::time::Instant::now();
+    for i in 0..40 {
+        let key = if i % 2 == 0 { &beta } else { &beta_other };
+        match list_keys(&channel, key, "beta").await {
+            Ok(()) => passed += 1,
+            Err(status) => {
+                refusal = Some(status);
+                break;
+            }
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let refusal = refusal.expect("the tenant was never limited");
+    assert_eq!(refusal.code(), Code::ResourceExhausted);
+    assert!(
+        refusal.message().contains("for this tenant (beta)"),
+        "{}",
+        refusal.message()
+    );
+    assert!(
+        f64::from(passed) <= 3.0 + (elapsed * 3.0).ceil(),
+        "{passed} calls passed in {elapsed:.2} s at 3/s"
+    );
+    assert_eq!(server.stop().await, 0);
+}

@@ -305,6 +305,20 @@ sample_ratio = {{ .Values.config.tracing.sampleRatio }}
 mode = "required"
 cache_ttl_secs = {{ .Values.config.auth.cacheTtlSeconds | int }}
 
+[rate_limits]
+{{- with .Values.config.rateLimits }}
+per_key = {{ .perKey | float64 }}
+per_tenant = {{ .perTenant | float64 }}
+burst_secs = {{ .burstSeconds | float64 }}
+{{- if .tenants }}
+
+[rate_limits.tenants]
+{{- range $tenant, $rate := .tenants }}
+{{ $tenant | quote }} = {{ $rate | float64 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 [metrics]
 {{- with .Values.config.metrics.otlpEndpoint }}
 otlp_endpoint = {{ . | quote }}

@@ -603,11 +603,23 @@ pub fn gate(config: &Config, node: &Node) -> anyhow::Result<Gate> {
         service_key = service_key.is_some(),
         "authentication is on: every call presents an API key"
     );
+    let limits = loyalty_platform::access::RateLimits::new(&config.rate_limits);
+    if limits.is_some() {
+        let l = &config.rate_limits;
+        tracing::info!(
+            per_key = l.per_key,
+            per_tenant = l.per_tenant,
+            tenants_with_their_own = l.tenants.len(),
+            burst_secs = l.burst_secs,
+            "rate limits on (calls per second, per process)"
+        );
+    }
     Ok(Gate::new(
         policy,
         Arc::new(WithServiceKey::new(service_key, Some(keys))),
         config.server.max_message_bytes,
-    ))
+    )
+    .with_rate_limits(limits))
 }
 
 /// Runs the expiry process in the background: every interval, expires due lots and

@@ -10,6 +10,7 @@
 //! - With authentication off (dev mode on loopback) every call is let through as an
 //!   unrestricted caller, and the process says so at start.
 
+pub mod limits;
 pub mod policy;
 pub mod wire;
 
@@ -26,6 +27,7 @@ use sha2::{Digest, Sha256};
 use tonic::Status;
 use tonic::body::Body;
 
+pub use limits::RateLimits;
 pub use policy::{MethodRule, Policy};
 
 use crate::error::Result;
@@ -312,6 +314,7 @@ pub struct Gate {
     /// `None`: authentication is off.
     verifier: Option<Arc<dyn KeyVerifier>>,
     max_message_bytes: usize,
+    limits: Option<Arc<RateLimits>>,
 }
 
 impl Gate {
@@ -321,7 +324,14 @@ impl Gate {
             policy: Arc::new(policy),
             verifier: Some(verifier),
             max_message_bytes,
+            limits: None,
         }
+    }
+
+    /// Refuses callers over `limits` with RESOURCE_EXHAUSTED.
+    pub fn with_rate_limits(mut self, limits: Option<RateLimits>) -> Self {
+        self.limits = limits.map(Arc::new);
+        self
     }
 
     /// A gate letting every call through as [`Principal::unrestricted`].
@@ -330,6 +340,7 @@ impl Gate {
             policy: Arc::new(policy),
             verifier: None,
             max_message_bytes: usize::MAX,
+            limits: None,
         }
     }
 
@@ -386,6 +397,9 @@ impl Gate {
                 path.trim_start_matches('/')
             )));
         }
+        if let Some(limits) = &self.limits {
+            limits.admit(&principal, Instant::now())?;
+        }
         let checks = (!principal.all_tenants).then(|| Checks {
             rule,
             principal: principal.clone(),
@@ -434,12 +448,14 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let gate = self.gate.clone();
         Box::pin(async move {
+            // A certificate is read only when no key was sent: the key decides otherwise.
+            let certified = if request.headers().contains_key(http::header::AUTHORIZATION) {
+                None
+            } else {
+                certified_key_id(&request)
+            };
             let admitted = gate
-                .admit(
-                    request.uri().path(),
-                    request.headers(),
-                    certified_key_id(&request),
-                )
+                .admit(request.uri().path(), request.headers(), certified)
                 .await;
             match admitted {
                 Ok(None) => inner.call(request).await,

@@ -24,6 +24,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub auth: AuthConfig,
     pub tls: TlsConfig,
+    pub rate_limits: RateLimitConfig,
     pub server: ServerConfig,
     pub peers: PeersConfig,
     pub storage: StorageConfig,
@@ -42,6 +43,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
+            rate_limits: RateLimitConfig::default(),
             server: ServerConfig::default(),
             peers: PeersConfig::default(),
             storage: StorageConfig::default(),
@@ -191,6 +193,32 @@ impl std::fmt::Debug for AuthConfig {
             .field("service_key", &self.service_key.as_ref().map(|_| "<set>"))
             .field("cache_ttl_secs", &self.cache_ttl_secs)
             .finish()
+    }
+}
+
+/// Calls per second a caller may make (see `access::limits`); 0 is no limit. Checked per
+/// process, on callers with an API key; our own processes are never limited.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Per API key (or client certificate).
+    pub per_key: f64,
+    /// Per tenant, all its keys together.
+    pub per_tenant: f64,
+    /// How many seconds' worth of calls may come at once.
+    pub burst_secs: f64,
+    /// Per-tenant rates instead of `per_tenant`, by tenant id.
+    pub tenants: std::collections::HashMap<String, f64>,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            per_key: 0.0,
+            per_tenant: 0.0,
+            burst_secs: 1.0,
+            tenants: std::collections::HashMap::new(),
+        }
     }
 }
 
@@ -593,6 +621,38 @@ impl Config {
             return bad(
                 key,
                 "is http:// while `tls.cert_file` is set: the peers speak TLS, and the service key would travel in clear; use https://",
+            );
+        }
+        let limits = &self.rate_limits;
+        let rate_ok = |r: f64| r.is_finite() && (0.0..=10_000_000.0).contains(&r);
+        if !rate_ok(limits.per_key) {
+            return bad(
+                "rate_limits.per_key",
+                "must be between 0 and 10000000 calls per second",
+            );
+        }
+        if !rate_ok(limits.per_tenant) {
+            return bad(
+                "rate_limits.per_tenant",
+                "must be between 0 and 10000000 calls per second",
+            );
+        }
+        if !(limits.burst_secs.is_finite()
+            && limits.burst_secs > 0.0
+            && limits.burst_secs <= 3_600.0)
+        {
+            return bad(
+                "rate_limits.burst_secs",
+                "must be more than 0 and at most 3600",
+            );
+        }
+        if limits.tenants.len() > 10_000 {
+            return bad("rate_limits.tenants", "may name at most 10000 tenants");
+        }
+        if let Some((tenant, _)) = limits.tenants.iter().find(|(_, r)| !rate_ok(**r)) {
+            return bad(
+                "rate_limits.tenants",
+                &format!("gives tenant {tenant:?} a rate that is not between 0 and 10000000"),
             );
         }
         if self.auth.cache_ttl_secs > 3_600 {
