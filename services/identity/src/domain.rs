@@ -9,10 +9,11 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::events::{MemberEvents, MemberSnapshot, NoMemberEvents};
-use crate::store::{IdentityStore, Replaced};
+use crate::lifecycle::{MemberPoints, NoPoints};
+use crate::store::{IdentityStore, Replaced, Saved};
 
-const MAX_NAME_LEN: usize = 100;
-const MAX_EMAIL_LEN: usize = 254;
+pub(crate) const MAX_NAME_LEN: usize = 100;
+pub(crate) const MAX_EMAIL_LEN: usize = 254;
 const MAX_RAW_PHONE_LEN: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -240,7 +241,7 @@ pub fn check_digit_ok(number: &str) -> bool {
     number.len() >= 2 && with_check_digit(&number[..number.len() - 1]) == number
 }
 
-fn check_card_number(v: &mut Violations, number: &str, field: &str) {
+pub(crate) fn check_card_number(v: &mut Violations, number: &str, field: &str) {
     if number.is_empty() {
         v.add(field, "is required");
     } else if !(8..=19).contains(&number.len()) || !number.bytes().all(|b| b.is_ascii_digit()) {
@@ -250,7 +251,7 @@ fn check_card_number(v: &mut Violations, number: &str, field: &str) {
 
 const REFERRAL_ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789";
 
-fn new_referral_code() -> String {
+pub(crate) fn new_referral_code() -> String {
     let mut rng = rand::rng();
     (0..8)
         .map(|_| char::from(REFERRAL_ALPHABET[rng.random_range(0..REFERRAL_ALPHABET.len())]))
@@ -266,22 +267,26 @@ fn new_virtual_card_number() -> String {
 }
 
 /// How many times a generated code or number is retried on a collision.
-const GENERATION_ATTEMPTS: usize = 8;
+pub(crate) const GENERATION_ATTEMPTS: usize = 8;
+
+/// Most members one page lists.
+pub const MAX_PAGE: usize = 1_000;
 
 /// Most cards one range import creates.
 pub const MAX_CARD_RANGE: u64 = 100_000;
 
 /// How many times a card or profile change is re-decided after a concurrent change.
-const CHANGE_ATTEMPTS: usize = 4;
+pub(crate) const CHANGE_ATTEMPTS: usize = 4;
 
 /// The identity service's domain operations.
 #[derive(Debug, Clone)]
 pub struct Identity {
-    store: Arc<dyn IdentityStore>,
-    clock: SharedClock,
+    pub(crate) store: Arc<dyn IdentityStore>,
+    pub(crate) clock: SharedClock,
     default_region: String,
     questionnaire: Vec<String>,
     events: Arc<dyn MemberEvents>,
+    pub(crate) points: Arc<dyn MemberPoints>,
 }
 
 impl Identity {
@@ -294,7 +299,15 @@ impl Identity {
                 .map(String::from)
                 .to_vec(),
             events: Arc::new(NoMemberEvents),
+            points: Arc::new(NoPoints),
         }
+    }
+
+    /// How merges move points and imports hand over opening balances (refused by default).
+    #[must_use]
+    pub fn with_points(mut self, points: Arc<dyn MemberPoints>) -> Self {
+        self.points = points;
+        self
     }
 
     /// Where member events go (nowhere by default).
@@ -341,11 +354,24 @@ impl Identity {
     }
 
     /// Publishes the member's snapshot; the caller is answered only after it.
-    async fn publish(&self, member: &Member, profile: &Profile) -> Result<()> {
+    pub(crate) async fn publish(&self, member: &Member, profile: &Profile) -> Result<()> {
         let complete = self.questionnaire_complete(member, profile);
         self.events
             .member_changed(MemberSnapshot::of(member, profile, complete))
             .await
+    }
+
+    /// Publishes a merged member's snapshot, naming the survivor.
+    pub(crate) async fn publish_merged(
+        &self,
+        member: &Member,
+        profile: &Profile,
+        into: &str,
+    ) -> Result<()> {
+        let complete = self.questionnaire_complete(member, profile);
+        let mut snapshot = MemberSnapshot::of(member, profile, complete);
+        snapshot.merged_into = into.to_string();
+        self.events.member_changed(snapshot).await
     }
 
     /// The profile fields that make the questionnaire complete (names from
@@ -520,6 +546,7 @@ impl Identity {
         )))
     }
 
+    /// Saves a changed member and profile; `false` when another change came first.
     async fn save(
         &self,
         member: &mut Member,
@@ -528,14 +555,18 @@ impl Identity {
     ) -> Result<bool> {
         member.updated_at = self.clock.now_ms();
         profile.version = expected + 1;
-        self.store.save_profile(member, profile, expected).await
+        match self.store.save_profile(member, profile, expected).await? {
+            Saved::Done => Ok(true),
+            Saved::Stale => Ok(false),
+            Saved::EmailTaken => Err(email_taken()),
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn IdentityStore> {
         &self.store
     }
 
-    fn region<'a>(&'a self, requested: &'a str) -> &'a str {
+    pub(crate) fn region<'a>(&'a self, requested: &'a str) -> &'a str {
         if requested.is_empty() {
             &self.default_region
         } else {
@@ -613,6 +644,7 @@ impl Identity {
                         member.phone
                     )));
                 }
+                Inserted::EmailTaken => return Err(email_taken()),
                 Inserted::CodeTaken => member.referral_code = new_referral_code(),
             }
         }
@@ -622,18 +654,78 @@ impl Identity {
     }
 
     /// A member with their cards. Merged members resolve to the survivor.
+    /// A member by id with its cards. A merged member's id answers the survivor.
     pub async fn member(&self, tenant_id: &str, member_id: &str) -> Result<(Member, Vec<Card>)> {
         let mut v = Violations::new();
         check_tenant(&mut v, tenant_id);
         v.text(member_id, "member_id", MAX_ID_LEN);
         v.finish()?;
-        let member = self
+        let member = self.current(tenant_id, member_id).await?;
+        let cards = self
             .store
-            .member(tenant_id, member_id)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("member {member_id} not found")))?;
-        let cards = self.store.cards_of_member(tenant_id, member_id).await?;
+            .cards_of_member(tenant_id, &member.member_id)
+            .await?;
         Ok((member, cards))
+    }
+
+    /// A tenant's members in id order after `after`, at most `limit` (1 to 1000).
+    pub async fn list_members(
+        &self,
+        tenant_id: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<Member>> {
+        let mut v = Violations::new();
+        check_tenant(&mut v, tenant_id);
+        v.optional_text(after, "page_token", MAX_ID_LEN);
+        v.check(
+            (1..=MAX_PAGE).contains(&limit),
+            "page_size",
+            format!("must be between 1 and {MAX_PAGE}"),
+        );
+        v.finish()?;
+        let mut members = self
+            .store
+            .members_after(Some((tenant_id.to_string(), after.to_string())), limit)
+            .await?;
+        members.retain(|m| m.tenant_id == tenant_id);
+        Ok(members)
+    }
+
+    /// The POS may use a member found by a lookup only while it is active.
+    fn usable(member: Member) -> Result<Member> {
+        match member.status {
+            MemberStatus::Active => Ok(member),
+            MemberStatus::Erased => Err(Error::FailedPrecondition(format!(
+                "member {} was erased",
+                member.member_id
+            ))),
+            MemberStatus::Merged => Err(Error::internal(anyhow::anyhow!(
+                "a lookup index points to merged member {}",
+                member.member_id
+            ))),
+        }
+    }
+
+    /// Looks a member up by email (stored lower-case, one member per email per tenant).
+    pub async fn lookup_by_email(&self, tenant_id: &str, email: &str) -> Result<Member> {
+        let mut v = Violations::new();
+        check_tenant(&mut v, tenant_id);
+        v.text(email, "email", MAX_EMAIL_LEN);
+        if !email.is_empty() && !looks_like_email(email) {
+            v.add("email", "is not an email address");
+        }
+        v.finish()?;
+        let email = email.to_ascii_lowercase();
+        let id = self
+            .store
+            .member_id_by_email(tenant_id, &email)
+            .await?
+            .ok_or_else(|| Error::NotFound("no member with this email".into()))?;
+        let member = self.store.member(tenant_id, &id).await?.ok_or_else(|| {
+            Error::internal(anyhow::anyhow!("email index points to missing member {id}"))
+        })?;
+        Self::usable(member)
     }
 
     /// The POS lookup by card: refuses blocked, replaced and unbound cards with the reason.
@@ -675,7 +767,7 @@ impl Identity {
                     "card {number} points to missing member {member_id}"
                 ))
             })?;
-        Ok((member, card))
+        Ok((Self::usable(member)?, card))
     }
 
     /// Lookup by phone, normalized like at registration.
@@ -698,9 +790,10 @@ impl Identity {
             .member_id_by_phone(tenant_id, &phone)
             .await?
             .ok_or_else(|| Error::NotFound(format!("no member with phone {phone}")))?;
-        self.store.member(tenant_id, &id).await?.ok_or_else(|| {
+        let member = self.store.member(tenant_id, &id).await?.ok_or_else(|| {
             Error::internal(anyhow::anyhow!("phone index points to missing member {id}"))
-        })
+        })?;
+        Self::usable(member)
     }
 
     /// Issues a virtual card (number generated) or a plastic card (number given).
@@ -1031,7 +1124,7 @@ impl Identity {
         )))
     }
 
-    async fn active_member(&self, tenant_id: &str, member_id: &str) -> Result<Member> {
+    pub(crate) async fn active_member(&self, tenant_id: &str, member_id: &str) -> Result<Member> {
         let member = self
             .store
             .member(tenant_id, member_id)
@@ -1057,7 +1150,11 @@ impl Identity {
     }
 }
 
-fn looks_like_email(s: &str) -> bool {
+fn email_taken() -> Error {
+    Error::AlreadyExists("another member of this tenant has this email".into())
+}
+
+pub(crate) fn looks_like_email(s: &str) -> bool {
     match s.split_once('@') {
         Some((local, domain)) => {
             !local.is_empty()
@@ -1075,6 +1172,7 @@ fn looks_like_email(s: &str) -> bool {
 pub enum Inserted {
     Done,
     PhoneTaken,
+    EmailTaken,
     CodeTaken,
 }
 

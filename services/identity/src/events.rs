@@ -28,6 +28,8 @@ pub struct MemberSnapshot {
     pub referred: bool,
     /// The member whose referral code this one registered with (empty: none).
     pub referred_by: String,
+    /// Set when this member was merged into another: the survivor.
+    pub merged_into: String,
 }
 
 impl MemberSnapshot {
@@ -54,6 +56,7 @@ impl MemberSnapshot {
             questionnaire_complete,
             referred: member.referred_by.is_some(),
             referred_by: member.referred_by.clone().unwrap_or_default(),
+            merged_into: String::new(),
         }
     }
 

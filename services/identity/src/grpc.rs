@@ -5,7 +5,10 @@ use loyalty_proto::identity::v1 as pb;
 use pb::card_service_server::{CardService, CardServiceServer};
 use pb::member_service_server::{MemberService, MemberServiceServer};
 use pb::referral_service_server::{ReferralService, ReferralServiceServer};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::import::{MAX_IMPORT_ROWS, RowInput};
+use crate::lifecycle::Audit;
 
 use crate::domain::{
     BlockReason, Card, CardKind, CardStatus, ConsentChannel, Date, Gender, Identity, Member,
@@ -50,6 +53,52 @@ pub fn add_routes(
 
 #[derive(Debug, Clone)]
 struct Api(Identity);
+
+type ImportStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::ImportMembersResponse, Status>> + Send>,
+>;
+
+/// The audit of an admin action: the actor the request names and the key that sent it.
+fn audit<T: HasActor>(request: &Request<T>) -> Audit {
+    let actor = request.get_ref().actor();
+    Audit {
+        actor: actor.map(|a| a.id.clone()).unwrap_or_default(),
+        comment: actor.map(|a| a.comment.clone()).unwrap_or_default(),
+        key_id: loyalty_platform::access::caller(request)
+            .map(|p| p.key_id.clone())
+            .unwrap_or_default(),
+        at: 0,
+    }
+}
+
+trait HasActor {
+    fn actor(&self) -> Option<&loyalty_proto::common::v1::Actor>;
+}
+
+impl HasActor for pb::MergeMembersRequest {
+    fn actor(&self) -> Option<&loyalty_proto::common::v1::Actor> {
+        self.actor.as_ref()
+    }
+}
+
+impl HasActor for pb::EraseMemberRequest {
+    fn actor(&self) -> Option<&loyalty_proto::common::v1::Actor> {
+        self.actor.as_ref()
+    }
+}
+
+fn row_input(r: pb::ImportMemberRow) -> RowInput {
+    RowInput {
+        row_number: r.row_number,
+        phone: r.phone,
+        email: r.email,
+        first_name: r.first_name,
+        last_name: r.last_name,
+        birthday: r.birthday.map(|d| (d.year, d.month, d.day)),
+        card_numbers: r.card_numbers,
+        opening_balance: r.opening_balance,
+    }
+}
 
 impl Api {
     /// The member with its profile.
@@ -308,10 +357,13 @@ impl MemberService for Api {
                     .map_err(to_status)?;
                 (m, None)
             }
-            Some(Key::Email(_)) => {
-                return Err(loyalty_platform::grpc::unimplemented(
-                    "LookupMember by email",
-                ));
+            Some(Key::Email(email)) => {
+                let m = self
+                    .0
+                    .lookup_by_email(&r.tenant_id, &email)
+                    .await
+                    .map_err(to_status)?;
+                (m, None)
             }
             None => {
                 return Err(to_status(loyalty_platform::Error::invalid(
@@ -324,6 +376,140 @@ impl MemberService for Api {
             member: Some(self.view(&member).await?),
             card,
         }))
+    }
+
+    async fn merge_members(
+        &self,
+        request: Request<pb::MergeMembersRequest>,
+    ) -> Result<Response<pb::MergeMembersResponse>, Status> {
+        let audit = audit(&request);
+        let r = request.into_inner();
+        let survivor = self
+            .0
+            .merge(
+                &r.tenant_id,
+                &r.survivor_member_id,
+                &r.duplicate_member_id,
+                audit,
+            )
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::MergeMembersResponse {
+            survivor: Some(self.view(&survivor).await?),
+        }))
+    }
+
+    async fn erase_member(
+        &self,
+        request: Request<pb::EraseMemberRequest>,
+    ) -> Result<Response<pb::EraseMemberResponse>, Status> {
+        let audit = audit(&request);
+        let r = request.into_inner();
+        let member = self
+            .0
+            .erase(&r.tenant_id, &r.member_id, audit)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::EraseMemberResponse {
+            member: Some(self.view(&member).await?),
+        }))
+    }
+
+    async fn list_members(
+        &self,
+        request: Request<pb::ListMembersRequest>,
+    ) -> Result<Response<pb::ListMembersResponse>, Status> {
+        let r = request.into_inner();
+        let size = match r.page_size {
+            0 => 100,
+            n => usize::try_from(n).unwrap_or(0),
+        };
+        let members = self
+            .0
+            .list_members(&r.tenant_id, &r.page_token, size)
+            .await
+            .map_err(to_status)?;
+        let next_page_token = match members.last() {
+            Some(last) if members.len() == size => last.member_id.clone(),
+            _ => String::new(),
+        };
+        let mut shown = Vec::with_capacity(members.len());
+        for m in &members {
+            let mut view = self.view(m).await?;
+            if m.status == MemberStatus::Merged {
+                view.merged_into_member_id = self
+                    .0
+                    .merged_into(&m.tenant_id, &m.member_id)
+                    .await
+                    .map_err(to_status)?;
+            }
+            shown.push(view);
+        }
+        Ok(Response::new(pb::ListMembersResponse {
+            members: shown,
+            next_page_token,
+        }))
+    }
+
+    async fn import_members(
+        &self,
+        request: Request<Streaming<pb::ImportMembersRequest>>,
+    ) -> Result<Response<ImportStream>, Status> {
+        let mut incoming = request.into_inner();
+        let identity = self.0.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(async move {
+            // One import per stream: the first chunk names tenant and import for the rest.
+            let mut named: Option<(String, String)> = None;
+            loop {
+                let chunk = match incoming.message().await {
+                    Ok(Some(chunk)) => chunk,
+                    Ok(None) => return,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                let (tenant, import) =
+                    named.get_or_insert_with(|| (chunk.tenant_id.clone(), chunk.import_id.clone()));
+                let answer = if (&chunk.tenant_id, &chunk.import_id) != (&*tenant, &*import) {
+                    Err(to_status(loyalty_platform::Error::invalid(
+                        "import_id",
+                        "every message of one stream names the same tenant and import",
+                    )))
+                } else if chunk.rows.len() > MAX_IMPORT_ROWS {
+                    Err(to_status(loyalty_platform::Error::invalid(
+                        "rows",
+                        format!("at most {MAX_IMPORT_ROWS} rows per message"),
+                    )))
+                } else {
+                    let rows: Vec<RowInput> = chunk.rows.into_iter().map(row_input).collect();
+                    identity
+                        .import_members(tenant, import, &rows)
+                        .await
+                        .map(|outcome| pb::ImportMembersResponse {
+                            rows_imported: i64::try_from(outcome.imported).unwrap_or(i64::MAX),
+                            errors: outcome
+                                .errors
+                                .into_iter()
+                                .map(|e| pb::ImportRowError {
+                                    row_number: e.row_number,
+                                    field: e.field,
+                                    description: e.description,
+                                })
+                                .collect(),
+                        })
+                        .map_err(to_status)
+                };
+                let failed = answer.is_err();
+                if tx.send(answer).await.is_err() || failed {
+                    return; // the client went away, or the stream ends on its error
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn update_profile(

@@ -7,7 +7,9 @@ pub mod domain;
 pub mod events;
 pub mod grpc;
 pub mod grpc_access;
+pub mod import;
 pub mod keys;
+pub mod lifecycle;
 pub mod publish;
 pub mod store;
 

@@ -45,6 +45,7 @@ pub fn encode(s: MemberSnapshot, now: i64) -> Vec<u8> {
             questionnaire_complete: s.questionnaire_complete,
             referred: s.referred,
             referred_by_member_id: s.referred_by,
+            merged_into_member_id: s.merged_into,
         })),
     }
     .encode_to_vec()

@@ -5,6 +5,29 @@ use loyalty_platform::error::Result;
 
 use crate::domain::{Card, CardStatus, Inserted, Member, Profile};
 use crate::keys::ApiKey;
+use crate::lifecycle::{Erasure, ImportRow, MergeRecord};
+
+/// What [`IdentityStore::save_profile`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    Done,
+    /// The stored profile's version was not the expected one (or the member is gone):
+    /// nothing written.
+    Stale,
+    /// Another member of the tenant has the new email: nothing written.
+    EmailTaken,
+}
+
+/// What [`IdentityStore::import_member`] did; nothing is written unless `Done`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Imported {
+    Done,
+    PhoneTaken,
+    EmailTaken,
+    CodeTaken,
+    /// This card is bound to a member, blocked or replaced.
+    CardTaken(String),
+}
 
 /// What [`IdentityStore::replace_card`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +41,7 @@ pub enum Replaced {
 }
 
 pub mod conformance;
+mod conformance_lifecycle;
 pub mod embedded;
 pub mod traced;
 
@@ -43,9 +67,63 @@ pub trait IdentityStore: Send + Sync + std::fmt::Debug {
     /// The member's profile; `None` before its first update.
     async fn profile(&self, tenant_id: &str, member_id: &str) -> Result<Option<Profile>>;
     /// Writes `member` and `profile` together if the stored profile's version is `expected`
-    /// (0: none stored); `false` and nothing written otherwise.
-    async fn save_profile(&self, member: &Member, profile: &Profile, expected: u64)
-    -> Result<bool>;
+    /// (0: none stored), moving the member's email index entry when the email changed.
+    async fn save_profile(
+        &self,
+        member: &Member,
+        profile: &Profile,
+        expected: u64,
+    ) -> Result<Saved>;
+    async fn member_id_by_email(&self, tenant_id: &str, email: &str) -> Result<Option<String>>;
+
+    /// Merges `duplicate` (its new record and profile, status merged) into `record.into`,
+    /// atomically: the duplicate's cards move to the survivor, its phone and email index
+    /// entries point to the survivor, and `record` is kept. Nothing is written (false)
+    /// unless both are stored active and the duplicate's profile version is `expected`.
+    async fn merge_members(
+        &self,
+        duplicate: &Member,
+        profile: &Profile,
+        expected: u64,
+        record: &MergeRecord,
+    ) -> Result<bool>;
+    async fn merge_record(&self, tenant_id: &str, member_id: &str) -> Result<Option<MergeRecord>>;
+    /// Replaces a stored merge record (to mark its points as moved).
+    async fn save_merge_record(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        record: &MergeRecord,
+    ) -> Result<()>;
+
+    /// Writes an erased member and profile with its erasure record, atomically, removing
+    /// the stored phone, email and referral-code index entries that point to it. Nothing is
+    /// written (false) unless the member is stored active with profile version `expected`.
+    async fn erase_member(
+        &self,
+        member: &Member,
+        profile: &Profile,
+        expected: u64,
+        erasure: &Erasure,
+    ) -> Result<bool>;
+    async fn erasure(&self, tenant_id: &str, member_id: &str) -> Result<Option<Erasure>>;
+
+    /// Inserts an imported member with its profile and cards and the import's row record,
+    /// atomically. A card that does not exist is inserted; an unbound one is bound.
+    async fn import_member(
+        &self,
+        member: &Member,
+        profile: &Profile,
+        cards: &[Card],
+        row: &ImportRow,
+    ) -> Result<Imported>;
+    async fn import_row(
+        &self,
+        tenant_id: &str,
+        import_id: &str,
+        row_number: i64,
+    ) -> Result<Option<ImportRow>>;
+    async fn save_import_row(&self, row: &ImportRow) -> Result<()>;
     /// Inserts the cards whose numbers do not exist yet, atomically; returns how many.
     async fn insert_cards(&self, cards: &[Card]) -> Result<u64>;
     /// Writes `card` if the stored card's status is `expected`; `false` (nothing written)

@@ -5,6 +5,7 @@ use loyalty_balance::Balance;
 use loyalty_balance::ledger::{Op, Reason};
 use loyalty_balance::service::MemberDirectory;
 use loyalty_identity::Identity;
+use loyalty_identity::lifecycle::MemberPoints;
 use loyalty_platform::clock::Millis;
 use loyalty_platform::error::{Error, Result};
 use loyalty_platform::grpc::{from_status, timestamp};
@@ -549,5 +550,73 @@ impl MemberDirectory for LocalMembers {
 impl MemberDirectory for RemoteMembers {
     async fn exists(&self, tenant_id: &str, member_id: &str) -> Result<bool> {
         member_exists(self, tenant_id, member_id).await
+    }
+}
+
+/// The import's reference on an opening balance entry.
+const OPENING_REFERENCE: &str = "member import";
+
+#[async_trait::async_trait]
+impl MemberPoints for LocalPoints {
+    async fn transfer(&self, tenant_id: &str, from: &str, to: &str, key: &str) -> Result<i64> {
+        Ok(self.0.transfer(tenant_id, from, to, key).await?.0)
+    }
+
+    async fn opening_balance(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        amount: i64,
+        key: &str,
+    ) -> Result<()> {
+        let op = Op::Accrue {
+            amount,
+            reason: Reason::OpeningBalance,
+            reference: OPENING_REFERENCE.to_string(),
+            activate_at: None,
+            expire_at: None,
+        };
+        self.0.execute(tenant_id, member_id, key, op).await?;
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl MemberPoints for RemotePoints {
+    async fn transfer(&self, tenant_id: &str, from: &str, to: &str, key: &str) -> Result<i64> {
+        let reply = self
+            .client()
+            .transfer_member(bpb::TransferMemberRequest {
+                tenant_id: tenant_id.to_string(),
+                from_member_id: from.to_string(),
+                to_member_id: to.to_string(),
+                idempotency_key: key.to_string(),
+            })
+            .await
+            .map_err(from_status)?;
+        Ok(reply.into_inner().transferred_amount)
+    }
+
+    async fn opening_balance(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        amount: i64,
+        key: &str,
+    ) -> Result<()> {
+        self.client()
+            .accrue(bpb::AccrueRequest {
+                tenant_id: tenant_id.to_string(),
+                member_id: member_id.to_string(),
+                idempotency_key: key.to_string(),
+                amount,
+                reason: bpb::EntryReason::OpeningBalance as i32,
+                reference: OPENING_REFERENCE.to_string(),
+                activate_time: None,
+                expire_time: None,
+            })
+            .await
+            .map_err(from_status)?;
+        Ok(())
     }
 }

@@ -268,9 +268,8 @@ pub async fn build(
                 .clone()
                 .context("the event log is opened for identity")?,
         )));
-        let keys = Keys::new(identity.store().clone(), clock.clone());
-        routes = loyalty_identity::grpc::add_routes(routes, identity.clone(), keys.clone(), max);
-        api_keys = Some(keys);
+        // Its routes are added once balance is known: merges and imports move points.
+        api_keys = Some(Keys::new(identity.store().clone(), clock.clone()));
         let probe = identity.clone();
         let stream = events
             .clone()
@@ -356,6 +355,28 @@ pub async fn build(
         Some(balance)
     } else {
         None
+    };
+
+    // Identity moves points on a merge and hands opening balances over on an import: to
+    // balance in this process, or over gRPC at `peers.balance`, or nowhere (then refused).
+    let identity = match identity {
+        Some(identity) => {
+            let identity = match (&balance, &config.peers.balance) {
+                (Some(balance), _) => identity.with_points(Arc::new(LocalPoints(balance.clone()))),
+                (None, Some(_)) => identity.with_points(Arc::new(RemotePoints(peer_channel(
+                    config,
+                    ServiceName::Balance,
+                    &config.peers.balance,
+                )?))),
+                (None, None) => identity,
+            };
+            if let Some(keys) = &api_keys {
+                routes =
+                    loyalty_identity::grpc::add_routes(routes, identity.clone(), keys.clone(), max);
+            }
+            Some(identity)
+        }
+        None => None,
     };
 
     let segmentation = if runs(ServiceName::Segmentation) {

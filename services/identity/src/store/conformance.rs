@@ -5,10 +5,10 @@
 
 use loyalty_platform::types::Channel;
 
-use super::{IdentityStore, Replaced};
+use super::{IdentityStore, Replaced, Saved};
 use crate::domain::{Card, CardKind, CardStatus, Gender, Inserted, Member, MemberStatus, Profile};
 
-fn member(tenant: &str, id: &str, phone: &str, code: &str) -> Member {
+pub(super) fn member(tenant: &str, id: &str, phone: &str, code: &str) -> Member {
     Member {
         tenant_id: tenant.into(),
         member_id: id.into(),
@@ -26,7 +26,7 @@ fn member(tenant: &str, id: &str, phone: &str, code: &str) -> Member {
     }
 }
 
-fn card(tenant: &str, number: &str, member: Option<&str>) -> Card {
+pub(super) fn card(tenant: &str, number: &str, member: Option<&str>) -> Card {
     Card {
         tenant_id: tenant.into(),
         number: number.into(),
@@ -47,6 +47,7 @@ pub async fn run_all(store: &dyn IdentityStore) {
     profiles(store).await;
     members_in_order(store).await;
     api_keys(store).await;
+    super::conformance_lifecycle::run_all(store).await;
     store.ping().await.unwrap();
 }
 
@@ -396,10 +397,13 @@ async fn profiles(store: &dyn IdentityStore) {
         ..Profile::default()
     };
     assert!(
-        !store.save_profile(&renamed, &profile, 1).await.unwrap(),
+        store.save_profile(&renamed, &profile, 1).await.unwrap() == Saved::Stale,
         "no profile stored yet: version 0"
     );
-    assert!(store.save_profile(&renamed, &profile, 0).await.unwrap());
+    assert_eq!(
+        store.save_profile(&renamed, &profile, 0).await.unwrap(),
+        Saved::Done
+    );
     assert_eq!(
         store.profile("pr", "p1").await.unwrap(),
         Some(profile.clone())
@@ -413,8 +417,8 @@ async fn profiles(store: &dyn IdentityStore) {
         first_name: "C".into(),
         ..renamed.clone()
     };
-    assert!(
-        !store
+    assert_eq!(
+        store
             .save_profile(
                 &stale,
                 &Profile {
@@ -424,11 +428,15 @@ async fn profiles(store: &dyn IdentityStore) {
                 0
             )
             .await
-            .unwrap()
+            .unwrap(),
+        Saved::Stale
     );
     assert_eq!(store.member("pr", "p1").await.unwrap(), Some(renamed));
     // No profile for a member that does not exist.
     let ghost = member("pr", "nobody", "+77010000098", "CODEPR02");
-    assert!(!store.save_profile(&ghost, &profile, 0).await.unwrap());
+    assert_eq!(
+        store.save_profile(&ghost, &profile, 0).await.unwrap(),
+        Saved::Stale
+    );
     assert_eq!(store.profile("pr", "nobody").await.unwrap(), None);
 }

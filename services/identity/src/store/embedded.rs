@@ -9,9 +9,10 @@ use loyalty_platform::embedded::{
 use loyalty_platform::error::Result;
 use redb::{ReadableTable, TableDefinition};
 
-use super::{IdentityStore, Replaced};
-use crate::domain::{Card, CardStatus, Inserted, Member, Profile};
+use super::{IdentityStore, Imported, Replaced, Saved};
+use crate::domain::{Card, CardStatus, Inserted, Member, MemberStatus, Profile};
 use crate::keys::ApiKey;
+use crate::lifecycle::{Erasure, ImportRow, MergeRecord};
 
 const MEMBERS: Records = TableDefinition::new("members");
 const PHONES: TableDefinition<&str, &str> = TableDefinition::new("members_by_phone");
@@ -24,6 +25,61 @@ const API_KEYS: Records = TableDefinition::new("api_keys");
 const TENANT_KEYS: TableDefinition<&str, ()> = TableDefinition::new("api_keys_by_tenant");
 /// Profiles beside members (a separate table, so member records keep their layout).
 const PROFILES: Records = TableDefinition::new("profiles");
+/// Member ids by lower-case email.
+const EMAILS: TableDefinition<&str, &str> = TableDefinition::new("members_by_email");
+/// Merge records by merged member, and erasure records by erased member.
+const MERGES: Records = TableDefinition::new("member_merges");
+const ERASURES: Records = TableDefinition::new("member_erasures");
+/// Imported rows by (tenant, import id, row number).
+const IMPORT_ROWS: Records = TableDefinition::new("member_import_rows");
+
+type Index<'t> = redb::Table<'t, &'static str, &'static str>;
+
+/// Points `tenant`'s `value` entry of `index` at `to` if it points at `from` now.
+fn repoint(index: &mut Index<'_>, tenant: &str, value: &str, from: &str, to: &str) -> Result<()> {
+    if value.is_empty() {
+        return Ok(());
+    }
+    let k = key(&[tenant, value]);
+    let current = index.get(k.as_str()).map_err(e)?.map(|v| v.value() == from);
+    if current == Some(true) {
+        index.insert(k.as_str(), to).map_err(e)?;
+    }
+    Ok(())
+}
+
+/// Removes `tenant`'s `value` entry of `index` if it points at `member`.
+fn unindex(index: &mut Index<'_>, tenant: &str, value: &str, member: &str) -> Result<()> {
+    if value.is_empty() {
+        return Ok(());
+    }
+    let k = key(&[tenant, value]);
+    let current = index
+        .get(k.as_str())
+        .map_err(e)?
+        .map(|v| v.value() == member);
+    if current == Some(true) {
+        index.remove(k.as_str()).map_err(e)?;
+    }
+    Ok(())
+}
+
+/// Whether `tenant`'s `value` entry of `index` is free (or `member`'s own).
+fn free_for(index: &Index<'_>, tenant: &str, value: &str, member: &str) -> Result<bool> {
+    if value.is_empty() {
+        return Ok(true);
+    }
+    let k = key(&[tenant, value]);
+    Ok(index
+        .get(k.as_str())
+        .map_err(e)?
+        .is_none_or(|v| v.value() == member))
+}
+
+fn import_key(tenant: &str, import_id: &str, row: i64) -> String {
+    // Zero-padded so rows sort by number (row numbers are positive).
+    key(&[tenant, import_id, &format!("{row:020}")])
+}
 
 #[derive(Debug, Clone)]
 pub struct EmbeddedIdentityStore {
@@ -49,10 +105,22 @@ impl IdentityStore for EmbeddedIdentityStore {
                 if phones.get(phone_key.as_str()).map_err(e)?.is_some() {
                     return Ok(Inserted::PhoneTaken);
                 }
+                let mut emails = txn.open_table(EMAILS).map_err(e)?;
+                if !free_for(&emails, &member.tenant_id, &member.email, &member.member_id)? {
+                    return Ok(Inserted::EmailTaken);
+                }
                 let mut codes = txn.open_table(REFERRAL_CODES).map_err(e)?;
                 let code_key = key(&[&member.tenant_id, &member.referral_code]);
                 if codes.get(code_key.as_str()).map_err(e)?.is_some() {
                     return Ok(Inserted::CodeTaken);
+                }
+                if !member.email.is_empty() {
+                    emails
+                        .insert(
+                            key(&[&member.tenant_id, &member.email]).as_str(),
+                            member.member_id.as_str(),
+                        )
+                        .map_err(e)?;
                 }
                 let mut members = txn.open_table(MEMBERS).map_err(e)?;
                 put_record(
@@ -155,7 +223,7 @@ impl IdentityStore for EmbeddedIdentityStore {
         member: &Member,
         profile: &Profile,
         expected: u64,
-    ) -> Result<bool> {
+    ) -> Result<Saved> {
         let (member, profile) = (member.clone(), profile.clone());
         self.db
             .write(move |txn| {
@@ -163,15 +231,264 @@ impl IdentityStore for EmbeddedIdentityStore {
                 let mut profiles = txn.open_table(PROFILES).map_err(e)?;
                 let stored: Option<Profile> = get_record(&profiles, &k)?;
                 if stored.map_or(0, |p| p.version) != expected {
-                    return Ok(false);
+                    return Ok(Saved::Stale);
                 }
                 let mut members = txn.open_table(MEMBERS).map_err(e)?;
-                if get_record::<Member>(&members, &k)?.is_none() {
-                    return Ok(false);
+                let Some(before) = get_record::<Member>(&members, &k)? else {
+                    return Ok(Saved::Stale);
+                };
+                if before.email != member.email {
+                    let mut emails = txn.open_table(EMAILS).map_err(e)?;
+                    let (tenant, id) = (&member.tenant_id, &member.member_id);
+                    if !free_for(&emails, tenant, &member.email, id)? {
+                        return Ok(Saved::EmailTaken);
+                    }
+                    unindex(&mut emails, tenant, &before.email, id)?;
+                    if !member.email.is_empty() {
+                        emails
+                            .insert(key(&[tenant, &member.email]).as_str(), id.as_str())
+                            .map_err(e)?;
+                    }
                 }
                 put_record(&mut members, &k, &member)?;
                 put_record(&mut profiles, &k, &profile)?;
+                Ok(Saved::Done)
+            })
+            .await
+    }
+
+    async fn member_id_by_email(&self, tenant_id: &str, email: &str) -> Result<Option<String>> {
+        lookup(&self.db, EMAILS, key(&[tenant_id, email])).await
+    }
+
+    async fn merge_members(
+        &self,
+        duplicate: &Member,
+        profile: &Profile,
+        expected: u64,
+        record: &MergeRecord,
+    ) -> Result<bool> {
+        let (dup, profile, record) = (duplicate.clone(), profile.clone(), record.clone());
+        self.db
+            .write(move |txn| {
+                let tenant = dup.tenant_id.as_str();
+                let dup_key = key(&[tenant, &dup.member_id]);
+                let mut members = txn.open_table(MEMBERS).map_err(e)?;
+                let active =
+                    |m: Option<Member>| m.is_some_and(|m| m.status == MemberStatus::Active);
+                if !active(get_record(&members, &dup_key)?)
+                    || !active(get_record(&members, &key(&[tenant, &record.into]))?)
+                {
+                    return Ok(false);
+                }
+                let mut profiles = txn.open_table(PROFILES).map_err(e)?;
+                let stored: Option<Profile> = get_record(&profiles, &dup_key)?;
+                if stored.map_or(0, |p| p.version) != expected {
+                    return Ok(false);
+                }
+                // The duplicate's cards, now the survivor's.
+                let mut by_member = txn.open_table(MEMBER_CARDS).map_err(e)?;
+                let mut cards = txn.open_table(CARDS).map_err(e)?;
+                let (start, end) = prefix_range(&[tenant, &dup.member_id]);
+                let mut moved = Vec::new();
+                for entry in by_member.range(start.as_str()..end.as_str()).map_err(e)? {
+                    let (k, _) = entry.map_err(e)?;
+                    moved.push(k.value().to_string());
+                }
+                for index_key in moved {
+                    by_member.remove(index_key.as_str()).map_err(e)?;
+                    let Some(number) = index_key.rsplit('\u{0}').next() else {
+                        continue;
+                    };
+                    let card_key = key(&[tenant, number]);
+                    if let Some(mut card) = get_record::<Card>(&cards, &card_key)? {
+                        card.member_id = Some(record.into.clone());
+                        put_record(&mut cards, &card_key, &card)?;
+                        index_card(&mut by_member, &card)?;
+                    }
+                }
+                let mut phones = txn.open_table(PHONES).map_err(e)?;
+                repoint(
+                    &mut phones,
+                    tenant,
+                    &dup.phone,
+                    &dup.member_id,
+                    &record.into,
+                )?;
+                let mut emails = txn.open_table(EMAILS).map_err(e)?;
+                repoint(
+                    &mut emails,
+                    tenant,
+                    &dup.email,
+                    &dup.member_id,
+                    &record.into,
+                )?;
+                put_record(&mut members, &dup_key, &dup)?;
+                put_record(&mut profiles, &dup_key, &profile)?;
+                let mut merges = txn.open_table(MERGES).map_err(e)?;
+                put_record(&mut merges, &dup_key, &record)?;
                 Ok(true)
+            })
+            .await
+    }
+
+    async fn merge_record(&self, tenant_id: &str, member_id: &str) -> Result<Option<MergeRecord>> {
+        let k = key(&[tenant_id, member_id]);
+        self.db.read(move |txn| read_record(txn, MERGES, &k)).await
+    }
+
+    async fn save_merge_record(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        record: &MergeRecord,
+    ) -> Result<()> {
+        let (k, record) = (key(&[tenant_id, member_id]), record.clone());
+        self.db
+            .write(move |txn| {
+                let mut merges = txn.open_table(MERGES).map_err(e)?;
+                put_record(&mut merges, &k, &record)
+            })
+            .await
+    }
+
+    async fn erase_member(
+        &self,
+        member: &Member,
+        profile: &Profile,
+        expected: u64,
+        erasure: &Erasure,
+    ) -> Result<bool> {
+        let (member, profile, erasure) = (member.clone(), profile.clone(), erasure.clone());
+        self.db
+            .write(move |txn| {
+                let (tenant, id) = (member.tenant_id.as_str(), member.member_id.as_str());
+                let k = key(&[tenant, id]);
+                let mut members = txn.open_table(MEMBERS).map_err(e)?;
+                let Some(before) = get_record::<Member>(&members, &k)? else {
+                    return Ok(false);
+                };
+                let mut profiles = txn.open_table(PROFILES).map_err(e)?;
+                let stored: Option<Profile> = get_record(&profiles, &k)?;
+                if before.status != MemberStatus::Active
+                    || stored.map_or(0, |p| p.version) != expected
+                {
+                    return Ok(false);
+                }
+                let mut phones = txn.open_table(PHONES).map_err(e)?;
+                unindex(&mut phones, tenant, &before.phone, id)?;
+                let mut emails = txn.open_table(EMAILS).map_err(e)?;
+                unindex(&mut emails, tenant, &before.email, id)?;
+                let mut codes = txn.open_table(REFERRAL_CODES).map_err(e)?;
+                unindex(&mut codes, tenant, &before.referral_code, id)?;
+                put_record(&mut members, &k, &member)?;
+                put_record(&mut profiles, &k, &profile)?;
+                let mut erasures = txn.open_table(ERASURES).map_err(e)?;
+                put_record(&mut erasures, &k, &erasure)?;
+                Ok(true)
+            })
+            .await
+    }
+
+    async fn erasure(&self, tenant_id: &str, member_id: &str) -> Result<Option<Erasure>> {
+        let k = key(&[tenant_id, member_id]);
+        self.db
+            .read(move |txn| read_record(txn, ERASURES, &k))
+            .await
+    }
+
+    async fn import_member(
+        &self,
+        member: &Member,
+        profile: &Profile,
+        cards: &[Card],
+        row: &ImportRow,
+    ) -> Result<Imported> {
+        let (member, profile, cards, row) =
+            (member.clone(), profile.clone(), cards.to_vec(), row.clone());
+        self.db
+            .write(move |txn| {
+                let (tenant, id) = (member.tenant_id.as_str(), member.member_id.as_str());
+                let mut phones = txn.open_table(PHONES).map_err(e)?;
+                if !free_for(&phones, tenant, &member.phone, id)? {
+                    return Ok(Imported::PhoneTaken);
+                }
+                let mut emails = txn.open_table(EMAILS).map_err(e)?;
+                if !free_for(&emails, tenant, &member.email, id)? {
+                    return Ok(Imported::EmailTaken);
+                }
+                let mut codes = txn.open_table(REFERRAL_CODES).map_err(e)?;
+                if !free_for(&codes, tenant, &member.referral_code, id)? {
+                    return Ok(Imported::CodeTaken);
+                }
+                let mut table = txn.open_table(CARDS).map_err(e)?;
+                let mut bound = Vec::with_capacity(cards.len());
+                for card in &cards {
+                    let card_key = key(&[tenant, &card.number]);
+                    match get_record::<Card>(&table, &card_key)? {
+                        None => bound.push(card.clone()),
+                        Some(stored) if stored.status == CardStatus::Unbound => bound.push(Card {
+                            status: CardStatus::Active,
+                            member_id: card.member_id.clone(),
+                            ..stored
+                        }),
+                        Some(_) => return Ok(Imported::CardTaken(card.number.clone())),
+                    }
+                }
+                let mut by_member = txn.open_table(MEMBER_CARDS).map_err(e)?;
+                for card in &bound {
+                    put_record(&mut table, &key(&[tenant, &card.number]), card)?;
+                    index_card(&mut by_member, card)?;
+                }
+                let k = key(&[tenant, id]);
+                phones
+                    .insert(key(&[tenant, &member.phone]).as_str(), id)
+                    .map_err(e)?;
+                if !member.email.is_empty() {
+                    emails
+                        .insert(key(&[tenant, &member.email]).as_str(), id)
+                        .map_err(e)?;
+                }
+                codes
+                    .insert(key(&[tenant, &member.referral_code]).as_str(), id)
+                    .map_err(e)?;
+                let mut members = txn.open_table(MEMBERS).map_err(e)?;
+                put_record(&mut members, &k, &member)?;
+                let mut profiles = txn.open_table(PROFILES).map_err(e)?;
+                put_record(&mut profiles, &k, &profile)?;
+                let mut rows = txn.open_table(IMPORT_ROWS).map_err(e)?;
+                put_record(
+                    &mut rows,
+                    &import_key(tenant, &row.import_id, row.row_number),
+                    &row,
+                )?;
+                Ok(Imported::Done)
+            })
+            .await
+    }
+
+    async fn import_row(
+        &self,
+        tenant_id: &str,
+        import_id: &str,
+        row_number: i64,
+    ) -> Result<Option<ImportRow>> {
+        let k = import_key(tenant_id, import_id, row_number);
+        self.db
+            .read(move |txn| read_record(txn, IMPORT_ROWS, &k))
+            .await
+    }
+
+    async fn save_import_row(&self, row: &ImportRow) -> Result<()> {
+        let row = row.clone();
+        self.db
+            .write(move |txn| {
+                let mut rows = txn.open_table(IMPORT_ROWS).map_err(e)?;
+                put_record(
+                    &mut rows,
+                    &import_key(&row.tenant_id, &row.import_id, row.row_number),
+                    &row,
+                )
             })
             .await
     }

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use loyalty_platform::error::Result;
 use loyalty_platform::telemetry::in_db_span;
 
-use super::{IdentityStore, Replaced};
+use super::{IdentityStore, Imported, Replaced, Saved};
 use crate::domain::{Card, CardStatus, Inserted, Member, Profile};
 use crate::keys::ApiKey;
+use crate::lifecycle::{Erasure, ImportRow, MergeRecord};
 
 /// A store whose calls are traced as `system` (e.g. `redb`).
 #[derive(Debug)]
@@ -90,9 +91,75 @@ impl IdentityStore for Traced {
         member: &Member,
         profile: &Profile,
         expected: u64,
-    ) -> Result<bool> {
+    ) -> Result<Saved> {
         let call = self.inner.save_profile(member, profile, expected);
         in_db_span(self.system, "identity.save_profile", call).await
+    }
+    async fn member_id_by_email(&self, tenant_id: &str, email: &str) -> Result<Option<String>> {
+        let call = self.inner.member_id_by_email(tenant_id, email);
+        in_db_span(self.system, "identity.member_by_email", call).await
+    }
+    async fn merge_members(
+        &self,
+        duplicate: &Member,
+        profile: &Profile,
+        expected: u64,
+        record: &MergeRecord,
+    ) -> Result<bool> {
+        let call = self
+            .inner
+            .merge_members(duplicate, profile, expected, record);
+        in_db_span(self.system, "identity.merge_members", call).await
+    }
+    async fn merge_record(&self, tenant_id: &str, member_id: &str) -> Result<Option<MergeRecord>> {
+        let call = self.inner.merge_record(tenant_id, member_id);
+        in_db_span(self.system, "identity.merge_record", call).await
+    }
+    async fn save_merge_record(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        record: &MergeRecord,
+    ) -> Result<()> {
+        let call = self.inner.save_merge_record(tenant_id, member_id, record);
+        in_db_span(self.system, "identity.save_merge_record", call).await
+    }
+    async fn erase_member(
+        &self,
+        member: &Member,
+        profile: &Profile,
+        expected: u64,
+        erasure: &Erasure,
+    ) -> Result<bool> {
+        let call = self.inner.erase_member(member, profile, expected, erasure);
+        in_db_span(self.system, "identity.erase_member", call).await
+    }
+    async fn erasure(&self, tenant_id: &str, member_id: &str) -> Result<Option<Erasure>> {
+        let call = self.inner.erasure(tenant_id, member_id);
+        in_db_span(self.system, "identity.erasure", call).await
+    }
+    async fn import_member(
+        &self,
+        member: &Member,
+        profile: &Profile,
+        cards: &[Card],
+        row: &ImportRow,
+    ) -> Result<Imported> {
+        let call = self.inner.import_member(member, profile, cards, row);
+        in_db_span(self.system, "identity.import_member", call).await
+    }
+    async fn import_row(
+        &self,
+        tenant_id: &str,
+        import_id: &str,
+        row_number: i64,
+    ) -> Result<Option<ImportRow>> {
+        let call = self.inner.import_row(tenant_id, import_id, row_number);
+        in_db_span(self.system, "identity.import_row", call).await
+    }
+    async fn save_import_row(&self, row: &ImportRow) -> Result<()> {
+        let call = self.inner.save_import_row(row);
+        in_db_span(self.system, "identity.save_import_row", call).await
     }
     async fn insert_cards(&self, cards: &[Card]) -> Result<u64> {
         in_db_span(

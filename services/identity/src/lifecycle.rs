@@ -1,0 +1,341 @@
+//! The end of a member record: merging a duplicate into a survivor, and erasure on request.
+//!
+//! A merge is two steps in two services, each idempotent, so a failure between them is
+//! completed by retrying the same call:
+//! 1. identity, in one atomic write: the duplicate becomes `Merged` with a merge record,
+//!    its cards move to the survivor, and its phone and email find the survivor. From then
+//!    on every lookup (card, phone, email, member id) lands on the survivor.
+//! 2. balance moves every point of the duplicate to the survivor and closes the duplicate's
+//!    account (`MemberPoints::transfer`, keyed by the duplicate), then the merge record is
+//!    marked as done.
+//!
+//! Identity goes first so that no new receipt reaches the duplicate once the points are
+//! moved; a receipt resolved just before the merge that reaches balance afterwards is
+//! refused there (the account is closed), never lost in a closed account.
+
+use loyalty_platform::clock::Millis;
+use loyalty_platform::error::{Error, MAX_ID_LEN, Result, Violations};
+use loyalty_platform::types::check_tenant;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{Identity, Member, MemberStatus, Profile};
+
+/// Most merge hops followed when a merged id is resolved (A into B, B into C, ...).
+const MAX_MERGE_HOPS: usize = 16;
+/// The longest actor id and comment kept in an audit record.
+const MAX_ACTOR_LEN: usize = 128;
+const MAX_COMMENT_LEN: usize = 1_000;
+
+/// Who did something and why: the audit of a merge or an erasure.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Audit {
+    /// The person or system the caller names (e.g. "manager:anna").
+    pub actor: String,
+    pub comment: String,
+    /// The API key the call was authenticated with (empty with authentication off).
+    pub key_id: String,
+    pub at: Millis,
+}
+
+/// Where a merged member went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeRecord {
+    pub into: String,
+    pub audit: Audit,
+    /// Set once balance has moved the duplicate's points to the survivor.
+    pub points_moved: bool,
+}
+
+/// That a member's personal data was erased, by whom and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Erasure {
+    pub audit: Audit,
+}
+
+/// One row of a member import, once its member exists: a resumed import skips it, and
+/// finishes its opening balance if that had not gone through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportRow {
+    pub tenant_id: String,
+    pub import_id: String,
+    pub row_number: i64,
+    pub member_id: String,
+    pub opening_balance: i64,
+    pub balance_done: bool,
+}
+
+/// How identity reaches the points ledger: in process or over gRPC (the wiring decides).
+#[async_trait::async_trait]
+pub trait MemberPoints: Send + Sync + std::fmt::Debug {
+    /// Moves every point of `from` to `to` and closes `from`'s account; idempotent by
+    /// `key`. Returns the amount moved.
+    async fn transfer(&self, tenant_id: &str, from: &str, to: &str, key: &str) -> Result<i64>;
+    /// Credits points carried over from a previous system, active at once, never expiring;
+    /// idempotent by `key` (per member).
+    async fn opening_balance(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        amount: i64,
+        key: &str,
+    ) -> Result<()>;
+}
+
+/// No balance service within reach: merges and opening balances are refused.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoPoints;
+
+#[async_trait::async_trait]
+impl MemberPoints for NoPoints {
+    async fn transfer(&self, _: &str, _: &str, _: &str, _: &str) -> Result<i64> {
+        Err(unreachable_balance())
+    }
+    async fn opening_balance(&self, _: &str, _: &str, _: i64, _: &str) -> Result<()> {
+        Err(unreachable_balance())
+    }
+}
+
+fn unreachable_balance() -> Error {
+    Error::FailedPrecondition(
+        "the balance service is not reachable from identity: run them in one process or set `peers.balance`".into(),
+    )
+}
+
+/// Checks an actor given with an admin action.
+pub fn check_actor(v: &mut Violations, actor: &str, comment: &str) {
+    v.text(actor, "actor.id", MAX_ACTOR_LEN);
+    v.optional_text(comment, "actor.comment", MAX_COMMENT_LEN);
+}
+
+impl Identity {
+    /// The member `member_id` is now: itself, or the survivor it was merged into.
+    pub(crate) async fn current(&self, tenant_id: &str, member_id: &str) -> Result<Member> {
+        let mut id = member_id.to_string();
+        for _ in 0..MAX_MERGE_HOPS {
+            let member = self
+                .store
+                .member(tenant_id, &id)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("member {member_id} not found")))?;
+            if member.status != MemberStatus::Merged {
+                return Ok(member);
+            }
+            let record = self
+                .store
+                .merge_record(tenant_id, &id)
+                .await?
+                .ok_or_else(|| {
+                    Error::internal(anyhow::anyhow!("merged member {id} has no merge record"))
+                })?;
+            id = record.into;
+        }
+        Err(Error::internal(anyhow::anyhow!(
+            "member {member_id} is merged more than {MAX_MERGE_HOPS} times over"
+        )))
+    }
+
+    /// Merges `duplicate` into `survivor`: cards, points and lookups move to the survivor,
+    /// and the duplicate's id resolves to it from then on. A retry (also after a failure
+    /// half way) completes the same merge and answers the same.
+    pub async fn merge(
+        &self,
+        tenant_id: &str,
+        survivor: &str,
+        duplicate: &str,
+        audit: Audit,
+    ) -> Result<Member> {
+        let mut v = Violations::new();
+        check_tenant(&mut v, tenant_id);
+        v.text(survivor, "survivor_member_id", MAX_ID_LEN);
+        v.text(duplicate, "duplicate_member_id", MAX_ID_LEN);
+        v.check(
+            survivor != duplicate,
+            "duplicate_member_id",
+            "must differ from survivor_member_id",
+        );
+        check_actor(&mut v, &audit.actor, &audit.comment);
+        v.finish()?;
+        for _ in 0..crate::domain::CHANGE_ATTEMPTS {
+            let dup = self
+                .store
+                .member(tenant_id, duplicate)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("member {duplicate} not found")))?;
+            match dup.status {
+                MemberStatus::Merged => {
+                    let record = self
+                        .store
+                        .merge_record(tenant_id, duplicate)
+                        .await?
+                        .ok_or_else(|| {
+                            Error::internal(anyhow::anyhow!("merged member has no merge record"))
+                        })?;
+                    if record.into != survivor {
+                        return Err(Error::FailedPrecondition(format!(
+                            "member {duplicate} was already merged into {}",
+                            record.into
+                        )));
+                    }
+                    return self.finish_merge(tenant_id, duplicate, record).await;
+                }
+                MemberStatus::Erased => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "member {duplicate} was erased"
+                    )));
+                }
+                MemberStatus::Active => {}
+            }
+            let kept = self.active_member(tenant_id, survivor).await?;
+            let before = self.profile(tenant_id, duplicate).await?;
+            let mut merged = dup.clone();
+            merged.status = MemberStatus::Merged;
+            merged.updated_at = self.clock.now_ms();
+            let record = MergeRecord {
+                into: kept.member_id.clone(),
+                audit: Audit {
+                    at: self.clock.now_ms(),
+                    ..audit.clone()
+                },
+                points_moved: false,
+            };
+            // The profile's version moves on, so the snapshot saying "no longer active"
+            // supersedes every earlier one at the consumers.
+            let mut profile = before.clone();
+            profile.version = before.version + 1;
+            if !self
+                .store
+                .merge_members(&merged, &profile, before.version, &record)
+                .await?
+            {
+                continue;
+            }
+            tracing::info!(
+                tenant_id,
+                survivor = %record.into,
+                duplicate,
+                actor = %record.audit.actor,
+                key_id = %record.audit.key_id,
+                "members merged"
+            );
+            return self.finish_merge(tenant_id, duplicate, record).await;
+        }
+        Err(Error::Unavailable(format!(
+            "member {duplicate} kept changing; retry"
+        )))
+    }
+
+    /// The second half of a merge: points and events. Idempotent.
+    async fn finish_merge(
+        &self,
+        tenant_id: &str,
+        duplicate: &str,
+        mut record: MergeRecord,
+    ) -> Result<Member> {
+        if !record.points_moved {
+            let key = format!("merge:{duplicate}");
+            let moved = self
+                .points
+                .transfer(tenant_id, duplicate, &record.into, &key)
+                .await?;
+            tracing::info!(tenant_id, duplicate, into = %record.into, moved, "merged member's points moved");
+            record.points_moved = true;
+            self.store
+                .save_merge_record(tenant_id, duplicate, &record)
+                .await?;
+        }
+        // Both snapshots again on every retry: consumers keep the newest version only.
+        if let Some(dup) = self.store.member(tenant_id, duplicate).await? {
+            let profile = self.profile(tenant_id, duplicate).await?;
+            self.publish_merged(&dup, &profile, &record.into).await?;
+        }
+        let survivor = self.current(tenant_id, &record.into).await?;
+        let profile = self.profile(tenant_id, &survivor.member_id).await?;
+        self.publish(&survivor, &profile).await?;
+        Ok(survivor)
+    }
+
+    /// Erases a member's personal data: phone, email, names, birthday, gender, attributes,
+    /// consents and referral code are removed for good; the id, the registration's store,
+    /// channel and time stay, so anonymous purchase facts still count in reports. The phone
+    /// and email are free for a new registration at once. Erasing an erased member answers
+    /// it unchanged.
+    pub async fn erase(&self, tenant_id: &str, member_id: &str, audit: Audit) -> Result<Member> {
+        let mut v = Violations::new();
+        check_tenant(&mut v, tenant_id);
+        v.text(member_id, "member_id", MAX_ID_LEN);
+        check_actor(&mut v, &audit.actor, &audit.comment);
+        v.finish()?;
+        for _ in 0..crate::domain::CHANGE_ATTEMPTS {
+            let stored = self
+                .store
+                .member(tenant_id, member_id)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("member {member_id} not found")))?;
+            match stored.status {
+                MemberStatus::Erased => return Ok(stored),
+                MemberStatus::Merged => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "member {member_id} was merged into another member; erase that one"
+                    )));
+                }
+                MemberStatus::Active => {}
+            }
+            let before = self.profile(tenant_id, member_id).await?;
+            let now = self.clock.now_ms();
+            let erased = Member {
+                status: MemberStatus::Erased,
+                phone: String::new(),
+                email: String::new(),
+                first_name: String::new(),
+                last_name: String::new(),
+                referral_code: String::new(),
+                updated_at: now,
+                ..stored.clone()
+            };
+            let profile = Profile {
+                version: before.version + 1,
+                ..Profile::default()
+            };
+            let erasure = Erasure {
+                audit: Audit {
+                    at: now,
+                    ..audit.clone()
+                },
+            };
+            if self
+                .store
+                .erase_member(&erased, &profile, before.version, &erasure)
+                .await?
+            {
+                // The audit line names ids only: the data it erased is gone.
+                tracing::info!(
+                    tenant_id,
+                    member_id,
+                    actor = %erasure.audit.actor,
+                    key_id = %erasure.audit.key_id,
+                    "member erased"
+                );
+                self.publish(&erased, &profile).await?;
+                return Ok(erased);
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "member {member_id} kept changing; retry"
+        )))
+    }
+
+    /// The survivor a merged member went into (empty if it was not merged).
+    pub async fn merged_into(&self, tenant_id: &str, member_id: &str) -> Result<String> {
+        Ok(self
+            .store
+            .merge_record(tenant_id, member_id)
+            .await?
+            .map(|r| r.into)
+            .unwrap_or_default())
+    }
+
+    /// Who erased a member, and when.
+    pub async fn erasure(&self, tenant_id: &str, member_id: &str) -> Result<Option<Erasure>> {
+        self.store.erasure(tenant_id, member_id).await
+    }
+}
