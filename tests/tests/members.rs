@@ -305,6 +305,33 @@ async fn a_merge_moves_cards_points_and_lookups_to_the_survivor() {
     assert_eq!(shown.status, identity::MemberStatus::Merged as i32);
     assert_eq!(shown.merged_into_member_id, keep);
 
+    // The duplicate's purchase history is listed under the survivor (moved by promotion
+    // when the merge event reaches it).
+    let mut checkout = pos.checkout.clone();
+    let mut receipts = Vec::new();
+    for _ in 0..100 {
+        receipts = checkout
+            .list_purchases(loyalty_proto::promotion::v1::ListPurchasesRequest {
+                tenant_id: T.into(),
+                member_id: keep.clone(),
+                page_size: 10,
+                page_token: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .purchases
+            .into_iter()
+            .map(|p| p.receipt.unwrap().receipt_id)
+            .collect::<Vec<_>>();
+        if receipts.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    receipts.sort();
+    assert_eq!(receipts, ["R-after", "R-dup", "R-keep"]);
+
     // A retry answers the same and moves nothing twice; another survivor is refused.
     let again = merge(&mut pos, &keep, &dup).await.unwrap();
     assert_eq!(again.member_id, keep);

@@ -29,6 +29,8 @@ pub struct MemberFacts {
     pub referred_by: String,
     /// When the change happened.
     pub at: Millis,
+    /// The survivor this member was merged into (empty: not merged).
+    pub merged_into: String,
 }
 
 /// One bonus granted (or found granted before).
@@ -93,6 +95,14 @@ impl ActionBonuses {
 
     /// Grants every action bonus the change earns. Safe to call any number of times.
     pub async fn apply(&self, facts: &MemberFacts) -> Result<Vec<Granted>> {
+        if !facts.merged_into.is_empty() {
+            // A merged member's purchase history is the survivor's from now on.
+            let moved = self
+                .store
+                .move_member_purchases(&facts.tenant_id, &facts.member_id, &facts.merged_into)
+                .await?;
+            tracing::info!(tenant_id = %facts.tenant_id, member_id = %facts.member_id, into = %facts.merged_into, moved, "merged member's purchase history moved");
+        }
         if !facts.active {
             return Ok(Vec::new());
         }
@@ -330,6 +340,7 @@ mod tests {
             questionnaire_complete: false,
             referred_by: String::new(),
             at: 500,
+            merged_into: String::new(),
         };
         assert!(
             bonuses.apply(&facts).await.unwrap().is_empty(),

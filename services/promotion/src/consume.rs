@@ -1,5 +1,6 @@
 //! The adapter from the member stream to action bonuses: promotion reads `members` in its
-//! own consumer group and grants registration, questionnaire and referral bonuses.
+//! own consumer group and grants registration, questionnaire and referral bonuses; a merged
+//! member's purchase history is filed under the survivor.
 
 use loyalty_platform::events::consume::{Subscription, consume};
 use loyalty_platform::events::{Delivery, MEMBERS, SharedEventLog};
@@ -36,6 +37,7 @@ pub fn decode(payload: &[u8]) -> Option<MemberFacts> {
         channel: channel(m.channel),
         questionnaire_complete: m.questionnaire_complete,
         referred_by: m.referred_by_member_id,
+        merged_into: m.merged_into_member_id,
         at: event.event_time.as_ref().map_or(registered_at, millis),
     })
 }

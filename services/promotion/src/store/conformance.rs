@@ -96,7 +96,63 @@ pub async fn run_all(s: &dyn PromotionStore) {
     campaigns(s).await;
     coupons(s).await;
     purchases_in_order(s).await;
+    a_merged_members_history_moves(s).await;
     s.ping().await.unwrap();
+}
+
+fn committed(receipt_id: &str, member: &str, at: i64) -> Purchase {
+    let mut p = purchase(receipt_id);
+    p.receipt.tenant_id = "mh".into();
+    p.evaluation.member = Some(crate::evaluate::MemberContext {
+        member_id: member.into(),
+        points_available: 0,
+        tier_id: String::new(),
+    });
+    p.state = PurchaseState::Committed {
+        commit_time: at,
+        points_balance: Some(0),
+    };
+    p
+}
+
+/// A member's history newest first, and a merge filing it under the survivor.
+async fn a_merged_members_history_moves(s: &dyn PromotionStore) {
+    for (r, m, at) in [("h1", "keep", 10), ("h2", "dup", 20), ("h3", "dup", 30)] {
+        assert_eq!(
+            s.put_purchase(&committed(r, m, at), None, &[])
+                .await
+                .unwrap(),
+            Put::Written
+        );
+    }
+    let receipts = |items: Vec<(String, Purchase)>| -> Vec<String> {
+        items
+            .into_iter()
+            .map(|(_, p)| p.receipt.receipt_id)
+            .collect()
+    };
+    let dup = s.member_purchases("mh", "dup", "", 10).await.unwrap();
+    assert_eq!(receipts(dup), ["h3", "h2"]);
+    assert_eq!(
+        s.move_member_purchases("mh", "dup", "keep").await.unwrap(),
+        2
+    );
+    let keep = s.member_purchases("mh", "keep", "", 10).await.unwrap();
+    assert_eq!(receipts(keep), ["h3", "h2", "h1"]);
+    assert!(
+        s.member_purchases("mh", "dup", "", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        s.move_member_purchases("mh", "dup", "keep").await.unwrap(),
+        0
+    );
+    assert_eq!(
+        receipts(s.member_purchases("mh", "keep", "", 10).await.unwrap()).len(),
+        3
+    );
 }
 
 /// Every purchase once, in (tenant, receipt) order, a page at a time.

@@ -356,6 +356,29 @@ impl PromotionStore for EmbeddedPromotionStore {
             .await
     }
 
+    async fn move_member_purchases(&self, tenant_id: &str, from: &str, to: &str) -> Result<u64> {
+        let (start, end) = prefix_range(&[tenant_id, from]);
+        let (tenant, to) = (tenant_id.to_string(), to.to_string());
+        self.db
+            .write(move |txn| {
+                let mut index = txn.open_table(MEMBER_PURCHASES).map_err(e)?;
+                let mut positions = Vec::new();
+                for item in index.range(start.as_str()..end.as_str()).map_err(e)? {
+                    let (k, _) = item.map_err(e)?;
+                    positions.push(k.value().to_string());
+                }
+                for old in &positions {
+                    index.remove(old.as_str()).map_err(e)?;
+                    let position = old.rsplit('\0').next().unwrap_or_default();
+                    index
+                        .insert(key(&[&tenant, &to, position]).as_str(), &[][..])
+                        .map_err(e)?;
+                }
+                Ok(positions.len() as u64)
+            })
+            .await
+    }
+
     async fn member_purchases(
         &self,
         tenant_id: &str,

@@ -114,6 +114,10 @@ impl PromotionStore for Traced {
             .member_purchases(tenant_id, member_id, after, limit);
         in_db_span(self.system, "promotion.member_purchases", call).await
     }
+    async fn move_member_purchases(&self, tenant_id: &str, from: &str, to: &str) -> Result<u64> {
+        let call = self.inner.move_member_purchases(tenant_id, from, to);
+        in_db_span(self.system, "promotion.move_member_purchases", call).await
+    }
     async fn claim(&self, tenant_id: &str, claims: &[Claim]) -> Result<Option<usize>> {
         let call = self.inner.claim(tenant_id, claims);
         in_db_span(self.system, "promotion.claim", call).await
