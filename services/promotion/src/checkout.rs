@@ -29,6 +29,7 @@ use crate::receipt::{MAX_LINES, MAX_RECEIPT_ID_LEN, Receipt, parse_decimal};
 use crate::store::{PromotionStore, Put};
 use crate::tier;
 use crate::usage::{Claim, Counters};
+use crate::velocity;
 
 /// Compare-and-set attempts before a contended purchase update gives up.
 const CAS_ATTEMPTS: usize = 16;
@@ -77,6 +78,24 @@ impl Prepared {
             now: self.now,
         };
         evaluate(&self.program, &self.book, receipt, &situation)
+    }
+
+    /// Evaluates and holds the result to the bounds and the velocity limits: a hard limit
+    /// refuses, soft ones are flagged on the evaluation. Returns the velocity claims to
+    /// write with the purchase.
+    fn judged(&self, receipt: &Receipt) -> Result<(Evaluation, Vec<Claim>)> {
+        let mut evaluation = self.evaluate(receipt);
+        check_bounds(&evaluation)?;
+        let limits = &self.program.velocity_limits;
+        if limits.is_empty() {
+            return Ok((evaluation, Vec::new()));
+        }
+        let verdict = velocity::judge(limits, receipt, &evaluation, &self.counters, self.now);
+        if let Some(why) = verdict.refused {
+            return Err(velocity::refusal(&why));
+        }
+        evaluation.velocity_flags = verdict.flags;
+        Ok((evaluation, verdict.claims))
     }
 }
 
@@ -263,6 +282,14 @@ impl Checkout {
             .map(|m| tier::spend_counters(&program, &m.member_id, &local))
             .unwrap_or_default();
         names.extend(spend_names.iter().cloned());
+        if member.is_some() {
+            names.extend(velocity::counter_names(
+                &program.velocity_limits,
+                receipt,
+                member.as_ref().map(|m| m.member_id.as_str()),
+                now,
+            ));
+        }
 
         let counters = async {
             if names.is_empty() {
@@ -338,9 +365,7 @@ impl Checkout {
     /// A dry run: evaluates and writes nothing.
     pub async fn quote(&self, receipt: Receipt) -> Result<Evaluation> {
         let prepared = self.prepare(&receipt).await?;
-        let evaluation = prepared.evaluate(&receipt);
-        check_bounds(&evaluation)?;
-        Ok(evaluation)
+        Ok(prepared.judged(&receipt)?.0)
     }
 
     /// Applies a receipt once, however often it is retried.
@@ -388,9 +413,15 @@ impl Checkout {
         prepared: &mut Prepared,
     ) -> Result<Option<Purchase>> {
         for _ in 0..CAS_ATTEMPTS {
-            let evaluation = prepared.evaluate(receipt);
-            check_bounds(&evaluation)?;
+            let (evaluation, velocity_claims) = match prepared.judged(receipt) {
+                Err(refused @ Error::FailedPrecondition(_)) => {
+                    metrics::counter!("loyalty_velocity_refused_total").increment(1);
+                    return Err(refused);
+                }
+                other => other?,
+            };
             let mut claims = evaluation.claims.clone();
+            claims.extend(velocity_claims);
             if let Some(m) = &evaluation.member {
                 claims.push(Claim {
                     counter: tier::spend_counter(&m.member_id, prepared.local.month_number()),
@@ -423,6 +454,15 @@ impl Checkout {
             };
             match self.store.put_purchase(&purchase, None, &claims).await? {
                 Put::Written => {
+                    if !purchase.evaluation.velocity_flags.is_empty() {
+                        metrics::counter!("loyalty_velocity_flagged_total").increment(1);
+                        tracing::warn!(
+                            tenant_id = %purchase.receipt.tenant_id,
+                            receipt_id = %purchase.receipt.receipt_id,
+                            flags = ?purchase.evaluation.velocity_flags,
+                            "receipt over a soft velocity limit"
+                        );
+                    }
                     if matches!(purchase.state, PurchaseState::Committed { .. }) {
                         crate::counters::receipt_committed(&purchase.evaluation);
                     }

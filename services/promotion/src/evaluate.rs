@@ -156,6 +156,8 @@ pub struct Evaluation {
     pub member: Option<MemberContext>,
     pub program_version: i64,
     pub campaigns_version: u64,
+    /// Soft velocity limits the receipt went over (set by the checkout).
+    pub velocity_flags: Vec<String>,
 }
 
 impl Evaluation {
@@ -1134,6 +1136,7 @@ pub fn evaluate(
         member: member.cloned(),
         program_version: program.version,
         campaigns_version: book.version,
+        velocity_flags: Vec::new(),
         lines,
     }
 }

@@ -23,6 +23,7 @@ use crate::grpc_campaign::{
 use crate::program::{BaseAccrual, Program, Rounding, Tier, TierWindow};
 use crate::purchase::{Purchase, PurchaseState};
 use crate::receipt::{Identification, RawLine, Receipt, parse_decimal};
+use crate::velocity::{Action, Subject, VelocityLimit, Window};
 
 pub const SERVICE_NAMES: &[&str] = &[
     "loyalty.promotion.v1.CheckoutService",
@@ -198,6 +199,7 @@ fn evaluation_to_proto(e: &Evaluation) -> pb::Evaluation {
             tier_id: m.tier_id.clone(),
         }),
         program_version: e.program_version,
+        velocity_flags: e.velocity_flags.clone(),
     }
 }
 
@@ -364,11 +366,77 @@ fn program_from_proto(p: Option<pb::Program>) -> Result<Program, Error> {
         sale_excluded_from_discounts: p.sale_items_excluded_from_discounts,
         tiers,
         tier_window,
+        velocity_limits: p
+            .velocity_limits
+            .iter()
+            .enumerate()
+            .map(|(i, l)| velocity_from_proto(&mut v, i, l))
+            .collect(),
         version: 0,
         updated_at: 0,
     };
     v.finish()?;
     Ok(program)
+}
+
+fn velocity_from_proto(v: &mut Violations, i: usize, l: &pb::VelocityLimit) -> VelocityLimit {
+    let field = |name: &str| format!("program.velocity_limits[{i}].{name}");
+    let subject = match pb::VelocitySubject::try_from(l.subject) {
+        Ok(pb::VelocitySubject::Card) => Subject::Card,
+        Ok(pb::VelocitySubject::Member) => Subject::Member,
+        Ok(pb::VelocitySubject::Store) => Subject::Store,
+        Ok(pb::VelocitySubject::Cashier) => Subject::Cashier,
+        Ok(pb::VelocitySubject::Unspecified) | Err(_) => {
+            v.add(field("subject"), "must be CARD, MEMBER, STORE or CASHIER");
+            Subject::Card
+        }
+    };
+    let action = match pb::VelocityAction::try_from(l.action) {
+        Ok(pb::VelocityAction::Accrual) => Action::Accrual,
+        Ok(pb::VelocityAction::Redemption) => Action::Redemption,
+        Ok(pb::VelocityAction::Unspecified) | Err(_) => {
+            v.add(field("action"), "must be ACCRUAL or REDEMPTION");
+            Action::Accrual
+        }
+    };
+    let window = match pb::VelocityWindow::try_from(l.window) {
+        Ok(pb::VelocityWindow::Hour) => Window::Hour,
+        Ok(pb::VelocityWindow::Day) => Window::Day,
+        Ok(pb::VelocityWindow::Unspecified) | Err(_) => {
+            v.add(field("window"), "must be HOUR or DAY");
+            Window::Hour
+        }
+    };
+    VelocityLimit {
+        subject,
+        action,
+        window,
+        max_receipts: l.max_receipts,
+        max_points: l.max_points,
+        hard: l.hard,
+    }
+}
+
+fn velocity_to_proto(l: &VelocityLimit) -> pb::VelocityLimit {
+    pb::VelocityLimit {
+        subject: match l.subject {
+            Subject::Card => pb::VelocitySubject::Card,
+            Subject::Member => pb::VelocitySubject::Member,
+            Subject::Store => pb::VelocitySubject::Store,
+            Subject::Cashier => pb::VelocitySubject::Cashier,
+        } as i32,
+        action: match l.action {
+            Action::Accrual => pb::VelocityAction::Accrual,
+            Action::Redemption => pb::VelocityAction::Redemption,
+        } as i32,
+        window: match l.window {
+            Window::Hour => pb::VelocityWindow::Hour,
+            Window::Day => pb::VelocityWindow::Day,
+        } as i32,
+        max_receipts: l.max_receipts,
+        max_points: l.max_points,
+        hard: l.hard,
+    }
 }
 
 pub fn program_to_proto(p: &Program) -> pb::Program {
@@ -402,6 +470,7 @@ pub fn program_to_proto(p: &Program) -> pb::Program {
         version: p.version,
         update_time: Some(timestamp(p.updated_at)),
         sale_items_excluded_from_discounts: p.sale_excluded_from_discounts,
+        velocity_limits: p.velocity_limits.iter().map(velocity_to_proto).collect(),
     }
 }
 

@@ -28,6 +28,7 @@ pub mod receipt;
 pub mod store;
 pub mod tier;
 pub mod usage;
+pub mod velocity;
 
 pub use admin::Admin;
 pub use campaign_admin::CampaignDocument;

@@ -83,6 +83,8 @@ pub struct Program {
     /// Status levels, lowest first; a member's tier rate replaces the base rate.
     pub tiers: Vec<Tier>,
     pub tier_window: TierWindow,
+    /// Receipts and points per card, member, store or cashier per hour or day.
+    pub velocity_limits: Vec<crate::velocity::VelocityLimit>,
     pub version: i64,
     pub updated_at: Millis,
 }
@@ -111,6 +113,7 @@ impl Program {
             sale_excluded_from_discounts: true,
             tiers: Vec::new(),
             tier_window: TierWindow::Rolling12Months,
+            velocity_limits: Vec::new(),
             version: 0,
             updated_at: 0,
         }
@@ -215,6 +218,7 @@ impl Program {
                 );
             }
         }
+        crate::velocity::validate(&mut v, &self.velocity_limits);
         v.finish()
     }
 }
