@@ -27,6 +27,8 @@ pub struct PurchaseEvent {
     pub tenant_id: String,
     pub receipt_id: String,
     pub store_id: String,
+    /// The cashier who rang the receipt up (empty: not given).
+    pub cashier_id: String,
     pub channel: Channel,
     pub member_id: Option<String>,
     pub purchase_time: Millis,
@@ -170,6 +172,7 @@ pub fn purchase_event(
         tenant_id: p.receipt.tenant_id.clone(),
         receipt_id: p.receipt.receipt_id.clone(),
         store_id: p.receipt.store_id.clone(),
+        cashier_id: p.receipt.cashier_id.clone(),
         channel: p.receipt.channel,
         member_id: e.member.as_ref().map(|m| m.member_id.clone()),
         purchase_time,

@@ -59,6 +59,7 @@ pub fn encode_purchase(e: PurchaseEvent) -> Vec<u8> {
         kind: Some(pb::event::Kind::Purchase(pb::PurchaseCommitted {
             receipt_id: e.receipt_id,
             store_id: e.store_id,
+            cashier_id: e.cashier_id,
             channel: channel_to_proto(e.channel),
             member_id: e.member_id.unwrap_or_default(),
             purchase_time: Some(timestamp(e.purchase_time)),

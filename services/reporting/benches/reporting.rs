@@ -38,6 +38,7 @@ const BASE: i64 = 20_000;
 fn purchase(n: u64, store: u64, day: i64, lines: usize) -> Purchase {
     let identified = n % 5 < 3;
     Purchase {
+        cashier_id: String::new(),
         receipt_id: format!("r{n}"),
         outlet: Outlet {
             store_id: format!("s{store}"),

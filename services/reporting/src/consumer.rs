@@ -99,6 +99,7 @@ pub fn decode(payload: &[u8]) -> Option<TenantFact> {
             let at = time(&p.purchase_time, event_time);
             let day = business_day(&p.business_day, at, &p.store_time_zone);
             Fact::Purchase(Purchase {
+                cashier_id: p.cashier_id,
                 outlet: Outlet {
                     store_id: p.store_id,
                     brand: p.store_brand,

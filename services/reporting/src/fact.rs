@@ -31,6 +31,8 @@ pub struct Outlet {
 pub struct Purchase {
     pub receipt_id: String,
     pub outlet: Outlet,
+    /// Empty when the POS did not say.
+    pub cashier_id: String,
     pub time_zone: String,
     pub channel: Channel,
     /// None: an anonymous receipt.

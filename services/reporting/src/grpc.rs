@@ -3,7 +3,7 @@
 use std::pin::Pin;
 
 use loyalty_platform::error::Error;
-use loyalty_platform::grpc::{channel, millis, to_status};
+use loyalty_platform::grpc::{channel, millis, timestamp, to_status};
 use loyalty_proto::common::v1::Decimal as PbDecimal;
 use loyalty_proto::reporting::v1 as pb;
 use pb::reporting_service_server::ReportingService;
@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 
 use crate::export;
 use crate::exporter::{self, Kind, Page};
+use crate::fraud::Thresholds;
 use crate::kpi::{Group, Kpi};
 use crate::service::{
     DEFAULT_CHUNK_ROWS, Filter, MAX_CHUNK_ROWS, MAX_FILTER, Period, Reporting, Request as Query,
@@ -357,6 +358,67 @@ impl ReportingService for Api {
                     spend: dec(spend),
                 })
                 .collect(),
+        }))
+    }
+
+    async fn get_fraud_signals(
+        &self,
+        request: Request<pb::GetFraudSignalsRequest>,
+    ) -> Result<Response<pb::GetFraudSignalsResponse>, Status> {
+        let r = request.into_inner();
+        let t = Thresholds::or_defaults(
+            r.min_stores,
+            r.store_window_minutes,
+            r.min_cashier_receipts,
+            r.top_members,
+            r.min_top_share_percent,
+            r.early_redemption_hours,
+            r.limit,
+        )
+        .map_err(to_status)?;
+        let q = query(r.tenant_id, r.period, Vec::new(), None, r.time_zone);
+        let s = self
+            .reporting
+            .fraud_signals(&q, t)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::GetFraudSignalsResponse {
+            store_hopping: s
+                .store_hopping
+                .into_iter()
+                .map(|h| pb::StoreHopping {
+                    member_id: h.member_id,
+                    store_ids: h.store_ids,
+                    first_time: Some(timestamp(h.first)),
+                    last_time: Some(timestamp(h.last)),
+                    receipts: i32::try_from(h.receipts).unwrap_or(i32::MAX),
+                })
+                .collect(),
+            cashier_concentration: s
+                .cashier_concentration
+                .into_iter()
+                .map(|c| pb::CashierConcentration {
+                    store_id: c.store_id,
+                    cashier_id: c.cashier_id,
+                    identified_receipts: i64::try_from(c.identified_receipts).unwrap_or(i64::MAX),
+                    distinct_members: i64::try_from(c.distinct_members).unwrap_or(i64::MAX),
+                    top_member_ids: c.top_member_ids,
+                    top_receipts: i64::try_from(c.top_receipts).unwrap_or(i64::MAX),
+                })
+                .collect(),
+            early_redemptions: s
+                .early_redemptions
+                .into_iter()
+                .map(|e| pb::EarlyRedemption {
+                    member_id: e.member_id,
+                    registered_at: Some(timestamp(e.registered_at)),
+                    redeemed_at: Some(timestamp(e.redeemed_at)),
+                    receipt_id: e.receipt_id,
+                    store_id: e.store_id,
+                    points_redeemed: e.points_redeemed,
+                })
+                .collect(),
+            receipts_scanned: i64::try_from(s.receipts_scanned).unwrap_or(i64::MAX),
         }))
     }
 

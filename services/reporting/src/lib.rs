@@ -10,6 +10,7 @@ pub mod export;
 pub mod exporter;
 pub mod fact;
 pub mod flight;
+pub mod fraud;
 pub mod grpc;
 pub mod kpi;
 pub mod ports;

@@ -501,6 +501,7 @@ mod tests {
 
     fn purchase(receipt: &str, member: Option<&str>, day: Day, paid: i64) -> Purchase {
         Purchase {
+            cashier_id: String::new(),
             receipt_id: receipt.into(),
             outlet: Outlet {
                 store_id: "s1".into(),

@@ -59,7 +59,7 @@ pub struct Request {
 
 #[derive(Debug, Clone)]
 pub struct Reporting {
-    store: Arc<dyn ReportingStore>,
+    pub(crate) store: Arc<dyn ReportingStore>,
     tenants: Arc<RwLock<HashMap<String, Rollups>>>,
     clock: SharedClock,
     segments: Arc<dyn SegmentMembers>,
@@ -500,6 +500,32 @@ impl Reporting {
             .filter(|(_, f)| admits(scope, f))
             .collect();
         Ok((kept, next))
+    }
+
+    /// The business days of `req`'s period, checked like a KPI query's.
+    pub(crate) fn days(&self, req: &Request) -> Result<(Day, Day)> {
+        self.with(&req.tenant_id, |r| {
+            let (scope, _) = self.scope(r, req)?;
+            Ok((scope.from, scope.to))
+        })
+    }
+
+    /// When each of `members` registered, for those the tenant's facts know.
+    pub(crate) fn registered_at(
+        &self,
+        tenant_id: &str,
+        members: &[&String],
+    ) -> HashMap<String, Millis> {
+        self.with(tenant_id, |r| {
+            Ok(members
+                .iter()
+                .filter_map(|m| {
+                    let at = r.profiles.get(&r.members.get(*m)?)?.registered_at?;
+                    Some(((*m).clone(), at))
+                })
+                .collect())
+        })
+        .unwrap_or_default()
     }
 
     /// Member features after `after` (by member id), at most `limit`: each member's newest

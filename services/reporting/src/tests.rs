@@ -107,6 +107,7 @@ fn world(seed: u64) -> World {
             .filter(|c| !campaigns.contains(c) && member.is_some())
             .collect();
         let p = Purchase {
+            cashier_id: String::new(),
             receipt_id: format!("r{r}"),
             outlet: outlet.clone(),
             time_zone: "UTC".into(),
@@ -936,6 +937,7 @@ fn the_case_study_shape_comes_back_as_constructed() {
         facts.push(TenantFact {
             tenant_id: T.into(),
             fact: Fact::Purchase(Purchase {
+                cashier_id: String::new(),
                 receipt_id: format!("r{receipt}"),
                 outlet: store.clone(),
                 time_zone: "UTC".into(),

@@ -189,6 +189,10 @@ pub const RULES: &[(&str, &[Role])] = &[
         "loyalty.reporting.v1.ReportingService/ExportFacts",
         &[AD, AN],
     ),
+    (
+        "loyalty.reporting.v1.ReportingService/GetFraudSignals",
+        &[AD, AN],
+    ),
     // Segmentation.
     (
         "loyalty.segmentation.v1.SegmentationService/CreateSegment",

@@ -12,6 +12,7 @@ pub fn purchase(tenant: &str, receipt: &str, day: i64) -> TenantFact {
     TenantFact {
         tenant_id: tenant.into(),
         fact: Fact::Purchase(Purchase {
+            cashier_id: String::new(),
             receipt_id: receipt.into(),
             outlet: Outlet {
                 store_id: "s".into(),
