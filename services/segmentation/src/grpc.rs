@@ -411,6 +411,9 @@ impl SegmentationService for Api {
         &self,
         request: Request<pb::GetMemberFeaturesRequest>,
     ) -> Result<Response<pb::GetMemberFeaturesResponse>, Status> {
+        // Analysts see no personal data: the birthday (which segments read) stays here.
+        let analyst = loyalty_platform::access::caller(&request)
+            .is_ok_and(|p| p.role == loyalty_platform::access::Role::Analyst);
         let r = request.into_inner();
         let f = self
             .0
@@ -418,8 +421,12 @@ impl SegmentationService for Api {
             .await
             .map_err(to_status)?;
         let now = self.0.now();
+        let mut shown = features(r.tenant_id, r.member_id, &f, now);
+        if analyst {
+            shown.birthday = None;
+        }
         Ok(Response::new(pb::GetMemberFeaturesResponse {
-            features: Some(features(r.tenant_id, r.member_id, &f, now)),
+            features: Some(shown),
         }))
     }
 

@@ -1,0 +1,228 @@
+//! Personal data stays where it belongs, through the real binary: a day of member work
+//! (registration, profile, lookups that fail, an import with a bad row, a receipt, an
+//! erasure) leaves no phone, email or name in the log, and analysts reading member features
+//! get no birthday.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use loyalty_e2e::*;
+use loyalty_proto::common::v1::Date;
+use loyalty_proto::identity::v1 as identity;
+use loyalty_proto::segmentation::v1 as spb;
+
+const T: &str = "t1";
+const PHONE: &str = "+77017600001";
+const EMAIL: &str = "dana.private@example.kz";
+const FIRST: &str = "Dinara";
+const LAST: &str = "Kassymova";
+
+async fn create_key(data_dir: &std::path::Path, role: &str) -> String {
+    let args: Vec<String> = [
+        "create-key",
+        "--data-dir",
+        &data_dir.display().to_string(),
+        "--role",
+        role,
+        "--tenant",
+        T,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let out = command(&args, &[]).output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    r
+}
+
+#[tokio::test]
+async fn no_personal_data_in_logs_or_analyst_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let admin = create_key(&data, "admin").await;
+    let analyst = create_key(&data, "analyst").await;
+    let server = Server::start(
+        Launch::dev()
+            .env("LOYALTY_AUTH__MODE", "required")
+            .env("LOYALTY_LOG__FORMAT", "json")
+            .env("RUST_LOG", "debug"),
+        &data,
+    )
+    .await;
+    let channel = server.channel().await;
+    let mut members = identity::member_service_client::MemberServiceClient::new(channel.clone());
+
+    let member = members
+        .register_member(with_key(
+            identity::RegisterMemberRequest {
+                tenant_id: T.into(),
+                phone: PHONE.into(),
+                email: EMAIL.into(),
+                first_name: FIRST.into(),
+                last_name: LAST.into(),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .member
+        .unwrap();
+    members
+        .update_profile(with_key(
+            identity::UpdateProfileRequest {
+                tenant_id: T.into(),
+                member_id: member.member_id.clone(),
+                member: Some(identity::Member {
+                    birthday: Some(Date {
+                        year: 1991,
+                        month: 4,
+                        day: 12,
+                    }),
+                    ..Default::default()
+                }),
+                update_mask: vec!["birthday".into()],
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    // Failures that echo what the caller sent.
+    let twice = members
+        .register_member(with_key(
+            identity::RegisterMemberRequest {
+                tenant_id: T.into(),
+                phone: PHONE.into(),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(twice.code(), tonic::Code::AlreadyExists);
+    use identity::lookup_member_request::Key;
+    for key in [
+        Key::Phone("+77017600999".into()),
+        Key::Email("nobody.private@example.kz".into()),
+    ] {
+        members
+            .lookup_member(with_key(
+                identity::LookupMemberRequest {
+                    tenant_id: T.into(),
+                    key: Some(key),
+                    default_region: String::new(),
+                },
+                &admin,
+            ))
+            .await
+            .unwrap_err();
+    }
+    let mut replies = members
+        .import_members(with_key(
+            tokio_stream::iter(vec![identity::ImportMembersRequest {
+                tenant_id: T.into(),
+                import_id: "old".into(),
+                rows: vec![identity::ImportMemberRow {
+                    row_number: 1,
+                    phone: "not-a-phone-Kassymova".into(),
+                    first_name: "Aliya".into(),
+                    ..Default::default()
+                }],
+            }]),
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies.message().await.unwrap().unwrap();
+    assert_eq!(reply.errors.len(), 1);
+
+    // Segmentation knows the birthday (segments use it); analysts do not see it.
+    let mut segments =
+        spb::segmentation_service_client::SegmentationServiceClient::new(channel.clone());
+    let features = |key: String| {
+        let mut segments = segments.clone();
+        let member_id = member.member_id.clone();
+        async move {
+            for _ in 0..100 {
+                let f = segments
+                    .get_member_features(with_key(
+                        spb::GetMemberFeaturesRequest {
+                            tenant_id: T.into(),
+                            member_id: member_id.clone(),
+                        },
+                        &key,
+                    ))
+                    .await;
+                if let Ok(f) = f
+                    && let Some(f) = f.into_inner().features
+                    && f.registered_at.is_some()
+                {
+                    return f;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            panic!("segmentation never learned of the member");
+        }
+    };
+    for _ in 0..100 {
+        if features(admin.clone()).await.birthday.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(features(admin.clone()).await.birthday.unwrap().year, 1991);
+    assert!(features(analyst.clone()).await.birthday.is_none());
+    let _ = &mut segments;
+
+    members
+        .erase_member(with_key(
+            identity::EraseMemberRequest {
+                tenant_id: T.into(),
+                member_id: member.member_id.clone(),
+                actor: Some(loyalty_proto::common::v1::Actor {
+                    id: "dpo".into(),
+                    comment: String::new(),
+                }),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+
+    let log = server.log_text();
+    assert_eq!(server.stop().await, 0);
+    // The log was written during the calls (the erasure's audit line is there).
+    assert!(log.contains("member erased"), "{log}");
+    let secret_part = admin.rsplit('_').next().unwrap().to_string();
+    for secret in [
+        &PHONE[1..],
+        "7017600999",
+        EMAIL,
+        "nobody.private",
+        FIRST,
+        LAST,
+        "Aliya",
+        &secret_part,
+    ] {
+        assert!(
+            !log.contains(secret),
+            "{secret:?} is in the log:\n{}",
+            log.lines()
+                .filter(|l| l.contains(secret))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
