@@ -679,3 +679,151 @@ async fn members_import_with_cards_and_opening_balances_and_resume() {
     );
     assert_eq!(server.stop().await, 0);
 }
+
+#[tokio::test]
+async fn a_blocked_member_is_refused_everywhere_until_unblocked() {
+    use loyalty_proto::balance::v1 as bpb;
+    use loyalty_proto::promotion::v1::receipt::Identification;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(Launch::dev(), dir.path()).await;
+    let channel = server.channel().await;
+    setup_tenant(&channel, T).await;
+    let mut pos = Pos::new(&channel, &channel);
+    let (id, card) = pos.member_with_card(T, "+77017800001").await;
+    let sale = |n: &str| {
+        receipt(
+            T,
+            n,
+            Some(&card),
+            vec![line("1", "boots", "1", "10000.00", false)],
+        )
+    };
+    pos.commit(sale("B-1")).await.unwrap();
+    let before = pos.balance(T, &id).await;
+
+    let block = |reason: &str| {
+        let mut members = pos.members.clone();
+        let request = identity::BlockMemberRequest {
+            tenant_id: T.into(),
+            member_id: id.clone(),
+            reason: reason.into(),
+            actor: actor("fraud:aliya"),
+        };
+        async move {
+            members
+                .block_member(request)
+                .await
+                .map(|r| r.into_inner().member.unwrap())
+        }
+    };
+    let no_reason = block("").await.unwrap_err();
+    assert_eq!(no_reason.code(), Code::InvalidArgument);
+    assert_eq!(violations(&no_reason)[0].0, "reason");
+    let blocked = block("one card in 9 stores in an hour").await.unwrap();
+    assert_eq!(blocked.status, identity::MemberStatus::Blocked as i32);
+    assert_eq!(blocked.block_reason, "one card in 9 stores in an hour");
+    assert_eq!(
+        block("again").await.unwrap().block_reason,
+        blocked.block_reason
+    );
+
+    // The POS: lookups and receipts by card or by member id.
+    let refused = |status: tonic::Status| {
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(status.message().contains("blocked"), "{status:?}");
+    };
+    refused(
+        lookup(&mut pos, Key::CardNumber(card.clone()))
+            .await
+            .unwrap_err(),
+    );
+    refused(
+        lookup(&mut pos, Key::Phone("+77017800001".into()))
+            .await
+            .unwrap_err(),
+    );
+    refused(pos.commit(sale("B-2")).await.unwrap_err());
+    let mut by_id = sale("B-3");
+    by_id.identification = Some(Identification::MemberId(id.clone()));
+    refused(pos.commit(by_id.clone()).await.unwrap_err());
+    // Balance, called directly: no accrual, redemption or hold.
+    let mut balance = pos.balance.clone();
+    refused(
+        balance
+            .accrue(bpb::AccrueRequest {
+                tenant_id: T.into(),
+                member_id: id.clone(),
+                idempotency_key: "a-1".into(),
+                amount: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+    );
+    refused(
+        balance
+            .redeem(bpb::RedeemRequest {
+                tenant_id: T.into(),
+                member_id: id.clone(),
+                idempotency_key: "r-1".into(),
+                amount: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+    );
+    refused(
+        balance
+            .hold(bpb::HoldRequest {
+                tenant_id: T.into(),
+                member_id: id.clone(),
+                idempotency_key: "h-1".into(),
+                amount: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        pos.balance(T, &id).await.active,
+        before.active,
+        "nothing moved"
+    );
+    // The back office can still take the points away.
+    balance
+        .adjust(bpb::AdjustRequest {
+            tenant_id: T.into(),
+            member_id: id.clone(),
+            idempotency_key: "adj-1".into(),
+            amount: -1,
+            actor: actor("fraud:aliya"),
+        })
+        .await
+        .unwrap();
+
+    // Unblocked, the member buys again.
+    let unblocked = pos
+        .members
+        .unblock_member(identity::UnblockMemberRequest {
+            tenant_id: T.into(),
+            member_id: id.clone(),
+            actor: actor("fraud:aliya"),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .member
+        .unwrap();
+    assert_eq!(unblocked.status, identity::MemberStatus::Active as i32);
+    assert!(unblocked.block_reason.is_empty());
+    pos.commit(sale("B-2")).await.unwrap();
+    pos.commit(by_id).await.unwrap();
+    assert_eq!(
+        lookup(&mut pos, Key::CardNumber(card.clone()))
+            .await
+            .unwrap()
+            .member_id,
+        id
+    );
+    assert_eq!(server.stop().await, 0);
+}

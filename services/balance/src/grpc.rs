@@ -60,6 +60,14 @@ pub fn reason_to_proto(r: Reason) -> pb::EntryReason {
     }
 }
 
+/// Whether our own services (which checked the member with identity already) sent this.
+/// Tills, apps and the back office calling balance directly are checked here: a member
+/// identity blocked or erased earns, spends and holds nothing.
+fn from_our_services<T>(request: &Request<T>) -> bool {
+    loyalty_platform::access::caller(request)
+        .is_ok_and(|p| p.role == loyalty_platform::access::Role::Service)
+}
+
 /// Reasons a caller may give an accrual.
 fn accrual_reason(value: i32) -> Result<Reason, Error> {
     match pb::EntryReason::try_from(value) {
@@ -203,7 +211,14 @@ impl BalanceService for Api {
         &self,
         request: Request<pb::AccrueRequest>,
     ) -> Result<Response<pb::AccrueResponse>, Status> {
+        let ours = from_our_services(&request);
         let r = request.into_inner();
+        if !ours {
+            self.0
+                .check_member(&r.tenant_id, &r.member_id)
+                .await
+                .map_err(to_status)?;
+        }
         let op = accrue_op(
             r.amount,
             r.reason,
@@ -227,7 +242,14 @@ impl BalanceService for Api {
         &self,
         request: Request<pb::RedeemRequest>,
     ) -> Result<Response<pb::RedeemResponse>, Status> {
+        let ours = from_our_services(&request);
         let r = request.into_inner();
+        if !ours {
+            self.0
+                .check_member(&r.tenant_id, &r.member_id)
+                .await
+                .map_err(to_status)?;
+        }
         let op = Op::Redeem {
             amount: r.amount,
             reference: r.reference,
@@ -248,7 +270,14 @@ impl BalanceService for Api {
         &self,
         request: Request<pb::HoldRequest>,
     ) -> Result<Response<pb::HoldResponse>, Status> {
+        let ours = from_our_services(&request);
         let r = request.into_inner();
+        if !ours {
+            self.0
+                .check_member(&r.tenant_id, &r.member_id)
+                .await
+                .map_err(to_status)?;
+        }
         let timeout_ms = match r.timeout_seconds {
             0 => ledger::DEFAULT_HOLD_TIMEOUT_MS,
             s if s < 0 => {

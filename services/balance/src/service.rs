@@ -43,6 +43,8 @@ pub const MAX_REPUBLISHING: usize = 10_000;
 #[async_trait::async_trait]
 pub trait MemberDirectory: Send + Sync + std::fmt::Debug {
     async fn exists(&self, tenant_id: &str, member_id: &str) -> Result<bool>;
+    /// Refuses (FAILED_PRECONDITION) a member identity has blocked or erased.
+    async fn usable(&self, tenant_id: &str, member_id: &str) -> Result<()>;
 }
 
 /// What a bulk accrual did.
@@ -140,6 +142,16 @@ impl Balance {
             waiting.fetch_sub(1, Ordering::Relaxed);
         });
         Ok(())
+    }
+
+    /// Refuses a member identity has blocked or erased, when identity is within reach.
+    /// Balance's adapter asks this for the accruals, redemptions and holds of tills, apps
+    /// and the back office; our own services checked the member with identity already.
+    pub async fn check_member(&self, tenant_id: &str, member_id: &str) -> Result<()> {
+        match &self.directory {
+            Some(directory) => directory.usable(tenant_id, member_id).await,
+            None => Ok(()),
+        }
     }
 
     /// Checks bulk accruals' members against `directory`.

@@ -21,6 +21,8 @@ pub enum MemberStatus {
     Active,
     Merged,
     Erased,
+    /// Blocked by the back office (fraud): refused at the POS, in the app and by balance.
+    Blocked,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -692,6 +694,16 @@ impl Identity {
         Ok(members)
     }
 
+    /// A member by id (a merged id answers the survivor) that may buy, earn and spend now:
+    /// erased and blocked members are refused with the reason.
+    pub async fn usable_member(&self, tenant_id: &str, member_id: &str) -> Result<Member> {
+        let mut v = Violations::new();
+        check_tenant(&mut v, tenant_id);
+        v.text(member_id, "member_id", MAX_ID_LEN);
+        v.finish()?;
+        Self::usable(self.current(tenant_id, member_id).await?)
+    }
+
     /// The POS may use a member found by a lookup only while it is active.
     fn usable(member: Member) -> Result<Member> {
         match member.status {
@@ -702,6 +714,10 @@ impl Identity {
             ))),
             MemberStatus::Merged => Err(Error::internal(anyhow::anyhow!(
                 "a lookup index points to merged member {}",
+                member.member_id
+            ))),
+            MemberStatus::Blocked => Err(Error::FailedPrecondition(format!(
+                "member {} is blocked",
                 member.member_id
             ))),
         }

@@ -81,6 +81,18 @@ impl HasActor for pb::MergeMembersRequest {
     }
 }
 
+impl HasActor for pb::BlockMemberRequest {
+    fn actor(&self) -> Option<&loyalty_proto::common::v1::Actor> {
+        self.actor.as_ref()
+    }
+}
+
+impl HasActor for pb::UnblockMemberRequest {
+    fn actor(&self) -> Option<&loyalty_proto::common::v1::Actor> {
+        self.actor.as_ref()
+    }
+}
+
 impl HasActor for pb::EraseMemberRequest {
     fn actor(&self) -> Option<&loyalty_proto::common::v1::Actor> {
         self.actor.as_ref()
@@ -101,14 +113,24 @@ fn row_input(r: pb::ImportMemberRow) -> RowInput {
 }
 
 impl Api {
-    /// The member with its profile.
+    /// The member with its profile (and why it is blocked, if it is).
     async fn view(&self, member: &Member) -> Result<pb::Member, Status> {
         let profile = self
             .0
             .profile(&member.tenant_id, &member.member_id)
             .await
             .map_err(to_status)?;
-        Ok(self.shown(member, &profile))
+        let mut shown = self.shown(member, &profile);
+        if member.status == MemberStatus::Blocked {
+            shown.block_reason = self
+                .0
+                .member_block(&member.tenant_id, &member.member_id)
+                .await
+                .map_err(to_status)?
+                .map(|b| b.reason)
+                .unwrap_or_default();
+        }
+        Ok(shown)
     }
 
     fn shown(&self, member: &Member, profile: &Profile) -> pb::Member {
@@ -233,6 +255,7 @@ pub fn member_to_proto(m: &Member, profile: &Profile, questionnaire_complete: bo
             MemberStatus::Active => pb::MemberStatus::Active,
             MemberStatus::Merged => pb::MemberStatus::Merged,
             MemberStatus::Erased => pb::MemberStatus::Erased,
+            MemberStatus::Blocked => pb::MemberStatus::Blocked,
         } as i32,
         phone: m.phone.clone(),
         email: m.email.clone(),
@@ -411,6 +434,38 @@ impl MemberService for Api {
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::EraseMemberResponse {
+            member: Some(self.view(&member).await?),
+        }))
+    }
+
+    async fn block_member(
+        &self,
+        request: Request<pb::BlockMemberRequest>,
+    ) -> Result<Response<pb::BlockMemberResponse>, Status> {
+        let audit = audit(&request);
+        let r = request.into_inner();
+        let member = self
+            .0
+            .block(&r.tenant_id, &r.member_id, &r.reason, audit)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::BlockMemberResponse {
+            member: Some(self.view(&member).await?),
+        }))
+    }
+
+    async fn unblock_member(
+        &self,
+        request: Request<pb::UnblockMemberRequest>,
+    ) -> Result<Response<pb::UnblockMemberResponse>, Status> {
+        let audit = audit(&request);
+        let r = request.into_inner();
+        let member = self
+            .0
+            .unblock(&r.tenant_id, &r.member_id, audit)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::UnblockMemberResponse {
             member: Some(self.view(&member).await?),
         }))
     }

@@ -52,6 +52,13 @@ pub struct Erasure {
     pub audit: Audit,
 }
 
+/// Why a member is blocked, and who blocked it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberBlock {
+    pub reason: String,
+    pub audit: Audit,
+}
+
 /// One row of a member import, once its member exists: a resumed import skips it, and
 /// finishes its opening balance if that had not gone through.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,6 +190,11 @@ impl Identity {
                         "member {duplicate} was erased"
                     )));
                 }
+                MemberStatus::Blocked => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "member {duplicate} is blocked; unblock it before merging"
+                    )));
+                }
                 MemberStatus::Active => {}
             }
             let kept = self.active_member(tenant_id, survivor).await?;
@@ -278,7 +290,7 @@ impl Identity {
                         "member {member_id} was merged into another member; erase that one"
                     )));
                 }
-                MemberStatus::Active => {}
+                MemberStatus::Active | MemberStatus::Blocked => {}
             }
             let before = self.profile(tenant_id, member_id).await?;
             let now = self.clock.now_ms();
@@ -332,6 +344,107 @@ impl Identity {
             .await?
             .map(|r| r.into)
             .unwrap_or_default())
+    }
+
+    /// Blocks a member (fraud, abuse): lookups, checkout and balance's direct accruals,
+    /// redemptions and holds refuse it with the reason until it is unblocked; the back
+    /// office can still adjust its points or erase it. Blocking a blocked member answers it
+    /// unchanged.
+    pub async fn block(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        reason: &str,
+        audit: Audit,
+    ) -> Result<Member> {
+        let mut v = Violations::new();
+        check_tenant(&mut v, tenant_id);
+        v.text(member_id, "member_id", MAX_ID_LEN);
+        v.text(reason, "reason", MAX_COMMENT_LEN);
+        check_actor(&mut v, &audit.actor, &audit.comment);
+        v.finish()?;
+        let block = MemberBlock {
+            reason: reason.to_string(),
+            audit: Audit {
+                at: self.clock.now_ms(),
+                ..audit
+            },
+        };
+        self.set_status(tenant_id, member_id, MemberStatus::Blocked, Some(&block))
+            .await
+    }
+
+    /// Lifts a block. Unblocking an active member answers it unchanged.
+    pub async fn unblock(&self, tenant_id: &str, member_id: &str, audit: Audit) -> Result<Member> {
+        let mut v = Violations::new();
+        check_tenant(&mut v, tenant_id);
+        v.text(member_id, "member_id", MAX_ID_LEN);
+        check_actor(&mut v, &audit.actor, &audit.comment);
+        v.finish()?;
+        tracing::info!(tenant_id, member_id, actor = %audit.actor, key_id = %audit.key_id, "member unblock asked");
+        self.set_status(tenant_id, member_id, MemberStatus::Active, None)
+            .await
+    }
+
+    async fn set_status(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        to: MemberStatus,
+        block: Option<&MemberBlock>,
+    ) -> Result<Member> {
+        for _ in 0..crate::domain::CHANGE_ATTEMPTS {
+            let stored = self
+                .store
+                .member(tenant_id, member_id)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("member {member_id} not found")))?;
+            match stored.status {
+                s if s == to => return Ok(stored),
+                MemberStatus::Merged | MemberStatus::Erased => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "member {member_id} was merged or erased"
+                    )));
+                }
+                MemberStatus::Active | MemberStatus::Blocked => {}
+            }
+            let before = self.profile(tenant_id, member_id).await?;
+            let member = Member {
+                status: to,
+                updated_at: self.clock.now_ms(),
+                ..stored
+            };
+            let profile = Profile {
+                version: before.version + 1,
+                ..before.clone()
+            };
+            if self
+                .store
+                .set_block(&member, &profile, before.version, block)
+                .await?
+            {
+                match block {
+                    Some(b) => {
+                        tracing::info!(tenant_id, member_id, reason = %b.reason, actor = %b.audit.actor, key_id = %b.audit.key_id, "member blocked")
+                    }
+                    None => tracing::info!(tenant_id, member_id, "member unblocked"),
+                }
+                self.publish(&member, &profile).await?;
+                return Ok(member);
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "member {member_id} kept changing; retry"
+        )))
+    }
+
+    /// Why a member is blocked (None when it is not).
+    pub async fn member_block(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+    ) -> Result<Option<MemberBlock>> {
+        self.store.member_block(tenant_id, member_id).await
     }
 
     /// Who erased a member, and when.

@@ -5,7 +5,7 @@ use loyalty_platform::error::Result;
 
 use crate::domain::{Card, CardStatus, Inserted, Member, Profile};
 use crate::keys::ApiKey;
-use crate::lifecycle::{Erasure, ImportRow, MergeRecord};
+use crate::lifecycle::{Erasure, ImportRow, MemberBlock, MergeRecord};
 
 /// What [`IdentityStore::save_profile`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +107,18 @@ pub trait IdentityStore: Send + Sync + std::fmt::Debug {
         erasure: &Erasure,
     ) -> Result<bool>;
     async fn erasure(&self, tenant_id: &str, member_id: &str) -> Result<Option<Erasure>>;
+
+    /// Writes a member whose status changed (blocked or unblocked) with its profile if the
+    /// stored profile's version is `expected`, and puts (`Some`) or removes (`None`) its
+    /// block record, atomically; false and nothing written otherwise.
+    async fn set_block(
+        &self,
+        member: &Member,
+        profile: &Profile,
+        expected: u64,
+        block: Option<&MemberBlock>,
+    ) -> Result<bool>;
+    async fn member_block(&self, tenant_id: &str, member_id: &str) -> Result<Option<MemberBlock>>;
 
     /// Inserts an imported member with its profile and cards and the import's row record,
     /// atomically. A card that does not exist is inserted; an unbound one is bound.

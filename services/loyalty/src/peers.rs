@@ -42,7 +42,7 @@ impl Members for LocalMembers {
                 self.0.lookup_by_card(tenant_id, number).await?.0.member_id
             }
             Identification::Member(member_id) => {
-                self.0.member(tenant_id, member_id).await?.0.member_id
+                self.0.usable_member(tenant_id, member_id).await?.member_id
             }
             Identification::Phone(phone) => {
                 self.0
@@ -240,7 +240,11 @@ impl Members for RemoteMembers {
                     })
                     .await
                     .map_err(from_status)?;
-                return Ok(reply.into_inner().member.map(resolved));
+                let member = reply.into_inner().member;
+                if let Some(m) = &member {
+                    usable_status(m)?;
+                }
+                return Ok(member.map(resolved));
             }
             Identification::Card(number) => Key::CardNumber(number.clone()),
             Identification::Phone(phone) => Key::Phone(phone.clone()),
@@ -523,7 +527,33 @@ impl Points for RemotePoints {
     }
 }
 
-/// Whether identity knows `member_id`, through either way of reaching it.
+/// Refuses a member (read by id) that may not buy, earn or spend, like identity's lookups.
+fn usable_status(m: &ipb::Member) -> Result<()> {
+    match ipb::MemberStatus::try_from(m.status) {
+        Ok(ipb::MemberStatus::Blocked) => Err(Error::FailedPrecondition(format!(
+            "member {} is blocked",
+            m.member_id
+        ))),
+        Ok(ipb::MemberStatus::Erased) => Err(Error::FailedPrecondition(format!(
+            "member {} was erased",
+            m.member_id
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses a blocked or erased member; a member identity does not know is balance's own
+/// business (accounts exist before and apart from identity's records).
+async fn member_usable(members: &impl Members, tenant_id: &str, member_id: &str) -> Result<()> {
+    let id = Identification::Member(member_id.to_string());
+    match members.resolve(tenant_id, &id, false).await {
+        Ok(_) | Err(Error::NotFound(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether identity knows `member_id` as a member that may earn, through either way of
+/// reaching it (blocked and erased members count as unknown).
 async fn member_exists(members: &impl Members, tenant_id: &str, member_id: &str) -> Result<bool> {
     match members
         .resolve(
@@ -534,7 +564,7 @@ async fn member_exists(members: &impl Members, tenant_id: &str, member_id: &str)
         .await
     {
         Ok(found) => Ok(found.is_some()),
-        Err(Error::NotFound(_)) => Ok(false),
+        Err(Error::NotFound(_) | Error::FailedPrecondition(_)) => Ok(false),
         Err(e) => Err(e),
     }
 }
@@ -544,12 +574,18 @@ impl MemberDirectory for LocalMembers {
     async fn exists(&self, tenant_id: &str, member_id: &str) -> Result<bool> {
         member_exists(self, tenant_id, member_id).await
     }
+    async fn usable(&self, tenant_id: &str, member_id: &str) -> Result<()> {
+        member_usable(self, tenant_id, member_id).await
+    }
 }
 
 #[async_trait::async_trait]
 impl MemberDirectory for RemoteMembers {
     async fn exists(&self, tenant_id: &str, member_id: &str) -> Result<bool> {
         member_exists(self, tenant_id, member_id).await
+    }
+    async fn usable(&self, tenant_id: &str, member_id: &str) -> Result<()> {
+        member_usable(self, tenant_id, member_id).await
     }
 }
 

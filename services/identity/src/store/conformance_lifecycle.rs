@@ -5,13 +5,90 @@
 use super::conformance::{card, member};
 use super::{IdentityStore, Imported, Saved};
 use crate::domain::{CardStatus, Gender, Inserted, Member, MemberStatus, Profile};
-use crate::lifecycle::{Audit, Erasure, ImportRow, MergeRecord};
+use crate::lifecycle::{Audit, Erasure, ImportRow, MemberBlock, MergeRecord};
 
 pub async fn run_all(store: &dyn IdentityStore) {
     emails_are_unique_and_follow_changes(store).await;
     a_merge_moves_cards_and_lookups_at_once(store).await;
     an_erasure_frees_the_indexes(store).await;
     an_import_writes_all_or_nothing(store).await;
+    a_block_and_its_record_go_together(store).await;
+}
+
+async fn a_block_and_its_record_go_together(store: &dyn IdentityStore) {
+    let m = member("bl", "m", "+77010005001", "BLCODE01");
+    store.insert_member(&m).await.unwrap();
+    let blocked = Member {
+        status: MemberStatus::Blocked,
+        ..m.clone()
+    };
+    let p1 = Profile {
+        version: 1,
+        ..Profile::default()
+    };
+    let block = MemberBlock {
+        reason: "fraud".into(),
+        audit: audit(),
+    };
+    assert!(
+        !store
+            .set_block(&blocked, &p1, 4, Some(&block))
+            .await
+            .unwrap(),
+        "stale version"
+    );
+    assert_eq!(store.member_block("bl", "m").await.unwrap(), None);
+    assert!(
+        store
+            .set_block(&blocked, &p1, 0, Some(&block))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.member("bl", "m").await.unwrap(),
+        Some(blocked.clone())
+    );
+    assert_eq!(store.member_block("bl", "m").await.unwrap(), Some(block));
+    let p2 = Profile {
+        version: 2,
+        ..Profile::default()
+    };
+    assert!(store.set_block(&m, &p2, 1, None).await.unwrap());
+    assert_eq!(store.member("bl", "m").await.unwrap(), Some(m.clone()));
+    assert_eq!(store.member_block("bl", "m").await.unwrap(), None);
+    // A blocked member can be erased.
+    let p3 = Profile {
+        version: 3,
+        ..Profile::default()
+    };
+    let again = MemberBlock {
+        reason: "again".into(),
+        audit: audit(),
+    };
+    assert!(
+        store
+            .set_block(&blocked, &p3, 2, Some(&again))
+            .await
+            .unwrap()
+    );
+    let erased = Member {
+        status: MemberStatus::Erased,
+        phone: String::new(),
+        ..m
+    };
+    let p4 = Profile {
+        version: 4,
+        ..Profile::default()
+    };
+    let erasure = Erasure { audit: audit() };
+    assert!(store.erase_member(&erased, &p4, 3, &erasure).await.unwrap());
+    assert_eq!(
+        store
+            .member_id_by_phone("bl", "+77010005001")
+            .await
+            .unwrap(),
+        None
+    );
 }
 
 fn with_email(mut m: Member, email: &str) -> Member {

@@ -12,7 +12,7 @@ use redb::{ReadableTable, TableDefinition};
 use super::{IdentityStore, Imported, Replaced, Saved};
 use crate::domain::{Card, CardStatus, Inserted, Member, MemberStatus, Profile};
 use crate::keys::ApiKey;
-use crate::lifecycle::{Erasure, ImportRow, MergeRecord};
+use crate::lifecycle::{Erasure, ImportRow, MemberBlock, MergeRecord};
 
 const MEMBERS: Records = TableDefinition::new("members");
 const PHONES: TableDefinition<&str, &str> = TableDefinition::new("members_by_phone");
@@ -30,6 +30,8 @@ const EMAILS: TableDefinition<&str, &str> = TableDefinition::new("members_by_ema
 /// Merge records by merged member, and erasure records by erased member.
 const MERGES: Records = TableDefinition::new("member_merges");
 const ERASURES: Records = TableDefinition::new("member_erasures");
+/// Why a member is blocked, while it is.
+const BLOCKS: Records = TableDefinition::new("member_blocks");
 /// Imported rows by (tenant, import id, row number).
 const IMPORT_ROWS: Records = TableDefinition::new("member_import_rows");
 
@@ -370,7 +372,7 @@ impl IdentityStore for EmbeddedIdentityStore {
                 };
                 let mut profiles = txn.open_table(PROFILES).map_err(e)?;
                 let stored: Option<Profile> = get_record(&profiles, &k)?;
-                if before.status != MemberStatus::Active
+                if !matches!(before.status, MemberStatus::Active | MemberStatus::Blocked)
                     || stored.map_or(0, |p| p.version) != expected
                 {
                     return Ok(false);
@@ -395,6 +397,47 @@ impl IdentityStore for EmbeddedIdentityStore {
         self.db
             .read(move |txn| read_record(txn, ERASURES, &k))
             .await
+    }
+
+    async fn set_block(
+        &self,
+        member: &Member,
+        profile: &Profile,
+        expected: u64,
+        block: Option<&MemberBlock>,
+    ) -> Result<bool> {
+        let (member, profile, block) = (member.clone(), profile.clone(), block.cloned());
+        self.db
+            .write(move |txn| {
+                let k = key(&[&member.tenant_id, &member.member_id]);
+                let mut members = txn.open_table(MEMBERS).map_err(e)?;
+                let Some(before) = get_record::<Member>(&members, &k)? else {
+                    return Ok(false);
+                };
+                let mut profiles = txn.open_table(PROFILES).map_err(e)?;
+                let stored: Option<Profile> = get_record(&profiles, &k)?;
+                if !matches!(before.status, MemberStatus::Active | MemberStatus::Blocked)
+                    || stored.map_or(0, |p| p.version) != expected
+                {
+                    return Ok(false);
+                }
+                put_record(&mut members, &k, &member)?;
+                put_record(&mut profiles, &k, &profile)?;
+                let mut blocks = txn.open_table(BLOCKS).map_err(e)?;
+                match &block {
+                    Some(b) => put_record(&mut blocks, &k, b)?,
+                    None => {
+                        blocks.remove(k.as_str()).map_err(e)?;
+                    }
+                }
+                Ok(true)
+            })
+            .await
+    }
+
+    async fn member_block(&self, tenant_id: &str, member_id: &str) -> Result<Option<MemberBlock>> {
+        let k = key(&[tenant_id, member_id]);
+        self.db.read(move |txn| read_record(txn, BLOCKS, &k)).await
     }
 
     async fn import_member(

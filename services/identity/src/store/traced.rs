@@ -9,7 +9,7 @@ use loyalty_platform::telemetry::in_db_span;
 use super::{IdentityStore, Imported, Replaced, Saved};
 use crate::domain::{Card, CardStatus, Inserted, Member, Profile};
 use crate::keys::ApiKey;
-use crate::lifecycle::{Erasure, ImportRow, MergeRecord};
+use crate::lifecycle::{Erasure, ImportRow, MemberBlock, MergeRecord};
 
 /// A store whose calls are traced as `system` (e.g. `redb`).
 #[derive(Debug)]
@@ -137,6 +137,20 @@ impl IdentityStore for Traced {
     async fn erasure(&self, tenant_id: &str, member_id: &str) -> Result<Option<Erasure>> {
         let call = self.inner.erasure(tenant_id, member_id);
         in_db_span(self.system, "identity.erasure", call).await
+    }
+    async fn set_block(
+        &self,
+        member: &Member,
+        profile: &Profile,
+        expected: u64,
+        block: Option<&MemberBlock>,
+    ) -> Result<bool> {
+        let call = self.inner.set_block(member, profile, expected, block);
+        in_db_span(self.system, "identity.set_block", call).await
+    }
+    async fn member_block(&self, tenant_id: &str, member_id: &str) -> Result<Option<MemberBlock>> {
+        let call = self.inner.member_block(tenant_id, member_id);
+        in_db_span(self.system, "identity.member_block", call).await
     }
     async fn import_member(
         &self,

@@ -41,6 +41,8 @@ pub const RULES: &[(&str, &[Role])] = &[
     ("loyalty.identity.v1.MemberService/EraseMember", &[AD]),
     ("loyalty.identity.v1.MemberService/ListMembers", &[AD, SV]),
     ("loyalty.identity.v1.MemberService/ImportMembers", &[AD]),
+    ("loyalty.identity.v1.MemberService/BlockMember", &[AD]),
+    ("loyalty.identity.v1.MemberService/UnblockMember", &[AD]),
     ("loyalty.identity.v1.CardService/IssueCard", &[PO, AD]),
     ("loyalty.identity.v1.CardService/GetCard", &[PO, AD, SV]),
     ("loyalty.identity.v1.CardService/ImportCardRange", &[AD]),
