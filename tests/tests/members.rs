@@ -827,3 +827,110 @@ async fn a_blocked_member_is_refused_everywhere_until_unblocked() {
     );
     assert_eq!(server.stop().await, 0);
 }
+
+#[tokio::test]
+async fn chained_merges_resolve_and_an_erasure_reaches_the_merged() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(Launch::dev(), dir.path()).await;
+    let channel = server.channel().await;
+    let mut pos = Pos::new(&channel, &channel);
+    let a = register(&mut pos, "+77017900001", "a.chain@example.kz")
+        .await
+        .unwrap();
+    let b = register(&mut pos, "+77017900002", "b.chain@example.kz")
+        .await
+        .unwrap();
+    let c = register(&mut pos, "+77017900003", "").await.unwrap();
+    merge(&mut pos, &b.member_id, &a.member_id).await.unwrap();
+    merge(&mut pos, &c.member_id, &b.member_id).await.unwrap();
+
+    // A's phone, email and id all land on C; so does A's referral code.
+    for key in [
+        Key::Phone("+77017900001".into()),
+        Key::Email("a.chain@example.kz".into()),
+        Key::Phone("+77017900002".into()),
+    ] {
+        assert_eq!(lookup(&mut pos, key).await.unwrap().member_id, c.member_id);
+    }
+    assert_eq!(
+        get(&mut pos, &a.member_id).await.member.unwrap().member_id,
+        c.member_id
+    );
+    let referred = pos
+        .members
+        .register_member(identity::RegisterMemberRequest {
+            tenant_id: T.into(),
+            phone: "+77017900004".into(),
+            referral_code: a.referral_code.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .member
+        .unwrap();
+    assert_eq!(referred.referred_by_member_id, c.member_id);
+
+    // A blocked member's code refers nobody.
+    pos.members
+        .block_member(identity::BlockMemberRequest {
+            tenant_id: T.into(),
+            member_id: c.member_id.clone(),
+            reason: "abuse".into(),
+            actor: actor("fraud:aliya"),
+        })
+        .await
+        .unwrap();
+    let refused = pos
+        .members
+        .register_member(identity::RegisterMemberRequest {
+            tenant_id: T.into(),
+            phone: "+77017900005".into(),
+            referral_code: c.referral_code.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert_eq!(violations(&refused)[0].0, "referral_code");
+
+    // Erasing C erases what A and B brought: their phones and emails register anew.
+    pos.members
+        .erase_member(identity::EraseMemberRequest {
+            tenant_id: T.into(),
+            member_id: c.member_id.clone(),
+            actor: actor("dpo:marat"),
+        })
+        .await
+        .unwrap();
+    let listed = pos
+        .members
+        .list_members(identity::ListMembersRequest {
+            tenant_id: T.into(),
+            page_size: 100,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .members;
+    for id in [&a.member_id, &b.member_id] {
+        let m = listed.iter().find(|m| &m.member_id == id).unwrap();
+        assert!(
+            m.phone.is_empty() && m.email.is_empty() && m.first_name.is_empty(),
+            "{m:?}"
+        );
+        assert_eq!(m.status, identity::MemberStatus::Merged as i32);
+    }
+    for phone in ["+77017900001", "+77017900002", "+77017900003"] {
+        let err = lookup(&mut pos, Key::Phone(phone.into()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{phone}: {err:?}");
+    }
+    let again = register(&mut pos, "+77017900001", "a.chain@example.kz")
+        .await
+        .unwrap();
+    assert_ne!(again.member_id, a.member_id);
+    assert_eq!(server.stop().await, 0);
+}

@@ -453,7 +453,7 @@ impl Identity {
         }
         v.finish()?;
         for _ in 0..CHANGE_ATTEMPTS {
-            let mut member = self.active_member(tenant_id, member_id).await?;
+            let mut member = self.changeable_member(tenant_id, member_id).await?;
             let before = self.profile(tenant_id, member_id).await?;
             let mut profile = before.clone();
             if let Some(name) = &update.first_name {
@@ -523,7 +523,7 @@ impl Identity {
         }
         v.finish()?;
         for _ in 0..CHANGE_ATTEMPTS {
-            let mut member = self.active_member(tenant_id, member_id).await?;
+            let mut member = self.changeable_member(tenant_id, member_id).await?;
             let before = self.profile(tenant_id, member_id).await?;
             let mut profile = before.clone();
             let now = self.clock.now_ms();
@@ -604,7 +604,17 @@ impl Identity {
                 .member_by_referral_code(&r.tenant_id, &code)
                 .await?
             {
-                Some(id) => Some(id),
+                // A blocked referrer earns nothing from new sign-ups.
+                Some(id) => match self.usable_member(&r.tenant_id, &id).await {
+                    Ok(referrer) => Some(referrer.member_id),
+                    Err(Error::FailedPrecondition(_)) => {
+                        return Err(Error::invalid(
+                            "referral_code",
+                            "belongs to a member who cannot refer anyone now",
+                        ));
+                    }
+                    Err(e) => return Err(e),
+                },
                 None => {
                     return Err(Error::invalid(
                         "referral_code",
@@ -713,7 +723,7 @@ impl Identity {
                 member.member_id
             ))),
             MemberStatus::Merged => Err(Error::internal(anyhow::anyhow!(
-                "a lookup index points to merged member {}",
+                "member {} resolved to a merged member",
                 member.member_id
             ))),
             MemberStatus::Blocked => Err(Error::FailedPrecondition(format!(
@@ -738,10 +748,17 @@ impl Identity {
             .member_id_by_email(tenant_id, &email)
             .await?
             .ok_or_else(|| Error::NotFound("no member with this email".into()))?;
-        let member = self.store.member(tenant_id, &id).await?.ok_or_else(|| {
-            Error::internal(anyhow::anyhow!("email index points to missing member {id}"))
-        })?;
-        Self::usable(member)
+        Self::usable(self.indexed(tenant_id, &id, "email").await?)
+    }
+
+    /// The member an index entry names, or its survivor if it was merged since.
+    async fn indexed(&self, tenant_id: &str, id: &str, index: &str) -> Result<Member> {
+        match self.current(tenant_id, id).await {
+            Err(Error::NotFound(_)) => Err(Error::internal(anyhow::anyhow!(
+                "{index} index points to missing member {id}"
+            ))),
+            other => other,
+        }
     }
 
     /// The POS lookup by card: refuses blocked, replaced and unbound cards with the reason.
@@ -774,15 +791,7 @@ impl Identity {
                 )));
             }
         };
-        let member = self
-            .store
-            .member(tenant_id, &member_id)
-            .await?
-            .ok_or_else(|| {
-                Error::internal(anyhow::anyhow!(
-                    "card {number} points to missing member {member_id}"
-                ))
-            })?;
+        let member = self.indexed(tenant_id, &member_id, "card").await?;
         Ok((Self::usable(member)?, card))
     }
 
@@ -806,10 +815,7 @@ impl Identity {
             .member_id_by_phone(tenant_id, &phone)
             .await?
             .ok_or_else(|| Error::NotFound(format!("no member with phone {phone}")))?;
-        let member = self.store.member(tenant_id, &id).await?.ok_or_else(|| {
-            Error::internal(anyhow::anyhow!("phone index points to missing member {id}"))
-        })?;
-        Self::usable(member)
+        Self::usable(self.indexed(tenant_id, &id, "phone").await?)
     }
 
     /// Issues a virtual card (number generated) or a plastic card (number given).
@@ -1138,6 +1144,22 @@ impl Identity {
         Err(Error::Unavailable(format!(
             "card {old_number} kept changing; retry"
         )))
+    }
+
+    /// A member whose profile and consents may change: active or blocked (a blocked member
+    /// may still withdraw consent or correct data).
+    async fn changeable_member(&self, tenant_id: &str, member_id: &str) -> Result<Member> {
+        let member = self
+            .store
+            .member(tenant_id, member_id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("member {member_id} not found")))?;
+        if !matches!(member.status, MemberStatus::Active | MemberStatus::Blocked) {
+            return Err(Error::FailedPrecondition(format!(
+                "member {member_id} was merged or erased"
+            )));
+        }
+        Ok(member)
     }
 
     pub(crate) async fn active_member(&self, tenant_id: &str, member_id: &str) -> Result<Member> {

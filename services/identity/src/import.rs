@@ -127,7 +127,6 @@ impl Identity {
                 .await?
             {
                 Imported::Done => {
-                    self.publish(&member, &profile).await?;
                     self.finish_row(record).await?;
                     return Ok(Ok(()));
                 }
@@ -158,15 +157,32 @@ impl Identity {
         )))
     }
 
-    /// Credits a row's opening balance if that has not gone through yet.
+    /// Credits a row's opening balance if that has not gone through yet, and tells the
+    /// consumers of the member again (a resumed row's event may not have gone out).
     async fn finish_row(&self, mut row: ImportRow) -> Result<()> {
+        // The member as it is now (its survivor, if merged since).
+        let member = self.current(&row.tenant_id, &row.member_id).await?;
+        let profile = self.profile(&row.tenant_id, &member.member_id).await?;
+        self.publish(&member, &profile).await?;
         if row.balance_done {
             return Ok(());
         }
         let key = format!("import:{}:{}", row.import_id, row.row_number);
-        self.points
+        // The imported member first: a credit that went through before a merge answers its
+        // stored reply there. Refused (its account closed by a merge), it never got the
+        // points, and the survivor gets them.
+        let credited = self
+            .points
             .opening_balance(&row.tenant_id, &row.member_id, row.opening_balance, &key)
-            .await?;
+            .await;
+        match credited {
+            Err(Error::FailedPrecondition(_)) if member.member_id != row.member_id => {
+                self.points
+                    .opening_balance(&row.tenant_id, &member.member_id, row.opening_balance, &key)
+                    .await?;
+            }
+            other => other?,
+        }
         row.balance_done = true;
         self.store.save_import_row(&row).await
     }

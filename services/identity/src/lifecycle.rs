@@ -244,10 +244,12 @@ impl Identity {
         mut record: MergeRecord,
     ) -> Result<Member> {
         if !record.points_moved {
+            // To whoever the survivor is now: it may have been merged on since.
+            let to = self.current(tenant_id, &record.into).await?.member_id;
             let key = format!("merge:{duplicate}");
             let moved = self
                 .points
-                .transfer(tenant_id, duplicate, &record.into, &key)
+                .transfer(tenant_id, duplicate, &to, &key)
                 .await?;
             tracing::info!(tenant_id, duplicate, into = %record.into, moved, "merged member's points moved");
             record.points_moved = true;
@@ -284,7 +286,11 @@ impl Identity {
                 .await?
                 .ok_or_else(|| Error::NotFound(format!("member {member_id} not found")))?;
             match stored.status {
-                MemberStatus::Erased => return Ok(stored),
+                MemberStatus::Erased => {
+                    // A retry: what the first attempt may not have told the consumers.
+                    self.publish_erased(tenant_id, &stored).await?;
+                    return Ok(stored);
+                }
                 MemberStatus::Merged => {
                     return Err(Error::FailedPrecondition(format!(
                         "member {member_id} was merged into another member; erase that one"
@@ -327,13 +333,27 @@ impl Identity {
                     key_id = %erasure.audit.key_id,
                     "member erased"
                 );
-                self.publish(&erased, &profile).await?;
+                self.publish_erased(tenant_id, &erased).await?;
                 return Ok(erased);
             }
         }
         Err(Error::Unavailable(format!(
             "member {member_id} kept changing; retry"
         )))
+    }
+
+    /// Tells the consumers of an erased member and of every member merged into it: their
+    /// snapshots now carry no birthday or consents.
+    async fn publish_erased(&self, tenant_id: &str, erased: &Member) -> Result<()> {
+        let profile = self.profile(tenant_id, &erased.member_id).await?;
+        self.publish(erased, &profile).await?;
+        for id in self.store.merged_from(tenant_id, &erased.member_id).await? {
+            if let Some(m) = self.store.member(tenant_id, &id).await? {
+                let profile = self.profile(tenant_id, &id).await?;
+                self.publish(&m, &profile).await?;
+            }
+        }
+        Ok(())
     }
 
     /// The survivor a merged member went into (empty if it was not merged).
@@ -400,7 +420,12 @@ impl Identity {
                 .await?
                 .ok_or_else(|| Error::NotFound(format!("member {member_id} not found")))?;
             match stored.status {
-                s if s == to => return Ok(stored),
+                s if s == to => {
+                    // A retry: tell the consumers again in case the first attempt did not.
+                    let profile = self.profile(tenant_id, member_id).await?;
+                    self.publish(&stored, &profile).await?;
+                    return Ok(stored);
+                }
                 MemberStatus::Merged | MemberStatus::Erased => {
                     return Err(Error::FailedPrecondition(format!(
                         "member {member_id} was merged or erased"

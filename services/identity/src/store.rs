@@ -97,8 +97,10 @@ pub trait IdentityStore: Send + Sync + std::fmt::Debug {
     ) -> Result<()>;
 
     /// Writes an erased member and profile with its erasure record, atomically, removing
-    /// the stored phone, email and referral-code index entries that point to it. Nothing is
-    /// written (false) unless the member is stored active with profile version `expected`.
+    /// the stored phone, email and referral-code index entries that point to it. Members
+    /// merged into it (at any depth) lose their personal data and index entries in the same
+    /// write. Nothing is written (false) unless the member is stored active or blocked with
+    /// profile version `expected`.
     async fn erase_member(
         &self,
         member: &Member,
@@ -107,6 +109,8 @@ pub trait IdentityStore: Send + Sync + std::fmt::Debug {
         erasure: &Erasure,
     ) -> Result<bool>;
     async fn erasure(&self, tenant_id: &str, member_id: &str) -> Result<Option<Erasure>>;
+    /// Every member merged into `member_id`, at any depth.
+    async fn merged_from(&self, tenant_id: &str, member_id: &str) -> Result<Vec<String>>;
 
     /// Writes a member whose status changed (blocked or unblocked) with its profile if the
     /// stored profile's version is `expected`, and puts (`Some`) or removes (`None`) its

@@ -624,17 +624,18 @@ impl Config {
             );
         }
         let limits = &self.rate_limits;
-        let rate_ok = |r: f64| r.is_finite() && (0.0..=10_000_000.0).contains(&r);
+        // 0 (no limit), or at least one call in 1000 seconds.
+        let rate_ok = |r: f64| r == 0.0 || (r.is_finite() && (0.001..=10_000_000.0).contains(&r));
         if !rate_ok(limits.per_key) {
             return bad(
                 "rate_limits.per_key",
-                "must be between 0 and 10000000 calls per second",
+                "must be 0 or between 0.001 and 10000000 calls per second",
             );
         }
         if !rate_ok(limits.per_tenant) {
             return bad(
                 "rate_limits.per_tenant",
-                "must be between 0 and 10000000 calls per second",
+                "must be 0 or between 0.001 and 10000000 calls per second",
             );
         }
         if !(limits.burst_secs.is_finite()
@@ -652,7 +653,9 @@ impl Config {
         if let Some((tenant, _)) = limits.tenants.iter().find(|(_, r)| !rate_ok(**r)) {
             return bad(
                 "rate_limits.tenants",
-                &format!("gives tenant {tenant:?} a rate that is not between 0 and 10000000"),
+                &format!(
+                    "gives tenant {tenant:?} a rate that is not 0 or between 0.001 and 10000000"
+                ),
             );
         }
         if self.auth.cache_ttl_secs > 3_600 {

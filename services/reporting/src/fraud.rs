@@ -11,7 +11,7 @@
 //! Each is computed from the purchase facts of the period, read a page at a time from one
 //! snapshot, at most [`MAX_SCAN`] of them.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 use loyalty_platform::clock::Millis;
 use loyalty_platform::error::{Error, Result, Violations};
@@ -149,8 +149,18 @@ struct Collected {
     /// Per (store, cashier): receipts per member.
     cashiers: HashMap<(String, String), HashMap<String, u64>>,
     /// Identified purchases that redeemed points.
-    redemptions: Vec<Purchase>,
+    redemptions: Vec<Redeemed>,
     scanned: u64,
+}
+
+/// What early redemption needs of a purchase.
+#[derive(Debug)]
+struct Redeemed {
+    member_id: String,
+    time: Millis,
+    receipt_id: String,
+    store_id: String,
+    points: i64,
 }
 
 impl Collected {
@@ -172,7 +182,13 @@ impl Collected {
                 .or_default() += 1;
         }
         if p.points_redeemed > 0 {
-            self.redemptions.push(p);
+            self.redemptions.push(Redeemed {
+                member_id: p.member_id.unwrap_or_default(),
+                time: p.time,
+                receipt_id: p.receipt_id,
+                store_id: p.outlet.store_id,
+                points: p.points_redeemed,
+            });
         }
     }
 }
@@ -199,7 +215,11 @@ impl Reporting {
                     PAGE_BYTES,
                 )
                 .await?;
-            for (_, fact) in page.rows.iter().cloned() {
+            let next = match (page.more, page.rows.last()) {
+                (true, Some((position, _))) => Some(*position),
+                _ => None,
+            };
+            for (_, fact) in page.rows {
                 if let Fact::Purchase(p) = fact {
                     collected.add(p);
                 }
@@ -210,16 +230,12 @@ impl Reporting {
                     format!("holds more than {MAX_SCAN} purchases; ask for a shorter one"),
                 ));
             }
-            match (page.more, page.rows.last()) {
-                (true, Some((position, _))) => after = Some(*position),
-                _ => break,
+            match next {
+                Some(position) => after = Some(position),
+                None => break,
             }
         }
-        let members: Vec<&String> = collected
-            .redemptions
-            .iter()
-            .filter_map(|p| p.member_id.as_ref())
-            .collect();
+        let members: Vec<&String> = collected.redemptions.iter().map(|r| &r.member_id).collect();
         let registered = self.registered_at(&req.tenant_id, &members);
         // The work is CPU only; off the async workers like a segment view.
         tokio::task::spawn_blocking(move || Ok(judge(collected, &registered, t)))
@@ -279,19 +295,18 @@ fn judge(c: Collected, registered: &HashMap<String, Millis>, t: Thresholds) -> S
     let mut early_redemptions: Vec<EarlyRedemption> = c
         .redemptions
         .into_iter()
-        .filter_map(|p| {
-            let member_id = p.member_id?;
-            let registered_at = *registered.get(&member_id)?;
-            let after = p.time - registered_at;
+        .filter_map(|r| {
+            let registered_at = *registered.get(&r.member_id)?;
+            let after = r.time - registered_at;
             (0..=t.early_redemption_ms)
                 .contains(&after)
                 .then_some(EarlyRedemption {
-                    member_id,
+                    member_id: r.member_id,
                     registered_at,
-                    redeemed_at: p.time,
-                    receipt_id: p.receipt_id,
-                    store_id: p.outlet.store_id,
-                    points_redeemed: p.points_redeemed,
+                    redeemed_at: r.time,
+                    receipt_id: r.receipt_id,
+                    store_id: r.store_id,
+                    points_redeemed: r.points,
                 })
         })
         .collect();
@@ -319,15 +334,24 @@ fn hopping(
         return None;
     }
     visits.sort();
+    // A sliding window with a count per store: each visit enters and leaves it once.
+    let mut inside: HashMap<&str, u32> = HashMap::new();
     let mut best: Option<(usize, usize, usize)> = None; // (stores, start, end)
     let mut start = 0;
     for end in 0..visits.len() {
+        *inside.entry(visits[end].1.as_str()).or_default() += 1;
         while visits[end].0 - visits[start].0 > t.store_window_ms {
+            let store = visits[start].1.as_str();
+            if let Some(n) = inside.get_mut(store) {
+                *n -= 1;
+                if *n == 0 {
+                    inside.remove(store);
+                }
+            }
             start += 1;
         }
-        let stores: BTreeSet<&String> = visits[start..=end].iter().map(|(_, s)| s).collect();
-        if best.is_none_or(|(n, _, _)| stores.len() > n) {
-            best = Some((stores.len(), start, end));
+        if best.is_none_or(|(n, _, _)| inside.len() > n) {
+            best = Some((inside.len(), start, end));
         }
     }
     let (n, start, end) = best?;

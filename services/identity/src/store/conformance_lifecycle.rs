@@ -258,6 +258,8 @@ async fn a_merge_moves_cards_and_lookups_at_once(store: &dyn IdentityStore) {
             .as_deref(),
         Some("keep")
     );
+    assert_eq!(store.merged_from("mg", "keep").await.unwrap(), ["dup"]);
+    assert!(store.merged_from("mg", "dup").await.unwrap().is_empty());
     // Merged once: a second merge of the same member writes nothing.
     assert!(
         !store

@@ -30,6 +30,8 @@ const EMAILS: TableDefinition<&str, &str> = TableDefinition::new("members_by_ema
 /// Merge records by merged member, and erasure records by erased member.
 const MERGES: Records = TableDefinition::new("member_merges");
 const ERASURES: Records = TableDefinition::new("member_erasures");
+/// Members merged into each survivor: (tenant, survivor, merged member).
+const MERGED_FROM: TableDefinition<&str, ()> = TableDefinition::new("members_merged_from");
 /// Why a member is blocked, while it is.
 const BLOCKS: Records = TableDefinition::new("member_blocks");
 /// Imported rows by (tenant, import id, row number).
@@ -76,6 +78,46 @@ fn free_for(index: &Index<'_>, tenant: &str, value: &str, member: &str) -> Resul
         .get(k.as_str())
         .map_err(e)?
         .is_none_or(|v| v.value() == member))
+}
+
+/// Removes `tenant`'s `value` entry of `index` if it points at any of `members`.
+fn unindex_any(index: &mut Index<'_>, tenant: &str, value: &str, members: &[String]) -> Result<()> {
+    if value.is_empty() {
+        return Ok(());
+    }
+    let k = key(&[tenant, value]);
+    let ours = index
+        .get(k.as_str())
+        .map_err(e)?
+        .is_some_and(|v| members.iter().any(|m| m == v.value()));
+    if ours {
+        index.remove(k.as_str()).map_err(e)?;
+    }
+    Ok(())
+}
+
+/// Most members one erasure reaches through merges.
+const MAX_FAMILY: usize = 10_000;
+
+/// `root` and every member merged into it, at any depth, root first.
+fn merged_family(
+    merged_from: &impl ReadableTable<&'static str, ()>,
+    tenant: &str,
+    root: &str,
+) -> Result<Vec<String>> {
+    let mut family = vec![root.to_string()];
+    let mut i = 0;
+    while i < family.len() && family.len() < MAX_FAMILY {
+        let (start, end) = prefix_range(&[tenant, &family[i]]);
+        for entry in merged_from.range(start.as_str()..end.as_str()).map_err(e)? {
+            let (k, _) = entry.map_err(e)?;
+            if let Some(id) = k.value().rsplit('\u{0}').next() {
+                family.push(id.to_string());
+            }
+        }
+        i += 1;
+    }
+    Ok(family)
 }
 
 fn import_key(tenant: &str, import_id: &str, row: i64) -> String {
@@ -325,10 +367,22 @@ impl IdentityStore for EmbeddedIdentityStore {
                     &dup.member_id,
                     &record.into,
                 )?;
+                let mut codes = txn.open_table(REFERRAL_CODES).map_err(e)?;
+                repoint(
+                    &mut codes,
+                    tenant,
+                    &dup.referral_code,
+                    &dup.member_id,
+                    &record.into,
+                )?;
                 put_record(&mut members, &dup_key, &dup)?;
                 put_record(&mut profiles, &dup_key, &profile)?;
                 let mut merges = txn.open_table(MERGES).map_err(e)?;
                 put_record(&mut merges, &dup_key, &record)?;
+                let mut merged_from = txn.open_table(MERGED_FROM).map_err(e)?;
+                merged_from
+                    .insert(key(&[tenant, &record.into, &dup.member_id]).as_str(), ())
+                    .map_err(e)?;
                 Ok(true)
             })
             .await
@@ -377,17 +431,66 @@ impl IdentityStore for EmbeddedIdentityStore {
                 {
                     return Ok(false);
                 }
+                // Members merged into it, at any depth: their personal data goes too, and so
+                // do their phones, emails and codes, which find this member now.
+                let family = {
+                    let merged_from = txn.open_table(MERGED_FROM).map_err(e)?;
+                    merged_family(&merged_from, tenant, id)?
+                };
                 let mut phones = txn.open_table(PHONES).map_err(e)?;
-                unindex(&mut phones, tenant, &before.phone, id)?;
                 let mut emails = txn.open_table(EMAILS).map_err(e)?;
-                unindex(&mut emails, tenant, &before.email, id)?;
                 let mut codes = txn.open_table(REFERRAL_CODES).map_err(e)?;
-                unindex(&mut codes, tenant, &before.referral_code, id)?;
-                put_record(&mut members, &k, &member)?;
-                put_record(&mut profiles, &k, &profile)?;
                 let mut erasures = txn.open_table(ERASURES).map_err(e)?;
-                put_record(&mut erasures, &k, &erasure)?;
+                for (i, member_id) in family.iter().enumerate() {
+                    let mk = key(&[tenant, member_id]);
+                    let Some(old) = get_record::<Member>(&members, &mk)? else {
+                        continue;
+                    };
+                    unindex_any(&mut phones, tenant, &old.phone, &family)?;
+                    unindex_any(&mut emails, tenant, &old.email, &family)?;
+                    unindex_any(&mut codes, tenant, &old.referral_code, &family)?;
+                    if i == 0 {
+                        put_record(&mut members, &k, &member)?;
+                        put_record(&mut profiles, &k, &profile)?;
+                    } else {
+                        let blank = Member {
+                            phone: String::new(),
+                            email: String::new(),
+                            first_name: String::new(),
+                            last_name: String::new(),
+                            referral_code: String::new(),
+                            updated_at: member.updated_at,
+                            ..old
+                        };
+                        let version =
+                            get_record::<Profile>(&profiles, &mk)?.map_or(0, |p| p.version);
+                        put_record(&mut members, &mk, &blank)?;
+                        put_record(
+                            &mut profiles,
+                            &mk,
+                            &Profile {
+                                version: version + 1,
+                                ..Profile::default()
+                            },
+                        )?;
+                    }
+                    put_record(&mut erasures, &mk, &erasure)?;
+                }
                 Ok(true)
+            })
+            .await
+    }
+
+    async fn merged_from(&self, tenant_id: &str, member_id: &str) -> Result<Vec<String>> {
+        let (tenant, root) = (tenant_id.to_string(), member_id.to_string());
+        self.db
+            .read(move |txn| {
+                let Some(merged_from) = open_for_read(txn, MERGED_FROM)? else {
+                    return Ok(Vec::new());
+                };
+                let mut family = merged_family(&merged_from, &tenant, &root)?;
+                family.remove(0);
+                Ok(family)
             })
             .await
     }

@@ -134,6 +134,10 @@ impl IdentityStore for Traced {
         let call = self.inner.erase_member(member, profile, expected, erasure);
         in_db_span(self.system, "identity.erase_member", call).await
     }
+    async fn merged_from(&self, tenant_id: &str, member_id: &str) -> Result<Vec<String>> {
+        let call = self.inner.merged_from(tenant_id, member_id);
+        in_db_span(self.system, "identity.merged_from", call).await
+    }
     async fn erasure(&self, tenant_id: &str, member_id: &str) -> Result<Option<Erasure>> {
         let call = self.inner.erasure(tenant_id, member_id);
         in_db_span(self.system, "identity.erasure", call).await

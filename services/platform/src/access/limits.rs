@@ -73,11 +73,29 @@ impl RateLimits {
             self.take(&self.keys, &who.key_id, self.per_key, now)
                 .map_err(|wait| refused("API key", &who.key_id, self.per_key, wait))?;
         }
-        if tenant_rate > 0.0 {
-            self.take(&self.tenant_buckets, &who.tenant_id, tenant_rate, now)
-                .map_err(|wait| refused("tenant", &who.tenant_id, tenant_rate, wait))?;
+        if tenant_rate > 0.0
+            && let Err(wait) = self.take(&self.tenant_buckets, &who.tenant_id, tenant_rate, now)
+        {
+            // Filled by a concurrent call since the check: the key gets its call back.
+            if self.per_key > 0.0 {
+                self.give_back(&self.keys, &who.key_id, self.per_key);
+            }
+            return Err(refused("tenant", &who.tenant_id, tenant_rate, wait));
         }
         Ok(())
+    }
+
+    /// Undoes one [`Self::take`] of `id`'s bucket.
+    fn give_back(&self, buckets: &Buckets, id: &str, rate: f64) {
+        let Ok(mut buckets) = buckets.lock() else {
+            return;
+        };
+        if let Some(empty_at) = buckets.get_mut(id) {
+            let interval = Duration::from_secs_f64(1.0 / rate);
+            if let Some(earlier) = empty_at.checked_sub(interval) {
+                *empty_at = earlier;
+            }
+        }
     }
 
     /// How long until `id`'s bucket has room; `Ok` when it has now.
