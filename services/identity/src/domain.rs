@@ -1146,14 +1146,18 @@ impl Identity {
         )))
     }
 
+    /// The stored record of `member_id` (merged or not), NOT_FOUND when there is none.
+    pub(crate) async fn stored(&self, tenant_id: &str, member_id: &str) -> Result<Member> {
+        self.store
+            .member(tenant_id, member_id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("member {member_id} not found")))
+    }
+
     /// A member whose profile and consents may change: active or blocked (a blocked member
     /// may still withdraw consent or correct data).
     async fn changeable_member(&self, tenant_id: &str, member_id: &str) -> Result<Member> {
-        let member = self
-            .store
-            .member(tenant_id, member_id)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("member {member_id} not found")))?;
+        let member = self.stored(tenant_id, member_id).await?;
         if !matches!(member.status, MemberStatus::Active | MemberStatus::Blocked) {
             return Err(Error::FailedPrecondition(format!(
                 "member {member_id} was merged or erased"
@@ -1163,11 +1167,7 @@ impl Identity {
     }
 
     pub(crate) async fn active_member(&self, tenant_id: &str, member_id: &str) -> Result<Member> {
-        let member = self
-            .store
-            .member(tenant_id, member_id)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("member {member_id} not found")))?;
+        let member = self.stored(tenant_id, member_id).await?;
         if member.status != MemberStatus::Active {
             return Err(Error::FailedPrecondition(format!(
                 "member {member_id} is not active"

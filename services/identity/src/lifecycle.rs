@@ -119,6 +119,7 @@ impl Identity {
     pub(crate) async fn current(&self, tenant_id: &str, member_id: &str) -> Result<Member> {
         let mut id = member_id.to_string();
         for _ in 0..MAX_MERGE_HOPS {
+            // NOT_FOUND names the id asked for, not a survivor on the way.
             let member = self
                 .store
                 .member(tenant_id, &id)
@@ -163,11 +164,7 @@ impl Identity {
         check_actor(&mut v, &audit.actor, &audit.comment);
         v.finish()?;
         for _ in 0..crate::domain::CHANGE_ATTEMPTS {
-            let dup = self
-                .store
-                .member(tenant_id, duplicate)
-                .await?
-                .ok_or_else(|| Error::NotFound(format!("member {duplicate} not found")))?;
+            let dup = self.stored(tenant_id, duplicate).await?;
             match dup.status {
                 MemberStatus::Merged => {
                     let record = self
@@ -280,11 +277,7 @@ impl Identity {
         check_actor(&mut v, &audit.actor, &audit.comment);
         v.finish()?;
         for _ in 0..crate::domain::CHANGE_ATTEMPTS {
-            let stored = self
-                .store
-                .member(tenant_id, member_id)
-                .await?
-                .ok_or_else(|| Error::NotFound(format!("member {member_id} not found")))?;
+            let stored = self.stored(tenant_id, member_id).await?;
             match stored.status {
                 MemberStatus::Erased => {
                     // A retry: what the first attempt may not have told the consumers.
@@ -414,11 +407,7 @@ impl Identity {
         block: Option<&MemberBlock>,
     ) -> Result<Member> {
         for _ in 0..crate::domain::CHANGE_ATTEMPTS {
-            let stored = self
-                .store
-                .member(tenant_id, member_id)
-                .await?
-                .ok_or_else(|| Error::NotFound(format!("member {member_id} not found")))?;
+            let stored = self.stored(tenant_id, member_id).await?;
             match stored.status {
                 s if s == to => {
                     // A retry: tell the consumers again in case the first attempt did not.

@@ -120,6 +120,33 @@ fn merged_family(
     Ok(family)
 }
 
+type Table<'t> = redb::Table<'t, &'static str, &'static [u8]>;
+
+/// The stored member at `k` when its status passes `status_ok` and its profile is at
+/// version `expected` (0: no profile stored): the condition of every conditional member
+/// write. `None` when the write must not happen.
+fn member_at(
+    members: &Table<'_>,
+    profiles: &Table<'_>,
+    k: &str,
+    expected: u64,
+    status_ok: fn(MemberStatus) -> bool,
+) -> Result<Option<Member>> {
+    let Some(member) = get_record::<Member>(members, k)? else {
+        return Ok(None);
+    };
+    let version = get_record::<Profile>(profiles, k)?.map_or(0, |p| p.version);
+    Ok((status_ok(member.status) && version == expected).then_some(member))
+}
+
+fn any_status(_: MemberStatus) -> bool {
+    true
+}
+
+fn active_or_blocked(s: MemberStatus) -> bool {
+    matches!(s, MemberStatus::Active | MemberStatus::Blocked)
+}
+
 fn import_key(tenant: &str, import_id: &str, row: i64) -> String {
     // Zero-padded so rows sort by number (row numbers are positive).
     key(&[tenant, import_id, &format!("{row:020}")])
@@ -273,12 +300,8 @@ impl IdentityStore for EmbeddedIdentityStore {
             .write(move |txn| {
                 let k = key(&[&member.tenant_id, &member.member_id]);
                 let mut profiles = txn.open_table(PROFILES).map_err(e)?;
-                let stored: Option<Profile> = get_record(&profiles, &k)?;
-                if stored.map_or(0, |p| p.version) != expected {
-                    return Ok(Saved::Stale);
-                }
                 let mut members = txn.open_table(MEMBERS).map_err(e)?;
-                let Some(before) = get_record::<Member>(&members, &k)? else {
+                let Some(before) = member_at(&members, &profiles, &k, expected, any_status)? else {
                     return Ok(Saved::Stale);
                 };
                 if before.email != member.email {
@@ -318,16 +341,12 @@ impl IdentityStore for EmbeddedIdentityStore {
                 let tenant = dup.tenant_id.as_str();
                 let dup_key = key(&[tenant, &dup.member_id]);
                 let mut members = txn.open_table(MEMBERS).map_err(e)?;
-                let active =
-                    |m: Option<Member>| m.is_some_and(|m| m.status == MemberStatus::Active);
-                if !active(get_record(&members, &dup_key)?)
-                    || !active(get_record(&members, &key(&[tenant, &record.into]))?)
-                {
-                    return Ok(false);
-                }
                 let mut profiles = txn.open_table(PROFILES).map_err(e)?;
-                let stored: Option<Profile> = get_record(&profiles, &dup_key)?;
-                if stored.map_or(0, |p| p.version) != expected {
+                let active = |s| s == MemberStatus::Active;
+                let survivor = get_record::<Member>(&members, &key(&[tenant, &record.into]))?;
+                if member_at(&members, &profiles, &dup_key, expected, active)?.is_none()
+                    || !survivor.is_some_and(|m| active(m.status))
+                {
                     return Ok(false);
                 }
                 // The duplicate's cards, now the survivor's.
@@ -421,14 +440,8 @@ impl IdentityStore for EmbeddedIdentityStore {
                 let (tenant, id) = (member.tenant_id.as_str(), member.member_id.as_str());
                 let k = key(&[tenant, id]);
                 let mut members = txn.open_table(MEMBERS).map_err(e)?;
-                let Some(before) = get_record::<Member>(&members, &k)? else {
-                    return Ok(false);
-                };
                 let mut profiles = txn.open_table(PROFILES).map_err(e)?;
-                let stored: Option<Profile> = get_record(&profiles, &k)?;
-                if !matches!(before.status, MemberStatus::Active | MemberStatus::Blocked)
-                    || stored.map_or(0, |p| p.version) != expected
-                {
+                if member_at(&members, &profiles, &k, expected, active_or_blocked)?.is_none() {
                     return Ok(false);
                 }
                 // Members merged into it, at any depth: their personal data goes too, and so
@@ -514,14 +527,8 @@ impl IdentityStore for EmbeddedIdentityStore {
             .write(move |txn| {
                 let k = key(&[&member.tenant_id, &member.member_id]);
                 let mut members = txn.open_table(MEMBERS).map_err(e)?;
-                let Some(before) = get_record::<Member>(&members, &k)? else {
-                    return Ok(false);
-                };
                 let mut profiles = txn.open_table(PROFILES).map_err(e)?;
-                let stored: Option<Profile> = get_record(&profiles, &k)?;
-                if !matches!(before.status, MemberStatus::Active | MemberStatus::Blocked)
-                    || stored.map_or(0, |p| p.version) != expected
-                {
+                if member_at(&members, &profiles, &k, expected, active_or_blocked)?.is_none() {
                     return Ok(false);
                 }
                 put_record(&mut members, &k, &member)?;
