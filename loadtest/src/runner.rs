@@ -668,6 +668,7 @@ impl Workload {
                 codes.push(code.clone());
             }
         }
+        let id_for_cashier = id.clone();
         ppb::Receipt {
             tenant_id: m.config.tenant.clone(),
             receipt_id: id,
@@ -693,6 +694,7 @@ impl Workload {
                 .collect(),
             points_to_redeem: spec.redeem_points,
             codes,
+            cashier_id: cashier(&m.stores[spec.store].id, &id_for_cashier),
             ..Default::default()
         }
     }
@@ -1173,6 +1175,17 @@ pub fn code_name(code: Code) -> &'static str {
         Code::DataLoss => "DataLoss",
         Code::Unauthenticated => "Unauthenticated",
     }
+}
+
+/// Cashiers per store: each receipt is rung up by one of them, spread evenly.
+const CASHIERS_PER_STORE: u64 = 4;
+
+/// The cashier of a receipt, stable for its id (so a retried commit names the same one).
+fn cashier(store_id: &str, receipt_id: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    receipt_id.hash(&mut h);
+    format!("{store_id}-k{}", h.finish() % CASHIERS_PER_STORE)
 }
 
 #[cfg(test)]
