@@ -699,6 +699,20 @@ async fn a_blocked_member_is_refused_everywhere_until_unblocked() {
         )
     };
     pos.commit(sale("B-1")).await.unwrap();
+    // An accrual made directly before the block; its retry after the block answers as then.
+    let early = bpb::AccrueRequest {
+        tenant_id: T.into(),
+        member_id: id.clone(),
+        idempotency_key: "early-1".into(),
+        amount: 100,
+        ..Default::default()
+    };
+    let first = pos
+        .balance
+        .accrue(early.clone())
+        .await
+        .unwrap()
+        .into_inner();
     let before = pos.balance(T, &id).await;
 
     let block = |reason: &str| {
@@ -789,6 +803,8 @@ async fn a_blocked_member_is_refused_everywhere_until_unblocked() {
         before.active,
         "nothing moved"
     );
+    let replayed = balance.accrue(early).await.unwrap().into_inner();
+    assert_eq!(replayed.entry, first.entry, "the stored reply");
     // The back office can still take the points away.
     balance
         .adjust(bpb::AdjustRequest {

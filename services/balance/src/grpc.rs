@@ -215,7 +215,7 @@ impl BalanceService for Api {
         let r = request.into_inner();
         if !ours {
             self.0
-                .check_member(&r.tenant_id, &r.member_id)
+                .check_member(&r.tenant_id, &r.member_id, &r.idempotency_key)
                 .await
                 .map_err(to_status)?;
         }
@@ -246,7 +246,7 @@ impl BalanceService for Api {
         let r = request.into_inner();
         if !ours {
             self.0
-                .check_member(&r.tenant_id, &r.member_id)
+                .check_member(&r.tenant_id, &r.member_id, &r.idempotency_key)
                 .await
                 .map_err(to_status)?;
         }
@@ -274,7 +274,7 @@ impl BalanceService for Api {
         let r = request.into_inner();
         if !ours {
             self.0
-                .check_member(&r.tenant_id, &r.member_id)
+                .check_member(&r.tenant_id, &r.member_id, &r.idempotency_key)
                 .await
                 .map_err(to_status)?;
         }

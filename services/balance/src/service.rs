@@ -147,10 +147,23 @@ impl Balance {
     /// Refuses a member identity has blocked or erased, when identity is within reach.
     /// Balance's adapter asks this for the accruals, redemptions and holds of tills, apps
     /// and the back office; our own services checked the member with identity already.
-    pub async fn check_member(&self, tenant_id: &str, member_id: &str) -> Result<()> {
-        match &self.directory {
-            Some(directory) => directory.usable(tenant_id, member_id).await,
-            None => Ok(()),
+    /// A retry of an operation (same key) that went through before the block answers as
+    /// it did then.
+    pub async fn check_member(&self, tenant_id: &str, member_id: &str, key: &str) -> Result<()> {
+        let Some(directory) = &self.directory else {
+            return Ok(());
+        };
+        match directory.usable(tenant_id, member_id).await {
+            Err(refused @ Error::FailedPrecondition(_)) => {
+                let done_before = !key.is_empty()
+                    && self
+                        .store
+                        .record(tenant_id, member_id, key)
+                        .await?
+                        .is_some();
+                if done_before { Ok(()) } else { Err(refused) }
+            }
+            other => other,
         }
     }
 
