@@ -257,6 +257,13 @@ pub async fn build(
     let mut api_keys = None;
     let identity = if runs(ServiceName::Identity) {
         let store = Arc::new(EmbeddedIdentityStore::open(&dir.join("identity.redb"))?);
+        let filed = store.index_stored_emails().await?;
+        if filed > 0 {
+            tracing::info!(
+                filed,
+                "emails of members stored before the email index were filed"
+            );
+        }
         let identity = Identity::new(
             Arc::new(loyalty_identity::store::traced::Traced::new("redb", store)),
             clock.clone(),

@@ -30,6 +30,9 @@ const EMAILS: TableDefinition<&str, &str> = TableDefinition::new("members_by_ema
 /// Merge records by merged member, and erasure records by erased member.
 const MERGES: Records = TableDefinition::new("member_merges");
 const ERASURES: Records = TableDefinition::new("member_erasures");
+/// Facts about the data directory itself, e.g. which one-off indexing ran.
+const META: Records = TableDefinition::new("identity_meta");
+const EMAILS_INDEXED: &str = "emails_indexed";
 /// Members merged into each survivor: (tenant, survivor, merged member).
 const MERGED_FROM: TableDefinition<&str, ()> = TableDefinition::new("members_merged_from");
 /// Why a member is blocked, while it is.
@@ -162,6 +165,50 @@ impl EmbeddedIdentityStore {
         Ok(Self {
             db: EmbeddedDb::open(path)?,
         })
+    }
+
+    /// Files the emails of members stored before the email index existed, once per data
+    /// directory. An email two of them share stays with the first in id order (the other is
+    /// logged). Returns how many were filed.
+    pub async fn index_stored_emails(&self) -> Result<u64> {
+        self.db
+            .write(|txn| {
+                let mut meta = txn.open_table(META).map_err(e)?;
+                if meta.get(EMAILS_INDEXED).map_err(e)?.is_some() {
+                    return Ok(0);
+                }
+                let members = txn.open_table(MEMBERS).map_err(e)?;
+                let mut emails = txn.open_table(EMAILS).map_err(e)?;
+                let mut filed = 0;
+                for entry in members.iter().map_err(e)? {
+                    let (_, bytes) = entry.map_err(e)?;
+                    let m: Member = loyalty_platform::embedded::decode(bytes.value())?;
+                    if m.email.is_empty() || m.status != MemberStatus::Active {
+                        continue;
+                    }
+                    let k = key(&[&m.tenant_id, &m.email]);
+                    let owner = emails
+                        .get(k.as_str())
+                        .map_err(e)?
+                        .map(|v| v.value().to_string());
+                    match owner {
+                        None => {
+                            emails.insert(k.as_str(), m.member_id.as_str()).map_err(e)?;
+                            filed += 1;
+                        }
+                        Some(owner) if owner != m.member_id => tracing::warn!(
+                            tenant_id = %m.tenant_id,
+                            member_id = %m.member_id,
+                            owner = %owner,
+                            "two stored members share an email; lookups by it find the first"
+                        ),
+                        Some(_) => {}
+                    }
+                }
+                meta.insert(EMAILS_INDEXED, &[][..]).map_err(e)?;
+                Ok(filed)
+            })
+            .await
     }
 }
 
@@ -824,6 +871,52 @@ async fn lookup(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn emails_stored_before_the_index_are_filed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedIdentityStore::open(&dir.path().join("identity.redb")).unwrap();
+        // Members as an older build wrote them: records without email index entries.
+        let old = |id: &str, email: &str| Member {
+            tenant_id: "t".into(),
+            member_id: id.into(),
+            status: MemberStatus::Active,
+            phone: format!("+7701000000{id}"),
+            email: email.into(),
+            first_name: String::new(),
+            last_name: String::new(),
+            referral_code: format!("CODE000{id}"),
+            referred_by: None,
+            channel: loyalty_platform::types::Channel::Store,
+            store_id: String::new(),
+            registered_at: 1,
+            updated_at: 1,
+        };
+        let records = [old("1", "a@x.kz"), old("2", "a@x.kz"), old("3", "")];
+        store
+            .db
+            .write(move |txn| {
+                let mut members = txn.open_table(MEMBERS).map_err(e)?;
+                for m in &records {
+                    put_record(&mut members, &key(&[&m.tenant_id, &m.member_id]), m)?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.member_id_by_email("t", "a@x.kz").await.unwrap(), None);
+        assert_eq!(store.index_stored_emails().await.unwrap(), 1);
+        assert_eq!(
+            store
+                .member_id_by_email("t", "a@x.kz")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("1"),
+            "the first in id order keeps a shared email"
+        );
+        assert_eq!(store.index_stored_emails().await.unwrap(), 0, "once");
+    }
 
     #[tokio::test]
     async fn conformance() {
