@@ -414,6 +414,28 @@ impl Pos {
     }
 }
 
+/// Runs `loyalty create-key` against a stopped server's data directory; the whole key.
+pub async fn create_key(data_dir: &Path, args: &[&str]) -> String {
+    let mut all: Vec<String> = vec!["create-key".into(), "--data-dir".into()];
+    all.push(data_dir.display().to_string());
+    all.extend(args.iter().map(|s| (*s).to_string()));
+    let out = command(&all, &[]).output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// `message` presenting `key` as `authorization: Bearer <key>`.
+pub fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    r
+}
+
 /// The walking skeleton, asserted step by step. Used by the dev-mode, restart and
 /// microservices tests alike. Returns (member id, receipt id) for follow-up checks.
 pub async fn skeleton_flow(pos: &mut Pos, tenant: &str) -> (String, String) {

@@ -4,10 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
-
 use bytes::{Buf, BufMut};
-use loyalty_e2e::{Launch, Server, command};
+use loyalty_e2e::{Launch, Server, command, create_key, with_key};
 use loyalty_platform::access::{Policy, Role};
 use loyalty_proto::identity::v1 as ipb;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -91,27 +89,6 @@ async fn call(channel: &Channel, path: &str, message: Vec<u8>, key: Option<&str>
             }
         }
     }
-}
-
-/// Runs `loyalty create-key` against the stopped server's data directory.
-async fn create_key(data_dir: &Path, args: &[&str]) -> String {
-    let mut all: Vec<String> = vec!["create-key".into(), "--data-dir".into()];
-    all.push(data_dir.display().to_string());
-    all.extend(args.iter().map(|s| s.to_string()));
-    let out = command(&all, &[]).output().await.unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    r
 }
 
 async fn api_key(

@@ -16,41 +16,12 @@ const EMAIL: &str = "dana.private@example.kz";
 const FIRST: &str = "Dinara";
 const LAST: &str = "Kassymova";
 
-async fn create_key(data_dir: &std::path::Path, role: &str) -> String {
-    let args: Vec<String> = [
-        "create-key",
-        "--data-dir",
-        &data_dir.display().to_string(),
-        "--role",
-        role,
-        "--tenant",
-        T,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let out = command(&args, &[]).output().await.unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    r
-}
-
 #[tokio::test]
 async fn no_personal_data_in_logs_or_analyst_answers() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let admin = create_key(&data, "admin").await;
-    let analyst = create_key(&data, "analyst").await;
+    let admin = create_key(&data, &["--role", "admin", "--tenant", T]).await;
+    let analyst = create_key(&data, &["--role", "analyst", "--tenant", T]).await;
     let server = Server::start(
         Launch::dev()
             .env("LOYALTY_AUTH__MODE", "required")

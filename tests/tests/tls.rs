@@ -4,28 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
-
 use loyalty_e2e::pki::{Ca, ExtendedKeyUsagePurpose, write};
-use loyalty_e2e::{Launch, Server, command};
+use loyalty_e2e::{Launch, Server, command, create_key};
 use loyalty_proto::balance::v1 as bpb;
 use loyalty_proto::identity::v1 as ipb;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-
-/// `loyalty create-key` against a stopped server's data directory: the whole key.
-async fn create_key(data_dir: &Path, args: &[&str]) -> String {
-    let mut all: Vec<String> = vec!["create-key".into(), "--data-dir".into()];
-    all.push(data_dir.display().to_string());
-    all.extend(args.iter().map(|s| s.to_string()));
-    let out = command(&all, &[]).output().await.unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
 
 /// The id inside a key `lk_<id>_<secret>`.
 fn key_id(key: &str) -> &str {
