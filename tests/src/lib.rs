@@ -414,6 +414,15 @@ impl Pos {
     }
 }
 
+/// The value of the first series in a Prometheus scrape whose line starts with `name`
+/// (name and labels as written there).
+pub fn metric_value(scrape: &str, name: &str) -> Option<String> {
+    scrape
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().last().map(str::to_string))
+}
+
 /// Runs `loyalty create-key` against a stopped server's data directory; the whole key.
 pub async fn create_key(data_dir: &Path, args: &[&str]) -> String {
     let mut all: Vec<String> = vec!["create-key".into(), "--data-dir".into()];

@@ -359,12 +359,7 @@ async fn a_budget_of_n_uses_grants_exactly_n_under_200_concurrent_commits() {
     assert_eq!(granted, 10);
     // The business counters saw it: ten discounts of 50.00, 190 receipts the budget refused.
     let metrics = server.scrape_metrics().await;
-    let value = |name: &str| -> Option<String> {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().last().map(str::to_string))
-    };
+    let value = |name: &str| metric_value(&metrics, name);
     assert_eq!(
         value("loyalty_discounts_granted_total").as_deref(),
         Some("50000"),

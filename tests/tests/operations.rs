@@ -275,12 +275,7 @@ async fn metrics_count_calls_by_method_and_code() {
     );
     // Business counters move once per receipt: 3 identified receipts of 10.00 at 1% accrue
     // 0.10 points (10 minor units) each; replaying a commit adds nothing.
-    let value = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<u64>().ok())
-    };
+    let value = |name: &str| metric_value(&text, name).and_then(|v| v.parse::<u64>().ok());
     assert_eq!(
         value("loyalty_receipts_committed_total{identified=\"true\"}"),
         Some(3),

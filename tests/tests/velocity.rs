@@ -180,12 +180,7 @@ async fn hard_limits_refuse_and_soft_limits_flag() {
     assert_eq!(passed, 2);
 
     let metrics = server.scrape_metrics().await;
-    let value = |name: &str| -> Option<String> {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().last().map(str::to_string))
-    };
+    let value = |name: &str| metric_value(&metrics, name);
     // Flagged: V-2, and the two concurrent ones (the store is past 150 points by then).
     assert_eq!(
         value("loyalty_velocity_flagged_total").as_deref(),
