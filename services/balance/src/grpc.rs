@@ -1,5 +1,6 @@
 //! The thin gRPC adapter of the balance service.
 
+use loyalty_platform::audit::with_before;
 use loyalty_platform::error::Error;
 use loyalty_platform::grpc::{millis, timestamp, to_status};
 use loyalty_proto::balance::v1 as pb;
@@ -377,15 +378,27 @@ impl BalanceService for Api {
             },
             expire_at: None,
         };
+        // For the audit record: the balance as it was just before the change.
+        let before = self.0.balance(&r.tenant_id, &r.member_id).await.ok();
         let record = self
             .0
             .execute(&r.tenant_id, &r.member_id, &r.idempotency_key, op)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::AdjustResponse {
+        let response = Response::new(pb::AdjustResponse {
             entry: entry_of(&r.tenant_id, &r.member_id, &record),
             balance: balance_of(&r.tenant_id, &r.member_id, &record),
-        }))
+        });
+        Ok(match before {
+            Some(view) => with_before(
+                response,
+                &pb::AdjustResponse {
+                    entry: None,
+                    balance: Some(balance_to_proto(&r.tenant_id, &r.member_id, &view)),
+                },
+            ),
+            None => response,
+        })
     }
 
     async fn activate_pending(

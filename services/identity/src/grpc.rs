@@ -1,5 +1,6 @@
 //! The thin gRPC adapter of the identity service: proto in, domain call, proto out.
 
+use loyalty_platform::audit::with_before;
 use loyalty_platform::grpc::{channel, channel_to_proto, timestamp, to_status};
 use loyalty_proto::identity::v1 as pb;
 use pb::card_service_server::{CardService, CardServiceServer};
@@ -131,6 +132,12 @@ impl Api {
                 .unwrap_or_default();
         }
         Ok(shown)
+    }
+
+    /// A member as it is now, for the audit record of a change about to be made.
+    async fn before(&self, tenant_id: &str, member_id: &str) -> Option<pb::Member> {
+        let (member, _) = self.0.member(tenant_id, member_id).await.ok()?;
+        self.view(&member).await.ok()
     }
 
     fn shown(&self, member: &Member, profile: &Profile) -> pb::Member {
@@ -444,14 +451,19 @@ impl MemberService for Api {
     ) -> Result<Response<pb::BlockMemberResponse>, Status> {
         let audit = audit(&request);
         let r = request.into_inner();
+        let before = self.before(&r.tenant_id, &r.member_id).await;
         let member = self
             .0
             .block(&r.tenant_id, &r.member_id, &r.reason, audit)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::BlockMemberResponse {
+        let response = Response::new(pb::BlockMemberResponse {
             member: Some(self.view(&member).await?),
-        }))
+        });
+        Ok(match before {
+            Some(b) => with_before(response, &pb::BlockMemberResponse { member: Some(b) }),
+            None => response,
+        })
     }
 
     async fn unblock_member(
@@ -460,14 +472,19 @@ impl MemberService for Api {
     ) -> Result<Response<pb::UnblockMemberResponse>, Status> {
         let audit = audit(&request);
         let r = request.into_inner();
+        let before = self.before(&r.tenant_id, &r.member_id).await;
         let member = self
             .0
             .unblock(&r.tenant_id, &r.member_id, audit)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::UnblockMemberResponse {
+        let response = Response::new(pb::UnblockMemberResponse {
             member: Some(self.view(&member).await?),
-        }))
+        });
+        Ok(match before {
+            Some(b) => with_before(response, &pb::UnblockMemberResponse { member: Some(b) }),
+            None => response,
+        })
     }
 
     async fn list_members(
@@ -573,14 +590,19 @@ impl MemberService for Api {
     ) -> Result<Response<pb::UpdateProfileResponse>, Status> {
         let r = request.into_inner();
         let update = profile_update(r.member, &r.update_mask).map_err(to_status)?;
+        let before = self.before(&r.tenant_id, &r.member_id).await;
         let (member, profile) = self
             .0
             .update_profile(&r.tenant_id, &r.member_id, update)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::UpdateProfileResponse {
+        let response = Response::new(pb::UpdateProfileResponse {
             member: Some(self.shown(&member, &profile)),
-        }))
+        });
+        Ok(match before {
+            Some(b) => with_before(response, &pb::UpdateProfileResponse { member: Some(b) }),
+            None => response,
+        })
     }
 
     async fn set_consents(
@@ -707,14 +729,24 @@ impl CardService for Api {
             Ok(pb::BlockReason::Fraud) => Some(BlockReason::Fraud),
             Ok(pb::BlockReason::Unspecified) | Err(_) => None,
         };
+        let before = self.0.card(&r.tenant_id, &r.number).await.ok();
         let card = self
             .0
             .block_card(&r.tenant_id, &r.number, reason)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::BlockCardResponse {
+        let response = Response::new(pb::BlockCardResponse {
             card: Some(card_to_proto(&card)),
-        }))
+        });
+        Ok(match before {
+            Some(b) => with_before(
+                response,
+                &pb::BlockCardResponse {
+                    card: Some(card_to_proto(&b)),
+                },
+            ),
+            None => response,
+        })
     }
 
     async fn replace_card(

@@ -19,6 +19,7 @@ use loyalty_identity::keys::Keys;
 use loyalty_identity::publish::LogMemberEvents;
 use loyalty_identity::store::embedded::EmbeddedIdentityStore;
 use loyalty_platform::access::{CachedVerifier, Gate, KeyVerifier, Policy, WithServiceKey};
+use loyalty_platform::audit::AuditLog;
 use loyalty_platform::clock::SharedClock;
 use loyalty_platform::config::{Backend, BalanceSettings, Config};
 use loyalty_platform::events::redis::RedisEventLog;
@@ -122,6 +123,8 @@ pub struct Node {
     pub redis_balances: Option<RedisBalanceStore>,
     pub checkout: Option<Checkout>,
     pub admin: Option<Admin>,
+    /// Where this process's admins' calls are audited.
+    pub audit: AuditLog,
 }
 
 /// This process's name in consumer groups: the host (the pod's name on Kubernetes) and pid.
@@ -215,33 +218,33 @@ pub async fn build(
 
     // The event streams from identity, promotion and balance (producers) to segmentation and
     // reporting (consumers): an embedded log in dev mode, Redis Streams on the Redis backends.
-    let events: Option<SharedEventLog> = if runs(ServiceName::Identity)
-        || (runs(ServiceName::Balance) && config.storage.backend != Backend::Embedded)
-        || runs(ServiceName::Promotion)
-        || runs(ServiceName::Segmentation)
-        || runs(ServiceName::Reporting)
-    {
-        Some(match config.storage.backend {
-            Backend::Embedded => Arc::new(loyalty_platform::events::traced::Traced::new(
-                "redb",
-                Arc::new(EmbeddedEventLog::open(&dir.join("events.redb"))?),
-            )),
-            Backend::Redis | Backend::Scylla => {
-                let redis = &config.storage.redis;
-                let log: SharedEventLog = Arc::new(if redis.cluster_nodes.is_empty() {
-                    RedisEventLog::connect(&redis.url)
-                        .context("bad configuration: `storage.redis.url` (the event stream)")?
-                } else {
-                    RedisEventLog::connect_cluster(&redis.cluster_nodes).context(
-                        "bad configuration: `storage.redis.cluster_nodes` (the event stream)",
-                    )?
-                });
-                Arc::new(loyalty_platform::events::traced::Traced::new("redis", log))
-            }
-        })
-    } else {
-        None
+    // The event streams from identity, promotion and balance (producers) to segmentation and
+    // reporting (consumers), and every process's audit records to reporting: an embedded log
+    // in dev mode, Redis Streams on the Redis backends.
+    let events: SharedEventLog = match config.storage.backend {
+        Backend::Embedded => Arc::new(loyalty_platform::events::traced::Traced::new(
+            "redb",
+            Arc::new(EmbeddedEventLog::open(&dir.join("events.redb"))?),
+        )),
+        Backend::Redis | Backend::Scylla => {
+            let redis = &config.storage.redis;
+            let log: SharedEventLog = Arc::new(if redis.cluster_nodes.is_empty() {
+                RedisEventLog::connect(&redis.url)
+                    .context("bad configuration: `storage.redis.url` (the event stream)")?
+            } else {
+                RedisEventLog::connect_cluster(&redis.cluster_nodes).context(
+                    "bad configuration: `storage.redis.cluster_nodes` (the event stream)",
+                )?
+            });
+            Arc::new(loyalty_platform::events::traced::Traced::new("redis", log))
+        }
     };
+    if config.storage.backend == Backend::Embedded && !runs(ServiceName::Reporting) {
+        tracing::warn!(
+            "the embedded event log is local to this process: admins' calls here are audited into it, but reporting, which lists the audit log, does not run in this process (use the redis backend to split services)"
+        );
+    }
+    let events = Some(events);
     let producers = [ServiceName::Identity, ServiceName::Promotion];
     let consumers = [ServiceName::Segmentation, ServiceName::Reporting];
     if config.storage.backend == Backend::Embedded
@@ -571,9 +574,16 @@ pub async fn build(
                 consumer_name(),
             ));
         }
+        tokio::spawn(loyalty_reporting::consumer::run_audit(
+            reporting.clone(),
+            log.clone(),
+            consumer_name(),
+        ));
     }
 
+    let audit = AuditLog::new(events.clone().context("the event log is opened")?)?;
     Ok(Node {
+        audit,
         services: services.to_vec(),
         routes,
         health,
@@ -595,7 +605,7 @@ pub fn gate(config: &Config, node: &Node) -> anyhow::Result<Gate> {
             listen = %config.listen,
             "authentication is OFF: every caller may do anything for any tenant; this is allowed only on a loopback address (set auth.mode = \"required\" to check API keys)"
         );
-        return Ok(Gate::open(policy));
+        return Ok(Gate::open(policy).with_audit(Some(node.audit.clone())));
     }
     let service_key = config.auth.service_key.as_deref();
     let p = &config.peers;
@@ -647,7 +657,8 @@ pub fn gate(config: &Config, node: &Node) -> anyhow::Result<Gate> {
         Arc::new(WithServiceKey::new(service_key, Some(keys))),
         config.server.max_message_bytes,
     )
-    .with_rate_limits(limits))
+    .with_rate_limits(limits)
+    .with_audit(Some(node.audit.clone())))
 }
 
 /// Runs the expiry process in the background: every interval, expires due lots and

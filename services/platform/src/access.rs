@@ -315,6 +315,7 @@ pub struct Gate {
     verifier: Option<Arc<dyn KeyVerifier>>,
     max_message_bytes: usize,
     limits: Option<Arc<RateLimits>>,
+    audit: Option<crate::audit::AuditLog>,
 }
 
 impl Gate {
@@ -325,6 +326,7 @@ impl Gate {
             verifier: Some(verifier),
             max_message_bytes,
             limits: None,
+            audit: None,
         }
     }
 
@@ -341,7 +343,14 @@ impl Gate {
             verifier: None,
             max_message_bytes: usize::MAX,
             limits: None,
+            audit: None,
         }
+    }
+
+    /// Records admins' changes in `audit` ([`crate::audit`]).
+    pub fn with_audit(mut self, audit: Option<crate::audit::AuditLog>) -> Self {
+        self.audit = audit;
+        self
     }
 
     pub fn is_open(&self) -> bool {
@@ -357,13 +366,17 @@ impl Gate {
         path: &str,
         headers: &http::HeaderMap,
         certified: Option<String>,
-    ) -> std::result::Result<Option<(Principal, Option<Checks>)>, Status> {
+    ) -> std::result::Result<Option<Admitted>, Status> {
         let Some(rule) = self.policy.rule(path) else {
             // Not an RPC of ours (health, reflection) or not one at all (tonic answers).
             return Ok(None);
         };
         let Some(verifier) = &self.verifier else {
-            return Ok(Some((Principal::unrestricted(), None)));
+            return Ok(Some(Admitted {
+                principal: Principal::unrestricted(),
+                checks: None,
+                rule,
+            }));
         };
         let key = headers
             .get(http::header::AUTHORIZATION)
@@ -401,12 +414,23 @@ impl Gate {
             limits.admit(&principal, Instant::now())?;
         }
         let checks = (!principal.all_tenants).then(|| Checks {
-            rule,
+            rule: rule.clone(),
             principal: principal.clone(),
             max_message_bytes: self.max_message_bytes,
         });
-        Ok(Some((principal, checks)))
+        Ok(Some(Admitted {
+            principal,
+            checks,
+            rule,
+        }))
     }
+}
+
+/// A caller let through, with what the layer still does for the call.
+struct Admitted {
+    principal: Principal,
+    checks: Option<Checks>,
+    rule: Arc<MethodRule>,
 }
 
 impl<S> tower::Layer<S> for Gate {
@@ -459,8 +483,26 @@ where
                 .await;
             match admitted {
                 Ok(None) => inner.call(request).await,
-                Ok(Some((principal, checks))) => {
+                Ok(Some(Admitted {
+                    principal,
+                    checks,
+                    rule,
+                })) => {
                     let (mut parts, body) = request.into_parts();
+                    let audit = gate
+                        .audit
+                        .clone()
+                        .filter(|_| rule.audited && principal.role == Role::Admin)
+                        .map(|log| {
+                            let call = crate::audit::Call {
+                                path: parts.uri.path().to_string(),
+                                principal: principal.clone(),
+                                rule,
+                                request: Arc::default(),
+                                before: None,
+                            };
+                            (log, call)
+                        });
                     parts.extensions.insert(principal);
                     let body = match checks {
                         Some(checks) => Body::new(Checked {
@@ -470,7 +512,15 @@ where
                         }),
                         None => body,
                     };
-                    inner.call(http::Request::from_parts(parts, body)).await
+                    let Some((log, call)) = audit else {
+                        return inner.call(http::Request::from_parts(parts, body)).await;
+                    };
+                    let body = Body::new(crate::audit::Tapped {
+                        inner: body,
+                        capture: call.request.clone(),
+                    });
+                    let response = inner.call(http::Request::from_parts(parts, body)).await?;
+                    Ok(crate::audit::answer(log, call, response).await)
                 }
                 Err(status) => Ok(status.into_http()),
             }

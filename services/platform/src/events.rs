@@ -30,6 +30,9 @@ pub const MEMBERS: &str = "members";
 /// The stream ledger entries go to (balance produces them).
 pub const LEDGER: &str = "ledger";
 
+/// The stream audit records go to (the access layer of every process produces them).
+pub const AUDIT: &str = "audit";
+
 /// Longest payload accepted by `append`.
 pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 /// Most entries one `read` or `claim` returns.

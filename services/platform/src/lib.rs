@@ -2,6 +2,7 @@
 //! layered config, the embedded store, server bootstrap and health, clock and logging.
 
 pub mod access;
+pub mod audit;
 pub mod calendar;
 pub mod clock;
 pub mod config;

@@ -61,17 +61,34 @@ impl Admin {
             .ok_or_else(|| Error::NotFound(format!("tenant {tenant_id} has no program")))
     }
 
+    /// Saves a tenant's program; returns the program it replaced (None: the first) and the
+    /// saved one. Without an `expected_version` the write is still checked against the
+    /// version read as "before" (and retried when another write came between), so the
+    /// before is exactly what this write replaced.
     pub async fn update_program(
         &self,
         mut program: Program,
         expected_version: i64,
-    ) -> Result<Program> {
+    ) -> Result<(Option<Program>, Program)> {
         program.validate()?;
         if expected_version < 0 {
             return Err(Error::invalid("expected_version", "must not be negative"));
         }
         program.updated_at = self.clock.now_ms();
-        self.store.update_program(program, expected_version).await
+        let mut attempts = 0;
+        loop {
+            let before = self.store.program(&program.tenant_id).await?;
+            let expected = match (expected_version, &before) {
+                (0, Some(b)) => b.version,
+                (v, _) => v,
+            };
+            match self.store.update_program(program.clone(), expected).await {
+                Err(Error::FailedPrecondition(_)) if expected_version == 0 && attempts < 5 => {
+                    attempts += 1;
+                }
+                saved => return Ok((before, saved?)),
+            }
+        }
     }
 
     pub async fn upsert_stores(&self, tenant_id: &str, stores: &[Store]) -> Result<usize> {

@@ -124,7 +124,7 @@ impl Admin {
         mut c: Campaign,
         expected_version: i64,
         actor: &str,
-    ) -> Result<Campaign> {
+    ) -> Result<(Campaign, Campaign)> {
         if expected_version < 0 {
             return Err(Error::invalid("expected_version", "must not be negative"));
         }
@@ -144,7 +144,19 @@ impl Admin {
         } else {
             expected_version
         };
-        self.store.save_campaign(c, Some(expected)).await
+        let saved = self.store.save_campaign(c, Some(expected)).await?;
+        // Saved over exactly `expected`: when that is what was read, it is the before.
+        let before = if expected == current.version {
+            current
+        } else {
+            self.store
+                .campaign_versions(&saved.tenant_id, &saved.campaign_id, saved.version, 1)
+                .await?
+                .into_iter()
+                .next()
+                .unwrap_or(current)
+        };
+        Ok((before, saved))
     }
 
     pub async fn campaign(&self, tenant_id: &str, campaign_id: &str) -> Result<Campaign> {
@@ -187,16 +199,17 @@ impl Admin {
         tenant_id: &str,
         campaign_id: &str,
         actor: &str,
-    ) -> Result<Campaign> {
+    ) -> Result<(Campaign, Campaign)> {
         let mut c = self.campaign(tenant_id, campaign_id).await?;
+        let before = c.clone();
         if c.status == CampaignStatus::Archived {
-            return Ok(c);
+            return Ok((before, c));
         }
         let expected = c.version;
         c.status = CampaignStatus::Archived;
         c.updated_at = self.clock.now_ms();
         c.updated_by = actor.to_string();
-        self.store.save_campaign(c, Some(expected)).await
+        Ok((before, self.store.save_campaign(c, Some(expected)).await?))
     }
 
     /// Saved versions of a campaign, newest first; the page token is the oldest version

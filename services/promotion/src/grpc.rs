@@ -1,5 +1,6 @@
 //! The thin gRPC adapter of the promotion service.
 
+use loyalty_platform::audit::with_before;
 use loyalty_platform::error::{Error, Violations};
 use loyalty_platform::grpc::{channel, millis, timestamp, to_status};
 use loyalty_proto::common::v1::Decimal as PbDecimal;
@@ -585,14 +586,23 @@ impl ProgramService for Api {
     ) -> Result<Response<pb::UpdateProgramResponse>, Status> {
         let r = request.into_inner();
         let program = program_from_proto(r.program).map_err(to_status)?;
-        let saved = self
+        let (before, saved) = self
             .admin
             .update_program(program, r.expected_version)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::UpdateProgramResponse {
+        let response = Response::new(pb::UpdateProgramResponse {
             program: Some(program_to_proto(&saved)),
-        }))
+        });
+        Ok(match before {
+            Some(before) => with_before(
+                response,
+                &pb::UpdateProgramResponse {
+                    program: Some(program_to_proto(&before)),
+                },
+            ),
+            None => response,
+        })
     }
 
     async fn get_member_tier(
@@ -762,14 +772,19 @@ impl CampaignService for Api {
         let r = request.into_inner();
         let who = checked_actor(r.actor)?;
         let c = campaign_from_proto(r.campaign).map_err(to_status)?;
-        let saved = self
+        let (before, saved) = self
             .admin
             .update_campaign(c, r.expected_version, &who)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::UpdateCampaignResponse {
-            campaign: Some(campaign_to_proto(&saved)),
-        }))
+        Ok(with_before(
+            Response::new(pb::UpdateCampaignResponse {
+                campaign: Some(campaign_to_proto(&saved)),
+            }),
+            &pb::UpdateCampaignResponse {
+                campaign: Some(campaign_to_proto(&before)),
+            },
+        ))
     }
 
     async fn get_campaign(
@@ -819,14 +834,19 @@ impl CampaignService for Api {
     ) -> Result<Response<pb::ArchiveCampaignResponse>, Status> {
         let r = request.into_inner();
         let who = checked_actor(r.actor)?;
-        let c = self
+        let (before, c) = self
             .admin
             .archive_campaign(&r.tenant_id, &r.campaign_id, &who)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::ArchiveCampaignResponse {
-            campaign: Some(campaign_to_proto(&c)),
-        }))
+        Ok(with_before(
+            Response::new(pb::ArchiveCampaignResponse {
+                campaign: Some(campaign_to_proto(&c)),
+            }),
+            &pb::ArchiveCampaignResponse {
+                campaign: Some(campaign_to_proto(&before)),
+            },
+        ))
     }
 
     async fn upsert_stacking_group(

@@ -5,12 +5,13 @@
 use loyalty_platform::calendar::{Day, day_from_civil};
 use loyalty_platform::clock::Millis;
 use loyalty_platform::events::consume::{Subscription, consume};
-use loyalty_platform::events::{Delivery, LEDGER, MEMBERS, PURCHASES, SharedEventLog};
+use loyalty_platform::events::{AUDIT, Delivery, LEDGER, MEMBERS, PURCHASES, SharedEventLog};
 use loyalty_platform::grpc::{channel, millis};
 use loyalty_proto::events::v1 as pb;
 use prost::Message;
 use rust_decimal::Decimal;
 
+use crate::audit::AuditEntry;
 use crate::fact::{Fact, LedgerEntry, Line, Member, Outlet, Purchase, Reason, Refund, TenantFact};
 use crate::service::Reporting;
 
@@ -170,6 +171,8 @@ pub fn decode(payload: &[u8]) -> Option<TenantFact> {
             referred: m.referred,
             member_id: m.member_id,
         }),
+        // Audit records travel on their own stream ([`decode_audit`]).
+        pb::event::Kind::Audit(_) => return None,
     };
     let named = match &fact {
         Fact::Purchase(p) => !p.receipt_id.is_empty(),
@@ -181,6 +184,56 @@ pub fn decode(payload: &[u8]) -> Option<TenantFact> {
         tenant_id: event.tenant_id,
         fact,
     })
+}
+
+/// The audit record an event on the `audit` stream carries; None for anything else.
+pub fn decode_audit(payload: &[u8]) -> Option<AuditEntry> {
+    let event = pb::Event::decode(payload).ok()?;
+    let Some(pb::event::Kind::Audit(r)) = event.kind else {
+        return None;
+    };
+    if event.tenant_id.is_empty() || r.record_id.is_empty() {
+        return None;
+    }
+    let actor = r.actor.unwrap_or_default();
+    Some(AuditEntry {
+        id: r.record_id,
+        tenant_id: event.tenant_id,
+        time: time(&r.record_time, time(&event.event_time, 0)),
+        key_id: r.key_id,
+        role: r.role,
+        actor_id: actor.id,
+        actor_comment: actor.comment,
+        method: r.method,
+        member_id: r.member_id,
+        status_code: r.status_code,
+        status_message: r.status_message,
+        request: r.request_json,
+        before: r.before_json,
+        after: r.after_json,
+    })
+}
+
+/// Consumes the `audit` stream for as long as the process runs: each batch's new records
+/// are stored (durable, deduplicated by id) before the batch is acknowledged.
+pub async fn run_audit(reporting: Reporting, log: SharedEventLog, consumer: String) {
+    let sub = Subscription {
+        stream: AUDIT,
+        group: GROUP,
+        consumer,
+        span: "reporting.apply_audit",
+    };
+    consume(log, sub, move |batch| {
+        let reporting = reporting.clone();
+        async move {
+            let entries = batch
+                .iter()
+                .filter_map(|d| decode_audit(&d.payload))
+                .collect();
+            reporting.record_audit(entries).await.map(|_| ())
+        }
+    })
+    .await;
 }
 
 /// Applies one batch; the caller acknowledges it after this returns Ok.

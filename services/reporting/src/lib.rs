@@ -5,6 +5,7 @@
 //! [`store::ReportingStore`]; `consumer` and `grpc` are the adapters.
 
 pub mod arrow;
+pub mod audit;
 pub mod consumer;
 pub mod export;
 pub mod exporter;
@@ -12,6 +13,7 @@ pub mod fact;
 pub mod flight;
 pub mod fraud;
 pub mod grpc;
+pub mod grpc_audit;
 pub mod kpi;
 pub mod ports;
 pub mod rollup;
@@ -20,12 +22,14 @@ pub mod store;
 #[cfg(test)]
 mod tests;
 
+use loyalty_proto::reporting::v1::audit_service_server::AuditServiceServer;
 use loyalty_proto::reporting::v1::reporting_service_server::ReportingServiceServer;
 
 pub use service::Reporting;
 
 pub const SERVICE_NAMES: &[&str] = &[
     "loyalty.reporting.v1.ReportingService",
+    "loyalty.reporting.v1.AuditService",
     "arrow.flight.protocol.FlightService",
 ];
 
@@ -37,6 +41,11 @@ pub fn add_routes(
     routes
         .add_service(
             ReportingServiceServer::new(grpc::Api::new(reporting.clone()))
+                .max_decoding_message_size(max_message_bytes)
+                .max_encoding_message_size(max_message_bytes),
+        )
+        .add_service(
+            AuditServiceServer::new(grpc_audit::AuditApi::new(reporting.clone()))
                 .max_decoding_message_size(max_message_bytes)
                 .max_encoding_message_size(max_message_bytes),
         )

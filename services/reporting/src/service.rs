@@ -245,6 +245,33 @@ impl Reporting {
         self.store.ping().await
     }
 
+    /// Stores audit records (each once); returns how many were new.
+    pub async fn record_audit(&self, entries: Vec<crate::audit::AuditEntry>) -> Result<usize> {
+        let fresh = self.store.append_audit(entries).await?;
+        metrics::counter!("loyalty_reporting_audit_records_total").increment(fresh as u64);
+        Ok(fresh)
+    }
+
+    /// A page of a tenant's audit records.
+    pub async fn audit_page(
+        &self,
+        tenant_id: &str,
+        query: &crate::audit::AuditQuery,
+        order: crate::audit::Order,
+        after: Option<crate::audit::AuditCursor>,
+        limit: usize,
+    ) -> Result<crate::audit::AuditPage> {
+        self.store
+            .audit_page(
+                tenant_id,
+                query,
+                order,
+                after,
+                limit.clamp(1, crate::audit::MAX_PAGE),
+            )
+            .await
+    }
+
     fn with<R>(&self, tenant: &str, f: impl FnOnce(&Rollups) -> Result<R>) -> Result<R> {
         let tenants = self
             .tenants

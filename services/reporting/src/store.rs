@@ -9,6 +9,7 @@ pub mod embedded;
 use loyalty_platform::calendar::Day;
 use loyalty_platform::error::Result;
 
+use crate::audit::{AuditCursor, AuditEntry, AuditPage, AuditQuery, Order};
 use crate::fact::{Fact, TenantFact};
 
 /// Which facts a page reads: receipts (by business day) or ledger entries (by time).
@@ -91,5 +92,24 @@ pub trait ReportingStore: Send + Sync + std::fmt::Debug {
         ledger: bool,
     ) -> Result<Vec<Fact>>;
 
+    /// Stores, in one durable write, the audit records not stored yet (by tenant and id);
+    /// returns how many were new.
+    async fn append_audit(&self, entries: Vec<AuditEntry>) -> Result<usize>;
+
+    /// A tenant's audit records matching `query`, in `order` after `after`: at most `limit`.
+    /// A page reads at most [`AUDIT_SCAN`] records, so a narrow filter may return a short
+    /// (even empty) page with a `next` to continue from.
+    async fn audit_page(
+        &self,
+        tenant_id: &str,
+        query: &AuditQuery,
+        order: Order,
+        after: Option<AuditCursor>,
+        limit: usize,
+    ) -> Result<AuditPage>;
+
     async fn ping(&self) -> Result<()>;
 }
+
+/// Most audit records one page reads past its filter.
+pub const AUDIT_SCAN: usize = 20_000;

@@ -95,7 +95,7 @@ pub fn decode(payload: &[u8]) -> Option<FeatureChange> {
             }),
         ),
         // Ledger entries are reporting's; segmentation reads balances from purchases.
-        pb::event::Kind::Ledger(_) => return None,
+        pb::event::Kind::Ledger(_) | pb::event::Kind::Audit(_) => return None,
         pb::event::Kind::Refund(r) => (
             r.member_id.clone(),
             Change::Refund(RefundFacts {

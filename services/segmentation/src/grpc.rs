@@ -2,6 +2,7 @@
 
 use std::pin::Pin;
 
+use loyalty_platform::audit::with_before;
 use loyalty_platform::error::Error;
 use loyalty_platform::grpc::{timestamp, to_status};
 use loyalty_proto::common::v1::Decimal as PbDecimal;
@@ -210,14 +211,22 @@ impl SegmentationService for Api {
     ) -> Result<Response<pb::UpdateSegmentResponse>, Status> {
         let r = request.into_inner();
         let def = definition(r.segment)?;
+        let before = match self.0.get(&def.tenant_id, &def.segment_id).await {
+            Ok(b) => self.view(b).await.ok(),
+            Err(_) => None,
+        };
         let def = self
             .0
             .update(def, r.expected_version)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::UpdateSegmentResponse {
+        let response = Response::new(pb::UpdateSegmentResponse {
             segment: Some(self.view(def).await?),
-        }))
+        });
+        Ok(match before {
+            Some(b) => with_before(response, &pb::UpdateSegmentResponse { segment: Some(b) }),
+            None => response,
+        })
     }
 
     async fn get_segment(

@@ -195,6 +195,12 @@ pub const RULES: &[(&str, &[Role])] = &[
         "loyalty.reporting.v1.ReportingService/GetFraudSignals",
         &[AD, AN],
     ),
+    // The audit log: admins only.
+    ("loyalty.reporting.v1.AuditService/ListAuditRecords", &[AD]),
+    (
+        "loyalty.reporting.v1.AuditService/ExportAuditRecords",
+        &[AD],
+    ),
     // Segmentation.
     (
         "loyalty.segmentation.v1.SegmentationService/CreateSegment",
@@ -258,6 +264,53 @@ pub const RULES: &[(&str, &[Role])] = &[
     ),
 ];
 
+/// RPCs that change nothing. Every other RPC an admin may call is audited when an admin
+/// calls it ([`crate::audit`]); a new RPC is therefore audited unless it is listed here.
+pub const READS: &[&str] = &[
+    "loyalty.identity.v1.MemberService/GetMember",
+    "loyalty.identity.v1.MemberService/LookupMember",
+    "loyalty.identity.v1.MemberService/ListMembers",
+    "loyalty.identity.v1.CardService/GetCard",
+    "loyalty.identity.v1.ReferralService/ResolveReferralCode",
+    "loyalty.identity.v1.AccessService/ListApiKeys",
+    "loyalty.identity.v1.AccessService/VerifyApiKey",
+    "loyalty.balance.v1.BalanceService/GetBalance",
+    "loyalty.balance.v1.BalanceService/ListLedgerEntries",
+    "loyalty.balance.v1.GiftCertificateService/GetCertificate",
+    "loyalty.promotion.v1.CheckoutService/Quote",
+    "loyalty.promotion.v1.CheckoutService/GetPurchase",
+    "loyalty.promotion.v1.CheckoutService/ListPurchases",
+    "loyalty.promotion.v1.ProgramService/GetProgram",
+    "loyalty.promotion.v1.ProgramService/GetMemberTier",
+    "loyalty.promotion.v1.CatalogService/ListStores",
+    "loyalty.promotion.v1.CatalogService/ListProducts",
+    "loyalty.promotion.v1.CampaignService/GetCampaign",
+    "loyalty.promotion.v1.CampaignService/ListCampaigns",
+    "loyalty.promotion.v1.CampaignService/GetCoupon",
+    "loyalty.promotion.v1.CampaignService/ExportCampaigns",
+    "loyalty.promotion.v1.CampaignService/ListCampaignVersions",
+    "loyalty.promotion.v1.CampaignService/ListStackingGroups",
+    "loyalty.reporting.v1.ReportingService/GetKpis",
+    "loyalty.reporting.v1.ReportingService/GetTimeSeries",
+    "loyalty.reporting.v1.ReportingService/GetCategoryIntersection",
+    "loyalty.reporting.v1.ReportingService/GetRfmOverview",
+    "loyalty.reporting.v1.ReportingService/GetCampaignUplift",
+    "loyalty.reporting.v1.ReportingService/ExportFacts",
+    "loyalty.reporting.v1.ReportingService/GetFraudSignals",
+    "loyalty.reporting.v1.AuditService/ListAuditRecords",
+    "loyalty.reporting.v1.AuditService/ExportAuditRecords",
+    "loyalty.segmentation.v1.SegmentationService/GetSegment",
+    "loyalty.segmentation.v1.SegmentationService/ListSegments",
+    "loyalty.segmentation.v1.SegmentationService/GetMemberSegments",
+    "loyalty.segmentation.v1.SegmentationService/CountSegmentMembers",
+    "loyalty.segmentation.v1.SegmentationService/StreamSegmentMembers",
+    "loyalty.segmentation.v1.SegmentationService/GetMembershipHistory",
+    "loyalty.segmentation.v1.SegmentationService/GetMemberFeatures",
+    "loyalty.segmentation.v1.SegmentationService/GetMemberRfm",
+    "loyalty.segmentation.v1.SegmentationService/PreviewSegment",
+    "loyalty.segmentation.v1.SegmentationService/ExplainMembership",
+];
+
 /// RPCs open to apps that name no member: they hold no member's data.
 pub const APP_WITHOUT_MEMBER: &[&str] = &["/RegisterMember", "/GetProgram", "/ResolveReferralCode"];
 
@@ -279,6 +332,8 @@ pub struct MethodRule {
     pub tenant: Option<FieldPath>,
     pub store: Option<FieldPath>,
     pub member: Option<FieldPath>,
+    /// The RPC changes something and admins may call it: an admin's call is audited.
+    pub audited: bool,
 }
 
 /// Every RPC's rule, by path (`/package.Service/Method`).
@@ -320,10 +375,17 @@ impl Policy {
                         tenant: path_to(&messages, input, "tenant_id"),
                         store: path_to(&messages, input, "store_id"),
                         member: path_to(&messages, input, "member_id"),
+                        audited: roles.contains(&Role::Admin) && !READS.contains(&name.as_str()),
                     };
                     out.insert(format!("/{name}"), Arc::new(rule));
                 }
             }
+        }
+        for name in READS {
+            anyhow::ensure!(
+                declared.contains_key(name),
+                "{name} is listed as a read but the API does not have it"
+            );
         }
         for name in declared.keys() {
             anyhow::ensure!(
@@ -432,6 +494,15 @@ mod tests {
                 );
             }
         }
+        // Admins' changes are audited; reads and calls admins may not make are not.
+        let audited = |path: &str| policy.rule(path).unwrap().audited;
+        assert!(audited("/loyalty.balance.v1.BalanceService/Adjust"));
+        assert!(audited(
+            "/loyalty.promotion.v1.ProgramService/UpdateProgram"
+        ));
+        assert!(audited("/loyalty.identity.v1.AccessService/CreateApiKey"));
+        assert!(!audited("/loyalty.balance.v1.BalanceService/GetBalance"));
+        assert!(!audited("/loyalty.promotion.v1.CheckoutService/Commit"));
         // Nested: a quote names its tenant and store inside the receipt.
         let quote = policy
             .rule("/loyalty.promotion.v1.CheckoutService/Quote")

@@ -6,6 +6,7 @@ use loyalty_platform::types::Channel;
 use rust_decimal::Decimal;
 
 use super::{Receipts, ReportingStore, ScanFrom};
+use crate::audit::{AuditEntry, AuditPage, AuditQuery, Order};
 use crate::fact::{Fact, LedgerEntry, Member, Outlet, Purchase, Reason, Refund, TenantFact};
 
 pub fn purchase(tenant: &str, receipt: &str, day: i64) -> TenantFact {
@@ -93,6 +94,92 @@ pub async fn run(store: &dyn ReportingStore) {
     pages_respect_days_snapshots_and_positions(store).await;
     member_facts_are_found_by_member(store).await;
     scans_visit_everything_once(store).await;
+    audit_records_are_stored_once_and_paged_both_ways(store).await;
+}
+
+fn audit_entry(tenant: &str, time: i64, id: &str, method: &str) -> AuditEntry {
+    AuditEntry {
+        id: id.into(),
+        tenant_id: tenant.into(),
+        time,
+        key_id: "k1".into(),
+        role: "admin".into(),
+        actor_id: "manager:anna".into(),
+        actor_comment: String::new(),
+        method: method.into(),
+        member_id: String::new(),
+        status_code: 0,
+        status_message: String::new(),
+        request: "{}".into(),
+        before: String::new(),
+        after: "{}".into(),
+    }
+}
+
+async fn audit_records_are_stored_once_and_paged_both_ways(store: &dyn ReportingStore) {
+    let t = "audit-tenant";
+    let entries: Vec<AuditEntry> = (0..10)
+        .map(|i| {
+            let method = if i % 2 == 0 { "a.S/Even" } else { "a.S/Odd" };
+            audit_entry(t, 1_000 + i, &format!("id{i:02}"), method)
+        })
+        .collect();
+    assert_eq!(store.append_audit(entries[..6].to_vec()).await.unwrap(), 6);
+    // A redelivered batch stores only what is new; another tenant's records stay apart.
+    assert_eq!(store.append_audit(entries.clone()).await.unwrap(), 4);
+    assert_eq!(
+        store
+            .append_audit(vec![audit_entry("other", 1_000, "id00", "a.S/Even")])
+            .await
+            .unwrap(),
+        1
+    );
+    let all = AuditQuery::new(None, None, "", "", "").unwrap();
+    let ids = |p: &AuditPage| p.entries.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
+
+    // Newest first, in pages that continue where the last stopped.
+    let first = store
+        .audit_page(t, &all, Order::NewestFirst, None, 4)
+        .await
+        .unwrap();
+    assert_eq!(ids(&first), ["id09", "id08", "id07", "id06"]);
+    let second = store
+        .audit_page(t, &all, Order::NewestFirst, first.next.clone(), 4)
+        .await
+        .unwrap();
+    assert_eq!(ids(&second), ["id05", "id04", "id03", "id02"]);
+    let last = store
+        .audit_page(t, &all, Order::NewestFirst, second.next.clone(), 4)
+        .await
+        .unwrap();
+    assert_eq!(ids(&last), ["id01", "id00"]);
+    assert_eq!(last.next, None);
+
+    // Oldest first, filtered by method and period.
+    let odd = AuditQuery::new(Some(1_002), Some(1_009), "a.S/Odd", "", "").unwrap();
+    let page = store
+        .audit_page(t, &odd, Order::OldestFirst, None, 2)
+        .await
+        .unwrap();
+    assert_eq!(ids(&page), ["id03", "id05"]);
+    let rest = store
+        .audit_page(t, &odd, Order::OldestFirst, page.next.clone(), 2)
+        .await
+        .unwrap();
+    assert_eq!(ids(&rest), ["id07"]);
+    assert_eq!(rest.next, None);
+    assert_eq!(rest.entries[0], entries[7]);
+
+    let other = store
+        .audit_page("other", &all, Order::OldestFirst, None, 100)
+        .await
+        .unwrap();
+    assert_eq!(ids(&other), ["id00"]);
+    let none = store
+        .audit_page("nobody", &all, Order::NewestFirst, None, 100)
+        .await
+        .unwrap();
+    assert!(none.entries.is_empty() && none.next.is_none());
 }
 
 fn of_member(mut f: TenantFact, member: &str) -> TenantFact {

@@ -9,7 +9,8 @@ use loyalty_platform::embedded::{EmbeddedDb, decode, encode, open_for_read, stor
 use loyalty_platform::error::Result;
 use redb::{ReadableTable, TableDefinition};
 
-use super::{FactPage, Position, Receipts, ReportingStore, ScanFrom};
+use super::{AUDIT_SCAN, FactPage, Position, Receipts, ReportingStore, ScanFrom};
+use crate::audit::{AuditCursor, AuditEntry, AuditPage, AuditQuery, Order};
 use crate::fact::{Fact, TenantFact};
 
 type FactTable = TableDefinition<'static, (&'static str, i64, u64), &'static [u8]>;
@@ -31,6 +32,11 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// ledger facts are, for the segment filter.
 const BY_MEMBER: TableDefinition<(&str, &str, u8, i64, u64), ()> =
     TableDefinition::new("by_member");
+
+/// (tenant, time, record id) → audit record.
+const AUDIT: TableDefinition<(&str, i64, &str), &[u8]> = TableDefinition::new("audit");
+/// (tenant, record id) → the record's time: each record is stored once.
+const AUDIT_IDS: TableDefinition<(&str, &str), i64> = TableDefinition::new("audit_ids");
 
 const KINDS: [Receipts; 3] = [Receipts::Purchases, Receipts::Refunds, Receipts::Ledger];
 
@@ -366,6 +372,86 @@ impl ReportingStore for EmbeddedReportingStore {
                     }
                 }
                 Ok(out)
+            })
+            .await
+    }
+
+    async fn append_audit(&self, entries: Vec<AuditEntry>) -> Result<usize> {
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        self.db
+            .write(move |txn| {
+                let mut ids = txn.open_table(AUDIT_IDS).map_err(e)?;
+                let mut records = txn.open_table(AUDIT).map_err(e)?;
+                let mut fresh = 0;
+                for entry in &entries {
+                    let key = (entry.tenant_id.as_str(), entry.id.as_str());
+                    if ids.get(key).map_err(e)?.is_some() {
+                        continue;
+                    }
+                    ids.insert(key, entry.time).map_err(e)?;
+                    records
+                        .insert(
+                            (entry.tenant_id.as_str(), entry.time, entry.id.as_str()),
+                            encode(entry)?.as_slice(),
+                        )
+                        .map_err(e)?;
+                    fresh += 1;
+                }
+                Ok(fresh)
+            })
+            .await
+    }
+
+    async fn audit_page(
+        &self,
+        tenant_id: &str,
+        query: &AuditQuery,
+        order: Order,
+        after: Option<AuditCursor>,
+        limit: usize,
+    ) -> Result<AuditPage> {
+        use std::ops::Bound::{Excluded, Included};
+        let tenant = tenant_id.to_string();
+        let query = query.clone();
+        self.db
+            .read(move |txn| {
+                let mut page = AuditPage::default();
+                let Some(t) = open_for_read(txn, AUDIT)? else {
+                    return Ok(page);
+                };
+                let tenant = tenant.as_str();
+                let start = Included((tenant, query.from, ""));
+                let end = Excluded((tenant, query.to, ""));
+                let rows: Box<dyn Iterator<Item = _>> = match (order, &after) {
+                    (Order::OldestFirst, Some((time, id))) => Box::new(
+                        t.range((Excluded((tenant, *time, id.as_str())), end))
+                            .map_err(e)?,
+                    ),
+                    (Order::OldestFirst, None) => Box::new(t.range((start, end)).map_err(e)?),
+                    (Order::NewestFirst, Some((time, id))) => Box::new(
+                        t.range((start, Excluded((tenant, *time, id.as_str()))))
+                            .map_err(e)?
+                            .rev(),
+                    ),
+                    (Order::NewestFirst, None) => Box::new(t.range((start, end)).map_err(e)?.rev()),
+                };
+                let mut last = None;
+                for (read, row) in rows.enumerate() {
+                    let (k, v) = row.map_err(e)?;
+                    if page.entries.len() >= limit.max(1) || read >= AUDIT_SCAN {
+                        page.next = last;
+                        break;
+                    }
+                    let (_, time, id) = k.value();
+                    last = Some((time, id.to_string()));
+                    let entry: AuditEntry = decode(v.value())?;
+                    if query.matches(&entry) {
+                        page.entries.push(entry);
+                    }
+                }
+                Ok(page)
             })
             .await
     }

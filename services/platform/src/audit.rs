@@ -1,0 +1,561 @@
+//! The audit log: every change an admin makes, in any service, recorded by the access layer.
+//!
+//! A call is audited when its caller has the `admin` role (with authentication off, every
+//! caller does), the RPC allows admins, and the RPC changes something (it is not one of
+//! [`crate::access::policy::READS`]). The layer keeps a copy of the request's messages as they
+//! reach the handler and of the response as it leaves, and when the handler has answered it
+//! appends one record to the `audit` stream: who (key id, role, the request's actor), when,
+//! what (the RPC, the request, the member it names), the outcome (gRPC status), the state
+//! after (the response) and, where the handler supplies it with [`with_before`], the state
+//! before. The call's status reaches the caller only once the record is in the stream, so
+//! nothing is acknowledged that was not audited (a record that cannot be written is logged
+//! as an error and counted in `loyalty_audit_records_total{outcome="failed"}`).
+//!
+//! Records carry no personal data and no secrets: the fields in [`REDACTED`] are replaced by
+//! `"<redacted>"` before anything is written, so erasing a member leaves nothing behind here.
+//! Reporting consumes the stream into its store, where records are listed and exported.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::Frame;
+use loyalty_proto::events::v1 as ev;
+use loyalty_proto::reporting::v1 as pb;
+use prost::Message;
+use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, SerializeOptions};
+use tonic::Status;
+use tonic::body::Body;
+
+use crate::access::policy::FieldPath;
+use crate::access::{MethodRule, Principal, wire};
+use crate::events::{AUDIT, SharedEventLog};
+
+/// Request or response bytes kept per call; messages beyond are counted, not recorded.
+pub const MAX_CAPTURE_BYTES: usize = 64 * 1024;
+/// Longest JSON rendering of a request, a before or an after; a longer one shows its lists by
+/// their length, and is left out if that is still too long.
+pub const MAX_JSON_BYTES: usize = 16 * 1024;
+/// How long the layer waits for the stream to take a record.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Field names whose values never enter a record: personal data and secrets.
+pub const REDACTED: &[&str] = &[
+    "phone",
+    "email",
+    "first_name",
+    "last_name",
+    "gender",
+    "birthday",
+    "attributes",
+    "secret",
+    "key",
+];
+
+/// The state a call changed, before it changed it: a message of the RPC's response type,
+/// encoded. Handlers attach it with [`with_before`].
+#[derive(Debug, Clone)]
+pub struct AuditBefore(Vec<u8>);
+
+/// Attaches `before` (a message of the RPC's response type, holding the state before the
+/// call) to a response, for the audit record.
+pub fn with_before<T, M: Message>(
+    mut response: tonic::Response<T>,
+    before: &M,
+) -> tonic::Response<T> {
+    response
+        .extensions_mut()
+        .insert(AuditBefore(before.encode_to_vec()));
+    response
+}
+
+/// Where audit records go, and how they are rendered.
+#[derive(Clone)]
+pub struct AuditLog {
+    log: SharedEventLog,
+    /// Request and response types by RPC path (`/package.Service/Method`).
+    methods: Arc<HashMap<String, (MessageDescriptor, MessageDescriptor)>>,
+}
+
+impl fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("methods", &self.methods.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuditLog {
+    /// Records of the loyalty API's calls, appended to `log`'s `audit` stream.
+    pub fn new(log: SharedEventLog) -> anyhow::Result<Self> {
+        let pool = DescriptorPool::decode(loyalty_proto::FILE_DESCRIPTOR_SET)?;
+        let methods = pool
+            .services()
+            .flat_map(|s| s.methods().collect::<Vec<_>>())
+            .map(|m| {
+                (
+                    format!("/{}/{}", m.parent_service().full_name(), m.name()),
+                    (m.input(), m.output()),
+                )
+            })
+            .collect();
+        Ok(Self {
+            log,
+            methods: Arc::new(methods),
+        })
+    }
+
+    /// The record of one finished call.
+    fn record(&self, call: &Call, after: &Capture, status: &Status) -> (String, pb::AuditRecord) {
+        let request = call.request.lock().map(|c| c.clone()).unwrap_or_default();
+        let first = request.messages().first().copied().unwrap_or_default();
+        let read = |path: &Option<FieldPath>| {
+            path.as_ref()
+                .and_then(|p| wire::string_at(first, p).ok().flatten())
+                .map(|v| String::from_utf8_lossy(v).chars().take(128).collect())
+                .unwrap_or_default()
+        };
+        let tenant_id: String = read(&call.rule.tenant);
+        let member_id: String = read(&call.rule.member);
+        let types = self.methods.get(&call.path);
+        let (request_json, actor, before_json, after_json) = match types {
+            Some((input, output)) => {
+                let before = call
+                    .before
+                    .as_ref()
+                    .map(|b| render(output, &[b.0.as_slice()], false))
+                    .unwrap_or_default();
+                let after = if status.code() == tonic::Code::Ok {
+                    render(output, &after.messages(), after.more())
+                } else {
+                    String::new()
+                };
+                (
+                    render(input, &request.messages(), request.more()),
+                    actor(input, first),
+                    before,
+                    after,
+                )
+            }
+            None => Default::default(),
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let record = pb::AuditRecord {
+            record_id: uuid::Uuid::now_v7().to_string(),
+            record_time: Some(prost_types::Timestamp {
+                seconds: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+                nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
+            }),
+            key_id: call.principal.key_id.clone(),
+            role: call.principal.role.name().to_string(),
+            actor,
+            method: call.path.trim_start_matches('/').to_string(),
+            member_id,
+            status_code: status.code() as i32,
+            status_message: status.message().chars().take(1024).collect(),
+            request_json,
+            before_json,
+            after_json,
+        };
+        (tenant_id, record)
+    }
+
+    /// Appends the record of `call`; failures are logged and counted, never returned.
+    async fn write(&self, call: Call, after: Capture, status: Status) {
+        let (tenant_id, record) = self.record(&call, &after, &status);
+        let event = ev::Event {
+            event_id: format!("audit/{tenant_id}/{}", record.record_id),
+            tenant_id,
+            event_time: record.record_time,
+            kind: Some(ev::event::Kind::Audit(record)),
+        };
+        let written = tokio::time::timeout(
+            WRITE_TIMEOUT,
+            self.log.append(AUDIT, &[event.encode_to_vec()]),
+        )
+        .await;
+        let outcome = match written {
+            Ok(Ok(())) => "written",
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, method = %call.path, key_id = %call.principal.key_id, "an audit record could not be written");
+                "failed"
+            }
+            Err(_) => {
+                tracing::error!(method = %call.path, key_id = %call.principal.key_id, "an audit record could not be written in time");
+                "failed"
+            }
+        };
+        metrics::counter!("loyalty_audit_records_total", "outcome" => outcome).increment(1);
+    }
+}
+
+/// The actor a request names in its top-level `actor` field.
+fn actor(input: &MessageDescriptor, message: &[u8]) -> Option<loyalty_proto::common::v1::Actor> {
+    input.get_field_by_name("actor")?;
+    let decoded = DynamicMessage::decode(input.clone(), message).ok()?;
+    let value = decoded.get_field_by_name("actor")?;
+    let actor = value.as_message()?;
+    let text = |name: &str| {
+        actor
+            .get_field_by_name(name)
+            .and_then(|v| v.as_str().map(|s| s.chars().take(256).collect::<String>()))
+            .unwrap_or_default()
+    };
+    Some(loyalty_proto::common::v1::Actor {
+        id: text("id"),
+        comment: text("comment"),
+    })
+}
+
+/// Messages as protobuf JSON with proto field names, redacted and bounded: one message as an
+/// object, several as an array (ending in a note when more were not kept).
+pub fn render(descriptor: &MessageDescriptor, messages: &[&[u8]], more: bool) -> String {
+    let options = SerializeOptions::new().use_proto_field_name(true);
+    let mut values: Vec<serde_json::Value> = messages
+        .iter()
+        .map(|m| match DynamicMessage::decode(descriptor.clone(), *m) {
+            Ok(d) => d
+                .serialize_with_options(serde_json::value::Serializer, &options)
+                .unwrap_or_else(|e| serde_json::Value::String(format!("<not rendered: {e}>"))),
+            Err(_) => serde_json::Value::String("<not a valid message>".into()),
+        })
+        .collect();
+    for v in &mut values {
+        redact(v);
+    }
+    let mut value = match (values.len(), more) {
+        (0, false) => return String::new(),
+        (1, false) => values.pop().unwrap_or_default(),
+        _ => {
+            if more {
+                values.push(serde_json::Value::String("<more messages not kept>".into()));
+            }
+            serde_json::Value::Array(values)
+        }
+    };
+    let text = value.to_string();
+    if text.len() <= MAX_JSON_BYTES {
+        return text;
+    }
+    shorten_lists(&mut value, 0);
+    let text = value.to_string();
+    if text.len() <= MAX_JSON_BYTES {
+        return text;
+    }
+    serde_json::json!({ "omitted": format!("{} bytes of JSON, over the audit limit", text.len()) })
+        .to_string()
+}
+
+/// Replaces the values of [`REDACTED`] fields, at any depth, by `"<redacted>"`.
+fn redact(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(fields) => {
+            for (name, v) in fields.iter_mut() {
+                if REDACTED.contains(&name.as_str()) {
+                    *v = serde_json::Value::String("<redacted>".into());
+                } else {
+                    redact(v);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(redact),
+        _ => {}
+    }
+}
+
+/// Replaces every list below the top by its length.
+fn shorten_lists(value: &mut serde_json::Value, depth: usize) {
+    match value {
+        serde_json::Value::Array(items) if depth > 0 => {
+            *value = serde_json::Value::String(format!("<{} items>", items.len()));
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|v| shorten_lists(v, 1)),
+        serde_json::Value::Object(fields) => fields
+            .values_mut()
+            .for_each(|v| shorten_lists(v, depth + 1)),
+        _ => {}
+    }
+}
+
+/// Bytes of a gRPC message stream, as far as they are kept.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Capture {
+    kept: Vec<u8>,
+    seen: usize,
+}
+
+impl Capture {
+    fn push(&mut self, data: &[u8]) {
+        self.seen += data.len();
+        let room = MAX_CAPTURE_BYTES.saturating_sub(self.kept.len());
+        self.kept.extend_from_slice(&data[..data.len().min(room)]);
+    }
+
+    /// The complete, uncompressed messages kept.
+    fn messages(&self) -> Vec<&[u8]> {
+        let mut out = Vec::new();
+        let mut rest = self.kept.as_slice();
+        while rest.len() >= 5 {
+            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+            if rest.len() < 5 + len {
+                break;
+            }
+            if rest[0] == 0 {
+                out.push(&rest[5..5 + len]);
+            }
+            rest = &rest[5 + len..];
+        }
+        out
+    }
+
+    /// Bytes went by that were not kept (or a message was cut).
+    fn more(&self) -> bool {
+        let complete: usize = self.messages().iter().map(|m| m.len() + 5).sum();
+        self.seen > complete
+    }
+}
+
+/// An audited call, while it runs.
+pub(crate) struct Call {
+    pub path: String,
+    pub principal: Principal,
+    pub rule: Arc<MethodRule>,
+    pub request: Arc<Mutex<Capture>>,
+    pub before: Option<AuditBefore>,
+}
+
+/// A request body that keeps a copy of what passes to the handler.
+pub(crate) struct Tapped {
+    pub inner: Body,
+    pub capture: Arc<Mutex<Capture>>,
+}
+
+impl http_body::Body for Tapped {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Ok(frame)) = &frame
+            && let Some(data) = frame.data_ref()
+            && let Ok(mut capture) = self.capture.lock()
+        {
+            capture.push(data);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Records `call` once its response is complete. A response that is already complete (an
+/// error, sent as headers only) is recorded before it is returned.
+pub(crate) async fn answer(
+    log: AuditLog,
+    mut call: Call,
+    response: http::Response<Body>,
+) -> http::Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    call.before = parts.extensions.remove::<AuditBefore>();
+    if let Some(status) = Status::from_header_map(&parts.headers) {
+        log.write(call, Capture::default(), status).await;
+        return http::Response::from_parts(parts, body);
+    }
+    let body = Audited {
+        inner: body,
+        log,
+        call: Some(call),
+        response: Capture::default(),
+        writing: None,
+        held: None,
+    };
+    http::Response::from_parts(parts, Body::new(body))
+}
+
+type Writing = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A response body that holds back its trailers (the call's status) until the call's record
+/// is written.
+struct Audited {
+    inner: Body,
+    log: AuditLog,
+    call: Option<Call>,
+    response: Capture,
+    writing: Option<Writing>,
+    held: Option<Frame<Bytes>>,
+}
+
+impl Audited {
+    fn start(&mut self, status: Status) {
+        if let Some(call) = self.call.take() {
+            let log = self.log.clone();
+            let response = std::mem::take(&mut self.response);
+            self.writing = Some(Box::pin(
+                async move { log.write(call, response, status).await },
+            ));
+        }
+    }
+}
+
+impl http_body::Body for Audited {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(writing) = &mut this.writing {
+                ready!(writing.as_mut().poll(cx));
+                this.writing = None;
+                return Poll::Ready(this.held.take().map(Ok));
+            }
+            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        this.response.push(data);
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                    let status = frame
+                        .trailers_ref()
+                        .and_then(Status::from_header_map)
+                        .unwrap_or_else(|| Status::ok(""));
+                    this.held = Some(frame);
+                    this.start(status);
+                    if this.writing.is_none() {
+                        return Poll::Ready(this.held.take().map(Ok));
+                    }
+                }
+                Some(Err(status)) => {
+                    // The stream broke: recorded in the background, the error goes on now.
+                    if let Some(call) = this.call.take() {
+                        let log = this.log.clone();
+                        let response = std::mem::take(&mut this.response);
+                        let recorded = status.clone();
+                        tokio::spawn(async move { log.write(call, response, recorded).await });
+                    }
+                    return Poll::Ready(Some(Err(status)));
+                }
+                None => {
+                    // Ended without trailers: recorded as answered.
+                    this.start(Status::ok(""));
+                    if this.writing.is_none() {
+                        return Poll::Ready(None);
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.call.is_none()
+            && self.writing.is_none()
+            && self.held.is_none()
+            && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> DescriptorPool {
+        DescriptorPool::decode(loyalty_proto::FILE_DESCRIPTOR_SET).unwrap()
+    }
+
+    fn framed(message: &[u8]) -> Vec<u8> {
+        let mut out = vec![0];
+        out.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+        out.extend_from_slice(message);
+        out
+    }
+
+    #[test]
+    fn personal_data_and_secrets_never_enter_a_record() {
+        use loyalty_proto::identity::v1 as id;
+        let pool = pool();
+        let request = id::RegisterMemberRequest {
+            tenant_id: "t".into(),
+            phone: "+491701234567".into(),
+            email: "anna@example.org".into(),
+            first_name: "Anna".into(),
+            last_name: "Schmidt".into(),
+            ..Default::default()
+        };
+        let desc = pool
+            .get_message_by_name("loyalty.identity.v1.RegisterMemberRequest")
+            .unwrap();
+        let json = render(&desc, &[&request.encode_to_vec()], false);
+        for secret in ["+491701234567", "anna@example.org", "Anna", "Schmidt"] {
+            assert!(!json.contains(secret), "{json}");
+        }
+        assert!(json.contains("\"tenant_id\":\"t\""), "{json}");
+        assert!(json.contains("\"phone\":\"<redacted>\""), "{json}");
+
+        let created = id::CreateApiKeyResponse {
+            secret: "lk_0123456789abcdef_00".into(),
+            ..Default::default()
+        };
+        let desc = pool
+            .get_message_by_name("loyalty.identity.v1.CreateApiKeyResponse")
+            .unwrap();
+        let json = render(&desc, &[&created.encode_to_vec()], false);
+        assert!(!json.contains("lk_0123"), "{json}");
+    }
+
+    #[test]
+    fn long_renderings_are_bounded_and_streams_show_their_messages() {
+        use loyalty_proto::segmentation::v1 as sg;
+        let pool = pool();
+        let desc = pool
+            .get_message_by_name("loyalty.segmentation.v1.UploadSegmentMembersRequest")
+            .unwrap();
+        let big = sg::UploadSegmentMembersRequest {
+            tenant_id: "t".into(),
+            member_ids: (0..5_000).map(|i| format!("member-{i:06}")).collect(),
+            ..Default::default()
+        };
+        let json = render(&desc, &[&big.encode_to_vec()], false);
+        assert!(json.len() <= MAX_JSON_BYTES);
+        assert!(json.contains("<5000 items>"), "{json}");
+
+        let small = sg::UploadSegmentMembersRequest {
+            tenant_id: "t".into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let mut capture = Capture::default();
+        capture.push(&framed(&small));
+        capture.push(&framed(&small));
+        assert_eq!(capture.messages().len(), 2);
+        assert!(!capture.more());
+        let json = render(&desc, &capture.messages(), capture.more());
+        assert!(json.starts_with('['), "{json}");
+        // Past the kept bytes, the rest is counted, not kept.
+        capture.push(&vec![0u8; MAX_CAPTURE_BYTES]);
+        assert!(capture.more());
+        assert!(capture.kept.len() <= MAX_CAPTURE_BYTES);
+    }
+}

@@ -1,0 +1,421 @@
+//! The audit log through the real binary: admins' changes in identity, balance and promotion
+//! are recorded with who, when, what, before and after; reads are not; personal data and key
+//! secrets never enter a record; the log is listed (newest first, filtered, paged) and
+//! exported (oldest first, resumable) by admins of the tenant only, and survives a restart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use loyalty_e2e::*;
+use loyalty_proto::balance::v1 as bpb;
+use loyalty_proto::common::v1::{Actor, Decimal};
+use loyalty_proto::identity::v1 as ipb;
+use loyalty_proto::promotion::v1 as ppb;
+use loyalty_proto::reporting::v1 as rpb;
+use serde_json::Value;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const T: &str = "t1";
+const PHONE: &str = "+77017600042";
+const EMAIL: &str = "aigerim.private@example.kz";
+const FIRST: &str = "Aigerim";
+
+fn key_id(key: &str) -> String {
+    key.trim_start_matches("lk_")
+        .split('_')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn program(percent: &str) -> ppb::Program {
+    ppb::Program {
+        tenant_id: T.into(),
+        currency: "KZT".into(),
+        point_minor_units: 100,
+        base_accrual: Some(ppb::program::BaseAccrual::AccrualPercent(Decimal {
+            value: percent.into(),
+        })),
+        point_value: dec("1"),
+        max_redeem_percent: dec("20"),
+        point_lifetime_days: 180,
+        ..Default::default()
+    }
+}
+
+fn actor(comment: &str) -> Option<Actor> {
+    Some(Actor {
+        id: "manager:anna".into(),
+        comment: comment.into(),
+    })
+}
+
+async fn list(
+    channel: &Channel,
+    key: &str,
+    filter: rpb::AuditFilter,
+    page_size: i32,
+    page_token: &str,
+) -> Result<rpb::ListAuditRecordsResponse, tonic::Status> {
+    rpb::audit_service_client::AuditServiceClient::new(channel.clone())
+        .list_audit_records(with_key(
+            rpb::ListAuditRecordsRequest {
+                tenant_id: T.into(),
+                filter: Some(filter),
+                page_size,
+                page_token: page_token.into(),
+            },
+            key,
+        ))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Every record of the tenant, newest first, once `want` have arrived (the log is fed
+/// from the event stream).
+async fn all_records(channel: &Channel, key: &str, want: usize) -> Vec<rpb::AuditRecord> {
+    for _ in 0..200 {
+        let page = list(channel, key, rpb::AuditFilter::default(), 1000, "")
+            .await
+            .unwrap();
+        if page.records.len() >= want {
+            return page.records;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the audit log never reached {want} records");
+}
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+#[tokio::test]
+async fn admins_changes_are_audited_listed_and_exported() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let admin = create_key(&data, &["--role", "admin", "--tenant", T]).await;
+    let other_admin = create_key(&data, &["--role", "admin", "--tenant", "t2"]).await;
+    let analyst = create_key(&data, &["--role", "analyst", "--tenant", T]).await;
+    let launch = || {
+        Launch::dev()
+            .env("LOYALTY_AUTH__MODE", "required")
+            .env("LOYALTY_SERVER__METRICS_LISTEN", "127.0.0.1:0")
+    };
+    let server = Server::start(launch(), &data).await;
+    let channel = server.channel().await;
+
+    // Promotion: the program, twice (the second record has the first as its before).
+    let mut programs = ppb::program_service_client::ProgramServiceClient::new(channel.clone());
+    for percent in ["1", "2"] {
+        programs
+            .update_program(with_key(
+                ppb::UpdateProgramRequest {
+                    program: Some(program(percent)),
+                    expected_version: 0,
+                    actor: actor("new rate"),
+                },
+                &admin,
+            ))
+            .await
+            .unwrap();
+    }
+    // Identity: a registration with personal data, a block.
+    let mut members = ipb::member_service_client::MemberServiceClient::new(channel.clone());
+    let member_id = members
+        .register_member(with_key(
+            ipb::RegisterMemberRequest {
+                tenant_id: T.into(),
+                phone: PHONE.into(),
+                email: EMAIL.into(),
+                first_name: FIRST.into(),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .member
+        .unwrap()
+        .member_id;
+    // Balance: two manual adjustments, and one refused.
+    let mut balance = bpb::balance_service_client::BalanceServiceClient::new(channel.clone());
+    for (key, amount) in [("goodwill-1", 500), ("goodwill-2", 100)] {
+        balance
+            .adjust(with_key(
+                bpb::AdjustRequest {
+                    tenant_id: T.into(),
+                    member_id: member_id.clone(),
+                    idempotency_key: key.into(),
+                    amount,
+                    actor: actor("complaint 17"),
+                },
+                &admin,
+            ))
+            .await
+            .unwrap();
+    }
+    let refused = balance
+        .adjust(with_key(
+            bpb::AdjustRequest {
+                tenant_id: T.into(),
+                member_id: member_id.clone(),
+                idempotency_key: String::new(),
+                amount: 5,
+                actor: actor("no key"),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    members
+        .block_member(with_key(
+            ipb::BlockMemberRequest {
+                tenant_id: T.into(),
+                member_id: member_id.clone(),
+                reason: "one card in 12 stores in an hour".into(),
+                actor: actor(""),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    // A key: its secret is answered once and never recorded.
+    let created = ipb::access_service_client::AccessServiceClient::new(channel.clone())
+        .create_api_key(with_key(
+            ipb::CreateApiKeyRequest {
+                tenant_id: T.into(),
+                role: ipb::Role::Pos as i32,
+                store_id: "s1".into(),
+                name: "till 3".into(),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let secret = created.secret.clone();
+    // Reads are not audited.
+    balance
+        .get_balance(with_key(
+            bpb::GetBalanceRequest {
+                tenant_id: T.into(),
+                member_id: member_id.clone(),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+
+    let records = all_records(&channel, &admin, 8).await;
+    let methods: Vec<&str> = records.iter().map(|r| r.method.as_str()).collect();
+    assert_eq!(
+        methods,
+        [
+            "loyalty.identity.v1.AccessService/CreateApiKey",
+            "loyalty.identity.v1.MemberService/BlockMember",
+            "loyalty.balance.v1.BalanceService/Adjust",
+            "loyalty.balance.v1.BalanceService/Adjust",
+            "loyalty.balance.v1.BalanceService/Adjust",
+            "loyalty.identity.v1.MemberService/RegisterMember",
+            "loyalty.promotion.v1.ProgramService/UpdateProgram",
+            "loyalty.promotion.v1.ProgramService/UpdateProgram",
+        ],
+        "newest first, reads left out"
+    );
+    let admin_id = key_id(&admin);
+    for r in &records {
+        assert_eq!(r.key_id, admin_id);
+        assert_eq!(r.role, "admin");
+        assert!(r.record_time.is_some());
+        // No personal data or secret anywhere in a record.
+        let text = format!("{r:?}");
+        for private in [PHONE, EMAIL, FIRST, secret.as_str()] {
+            assert!(!text.contains(private), "{private} in {text}");
+        }
+    }
+
+    // Program: before and after of the second update.
+    let second = &records[6];
+    assert_eq!(second.actor.as_ref().unwrap().comment, "new rate");
+    let before = json(&second.before_json);
+    let after = json(&second.after_json);
+    assert_eq!(before["program"]["accrual_percent"]["value"], "1");
+    assert_eq!(after["program"]["accrual_percent"]["value"], "2");
+    assert_eq!(
+        json(&second.request_json)["program"]["accrual_percent"]["value"],
+        "2"
+    );
+    assert!(
+        records[7].before_json.is_empty(),
+        "the first program replaced none"
+    );
+
+    // Adjustments: who, why, and the balance before and after.
+    let (refused_rec, plus_100, plus_500) = (&records[2], &records[3], &records[4]);
+    assert_eq!(plus_500.member_id, member_id);
+    assert_eq!(plus_500.actor.as_ref().unwrap().id, "manager:anna");
+    assert_eq!(plus_500.actor.as_ref().unwrap().comment, "complaint 17");
+    let active = |v: &Value| v["balance"]["active"].as_str().map(str::to_string);
+    assert_eq!(json(&plus_100.request_json)["amount"], "100");
+    assert_eq!(active(&json(&plus_100.before_json)).as_deref(), Some("500"));
+    assert_eq!(active(&json(&plus_100.after_json)).as_deref(), Some("600"));
+    let first = &plus_500.before_json;
+    assert!(first.is_empty() || json(first)["balance"].get("active").is_none());
+    assert_eq!(refused_rec.status_code, Code::InvalidArgument as i32);
+    assert!(refused_rec.after_json.is_empty());
+    assert_eq!(refused_rec.status_message, refused.message());
+    assert_eq!(plus_500.status_code, 0);
+
+    // Block: the member's status before and after; registration: personal data redacted.
+    let block = &records[1];
+    assert_eq!(
+        json(&block.before_json)["member"]["status"],
+        "MEMBER_STATUS_ACTIVE"
+    );
+    assert_eq!(
+        json(&block.after_json)["member"]["status"],
+        "MEMBER_STATUS_BLOCKED"
+    );
+    let registration = json(&records[5].request_json);
+    assert_eq!(registration["phone"], "<redacted>");
+    assert_eq!(registration["email"], "<redacted>");
+    assert_eq!(json(&records[0].after_json)["secret"], "<redacted>");
+
+    // Filters: by method and by member; pages continue without overlap.
+    let adjustments = list(
+        &channel,
+        &admin,
+        rpb::AuditFilter {
+            method: "loyalty.balance.v1.BalanceService/Adjust".into(),
+            ..Default::default()
+        },
+        100,
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(adjustments.records.len(), 3);
+    let of_member = list(
+        &channel,
+        &admin,
+        rpb::AuditFilter {
+            member_id: member_id.clone(),
+            ..Default::default()
+        },
+        100,
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        of_member.records.len(),
+        4,
+        "three adjustments and the block"
+    );
+    let mut paged = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = list(&channel, &admin, rpb::AuditFilter::default(), 3, &token)
+            .await
+            .unwrap();
+        paged.extend(page.records.into_iter().map(|r| r.record_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let ids: Vec<String> = records.iter().map(|r| r.record_id.clone()).collect();
+    assert_eq!(paged, ids);
+
+    // Export: oldest first; resuming after a record gives exactly the newer ones.
+    let export = |resume: String| {
+        let channel = channel.clone();
+        let admin = admin.clone();
+        async move {
+            let mut stream = rpb::audit_service_client::AuditServiceClient::new(channel)
+                .export_audit_records(with_key(
+                    rpb::ExportAuditRecordsRequest {
+                        tenant_id: T.into(),
+                        filter: None,
+                        resume_token: resume,
+                    },
+                    &admin,
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut out = Vec::new();
+            while let Some(chunk) = stream.message().await.unwrap() {
+                out.extend(chunk.records.into_iter().map(|r| r.record_id));
+            }
+            out
+        }
+    };
+    let mut oldest_first = ids.clone();
+    oldest_first.reverse();
+    assert_eq!(export(String::new()).await, oldest_first);
+    let two = list(&channel, &admin, rpb::AuditFilter::default(), 2, "")
+        .await
+        .unwrap();
+    assert_eq!(export(two.next_page_token).await, ids[..1].to_vec());
+
+    // Only the tenant's admins read it; bad input is refused.
+    let denied = list(&channel, &other_admin, rpb::AuditFilter::default(), 10, "")
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let denied = list(&channel, &analyst, rpb::AuditFilter::default(), 10, "")
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let inverted = list(
+        &channel,
+        &admin,
+        rpb::AuditFilter {
+            start_time: Some(prost_types::Timestamp {
+                seconds: 2_000_000_000,
+                nanos: 0,
+            }),
+            end_time: Some(prost_types::Timestamp {
+                seconds: 1_000_000_000,
+                nanos: 0,
+            }),
+            ..Default::default()
+        },
+        10,
+        "",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(inverted.code(), Code::InvalidArgument);
+    let bad = list(&channel, &admin, rpb::AuditFilter::default(), 5000, "")
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    let bad = list(&channel, &admin, rpb::AuditFilter::default(), 10, "forged")
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+
+    let scrape = server.scrape_metrics().await;
+    assert!(
+        scrape.contains("loyalty_audit_records_total{outcome=\"written\"}"),
+        "{scrape}"
+    );
+
+    // Durable: the same records after a restart, none twice.
+    server.stop().await;
+    let server = Server::start(launch(), &data).await;
+    let channel = server.channel().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let again = all_records(&channel, &admin, 8).await;
+    let again: Vec<String> = again.into_iter().map(|r| r.record_id).collect();
+    assert_eq!(again, ids);
+    server.stop().await;
+}
