@@ -419,3 +419,94 @@ async fn admins_changes_are_audited_listed_and_exported() {
     assert_eq!(again, ids);
     server.stop().await;
 }
+
+/// Microservices on Redis: the changes made in one process reach the audit log that the
+/// reporting process serves, through the `audit` stream.
+#[tokio::test]
+async fn changes_in_one_process_reach_the_audit_log_of_another_over_redis() {
+    let redis = loyalty_platform::redis_server::RedisServer::start().unwrap();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let on_redis = |launch: Launch| {
+        launch
+            .env("LOYALTY_STORAGE__BACKEND", "redis")
+            .env("LOYALTY_STORAGE__REDIS__URL", &redis.url())
+    };
+    let reporting = Server::start(on_redis(Launch::serve("reporting")), dir_a.path()).await;
+    let pos_node = Server::start(
+        on_redis(Launch::serve("identity,balance,promotion")),
+        dir_b.path(),
+    )
+    .await;
+    let channel = pos_node.channel().await;
+    // Authentication is off on loopback: every caller counts as an admin with key "-".
+    setup_tenant(&channel, T).await;
+    let member_id = ipb::member_service_client::MemberServiceClient::new(channel.clone())
+        .register_member(ipb::RegisterMemberRequest {
+            tenant_id: T.into(),
+            phone: PHONE.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .member
+        .unwrap()
+        .member_id;
+    bpb::balance_service_client::BalanceServiceClient::new(channel.clone())
+        .adjust(bpb::AdjustRequest {
+            tenant_id: T.into(),
+            member_id: member_id.clone(),
+            idempotency_key: "opening".into(),
+            amount: 250,
+            actor: actor("migration"),
+        })
+        .await
+        .unwrap();
+
+    let log = reporting.channel().await;
+    let mut records = Vec::new();
+    for _ in 0..200 {
+        records = rpb::audit_service_client::AuditServiceClient::new(log.clone())
+            .list_audit_records(rpb::ListAuditRecordsRequest {
+                tenant_id: T.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .records;
+        if records.len() >= 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let methods: Vec<&str> = records.iter().map(|r| r.method.as_str()).collect();
+    assert_eq!(
+        methods,
+        [
+            "loyalty.balance.v1.BalanceService/Adjust",
+            "loyalty.identity.v1.MemberService/RegisterMember",
+            "loyalty.promotion.v1.CatalogService/UpsertProducts",
+            "loyalty.promotion.v1.CatalogService/UpsertStores",
+            "loyalty.promotion.v1.ProgramService/UpdateProgram",
+        ]
+    );
+    assert!(records.iter().all(|r| r.key_id == "-" && r.role == "admin"));
+    assert_eq!(records[0].member_id, member_id);
+    assert!(!format!("{records:?}").contains(PHONE));
+    // The stream is in Redis, and reporting's group has taken everything.
+    let out = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port().to_string(),
+            "xinfo",
+            "groups",
+            "ev:{audit}",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("reporting"), "{text}");
+    pos_node.stop().await;
+    reporting.stop().await;
+}
