@@ -609,3 +609,82 @@ async fn callers_over_their_rate_get_resource_exhausted_with_a_retry_hint() {
     );
     assert_eq!(server.stop().await, 0);
 }
+
+/// A till reads and refunds only its own store's receipts: receipt ids are unique per
+/// tenant, so without this a till could read or refund any store's purchase by its id.
+#[tokio::test]
+async fn a_till_reads_and_refunds_only_its_own_stores_receipts() {
+    use loyalty_e2e::{Pos, line, receipt, setup_tenant};
+    use loyalty_proto::promotion::v1 as ppb;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // The tenant and a receipt at s1, set up with authentication off (loopback).
+    let server = Server::start(Launch::dev(), &data).await;
+    let channel = server.channel().await;
+    setup_tenant(&channel, "acme").await;
+    let mut pos = Pos::new(&channel, &channel);
+    let (_, card) = pos.member_with_card("acme", "+77017300001").await;
+    pos.commit(receipt(
+        "acme",
+        "R-1",
+        Some(&card),
+        vec![line("1", "boots", "2", "100.00", false)],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(server.stop().await, 0);
+
+    let own = create_key(
+        &data,
+        &["--role", "pos", "--tenant", "acme", "--store", "s1"],
+    )
+    .await;
+    let other = create_key(
+        &data,
+        &["--role", "pos", "--tenant", "acme", "--store", "s2"],
+    )
+    .await;
+    let server = Server::start(Launch::dev().env("LOYALTY_AUTH__MODE", "required"), &data).await;
+    let mut checkout =
+        ppb::checkout_service_client::CheckoutServiceClient::new(server.channel().await);
+    let get = |key: &str| {
+        with_key(
+            ppb::GetPurchaseRequest {
+                tenant_id: "acme".into(),
+                receipt_id: "R-1".into(),
+            },
+            key,
+        )
+    };
+    let refund = |key: &str| {
+        with_key(
+            ppb::RefundRequest {
+                tenant_id: "acme".into(),
+                receipt_id: "R-1".into(),
+                refund_id: "F-1".into(),
+                lines: vec![ppb::RefundLine {
+                    line_id: "1".into(),
+                    quantity: loyalty_e2e::dec("1"),
+                }],
+            },
+            key,
+        )
+    };
+    let denied = checkout.get_purchase(get(&other)).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().contains("\"s2\""), "{denied:?}");
+    let denied = checkout.refund(refund(&other)).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    // The refused refund wrote nothing; the receipt's own till reads and refunds it.
+    let purchase = checkout
+        .get_purchase(get(&own))
+        .await
+        .unwrap()
+        .into_inner()
+        .purchase
+        .unwrap();
+    assert!(purchase.refunds.is_empty());
+    let refunded = checkout.refund(refund(&own)).await.unwrap().into_inner();
+    assert_eq!(refunded.refund_id, "F-1");
+    assert_eq!(server.stop().await, 0);
+}

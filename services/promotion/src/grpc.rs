@@ -215,6 +215,26 @@ fn refund_to_proto(r: &Refunded) -> pb::RefundResponse {
     }
 }
 
+/// The store a POS key is bound to, when the caller presents one: such a caller reads and
+/// refunds only its own store's receipts. (Quote and commit name their store, which the
+/// access layer checks.)
+fn bound_store<T>(request: &Request<T>) -> Option<String> {
+    let who = loyalty_platform::access::caller(request).ok()?;
+    (who.role == loyalty_platform::access::Role::Pos && !who.store_id.is_empty())
+        .then(|| who.store_id.clone())
+}
+
+fn of_store(p: &Purchase, store: &str) -> Result<(), Status> {
+    if p.receipt.store_id == store {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "this API key is bound to store {store:?}; receipt {:?} was bought at another store (refunds at another store go through the back office)",
+            p.receipt.receipt_id
+        )))
+    }
+}
+
 fn purchase_to_proto(p: &Purchase) -> pb::Purchase {
     pb::Purchase {
         receipt: Some(receipt_to_proto(&p.receipt)),
@@ -518,7 +538,16 @@ impl CheckoutService for Api {
         &self,
         request: Request<pb::RefundRequest>,
     ) -> Result<Response<pb::RefundResponse>, Status> {
+        let bound = bound_store(&request);
         let r = request.into_inner();
+        if let Some(store) = bound {
+            let p = self
+                .checkout
+                .purchase(&r.tenant_id, &r.receipt_id)
+                .await
+                .map_err(to_status)?;
+            of_store(&p, &store)?;
+        }
         let lines: Vec<(String, String)> = r
             .lines
             .into_iter()
@@ -536,12 +565,16 @@ impl CheckoutService for Api {
         &self,
         request: Request<pb::GetPurchaseRequest>,
     ) -> Result<Response<pb::GetPurchaseResponse>, Status> {
+        let bound = bound_store(&request);
         let r = request.into_inner();
         let p = self
             .checkout
             .purchase(&r.tenant_id, &r.receipt_id)
             .await
             .map_err(to_status)?;
+        if let Some(store) = bound {
+            of_store(&p, &store)?;
+        }
         Ok(Response::new(pb::GetPurchaseResponse {
             purchase: Some(purchase_to_proto(&p)),
         }))
