@@ -389,15 +389,22 @@ impl BalanceService for Api {
             entry: entry_of(&r.tenant_id, &r.member_id, &record),
             balance: balance_of(&r.tenant_id, &r.member_id, &record),
         });
+        let before = before.map(|view| balance_to_proto(&r.tenant_id, &r.member_id, &view));
+        let after = response
+            .get_ref()
+            .balance
+            .as_ref()
+            .map_or(0, |b| b.ledger_sequence);
         Ok(match before {
-            Some(view) => with_before(
+            // A replay (the same key again) changed nothing: it has no before.
+            Some(balance) if balance.ledger_sequence < after => with_before(
                 response,
                 &pb::AdjustResponse {
                     entry: None,
-                    balance: Some(balance_to_proto(&r.tenant_id, &r.member_id, &view)),
+                    balance: Some(balance),
                 },
             ),
-            None => response,
+            _ => response,
         })
     }
 

@@ -108,6 +108,9 @@ impl Principal {
     }
 }
 
+/// The RPCs that manage API keys: audited for service callers too.
+const KEY_MANAGEMENT: &str = "/loyalty.identity.v1.AccessService/";
+
 /// The prefix of every API key; the key reads `lk_<key id>_<secret>`.
 pub const KEY_PREFIX: &str = "lk_";
 
@@ -492,7 +495,14 @@ where
                     let audit = gate
                         .audit
                         .clone()
-                        .filter(|_| rule.audited && principal.role == Role::Admin)
+                        .filter(|_| {
+                            // Admins' changes, and keys made with the service key
+                            // (`loyalty create-key --addr`).
+                            rule.audited
+                                && (principal.role == Role::Admin
+                                    || (principal.role == Role::Service
+                                        && parts.uri.path().starts_with(KEY_MANAGEMENT)))
+                        })
                         .map(|log| {
                             let call = crate::audit::Call {
                                 path: parts.uri.path().to_string(),
@@ -519,8 +529,14 @@ where
                         inner: body,
                         capture: call.request.clone(),
                     });
+                    // Recorded as cancelled if this future is dropped before the handler
+                    // answers (the caller reset the call).
+                    let mut pending = crate::audit::Pending::new(log, call);
                     let response = inner.call(http::Request::from_parts(parts, body)).await?;
-                    Ok(crate::audit::answer(log, call, response).await)
+                    match pending.take() {
+                        Some((log, call)) => Ok(crate::audit::answer(log, call, response).await),
+                        None => Ok(response),
+                    }
                 }
                 Err(status) => Ok(status.into_http()),
             }

@@ -17,7 +17,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
@@ -37,7 +36,7 @@ use crate::access::{MethodRule, Principal, wire};
 use crate::events::{AUDIT, SharedEventLog};
 
 /// Request or response bytes kept per call; messages beyond are counted, not recorded.
-pub const MAX_CAPTURE_BYTES: usize = 64 * 1024;
+pub const MAX_CAPTURE_BYTES: usize = 1024 * 1024;
 /// Longest JSON rendering of a request, a before or an after; a longer one shows its lists by
 /// their length, and is left out if that is still too long.
 pub const MAX_JSON_BYTES: usize = 16 * 1024;
@@ -46,6 +45,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Field names whose values never enter a record: personal data and secrets.
 pub const REDACTED: &[&str] = &[
+    // Personal data.
     "phone",
     "email",
     "first_name",
@@ -53,8 +53,18 @@ pub const REDACTED: &[&str] = &[
     "gender",
     "birthday",
     "attributes",
+    // What opens an account or spends money: key secrets, card numbers, referral codes,
+    // gift certificate and coupon codes.
     "secret",
     "key",
+    "number",
+    "numbers",
+    "card_numbers",
+    "new_number",
+    "old_number",
+    "referral_code",
+    "code",
+    "codes",
 ];
 
 /// The state a call changed, before it changed it: a message of the RPC's response type,
@@ -114,16 +124,30 @@ impl AuditLog {
     fn record(&self, call: &Call, after: &Capture, status: &Status) -> (String, pb::AuditRecord) {
         let request = call.request.lock().map(|c| c.clone()).unwrap_or_default();
         let first = request.messages().first().copied().unwrap_or_default();
-        let read = |path: &Option<FieldPath>| {
-            path.as_ref()
-                .and_then(|p| wire::string_at(first, p).ok().flatten())
+        // A message cut by the capture still names its tenant and member near its start.
+        let head = request.first_head();
+        let read = |path: &Option<FieldPath>| -> String {
+            let Some(path) = path else {
+                return String::new();
+            };
+            let value = match wire::string_at(first, path) {
+                Ok(Some(v)) => Some(v),
+                _ => leading_string(head, path),
+            };
+            value
                 .map(|v| String::from_utf8_lossy(v).chars().take(128).collect())
                 .unwrap_or_default()
         };
-        let tenant_id: String = read(&call.rule.tenant);
+        // A tenant-bound caller acts for its own tenant (the access layer checked every
+        // message); others name theirs in the request.
+        let tenant_id: String = if call.principal.all_tenants {
+            read(&call.rule.tenant)
+        } else {
+            call.principal.tenant_id.clone()
+        };
         let member_id: String = read(&call.rule.member);
         let types = self.methods.get(&call.path);
-        let (request_json, actor, before_json, after_json) = match types {
+        let (request_json, actor, before_json, after_json, sensitive) = match types {
             Some((input, output)) => {
                 let before = call
                     .before
@@ -140,10 +164,20 @@ impl AuditLog {
                     actor(input, first),
                     before,
                     after,
+                    sensitive_values(input, &request.messages()),
                 )
             }
             None => Default::default(),
         };
+        // What the request carried in redacted fields, echoed anywhere else (an error
+        // message, a row error), is redacted there too.
+        let scrub = |text: String| -> String {
+            sensitive
+                .iter()
+                .fold(text, |t, v| t.replace(v.as_str(), "<redacted>"))
+        };
+        let (before_json, after_json) = (scrub(before_json), scrub(after_json));
+        let status_message = scrub(status.message().chars().take(1024).collect());
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -159,7 +193,7 @@ impl AuditLog {
             method: call.path.trim_start_matches('/').to_string(),
             member_id,
             status_code: status.code() as i32,
-            status_message: status.message().chars().take(1024).collect(),
+            status_message,
             request_json,
             before_json,
             after_json,
@@ -167,9 +201,24 @@ impl AuditLog {
         (tenant_id, record)
     }
 
+    /// Writes the record of `call` on a task of its own, so it completes even when the
+    /// call's caller goes away; the handle tells when it is done.
+    fn spawn(&self, call: Call, after: Capture, status: Status) -> tokio::task::JoinHandle<()> {
+        let log = self.clone();
+        tokio::spawn(async move { log.write(call, after, status).await })
+    }
+
     /// Appends the record of `call`; failures are logged and counted, never returned.
     async fn write(&self, call: Call, after: Capture, status: Status) {
         let (tenant_id, record) = self.record(&call, &after, &status);
+        if tenant_id.is_empty() {
+            tracing::error!(method = %call.path, key_id = %call.principal.key_id, "an audit record names no tenant; it is kept under tenant \"-\"");
+        }
+        let tenant_id = if tenant_id.is_empty() {
+            "-".to_string()
+        } else {
+            tenant_id
+        };
         let event = ev::Event {
             event_id: format!("audit/{tenant_id}/{}", record.record_id),
             tenant_id,
@@ -253,6 +302,39 @@ pub fn render(descriptor: &MessageDescriptor, messages: &[&[u8]], more: bool) ->
         .to_string()
 }
 
+/// The string values of [`REDACTED`] fields in `messages` (at least 4 characters, so a
+/// short one does not blank ordinary text), longest first.
+fn sensitive_values(descriptor: &MessageDescriptor, messages: &[&[u8]]) -> Vec<String> {
+    fn collect(value: &serde_json::Value, under_redacted: bool, out: &mut Vec<String>) {
+        match value {
+            serde_json::Value::String(s) if under_redacted && s.chars().count() >= 4 => {
+                out.push(s.clone());
+            }
+            serde_json::Value::Object(fields) => {
+                for (name, v) in fields {
+                    collect(v, under_redacted || REDACTED.contains(&name.as_str()), out);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                items.iter().for_each(|v| collect(v, under_redacted, out));
+            }
+            _ => {}
+        }
+    }
+    let options = SerializeOptions::new().use_proto_field_name(true);
+    let mut out = Vec::new();
+    for m in messages {
+        if let Ok(d) = DynamicMessage::decode(descriptor.clone(), *m)
+            && let Ok(v) = d.serialize_with_options(serde_json::value::Serializer, &options)
+        {
+            collect(&v, false, &mut out);
+        }
+    }
+    out.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    out.dedup();
+    out
+}
+
 /// Replaces the values of [`REDACTED`] fields, at any depth, by `"<redacted>"`.
 fn redact(value: &mut serde_json::Value) {
     match value {
@@ -284,6 +366,59 @@ fn shorten_lists(value: &mut serde_json::Value, depth: usize) {
     }
 }
 
+/// The string at a one-field `path` in the leading part of a message cut short: fields are
+/// read in order until the cut.
+fn leading_string<'a>(head: &'a [u8], path: &[u32]) -> Option<&'a [u8]> {
+    let [number] = path else {
+        return None;
+    };
+    let mut buf = head;
+    let mut found = None;
+    let varint = |buf: &mut &[u8]| -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = buf.split_first()?;
+            *buf = rest;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    };
+    while !buf.is_empty() {
+        let Some(tag) = varint(&mut buf) else { break };
+        let skip = match tag & 7 {
+            0 => {
+                if varint(&mut buf).is_none() {
+                    break;
+                }
+                0
+            }
+            1 => 8,
+            5 => 4,
+            2 => {
+                let Some(len) = varint(&mut buf).and_then(|l| usize::try_from(l).ok()) else {
+                    break;
+                };
+                if len > buf.len() {
+                    break;
+                }
+                if tag >> 3 == u64::from(*number) {
+                    found = Some(&buf[..len]);
+                }
+                len
+            }
+            _ => break,
+        };
+        if skip > buf.len() {
+            break;
+        }
+        buf = &buf[skip..];
+    }
+    found
+}
+
 /// Bytes of a gRPC message stream, as far as they are kept.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Capture {
@@ -313,6 +448,16 @@ impl Capture {
             rest = &rest[5 + len..];
         }
         out
+    }
+
+    /// The kept bytes of the first message (all of it, or its start when it was cut).
+    fn first_head(&self) -> &[u8] {
+        if self.kept.len() < 5 || self.kept[0] != 0 {
+            return &[];
+        }
+        let len =
+            u32::from_be_bytes([self.kept[1], self.kept[2], self.kept[3], self.kept[4]]) as usize;
+        &self.kept[5..self.kept.len().min(5 + len)]
     }
 
     /// Bytes went by that were not kept (or a message was cut).
@@ -364,6 +509,35 @@ impl http_body::Body for Tapped {
     }
 }
 
+/// An audited call whose handler has not answered yet: dropped before it does (the caller
+/// reset the call, or the request timed out), it records the call as cancelled.
+pub(crate) struct Pending(Option<(AuditLog, Call)>);
+
+impl Pending {
+    pub(crate) fn new(log: AuditLog, call: Call) -> Self {
+        Self(Some((log, call)))
+    }
+
+    /// The call, now that its handler answered (once).
+    pub(crate) fn take(&mut self) -> Option<(AuditLog, Call)> {
+        self.0.take()
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some((log, call)) = self.0.take()
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            log.spawn(
+                call,
+                Capture::default(),
+                Status::cancelled("the call was cancelled before its handler answered"),
+            );
+        }
+    }
+}
+
 /// Records `call` once its response is complete. A response that is already complete (an
 /// error, sent as headers only) is recorded before it is returned.
 pub(crate) async fn answer(
@@ -374,7 +548,9 @@ pub(crate) async fn answer(
     let (mut parts, body) = response.into_parts();
     call.before = parts.extensions.remove::<AuditBefore>();
     if let Some(status) = Status::from_header_map(&parts.headers) {
-        log.write(call, Capture::default(), status).await;
+        // Written on its own task: dropping this call (its caller went away) does not
+        // stop the record.
+        let _ = log.spawn(call, Capture::default(), status).await;
         return http::Response::from_parts(parts, body);
     }
     let body = Audited {
@@ -388,8 +564,6 @@ pub(crate) async fn answer(
     http::Response::from_parts(parts, Body::new(body))
 }
 
-type Writing = Pin<Box<dyn Future<Output = ()> + Send>>;
-
 /// A response body that holds back its trailers (the call's status) until the call's record
 /// is written.
 struct Audited {
@@ -397,17 +571,27 @@ struct Audited {
     log: AuditLog,
     call: Option<Call>,
     response: Capture,
-    writing: Option<Writing>,
+    writing: Option<tokio::task::JoinHandle<()>>,
     held: Option<Frame<Bytes>>,
 }
 
 impl Audited {
+    /// Starts writing the record, on its own task.
     fn start(&mut self, status: Status) {
         if let Some(call) = self.call.take() {
-            let log = self.log.clone();
             let response = std::mem::take(&mut self.response);
-            self.writing = Some(Box::pin(
-                async move { log.write(call, response, status).await },
+            self.writing = Some(self.log.spawn(call, response, status));
+        }
+    }
+}
+
+impl Drop for Audited {
+    /// A body dropped before its end (the caller reset the stream, or the server stopped
+    /// waiting): the call is recorded as cancelled, with what was sent of its answer.
+    fn drop(&mut self) {
+        if self.call.is_some() && tokio::runtime::Handle::try_current().is_ok() {
+            self.start(Status::cancelled(
+                "the caller went away before the call's status was sent",
             ));
         }
     }
@@ -424,7 +608,7 @@ impl http_body::Body for Audited {
         let this = &mut *self;
         loop {
             if let Some(writing) = &mut this.writing {
-                ready!(writing.as_mut().poll(cx));
+                let _ = ready!(Pin::new(writing).poll(cx));
                 this.writing = None;
                 return Poll::Ready(this.held.take().map(Ok));
             }
@@ -446,12 +630,8 @@ impl http_body::Body for Audited {
                 }
                 Some(Err(status)) => {
                     // The stream broke: recorded in the background, the error goes on now.
-                    if let Some(call) = this.call.take() {
-                        let log = this.log.clone();
-                        let response = std::mem::take(&mut this.response);
-                        let recorded = status.clone();
-                        tokio::spawn(async move { log.write(call, response, recorded).await });
-                    }
+                    this.start(status.clone());
+                    this.writing = None;
                     return Poll::Ready(Some(Err(status)));
                 }
                 None => {

@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 /// Most records one list page or export chunk holds.
 pub const MAX_PAGE: usize = 1000;
+/// Most stored bytes one page or chunk holds (at least one record): a record can reach
+/// about 60 KB, and a message must stay under the server's limit.
+pub const MAX_PAGE_BYTES: usize = 1024 * 1024;
 /// Records of a list page when the caller asks for none in particular.
 pub const DEFAULT_PAGE: usize = 100;
 /// Longest filter value accepted (a method name, a key id, a member id).
@@ -78,12 +81,36 @@ impl AuditQuery {
     }
 
     pub fn matches(&self, entry: &AuditEntry) -> bool {
+        self.matches_head(entry.time, &AuditHead::of(entry))
+    }
+
+    /// Whether a record with this time and head is one the query reads.
+    pub fn matches_head(&self, time: Millis, head: &AuditHead) -> bool {
         let is = |want: &str, have: &str| want.is_empty() || want == have;
-        entry.time >= self.from
-            && entry.time < self.to
-            && is(&self.method, &entry.method)
-            && is(&self.key_id, &entry.key_id)
-            && is(&self.member_id, &entry.member_id)
+        time >= self.from
+            && time < self.to
+            && is(&self.method, &head.method)
+            && is(&self.key_id, &head.key_id)
+            && is(&self.member_id, &head.member_id)
+    }
+}
+
+/// What queries filter a record on, kept apart so a filtered page reads only the records it
+/// returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditHead {
+    pub method: String,
+    pub key_id: String,
+    pub member_id: String,
+}
+
+impl AuditHead {
+    pub fn of(entry: &AuditEntry) -> Self {
+        Self {
+            method: entry.method.clone(),
+            key_id: entry.key_id.clone(),
+            member_id: entry.member_id.clone(),
+        }
     }
 }
 

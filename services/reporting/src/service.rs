@@ -268,6 +268,7 @@ impl Reporting {
                 order,
                 after,
                 limit.clamp(1, crate::audit::MAX_PAGE),
+                crate::audit::MAX_PAGE_BYTES,
             )
             .await
     }

@@ -96,9 +96,10 @@ pub trait ReportingStore: Send + Sync + std::fmt::Debug {
     /// returns how many were new.
     async fn append_audit(&self, entries: Vec<AuditEntry>) -> Result<usize>;
 
-    /// A tenant's audit records matching `query`, in `order` after `after`: at most `limit`.
-    /// A page reads at most [`AUDIT_SCAN`] records, so a narrow filter may return a short
-    /// (even empty) page with a `next` to continue from.
+    /// A tenant's audit records matching `query`, in `order` after `after`: at most `limit`,
+    /// and no more once they take `max_bytes` stored (at least one). A page looks at most at
+    /// [`AUDIT_SCAN`] records, so a narrow filter may return a short (even empty) page with a
+    /// `next` to continue from.
     async fn audit_page(
         &self,
         tenant_id: &str,
@@ -106,10 +107,11 @@ pub trait ReportingStore: Send + Sync + std::fmt::Debug {
         order: Order,
         after: Option<AuditCursor>,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<AuditPage>;
 
     async fn ping(&self) -> Result<()>;
 }
 
-/// Most audit records one page reads past its filter.
-pub const AUDIT_SCAN: usize = 20_000;
+/// Most audit records one page looks at (their filter fields only) past its filter.
+pub const AUDIT_SCAN: usize = 100_000;

@@ -139,17 +139,31 @@ async fn audit_records_are_stored_once_and_paged_both_ways(store: &dyn Reporting
 
     // Newest first, in pages that continue where the last stopped.
     let first = store
-        .audit_page(t, &all, Order::NewestFirst, None, 4)
+        .audit_page(t, &all, Order::NewestFirst, None, 4, usize::MAX)
         .await
         .unwrap();
     assert_eq!(ids(&first), ["id09", "id08", "id07", "id06"]);
     let second = store
-        .audit_page(t, &all, Order::NewestFirst, first.next.clone(), 4)
+        .audit_page(
+            t,
+            &all,
+            Order::NewestFirst,
+            first.next.clone(),
+            4,
+            usize::MAX,
+        )
         .await
         .unwrap();
     assert_eq!(ids(&second), ["id05", "id04", "id03", "id02"]);
     let last = store
-        .audit_page(t, &all, Order::NewestFirst, second.next.clone(), 4)
+        .audit_page(
+            t,
+            &all,
+            Order::NewestFirst,
+            second.next.clone(),
+            4,
+            usize::MAX,
+        )
         .await
         .unwrap();
     assert_eq!(ids(&last), ["id01", "id00"]);
@@ -158,25 +172,44 @@ async fn audit_records_are_stored_once_and_paged_both_ways(store: &dyn Reporting
     // Oldest first, filtered by method and period.
     let odd = AuditQuery::new(Some(1_002), Some(1_009), "a.S/Odd", "", "").unwrap();
     let page = store
-        .audit_page(t, &odd, Order::OldestFirst, None, 2)
+        .audit_page(t, &odd, Order::OldestFirst, None, 2, usize::MAX)
         .await
         .unwrap();
     assert_eq!(ids(&page), ["id03", "id05"]);
     let rest = store
-        .audit_page(t, &odd, Order::OldestFirst, page.next.clone(), 2)
+        .audit_page(
+            t,
+            &odd,
+            Order::OldestFirst,
+            page.next.clone(),
+            2,
+            usize::MAX,
+        )
         .await
         .unwrap();
     assert_eq!(ids(&rest), ["id07"]);
     assert_eq!(rest.next, None);
     assert_eq!(rest.entries[0], entries[7]);
 
+    // A byte budget stops a page after the record that reaches it (at least one).
+    let small = store
+        .audit_page(t, &all, Order::OldestFirst, None, 100, 1)
+        .await
+        .unwrap();
+    assert_eq!(ids(&small), ["id00"]);
+    let next = store
+        .audit_page(t, &all, Order::OldestFirst, small.next.clone(), 100, 1)
+        .await
+        .unwrap();
+    assert_eq!(ids(&next), ["id01"]);
+
     let other = store
-        .audit_page("other", &all, Order::OldestFirst, None, 100)
+        .audit_page("other", &all, Order::OldestFirst, None, 100, usize::MAX)
         .await
         .unwrap();
     assert_eq!(ids(&other), ["id00"]);
     let none = store
-        .audit_page("nobody", &all, Order::NewestFirst, None, 100)
+        .audit_page("nobody", &all, Order::NewestFirst, None, 100, usize::MAX)
         .await
         .unwrap();
     assert!(none.entries.is_empty() && none.next.is_none());

@@ -10,7 +10,7 @@ use loyalty_platform::error::Result;
 use redb::{ReadableTable, TableDefinition};
 
 use super::{AUDIT_SCAN, FactPage, Position, Receipts, ReportingStore, ScanFrom};
-use crate::audit::{AuditCursor, AuditEntry, AuditPage, AuditQuery, Order};
+use crate::audit::{AuditCursor, AuditEntry, AuditHead, AuditPage, AuditQuery, Order};
 use crate::fact::{Fact, TenantFact};
 
 type FactTable = TableDefinition<'static, (&'static str, i64, u64), &'static [u8]>;
@@ -35,6 +35,8 @@ const BY_MEMBER: TableDefinition<(&str, &str, u8, i64, u64), ()> =
 
 /// (tenant, time, record id) → audit record.
 const AUDIT: TableDefinition<(&str, i64, &str), &[u8]> = TableDefinition::new("audit");
+/// (tenant, time, record id) → the record's filter fields.
+const AUDIT_HEADS: TableDefinition<(&str, i64, &str), &[u8]> = TableDefinition::new("audit_heads");
 /// (tenant, record id) → the record's time: each record is stored once.
 const AUDIT_IDS: TableDefinition<(&str, &str), i64> = TableDefinition::new("audit_ids");
 
@@ -384,6 +386,7 @@ impl ReportingStore for EmbeddedReportingStore {
             .write(move |txn| {
                 let mut ids = txn.open_table(AUDIT_IDS).map_err(e)?;
                 let mut records = txn.open_table(AUDIT).map_err(e)?;
+                let mut heads = txn.open_table(AUDIT_HEADS).map_err(e)?;
                 let mut fresh = 0;
                 for entry in &entries {
                     let key = (entry.tenant_id.as_str(), entry.id.as_str());
@@ -391,11 +394,10 @@ impl ReportingStore for EmbeddedReportingStore {
                         continue;
                     }
                     ids.insert(key, entry.time).map_err(e)?;
-                    records
-                        .insert(
-                            (entry.tenant_id.as_str(), entry.time, entry.id.as_str()),
-                            encode(entry)?.as_slice(),
-                        )
+                    let key = (entry.tenant_id.as_str(), entry.time, entry.id.as_str());
+                    records.insert(key, encode(entry)?.as_slice()).map_err(e)?;
+                    heads
+                        .insert(key, encode(&AuditHead::of(entry))?.as_slice())
                         .map_err(e)?;
                     fresh += 1;
                 }
@@ -411,6 +413,7 @@ impl ReportingStore for EmbeddedReportingStore {
         order: Order,
         after: Option<AuditCursor>,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<AuditPage> {
         use std::ops::Bound::{Excluded, Included};
         let tenant = tenant_id.to_string();
@@ -418,7 +421,9 @@ impl ReportingStore for EmbeddedReportingStore {
         self.db
             .read(move |txn| {
                 let mut page = AuditPage::default();
-                let Some(t) = open_for_read(txn, AUDIT)? else {
+                let (Some(heads), Some(records)) =
+                    (open_for_read(txn, AUDIT_HEADS)?, open_for_read(txn, AUDIT)?)
+                else {
                     return Ok(page);
                 };
                 let tenant = tenant.as_str();
@@ -426,29 +431,39 @@ impl ReportingStore for EmbeddedReportingStore {
                 let end = Excluded((tenant, query.to, ""));
                 let rows: Box<dyn Iterator<Item = _>> = match (order, &after) {
                     (Order::OldestFirst, Some((time, id))) => Box::new(
-                        t.range((Excluded((tenant, *time, id.as_str())), end))
+                        heads
+                            .range((Excluded((tenant, *time, id.as_str())), end))
                             .map_err(e)?,
                     ),
-                    (Order::OldestFirst, None) => Box::new(t.range((start, end)).map_err(e)?),
+                    (Order::OldestFirst, None) => Box::new(heads.range((start, end)).map_err(e)?),
                     (Order::NewestFirst, Some((time, id))) => Box::new(
-                        t.range((start, Excluded((tenant, *time, id.as_str()))))
+                        heads
+                            .range((start, Excluded((tenant, *time, id.as_str()))))
                             .map_err(e)?
                             .rev(),
                     ),
-                    (Order::NewestFirst, None) => Box::new(t.range((start, end)).map_err(e)?.rev()),
+                    (Order::NewestFirst, None) => {
+                        Box::new(heads.range((start, end)).map_err(e)?.rev())
+                    }
                 };
-                let mut last = None;
-                for (read, row) in rows.enumerate() {
+                let (mut last, mut bytes) = (None, 0);
+                for (looked, row) in rows.enumerate() {
                     let (k, v) = row.map_err(e)?;
-                    if page.entries.len() >= limit.max(1) || read >= AUDIT_SCAN {
+                    let full = page.entries.len() >= limit.max(1)
+                        || (bytes >= max_bytes && !page.entries.is_empty());
+                    if full || looked >= AUDIT_SCAN {
                         page.next = last;
                         break;
                     }
                     let (_, time, id) = k.value();
                     last = Some((time, id.to_string()));
-                    let entry: AuditEntry = decode(v.value())?;
-                    if query.matches(&entry) {
-                        page.entries.push(entry);
+                    let head: AuditHead = decode(v.value())?;
+                    if !query.matches_head(time, &head) {
+                        continue;
+                    }
+                    if let Some(record) = records.get(k.value()).map_err(e)? {
+                        bytes += record.value().len();
+                        page.entries.push(decode(record.value())?);
                     }
                 }
                 Ok(page)
