@@ -26,6 +26,7 @@ async fn no_personal_data_in_logs_or_analyst_answers() {
         Launch::dev()
             .env("LOYALTY_AUTH__MODE", "required")
             .env("LOYALTY_LOG__FORMAT", "json")
+            .env("LOYALTY_IDENTITY__SCRUB_INTERVAL_SECS", "1")
             .env("RUST_LOG", "debug"),
         &data,
     )
@@ -172,8 +173,56 @@ async fn no_personal_data_in_logs_or_analyst_answers() {
         .await
         .unwrap();
 
+    // The audit log holds every one of these admin calls, and none of the data.
+    let mut audit = loyalty_proto::reporting::v1::audit_service_client::AuditServiceClient::new(
+        channel.clone(),
+    );
+    let mut records = Vec::new();
+    for _ in 0..200 {
+        records = audit
+            .list_audit_records(with_key(
+                loyalty_proto::reporting::v1::ListAuditRecordsRequest {
+                    tenant_id: T.into(),
+                    ..Default::default()
+                },
+                &admin,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .records;
+        if records.iter().any(|r| r.method.ends_with("/EraseMember")) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(records.len() >= 5, "{records:?}");
+    // Identity rewrites its store once an erasure left replaced bytes in its free space.
+    for _ in 0..100 {
+        if server.log_text().contains("nothing erased remains") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
     let log = server.log_text();
     assert_eq!(server.stop().await, 0);
+    // Nothing of the erased member is left in any data file: identity's store, the event
+    // log, segmentation's features, reporting's facts and audit log.
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let path = entry.unwrap().path();
+        if !path.is_file() {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        for secret in [&PHONE[1..], EMAIL, FIRST, LAST] {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{secret:?} is in {}",
+                path.display()
+            );
+        }
+    }
     // The log was written during the calls (the erasure's audit line is there).
     assert!(log.contains("member erased"), "{log}");
     let secret_part = admin.rsplit('_').next().unwrap().to_string();

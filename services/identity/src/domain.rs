@@ -210,10 +210,11 @@ pub fn normalize_phone(raw: &str, region: &str) -> std::result::Result<String, S
     let region: phonenumber::country::Id = region
         .parse()
         .map_err(|_| format!("unknown default region {region:?}"))?;
-    let parsed = phonenumber::parse(Some(region), raw)
-        .map_err(|_| format!("{raw:?} is not a phone number"))?;
+    let parsed =
+        phonenumber::parse(Some(region), raw).map_err(|_| "is not a phone number".to_string())?;
+    // The number itself is not echoed: errors reach logs and the audit log.
     if !parsed.is_valid() {
-        return Err(format!("{raw:?} is not a valid phone number"));
+        return Err("is not a valid phone number".into());
     }
     Ok(parsed.format().mode(phonenumber::Mode::E164).to_string())
 }
@@ -374,6 +375,11 @@ impl Identity {
         let mut snapshot = MemberSnapshot::of(member, profile, complete);
         snapshot.merged_into = into.to_string();
         self.events.member_changed(snapshot).await
+    }
+
+    /// Rewrites storage where erasures left replaced bytes behind; true when it did.
+    pub async fn scrub_erased(&self) -> Result<bool> {
+        self.store.scrub().await
     }
 
     /// The profile fields that make the questionnaire complete (names from
@@ -651,10 +657,10 @@ impl Identity {
                     // the existing member's snapshot again (consumers skip it if they have it).
                     self.republish_by_phone(&member.tenant_id, &member.phone)
                         .await?;
-                    return Err(Error::AlreadyExists(format!(
-                        "a member with phone {} already exists",
-                        member.phone
-                    )));
+                    // The number is not echoed: errors reach logs and the audit log.
+                    return Err(Error::AlreadyExists(
+                        "a member with this phone already exists".into(),
+                    ));
                 }
                 Inserted::EmailTaken => return Err(email_taken()),
                 Inserted::CodeTaken => member.referral_code = new_referral_code(),
@@ -814,7 +820,7 @@ impl Identity {
             .store
             .member_id_by_phone(tenant_id, &phone)
             .await?
-            .ok_or_else(|| Error::NotFound(format!("no member with phone {phone}")))?;
+            .ok_or_else(|| Error::NotFound("no member with this phone".into()))?;
         Self::usable(self.indexed(tenant_id, &id, "phone").await?)
     }
 

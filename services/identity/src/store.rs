@@ -157,6 +157,11 @@ pub trait IdentityStore: Send + Sync + std::fmt::Debug {
     /// Answers when the backend is reachable.
     async fn ping(&self) -> Result<()>;
 
+    /// Removes from storage, for good, the bytes erasures replaced (a backend that keeps
+    /// replaced data in free space rewrites it); true when there was something to do.
+    /// Idempotent, and cheap when no erasure happened since the last run.
+    async fn scrub(&self) -> Result<bool>;
+
     /// Writes API keys in one transaction. With `expect_live`, nothing is written (and the
     /// answer is false) unless that key exists unrevoked: a key is revoked or rotated once.
     async fn save_api_keys(&self, keys: &[ApiKey], expect_live: Option<&str>) -> Result<bool>;

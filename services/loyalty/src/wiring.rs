@@ -217,8 +217,6 @@ pub async fn build(
     let mut health = Vec::new();
 
     // The event streams from identity, promotion and balance (producers) to segmentation and
-    // reporting (consumers): an embedded log in dev mode, Redis Streams on the Redis backends.
-    // The event streams from identity, promotion and balance (producers) to segmentation and
     // reporting (consumers), and every process's audit records to reporting: an embedded log
     // in dev mode, Redis Streams on the Redis backends.
     let events: SharedEventLog = match config.storage.backend {
@@ -298,6 +296,7 @@ pub async fn build(
                     .map_err(|e| format!("event stream: {e}"))
             }
         }));
+        spawn_scrub(identity.clone(), config.identity.scrub_interval_secs);
         Some(identity)
     } else {
         None
@@ -680,6 +679,24 @@ pub fn spawn_commit_repair(checkout: Checkout) {
                     tracing::info!(receipts = n, "finished commits their callers left pending")
                 }
                 Err(e) => tracing::warn!(error = %e, "finishing pending commits could not run"),
+            }
+        }
+    });
+}
+
+/// Rewrites identity's store, every `interval_secs` (and once at start), when erasures left
+/// replaced personal data in its free space. Safe on every replica.
+pub fn spawn_scrub(identity: Identity, interval_secs: u64) {
+    if interval_secs == 0 {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(interval_secs));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = identity.scrub_erased().await {
+                tracing::warn!(error = %e, "the scrub of erased personal data could not run");
             }
         }
     });

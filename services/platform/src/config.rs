@@ -430,11 +430,15 @@ pub struct IdentitySettings {
     /// The fields whose filling makes a member's questionnaire complete (any of
     /// [`QUESTIONNAIRE_FIELDS`]).
     pub questionnaire: Vec<String>,
+    /// How often identity checks for erasures whose replaced bytes are still in its store's
+    /// free space, and rewrites the store when there are (embedded storage); 0: never.
+    pub scrub_interval_secs: u64,
 }
 
 impl Default for IdentitySettings {
     fn default() -> Self {
         Self {
+            scrub_interval_secs: 60,
             default_region: "KZ".into(),
             questionnaire: ["first_name", "last_name", "gender", "birthday"]
                 .map(String::from)

@@ -10,9 +10,13 @@
 //!
 //! Reads run on the blocking pool in their own read transaction (redb gives snapshot
 //! isolation, so reads never wait for the writer).
+//!
+//! redb never overwrites a freed page on purpose: bytes a write replaced (an erased phone)
+//! stay in the file until the page is reused. [`EmbeddedDb::rewrite`] copies the live data
+//! into a fresh file and puts it in place of the old one, so nothing removed survives in it.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 use redb::{
@@ -74,11 +78,47 @@ where
     }
 }
 
+/// What the writer thread is asked to do.
+enum Work {
+    Write(Job),
+    Rewrite(Rewrite),
+}
+
+/// What a rewrite runs in the new file's transaction after the copy.
+type Finish = Box<dyn FnOnce(&WriteTransaction) -> Result<()> + Send>;
+
+/// A rewrite of the file.
+struct Rewrite {
+    finish: Finish,
+    reply: oneshot::Sender<Result<RewriteStats>>,
+}
+
+/// What a rewrite did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RewriteStats {
+    pub tables: usize,
+    pub rows: u64,
+    /// The file's size before and after, in bytes.
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+}
+
+/// The database readers use; the writer thread replaces it after a rewrite.
+type Current = Arc<RwLock<Arc<Database>>>;
+
+fn current(db: &Current) -> Arc<Database> {
+    db.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+const CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 /// A redb database with a group-committing writer.
 #[derive(Clone)]
 pub struct EmbeddedDb {
-    db: Arc<Database>,
-    writes: mpsc::Sender<Job>,
+    db: Current,
+    writes: mpsc::Sender<Work>,
 }
 
 impl std::fmt::Debug for EmbeddedDb {
@@ -95,21 +135,43 @@ impl EmbeddedDb {
                 .with_context(|| format!("creating data directory {}", dir.display()))?;
         }
         let db = Database::builder()
-            .set_cache_size(64 * 1024 * 1024)
+            .set_cache_size(CACHE_BYTES)
             .create(path)
             .with_context(|| format!("opening embedded store {}", path.display()))?;
-        let db = Arc::new(db);
+        let db: Current = Arc::new(RwLock::new(Arc::new(db)));
         let (writes, queue) = mpsc::channel(QUEUE_DEPTH);
         let writer_db = db.clone();
         let name = format!(
             "writer-{}",
             path.file_stem().and_then(|s| s.to_str()).unwrap_or("db")
         );
+        let path = path.to_path_buf();
         std::thread::Builder::new()
             .name(name)
-            .spawn(move || writer_loop(&writer_db, queue))
+            .spawn(move || writer_loop(&writer_db, &path, queue))
             .context("starting the store writer thread")?;
         Ok(Self { db, writes })
+    }
+
+    /// Copies every table into a fresh file and puts it in place of the old one, between
+    /// two write batches (writes wait meanwhile; reads go on, on the old file until the
+    /// new one is in place). `finish` runs in the new file's transaction after the copy.
+    /// Tables must have string keys and byte, string or unit values.
+    pub async fn rewrite(
+        &self,
+        finish: impl FnOnce(&WriteTransaction) -> Result<()> + Send + 'static,
+    ) -> Result<RewriteStats> {
+        let (reply, answer) = oneshot::channel();
+        self.writes
+            .send(Work::Rewrite(Rewrite {
+                finish: Box::new(finish),
+                reply,
+            }))
+            .await
+            .map_err(|_| Error::Unavailable("the store is shutting down".into()))?;
+        answer
+            .await
+            .map_err(|_| Error::internal(anyhow::anyhow!("store writer stopped")))?
     }
 
     /// Runs `f` in a write transaction and returns once its effects are durable.
@@ -164,7 +226,7 @@ impl EmbeddedDb {
             durable,
         });
         self.writes
-            .send(job)
+            .send(Work::Write(job))
             .await
             .map_err(|_| Error::Unavailable("the store is shutting down".into()))?;
         Ok(async move {
@@ -180,7 +242,7 @@ impl EmbeddedDb {
         F: FnOnce(&ReadTransaction) -> Result<R> + Send + 'static,
         R: Send + 'static,
     {
-        let db = self.db.clone();
+        let db = current(&self.db);
         tokio::task::spawn_blocking(move || {
             let txn = db.begin_read().map_err(Error::internal)?;
             f(&txn)
@@ -198,18 +260,118 @@ impl EmbeddedDb {
     }
 }
 
-fn writer_loop(db: &Database, mut queue: mpsc::Receiver<Job>) {
+fn writer_loop(db: &Current, path: &Path, mut queue: mpsc::Receiver<Work>) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
+        let mut rewrite = None;
+        match first {
+            Work::Write(job) => batch.push(job),
+            Work::Rewrite(r) => rewrite = Some(r),
+        }
+        while rewrite.is_none() && batch.len() < MAX_BATCH {
             match queue.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(Work::Write(job)) => batch.push(job),
+                Ok(Work::Rewrite(r)) => rewrite = Some(r),
                 Err(_) => break,
             }
         }
-        commit_batch(db, &mut batch);
+        if !batch.is_empty() {
+            commit_batch(&current(db), &mut batch);
+        }
+        if let Some(Rewrite { finish, reply }) = rewrite {
+            let outcome = rewrite_file(db, path, finish).map_err(|e| {
+                tracing::error!(error = %format!("{e:#}"), file = %path.display(), "rewriting the embedded store failed; the old file stays");
+                Error::internal(e)
+            });
+            let _ = reply.send(outcome);
+        }
     }
+}
+
+/// Copies `db` into a new file beside `path`, renames it over `path` and makes it current.
+fn rewrite_file(db: &Current, path: &Path, finish: Finish) -> anyhow::Result<RewriteStats> {
+    let old = current(db);
+    let fresh_path: PathBuf = path.with_extension("redb.rewrite");
+    let _ = std::fs::remove_file(&fresh_path);
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let mut stats = RewriteStats {
+        bytes_before: size(path),
+        ..RewriteStats::default()
+    };
+    let fresh = Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .create(&fresh_path)
+        .with_context(|| format!("creating {}", fresh_path.display()))?;
+    {
+        let from = old.begin_read().context("reading the old file")?;
+        let to = fresh.begin_write().context("writing the new file")?;
+        for handle in from.list_tables().context("listing tables")? {
+            let name = redb::TableHandle::name(&handle).to_string();
+            stats.rows +=
+                copy_table(&from, &to, &name).with_context(|| format!("copying table {name}"))?;
+            stats.tables += 1;
+        }
+        anyhow::ensure!(
+            from.list_multimap_tables()
+                .context("listing multimap tables")?
+                .next()
+                .is_none(),
+            "multimap tables are not copied"
+        );
+        finish(&to).map_err(|e| anyhow::anyhow!("{e}"))?;
+        to.commit().context("committing the new file")?;
+    }
+    std::fs::rename(&fresh_path, path).with_context(|| {
+        format!(
+            "putting {} in place of {}",
+            fresh_path.display(),
+            path.display()
+        )
+    })?;
+    if let Some(dir) = path.parent()
+        && let Ok(dir) = std::fs::File::open(dir)
+    {
+        let _ = dir.sync_all();
+    }
+    *db.write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(fresh);
+    stats.bytes_after = size(path);
+    Ok(stats)
+}
+
+/// Copies one table, whichever of the value types it has; the number of rows.
+fn copy_table(from: &ReadTransaction, to: &WriteTransaction, name: &str) -> anyhow::Result<u64> {
+    fn copy<V: redb::Value + 'static>(
+        from: &ReadTransaction,
+        to: &WriteTransaction,
+        name: &str,
+    ) -> Option<anyhow::Result<u64>> {
+        let definition = TableDefinition::<&str, V>::new(name);
+        let source = match from.open_table(definition) {
+            Ok(t) => t,
+            Err(redb::TableError::TableTypeMismatch { .. }) => return None,
+            Err(e) => return Some(Err(e.into())),
+        };
+        let run = || -> anyhow::Result<u64> {
+            let mut target = to.open_table(definition)?;
+            let mut rows = 0;
+            for row in source.iter()? {
+                let (k, v) = row?;
+                target.insert(k.value(), v.value())?;
+                rows += 1;
+            }
+            Ok(rows)
+        };
+        Some(run())
+    }
+    copy::<&[u8]>(from, to, name)
+        .or_else(|| copy::<&str>(from, to, name))
+        .or_else(|| copy::<()>(from, to, name))
+        .or_else(|| copy::<u64>(from, to, name))
+        .or_else(|| copy::<i64>(from, to, name))
+        .unwrap_or_else(|| {
+            anyhow::bail!("table {name} has a key or value type a rewrite does not copy")
+        })
 }
 
 fn commit_batch(db: &Database, batch: &mut Vec<Job>) {
@@ -380,6 +542,126 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = EmbeddedDb::open(&dir.path().join("x.redb")).unwrap();
         (dir, db)
+    }
+
+    #[tokio::test]
+    async fn a_rewrite_keeps_every_row_and_nothing_removed() {
+        const BYTES: Records = TableDefinition::new("bytes");
+        const TEXT: TableDefinition<&str, &str> = TableDefinition::new("text");
+        const UNIT: TableDefinition<&str, ()> = TableDefinition::new("unit");
+        const SECRET: &str = "phone-+77015550199-of-an-erased-member";
+        let (dir, db) = open();
+        let path = dir.path().join("x.redb");
+        db.write(|txn| {
+            let mut b = txn.open_table(BYTES).map_err(storage_error)?;
+            b.insert("kept", &b"kept-value"[..])
+                .map_err(storage_error)?;
+            b.insert("gone", SECRET.as_bytes()).map_err(storage_error)?;
+            txn.open_table(TEXT)
+                .map_err(storage_error)?
+                .insert("a", SECRET)
+                .map_err(storage_error)?;
+            txn.open_table(UNIT)
+                .map_err(storage_error)?
+                .insert("u", ())
+                .map_err(storage_error)?;
+            txn.open_table(T)
+                .map_err(storage_error)?
+                .insert("n", 7)
+                .map_err(storage_error)?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        db.write(|txn| {
+            txn.open_table(BYTES)
+                .map_err(storage_error)?
+                .remove("gone")
+                .map_err(storage_error)?;
+            txn.open_table(TEXT)
+                .map_err(storage_error)?
+                .insert("a", "overwritten")
+                .map_err(storage_error)?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let contains = |p: &Path| {
+            let bytes = std::fs::read(p).unwrap();
+            bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes())
+        };
+        // The freed pages still hold the removed bytes.
+        assert!(contains(&path));
+
+        let stats = db
+            .rewrite(|txn| {
+                txn.open_table(UNIT)
+                    .map_err(storage_error)?
+                    .insert("finished", ())
+                    .map_err(storage_error)?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(stats.tables, 4);
+        assert_eq!(stats.rows, 4);
+        assert!(
+            !contains(&path),
+            "the rewritten file holds no removed bytes"
+        );
+        assert!(!path.with_extension("redb.rewrite").exists());
+        // Reads and writes go on against the new file, and survive a reopen.
+        let read = db
+            .read(|txn| {
+                let b = txn.open_table(BYTES).map_err(storage_error)?;
+                let t = txn.open_table(TEXT).map_err(storage_error)?;
+                let u = txn.open_table(UNIT).map_err(storage_error)?;
+                Ok((
+                    b.get("kept")
+                        .map_err(storage_error)?
+                        .map(|v| v.value().to_vec()),
+                    b.get("gone").map_err(storage_error)?.is_some(),
+                    t.get("a")
+                        .map_err(storage_error)?
+                        .map(|v| v.value().to_string()),
+                    u.len().map_err(storage_error)?,
+                ))
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            read,
+            (
+                Some(b"kept-value".to_vec()),
+                false,
+                Some("overwritten".to_string()),
+                2
+            )
+        );
+        db.write(|txn| {
+            txn.open_table(T)
+                .map_err(storage_error)?
+                .insert("after", 8)
+                .map_err(storage_error)?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        drop(db);
+        // The writer thread lets go of the file when its queue closes.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let again = EmbeddedDb::open(&path).unwrap();
+        let n = again
+            .read(|txn| {
+                let t = txn.open_table(T).map_err(storage_error)?;
+                Ok((
+                    t.get("n").map_err(storage_error)?.map(|v| v.value()),
+                    t.get("after").map_err(storage_error)?.map(|v| v.value()),
+                ))
+            })
+            .await
+            .unwrap();
+        assert_eq!(n, (Some(7), Some(8)));
     }
 
     async fn get(db: &EmbeddedDb, k: &'static str) -> Option<u64> {

@@ -33,6 +33,8 @@ const ERASURES: Records = TableDefinition::new("member_erasures");
 /// Facts about the data directory itself, e.g. which one-off indexing ran.
 const META: Records = TableDefinition::new("identity_meta");
 const EMAILS_INDEXED: &str = "emails_indexed";
+/// Set by an erasure, cleared by the rewrite that follows it ([`IdentityStore::scrub`]).
+const SCRUB_PENDING: &str = "scrub_pending";
 /// Members merged into each survivor: (tenant, survivor, merged member).
 const MERGED_FROM: TableDefinition<&str, ()> = TableDefinition::new("members_merged_from");
 /// Why a member is blocked, while it is.
@@ -536,6 +538,11 @@ impl IdentityStore for EmbeddedIdentityStore {
                     }
                     put_record(&mut erasures, &mk, &erasure)?;
                 }
+                // The replaced records stay in freed pages until the file is rewritten.
+                txn.open_table(META)
+                    .map_err(e)?
+                    .insert(SCRUB_PENDING, &[][..])
+                    .map_err(e)?;
                 Ok(true)
             })
             .await
@@ -553,6 +560,42 @@ impl IdentityStore for EmbeddedIdentityStore {
                 Ok(family)
             })
             .await
+    }
+
+    async fn scrub(&self) -> Result<bool> {
+        let pending = self
+            .db
+            .read(|txn| {
+                let Some(meta) = open_for_read(txn, META)? else {
+                    return Ok(false);
+                };
+                Ok(meta.get(SCRUB_PENDING).map_err(e)?.is_some())
+            })
+            .await?;
+        if !pending {
+            return Ok(false);
+        }
+        // redb keeps replaced pages' bytes until it reuses them: a fresh copy of the live
+        // data holds none of them. The flag is cleared in the copy itself, so an erasure
+        // queued behind the rewrite sets it again.
+        let stats = self
+            .db
+            .rewrite(|txn| {
+                txn.open_table(META)
+                    .map_err(e)?
+                    .remove(SCRUB_PENDING)
+                    .map_err(e)?;
+                Ok(())
+            })
+            .await?;
+        tracing::info!(
+            tables = stats.tables,
+            rows = stats.rows,
+            bytes_before = stats.bytes_before,
+            bytes_after = stats.bytes_after,
+            "identity's store rewritten: nothing erased remains in it"
+        );
+        Ok(true)
     }
 
     async fn erasure(&self, tenant_id: &str, member_id: &str) -> Result<Option<Erasure>> {

@@ -207,6 +207,10 @@ impl IdentityStore for Traced {
         self.inner.ping().await
     }
 
+    async fn scrub(&self) -> Result<bool> {
+        in_db_span(self.system, "identity.scrub", self.inner.scrub()).await
+    }
+
     async fn save_api_keys(&self, keys: &[ApiKey], expect_live: Option<&str>) -> Result<bool> {
         in_db_span(
             self.system,
