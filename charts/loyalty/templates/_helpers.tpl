@@ -327,6 +327,7 @@ export_interval_ms = {{ .Values.config.metrics.exportIntervalMs | int }}
 
 [identity]
 default_region = {{ .Values.config.identity.defaultRegion | quote }}
+scrub_interval_secs = {{ .Values.config.identity.scrubIntervalSecs | int }}
 
 [balance]
 expiry_interval_ms = {{ .Values.config.balance.expiryIntervalMs | int }}
