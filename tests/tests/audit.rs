@@ -158,6 +158,20 @@ async fn admins_changes_are_audited_listed_and_exported() {
             .await
             .unwrap();
     }
+    // A manual redemption by the back office is a manual balance change too.
+    balance
+        .redeem(with_key(
+            bpb::RedeemRequest {
+                tenant_id: T.into(),
+                member_id: member_id.clone(),
+                idempotency_key: "manual-redeem".into(),
+                amount: 100,
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
     let refused = balance
         .adjust(with_key(
             bpb::AdjustRequest {
@@ -212,7 +226,7 @@ async fn admins_changes_are_audited_listed_and_exported() {
         .await
         .unwrap();
 
-    let records = all_records(&channel, &admin, 8).await;
+    let records = all_records(&channel, &admin, 9).await;
     let methods: Vec<&str> = records.iter().map(|r| r.method.as_str()).collect();
     assert_eq!(
         methods,
@@ -220,6 +234,7 @@ async fn admins_changes_are_audited_listed_and_exported() {
             "loyalty.identity.v1.AccessService/CreateApiKey",
             "loyalty.identity.v1.MemberService/BlockMember",
             "loyalty.balance.v1.BalanceService/Adjust",
+            "loyalty.balance.v1.BalanceService/Redeem",
             "loyalty.balance.v1.BalanceService/Adjust",
             "loyalty.balance.v1.BalanceService/Adjust",
             "loyalty.identity.v1.MemberService/RegisterMember",
@@ -241,7 +256,7 @@ async fn admins_changes_are_audited_listed_and_exported() {
     }
 
     // Program: before and after of the second update.
-    let second = &records[6];
+    let second = &records[7];
     assert_eq!(second.actor.as_ref().unwrap().comment, "new rate");
     let before = json(&second.before_json);
     let after = json(&second.after_json);
@@ -252,12 +267,13 @@ async fn admins_changes_are_audited_listed_and_exported() {
         "2"
     );
     assert!(
-        records[7].before_json.is_empty(),
+        records[8].before_json.is_empty(),
         "the first program replaced none"
     );
 
     // Adjustments: who, why, and the balance before and after.
-    let (refused_rec, plus_100, plus_500) = (&records[2], &records[3], &records[4]);
+    let (refused_rec, redeemed, plus_100, plus_500) =
+        (&records[2], &records[3], &records[4], &records[5]);
     assert_eq!(plus_500.member_id, member_id);
     assert_eq!(plus_500.actor.as_ref().unwrap().id, "manager:anna");
     assert_eq!(plus_500.actor.as_ref().unwrap().comment, "complaint 17");
@@ -265,6 +281,8 @@ async fn admins_changes_are_audited_listed_and_exported() {
     assert_eq!(json(&plus_100.request_json)["amount"], "100");
     assert_eq!(active(&json(&plus_100.before_json)).as_deref(), Some("500"));
     assert_eq!(active(&json(&plus_100.after_json)).as_deref(), Some("600"));
+    assert_eq!(active(&json(&redeemed.before_json)).as_deref(), Some("600"));
+    assert_eq!(active(&json(&redeemed.after_json)).as_deref(), Some("500"));
     let first = &plus_500.before_json;
     assert!(first.is_empty() || json(first)["balance"].get("active").is_none());
     assert_eq!(refused_rec.status_code, Code::InvalidArgument as i32);
@@ -282,7 +300,7 @@ async fn admins_changes_are_audited_listed_and_exported() {
         json(&block.after_json)["member"]["status"],
         "MEMBER_STATUS_BLOCKED"
     );
-    let registration = json(&records[5].request_json);
+    let registration = json(&records[6].request_json);
     assert_eq!(registration["phone"], "<redacted>");
     assert_eq!(registration["email"], "<redacted>");
     assert_eq!(json(&records[0].after_json)["secret"], "<redacted>");
@@ -315,8 +333,8 @@ async fn admins_changes_are_audited_listed_and_exported() {
     .unwrap();
     assert_eq!(
         of_member.records.len(),
-        4,
-        "three adjustments and the block"
+        5,
+        "three adjustments, the redemption and the block"
     );
     let mut paged = Vec::new();
     let mut token = String::new();
@@ -414,7 +432,7 @@ async fn admins_changes_are_audited_listed_and_exported() {
     let server = Server::start(launch(), &data).await;
     let channel = server.channel().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let again = all_records(&channel, &admin, 8).await;
+    let again = all_records(&channel, &admin, 9).await;
     let again: Vec<String> = again.into_iter().map(|r| r.record_id).collect();
     assert_eq!(again, ids);
     server.stop().await;

@@ -191,6 +191,40 @@ fn accrue_op(
     })
 }
 
+/// For an admin's call (audited by the access layer), the member's balance just before the
+/// change; None for everyone else, so tills and our services pay no extra read.
+async fn balance_before<T>(
+    api: &Api,
+    request: &Request<T>,
+    tenant_id: &str,
+    member_id: &str,
+) -> Option<pb::Balance> {
+    let who = loyalty_platform::access::caller(request).ok()?;
+    if who.role != loyalty_platform::access::Role::Admin {
+        return None;
+    }
+    let view = api.0.balance(tenant_id, member_id).await.ok()?;
+    Some(balance_to_proto(tenant_id, member_id, &view))
+}
+
+/// Attaches `before` for the audit record, unless the call was a replay (the same key again
+/// changes nothing, so its ledger did not move past `before`).
+fn with_balance_before<T>(
+    response: Response<T>,
+    before: Option<pb::Balance>,
+    after: Option<&pb::Balance>,
+    shape: impl FnOnce(pb::Balance) -> T,
+) -> Response<T>
+where
+    T: prost::Message,
+{
+    let after = after.map_or(0, |b| b.ledger_sequence);
+    match before {
+        Some(b) if b.ledger_sequence < after => with_before(response, &shape(b)),
+        _ => response,
+    }
+}
+
 #[tonic::async_trait]
 impl BalanceService for Api {
     async fn get_balance(
@@ -213,6 +247,13 @@ impl BalanceService for Api {
         request: Request<pb::AccrueRequest>,
     ) -> Result<Response<pb::AccrueResponse>, Status> {
         let ours = from_our_services(&request);
+        let before = balance_before(
+            self,
+            &request,
+            &request.get_ref().tenant_id,
+            &request.get_ref().member_id,
+        )
+        .await;
         let r = request.into_inner();
         if !ours {
             self.0
@@ -233,9 +274,16 @@ impl BalanceService for Api {
             .execute(&r.tenant_id, &r.member_id, &r.idempotency_key, op)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::AccrueResponse {
+        let response = Response::new(pb::AccrueResponse {
             entry: entry_of(&r.tenant_id, &r.member_id, &record),
             balance: balance_of(&r.tenant_id, &r.member_id, &record),
+        });
+        let after = response.get_ref().balance.clone();
+        Ok(with_balance_before(response, before, after.as_ref(), |b| {
+            pb::AccrueResponse {
+                entry: None,
+                balance: Some(b),
+            }
         }))
     }
 
@@ -244,6 +292,13 @@ impl BalanceService for Api {
         request: Request<pb::RedeemRequest>,
     ) -> Result<Response<pb::RedeemResponse>, Status> {
         let ours = from_our_services(&request);
+        let before = balance_before(
+            self,
+            &request,
+            &request.get_ref().tenant_id,
+            &request.get_ref().member_id,
+        )
+        .await;
         let r = request.into_inner();
         if !ours {
             self.0
@@ -261,9 +316,16 @@ impl BalanceService for Api {
             .execute(&r.tenant_id, &r.member_id, &r.idempotency_key, op)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::RedeemResponse {
+        let response = Response::new(pb::RedeemResponse {
             entry: entry_of(&r.tenant_id, &r.member_id, &record),
             balance: balance_of(&r.tenant_id, &r.member_id, &record),
+        });
+        let after = response.get_ref().balance.clone();
+        Ok(with_balance_before(response, before, after.as_ref(), |b| {
+            pb::RedeemResponse {
+                entry: None,
+                balance: Some(b),
+            }
         }))
     }
 
@@ -346,6 +408,13 @@ impl BalanceService for Api {
         &self,
         request: Request<pb::ReverseRequest>,
     ) -> Result<Response<pb::ReverseResponse>, Status> {
+        let before = balance_before(
+            self,
+            &request,
+            &request.get_ref().tenant_id,
+            &request.get_ref().member_id,
+        )
+        .await;
         let r = request.into_inner();
         let op = Op::Reverse {
             original_key: r.original_idempotency_key,
@@ -357,10 +426,17 @@ impl BalanceService for Api {
             .execute(&r.tenant_id, &r.member_id, &r.idempotency_key, op)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::ReverseResponse {
+        let response = Response::new(pb::ReverseResponse {
             entry: entry_of(&r.tenant_id, &r.member_id, &record),
             balance: balance_of(&r.tenant_id, &r.member_id, &record),
             unrecovered_amount: record.reply.unrecovered,
+        });
+        let after = response.get_ref().balance.clone();
+        Ok(with_balance_before(response, before, after.as_ref(), |b| {
+            pb::ReverseResponse {
+                balance: Some(b),
+                ..Default::default()
+            }
         }))
     }
 
@@ -368,6 +444,13 @@ impl BalanceService for Api {
         &self,
         request: Request<pb::AdjustRequest>,
     ) -> Result<Response<pb::AdjustResponse>, Status> {
+        let before = balance_before(
+            self,
+            &request,
+            &request.get_ref().tenant_id,
+            &request.get_ref().member_id,
+        )
+        .await;
         let r = request.into_inner();
         let actor = r.actor.unwrap_or_default();
         let op = Op::Adjust {
@@ -378,8 +461,7 @@ impl BalanceService for Api {
             },
             expire_at: None,
         };
-        // For the audit record: the balance as it was just before the change.
-        let before = self.0.balance(&r.tenant_id, &r.member_id).await.ok();
+
         let record = self
             .0
             .execute(&r.tenant_id, &r.member_id, &r.idempotency_key, op)
@@ -389,29 +471,26 @@ impl BalanceService for Api {
             entry: entry_of(&r.tenant_id, &r.member_id, &record),
             balance: balance_of(&r.tenant_id, &r.member_id, &record),
         });
-        let before = before.map(|view| balance_to_proto(&r.tenant_id, &r.member_id, &view));
-        let after = response
-            .get_ref()
-            .balance
-            .as_ref()
-            .map_or(0, |b| b.ledger_sequence);
-        Ok(match before {
-            // A replay (the same key again) changed nothing: it has no before.
-            Some(balance) if balance.ledger_sequence < after => with_before(
-                response,
-                &pb::AdjustResponse {
-                    entry: None,
-                    balance: Some(balance),
-                },
-            ),
-            _ => response,
-        })
+        let after = response.get_ref().balance.clone();
+        Ok(with_balance_before(response, before, after.as_ref(), |b| {
+            pb::AdjustResponse {
+                entry: None,
+                balance: Some(b),
+            }
+        }))
     }
 
     async fn activate_pending(
         &self,
         request: Request<pb::ActivatePendingRequest>,
     ) -> Result<Response<pb::ActivatePendingResponse>, Status> {
+        let before = balance_before(
+            self,
+            &request,
+            &request.get_ref().tenant_id,
+            &request.get_ref().member_id,
+        )
+        .await;
         let r = request.into_inner();
         let op = Op::Activate {
             accrual_key: (!r.accrual_idempotency_key.is_empty())
@@ -422,9 +501,16 @@ impl BalanceService for Api {
             .execute(&r.tenant_id, &r.member_id, &r.idempotency_key, op)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::ActivatePendingResponse {
+        let response = Response::new(pb::ActivatePendingResponse {
             activated_amount: record.reply.moved,
             balance: balance_of(&r.tenant_id, &r.member_id, &record),
+        });
+        let after = response.get_ref().balance.clone();
+        Ok(with_balance_before(response, before, after.as_ref(), |b| {
+            pb::ActivatePendingResponse {
+                activated_amount: 0,
+                balance: Some(b),
+            }
         }))
     }
 
