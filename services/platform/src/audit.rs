@@ -132,7 +132,10 @@ impl AuditLog {
             };
             let value = match wire::string_at(first, path) {
                 Ok(Some(v)) => Some(v),
-                _ => leading_string(head, path),
+                _ => match path.as_slice() {
+                    [number] => wire::leading_string(head, *number),
+                    _ => None,
+                },
             };
             value
                 .map(|v| String::from_utf8_lossy(v).chars().take(128).collect())
@@ -364,59 +367,6 @@ fn shorten_lists(value: &mut serde_json::Value, depth: usize) {
             .for_each(|v| shorten_lists(v, depth + 1)),
         _ => {}
     }
-}
-
-/// The string at a one-field `path` in the leading part of a message cut short: fields are
-/// read in order until the cut.
-fn leading_string<'a>(head: &'a [u8], path: &[u32]) -> Option<&'a [u8]> {
-    let [number] = path else {
-        return None;
-    };
-    let mut buf = head;
-    let mut found = None;
-    let varint = |buf: &mut &[u8]| -> Option<u64> {
-        let mut value = 0u64;
-        for shift in (0..64).step_by(7) {
-            let (&byte, rest) = buf.split_first()?;
-            *buf = rest;
-            value |= u64::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                return Some(value);
-            }
-        }
-        None
-    };
-    while !buf.is_empty() {
-        let Some(tag) = varint(&mut buf) else { break };
-        let skip = match tag & 7 {
-            0 => {
-                if varint(&mut buf).is_none() {
-                    break;
-                }
-                0
-            }
-            1 => 8,
-            5 => 4,
-            2 => {
-                let Some(len) = varint(&mut buf).and_then(|l| usize::try_from(l).ok()) else {
-                    break;
-                };
-                if len > buf.len() {
-                    break;
-                }
-                if tag >> 3 == u64::from(*number) {
-                    found = Some(&buf[..len]);
-                }
-                len
-            }
-            _ => break,
-        };
-        if skip > buf.len() {
-            break;
-        }
-        buf = &buf[skip..];
-    }
-    found
 }
 
 /// Bytes of a gRPC message stream, as far as they are kept.
@@ -733,6 +683,21 @@ mod tests {
         assert!(!capture.more());
         let json = render(&desc, &capture.messages(), capture.more());
         assert!(json.starts_with('['), "{json}");
+        // A first message larger than what is kept still names its tenant.
+        let huge = sg::UploadSegmentMembersRequest {
+            tenant_id: "big-tenant".into(),
+            member_ids: (0..100_000).map(|i| format!("member-{i:08}")).collect(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert!(huge.len() > MAX_CAPTURE_BYTES);
+        let mut cut = Capture::default();
+        cut.push(&framed(&huge));
+        assert!(cut.messages().is_empty() && cut.more());
+        assert_eq!(
+            wire::leading_string(cut.first_head(), 1),
+            Some(&b"big-tenant"[..])
+        );
         // Past the kept bytes, the rest is counted, not kept.
         capture.push(&vec![0u8; MAX_CAPTURE_BYTES]);
         assert!(capture.more());

@@ -70,6 +70,35 @@ pub fn string_at<'a>(message: &'a [u8], path: &[u32]) -> Result<Option<&'a [u8]>
     Ok(found)
 }
 
+/// The top-level string field `number` in the leading part of a message cut short (the
+/// rest did not arrive, or was not kept): fields are read in order up to the cut, and the
+/// last complete occurrence wins.
+pub fn leading_string(head: &[u8], number: u32) -> Option<&[u8]> {
+    let mut buf = head;
+    let mut found = None;
+    while !buf.is_empty() {
+        let Ok(tag) = varint(&mut buf) else { break };
+        let skipped = match tag & 7 {
+            0 => varint(&mut buf).map(|_| ()),
+            1 => take(&mut buf, 8).map(|_| ()),
+            5 => take(&mut buf, 4).map(|_| ()),
+            2 => match varint(&mut buf).ok().and_then(|l| usize::try_from(l).ok()) {
+                Some(len) => take(&mut buf, len).map(|value| {
+                    if tag >> 3 == u64::from(number) {
+                        found = Some(value);
+                    }
+                }),
+                None => Err(Malformed),
+            },
+            _ => Err(Malformed),
+        };
+        if skipped.is_err() {
+            break;
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,6 +154,21 @@ mod tests {
         let decoded = Outer::decode(twice.as_slice()).unwrap();
         assert_eq!(decoded.inner.unwrap().tenant_id, "other");
         assert_eq!(string_at(&twice, &[3, 1]).unwrap(), Some(&b"other"[..]));
+    }
+
+    #[test]
+    fn reads_the_leading_part_of_a_message_cut_short() {
+        let m = Outer {
+            a: 7,
+            inner: None,
+            b: 3,
+            store_id: "s-1".into(),
+        };
+        let mut bytes = m.encode_to_vec();
+        bytes.extend([0x32, 0x40, b'x']); // field 6, 64 bytes long, cut after one
+        assert_eq!(leading_string(&bytes, 5), Some(&b"s-1"[..]));
+        assert_eq!(leading_string(&bytes, 6), None);
+        assert!(string_at(&bytes, &[5]).is_err());
     }
 
     #[test]
