@@ -791,6 +791,8 @@ def main() -> int:
                 "tls.enabled=true",
                 "tls.secretName=loyalty-tls",
                 "tls.clientCertificates=required",
+                "tls.metrics=true",
+                "serviceMonitor.enabled=true",
             ]
         )
         secured_dev = helm_template(
@@ -835,6 +837,15 @@ def main() -> int:
             and 'client_ca_file = "/etc/loyalty-tls/ca.crt"' in tls_config,
             f"chart (TLS): config.toml does not call peers over mutual TLS:\n{tls_config}",
         )
+        expect("metrics = true" in tls_config, f"chart (TLS): metrics not over TLS:\n{tls_config}")
+        for monitor in by_kind(secured, "ServiceMonitor"):
+            endpoint = monitor["spec"]["endpoints"][0]
+            expect(
+                endpoint.get("scheme") == "https"
+                and endpoint["tlsConfig"]["ca"]["secret"]["name"] == "loyalty-tls"
+                and endpoint["tlsConfig"]["serverName"].endswith("-headless"),
+                f"chart (TLS): ServiceMonitor does not scrape over TLS: {endpoint}",
+            )
         expect("[tls]" not in config_of(microservices), "chart (microservices): TLS without tls.enabled")
         ok("chart (TLS): peers over https with client certificates, probes on the health port")
 

@@ -8,6 +8,7 @@ use loyalty_e2e::pki::{Ca, ExtendedKeyUsagePurpose, write};
 use loyalty_e2e::{Launch, Server, command, create_key};
 use loyalty_proto::balance::v1 as bpb;
 use loyalty_proto::identity::v1 as ipb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -78,7 +79,9 @@ async fn the_listener_speaks_tls_and_client_certificates_name_keys() {
             "LOYALTY_TLS__CLIENT_CA_FILE",
             write(dir.path(), "ca.pem", &ca.pem).to_str().unwrap(),
         )
-        .env("LOYALTY_SERVER__HEALTH_LISTEN", "127.0.0.1:0");
+        .env("LOYALTY_SERVER__HEALTH_LISTEN", "127.0.0.1:0")
+        .env("LOYALTY_SERVER__METRICS_LISTEN", "127.0.0.1:0")
+        .env("LOYALTY_TLS__METRICS", "true");
     let server = Server::start(launch, &data).await;
 
     // Plain text gets no answer from a TLS listener.
@@ -239,6 +242,53 @@ async fn the_listener_speaks_tls_and_client_certificates_name_keys() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The metrics listener speaks TLS too (`tls.metrics`), and counted the calls above.
+    let url = server.metrics_url.clone().unwrap();
+    let hostport = url
+        .strip_prefix("https://")
+        .expect("metrics over https")
+        .trim_end_matches("/metrics")
+        .to_string();
+    let scrape = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let mut plain_scrape = tokio::net::TcpStream::connect(&hostport).await.unwrap();
+    plain_scrape.write_all(scrape).await.unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        plain_scrape.read_to_end(&mut reply),
+    )
+    .await;
+    assert!(!String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 200"));
+    let connector = {
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca.pem.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+    };
+    let tcp = tokio::net::TcpStream::connect(&hostport).await.unwrap();
+    let mut tls_scrape = connector
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    tls_scrape.write_all(scrape).await.unwrap();
+    let mut reply = Vec::new();
+    let _ = tls_scrape.read_to_end(&mut reply).await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains("loyalty_"), "{reply}");
+
     assert_eq!(server.stop().await, 0);
 }
 
@@ -420,6 +470,10 @@ async fn tls_settings_that_cannot_work_are_refused_at_start() {
         (
             vec![("LOYALTY_TLS__REQUIRE_CLIENT_CERT", "true")],
             "`tls.require_client_cert` needs `tls.client_ca_file`",
+        ),
+        (
+            vec![("LOYALTY_TLS__METRICS", "true")],
+            "`tls.metrics` needs `tls.cert_file`",
         ),
         (
             vec![

@@ -267,6 +267,7 @@ health_listen = "0.0.0.0:{{ .Values.ports.health }}"
 cert_file = "/etc/loyalty-tls/tls.crt"
 key_file = "/etc/loyalty-tls/tls.key"
 peer_ca_file = "/etc/loyalty-tls/ca.crt"
+metrics = {{ .Values.tls.metrics }}
 {{- if ne .Values.tls.clientCertificates "none" }}
 client_ca_file = "/etc/loyalty-tls/ca.crt"
 require_client_cert = {{ eq .Values.tls.clientCertificates "required" }}

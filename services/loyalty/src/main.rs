@@ -439,12 +439,18 @@ async fn serve(
             tracing::info!(tenant = demo::TENANT, "demo tenant already present");
         }
     }
+    let metrics_tls = loyalty_platform::tls::metrics_acceptor(&config.tls)?;
     let metrics = match config.server.metrics_listen {
         Some(at) => {
             let l = TcpListener::bind(at)
                 .await
                 .with_context(|| format!("cannot listen for metrics on {at}"))?;
-            println!("metrics on http://{}/metrics", l.local_addr()?);
+            let scheme = if metrics_tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            println!("metrics on {scheme}://{}/metrics", l.local_addr()?);
             Some(l)
         }
         None => None,
@@ -492,6 +498,7 @@ async fn serve(
             grpc: listener,
             tls,
             metrics,
+            metrics_tls,
             health,
         },
         node.routes,

@@ -242,6 +242,10 @@ pub struct TlsConfig {
     /// URLs; unset: the web PKI roots. With `client_ca_file`, calls to peers present
     /// `cert_file` as a client certificate, so it must allow client authentication.
     pub peer_ca_file: Option<PathBuf>,
+    /// Serve the Prometheus endpoint (`server.metrics_listen`) over TLS too, with
+    /// `cert_file` and `key_file` (no client certificates asked). The plain-text health
+    /// listener stays plain: probes cannot speak TLS.
+    pub metrics: bool,
 }
 
 impl TlsConfig {
@@ -602,6 +606,12 @@ impl Config {
             return bad(
                 "tls.client_ca_file",
                 "needs `tls.cert_file` and `tls.key_file`: client certificates are asked for only over TLS",
+            );
+        }
+        if tls.metrics && !tls.enabled() {
+            return bad(
+                "tls.metrics",
+                "needs `tls.cert_file` and `tls.key_file`, the certificate the metrics listener presents",
             );
         }
         if tls.require_client_cert && tls.client_ca_file.is_none() {

@@ -329,7 +329,11 @@ where
 }
 
 /// Answers `GET /metrics` with the Prometheus text format until `shutdown` resolves.
-pub async fn serve_metrics(listener: TcpListener, shutdown: impl Future<Output = ()> + Send) {
+pub async fn serve_metrics(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: impl Future<Output = ()> + Send,
+) {
     let handle = recorder();
     tokio::pin!(shutdown);
     loop {
@@ -337,34 +341,49 @@ pub async fn serve_metrics(listener: TcpListener, shutdown: impl Future<Output =
             () = &mut shutdown => return,
             accepted = listener.accept() => accepted,
         };
-        let Ok((mut socket, _)) = accepted else {
+        let Ok((socket, _)) = accepted else {
             continue;
         };
         let handle = handle.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let mut request = [0u8; 4096];
-            let read =
-                tokio::time::timeout(std::time::Duration::from_secs(5), socket.read(&mut request))
-                    .await;
-            let n = match read {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let head = String::from_utf8_lossy(&request[..n]);
-            let (status, body) =
-                if head.starts_with("GET /metrics ") || head.starts_with("GET /metrics?") {
-                    ("200 OK", handle.render())
-                } else {
-                    ("404 Not Found", "try GET /metrics\n".to_string())
-                };
-            let reply = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = socket.write_all(reply.as_bytes()).await;
-            let _ = socket.shutdown().await;
+            const WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+            match tls {
+                None => answer_scrape(socket, &handle).await,
+                Some(tls) => {
+                    if let Ok(Ok(stream)) = tokio::time::timeout(WITHIN, tls.accept(socket)).await {
+                        answer_scrape(stream, &handle).await;
+                    }
+                }
+            }
         });
     }
+}
+
+/// Answers one `GET /metrics` on `socket`, then closes it.
+async fn answer_scrape<S>(mut socket: S, handle: &PrometheusHandle)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut request = [0u8; 4096];
+    let read =
+        tokio::time::timeout(std::time::Duration::from_secs(5), socket.read(&mut request)).await;
+    let n = match read {
+        Ok(Ok(n)) => n,
+        _ => return,
+    };
+    let head = String::from_utf8_lossy(&request[..n]);
+    let (status, body) = if head.starts_with("GET /metrics ") || head.starts_with("GET /metrics?") {
+        ("200 OK", handle.render())
+    } else {
+        ("404 Not Found", "try GET /metrics\n".to_string())
+    };
+    let reply = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = socket.write_all(reply.as_bytes()).await;
+    let _ = socket.shutdown().await;
 }
 
 #[cfg(test)]

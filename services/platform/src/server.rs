@@ -70,13 +70,26 @@ pub async fn shutdown_signal() {
 
 /// The listeners of one process: gRPC, and optionally Prometheus metrics and plain-text
 /// health (for probes that cannot speak TLS).
-#[derive(Debug)]
 pub struct Listeners {
     pub grpc: TcpListener,
     /// TLS on `grpc`; `None`: plain text.
     pub tls: Option<tonic::transport::ServerTlsConfig>,
     pub metrics: Option<TcpListener>,
+    /// TLS on `metrics`; `None`: plain text.
+    pub metrics_tls: Option<tokio_rustls::TlsAcceptor>,
     pub health: Option<TcpListener>,
+}
+
+impl std::fmt::Debug for Listeners {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listeners")
+            .field("grpc", &self.grpc)
+            .field("tls", &self.tls.is_some())
+            .field("metrics", &self.metrics)
+            .field("metrics_tls", &self.metrics_tls.is_some())
+            .field("health", &self.health)
+            .finish()
+    }
 }
 
 /// Serves `routes` on `listeners.grpc` until `shutdown` resolves, then reports NOT_SERVING,
@@ -93,10 +106,16 @@ pub async fn serve(
         grpc: listener,
         tls,
         metrics,
+        metrics_tls,
         health: health_listener,
     } = listeners;
-    let metrics_task =
-        metrics.map(|l| tokio::spawn(crate::metrics::serve_metrics(l, std::future::pending())));
+    let metrics_task = metrics.map(|l| {
+        tokio::spawn(crate::metrics::serve_metrics(
+            l,
+            metrics_tls,
+            std::future::pending(),
+        ))
+    });
     let (reporter, health_service) = tonic_health::server::health_reporter();
     // The same statuses, plain text on their own port; nothing else is served there.
     let health_task = health_listener.map(|l| {

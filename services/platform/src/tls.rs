@@ -55,6 +55,37 @@ fn identity(tls: &TlsConfig) -> anyhow::Result<Option<Identity>> {
     }
 }
 
+/// The metrics listener's TLS, with `tls.metrics`; `None`: plain text.
+pub fn metrics_acceptor(tls: &TlsConfig) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    if !tls.metrics {
+        return Ok(None);
+    }
+    let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) else {
+        anyhow::bail!("bad configuration: `tls.metrics` needs `tls.cert_file` and `tls.key_file`");
+    };
+    let chain = CertificateDer::pem_slice_iter(&read("tls.cert_file", cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("bad configuration: `tls.cert_file`: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(&read("tls.key_file", key)?)
+        .map_err(|e| anyhow::anyhow!("bad configuration: `tls.key_file`: {e}"))?;
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "bad configuration: `tls.cert_file` and `tls.key_file` do not make a TLS server for metrics: {e}"
+        )
+    })?;
+    Ok(Some(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(
+        config,
+    ))))
+}
+
 /// The listener's TLS settings; `None` when `tls.cert_file` is unset (plain text).
 pub fn server_config(tls: &TlsConfig) -> anyhow::Result<Option<ServerTlsConfig>> {
     let Some(identity) = identity(tls)? else {
