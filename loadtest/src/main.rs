@@ -424,10 +424,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     for (rpc, s) in &stats.rpcs {
         let q = |p: f64| s.latency.value_at_quantile(p) as f64 / 1000.0;
         println!(
-            "  {:<48} {:>8.0}/s  p50 {:>7.2} ms  p99 {:>7.2} ms  p99.9 {:>7.2} ms  max {:>8.2} ms  failed {}",
+            "  {:<48} {:>8.0}/s  p50 {:>7.2} ms  p90 {:>7.2} ms  p99 {:>7.2} ms  p99.9 {:>7.2} ms  max {:>8.2} ms  failed {}",
             rpc.method(),
-            s.completed() as f64 / cli.duration,
+            // Over the measured time: a run ended by --count is shorter than --duration.
+            s.completed() as f64 / stats.measured_secs.max(1e-9),
             q(0.5),
+            q(0.9),
             q(0.99),
             q(0.999),
             s.latency.max() as f64 / 1000.0,

@@ -847,7 +847,12 @@ impl Workload {
                         Caller::Pos(spec.store),
                     ))
                     .await?;
-                if let Ok(mut q) = self.refundable.lock()
+                // Refunds take one unit of line 1 back: only receipts that keep something
+                // after that are refunded, so every refund is partial.
+                let partial =
+                    spec.lines.len() > 1 || spec.lines.first().is_some_and(|l| l.quantity > 1);
+                if partial
+                    && let Ok(mut q) = self.refundable.lock()
                     && q.len() < REFUND_POOL
                 {
                     q.push_back((id, spec.store));
