@@ -92,6 +92,12 @@ impl Launch {
         self.args.push(arg.into());
         self
     }
+
+    /// On the `redis` backend, with the Redis at `url` (a test's own `RedisServer`).
+    pub fn on_redis(self, url: &str) -> Self {
+        self.env("LOYALTY_STORAGE__BACKEND", "redis")
+            .env("LOYALTY_STORAGE__REDIS__URL", url)
+    }
 }
 
 /// A command for the binary with a clean environment: only what the test gives it.

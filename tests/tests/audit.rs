@@ -444,14 +444,13 @@ async fn admins_changes_are_audited_listed_and_exported() {
 async fn changes_in_one_process_reach_the_audit_log_of_another_over_redis() {
     let redis = loyalty_platform::redis_server::RedisServer::start().unwrap();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let on_redis = |launch: Launch| {
-        launch
-            .env("LOYALTY_STORAGE__BACKEND", "redis")
-            .env("LOYALTY_STORAGE__REDIS__URL", &redis.url())
-    };
-    let reporting = Server::start(on_redis(Launch::serve("reporting")), dir_a.path()).await;
+    let reporting = Server::start(
+        Launch::serve("reporting").on_redis(&redis.url()),
+        dir_a.path(),
+    )
+    .await;
     let pos_node = Server::start(
-        on_redis(Launch::serve("identity,balance,promotion")),
+        Launch::serve("identity,balance,promotion").on_redis(&redis.url()),
         dir_b.path(),
     )
     .await;

@@ -391,8 +391,7 @@ async fn balance_api_on_embedded_storage() {
 
 fn redis_launch(redis: &RedisServer) -> Launch {
     Launch::serve("balance")
-        .env("LOYALTY_STORAGE__BACKEND", "redis")
-        .env("LOYALTY_STORAGE__REDIS__URL", &redis.url())
+        .on_redis(&redis.url())
         .env("LOYALTY_BALANCE__EXPIRY_INTERVAL_MS", "200")
 }
 

@@ -447,14 +447,13 @@ async fn dev_mode_segments_follow_purchases_and_survive_a_restart() {
 async fn microservices_events_cross_processes_on_redis_streams() {
     let redis = RedisServer::start().unwrap();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let redis_env = |launch: Launch| {
-        launch
-            .env("LOYALTY_STORAGE__BACKEND", "redis")
-            .env("LOYALTY_STORAGE__REDIS__URL", &redis.url())
-    };
-    let segmentation = Server::start(redis_env(Launch::serve("segmentation")), dir_a.path()).await;
+    let segmentation = Server::start(
+        Launch::serve("segmentation").on_redis(&redis.url()),
+        dir_a.path(),
+    )
+    .await;
     let pos_node = Server::start(
-        redis_env(Launch::serve("identity,balance,promotion")),
+        Launch::serve("identity,balance,promotion").on_redis(&redis.url()),
         dir_b.path(),
     )
     .await;
@@ -511,7 +510,11 @@ async fn microservices_events_cross_processes_on_redis_streams() {
         );
     }
     let dir_c = tempfile::tempdir().unwrap();
-    let segmentation = Server::start(redis_env(Launch::serve("segmentation")), dir_c.path()).await;
+    let segmentation = Server::start(
+        Launch::serve("segmentation").on_redis(&redis.url()),
+        dir_c.path(),
+    )
+    .await;
     let mut seg = SegmentationServiceClient::new(segmentation.channel().await);
     let (anna, before) = anna_before;
     let mut after = features(&mut seg, &anna).await;

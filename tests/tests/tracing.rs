@@ -60,8 +60,7 @@ async fn a_receipt_is_one_trace_across_processes() {
     let balance_node = Server::start(
         tracing_env(Launch::serve("balance"))
             .env("LOYALTY_PEERS__IDENTITY", &identity_node.url())
-            .env("LOYALTY_STORAGE__BACKEND", "redis")
-            .env("LOYALTY_STORAGE__REDIS__URL", &redis.url()),
+            .on_redis(&redis.url()),
         dir_c.path(),
     )
     .await;

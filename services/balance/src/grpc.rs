@@ -191,36 +191,34 @@ fn accrue_op(
     })
 }
 
-/// For an admin's call (audited by the access layer), the member's balance just before the
-/// change; None for everyone else, so tills and our services pay no extra read.
-async fn balance_before<T>(
-    api: &Api,
-    request: &Request<T>,
-    tenant_id: &str,
-    member_id: &str,
-) -> Option<pb::Balance> {
-    let who = loyalty_platform::access::caller(request).ok()?;
-    if who.role != loyalty_platform::access::Role::Admin {
-        return None;
+/// Whether an admin made the call: the access layer audits it, with the balance before.
+fn by_admin<T>(request: &Request<T>) -> bool {
+    loyalty_platform::access::caller(request)
+        .is_ok_and(|p| p.role == loyalty_platform::access::Role::Admin)
+}
+
+impl Api {
+    /// For an admin's call, the member's balance just before the change; None for everyone
+    /// else, so tills and our services pay no extra read.
+    async fn before(&self, admin: bool, tenant_id: &str, member_id: &str) -> Option<pb::Balance> {
+        if !admin {
+            return None;
+        }
+        let view = self.0.balance(tenant_id, member_id).await.ok()?;
+        Some(balance_to_proto(tenant_id, member_id, &view))
     }
-    let view = api.0.balance(tenant_id, member_id).await.ok()?;
-    Some(balance_to_proto(tenant_id, member_id, &view))
 }
 
 /// Attaches `before` for the audit record, unless the call was a replay (the same key again
-/// changes nothing, so its ledger did not move past `before`).
-fn with_balance_before<T>(
+/// changes nothing, so the ledger did not move past `before`): `record` is the call's.
+fn with_balance_before<T: prost::Message>(
     response: Response<T>,
     before: Option<pb::Balance>,
-    after: Option<&pb::Balance>,
+    record: &OpRecord,
     shape: impl FnOnce(pb::Balance) -> T,
-) -> Response<T>
-where
-    T: prost::Message,
-{
-    let after = after.map_or(0, |b| b.ledger_sequence);
+) -> Response<T> {
     match before {
-        Some(b) if b.ledger_sequence < after => with_before(response, &shape(b)),
+        Some(b) if b.ledger_sequence < record.reply.balance.seq => with_before(response, &shape(b)),
         _ => response,
     }
 }
@@ -247,14 +245,9 @@ impl BalanceService for Api {
         request: Request<pb::AccrueRequest>,
     ) -> Result<Response<pb::AccrueResponse>, Status> {
         let ours = from_our_services(&request);
-        let before = balance_before(
-            self,
-            &request,
-            &request.get_ref().tenant_id,
-            &request.get_ref().member_id,
-        )
-        .await;
+        let admin = by_admin(&request);
         let r = request.into_inner();
+        let before = self.before(admin, &r.tenant_id, &r.member_id).await;
         if !ours {
             self.0
                 .check_member(&r.tenant_id, &r.member_id, &r.idempotency_key)
@@ -278,8 +271,7 @@ impl BalanceService for Api {
             entry: entry_of(&r.tenant_id, &r.member_id, &record),
             balance: balance_of(&r.tenant_id, &r.member_id, &record),
         });
-        let after = response.get_ref().balance.clone();
-        Ok(with_balance_before(response, before, after.as_ref(), |b| {
+        Ok(with_balance_before(response, before, &record, |b| {
             pb::AccrueResponse {
                 entry: None,
                 balance: Some(b),
@@ -292,14 +284,9 @@ impl BalanceService for Api {
         request: Request<pb::RedeemRequest>,
     ) -> Result<Response<pb::RedeemResponse>, Status> {
         let ours = from_our_services(&request);
-        let before = balance_before(
-            self,
-            &request,
-            &request.get_ref().tenant_id,
-            &request.get_ref().member_id,
-        )
-        .await;
+        let admin = by_admin(&request);
         let r = request.into_inner();
+        let before = self.before(admin, &r.tenant_id, &r.member_id).await;
         if !ours {
             self.0
                 .check_member(&r.tenant_id, &r.member_id, &r.idempotency_key)
@@ -320,8 +307,7 @@ impl BalanceService for Api {
             entry: entry_of(&r.tenant_id, &r.member_id, &record),
             balance: balance_of(&r.tenant_id, &r.member_id, &record),
         });
-        let after = response.get_ref().balance.clone();
-        Ok(with_balance_before(response, before, after.as_ref(), |b| {
+        Ok(with_balance_before(response, before, &record, |b| {
             pb::RedeemResponse {
                 entry: None,
                 balance: Some(b),
@@ -408,14 +394,9 @@ impl BalanceService for Api {
         &self,
         request: Request<pb::ReverseRequest>,
     ) -> Result<Response<pb::ReverseResponse>, Status> {
-        let before = balance_before(
-            self,
-            &request,
-            &request.get_ref().tenant_id,
-            &request.get_ref().member_id,
-        )
-        .await;
+        let admin = by_admin(&request);
         let r = request.into_inner();
+        let before = self.before(admin, &r.tenant_id, &r.member_id).await;
         let op = Op::Reverse {
             original_key: r.original_idempotency_key,
             amount: r.amount,
@@ -431,8 +412,7 @@ impl BalanceService for Api {
             balance: balance_of(&r.tenant_id, &r.member_id, &record),
             unrecovered_amount: record.reply.unrecovered,
         });
-        let after = response.get_ref().balance.clone();
-        Ok(with_balance_before(response, before, after.as_ref(), |b| {
+        Ok(with_balance_before(response, before, &record, |b| {
             pb::ReverseResponse {
                 balance: Some(b),
                 ..Default::default()
@@ -444,14 +424,9 @@ impl BalanceService for Api {
         &self,
         request: Request<pb::AdjustRequest>,
     ) -> Result<Response<pb::AdjustResponse>, Status> {
-        let before = balance_before(
-            self,
-            &request,
-            &request.get_ref().tenant_id,
-            &request.get_ref().member_id,
-        )
-        .await;
+        let admin = by_admin(&request);
         let r = request.into_inner();
+        let before = self.before(admin, &r.tenant_id, &r.member_id).await;
         let actor = r.actor.unwrap_or_default();
         let op = Op::Adjust {
             amount: r.amount,
@@ -471,8 +446,7 @@ impl BalanceService for Api {
             entry: entry_of(&r.tenant_id, &r.member_id, &record),
             balance: balance_of(&r.tenant_id, &r.member_id, &record),
         });
-        let after = response.get_ref().balance.clone();
-        Ok(with_balance_before(response, before, after.as_ref(), |b| {
+        Ok(with_balance_before(response, before, &record, |b| {
             pb::AdjustResponse {
                 entry: None,
                 balance: Some(b),
@@ -484,14 +458,9 @@ impl BalanceService for Api {
         &self,
         request: Request<pb::ActivatePendingRequest>,
     ) -> Result<Response<pb::ActivatePendingResponse>, Status> {
-        let before = balance_before(
-            self,
-            &request,
-            &request.get_ref().tenant_id,
-            &request.get_ref().member_id,
-        )
-        .await;
+        let admin = by_admin(&request);
         let r = request.into_inner();
+        let before = self.before(admin, &r.tenant_id, &r.member_id).await;
         let op = Op::Activate {
             accrual_key: (!r.accrual_idempotency_key.is_empty())
                 .then_some(r.accrual_idempotency_key),
@@ -505,8 +474,7 @@ impl BalanceService for Api {
             activated_amount: record.reply.moved,
             balance: balance_of(&r.tenant_id, &r.member_id, &record),
         });
-        let after = response.get_ref().balance.clone();
-        Ok(with_balance_before(response, before, after.as_ref(), |b| {
+        Ok(with_balance_before(response, before, &record, |b| {
             pb::ActivatePendingResponse {
                 activated_amount: 0,
                 balance: Some(b),

@@ -242,7 +242,6 @@ pub async fn build(
             "the embedded event log is local to this process: admins' calls here are audited into it, but reporting, which lists the audit log, does not run in this process (use the redis backend to split services)"
         );
     }
-    let events = Some(events);
     let producers = [ServiceName::Identity, ServiceName::Promotion];
     let consumers = [ServiceName::Segmentation, ServiceName::Reporting];
     if config.storage.backend == Backend::Embedded
@@ -271,17 +270,11 @@ pub async fn build(
             config.identity.default_region.clone(),
         )
         .with_questionnaire(config.identity.questionnaire.clone())
-        .with_events(Arc::new(LogMemberEvents::new(
-            events
-                .clone()
-                .context("the event log is opened for identity")?,
-        )));
+        .with_events(Arc::new(LogMemberEvents::new(events.clone())));
         // Its routes are added once balance is known: merges and imports move points.
         api_keys = Some(Keys::new(identity.store().clone(), clock.clone()));
         let probe = identity.clone();
-        let stream = events
-            .clone()
-            .context("the event log is opened for identity")?;
+        let stream = events.clone();
         health.push(entry(loyalty_identity::grpc::SERVICE_NAMES, move || {
             let (probe, stream) = (probe.clone(), stream.clone());
             async move {
@@ -332,11 +325,9 @@ pub async fn build(
         let mut balance = Balance::new(store, clock.clone());
         // Ledger entries go to the stream reporting reads: always on the shared Redis
         // stream; on the embedded log only when reporting runs in this process to read it.
-        if let Some(log) = &events
-            && (config.storage.backend != Backend::Embedded || runs(ServiceName::Reporting))
-        {
+        if config.storage.backend != Backend::Embedded || runs(ServiceName::Reporting) {
             balance = balance.with_events(Arc::new(
-                loyalty_balance::publish::LogLedgerEvents::new(log.clone()),
+                loyalty_balance::publish::LogLedgerEvents::new(events.clone()),
             ));
         }
         // Bulk accrual checks members with identity, in process or over gRPC when reachable.
@@ -398,9 +389,7 @@ pub async fn build(
             ));
         let segmentation = Segmentation::new(store.clone(), clock.clone());
         routes = loyalty_segmentation::add_routes(routes, segmentation.clone(), max);
-        let log = events
-            .clone()
-            .context("the event log is opened for segmentation")?;
+        let log = events.clone();
         let probe = log.clone();
         health.push(entry(loyalty_segmentation::SERVICE_NAMES, move || {
             let (store, log) = (store.clone(), probe.clone());
@@ -463,9 +452,7 @@ pub async fn build(
                 &config.peers.balance,
             )?)),
         };
-        let log = events
-            .clone()
-            .context("the event log is opened for promotion")?;
+        let log = events.clone();
         // Segment targeting asks segmentation, in process or over gRPC; without it no
         // member is in any segment and campaigns cannot target one.
         let segments: Arc<dyn Segments> = match &segmentation {
@@ -551,9 +538,7 @@ pub async fn build(
             "reporting rollups rebuilt from the stored facts"
         );
         routes = loyalty_reporting::add_routes(routes, reporting.clone(), max);
-        let log = events
-            .clone()
-            .context("the event log is opened for reporting")?;
+        let log = events.clone();
         let probe = (reporting.clone(), log.clone());
         health.push(entry(loyalty_reporting::SERVICE_NAMES, move || {
             let (reporting, log) = probe.clone();
@@ -580,7 +565,7 @@ pub async fn build(
         ));
     }
 
-    let audit = AuditLog::new(events.clone().context("the event log is opened")?)?;
+    let audit = AuditLog::new(events)?;
     Ok(Node {
         audit,
         services: services.to_vec(),

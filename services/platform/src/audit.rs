@@ -33,6 +33,7 @@ use tonic::body::Body;
 
 use crate::access::policy::FieldPath;
 use crate::access::{MethodRule, Principal, wire};
+use crate::clock::{Clock, SystemClock};
 use crate::events::{AUDIT, SharedEventLog};
 
 /// Request or response bytes kept per call; messages beyond are counted, not recorded.
@@ -162,12 +163,16 @@ impl AuditLog {
                 } else {
                     String::new()
                 };
+                // The request is decoded once: its JSON gives the actor, what to scrub
+                // elsewhere, and (redacted) the record's request.
+                let values = to_json(input, &request.messages());
+                let (actor, sensitive) = (actor(values.first()), sensitive_values(&values));
                 (
-                    render(input, &request.messages(), request.more()),
-                    actor(input, first),
+                    finish(values, request.more()),
+                    actor,
                     before,
                     after,
-                    sensitive_values(input, &request.messages()),
+                    sensitive,
                 )
             }
             None => Default::default(),
@@ -181,15 +186,9 @@ impl AuditLog {
         };
         let (before_json, after_json) = (scrub(before_json), scrub(after_json));
         let status_message = scrub(status.message().chars().take(1024).collect());
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
         let record = pb::AuditRecord {
             record_id: uuid::Uuid::now_v7().to_string(),
-            record_time: Some(prost_types::Timestamp {
-                seconds: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
-                nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
-            }),
+            record_time: Some(crate::grpc::timestamp(SystemClock.now_ms())),
             key_id: call.principal.key_id.clone(),
             role: call.principal.role.name().to_string(),
             actor,
@@ -248,16 +247,14 @@ impl AuditLog {
     }
 }
 
-/// The actor a request names in its top-level `actor` field.
-fn actor(input: &MessageDescriptor, message: &[u8]) -> Option<loyalty_proto::common::v1::Actor> {
-    input.get_field_by_name("actor")?;
-    let decoded = DynamicMessage::decode(input.clone(), message).ok()?;
-    let value = decoded.get_field_by_name("actor")?;
-    let actor = value.as_message()?;
+/// The actor a request names in its top-level `actor` field (`message`: its JSON).
+fn actor(message: Option<&serde_json::Value>) -> Option<loyalty_proto::common::v1::Actor> {
+    let actor = message?.get("actor")?;
     let text = |name: &str| {
         actor
-            .get_field_by_name(name)
-            .and_then(|v| v.as_str().map(|s| s.chars().take(256).collect::<String>()))
+            .get(name)
+            .and_then(serde_json::Value::as_str)
+            .map(|s| s.chars().take(256).collect::<String>())
             .unwrap_or_default()
     };
     Some(loyalty_proto::common::v1::Actor {
@@ -266,11 +263,10 @@ fn actor(input: &MessageDescriptor, message: &[u8]) -> Option<loyalty_proto::com
     })
 }
 
-/// Messages as protobuf JSON with proto field names, redacted and bounded: one message as an
-/// object, several as an array (ending in a note when more were not kept).
-pub fn render(descriptor: &MessageDescriptor, messages: &[&[u8]], more: bool) -> String {
+/// Messages as protobuf JSON with proto field names, as they are (not redacted).
+fn to_json(descriptor: &MessageDescriptor, messages: &[&[u8]]) -> Vec<serde_json::Value> {
     let options = SerializeOptions::new().use_proto_field_name(true);
-    let mut values: Vec<serde_json::Value> = messages
+    messages
         .iter()
         .map(|m| match DynamicMessage::decode(descriptor.clone(), *m) {
             Ok(d) => d
@@ -278,7 +274,17 @@ pub fn render(descriptor: &MessageDescriptor, messages: &[&[u8]], more: bool) ->
                 .unwrap_or_else(|e| serde_json::Value::String(format!("<not rendered: {e}>"))),
             Err(_) => serde_json::Value::String("<not a valid message>".into()),
         })
-        .collect();
+        .collect()
+}
+
+/// Messages as protobuf JSON with proto field names, redacted and bounded: one message as an
+/// object, several as an array (ending in a note when more were not kept).
+pub fn render(descriptor: &MessageDescriptor, messages: &[&[u8]], more: bool) -> String {
+    finish(to_json(descriptor, messages), more)
+}
+
+/// [`render`] of messages already in JSON.
+fn finish(mut values: Vec<serde_json::Value>, more: bool) -> String {
     for v in &mut values {
         redact(v);
     }
@@ -305,9 +311,9 @@ pub fn render(descriptor: &MessageDescriptor, messages: &[&[u8]], more: bool) ->
         .to_string()
 }
 
-/// The string values of [`REDACTED`] fields in `messages` (at least 4 characters, so a
-/// short one does not blank ordinary text), longest first.
-fn sensitive_values(descriptor: &MessageDescriptor, messages: &[&[u8]]) -> Vec<String> {
+/// The string values of [`REDACTED`] fields in `messages` (their JSON; values of at least
+/// 4 characters, so a short one does not blank ordinary text), longest first.
+fn sensitive_values(messages: &[serde_json::Value]) -> Vec<String> {
     fn collect(value: &serde_json::Value, under_redacted: bool, out: &mut Vec<String>) {
         match value {
             serde_json::Value::String(s) if under_redacted && s.chars().count() >= 4 => {
@@ -324,14 +330,9 @@ fn sensitive_values(descriptor: &MessageDescriptor, messages: &[&[u8]]) -> Vec<S
             _ => {}
         }
     }
-    let options = SerializeOptions::new().use_proto_field_name(true);
     let mut out = Vec::new();
     for m in messages {
-        if let Ok(d) = DynamicMessage::decode(descriptor.clone(), *m)
-            && let Ok(v) = d.serialize_with_options(serde_json::value::Serializer, &options)
-        {
-            collect(&v, false, &mut out);
-        }
+        collect(m, false, &mut out);
     }
     out.sort_by_key(|v| std::cmp::Reverse(v.len()));
     out.dedup();

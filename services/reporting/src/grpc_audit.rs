@@ -3,7 +3,7 @@
 
 use std::pin::Pin;
 
-use loyalty_platform::clock::Millis;
+use loyalty_platform::clock::{Clock, Millis, SystemClock};
 use loyalty_platform::error::{Error, Violations};
 use loyalty_platform::grpc::{millis, timestamp, to_status};
 use loyalty_proto::common::v1::Actor;
@@ -29,12 +29,6 @@ impl AuditApi {
     pub fn new(reporting: Reporting) -> Self {
         Self { reporting }
     }
-}
-
-fn wall_now() -> Millis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// The query a request's tenant and filter name; `until`: the end when the filter has none.
@@ -117,7 +111,7 @@ impl AuditService for AuditApi {
     ) -> Result<Response<ExportStream>, Status> {
         let r = request.into_inner();
         // Without an end, the export ends at its start: it is a bounded snapshot.
-        let q = query(&r.tenant_id, r.filter, Some(wall_now() + 1))?;
+        let q = query(&r.tenant_id, r.filter, Some(SystemClock.now_ms() + 1))?;
         let mut after = decode_cursor("resume_token", &r.resume_token).map_err(to_status)?;
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let reporting = self.reporting.clone();
