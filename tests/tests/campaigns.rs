@@ -305,18 +305,21 @@ async fn two_for_one_thresholds_boosts_and_fast_burning_points() {
     assert_eq!(c.points_balance, 100_500);
     assert_eq!(pos.balance("t1", &member).await.active, 100_500);
     let entries = all_ledger_entries(&mut pos.balance, "t1", &member).await;
-    let lots: Vec<i64> = entries
+    // Lifetimes run to the end of the store's local day (UTC here) on which they end.
+    let lots: Vec<(i64, i64)> = entries
         .iter()
-        .filter_map(|x| Some(x.expire_time?.seconds - x.activate_time?.seconds))
+        .filter_map(|x| {
+            let expire = x.expire_time?.seconds;
+            Some((expire - x.activate_time?.seconds, expire))
+        })
         .collect();
-    assert!(
-        lots.contains(&(7 * 86_400)),
-        "the bonus lives 7 days: {lots:?}"
-    );
-    assert!(
-        lots.contains(&(180 * 86_400)),
-        "the rest lives 180: {lots:?}"
-    );
+    let lives = |days: i64| {
+        lots.iter().any(|&(life, expire)| {
+            (days * 86_400..(days + 1) * 86_400).contains(&life) && expire % 86_400 == 0
+        })
+    };
+    assert!(lives(7), "the bonus lives 7 days: {lots:?}");
+    assert!(lives(180), "the rest lives 180: {lots:?}");
     server.stop().await;
 }
 

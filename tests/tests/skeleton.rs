@@ -41,6 +41,24 @@ async fn checkout_skeleton_in_dev_mode() {
     assert_eq!(e.points_accrued, 800);
     assert_eq!(c.points_balance, 100_000 - 20_000 + 800);
 
+    // Points expire at the end of a day, so the day's accruals share one expiry (and one
+    // lot): the next expiry is the whole balance.
+    let entries = all_ledger_entries(&mut pos.balance, "t1", &member).await;
+    let expiries: Vec<i64> = entries
+        .iter()
+        .filter_map(|e| Some(e.expire_time?.seconds))
+        .collect();
+    assert_eq!(expiries.len(), 2, "{entries:?}");
+    assert!(expiries.iter().all(|s| s % 86_400 == 0), "{expiries:?}");
+    let b = pos.balance("t1", &member).await;
+    let next = b.next_expiry.unwrap();
+    if expiries[0] == expiries[1] {
+        assert_eq!(next.amount, b.active);
+    } else {
+        // The two commits straddled midnight UTC.
+        assert_eq!((expiries[0] - expiries[1]).abs(), 86_400);
+    }
+
     // Refunding it all gives the redeemed points back and takes the accrual away.
     let r = pos
         .refund("t1", "R-pay", "F-all", &[("1", "1")])

@@ -193,6 +193,7 @@ fn run(
     let situation = Situation {
         store_brand: "Main",
         local: LocalTime::at(now, "Asia/Almaty"),
+        time_zone: "Asia/Almaty",
         lines: infos,
         member: Some(&member),
         profile: Some(&profile),

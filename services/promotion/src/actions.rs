@@ -10,6 +10,7 @@ use loyalty_platform::clock::{DAY_MS, Millis, SharedClock};
 use loyalty_platform::error::{Error, Result};
 use loyalty_platform::types::Channel;
 
+use crate::calendar::end_of_local_day;
 use crate::campaign::{ActionKind, Campaign, CampaignStatus, Mechanic};
 use crate::ports::Points;
 use crate::store::PromotionStore;
@@ -106,11 +107,13 @@ impl ActionBonuses {
         if !facts.active {
             return Ok(Vec::new());
         }
-        // One snapshot read gives the program and the campaigns version.
+        // One snapshot read gives the program, the campaigns version and the time zone of
+        // the member's store (bonus points expire at the end of its local day).
         let ctx = self
             .store
-            .checkout_context(&facts.tenant_id, "", &[], &[])
+            .checkout_context(&facts.tenant_id, &facts.store_id, &[], &[])
             .await?;
+        let time_zone = ctx.store.map(|s| s.time_zone).unwrap_or_default();
         let program = ctx.program;
         let campaigns = self
             .campaigns(&facts.tenant_id, ctx.campaigns_version)
@@ -186,7 +189,7 @@ impl ActionBonuses {
                     points,
                     &format!("campaign:{}", c.campaign_id),
                     now,
-                    (lifetime > 0).then(|| now + lifetime * DAY_MS),
+                    (lifetime > 0).then(|| end_of_local_day(now + lifetime * DAY_MS, &time_zone)),
                 )
                 .await;
             match accrued {

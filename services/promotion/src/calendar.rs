@@ -20,14 +20,9 @@ pub struct LocalTime {
 impl LocalTime {
     /// `now` in `time_zone` (empty or unknown: UTC).
     pub fn at(now: Millis, time_zone: &str) -> Self {
-        let zoned = jiff::Timestamp::from_millisecond(now).ok().map(|ts| {
-            let tz = if time_zone.is_empty() {
-                jiff::tz::TimeZone::UTC
-            } else {
-                jiff::tz::TimeZone::get(time_zone).unwrap_or(jiff::tz::TimeZone::UTC)
-            };
-            ts.to_zoned(tz)
-        });
+        let zoned = jiff::Timestamp::from_millisecond(now)
+            .ok()
+            .map(|ts| ts.to_zoned(zone(time_zone)));
         match zoned {
             Some(z) => {
                 let (year, month, day) = (i32::from(z.year()), z.month() as u8, z.day() as u8);
@@ -61,6 +56,42 @@ impl LocalTime {
     pub fn month_number(&self) -> i32 {
         self.year * 12 + i32::from(self.month) - 1
     }
+}
+
+/// The time zone named `time_zone` (empty or unknown: UTC).
+fn zone(time_zone: &str) -> jiff::tz::TimeZone {
+    if time_zone.is_empty() {
+        jiff::tz::TimeZone::UTC
+    } else {
+        jiff::tz::TimeZone::get(time_zone).unwrap_or(jiff::tz::TimeZone::UTC)
+    }
+}
+
+/// The first local midnight in `time_zone` at or after `at`: points whose lifetime ends at
+/// `at` expire at the end of that local day. Every accrual of one day then shares its
+/// expiry, so the ledger merges them into one lot however often the member buys.
+pub fn end_of_local_day(at: Millis, time_zone: &str) -> Millis {
+    let local_midnight = || -> Result<Millis, jiff::Error> {
+        let zoned = jiff::Timestamp::from_millisecond(at)?.to_zoned(zone(time_zone));
+        let start = zoned.start_of_day()?;
+        if start.timestamp() == zoned.timestamp() {
+            return Ok(at);
+        }
+        Ok(zoned
+            .tomorrow()?
+            .start_of_day()?
+            .timestamp()
+            .as_millisecond())
+    };
+    local_midnight().unwrap_or_else(|_| {
+        // Out of the calendar's range: UTC day arithmetic.
+        let day = at.div_euclid(DAY_MS);
+        if at.rem_euclid(DAY_MS) == 0 {
+            at
+        } else {
+            (day + 1) * DAY_MS
+        }
+    })
 }
 
 /// Whether `name` is a time zone this build knows.
@@ -104,6 +135,40 @@ mod tests {
         assert_eq!(LocalTime::at(t, "Nowhere/Special"), utc);
         assert!(known_time_zone("Europe/Moscow"));
         assert!(!known_time_zone("Mars/Olympus"));
+    }
+
+    #[test]
+    fn points_expire_at_the_end_of_the_store_local_day() {
+        let h = 3_600_000;
+        let day = day_number(2027, 3, 10) * DAY_MS;
+        // UTC: any moment of the day ends at the next midnight; midnight itself stays.
+        assert_eq!(end_of_local_day(day + 14 * h + 123, ""), day + DAY_MS);
+        assert_eq!(end_of_local_day(day + 1, ""), day + DAY_MS);
+        assert_eq!(end_of_local_day(day, ""), day);
+        // Moscow is UTC+3: 22:00 UTC on the 10th is already the 11th there.
+        assert_eq!(
+            end_of_local_day(day + 20 * h, "Europe/Moscow"),
+            day + DAY_MS - 3 * h
+        );
+        assert_eq!(
+            end_of_local_day(day + 22 * h, "Europe/Moscow"),
+            day + 2 * DAY_MS - 3 * h
+        );
+        // Across a change to summer time (Berlin, 2027-03-28: UTC+1 before, UTC+2 after).
+        let berlin = day_number(2027, 3, 28) * DAY_MS;
+        assert_eq!(
+            end_of_local_day(berlin + 12 * h, "Europe/Berlin"),
+            berlin + DAY_MS - 2 * h
+        );
+        assert_eq!(
+            end_of_local_day(berlin - 2 * h, "Europe/Berlin"),
+            berlin - h
+        );
+        // Every purchase of one local day shares the expiry.
+        let ends: std::collections::BTreeSet<Millis> = (0..24 * 60)
+            .map(|m| end_of_local_day(day - 3 * h + 1 + m * 60_000, "Europe/Moscow"))
+            .collect();
+        assert_eq!(ends.len(), 1);
     }
 
     #[test]

@@ -70,6 +70,7 @@ impl Prepared {
         let situation = Situation {
             store_brand: &self.store.brand,
             local: self.local,
+            time_zone: &self.store.time_zone,
             lines: &self.infos,
             member: self.member.as_ref(),
             profile: self.profile.as_ref(),

@@ -15,7 +15,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::book::{Bits, CampaignBook, Entry};
-use crate::calendar::{LocalTime, in_birthday_window};
+use crate::calendar::{LocalTime, end_of_local_day, in_birthday_window};
 use crate::campaign::{
     Benefit, Campaign, CodeRequirement, Coupon, Mechanic, SkipReason, StackingMode, Step, held_out,
 };
@@ -63,6 +63,8 @@ pub struct Codes {
 pub struct Situation<'a> {
     pub store_brand: &'a str,
     pub local: LocalTime,
+    /// The store's IANA time zone (empty: UTC); points expire at the end of its local day.
+    pub time_zone: &'a str,
     /// Aligned with the receipt's lines.
     pub lines: &'a [LineInfo],
     pub member: Option<&'a MemberContext>,
@@ -1017,8 +1019,12 @@ pub fn evaluate(
 
     // Fixed bonuses, each its own lot, spread over the lines for refunds.
     let activate_at = s.now + i64::from(program.activation_delay_days) * DAY_MS;
-    let expire_at = (program.point_lifetime_days > 0)
-        .then(|| activate_at + i64::from(program.point_lifetime_days) * DAY_MS);
+    let expire_at = (program.point_lifetime_days > 0).then(|| {
+        end_of_local_day(
+            activate_at + i64::from(program.point_lifetime_days) * DAY_MS,
+            s.time_zone,
+        )
+    });
     let mut bonuses = Vec::new();
     if member.is_some() {
         for i in 0..n {
@@ -1049,7 +1055,8 @@ pub fn evaluate(
                 campaign_id: c.campaign_id.clone(),
                 points,
                 activate_at: activate,
-                expire_at: (lifetime > 0).then(|| activate + lifetime * DAY_MS),
+                expire_at: (lifetime > 0)
+                    .then(|| end_of_local_day(activate + lifetime * DAY_MS, s.time_zone)),
             });
             campaign_points[i] = points;
             let weights: Vec<Decimal> = lines.iter().map(|l| l.net.max(Decimal::ZERO)).collect();
@@ -1612,6 +1619,7 @@ mod tests {
         let s = Situation {
             store_brand: "",
             local: LocalTime::at(now, ""),
+            time_zone: "",
             lines: &infos,
             member: m,
             profile: None,

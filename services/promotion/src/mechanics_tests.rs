@@ -172,6 +172,7 @@ impl World {
         let s = Situation {
             store_brand: "Main",
             local: LocalTime::at(self.now, ""),
+            time_zone: "",
             lines: &infos,
             member: self.member.as_ref(),
             profile: Some(&self.profile),
@@ -475,7 +476,12 @@ fn fast_burning_bonus_points_have_their_own_lot() {
     let b = &e.bonuses[0];
     assert_eq!(b.points, 50_000);
     assert_eq!(b.activate_at, w.now + DAY_MS);
-    assert_eq!(b.expire_at, Some(w.now + 8 * DAY_MS));
+    // Seven days after activation, to the end of that day.
+    assert_eq!(
+        b.expire_at,
+        Some(crate::calendar::end_of_local_day(w.now + 8 * DAY_MS, ""))
+    );
+    assert_eq!(b.expire_at.unwrap() % DAY_MS, 0);
     assert_eq!(e.total_points_accrued(), 50_000 + 400);
     let e = World::new(&[("a", "C", "1", "300.00", false)])
         .with(bonus)

@@ -60,6 +60,7 @@ fn purchase(receipt_id: &str) -> Purchase {
     let situation = Situation {
         store_brand: "",
         local: LocalTime::at(0, ""),
+        time_zone: "",
         lines: &[LineInfo::default()],
         member: None,
         profile: None,
