@@ -24,14 +24,15 @@ use serde::de::DeserializeOwned;
 use super::{BalanceStore, Due, EntryQuery, Ledger, Page};
 use crate::ledger::{self, Account, Change, Op, OpRecord};
 
+mod sequencer;
+
 /// How often one operation is retried after its hot state had to be rebuilt.
 const MAX_ATTEMPTS: usize = 4;
 /// How long a change waits for the ledger to catch up with the changes before it (applied
 /// to the hot state earlier, still being appended) before the hot state is declared
 /// diverged.
 const COMMIT_WAIT: Duration = Duration::from_secs(1);
-/// Stripes of the per-member lock that keeps one process's changes to a member in order
-/// between the script and the ledger.
+/// Stripes of members for ordering rebuilds with the operations in flight.
 const STRIPES: usize = 4096;
 
 #[derive(Clone)]
@@ -41,7 +42,13 @@ pub struct RedisBalanceStore {
     apply: Script,
     load: Script,
     drop: Script,
-    stripes: Arc<Vec<tokio::sync::Mutex<()>>>,
+    /// Keeps this process's ledger appends of a member in script order.
+    order: Arc<sequencer::Sequencer>,
+    /// Per stripe of members: how many hot states were rebuilt. Operations hold it shared
+    /// from before their script until their change is queued on the ledger; a rebuild holds
+    /// it alone, so it never runs under a script in flight, and the operations it held up
+    /// run on the rebuilt state.
+    rebuilds: Arc<Vec<tokio::sync::RwLock<u64>>>,
 }
 
 impl std::fmt::Debug for RedisBalanceStore {
@@ -125,7 +132,8 @@ impl RedisBalanceStore {
             apply: Script::new(include_str!("redis/apply.lua")),
             load: Script::new(include_str!("redis/load.lua")),
             drop: Script::new(include_str!("redis/drop.lua")),
-            stripes: Arc::new((0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect()),
+            order: Arc::default(),
+            rebuilds: Arc::new((0..STRIPES).map(|_| tokio::sync::RwLock::new(0)).collect()),
         }
     }
 
@@ -183,17 +191,44 @@ impl RedisBalanceStore {
     }
 
     /// Settles a change the ledger first answered with `first`: when it was refused because
-    /// the changes before it (from another process) have not landed yet, waits for them.
+    /// the changes before it have not landed yet, waits for them. The change was computed
+    /// on the hot state as of `seen` rebuilds of its stripe.
     async fn settle(
         &self,
         tenant: &str,
         member: &str,
         change: &Change,
         first: Result<bool>,
+        seen: u64,
     ) -> Result<Commit> {
         if first? {
             return Ok(Commit::Done);
         }
+        let outcome = self
+            .wait_for_predecessor(tenant, member, change, seen)
+            .await;
+        let label = match &outcome {
+            Ok(Commit::Done) => "landed",
+            Ok(Commit::Behind) => "behind",
+            Ok(Commit::Diverged) => "diverged",
+            Err(_) => "error",
+        };
+        metrics::counter!("loyalty_balance_ledger_retries_total", "outcome" => label).increment(1);
+        outcome
+    }
+
+    /// Waits for the change before `change` to reach the ledger, then tries once more. Gives
+    /// up at once when the hot state was rebuilt meanwhile: the predecessor was refused, and
+    /// so will this change be.
+    async fn wait_for_predecessor(
+        &self,
+        tenant: &str,
+        member: &str,
+        change: &Change,
+        seen: u64,
+    ) -> Result<Commit> {
+        let (state_key, _) = keys(tenant, member);
+        let rebuilds = self.rebuilds(&state_key);
         let expected = change.account.version - 1;
         let started = tokio::time::Instant::now();
         let mut pause = Duration::from_micros(200);
@@ -212,7 +247,8 @@ impl RedisBalanceStore {
                     },
                 );
             }
-            if started.elapsed() > COMMIT_WAIT {
+            let rebuilt = rebuilds.try_read().map_or(true, |count| *count != seen);
+            if rebuilt || started.elapsed() > COMMIT_WAIT {
                 return Ok(Commit::Behind);
             }
             tokio::time::sleep(pause).await;
@@ -233,24 +269,32 @@ impl RedisBalanceStore {
 }
 
 impl RedisBalanceStore {
-    fn stripe(&self, tenant: &str, member: &str) -> &tokio::sync::Mutex<()> {
+    fn rebuilds(&self, state_key: &str) -> &tokio::sync::RwLock<u64> {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        (tenant, member).hash(&mut h);
-        &self.stripes[(h.finish() % STRIPES as u64) as usize]
+        state_key.hash(&mut h);
+        &self.rebuilds[(h.finish() % STRIPES as u64) as usize]
     }
 
-    /// Drops a member's hot state and rebuilds it from the ledger, ordered with this
-    /// process's other changes of the member.
-    async fn reset(&self, tenant: &str, member: &str) -> Result<()> {
+    /// Drops a member's hot state and rebuilds it from the ledger, once no script of its
+    /// stripe is in flight in this process, unless it was rebuilt since `seen` (the count
+    /// the refused operation ran under): the operations refused together rebuild once.
+    async fn reset(&self, tenant: &str, member: &str, seen: u64, why: &str) -> Result<()> {
+        let (state_key, _) = keys(tenant, member);
+        let mut rebuilt = self.rebuilds(&state_key).write().await;
+        if *rebuilt != seen {
+            return Ok(());
+        }
         tracing::warn!(
             tenant,
             member,
+            why,
             "hot balance state diverged from the ledger; rebuilding it"
         );
-        let _ordered = self.stripe(tenant, member).lock().await;
         self.drop_state(tenant, member, None).await?;
-        self.rebuild(tenant, member).await
+        self.rebuild(tenant, member).await?;
+        *rebuilt += 1;
+        Ok(())
     }
 
     /// Whether the ledger holds the record under `key`, waiting a little for a change that
@@ -287,10 +331,13 @@ impl RedisBalanceStore {
         let packed_op = pack(&op)?;
         let referenced = ledger::referenced_key(&op).unwrap_or_default();
         for _ in 0..MAX_ATTEMPTS {
-            // Held from the script until the change is queued on the ledger, not until it
-            // is durable: the member's next change from this process queues behind it.
-            // Other processes' changes are ordered by the ledger's condition.
-            let ordered = self.stripe(tenant_id, member_id).lock().await;
+            // Both held from before the script until the change is queued on the ledger
+            // (not until it is durable): a rebuild waits for them, and the member's changes
+            // from this process are queued in script order while several scripts are in
+            // flight. Other processes' changes are ordered by the ledger's condition.
+            let shared = self.rebuilds(&state_key).read().await;
+            let seen = *shared;
+            let ticket = self.order.enter(&state_key);
             let mut con = self.redis.clone();
             let reply: Vec<Value> = self
                 .apply
@@ -314,7 +361,7 @@ impl RedisBalanceStore {
             };
             match status {
                 0 => {
-                    drop(ordered);
+                    drop((ticket, shared));
                     let record = reply.get(1).and_then(bytes).ok_or_else(|| {
                         Error::internal(anyhow::anyhow!("apply.lua replay without a record"))
                     })?;
@@ -324,7 +371,8 @@ impl RedisBalanceStore {
                     if self.durable(tenant_id, member_id, key).await? {
                         return Ok(Some(record));
                     }
-                    self.reset(tenant_id, member_id).await?;
+                    let why = "a replayed operation is not in the ledger";
+                    self.reset(tenant_id, member_id, seen, why).await?;
                 }
                 1 => {
                     let change: Change = match reply
@@ -338,6 +386,7 @@ impl RedisBalanceStore {
                         Ok(change) => change,
                         Err(e) => {
                             // Applied in Redis but unreadable here: take it back out.
+                            drop((ticket, shared));
                             let _ = self.drop_state(tenant_id, member_id, None).await;
                             return Err(e);
                         }
@@ -346,19 +395,28 @@ impl RedisBalanceStore {
                         Some(b) if !b.is_empty() => Some(unpack::<OpRecord>(b)?),
                         _ => None,
                     };
+                    ticket.turn(change.account.version).await;
                     let submitted = self
                         .ledger
                         .submit(tenant_id, member_id, change.account.version - 1, &change)
                         .await;
-                    drop(ordered);
+                    drop((ticket, shared));
                     let first = match submitted {
                         Ok(pending) => pending.await,
                         Err(e) => Err(e),
                     };
-                    match self.settle(tenant_id, member_id, &change, first).await {
+                    match self
+                        .settle(tenant_id, member_id, &change, first, seen)
+                        .await
+                    {
                         Ok(Commit::Done) => return Ok(record),
-                        Ok(Commit::Behind | Commit::Diverged) => {
-                            self.reset(tenant_id, member_id).await?;
+                        Ok(Commit::Behind) => {
+                            let why = "the change before it never reached the ledger";
+                            self.reset(tenant_id, member_id, seen, why).await?;
+                        }
+                        Ok(Commit::Diverged) => {
+                            let why = "the ledger holds another change in its place";
+                            self.reset(tenant_id, member_id, seen, why).await?;
                         }
                         Err(e) => {
                             // Not acknowledged: take the change back out of the hot state
@@ -371,11 +429,11 @@ impl RedisBalanceStore {
                     }
                 }
                 2 => {
-                    drop(ordered);
+                    drop((ticket, shared));
                     self.rebuild(tenant_id, member_id).await?;
                 }
                 3 => {
-                    drop(ordered);
+                    drop((ticket, shared));
                     // Nothing to do in the hot state; make sure it is not behind the ledger
                     // (the expiry process relies on this answer).
                     let hot = match reply.get(1) {
@@ -385,7 +443,8 @@ impl RedisBalanceStore {
                     if self.ledger.version(tenant_id, member_id).await? <= hot {
                         return Ok(None);
                     }
-                    self.reset(tenant_id, member_id).await?;
+                    let why = "the state is behind the ledger";
+                    self.reset(tenant_id, member_id, seen, why).await?;
                 }
                 other => {
                     return Err(Error::internal(anyhow::anyhow!(
