@@ -43,6 +43,14 @@ struct Stripe {
     changed: tokio::sync::Notify,
 }
 
+impl Stripe {
+    /// The table of tickets; a panic elsewhere while holding it leaves it consistent (every
+    /// change is one insert, update or removal), so a poisoned lock is used as it is.
+    fn members(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<InFlight>>> {
+        self.members.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 #[derive(Debug)]
 pub struct Sequencer {
     stripes: Vec<Stripe>,
@@ -73,9 +81,7 @@ impl Sequencer {
         let stripe = (h.finish() % STRIPES as u64) as usize;
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.stripes[stripe]
-            .members
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+            .members()
             .entry(member.to_string())
             .or_default()
             .push((id, None));
@@ -92,14 +98,7 @@ impl Sequencer {
     fn in_flight(&self) -> usize {
         self.stripes
             .iter()
-            .map(|s| {
-                s.members
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .values()
-                    .map(Vec::len)
-                    .sum::<usize>()
-            })
+            .map(|s| s.members().values().map(Vec::len).sum::<usize>())
             .sum()
     }
 }
@@ -134,10 +133,7 @@ impl Ticket {
             // Registered before the check, so a wake-up between the two is not lost.
             let changed = stripe.changed.notified();
             {
-                let mut members = stripe
-                    .members
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
+                let mut members = stripe.members();
                 let Some(tickets) = members.get_mut(&self.member) else {
                     return;
                 };
@@ -171,10 +167,7 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         let stripe = &self.sequencer.stripes[self.stripe];
         {
-            let mut members = stripe
-                .members
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut members = stripe.members();
             if let Some(tickets) = members.get_mut(&self.member) {
                 tickets.retain(|(id, _)| *id != self.id);
                 if tickets.is_empty() {
@@ -206,10 +199,7 @@ mod tests {
         // Another member never waits.
         tokio::time::timeout(LIVE, other.turn(1)).await.unwrap();
         // Version 6 answered first: it waits for the script that has not answered.
-        let waiting = tokio::spawn(async move {
-            second.turn(6).await;
-            second
-        });
+        let waiting = spawn_turn(second, 6);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiting.is_finished());
         // The other script answers with version 5: it goes first, without waiting.
@@ -237,16 +227,10 @@ mod tests {
         let first = seq.enter("m");
         let second = seq.enter("m");
         // The second ticket's script ran first (version 5): it waits for the first...
-        let waiting = tokio::spawn(async move {
-            second.turn(5).await;
-            second
-        });
+        let waiting = spawn_turn(second, 5);
         tokio::time::sleep(Duration::from_millis(20)).await;
         // ...whose version 6 then shows it is not an earlier change; the first waits for 5.
-        let first_turn = tokio::spawn(async move {
-            first.turn(6).await;
-            first
-        });
+        let first_turn = spawn_turn(first, 6);
         let second = tokio::time::timeout(LIVE, waiting)
             .await
             .expect("the second is released once the first's version is known")
@@ -267,20 +251,9 @@ mod tests {
         let seq = patient();
         let blocker = seq.enter("m");
         let first = seq.enter("m");
-        let waiting = tokio::spawn(async move {
-            first.turn(6).await;
-            first
-        });
+        let waiting = spawn_turn(first, 6);
         // Once the first waits with its version known...
-        while !seq.stripes.iter().any(|s| {
-            s.members
-                .lock()
-                .unwrap()
-                .get("m")
-                .is_some_and(|t| t.iter().any(|(_, v)| *v == Some(6)))
-        }) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_known(&seq, "m", 6).await;
         // ...a ticket taken now sends its script later, whatever it is.
         let _later = seq.enter("m");
         drop(blocker);
@@ -293,15 +266,34 @@ mod tests {
         let first = seq.enter("m");
         let second = seq.enter("m");
         // The first answers with 6 while the second's script (version 5) is unanswered.
-        let waiting = tokio::spawn(async move {
-            first.turn(6).await;
-            first
-        });
+        let waiting = spawn_turn(first, 6);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiting.is_finished());
         tokio::time::timeout(LIVE, second.turn(5)).await.unwrap();
         drop(second);
         tokio::time::timeout(LIVE, waiting).await.unwrap().unwrap();
+    }
+
+    /// Runs `ticket`'s turn for `version` on a task of its own, handing the ticket back.
+    fn spawn_turn(ticket: Ticket, version: i64) -> tokio::task::JoinHandle<Ticket> {
+        tokio::spawn(async move {
+            ticket.turn(version).await;
+            ticket
+        })
+    }
+
+    /// Waits until a ticket of `member` has answered with `version`.
+    async fn until_known(seq: &Sequencer, member: &str, version: i64) {
+        let known = || {
+            seq.stripes.iter().any(|s| {
+                s.members()
+                    .get(member)
+                    .is_some_and(|t| t.iter().any(|(_, v)| *v == Some(version)))
+            })
+        };
+        while !known() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Marks `ticket` as answered with `version` without waiting for its turn.
