@@ -73,14 +73,15 @@ async fn list(
         .map(tonic::Response::into_inner)
 }
 
-/// Every record of the tenant, newest first, once `want` have arrived (the log is fed
-/// from the event stream).
+/// Every record of the tenant, newest first, once `want` have arrived and each has its
+/// answer (the log is fed from the event stream: a call's start may be read before its
+/// answer).
 async fn all_records(channel: &Channel, key: &str, want: usize) -> Vec<rpb::AuditRecord> {
     for _ in 0..200 {
         let page = list(channel, key, rpb::AuditFilter::default(), 1000, "")
             .await
             .unwrap();
-        if page.records.len() >= want {
+        if page.records.len() >= want && page.records.iter().all(|r| !r.in_flight) {
             return page.records;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -492,7 +493,7 @@ async fn changes_in_one_process_reach_the_audit_log_of_another_over_redis() {
             .unwrap()
             .into_inner()
             .records;
-        if records.len() >= 5 {
+        if records.len() >= 5 && records.iter().all(|r| !r.in_flight) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -526,4 +527,125 @@ async fn changes_in_one_process_reach_the_audit_log_of_another_over_redis() {
     assert!(text.contains("reporting"), "{text}");
     pos_node.stop().await;
     reporting.stop().await;
+}
+
+/// The log's records of one RPC in a dev-mode server with authentication off, newest first.
+async fn records_of(channel: &Channel, method: &str) -> Vec<rpb::AuditRecord> {
+    rpb::audit_service_client::AuditServiceClient::new(channel.clone())
+        .list_audit_records(rpb::ListAuditRecordsRequest {
+            tenant_id: T.into(),
+            filter: Some(rpb::AuditFilter {
+                method: method.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records
+}
+
+/// A process killed while an admin's call runs leaves the call's start in the log, marked in
+/// flight: who sent what, and that no answer was recorded. The start is written before the
+/// handler sees the request, so no change can be made that the log does not know of.
+#[tokio::test]
+async fn a_call_cut_short_by_a_killed_process_stays_in_the_log_in_flight() {
+    const IMPORT: &str = "loyalty.identity.v1.MemberService/ImportMembers";
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(Launch::dev(), dir.path()).await;
+    let channel = server.channel().await;
+
+    // An import whose stream stays open: its first chunk is imported and answered, and the
+    // handler waits for more.
+    let (rows, stream) = tokio::sync::mpsc::channel(4);
+    rows.send(ipb::ImportMembersRequest {
+        tenant_id: T.into(),
+        import_id: "migration-7".into(),
+        rows: vec![ipb::ImportMemberRow {
+            row_number: 1,
+            phone: PHONE.into(),
+            first_name: FIRST.into(),
+            ..Default::default()
+        }],
+    })
+    .await
+    .unwrap();
+    let mut replies = ipb::member_service_client::MemberServiceClient::new(channel.clone())
+        .import_members(tokio_stream::wrappers::ReceiverStream::new(stream))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = replies.message().await.unwrap().unwrap();
+    assert_eq!(first.rows_imported, 1, "{first:?}");
+
+    let mut started = Vec::new();
+    for _ in 0..200 {
+        started = records_of(&channel, IMPORT).await;
+        if !started.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let [start] = started.as_slice() else {
+        panic!("one record of the running import expected: {started:?}");
+    };
+    assert!(start.in_flight, "{start:?}");
+    assert_eq!(start.status_code, Code::Unknown as i32, "{start:?}");
+    assert!(start.request_json.contains("migration-7"), "{start:?}");
+    assert!(!start.request_json.contains(PHONE) && !start.request_json.contains(FIRST));
+    assert!(start.after_json.is_empty());
+
+    // No graceful shutdown: the call never gets its answer recorded.
+    server.child.start_kill().unwrap();
+    server.child.wait().await.unwrap();
+    drop((rows, replies));
+
+    let server = Server::start(Launch::dev(), dir.path()).await;
+    let channel = server.channel().await;
+    let after = records_of(&channel, IMPORT).await;
+    assert_eq!(
+        after, started,
+        "the start survives the kill, still in flight"
+    );
+
+    // A call answered normally leaves one record, its answer, in place of its start.
+    let (rows, stream) = tokio::sync::mpsc::channel(1);
+    rows.send(ipb::ImportMembersRequest {
+        tenant_id: T.into(),
+        import_id: "migration-8".into(),
+        rows: vec![ipb::ImportMemberRow {
+            row_number: 1,
+            phone: "+77017600043".into(),
+            ..Default::default()
+        }],
+    })
+    .await
+    .unwrap();
+    drop(rows);
+    let mut replies = ipb::member_service_client::MemberServiceClient::new(channel.clone())
+        .import_members(tokio_stream::wrappers::ReceiverStream::new(stream))
+        .await
+        .unwrap()
+        .into_inner();
+    while replies.message().await.unwrap().is_some() {}
+    let mut records = Vec::new();
+    for _ in 0..200 {
+        records = records_of(&channel, IMPORT).await;
+        if records.len() == 2 && !records[0].in_flight {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert!(
+        !records[0].in_flight && records[0].status_code == 0,
+        "{records:?}"
+    );
+    assert!(
+        records[0].request_json.contains("migration-8"),
+        "{records:?}"
+    );
+    assert_eq!(records[1], started[0]);
+    server.stop().await;
 }

@@ -191,7 +191,9 @@ async fn no_personal_data_in_logs_or_analyst_answers() {
             .unwrap()
             .into_inner()
             .records;
-        if records.iter().any(|r| r.method.ends_with("/EraseMember")) {
+        if records.iter().any(|r| r.method.ends_with("/EraseMember"))
+            && records.iter().all(|r| !r.in_flight)
+        {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -30,6 +30,7 @@ use tonic::body::Body;
 pub use limits::RateLimits;
 pub use policy::{MethodRule, Policy};
 
+use crate::clock::{Clock, SystemClock};
 use crate::error::Result;
 
 /// What a caller may do. Every RPC lists the roles it allows.
@@ -505,6 +506,8 @@ where
                         })
                         .map(|log| {
                             let call = crate::audit::Call {
+                                record_id: uuid::Uuid::now_v7().to_string(),
+                                started: SystemClock.now_ms(),
                                 path: parts.uri.path().to_string(),
                                 principal: principal.clone(),
                                 rule,
@@ -525,10 +528,7 @@ where
                     let Some((log, call)) = audit else {
                         return inner.call(http::Request::from_parts(parts, body)).await;
                     };
-                    let body = Body::new(crate::audit::Tapped {
-                        inner: body,
-                        capture: call.request.clone(),
-                    });
+                    let body = Body::new(crate::audit::Tapped::new(body, log.clone(), &call));
                     // Recorded as cancelled if this future is dropped before the handler
                     // answers (the caller reset the call).
                     let mut pending = crate::audit::Pending::new(log, call);

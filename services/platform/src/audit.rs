@@ -3,13 +3,20 @@
 //! A call is audited when its caller has the `admin` role (with authentication off, every
 //! caller does), the RPC allows admins, and the RPC changes something (it is not one of
 //! [`crate::access::policy::READS`]). The layer keeps a copy of the request's messages as they
-//! reach the handler and of the response as it leaves, and when the handler has answered it
-//! appends one record to the `audit` stream: who (key id, role, the request's actor), when,
-//! what (the RPC, the request, the member it names), the outcome (gRPC status), the state
-//! after (the response) and, where the handler supplies it with [`with_before`], the state
-//! before. The call's status reaches the caller only once the record is in the stream, so
-//! nothing is acknowledged that was not audited (a record that cannot be written is logged
-//! as an error and counted in `loyalty_audit_records_total{outcome="failed"}`).
+//! reach the handler and of the response as it leaves. Each call is recorded twice under one
+//! record id, on the `audit` stream:
+//!
+//! - its start, before the handler sees the request's first message: who (key id, role, the
+//!   request's actor), when, what (the RPC, the request, the member it names), marked
+//!   `in_flight`. If it cannot be written, the handler gets an error instead of the request,
+//!   so nothing changes unaudited; a process killed later leaves this record behind.
+//! - its answer, once the handler has answered: the same, with the outcome (gRPC status), the
+//!   state after (the response) and, where the handler supplies it with [`with_before`], the
+//!   state before. The call's status reaches the caller only once this record is in the
+//!   stream (one that cannot be written is logged as an error and counted in
+//!   `loyalty_audit_records_total{outcome="failed"}`).
+//!
+//! The reader keeps the answer over the start, whichever arrives first.
 //!
 //! Records carry no personal data and no secrets: the fields in [`REDACTED`] are replaced by
 //! `"<redacted>"` before anything is written, so erasing a member leaves nothing behind here.
@@ -33,7 +40,7 @@ use tonic::body::Body;
 
 use crate::access::policy::FieldPath;
 use crate::access::{MethodRule, Principal, wire};
-use crate::clock::{Clock, SystemClock};
+use crate::clock::Millis;
 use crate::events::{AUDIT, SharedEventLog};
 
 /// Request or response bytes kept per call; messages beyond are counted, not recorded.
@@ -121,8 +128,14 @@ impl AuditLog {
         })
     }
 
-    /// The record of one finished call.
-    fn record(&self, call: &Call, after: &Capture, status: &Status) -> (String, pb::AuditRecord) {
+    /// The record of one call: finished, or (`in_flight`) about to start.
+    fn record(
+        &self,
+        call: &Call,
+        after: &Capture,
+        status: &Status,
+        in_flight: bool,
+    ) -> (String, pb::AuditRecord) {
         let request = call.request.lock().map(|c| c.clone()).unwrap_or_default();
         let first = request.messages().first().copied().unwrap_or_default();
         // A message cut by the capture still names its tenant and member near its start.
@@ -187,8 +200,8 @@ impl AuditLog {
         let (before_json, after_json) = (scrub(before_json), scrub(after_json));
         let status_message = scrub(status.message().chars().take(1024).collect());
         let record = pb::AuditRecord {
-            record_id: uuid::Uuid::now_v7().to_string(),
-            record_time: Some(crate::grpc::timestamp(SystemClock.now_ms())),
+            record_id: call.record_id.clone(),
+            record_time: Some(crate::grpc::timestamp(call.started)),
             key_id: call.principal.key_id.clone(),
             role: call.principal.role.name().to_string(),
             actor,
@@ -199,6 +212,7 @@ impl AuditLog {
             request_json,
             before_json,
             after_json,
+            in_flight,
         };
         (tenant_id, record)
     }
@@ -210,9 +224,28 @@ impl AuditLog {
         tokio::spawn(async move { log.write(call, after, status).await })
     }
 
-    /// Appends the record of `call`; failures are logged and counted, never returned.
+    /// Appends the record of `call`'s answer; failures are logged and counted, never returned.
     async fn write(&self, call: Call, after: Capture, status: Status) {
-        let (tenant_id, record) = self.record(&call, &after, &status);
+        let _ = self.append(&call, &after, &status, false).await;
+    }
+
+    /// Appends the record of `call`'s start, before its handler sees the request.
+    async fn write_start(&self, call: &Call) -> Result<(), Status> {
+        let unknown = Status::unknown(
+            "no answer recorded: the call is running, or its process ended before answering",
+        );
+        self.append(call, &Capture::default(), &unknown, true).await
+    }
+
+    /// Appends one record of `call`; failures are logged, counted and returned.
+    async fn append(
+        &self,
+        call: &Call,
+        after: &Capture,
+        status: &Status,
+        in_flight: bool,
+    ) -> Result<(), Status> {
+        let (tenant_id, record) = self.record(call, after, status, in_flight);
         if tenant_id.is_empty() {
             tracing::error!(method = %call.path, key_id = %call.principal.key_id, "an audit record names no tenant; it is kept under tenant \"-\"");
         }
@@ -221,8 +254,9 @@ impl AuditLog {
         } else {
             tenant_id
         };
+        let suffix = if in_flight { "/start" } else { "" };
         let event = ev::Event {
-            event_id: format!("audit/{tenant_id}/{}", record.record_id),
+            event_id: format!("audit/{tenant_id}/{}{suffix}", record.record_id),
             tenant_id,
             event_time: record.record_time,
             kind: Some(ev::event::Kind::Audit(record)),
@@ -232,18 +266,23 @@ impl AuditLog {
             self.log.append(AUDIT, &[event.encode_to_vec()]),
         )
         .await;
-        let outcome = match written {
-            Ok(Ok(())) => "written",
+        let (outcome, result) = match written {
+            Ok(Ok(())) => ("written", Ok(())),
             Ok(Err(e)) => {
-                tracing::error!(error = %e, method = %call.path, key_id = %call.principal.key_id, "an audit record could not be written");
-                "failed"
+                tracing::error!(error = %e, method = %call.path, key_id = %call.principal.key_id, in_flight, "an audit record could not be written");
+                ("failed", Err(e.to_string()))
             }
             Err(_) => {
-                tracing::error!(method = %call.path, key_id = %call.principal.key_id, "an audit record could not be written in time");
-                "failed"
+                tracing::error!(method = %call.path, key_id = %call.principal.key_id, in_flight, "an audit record could not be written in time");
+                ("failed", Err("timed out".to_string()))
             }
         };
         metrics::counter!("loyalty_audit_records_total", "outcome" => outcome).increment(1);
+        result.map_err(|e| {
+            Status::unavailable(format!(
+                "the audit log could not be written ({e}), so the call was not made"
+            ))
+        })
     }
 }
 
@@ -411,6 +450,18 @@ impl Capture {
         &self.kept[5..self.kept.len().min(5 + len)]
     }
 
+    /// The first message has arrived whole (in any encoding), or more than is kept.
+    fn has_first(&self) -> bool {
+        if self.kept.len() >= 5 {
+            let len = u32::from_be_bytes([self.kept[1], self.kept[2], self.kept[3], self.kept[4]])
+                as usize;
+            if self.kept.len() >= 5 + len {
+                return true;
+            }
+        }
+        self.seen > self.kept.len()
+    }
+
     /// Bytes went by that were not kept (or a message was cut).
     fn more(&self) -> bool {
         let complete: usize = self.messages().iter().map(|m| m.len() + 5).sum();
@@ -419,7 +470,12 @@ impl Capture {
 }
 
 /// An audited call, while it runs.
+#[derive(Clone)]
 pub(crate) struct Call {
+    /// Shared by the records of its start and of its answer: time-ordered (UUID v7).
+    pub record_id: String,
+    /// When the call reached the service.
+    pub started: Millis,
     pub path: String,
     pub principal: Principal,
     pub rule: Arc<MethodRule>,
@@ -427,10 +483,30 @@ pub(crate) struct Call {
     pub before: Option<AuditBefore>,
 }
 
-/// A request body that keeps a copy of what passes to the handler.
+type BodyFrame = Option<Result<Frame<Bytes>, Status>>;
+
+/// A request body that keeps a copy of what passes to the handler, and holds the frame that
+/// completes the first message (or ends the body) until the record of the call's start is
+/// written.
 pub(crate) struct Tapped {
-    pub inner: Body,
-    pub capture: Arc<Mutex<Capture>>,
+    inner: Body,
+    capture: Arc<Mutex<Capture>>,
+    /// The call whose start is still to be recorded.
+    start: Option<(AuditLog, Call)>,
+    writing: Option<tokio::task::JoinHandle<Result<(), Status>>>,
+    held: Option<BodyFrame>,
+}
+
+impl Tapped {
+    pub(crate) fn new(inner: Body, log: AuditLog, call: &Call) -> Self {
+        Self {
+            inner,
+            capture: call.request.clone(),
+            start: Some((log, call.clone())),
+            writing: None,
+            held: None,
+        }
+    }
 }
 
 impl http_body::Body for Tapped {
@@ -441,18 +517,38 @@ impl http_body::Body for Tapped {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let this = &mut *self;
+        if let Some(writing) = &mut this.writing {
+            let written = ready!(Pin::new(writing).poll(cx))
+                .unwrap_or_else(|e| Err(Status::internal(format!("audit: {e}"))));
+            this.writing = None;
+            let frame = this.held.take().flatten();
+            return Poll::Ready(match written {
+                Ok(()) => frame,
+                Err(status) => Some(Err(status)),
+            });
+        }
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        let mut first = !matches!(&frame, Some(Ok(_)));
         if let Some(Ok(frame)) = &frame
             && let Some(data) = frame.data_ref()
-            && let Ok(mut capture) = self.capture.lock()
+            && let Ok(mut capture) = this.capture.lock()
         {
             capture.push(data);
+            first = capture.has_first();
+        }
+        if first && let Some((log, call)) = this.start.take() {
+            // Written on a task of its own, so it completes even if the call is dropped.
+            this.writing = Some(tokio::spawn(async move { log.write_start(&call).await }));
+            this.held = Some(frame);
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
         }
         Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.held.is_none() && self.writing.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
@@ -621,6 +717,132 @@ mod tests {
         out.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
         out.extend_from_slice(message);
         out
+    }
+
+    /// An event log whose appends succeed (recorded) or fail.
+    #[derive(Debug, Default)]
+    struct Appends {
+        fail: bool,
+        seen: Mutex<Vec<ev::Event>>,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::events::EventLog for Appends {
+        async fn append(&self, _: &str, payloads: &[Vec<u8>]) -> crate::error::Result<()> {
+            if self.fail {
+                return Err(crate::error::Error::Unavailable("the log is down".into()));
+            }
+            let mut seen = self.seen.lock().unwrap();
+            seen.extend(
+                payloads
+                    .iter()
+                    .map(|p| ev::Event::decode(p.as_slice()).unwrap()),
+            );
+            Ok(())
+        }
+        async fn create_group(&self, _: &str, _: &str) -> crate::error::Result<()> {
+            Ok(())
+        }
+        async fn read(
+            &self,
+            _: &str,
+            _: &str,
+            _: &str,
+            _: usize,
+            _: Duration,
+        ) -> crate::error::Result<Vec<crate::events::Delivery>> {
+            Ok(Vec::new())
+        }
+        async fn ack(&self, _: &str, _: &str, _: &[String]) -> crate::error::Result<()> {
+            Ok(())
+        }
+        async fn claim(
+            &self,
+            _: &str,
+            _: &str,
+            _: &str,
+            _: Duration,
+            _: usize,
+        ) -> crate::error::Result<Vec<crate::events::Delivery>> {
+            Ok(Vec::new())
+        }
+        async fn lag(&self, _: &str, _: &str) -> crate::error::Result<crate::events::Lag> {
+            Ok(crate::events::Lag::default())
+        }
+        async fn ping(&self) -> crate::error::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// An admin's `Adjust` with its request body, tapped for the audit log `log`.
+    fn tapped_adjust(log: Arc<Appends>) -> (Call, Tapped) {
+        use loyalty_proto::balance::v1 as bpb;
+        let request = bpb::AdjustRequest {
+            tenant_id: "t".into(),
+            member_id: "m1".into(),
+            idempotency_key: "k".into(),
+            amount: 5,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let body = Body::new(http_body_util::Full::new(Bytes::from(framed(&request))));
+        let call = Call {
+            record_id: "0193-record".into(),
+            started: 1_000,
+            path: "/loyalty.balance.v1.BalanceService/Adjust".into(),
+            principal: Principal::unrestricted(),
+            rule: Arc::new(MethodRule {
+                roles: &[],
+                tenant: Some(vec![1]),
+                store: None,
+                member: Some(vec![2]),
+                audited: true,
+            }),
+            request: Arc::default(),
+            before: None,
+        };
+        let tapped = Tapped::new(body, AuditLog::new(log).unwrap(), &call);
+        (call, tapped)
+    }
+
+    #[tokio::test]
+    async fn the_handler_sees_the_request_only_after_its_start_is_recorded() {
+        use http_body_util::BodyExt;
+        let log = Arc::new(Appends::default());
+        let (_, mut body) = tapped_adjust(log.clone());
+        let frame = body.frame().await.unwrap().unwrap();
+        assert!(frame.data_ref().is_some());
+        let seen = log.seen.lock().unwrap().clone();
+        let [event] = seen.as_slice() else {
+            panic!("one record expected before the request: {seen:?}");
+        };
+        assert_eq!(event.event_id, "audit/t/0193-record/start");
+        let Some(ev::event::Kind::Audit(record)) = &event.kind else {
+            panic!("{event:?}");
+        };
+        assert!(record.in_flight);
+        assert_eq!(record.member_id, "m1");
+        assert_eq!(record.status_code, tonic::Code::Unknown as i32);
+        assert!(
+            record.request_json.contains("\"amount\":\"5\""),
+            "{record:?}"
+        );
+        // The rest of the body passes as it is, with no second start.
+        assert!(body.frame().await.is_none());
+        assert_eq!(log.seen.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_start_that_cannot_be_recorded_keeps_the_request_from_the_handler() {
+        use http_body_util::BodyExt;
+        let log = Arc::new(Appends {
+            fail: true,
+            ..Default::default()
+        });
+        let (_, mut body) = tapped_adjust(log);
+        let refused = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        assert!(refused.message().contains("audit log"), "{refused:?}");
     }
 
     #[test]

@@ -33,6 +33,10 @@ pub struct AuditEntry {
     pub request: String,
     pub before: String,
     pub after: String,
+    /// The record of the call's start, with no answer recorded (yet, or ever: its process
+    /// ended). Kept by the store beside the record, not in it.
+    #[serde(skip)]
+    pub in_flight: bool,
 }
 
 /// Which records a list or export reads.

@@ -211,6 +211,7 @@ pub fn decode_audit(payload: &[u8]) -> Option<AuditEntry> {
         request: r.request_json,
         before: r.before_json,
         after: r.after_json,
+        in_flight: r.in_flight,
     })
 }
 

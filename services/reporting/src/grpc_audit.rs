@@ -69,6 +69,7 @@ fn record(e: AuditEntry) -> pb::AuditRecord {
         request_json: e.request,
         before_json: e.before,
         after_json: e.after,
+        in_flight: e.in_flight,
     }
 }
 

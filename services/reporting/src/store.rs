@@ -92,8 +92,9 @@ pub trait ReportingStore: Send + Sync + std::fmt::Debug {
         ledger: bool,
     ) -> Result<Vec<Fact>>;
 
-    /// Stores, in one durable write, the audit records not stored yet (by tenant and id);
-    /// returns how many were new.
+    /// Stores, in one durable write, the audit records not stored yet (by tenant and id),
+    /// and answers over the starts (`in_flight`) of their calls; a start never replaces
+    /// anything. Returns how many records were stored or replaced.
     async fn append_audit(&self, entries: Vec<AuditEntry>) -> Result<usize>;
 
     /// A tenant's audit records matching `query`, in `order` after `after`: at most `limit`,

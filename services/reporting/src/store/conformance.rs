@@ -95,6 +95,7 @@ pub async fn run(store: &dyn ReportingStore) {
     member_facts_are_found_by_member(store).await;
     scans_visit_everything_once(store).await;
     audit_records_are_stored_once_and_paged_both_ways(store).await;
+    an_answer_replaces_its_start_in_either_order(store).await;
 }
 
 fn audit_entry(tenant: &str, time: i64, id: &str, method: &str) -> AuditEntry {
@@ -113,7 +114,56 @@ fn audit_entry(tenant: &str, time: i64, id: &str, method: &str) -> AuditEntry {
         request: "{}".into(),
         before: String::new(),
         after: "{}".into(),
+        in_flight: false,
     }
+}
+
+async fn an_answer_replaces_its_start_in_either_order(store: &dyn ReportingStore) {
+    let t = "audit-open";
+    let start = |id: &str| AuditEntry {
+        status_code: 2,
+        after: String::new(),
+        in_flight: true,
+        ..audit_entry(t, 5_000, id, "a.S/Change")
+    };
+    let answer = |id: &str| AuditEntry {
+        after: "{\"done\":true}".into(),
+        ..audit_entry(t, 5_000, id, "a.S/Change")
+    };
+    let all = AuditQuery::new(None, None, "", "", "").unwrap();
+    let page = || async {
+        store
+            .audit_page(t, &all, Order::OldestFirst, None, 100, usize::MAX)
+            .await
+            .unwrap()
+            .entries
+    };
+
+    // A start alone is listed as in flight, and a redelivered start changes nothing.
+    assert_eq!(store.append_audit(vec![start("a")]).await.unwrap(), 1);
+    assert_eq!(store.append_audit(vec![start("a")]).await.unwrap(), 0);
+    assert_eq!(page().await, [start("a")]);
+    // Its answer replaces it, once; a start redelivered after the answer is ignored.
+    assert_eq!(store.append_audit(vec![answer("a")]).await.unwrap(), 1);
+    assert_eq!(
+        store
+            .append_audit(vec![start("a"), answer("a")])
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(page().await, [answer("a")]);
+    // The answer first (or both in one batch): the start never replaces it.
+    assert_eq!(store.append_audit(vec![answer("b")]).await.unwrap(), 1);
+    assert_eq!(store.append_audit(vec![start("b")]).await.unwrap(), 0);
+    assert_eq!(
+        store
+            .append_audit(vec![start("c"), answer("c")])
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(page().await, [answer("a"), answer("b"), answer("c")]);
 }
 
 async fn audit_records_are_stored_once_and_paged_both_ways(store: &dyn ReportingStore) {

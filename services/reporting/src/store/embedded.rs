@@ -39,6 +39,8 @@ const AUDIT: TableDefinition<(&str, i64, &str), &[u8]> = TableDefinition::new("a
 const AUDIT_HEADS: TableDefinition<(&str, i64, &str), &[u8]> = TableDefinition::new("audit_heads");
 /// (tenant, record id) → the record's time: each record is stored once.
 const AUDIT_IDS: TableDefinition<(&str, &str), i64> = TableDefinition::new("audit_ids");
+/// (tenant, record id) of the records that are a call's start, with no answer yet.
+const AUDIT_OPEN: TableDefinition<(&str, &str), ()> = TableDefinition::new("audit_open");
 
 const KINDS: [Receipts; 3] = [Receipts::Purchases, Receipts::Refunds, Receipts::Ledger];
 
@@ -387,11 +389,21 @@ impl ReportingStore for EmbeddedReportingStore {
                 let mut ids = txn.open_table(AUDIT_IDS).map_err(e)?;
                 let mut records = txn.open_table(AUDIT).map_err(e)?;
                 let mut heads = txn.open_table(AUDIT_HEADS).map_err(e)?;
+                let mut open = txn.open_table(AUDIT_OPEN).map_err(e)?;
                 let mut fresh = 0;
                 for entry in &entries {
                     let key = (entry.tenant_id.as_str(), entry.id.as_str());
-                    if ids.get(key).map_err(e)?.is_some() {
-                        continue;
+                    let stored = ids.get(key).map_err(e)?.map(|t| t.value());
+                    if let Some(time) = stored {
+                        // Only the answer to a start still open replaces it.
+                        if entry.in_flight || open.remove(key).map_err(e)?.is_none() {
+                            continue;
+                        }
+                        let old = (entry.tenant_id.as_str(), time, entry.id.as_str());
+                        records.remove(old).map_err(e)?;
+                        heads.remove(old).map_err(e)?;
+                    } else if entry.in_flight {
+                        open.insert(key, ()).map_err(e)?;
                     }
                     ids.insert(key, entry.time).map_err(e)?;
                     let key = (entry.tenant_id.as_str(), entry.time, entry.id.as_str());
@@ -426,6 +438,7 @@ impl ReportingStore for EmbeddedReportingStore {
                 else {
                     return Ok(page);
                 };
+                let open = open_for_read(txn, AUDIT_OPEN)?;
                 let tenant = tenant.as_str();
                 let start = Included((tenant, query.from, ""));
                 let end = Excluded((tenant, query.to, ""));
@@ -463,7 +476,11 @@ impl ReportingStore for EmbeddedReportingStore {
                     }
                     if let Some(record) = records.get(k.value()).map_err(e)? {
                         bytes += record.value().len();
-                        page.entries.push(decode(record.value())?);
+                        let mut entry: AuditEntry = decode(record.value())?;
+                        if let Some(open) = &open {
+                            entry.in_flight = open.get((tenant, id)).map_err(e)?.is_some();
+                        }
+                        page.entries.push(entry);
                     }
                 }
                 Ok(page)
