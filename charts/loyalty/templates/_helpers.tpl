@@ -337,4 +337,5 @@ expiry_batch = {{ .Values.config.balance.expiryBatch | int }}
 [segmentation]
 reevaluate_interval_ms = {{ .Values.config.segmentation.reevaluateIntervalMs | int }}
 rfm_interval_ms = {{ .Values.config.segmentation.rfmIntervalMs | int }}
+scrub_interval_secs = {{ .Values.config.segmentation.scrubIntervalSecs | int }}
 {{- end }}

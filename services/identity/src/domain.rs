@@ -364,6 +364,15 @@ impl Identity {
             .await
     }
 
+    /// Publishes the snapshot of an erased member (or of one merged into it), marked erased
+    /// so consumers drop what they kept of its personal data.
+    pub(crate) async fn publish_erasure(&self, member: &Member, profile: &Profile) -> Result<()> {
+        let complete = self.questionnaire_complete(member, profile);
+        let mut snapshot = MemberSnapshot::of(member, profile, complete);
+        snapshot.erased = true;
+        self.events.member_changed(snapshot).await
+    }
+
     /// Publishes a merged member's snapshot, naming the survivor.
     pub(crate) async fn publish_merged(
         &self,

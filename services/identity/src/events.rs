@@ -30,6 +30,8 @@ pub struct MemberSnapshot {
     pub referred_by: String,
     /// Set when this member was merged into another: the survivor.
     pub merged_into: String,
+    /// The member was erased: the snapshot carries no personal data.
+    pub erased: bool,
 }
 
 impl MemberSnapshot {
@@ -57,6 +59,7 @@ impl MemberSnapshot {
             referred: member.referred_by.is_some(),
             referred_by: member.referred_by.clone().unwrap_or_default(),
             merged_into: String::new(),
+            erased: member.status == MemberStatus::Erased,
         }
     }
 

@@ -339,11 +339,11 @@ impl Identity {
     /// snapshots now carry no birthday or consents.
     async fn publish_erased(&self, tenant_id: &str, erased: &Member) -> Result<()> {
         let profile = self.profile(tenant_id, &erased.member_id).await?;
-        self.publish(erased, &profile).await?;
+        self.publish_erasure(erased, &profile).await?;
         for id in self.store.merged_from(tenant_id, &erased.member_id).await? {
             if let Some(m) = self.store.member(tenant_id, &id).await? {
                 let profile = self.profile(tenant_id, &id).await?;
-                self.publish(&m, &profile).await?;
+                self.publish_erasure(&m, &profile).await?;
             }
         }
         Ok(())

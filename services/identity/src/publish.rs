@@ -46,6 +46,7 @@ pub fn encode(s: MemberSnapshot, now: i64) -> Vec<u8> {
             referred: s.referred,
             referred_by_member_id: s.referred_by,
             merged_into_member_id: s.merged_into,
+            erased: s.erased,
         })),
     }
     .encode_to_vec()

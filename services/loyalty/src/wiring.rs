@@ -289,7 +289,11 @@ pub async fn build(
                     .map_err(|e| format!("event stream: {e}"))
             }
         }));
-        spawn_scrub(identity.clone(), config.identity.scrub_interval_secs);
+        let scrubbed = identity.clone();
+        spawn_scrub(config.identity.scrub_interval_secs, move || {
+            let identity = scrubbed.clone();
+            async move { identity.scrub_erased().await }
+        });
         Some(identity)
     } else {
         None
@@ -426,6 +430,11 @@ pub async fn build(
                 std::time::Duration::from_millis(every),
             ));
         }
+        let scrubbed = segmentation.clone();
+        spawn_scrub(config.segmentation.scrub_interval_secs, move || {
+            let segmentation = scrubbed.clone();
+            async move { segmentation.scrub_erased().await }
+        });
         Some(segmentation)
     } else {
         None
@@ -669,9 +678,13 @@ pub fn spawn_commit_repair(checkout: Checkout) {
     });
 }
 
-/// Rewrites identity's store, every `interval_secs` (and once at start), when erasures left
-/// replaced personal data in its free space. Safe on every replica.
-pub fn spawn_scrub(identity: Identity, interval_secs: u64) {
+/// Runs `scrub` (a store's rewrite when erasures left replaced personal data in its free
+/// space) every `interval_secs`, and once at start. Safe on every replica.
+pub fn spawn_scrub<F, Fut>(interval_secs: u64, scrub: F)
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = loyalty_platform::error::Result<bool>> + Send,
+{
     if interval_secs == 0 {
         return;
     }
@@ -680,7 +693,7 @@ pub fn spawn_scrub(identity: Identity, interval_secs: u64) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Err(e) = identity.scrub_erased().await {
+            if let Err(e) = scrub().await {
                 tracing::warn!(error = %e, "the scrub of erased personal data could not run");
             }
         }

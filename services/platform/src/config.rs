@@ -63,6 +63,9 @@ pub struct SegmentationSettings {
     /// How often every tenant's RFM scores are recomputed; 0 turns the schedule off in this
     /// process (`RecomputeRfm` still works).
     pub rfm_interval_ms: u64,
+    /// How often segmentation checks for erasures whose replaced member data is still in its
+    /// store's free space, and rewrites the store when there are; 0: never.
+    pub scrub_interval_secs: u64,
 }
 
 impl Default for SegmentationSettings {
@@ -70,6 +73,7 @@ impl Default for SegmentationSettings {
         Self {
             reevaluate_interval_ms: 300_000,
             rfm_interval_ms: 3_600_000,
+            scrub_interval_secs: 60,
         }
     }
 }

@@ -156,7 +156,7 @@ impl EmbeddedDb {
     /// Copies every table into a fresh file and puts it in place of the old one, between
     /// two write batches (writes wait meanwhile; reads go on, on the old file until the
     /// new one is in place). `finish` runs in the new file's transaction after the copy.
-    /// Tables must have string keys and byte, string or unit values.
+    /// Tables must have string keys and byte, string, unit, integer or boolean values.
     pub async fn rewrite(
         &self,
         finish: impl FnOnce(&WriteTransaction) -> Result<()> + Send + 'static,
@@ -369,6 +369,7 @@ fn copy_table(from: &ReadTransaction, to: &WriteTransaction, name: &str) -> anyh
         .or_else(|| copy::<()>(from, to, name))
         .or_else(|| copy::<u64>(from, to, name))
         .or_else(|| copy::<i64>(from, to, name))
+        .or_else(|| copy::<bool>(from, to, name))
         .unwrap_or_else(|| {
             anyhow::bail!("table {name} has a key or value type a rewrite does not copy")
         })

@@ -70,7 +70,11 @@ pub fn decode(payload: &[u8]) -> Option<FeatureChange> {
         ),
         pb::event::Kind::Member(m) => (
             m.member_id.clone(),
-            Change::Member(MemberData {
+            (if m.erased {
+                Change::Erasure
+            } else {
+                Change::Member
+            })(MemberData {
                 known: true,
                 active: m.active,
                 registered_at: m.registration_time.as_ref().map(millis),
@@ -232,6 +236,32 @@ mod tests {
             panic!("a purchase")
         };
         assert_eq!(p.time, now - 3 * DAY_MS);
+    }
+
+    #[test]
+    fn an_erasure_snapshot_is_an_erasure() {
+        let event = |erased: bool| {
+            pb::Event {
+                event_id: "member/t/m1/3".into(),
+                tenant_id: "t".into(),
+                event_time: Some(timestamp(1_750_000_000_000)),
+                kind: Some(pb::event::Kind::Member(pb::MemberChanged {
+                    member_id: "m1".into(),
+                    version: 3,
+                    erased,
+                    ..Default::default()
+                })),
+            }
+            .encode_to_vec()
+        };
+        let erased = decode(&event(true)).unwrap();
+        assert!(
+            matches!(&erased.change, Change::Erasure(m) if m.version == 3 && m.birthday.is_none())
+        );
+        assert!(matches!(
+            decode(&event(false)).unwrap().change,
+            Change::Member(_)
+        ));
     }
 
     #[test]

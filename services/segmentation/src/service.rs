@@ -315,6 +315,12 @@ impl Segmentation {
     }
 
     /// The POS path: one read.
+    /// Rewrites the store when erasures left replaced member data in its free space; true
+    /// when it did.
+    pub async fn scrub_erased(&self) -> Result<bool> {
+        self.store.scrub().await
+    }
+
     pub async fn member_segments(&self, tenant_id: &str, member_id: &str) -> Result<Vec<String>> {
         Self::check_member(tenant_id, member_id)?;
         self.store.member_segments(tenant_id, member_id).await
@@ -499,7 +505,7 @@ mod tests {
     use rust_decimal::Decimal;
 
     use super::*;
-    use crate::features::{PurchaseFacts, RefundFacts};
+    use crate::features::{MemberData, PurchaseFacts, RefundFacts};
     use crate::store::Change;
     use crate::store::embedded::EmbeddedSegmentationStore;
 
@@ -541,6 +547,64 @@ mod tests {
                 receipt_fully_refunded: false,
             }),
         }
+    }
+
+    fn member(version: i64, birthday: Option<(u32, u32, Option<i32>)>) -> MemberData {
+        MemberData {
+            known: true,
+            active: birthday.is_some(),
+            registered_at: Some(T0),
+            first_store: "s1".into(),
+            birthday,
+            version,
+            ..MemberData::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_erasure_drops_the_birthday_and_the_store_is_rewritten_without_it() {
+        let (dir, _clock, s) = setup();
+        let path = dir.path().join("s.redb");
+        let change = |id: &str, change: Change| FeatureChange {
+            tenant_id: "t".into(),
+            event_id: format!("member/t/m1/{id}"),
+            member_id: "m1".into(),
+            change,
+        };
+        s.apply(vec![change(
+            "0",
+            Change::Member(member(0, Some((7, 23, Some(1977))))),
+        )])
+        .await
+        .unwrap();
+        let before = s.features("t", "m1").await.unwrap();
+        assert_eq!(before.member.birthday, Some((7, 23, Some(1977))));
+        // Nothing erased yet: no rewrite.
+        assert!(!s.scrub_erased().await.unwrap());
+
+        s.apply(vec![change("1", Change::Erasure(member(1, None)))])
+            .await
+            .unwrap();
+        assert_eq!(s.features("t", "m1").await.unwrap().member.birthday, None);
+        let old = loyalty_platform::embedded::encode(&before).unwrap();
+        let holds_old = || {
+            let bytes = std::fs::read(&path).unwrap();
+            bytes.windows(old.len()).any(|w| w == old.as_slice())
+        };
+        assert!(
+            holds_old(),
+            "the replaced record is still in the file's free space"
+        );
+        assert!(s.scrub_erased().await.unwrap());
+        assert!(!holds_old(), "the rewrite left the replaced record behind");
+        // Once is enough, until the next erasure; the data is all still there.
+        assert!(!s.scrub_erased().await.unwrap());
+        assert_eq!(s.features("t", "m1").await.unwrap().member.version, 1);
+        // A redelivered erasure changes nothing and marks nothing.
+        s.apply(vec![change("1", Change::Erasure(member(1, None)))])
+            .await
+            .unwrap();
+        assert!(!s.scrub_erased().await.unwrap());
     }
 
     fn dynamic(id: &str, predicate: &str) -> SegmentDef {

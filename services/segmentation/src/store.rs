@@ -22,6 +22,9 @@ pub enum Change {
     Refund(RefundFacts),
     /// A member snapshot: replaces the member data when its version is newer.
     Member(MemberData),
+    /// The snapshot of an erasure: applied like [`Change::Member`], and the store is marked
+    /// for a [`SegmentationStore::scrub`], since the replaced data may linger in free space.
+    Erasure(MemberData),
 }
 
 /// One event's effect on one member.
@@ -183,6 +186,10 @@ pub trait SegmentationStore: Send + Sync + std::fmt::Debug {
 
     /// The member's score in the current run.
     async fn rfm(&self, tenant_id: &str, member_id: &str) -> Result<Option<Score>>;
+
+    /// When an erasure was applied since the last scrub, puts every live record into fresh
+    /// storage, so nothing the erasure replaced stays readable in free space; whether it did.
+    async fn scrub(&self) -> Result<bool>;
 
     async fn ping(&self) -> Result<()>;
 }

@@ -47,6 +47,10 @@ const RFM_GENERATIONS: TableDefinition<&str, u64> = TableDefinition::new("rfm_ge
 /// tenant → the current run.
 const RFM_RUNS: Records = TableDefinition::new("rfm_runs");
 
+/// Marks: `scrub_pending` while an erasure's replaced bytes may be in the file's free space.
+const MARKS: TableDefinition<&str, ()> = TableDefinition::new("marks");
+const SCRUB_PENDING: &str = "scrub_pending";
+
 /// Most history entries kept per member (the oldest go first).
 const MAX_HISTORY: usize = 1000;
 
@@ -226,6 +230,13 @@ impl SegmentationStore for EmbeddedSegmentationStore {
                                 Change::Purchase(p) => f.apply_purchase(p),
                                 Change::Refund(r) => f.apply_refund(r),
                                 Change::Member(m) => f.apply_member(m),
+                                Change::Erasure(m) => {
+                                    f.apply_member(m);
+                                    txn.open_table(MARKS)
+                                        .map_err(e)?
+                                        .insert(SCRUB_PENDING, ())
+                                        .map_err(e)?;
+                                }
                             }
                             put_record(&mut features, &fk, &f)?;
                             new += 1;
@@ -680,6 +691,41 @@ impl SegmentationStore for EmbeddedSegmentationStore {
                 read_record(txn, RFM, &key(&[&tenant, &generation, &member]))
             })
             .await
+    }
+
+    async fn scrub(&self) -> Result<bool> {
+        let pending = self
+            .db
+            .read(|txn| {
+                let Some(marks) = open_for_read(txn, MARKS)? else {
+                    return Ok(false);
+                };
+                Ok(marks.get(SCRUB_PENDING).map_err(e)?.is_some())
+            })
+            .await?;
+        if !pending {
+            return Ok(false);
+        }
+        // The mark is cleared in the copy itself, so an erasure applied behind the rewrite
+        // sets it again.
+        let stats = self
+            .db
+            .rewrite(|txn| {
+                txn.open_table(MARKS)
+                    .map_err(e)?
+                    .remove(SCRUB_PENDING)
+                    .map_err(e)?;
+                Ok(())
+            })
+            .await?;
+        tracing::info!(
+            tables = stats.tables,
+            rows = stats.rows,
+            bytes_before = stats.bytes_before,
+            bytes_after = stats.bytes_after,
+            "segmentation's store rewritten: nothing erased remains in it"
+        );
+        Ok(true)
     }
 
     async fn ping(&self) -> Result<()> {

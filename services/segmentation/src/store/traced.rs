@@ -155,6 +155,9 @@ impl SegmentationStore for Traced {
         let call = self.inner.rfm(tenant_id, member_id);
         in_db_span(self.system, "segmentation.rfm", call).await
     }
+    async fn scrub(&self) -> Result<bool> {
+        in_db_span(self.system, "segmentation.scrub", self.inner.scrub()).await
+    }
     async fn ping(&self) -> Result<()> {
         self.inner.ping().await
     }
