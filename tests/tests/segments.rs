@@ -358,6 +358,47 @@ async fn purchases_drive_segments(
     .await
     .unwrap();
 
+    // Ledger events: every entry moves `points_total`, not only receipts. The back office's
+    // adjustment moves Anna into a segment on it.
+    let before = pos.balance(TENANT, &anna).await;
+    let total = before.active + before.pending + before.held;
+    assert!(total > 0);
+    for _ in 0..200 {
+        if features(&mut seg, &anna).await.points_total == total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(features(&mut seg, &anna).await.points_total, total);
+    seg.create_segment(dynamic("points-rich", "points_total >= 1000000"))
+        .await
+        .unwrap();
+    assert_eq!(segments_of(&mut seg, &anna).await, Vec::<String>::new());
+    loyalty_proto::balance::v1::balance_service_client::BalanceServiceClient::new(
+        pos_channel.clone(),
+    )
+    .adjust(loyalty_proto::balance::v1::AdjustRequest {
+        tenant_id: TENANT.into(),
+        member_id: anna.clone(),
+        idempotency_key: "goodwill-1".into(),
+        amount: 1_000_000,
+        actor: Some(loyalty_proto::common::v1::Actor {
+            id: "manager:olga".into(),
+            comment: "goodwill".into(),
+        }),
+    })
+    .await
+    .unwrap();
+    wait_for_segments(&mut seg, &anna, &["points-rich"]).await;
+    let f = features(&mut seg, &anna).await;
+    assert_eq!(f.points_total, total + 1_000_000);
+    seg.delete_segment(spb::DeleteSegmentRequest {
+        tenant_id: TENANT.into(),
+        segment_id: "points-rich".into(),
+    })
+    .await
+    .unwrap();
+
     // RFM on demand: two scored members; Boris spent more in the year (90,000 against 35,000
     // after Anna's refund) and bought more often, so he scores higher on both.
     let err = seg
@@ -497,7 +538,7 @@ async fn microservices_events_cross_processes_on_redis_streams() {
         (anna.clone(), features(&mut seg, &anna).await)
     };
     segmentation.stop().await;
-    for stream in ["ev:{purchases}", "ev:{members}"] {
+    for stream in ["ev:{purchases}", "ev:{members}", "ev:{ledger}"] {
         let port = redis.port().to_string();
         let out = std::process::Command::new("redis-cli")
             .args(["-p", &port, "xgroup", "setid", stream, "segmentation", "0"])

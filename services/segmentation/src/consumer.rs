@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use loyalty_platform::clock::Millis;
 use loyalty_platform::events::consume::{Subscription, consume};
-use loyalty_platform::events::{Delivery, MEMBERS, PURCHASES, SharedEventLog};
+use loyalty_platform::events::{Delivery, LEDGER, MEMBERS, PURCHASES, SharedEventLog};
 use loyalty_platform::grpc::millis;
 use loyalty_proto::events::v1 as pb;
 use prost::Message;
 use rust_decimal::Decimal;
 
-use crate::features::{Consents, MemberData, PurchaseFacts, RefundFacts};
+use crate::features::{Consents, LedgerPoints, MemberData, PurchaseFacts, RefundFacts};
 use crate::service::Segmentation;
 use crate::store::{Change, FeatureChange};
 
@@ -98,8 +98,15 @@ pub fn decode(payload: &[u8]) -> Option<FeatureChange> {
                 version: m.version,
             }),
         ),
-        // Ledger entries are reporting's; segmentation reads balances from purchases.
-        pb::event::Kind::Ledger(_) | pb::event::Kind::Audit(_) => return None,
+        pb::event::Kind::Ledger(l) => (
+            l.member_id.clone(),
+            Change::Ledger(LedgerPoints {
+                sequence: l.sequence,
+                total: l.balance_after,
+                at: time(&l.create_time, event_time),
+            }),
+        ),
+        pb::event::Kind::Audit(_) => return None,
         pb::event::Kind::Refund(r) => (
             r.member_id.clone(),
             Change::Refund(RefundFacts {
@@ -133,7 +140,7 @@ pub async fn apply_batch(
 }
 
 /// The streams segmentation consumes.
-pub const STREAMS: [&str; 2] = [PURCHASES, MEMBERS];
+pub const STREAMS: [&str; 3] = [PURCHASES, MEMBERS, LEDGER];
 
 /// Consumes `stream` for as long as the process runs (see [`consume`]).
 pub async fn run(
@@ -262,6 +269,34 @@ mod tests {
             decode(&event(false)).unwrap().change,
             Change::Member(_)
         ));
+    }
+
+    #[test]
+    fn a_ledger_entry_carries_its_sequence_and_balance() {
+        let event = pb::Event {
+            event_id: "ledger/t/m1/4".into(),
+            tenant_id: "t".into(),
+            event_time: Some(timestamp(1_750_000_000_000)),
+            kind: Some(pb::event::Kind::Ledger(pb::LedgerEntryAppended {
+                member_id: "m1".into(),
+                sequence: 4,
+                amount: -50,
+                balance_after: 950,
+                create_time: Some(timestamp(1_750_000_000_123)),
+                ..Default::default()
+            })),
+        }
+        .encode_to_vec();
+        let change = decode(&event).unwrap();
+        assert_eq!(change.member_id, "m1");
+        assert_eq!(
+            change.change,
+            Change::Ledger(LedgerPoints {
+                sequence: 4,
+                total: 950,
+                at: 1_750_000_000_123,
+            })
+        );
     }
 
     #[test]

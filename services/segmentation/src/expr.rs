@@ -85,6 +85,7 @@ pub const FEATURES: &[(&str, Type)] = &[
     ("spend_total", Type::Number),
     ("average_check", Type::Number),
     ("points_balance", Type::Number),
+    ("points_total", Type::Number),
     ("days_to_birthday", Type::Number),
     ("first_purchase", Type::Time),
     ("last_purchase", Type::Time),
@@ -756,6 +757,7 @@ fn feature(name: &str, f: &Features, cx: Context) -> Value {
         "spend_total" => Value::Number(f.total.spend),
         "average_check" => Value::Number(f.average_check()),
         "points_balance" => number(f.points_balance),
+        "points_total" => number(f.ledger.total),
         "days_to_birthday" => f.member.birthday.map_or(Value::Absent, |(m, d, _)| {
             number(calendar::days_until_anniversary(
                 calendar::day_of(cx.now),

@@ -1,4 +1,5 @@
-//! A member's features, maintained incrementally from purchase and refund events.
+//! A member's features, maintained incrementally from purchase, refund, ledger and member
+//! events.
 //!
 //! Every aggregate is a sum, a minimum or a maximum, so applying the same set of events in any
 //! order gives the same features; redelivery is handled before this (an event applies at most
@@ -97,6 +98,59 @@ pub struct Features {
     pub points_balance: i64,
     pub points_balance_at: Millis,
     pub member: MemberData,
+    /// The points after the member's newest ledger entry.
+    pub ledger: LedgerPoints,
+}
+
+/// A member's points as the ledger tells them: the balance (active and pending) after the
+/// entry with the highest sequence seen, so the order entries arrive in does not matter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerPoints {
+    /// The member's entry sequence (from 1); 0: no entry seen.
+    pub sequence: i64,
+    pub total: i64,
+    /// When that entry was made.
+    pub at: Millis,
+}
+
+/// Features as stored before `ledger` existed (postcard writes a struct as its fields in
+/// order, so this tuple reads those records).
+type FeaturesBeforeLedger = (
+    Option<Millis>,
+    Option<Millis>,
+    Totals,
+    BTreeMap<Day, Totals>,
+    BTreeMap<String, Affinity>,
+    BTreeMap<String, Affinity>,
+    BTreeMap<String, Affinity>,
+    i64,
+    Millis,
+    MemberData,
+);
+
+impl Features {
+    /// Reads a stored record, of this shape or of the one before `ledger`.
+    pub fn decode(bytes: &[u8]) -> loyalty_platform::error::Result<Self> {
+        use loyalty_platform::embedded::decode;
+        decode(bytes).or_else(|e| {
+            let old: FeaturesBeforeLedger = decode(bytes).map_err(|_| e)?;
+            let (first_purchase, last_purchase, total, days, categories, brands, stores) =
+                (old.0, old.1, old.2, old.3, old.4, old.5, old.6);
+            Ok(Self {
+                first_purchase,
+                last_purchase,
+                total,
+                days,
+                categories,
+                brands,
+                stores,
+                points_balance: old.7,
+                points_balance_at: old.8,
+                member: old.9,
+                ledger: LedgerPoints::default(),
+            })
+        })
+    }
 }
 
 /// One receipt's contribution, as the purchase event tells it.
@@ -215,6 +269,13 @@ impl Features {
         }
     }
 
+    /// Keeps the ledger entry with the highest sequence.
+    pub fn apply_ledger(&mut self, entry: &LedgerPoints) {
+        if entry.sequence > self.ledger.sequence {
+            self.ledger = *entry;
+        }
+    }
+
     pub fn apply_refund(&mut self, r: &RefundFacts) {
         let minus = Totals {
             count: if r.receipt_fully_refunded { -1 } else { 0 },
@@ -309,6 +370,48 @@ mod tests {
             lines: vec![(category.into(), "b".into(), Decimal::from(paid))],
             points_balance: None,
         }
+    }
+
+    #[test]
+    fn the_ledger_entry_with_the_highest_sequence_wins_in_any_order() {
+        let entry = |sequence, total| LedgerPoints {
+            sequence,
+            total,
+            at: 1_000 + sequence,
+        };
+        let entries = [entry(1, 500), entry(2, 300), entry(3, 800)];
+        let mut forward = Features::default();
+        entries.iter().for_each(|e| forward.apply_ledger(e));
+        let mut backward = Features::default();
+        entries.iter().rev().for_each(|e| backward.apply_ledger(e));
+        backward.apply_ledger(&entries[1]);
+        assert_eq!(forward.ledger, entry(3, 800));
+        assert_eq!(forward, backward);
+    }
+
+    #[test]
+    fn records_stored_before_the_ledger_feature_still_read() {
+        let mut f = Features::default();
+        f.apply_purchase(&purchase(DAY_MS, 1200, "Shoes"));
+        f.points_balance = 42;
+        f.member.version = 7;
+        let old: FeaturesBeforeLedger = (
+            f.first_purchase,
+            f.last_purchase,
+            f.total,
+            f.days.clone(),
+            f.categories.clone(),
+            f.brands.clone(),
+            f.stores.clone(),
+            f.points_balance,
+            f.points_balance_at,
+            f.member.clone(),
+        );
+        let bytes = loyalty_platform::embedded::encode(&old).unwrap();
+        assert_eq!(Features::decode(&bytes).unwrap(), f);
+        let current = loyalty_platform::embedded::encode(&f).unwrap();
+        assert_eq!(Features::decode(&current).unwrap(), f);
+        assert!(Features::decode(b"\xff\xff\xff").is_err());
     }
 
     #[test]

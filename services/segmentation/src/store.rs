@@ -7,7 +7,7 @@ use loyalty_platform::clock::Millis;
 use loyalty_platform::error::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::features::{Features, MemberData, PurchaseFacts, RefundFacts};
+use crate::features::{Features, LedgerPoints, MemberData, PurchaseFacts, RefundFacts};
 use crate::rfm::Score;
 
 /// Most segments per tenant.
@@ -25,6 +25,8 @@ pub enum Change {
     /// The snapshot of an erasure: applied like [`Change::Member`], and the store is marked
     /// for a [`SegmentationStore::scrub`], since the replaced data may linger in free space.
     Erasure(MemberData),
+    /// An entry appended to the member's points ledger.
+    Ledger(LedgerPoints),
 }
 
 /// One event's effect on one member.

@@ -215,7 +215,12 @@ impl SegmentationStore for EmbeddedSegmentationStore {
                         let fk = key(&[&c.tenant_id, &c.member_id]);
                         let mut f: Features = match named.remove(&id) {
                             Some(f) => f,
-                            None => get_record(&features, &fk)?.unwrap_or_default(),
+                            None => features
+                                .get(fk.as_str())
+                                .map_err(e)?
+                                .map(|v| Features::decode(v.value()))
+                                .transpose()?
+                                .unwrap_or_default(),
                         };
                         let ak = key(&[&c.tenant_id, &c.event_id]);
                         if applied.get(ak.as_str()).map_err(e)?.is_none() {
@@ -230,6 +235,7 @@ impl SegmentationStore for EmbeddedSegmentationStore {
                                 Change::Purchase(p) => f.apply_purchase(p),
                                 Change::Refund(r) => f.apply_refund(r),
                                 Change::Member(m) => f.apply_member(m),
+                                Change::Ledger(l) => f.apply_ledger(l),
                                 Change::Erasure(m) => {
                                     f.apply_member(m);
                                     txn.open_table(MARKS)
@@ -289,10 +295,7 @@ impl SegmentationStore for EmbeddedSegmentationStore {
                     for item in t.range(from.as_str()..end.as_str()).map_err(e)?.take(limit) {
                         let (k, v) = item.map_err(e)?;
                         let member = k.value().rsplit('\u{0}').next().unwrap_or_default();
-                        page.push((
-                            member.to_owned(),
-                            loyalty_platform::embedded::decode(v.value())?,
-                        ));
+                        page.push((member.to_owned(), Features::decode(v.value())?));
                     }
                     page
                 };
@@ -309,7 +312,13 @@ impl SegmentationStore for EmbeddedSegmentationStore {
     async fn features(&self, tenant_id: &str, member_id: &str) -> Result<Option<Features>> {
         let k = key(&[tenant_id, member_id]);
         self.db
-            .read(move |txn| read_record(txn, FEATURES, &k))
+            .read(move |txn| {
+                let Some(t) = open_for_read(txn, FEATURES)? else {
+                    return Ok(None);
+                };
+                let v = t.get(k.as_str()).map_err(e)?;
+                v.map(|v| Features::decode(v.value())).transpose()
+            })
             .await
     }
 
@@ -334,7 +343,7 @@ impl SegmentationStore for EmbeddedSegmentationStore {
                         .next()
                         .unwrap_or_default()
                         .to_owned();
-                    out.push((member, loyalty_platform::embedded::decode(v.value())?));
+                    out.push((member, Features::decode(v.value())?));
                 }
                 Ok(out)
             })
