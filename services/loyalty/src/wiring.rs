@@ -242,7 +242,11 @@ pub async fn build(
             "the embedded event log is local to this process: admins' calls here are audited into it, but reporting, which lists the audit log, does not run in this process (use the redis backend to split services)"
         );
     }
-    let producers = [ServiceName::Identity, ServiceName::Promotion];
+    let producers = [
+        ServiceName::Identity,
+        ServiceName::Promotion,
+        ServiceName::Balance,
+    ];
     let consumers = [ServiceName::Segmentation, ServiceName::Reporting];
     if config.storage.backend == Backend::Embedded
         && producers
@@ -250,7 +254,7 @@ pub async fn build(
             .any(|p| consumers.iter().any(|c| runs(*p) != runs(*c)))
     {
         tracing::warn!(
-            "the embedded event log is local to this process: member and purchase events reach segmentation and reporting only when identity, promotion, segmentation and reporting run in one process (use the redis backend to split them)"
+            "the embedded event log is local to this process: member, purchase and ledger events reach segmentation and reporting only when identity, promotion, balance, segmentation and reporting run in one process (use the redis backend to split them)"
         );
     }
 
@@ -292,7 +296,7 @@ pub async fn build(
         let scrubbed = identity.clone();
         spawn_scrub(config.identity.scrub_interval_secs, move || {
             let identity = scrubbed.clone();
-            async move { identity.scrub_erased().await }
+            async move { identity.scrub_erased().await.map_err(|e| (e, "identity")) }
         });
         Some(identity)
     } else {
@@ -433,7 +437,12 @@ pub async fn build(
         let scrubbed = segmentation.clone();
         spawn_scrub(config.segmentation.scrub_interval_secs, move || {
             let segmentation = scrubbed.clone();
-            async move { segmentation.scrub_erased().await }
+            async move {
+                segmentation
+                    .scrub_erased()
+                    .await
+                    .map_err(|e| (e, "segmentation"))
+            }
         });
         Some(segmentation)
     } else {
@@ -683,7 +692,8 @@ pub fn spawn_commit_repair(checkout: Checkout) {
 pub fn spawn_scrub<F, Fut>(interval_secs: u64, scrub: F)
 where
     F: Fn() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = loyalty_platform::error::Result<bool>> + Send,
+    Fut: std::future::Future<Output = Result<bool, (loyalty_platform::error::Error, &'static str)>>
+        + Send,
 {
     if interval_secs == 0 {
         return;
@@ -693,8 +703,8 @@ where
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Err(e) = scrub().await {
-                tracing::warn!(error = %e, "the scrub of erased personal data could not run");
+            if let Err((e, store)) = scrub().await {
+                tracing::warn!(error = %e, store, "the scrub of erased personal data could not run");
             }
         }
     });

@@ -180,8 +180,9 @@ impl AuditLog {
                 // elsewhere, and (redacted) the record's request.
                 let values = to_json(input, &request.messages());
                 let (actor, sensitive) = (actor(values.first()), sensitive_values(&values));
+                // A start shows the first message alone, whatever follows it.
                 (
-                    finish(values, request.more()),
+                    finish(values, request.more() && !in_flight),
                     actor,
                     before,
                     after,
@@ -548,11 +549,15 @@ impl http_body::Body for Tapped {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.held.is_none() && self.writing.is_none() && self.inner.is_end_stream()
+        // Not while the start is still to be written: an empty body ends only after it.
+        self.start.is_none()
+            && self.held.is_none()
+            && self.writing.is_none()
+            && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        http_body::SizeHint::default()
     }
 }
 
@@ -829,6 +834,53 @@ mod tests {
         );
         // The rest of the body passes as it is, with no second start.
         assert!(body.frame().await.is_none());
+        assert_eq!(log.seen.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_first_message_in_several_frames_is_held_at_its_last_frame() {
+        use http_body_util::BodyExt;
+        let log = Arc::new(Appends::default());
+        let (call, _) = tapped_adjust(log.clone());
+        let request = loyalty_proto::balance::v1::AdjustRequest {
+            tenant_id: "t".into(),
+            member_id: "m1".into(),
+            amount: 5,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let bytes = framed(&request);
+        let (head, tail) = bytes.split_at(4);
+        let frames: Vec<Result<Frame<Bytes>, Status>> = vec![
+            Ok(Frame::data(Bytes::copy_from_slice(head))),
+            Ok(Frame::data(Bytes::copy_from_slice(tail))),
+        ];
+        let inner = Body::new(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )));
+        let mut body = Tapped::new(inner, AuditLog::new(log.clone()).unwrap(), &call);
+        assert!(!http_body::Body::is_end_stream(&body));
+        // The first part passes at once: it is not a message yet.
+        body.frame().await.unwrap().unwrap();
+        assert!(log.seen.lock().unwrap().is_empty());
+        // The part that completes the message waits for the start.
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(log.seen.lock().unwrap().len(), 1);
+        assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_broken_request_body_still_records_a_start_and_passes_the_error_on() {
+        use http_body_util::BodyExt;
+        let log = Arc::new(Appends::default());
+        let (call, _) = tapped_adjust(log.clone());
+        let frames: Vec<Result<Frame<Bytes>, Status>> = vec![Err(Status::internal("reset"))];
+        let inner = Body::new(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )));
+        let mut body = Tapped::new(inner, AuditLog::new(log.clone()).unwrap(), &call);
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(err.message(), "reset");
         assert_eq!(log.seen.lock().unwrap().len(), 1);
     }
 

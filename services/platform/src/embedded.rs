@@ -550,6 +550,8 @@ mod tests {
         const BYTES: Records = TableDefinition::new("bytes");
         const TEXT: TableDefinition<&str, &str> = TableDefinition::new("text");
         const UNIT: TableDefinition<&str, ()> = TableDefinition::new("unit");
+        const FLAGS: TableDefinition<&str, bool> = TableDefinition::new("flags");
+        const SIGNED: TableDefinition<&str, i64> = TableDefinition::new("signed");
         const SECRET: &str = "phone-+77015550199-of-an-erased-member";
         let (dir, db) = open();
         let path = dir.path().join("x.redb");
@@ -569,6 +571,14 @@ mod tests {
             txn.open_table(T)
                 .map_err(storage_error)?
                 .insert("n", 7)
+                .map_err(storage_error)?;
+            txn.open_table(FLAGS)
+                .map_err(storage_error)?
+                .insert("f", true)
+                .map_err(storage_error)?;
+            txn.open_table(SIGNED)
+                .map_err(storage_error)?
+                .insert("s", -3)
                 .map_err(storage_error)?;
             Ok(())
         })
@@ -604,8 +614,8 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(stats.tables, 4);
-        assert_eq!(stats.rows, 4);
+        assert_eq!(stats.tables, 6);
+        assert_eq!(stats.rows, 6);
         assert!(
             !contains(&path),
             "the rewritten file holds no removed bytes"
@@ -617,7 +627,11 @@ mod tests {
                 let b = txn.open_table(BYTES).map_err(storage_error)?;
                 let t = txn.open_table(TEXT).map_err(storage_error)?;
                 let u = txn.open_table(UNIT).map_err(storage_error)?;
+                let f = txn.open_table(FLAGS).map_err(storage_error)?;
+                let s = txn.open_table(SIGNED).map_err(storage_error)?;
                 Ok((
+                    f.get("f").map_err(storage_error)?.map(|v| v.value()),
+                    s.get("s").map_err(storage_error)?.map(|v| v.value()),
                     b.get("kept")
                         .map_err(storage_error)?
                         .map(|v| v.value().to_vec()),
@@ -633,6 +647,8 @@ mod tests {
         assert_eq!(
             read,
             (
+                Some(true),
+                Some(-3),
                 Some(b"kept-value".to_vec()),
                 false,
                 Some("overwritten".to_string()),

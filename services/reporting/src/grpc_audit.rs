@@ -19,6 +19,8 @@ use crate::audit::{
 
 /// Records per export chunk.
 const CHUNK: usize = 500;
+/// An export without an end stops before a call of this last while still running.
+const OPEN_GRACE_MS: Millis = 15 * 60_000;
 
 #[derive(Debug, Clone)]
 pub struct AuditApi {
@@ -111,8 +113,35 @@ impl AuditService for AuditApi {
         request: Request<pb::ExportAuditRecordsRequest>,
     ) -> Result<Response<ExportStream>, Status> {
         let r = request.into_inner();
-        // Without an end, the export ends at its start: it is a bounded snapshot.
-        let q = query(&r.tenant_id, r.filter, Some(SystemClock.now_ms() + 1))?;
+        // Without an end, the export ends at its start (a bounded snapshot), and before the
+        // first call of the last 15 minutes still running: its answer takes the start's
+        // place, so a resumed export reads it again, answered. A start older than that (its
+        // process ended before answering) is exported as it stands.
+        query(&r.tenant_id, r.filter.clone(), None)?;
+        let now = SystemClock.now_ms();
+        let mut until = now + 1;
+        if r.filter
+            .as_ref()
+            .and_then(|f| f.end_time.as_ref())
+            .is_none()
+        {
+            let open = self
+                .reporting
+                .oldest_open_audit(&r.tenant_id, now - OPEN_GRACE_MS)
+                .await
+                .map_err(to_status)?;
+            until = open.map_or(until, |t| t.min(until));
+        }
+        let from = r
+            .filter
+            .as_ref()
+            .and_then(|f| f.start_time.as_ref())
+            .map(millis);
+        if from.is_some_and(|from| from >= until) {
+            // Nothing to read yet: the caller resumes later with the same token.
+            return Ok(Response::new(Box::pin(tokio_stream::empty())));
+        }
+        let q = query(&r.tenant_id, r.filter, Some(until))?;
         let mut after = decode_cursor("resume_token", &r.resume_token).map_err(to_status)?;
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let reporting = self.reporting.clone();

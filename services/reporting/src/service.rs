@@ -252,6 +252,16 @@ impl Reporting {
         Ok(fresh)
     }
 
+    /// When the oldest of the tenant's audited calls still without a recorded answer began,
+    /// among those that began at or after `since`.
+    pub async fn oldest_open_audit(
+        &self,
+        tenant_id: &str,
+        since: loyalty_platform::clock::Millis,
+    ) -> Result<Option<loyalty_platform::clock::Millis>> {
+        self.store.oldest_open_audit(tenant_id, since).await
+    }
+
     /// A page of a tenant's audit records.
     pub async fn audit_page(
         &self,

@@ -7,6 +7,7 @@ pub(crate) mod conformance;
 pub mod embedded;
 
 use loyalty_platform::calendar::Day;
+use loyalty_platform::clock::Millis;
 use loyalty_platform::error::Result;
 
 use crate::audit::{AuditCursor, AuditEntry, AuditPage, AuditQuery, Order};
@@ -96,6 +97,10 @@ pub trait ReportingStore: Send + Sync + std::fmt::Debug {
     /// and answers over the starts (`in_flight`) of their calls; a start never replaces
     /// anything. Returns how many records were stored or replaced.
     async fn append_audit(&self, entries: Vec<AuditEntry>) -> Result<usize>;
+
+    /// When the oldest of a tenant's calls whose start is recorded without an answer began,
+    /// among those that began at or after `since`.
+    async fn oldest_open_audit(&self, tenant_id: &str, since: Millis) -> Result<Option<Millis>>;
 
     /// A tenant's audit records matching `query`, in `order` after `after`: at most `limit`,
     /// and no more once they take `max_bytes` stored (at least one). A page looks at most at

@@ -757,7 +757,13 @@ fn feature(name: &str, f: &Features, cx: Context) -> Value {
         "spend_total" => Value::Number(f.total.spend),
         "average_check" => Value::Number(f.average_check()),
         "points_balance" => number(f.points_balance),
-        "points_total" => number(f.ledger.total),
+        "points_total" => {
+            if f.ledger.sequence > 0 {
+                number(f.ledger.total)
+            } else {
+                Value::Absent
+            }
+        }
         "days_to_birthday" => f.member.birthday.map_or(Value::Absent, |(m, d, _)| {
             number(calendar::days_until_anniversary(
                 calendar::day_of(cx.now),
@@ -1054,6 +1060,20 @@ mod tests {
         assert!(!holds("last_purchase >= now", &empty));
         assert!(holds("not (days_since(last_purchase) < 30)", &empty));
         assert!(!holds("has_purchased", &empty));
+    }
+
+    #[test]
+    fn points_total_is_absent_until_a_ledger_entry_arrived() {
+        let mut f = Features::default();
+        assert!(!holds("points_total < 100", &f));
+        assert!(!holds("points_total >= 0", &f));
+        f.apply_ledger(&crate::features::LedgerPoints {
+            sequence: 1,
+            total: 0,
+            at: days_ago(1),
+        });
+        assert!(holds("points_total < 100", &f));
+        assert!(holds("points_total = 0", &f));
     }
 
     #[test]

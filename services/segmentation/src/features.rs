@@ -102,8 +102,8 @@ pub struct Features {
     pub ledger: LedgerPoints,
 }
 
-/// A member's points as the ledger tells them: the balance (active and pending) after the
-/// entry with the highest sequence seen, so the order entries arrive in does not matter.
+/// A member's points as the ledger tells them: the balance (active, pending and held) after
+/// the entry with the highest sequence seen, so the order entries arrive in does not matter.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerPoints {
     /// The member's entry sequence (from 1); 0: no entry seen.

@@ -144,7 +144,7 @@ fn features(tenant_id: String, member_id: String, f: &Features, now: i64) -> pb:
         brands: last(&f.brands),
         stores: last(&f.stores),
         points_balance: f.points_balance,
-        points_total: f.ledger.total,
+        points_total: (f.ledger.sequence > 0).then_some(f.ledger.total),
         tier_id: f.member.tier_id.clone(),
         registered_at: f.member.registered_at.map(timestamp),
         birthday: f

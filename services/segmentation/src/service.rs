@@ -314,13 +314,13 @@ impl Segmentation {
         v.finish()
     }
 
-    /// The POS path: one read.
     /// Rewrites the store when erasures left replaced member data in its free space; true
     /// when it did.
     pub async fn scrub_erased(&self) -> Result<bool> {
         self.store.scrub().await
     }
 
+    /// The POS path: one read.
     pub async fn member_segments(&self, tenant_id: &str, member_id: &str) -> Result<Vec<String>> {
         Self::check_member(tenant_id, member_id)?;
         self.store.member_segments(tenant_id, member_id).await

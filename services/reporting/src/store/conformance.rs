@@ -143,6 +143,9 @@ async fn an_answer_replaces_its_start_in_either_order(store: &dyn ReportingStore
     assert_eq!(store.append_audit(vec![start("a")]).await.unwrap(), 1);
     assert_eq!(store.append_audit(vec![start("a")]).await.unwrap(), 0);
     assert_eq!(page().await, [start("a")]);
+    assert_eq!(store.oldest_open_audit(t, 0).await.unwrap(), Some(5_000));
+    assert_eq!(store.oldest_open_audit(t, 5_001).await.unwrap(), None);
+    assert_eq!(store.oldest_open_audit("other", 0).await.unwrap(), None);
     // Its answer replaces it, once; a start redelivered after the answer is ignored.
     assert_eq!(store.append_audit(vec![answer("a")]).await.unwrap(), 1);
     assert_eq!(
@@ -153,6 +156,7 @@ async fn an_answer_replaces_its_start_in_either_order(store: &dyn ReportingStore
         0
     );
     assert_eq!(page().await, [answer("a")]);
+    assert_eq!(store.oldest_open_audit(t, 0).await.unwrap(), None);
     // The answer first (or both in one batch): the start never replaces it.
     assert_eq!(store.append_audit(vec![answer("b")]).await.unwrap(), 1);
     assert_eq!(store.append_audit(vec![start("b")]).await.unwrap(), 0);

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use loyalty_platform::calendar::Day;
+use loyalty_platform::clock::Millis;
 use loyalty_platform::embedded::{EmbeddedDb, decode, encode, open_for_read, storage_error as e};
 use loyalty_platform::error::Result;
 use redb::{ReadableTable, TableDefinition};
@@ -414,6 +415,34 @@ impl ReportingStore for EmbeddedReportingStore {
                     fresh += 1;
                 }
                 Ok(fresh)
+            })
+            .await
+    }
+
+    async fn oldest_open_audit(&self, tenant_id: &str, since: Millis) -> Result<Option<Millis>> {
+        let tenant = tenant_id.to_string();
+        self.db
+            .read(move |txn| {
+                let (Some(open), Some(ids)) = (
+                    open_for_read(txn, AUDIT_OPEN)?,
+                    open_for_read(txn, AUDIT_IDS)?,
+                ) else {
+                    return Ok(None);
+                };
+                let mut oldest: Option<Millis> = None;
+                for row in open.range((tenant.as_str(), "")..).map_err(e)? {
+                    let (k, _) = row.map_err(e)?;
+                    let (t, id) = k.value();
+                    if t != tenant {
+                        break;
+                    }
+                    if let Some(time) = ids.get((t, id)).map_err(e)?.map(|v| v.value())
+                        && time >= since
+                    {
+                        oldest = Some(oldest.map_or(time, |o| o.min(time)));
+                    }
+                }
+                Ok(oldest)
             })
             .await
     }
