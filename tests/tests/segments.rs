@@ -481,6 +481,63 @@ async fn dev_mode_segments_follow_purchases_and_survive_a_restart() {
     .await
     .unwrap();
     wait_for_segments(&mut seg, &carla, &["big-spenders"]).await;
+    let members_of = |seg: SegmentationServiceClient<Channel>, segment: &'static str| async move {
+        let mut seg = seg;
+        let mut stream = seg
+            .stream_segment_members(spb::StreamSegmentMembersRequest {
+                tenant_id: TENANT.into(),
+                segment_id: segment.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut ids = Vec::new();
+        while let Some(chunk) = stream.message().await.unwrap() {
+            ids.extend(chunk.member_ids);
+        }
+        ids.sort();
+        ids
+    };
+    let big_members = members_of(seg.clone(), "big-spenders").await;
+    assert_eq!(big_members.len(), 2, "Boris and Carla");
+    let mut before = Vec::new();
+    for member in &big_members {
+        before.push(features(&mut seg, member).await);
+    }
+    server.stop().await;
+
+    // The admin command rebuilds the features from the purchase history, the ledger and the
+    // members, in place: the segments stay and hold the same members.
+    let rebuild = || {
+        let out = std::process::Command::new(loyalty_bin())
+            .args(["rebuild-segmentation", "--data-dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{said}");
+        said
+    };
+    let said = rebuild();
+    assert!(said.contains("segmentation rebuilt in"), "{said}");
+    assert!(said.contains("8 purchases, 1 refunds"), "{said}");
+    assert!(said.contains("0 memberships changed"), "{said}");
+    let server = Server::start(Launch::dev(), dir.path()).await;
+    let mut seg = SegmentationServiceClient::new(server.channel().await);
+    assert_eq!(members_of(seg.clone(), "big-spenders").await, big_members);
+    for (member, was) in big_members.iter().zip(&before) {
+        assert_eq!(&features(&mut seg, member).await, was);
+    }
+    server.stop().await;
+
+    // Segmentation's file lost: the features come back (segments are defined anew).
+    std::fs::remove_file(dir.path().join("segmentation.redb")).unwrap();
+    rebuild();
+    let server = Server::start(Launch::dev(), dir.path()).await;
+    let mut seg = SegmentationServiceClient::new(server.channel().await);
+    for (member, was) in big_members.iter().zip(&before) {
+        assert_eq!(&features(&mut seg, member).await, was);
+    }
     server.stop().await;
 }
 

@@ -88,6 +88,14 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Rebuilds segmentation's member features from the purchase history, the points ledger
+    /// and the members in --data-dir (dev mode's embedded stores; the server must be
+    /// stopped), in place: segments, uploaded lists and membership history stay, and every
+    /// dynamic segment is evaluated again.
+    RebuildSegmentation {
+        #[command(flatten)]
+        common: Common,
+    },
     /// Creates an API key and prints it (shown only now). With --addr, asks a running
     /// identity service, presenting `auth.service_key`; otherwise writes into --data-dir's
     /// identity store (the server must be stopped). `--role service` prints a fresh
@@ -262,6 +270,30 @@ async fn run(cli: Cli) -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("loyalty rebuild-reporting: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::RebuildSegmentation { common } => {
+            let config = match load_config(&common) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            return match rebuild::run_segmentation(&config).await {
+                Ok(r) => {
+                    eprintln!(
+                        "segmentation rebuilt in {}: {} purchases, {} refunds, {} ledger entries, {} members replayed; {} memberships changed",
+                        config.data_dir.display(),
+                        r.replayed.purchases,
+                        r.replayed.refunds,
+                        r.replayed.ledger_entries,
+                        r.replayed.members,
+                        r.memberships_changed
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("loyalty rebuild-segmentation: {e:#}");
                     ExitCode::FAILURE
                 }
             };

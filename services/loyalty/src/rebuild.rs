@@ -1,8 +1,15 @@
-//! `loyalty rebuild-reporting`: rebuilds reporting's facts from the sources of truth, the
-//! purchase history (promotion), the points ledger (balance) and the members (identity), in
-//! the data directory of a stopped dev-mode server. Every record is encoded as the event it
-//! published and decoded by reporting's own consumer, so a rebuilt fact is the fact the
-//! stream delivered. The new file replaces `reporting.redb` only once it is complete.
+//! `loyalty rebuild-reporting` and `loyalty rebuild-segmentation`: rebuild reporting's facts
+//! and segmentation's member features from the sources of truth, the purchase history
+//! (promotion), the points ledger (balance) and the members (identity), in the data
+//! directory of a stopped dev-mode server. Every record is encoded as the event it published
+//! and decoded by the consumer's own decoder, so a rebuilt fact or feature is what the stream
+//! delivered.
+//!
+//! Reporting's new file replaces `reporting.redb` only once it is complete. Segmentation's
+//! features are rebuilt in place, because its file also holds what no source has (segment
+//! definitions, uploaded lists, membership history): the features are cleared, every event
+//! applied once, and every dynamic segment evaluated once at the end. A rebuild cut short is
+//! run again.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,6 +26,9 @@ use loyalty_promotion::store::embedded::EmbeddedPromotionStore;
 use loyalty_reporting::fact::TenantFact;
 use loyalty_reporting::store::ReportingStore;
 use loyalty_reporting::store::embedded::EmbeddedReportingStore;
+use loyalty_segmentation::Segmentation;
+use loyalty_segmentation::store::embedded::EmbeddedSegmentationStore;
+use loyalty_segmentation::store::{RuleBook, SegmentationStore};
 
 const PAGE: usize = 1000;
 
@@ -50,21 +60,107 @@ fn open<T>(
     })
 }
 
-async fn store(into: &EmbeddedReportingStore, payloads: Vec<Vec<u8>>) -> anyhow::Result<()> {
-    let facts: Vec<TenantFact> = payloads
-        .iter()
-        .filter_map(|p| loyalty_reporting::consumer::decode(p))
-        .collect();
-    into.append(facts).await?;
+/// Where replayed events go: a batch of encoded `loyalty.events.v1.Event`s at a time.
+#[async_trait::async_trait]
+trait Sink {
+    async fn take(&mut self, payloads: Vec<Vec<u8>>) -> anyhow::Result<()>;
+}
+
+struct ReportingSink(EmbeddedReportingStore);
+
+#[async_trait::async_trait]
+impl Sink for ReportingSink {
+    async fn take(&mut self, payloads: Vec<Vec<u8>>) -> anyhow::Result<()> {
+        let facts: Vec<TenantFact> = payloads
+            .iter()
+            .filter_map(|p| loyalty_reporting::consumer::decode(p))
+            .collect();
+        self.0.append(facts).await?;
+        Ok(())
+    }
+}
+
+struct SegmentationSink {
+    store: Arc<dyn SegmentationStore>,
+    now: loyalty_platform::clock::Millis,
+}
+
+#[async_trait::async_trait]
+impl Sink for SegmentationSink {
+    async fn take(&mut self, payloads: Vec<Vec<u8>>) -> anyhow::Result<()> {
+        let changes = payloads
+            .iter()
+            .filter_map(|p| loyalty_segmentation::consumer::decode(p))
+            .collect();
+        // No rules: memberships are evaluated once, over the finished features.
+        self.store
+            .apply_changes(changes, RuleBook::new(), self.now)
+            .await?;
+        Ok(())
+    }
+}
+
+fn embedded_only(config: &Config, what: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        config.storage.backend == Backend::Embedded,
+        "rebuilding {what} reads the embedded stores of one data directory (dev mode); with the {:?} backend the ledger and history live elsewhere",
+        config.storage.backend
+    );
     Ok(())
 }
 
+/// `loyalty rebuild-reporting`.
 pub async fn run(config: &Config) -> anyhow::Result<Rebuilt> {
-    anyhow::ensure!(
-        config.storage.backend == Backend::Embedded,
-        "rebuilding reporting reads the embedded stores of one data directory (dev mode); with the {:?} backend the ledger and history live elsewhere",
-        config.storage.backend
-    );
+    embedded_only(config, "reporting")?;
+    let partial = config.data_dir.join("reporting.redb.rebuilding");
+    if partial.exists() {
+        std::fs::remove_file(&partial)
+            .with_context(|| format!("removing {}", partial.display()))?;
+    }
+    let mut into = ReportingSink(EmbeddedReportingStore::open(&partial)?);
+    let done = replay(config, &mut into).await?;
+    drop(into);
+    std::fs::rename(&partial, config.data_dir.join("reporting.redb"))
+        .context("moving the rebuilt reporting.redb into place")?;
+    Ok(done)
+}
+
+/// What a segmentation rebuild did: the events it replayed, and the memberships that changed
+/// when the segments were evaluated over the rebuilt features.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RebuiltSegmentation {
+    pub replayed: Rebuilt,
+    pub memberships_changed: usize,
+}
+
+/// `loyalty rebuild-segmentation`.
+pub async fn run_segmentation(config: &Config) -> anyhow::Result<RebuiltSegmentation> {
+    embedded_only(config, "segmentation")?;
+    let clock: SharedClock = Arc::new(SystemClock);
+    let path = config.data_dir.join("segmentation.redb");
+    let store: Arc<dyn SegmentationStore> =
+        Arc::new(EmbeddedSegmentationStore::open(&path).with_context(|| {
+            format!(
+                "opening {} (is a server still running on this data directory? stop it first)",
+                path.display()
+            )
+        })?);
+    store.clear_features().await?;
+    let mut into = SegmentationSink {
+        store: store.clone(),
+        now: clock.now_ms(),
+    };
+    let replayed = replay(config, &mut into).await?;
+    let memberships_changed = Segmentation::new(store, clock).reevaluate_all().await?;
+    Ok(RebuiltSegmentation {
+        replayed,
+        memberships_changed,
+    })
+}
+
+/// Replays the purchase history, the ledger and the members of `config`'s data directory,
+/// as the events they published, into `into`.
+async fn replay(config: &Config, into: &mut dyn Sink) -> anyhow::Result<Rebuilt> {
     let dir = &config.data_dir;
     let clock: SharedClock = Arc::new(SystemClock);
     let promotion = open(dir, "promotion.redb", EmbeddedPromotionStore::open)?;
@@ -75,12 +171,6 @@ pub async fn run(config: &Config) -> anyhow::Result<Rebuilt> {
         config.identity.default_region.clone(),
     )
     .with_questionnaire(config.identity.questionnaire.clone());
-    let partial = dir.join("reporting.redb.rebuilding");
-    if partial.exists() {
-        std::fs::remove_file(&partial)
-            .with_context(|| format!("removing {}", partial.display()))?;
-    }
-    let into = EmbeddedReportingStore::open(&partial)?;
     let mut done = Rebuilt::default();
 
     let mut after = None;
@@ -106,7 +196,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Rebuilt> {
                     .map(loyalty_promotion::publish::encode_refund),
             );
         }
-        store(&into, payloads).await?;
+        into.take(payloads).await?;
     }
 
     let mut after = None;
@@ -135,7 +225,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Rebuilt> {
                         })
                     })
                     .collect();
-                store(&into, payloads).await?;
+                into.take(payloads).await?;
                 match page.next_before {
                     Some(n) => before = Some(n),
                     None => break,
@@ -155,10 +245,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Rebuilt> {
             .into_iter()
             .map(|s| loyalty_identity::publish::encode(s, now))
             .collect();
-        store(&into, payloads).await?;
+        into.take(payloads).await?;
     }
-    drop(into);
-    std::fs::rename(&partial, dir.join("reporting.redb"))
-        .context("moving the rebuilt reporting.redb into place")?;
     Ok(done)
 }

@@ -189,6 +189,11 @@ pub trait SegmentationStore: Send + Sync + std::fmt::Debug {
     /// The member's score in the current run.
     async fn rfm(&self, tenant_id: &str, member_id: &str) -> Result<Option<Score>>;
 
+    /// Forgets every member's features and the applied event ids, in one write, so the
+    /// events can be applied again from the start (a rebuild). Segments, static lists,
+    /// memberships, their history and RFM runs stay.
+    async fn clear_features(&self) -> Result<()>;
+
     /// When an erasure was applied since the last scrub, puts every live record into fresh
     /// storage, so nothing the erasure replaced stays readable in free space; whether it did.
     async fn scrub(&self) -> Result<bool>;

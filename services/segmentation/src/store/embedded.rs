@@ -702,6 +702,17 @@ impl SegmentationStore for EmbeddedSegmentationStore {
             .await
     }
 
+    async fn clear_features(&self) -> Result<()> {
+        self.db
+            .write(|txn| {
+                txn.delete_table(FEATURES).map_err(e)?;
+                txn.delete_table(APPLIED).map_err(e)?;
+                txn.delete_table(APPLIED_BY_TIME).map_err(e)?;
+                Ok(())
+            })
+            .await
+    }
+
     async fn scrub(&self) -> Result<bool> {
         let pending = self
             .db

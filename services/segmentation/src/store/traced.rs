@@ -155,6 +155,14 @@ impl SegmentationStore for Traced {
         let call = self.inner.rfm(tenant_id, member_id);
         in_db_span(self.system, "segmentation.rfm", call).await
     }
+    async fn clear_features(&self) -> Result<()> {
+        in_db_span(
+            self.system,
+            "segmentation.clear_features",
+            self.inner.clear_features(),
+        )
+        .await
+    }
     async fn scrub(&self) -> Result<bool> {
         in_db_span(self.system, "segmentation.scrub", self.inner.scrub()).await
     }
