@@ -585,6 +585,17 @@ async fn receipts_reach_every_report_and_exports() {
         by_brand_receipts[&(rpb::Kpi::Receipts as i32, "Other".into())],
         Decimal::from(4)
     );
+    // Every member bought at s1 (ShoeHub), the even ones at s2 (Other) too: half of the
+    // buyers shop across brands, all of Other's buyers do.
+    let cross = rpb::Kpi::CrossBrandShare;
+    let across = kpis(&mut reports, &[cross], rpb::GroupBy::Unspecified).await;
+    assert_eq!(one(&across, cross), Decimal::new(5, 1));
+    let across = kpis(&mut reports, &[cross], rpb::GroupBy::Brand).await;
+    assert_eq!(across[&(cross as i32, "Other".into())], Decimal::ONE);
+    assert_eq!(
+        across[&(cross as i32, "ShoeHub".into())],
+        Decimal::new(5, 1)
+    );
     let by_code = kpis(&mut reports, &[rpb::Kpi::Receipts], rpb::GroupBy::Code).await;
     assert_eq!(
         by_code[&(rpb::Kpi::Receipts as i32, "11.11".into())],

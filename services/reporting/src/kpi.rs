@@ -44,6 +44,7 @@ pub enum Kpi {
     Receipts,
     AverageCheck,
     Discounts,
+    CrossBrandShare,
 }
 
 /// What a KPI is computed from.
@@ -57,6 +58,8 @@ enum Source {
     Members,
     /// The points ledger.
     Ledger,
+    /// Distinct buyers and the brands of the stores they bought at.
+    Brands,
 }
 
 impl Kpi {
@@ -71,6 +74,7 @@ impl Kpi {
             RepeatPurchaseRate | ActiveMembers => Source::Buyers,
             ContactableShare | NoQuestionnaireShare | NewMembers => Source::Members,
             BreakageRate | PointsExpired | PointsLiability => Source::Ledger,
+            CrossBrandShare => Source::Brands,
             _ => Source::Receipts,
         }
     }
@@ -569,6 +573,64 @@ fn buyer_values(r: &Rollups, scope: &Scope, group: Group, kpis: &[Kpi]) -> Resul
     Ok(out)
 }
 
+/// Cross-brand shopping: of the members who bought in a group, the share who bought at stores
+/// of two brands or more. A member's brands are those of their purchases in the period within
+/// the filter; in a day, week or month series, in that day, week or month.
+fn brand_values(r: &Rollups, scope: &Scope, group: Group, kpi: Kpi) -> Result<Vec<Value>> {
+    let g = Grouper::new(r, scope, group);
+    let series = matches!(group, Group::Day | Group::Week | Group::Month);
+    let periods = if series { g.len() } else { 1 };
+    let mut by_brand: Vec<HashMap<&str, RoaringBitmap>> = vec![HashMap::new(); periods];
+    let mut members: Vec<RoaringBitmap> = vec![RoaringBitmap::new(); g.len()];
+    let mut used = vec![false; g.len()];
+    if scope.from <= scope.to {
+        for ((day, outlet, channel), b) in r
+            .buyers
+            .range((scope.from, 0, 0)..=(scope.to, u32::MAX, u8::MAX))
+        {
+            let Some(i) = g.index(*day, *outlet, *channel) else {
+                continue;
+            };
+            let brand = r.outlets.value(*outlet).brand.as_str();
+            *by_brand[if series { i } else { 0 }]
+                .entry(brand)
+                .or_default() |= &b.once;
+            members[i] |= &b.once;
+            used[i] = true;
+        }
+    }
+    // Per period, the members in two brands' sets or more.
+    let multi: Vec<RoaringBitmap> = by_brand
+        .iter()
+        .map(|brands| {
+            let (mut seen, mut twice) = (RoaringBitmap::new(), RoaringBitmap::new());
+            for set in brands.values() {
+                twice |= &seen & set;
+                seen |= set;
+            }
+            twice
+        })
+        .collect();
+    let mut out: Vec<Value> = members
+        .iter()
+        .zip(&g.names)
+        .enumerate()
+        .filter(|(i, _)| used[*i] || group == Group::None)
+        .map(|(i, (set, name))| {
+            let across = set.intersection_len(&multi[if series { i } else { 0 }]);
+            ratio(
+                kpi,
+                name.clone(),
+                Decimal::from(across),
+                Decimal::from(set.len()),
+            )
+        })
+        .collect();
+    check_groups(out.len())?;
+    out.sort_by(|a, b| a.group.cmp(&b.group));
+    Ok(out)
+}
+
 /// Registration-based KPIs: new members registered in the period, and shares of the
 /// members registered by its end who are not erased. The store, brand and region are those
 /// of the store the member registered in, the channel the one they registered through.
@@ -710,7 +772,7 @@ pub fn compute(
                     ),
                 ));
             }
-            (Source::Buyers | Source::Members, Group::Campaign | Group::Code) => {
+            (Source::Buyers | Source::Members | Source::Brands, Group::Campaign | Group::Code) => {
                 return Err(Error::invalid(
                     "group_by",
                     format!("{kpi:?} counts members and cannot be grouped by campaign or code"),
@@ -753,6 +815,7 @@ pub fn compute(
                 out.extend(buyers.iter().flatten().filter(|v| v.kpi == kpi).cloned());
             }
             Source::Members => out.extend(member_values(r, scope, group, &[kpi], day_of)?),
+            Source::Brands => out.extend(brand_values(r, scope, group, kpi)?),
             Source::Ledger => out.extend(ledger_values(r, scope, group, kpi, day_of)),
         }
     }

@@ -387,6 +387,43 @@ fn reference_with(
                     out.insert((kpi, g), v);
                 }
             }
+            CrossBrandShare => {
+                // A member's brands over the period, or over the series' own day, week or
+                // month.
+                let series = matches!(q.group, Group::Day | Group::Week | Group::Month);
+                let mut brands: HashMap<(String, String), BTreeSet<String>> = HashMap::new();
+                let mut buyers: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+                for p in purchases
+                    .iter()
+                    .filter(|p| in_period(p.day) && admitted(q, &p.outlet, p.channel))
+                {
+                    let Some(m) = &p.member_id else { continue };
+                    let groups = labels(q, p.day, &p.outlet, p.channel, &[], &[]);
+                    let period = if series {
+                        groups[0].clone()
+                    } else {
+                        String::new()
+                    };
+                    brands
+                        .entry((period, m.clone()))
+                        .or_default()
+                        .insert(p.outlet.brand.clone());
+                    for g in groups {
+                        buyers.entry(g).or_default().insert(m.clone());
+                    }
+                }
+                if q.group == Group::None {
+                    buyers.entry(String::new()).or_default();
+                }
+                for (g, members) in buyers {
+                    let period = if series { g.clone() } else { String::new() };
+                    let across = members
+                        .iter()
+                        .filter(|m| brands[&(period.clone(), (*m).clone())].len() >= 2)
+                        .count();
+                    out.insert((kpi, g), ratio(d(across as i64), d(members.len() as i64)));
+                }
+            }
             PointsExpired | PointsLiability | BreakageRate => {
                 // Every group of the period, by the entries' UTC days.
                 let label = |d: Day| match q.group {
@@ -551,7 +588,12 @@ const RECEIPT_KPIS: &[Kpi] = &[
     Kpi::Discounts,
 ];
 
-const MEMBER_KPIS: &[Kpi] = &[Kpi::ActiveMembers, Kpi::RepeatPurchaseRate, Kpi::NewMembers];
+const MEMBER_KPIS: &[Kpi] = &[
+    Kpi::ActiveMembers,
+    Kpi::RepeatPurchaseRate,
+    Kpi::NewMembers,
+    Kpi::CrossBrandShare,
+];
 const SHARE_KPIS: &[Kpi] = &[Kpi::ContactableShare, Kpi::NoQuestionnaireShare];
 const LEDGER_KPIS: &[Kpi] = &[Kpi::PointsExpired, Kpi::PointsLiability, Kpi::BreakageRate];
 
