@@ -14,6 +14,7 @@ pub mod conformance;
 pub mod embedded;
 pub mod redis;
 pub mod scylla;
+pub mod scylla_certificates;
 pub mod traced;
 
 /// Which entries a page holds.

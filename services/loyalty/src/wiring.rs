@@ -13,6 +13,7 @@ use loyalty_balance::certificate::{CertificateStore, GiftCertificates};
 use loyalty_balance::store::embedded::EmbeddedBalanceStore;
 use loyalty_balance::store::redis::RedisBalanceStore;
 use loyalty_balance::store::scylla::ScyllaLedger;
+use loyalty_balance::store::scylla_certificates::ScyllaCertificates;
 use loyalty_balance::store::{BalanceStore, Ledger};
 use loyalty_identity::Identity;
 use loyalty_identity::keys::Keys;
@@ -306,12 +307,19 @@ pub async fn build(
     let mut redis_balances = None;
     let balance = if runs(ServiceName::Balance) {
         let ledger = Arc::new(EmbeddedBalanceStore::open(&dir.join("balance.redb"))?);
-        let certificate_store: Arc<dyn CertificateStore> = ledger.clone();
+        // Certificates live where the durable ledger does: in the pod's file on the embedded
+        // and redis backends (one balance node), in ScyllaDB on the scylla backend.
+        let mut certificate_store: Arc<dyn CertificateStore> = ledger.clone();
         let store: Arc<dyn BalanceStore> = match config.storage.backend {
             Backend::Embedded => Arc::new(BalanceTraced::new("redb", ledger)),
             Backend::Redis | Backend::Scylla => {
                 let durable: Arc<dyn Ledger> = if config.storage.backend == Backend::Scylla {
                     let session = loyalty_platform::scylla::connect(&config.storage.scylla).await?;
+                    certificate_store = Arc::new(
+                        ScyllaCertificates::new(session.clone()).await.context(
+                            "preparing the gift certificates' statements (has `loyalty migrate` run?)",
+                        )?,
+                    );
                     let ledger = ScyllaLedger::new(session).await.context(
                         "preparing the balance ledger's statements (has `loyalty migrate` run?)",
                     )?;

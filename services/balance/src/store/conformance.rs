@@ -40,6 +40,115 @@ fn page(limit: usize) -> EntryQuery {
 }
 
 /// Runs every check against an empty store.
+/// Gift certificates: every store of them behaves alike.
+pub async fn certificates(store: Arc<dyn crate::certificate::CertificateStore>) {
+    use crate::certificate::{CertOp, Status};
+    let t = "cert-tenant";
+    let d = |v: &str| -> rust_decimal::Decimal { v.parse().unwrap() };
+    let issue = |value: &str| CertOp::Issue {
+        value: d(value),
+        expire_at: Some(10_000),
+    };
+    let spend = |amount: &str| CertOp::Spend {
+        amount: d(amount),
+        reference: "receipt".into(),
+    };
+    let refund = |amount: &str| CertOp::Refund {
+        amount: d(amount),
+        reference: "receipt".into(),
+    };
+    let run = |code: &str, key: &str, op: CertOp, now: i64| {
+        let store = store.clone();
+        let (code, key) = (code.to_string(), key.to_string());
+        async move {
+            let fingerprint = op.fingerprint();
+            store.execute(t, &code, &key, &fingerprint, op, now).await
+        }
+    };
+
+    // An issue, retried under its key: the same certificate, even when the retry chose
+    // another code; the key with another value is refused.
+    let first = run("GIFT-AAAA", "sale-1", issue("100.00"), 1)
+        .await
+        .unwrap();
+    assert_eq!((first.remaining, first.operations), (d("100.00"), 1));
+    let again = run("GIFT-BBBB", "sale-1", issue("100.00"), 2)
+        .await
+        .unwrap();
+    assert_eq!(again, first);
+    assert!(store.get(t, "GIFT-BBBB").await.unwrap().is_none());
+    assert!(matches!(
+        run("GIFT-CCCC", "sale-1", issue("200.00"), 2).await,
+        Err(Error::AlreadyExists(_))
+    ));
+    // Another issue naming a code that exists is refused, and its key stays free.
+    assert!(matches!(
+        run("GIFT-AAAA", "sale-2", issue("50.00"), 2).await,
+        Err(Error::AlreadyExists(_))
+    ));
+    let second = run("GIFT-DDDD", "sale-2", issue("50.00"), 2).await.unwrap();
+    assert_eq!(second.code, "GIFT-DDDD");
+
+    // Spends and refunds, each once under its key; what is left never goes below zero.
+    let c = run("GIFT-AAAA", "pay-1", spend("30.50"), 3).await.unwrap();
+    assert_eq!((c.remaining, c.spent), (d("69.50"), d("30.50")));
+    assert_eq!(
+        run("GIFT-AAAA", "pay-1", spend("30.50"), 4).await.unwrap(),
+        c
+    );
+    assert!(matches!(
+        run("GIFT-AAAA", "pay-1", spend("1.00"), 4).await,
+        Err(Error::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        run("GIFT-AAAA", "pay-2", spend("69.51"), 4).await,
+        Err(Error::FailedPrecondition(_))
+    ));
+    assert!(matches!(
+        run("GIFT-AAAA", "back-1", refund("30.51"), 4).await,
+        Err(Error::FailedPrecondition(_))
+    ));
+    let c = run("GIFT-AAAA", "back-1", refund("0.50"), 5).await.unwrap();
+    assert_eq!(
+        (c.remaining, c.refunded, c.operations),
+        (d("70.00"), d("0.50"), 3)
+    );
+    assert!(matches!(
+        run("GIFT-NONE", "pay-1", spend("1.00"), 5).await,
+        Err(Error::NotFound(_))
+    ));
+    assert_eq!(store.get(t, "GIFT-AAAA").await.unwrap(), Some(c.clone()));
+
+    // Concurrent spends of one certificate: exactly as many as it covers go through.
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        tasks.push(tokio::spawn(run(
+            "GIFT-AAAA",
+            &format!("rush-{i}"),
+            spend("20.00"),
+            6,
+        )));
+    }
+    let mut ok = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(Error::FailedPrecondition(_)) => {}
+            Err(e) => panic!("unexpected: {e:?}"),
+        }
+    }
+    assert_eq!(ok, 3, "70.00 covers three spends of 20.00");
+    let c = store.get(t, "GIFT-AAAA").await.unwrap().unwrap();
+    assert_eq!(c.remaining, d("10.00"));
+
+    // Past its expiry nothing is spent or refunded.
+    assert_eq!(c.status(10_000), Status::Expired);
+    assert!(matches!(
+        run("GIFT-AAAA", "late", spend("1.00"), 10_000).await,
+        Err(Error::FailedPrecondition(_))
+    ));
+}
+
 pub async fn run_all(store: Arc<dyn BalanceStore>) {
     ledger_and_idempotency(store.as_ref()).await;
     refused_operations_write_nothing(store.as_ref()).await;

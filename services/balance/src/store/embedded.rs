@@ -430,6 +430,8 @@ mod tests {
     async fn conformance() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedBalanceStore::open(&dir.path().join("balance.redb")).unwrap();
-        super::super::conformance::run_all(std::sync::Arc::new(store)).await;
+        let store = std::sync::Arc::new(store);
+        super::super::conformance::run_all(store.clone()).await;
+        super::super::conformance::certificates(store).await;
     }
 }

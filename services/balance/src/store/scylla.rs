@@ -22,12 +22,20 @@ use super::{Due, EntryQuery, Ledger, MAX_SCAN, Page};
 use crate::ledger::{Account, Change, OpRecord};
 
 /// The balance service's schema, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    service: "balance",
-    version: 1,
-    name: "ledger",
-    cql: include_str!("../../migrations/scylla/0001_ledger.cql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        service: "balance",
+        version: 1,
+        name: "ledger",
+        cql: include_str!("../../migrations/scylla/0001_ledger.cql"),
+    },
+    Migration {
+        service: "balance",
+        version: 2,
+        name: "gift_certificates",
+        cql: include_str!("../../migrations/scylla/0002_gift_certificates.cql"),
+    },
+];
 
 const ENTRY: i8 = 1;
 const RECORD: i8 = 2;
@@ -167,7 +175,7 @@ impl ScyllaLedger {
 }
 
 /// Whether a conditional write applied: `[applied]` is the first column of every row.
-fn applied(result: scylla::response::query_result::QueryResult) -> Result<bool> {
+pub(crate) fn applied(result: scylla::response::query_result::QueryResult) -> Result<bool> {
     let rows = result.into_rows_result().map_err(rows_error)?;
     let mut all = true;
     for row in rows.rows::<scylla::value::Row>().map_err(rows_error)? {
@@ -453,9 +461,13 @@ mod tests {
             .await
             .unwrap();
         let session = loyalty_platform::scylla::connect(&config).await.unwrap();
-        let ledger = Arc::new(ScyllaLedger::new(session).await.unwrap());
+        let ledger = Arc::new(ScyllaLedger::new(session.clone()).await.unwrap());
         let server = RedisServer::start().unwrap();
         let store = RedisBalanceStore::connect(&server.url(), ledger).unwrap();
         crate::store::conformance::run_all(Arc::new(store)).await;
+        let certificates = crate::store::scylla_certificates::ScyllaCertificates::new(session)
+            .await
+            .unwrap();
+        crate::store::conformance::certificates(Arc::new(certificates)).await;
     }
 }
