@@ -521,6 +521,37 @@ async fn tiers_birthdays_segments_and_member_limits_target_members() {
         .evaluation
         .unwrap();
     assert_eq!(money(&e.discount), "100.00");
+    // Segmentation learns the tier from the receipts: a segment on it holds the member.
+    let mut seg = spb::segmentation_service_client::SegmentationServiceClient::new(channel.clone());
+    let mut tier_seen = String::new();
+    for _ in 0..200 {
+        tier_seen = seg
+            .get_member_features(spb::GetMemberFeaturesRequest {
+                tenant_id: "t1".into(),
+                member_id: member.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .features
+            .unwrap()
+            .tier_id;
+        if tier_seen == "gold" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(tier_seen, "gold");
+    let golden = seg
+        .preview_segment(spb::PreviewSegmentRequest {
+            tenant_id: "t1".into(),
+            predicate: "tier = \"gold\"".into(),
+            sample_size: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(golden.sample_member_ids, [member.clone()]);
     let e = pos
         .commit(socks("g-2", &card))
         .await

@@ -70,6 +70,7 @@ pub fn encode_purchase(e: PurchaseEvent) -> Vec<u8> {
             points_accrued: e.points_accrued,
             points_redeemed: e.points_redeemed,
             points_balance: e.points_balance,
+            tier_id: e.tier_id,
             codes: e.codes,
             campaign_ids: e.campaign_ids,
             held_out_campaign_ids: e.held_out_campaign_ids,

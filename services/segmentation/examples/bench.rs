@@ -45,6 +45,7 @@ fn event(i: u64, members: u64, now: i64) -> FeatureChange {
                 })
                 .collect(),
             points_balance: Some(((x >> 5) % 100_000) as i64),
+            tier_id: Some(["", "silver", "gold"][(x % 3) as usize].to_string()),
         }),
     }
 }

@@ -1008,6 +1008,7 @@ mod tests {
             paid: Decimal::from(paid),
             lines: vec![(category.into(), brand.into(), Decimal::from(paid))],
             points_balance: None,
+            tier_id: None,
         });
     }
 

@@ -163,6 +163,8 @@ pub struct PurchaseFacts {
     /// (category, brand, paid) per line.
     pub lines: Vec<(String, String, Decimal)>,
     pub points_balance: Option<i64>,
+    /// The member's tier when the receipt was priced (None: not told).
+    pub tier_id: Option<String>,
 }
 
 /// A refund's contribution: amounts come off the original purchase's day.
@@ -249,10 +251,14 @@ impl Features {
         for (b, spend) in brands {
             touch(&mut self.brands, b, p.time, spend, 1);
         }
-        if let Some(balance) = p.points_balance
-            && p.time >= self.points_balance_at
-        {
-            self.points_balance = balance;
+        // The latest receipt's balance and tier (on equal times, the one applied last).
+        if p.time >= self.points_balance_at && (p.points_balance.is_some() || p.tier_id.is_some()) {
+            if let Some(balance) = p.points_balance {
+                self.points_balance = balance;
+            }
+            if let Some(tier) = &p.tier_id {
+                self.member.tier_id.clone_from(tier);
+            }
             self.points_balance_at = p.time;
         }
         self.prune();
@@ -262,8 +268,11 @@ impl Features {
     /// the same snapshot delivered again).
     pub fn apply_member(&mut self, m: &MemberData) {
         if !self.member.known || m.version >= self.member.version {
+            // Member events do not carry the tier: it comes from receipts.
+            let tier_id = std::mem::take(&mut self.member.tier_id);
             self.member = MemberData {
                 known: true,
+                tier_id,
                 ..m.clone()
             };
         }
@@ -369,7 +378,39 @@ mod tests {
             paid: Decimal::from(paid),
             lines: vec![(category.into(), "b".into(), Decimal::from(paid))],
             points_balance: None,
+            tier_id: None,
         }
+    }
+
+    #[test]
+    fn the_tier_is_the_latest_receipts_and_member_events_keep_it() {
+        let at = |time: Millis, tier: &str| PurchaseFacts {
+            tier_id: Some(tier.into()),
+            points_balance: Some(time),
+            ..purchase(time, 100, "Shoes")
+        };
+        let receipts = [
+            at(DAY_MS, "base"),
+            at(3 * DAY_MS, "gold"),
+            at(2 * DAY_MS, "base"),
+        ];
+        let mut forward = Features::default();
+        receipts.iter().for_each(|p| forward.apply_purchase(p));
+        let mut backward = Features::default();
+        receipts
+            .iter()
+            .rev()
+            .for_each(|p| backward.apply_purchase(p));
+        assert_eq!(forward.member.tier_id, "gold");
+        assert_eq!(forward, backward);
+        // A member snapshot (which knows nothing of tiers) leaves it.
+        forward.apply_member(&MemberData {
+            known: true,
+            version: 4,
+            ..MemberData::default()
+        });
+        assert_eq!(forward.member.tier_id, "gold");
+        assert_eq!(forward.member.version, 4);
     }
 
     #[test]

@@ -530,6 +530,7 @@ mod tests {
                 paid: Decimal::from(paid),
                 lines: vec![(category.into(), "b".into(), Decimal::from(paid))],
                 points_balance: Some(paid),
+                tier_id: None,
             }),
         }
     }
