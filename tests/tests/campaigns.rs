@@ -551,7 +551,7 @@ async fn tiers_birthdays_segments_and_member_limits_target_members() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(golden.sample_member_ids, [member.clone()]);
+    assert_eq!(golden.sample_member_ids, std::slice::from_ref(&member));
     let e = pos
         .commit(socks("g-2", &card))
         .await
