@@ -788,6 +788,8 @@ impl Workload {
                     c.channel(Service::Balance),
                 );
                 if call.rpc == Rpc::Accrue {
+                    // Accruing outside a receipt is the back office's (tills accrue through
+                    // checkout): with a key, this half runs as the admin, and is audited.
                     client
                         .accrue(c.request_as(
                             bpb::AccrueRequest {
@@ -798,7 +800,7 @@ impl Workload {
                                 reference: "loadtest".into(),
                                 ..Default::default()
                             },
-                            till,
+                            Caller::Admin,
                         ))
                         .await?;
                 } else {

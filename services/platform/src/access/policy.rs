@@ -63,7 +63,8 @@ pub const RULES: &[(&str, &[Role])] = &[
         "loyalty.balance.v1.BalanceService/GetBalance",
         &[PO, AP, AD, SV],
     ),
-    ("loyalty.balance.v1.BalanceService/Accrue", &[PO, AD, SV]),
+    // Points without a receipt are the back office's: a till accrues through checkout.
+    ("loyalty.balance.v1.BalanceService/Accrue", &[AD, SV]),
     ("loyalty.balance.v1.BalanceService/Redeem", &[PO, AD, SV]),
     ("loyalty.balance.v1.BalanceService/Hold", &[PO, SV]),
     ("loyalty.balance.v1.BalanceService/ConfirmHold", &[PO, SV]),
