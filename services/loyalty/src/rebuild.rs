@@ -109,16 +109,41 @@ fn embedded_only(config: &Config, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The sources of truth of one data directory, opened before anything is changed.
+struct Sources {
+    promotion: EmbeddedPromotionStore,
+    ledger: EmbeddedBalanceStore,
+    identity: Identity,
+}
+
+impl Sources {
+    fn open(config: &Config) -> anyhow::Result<Self> {
+        let dir = &config.data_dir;
+        let clock: SharedClock = Arc::new(SystemClock);
+        Ok(Self {
+            promotion: open(dir, "promotion.redb", EmbeddedPromotionStore::open)?,
+            ledger: open(dir, "balance.redb", EmbeddedBalanceStore::open)?,
+            identity: Identity::new(
+                Arc::new(open(dir, "identity.redb", EmbeddedIdentityStore::open)?),
+                clock,
+                config.identity.default_region.clone(),
+            )
+            .with_questionnaire(config.identity.questionnaire.clone()),
+        })
+    }
+}
+
 /// `loyalty rebuild-reporting`.
 pub async fn run(config: &Config) -> anyhow::Result<Rebuilt> {
     embedded_only(config, "reporting")?;
+    let sources = Sources::open(config)?;
     let partial = config.data_dir.join("reporting.redb.rebuilding");
     if partial.exists() {
         std::fs::remove_file(&partial)
             .with_context(|| format!("removing {}", partial.display()))?;
     }
     let mut into = ReportingSink(EmbeddedReportingStore::open(&partial)?);
-    let done = replay(config, &mut into).await?;
+    let done = replay(&sources, &mut into).await?;
     drop(into);
     std::fs::rename(&partial, config.data_dir.join("reporting.redb"))
         .context("moving the rebuilt reporting.redb into place")?;
@@ -136,6 +161,8 @@ pub struct RebuiltSegmentation {
 /// `loyalty rebuild-segmentation`.
 pub async fn run_segmentation(config: &Config) -> anyhow::Result<RebuiltSegmentation> {
     embedded_only(config, "segmentation")?;
+    // Every source opens before the features are cleared: a missing one changes nothing.
+    let sources = Sources::open(config)?;
     let clock: SharedClock = Arc::new(SystemClock);
     let path = config.data_dir.join("segmentation.redb");
     let store: Arc<dyn SegmentationStore> =
@@ -150,7 +177,7 @@ pub async fn run_segmentation(config: &Config) -> anyhow::Result<RebuiltSegmenta
         store: store.clone(),
         now: clock.now_ms(),
     };
-    let replayed = replay(config, &mut into).await?;
+    let replayed = replay(&sources, &mut into).await?;
     let memberships_changed = Segmentation::new(store, clock).reevaluate_all().await?;
     Ok(RebuiltSegmentation {
         replayed,
@@ -158,19 +185,15 @@ pub async fn run_segmentation(config: &Config) -> anyhow::Result<RebuiltSegmenta
     })
 }
 
-/// Replays the purchase history, the ledger and the members of `config`'s data directory,
-/// as the events they published, into `into`.
-async fn replay(config: &Config, into: &mut dyn Sink) -> anyhow::Result<Rebuilt> {
-    let dir = &config.data_dir;
+/// Replays the purchase history, the ledger and the members, as the events they published,
+/// into `into`.
+async fn replay(sources: &Sources, into: &mut dyn Sink) -> anyhow::Result<Rebuilt> {
+    let Sources {
+        promotion,
+        ledger,
+        identity,
+    } = sources;
     let clock: SharedClock = Arc::new(SystemClock);
-    let promotion = open(dir, "promotion.redb", EmbeddedPromotionStore::open)?;
-    let ledger = open(dir, "balance.redb", EmbeddedBalanceStore::open)?;
-    let identity = Identity::new(
-        Arc::new(open(dir, "identity.redb", EmbeddedIdentityStore::open)?),
-        clock.clone(),
-        config.identity.default_region.clone(),
-    )
-    .with_questionnaire(config.identity.questionnaire.clone());
     let mut done = Rebuilt::default();
 
     let mut after = None;
@@ -184,7 +207,7 @@ async fn replay(config: &Config, into: &mut dyn Sink) -> anyhow::Result<Rebuilt>
         let mut payloads = Vec::new();
         for p in &page {
             let (purchase, refunds) =
-                loyalty_promotion::checkout::stored_events(&promotion, p).await?;
+                loyalty_promotion::checkout::stored_events(promotion, p).await?;
             if let Some(e) = purchase {
                 done.purchases += 1;
                 payloads.push(loyalty_promotion::publish::encode_purchase(e));
@@ -212,7 +235,7 @@ async fn replay(config: &Config, into: &mut dyn Sink) -> anyhow::Result<Rebuilt>
                     limit: PAGE,
                     ..EntryQuery::default()
                 };
-                let page = Ledger::entries(&ledger, tenant, member, &query).await?;
+                let page = Ledger::entries(ledger, tenant, member, &query).await?;
                 done.ledger_entries += page.entries.len();
                 let payloads = page
                     .entries

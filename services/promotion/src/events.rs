@@ -40,8 +40,8 @@ pub struct PurchaseEvent {
     pub points_accrued: i64,
     pub points_redeemed: i64,
     pub points_balance: Option<i64>,
-    /// The member's tier when the receipt was priced (empty: none).
-    pub tier_id: String,
+    /// The member's tier when the receipt was priced (empty: none); None when anonymous.
+    pub tier_id: Option<String>,
     pub codes: Vec<String>,
     /// Campaigns that gave the receipt something.
     pub campaign_ids: Vec<String>,
@@ -186,11 +186,7 @@ pub fn purchase_event(
         points_accrued: e.total_points_accrued(),
         points_redeemed: e.points_redeemed,
         points_balance,
-        tier_id: e
-            .member
-            .as_ref()
-            .map(|m| m.tier_id.clone())
-            .unwrap_or_default(),
+        tier_id: e.member.as_ref().map(|m| m.tier_id.clone()),
         codes: p.receipt.codes.clone(),
         campaign_ids: e
             .applied_campaigns()

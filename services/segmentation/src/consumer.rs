@@ -66,7 +66,7 @@ pub fn decode(payload: &[u8]) -> Option<FeatureChange> {
                 paid: dec(&p.paid),
                 lines: lines(&p.lines),
                 points_balance: p.points_balance,
-                tier_id: Some(p.tier_id.clone()),
+                tier_id: p.tier_id.clone(),
             }),
         ),
         pb::event::Kind::Member(m) => (

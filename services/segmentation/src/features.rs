@@ -251,11 +251,12 @@ impl Features {
         for (b, spend) in brands {
             touch(&mut self.brands, b, p.time, spend, 1);
         }
-        // The latest receipt's balance and tier (on equal times, the one applied last).
-        if p.time >= self.points_balance_at && (p.points_balance.is_some() || p.tier_id.is_some()) {
-            if let Some(balance) = p.points_balance {
-                self.points_balance = balance;
-            }
+        // The balance and tier of the latest receipt that tells its balance (every identified
+        // receipt does); on equal times, the one applied last.
+        if let Some(balance) = p.points_balance
+            && p.time >= self.points_balance_at
+        {
+            self.points_balance = balance;
             if let Some(tier) = &p.tier_id {
                 self.member.tier_id.clone_from(tier);
             }
@@ -389,8 +390,14 @@ mod tests {
             points_balance: Some(time),
             ..purchase(time, 100, "Shoes")
         };
+        // A receipt that does not tell its balance moves neither, whatever its time.
+        let untold = PurchaseFacts {
+            points_balance: None,
+            ..at(4 * DAY_MS, "silver")
+        };
         let receipts = [
             at(DAY_MS, "base"),
+            untold,
             at(3 * DAY_MS, "gold"),
             at(2 * DAY_MS, "base"),
         ];
@@ -402,6 +409,7 @@ mod tests {
             .rev()
             .for_each(|p| backward.apply_purchase(p));
         assert_eq!(forward.member.tier_id, "gold");
+        assert_eq!(forward.points_balance, 3 * DAY_MS);
         assert_eq!(forward, backward);
         // A member snapshot (which knows nothing of tiers) leaves it.
         forward.apply_member(&MemberData {

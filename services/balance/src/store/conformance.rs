@@ -39,7 +39,6 @@ fn page(limit: usize) -> EntryQuery {
     }
 }
 
-/// Runs every check against an empty store.
 /// Gift certificates: every store of them behaves alike.
 pub async fn certificates(store: Arc<dyn crate::certificate::CertificateStore>) {
     use crate::certificate::{CertOp, Status};
@@ -149,6 +148,7 @@ pub async fn certificates(store: Arc<dyn crate::certificate::CertificateStore>) 
     ));
 }
 
+/// Runs every check against an empty store.
 pub async fn run_all(store: Arc<dyn BalanceStore>) {
     ledger_and_idempotency(store.as_ref()).await;
     refused_operations_write_nothing(store.as_ref()).await;

@@ -204,7 +204,8 @@ impl CertificateStore for ScyllaCertificates {
         } else {
             (code.to_string(), RECORD)
         };
-        for _ in 0..ATTEMPTS {
+        let mut attempt = 0usize;
+        while attempt < ATTEMPTS {
             if let Some(r) = self.record(tenant_id, &code, kind, key).await? {
                 return if r.fingerprint == fingerprint {
                     Ok(r.certificate)
@@ -216,8 +217,18 @@ impl CertificateStore for ScyllaCertificates {
             let next = match certificate::apply(current.as_ref().map(|(_, c)| c), &code, &op, now) {
                 Ok(next) => next,
                 Err(e) => {
-                    if issue {
-                        // Refused (the code is another issue's): the key claims nothing.
+                    if issue && current.is_some() {
+                        // The certificate exists. An attempt under this same key may have
+                        // written it since the record was read: its batch wrote the record
+                        // with the state, so the record says whose it is.
+                        if let Some(r) = self.record(tenant_id, &code, kind, key).await? {
+                            return if r.fingerprint == fingerprint {
+                                Ok(r.certificate)
+                            } else {
+                                Err(key_reused(key))
+                            };
+                        }
+                        // Another issue's code: the key claims nothing.
                         self.session
                             .execute_unpaged(&self.s.release_issue, (tenant_id, key, &code))
                             .await
@@ -273,7 +284,15 @@ impl CertificateStore for ScyllaCertificates {
             if applied(result)? {
                 return Ok(next);
             }
-            // Another operation got there first: read again and decide on what it left.
+            // Another operation got there first: read again and decide on what it left,
+            // after a short, growing pause so contenders spread out.
+            attempt += 1;
+            let spread = key
+                .bytes()
+                .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
+                % 4;
+            let pause = (attempt as u64).min(10) * 2 + spread;
+            tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
         }
         Err(Error::Unavailable(format!(
             "certificate {code} kept changing; retry"
