@@ -902,6 +902,22 @@ impl Expr {
         }
     }
 
+    /// Whether the expression reads the feature `name`.
+    pub fn reads_feature(&self, name: &str) -> bool {
+        match &self.node {
+            Node::Or(p) | Node::And(p) => p.iter().any(|e| e.reads_feature(name)),
+            Node::Not(e) | Node::DaysSince(e) => e.reads_feature(name),
+            Node::Compare(l, _, r) | Node::Add(l, r) | Node::Sub(l, r) => {
+                l.reads_feature(name) || r.reads_feature(name)
+            }
+            Node::Between(x, lo, hi) => {
+                x.reads_feature(name) || lo.reads_feature(name) || hi.reads_feature(name)
+            }
+            Node::Feature(f) => *f == name,
+            _ => false,
+        }
+    }
+
     /// Whether the result can change with time alone (no event): such segments are
     /// re-evaluated on a schedule.
     pub fn depends_on_time(&self) -> bool {
@@ -1065,6 +1081,16 @@ mod tests {
 
     #[test]
     fn points_total_is_absent_until_a_ledger_entry_arrived() {
+        assert!(
+            parse("not (points_total < 5) or spend_30d > 1")
+                .unwrap()
+                .reads_feature("points_total")
+        );
+        assert!(
+            !parse("points_balance > 5")
+                .unwrap()
+                .reads_feature("points_total")
+        );
         let mut f = Features::default();
         assert!(!holds("points_total < 100", &f));
         assert!(!holds("points_total >= 0", &f));

@@ -206,12 +206,19 @@ impl SegmentationStore for EmbeddedSegmentationStore {
                 let mut new = 0;
                 // Every member the batch names, with their features after it.
                 let mut named: BTreeMap<(String, String), Features> = BTreeMap::new();
+                // Those named by more than ledger entries: a ledger entry changes only
+                // `points_total`, so a member it alone names is evaluated only against rules
+                // that read it.
+                let mut beyond_ledger: BTreeSet<(String, String)> = BTreeSet::new();
                 {
                     let mut applied = txn.open_table(APPLIED).map_err(e)?;
                     let mut by_time = txn.open_table(APPLIED_BY_TIME).map_err(e)?;
                     let mut features = txn.open_table(FEATURES).map_err(e)?;
                     for c in &changes {
                         let id = (c.tenant_id.clone(), c.member_id.clone());
+                        if !matches!(c.change, Change::Ledger(_)) {
+                            beyond_ledger.insert(id.clone());
+                        }
                         let fk = key(&[&c.tenant_id, &c.member_id]);
                         let mut f: Features = match named.remove(&id) {
                             Some(f) => f,
@@ -268,7 +275,16 @@ impl SegmentationStore for EmbeddedSegmentationStore {
                 }
                 for ((tenant, member), f) in &named {
                     if let Some(tenant_rules) = rules.get(tenant) {
-                        let current = current_rules(txn, tenant, tenant_rules)?;
+                        let ledger_only =
+                            !beyond_ledger.contains(&(tenant.clone(), member.clone()));
+                        let reads_points = |r: &Rule| r.expr.reads_feature("points_total");
+                        if ledger_only && !tenant_rules.iter().any(reads_points) {
+                            continue;
+                        }
+                        let mut current = current_rules(txn, tenant, tenant_rules)?;
+                        if ledger_only {
+                            current.retain(|r| reads_points(r));
+                        }
                         evaluate_member(txn, tenant, member, f, &current, now)?;
                     }
                 }
