@@ -174,6 +174,43 @@ impl EmbeddedDb {
             .map_err(|_| Error::internal(anyhow::anyhow!("store writer stopped")))?
     }
 
+    /// Rewrites the file when a write left the mark `key` in `table` (see [`mark`]): an
+    /// erasure's replaced bytes stay in freed pages until then. The mark is cleared in the
+    /// copy itself, so a mark set by a write queued behind the rewrite survives it. `store`
+    /// names the store in the log line. Returns whether it rewrote.
+    pub async fn rewrite_if_marked(&self, table: Records, key: &str, store: &str) -> Result<bool> {
+        let owned = key.to_string();
+        let marked = self
+            .read(move |txn| {
+                let Some(t) = open_for_read(txn, table)? else {
+                    return Ok(false);
+                };
+                Ok(t.get(owned.as_str()).map_err(storage_error)?.is_some())
+            })
+            .await?;
+        if !marked {
+            return Ok(false);
+        }
+        let owned = key.to_string();
+        let stats = self
+            .rewrite(move |txn| {
+                txn.open_table(table)
+                    .map_err(storage_error)?
+                    .remove(owned.as_str())
+                    .map_err(storage_error)?;
+                Ok(())
+            })
+            .await?;
+        tracing::info!(
+            tables = stats.tables,
+            rows = stats.rows,
+            bytes_before = stats.bytes_before,
+            bytes_after = stats.bytes_after,
+            "{store}'s store rewritten: nothing erased remains in it"
+        );
+        Ok(true)
+    }
+
     /// Runs `f` in a write transaction and returns once its effects are durable.
     pub async fn write<R, F>(&self, f: F) -> Result<R>
     where
@@ -442,6 +479,16 @@ pub fn prefix_range(parts: &[&str]) -> (String, String) {
 
 /// A table of encoded records under composite string keys.
 pub type Records = TableDefinition<'static, &'static str, &'static [u8]>;
+
+/// Sets the mark `key` in `table`, in the transaction of the write that calls for it (for
+/// [`EmbeddedDb::rewrite_if_marked`]).
+pub fn mark(txn: &WriteTransaction, table: Records, key: &str) -> Result<()> {
+    txn.open_table(table)
+        .map_err(storage_error)?
+        .insert(key, &[][..])
+        .map_err(storage_error)?;
+    Ok(())
+}
 
 /// Maps a storage-engine error to an internal error.
 pub fn storage_error(err: impl Into<anyhow::Error>) -> Error {

@@ -146,6 +146,37 @@ pub async fn migrate(
     Ok(applied_now)
 }
 
+/// Prepares `cql` with the consistency every statement of ours uses: `LOCAL_QUORUM`, and
+/// `LOCAL_SERIAL` for the Paxos round of a conditional one.
+pub async fn prepare(
+    session: &Session,
+    cql: &'static str,
+) -> anyhow::Result<scylla::statement::prepared::PreparedStatement> {
+    let mut p = session.prepare(cql).await?;
+    p.set_consistency(scylla::statement::Consistency::LocalQuorum);
+    p.set_serial_consistency(Some(scylla::statement::SerialConsistency::LocalSerial));
+    Ok(p)
+}
+
+/// A driver error reading rows: the reply was not what the statement returns.
+pub fn rows_error(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::internal(anyhow::Error::new(e))
+}
+
+/// Whether a conditional write applied: `[applied]` is the first column of every row.
+pub fn applied(result: scylla::response::query_result::QueryResult) -> crate::error::Result<bool> {
+    let rows = result.into_rows_result().map_err(rows_error)?;
+    let mut all = true;
+    for row in rows.rows::<scylla::value::Row>().map_err(rows_error)? {
+        let row = row.map_err(rows_error)?;
+        all &= matches!(
+            row.columns.first(),
+            Some(Some(scylla::value::CqlValue::Boolean(true)))
+        );
+    }
+    Ok(all)
+}
+
 /// Maps a driver error: connection trouble and timeouts are `Unavailable` (the caller may
 /// retry with its idempotency key), the rest internal.
 pub fn execution_error(e: ExecutionError) -> Error {

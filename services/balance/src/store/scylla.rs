@@ -11,7 +11,7 @@ use std::sync::Arc;
 use loyalty_platform::clock::{DAY_MS, Millis};
 use loyalty_platform::embedded::{decode, encode};
 use loyalty_platform::error::{Error, Result};
-use loyalty_platform::scylla::{Migration, execution_error};
+use loyalty_platform::scylla::{Migration, applied, execution_error, prepare, rows_error};
 use scylla::client::session::Session;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
@@ -73,80 +73,68 @@ fn day(at: Millis) -> i64 {
     at.div_euclid(DAY_MS)
 }
 
-fn rows_error(e: impl std::error::Error + Send + Sync + 'static) -> Error {
-    Error::internal(anyhow::Error::new(e))
-}
-
 impl ScyllaLedger {
     /// Prepares every statement on `session` (whose keyspace is selected).
     pub async fn new(session: Arc<Session>) -> anyhow::Result<Self> {
-        let prepare = |cql: &'static str| {
-            let session = session.clone();
-            async move {
-                let mut p = session.prepare(cql).await?;
-                p.set_consistency(Consistency::LocalQuorum);
-                p.set_serial_consistency(Some(SerialConsistency::LocalSerial));
-                anyhow::Ok(p)
-            }
-        };
+        let statement = |cql: &'static str| prepare(&session, cql);
         let s = Statements {
-            insert_state: prepare(
+            insert_state: statement(
                 "INSERT INTO balance_ledger (tenant, member, kind, id, version, stamp, body) \
                  VALUES (?, ?, 0, '', ?, ?, ?) IF NOT EXISTS",
             )
             .await?,
-            update_state: prepare(
+            update_state: statement(
                 "UPDATE balance_ledger SET version = ?, stamp = ?, body = ? \
                  WHERE tenant = ? AND member = ? AND kind = 0 AND id = '' \
                  IF version = ? AND stamp = ?",
             )
             .await?,
-            insert_row: prepare(
+            insert_row: statement(
                 "INSERT INTO balance_ledger (tenant, member, kind, id, body) VALUES (?, ?, ?, ?, ?)",
             )
             .await?,
-            insert_own_record: prepare(
+            insert_own_record: statement(
                 "INSERT INTO balance_ledger (tenant, member, kind, id, body) VALUES (?, ?, 2, ?, ?) \
                  IF NOT EXISTS",
             )
             .await?,
-            select_record: prepare(
+            select_record: statement(
                 "SELECT body FROM balance_ledger \
                  WHERE tenant = ? AND member = ? AND kind = 2 AND id = ?",
             )
             .await?,
-            select_state: prepare(
+            select_state: statement(
                 "SELECT version, body FROM balance_ledger \
                  WHERE tenant = ? AND member = ? AND kind = 0 AND id = ''",
             )
             .await?,
-            select_records: prepare(
+            select_records: statement(
                 "SELECT id, body FROM balance_ledger WHERE tenant = ? AND member = ? AND kind = 2",
             )
             .await?,
-            select_entries: prepare(
+            select_entries: statement(
                 "SELECT body FROM balance_ledger \
                  WHERE tenant = ? AND member = ? AND kind = 1 AND id < ? LIMIT ?",
             )
             .await?,
-            select_members: prepare(
+            select_members: statement(
                 "SELECT DISTINCT tenant, member FROM balance_ledger LIMIT ?",
             )
             .await?,
-            select_members_after: prepare(
+            select_members_after: statement(
                 "SELECT DISTINCT tenant, member FROM balance_ledger \
                  WHERE token(tenant, member) > token(?, ?) LIMIT ?",
             )
             .await?,
-            insert_due: prepare(
+            insert_due: statement(
                 "INSERT INTO balance_due (day, due, tenant, member) VALUES (?, ?, ?, ?)",
             )
             .await?,
-            select_due: prepare(
+            select_due: statement(
                 "SELECT due, tenant, member FROM balance_due WHERE day = ? AND due <= ? LIMIT ?",
             )
             .await?,
-            delete_due: prepare(
+            delete_due: statement(
                 "DELETE FROM balance_due WHERE day = ? AND due = ? AND tenant = ? AND member = ?",
             )
             .await?,
@@ -172,17 +160,6 @@ impl ScyllaLedger {
             _ => Ok(None),
         }
     }
-}
-
-/// Whether a conditional write applied: `[applied]` is the first column of every row.
-pub(crate) fn applied(result: scylla::response::query_result::QueryResult) -> Result<bool> {
-    let rows = result.into_rows_result().map_err(rows_error)?;
-    let mut all = true;
-    for row in rows.rows::<scylla::value::Row>().map_err(rows_error)? {
-        let row = row.map_err(rows_error)?;
-        all &= matches!(row.columns.first(), Some(Some(CqlValue::Boolean(true))));
-    }
-    Ok(all)
 }
 
 #[async_trait::async_trait]

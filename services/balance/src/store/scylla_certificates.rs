@@ -13,7 +13,7 @@ use std::sync::Arc;
 use loyalty_platform::clock::Millis;
 use loyalty_platform::embedded::{decode, encode};
 use loyalty_platform::error::{Error, Result};
-use loyalty_platform::scylla::execution_error;
+use loyalty_platform::scylla::{applied, execution_error, prepare, rows_error};
 use scylla::client::session::Session;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
@@ -21,7 +21,6 @@ use scylla::statement::{Consistency, SerialConsistency};
 use scylla::value::CqlValue;
 
 use super::embedded::key_reused;
-use super::scylla::applied;
 use crate::certificate::{self, CertOp, CertRecord, Certificate, CertificateStore};
 
 /// The record of the issue that created a certificate.
@@ -49,58 +48,46 @@ struct Statements {
     insert_record: PreparedStatement,
 }
 
-fn rows_error(e: impl std::error::Error + Send + Sync + 'static) -> Error {
-    Error::internal(anyhow::Error::new(e))
-}
-
 impl ScyllaCertificates {
     /// Prepares every statement on `session` (whose keyspace is selected).
     pub async fn new(session: Arc<Session>) -> anyhow::Result<Self> {
-        let prepare = |cql: &'static str| {
-            let session = session.clone();
-            async move {
-                let mut p = session.prepare(cql).await?;
-                p.set_consistency(Consistency::LocalQuorum);
-                p.set_serial_consistency(Some(SerialConsistency::LocalSerial));
-                anyhow::Ok(p)
-            }
-        };
+        let statement = |cql: &'static str| prepare(&session, cql);
         let s = Statements {
-            claim_issue: prepare(
+            claim_issue: statement(
                 "INSERT INTO gift_certificate_issues (tenant, key, code, fingerprint) \
                  VALUES (?, ?, ?, ?) IF NOT EXISTS",
             )
             .await?,
-            select_issue: prepare(
+            select_issue: statement(
                 "SELECT code, fingerprint FROM gift_certificate_issues \
                  WHERE tenant = ? AND key = ?",
             )
             .await?,
-            release_issue: prepare(
+            release_issue: statement(
                 "DELETE FROM gift_certificate_issues WHERE tenant = ? AND key = ? IF code = ?",
             )
             .await?,
-            select_state: prepare(
+            select_state: statement(
                 "SELECT operations, body FROM gift_certificates \
                  WHERE tenant = ? AND code = ? AND kind = 0 AND key = ''",
             )
             .await?,
-            select_record: prepare(
+            select_record: statement(
                 "SELECT body FROM gift_certificates \
                  WHERE tenant = ? AND code = ? AND kind = ? AND key = ?",
             )
             .await?,
-            insert_state: prepare(
+            insert_state: statement(
                 "INSERT INTO gift_certificates (tenant, code, kind, key, operations, body) \
                  VALUES (?, ?, 0, '', ?, ?) IF NOT EXISTS",
             )
             .await?,
-            update_state: prepare(
+            update_state: statement(
                 "UPDATE gift_certificates SET operations = ?, body = ? \
                  WHERE tenant = ? AND code = ? AND kind = 0 AND key = '' IF operations = ?",
             )
             .await?,
-            insert_record: prepare(
+            insert_record: statement(
                 "INSERT INTO gift_certificates (tenant, code, kind, key, body) \
                  VALUES (?, ?, ?, ?, ?) IF NOT EXISTS",
             )

@@ -539,10 +539,7 @@ impl IdentityStore for EmbeddedIdentityStore {
                     put_record(&mut erasures, &mk, &erasure)?;
                 }
                 // The replaced records stay in freed pages until the file is rewritten.
-                txn.open_table(META)
-                    .map_err(e)?
-                    .insert(SCRUB_PENDING, &[][..])
-                    .map_err(e)?;
+                loyalty_platform::embedded::mark(txn, META, SCRUB_PENDING)?;
                 Ok(true)
             })
             .await
@@ -563,39 +560,9 @@ impl IdentityStore for EmbeddedIdentityStore {
     }
 
     async fn scrub(&self) -> Result<bool> {
-        let pending = self
-            .db
-            .read(|txn| {
-                let Some(meta) = open_for_read(txn, META)? else {
-                    return Ok(false);
-                };
-                Ok(meta.get(SCRUB_PENDING).map_err(e)?.is_some())
-            })
-            .await?;
-        if !pending {
-            return Ok(false);
-        }
-        // redb keeps replaced pages' bytes until it reuses them: a fresh copy of the live
-        // data holds none of them. The flag is cleared in the copy itself, so an erasure
-        // queued behind the rewrite sets it again.
-        let stats = self
-            .db
-            .rewrite(|txn| {
-                txn.open_table(META)
-                    .map_err(e)?
-                    .remove(SCRUB_PENDING)
-                    .map_err(e)?;
-                Ok(())
-            })
-            .await?;
-        tracing::info!(
-            tables = stats.tables,
-            rows = stats.rows,
-            bytes_before = stats.bytes_before,
-            bytes_after = stats.bytes_after,
-            "identity's store rewritten: nothing erased remains in it"
-        );
-        Ok(true)
+        self.db
+            .rewrite_if_marked(META, SCRUB_PENDING, "identity")
+            .await
     }
 
     async fn erasure(&self, tenant_id: &str, member_id: &str) -> Result<Option<Erasure>> {

@@ -48,7 +48,7 @@ const RFM_GENERATIONS: TableDefinition<&str, u64> = TableDefinition::new("rfm_ge
 const RFM_RUNS: Records = TableDefinition::new("rfm_runs");
 
 /// Marks: `scrub_pending` while an erasure's replaced bytes may be in the file's free space.
-const MARKS: TableDefinition<&str, ()> = TableDefinition::new("marks");
+const MARKS: Records = TableDefinition::new("segmentation_marks");
 const SCRUB_PENDING: &str = "scrub_pending";
 
 /// Most history entries kept per member (the oldest go first).
@@ -245,10 +245,7 @@ impl SegmentationStore for EmbeddedSegmentationStore {
                                 Change::Ledger(l) => f.apply_ledger(l),
                                 Change::Erasure(m) => {
                                     f.apply_member(m);
-                                    txn.open_table(MARKS)
-                                        .map_err(e)?
-                                        .insert(SCRUB_PENDING, ())
-                                        .map_err(e)?;
+                                    loyalty_platform::embedded::mark(txn, MARKS, SCRUB_PENDING)?;
                                 }
                             }
                             put_record(&mut features, &fk, &f)?;
@@ -730,38 +727,9 @@ impl SegmentationStore for EmbeddedSegmentationStore {
     }
 
     async fn scrub(&self) -> Result<bool> {
-        let pending = self
-            .db
-            .read(|txn| {
-                let Some(marks) = open_for_read(txn, MARKS)? else {
-                    return Ok(false);
-                };
-                Ok(marks.get(SCRUB_PENDING).map_err(e)?.is_some())
-            })
-            .await?;
-        if !pending {
-            return Ok(false);
-        }
-        // The mark is cleared in the copy itself, so an erasure applied behind the rewrite
-        // sets it again.
-        let stats = self
-            .db
-            .rewrite(|txn| {
-                txn.open_table(MARKS)
-                    .map_err(e)?
-                    .remove(SCRUB_PENDING)
-                    .map_err(e)?;
-                Ok(())
-            })
-            .await?;
-        tracing::info!(
-            tables = stats.tables,
-            rows = stats.rows,
-            bytes_before = stats.bytes_before,
-            bytes_after = stats.bytes_after,
-            "segmentation's store rewritten: nothing erased remains in it"
-        );
-        Ok(true)
+        self.db
+            .rewrite_if_marked(MARKS, SCRUB_PENDING, "segmentation")
+            .await
     }
 
     async fn ping(&self) -> Result<()> {
