@@ -788,8 +788,9 @@ impl Workload {
                     c.channel(Service::Balance),
                 );
                 if call.rpc == Rpc::Accrue {
-                    // Accruing outside a receipt is the back office's (tills accrue through
-                    // checkout): with a key, this half runs as the admin, and is audited.
+                    // Points outside a receipt are the back office's (tills accrue and redeem
+                    // through checkout): with a key, this scenario runs as the admin, and is
+                    // audited.
                     client
                         .accrue(c.request_as(
                             bpb::AccrueRequest {
@@ -814,7 +815,7 @@ impl Workload {
                                 reference: "loadtest".into(),
                                 up_to_available: true,
                             },
-                            till,
+                            Caller::Admin,
                         ))
                         .await?;
                 }
@@ -829,6 +830,7 @@ impl Workload {
                     .quote(c.request_as(
                         ppb::QuoteRequest {
                             receipt: Some(receipt),
+                            ..Default::default()
                         },
                         Caller::Pos(spec.store),
                     ))
@@ -845,6 +847,7 @@ impl Workload {
                     .commit(c.request_as(
                         ppb::CommitRequest {
                             receipt: Some(receipt),
+                            ..Default::default()
                         },
                         Caller::Pos(spec.store),
                     ))

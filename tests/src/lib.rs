@@ -390,6 +390,7 @@ impl Pos {
         self.checkout
             .commit(promotion::CommitRequest {
                 receipt: Some(receipt),
+                ..Default::default()
             })
             .await
             .map(tonic::Response::into_inner)
@@ -483,6 +484,7 @@ pub async fn skeleton_flow(pos: &mut Pos, tenant: &str) -> (String, String) {
         .checkout
         .quote(promotion::QuoteRequest {
             receipt: Some(r.clone()),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -107,6 +107,26 @@ async fn balance_behaviour(channel: Channel, bulk_members: Vec<String>, identity
     assert_eq!(hold.status(), balance::HoldStatus::Open);
     let b = hold.balance.unwrap();
     assert_eq!((b.active, b.held), (900, 600));
+    let open = c
+        .get_hold(balance::GetHoldRequest {
+            tenant_id: "t".into(),
+            hold_id: hold.hold_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (open.status(), open.amount, open.expire_time),
+        (balance::HoldStatus::Open, 600, hold.expire_time)
+    );
+    let elsewhere = c
+        .get_hold(balance::GetHoldRequest {
+            tenant_id: "t2".into(),
+            hold_id: hold.hold_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(elsewhere.code(), Code::NotFound, "another tenant's hold");
     let confirm = balance::ConfirmHoldRequest {
         tenant_id: "t".into(),
         hold_id: hold.hold_id.clone(),
@@ -156,13 +176,34 @@ async fn balance_behaviour(channel: Channel, bulk_members: Vec<String>, identity
     let err = c
         .confirm_hold(balance::ConfirmHoldRequest {
             tenant_id: "t".into(),
-            hold_id: short.hold_id,
+            hold_id: short.hold_id.clone(),
             idempotency_key: "confirm-3".into(),
             amount: 0,
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    // Each hold reads back as it ended; an id nobody issued is not found.
+    let get_hold = |hold_id: &str| balance::GetHoldRequest {
+        tenant_id: "t".into(),
+        hold_id: hold_id.into(),
+    };
+    for (hold_id, status, amount) in [
+        (&hold.hold_id, balance::HoldStatus::Confirmed, 600),
+        (&short.hold_id, balance::HoldStatus::Expired, 100),
+    ] {
+        let read = c.get_hold(get_hold(hold_id)).await.unwrap().into_inner();
+        assert_eq!(
+            (read.member_id.as_str(), read.status(), read.amount),
+            ("m1", status, amount)
+        );
+        assert!(read.expire_time.is_some());
+    }
+    let err = c.get_hold(get_hold("2:m1never-held")).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = c.get_hold(get_hold("forged")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 
     // An audited manual adjustment.
     let adjusted = c

@@ -68,7 +68,10 @@ async fn create(
 
 async fn quote(pos: &mut Pos, r: ppb::Receipt) -> Result<ppb::Evaluation, tonic::Status> {
     pos.checkout
-        .quote(ppb::QuoteRequest { receipt: Some(r) })
+        .quote(ppb::QuoteRequest {
+            receipt: Some(r),
+            ..Default::default()
+        })
         .await
         .map(|r| r.into_inner().evaluation.unwrap())
 }

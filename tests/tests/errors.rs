@@ -206,6 +206,7 @@ async fn not_found_already_exists_failed_precondition_unimplemented() {
                 None,
                 vec![line("1", "boots", "1", "1.00", false)],
             )),
+            ..Default::default()
         })
         .await
         .unwrap_err();

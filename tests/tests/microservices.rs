@@ -91,6 +91,7 @@ async fn two_processes_complete_the_skeleton_over_grpc() {
                 Some("12345678"),
                 vec![line("1", "boots", "1", "1.00", false)],
             )),
+            ..Default::default()
         })
         .await
         .unwrap_err();

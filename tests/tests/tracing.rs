@@ -126,6 +126,7 @@ async fn a_receipt_is_one_trace_across_processes() {
             Some(&card),
             vec![line("1", "boots", "1", "100.00", false)],
         )),
+        ..Default::default()
     });
     request.metadata_mut().insert(
         "traceparent",
@@ -241,6 +242,67 @@ async fn a_receipt_is_one_trace_across_processes() {
         assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
     }
 
+    // Two-phase redemption with balance in a process of its own: checkout reads and
+    // confirms the till's hold over gRPC, and the rest of the hold goes back.
+    {
+        use loyalty_proto::balance::v1 as bpb;
+        let mut balance =
+            bpb::balance_service_client::BalanceServiceClient::new(balance_node.channel().await);
+        let before = balance
+            .get_balance(bpb::GetBalanceRequest {
+                tenant_id: "t1".into(),
+                member_id: member.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .balance
+            .unwrap()
+            .active;
+        let held = balance
+            .hold(bpb::HoldRequest {
+                tenant_id: "t1".into(),
+                member_id: member.clone(),
+                idempotency_key: "till-hold-1".into(),
+                amount: 60,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut r = receipt(
+            "t1",
+            "HELD-1",
+            Some(&card),
+            vec![line("1", "boots", "1", "100.00", false)],
+        );
+        r.points_to_redeem = 50;
+        let paid = checkout
+            .commit(promotion::CommitRequest {
+                receipt: Some(r),
+                hold_id: held.hold_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let evaluation = paid.evaluation.unwrap();
+        assert_eq!(evaluation.points_redeemed, 50);
+        assert_eq!(
+            paid.points_balance,
+            before - 50 + evaluation.points_accrued,
+            "50 of the hold spent, 10 back"
+        );
+        let hold = balance
+            .get_hold(bpb::GetHoldRequest {
+                tenant_id: "t1".into(),
+                hold_id: held.hold_id,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(hold.status, bpb::HoldStatus::Confirmed as i32);
+    }
+
     // A call that goes wrong logs with its trace id: identity is gone for this one.
     assert_eq!(identity_node.stop().await, 0);
     let mut request = tonic::Request::new(promotion::CommitRequest {
@@ -250,6 +312,7 @@ async fn a_receipt_is_one_trace_across_processes() {
             Some(&card),
             vec![line("1", "boots", "1", "100.00", false)],
         )),
+        ..Default::default()
     });
     request.metadata_mut().insert(
         "traceparent",

@@ -69,6 +69,27 @@ fn from_our_services<T>(request: &Request<T>) -> bool {
         .is_ok_and(|p| p.role == loyalty_platform::access::Role::Service)
 }
 
+/// Keys checkout derives from receipt ids (`receipt:<id>:...`) are its own. An
+/// authenticated caller other than our services may not use one, so it cannot take a key
+/// that a receipt's commit or refund will need and leave that receipt unable to finish.
+/// (With authentication off every caller is trusted, our peers included.)
+fn checkout_key<T>(request: &Request<T>, field: &str, key: &str) -> Result<(), Status> {
+    let restricted = loyalty_platform::access::caller(request).is_ok_and(|p| {
+        p.role != loyalty_platform::access::Role::Service
+            && *p != loyalty_platform::access::Principal::unrestricted()
+    });
+    if key.starts_with(CHECKOUT_KEY_PREFIX) && restricted {
+        return Err(to_status(Error::invalid(
+            field,
+            format!("keys starting with {CHECKOUT_KEY_PREFIX:?} are reserved for checkout"),
+        )));
+    }
+    Ok(())
+}
+
+/// What every key of checkout's points operations starts with.
+const CHECKOUT_KEY_PREFIX: &str = "receipt:";
+
 /// Reasons a caller may give an accrual.
 fn accrual_reason(value: i32) -> Result<Reason, Error> {
     match pb::EntryReason::try_from(value) {
@@ -246,6 +267,11 @@ impl BalanceService for Api {
     ) -> Result<Response<pb::AccrueResponse>, Status> {
         let ours = from_our_services(&request);
         let admin = by_admin(&request);
+        checkout_key(
+            &request,
+            "idempotency_key",
+            &request.get_ref().idempotency_key,
+        )?;
         let r = request.into_inner();
         let before = self.before(admin, &r.tenant_id, &r.member_id).await;
         if !ours {
@@ -285,6 +311,11 @@ impl BalanceService for Api {
     ) -> Result<Response<pb::RedeemResponse>, Status> {
         let ours = from_our_services(&request);
         let admin = by_admin(&request);
+        checkout_key(
+            &request,
+            "idempotency_key",
+            &request.get_ref().idempotency_key,
+        )?;
         let r = request.into_inner();
         let before = self.before(admin, &r.tenant_id, &r.member_id).await;
         if !ours {
@@ -320,6 +351,11 @@ impl BalanceService for Api {
         request: Request<pb::HoldRequest>,
     ) -> Result<Response<pb::HoldResponse>, Status> {
         let ours = from_our_services(&request);
+        checkout_key(
+            &request,
+            "idempotency_key",
+            &request.get_ref().idempotency_key,
+        )?;
         let r = request.into_inner();
         if !ours {
             self.0
@@ -359,6 +395,11 @@ impl BalanceService for Api {
         &self,
         request: Request<pb::ConfirmHoldRequest>,
     ) -> Result<Response<pb::ConfirmHoldResponse>, Status> {
+        checkout_key(
+            &request,
+            "idempotency_key",
+            &request.get_ref().idempotency_key,
+        )?;
         let r = request.into_inner();
         if r.amount < 0 {
             return Err(to_status(Error::invalid("amount", "must not be negative")));
@@ -378,6 +419,11 @@ impl BalanceService for Api {
         &self,
         request: Request<pb::CancelHoldRequest>,
     ) -> Result<Response<pb::CancelHoldResponse>, Status> {
+        checkout_key(
+            &request,
+            "idempotency_key",
+            &request.get_ref().idempotency_key,
+        )?;
         let r = request.into_inner();
         let (member, record) = self
             .0
@@ -390,11 +436,35 @@ impl BalanceService for Api {
         }))
     }
 
+    async fn get_hold(
+        &self,
+        request: Request<pb::GetHoldRequest>,
+    ) -> Result<Response<pb::GetHoldResponse>, Status> {
+        let r = request.into_inner();
+        let hold = self
+            .0
+            .get_hold(&r.tenant_id, &r.hold_id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::GetHoldResponse {
+            hold_id: r.hold_id,
+            member_id: hold.member_id,
+            status: hold_status(Some(hold.state)) as i32,
+            amount: hold.amount,
+            expire_time: hold.expire_at.map(timestamp),
+        }))
+    }
+
     async fn reverse(
         &self,
         request: Request<pb::ReverseRequest>,
     ) -> Result<Response<pb::ReverseResponse>, Status> {
         let admin = by_admin(&request);
+        checkout_key(
+            &request,
+            "idempotency_key",
+            &request.get_ref().idempotency_key,
+        )?;
         let r = request.into_inner();
         let before = self.before(admin, &r.tenant_id, &r.member_id).await;
         let op = Op::Reverse {
@@ -425,6 +495,11 @@ impl BalanceService for Api {
         request: Request<pb::AdjustRequest>,
     ) -> Result<Response<pb::AdjustResponse>, Status> {
         let admin = by_admin(&request);
+        checkout_key(
+            &request,
+            "idempotency_key",
+            &request.get_ref().idempotency_key,
+        )?;
         let r = request.into_inner();
         let before = self.before(admin, &r.tenant_id, &r.member_id).await;
         let actor = r.actor.unwrap_or_default();
@@ -459,6 +534,11 @@ impl BalanceService for Api {
         request: Request<pb::ActivatePendingRequest>,
     ) -> Result<Response<pb::ActivatePendingResponse>, Status> {
         let admin = by_admin(&request);
+        checkout_key(
+            &request,
+            "idempotency_key",
+            &request.get_ref().idempotency_key,
+        )?;
         let r = request.into_inner();
         let before = self.before(admin, &r.tenant_id, &r.member_id).await;
         let op = Op::Activate {
@@ -526,6 +606,7 @@ impl BalanceService for Api {
         &self,
         request: Request<pb::BulkAccrueRequest>,
     ) -> Result<Response<pb::BulkAccrueResponse>, Status> {
+        checkout_key(&request, "batch_id", &request.get_ref().batch_id)?;
         let r = request.into_inner();
         let op = accrue_op(
             r.amount,
@@ -551,6 +632,11 @@ impl BalanceService for Api {
         &self,
         request: Request<pb::TransferMemberRequest>,
     ) -> Result<Response<pb::TransferMemberResponse>, Status> {
+        checkout_key(
+            &request,
+            "idempotency_key",
+            &request.get_ref().idempotency_key,
+        )?;
         let r = request.into_inner();
         let (moved, balance) = self
             .0

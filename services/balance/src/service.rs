@@ -92,6 +92,16 @@ pub struct HoldView {
     pub record: OpRecord,
 }
 
+/// A hold as it stands, read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldInfo {
+    pub member_id: String,
+    /// What it reserved when placed.
+    pub amount: i64,
+    pub state: HoldState,
+    pub expire_at: Option<Millis>,
+}
+
 impl Balance {
     pub fn new(store: Arc<dyn BalanceStore>, clock: SharedClock) -> Self {
         Self {
@@ -255,6 +265,28 @@ impl Balance {
         };
         let record = self.execute(tenant_id, member, key, op).await?;
         Ok((member.to_string(), record))
+    }
+
+    /// The hold `hold_id` as it stands now.
+    pub async fn get_hold(&self, tenant_id: &str, hold_id: &str) -> Result<HoldInfo> {
+        let (member, key) = parse_hold_id(hold_id)?;
+        let mut v = Violations::new();
+        check_ids(&mut v, tenant_id, member);
+        v.finish()?;
+        let not_found = || Error::NotFound(format!("hold {hold_id} not found"));
+        let record = self
+            .store
+            .record(tenant_id, member, key)
+            .await?
+            .filter(|r| r.kind == ledger::Kind::Hold)
+            .ok_or_else(not_found)?;
+        let account = self.store.account(tenant_id, member).await?;
+        Ok(HoldInfo {
+            member_id: member.to_string(),
+            amount: record.amount,
+            state: ledger::hold_state(&record, key, &account, self.clock.now_ms()),
+            expire_at: record.hold_expire_at,
+        })
     }
 
     /// Moves every point of `from` to `to` (a member merge) and closes `from`. Each side is

@@ -2,7 +2,7 @@
 //! they share a process) and gRPC clients (microservices mode). Checkout cannot tell which.
 
 use loyalty_balance::Balance;
-use loyalty_balance::ledger::{Op, Reason};
+use loyalty_balance::ledger::{HoldState as LedgerHoldState, Op, Reason};
 use loyalty_balance::service::MemberDirectory;
 use loyalty_identity::Identity;
 use loyalty_identity::lifecycle::MemberPoints;
@@ -10,7 +10,9 @@ use loyalty_platform::clock::Millis;
 use loyalty_platform::error::{Error, Result};
 use loyalty_platform::grpc::{from_status, timestamp};
 use loyalty_platform::telemetry::ClientTrace;
-use loyalty_promotion::ports::{Members, Points, Redeemed, Resolved, Reversal, Segments};
+use loyalty_promotion::ports::{
+    Held, HoldState, Members, Points, Redeemed, Resolved, Reversal, Segments,
+};
 use loyalty_promotion::receipt::Identification;
 use loyalty_proto::balance::v1 as bpb;
 use loyalty_proto::identity::v1 as ipb;
@@ -121,6 +123,42 @@ impl Points for LocalPoints {
             amount: reply.entry.map_or(0, |e| e.amount.abs()),
             active_after: reply.balance.active,
         })
+    }
+
+    async fn hold(&self, tenant_id: &str, hold_id: &str) -> Result<Held> {
+        let hold = self.0.get_hold(tenant_id, hold_id).await?;
+        Ok(Held {
+            member_id: hold.member_id,
+            amount: hold.amount,
+            state: match hold.state {
+                LedgerHoldState::Open => HoldState::Open,
+                LedgerHoldState::Confirmed => HoldState::Confirmed,
+                LedgerHoldState::Cancelled => HoldState::Cancelled,
+                LedgerHoldState::Expired => HoldState::Expired,
+            },
+        })
+    }
+
+    async fn confirm_hold(
+        &self,
+        tenant_id: &str,
+        hold_id: &str,
+        key: &str,
+        amount: i64,
+    ) -> Result<Redeemed> {
+        let (_, record) = self
+            .0
+            .resolve_hold(tenant_id, hold_id, key, Some(amount))
+            .await?;
+        Ok(Redeemed {
+            amount: record.reply.entry.map_or(0, |e| e.amount.abs()),
+            active_after: record.reply.balance.active,
+        })
+    }
+
+    async fn cancel_hold(&self, tenant_id: &str, hold_id: &str, key: &str) -> Result<()> {
+        self.0.resolve_hold(tenant_id, hold_id, key, None).await?;
+        Ok(())
     }
 
     async fn reverse(
@@ -491,6 +529,71 @@ impl Points for RemotePoints {
             amount: reply.entry.map_or(0, |e| e.amount.abs()),
             active_after: active(reply.balance),
         })
+    }
+
+    async fn hold(&self, tenant_id: &str, hold_id: &str) -> Result<Held> {
+        let reply = self
+            .client()
+            .get_hold(bpb::GetHoldRequest {
+                tenant_id: tenant_id.to_string(),
+                hold_id: hold_id.to_string(),
+            })
+            .await
+            .map_err(from_status)?
+            .into_inner();
+        let state = match bpb::HoldStatus::try_from(reply.status) {
+            Ok(bpb::HoldStatus::Open) => HoldState::Open,
+            Ok(bpb::HoldStatus::Confirmed) => HoldState::Confirmed,
+            Ok(bpb::HoldStatus::Cancelled) => HoldState::Cancelled,
+            Ok(bpb::HoldStatus::Expired) => HoldState::Expired,
+            _ => {
+                return Err(Error::internal(anyhow::anyhow!(
+                    "balance answered hold status {}",
+                    reply.status
+                )));
+            }
+        };
+        Ok(Held {
+            member_id: reply.member_id,
+            amount: reply.amount,
+            state,
+        })
+    }
+
+    async fn confirm_hold(
+        &self,
+        tenant_id: &str,
+        hold_id: &str,
+        key: &str,
+        amount: i64,
+    ) -> Result<Redeemed> {
+        let reply = self
+            .client()
+            .confirm_hold(bpb::ConfirmHoldRequest {
+                tenant_id: tenant_id.to_string(),
+                hold_id: hold_id.to_string(),
+                idempotency_key: key.to_string(),
+                amount,
+            })
+            .await
+            .map_err(from_status)?
+            .into_inner();
+        Ok(Redeemed {
+            amount: reply.entry.map_or(0, |e| e.amount.abs()),
+            active_after: active(reply.balance),
+        })
+    }
+
+    async fn cancel_hold(&self, tenant_id: &str, hold_id: &str, key: &str) -> Result<()> {
+        self.client()
+            .cancel_hold(bpb::CancelHoldRequest {
+                tenant_id: tenant_id.to_string(),
+                hold_id: hold_id.to_string(),
+                idempotency_key: key.to_string(),
+            })
+            .await
+            .map_err(from_status)?;
+        Ok(())
     }
 
     async fn reverse(

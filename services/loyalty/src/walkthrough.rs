@@ -104,6 +104,7 @@ pub async fn run(addr: &str, tenant: &str) -> anyhow::Result<()> {
     let quote = checkout
         .quote(ppb::QuoteRequest {
             receipt: Some(receipt.clone()),
+            ..Default::default()
         })
         .await?
         .into_inner()
@@ -123,6 +124,7 @@ pub async fn run(addr: &str, tenant: &str) -> anyhow::Result<()> {
     let committed = checkout
         .commit(ppb::CommitRequest {
             receipt: Some(receipt.clone()),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -133,6 +135,7 @@ pub async fn run(addr: &str, tenant: &str) -> anyhow::Result<()> {
     let again = checkout
         .commit(ppb::CommitRequest {
             receipt: Some(receipt),
+            ..Default::default()
         })
         .await?
         .into_inner();

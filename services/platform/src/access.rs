@@ -777,6 +777,7 @@ mod tests {
                     store_id: store.into(),
                     ..Default::default()
                 }),
+                ..Default::default()
             }
             .encode_to_vec()
         };

@@ -282,6 +282,15 @@ mod tests {
         async fn redeem(&self, _: &str, _: &str, _: &str, _: i64, _: &str) -> Result<Redeemed> {
             unreachable!()
         }
+        async fn hold(&self, _: &str, _: &str) -> Result<crate::ports::Held> {
+            unreachable!()
+        }
+        async fn confirm_hold(&self, _: &str, _: &str, _: &str, _: i64) -> Result<Redeemed> {
+            unreachable!()
+        }
+        async fn cancel_hold(&self, _: &str, _: &str, _: &str) -> Result<()> {
+            unreachable!()
+        }
         async fn reverse(
             &self,
             _: &str,

@@ -19,17 +19,20 @@ use crate::evaluate::{
 use crate::events::{
     Catalog, Events, PurchaseEvent, RefundEvent, StoreFacts, purchase_event, refund_event,
 };
-use crate::ports::{Members, Points, Segments};
+use crate::ports::{HoldState, Members, Points, Redeemed, Segments};
 use crate::program::{MONEY_SCALE, Program, Rounding};
 use crate::purchase::{
     MAX_REFUNDS_PER_RECEIPT, Purchase, PurchaseState, Refund, RefundOutcome, accrue_key, bonus_key,
-    fingerprint, redeem_excess_key, redeem_key, refund_key,
+    fingerprint, redeem_excess_key, redeem_key, refund_key, release_hold_key,
 };
 use crate::receipt::{MAX_LINES, MAX_RECEIPT_ID_LEN, Receipt, parse_decimal};
 use crate::store::{PromotionStore, Put};
 use crate::tier;
 use crate::usage::{Claim, Counters};
 use crate::velocity;
+
+/// Longest hold id a receipt may name (balance's ids are shorter).
+pub const MAX_HOLD_ID_LEN: usize = 400;
 
 /// Compare-and-set attempts before a contended purchase update gives up.
 const CAS_ATTEMPTS: usize = 16;
@@ -182,7 +185,14 @@ impl Checkout {
 
     /// Reads everything the receipt's evaluation needs, refusing unknown stores, products
     /// and codes. Member, balance, segments and counters are read concurrently.
-    async fn prepare(&self, receipt: &Receipt) -> Result<Prepared> {
+    /// `hold_id`: the till's hold the receipt redeems from, which must be the member's and
+    /// open; it stands in for the active balance.
+    async fn prepare(&self, receipt: &Receipt, hold_id: Option<&str>) -> Result<Prepared> {
+        if let Some(hold_id) = hold_id {
+            let mut v = Violations::new();
+            v.text(hold_id, "hold_id", MAX_HOLD_ID_LEN);
+            v.finish()?;
+        }
         let tenant = receipt.tenant_id.as_str();
         let skus: Vec<String> = receipt.lines.iter().map(|l| l.sku.clone()).collect();
         let codes: Vec<String> = receipt.codes.iter().map(|c| normalize_code(c)).collect();
@@ -215,6 +225,12 @@ impl Checkout {
             .members
             .resolve(tenant, &receipt.identification, book.needs_profile)
             .await?;
+        if hold_id.is_some() && member.is_none() {
+            return Err(Error::invalid(
+                "hold_id",
+                "only a receipt that identifies its member can redeem from a hold",
+            ));
+        }
         let mut presented = Codes::default();
         for (i, (code, coupon)) in codes.iter().zip(&ctx.coupons).enumerate() {
             let field = format!("receipt.codes[{i}]");
@@ -309,11 +325,13 @@ impl Checkout {
                         Ok(Vec::new())
                     }
                 };
-                tokio::try_join!(
-                    self.points.available(tenant, &m.member_id),
-                    segments,
-                    counters
-                )?
+                let points = async {
+                    match hold_id {
+                        None => self.points.available(tenant, &m.member_id).await,
+                        Some(hold_id) => self.held(tenant, &m.member_id, hold_id).await,
+                    }
+                };
+                tokio::try_join!(points, segments, counters)?
             }
         };
         let counters: Counters = names.into_iter().zip(values).collect();
@@ -363,15 +381,40 @@ impl Checkout {
         })
     }
 
-    /// A dry run: evaluates and writes nothing.
-    pub async fn quote(&self, receipt: Receipt) -> Result<Evaluation> {
-        let prepared = self.prepare(&receipt).await?;
+    /// What an open hold of `member_id` reserves; refuses another member's hold and one
+    /// that has ended.
+    async fn held(&self, tenant_id: &str, member_id: &str, hold_id: &str) -> Result<i64> {
+        let held = self.points.hold(tenant_id, hold_id).await?;
+        if held.member_id != member_id {
+            return Err(Error::FailedPrecondition(format!(
+                "hold {hold_id} reserves another member's points, not the receipt's"
+            )));
+        }
+        let ended = match held.state {
+            HoldState::Open => return Ok(held.amount),
+            HoldState::Confirmed => "was already confirmed",
+            HoldState::Cancelled => "was cancelled",
+            HoldState::Expired => "expired and its points were released",
+        };
+        Err(Error::FailedPrecondition(format!(
+            "hold {hold_id} {ended}; redeem without it or place a new one"
+        )))
+    }
+
+    /// A dry run: evaluates and writes nothing. `hold_id` as in [`Self::commit`].
+    pub async fn quote(&self, receipt: Receipt, hold_id: Option<&str>) -> Result<Evaluation> {
+        let prepared = self.prepare(&receipt, hold_id).await?;
         Ok(prepared.judged(&receipt)?.0)
     }
 
-    /// Applies a receipt once, however often it is retried.
-    pub async fn commit(&self, receipt: Receipt) -> Result<Committed> {
-        let fp = fingerprint(&receipt);
+    /// Applies a receipt once, however often it is retried. With `hold_id` the receipt
+    /// redeems from that hold of the till's (at most what it reserves) and the commit
+    /// confirms it, returning the rest; the hold is part of the receipt's identity.
+    pub async fn commit(&self, receipt: Receipt, hold_id: Option<&str>) -> Result<Committed> {
+        let fp = match hold_id {
+            None => fingerprint(&receipt),
+            Some(hold_id) => fingerprint(&(&receipt, hold_id)),
+        };
         for _ in 0..CAS_ATTEMPTS {
             match self
                 .store
@@ -381,8 +424,10 @@ impl Checkout {
                 Some(p) if p.fingerprint != fp => return Err(receipt_reused(&receipt.receipt_id)),
                 Some(p) => return self.committed(p, None).await,
                 None => {
-                    let mut prepared = self.prepare(&receipt).await?;
-                    if let Some(purchase) = self.insert(&receipt, &fp, &mut prepared).await? {
+                    let mut prepared = self.prepare(&receipt, hold_id).await?;
+                    if let Some(purchase) =
+                        self.insert(&receipt, hold_id, &fp, &mut prepared).await?
+                    {
                         // The products were read for the evaluation: the event reuses them.
                         let catalog = Catalog {
                             lines: prepared
@@ -410,6 +455,7 @@ impl Checkout {
     async fn insert(
         &self,
         receipt: &Receipt,
+        hold_id: Option<&str>,
         fp: &[u8],
         prepared: &mut Prepared,
     ) -> Result<Option<Purchase>> {
@@ -423,6 +469,13 @@ impl Checkout {
             };
             let mut claims = evaluation.claims.clone();
             claims.extend(velocity_claims);
+            if let Some(hold_id) = hold_id {
+                claims.push(Claim {
+                    counter: crate::usage::hold_counter(hold_id),
+                    amount: 1,
+                    limit: 1,
+                });
+            }
             if let Some(m) = &evaluation.member {
                 claims.push(Claim {
                     counter: tier::spend_counter(&m.member_id, prepared.local.month_number()),
@@ -433,13 +486,15 @@ impl Checkout {
             // Without a member no points move, so one atomic insert of the committed
             // record is the whole commit; otherwise it starts pending.
             let now = prepared.now;
-            let state = if evaluation.member.is_none() {
-                PurchaseState::Committed {
+            let state = match (&evaluation.member, hold_id) {
+                (None, _) => PurchaseState::Committed {
                     commit_time: self.clock.now_ms(),
                     points_balance: None,
-                }
-            } else {
-                PurchaseState::Pending
+                },
+                (Some(_), None) => PurchaseState::Pending,
+                (Some(_), Some(hold_id)) => PurchaseState::PendingOnHold {
+                    hold_id: hold_id.to_string(),
+                },
             };
             let purchase = Purchase {
                 receipt: receipt.clone(),
@@ -478,6 +533,11 @@ impl Checkout {
                             refused.counter.trim_start_matches("coupon/")
                         )));
                     }
+                    if let Some(hold_id) = refused.counter.strip_prefix("hold/") {
+                        return Err(Error::FailedPrecondition(format!(
+                            "hold {hold_id} is already named by another receipt"
+                        )));
+                    }
                     prepared
                         .counters
                         .insert(refused.counter.clone(), refused.limit);
@@ -511,16 +571,13 @@ impl Checkout {
         let mut balance = None;
         if let Some(member) = p.evaluation.member.clone() {
             if evaluation.points_redeemed > 0 {
-                // The ledger takes what is active up to the amount, atomically, so this step
-                // cannot fail half-way when the balance moved since the quote.
                 let redeemed = self
-                    .points
                     .redeem(
                         &tenant,
                         &member.member_id,
-                        &redeem_key(&id),
-                        evaluation.points_redeemed,
                         &id,
+                        p.state.hold_id(),
+                        evaluation.points_redeemed,
                     )
                     .await?;
                 balance = Some(redeemed.active_after);
@@ -543,6 +600,17 @@ impl Checkout {
                             .await?;
                         balance = Some(r.active_after);
                     }
+                }
+            } else if let Some(hold_id) = p.state.hold_id() {
+                // Nothing to redeem (the program capped it to none): the hold's points all
+                // go back now rather than when it times out. One confirmed meanwhile stays so.
+                match self
+                    .points
+                    .cancel_hold(&tenant, hold_id, &release_hold_key(&id))
+                    .await
+                {
+                    Ok(()) | Err(Error::FailedPrecondition(_)) => {}
+                    Err(err) => return Err(err),
                 }
             }
             // The main lot and each bonus lot are independent ledger operations (each
@@ -630,6 +698,52 @@ impl Checkout {
             .ok_or_else(|| Error::NotFound(format!("receipt {receipt_id} not found")))
     }
 
+    /// Redeems a pending receipt's points under its fixed key: from the till's hold when it
+    /// names one, else what is active up to `amount`. The ledger takes either atomically, so
+    /// this step cannot fail half-way when the balance moved since the quote.
+    async fn redeem(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        receipt_id: &str,
+        hold_id: Option<&str>,
+        amount: i64,
+    ) -> Result<Redeemed> {
+        let key = redeem_key(receipt_id);
+        if let Some(hold_id) = hold_id {
+            match self
+                .points
+                .confirm_hold(tenant_id, hold_id, &key, amount)
+                .await
+            {
+                // An earlier attempt found the hold timed out and redeemed under the key.
+                Err(Error::AlreadyExists(_)) => {}
+                Err(Error::FailedPrecondition(why)) => {
+                    match self.points.hold(tenant_id, hold_id).await?.state {
+                        // It timed out before the commit reached it: redeem from the active
+                        // balance, as without a hold.
+                        HoldState::Expired => {}
+                        // The till cancelled it, or another call confirmed it: it pays
+                        // nothing, and the receipt is re-priced without points. Either state
+                        // is final, so every retry agrees.
+                        HoldState::Cancelled | HoldState::Confirmed => {
+                            let active_after = self.points.available(tenant_id, member_id).await?;
+                            return Ok(Redeemed {
+                                amount: 0,
+                                active_after,
+                            });
+                        }
+                        HoldState::Open => return Err(Error::FailedPrecondition(why)),
+                    }
+                }
+                other => return other,
+            }
+        }
+        self.points
+            .redeem(tenant_id, member_id, &key, amount, receipt_id)
+            .await
+    }
+
     /// Finishes commits whose caller never retried: pending purchases evaluated more than
     /// `age_ms` ago are finished exactly as a retry would finish them (the same keys, the
     /// same event), so their points move, their claims count, and segmentation and
@@ -642,7 +756,7 @@ impl Checkout {
             let Some(p) = self.store.purchase(&tenant, &receipt).await? else {
                 continue;
             };
-            if p.state != PurchaseState::Pending {
+            if !p.state.is_pending() {
                 continue;
             }
             match self.committed(p, None).await {
@@ -692,7 +806,7 @@ impl Checkout {
         let fp = fingerprint(&lines);
         for _ in 0..CAS_ATTEMPTS {
             let mut p = self.purchase(tenant_id, receipt_id).await?;
-            if p.state == PurchaseState::Pending {
+            if p.state.is_pending() {
                 return Err(Error::FailedPrecondition(format!(
                     "receipt {receipt_id} is not committed yet: retry its commit first"
                 )));
@@ -1076,7 +1190,7 @@ mod tests {
 
     use super::*;
     use crate::catalog::{Product, Store};
-    use crate::ports::{Redeemed, Reversal};
+    use crate::ports::{Held, Redeemed, Reversal};
     use crate::receipt::{Identification, Line};
     use crate::store::embedded::EmbeddedPromotionStore;
 
@@ -1115,8 +1229,35 @@ mod tests {
         active: i64,
         vanish_before_redeem: i64,
         accrual_failures: u32,
+        confirm_failures: u32,
         done: HashMap<String, i64>,
         applied: Vec<(String, i64)>,
+        /// Hold id → the hold (its points are out of `active` while it is open).
+        holds: HashMap<String, Held>,
+        /// Keys used by confirmations (the others in `done` by other operations).
+        confirmed: std::collections::HashSet<String>,
+    }
+
+    impl Ledger {
+        fn place_hold(&self, hold_id: &str, member_id: &str, amount: i64) {
+            let mut s = self.state.lock().unwrap();
+            s.active -= amount;
+            let held = Held {
+                member_id: member_id.into(),
+                amount,
+                state: HoldState::Open,
+            };
+            s.holds.insert(hold_id.into(), held);
+        }
+
+        /// Times a hold out (or cancels it): its points return.
+        fn end_hold(&self, hold_id: &str, state: HoldState) {
+            let mut s = self.state.lock().unwrap();
+            let hold = s.holds.get_mut(hold_id).unwrap();
+            hold.state = state;
+            let amount = hold.amount;
+            s.active += amount;
+        }
     }
 
     #[async_trait::async_trait]
@@ -1155,6 +1296,9 @@ mod tests {
             _: &str,
         ) -> Result<Redeemed> {
             let mut s = self.state.lock().unwrap();
+            if s.confirmed.contains(key) {
+                return Err(Error::AlreadyExists(format!("{key} confirmed a hold")));
+            }
             if let Some(taken) = s.done.get(key) {
                 return Ok(Redeemed {
                     amount: *taken,
@@ -1170,6 +1314,63 @@ mod tests {
                 amount: take,
                 active_after: s.active,
             })
+        }
+        async fn hold(&self, _: &str, hold_id: &str) -> Result<Held> {
+            let s = self.state.lock().unwrap();
+            s.holds
+                .get(hold_id)
+                .cloned()
+                .ok_or_else(|| Error::NotFound(format!("hold {hold_id} not found")))
+        }
+        async fn confirm_hold(
+            &self,
+            _: &str,
+            hold_id: &str,
+            key: &str,
+            amount: i64,
+        ) -> Result<Redeemed> {
+            let mut s = self.state.lock().unwrap();
+            if s.confirm_failures > 0 {
+                s.confirm_failures -= 1;
+                return Err(Error::Unavailable("balance is restarting".into()));
+            }
+            if let Some(taken) = s.done.get(key) {
+                if !s.confirmed.contains(key) {
+                    return Err(Error::AlreadyExists(format!("{key} redeemed")));
+                }
+                return Ok(Redeemed {
+                    amount: *taken,
+                    active_after: s.active,
+                });
+            }
+            let hold = s.holds.get_mut(hold_id).unwrap();
+            if hold.state != HoldState::Open || amount > hold.amount {
+                return Err(Error::FailedPrecondition("hold not open".into()));
+            }
+            hold.state = HoldState::Confirmed;
+            let rest = hold.amount - amount;
+            s.active += rest;
+            s.confirmed.insert(key.into());
+            s.done.insert(key.into(), amount);
+            s.applied.push((key.into(), -amount));
+            Ok(Redeemed {
+                amount,
+                active_after: s.active,
+            })
+        }
+        async fn cancel_hold(&self, _: &str, hold_id: &str, key: &str) -> Result<()> {
+            let mut s = self.state.lock().unwrap();
+            let hold = s.holds.get_mut(hold_id).unwrap();
+            if hold.state == HoldState::Confirmed {
+                return Err(Error::FailedPrecondition("hold already confirmed".into()));
+            }
+            if hold.state == HoldState::Open {
+                hold.state = HoldState::Cancelled;
+                let amount = hold.amount;
+                s.active += amount;
+                s.applied.push((key.into(), 0));
+            }
+            Ok(())
         }
         async fn reverse(
             &self,
@@ -1270,7 +1471,7 @@ mod tests {
         ledger.state.lock().unwrap().active = 100_000;
         ledger.state.lock().unwrap().vanish_before_redeem = 95_000;
         let (_dir, checkout) = checkout(ledger.clone()).await;
-        let c = checkout.commit(receipt(20_000)).await.unwrap();
+        let c = checkout.commit(receipt(20_000), None).await.unwrap();
         assert_eq!(
             c.evaluation.points_redeemed, 5_000,
             "only 50 points were left"
@@ -1281,7 +1482,7 @@ mod tests {
             "1% of the 950 paid in money"
         );
         assert_eq!(
-            checkout.commit(receipt(20_000)).await.unwrap(),
+            checkout.commit(receipt(20_000), None).await.unwrap(),
             c,
             "a retry agrees"
         );
@@ -1296,17 +1497,177 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_receipt_redeems_from_its_hold_and_the_rest_returns() {
+        let ledger = Arc::new(Ledger::default());
+        ledger.state.lock().unwrap().active = 100_000;
+        ledger.place_hold("h1", "m1", 15_000);
+        let (_dir, checkout) = checkout(ledger.clone()).await;
+        let quoted = checkout.quote(receipt(50_000), Some("h1")).await.unwrap();
+        assert_eq!(quoted.member.as_ref().unwrap().points_available, 15_000);
+        assert_eq!(
+            quoted.points_redeemed, 15_000,
+            "at most what the hold reserves"
+        );
+
+        let c = checkout.commit(receipt(10_000), Some("h1")).await.unwrap();
+        assert_eq!(c.evaluation.points_redeemed, 10_000);
+        assert_eq!(
+            c.points_balance,
+            Some(100_000 - 10_000 + 900),
+            "the rest of the hold is back"
+        );
+        assert_eq!(
+            ledger.state.lock().unwrap().holds["h1"].state,
+            HoldState::Confirmed
+        );
+        assert_eq!(
+            checkout.commit(receipt(10_000), Some("h1")).await.unwrap(),
+            c
+        );
+        let err = checkout.commit(receipt(10_000), None).await.unwrap_err();
+        assert!(
+            matches!(err, Error::AlreadyExists(_)),
+            "the hold is part of the receipt: {err:?}"
+        );
+        let applied = ledger.state.lock().unwrap().applied.clone();
+        assert_eq!(
+            applied,
+            [
+                ("receipt:r1:redeem".to_string(), -10_000),
+                ("receipt:r1:accrue".to_string(), 900)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hold_must_be_the_members_and_open() {
+        let ledger = Arc::new(Ledger::default());
+        ledger.state.lock().unwrap().active = 100_000;
+        ledger.place_hold("theirs", "m2", 10_000);
+        ledger.place_hold("gone", "m1", 10_000);
+        ledger.end_hold("gone", HoldState::Expired);
+        let (_dir, checkout) = checkout(ledger.clone()).await;
+        for (hold, says) in [("theirs", "another member's points"), ("gone", "expired")] {
+            let err = checkout
+                .commit(receipt(5_000), Some(hold))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&err, Error::FailedPrecondition(m) if m.contains(says)),
+                "{hold}: {err:?}"
+            );
+        }
+        let err = checkout
+            .commit(receipt(5_000), Some("none"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::NotFound(_)), "{err:?}");
+        let mut anonymous = receipt(0);
+        anonymous.identification = Identification::None;
+        let err = checkout.quote(anonymous, Some("gone")).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+        assert!(ledger.state.lock().unwrap().applied.is_empty());
+        assert!(
+            checkout.purchase("t", "r1").await.is_err(),
+            "nothing written"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hold_that_ends_while_its_receipt_is_pending_redeems_from_the_balance() {
+        let ledger = Arc::new(Ledger::default());
+        ledger.state.lock().unwrap().active = 100_000;
+        ledger.state.lock().unwrap().confirm_failures = 1;
+        ledger.place_hold("h1", "m1", 30_000);
+        let (_dir, checkout) = checkout(ledger.clone()).await;
+        let err = checkout
+            .commit(receipt(20_000), Some("h1"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+        let pending = checkout.purchase("t", "r1").await.unwrap();
+        assert_eq!(pending.state.hold_id(), Some("h1"));
+
+        // The hold times out; the retry redeems from the balance and fails on the accrual;
+        // the next finds the redemption done under its key.
+        ledger.end_hold("h1", HoldState::Expired);
+        ledger.state.lock().unwrap().accrual_failures = 1;
+        assert!(checkout.commit(receipt(20_000), Some("h1")).await.is_err());
+        let c = checkout.commit(receipt(20_000), Some("h1")).await.unwrap();
+        assert_eq!(c.evaluation.points_redeemed, 20_000);
+        assert_eq!(c.points_balance, Some(100_000 - 20_000 + 800));
+        let applied = ledger.state.lock().unwrap().applied.clone();
+        assert_eq!(
+            applied,
+            [
+                ("receipt:r1:redeem".to_string(), -20_000),
+                ("receipt:r1:accrue".to_string(), 800)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hold_cancelled_while_its_receipt_is_pending_pays_nothing_and_serves_one_receipt() {
+        let ledger = Arc::new(Ledger::default());
+        ledger.state.lock().unwrap().active = 100_000;
+        ledger.state.lock().unwrap().confirm_failures = 1;
+        ledger.place_hold("h1", "m1", 30_000);
+        let (_dir, checkout, clock) = checkout_at(ledger.clone(), ManualClock::at(1_000)).await;
+        assert!(checkout.commit(receipt(20_000), Some("h1")).await.is_err());
+        // Another receipt cannot name the same hold while the first is pending on it.
+        let mut second = receipt(20_000);
+        second.receipt_id = "r2".into();
+        let err = checkout.commit(second, Some("h1")).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::FailedPrecondition(m) if m.contains("another receipt")),
+            "{err:?}"
+        );
+        assert!(checkout.purchase("t", "r2").await.is_err());
+
+        // The till gives up and cancels the hold; the stale commit is finished later,
+        // without the points the hold no longer reserves.
+        ledger.end_hold("h1", HoldState::Cancelled);
+        clock.advance(60_000);
+        assert_eq!(checkout.repair_stale(30_000, 10).await.unwrap(), 1);
+        let p = checkout.purchase("t", "r1").await.unwrap();
+        assert!(!p.state.is_pending());
+        assert_eq!(p.evaluation.points_redeemed, 0);
+        assert_eq!(
+            p.evaluation.points_accrued, 1_000,
+            "1% of the whole 1,000 paid"
+        );
+        let s = ledger.state.lock().unwrap();
+        assert_eq!(s.active, 100_000 + 1_000);
+        assert_eq!(s.applied, [("receipt:r1:accrue".to_string(), 1_000)]);
+    }
+
+    #[tokio::test]
+    async fn a_receipt_that_redeems_nothing_returns_its_hold() {
+        let ledger = Arc::new(Ledger::default());
+        ledger.state.lock().unwrap().active = 100_000;
+        ledger.place_hold("h1", "m1", 30_000);
+        let (_dir, checkout) = checkout(ledger.clone()).await;
+        let c = checkout.commit(receipt(0), Some("h1")).await.unwrap();
+        assert_eq!(c.evaluation.points_redeemed, 0);
+        assert_eq!(c.points_balance, Some(100_000 + 1_000));
+        assert_eq!(
+            ledger.state.lock().unwrap().holds["h1"].state,
+            HoldState::Cancelled
+        );
+    }
+
+    #[tokio::test]
     async fn a_crash_between_redeem_and_accrue_is_repaired_by_the_retry() {
         let ledger = Arc::new(Ledger::default());
         ledger.state.lock().unwrap().active = 100_000;
         ledger.state.lock().unwrap().accrual_failures = 2;
         let (_dir, checkout) = checkout(ledger.clone()).await;
         assert!(matches!(
-            checkout.commit(receipt(20_000)).await,
+            checkout.commit(receipt(20_000), None).await,
             Err(Error::Unavailable(_))
         ));
         assert!(matches!(
-            checkout.commit(receipt(20_000)).await,
+            checkout.commit(receipt(20_000), None).await,
             Err(Error::Unavailable(_))
         ));
         let pending = checkout.purchase("t", "r1").await.unwrap();
@@ -1320,7 +1681,7 @@ mod tests {
             "no refund before the commit finished"
         );
 
-        let c = checkout.commit(receipt(20_000)).await.unwrap();
+        let c = checkout.commit(receipt(20_000), None).await.unwrap();
         assert_eq!(
             (c.evaluation.points_redeemed, c.evaluation.points_accrued),
             (20_000, 800)
@@ -1331,7 +1692,7 @@ mod tests {
         let mut other = receipt(20_000);
         other.points_to_redeem = 1;
         assert!(matches!(
-            checkout.commit(other).await,
+            checkout.commit(other, None).await,
             Err(Error::AlreadyExists(_))
         ));
     }
@@ -1342,7 +1703,7 @@ mod tests {
         ledger.state.lock().unwrap().active = 100_000;
         ledger.state.lock().unwrap().accrual_failures = 1;
         let (_dir, checkout, clock) = checkout_at(ledger.clone(), ManualClock::at(1_000)).await;
-        assert!(checkout.commit(receipt(20_000)).await.is_err());
+        assert!(checkout.commit(receipt(20_000), None).await.is_err());
         assert_eq!(
             checkout.repair_stale(60_000, 100).await.unwrap(),
             0,
@@ -1364,7 +1725,7 @@ mod tests {
             "nothing left"
         );
         // A late retry by the till gets the same answer and moves nothing more.
-        let c = checkout.commit(receipt(20_000)).await.unwrap();
+        let c = checkout.commit(receipt(20_000), None).await.unwrap();
         assert_eq!(c.evaluation.points_accrued, 800);
         assert_eq!(ledger.state.lock().unwrap().applied.len(), 2);
     }
@@ -1375,12 +1736,12 @@ mod tests {
         let (_dir, checkout) = checkout(ledger.clone()).await;
         let mut r = receipt(0);
         r.identification = Identification::None;
-        let c = checkout.commit(r.clone()).await.unwrap();
+        let c = checkout.commit(r.clone(), None).await.unwrap();
         assert_eq!((c.evaluation.points_accrued, c.points_balance), (0, None));
         let stored = checkout.purchase("t", "r1").await.unwrap();
         assert_eq!(stored.version, 1, "written once, already committed");
         assert!(matches!(stored.state, PurchaseState::Committed { .. }));
-        assert_eq!(checkout.commit(r).await.unwrap(), c);
+        assert_eq!(checkout.commit(r, None).await.unwrap(), c);
         assert!(ledger.state.lock().unwrap().applied.is_empty());
     }
 
@@ -1390,7 +1751,7 @@ mod tests {
         let (_dir, checkout) = checkout(ledger).await;
         let mut r = receipt(0);
         r.lines[0].quantity = Decimal::from(1000);
-        checkout.commit(r).await.unwrap();
+        checkout.commit(r, None).await.unwrap();
         for i in 0..MAX_REFUNDS_PER_RECEIPT {
             checkout
                 .refund("t", "r1", &format!("f{i}"), &[("1".into(), "1".into())])

@@ -241,7 +241,7 @@ fn purchase_to_proto(p: &Purchase) -> pb::Purchase {
         evaluation: Some(evaluation_to_proto(&p.evaluation)),
         commit_time: match p.state {
             PurchaseState::Committed { commit_time, .. } => Some(timestamp(commit_time)),
-            PurchaseState::Pending => None,
+            PurchaseState::Pending | PurchaseState::PendingOnHold { .. } => None,
         },
         refunds: p
             .refunds
@@ -518,8 +518,14 @@ impl CheckoutService for Api {
         &self,
         request: Request<pb::QuoteRequest>,
     ) -> Result<Response<pb::QuoteResponse>, Status> {
-        let receipt = receipt_from_proto(request.into_inner().receipt).map_err(to_status)?;
-        let e = self.checkout.quote(receipt).await.map_err(to_status)?;
+        let r = request.into_inner();
+        let receipt = receipt_from_proto(r.receipt).map_err(to_status)?;
+        let hold = Some(r.hold_id.as_str()).filter(|h| !h.is_empty());
+        let e = self
+            .checkout
+            .quote(receipt, hold)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::QuoteResponse {
             evaluation: Some(evaluation_to_proto(&e)),
         }))
@@ -529,8 +535,14 @@ impl CheckoutService for Api {
         &self,
         request: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::CommitResponse>, Status> {
-        let receipt = receipt_from_proto(request.into_inner().receipt).map_err(to_status)?;
-        let c = self.checkout.commit(receipt).await.map_err(to_status)?;
+        let r = request.into_inner();
+        let receipt = receipt_from_proto(r.receipt).map_err(to_status)?;
+        let hold = Some(r.hold_id.as_str()).filter(|h| !h.is_empty());
+        let c = self
+            .checkout
+            .commit(receipt, hold)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(committed_to_proto(&c)))
     }
 

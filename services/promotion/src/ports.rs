@@ -69,6 +69,24 @@ pub struct Redeemed {
     pub active_after: i64,
 }
 
+/// How a hold stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldState {
+    Open,
+    Confirmed,
+    Cancelled,
+    Expired,
+}
+
+/// A hold a till placed on a member's points, as checkout needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub member_id: String,
+    /// What it reserved.
+    pub amount: i64,
+    pub state: HoldState,
+}
+
 /// The member's points, idempotent by key.
 #[async_trait::async_trait]
 pub trait Points: Send + Sync + std::fmt::Debug {
@@ -94,6 +112,20 @@ pub trait Points: Send + Sync + std::fmt::Debug {
         amount: i64,
         reference: &str,
     ) -> Result<Redeemed>;
+    /// The hold `hold_id`; NOT_FOUND when there is none.
+    async fn hold(&self, tenant_id: &str, hold_id: &str) -> Result<Held>;
+    /// Redeems `amount` (positive, at most the hold's) of an open hold under `key` and
+    /// returns the rest to the balance; a retry returns the same result.
+    async fn confirm_hold(
+        &self,
+        tenant_id: &str,
+        hold_id: &str,
+        key: &str,
+        amount: i64,
+    ) -> Result<Redeemed>;
+    /// Returns all of a hold's points; an expired or cancelled hold stays as it is, a
+    /// confirmed one is refused (FAILED_PRECONDITION).
+    async fn cancel_hold(&self, tenant_id: &str, hold_id: &str, key: &str) -> Result<()>;
     /// Reverses part of the operation recorded under `original_key`.
     async fn reverse(
         &self,

@@ -23,6 +23,26 @@ pub enum PurchaseState {
         /// Active points after the receipt, when identified.
         points_balance: Option<i64>,
     },
+    /// Pending, redeeming from the till's hold `hold_id` (two-phase redemption). A variant
+    /// of its own, after the others, so records written before it still read.
+    PendingOnHold {
+        hold_id: String,
+    },
+}
+
+impl PurchaseState {
+    /// Written, but its points have not moved yet.
+    pub fn is_pending(&self) -> bool {
+        !matches!(self, Self::Committed { .. })
+    }
+
+    /// The hold a pending purchase redeems from.
+    pub fn hold_id(&self) -> Option<&str> {
+        match self {
+            Self::PendingOnHold { hold_id } => Some(hold_id),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +115,11 @@ impl Purchase {
 /// Idempotency keys of the points operations of a receipt.
 pub fn redeem_key(receipt_id: &str) -> String {
     format!("receipt:{receipt_id}:redeem")
+}
+
+/// Returns the till's hold when the receipt redeems nothing from it.
+pub fn release_hold_key(receipt_id: &str) -> String {
+    format!("receipt:{receipt_id}:release-hold")
 }
 
 /// Gives back points redeemed beyond what re-pricing could use (odd point values only).

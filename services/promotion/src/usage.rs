@@ -58,6 +58,12 @@ pub fn coupon_counter(code: &str) -> String {
     format!("coupon/{code}")
 }
 
+/// Receipts spending a till's hold (at most one): two receipts naming the same hold cannot
+/// both be pending on it.
+pub fn hold_counter(hold_id: &str) -> String {
+    format!("hold/{hold_id}")
+}
+
 /// Grants of an action bonus to one member (at most one).
 pub fn action_counter(campaign_id: &str, member_id: &str) -> String {
     format!("action/{campaign_id}/{member_id}")

@@ -65,10 +65,13 @@ pub const RULES: &[(&str, &[Role])] = &[
     ),
     // Points without a receipt are the back office's: a till accrues through checkout.
     ("loyalty.balance.v1.BalanceService/Accrue", &[AD, SV]),
-    ("loyalty.balance.v1.BalanceService/Redeem", &[PO, AD, SV]),
+    // A till redeems through checkout, which counts the redemption against the velocity
+    // limits: it may hold points, but spends them only by naming the hold in a Commit.
+    ("loyalty.balance.v1.BalanceService/Redeem", &[AD, SV]),
     ("loyalty.balance.v1.BalanceService/Hold", &[PO, SV]),
-    ("loyalty.balance.v1.BalanceService/ConfirmHold", &[PO, SV]),
+    ("loyalty.balance.v1.BalanceService/ConfirmHold", &[SV]),
     ("loyalty.balance.v1.BalanceService/CancelHold", &[PO, SV]),
+    ("loyalty.balance.v1.BalanceService/GetHold", &[PO, AD, SV]),
     ("loyalty.balance.v1.BalanceService/Reverse", &[AD, SV]),
     ("loyalty.balance.v1.BalanceService/Adjust", &[AD]),
     (
@@ -277,6 +280,7 @@ pub const READS: &[&str] = &[
     "loyalty.identity.v1.AccessService/VerifyApiKey",
     "loyalty.balance.v1.BalanceService/GetBalance",
     "loyalty.balance.v1.BalanceService/ListLedgerEntries",
+    "loyalty.balance.v1.BalanceService/GetHold",
     "loyalty.balance.v1.GiftCertificateService/GetCertificate",
     "loyalty.promotion.v1.CheckoutService/Quote",
     "loyalty.promotion.v1.CheckoutService/GetPurchase",

@@ -311,7 +311,7 @@ impl PromotionStore for EmbeddedPromotionStore {
                 ]);
                 let mut waiting = txn.open_table(PENDING).map_err(e)?;
                 match purchase.state {
-                    PurchaseState::Pending => {
+                    PurchaseState::Pending | PurchaseState::PendingOnHold { .. } => {
                         waiting.insert(pending.as_str(), &[][..]).map_err(e)?;
                     }
                     PurchaseState::Committed { .. } => {
