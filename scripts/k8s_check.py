@@ -46,9 +46,9 @@ SERVICES = ["identity", "balance", "promotion", "segmentation", "reporting"]
 SINGLE_REPLICA = ["identity", "promotion", "segmentation", "reporting"]
 # Who reaches which store in the microservices profile: Redis holds balance's hot state and
 # the event streams (identity and promotion append, segmentation and reporting consume);
-# ScyllaDB holds the ledger (balance) and gets its schema from the migrate Job.
+# ScyllaDB holds the ledger (balance) and reporting's facts, and gets its schema from the migrate Job.
 REDIS_CLIENTS = {"identity", "balance", "promotion", "segmentation", "reporting"}
-SCYLLA_CLIENTS = {"balance", "migrate"}
+SCYLLA_CLIENTS = {"balance", "reporting", "migrate"}
 
 HELM = os.environ.get("HELM", "helm")
 VALIDATE = os.environ.get("KUBERNETES_VALIDATE", "kubernetes-validate")

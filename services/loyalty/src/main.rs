@@ -229,11 +229,13 @@ async fn run(cli: Cli) -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            return match loyalty_platform::scylla::migrate(
-                &config.storage.scylla,
+            let migrations = [
                 loyalty_balance::store::scylla::MIGRATIONS,
-            )
-            .await
+                loyalty_reporting::store::scylla::MIGRATIONS,
+            ]
+            .concat();
+            return match loyalty_platform::scylla::migrate(&config.storage.scylla, &migrations)
+                .await
             {
                 Ok(applied) if applied.is_empty() => {
                     println!("schema is up to date");

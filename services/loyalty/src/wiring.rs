@@ -530,13 +530,24 @@ pub async fn build(
         (None, None)
     };
     if runs(ServiceName::Reporting) {
-        // Reporting keeps its facts in its embedded store on every backend (one replica; the
-        // chart pins it), and rebuilds its rollups from them here.
-        let store: Arc<dyn loyalty_reporting::store::ReportingStore> = Arc::new(
-            loyalty_reporting::store::embedded::EmbeddedReportingStore::open(
-                &dir.join("reporting.redb"),
-            )?,
-        );
+        // Reporting keeps its facts in ScyllaDB on the scylla backend, in its embedded store
+        // otherwise (one replica either way: the rollups live in its memory; the chart pins
+        // it), and rebuilds its rollups from them here.
+        let store: Arc<dyn loyalty_reporting::store::ReportingStore> =
+            if config.storage.backend == Backend::Scylla {
+                let session = loyalty_platform::scylla::connect(&config.storage.scylla).await?;
+                Arc::new(
+                    loyalty_reporting::store::scylla::ScyllaReportingStore::new(session)
+                        .await
+                        .context("preparing reporting's statements (has `loyalty migrate` run?)")?,
+                )
+            } else {
+                Arc::new(
+                    loyalty_reporting::store::embedded::EmbeddedReportingStore::open(
+                        &dir.join("reporting.redb"),
+                    )?,
+                )
+            };
         let started = std::time::Instant::now();
         // The segment filter asks segmentation, in process or over gRPC.
         let segments: Arc<dyn loyalty_reporting::ports::SegmentMembers> = match &segmentation {

@@ -5,6 +5,7 @@
 #[cfg(test)]
 pub(crate) mod conformance;
 pub mod embedded;
+pub mod scylla;
 
 use loyalty_platform::calendar::Day;
 use loyalty_platform::clock::Millis;
