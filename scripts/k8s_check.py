@@ -44,6 +44,8 @@ CRD_KINDS = {"ServiceMonitor", "ScyllaCluster"}
 SERVICES = ["identity", "balance", "promotion", "segmentation", "reporting"]
 # Services whose state is in embedded files under /data: one replica, no autoscaler.
 SINGLE_REPLICA = ["identity", "promotion", "segmentation", "reporting"]
+# Those whose /data is a PersistentVolumeClaim by default (and so roll with Recreate).
+PERSISTENT = ["identity", "promotion", "segmentation"]
 # Who reaches which store in the microservices profile: Redis holds balance's hot state and
 # the event streams (identity and promotion append, segmentation and reporting consume);
 # ScyllaDB holds the ledger (balance) and reporting's facts, and gets its schema from the migrate Job.
@@ -115,6 +117,7 @@ NEGATIVE = [
     (["ports.grpc=70000"], "Must be less than or equal to 65535"),
     (["redis.url=http://redis:6379"], "redis.url: Does not match pattern"),
     (["scylla.keyspace=bad-name"], "scylla.keyspace: Does not match pattern"),
+    (["services.identity.persistence.size=lots"], "Does not match pattern"),
     (["scylla.nodes=null"], "nodes is required"),
     (["scylla.nodes[0]=scylla"], "Does not match pattern"),
     (["config.server.gracePeriodSeconds=null"], "gracePeriodSeconds is required"),
@@ -411,8 +414,14 @@ def workload_checks(name: str, objs: list[dict], grace_needed: int) -> None:
             sleep = c["lifecycle"]["preStop"]["sleep"]["seconds"]
             expect(grace > sleep + grace_needed, f"{wname}: grace {grace} <= preStop {sleep} + drain {grace_needed}")
         if w["kind"] == "Deployment":
-            ru = w["spec"]["strategy"]["rollingUpdate"]
-            expect(ru["maxUnavailable"] == 0, f"{wname}: maxUnavailable {ru['maxUnavailable']}")
+            strategy = w["spec"]["strategy"]
+            if strategy["type"] == "Recreate":
+                # Only a pod whose /data is a claim (one node at a time) is replaced, not surged.
+                claims = [v for v in spec["volumes"] if "persistentVolumeClaim" in v]
+                expect(claims, f"{wname}: Recreate without a PersistentVolumeClaim")
+            else:
+                ru = strategy["rollingUpdate"]
+                expect(ru["maxUnavailable"] == 0, f"{wname}: maxUnavailable {ru['maxUnavailable']}")
             expect(spec.get("topologySpreadConstraints"), f"{wname}: no topology spread")
         annotations = pod_template(w)["metadata"].get("annotations", {})
         volumes = [v["configMap"]["name"] for v in spec["volumes"] if "configMap" in v]
@@ -495,6 +504,7 @@ def store_checks(name: str, objs: list[dict], redis_port: int, scylla_ports: lis
     scaled = {
         h["spec"]["scaleTargetRef"]["name"] for h in by_kind(objs, "HorizontalPodAutoscaler")
     }
+    claims = {c["metadata"]["name"] for c in by_kind(objs, "PersistentVolumeClaim")}
     for component in SINGLE_REPLICA:
         d = deployments.get(component)
         expect(d is not None, f"{name}: no Deployment for {component}")
@@ -502,13 +512,19 @@ def store_checks(name: str, objs: list[dict], redis_port: int, scylla_ports: lis
         expect(d["metadata"]["name"] not in scaled, f"{name}: {component} has a HorizontalPodAutoscaler")
         mounts = {m["mountPath"]: m["name"] for m in pod_spec(d)["containers"][0].get("volumeMounts", [])}
         volumes = {v["name"]: v for v in pod_spec(d).get("volumes", [])}
-        expect(
-            "/data" in mounts and "emptyDir" in volumes.get(mounts["/data"], {}),
-            f"{name}: {component} has no writable /data (emptyDir)",
-        )
+        data = volumes.get(mounts.get("/data", ""), {})
+        if component in PERSISTENT:
+            claim = data.get("persistentVolumeClaim", {}).get("claimName")
+            expect(
+                claim in claims and d["spec"]["strategy"]["type"] == "Recreate",
+                f"{name}: {component}'s /data is not its PersistentVolumeClaim with strategy Recreate",
+            )
+        else:
+            expect("emptyDir" in data, f"{name}: {component} has no writable /data (emptyDir)")
     ok(
         f"{name}: Redis egress only for {', '.join(sorted(REDIS_CLIENTS))}; ScyllaDB only for "
-        f"{', '.join(sorted(SCYLLA_CLIENTS))}; {', '.join(SINGLE_REPLICA)}: one replica, no HPA, /data emptyDir"
+        f"{', '.join(sorted(SCYLLA_CLIENTS))}; {', '.join(SINGLE_REPLICA)}: one replica, no HPA; "
+        f"/data a claim (Recreate) for {', '.join(PERSISTENT)}"
     )
 
 
