@@ -346,6 +346,39 @@ async fn a_merge_moves_cards_points_and_lookups_to_the_survivor() {
         Code::FailedPrecondition,
         "{into_merged:?}"
     );
+
+    // A receipt of the duplicate returned after the merge: its points come back from the
+    // survivor, which holds them now, once however often the till retries.
+    let before_refund = pos.balance(T, &keep).await;
+    let refund = pos
+        .refund(T, "R-dup", "R-dup-1", &[("1", "1")])
+        .await
+        .unwrap();
+    assert_eq!(
+        refund.points_reversed, 20_000,
+        "200 points for 20,000.00 at 1%"
+    );
+    assert_eq!(refund.points_unrecovered, 0);
+    assert_eq!(
+        refund.points_balance,
+        before_refund.active - 20_000,
+        "taken from the survivor"
+    );
+    let retried = pos
+        .refund(T, "R-dup", "R-dup-1", &[("1", "1")])
+        .await
+        .unwrap();
+    assert_eq!(retried, refund);
+    assert_eq!(
+        pos.balance(T, &keep).await.active,
+        before_refund.active - 20_000
+    );
+    let survivor_entries = all_ledger_entries(&mut pos.balance, T, &keep).await;
+    assert_eq!(
+        survivor_entries[0].reason,
+        loyalty_proto::balance::v1::EntryReason::RefundReversal as i32
+    );
+    assert_eq!(survivor_entries[0].amount, -20_000);
     assert_eq!(server.stop().await, 0);
 }
 

@@ -253,6 +253,13 @@ pub enum Op {
         from_member: String,
         lots: Vec<Lot>,
     },
+    /// Takes over, under the same key, the record of an accrual or redemption of
+    /// `from_member`, which was merged into this member with its lots, so the operation can
+    /// be reversed here (a refund after a merge). Moves no points.
+    Adopt {
+        from_member: String,
+        record: Box<OpRecord>,
+    },
 }
 
 impl Op {
@@ -440,6 +447,19 @@ pub fn validate(op: &Op) -> Result<()> {
             for lot in lots {
                 check_time("lots.activate_at", Some(lot.activate_at))?;
                 check_time("lots.expire_at", lot.expire_at)?;
+            }
+            Ok(())
+        }
+        Op::Adopt { record, .. } => {
+            if !matches!(record.kind, Kind::Credit | Kind::Debit)
+                || !(0..=MAX_BALANCE).contains(&record.amount)
+                || !(0..=record.amount).contains(&record.reversed)
+                || record.parts.len() > MAX_LOTS
+            {
+                return Err(Error::invalid(
+                    "record",
+                    "only an accrual's or a redemption's record can be taken over",
+                ));
             }
             Ok(())
         }
@@ -817,6 +837,14 @@ pub fn apply(
             record.reply.lots = lots;
             record.reply.entry =
                 ctx.entry(Reason::MergeTransfer, -moved, to_member, None, None, None);
+        }
+        Op::Adopt {
+            record: adopted, ..
+        } => {
+            record.kind = adopted.kind;
+            record.amount = adopted.amount;
+            record.reversed = adopted.reversed;
+            record.parts = adopted.parts.clone();
         }
         Op::TransferIn { from_member, lots } => {
             if ctx.account.lots.len() + lots.len() > MAX_LOTS {

@@ -83,6 +83,9 @@ pub fn parse_hold_id(hold_id: &str) -> Result<(&str, &str)> {
     Ok((member, key))
 }
 
+/// Most merges followed from a merged member to the member holding its lots now.
+const MAX_MERGE_HOPS: usize = 16;
+
 /// A hold as the POS sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HoldView {
@@ -217,6 +220,21 @@ impl Balance {
         check_op(&mut v, &op);
         v.finish()?;
         ledger::validate(&op)?;
+        if let Op::Reverse { original_key, .. } = &op {
+            let account = self.store.account(tenant_id, member_id).await?;
+            if let Some(into) = account.merged_into {
+                let original_key = original_key.clone();
+                return Box::pin(self.reverse_merged(
+                    tenant_id,
+                    member_id,
+                    into,
+                    key,
+                    &original_key,
+                    op,
+                ))
+                .await;
+            }
+        }
         let record = self
             .store
             .execute(tenant_id, member_id, key, op, self.clock.now_ms())
@@ -225,6 +243,78 @@ impl Balance {
         self.publish(tenant_id, member_id, record.reply.entry.as_ref())
             .await?;
         Ok(record)
+    }
+
+    /// Reverses an operation of a member merged into `into` (a refund of a receipt the
+    /// duplicate made): the member's lots are with its survivor, so the survivor takes over
+    /// the original's record under the same key ([`Op::Adopt`]) and the reversal runs there.
+    /// A reversal the member recorded before its merge answers as it did then.
+    async fn reverse_merged(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        into: String,
+        key: &str,
+        original_key: &str,
+        op: Op,
+    ) -> Result<OpRecord> {
+        if let Some(done) = self.store.record(tenant_id, member_id, key).await? {
+            if done.fingerprint != op.fingerprint() {
+                return Err(Error::AlreadyExists(format!(
+                    "idempotency key {key} was already used for a different operation"
+                )));
+            }
+            return Ok(done);
+        }
+        let original = self
+            .store
+            .record(tenant_id, member_id, original_key)
+            .await?
+            .ok_or_else(|| {
+                Error::NotFound(format!("no operation with idempotency key {original_key}"))
+            })?;
+        // The survivor of the survivor, and so on: where the lots are now.
+        let mut survivor = into;
+        for _ in 0..MAX_MERGE_HOPS {
+            match self.store.account(tenant_id, &survivor).await?.merged_into {
+                Some(next) => survivor = next,
+                None => break,
+            }
+        }
+        let taken_over = |r: &OpRecord| r.kind == original.kind && r.amount == original.amount;
+        match self
+            .store
+            .record(tenant_id, &survivor, original_key)
+            .await?
+        {
+            Some(r) if taken_over(&r) => {}
+            Some(_) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "member {survivor}, which {member_id} was merged into, used idempotency key {original_key} for an operation of its own; reverse it with an adjustment instead"
+                )));
+            }
+            None => {
+                let adopt = Op::Adopt {
+                    from_member: member_id.to_string(),
+                    record: Box::new(original.clone()),
+                };
+                match self
+                    .execute(tenant_id, &survivor, original_key, adopt)
+                    .await
+                {
+                    Ok(_) => {}
+                    // Taken over concurrently by another reversal of the same operation.
+                    Err(Error::AlreadyExists(_))
+                        if self
+                            .store
+                            .record(tenant_id, &survivor, original_key)
+                            .await?
+                            .is_some_and(|r| taken_over(&r)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Box::pin(self.execute(tenant_id, &survivor, key, op)).await
     }
 
     /// Places a hold; returns its public id with the record.
@@ -534,7 +624,9 @@ fn check_op(v: &mut Violations, op: &Op) {
             v.optional_text(&actor.comment, "actor.comment", MAX_COMMENT_LEN);
         }
         Op::TransferOut { to_member } => v.text(to_member, "to_member_id", MAX_ID_LEN),
-        Op::TransferIn { from_member, .. } => v.text(from_member, "from_member_id", MAX_ID_LEN),
+        Op::TransferIn { from_member, .. } | Op::Adopt { from_member, .. } => {
+            v.text(from_member, "from_member_id", MAX_ID_LEN)
+        }
         Op::Expire => v.add("operation", "expiry runs only as the background process"),
     }
 }

@@ -882,6 +882,9 @@ impl Checkout {
             points_balance: 0,
         };
         if let Some(m) = &p.evaluation.member {
+            // The balance after the last reversal: the member's, or its survivor's when the
+            // member was merged since (balance reverses there).
+            let mut after = None;
             if refund.reverse_points > 0 {
                 let key = refund_key(&id, &refund.refund_id, "accrual");
                 let r = self
@@ -897,6 +900,7 @@ impl Checkout {
                     .await?;
                 outcome.points_reversed = r.taken;
                 outcome.points_unrecovered = r.unrecovered;
+                after = Some(r.active_after);
             }
             for (bonus, amount) in p.evaluation.bonuses.iter().zip(&refund.reverse_bonus) {
                 if *amount <= 0 {
@@ -916,10 +920,12 @@ impl Checkout {
                     .await?;
                 outcome.points_reversed += r.taken;
                 outcome.points_unrecovered += r.unrecovered;
+                after = Some(r.active_after);
             }
             if refund.give_back_points > 0 {
                 let key = refund_key(&id, &refund.refund_id, "redemption");
-                self.points
+                let r = self
+                    .points
                     .reverse(
                         &tenant,
                         &m.member_id,
@@ -930,8 +936,12 @@ impl Checkout {
                     )
                     .await?;
                 outcome.points_returned = refund.give_back_points;
+                after = Some(r.active_after);
             }
-            outcome.points_balance = self.points.available(&tenant, &m.member_id).await?;
+            outcome.points_balance = match after {
+                Some(active) => active,
+                None => self.points.available(&tenant, &m.member_id).await?,
+            };
         }
         for _ in 0..CAS_ATTEMPTS {
             if let Some(r) = p

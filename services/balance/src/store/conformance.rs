@@ -8,7 +8,7 @@ use loyalty_platform::clock::DAY_MS;
 use loyalty_platform::error::Error;
 
 use super::{BalanceStore, EntryQuery};
-use crate::ledger::{Actor, HoldState, Op, Reason};
+use crate::ledger::{Actor, HoldState, Kind, Op, Reason};
 
 fn accrue(amount: i64) -> Op {
     accrue_at(amount, None, None)
@@ -514,6 +514,69 @@ async fn activation_adjustment_and_transfer(store: &dyn BalanceStore) {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+
+    // The survivor takes over the merged member's accrual under its key, moving nothing,
+    // and a reversal of it then takes back from the lot that moved with it.
+    let original = store.record("t", "p1", "later").await.unwrap().unwrap();
+    let adopt = Op::Adopt {
+        from_member: "p1".into(),
+        record: Box::new(original.clone()),
+    };
+    let taken = store
+        .execute("t", "p2", "later", adopt.clone(), 40)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((taken.kind, taken.amount), (original.kind, 80));
+    assert!(taken.reply.entry.is_none());
+    assert_eq!(taken.reply.balance.active, 50);
+    let again = store
+        .execute("t", "p2", "later", adopt, 41)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again, taken, "a retried take-over answers the same");
+    let reverse = Op::Reverse {
+        original_key: "later".into(),
+        amount: 60,
+        reference: "refund".into(),
+    };
+    let r = store
+        .execute("t", "p2", "later:refund", reverse, 50)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.reply.entry.unwrap().amount, -50);
+    assert_eq!((r.reply.unrecovered, r.reply.balance.active), (10, 0));
+    let adopted = store.record("t", "p2", "later").await.unwrap().unwrap();
+    assert_eq!(adopted.reversed, 60);
+    let too_much = Op::Reverse {
+        original_key: "later".into(),
+        amount: 21,
+        reference: "refund".into(),
+    };
+    let err = store
+        .execute("t", "p2", "later:refund-2", too_much, 60)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+    // Only an accrual's or a redemption's record can be taken over.
+    let mut hold = original;
+    hold.kind = Kind::Hold;
+    let err = store
+        .execute(
+            "t",
+            "p2",
+            "held",
+            Op::Adopt {
+                from_member: "p1".into(),
+                record: Box::new(hold),
+            },
+            60,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
 }
 
 async fn filtered_pages(store: &dyn BalanceStore) {

@@ -471,6 +471,8 @@ impl BalanceStore for RedisBalanceStore {
         op: Op,
         now: Millis,
     ) -> Result<Option<OpRecord>> {
+        // The script trusts its operation as `ledger::apply` does after this check.
+        ledger::validate(&op)?;
         let this = self.clone();
         let (tenant, member, key) = (
             tenant_id.to_string(),
@@ -549,7 +551,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::ledger::{Actor, Reason};
+    use crate::ledger::{Actor, Kind, Part, Reason, Reply};
     use crate::store::embedded::EmbeddedBalanceStore;
 
     async fn setup() -> (
@@ -636,7 +638,7 @@ mod tests {
 
     fn random_op(rng: &mut StdRng, n: usize, now: Millis) -> (String, Op) {
         let earlier = |rng: &mut StdRng| format!("k{}", rng.random_range(0..n.max(1)));
-        let op = match rng.random_range(0..11) {
+        let op = match rng.random_range(0..12) {
             0 | 1 => Op::Accrue {
                 amount: rng.random_range(1..1_000),
                 reason: Reason::Accrual,
@@ -681,6 +683,38 @@ mod tests {
                 expire_at: rng.random_bool(0.5).then(|| now + 4_000),
             },
             9 => Op::Expire,
+            10 => {
+                // A merged member's accrual or redemption taken over (sometimes a kind that
+                // cannot be, refused alike).
+                let amount = rng.random_range(1..600);
+                let kind = match rng.random_range(0..5) {
+                    0 => Kind::Hold,
+                    1 | 2 => Kind::Credit,
+                    _ => Kind::Debit,
+                };
+                let parts = if kind == Kind::Debit {
+                    vec![Part {
+                        expire_at: rng.random_bool(0.7).then(|| now + 3_000),
+                        amount,
+                        returned: 0,
+                    }]
+                } else {
+                    Vec::new()
+                };
+                Op::Adopt {
+                    from_member: "dup".into(),
+                    record: Box::new(OpRecord {
+                        fingerprint: "f".into(),
+                        kind,
+                        amount,
+                        reversed: rng.random_range(0..=amount / 2),
+                        parts,
+                        hold: None,
+                        hold_expire_at: None,
+                        reply: Reply::default(),
+                    }),
+                }
+            }
             _ => accrue(rng.random_range(1..50)),
         };
         let key = if op.is_keyless() {

@@ -429,6 +429,10 @@ local function main()
     end
     record.reply.moved = moved
     record.reply.entry = entry('MergeTransfer', moved, body.from_member, nil, nil, nil)
+  elseif name == 'Adopt' then
+    -- A merged member's accrual or redemption, taken over under the same key: moves nothing.
+    local r = body.record
+    record.kind, record.amount, record.reversed, record.parts = r.kind, r.amount, r.reversed, r.parts
   else
     fail('INVALID_ARGUMENT', 'unknown operation ' .. tostring(name))
   end
