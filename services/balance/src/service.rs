@@ -220,20 +220,14 @@ impl Balance {
         check_op(&mut v, &op);
         v.finish()?;
         ledger::validate(&op)?;
-        if let Op::Reverse { original_key, .. } = &op {
-            let account = self.store.account(tenant_id, member_id).await?;
-            if let Some(into) = account.merged_into {
-                let original_key = original_key.clone();
-                return Box::pin(self.reverse_merged(
-                    tenant_id,
-                    member_id,
-                    into,
-                    key,
-                    &original_key,
-                    op,
-                ))
-                .await;
-            }
+        // A merged member's points are with its survivor: accruals, redemptions and
+        // reversals go there (a receipt resolved just before the merge, a refund after it).
+        if matches!(
+            op,
+            Op::Accrue { .. } | Op::Redeem { .. } | Op::Reverse { .. }
+        ) && let Some(into) = self.store.account(tenant_id, member_id).await?.merged_into
+        {
+            return Box::pin(self.follow_merge(tenant_id, member_id, into, key, op)).await;
         }
         let record = self
             .store
@@ -245,76 +239,115 @@ impl Balance {
         Ok(record)
     }
 
-    /// Reverses an operation of a member merged into `into` (a refund of a receipt the
-    /// duplicate made): the member's lots are with its survivor, so the survivor takes over
-    /// the original's record under the same key ([`Op::Adopt`]) and the reversal runs there.
-    /// A reversal the member recorded before its merge answers as it did then.
-    async fn reverse_merged(
+    /// Runs an accrual, redemption or reversal of a member merged into `into` on the member
+    /// that holds its lots now (a receipt resolved just before the merge, a refund of one
+    /// the duplicate made). A reversal of the merged member's own operation first has the
+    /// survivor take over the original's record under the same key ([`Op::Adopt`]). An
+    /// operation the member recorded before its merge answers as it did then.
+    async fn follow_merge(
         &self,
         tenant_id: &str,
         member_id: &str,
         into: String,
         key: &str,
-        original_key: &str,
         op: Op,
     ) -> Result<OpRecord> {
-        if let Some(done) = self.store.record(tenant_id, member_id, key).await? {
-            if done.fingerprint != op.fingerprint() {
-                return Err(Error::AlreadyExists(format!(
-                    "idempotency key {key} was already used for a different operation"
-                )));
-            }
-            return Ok(done);
-        }
-        let original = self
-            .store
-            .record(tenant_id, member_id, original_key)
-            .await?
-            .ok_or_else(|| {
-                Error::NotFound(format!("no operation with idempotency key {original_key}"))
-            })?;
-        // The survivor of the survivor, and so on: where the lots are now.
-        let mut survivor = into;
+        let original_key = match &op {
+            Op::Reverse { original_key, .. } => Some(original_key.clone()),
+            _ => None,
+        };
+        // Walk the merges one member at a time; each merged member is frozen, so what it
+        // holds is final. An operation one of them recorded answers as it did then, and the
+        // original of a reversal is the latest copy along the way (with the reversals made
+        // where it was).
+        let mut original: Option<(String, OpRecord)> = None;
+        let (mut member, mut next) = (member_id.to_string(), into);
         for _ in 0..MAX_MERGE_HOPS {
-            match self.store.account(tenant_id, &survivor).await?.merged_into {
-                Some(next) => survivor = next,
+            if let Some(done) = self.store.record(tenant_id, &member, key).await? {
+                if done.fingerprint != op.fingerprint() {
+                    return Err(Error::AlreadyExists(format!(
+                        "idempotency key {key} was already used for a different operation"
+                    )));
+                }
+                return Ok(done);
+            }
+            if let Some(k) = &original_key
+                && let Some(r) = self.store.record(tenant_id, &member, k).await?
+            {
+                original = Some((member.clone(), r));
+            }
+            self.merge_landed(tenant_id, &member, &next).await?;
+            member = next;
+            match self.store.account(tenant_id, &member).await?.merged_into {
+                Some(after) => next = after,
                 None => break,
             }
         }
-        let taken_over = |r: &OpRecord| r.kind == original.kind && r.amount == original.amount;
-        match self
-            .store
-            .record(tenant_id, &survivor, original_key)
-            .await?
-        {
-            Some(r) if taken_over(&r) => {}
-            Some(_) => {
-                return Err(Error::FailedPrecondition(format!(
-                    "member {survivor}, which {member_id} was merged into, used idempotency key {original_key} for an operation of its own; reverse it with an adjustment instead"
-                )));
-            }
-            None => {
-                let adopt = Op::Adopt {
-                    from_member: member_id.to_string(),
-                    record: Box::new(original.clone()),
-                };
-                match self
-                    .execute(tenant_id, &survivor, original_key, adopt)
-                    .await
-                {
-                    Ok(_) => {}
-                    // Taken over concurrently by another reversal of the same operation.
-                    Err(Error::AlreadyExists(_))
-                        if self
-                            .store
-                            .record(tenant_id, &survivor, original_key)
-                            .await?
-                            .is_some_and(|r| taken_over(&r)) => {}
-                    Err(e) => return Err(e),
+        let survivor = member;
+        if let (Some(original_key), Some((from, record))) = (&original_key, original) {
+            // The survivor takes the original over under its key, unless it did already;
+            // a record of its own under that key is not the duplicate's to reverse.
+            let adopt = Op::Adopt {
+                from_member: from.clone(),
+                record: Box::new(record),
+            };
+            match self
+                .store
+                .record(tenant_id, &survivor, original_key)
+                .await?
+            {
+                Some(r) if r.fingerprint == adopt.fingerprint() => {}
+                Some(_) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "member {survivor}, which {from} was merged into, used idempotency key {original_key} for an operation of its own; reverse it with an adjustment instead"
+                    )));
+                }
+                // Concurrent takeovers of one original are the same operation: one applies,
+                // the other replays it.
+                None => {
+                    Box::pin(self.execute(tenant_id, &survivor, original_key, adopt)).await?;
                 }
             }
         }
         Box::pin(self.execute(tenant_id, &survivor, key, op)).await
+    }
+
+    /// Refuses, for now, to act for `from` on `into` while `from`'s points left it but did
+    /// not reach `into` yet (a merge whose second step is still to be retried).
+    async fn merge_landed(&self, tenant_id: &str, from: &str, into: &str) -> Result<()> {
+        let moves = EntryQuery {
+            limit: 100,
+            reasons: vec![Reason::MergeTransfer],
+            ..EntryQuery::default()
+        };
+        let out = self.store.entries(tenant_id, from, &moves).await?;
+        if out.entries.iter().all(|e| e.amount >= 0) {
+            return Ok(());
+        }
+        let mut page = self.store.entries(tenant_id, into, &moves).await?;
+        loop {
+            if page
+                .entries
+                .iter()
+                .any(|e| e.amount > 0 && e.reference == from)
+            {
+                return Ok(());
+            }
+            match page.next_before {
+                Some(before) => {
+                    let q = EntryQuery {
+                        before_seq: Some(before),
+                        ..moves.clone()
+                    };
+                    page = self.store.entries(tenant_id, into, &q).await?;
+                }
+                None => {
+                    return Err(Error::Unavailable(format!(
+                        "the merge of member {from} into {into} is not finished; retry"
+                    )));
+                }
+            }
+        }
     }
 
     /// Places a hold; returns its public id with the record.
@@ -694,6 +727,161 @@ mod tests {
         let kept = events.kept.lock().unwrap().clone();
         assert_eq!(kept.len(), 1, "published once the stream took it");
         assert_eq!((kept[0].entry.seq, kept[0].entry.amount), (1, 500));
+    }
+
+    #[tokio::test]
+    async fn a_merged_members_operations_land_on_its_survivor() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            crate::store::embedded::EmbeddedBalanceStore::open(&dir.path().join("b.redb")).unwrap();
+        let balance = Balance::new(
+            Arc::new(store),
+            Arc::new(loyalty_platform::clock::SystemClock),
+        );
+        let accrue = |amount| Op::Accrue {
+            amount,
+            reason: Reason::Accrual,
+            reference: "r".into(),
+            activate_at: None,
+            expire_at: None,
+        };
+        let reverse = |original: &str, amount| Op::Reverse {
+            original_key: original.into(),
+            amount,
+            reference: "refund".into(),
+        };
+        let active = |b: &Balance, m: &'static str| {
+            let b = b.clone();
+            async move { b.balance("t", m).await.unwrap().active }
+        };
+        balance
+            .execute("t", "a", "before", accrue(300))
+            .await
+            .unwrap();
+        let early = balance
+            .execute("t", "a", "before:r0", reverse("before", 10))
+            .await
+            .unwrap();
+        balance.execute("t", "b", "own", accrue(50)).await.unwrap();
+        balance.transfer("t", "a", "b", "merge:a").await.unwrap();
+        balance.transfer("t", "b", "c", "merge:b").await.unwrap();
+        assert_eq!(active(&balance, "c").await, 340);
+
+        // A receipt resolved to `a` just before the merges finishes on `c`, once.
+        let late = balance.execute("t", "a", "late", accrue(20)).await.unwrap();
+        assert_eq!(late.reply.balance.active, 360);
+        let again = balance.execute("t", "a", "late", accrue(20)).await.unwrap();
+        assert_eq!(again, late);
+        let err = balance
+            .execute("t", "a", "late", accrue(21))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
+        // Refunds: of `a`'s own accrual (taken over by `c`), and of the late one.
+        let r = balance
+            .execute("t", "a", "before:r1", reverse("before", 100))
+            .await
+            .unwrap();
+        assert_eq!(r.reply.balance.active, 260);
+        let r = balance
+            .execute("t", "a", "before:r2", reverse("before", 250))
+            .await
+            .unwrap_err();
+        assert!(matches!(r, Error::FailedPrecondition(_)), "190 left: {r}");
+        balance
+            .execute("t", "a", "late:r1", reverse("late", 20))
+            .await
+            .unwrap();
+        assert_eq!(active(&balance, "c").await, 240);
+        // Retries answer as they did and take nothing more: of a refund after the merges,
+        // and of one `a` recorded before them.
+        let replay = balance
+            .execute("t", "a", "before:r1", reverse("before", 100))
+            .await
+            .unwrap();
+        assert_eq!(replay.reply.balance.active, 260);
+        let replay = balance
+            .execute("t", "a", "before:r0", reverse("before", 10))
+            .await
+            .unwrap();
+        assert_eq!(replay, early);
+        assert_eq!(active(&balance, "c").await, 240);
+        assert_eq!(active(&balance, "a").await, 0);
+        // The reversal of an operation nobody made is refused.
+        let missing = balance
+            .execute("t", "a", "x", reverse("nothing", 1))
+            .await
+            .unwrap_err();
+        assert!(matches!(missing, Error::NotFound(_)), "{missing}");
+
+        // A refund between two merges of a chain, retried after the second: it answers as
+        // it did, and what is left to reverse carries along the chain.
+        balance.execute("t", "x", "buy", accrue(100)).await.unwrap();
+        balance.transfer("t", "x", "y", "merge:x").await.unwrap();
+        let first = balance
+            .execute("t", "x", "buy:r1", reverse("buy", 60))
+            .await
+            .unwrap();
+        balance.transfer("t", "y", "z", "merge:y").await.unwrap();
+        let again = balance
+            .execute("t", "x", "buy:r1", reverse("buy", 60))
+            .await
+            .unwrap();
+        assert_eq!(again, first);
+        assert_eq!(active(&balance, "z").await, 40);
+        let over = balance
+            .execute("t", "x", "buy:r2", reverse("buy", 41))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(over, Error::FailedPrecondition(_)),
+            "40 left: {over}"
+        );
+        balance
+            .execute("t", "x", "buy:r2", reverse("buy", 40))
+            .await
+            .unwrap();
+        assert_eq!(active(&balance, "z").await, 0);
+
+        // The survivor's own operation under the same key is not the duplicate's.
+        balance
+            .execute("t", "p", "bulk:1", accrue(10))
+            .await
+            .unwrap();
+        balance
+            .execute("t", "q", "bulk:1", accrue(10))
+            .await
+            .unwrap();
+        balance.transfer("t", "p", "q", "merge:p").await.unwrap();
+        let mixed = balance
+            .execute("t", "p", "bulk:1:r", reverse("bulk:1", 10))
+            .await
+            .unwrap_err();
+        assert!(matches!(mixed, Error::FailedPrecondition(_)), "{mixed}");
+        assert_eq!(active(&balance, "q").await, 20);
+
+        // A merge whose second step has not run yet: the points are in neither place, so
+        // the refund waits for it.
+        balance.execute("t", "u", "buy", accrue(30)).await.unwrap();
+        let out = Op::TransferOut {
+            to_member: "v".into(),
+        };
+        let moved = balance.execute("t", "u", "merge:u:out", out).await.unwrap();
+        let early = balance
+            .execute("t", "u", "buy:r", reverse("buy", 30))
+            .await
+            .unwrap_err();
+        assert!(matches!(early, Error::Unavailable(_)), "{early}");
+        let into = Op::TransferIn {
+            from_member: "u".into(),
+            lots: moved.reply.lots,
+        };
+        balance.execute("t", "v", "merge:u:in", into).await.unwrap();
+        balance
+            .execute("t", "u", "buy:r", reverse("buy", 30))
+            .await
+            .unwrap();
+        assert_eq!(active(&balance, "v").await, 0);
     }
 
     #[test]
