@@ -154,6 +154,25 @@ async fn a_merged_members_history_moves(s: &dyn PromotionStore) {
         receipts(s.member_purchases("mh", "keep", "", 10).await.unwrap()).len(),
         3
     );
+    // A receipt of the merged member committed after its history moved (resolved just
+    // before the merge) is filed under the survivor, through chains of merges too.
+    s.put_purchase(&committed("h4", "dup", 40), None, &[])
+        .await
+        .unwrap();
+    s.move_member_purchases("mh", "old", "dup").await.unwrap();
+    s.put_purchase(&committed("h5", "old", 50), None, &[])
+        .await
+        .unwrap();
+    let keep = s.member_purchases("mh", "keep", "", 10).await.unwrap();
+    assert_eq!(receipts(keep), ["h5", "h4", "h3", "h2", "h1"]);
+    for merged in ["dup", "old"] {
+        assert!(
+            s.member_purchases("mh", merged, "", 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
 }
 
 /// Every purchase once, in (tenant, receipt) order, a page at a time.

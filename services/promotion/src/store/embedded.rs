@@ -32,6 +32,11 @@ const PURCHASES: Records = TableDefinition::new("purchases");
 const MEMBER_PURCHASES: Records = TableDefinition::new("member_purchases");
 /// (evaluation time, tenant, receipt) → nothing: purchases still pending, oldest first.
 const PENDING: Records = TableDefinition::new("pending_purchases");
+/// (tenant, member) → the member it was merged into: a purchase of a merged member committed
+/// after its history moved is filed under the survivor too.
+const MERGED: Records = TableDefinition::new("merged_members");
+/// Most merges followed from a member to the one its history is filed under.
+const MAX_MERGE_HOPS: usize = 16;
 const CAMPAIGNS: Records = TableDefinition::new("campaigns");
 /// (tenant, campaign, version as 20 digits) → that version.
 const CAMPAIGN_HISTORY: Records = TableDefinition::new("campaign_history");
@@ -322,10 +327,21 @@ impl PromotionStore for EmbeddedPromotionStore {
                 if let (PurchaseState::Committed { commit_time, .. }, Some(m)) =
                     (&purchase.state, &purchase.evaluation.member)
                 {
+                    // Filed where the member's history is now (a receipt resolved just
+                    // before a merge is committed after it).
+                    let merged = txn.open_table(MERGED).map_err(e)?;
+                    let mut member = m.member_id.clone();
+                    for _ in 0..MAX_MERGE_HOPS {
+                        match get_record::<String>(&merged, &key(&[tenant, &member]))? {
+                            Some(into) => member = into,
+                            None => break,
+                        }
+                    }
+                    drop(merged);
                     let mut index = txn.open_table(MEMBER_PURCHASES).map_err(e)?;
                     let position = history_position(*commit_time, &purchase.receipt.receipt_id);
                     index
-                        .insert(key(&[tenant, &m.member_id, &position]).as_str(), &[][..])
+                        .insert(key(&[tenant, &member, &position]).as_str(), &[][..])
                         .map_err(e)?;
                 }
                 Ok(Put::Written)
@@ -358,9 +374,12 @@ impl PromotionStore for EmbeddedPromotionStore {
 
     async fn move_member_purchases(&self, tenant_id: &str, from: &str, to: &str) -> Result<u64> {
         let (start, end) = prefix_range(&[tenant_id, from]);
-        let (tenant, to) = (tenant_id.to_string(), to.to_string());
+        let (tenant, from, to) = (tenant_id.to_string(), from.to_string(), to.to_string());
         self.db
             .write(move |txn| {
+                let mut merged = txn.open_table(MERGED).map_err(e)?;
+                put_record(&mut merged, &key(&[&tenant, &from]), &to)?;
+                drop(merged);
                 let mut index = txn.open_table(MEMBER_PURCHASES).map_err(e)?;
                 let mut positions = Vec::new();
                 for item in index.range(start.as_str()..end.as_str()).map_err(e)? {
