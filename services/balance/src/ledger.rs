@@ -525,6 +525,10 @@ impl Ctx<'_> {
 /// [`referenced_key`]. On `Err` the caller must write nothing; on `Ok` with no change
 /// (`Change::account.version` unchanged, and no record) there is nothing to write either.
 /// A keyless operation that changed something returns a record that is not kept.
+/// How the refusal of a keyed operation on a merged member begins (the Lua script says the
+/// same), followed by the member it was merged into.
+pub const MERGED: &str = "the member was merged into ";
+
 pub fn apply(
     account: &Account,
     key: &str,
@@ -537,9 +541,7 @@ pub fn apply(
     if let Some(into) = &account.merged_into
         && !op.is_keyless()
     {
-        return Err(Error::FailedPrecondition(format!(
-            "the member was merged into {into}"
-        )));
+        return Err(Error::FailedPrecondition(format!("{MERGED}{into}")));
     }
     let mut next = account.clone();
     let mut changed = next.release_expired_holds(now);

@@ -222,18 +222,30 @@ impl Balance {
         ledger::validate(&op)?;
         // A merged member's points are with its survivor: accruals, redemptions and
         // reversals go there (a receipt resolved just before the merge, a refund after it).
-        if matches!(
+        // The store refuses them on the merged member (after replaying one it recorded), so
+        // only that refusal costs the look at where the member went.
+        let follows = matches!(
             op,
             Op::Accrue { .. } | Op::Redeem { .. } | Op::Reverse { .. }
-        ) && let Some(into) = self.store.account(tenant_id, member_id).await?.merged_into
-        {
-            return Box::pin(self.follow_merge(tenant_id, member_id, into, key, op)).await;
-        }
-        let record = self
+        )
+        .then(|| op.clone());
+        let record = match self
             .store
             .execute(tenant_id, member_id, key, op, self.clock.now_ms())
-            .await?
-            .ok_or_else(|| Error::internal(anyhow::anyhow!("a keyed operation kept no record")))?;
+            .await
+        {
+            Err(Error::FailedPrecondition(why)) if why.starts_with(ledger::MERGED) => {
+                let into = self.store.account(tenant_id, member_id).await?.merged_into;
+                return match (follows, into) {
+                    (Some(op), Some(into)) => {
+                        Box::pin(self.follow_merge(tenant_id, member_id, into, key, op)).await
+                    }
+                    _ => Err(Error::FailedPrecondition(why)),
+                };
+            }
+            other => other?,
+        }
+        .ok_or_else(|| Error::internal(anyhow::anyhow!("a keyed operation kept no record")))?;
         self.publish(tenant_id, member_id, record.reply.entry.as_ref())
             .await?;
         Ok(record)

@@ -2,7 +2,7 @@
 //! they share a process) and gRPC clients (microservices mode). Checkout cannot tell which.
 
 use loyalty_balance::Balance;
-use loyalty_balance::ledger::{HoldState as LedgerHoldState, Op, Reason};
+use loyalty_balance::ledger::{HoldState as LedgerHoldState, Op, OpRecord, Reason};
 use loyalty_balance::service::MemberDirectory;
 use loyalty_identity::Identity;
 use loyalty_identity::lifecycle::MemberPoints;
@@ -73,6 +73,14 @@ impl Members for LocalMembers {
 #[derive(Debug, Clone)]
 pub struct LocalPoints(pub Balance);
 
+/// What a redemption or a confirmed hold took, and the active balance after.
+fn redeemed(record: OpRecord) -> Redeemed {
+    Redeemed {
+        amount: record.reply.entry.map_or(0, |e| e.amount.abs()),
+        active_after: record.reply.balance.active,
+    }
+}
+
 #[async_trait::async_trait]
 impl Points for LocalPoints {
     async fn available(&self, tenant_id: &str, member_id: &str) -> Result<i64> {
@@ -118,11 +126,9 @@ impl Points for LocalPoints {
             reference: reference.to_string(),
             up_to_available: true,
         };
-        let reply = self.0.execute(tenant_id, member_id, key, op).await?.reply;
-        Ok(Redeemed {
-            amount: reply.entry.map_or(0, |e| e.amount.abs()),
-            active_after: reply.balance.active,
-        })
+        Ok(redeemed(
+            self.0.execute(tenant_id, member_id, key, op).await?,
+        ))
     }
 
     async fn hold(&self, tenant_id: &str, hold_id: &str) -> Result<Held> {
@@ -150,10 +156,7 @@ impl Points for LocalPoints {
             .0
             .resolve_hold(tenant_id, hold_id, key, Some(amount))
             .await?;
-        Ok(Redeemed {
-            amount: record.reply.entry.map_or(0, |e| e.amount.abs()),
-            active_after: record.reply.balance.active,
-        })
+        Ok(redeemed(record))
     }
 
     async fn cancel_hold(&self, tenant_id: &str, hold_id: &str, key: &str) -> Result<()> {

@@ -9,9 +9,14 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::pager::TypedRowStream;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
+use scylla::deserialize::row::DeserializeRow;
 use scylla::errors::{ExecutionError, RequestAttemptError};
+use scylla::response::query_result::QueryResult;
+use scylla::serialize::row::SerializeRow;
+use scylla::statement::prepared::PreparedStatement;
 use sha2::{Digest, Sha256};
 
 use crate::config::ScyllaConfig;
@@ -156,6 +161,70 @@ pub async fn prepare(
     p.set_consistency(scylla::statement::Consistency::LocalQuorum);
     p.set_serial_consistency(Some(scylla::statement::SerialConsistency::LocalSerial));
     Ok(p)
+}
+
+/// Runs a prepared statement once, unpaged.
+pub async fn run(
+    session: &Session,
+    statement: &PreparedStatement,
+    values: impl SerializeRow,
+) -> crate::error::Result<QueryResult> {
+    session
+        .execute_unpaged(statement, values)
+        .await
+        .map_err(execution_error)
+}
+
+/// The first row a statement returns, if any.
+pub async fn first_row<R>(
+    session: &Session,
+    statement: &PreparedStatement,
+    values: impl SerializeRow,
+) -> crate::error::Result<Option<R>>
+where
+    R: for<'f> DeserializeRow<'f, 'f>,
+{
+    run(session, statement, values)
+        .await?
+        .into_rows_result()
+        .map_err(rows_error)?
+        .maybe_first_row::<R>()
+        .map_err(rows_error)
+}
+
+/// A statement's rows, fetched a page at a time as they are read.
+pub async fn row_stream<R>(
+    session: &Session,
+    statement: &PreparedStatement,
+    values: impl SerializeRow,
+) -> crate::error::Result<TypedRowStream<R>>
+where
+    R: for<'f, 'm> DeserializeRow<'f, 'm>,
+{
+    session
+        .execute_iter(statement.clone(), values)
+        .await
+        .map_err(|e| Error::Unavailable(format!("scylladb: {e}")))?
+        .rows_stream::<R>()
+        .map_err(rows_error)
+}
+
+/// Every row a statement returns, fetched a page at a time.
+pub async fn all_rows<R>(
+    session: &Session,
+    statement: &PreparedStatement,
+    values: impl SerializeRow,
+) -> crate::error::Result<Vec<R>>
+where
+    R: for<'f, 'm> DeserializeRow<'f, 'm>,
+{
+    use tokio_stream::StreamExt;
+    let mut rows = row_stream(session, statement, values).await?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().await {
+        out.push(row.map_err(|e| Error::Unavailable(format!("scylladb: {e}")))?);
+    }
+    Ok(out)
 }
 
 /// A driver error reading rows: the reply was not what the statement returns.

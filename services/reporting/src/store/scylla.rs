@@ -16,12 +16,12 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::StreamExt;
 use loyalty_platform::calendar::Day;
 use loyalty_platform::clock::Millis;
 use loyalty_platform::embedded::{decode, encode};
 use loyalty_platform::error::{Error, Result};
-use loyalty_platform::scylla::{Migration, applied, execution_error, prepare, rows_error};
+use loyalty_platform::scylla::{Migration, all_rows, applied, first_row, prepare, row_stream, run};
 use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
 use tokio::sync::Mutex;
@@ -356,15 +356,7 @@ impl ScyllaReportingStore {
     }
 
     async fn meta(&self, name: &str) -> Result<Option<i64>> {
-        let row = self
-            .session
-            .execute_unpaged(&self.s.select_meta, (name,))
-            .await
-            .map_err(execution_error)?
-            .into_rows_result()
-            .map_err(rows_error)?
-            .maybe_first_row::<(Option<i64>,)>()
-            .map_err(rows_error)?;
+        let row = first_row::<(Option<i64>,)>(&self.session, &self.s.select_meta, (name,)).await?;
         Ok(row.and_then(|(v,)| v))
     }
 
@@ -372,23 +364,13 @@ impl ScyllaReportingStore {
     /// and is looked at again). Returns the value it ends at.
     async fn raise_meta(&self, name: &str, value: i64) -> Result<i64> {
         for _ in 0..ATTEMPTS {
-            let ok = match self.meta(name).await? {
+            match self.meta(name).await? {
                 Some(current) if current >= value => return Ok(current),
-                Some(current) => applied(
-                    self.session
-                        .execute_unpaged(&self.s.update_meta, (value, name, current))
-                        .await
-                        .map_err(execution_error)?,
-                )?,
-                None => applied(
-                    self.session
-                        .execute_unpaged(&self.s.insert_meta, (name, value))
-                        .await
-                        .map_err(execution_error)?,
-                )?,
-            };
-            if ok {
-                return Ok(value);
+                current => {
+                    if self.set_meta(name, current, value).await? {
+                        return Ok(value);
+                    }
+                }
             }
         }
         Err(Error::Unavailable(format!(
@@ -396,27 +378,23 @@ impl ScyllaReportingStore {
         )))
     }
 
+    /// Sets `name` to `value` if it still is `current` (None: not set yet); whether it did.
+    async fn set_meta(&self, name: &str, current: Option<i64>, value: i64) -> Result<bool> {
+        let result = match current {
+            Some(current) => {
+                run(&self.session, &self.s.update_meta, (value, name, current)).await?
+            }
+            None => run(&self.session, &self.s.insert_meta, (name, value)).await?,
+        };
+        applied(result)
+    }
+
     /// Reserves `n` sequence numbers; returns the first.
     async fn reserve(&self, n: u64) -> Result<u64> {
         for _ in 0..ATTEMPTS {
             let current = self.meta("seq").await?;
             let base = current.map_or(0, seq_of);
-            let next = seq_value(base + n);
-            let ok = match current {
-                Some(current) => applied(
-                    self.session
-                        .execute_unpaged(&self.s.update_meta, (next, "seq", current))
-                        .await
-                        .map_err(execution_error)?,
-                )?,
-                None => applied(
-                    self.session
-                        .execute_unpaged(&self.s.insert_meta, ("seq", next))
-                        .await
-                        .map_err(execution_error)?,
-                )?,
-            };
-            if ok {
+            if self.set_meta("seq", current, seq_value(base + n)).await? {
                 return Ok(base + 1);
             }
         }
@@ -426,39 +404,27 @@ impl ScyllaReportingStore {
     }
 
     async fn identity(&self, tenant: &str, identity: &str) -> Result<Option<(i8, i64, u64)>> {
-        let row = self
-            .session
-            .execute_unpaged(&self.s.select_identity, (tenant, identity))
-            .await
-            .map_err(execution_error)?
-            .into_rows_result()
-            .map_err(rows_error)?
-            .maybe_first_row::<(i8, i64, i64)>()
-            .map_err(rows_error)?;
+        let row =
+            first_row::<(i8, i64, i64)>(&self.session, &self.s.select_identity, (tenant, identity))
+                .await?;
         Ok(row.map(|(k, p, s)| (k, p, seq_of(s))))
     }
 
-    async fn fact_exists(&self, tenant: &str, at: &Placed) -> Result<bool> {
-        let b = bucket(at.kind, at.position, at.seq);
-        let row = self
-            .session
-            .execute_unpaged(
-                &self.s.select_fact,
-                (
-                    tenant,
-                    kind_code(at.kind),
-                    b,
-                    at.position,
-                    seq_value(at.seq),
-                ),
-            )
-            .await
-            .map_err(execution_error)?
-            .into_rows_result()
-            .map_err(rows_error)?
-            .maybe_first_row::<(Option<Vec<u8>>,)>()
-            .map_err(rows_error)?;
-        Ok(row.is_some())
+    /// The stored fact at `at`, if its row is there (None inside: a row without a body).
+    async fn fact_at(&self, tenant: &str, at: &Placed) -> Result<Option<Option<Vec<u8>>>> {
+        let row = first_row::<(Option<Vec<u8>>,)>(
+            &self.session,
+            &self.s.select_fact,
+            (
+                tenant,
+                kind_code(at.kind),
+                bucket(at.kind, at.position, at.seq),
+                at.position,
+                seq_value(at.seq),
+            ),
+        )
+        .await?;
+        Ok(row.map(|(body,)| body))
     }
 
     async fn write_fact(&self, tenant: &str, fact: &Fact, at: &Placed) -> Result<()> {
@@ -467,34 +433,26 @@ impl ScyllaReportingStore {
         let seq = seq_value(at.seq);
         // The index rows first: a fact is found through them, and a row they name that is
         // not written yet reads as missing (and is written when its event comes again).
-        let bucket_row = async {
-            self.session
-                .execute_unpaged(&self.s.insert_bucket, (tenant, k, b))
-                .await
-                .map_err(execution_error)
-        };
+        let bucket_row = async { run(&self.session, &self.s.insert_bucket, (tenant, k, b)).await };
         let member_row = async {
             match fact.member_id() {
-                Some(member) => self
-                    .session
-                    .execute_unpaged(
-                        &self.s.insert_by_member,
-                        (tenant, member.as_str(), k, at.position, seq),
-                    )
-                    .await
-                    .map(|_| ())
-                    .map_err(execution_error),
+                Some(member) => run(
+                    &self.session,
+                    &self.s.insert_by_member,
+                    (tenant, member.as_str(), k, at.position, seq),
+                )
+                .await
+                .map(|_| ()),
                 None => Ok(()),
             }
         };
         futures_util::try_join!(bucket_row, member_row)?;
-        self.session
-            .execute_unpaged(
-                &self.s.insert_fact,
-                (tenant, k, b, at.position, seq, encode(fact)?),
-            )
-            .await
-            .map_err(execution_error)?;
+        run(
+            &self.session,
+            &self.s.insert_fact,
+            (tenant, k, b, at.position, seq, encode(fact)?),
+        )
+        .await?;
         Ok(())
     }
 
@@ -506,41 +464,36 @@ impl ScyllaReportingStore {
         let shard = member_shard(&m.member_id);
         let body = encode(fact)?;
         for _ in 0..ATTEMPTS {
-            let stored = self
-                .session
-                .execute_unpaged(&self.s.select_member, (tenant, shard, m.member_id.as_str()))
-                .await
-                .map_err(execution_error)?
-                .into_rows_result()
-                .map_err(rows_error)?
-                .maybe_first_row::<(Option<i64>,)>()
-                .map_err(rows_error)?;
+            let stored = first_row::<(Option<i64>,)>(
+                &self.session,
+                &self.s.select_member,
+                (tenant, shard, m.member_id.as_str()),
+            )
+            .await?;
             let ok = match stored {
                 Some((Some(version),)) if version >= m.version => return Ok(false),
                 Some((version,)) => applied(
-                    self.session
-                        .execute_unpaged(
-                            &self.s.update_member,
-                            (
-                                m.version,
-                                body.clone(),
-                                tenant,
-                                shard,
-                                m.member_id.as_str(),
-                                version,
-                            ),
-                        )
-                        .await
-                        .map_err(execution_error)?,
+                    run(
+                        &self.session,
+                        &self.s.update_member,
+                        (
+                            m.version,
+                            body.clone(),
+                            tenant,
+                            shard,
+                            m.member_id.as_str(),
+                            version,
+                        ),
+                    )
+                    .await?,
                 )?,
                 None => applied(
-                    self.session
-                        .execute_unpaged(
-                            &self.s.insert_member,
-                            (tenant, shard, m.member_id.as_str(), m.version, body.clone()),
-                        )
-                        .await
-                        .map_err(execution_error)?,
+                    run(
+                        &self.session,
+                        &self.s.insert_member,
+                        (tenant, shard, m.member_id.as_str(), m.version, body.clone()),
+                    )
+                    .await?,
                 )?,
             };
             if ok {
@@ -554,33 +507,26 @@ impl ScyllaReportingStore {
     }
 
     async fn tenants_from(&self, first: &str) -> Result<Vec<String>> {
-        self.session
-            .execute_iter(self.s.select_tenants.clone(), (first,))
-            .await
-            .map_err(unavailable)?
-            .rows_stream::<(String,)>()
-            .map_err(rows_error)?
-            .map_ok(|(t,)| t)
-            .try_collect()
-            .await
-            .map_err(unavailable)
+        Ok(
+            all_rows::<(String,)>(&self.session, &self.s.select_tenants, (first,))
+                .await?
+                .into_iter()
+                .map(|(t,)| t)
+                .collect(),
+        )
     }
 
     /// The buckets of a tenant's `kind` within `lo..=hi`, in order.
     async fn buckets(&self, tenant: &str, kind: Receipts, lo: i64, hi: i64) -> Result<Vec<i64>> {
-        self.session
-            .execute_iter(
-                self.s.select_buckets.clone(),
-                (tenant, kind_code(kind), lo, hi),
-            )
-            .await
-            .map_err(unavailable)?
-            .rows_stream::<(i64,)>()
-            .map_err(rows_error)?
-            .map_ok(|(b,)| b)
-            .try_collect()
-            .await
-            .map_err(unavailable)
+        Ok(all_rows::<(i64,)>(
+            &self.session,
+            &self.s.select_buckets,
+            (tenant, kind_code(kind), lo, hi),
+        )
+        .await?
+        .into_iter()
+        .map(|(b,)| b)
+        .collect())
     }
 
     /// Walks a tenant's `kind` facts from `start` (inclusive) to `end` (inclusive) in
@@ -600,24 +546,20 @@ impl ScyllaReportingStore {
         let lo = bucket(kind, start.0, start.1);
         let hi = last_bucket(kind, end.0);
         for b in self.buckets(tenant, kind, lo, hi).await? {
-            let mut rows = self
-                .session
-                .execute_iter(
-                    self.s.select_rows.clone(),
-                    (
-                        tenant,
-                        kind_code(kind),
-                        b,
-                        start.0,
-                        seq_value(start.1),
-                        end.0,
-                        seq_value(end.1),
-                    ),
-                )
-                .await
-                .map_err(unavailable)?
-                .rows_stream::<(i64, i64, Vec<u8>)>()
-                .map_err(rows_error)?;
+            let mut rows = row_stream::<(i64, i64, Vec<u8>)>(
+                &self.session,
+                &self.s.select_rows,
+                (
+                    tenant,
+                    kind_code(kind),
+                    b,
+                    start.0,
+                    seq_value(start.1),
+                    end.0,
+                    seq_value(end.1),
+                ),
+            )
+            .await?;
             while let Some(row) = rows.next().await {
                 let (position, seq, body) = row.map_err(unavailable)?;
                 if !visit(position, seq_of(seq), body)? {
@@ -687,19 +629,18 @@ impl ReportingStore for ScyllaReportingStore {
                     .iter()
                     .map(|p| async move {
                         applied(
-                            self.session
-                                .execute_unpaged(
-                                    &self.s.claim_identity,
-                                    (
-                                        facts_ref[p.index].tenant_id.as_str(),
-                                        identities[p.index].as_str(),
-                                        kind_code(p.kind),
-                                        p.position,
-                                        seq_value(p.seq),
-                                    ),
-                                )
-                                .await
-                                .map_err(execution_error)?,
+                            run(
+                                &self.session,
+                                &self.s.claim_identity,
+                                (
+                                    facts_ref[p.index].tenant_id.as_str(),
+                                    identities[p.index].as_str(),
+                                    kind_code(p.kind),
+                                    p.position,
+                                    seq_value(p.seq),
+                                ),
+                            )
+                            .await?,
                         )
                     })
                     .collect(),
@@ -722,7 +663,11 @@ impl ReportingStore for ScyllaReportingStore {
             earlier
                 .iter()
                 .map(|p| async move {
-                    Ok::<_, Error>(!self.fact_exists(&facts_ref[p.index].tenant_id, p).await?)
+                    Ok::<_, Error>(
+                        self.fact_at(&facts_ref[p.index].tenant_id, p)
+                            .await?
+                            .is_none(),
+                    )
                 })
                 .collect(),
         )
@@ -750,10 +695,7 @@ impl ReportingStore for ScyllaReportingStore {
         }
         let tenants: HashSet<&str> = facts.iter().map(|f| f.tenant_id.as_str()).collect();
         for tenant in tenants {
-            self.session
-                .execute_unpaged(&self.s.insert_tenant, (tenant,))
-                .await
-                .map_err(execution_error)?;
+            run(&self.session, &self.s.insert_tenant, (tenant,)).await?;
         }
         in_chunks(
             write
@@ -875,16 +817,12 @@ impl ReportingStore for ScyllaReportingStore {
                                 Some((s, m)) if shard == *s => m.clone(),
                                 _ => String::new(),
                             };
-                            let mut rows = self
-                                .session
-                                .execute_iter(
-                                    self.s.select_members.clone(),
-                                    (tenant.as_str(), shard, since.as_str()),
-                                )
-                                .await
-                                .map_err(unavailable)?
-                                .rows_stream::<(String, Vec<u8>)>()
-                                .map_err(rows_error)?;
+                            let mut rows = row_stream::<(String, Vec<u8>)>(
+                                &self.session,
+                                &self.s.select_members,
+                                (tenant.as_str(), shard, since.as_str()),
+                            )
+                            .await?;
                             while let Some(row) = rows.next().await {
                                 let (member, body) = row.map_err(unavailable)?;
                                 out.push(TenantFact {
@@ -963,19 +901,12 @@ impl ReportingStore for ScyllaReportingStore {
         let mut places = Vec::new();
         for member in &members {
             for &(kind, from, to) in &ranges {
-                let rows: Vec<(i64, i64)> = self
-                    .session
-                    .execute_iter(
-                        self.s.select_member_index.clone(),
-                        (tenant_id, member.as_str(), kind_code(kind), from, to),
-                    )
-                    .await
-                    .map_err(unavailable)?
-                    .rows_stream::<(i64, i64)>()
-                    .map_err(rows_error)?
-                    .try_collect()
-                    .await
-                    .map_err(unavailable)?;
+                let rows: Vec<(i64, i64)> = all_rows::<(i64, i64)>(
+                    &self.session,
+                    &self.s.select_member_index,
+                    (tenant_id, member.as_str(), kind_code(kind), from, to),
+                )
+                .await?;
                 places.extend(rows.into_iter().map(|(position, seq)| Placed {
                     index: 0,
                     kind,
@@ -988,26 +919,8 @@ impl ReportingStore for ScyllaReportingStore {
             places
                 .iter()
                 .map(|p| async move {
-                    let row = self
-                        .session
-                        .execute_unpaged(
-                            &self.s.select_fact,
-                            (
-                                tenant_id,
-                                kind_code(p.kind),
-                                bucket(p.kind, p.position, p.seq),
-                                p.position,
-                                seq_value(p.seq),
-                            ),
-                        )
-                        .await
-                        .map_err(execution_error)?
-                        .into_rows_result()
-                        .map_err(rows_error)?
-                        .maybe_first_row::<(Option<Vec<u8>>,)>()
-                        .map_err(rows_error)?;
-                    match row {
-                        Some((Some(body),)) => Ok(Some(decode(&body)?)),
+                    match self.fact_at(tenant_id, p).await? {
+                        Some(Some(body)) => Ok(Some(decode(&body)?)),
                         _ => Ok::<_, Error>(None),
                     }
                 })
@@ -1025,15 +938,12 @@ impl ReportingStore for ScyllaReportingStore {
         let mut fresh = 0;
         for entry in &entries {
             let (tenant, id) = (entry.tenant_id.as_str(), entry.id.as_str());
-            let stored = self
-                .session
-                .execute_unpaged(&self.s.select_audit_id, (tenant, id))
-                .await
-                .map_err(execution_error)?
-                .into_rows_result()
-                .map_err(rows_error)?
-                .maybe_first_row::<(Option<i64>, Option<bool>)>()
-                .map_err(rows_error)?;
+            let stored = first_row::<(Option<i64>, Option<bool>)>(
+                &self.session,
+                &self.s.select_audit_id,
+                (tenant, id),
+            )
+            .await?;
             if let Some((time, open)) = stored {
                 // Only the answer to a start still open replaces it.
                 if entry.in_flight || open != Some(true) {
@@ -1041,71 +951,61 @@ impl ReportingStore for ScyllaReportingStore {
                 }
                 // A row at another time goes; one at the same time is overwritten.
                 if let Some(time) = time.filter(|&t| t != entry.time) {
-                    self.session
-                        .execute_unpaged(
-                            &self.s.delete_audit,
-                            (self.stamp(), tenant, time.div_euclid(DAY_MS), time, id),
-                        )
-                        .await
-                        .map_err(execution_error)?;
+                    run(
+                        &self.session,
+                        &self.s.delete_audit,
+                        (self.stamp(), tenant, time.div_euclid(DAY_MS), time, id),
+                    )
+                    .await?;
                 }
             }
             let day = entry.time.div_euclid(DAY_MS);
-            self.session
-                .execute_unpaged(&self.s.insert_audit_day, (tenant, day))
-                .await
-                .map_err(execution_error)?;
-            self.session
-                .execute_unpaged(
-                    &self.s.insert_audit,
-                    (
-                        tenant,
-                        day,
-                        entry.time,
-                        id,
-                        entry.in_flight,
-                        encode(&AuditHead::of(entry))?,
-                        encode(entry)?,
-                        self.stamp(),
-                    ),
-                )
-                .await
-                .map_err(execution_error)?;
+            run(&self.session, &self.s.insert_audit_day, (tenant, day)).await?;
+            run(
+                &self.session,
+                &self.s.insert_audit,
+                (
+                    tenant,
+                    day,
+                    entry.time,
+                    id,
+                    entry.in_flight,
+                    encode(&AuditHead::of(entry))?,
+                    encode(entry)?,
+                    self.stamp(),
+                ),
+            )
+            .await?;
             if entry.in_flight {
-                self.session
-                    .execute_unpaged(&self.s.insert_open, (tenant, id, entry.time, self.stamp()))
-                    .await
-                    .map_err(execution_error)?;
+                run(
+                    &self.session,
+                    &self.s.insert_open,
+                    (tenant, id, entry.time, self.stamp()),
+                )
+                .await?;
             } else {
-                self.session
-                    .execute_unpaged(&self.s.delete_open, (self.stamp(), tenant, id))
-                    .await
-                    .map_err(execution_error)?;
+                run(
+                    &self.session,
+                    &self.s.delete_open,
+                    (self.stamp(), tenant, id),
+                )
+                .await?;
             }
             // Last: the id row is what makes the record count as stored.
-            self.session
-                .execute_unpaged(
-                    &self.s.insert_audit_id,
-                    (tenant, id, entry.time, entry.in_flight, self.stamp()),
-                )
-                .await
-                .map_err(execution_error)?;
+            run(
+                &self.session,
+                &self.s.insert_audit_id,
+                (tenant, id, entry.time, entry.in_flight, self.stamp()),
+            )
+            .await?;
             fresh += 1;
         }
         Ok(fresh)
     }
 
     async fn oldest_open_audit(&self, tenant_id: &str, since: Millis) -> Result<Option<Millis>> {
-        let times: Vec<(Option<i64>,)> = self
-            .session
-            .execute_iter(self.s.select_open.clone(), (tenant_id,))
-            .await
-            .map_err(unavailable)?
-            .rows_stream::<(Option<i64>,)>()
-            .map_err(rows_error)?
-            .try_collect()
-            .await
-            .map_err(unavailable)?;
+        let times: Vec<(Option<i64>,)> =
+            all_rows::<(Option<i64>,)>(&self.session, &self.s.select_open, (tenant_id,)).await?;
         Ok(times
             .into_iter()
             .filter_map(|(t,)| t)
@@ -1141,17 +1041,14 @@ impl ReportingStore for ScyllaReportingStore {
             Order::OldestFirst => &self.s.select_days_asc,
             Order::NewestFirst => &self.s.select_days_desc,
         };
-        let days: Vec<i64> = self
-            .session
-            .execute_iter(days_statement.clone(), (tenant_id, lo, hi))
-            .await
-            .map_err(unavailable)?
-            .rows_stream::<(i64,)>()
-            .map_err(rows_error)?
-            .map_ok(|(d,)| d)
-            .try_collect()
-            .await
-            .map_err(unavailable)?;
+        let days: Vec<i64> =
+            Ok(
+                all_rows::<(i64,)>(&self.session, days_statement, (tenant_id, lo, hi))
+                    .await?
+                    .into_iter()
+                    .map(|(d,)| d)
+                    .collect(),
+            )?;
         let (mut last, mut bytes, mut looked) = (None, 0, 0usize);
         for day in days {
             let (statement, values) = match (order, &after) {
@@ -1186,13 +1083,12 @@ impl ReportingStore for ScyllaReportingStore {
                     ),
                 ),
             };
-            let mut rows = self
-                .session
-                .execute_iter(statement.clone(), values)
-                .await
-                .map_err(unavailable)?
-                .rows_stream::<(i64, String, Option<bool>, Vec<u8>, Vec<u8>)>()
-                .map_err(rows_error)?;
+            let mut rows = row_stream::<(i64, String, Option<bool>, Vec<u8>, Vec<u8>)>(
+                &self.session,
+                statement,
+                values,
+            )
+            .await?;
             while let Some(row) = rows.next().await {
                 let (time, id, open, head, body) = row.map_err(unavailable)?;
                 let full = page.entries.len() >= limit.max(1)

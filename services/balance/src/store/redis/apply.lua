@@ -198,6 +198,7 @@ local function main()
   end
   local acc = cmsgpack.unpack(raw)
   if acc.merged_into ~= nil and keyed then
+    -- The same words as `ledger::MERGED`: balance follows the merge on this refusal.
     fail('FAILED_PRECONDITION', 'the member was merged into ' .. acc.merged_into)
   end
   local prev_stamp = acc.stamp or ''
