@@ -453,6 +453,121 @@ async fn balance_api_on_redis() {
     assert_eq!(server.stop().await, 0);
 }
 
+/// The member's idempotency records Redis holds (`HLEN` of the records hash).
+fn hot_records(redis: &RedisServer, member: &str) -> i64 {
+    let key = format!("lb:{{1:t{member}}}:o");
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port().to_string(), "hlen", &key])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// With `balance.hot_record_retention_secs = 1`, Redis drops a record a second after its
+/// last change, and everything that needs one reads the ledger's: a retry gets the stored
+/// reply, a reused key is refused, a refund finds its accrual and stays capped by it, a
+/// hold is read and confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_past_the_retention_come_from_the_ledger() {
+    let redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let launch = redis_launch(&redis).env("LOYALTY_BALANCE__HOT_RECORD_RETENTION_SECS", "1");
+    let server = Server::start(launch, dir.path()).await;
+    let mut c = Client::new(server.channel().await);
+
+    let accrued = c
+        .accrue(accrue("old", "a", 1_000))
+        .await
+        .unwrap()
+        .into_inner();
+    let redeemed = c
+        .redeem(redeem("old", "r", 300))
+        .await
+        .unwrap()
+        .into_inner();
+    let hold = c
+        .hold(balance::HoldRequest {
+            tenant_id: "t".into(),
+            member_id: "old".into(),
+            idempotency_key: "h".into(),
+            amount: 100,
+            reference: "till".into(),
+            timeout_seconds: 600,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hot_records(&redis, "old"), 3);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(hot_records(&redis, "old"), 0, "a second without a change");
+
+    // Spend the rest, so that a retry of "r" decided again would be refused.
+    c.redeem(redeem("old", "rest", 600)).await.unwrap();
+    assert_eq!(hot_records(&redis, "old"), 1);
+    assert_eq!(
+        c.accrue(accrue("old", "a", 1_000))
+            .await
+            .unwrap()
+            .into_inner(),
+        accrued
+    );
+    assert_eq!(
+        c.redeem(redeem("old", "r", 300))
+            .await
+            .unwrap()
+            .into_inner(),
+        redeemed
+    );
+    let reused = c.accrue(accrue("old", "a", 5)).await.unwrap_err();
+    assert_eq!(reused.code(), Code::AlreadyExists, "{reused:?}");
+    let read = c
+        .get_hold(balance::GetHoldRequest {
+            tenant_id: "t".into(),
+            hold_id: hold.hold_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (read.status(), read.amount),
+        (balance::HoldStatus::Open, 100)
+    );
+    let confirmed = c
+        .confirm_hold(balance::ConfirmHoldRequest {
+            tenant_id: "t".into(),
+            hold_id: hold.hold_id.clone(),
+            idempotency_key: "h-confirm".into(),
+            amount: 40,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let b = confirmed.balance.unwrap();
+    assert_eq!((b.active, b.held), (60, 0));
+
+    // A refund of the accrual, a second after its record left Redis again.
+    c.accrue(accrue("old", "more", 2_000)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let reverse = |key: &str, amount| balance::ReverseRequest {
+        tenant_id: "t".into(),
+        member_id: "old".into(),
+        idempotency_key: key.into(),
+        original_idempotency_key: "a".into(),
+        amount,
+        reference: "refund".into(),
+    };
+    c.reverse(reverse("x1", 700)).await.unwrap();
+    let over = c.reverse(reverse("x2", 301)).await.unwrap_err();
+    assert_eq!(over.code(), Code::FailedPrecondition, "{over:?}");
+    c.reverse(reverse("x3", 300)).await.unwrap();
+    let b = get(&mut c, "old").await;
+    assert_eq!((b.active, b.held), (2_060 - 1_000, 0));
+    let ledger = entries(&mut c, "old").await;
+    assert_eq!(ledger.len(), 7, "{ledger:?}");
+    assert_eq!(ledger.iter().map(|e| e.amount).sum::<i64>(), 1_060);
+    assert_eq!(server.stop().await, 0);
+}
+
 /// Under a running load of accruals and redemptions, Redis is killed with SIGKILL and
 /// restarted empty. Afterwards every acknowledged operation is in the ledger, no refused
 /// one is, and every balance Redis reports equals its ledger.

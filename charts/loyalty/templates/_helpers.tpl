@@ -333,6 +333,7 @@ scrub_interval_secs = {{ .Values.config.identity.scrubIntervalSecs | int }}
 [balance]
 expiry_interval_ms = {{ .Values.config.balance.expiryIntervalMs | int }}
 expiry_batch = {{ .Values.config.balance.expiryBatch | int }}
+hot_record_retention_secs = {{ .Values.config.balance.hotRecordRetentionSecs | int }}
 
 [segmentation]
 reevaluate_interval_ms = {{ .Values.config.segmentation.reevaluateIntervalMs | int }}

@@ -154,12 +154,8 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     /// The durable record kept under `key`.
     async fn record(&self, tenant_id: &str, member_id: &str, key: &str)
     -> Result<Option<OpRecord>>;
-    /// The member's state and every record, to rebuild hot state from.
-    async fn load(
-        &self,
-        tenant_id: &str,
-        member_id: &str,
-    ) -> Result<(Account, Vec<(String, OpRecord)>)>;
+    /// The member's stored state (empty when none), to rebuild hot state from.
+    async fn load_account(&self, tenant_id: &str, member_id: &str) -> Result<Account>;
     /// Every member with state, a page at a time after `after` (tenant, member).
     async fn members(
         &self,

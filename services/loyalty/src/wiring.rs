@@ -334,6 +334,8 @@ pub async fn build(
                     RedisBalanceStore::connect_cluster(&config.storage.redis.cluster_nodes, durable)
                         .context("bad configuration: `storage.redis.cluster_nodes`")?
                 };
+                let retention = config.balance.hot_record_retention_secs;
+                let redis = redis.with_record_retention(std::time::Duration::from_secs(retention));
                 redis_balances = Some(redis.clone());
                 Arc::new(BalanceTraced::new("redis", Arc::new(redis)))
             }

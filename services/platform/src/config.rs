@@ -86,6 +86,10 @@ pub struct BalanceSettings {
     pub expiry_interval_ms: u64,
     /// Most members one expiry round handles.
     pub expiry_batch: usize,
+    /// On the `redis` and `scylla` backends: how long Redis keeps an idempotency record
+    /// after its last change (and the state of a member only read); older ones are read
+    /// from the ledger when a retry, refund or hold needs them. 0: for ever.
+    pub hot_record_retention_secs: u64,
 }
 
 impl Default for BalanceSettings {
@@ -93,6 +97,7 @@ impl Default for BalanceSettings {
         Self {
             expiry_interval_ms: 10_000,
             expiry_batch: 1_000,
+            hot_record_retention_secs: 7 * 24 * 3600,
         }
     }
 }
@@ -553,6 +558,12 @@ impl Config {
         }
         if self.balance.expiry_batch == 0 || self.balance.expiry_batch > 100_000 {
             return bad("balance.expiry_batch", "must be between 1 and 100000");
+        }
+        if self.balance.hot_record_retention_secs > 10 * 366 * 24 * 3600 {
+            return bad(
+                "balance.hot_record_retention_secs",
+                "must be at most ten years (0: for ever)",
+            );
         }
         let peers = [
             ("peers.identity", &self.peers.identity),

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use loyalty_platform::clock::Millis;
 use loyalty_platform::embedded::{
-    EmbeddedDb, Records, decode, get_record, key, open_for_read, prefix_range, put_record,
-    read_record, storage_error as e,
+    EmbeddedDb, Records, decode, get_record, key, open_for_read, put_record, read_record,
+    storage_error as e,
 };
 use loyalty_platform::error::{Error, Result};
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
@@ -255,28 +255,8 @@ impl Ledger for EmbeddedBalanceStore {
             .version)
     }
 
-    async fn load(
-        &self,
-        tenant_id: &str,
-        member_id: &str,
-    ) -> Result<(Account, Vec<(String, OpRecord)>)> {
-        let (tenant, member) = (tenant_id.to_string(), member_id.to_string());
-        self.db
-            .read(move |txn| {
-                let account =
-                    read_record(txn, MEMBERS, &account_key(&tenant, &member))?.unwrap_or_default();
-                let mut records = Vec::new();
-                if let Some(t) = open_for_read(txn, MEMBERS)? {
-                    let (start, end) = prefix_range(&[&tenant, &member, "o"]);
-                    for item in t.range(start.as_str()..end.as_str()).map_err(e)? {
-                        let (k, v) = item.map_err(e)?;
-                        let op_key = k.value()[start.len()..].to_string();
-                        records.push((op_key, decode(v.value())?));
-                    }
-                }
-                Ok((account, records))
-            })
-            .await
+    async fn load_account(&self, tenant_id: &str, member_id: &str) -> Result<Account> {
+        BalanceStore::account(self, tenant_id, member_id).await
     }
 
     async fn members(

@@ -9,7 +9,10 @@
 //! or was restored from an old snapshot can never get a change into the ledger: such a
 //! change is refused, the hot state is dropped and rebuilt from the ledger, and the
 //! operation runs again. Missing state is rebuilt lazily from the ledger on first access.
-//! See ARCHITECTURE.md, "Balances on Redis".
+//!
+//! Idempotency records are a cache of the ledger's: Redis keeps those written within the
+//! retention ([`RedisBalanceStore::with_record_retention`]), and an operation that needs an
+//! older one finds it in the ledger. See ARCHITECTURE.md, "Redis over a durable ledger".
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,8 +29,11 @@ use crate::ledger::{self, Account, Change, Op, OpRecord};
 
 mod sequencer;
 
-/// How often one operation is retried after its hot state had to be rebuilt.
-const MAX_ATTEMPTS: usize = 4;
+/// How often one operation's script runs: again after its hot state had to be rebuilt, or
+/// a record it refers to was put back from the ledger.
+const MAX_ATTEMPTS: usize = 6;
+/// How long Redis keeps a record after its last change, unless configured otherwise.
+pub const DEFAULT_RECORD_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long a change waits for the ledger to catch up with the changes before it (applied
 /// to the hot state earlier, still being appended) before the hot state is declared
 /// diverged.
@@ -42,6 +48,10 @@ pub struct RedisBalanceStore {
     apply: Script,
     load: Script,
     drop: Script,
+    restore: Script,
+    /// How long a record stays in Redis after it was last written (ms; 0: for ever); also
+    /// how long the state of a member without changes stays after it was read.
+    retention_ms: i64,
     /// Keeps this process's ledger appends of a member in script order.
     order: Arc<sequencer::Sequencer>,
     /// Per stripe of members: how many hot states were rebuilt. Operations hold it shared
@@ -59,12 +69,36 @@ impl std::fmt::Debug for RedisBalanceStore {
     }
 }
 
-/// Keys of one member: state and records, under one hash tag. The tag holds the tenant's
-/// length so no two (tenant, member) pairs share keys; whatever the ids contain, both keys
-/// of a member carry the same prefix and so the same tag.
-fn keys(tenant: &str, member: &str) -> (String, String) {
+/// Keys of one member, under one hash tag.
+struct Keys {
+    /// The member's state.
+    state: String,
+    /// Its records: a hash of idempotency key to record.
+    records: String,
+    /// When each record was last written: a sorted set of idempotency keys.
+    times: String,
+}
+
+/// The tag holds the tenant's length so no two (tenant, member) pairs share keys; whatever
+/// the ids contain, all keys of a member carry the same prefix and so the same tag.
+fn keys(tenant: &str, member: &str) -> Keys {
     let tag = format!("lb:{{{}:{tenant}{member}}}", tenant.len());
-    (format!("{tag}:s"), format!("{tag}:o"))
+    Keys {
+        state: format!("{tag}:s"),
+        records: format!("{tag}:o"),
+        times: format!("{tag}:t"),
+    }
+}
+
+impl Keys {
+    fn on<'a>(&self, script: &'a Script) -> redis::ScriptInvocation<'a> {
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(&self.state)
+            .key(&self.records)
+            .key(&self.times);
+        invocation
+    }
 }
 
 fn redis_error(e: redis::RedisError) -> Error {
@@ -92,6 +126,21 @@ fn pack<T: Serialize>(value: &T) -> Result<Vec<u8>> {
 
 fn unpack<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     rmp_serde::from_slice(bytes).map_err(Error::internal)
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The answer to a retry under `key` whose record is `stored`.
+fn replay(stored: OpRecord, key: &str, fingerprint: &str) -> Result<OpRecord> {
+    if stored.fingerprint == fingerprint {
+        Ok(stored)
+    } else {
+        Err(Error::AlreadyExists(format!(
+            "idempotency key {key} was already used for a different operation"
+        )))
+    }
 }
 
 fn bytes(v: &Value) -> Option<&[u8]> {
@@ -132,23 +181,28 @@ impl RedisBalanceStore {
             apply: Script::new(include_str!("redis/apply.lua")),
             load: Script::new(include_str!("redis/load.lua")),
             drop: Script::new(include_str!("redis/drop.lua")),
+            restore: Script::new(include_str!("redis/restore.lua")),
+            retention_ms: millis(DEFAULT_RECORD_RETENTION),
             order: Arc::default(),
             rebuilds: Arc::new((0..STRIPES).map(|_| tokio::sync::RwLock::new(0)).collect()),
         }
     }
 
-    /// Rebuilds one member's hot state from the ledger (a no-op when it is present).
+    /// Keeps records in Redis for `retention` after their last change (zero: for ever);
+    /// older ones are read from the ledger when an operation needs them. A member's state
+    /// that no change ever made (a balance read) stays as long.
+    #[must_use]
+    pub fn with_record_retention(mut self, retention: Duration) -> Self {
+        self.retention_ms = millis(retention);
+        self
+    }
+
+    /// Rebuilds one member's hot state from the ledger (a no-op when it is present). Its
+    /// records come back one at a time, when an operation needs them.
     async fn rebuild(&self, tenant: &str, member: &str) -> Result<()> {
-        let (account, records) = self.ledger.load(tenant, member).await?;
-        let (state_key, ops_key) = keys(tenant, member);
-        let mut invocation = self.load.prepare_invoke();
-        invocation
-            .key(&state_key)
-            .key(&ops_key)
-            .arg(pack(&account)?);
-        for (k, record) in &records {
-            invocation.arg(k.as_bytes()).arg(pack(record)?);
-        }
+        let account = self.ledger.load_account(tenant, member).await?;
+        let mut invocation = keys(tenant, member).on(&self.load);
+        invocation.arg(pack(&account)?).arg(self.retention_ms);
         let mut con = self.redis.clone();
         let _: i64 = invocation
             .invoke_async(&mut con)
@@ -157,15 +211,59 @@ impl RedisBalanceStore {
         Ok(())
     }
 
+    /// Puts the ledger's copy of the record under `key`, which an operation refers to,
+    /// back into the hot state, once every change the hot state holds is in the ledger (so
+    /// the copy has them all). Returns `false` when the ledger has no such record. A hot
+    /// state that stays ahead of the ledger is rebuilt; one whose record came back
+    /// meanwhile is left as it is.
+    async fn bring_back(
+        &self,
+        tenant: &str,
+        member: &str,
+        key: &str,
+        now: Millis,
+        seen: u64,
+    ) -> Result<bool> {
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_micros(200);
+        loop {
+            let version = self.ledger.version(tenant, member).await?;
+            let Some(record) = self.ledger.record(tenant, member, key).await? else {
+                return Ok(false);
+            };
+            let mut invocation = keys(tenant, member).on(&self.restore);
+            invocation
+                .arg(now)
+                .arg(self.retention_ms)
+                .arg(key)
+                .arg(pack(&record)?)
+                .arg(version);
+            let mut con = self.redis.clone();
+            let restored: i64 = invocation
+                .invoke_async(&mut con)
+                .await
+                .map_err(redis_error)?;
+            if restored >= 0 {
+                metrics::counter!("loyalty_balance_records_restored_total")
+                    .increment(restored.unsigned_abs());
+                return Ok(true);
+            }
+            if started.elapsed() > COMMIT_WAIT {
+                let why = "the state stayed ahead of the ledger";
+                self.reset(tenant, member, seen, why).await?;
+                return Ok(true);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+
     /// Drops a member's hot state: only if it still carries `stamp`, or unconditionally.
     async fn drop_state(&self, tenant: &str, member: &str, stamp: Option<&str>) -> Result<()> {
-        let (state_key, ops_key) = keys(tenant, member);
+        let mut invocation = keys(tenant, member).on(&self.drop);
+        invocation.arg(stamp.unwrap_or_default());
         let mut con = self.redis.clone();
-        let _: i64 = self
-            .drop
-            .key(&state_key)
-            .key(&ops_key)
-            .arg(stamp.unwrap_or_default())
+        let _: i64 = invocation
             .invoke_async(&mut con)
             .await
             .map_err(redis_error)?;
@@ -227,8 +325,7 @@ impl RedisBalanceStore {
         change: &Change,
         seen: u64,
     ) -> Result<Commit> {
-        let (state_key, _) = keys(tenant, member);
-        let rebuilds = self.rebuilds(&state_key);
+        let rebuilds = self.rebuilds(&keys(tenant, member).state);
         let expected = change.account.version - 1;
         let started = tokio::time::Instant::now();
         let mut pause = Duration::from_micros(200);
@@ -257,10 +354,9 @@ impl RedisBalanceStore {
     }
 
     async fn get_state(&self, tenant: &str, member: &str) -> Result<Option<Account>> {
-        let (state_key, _) = keys(tenant, member);
         let mut con = self.redis.clone();
         let raw: Option<Vec<u8>> = redis::cmd("GET")
-            .arg(&state_key)
+            .arg(keys(tenant, member).state)
             .query_async(&mut con)
             .await
             .map_err(redis_error)?;
@@ -280,8 +376,7 @@ impl RedisBalanceStore {
     /// stripe is in flight in this process, unless it was rebuilt since `seen` (the count
     /// the refused operation ran under): the operations refused together rebuild once.
     async fn reset(&self, tenant: &str, member: &str, seen: u64, why: &str) -> Result<()> {
-        let (state_key, _) = keys(tenant, member);
-        let mut rebuilt = self.rebuilds(&state_key).write().await;
+        let mut rebuilt = self.rebuilds(&keys(tenant, member).state).write().await;
         if *rebuilt != seen {
             return Ok(());
         }
@@ -314,6 +409,33 @@ impl RedisBalanceStore {
         }
     }
 
+    /// Answers the script's refusal of `key`'s operation. Redis keeps recent records only,
+    /// so the operation may be a retry of one the ledger holds: that gets its stored reply
+    /// (or `AlreadyExists`) as the script would have given had it had the record.
+    async fn refused(
+        &self,
+        tenant: &str,
+        member: &str,
+        key: &str,
+        fingerprint: &str,
+        refusal: Error,
+    ) -> Result<Option<OpRecord>> {
+        let decided = matches!(
+            refusal,
+            Error::FailedPrecondition(_)
+                | Error::NotFound(_)
+                | Error::AlreadyExists(_)
+                | Error::InvalidArgument(_)
+        );
+        if key.is_empty() || !decided {
+            return Err(refusal);
+        }
+        match self.ledger.record(tenant, member, key).await? {
+            Some(stored) => replay(stored, key, fingerprint).map(Some),
+            None => Err(refusal),
+        }
+    }
+
     async fn run(
         &self,
         tenant_id: &str,
@@ -322,7 +444,8 @@ impl RedisBalanceStore {
         op: Op,
         now: Millis,
     ) -> Result<Option<OpRecord>> {
-        let (state_key, ops_key) = keys(tenant_id, member_id);
+        let member_keys = keys(tenant_id, member_id);
+        let state_key = &member_keys.state;
         let fingerprint = if op.is_keyless() {
             String::new()
         } else {
@@ -330,27 +453,35 @@ impl RedisBalanceStore {
         };
         let packed_op = pack(&op)?;
         let referenced = ledger::referenced_key(&op).unwrap_or_default();
+        // Whether the record `op` refers to was found in neither Redis nor the ledger.
+        let mut referenced_absent = false;
         for _ in 0..MAX_ATTEMPTS {
             // Both held from before the script until the change is queued on the ledger
             // (not until it is durable): a rebuild waits for them, and the member's changes
             // from this process are queued in script order while several scripts are in
             // flight. Other processes' changes are ordered by the ledger's condition.
-            let shared = self.rebuilds(&state_key).read().await;
+            let shared = self.rebuilds(state_key).read().await;
             let seen = *shared;
-            let ticket = self.order.enter(&state_key);
+            let ticket = self.order.enter(state_key);
             let mut con = self.redis.clone();
-            let reply: Vec<Value> = self
-                .apply
-                .key(&state_key)
-                .key(&ops_key)
+            let mut invocation = member_keys.on(&self.apply);
+            invocation
                 .arg(now)
                 .arg(key)
                 .arg(&fingerprint)
                 .arg(packed_op.as_slice())
                 .arg(referenced)
-                .invoke_async(&mut con)
-                .await
-                .map_err(redis_error)?;
+                .arg(self.retention_ms)
+                .arg(if referenced_absent { "1" } else { "" });
+            let reply: Vec<Value> = match invocation.invoke_async(&mut con).await {
+                Ok(reply) => reply,
+                Err(e) => {
+                    drop((ticket, shared));
+                    return self
+                        .refused(tenant_id, member_id, key, &fingerprint, redis_error(e))
+                        .await;
+                }
+            };
             let status = match reply.first() {
                 Some(Value::Int(s)) => *s,
                 other => {
@@ -415,8 +546,23 @@ impl RedisBalanceStore {
                             self.reset(tenant_id, member_id, seen, why).await?;
                         }
                         Ok(Commit::Diverged) => {
-                            let why = "the ledger holds another change in its place";
+                            // The ledger may hold the operation itself, decided again
+                            // because Redis no longer held its record: the change is taken
+                            // back out, and the retry gets the stored reply.
+                            let stored = if key.is_empty() {
+                                None
+                            } else {
+                                self.ledger.record(tenant_id, member_id, key).await?
+                            };
+                            let why = if stored.is_some() {
+                                "a retry whose record Redis no longer held was applied again"
+                            } else {
+                                "the ledger holds another change in its place"
+                            };
                             self.reset(tenant_id, member_id, seen, why).await?;
+                            if let Some(stored) = stored {
+                                return replay(stored, key, &fingerprint).map(Some);
+                            }
                         }
                         Err(e) => {
                             // Not acknowledged: take the change back out of the hot state
@@ -431,6 +577,13 @@ impl RedisBalanceStore {
                 2 => {
                     drop((ticket, shared));
                     self.rebuild(tenant_id, member_id).await?;
+                }
+                4 => {
+                    drop((ticket, shared));
+                    // The record it refers to was dropped from Redis for its age.
+                    referenced_absent = !self
+                        .bring_back(tenant_id, member_id, referenced, now, seen)
+                        .await?;
                 }
                 3 => {
                     drop((ticket, shared));
@@ -503,17 +656,21 @@ impl BalanceStore for RedisBalanceStore {
         member_id: &str,
         key: &str,
     ) -> Result<Option<OpRecord>> {
-        let (state_key, ops_key) = keys(tenant_id, member_id);
+        let member_keys = keys(tenant_id, member_id);
         for _ in 0..2 {
             let mut con = self.redis.clone();
             let (exists, raw): (bool, Option<Vec<u8>>) = redis::pipe()
-                .exists(&state_key)
-                .hget(&ops_key, key)
+                .exists(&member_keys.state)
+                .hget(&member_keys.records, key)
                 .query_async(&mut con)
                 .await
                 .map_err(redis_error)?;
             if exists {
-                return raw.map(|b| unpack(&b)).transpose();
+                return match raw {
+                    Some(b) => unpack(&b).map(Some),
+                    // Redis keeps recent records only.
+                    None => self.ledger.record(tenant_id, member_id, key).await,
+                };
             }
             self.rebuild(tenant_id, member_id).await?;
         }
@@ -596,20 +753,17 @@ mod tests {
     /// Runs the script for member ("t", "m") as a process that dies before the ledger
     /// append would.
     async fn apply_without_ledger(store: &RedisBalanceStore, key: &str, op: &Op, now: Millis) {
-        let (state_key, ops_key) = keys("t", "m");
         let mut con = store.redis.clone();
-        let _: Vec<Value> = store
-            .apply
-            .key(&state_key)
-            .key(&ops_key)
+        let mut invocation = keys("t", "m").on(&store.apply);
+        invocation
             .arg(now)
             .arg(key)
             .arg(op.fingerprint())
             .arg(pack(op).unwrap())
             .arg("")
-            .invoke_async(&mut con)
-            .await
-            .unwrap();
+            .arg(store.retention_ms)
+            .arg("");
+        let _: Vec<Value> = invocation.invoke_async(&mut con).await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -740,6 +894,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lua_and_rust_rules_agree() {
         let (_server, dir, _ledger, redis) = setup().await;
+        // Records leave Redis a second (of the test's clock) after their last change, so
+        // retries, reversals, confirmations and activations often need one from the ledger.
+        let redis = redis.with_record_retention(Duration::from_secs(1));
         let reference = EmbeddedBalanceStore::open(&dir.path().join("reference.redb")).unwrap();
         for seed in 0..40u64 {
             let mut rng = StdRng::seed_from_u64(seed);
@@ -794,7 +951,7 @@ mod tests {
     async fn hot_state_ahead_of_or_behind_the_ledger_never_reaches_it() {
         let (_server, _dir, ledger, store) = setup().await;
         store.execute("t", "m", "a", accrue(100), 0).await.unwrap();
-        let (state_key, _) = keys("t", "m");
+        let state_key = keys("t", "m").state;
         let mut con = store.redis.clone();
         let snapshot: Vec<u8> = redis::cmd("GET")
             .arg(&state_key)
@@ -865,14 +1022,154 @@ mod tests {
         assert_eq!(Ledger::version(ledger.as_ref(), "t", "m").await.unwrap(), 2);
     }
 
+    async fn redis_int(store: &RedisBalanceStore, cmd: &str, key: &str) -> i64 {
+        let mut con = store.redis.clone();
+        redis::cmd(cmd)
+            .arg(key)
+            .query_async(&mut con)
+            .await
+            .unwrap()
+    }
+
+    /// Records leave Redis once older than the retention, and every operation that needs
+    /// one still gets the ledger's: retries, reuses, reversals and reads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_past_the_retention_leave_redis_and_still_answer() {
+        let (_server, _dir, _ledger, store) = setup().await;
+        let store = store.with_record_retention(Duration::from_secs(60));
+        let minute = 60_000;
+        let k = keys("t", "m");
+        let accrued = store.execute("t", "m", "a", accrue(100), 0).await.unwrap();
+        let redeemed = store.execute("t", "m", "r", redeem(30), 0).await.unwrap();
+        assert_eq!(redis_int(&store, "HLEN", &k.records).await, 2);
+        let ttl = redis_int(&store, "PTTL", &k.records).await;
+        assert!(ttl > 0 && ttl <= minute, "{ttl}");
+
+        // A change two minutes on drops both (they were last written before the retention).
+        store
+            .execute("t", "m", "b", accrue(10), 2 * minute)
+            .await
+            .unwrap();
+        assert_eq!(redis_int(&store, "HLEN", &k.records).await, 1);
+        assert_eq!(redis_int(&store, "ZCARD", &k.times).await, 1);
+
+        // Spend everything, so a retry of "r" decided again would be refused.
+        store
+            .execute("t", "m", "all", redeem(80), 2 * minute)
+            .await
+            .unwrap();
+        let at = 3 * minute;
+        assert_eq!(
+            store.execute("t", "m", "r", redeem(30), at).await.unwrap(),
+            redeemed
+        );
+        assert_eq!(
+            store.execute("t", "m", "a", accrue(100), at).await.unwrap(),
+            accrued
+        );
+        let reuse = store
+            .execute("t", "m", "a", accrue(7), at)
+            .await
+            .unwrap_err();
+        assert!(matches!(reuse, Error::AlreadyExists(_)), "{reuse}");
+        assert_eq!(store.account("t", "m").await.unwrap().total, 0);
+
+        // A refund of the dropped accrual finds it, and stays capped by it.
+        store
+            .execute("t", "m", "b2", accrue(500), at)
+            .await
+            .unwrap();
+        let later = 5 * minute;
+        let reverse = |amount| Op::Reverse {
+            original_key: "a".into(),
+            amount,
+            reference: "refund".into(),
+        };
+        store
+            .execute("t", "m", "x1", reverse(60), later)
+            .await
+            .unwrap();
+        let over = store
+            .execute("t", "m", "x2", reverse(50), later)
+            .await
+            .unwrap_err();
+        assert!(matches!(over, Error::FailedPrecondition(_)), "{over}");
+        assert_eq!(
+            store.record("t", "m", "a").await.unwrap().unwrap().reversed,
+            60
+        );
+        assert_eq!(store.account("t", "m").await.unwrap().total, 440);
+        // Reads of a dropped record come from the ledger too.
+        store
+            .execute("t", "m", "c", accrue(1), 10 * minute)
+            .await
+            .unwrap();
+        assert_eq!(redis_int(&store, "HLEN", &k.records).await, 1);
+        assert_eq!(store.record("t", "m", "r").await.unwrap(), redeemed);
+        let missing = Op::Reverse {
+            original_key: "nope".into(),
+            amount: 1,
+            reference: String::new(),
+        };
+        let err = store
+            .execute("t", "m", "x3", missing, 10 * minute)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::NotFound(_)), "{err}");
+
+        // However long the history, Redis holds only the retention's records.
+        for i in 0..300 {
+            let key = format!("daily{i}");
+            store
+                .execute("t", "m", &key, accrue(1), 11 * minute + i * 10_000)
+                .await
+                .unwrap();
+        }
+        assert!(redis_int(&store, "HLEN", &k.records).await <= 7);
+
+        // A member only ever read is not kept for ever.
+        store.account("t", "reader").await.unwrap();
+        let ttl = redis_int(&store, "PTTL", &keys("t", "reader").state).await;
+        assert!(ttl > 0 && ttl <= minute, "{ttl}");
+        assert_eq!(redis_int(&store, "PTTL", &k.state).await, -1);
+    }
+
+    /// A record is brought back from the ledger only onto the ledger's own state: a hot
+    /// state ahead of it (a change that never reached the ledger) is rebuilt first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_is_brought_back_only_onto_the_ledgers_state() {
+        let (_server, _dir, _ledger, store) = setup().await;
+        store.execute("t", "m", "a", accrue(100), 0).await.unwrap();
+        apply_without_ledger(&store, "ghost", &accrue(1_000), 1).await;
+        let mut con = store.redis.clone();
+        let _: () = redis::cmd("HDEL")
+            .arg(keys("t", "m").records)
+            .arg("a")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        let refund = Op::Reverse {
+            original_key: "a".into(),
+            amount: 40,
+            reference: "refund".into(),
+        };
+        store.execute("t", "m", "x", refund, 2).await.unwrap();
+        let account = store.account("t", "m").await.unwrap();
+        assert_eq!((account.total, account.version), (60, 2));
+        assert_eq!(
+            store.record("t", "m", "a").await.unwrap().unwrap().reversed,
+            40
+        );
+        assert_eq!(store.record("t", "m", "ghost").await.unwrap(), None);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lost_records_never_apply_an_operation_twice() {
         let (_server, _dir, _ledger, store) = setup().await;
         let first = store.execute("t", "m", "a", accrue(100), 0).await.unwrap();
-        let (_, ops_key) = keys("t", "m");
         let mut con = store.redis.clone();
         let _: () = redis::cmd("DEL")
-            .arg(&ops_key)
+            .arg(keys("t", "m").records)
             .query_async(&mut con)
             .await
             .unwrap();

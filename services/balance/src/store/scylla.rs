@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use loyalty_platform::clock::{DAY_MS, Millis};
 use loyalty_platform::embedded::{decode, encode};
-use loyalty_platform::error::{Error, Result};
+use loyalty_platform::error::Result;
 use loyalty_platform::scylla::{Migration, applied, execution_error, prepare, rows_error};
 use scylla::client::session::Session;
 use scylla::statement::batch::{Batch, BatchType};
@@ -56,7 +56,6 @@ struct Statements {
     insert_own_record: PreparedStatement,
     select_record: PreparedStatement,
     select_state: PreparedStatement,
-    select_records: PreparedStatement,
     select_entries: PreparedStatement,
     select_members: PreparedStatement,
     select_members_after: PreparedStatement,
@@ -106,10 +105,6 @@ impl ScyllaLedger {
             select_state: statement(
                 "SELECT version, body FROM balance_ledger \
                  WHERE tenant = ? AND member = ? AND kind = 0 AND id = ''",
-            )
-            .await?,
-            select_records: statement(
-                "SELECT id, body FROM balance_ledger WHERE tenant = ? AND member = ? AND kind = 2",
             )
             .await?,
             select_entries: statement(
@@ -276,30 +271,12 @@ impl Ledger for ScyllaLedger {
             .map_or(0, |(v, _)| v))
     }
 
-    async fn load(
-        &self,
-        tenant_id: &str,
-        member_id: &str,
-    ) -> Result<(Account, Vec<(String, OpRecord)>)> {
-        use tokio_stream::StreamExt;
-        let account = self
+    async fn load_account(&self, tenant_id: &str, member_id: &str) -> Result<Account> {
+        Ok(self
             .state(tenant_id, member_id)
             .await?
             .map(|(_, a)| a)
-            .unwrap_or_default();
-        let mut rows = self
-            .session
-            .execute_iter(self.s.select_records.clone(), (tenant_id, member_id))
-            .await
-            .map_err(|e| Error::Unavailable(format!("scylladb: {e}")))?
-            .rows_stream::<(String, Vec<u8>)>()
-            .map_err(rows_error)?;
-        let mut records = Vec::new();
-        while let Some(row) = rows.next().await {
-            let (key, body) = row.map_err(|e| Error::Unavailable(format!("scylladb: {e}")))?;
-            records.push((key, decode(&body)?));
-        }
-        Ok((account, records))
+            .unwrap_or_default())
     }
 
     async fn members(

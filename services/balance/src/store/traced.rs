@@ -125,17 +125,9 @@ impl<L: Ledger + ?Sized> Ledger for Traced<L> {
         let call = Ledger::record(&*self.inner, tenant_id, member_id, key);
         in_db_span(self.system, "ledger.record", call).await
     }
-    async fn load(
-        &self,
-        tenant_id: &str,
-        member_id: &str,
-    ) -> Result<(Account, Vec<(String, OpRecord)>)> {
-        in_db_span(
-            self.system,
-            "ledger.load",
-            self.inner.load(tenant_id, member_id),
-        )
-        .await
+    async fn load_account(&self, tenant_id: &str, member_id: &str) -> Result<Account> {
+        let call = self.inner.load_account(tenant_id, member_id);
+        in_db_span(self.system, "ledger.load_account", call).await
     }
     async fn members(
         &self,

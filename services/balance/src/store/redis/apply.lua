@@ -2,14 +2,25 @@
 -- `ledger::apply` in Rust; the differential test keeps the two in step.
 --
 -- KEYS[1]: the member's state (MessagePack `Account`); KEYS[2]: the member's records
--- (hash: idempotency key -> MessagePack `OpRecord`). Both share one hash tag.
+-- (hash: idempotency key -> MessagePack `OpRecord`); KEYS[3]: when each record was last
+-- written (sorted set: idempotency key, scored by time in ms). All share one hash tag.
 -- ARGV: now (ms), idempotency key ('' for the keyless expiry), fingerprint,
--- operation (MessagePack `Op`), key of the record the operation refers to ('' for none).
+-- operation (MessagePack `Op`), key of the record the operation refers to ('' for none),
+-- how long records are kept (ms; 0: for ever), '1' when the referenced record is known
+-- to be absent from the ledger too.
+--
+-- Records are a cache of the ledger's: a change drops the records last written more than
+-- the retention before `now` (a bounded number per call), and the records expire as a whole
+-- once the member has had no change for the retention. A missing record is found in the
+-- ledger by the caller: a retry under a dropped key is decided again and refused by the
+-- ledger, which holds the record the caller then answers with; a dropped record the
+-- operation refers to is asked for.
 --
 -- Returns {0, record} for a replay, {1, change, record} for an applied change (a keyless
 -- operation's record is not kept), {2} when the state is not loaded (the caller rebuilds it from the
--- ledger and retries), {3, version} when a keyless operation changed nothing. Refusals are error
--- replies 'CODE message' and write nothing.
+-- ledger and retries), {3, version} when a keyless operation changed nothing, {4} when the
+-- record the operation refers to is not here (the caller puts the ledger's copy back, or
+-- says it has none, and retries). Refusals are error replies 'CODE message' and write nothing.
 
 local MAX_LOTS = 10000
 local MAX_OPEN_HOLDS = 100
@@ -19,6 +30,10 @@ local now = tonumber(ARGV[1])
 local key = ARGV[2]
 local fingerprint = ARGV[3]
 local ref_key = ARGV[5]
+local retention = tonumber(ARGV[6])
+local ref_absent = ARGV[7] == '1'
+-- Most dropped records one call deletes; the rest go with the next changes.
+local TRIM_BATCH = 64
 
 local function fail(code, msg)
   error({ code = code, msg = msg })
@@ -207,6 +222,8 @@ local function main()
     local r = redis.call('HGET', KEYS[2], ref_key)
     if r then
       referenced = cmsgpack.unpack(r)
+    elseif not ref_absent then
+      return { 4 }
     end
   end
   local referenced_changed = false
@@ -476,13 +493,24 @@ local function main()
   if referenced ~= nil and referenced_changed then
     local packed = cmsgpack.pack(referenced)
     redis.call('HSET', KEYS[2], ref_key, packed)
+    redis.call('ZADD', KEYS[3], now, ref_key)
     records[#records + 1] = { ref_key, referenced }
   end
   -- A keyless operation keeps no record, but its caller still learns what it did.
   local packed_record = cmsgpack.pack(record)
   if keyed then
     redis.call('HSET', KEYS[2], key, packed_record)
+    redis.call('ZADD', KEYS[3], now, key)
     records[#records + 1] = { key, record }
+  end
+  if retention > 0 then
+    local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now - retention, 'LIMIT', 0, TRIM_BATCH)
+    if #old > 0 then
+      redis.call('HDEL', KEYS[2], unpack(old))
+      redis.call('ZREM', KEYS[3], unpack(old))
+    end
+    redis.call('PEXPIRE', KEYS[2], retention)
+    redis.call('PEXPIRE', KEYS[3], retention)
   end
   redis.call('SET', KEYS[1], cmsgpack.pack(acc))
   local change = {
