@@ -98,6 +98,8 @@ impl BalanceStore for EmbeddedBalanceStore {
         op: Op,
         now: Millis,
     ) -> Result<Option<OpRecord>> {
+        // Bad input is refused as such, even under a key used before (as on Redis).
+        crate::ledger::validate(&op)?;
         let (tenant, member, key_of_op) = (
             tenant_id.to_string(),
             member_id.to_string(),

@@ -20,7 +20,7 @@ use std::time::Duration;
 use loyalty_platform::clock::Millis;
 use loyalty_platform::error::{Error, Result};
 use loyalty_platform::redis_conn::RedisConn;
-use redis::{ErrorKind, Script, Value};
+use redis::{Script, Value};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -101,19 +101,18 @@ impl Keys {
     }
 }
 
-fn redis_error(e: redis::RedisError) -> Error {
-    if e.kind() == ErrorKind::Extension
-        && let (Some(code), detail) = (e.code(), e.detail().unwrap_or_default())
-    {
-        let detail = detail.to_string();
-        match code {
-            "FAILED_PRECONDITION" => return Error::FailedPrecondition(detail),
-            "NOT_FOUND" => return Error::NotFound(detail),
-            "ALREADY_EXISTS" => return Error::AlreadyExists(detail),
-            "INVALID_ARGUMENT" => return Error::invalid("operation", detail),
-            _ => {}
-        }
+/// A refusal by a script, from its code and message.
+fn refusal(code: &str, detail: String) -> Error {
+    match code {
+        "FAILED_PRECONDITION" => Error::FailedPrecondition(detail),
+        "NOT_FOUND" => Error::NotFound(detail),
+        "ALREADY_EXISTS" => Error::AlreadyExists(detail),
+        "INVALID_ARGUMENT" => Error::invalid("operation", detail),
+        other => Error::internal(anyhow::anyhow!("refusal {other}: {detail}")),
     }
+}
+
+fn redis_error(e: redis::RedisError) -> Error {
     if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
         return Error::Unavailable(format!("redis: {e}"));
     }
@@ -148,6 +147,16 @@ fn bytes(v: &Value) -> Option<&[u8]> {
         Value::BulkString(b) => Some(b),
         _ => None,
     }
+}
+
+/// What a refusal decided on the hot state comes to.
+enum Weighed {
+    /// It was decided on the ledger's state: the answer.
+    Stands(Error),
+    /// The operation is a retry of one the ledger holds: its stored reply.
+    Replay(Box<OpRecord>),
+    /// It was decided on changes the ledger does not hold: decide again.
+    Rerun,
 }
 
 /// What the ledger said to a change.
@@ -392,47 +401,72 @@ impl RedisBalanceStore {
         Ok(())
     }
 
-    /// Whether the ledger holds the record under `key`, waiting a little for a change that
-    /// may still be on its way there.
-    async fn durable(&self, tenant: &str, member: &str, key: &str) -> Result<bool> {
+    /// The ledger's record under `key`, waiting a little for a change that may still be on
+    /// its way there.
+    async fn durable(&self, tenant: &str, member: &str, key: &str) -> Result<Option<OpRecord>> {
         let started = tokio::time::Instant::now();
         let mut pause = Duration::from_micros(200);
         loop {
-            if self.ledger.record(tenant, member, key).await?.is_some() {
-                return Ok(true);
+            if let Some(record) = self.ledger.record(tenant, member, key).await? {
+                return Ok(Some(record));
             }
             if started.elapsed() > COMMIT_WAIT {
-                return Ok(false);
+                return Ok(None);
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(20));
         }
     }
 
-    /// Answers the script's refusal of `key`'s operation. Redis keeps recent records only,
-    /// so the operation may be a retry of one the ledger holds: that gets its stored reply
-    /// (or `AlreadyExists`) as the script would have given had it had the record.
-    async fn refused(
+    /// Weighs the script's refusal of `key`'s operation, decided on the hot state as of
+    /// `version` and `stamp`. Redis keeps recent records only, so the operation may be a
+    /// retry of one the ledger holds: that gets its stored reply (or `AlreadyExists`). And a
+    /// refusal stands only when decided on the ledger's own state: the hot state may hold
+    /// changes still on their way to the ledger (waited for), or ones that never will be
+    /// (such as a retry decided again because its record was gone, until it is taken back
+    /// out), and then the operation is decided again.
+    #[allow(clippy::too_many_arguments)]
+    async fn weigh(
         &self,
         tenant: &str,
         member: &str,
         key: &str,
         fingerprint: &str,
         refusal: Error,
-    ) -> Result<Option<OpRecord>> {
-        let decided = matches!(
-            refusal,
-            Error::FailedPrecondition(_)
-                | Error::NotFound(_)
-                | Error::AlreadyExists(_)
-                | Error::InvalidArgument(_)
-        );
-        if key.is_empty() || !decided {
-            return Err(refusal);
+        (version, stamp): (i64, &str),
+        seen: u64,
+    ) -> Result<Weighed> {
+        if !key.is_empty()
+            && let Some(stored) = self.ledger.record(tenant, member, key).await?
+        {
+            return replay(stored, key, fingerprint).map(|r| Weighed::Replay(Box::new(r)));
         }
-        match self.ledger.record(tenant, member, key).await? {
-            Some(stored) => replay(stored, key, fingerprint).map(Some),
-            None => Err(refusal),
+        let rebuilds = self.rebuilds(&keys(tenant, member).state);
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_micros(200);
+        loop {
+            let durable = self.ledger.load_account(tenant, member).await?;
+            if durable.version == version {
+                return Ok(if durable.stamp == stamp {
+                    Weighed::Stands(refusal)
+                } else {
+                    Weighed::Rerun
+                });
+            }
+            if durable.version > version {
+                return Ok(Weighed::Rerun);
+            }
+            let rebuilt = rebuilds.try_read().map_or(true, |count| *count != seen);
+            if rebuilt {
+                return Ok(Weighed::Rerun);
+            }
+            if started.elapsed() > COMMIT_WAIT {
+                let why = "a refusal was decided on changes the ledger never got";
+                self.reset(tenant, member, seen, why).await?;
+                return Ok(Weighed::Rerun);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
         }
     }
 
@@ -473,15 +507,10 @@ impl RedisBalanceStore {
                 .arg(referenced)
                 .arg(self.retention_ms)
                 .arg(if referenced_absent { "1" } else { "" });
-            let reply: Vec<Value> = match invocation.invoke_async(&mut con).await {
-                Ok(reply) => reply,
-                Err(e) => {
-                    drop((ticket, shared));
-                    return self
-                        .refused(tenant_id, member_id, key, &fingerprint, redis_error(e))
-                        .await;
-                }
-            };
+            let reply: Vec<Value> = invocation
+                .invoke_async(&mut con)
+                .await
+                .map_err(redis_error)?;
             let status = match reply.first() {
                 Some(Value::Int(s)) => *s,
                 other => {
@@ -496,11 +525,13 @@ impl RedisBalanceStore {
                     let record = reply.get(1).and_then(bytes).ok_or_else(|| {
                         Error::internal(anyhow::anyhow!("apply.lua replay without a record"))
                     })?;
-                    let record: OpRecord = unpack(record)?;
+                    let _: OpRecord = unpack(record)?;
                     // A record in Redis whose change never reached the ledger must not be
-                    // replayed as if it had: rebuild and apply the operation for real.
-                    if self.durable(tenant_id, member_id, key).await? {
-                        return Ok(Some(record));
+                    // replayed as if it had: rebuild and apply the operation for real. The
+                    // answer is the ledger's copy: Redis may hold one that never gets there
+                    // (a retry decided again, or a reused key, until taken back out).
+                    if let Some(stored) = self.durable(tenant_id, member_id, key).await? {
+                        return replay(stored, key, &fingerprint).map(Some);
                     }
                     let why = "a replayed operation is not in the ledger";
                     self.reset(tenant_id, member_id, seen, why).await?;
@@ -549,18 +580,12 @@ impl RedisBalanceStore {
                             // The ledger may hold the operation itself, decided again
                             // because Redis no longer held its record: the change is taken
                             // back out, and the retry gets the stored reply.
-                            let stored = if key.is_empty() {
-                                None
-                            } else {
-                                self.ledger.record(tenant_id, member_id, key).await?
-                            };
-                            let why = if stored.is_some() {
-                                "a retry whose record Redis no longer held was applied again"
-                            } else {
-                                "the ledger holds another change in its place"
-                            };
+                            let why = "the ledger holds another change in its place";
                             self.reset(tenant_id, member_id, seen, why).await?;
-                            if let Some(stored) = stored {
+                            if !key.is_empty()
+                                && let Some(stored) =
+                                    self.ledger.record(tenant_id, member_id, key).await?
+                            {
                                 return replay(stored, key, &fingerprint).map(Some);
                             }
                         }
@@ -584,6 +609,38 @@ impl RedisBalanceStore {
                     referenced_absent = !self
                         .bring_back(tenant_id, member_id, referenced, now, seen)
                         .await?;
+                }
+                5 => {
+                    drop((ticket, shared));
+                    let text = |i: usize| {
+                        reply
+                            .get(i)
+                            .and_then(bytes)
+                            .map(|b| String::from_utf8_lossy(b).into_owned())
+                            .unwrap_or_default()
+                    };
+                    let version = match reply.get(3) {
+                        Some(Value::Int(v)) => *v,
+                        _ => 0,
+                    };
+                    let (refused, stamp) = (refusal(&text(1), text(2)), text(4));
+                    let decided_on = (version, stamp.as_str());
+                    match self
+                        .weigh(
+                            tenant_id,
+                            member_id,
+                            key,
+                            &fingerprint,
+                            refused,
+                            decided_on,
+                            seen,
+                        )
+                        .await?
+                    {
+                        Weighed::Stands(refused) => return Err(refused),
+                        Weighed::Replay(stored) => return Ok(Some(*stored)),
+                        Weighed::Rerun => {}
+                    }
                 }
                 3 => {
                     drop((ticket, shared));
@@ -902,11 +959,18 @@ mod tests {
             let mut rng = StdRng::seed_from_u64(seed);
             let member = format!("m{seed}");
             let mut now = 1_000;
+            let mut sent: Vec<(String, Op)> = Vec::new();
             for n in 0..60 {
                 if rng.random_bool(0.2) {
                     now += rng.random_range(1..1_500);
                 }
-                let (key, op) = random_op(&mut rng, n, now);
+                // Sometimes an exact retry of an earlier call, often past the retention.
+                let (key, op) = if !sent.is_empty() && rng.random_bool(0.1) {
+                    sent[rng.random_range(0..sent.len())].clone()
+                } else {
+                    random_op(&mut rng, n, now)
+                };
+                sent.push((key.clone(), op.clone()));
                 let want = reference.execute("t", &member, &key, op.clone(), now).await;
                 let got = redis.execute("t", &member, &key, op.clone(), now).await;
                 assert!(
@@ -1138,7 +1202,7 @@ mod tests {
     /// state ahead of it (a change that never reached the ledger) is rebuilt first.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_record_is_brought_back_only_onto_the_ledgers_state() {
-        let (_server, _dir, _ledger, store) = setup().await;
+        let (_server, _dir, ledger, store) = setup().await;
         store.execute("t", "m", "a", accrue(100), 0).await.unwrap();
         apply_without_ledger(&store, "ghost", &accrue(1_000), 1).await;
         let mut con = store.redis.clone();
@@ -1148,6 +1212,19 @@ mod tests {
             .query_async(&mut con)
             .await
             .unwrap();
+        // The ledger's copy of "a" (version 1) is not put onto the ghost's state (version 2).
+        let mut invocation = keys("t", "m").on(&store.restore);
+        let a = Ledger::record(ledger.as_ref(), "t", "m", "a")
+            .await
+            .unwrap();
+        invocation
+            .arg(2)
+            .arg(store.retention_ms)
+            .arg("a")
+            .arg(pack(&a.unwrap()).unwrap())
+            .arg(1);
+        let restored: i64 = invocation.invoke_async(&mut con).await.unwrap();
+        assert_eq!(restored, -1);
         let refund = Op::Reverse {
             original_key: "a".into(),
             amount: 40,
@@ -1161,6 +1238,56 @@ mod tests {
             40
         );
         assert_eq!(store.record("t", "m", "ghost").await.unwrap(), None);
+    }
+
+    /// A refusal decided on a change the ledger never got (here a redemption whose process
+    /// died before its append) does not stand: the operation is decided again on the
+    /// ledger's state.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refusal_stands_only_when_decided_on_the_ledgers_state() {
+        let (_server, _dir, _ledger, store) = setup().await;
+        store.execute("t", "m", "a", accrue(100), 0).await.unwrap();
+        apply_without_ledger(&store, "ghost", &redeem(50), 1).await;
+        store.execute("t", "m", "r", redeem(80), 2).await.unwrap();
+        assert_eq!(store.account("t", "m").await.unwrap().total, 20);
+        // A refusal decided on the ledger's state stands.
+        let err = store
+            .execute("t", "m", "r2", redeem(30), 3)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("insufficient"), "{err}");
+    }
+
+    /// Concurrent retries of an operation whose record left Redis all get its first reply,
+    /// never the copy a retry decided again leaves in Redis until it is taken back out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_retries_past_the_retention_get_the_first_reply() {
+        let (_server, _dir, _ledger, store) = setup().await;
+        let store = store.with_record_retention(Duration::from_secs(60));
+        let first = store.execute("t", "m", "a", accrue(100), 0).await.unwrap();
+        let redeemed = store.execute("t", "m", "r", redeem(30), 0).await.unwrap();
+        store
+            .execute("t", "m", "b", accrue(1), 120_000)
+            .await
+            .unwrap();
+        let mut retries = tokio::task::JoinSet::new();
+        for i in 0..8 {
+            let store = store.clone();
+            retries.spawn(async move {
+                let (key, op) = if i % 2 == 0 {
+                    ("a", accrue(100))
+                } else {
+                    ("r", redeem(30))
+                };
+                (i, store.execute("t", "m", key, op, 121_000).await)
+            });
+        }
+        while let Some(done) = retries.join_next().await {
+            let (i, got) = done.unwrap();
+            let want = if i % 2 == 0 { &first } else { &redeemed };
+            assert_eq!(got.unwrap().as_ref(), want.as_ref(), "retry {i}");
+        }
+        assert_eq!(store.account("t", "m").await.unwrap().total, 71);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,7 +20,9 @@
 -- operation's record is not kept), {2} when the state is not loaded (the caller rebuilds it from the
 -- ledger and retries), {3, version} when a keyless operation changed nothing, {4} when the
 -- record the operation refers to is not here (the caller puts the ledger's copy back, or
--- says it has none, and retries). Refusals are error replies 'CODE message' and write nothing.
+-- says it has none, and retries), {5, code, message, version, stamp} for a refusal, which
+-- writes nothing: the caller lets it stand only once it knows the state it was decided on
+-- (that version and stamp) is the ledger's.
 
 local MAX_LOTS = 10000
 local MAX_OPEN_HOLDS = 100
@@ -189,12 +191,20 @@ local function find_hold(acc, hold_key)
   return nil
 end
 
+-- The member's state as read, for a refusal to say what it was decided on.
+local raw = nil
+
 local function main()
-  local raw = redis.call('GET', KEYS[1])
+  raw = redis.call('GET', KEYS[1])
   if not raw then
     return { 2 }
   end
   local keyed = key ~= ''
+  if keyed and retention > 0 and redis.call('EXISTS', KEYS[3]) == 0 then
+    -- Records without write times (kept before there was a retention) are dropped, so
+    -- that none stays for ever; the ledger has them all.
+    redis.call('DEL', KEYS[2])
+  end
   if keyed then
     local stored = redis.call('HGET', KEYS[2], key)
     if stored then
@@ -493,18 +503,23 @@ local function main()
   if referenced ~= nil and referenced_changed then
     local packed = cmsgpack.pack(referenced)
     redis.call('HSET', KEYS[2], ref_key, packed)
-    redis.call('ZADD', KEYS[3], now, ref_key)
+    if retention > 0 then
+      redis.call('ZADD', KEYS[3], now, ref_key)
+    end
     records[#records + 1] = { ref_key, referenced }
   end
   -- A keyless operation keeps no record, but its caller still learns what it did.
   local packed_record = cmsgpack.pack(record)
   if keyed then
     redis.call('HSET', KEYS[2], key, packed_record)
-    redis.call('ZADD', KEYS[3], now, key)
+    if retention > 0 then
+      redis.call('ZADD', KEYS[3], now, key)
+    end
     records[#records + 1] = { key, record }
   end
   if retention > 0 then
-    local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now - retention, 'LIMIT', 0, TRIM_BATCH)
+    local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. string.format('%d', now - retention),
+      'LIMIT', 0, TRIM_BATCH)
     if #old > 0 then
       redis.call('HDEL', KEYS[2], unpack(old))
       redis.call('ZREM', KEYS[3], unpack(old))
@@ -524,6 +539,7 @@ if ok then
   return result
 end
 if type(result) == 'table' and result.code then
-  return redis.error_reply(result.code .. ' ' .. result.msg)
+  local acc = cmsgpack.unpack(raw)
+  return { 5, result.code, result.msg, acc.version, acc.stamp or '' }
 end
 error(result)

@@ -17,9 +17,9 @@ end
 if redis.call('HSETNX', KEYS[2], ARGV[3], ARGV[4]) == 0 then
   return 0
 end
-redis.call('ZADD', KEYS[3], tonumber(ARGV[1]), ARGV[3])
 local retention = tonumber(ARGV[2])
 if retention > 0 then
+  redis.call('ZADD', KEYS[3], tonumber(ARGV[1]), ARGV[3])
   redis.call('PEXPIRE', KEYS[2], retention)
   redis.call('PEXPIRE', KEYS[3], retention)
 end
