@@ -32,6 +32,9 @@ mod sequencer;
 /// How often one operation's script runs: again after its hot state had to be rebuilt, or
 /// a record it refers to was put back from the ledger.
 const MAX_ATTEMPTS: usize = 6;
+/// How often a refusal is decided again because the member's state moved on in the
+/// ledger and in Redis meanwhile, on top of [`MAX_ATTEMPTS`].
+const MAX_OVERTAKEN: usize = 32;
 /// How long Redis keeps a record after its last change, unless configured otherwise.
 pub const DEFAULT_RECORD_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long a change waits for the ledger to catch up with the changes before it (applied
@@ -157,6 +160,9 @@ enum Weighed {
     Replay(Box<OpRecord>),
     /// It was decided on changes the ledger does not hold: decide again.
     Rerun,
+    /// The ledger moved past the state it was decided on while Redis did too (a busy
+    /// member): decide again, without counting it as a failed attempt.
+    Overtaken,
 }
 
 /// What the ledger said to a change.
@@ -268,15 +274,16 @@ impl RedisBalanceStore {
     }
 
     /// Drops a member's hot state: only if it still carries `stamp`, or unconditionally.
-    async fn drop_state(&self, tenant: &str, member: &str, stamp: Option<&str>) -> Result<()> {
+    /// Returns whether it did.
+    async fn drop_state(&self, tenant: &str, member: &str, stamp: Option<&str>) -> Result<bool> {
         let mut invocation = keys(tenant, member).on(&self.drop);
         invocation.arg(stamp.unwrap_or_default());
         let mut con = self.redis.clone();
-        let _: i64 = invocation
+        let dropped: i64 = invocation
             .invoke_async(&mut con)
             .await
             .map_err(redis_error)?;
-        Ok(())
+        Ok(dropped == 1)
     }
 
     /// Drops and rebuilds every member's hot state from the ledger; returns how many.
@@ -446,15 +453,18 @@ impl RedisBalanceStore {
         let mut pause = Duration::from_micros(200);
         loop {
             let durable = self.ledger.load_account(tenant, member).await?;
-            if durable.version == version {
-                return Ok(if durable.stamp == stamp {
-                    Weighed::Stands(refusal)
-                } else {
-                    Weighed::Rerun
-                });
+            if durable.version == version && durable.stamp == stamp {
+                return Ok(Weighed::Stands(refusal));
             }
-            if durable.version > version {
-                return Ok(Weighed::Rerun);
+            if durable.version >= version {
+                // The ledger holds another state at or past that version. Redis runs ahead
+                // of the ledger, never behind it: a hot state still at that version lost
+                // writes (a failover, an old snapshot) or diverged, and is rebuilt.
+                return Ok(if self.drop_state(tenant, member, Some(stamp)).await? {
+                    Weighed::Rerun
+                } else {
+                    Weighed::Overtaken
+                });
             }
             let rebuilt = rebuilds.try_read().map_or(true, |count| *count != seen);
             if rebuilt {
@@ -489,7 +499,11 @@ impl RedisBalanceStore {
         let referenced = ledger::referenced_key(&op).unwrap_or_default();
         // Whether the record `op` refers to was found in neither Redis nor the ledger.
         let mut referenced_absent = false;
-        for _ in 0..MAX_ATTEMPTS {
+        // Reruns of refusals overtaken on a busy member, beyond the attempts.
+        let mut overtaken = 0;
+        let mut attempts = 0;
+        while attempts < MAX_ATTEMPTS {
+            attempts += 1;
             // Both held from before the script until the change is queued on the ledger
             // (not until it is durable): a rebuild waits for them, and the member's changes
             // from this process are queued in script order while several scripts are in
@@ -639,7 +653,13 @@ impl RedisBalanceStore {
                     {
                         Weighed::Stands(refused) => return Err(refused),
                         Weighed::Replay(stored) => return Ok(Some(*stored)),
-                        Weighed::Rerun => {}
+                        Weighed::Rerun => referenced_absent = false,
+                        Weighed::Overtaken if overtaken < MAX_OVERTAKEN => {
+                            overtaken += 1;
+                            attempts -= 1;
+                            referenced_absent = false;
+                        }
+                        Weighed::Overtaken => referenced_absent = false,
                     }
                 }
                 3 => {
@@ -1256,6 +1276,37 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("insufficient"), "{err}");
+    }
+
+    /// A refusal decided on a hot state behind the ledger (restored from an old snapshot)
+    /// is decided again on the rebuilt state, and answered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refusal_on_a_state_behind_the_ledger_is_decided_again() {
+        let (_server, _dir, _ledger, store) = setup().await;
+        store.execute("t", "m", "a", accrue(100), 0).await.unwrap();
+        let state_key = keys("t", "m").state;
+        let mut con = store.redis.clone();
+        let snapshot: Vec<u8> = redis::cmd("GET")
+            .arg(&state_key)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        store.execute("t", "m", "r", redeem(80), 1).await.unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(&state_key)
+            .arg(snapshot)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        let err = store
+            .execute("t", "m", "big", redeem(150), 2)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("insufficient points: 20 active"),
+            "{err}"
+        );
+        assert_eq!(store.account("t", "m").await.unwrap().total, 20);
     }
 
     /// Concurrent retries of an operation whose record left Redis all get its first reply,

@@ -21,7 +21,7 @@
 -- ledger and retries), {3, version} when a keyless operation changed nothing, {4} when the
 -- record the operation refers to is not here (the caller puts the ledger's copy back, or
 -- says it has none, and retries), {5, code, message, version, stamp} for a refusal, which
--- writes nothing: the caller lets it stand only once it knows the state it was decided on
+-- changes no state or record (it may drop records without write times): the caller lets it stand only once it knows the state it was decided on
 -- (that version and stamp) is the ledger's.
 
 local MAX_LOTS = 10000
