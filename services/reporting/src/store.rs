@@ -46,6 +46,24 @@ pub enum ScanFrom {
 
 impl ScanFrom {
     pub const START: ScanFrom = ScanFrom::Purchases(None);
+
+    /// Where a scan of `kind` continues after `at`.
+    pub fn within(kind: Receipts, at: Option<(String, i64, u64)>) -> ScanFrom {
+        match kind {
+            Receipts::Purchases => ScanFrom::Purchases(at),
+            Receipts::Refunds => ScanFrom::Refunds(at),
+            Receipts::Ledger => ScanFrom::Ledger(at),
+        }
+    }
+
+    /// Where a scan continues once it has read every fact of `kind`.
+    pub fn after_all(kind: Receipts) -> ScanFrom {
+        match kind {
+            Receipts::Purchases => ScanFrom::Refunds(None),
+            Receipts::Refunds => ScanFrom::Ledger(None),
+            Receipts::Ledger => ScanFrom::Members(None),
+        }
+    }
 }
 
 #[async_trait::async_trait]

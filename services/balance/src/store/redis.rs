@@ -152,6 +152,32 @@ fn bytes(v: &Value) -> Option<&[u8]> {
     }
 }
 
+/// Looking again for the ledger to catch up: after a pause that grows from 200 µs to
+/// 20 ms, for up to [`COMMIT_WAIT`].
+struct Patience {
+    started: tokio::time::Instant,
+    pause: Duration,
+}
+
+impl Patience {
+    fn new() -> Self {
+        Self {
+            started: tokio::time::Instant::now(),
+            pause: Duration::from_micros(200),
+        }
+    }
+
+    /// Waits before the next look; `false`, at once, when the time is up.
+    async fn wait(&mut self) -> bool {
+        if self.started.elapsed() > COMMIT_WAIT {
+            return false;
+        }
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(Duration::from_millis(20));
+        true
+    }
+}
+
 /// What a refusal decided on the hot state comes to.
 enum Weighed {
     /// It was decided on the ledger's state: the answer.
@@ -239,8 +265,7 @@ impl RedisBalanceStore {
         now: Millis,
         seen: u64,
     ) -> Result<bool> {
-        let started = tokio::time::Instant::now();
-        let mut pause = Duration::from_micros(200);
+        let mut patience = Patience::new();
         loop {
             let version = self.ledger.version(tenant, member).await?;
             let Some(record) = self.ledger.record(tenant, member, key).await? else {
@@ -263,13 +288,11 @@ impl RedisBalanceStore {
                     .increment(restored.unsigned_abs());
                 return Ok(true);
             }
-            if started.elapsed() > COMMIT_WAIT {
+            if !patience.wait().await {
                 let why = "the state stayed ahead of the ledger";
                 self.reset(tenant, member, seen, why).await?;
                 return Ok(true);
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(20));
         }
     }
 
@@ -343,8 +366,7 @@ impl RedisBalanceStore {
     ) -> Result<Commit> {
         let rebuilds = self.rebuilds(&keys(tenant, member).state);
         let expected = change.account.version - 1;
-        let started = tokio::time::Instant::now();
-        let mut pause = Duration::from_micros(200);
+        let mut patience = Patience::new();
         loop {
             let stored = self.ledger.version(tenant, member).await?;
             if stored > expected {
@@ -361,11 +383,9 @@ impl RedisBalanceStore {
                 );
             }
             let rebuilt = rebuilds.try_read().map_or(true, |count| *count != seen);
-            if rebuilt || started.elapsed() > COMMIT_WAIT {
+            if rebuilt || !patience.wait().await {
                 return Ok(Commit::Behind);
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(20));
         }
     }
 
@@ -411,17 +431,14 @@ impl RedisBalanceStore {
     /// The ledger's record under `key`, waiting a little for a change that may still be on
     /// its way there.
     async fn durable(&self, tenant: &str, member: &str, key: &str) -> Result<Option<OpRecord>> {
-        let started = tokio::time::Instant::now();
-        let mut pause = Duration::from_micros(200);
+        let mut patience = Patience::new();
         loop {
             if let Some(record) = self.ledger.record(tenant, member, key).await? {
                 return Ok(Some(record));
             }
-            if started.elapsed() > COMMIT_WAIT {
+            if !patience.wait().await {
                 return Ok(None);
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(20));
         }
     }
 
@@ -449,8 +466,7 @@ impl RedisBalanceStore {
             return replay(stored, key, fingerprint).map(|r| Weighed::Replay(Box::new(r)));
         }
         let rebuilds = self.rebuilds(&keys(tenant, member).state);
-        let started = tokio::time::Instant::now();
-        let mut pause = Duration::from_micros(200);
+        let mut patience = Patience::new();
         loop {
             let durable = self.ledger.load_account(tenant, member).await?;
             if durable.version == version && durable.stamp == stamp {
@@ -470,13 +486,11 @@ impl RedisBalanceStore {
             if rebuilt {
                 return Ok(Weighed::Rerun);
             }
-            if started.elapsed() > COMMIT_WAIT {
+            if !patience.wait().await {
                 let why = "a refusal was decided on changes the ledger never got";
                 self.reset(tenant, member, seen, why).await?;
                 return Ok(Weighed::Rerun);
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(20));
         }
     }
 
@@ -1035,13 +1049,7 @@ mod tests {
     async fn hot_state_ahead_of_or_behind_the_ledger_never_reaches_it() {
         let (_server, _dir, ledger, store) = setup().await;
         store.execute("t", "m", "a", accrue(100), 0).await.unwrap();
-        let state_key = keys("t", "m").state;
-        let mut con = store.redis.clone();
-        let snapshot: Vec<u8> = redis::cmd("GET")
-            .arg(&state_key)
-            .query_async(&mut con)
-            .await
-            .unwrap();
+        let snapshot = state_of_m(&store).await;
 
         // Ahead: an accrual applied to Redis whose ledger append never happened (the
         // process died in between). The next operation must not build on it.
@@ -1056,12 +1064,7 @@ mod tests {
 
         // Behind: Redis restored from an old snapshot after more operations.
         store.execute("t", "m", "r", redeem(60), 2).await.unwrap();
-        let _: () = redis::cmd("SET")
-            .arg(&state_key)
-            .arg(snapshot)
-            .query_async(&mut con)
-            .await
-            .unwrap();
+        put_state_of_m(&store, snapshot).await;
         let err = store
             .execute("t", "m", "r2", redeem(50), 3)
             .await
@@ -1104,6 +1107,27 @@ mod tests {
         );
         assert_eq!(store.account("t", "m").await.unwrap().total, 105);
         assert_eq!(Ledger::version(ledger.as_ref(), "t", "m").await.unwrap(), 2);
+    }
+
+    /// Member ("t", "m")'s hot state as stored.
+    async fn state_of_m(store: &RedisBalanceStore) -> Vec<u8> {
+        let mut con = store.redis.clone();
+        redis::cmd("GET")
+            .arg(keys("t", "m").state)
+            .query_async(&mut con)
+            .await
+            .unwrap()
+    }
+
+    /// Puts `state` back as member ("t", "m")'s hot state, as an old snapshot would.
+    async fn put_state_of_m(store: &RedisBalanceStore, state: Vec<u8>) {
+        let mut con = store.redis.clone();
+        let _: () = redis::cmd("SET")
+            .arg(keys("t", "m").state)
+            .arg(state)
+            .query_async(&mut con)
+            .await
+            .unwrap();
     }
 
     async fn redis_int(store: &RedisBalanceStore, cmd: &str, key: &str) -> i64 {
@@ -1284,20 +1308,9 @@ mod tests {
     async fn a_refusal_on_a_state_behind_the_ledger_is_decided_again() {
         let (_server, _dir, _ledger, store) = setup().await;
         store.execute("t", "m", "a", accrue(100), 0).await.unwrap();
-        let state_key = keys("t", "m").state;
-        let mut con = store.redis.clone();
-        let snapshot: Vec<u8> = redis::cmd("GET")
-            .arg(&state_key)
-            .query_async(&mut con)
-            .await
-            .unwrap();
+        let snapshot = state_of_m(&store).await;
         store.execute("t", "m", "r", redeem(80), 1).await.unwrap();
-        let _: () = redis::cmd("SET")
-            .arg(&state_key)
-            .arg(snapshot)
-            .query_async(&mut con)
-            .await
-            .unwrap();
+        put_state_of_m(&store, snapshot).await;
         let err = store
             .execute("t", "m", "big", redeem(150), 2)
             .await

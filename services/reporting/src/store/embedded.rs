@@ -280,20 +280,11 @@ impl ReportingStore for EmbeddedReportingStore {
                                         fact: decode(v.value())?,
                                     });
                                     if out.len() >= limit {
-                                        let next = match kind {
-                                            Receipts::Purchases => ScanFrom::Purchases(at),
-                                            Receipts::Refunds => ScanFrom::Refunds(at),
-                                            Receipts::Ledger => ScanFrom::Ledger(at),
-                                        };
-                                        return Ok((out, Some(next)));
+                                        return Ok((out, Some(ScanFrom::within(kind, at))));
                                     }
                                 }
                             }
-                            phase = match kind {
-                                Receipts::Purchases => ScanFrom::Refunds(None),
-                                Receipts::Refunds => ScanFrom::Ledger(None),
-                                Receipts::Ledger => ScanFrom::Members(None),
-                            };
+                            phase = ScanFrom::after_all(kind);
                         }
                         ScanFrom::Members(after) => {
                             let Some(t) = open_for_read(txn, MEMBERS)? else {

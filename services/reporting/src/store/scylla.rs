@@ -863,19 +863,10 @@ impl ReportingStore for ScyllaReportingStore {
                 }));
                 if full && let Some((position, seq)) = last {
                     let at = Some((tenant.clone(), position, seq));
-                    let next = match kind {
-                        Receipts::Purchases => ScanFrom::Purchases(at),
-                        Receipts::Refunds => ScanFrom::Refunds(at),
-                        Receipts::Ledger => ScanFrom::Ledger(at),
-                    };
-                    return Ok((out, Some(next)));
+                    return Ok((out, Some(ScanFrom::within(kind, at))));
                 }
             }
-            phase = match kind {
-                Receipts::Purchases => ScanFrom::Refunds(None),
-                Receipts::Refunds => ScanFrom::Ledger(None),
-                Receipts::Ledger => ScanFrom::Members(None),
-            };
+            phase = ScanFrom::after_all(kind);
         }
     }
 
