@@ -944,3 +944,178 @@ async fn receipts_reach_every_report_and_exports() {
     );
     server.stop().await;
 }
+
+/// Runs `loyalty <what> --data-dir DIR` with only `env`; its success and what it said.
+async fn rebuild(what: &str, dir: &std::path::Path, env: &[(String, String)]) -> (bool, String) {
+    let args = [
+        what.to_string(),
+        "--data-dir".into(),
+        dir.display().to_string(),
+    ];
+    let out = command(&args, env).output().await.unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Microservices on Redis: reporting loses its volume, and `rebuild-reporting` takes its
+/// facts back from the running identity, balance and promotion over gRPC.
+#[tokio::test]
+async fn microservices_reporting_is_rebuilt_from_the_running_services() {
+    let redis = loyalty_platform::redis_server::RedisServer::start().unwrap();
+    let (producers_dir, reporting_dir) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let producers = Server::start(
+        Launch::serve("identity,balance,promotion").on_redis(&redis.url()),
+        producers_dir.path(),
+    )
+    .await;
+    let reporting = Server::start(
+        Launch::serve("reporting").on_redis(&redis.url()),
+        reporting_dir.path(),
+    )
+    .await;
+    let channel = producers.channel().await;
+    setup_tenant(&channel, T).await;
+    let mut pos = Pos::new(&channel, &channel);
+    let mut paid = Decimal::ZERO;
+    for i in 0..3 {
+        let (_, card) = pos.member_with_card(T, &format!("+7701555010{i}")).await;
+        let r = receipt(
+            T,
+            &format!("m{i}"),
+            Some(&card),
+            vec![line("1", "boots", "2", "5000.00", false)],
+        );
+        paid += d(&pos.commit(r).await.unwrap().evaluation.unwrap().amount_due);
+    }
+    let anonymous = receipt(
+        T,
+        "anon",
+        None,
+        vec![line("1", "socks", "1", "2000.00", false)],
+    );
+    paid += d(&pos
+        .commit(anonymous)
+        .await
+        .unwrap()
+        .evaluation
+        .unwrap()
+        .amount_due);
+
+    let all = [
+        rpb::Kpi::Sales,
+        rpb::Kpi::Receipts,
+        rpb::Kpi::SalesWithCard,
+        rpb::Kpi::PenetrationReceipts,
+        rpb::Kpi::AverageCheckWithCard,
+        rpb::Kpi::ActiveMembers,
+        rpb::Kpi::NewMembers,
+        rpb::Kpi::PointsAccrued,
+        rpb::Kpi::PointsLiability,
+    ];
+    let mut reports = ReportingServiceClient::new(reporting.channel().await);
+    settled(&mut reports, 4, paid).await;
+    // The ledger and member streams are consumed apart from the purchases: wait for them.
+    let mut before = kpis(&mut reports, &all, rpb::GroupBy::Unspecified).await;
+    for _ in 0..200 {
+        if one(&before, rpb::Kpi::PointsLiability) > Decimal::ZERO
+            && one(&before, rpb::Kpi::NewMembers) == Decimal::from(3)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        before = kpis(&mut reports, &all, rpb::GroupBy::Unspecified).await;
+    }
+    assert_eq!(one(&before, rpb::Kpi::NewMembers), Decimal::from(3));
+
+    let peers = vec![
+        ("LOYALTY_STORAGE__BACKEND".to_string(), "redis".to_string()),
+        ("LOYALTY_STORAGE__REDIS__URL".into(), redis.url()),
+        ("LOYALTY_PEERS__IDENTITY".into(), producers.url()),
+        ("LOYALTY_PEERS__BALANCE".into(), producers.url()),
+        ("LOYALTY_PEERS__PROMOTION".into(), producers.url()),
+    ];
+    // Refused while reporting runs on the directory, and without the peers to read from.
+    let (ok, said) = rebuild("rebuild-reporting", reporting_dir.path(), &peers).await;
+    assert!(!ok && said.contains("stop it first"), "{said}");
+    let (ok, said) = rebuild("rebuild-reporting", reporting_dir.path(), &peers[..2]).await;
+    assert!(!ok && said.contains("peers.promotion"), "{said}");
+    drop(reports);
+    assert_eq!(reporting.stop().await, 0);
+
+    // Its volume lost: a new directory, and the consumer group has acknowledged every event,
+    // so whatever the new pod knows comes from the rebuild.
+    let fresh = tempfile::tempdir().unwrap();
+    let (ok, said) = rebuild("rebuild-reporting", fresh.path(), &peers).await;
+    assert!(ok, "{said}");
+    assert!(
+        said.contains("4 purchases, 0 refunds, 3 ledger entries, 3 members"),
+        "{said}"
+    );
+    let reporting = Server::start(
+        Launch::serve("reporting").on_redis(&redis.url()),
+        fresh.path(),
+    )
+    .await;
+    let mut reports = ReportingServiceClient::new(reporting.channel().await);
+    assert_eq!(
+        kpis(&mut reports, &all, rpb::GroupBy::Unspecified).await,
+        before
+    );
+
+    // An audited change (authentication is off on loopback: every caller is an admin)
+    // reaches the new pod's audit log.
+    ppb::catalog_service_client::CatalogServiceClient::new(channel.clone())
+        .upsert_stores(ppb::UpsertStoresRequest {
+            tenant_id: T.into(),
+            stores: vec![ppb::Store {
+                store_id: "s9".into(),
+                name: "Store 9".into(),
+                time_zone: "UTC".into(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap();
+    let audit_log = |channel: Channel| async move {
+        rpb::audit_service_client::AuditServiceClient::new(channel)
+            .list_audit_records(rpb::ListAuditRecordsRequest {
+                tenant_id: T.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .records
+    };
+    let mut audited = Vec::new();
+    for _ in 0..200 {
+        audited = audit_log(reporting.channel().await).await;
+        if audited.iter().any(|r| !r.in_flight) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(audited.len(), 1, "{audited:?}");
+
+    // A second rebuild over the kept facts counts nothing twice, and keeps the audit log.
+    drop(reports);
+    assert_eq!(reporting.stop().await, 0);
+    let (ok, said) = rebuild("rebuild-reporting", fresh.path(), &peers).await;
+    assert!(ok, "{said}");
+    let reporting = Server::start(
+        Launch::serve("reporting").on_redis(&redis.url()),
+        fresh.path(),
+    )
+    .await;
+    let mut reports = ReportingServiceClient::new(reporting.channel().await);
+    assert_eq!(
+        kpis(&mut reports, &all, rpb::GroupBy::Unspecified).await,
+        before
+    );
+    assert_eq!(audit_log(reporting.channel().await).await, audited);
+    reporting.stop().await;
+    producers.stop().await;
+}

@@ -648,6 +648,48 @@ async fn microservices_events_cross_processes_on_redis_streams() {
         after = features(&mut seg, &anna).await;
     }
     assert_eq!(after, before, "rebuilt from the stream, each event once");
+
+    // Or, with the stream gone too: `rebuild-segmentation` reads the purchase history, the
+    // ledger and the members from the running services.
+    drop(seg);
+    segmentation.stop().await;
+    let dir_d = tempfile::tempdir().unwrap();
+    let args = [
+        "rebuild-segmentation".to_string(),
+        "--data-dir".into(),
+        dir_d.path().display().to_string(),
+    ];
+    let env: Vec<(String, String)> = [
+        ("LOYALTY_STORAGE__BACKEND", "redis".to_string()),
+        ("LOYALTY_STORAGE__REDIS__URL", redis.url()),
+        ("LOYALTY_PEERS__IDENTITY", pos_node.url()),
+        ("LOYALTY_PEERS__BALANCE", pos_node.url()),
+        ("LOYALTY_PEERS__PROMOTION", pos_node.url()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let out = command(&args, &env).output().await.unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    for stream in ["ev:{purchases}", "ev:{members}", "ev:{ledger}"] {
+        let port = redis.port().to_string();
+        std::process::Command::new("redis-cli")
+            .args(["-p", &port, "del", stream])
+            .output()
+            .unwrap();
+    }
+    let segmentation = Server::start(
+        Launch::serve("segmentation").on_redis(&redis.url()),
+        dir_d.path(),
+    )
+    .await;
+    let mut seg = SegmentationServiceClient::new(segmentation.channel().await);
+    assert_eq!(
+        features(&mut seg, &anna).await,
+        before,
+        "rebuilt from the sources of truth"
+    );
     pos_node.stop().await;
     segmentation.stop().await;
 }

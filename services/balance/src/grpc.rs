@@ -653,6 +653,20 @@ impl BalanceService for Api {
             balance: Some(balance_to_proto(&r.tenant_id, &r.to_member_id, &balance)),
         }))
     }
+
+    async fn replay_ledger_events(
+        &self,
+        request: Request<pb::ReplayLedgerEventsRequest>,
+    ) -> Result<Response<pb::ReplayLedgerEventsResponse>, Status> {
+        let r = request.into_inner();
+        let source = crate::publish::LedgerReplay(self.0.store().clone());
+        let (events, next_cursor) =
+            loyalty_platform::replay::answer(&source, &r.cursor, r.limit).await?;
+        Ok(Response::new(pb::ReplayLedgerEventsResponse {
+            events,
+            next_cursor,
+        }))
+    }
 }
 
 fn money(

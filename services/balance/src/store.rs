@@ -113,6 +113,12 @@ pub trait BalanceStore: Send + Sync + std::fmt::Debug {
     -> Result<Option<OpRecord>>;
     /// A page of entries, newest first.
     async fn entries(&self, tenant_id: &str, member_id: &str, query: &EntryQuery) -> Result<Page>;
+    /// Every member with ledger entries, a page at a time after `after` (tenant, member).
+    async fn members(
+        &self,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>>;
     /// Up to `limit` members with a lot expiry or hold timeout at or before `now`.
     async fn due(&self, now: Millis, limit: usize) -> Result<Vec<Due>>;
     /// Marks `due` handled (after the member's expiry ran).

@@ -523,6 +523,20 @@ impl MemberService for Api {
         }))
     }
 
+    async fn replay_member_events(
+        &self,
+        request: Request<pb::ReplayMemberEventsRequest>,
+    ) -> Result<Response<pb::ReplayMemberEventsResponse>, Status> {
+        let r = request.into_inner();
+        let source = crate::publish::MemberReplay(self.0.clone());
+        let (events, next_cursor) =
+            loyalty_platform::replay::answer(&source, &r.cursor, r.limit).await?;
+        Ok(Response::new(pb::ReplayMemberEventsResponse {
+            events,
+            next_cursor,
+        }))
+    }
+
     async fn import_members(
         &self,
         request: Request<Streaming<pb::ImportMembersRequest>>,

@@ -4,10 +4,12 @@
 use loyalty_platform::error::Result;
 use loyalty_platform::events::{MEMBERS, SharedEventLog};
 use loyalty_platform::grpc::{channel_to_proto, timestamp};
+use loyalty_platform::replay::{self, EventSource};
 use loyalty_proto::common::v1::Date as PbDate;
 use loyalty_proto::events::v1 as pb;
 use prost::Message;
 
+use crate::Identity;
 use crate::events::{MemberEvents, MemberSnapshot};
 
 #[derive(Debug, Clone)]
@@ -57,5 +59,29 @@ impl MemberEvents for LogMemberEvents {
     async fn member_changed(&self, snapshot: MemberSnapshot) -> Result<()> {
         let now = loyalty_platform::clock::Clock::now_ms(&loyalty_platform::clock::SystemClock);
         self.log.append(MEMBERS, &[encode(snapshot, now)]).await
+    }
+}
+
+/// The members replayed: every member of every tenant, in (tenant, member id) order, as a
+/// member event of its current version. The cursor is the last member a page holds.
+#[derive(Debug, Clone)]
+pub struct MemberReplay(pub Identity);
+
+#[async_trait::async_trait]
+impl EventSource for MemberReplay {
+    async fn page(&self, cursor: &[u8], limit: usize) -> Result<replay::Page> {
+        let after = replay::position::<(String, String)>(cursor)?;
+        let snapshots = self.0.snapshots(after, limit).await?;
+        let next = match snapshots.last() {
+            Some(last) if snapshots.len() == limit => {
+                Some(replay::cursor(&(&last.tenant_id, &last.member_id)))
+            }
+            _ => None,
+        };
+        let now = self.0.clock.now_ms();
+        Ok(replay::Page {
+            events: snapshots.into_iter().map(|s| encode(s, now)).collect(),
+            next,
+        })
     }
 }

@@ -83,15 +83,19 @@ enum Command {
         tenant: String,
     },
     /// Rebuilds reporting's facts from the purchase history, the points ledger and the
-    /// members in --data-dir (dev mode's embedded stores; the server must be stopped).
+    /// members, keeping its audit log. On the embedded backend it reads them from --data-dir
+    /// (the server must be stopped); on the others from the running identity, balance and
+    /// promotion services (`peers.*`, with `auth.service_key`), and writes the facts to
+    /// ScyllaDB (`scylla`) or --data-dir's `reporting.redb` (`redis`). Reporting must be
+    /// stopped while it runs.
     RebuildReporting {
         #[command(flatten)]
         common: Common,
     },
-    /// Rebuilds segmentation's member features from the purchase history, the points ledger
-    /// and the members in --data-dir (dev mode's embedded stores; the server must be
-    /// stopped), in place: segments, uploaded lists and membership history stay, and every
-    /// dynamic segment is evaluated again.
+    /// Rebuilds segmentation's member features in --data-dir's `segmentation.redb` from the
+    /// purchase history, the points ledger and the members (read as for
+    /// `rebuild-reporting`), in place: segments, uploaded lists and membership history stay,
+    /// and every dynamic segment is evaluated again. Segmentation must be stopped.
     RebuildSegmentation {
         #[command(flatten)]
         common: Common,
@@ -259,14 +263,10 @@ async fn run(cli: Cli) -> ExitCode {
                 Err(code) => return code,
             };
             return match rebuild::run(&config).await {
-                Ok(r) => {
+                Ok((r, place)) => {
                     eprintln!(
-                        "reporting rebuilt in {}: {} purchases, {} refunds, {} ledger entries, {} members",
-                        config.data_dir.display(),
-                        r.purchases,
-                        r.refunds,
-                        r.ledger_entries,
-                        r.members
+                        "reporting rebuilt in {place}: {} purchases, {} refunds, {} ledger entries, {} members",
+                        r.purchases, r.refunds, r.ledger_entries, r.members
                     );
                     ExitCode::SUCCESS
                 }

@@ -1,36 +1,55 @@
 //! `loyalty rebuild-reporting` and `loyalty rebuild-segmentation`: rebuild reporting's facts
 //! and segmentation's member features from the sources of truth, the purchase history
-//! (promotion), the points ledger (balance) and the members (identity), in the data
-//! directory of a stopped dev-mode server. Every record is encoded as the event it published
-//! and decoded by the consumer's own decoder, so a rebuilt fact or feature is what the stream
-//! delivered.
+//! (promotion), the points ledger (balance) and the members (identity). Every record comes
+//! as the event it published and is decoded by the consumer's own decoder, so a rebuilt
+//! fact or feature is what the stream delivered.
 //!
-//! Reporting's new file replaces `reporting.redb` only once it is complete. Segmentation's
+//! Where the sources are read depends on the backend:
+//! - `embedded` (dev mode): the stores in the data directory of a stopped server;
+//! - `redis` or `scylla` (microservices): the running identity, balance and promotion
+//!   services named by `peers.*`, over gRPC with the service key (`Replay*Events`), while
+//!   the consumer being rebuilt is stopped.
+//!
+//! Reporting's facts are cleared (its audit log is kept) and stored again: in ScyllaDB on the
+//! `scylla` backend, in `reporting.redb` of the data directory otherwise. Segmentation's
 //! features are rebuilt in place, because its file also holds what no source has (segment
 //! definitions, uploaded lists, membership history): the features are cleared, every event
-//! applied once, and every dynamic segment evaluated once at the end. A rebuild cut short is
-//! run again.
+//! applied once, and every dynamic segment evaluated once at the end. Every source answers
+//! before anything is cleared; a rebuild cut short is run again.
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
+use loyalty_balance::publish::LedgerReplay;
 use loyalty_balance::store::embedded::EmbeddedBalanceStore;
-use loyalty_balance::store::{EntryQuery, Ledger};
 use loyalty_identity::Identity;
+use loyalty_identity::publish::MemberReplay;
 use loyalty_identity::store::embedded::EmbeddedIdentityStore;
 use loyalty_platform::clock::{SharedClock, SystemClock};
 use loyalty_platform::config::{Backend, Config};
-use loyalty_promotion::store::PromotionStore;
+use loyalty_platform::error::Result;
+use loyalty_platform::replay::{self, EventSource};
+use loyalty_promotion::publish::PurchaseReplay;
 use loyalty_promotion::store::embedded::EmbeddedPromotionStore;
+use loyalty_proto::events::v1 as epb;
 use loyalty_reporting::fact::TenantFact;
 use loyalty_reporting::store::ReportingStore;
 use loyalty_reporting::store::embedded::EmbeddedReportingStore;
 use loyalty_segmentation::Segmentation;
 use loyalty_segmentation::store::embedded::EmbeddedSegmentationStore;
 use loyalty_segmentation::store::{RuleBook, SegmentationStore};
+use prost::Message;
 
-const PAGE: usize = 1000;
+use crate::peers::PeerChannel;
+use crate::wiring::{ServiceName, peer_channel};
+
+/// Events asked for per page: small enough that a page answers well within a peer call's
+/// deadline.
+const PAGE: usize = 200;
+/// Attempts at one page from a peer before the rebuild gives up.
+const ATTEMPTS: u32 = 6;
 
 /// What a rebuild read.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +58,18 @@ pub struct Rebuilt {
     pub refunds: usize,
     pub ledger_entries: usize,
     pub members: usize,
+}
+
+impl Rebuilt {
+    fn count(&mut self, payload: &[u8]) {
+        match epb::Event::decode(payload).ok().and_then(|e| e.kind) {
+            Some(epb::event::Kind::Purchase(_)) => self.purchases += 1,
+            Some(epb::event::Kind::Refund(_)) => self.refunds += 1,
+            Some(epb::event::Kind::Ledger(_)) => self.ledger_entries += 1,
+            Some(epb::event::Kind::Member(_)) => self.members += 1,
+            _ => {}
+        }
+    }
 }
 
 fn open<T>(
@@ -66,7 +97,7 @@ trait Sink {
     async fn take(&mut self, payloads: Vec<Vec<u8>>) -> anyhow::Result<()>;
 }
 
-struct ReportingSink(EmbeddedReportingStore);
+struct ReportingSink(Arc<dyn ReportingStore>);
 
 #[async_trait::async_trait]
 impl Sink for ReportingSink {
@@ -100,54 +131,191 @@ impl Sink for SegmentationSink {
     }
 }
 
-fn embedded_only(config: &Config, what: &str) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        config.storage.backend == Backend::Embedded,
-        "rebuilding {what} reads the embedded stores of one data directory (dev mode); with the {:?} backend the ledger and history live elsewhere",
-        config.storage.backend
-    );
-    Ok(())
-}
-
-/// The sources of truth of one data directory, opened before anything is changed.
+/// The three sources of truth, each replaying its records.
 struct Sources {
-    promotion: EmbeddedPromotionStore,
-    ledger: EmbeddedBalanceStore,
-    identity: Identity,
+    purchases: Box<dyn EventSource>,
+    ledger: Box<dyn EventSource>,
+    members: Box<dyn EventSource>,
+    /// Where they are, for messages.
+    place: String,
 }
 
 impl Sources {
-    fn open(config: &Config) -> anyhow::Result<Self> {
+    /// The stores of a stopped dev-mode data directory (embedded backend), or the running
+    /// producer services (any other).
+    fn of(config: &Config) -> anyhow::Result<Self> {
+        if config.storage.backend == Backend::Embedded {
+            return Self::local(config);
+        }
+        let peer =
+            |name: ServiceName, url: &Option<String>| -> anyhow::Result<Box<dyn EventSource>> {
+                Ok(Box::new(RemoteReplay {
+                    service: name,
+                    channel: peer_channel(config, name, url)?,
+                }))
+            };
+        let peers = &config.peers;
+        Ok(Self {
+            purchases: peer(ServiceName::Promotion, &peers.promotion)?,
+            ledger: peer(ServiceName::Balance, &peers.balance)?,
+            members: peer(ServiceName::Identity, &peers.identity)?,
+            place: format!(
+                "promotion at {}, balance at {}, identity at {}",
+                peers.promotion.as_deref().unwrap_or_default(),
+                peers.balance.as_deref().unwrap_or_default(),
+                peers.identity.as_deref().unwrap_or_default()
+            ),
+        })
+    }
+
+    fn local(config: &Config) -> anyhow::Result<Self> {
         let dir = &config.data_dir;
         let clock: SharedClock = Arc::new(SystemClock);
+        let promotion = open(dir, "promotion.redb", EmbeddedPromotionStore::open)?;
+        let ledger = open(dir, "balance.redb", EmbeddedBalanceStore::open)?;
+        let identity = Identity::new(
+            Arc::new(open(dir, "identity.redb", EmbeddedIdentityStore::open)?),
+            clock,
+            config.identity.default_region.clone(),
+        )
+        .with_questionnaire(config.identity.questionnaire.clone());
         Ok(Self {
-            promotion: open(dir, "promotion.redb", EmbeddedPromotionStore::open)?,
-            ledger: open(dir, "balance.redb", EmbeddedBalanceStore::open)?,
-            identity: Identity::new(
-                Arc::new(open(dir, "identity.redb", EmbeddedIdentityStore::open)?),
-                clock,
-                config.identity.default_region.clone(),
-            )
-            .with_questionnaire(config.identity.questionnaire.clone()),
+            purchases: Box::new(PurchaseReplay(Arc::new(promotion))),
+            ledger: Box::new(LedgerReplay(Arc::new(ledger))),
+            members: Box::new(MemberReplay(identity)),
+            place: dir.display().to_string(),
+        })
+    }
+
+    /// Asks each source for its first event, so one that cannot answer stops the rebuild
+    /// before anything is cleared.
+    async fn check(&self) -> anyhow::Result<()> {
+        for (name, source) in self.each() {
+            source
+                .page(&[], 1)
+                .await
+                .with_context(|| format!("reading the {name} from {}", self.place))?;
+        }
+        Ok(())
+    }
+
+    fn each(&self) -> [(&'static str, &dyn EventSource); 3] {
+        [
+            ("purchase history", &*self.purchases),
+            ("points ledger", &*self.ledger),
+            ("members", &*self.members),
+        ]
+    }
+}
+
+/// A producer service's replay over gRPC.
+struct RemoteReplay {
+    service: ServiceName,
+    channel: PeerChannel,
+}
+
+impl RemoteReplay {
+    /// One page: its events and the next cursor (empty after the last page).
+    async fn call(
+        &self,
+        cursor: Vec<u8>,
+        limit: u32,
+    ) -> std::result::Result<(Vec<Vec<u8>>, Vec<u8>), tonic::Status> {
+        use loyalty_proto::balance::v1 as bpb;
+        use loyalty_proto::identity::v1 as ipb;
+        use loyalty_proto::promotion::v1 as ppb;
+        let channel = self.channel.clone();
+        Ok(match self.service {
+            ServiceName::Promotion => {
+                let request = ppb::ReplayPurchaseEventsRequest { cursor, limit };
+                let r = ppb::checkout_service_client::CheckoutServiceClient::new(channel)
+                    .replay_purchase_events(request)
+                    .await?
+                    .into_inner();
+                (r.events, r.next_cursor)
+            }
+            ServiceName::Balance => {
+                let request = bpb::ReplayLedgerEventsRequest { cursor, limit };
+                let r = bpb::balance_service_client::BalanceServiceClient::new(channel)
+                    .replay_ledger_events(request)
+                    .await?
+                    .into_inner();
+                (r.events, r.next_cursor)
+            }
+            _ => {
+                let request = ipb::ReplayMemberEventsRequest { cursor, limit };
+                let r = ipb::member_service_client::MemberServiceClient::new(channel)
+                    .replay_member_events(request)
+                    .await?
+                    .into_inner();
+                (r.events, r.next_cursor)
+            }
         })
     }
 }
 
-/// `loyalty rebuild-reporting`.
-pub async fn run(config: &Config) -> anyhow::Result<Rebuilt> {
-    embedded_only(config, "reporting")?;
-    let sources = Sources::open(config)?;
-    let partial = config.data_dir.join("reporting.redb.rebuilding");
-    if partial.exists() {
-        std::fs::remove_file(&partial)
-            .with_context(|| format!("removing {}", partial.display()))?;
+#[async_trait::async_trait]
+impl EventSource for RemoteReplay {
+    async fn page(&self, cursor: &[u8], limit: usize) -> Result<replay::Page> {
+        let mut attempt = 0;
+        loop {
+            let limit = u32::try_from(limit).unwrap_or(u32::MAX);
+            match self.call(cursor.to_vec(), limit).await {
+                Ok((events, next)) => {
+                    return Ok(replay::Page {
+                        events,
+                        next: (!next.is_empty()).then_some(next),
+                    });
+                }
+                // A page read changes nothing: one a busy or restarting peer did not answer
+                // is asked for again.
+                Err(status)
+                    if attempt + 1 < ATTEMPTS
+                        && matches!(
+                            status.code(),
+                            tonic::Code::Unavailable
+                                | tonic::Code::DeadlineExceeded
+                                | tonic::Code::ResourceExhausted
+                        ) =>
+                {
+                    tracing::warn!(service = %self.service, %status, "replay page failed; asking again");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                    attempt += 1;
+                }
+                Err(status) => return Err(loyalty_platform::grpc::from_status(status)),
+            }
+        }
     }
-    let mut into = ReportingSink(EmbeddedReportingStore::open(&partial)?);
-    let done = replay(&sources, &mut into).await?;
-    drop(into);
-    std::fs::rename(&partial, config.data_dir.join("reporting.redb"))
-        .context("moving the rebuilt reporting.redb into place")?;
-    Ok(done)
+}
+
+/// Where `loyalty rebuild-reporting` stores the facts.
+async fn reporting_store(config: &Config) -> anyhow::Result<(Arc<dyn ReportingStore>, String)> {
+    if config.storage.backend == Backend::Scylla {
+        let session = loyalty_platform::scylla::connect(&config.storage.scylla).await?;
+        let store = loyalty_reporting::store::scylla::ScyllaReportingStore::new(session)
+            .await
+            .context("preparing reporting's statements (has `loyalty migrate` run?)")?;
+        return Ok((Arc::new(store), "ScyllaDB".into()));
+    }
+    let path = config.data_dir.join("reporting.redb");
+    let store = EmbeddedReportingStore::open(&path).with_context(|| {
+        format!(
+            "opening {} (is reporting still running on this data directory? stop it first)",
+            path.display()
+        )
+    })?;
+    Ok((Arc::new(store), path.display().to_string()))
+}
+
+/// `loyalty rebuild-reporting`: returns what it read and where the facts are.
+pub async fn run(config: &Config) -> anyhow::Result<(Rebuilt, String)> {
+    let sources = Sources::of(config)?;
+    let (store, place) = reporting_store(config).await?;
+    sources.check().await?;
+    store.prepare().await?;
+    store.clear_facts().await?;
+    let done = replay(&sources, &mut ReportingSink(store)).await?;
+    Ok((done, place))
 }
 
 /// What a segmentation rebuild did: the events it replayed, and the memberships that changed
@@ -160,18 +328,18 @@ pub struct RebuiltSegmentation {
 
 /// `loyalty rebuild-segmentation`.
 pub async fn run_segmentation(config: &Config) -> anyhow::Result<RebuiltSegmentation> {
-    embedded_only(config, "segmentation")?;
-    // Every source opens before the features are cleared: a missing one changes nothing.
-    let sources = Sources::open(config)?;
+    let sources = Sources::of(config)?;
     let clock: SharedClock = Arc::new(SystemClock);
     let path = config.data_dir.join("segmentation.redb");
     let store: Arc<dyn SegmentationStore> =
         Arc::new(EmbeddedSegmentationStore::open(&path).with_context(|| {
             format!(
-                "opening {} (is a server still running on this data directory? stop it first)",
+                "opening {} (is segmentation still running on this data directory? stop it first)",
                 path.display()
             )
         })?);
+    // Every source answers before the features are cleared: a missing one changes nothing.
+    sources.check().await?;
     store.clear_features().await?;
     let mut into = SegmentationSink {
         store: store.clone(),
@@ -185,90 +353,25 @@ pub async fn run_segmentation(config: &Config) -> anyhow::Result<RebuiltSegmenta
     })
 }
 
-/// Replays the purchase history, the ledger and the members, as the events they published,
-/// into `into`.
+/// Replays the purchase history, the ledger and the members, in that order, into `into`.
 async fn replay(sources: &Sources, into: &mut dyn Sink) -> anyhow::Result<Rebuilt> {
-    let Sources {
-        promotion,
-        ledger,
-        identity,
-    } = sources;
-    let clock: SharedClock = Arc::new(SystemClock);
     let mut done = Rebuilt::default();
-
-    let mut after = None;
-    loop {
-        let page = promotion.purchases_after(after.clone(), PAGE).await?;
-        let Some(last) = page.last() else { break };
-        after = Some((
-            last.receipt.tenant_id.clone(),
-            last.receipt.receipt_id.clone(),
-        ));
-        let mut payloads = Vec::new();
-        for p in &page {
-            let (purchase, refunds) =
-                loyalty_promotion::checkout::stored_events(promotion, p).await?;
-            if let Some(e) = purchase {
-                done.purchases += 1;
-                payloads.push(loyalty_promotion::publish::encode_purchase(e));
+    for (name, source) in sources.each() {
+        let mut cursor = Vec::new();
+        loop {
+            let page = source
+                .page(&cursor, PAGE)
+                .await
+                .with_context(|| format!("reading the {name} from {}", sources.place))?;
+            for event in &page.events {
+                done.count(event);
             }
-            done.refunds += refunds.len();
-            payloads.extend(
-                refunds
-                    .into_iter()
-                    .map(loyalty_promotion::publish::encode_refund),
-            );
-        }
-        into.take(payloads).await?;
-    }
-
-    let mut after = None;
-    loop {
-        let members = ledger.members(after.clone(), PAGE).await?;
-        let Some(last) = members.last() else { break };
-        after = Some(last.clone());
-        for (tenant, member) in &members {
-            let mut before = None;
-            loop {
-                let query = EntryQuery {
-                    before_seq: before,
-                    limit: PAGE,
-                    ..EntryQuery::default()
-                };
-                let page = Ledger::entries(ledger, tenant, member, &query).await?;
-                done.ledger_entries += page.entries.len();
-                let payloads = page
-                    .entries
-                    .into_iter()
-                    .map(|entry| {
-                        loyalty_balance::publish::encode(loyalty_balance::events::LedgerEvent {
-                            tenant_id: tenant.clone(),
-                            member_id: member.clone(),
-                            entry,
-                        })
-                    })
-                    .collect();
-                into.take(payloads).await?;
-                match page.next_before {
-                    Some(n) => before = Some(n),
-                    None => break,
-                }
+            into.take(page.events).await?;
+            match page.next {
+                Some(next) => cursor = next,
+                None => break,
             }
         }
-    }
-
-    let mut after = None;
-    let now = clock.now_ms();
-    loop {
-        let snapshots = identity.snapshots(after.clone(), PAGE).await?;
-        let Some(last) = snapshots.last() else { break };
-        after = Some((last.tenant_id.clone(), last.member_id.clone()));
-        done.members += snapshots.len();
-        let payloads = snapshots
-            .into_iter()
-            .map(|s| loyalty_identity::publish::encode(s, now))
-            .collect();
-        into.take(payloads).await?;
     }
     Ok(done)
 }

@@ -164,7 +164,7 @@ where
 
 /// The channel to a peer: balanced per call over every address of the URL's host name,
 /// re-resolved every `peers.dns_refresh_ms` (see `balancer`).
-fn peer_channel(
+pub(crate) fn peer_channel(
     config: &Config,
     name: ServiceName,
     url: &Option<String>,

@@ -13,6 +13,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod redis_conn;
 pub mod redis_server;
+pub mod replay;
 pub mod rfm;
 pub mod scylla;
 pub mod server;

@@ -135,6 +135,10 @@ impl Checkout {
         }
     }
 
+    pub fn store(&self) -> &Arc<dyn PromotionStore> {
+        &self.store
+    }
+
     /// The tenant's compiled campaigns at `version`: a change is seen by the next request
     /// on every replica, since each request reads the version.
     async fn book(&self, tenant_id: &str, version: u64) -> Result<Arc<CampaignBook>> {
@@ -1473,6 +1477,57 @@ mod tests {
             points_to_redeem: points,
             purchase_time: None,
         }
+    }
+
+    #[tokio::test]
+    async fn the_history_replays_every_receipt_and_refund_once() {
+        use loyalty_platform::replay::EventSource;
+        use loyalty_proto::events::v1 as pb;
+        use prost::Message;
+
+        let ledger = Arc::new(Ledger::default());
+        let (_dir, checkout) = checkout(ledger).await;
+        let mut want = Vec::new();
+        for n in 0..7 {
+            let mut r = receipt(0);
+            r.receipt_id = format!("r{n}");
+            r.lines[0].quantity = Decimal::from(2);
+            checkout.commit(r, None).await.unwrap();
+            want.push(format!("purchase/t/r{n}"));
+        }
+        for (receipt, refund) in [("r2", "x1"), ("r2", "x2"), ("r5", "x1")] {
+            let line = [("1".to_string(), "1".to_string())];
+            checkout.refund("t", receipt, refund, &line).await.unwrap();
+            want.push(format!("refund/t/{receipt}/{refund}"));
+        }
+
+        let replay = crate::publish::PurchaseReplay(checkout.store().clone());
+        let mut got = Vec::new();
+        let mut cursor = Vec::new();
+        loop {
+            let page = replay.page(&cursor, 2).await.unwrap();
+            // A receipt's refunds come with it: a page may pass its limit by them.
+            assert!(page.events.len() <= 3, "{} events", page.events.len());
+            got.extend(
+                page.events
+                    .iter()
+                    .map(|e| pb::Event::decode(e.as_slice()).unwrap().event_id),
+            );
+            match page.next {
+                Some(next) => cursor = next,
+                None => break,
+            }
+        }
+        want.sort();
+        let mut sorted = got.clone();
+        sorted.sort();
+        assert_eq!(sorted, want, "each once: {got:?}");
+        let refunds_of_r2 = got.iter().position(|e| e == "refund/t/r2/x1").unwrap();
+        assert_eq!(
+            got[refunds_of_r2 - 1],
+            "purchase/t/r2",
+            "after their receipt"
+        );
     }
 
     #[tokio::test]

@@ -607,6 +607,20 @@ impl CheckoutService for Api {
             next_page_token: next,
         }))
     }
+
+    async fn replay_purchase_events(
+        &self,
+        request: Request<pb::ReplayPurchaseEventsRequest>,
+    ) -> Result<Response<pb::ReplayPurchaseEventsResponse>, Status> {
+        let r = request.into_inner();
+        let source = crate::publish::PurchaseReplay(self.checkout.store().clone());
+        let (events, next_cursor) =
+            loyalty_platform::replay::answer(&source, &r.cursor, r.limit).await?;
+        Ok(Response::new(pb::ReplayPurchaseEventsResponse {
+            events,
+            next_cursor,
+        }))
+    }
 }
 
 #[tonic::async_trait]

@@ -1,15 +1,20 @@
 //! The adapter from promotion's events to the event stream: each event encoded as a
 //! `loyalty.events.v1.Event` and appended to `events::PURCHASES`.
 
+use std::sync::Arc;
+
 use loyalty_platform::error::Result;
 use loyalty_platform::events::{PURCHASES, SharedEventLog};
 use loyalty_platform::grpc::{channel_to_proto, timestamp};
+use loyalty_platform::replay::{self, EventSource};
 use loyalty_proto::common::v1::Decimal as PbDecimal;
 use loyalty_proto::events::v1 as pb;
 use prost::Message;
 use rust_decimal::Decimal;
 
+use crate::checkout::stored_events;
 use crate::events::{Events, LineFact, PurchaseEvent, RefundEvent};
+use crate::store::PromotionStore;
 
 #[derive(Debug, Clone)]
 pub struct LogEvents {
@@ -121,5 +126,31 @@ impl Events for LogEvents {
 
     async fn refund_committed(&self, event: RefundEvent) -> Result<()> {
         self.log.append(PURCHASES, &[encode_refund(event)]).await
+    }
+}
+
+/// The purchase history replayed: receipts in (tenant, receipt id) order, each committed
+/// receipt as its purchase event followed by its refunds' events. The cursor is the last
+/// receipt a page holds.
+#[derive(Debug, Clone)]
+pub struct PurchaseReplay(pub Arc<dyn PromotionStore>);
+
+#[async_trait::async_trait]
+impl EventSource for PurchaseReplay {
+    async fn page(&self, cursor: &[u8], limit: usize) -> Result<replay::Page> {
+        let after = replay::position::<(String, String)>(cursor)?;
+        let purchases = self.0.purchases_after(after, limit).await?;
+        let mut page = replay::Page::default();
+        for (n, p) in purchases.iter().enumerate() {
+            let (purchase, refunds) = stored_events(&*self.0, p).await?;
+            page.events.extend(purchase.map(encode_purchase));
+            page.events.extend(refunds.into_iter().map(encode_refund));
+            if page.is_full(limit) || n + 1 == limit {
+                let at = (&p.receipt.tenant_id, &p.receipt.receipt_id);
+                page.next = Some(replay::cursor(&at));
+                break;
+            }
+        }
+        Ok(page)
     }
 }

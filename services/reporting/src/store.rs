@@ -102,6 +102,11 @@ pub trait ReportingStore: Send + Sync + std::fmt::Debug {
     /// anything else.
     async fn prepare(&self) -> Result<()>;
 
+    /// Removes every fact of every tenant, keeping the audit log and the sequence (numbers
+    /// handed out later stay above those handed out before): the first step of rebuilding
+    /// the facts from their sources, while no reporting process runs on the store.
+    async fn clear_facts(&self) -> Result<()>;
+
     /// These members' stored purchases and refunds with business days `from..=to`, and
     /// with `ledger` all their ledger entries (not their profiles), in no particular order.
     async fn member_facts(

@@ -158,7 +158,67 @@ pub async fn run_all(store: Arc<dyn BalanceStore>) {
     activation_adjustment_and_transfer(store.as_ref()).await;
     filtered_pages(store.as_ref()).await;
     concurrent_redemptions_never_overdraw(store.clone()).await;
+    the_ledger_replays_every_entry_once(store.clone()).await;
     store.ping().await.unwrap();
+}
+
+/// Every member's every entry, replayed a few at a time (stopping inside members), is
+/// every stored entry exactly once.
+async fn the_ledger_replays_every_entry_once(store: Arc<dyn BalanceStore>) {
+    use loyalty_platform::replay::EventSource;
+    use loyalty_proto::events::v1 as pb;
+    use prost::Message;
+
+    for i in 0..5 {
+        store
+            .execute("replay", "r1", &format!("k{i}"), accrue(10), i)
+            .await
+            .unwrap();
+    }
+    let mut stored = Vec::new();
+    let mut after = None;
+    loop {
+        let members = store.members(after.clone(), 2).await.unwrap();
+        let Some(last) = members.last() else { break };
+        after = Some(last.clone());
+        for (tenant, member) in members {
+            let entries = store.entries(&tenant, &member, &page(1000)).await.unwrap();
+            assert!(!entries.entries.is_empty(), "{tenant}/{member} has entries");
+            stored.extend(
+                entries
+                    .entries
+                    .into_iter()
+                    .map(|e| (tenant.clone(), member.clone(), e.seq, e.balance_after)),
+            );
+        }
+    }
+    assert!(stored.iter().any(|(t, m, ..)| t == "replay" && m == "r1"));
+
+    let replay = crate::publish::LedgerReplay(store.clone());
+    let mut replayed = Vec::new();
+    let mut cursor = Vec::new();
+    loop {
+        let page = replay.page(&cursor, 3).await.unwrap();
+        assert!(page.events.len() <= 3, "{} events", page.events.len());
+        for event in &page.events {
+            let e = pb::Event::decode(event.as_slice()).unwrap();
+            let Some(pb::event::Kind::Ledger(l)) = e.kind else {
+                panic!("{e:?}")
+            };
+            assert_eq!(
+                e.event_id,
+                format!("ledger/{}/{}/{}", e.tenant_id, l.member_id, l.sequence)
+            );
+            replayed.push((e.tenant_id, l.member_id, l.sequence, l.balance_after));
+        }
+        match page.next {
+            Some(next) => cursor = next,
+            None => break,
+        }
+    }
+    stored.sort();
+    replayed.sort();
+    assert_eq!(replayed, stored);
 }
 
 /// Concurrent redemptions against one balance never overdraw it.

@@ -172,6 +172,14 @@ impl BalanceStore for EmbeddedBalanceStore {
         Ledger::entries(self, tenant_id, member_id, query).await
     }
 
+    async fn members(
+        &self,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>> {
+        Ledger::members(self, after, limit).await
+    }
+
     async fn due(&self, now: Millis, limit: usize) -> Result<Vec<Due>> {
         Ledger::due(self, now, limit).await
     }

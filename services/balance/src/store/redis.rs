@@ -774,6 +774,14 @@ impl BalanceStore for RedisBalanceStore {
         self.ledger.entries(tenant_id, member_id, query).await
     }
 
+    async fn members(
+        &self,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>> {
+        self.ledger.members(after, limit).await
+    }
+
     async fn due(&self, now: Millis, limit: usize) -> Result<Vec<Due>> {
         self.ledger.due(now, limit).await
     }

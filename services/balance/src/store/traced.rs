@@ -59,6 +59,14 @@ impl<S: BalanceStore + ?Sized> BalanceStore for Traced<S> {
         let call = self.inner.entries(tenant_id, member_id, query);
         in_db_span(self.system, "balance.entries", call).await
     }
+    async fn members(
+        &self,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>> {
+        let call = BalanceStore::members(&*self.inner, after, limit);
+        in_db_span(self.system, "balance.members", call).await
+    }
     async fn due(&self, now: Millis, limit: usize) -> Result<Vec<Due>> {
         in_db_span(self.system, "balance.due", self.inner.due(now, limit)).await
     }

@@ -41,6 +41,11 @@ pub const RULES: &[(&str, &[Role])] = &[
     ("loyalty.identity.v1.MemberService/EraseMember", &[AD]),
     ("loyalty.identity.v1.MemberService/ListMembers", &[AD, SV]),
     ("loyalty.identity.v1.MemberService/ImportMembers", &[AD]),
+    // Replays read every tenant: only for rebuilding a consumer's derived state.
+    (
+        "loyalty.identity.v1.MemberService/ReplayMemberEvents",
+        &[SV],
+    ),
     ("loyalty.identity.v1.MemberService/BlockMember", &[AD]),
     ("loyalty.identity.v1.MemberService/UnblockMember", &[AD]),
     ("loyalty.identity.v1.CardService/IssueCard", &[PO, AD]),
@@ -88,6 +93,10 @@ pub const RULES: &[(&str, &[Role])] = &[
         &[AD, SV],
     ),
     (
+        "loyalty.balance.v1.BalanceService/ReplayLedgerEvents",
+        &[SV],
+    ),
+    (
         "loyalty.balance.v1.GiftCertificateService/IssueCertificate",
         &[PO, AD],
     ),
@@ -114,6 +123,10 @@ pub const RULES: &[(&str, &[Role])] = &[
     (
         "loyalty.promotion.v1.CheckoutService/ListPurchases",
         &[AP, AD, SV],
+    ),
+    (
+        "loyalty.promotion.v1.CheckoutService/ReplayPurchaseEvents",
+        &[SV],
     ),
     (
         "loyalty.promotion.v1.ProgramService/GetProgram",
@@ -274,6 +287,7 @@ pub const READS: &[&str] = &[
     "loyalty.identity.v1.MemberService/GetMember",
     "loyalty.identity.v1.MemberService/LookupMember",
     "loyalty.identity.v1.MemberService/ListMembers",
+    "loyalty.identity.v1.MemberService/ReplayMemberEvents",
     "loyalty.identity.v1.CardService/GetCard",
     "loyalty.identity.v1.ReferralService/ResolveReferralCode",
     "loyalty.identity.v1.AccessService/ListApiKeys",
@@ -281,10 +295,12 @@ pub const READS: &[&str] = &[
     "loyalty.balance.v1.BalanceService/GetBalance",
     "loyalty.balance.v1.BalanceService/ListLedgerEntries",
     "loyalty.balance.v1.BalanceService/GetHold",
+    "loyalty.balance.v1.BalanceService/ReplayLedgerEvents",
     "loyalty.balance.v1.GiftCertificateService/GetCertificate",
     "loyalty.promotion.v1.CheckoutService/Quote",
     "loyalty.promotion.v1.CheckoutService/GetPurchase",
     "loyalty.promotion.v1.CheckoutService/ListPurchases",
+    "loyalty.promotion.v1.CheckoutService/ReplayPurchaseEvents",
     "loyalty.promotion.v1.ProgramService/GetProgram",
     "loyalty.promotion.v1.ProgramService/GetMemberTier",
     "loyalty.promotion.v1.CatalogService/ListStores",
@@ -484,9 +500,10 @@ mod tests {
         assert_eq!(policy.rules().count(), RULES.len());
         for (path, rule) in policy.rules() {
             assert!(!rule.roles.is_empty(), "{path}");
-            // VerifyApiKey is the one call made before a tenant is known.
-            if !path.ends_with("/VerifyApiKey") {
-                assert!(rule.tenant.is_some(), "{path} names no tenant");
+            // A call that names no tenant (VerifyApiKey, made before a tenant is known; the
+            // replays, which read every tenant) is our own services' alone.
+            if rule.tenant.is_none() {
+                assert_eq!(rule.roles, [Role::Service], "{path} names no tenant");
             }
             // A member's app may only call what names the member, or what holds no
             // member's data.

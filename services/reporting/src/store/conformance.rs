@@ -96,6 +96,65 @@ pub async fn run(store: &dyn ReportingStore) {
     scans_visit_everything_once(store).await;
     audit_records_are_stored_once_and_paged_both_ways(store).await;
     an_answer_replaces_its_start_in_either_order(store).await;
+    // Last: it removes every fact.
+    clearing_removes_the_facts_and_keeps_the_audit_log(store).await;
+}
+
+async fn clearing_removes_the_facts_and_keeps_the_audit_log(store: &dyn ReportingStore) {
+    let t = "clear";
+    let facts = vec![
+        of_member(purchase(t, "c-r1", 100), "m1"),
+        refund(t, "c-r1", "x1", 101),
+        ledger(t, "m1", 1),
+        member(t, "m1", 3),
+    ];
+    store.append(facts.clone()).await.unwrap();
+    store
+        .append_audit(vec![audit_entry(t, 1_000, "kept", "a.S/Keep")])
+        .await
+        .unwrap();
+    let before = store.snapshot().await.unwrap();
+    assert!(!all(store, 1000).await.is_empty());
+
+    store.clear_facts().await.unwrap();
+    assert_eq!(all(store, 1000).await, Vec::new(), "no fact of any tenant");
+    let all_days = (i64::MIN, i64::MAX);
+    let of_m1 = store
+        .member_facts(t, vec!["m1".into()], all_days, true)
+        .await
+        .unwrap();
+    assert!(of_m1.is_empty(), "{of_m1:?}");
+    let query = AuditQuery::new(None, None, "", "", "").unwrap();
+    let audit = store
+        .audit_page(t, &query, Order::NewestFirst, None, 10, usize::MAX)
+        .await
+        .unwrap();
+    assert_eq!(
+        audit
+            .entries
+            .iter()
+            .map(|e| e.id.as_str())
+            .collect::<Vec<_>>(),
+        ["kept"],
+        "the audit log stays"
+    );
+
+    // The same facts are stored again (a rebuild), under sequence numbers after the old.
+    let again = store.append(facts.clone()).await.unwrap();
+    assert_eq!(again.len(), facts.len(), "each stored anew: {again:?}");
+    assert!(store.snapshot().await.unwrap() > before);
+    let mut got: Vec<String> = store
+        .member_facts(t, vec!["m1".into()], all_days, true)
+        .await
+        .unwrap()
+        .iter()
+        .map(Fact::identity)
+        .collect();
+    got.sort();
+    let mut want = vec![facts[0].fact.identity(), facts[2].fact.identity()];
+    want.sort();
+    assert_eq!(got, want, "the member index is rebuilt with them");
+    assert_eq!(all(store, 1000).await.len(), facts.len());
 }
 
 fn audit_entry(tenant: &str, time: i64, id: &str, method: &str) -> AuditEntry {

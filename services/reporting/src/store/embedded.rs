@@ -508,6 +508,20 @@ impl ReportingStore for EmbeddedReportingStore {
             .await
     }
 
+    async fn clear_facts(&self) -> Result<()> {
+        self.db
+            .write(move |txn| {
+                for table in [PURCHASES, REFUNDS, LEDGER] {
+                    txn.delete_table(table).map_err(e)?;
+                }
+                txn.delete_table(MEMBERS).map_err(e)?;
+                txn.delete_table(IDENTITIES).map_err(e)?;
+                txn.delete_table(BY_MEMBER).map_err(e)?;
+                Ok(())
+            })
+            .await
+    }
+
     async fn ping(&self) -> Result<()> {
         self.db.ping().await
     }

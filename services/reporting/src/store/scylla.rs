@@ -1103,6 +1103,25 @@ impl ReportingStore for ScyllaReportingStore {
         Ok(page)
     }
 
+    async fn clear_facts(&self) -> Result<()> {
+        let _one_writer = self.writer.lock().await;
+        for table in [
+            "reporting_facts",
+            "reporting_buckets",
+            "reporting_tenants",
+            "reporting_identities",
+            "reporting_by_member",
+            "reporting_members",
+        ] {
+            self.session
+                .query_unpaged(format!("TRUNCATE {table}"), ())
+                .await
+                .map_err(unavailable)?;
+        }
+        self.unreported.lock().map_err(|_| poisoned())?.clear();
+        Ok(())
+    }
+
     async fn ping(&self) -> Result<()> {
         self.meta("seq").await.map(|_| ())
     }
