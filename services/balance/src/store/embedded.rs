@@ -154,8 +154,7 @@ impl BalanceStore for EmbeddedBalanceStore {
     async fn account(&self, tenant_id: &str, member_id: &str) -> Result<Account> {
         let k = account_key(tenant_id, member_id);
         self.db
-            .read(move |txn| Ok(read_record(txn, MEMBERS, &k)?.unwrap_or_default()))
-            .await
+            .get(|txn| Ok(read_record(txn, MEMBERS, &k)?.unwrap_or_default()))
     }
 
     async fn record(

@@ -261,7 +261,7 @@ impl IdentityStore for EmbeddedIdentityStore {
 
     async fn member(&self, tenant_id: &str, member_id: &str) -> Result<Option<Member>> {
         let k = key(&[tenant_id, member_id]);
-        self.db.read(move |txn| read_record(txn, MEMBERS, &k)).await
+        self.db.get(|txn| read_record(txn, MEMBERS, &k))
     }
 
     async fn members_after(
@@ -302,7 +302,7 @@ impl IdentityStore for EmbeddedIdentityStore {
 
     async fn card(&self, tenant_id: &str, number: &str) -> Result<Option<Card>> {
         let k = key(&[tenant_id, number]);
-        self.db.read(move |txn| read_record(txn, CARDS, &k)).await
+        self.db.get(|txn| read_record(txn, CARDS, &k))
     }
 
     async fn cards_of_member(&self, tenant_id: &str, member_id: &str) -> Result<Vec<Card>> {
@@ -333,9 +333,7 @@ impl IdentityStore for EmbeddedIdentityStore {
 
     async fn profile(&self, tenant_id: &str, member_id: &str) -> Result<Option<Profile>> {
         let k = key(&[tenant_id, member_id]);
-        self.db
-            .read(move |txn| read_record(txn, PROFILES, &k))
-            .await
+        self.db.get(|txn| read_record(txn, PROFILES, &k))
     }
 
     async fn save_profile(
@@ -458,7 +456,7 @@ impl IdentityStore for EmbeddedIdentityStore {
 
     async fn merge_record(&self, tenant_id: &str, member_id: &str) -> Result<Option<MergeRecord>> {
         let k = key(&[tenant_id, member_id]);
-        self.db.read(move |txn| read_record(txn, MERGES, &k)).await
+        self.db.get(|txn| read_record(txn, MERGES, &k))
     }
 
     async fn save_merge_record(
@@ -567,9 +565,7 @@ impl IdentityStore for EmbeddedIdentityStore {
 
     async fn erasure(&self, tenant_id: &str, member_id: &str) -> Result<Option<Erasure>> {
         let k = key(&[tenant_id, member_id]);
-        self.db
-            .read(move |txn| read_record(txn, ERASURES, &k))
-            .await
+        self.db.get(|txn| read_record(txn, ERASURES, &k))
     }
 
     async fn set_block(
@@ -604,7 +600,7 @@ impl IdentityStore for EmbeddedIdentityStore {
 
     async fn member_block(&self, tenant_id: &str, member_id: &str) -> Result<Option<MemberBlock>> {
         let k = key(&[tenant_id, member_id]);
-        self.db.read(move |txn| read_record(txn, BLOCKS, &k)).await
+        self.db.get(|txn| read_record(txn, BLOCKS, &k))
     }
 
     async fn import_member(
@@ -804,9 +800,7 @@ impl IdentityStore for EmbeddedIdentityStore {
 
     async fn api_key(&self, key_id: &str) -> Result<Option<ApiKey>> {
         let id = key_id.to_string();
-        self.db
-            .read(move |txn| read_record(txn, API_KEYS, &id))
-            .await
+        self.db.get(|txn| read_record(txn, API_KEYS, &id))
     }
 
     async fn api_keys(
@@ -869,13 +863,12 @@ async fn lookup(
     table: TableDefinition<'static, &'static str, &'static str>,
     k: String,
 ) -> Result<Option<String>> {
-    db.read(move |txn| {
+    db.get(|txn| {
         let Some(t) = open_for_read(txn, table)? else {
             return Ok(None);
         };
         Ok(t.get(k.as_str()).map_err(e)?.map(|v| v.value().to_string()))
     })
-    .await
 }
 
 #[cfg(test)]

@@ -116,7 +116,7 @@ impl EmbeddedPromotionStore {
         table: Records,
         k: String,
     ) -> Result<Option<T>> {
-        self.db.read(move |txn| read_record(txn, table, &k)).await
+        self.db.get(|txn| read_record(txn, table, &k))
     }
 
     async fn upsert<T: Serialize + Clone + Send + 'static>(
@@ -237,8 +237,9 @@ impl PromotionStore for EmbeddedPromotionStore {
         let store_key = key(&[tenant_id, store_id]);
         let product_keys: Vec<String> = skus.iter().map(|s| key(&[tenant_id, s])).collect();
         let codes = codes.to_vec();
+        let keys = product_keys.len() + 2 * codes.len() + 3;
         self.db
-            .read(move |txn| {
+            .read_keys(keys, move |txn| {
                 let products = match open_for_read(txn, PRODUCTS)? {
                     Some(t) => product_keys
                         .iter()
@@ -454,7 +455,7 @@ impl PromotionStore for EmbeddedPromotionStore {
         let tenant = tenant_id.to_string();
         let names = names.to_vec();
         self.db
-            .read(move |txn| {
+            .read_keys(names.len(), move |txn| {
                 names
                     .iter()
                     .map(|n| read_counter(txn, &tenant, n))

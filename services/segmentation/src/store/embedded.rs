@@ -324,15 +324,13 @@ impl SegmentationStore for EmbeddedSegmentationStore {
 
     async fn features(&self, tenant_id: &str, member_id: &str) -> Result<Option<Features>> {
         let k = key(&[tenant_id, member_id]);
-        self.db
-            .read(move |txn| {
-                let Some(t) = open_for_read(txn, FEATURES)? else {
-                    return Ok(None);
-                };
-                let v = t.get(k.as_str()).map_err(e)?;
-                v.map(|v| Features::decode(v.value())).transpose()
-            })
-            .await
+        self.db.get(|txn| {
+            let Some(t) = open_for_read(txn, FEATURES)? else {
+                return Ok(None);
+            };
+            let v = t.get(k.as_str()).map_err(e)?;
+            v.map(|v| Features::decode(v.value())).transpose()
+        })
     }
 
     async fn features_page(
@@ -487,12 +485,10 @@ impl SegmentationStore for EmbeddedSegmentationStore {
 
     async fn member_segments(&self, tenant_id: &str, member_id: &str) -> Result<Vec<String>> {
         let k = key(&[tenant_id, member_id]);
-        self.db
-            .read(move |txn| {
-                let set: Option<BTreeSet<String>> = read_record(txn, MEMBERSHIP, &k)?;
-                Ok(set.unwrap_or_default().into_iter().collect())
-            })
-            .await
+        self.db.get(|txn| {
+            let set: Option<BTreeSet<String>> = read_record(txn, MEMBERSHIP, &k)?;
+            Ok(set.unwrap_or_default().into_iter().collect())
+        })
     }
 
     async fn segment_members(
