@@ -1042,13 +1042,20 @@ async fn microservices_reporting_is_rebuilt_from_the_running_services() {
     assert!(!ok && said.contains("stop it first"), "{said}");
     let (ok, said) = rebuild("rebuild-reporting", reporting_dir.path(), &peers[..2]).await;
     assert!(!ok && said.contains("peers.promotion"), "{said}");
+    // Where its facts are not a locked file (ScyllaDB), a reporting that answers at
+    // `peers.reporting` stops the rebuild too.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let mut with_reporting = peers.clone();
+    with_reporting.push(("LOYALTY_PEERS__REPORTING".into(), reporting.url()));
+    let (ok, said) = rebuild("rebuild-reporting", elsewhere.path(), &with_reporting).await;
+    assert!(!ok && said.contains("reporting is running"), "{said}");
     drop(reports);
     assert_eq!(reporting.stop().await, 0);
 
     // Its volume lost: a new directory, and the consumer group has acknowledged every event,
     // so whatever the new pod knows comes from the rebuild.
     let fresh = tempfile::tempdir().unwrap();
-    let (ok, said) = rebuild("rebuild-reporting", fresh.path(), &peers).await;
+    let (ok, said) = rebuild("rebuild-reporting", fresh.path(), &with_reporting).await;
     assert!(ok, "{said}");
     assert!(
         said.contains("4 purchases, 0 refunds, 3 ledger entries, 3 members"),

@@ -345,6 +345,8 @@ impl Identity {
         let members = self.store.members_after(after, limit).await?;
         let mut out = Vec::with_capacity(members.len());
         for m in members {
+            // A point read on this task per member: let other calls in between.
+            tokio::task::yield_now().await;
             let profile = self
                 .store
                 .profile(&m.tenant_id, &m.member_id)

@@ -50,6 +50,8 @@ use crate::wiring::{ServiceName, peer_channel};
 const PAGE: usize = 200;
 /// Attempts at one page from a peer before the rebuild gives up.
 const ATTEMPTS: u32 = 6;
+/// Largest page message accepted from a peer: a page stops at about 1 MiB plus one event.
+const MAX_PAGE_MESSAGE: usize = 16 * 1024 * 1024;
 
 /// What a rebuild read.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -229,6 +231,7 @@ impl RemoteReplay {
             ServiceName::Promotion => {
                 let request = ppb::ReplayPurchaseEventsRequest { cursor, limit };
                 let r = ppb::checkout_service_client::CheckoutServiceClient::new(channel)
+                    .max_decoding_message_size(MAX_PAGE_MESSAGE)
                     .replay_purchase_events(request)
                     .await?
                     .into_inner();
@@ -237,6 +240,7 @@ impl RemoteReplay {
             ServiceName::Balance => {
                 let request = bpb::ReplayLedgerEventsRequest { cursor, limit };
                 let r = bpb::balance_service_client::BalanceServiceClient::new(channel)
+                    .max_decoding_message_size(MAX_PAGE_MESSAGE)
                     .replay_ledger_events(request)
                     .await?
                     .into_inner();
@@ -245,6 +249,7 @@ impl RemoteReplay {
             _ => {
                 let request = ipb::ReplayMemberEventsRequest { cursor, limit };
                 let r = ipb::member_service_client::MemberServiceClient::new(channel)
+                    .max_decoding_message_size(MAX_PAGE_MESSAGE)
                     .replay_member_events(request)
                     .await?
                     .into_inner();
@@ -258,8 +263,8 @@ impl RemoteReplay {
 impl EventSource for RemoteReplay {
     async fn page(&self, cursor: &[u8], limit: usize) -> Result<replay::Page> {
         let mut attempt = 0;
+        let mut limit = u32::try_from(limit).unwrap_or(u32::MAX);
         loop {
-            let limit = u32::try_from(limit).unwrap_or(u32::MAX);
             match self.call(cursor.to_vec(), limit).await {
                 Ok((events, next)) => {
                     return Ok(replay::Page {
@@ -279,6 +284,10 @@ impl EventSource for RemoteReplay {
                         ) =>
                 {
                     tracing::warn!(service = %self.service, %status, "replay page failed; asking again");
+                    // A page that took too long is asked for in a smaller size.
+                    if status.code() == tonic::Code::DeadlineExceeded {
+                        limit = (limit / 2).max(1);
+                    }
                     tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
                     attempt += 1;
                 }
@@ -307,8 +316,37 @@ async fn reporting_store(config: &Config) -> anyhow::Result<(Arc<dyn ReportingSt
     Ok((Arc::new(store), path.display().to_string()))
 }
 
+/// Refuses when `service` answers at its `peers.*` address: a consumer must be stopped
+/// while its derived state is rebuilt (on ScyllaDB no file lock would stop this).
+async fn ensure_stopped(
+    config: &Config,
+    service: ServiceName,
+    url: &Option<String>,
+) -> anyhow::Result<()> {
+    if url.is_none() || config.storage.backend == Backend::Embedded {
+        return Ok(());
+    }
+    let channel = peer_channel(config, service, url)?;
+    let answered = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await;
+    // Only a peer that cannot be reached is taken as stopped: any answer, even a refusal,
+    // comes from a running process.
+    let stopped = matches!(
+        answered.map_err(|s| s.code()),
+        Err(tonic::Code::Unavailable | tonic::Code::DeadlineExceeded)
+    );
+    anyhow::ensure!(
+        stopped,
+        "{service} is running at {}: stop it first (scale it to 0), then rebuild",
+        url.as_deref().unwrap_or_default()
+    );
+    Ok(())
+}
+
 /// `loyalty rebuild-reporting`: returns what it read and where the facts are.
 pub async fn run(config: &Config) -> anyhow::Result<(Rebuilt, String)> {
+    ensure_stopped(config, ServiceName::Reporting, &config.peers.reporting).await?;
     let sources = Sources::of(config)?;
     let (store, place) = reporting_store(config).await?;
     sources.check().await?;
@@ -328,6 +366,12 @@ pub struct RebuiltSegmentation {
 
 /// `loyalty rebuild-segmentation`.
 pub async fn run_segmentation(config: &Config) -> anyhow::Result<RebuiltSegmentation> {
+    ensure_stopped(
+        config,
+        ServiceName::Segmentation,
+        &config.peers.segmentation,
+    )
+    .await?;
     let sources = Sources::of(config)?;
     let clock: SharedClock = Arc::new(SystemClock);
     let path = config.data_dir.join("segmentation.redb");

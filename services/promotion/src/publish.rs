@@ -130,25 +130,82 @@ impl Events for LogEvents {
 }
 
 /// The purchase history replayed: receipts in (tenant, receipt id) order, each committed
-/// receipt as its purchase event followed by its refunds' events. The cursor is the last
-/// receipt a page holds.
+/// receipt as its purchase event followed by its refunds' events. The cursor is (tenant,
+/// receipt, how many of the receipt's events were sent; 0: all of them), so a receipt with
+/// many large refunds spreads over pages.
+///
+/// Lines get their category and brand from the catalog as it is now (the store is kept with
+/// the receipt): what checkout published when nothing changed since.
 #[derive(Debug, Clone)]
 pub struct PurchaseReplay(pub Arc<dyn PromotionStore>);
+
+type PurchaseCursor = (String, String, u32);
+
+impl PurchaseReplay {
+    /// A stored receipt's events, in the order they were published.
+    async fn events(&self, p: &crate::purchase::Purchase) -> Result<Vec<Vec<u8>>> {
+        let (purchase, refunds) = stored_events(&*self.0, p).await?;
+        Ok(purchase
+            .map(encode_purchase)
+            .into_iter()
+            .chain(refunds.into_iter().map(encode_refund))
+            .collect())
+    }
+
+    /// Adds `events` from `skip` on to `page`, stopping once it is full: the cursor to
+    /// resume from then, `None` when every event went in.
+    fn fill(
+        page: &mut replay::Page,
+        events: Vec<Vec<u8>>,
+        skip: usize,
+        limit: usize,
+        at: (&str, &str),
+    ) -> Option<Vec<u8>> {
+        let total = events.len();
+        for (n, event) in events.into_iter().enumerate().skip(skip) {
+            page.events.push(event);
+            if page.is_full(limit) {
+                let sent = if n + 1 == total { 0 } else { n + 1 };
+                return Some(replay::cursor(&(at.0, at.1, sent as u32)));
+            }
+        }
+        None
+    }
+}
 
 #[async_trait::async_trait]
 impl EventSource for PurchaseReplay {
     async fn page(&self, cursor: &[u8], limit: usize) -> Result<replay::Page> {
-        let after = replay::position::<(String, String)>(cursor)?;
-        let purchases = self.0.purchases_after(after, limit).await?;
         let mut page = replay::Page::default();
+        let after = match replay::position::<PurchaseCursor>(cursor)? {
+            None => None,
+            Some((tenant, receipt, 0)) => Some((tenant, receipt)),
+            // Inside a receipt: the rest of its events first.
+            Some((tenant, receipt, sent)) => {
+                if let Some(p) = self.0.purchase(&tenant, &receipt).await? {
+                    let events = self.events(&p).await?;
+                    let at = (tenant.as_str(), receipt.as_str());
+                    if let Some(next) = Self::fill(&mut page, events, sent as usize, limit, at) {
+                        page.next = Some(next);
+                        return Ok(page);
+                    }
+                }
+                Some((tenant, receipt))
+            }
+        };
+        let purchases = self.0.purchases_after(after, limit).await?;
         for (n, p) in purchases.iter().enumerate() {
-            let (purchase, refunds) = stored_events(&*self.0, p).await?;
-            page.events.extend(purchase.map(encode_purchase));
-            page.events.extend(refunds.into_iter().map(encode_refund));
-            if page.is_full(limit) || n + 1 == limit {
-                let at = (&p.receipt.tenant_id, &p.receipt.receipt_id);
-                page.next = Some(replay::cursor(&at));
-                break;
+            // Reading a receipt's catalog is a few point reads on this task: let the
+            // till's calls in between.
+            tokio::task::yield_now().await;
+            let events = self.events(p).await?;
+            let at = (p.receipt.tenant_id.as_str(), p.receipt.receipt_id.as_str());
+            if let Some(next) = Self::fill(&mut page, events, 0, limit, at) {
+                page.next = Some(next);
+                return Ok(page);
+            }
+            if n + 1 == limit {
+                page.next = Some(replay::cursor(&(at.0, at.1, 0_u32)));
             }
         }
         Ok(page)

@@ -1113,8 +1113,13 @@ impl ReportingStore for ScyllaReportingStore {
             "reporting_by_member",
             "reporting_members",
         ] {
+            // TRUNCATE flushes (and, with `auto_snapshot`, snapshots) the table on every node:
+            // far longer than a request's usual deadline.
+            let mut truncate =
+                scylla::statement::unprepared::Statement::new(format!("TRUNCATE {table}"));
+            truncate.set_request_timeout(Some(std::time::Duration::from_secs(600)));
             self.session
-                .query_unpaged(format!("TRUNCATE {table}"), ())
+                .query_unpaged(truncate, ())
                 .await
                 .map_err(unavailable)?;
         }
