@@ -50,6 +50,8 @@ use crate::wiring::{ServiceName, peer_channel};
 const PAGE: usize = 200;
 /// Attempts at one page from a peer before the rebuild gives up.
 const ATTEMPTS: u32 = 6;
+/// How often a rebuild says how far it got.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// Largest page message accepted from a peer: a page stops at about 1 MiB plus one event.
 const MAX_PAGE_MESSAGE: usize = 16 * 1024 * 1024;
 
@@ -63,6 +65,22 @@ pub struct Rebuilt {
 }
 
 impl Rebuilt {
+    fn events(&self) -> usize {
+        self.purchases + self.refunds + self.ledger_entries + self.members
+    }
+
+    /// A line on stderr: a long rebuild shows it is moving, and how fast.
+    fn progress(&self, reading: &str, elapsed: Duration) {
+        eprintln!(
+            "loyalty: reading the {reading}; so far {} purchases, {} refunds, {} ledger entries, {} members ({:.0} events/s)",
+            self.purchases,
+            self.refunds,
+            self.ledger_entries,
+            self.members,
+            self.events() as f64 / elapsed.as_secs_f64().max(0.001)
+        );
+    }
+
     fn count(&mut self, payload: &[u8]) {
         match epb::Event::decode(payload).ok().and_then(|e| e.kind) {
             Some(epb::event::Kind::Purchase(_)) => self.purchases += 1,
@@ -283,7 +301,13 @@ impl EventSource for RemoteReplay {
                                 | tonic::Code::ResourceExhausted
                         ) =>
                 {
-                    tracing::warn!(service = %self.service, %status, "replay page failed; asking again");
+                    // The commands log nowhere else: say it where the operator watches.
+                    eprintln!(
+                        "loyalty: {} did not answer a replay page ({}: {}); asking again",
+                        self.service,
+                        status.code(),
+                        status.message()
+                    );
                     // A page that took too long is asked for in a smaller size.
                     if status.code() == tonic::Code::DeadlineExceeded {
                         limit = (limit / 2).max(1);
@@ -400,6 +424,8 @@ pub async fn run_segmentation(config: &Config) -> anyhow::Result<RebuiltSegmenta
 /// Replays the purchase history, the ledger and the members, in that order, into `into`.
 async fn replay(sources: &Sources, into: &mut dyn Sink) -> anyhow::Result<Rebuilt> {
     let mut done = Rebuilt::default();
+    let started = std::time::Instant::now();
+    let mut said = started;
     for (name, source) in sources.each() {
         let mut cursor = Vec::new();
         loop {
@@ -411,6 +437,10 @@ async fn replay(sources: &Sources, into: &mut dyn Sink) -> anyhow::Result<Rebuil
                 done.count(event);
             }
             into.take(page.events).await?;
+            if said.elapsed() >= PROGRESS_EVERY {
+                said = std::time::Instant::now();
+                done.progress(name, started.elapsed());
+            }
             match page.next {
                 Some(next) => cursor = next,
                 None => break,
