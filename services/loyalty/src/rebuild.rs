@@ -36,7 +36,6 @@ use loyalty_promotion::store::embedded::EmbeddedPromotionStore;
 use loyalty_proto::events::v1 as epb;
 use loyalty_reporting::fact::TenantFact;
 use loyalty_reporting::store::ReportingStore;
-use loyalty_reporting::store::embedded::EmbeddedReportingStore;
 use loyalty_segmentation::Segmentation;
 use loyalty_segmentation::store::embedded::EmbeddedSegmentationStore;
 use loyalty_segmentation::store::{RuleBook, SegmentationStore};
@@ -103,12 +102,7 @@ fn open<T>(
         "{} does not exist: nothing to rebuild from",
         path.display()
     );
-    open(&path).with_context(|| {
-        format!(
-            "opening {} (is a server still running on this data directory? stop it first)",
-            path.display()
-        )
-    })
+    open(&path).with_context(|| in_use(&path, "a server"))
 }
 
 /// Where replayed events go: a batch of encoded `loyalty.events.v1.Event`s at a time.
@@ -321,23 +315,23 @@ impl EventSource for RemoteReplay {
     }
 }
 
-/// Where `loyalty rebuild-reporting` stores the facts.
+/// Where `loyalty rebuild-reporting` stores the facts, and its name for messages.
 async fn reporting_store(config: &Config) -> anyhow::Result<(Arc<dyn ReportingStore>, String)> {
+    let store = crate::wiring::reporting_store(config).await;
     if config.storage.backend == Backend::Scylla {
-        let session = loyalty_platform::scylla::connect(&config.storage.scylla).await?;
-        let store = loyalty_reporting::store::scylla::ScyllaReportingStore::new(session)
-            .await
-            .context("preparing reporting's statements (has `loyalty migrate` run?)")?;
-        return Ok((Arc::new(store), "ScyllaDB".into()));
+        return Ok((store?, "ScyllaDB".into()));
     }
     let path = config.data_dir.join("reporting.redb");
-    let store = EmbeddedReportingStore::open(&path).with_context(|| {
-        format!(
-            "opening {} (is reporting still running on this data directory? stop it first)",
-            path.display()
-        )
-    })?;
-    Ok((Arc::new(store), path.display().to_string()))
+    let store = store.with_context(|| in_use(&path, "reporting"))?;
+    Ok((store, path.display().to_string()))
+}
+
+/// What to say when a store file of `service` cannot be opened.
+fn in_use(path: &Path, service: &str) -> String {
+    format!(
+        "opening {} (is {service} still running on this data directory? stop it first)",
+        path.display()
+    )
 }
 
 /// Refuses when `service` answers at its `peers.*` address: a consumer must be stopped
@@ -399,13 +393,9 @@ pub async fn run_segmentation(config: &Config) -> anyhow::Result<RebuiltSegmenta
     let sources = Sources::of(config)?;
     let clock: SharedClock = Arc::new(SystemClock);
     let path = config.data_dir.join("segmentation.redb");
-    let store: Arc<dyn SegmentationStore> =
-        Arc::new(EmbeddedSegmentationStore::open(&path).with_context(|| {
-            format!(
-                "opening {} (is segmentation still running on this data directory? stop it first)",
-                path.display()
-            )
-        })?);
+    let store: Arc<dyn SegmentationStore> = Arc::new(
+        EmbeddedSegmentationStore::open(&path).with_context(|| in_use(&path, "segmentation"))?,
+    );
     // Every source answers before the features are cleared: a missing one changes nothing.
     sources.check().await?;
     store.clear_features().await?;

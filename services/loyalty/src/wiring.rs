@@ -205,6 +205,26 @@ pub(crate) fn peer_channel(
     .with_context(|| format!("bad configuration: `peers.{name}` is not a valid URL"))
 }
 
+/// Reporting's facts: in ScyllaDB on the scylla backend, in the data directory's
+/// `reporting.redb` otherwise.
+pub(crate) async fn reporting_store(
+    config: &Config,
+) -> anyhow::Result<Arc<dyn loyalty_reporting::store::ReportingStore>> {
+    if config.storage.backend == Backend::Scylla {
+        let session = loyalty_platform::scylla::connect(&config.storage.scylla).await?;
+        return Ok(Arc::new(
+            loyalty_reporting::store::scylla::ScyllaReportingStore::new(session)
+                .await
+                .context("preparing reporting's statements (has `loyalty migrate` run?)")?,
+        ));
+    }
+    Ok(Arc::new(
+        loyalty_reporting::store::embedded::EmbeddedReportingStore::open(
+            &config.data_dir.join("reporting.redb"),
+        )?,
+    ))
+}
+
 /// Opens the stores of `services` and builds their routes and health checks.
 pub async fn build(
     config: &Config,
@@ -535,21 +555,7 @@ pub async fn build(
         // Reporting keeps its facts in ScyllaDB on the scylla backend, in its embedded store
         // otherwise (one replica either way: the rollups live in its memory; the chart pins
         // it), and rebuilds its rollups from them here.
-        let store: Arc<dyn loyalty_reporting::store::ReportingStore> =
-            if config.storage.backend == Backend::Scylla {
-                let session = loyalty_platform::scylla::connect(&config.storage.scylla).await?;
-                Arc::new(
-                    loyalty_reporting::store::scylla::ScyllaReportingStore::new(session)
-                        .await
-                        .context("preparing reporting's statements (has `loyalty migrate` run?)")?,
-                )
-            } else {
-                Arc::new(
-                    loyalty_reporting::store::embedded::EmbeddedReportingStore::open(
-                        &dir.join("reporting.redb"),
-                    )?,
-                )
-            };
+        let store = reporting_store(config).await?;
         let started = std::time::Instant::now();
         // The segment filter asks segmentation, in process or over gRPC.
         let segments: Arc<dyn loyalty_reporting::ports::SegmentMembers> = match &segmentation {

@@ -16,8 +16,8 @@ use crate::grpc::to_status;
 pub const MAX_PAGE: usize = 1000;
 /// Events a page holds when the caller does not say.
 pub const DEFAULT_PAGE: usize = 500;
-/// A page stops growing once its events take this many bytes, so it always fits a gRPC
-/// message (a page holds at least one record's events, however large).
+/// A page stops growing once its events take this many bytes, so it fits a gRPC message
+/// (it may pass the bound by one event).
 pub const PAGE_BYTES: usize = 1 << 20;
 /// Largest cursor accepted.
 pub const MAX_CURSOR_BYTES: usize = 4096;
@@ -40,8 +40,8 @@ impl Page {
 /// A producer's stored records, replayed.
 #[async_trait::async_trait]
 pub trait EventSource: Send + Sync {
-    /// The page after `cursor` (empty: from the start), about `limit` events (a record's
-    /// events are never split across pages).
+    /// The page after `cursor` (empty: from the start): at most `limit` events, fewer
+    /// once they take [`PAGE_BYTES`].
     async fn page(&self, cursor: &[u8], limit: usize) -> Result<Page>;
 }
 
