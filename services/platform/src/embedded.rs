@@ -326,6 +326,11 @@ impl EmbeddedDb {
 }
 
 fn writer_loop(db: &Current, path: &Path, mut queue: mpsc::Receiver<Work>) {
+    let store = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("db")
+        .to_string();
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.blocking_recv() {
         let mut rewrite = None;
@@ -341,6 +346,10 @@ fn writer_loop(db: &Current, path: &Path, mut queue: mpsc::Receiver<Work>) {
             }
         }
         if !batch.is_empty() {
+            // Looked up per batch: the store may open before the metrics recorder is set.
+            metrics::counter!("loyalty_store_commits_total", "store" => store.clone()).increment(1);
+            metrics::counter!("loyalty_store_writes_total", "store" => store.clone())
+                .increment(batch.len() as u64);
             commit_batch(&current(db), &mut batch);
         }
         if let Some(Rewrite { finish, reply }) = rewrite {
