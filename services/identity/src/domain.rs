@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::events::{MemberEvents, MemberSnapshot, NoMemberEvents};
 use crate::lifecycle::{MemberPoints, NoPoints};
-use crate::store::{IdentityStore, Replaced, Saved};
+use crate::store::{CardHolder, IdentityStore, Replaced, Saved};
 
 pub(crate) const MAX_NAME_LEN: usize = 100;
 pub(crate) const MAX_EMAIL_LEN: usize = 254;
@@ -23,6 +23,14 @@ pub enum MemberStatus {
     Erased,
     /// Blocked by the back office (fraud): refused at the POS, in the app and by balance.
     Blocked,
+}
+
+/// What [`Identity::lookup_by_card`] found: an active member, the card and the profile.
+#[derive(Debug, Clone)]
+pub struct CardLookup {
+    pub member: Member,
+    pub card: Card,
+    pub profile: Profile,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -779,14 +787,20 @@ impl Identity {
     }
 
     /// The POS lookup by card: refuses blocked, replaced and unbound cards with the reason.
-    pub async fn lookup_by_card(&self, tenant_id: &str, number: &str) -> Result<(Member, Card)> {
+    /// The card, its member and the profile come from one read of the store when the card's
+    /// member is active; a merged member's survivor takes reads of its own.
+    pub async fn lookup_by_card(&self, tenant_id: &str, number: &str) -> Result<CardLookup> {
         let mut v = Violations::new();
         check_tenant(&mut v, tenant_id);
         check_card_number(&mut v, number, "card_number");
         v.finish()?;
-        let card = self
+        let CardHolder {
+            card,
+            member,
+            profile,
+        } = self
             .store
-            .card(tenant_id, number)
+            .card_holder(tenant_id, number)
             .await?
             .ok_or_else(|| Error::NotFound(format!("card {number} not found")))?;
         let member_id = match (&card.status, &card.member_id) {
@@ -808,8 +822,21 @@ impl Identity {
                 )));
             }
         };
-        let member = self.indexed(tenant_id, &member_id, "card").await?;
-        Ok((Self::usable(member)?, card))
+        let (member, profile) = match member {
+            Some(m) if m.status == MemberStatus::Active => (m, profile.unwrap_or_default()),
+            // Merged (resolved to its survivor), blocked, erased or missing: the general path
+            // says which.
+            _ => {
+                let m = Self::usable(self.indexed(tenant_id, &member_id, "card").await?)?;
+                let p = self.profile(tenant_id, &m.member_id).await?;
+                (m, p)
+            }
+        };
+        Ok(CardLookup {
+            member,
+            card,
+            profile,
+        })
     }
 
     /// Lookup by phone, normalized like at registration.

@@ -370,31 +370,29 @@ impl MemberService for Api {
     ) -> Result<Response<pb::LookupMemberResponse>, Status> {
         let r = request.into_inner();
         use pb::lookup_member_request::Key;
-        let (member, card) = match r.key {
+        let member = match r.key {
             Some(Key::CardNumber(number)) => {
-                let (m, c) = self
+                let found = self
                     .0
                     .lookup_by_card(&r.tenant_id, &number)
                     .await
                     .map_err(to_status)?;
-                (m, Some(card_to_proto(&c)))
+                // Active (a lookup answers no other), so there is no block reason to read.
+                return Ok(Response::new(pb::LookupMemberResponse {
+                    member: Some(self.shown(&found.member, &found.profile)),
+                    card: Some(card_to_proto(&found.card)),
+                }));
             }
-            Some(Key::Phone(phone)) => {
-                let m = self
-                    .0
-                    .lookup_by_phone(&r.tenant_id, &phone, &r.default_region)
-                    .await
-                    .map_err(to_status)?;
-                (m, None)
-            }
-            Some(Key::Email(email)) => {
-                let m = self
-                    .0
-                    .lookup_by_email(&r.tenant_id, &email)
-                    .await
-                    .map_err(to_status)?;
-                (m, None)
-            }
+            Some(Key::Phone(phone)) => self
+                .0
+                .lookup_by_phone(&r.tenant_id, &phone, &r.default_region)
+                .await
+                .map_err(to_status)?,
+            Some(Key::Email(email)) => self
+                .0
+                .lookup_by_email(&r.tenant_id, &email)
+                .await
+                .map_err(to_status)?,
             None => {
                 return Err(to_status(loyalty_platform::Error::invalid(
                     "key",
@@ -404,7 +402,7 @@ impl MemberService for Api {
         };
         Ok(Response::new(pb::LookupMemberResponse {
             member: Some(self.view(&member).await?),
-            card,
+            card: None,
         }))
     }
 

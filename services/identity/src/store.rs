@@ -3,7 +3,7 @@
 
 use loyalty_platform::error::Result;
 
-use crate::domain::{Card, CardStatus, Inserted, Member, Profile};
+use crate::domain::{Card, CardStatus, Inserted, Member, MemberStatus, Profile};
 use crate::keys::ApiKey;
 use crate::lifecycle::{Erasure, ImportRow, MemberBlock, MergeRecord};
 
@@ -40,6 +40,18 @@ pub enum Replaced {
     NewChanged,
 }
 
+/// What the POS lookup by card reads: the card, the member it is bound to and that member's
+/// profile ([`IdentityStore::card_holder`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CardHolder {
+    pub card: Card,
+    /// The member an active card is bound to, as stored (merged ones too); `None` for a card
+    /// that is not active and bound, or whose member is missing.
+    pub member: Option<Member>,
+    /// The profile of `member` when it is stored active (`None`: none saved yet).
+    pub profile: Option<Profile>,
+}
+
 pub mod conformance;
 mod conformance_lifecycle;
 pub mod embedded;
@@ -64,6 +76,28 @@ pub trait IdentityStore: Send + Sync + std::fmt::Debug {
     async fn insert_card(&self, card: &Card) -> Result<bool>;
     async fn card(&self, tenant_id: &str, number: &str) -> Result<Option<Card>>;
     async fn cards_of_member(&self, tenant_id: &str, member_id: &str) -> Result<Vec<Card>>;
+    /// The card with its member and profile, read together: a backend with snapshot reads
+    /// answers from one snapshot; this default reads them one after the other.
+    async fn card_holder(&self, tenant_id: &str, number: &str) -> Result<Option<CardHolder>> {
+        let Some(card) = self.card(tenant_id, number).await? else {
+            return Ok(None);
+        };
+        let member = match (&card.status, &card.member_id) {
+            (CardStatus::Active, Some(id)) => self.member(tenant_id, id).await?,
+            _ => None,
+        };
+        let profile = match &member {
+            Some(m) if m.status == MemberStatus::Active => {
+                self.profile(tenant_id, &m.member_id).await?
+            }
+            _ => None,
+        };
+        Ok(Some(CardHolder {
+            card,
+            member,
+            profile,
+        }))
+    }
     /// The member's profile; `None` before its first update.
     async fn profile(&self, tenant_id: &str, member_id: &str) -> Result<Option<Profile>>;
     /// Writes `member` and `profile` together if the stored profile's version is `expected`

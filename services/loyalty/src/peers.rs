@@ -41,7 +41,12 @@ impl Members for LocalMembers {
         let member_id = match id {
             Identification::None => return Ok(None),
             Identification::Card(number) => {
-                self.0.lookup_by_card(tenant_id, number).await?.0.member_id
+                // The lookup read the profile already.
+                let found = self.0.lookup_by_card(tenant_id, number).await?;
+                return Ok(Some(resolved_locally(
+                    found.member.member_id,
+                    with_profile.then_some(found.profile),
+                )));
             }
             Identification::Member(member_id) => {
                 self.0.usable_member(tenant_id, member_id).await?.member_id
@@ -53,21 +58,33 @@ impl Members for LocalMembers {
                     .member_id
             }
         };
-        let mut resolved = Resolved {
-            member_id,
-            ..Resolved::default()
+        let profile = match with_profile {
+            true => Some(self.0.profile(tenant_id, &member_id).await?),
+            false => None,
         };
-        if with_profile {
-            let profile = self.0.profile(tenant_id, &resolved.member_id).await?;
-            resolved.birthday = profile.birthday.map(|d| (d.month, d.day));
-            resolved.attributes = profile.attributes;
-        }
-        Ok(Some(resolved))
+        Ok(Some(resolved_locally(member_id, profile)))
     }
 
     async fn ping(&self) -> Result<()> {
         self.0.store().ping().await
     }
+}
+
+/// A member resolved in process, with the birthday and attributes campaigns target when
+/// `profile` was read.
+fn resolved_locally(
+    member_id: String,
+    profile: Option<loyalty_identity::domain::Profile>,
+) -> Resolved {
+    let mut resolved = Resolved {
+        member_id,
+        ..Resolved::default()
+    };
+    if let Some(profile) = profile {
+        resolved.birthday = profile.birthday.map(|d| (d.month, d.day));
+        resolved.attributes = profile.attributes;
+    }
+    resolved
 }
 
 #[derive(Debug, Clone)]

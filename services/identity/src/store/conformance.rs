@@ -43,6 +43,7 @@ pub async fn run_all(store: &dyn IdentityStore) {
     uniqueness_writes_nothing(store).await;
     tenants_are_isolated(store).await;
     cards(store).await;
+    card_holders(store).await;
     card_lifecycle(store).await;
     profiles(store).await;
     members_in_order(store).await;
@@ -268,6 +269,92 @@ async fn cards(store: &dyn IdentityStore) {
     assert_eq!(numbers, ["100000001", "100000002"]);
     assert!(store.cards_of_member("t2", "m1").await.unwrap().is_empty());
     assert_eq!(store.card("t2", "100000001").await.unwrap(), None);
+}
+
+async fn card_holders(store: &dyn IdentityStore) {
+    let with_profile = member("ch", "h1", "+77010000201", "CODECH01");
+    let without = member("ch", "h2", "+77010000202", "CODECH02");
+    let blocked = Member {
+        status: MemberStatus::Blocked,
+        ..member("ch", "h3", "+77010000203", "CODECH03")
+    };
+    for m in [&with_profile, &without, &blocked] {
+        assert_eq!(store.insert_member(m).await.unwrap(), Inserted::Done);
+    }
+    let profile = Profile {
+        version: 1,
+        gender: Gender::Male,
+        ..Profile::default()
+    };
+    assert_eq!(
+        store
+            .save_profile(&with_profile, &profile, 0)
+            .await
+            .unwrap(),
+        Saved::Done
+    );
+    let blocked_card = Card {
+        status: CardStatus::Blocked(crate::domain::BlockReason::Lost),
+        ..card("ch", "200000005", Some("h1"))
+    };
+    for c in [
+        card("ch", "200000001", Some("h1")),
+        card("ch", "200000002", Some("h2")),
+        card("ch", "200000003", None),
+        card("ch", "200000004", Some("gone")),
+        card("ch", "200000006", Some("h3")),
+        blocked_card.clone(),
+    ] {
+        assert!(store.insert_card(&c).await.unwrap());
+    }
+    let holder = |number: &'static str| async move {
+        store.card_holder("ch", number).await.unwrap().unwrap()
+    };
+
+    let h = holder("200000001").await;
+    assert_eq!(h.card, card("ch", "200000001", Some("h1")));
+    assert_eq!(h.member, Some(with_profile.clone()));
+    assert_eq!(
+        h.profile,
+        Some(profile),
+        "an active member's profile comes along"
+    );
+
+    let h = holder("200000002").await;
+    assert_eq!(h.member, Some(without));
+    assert_eq!(h.profile, None, "no profile saved yet");
+
+    let h = holder("200000003").await;
+    assert_eq!(
+        (h.member, h.profile),
+        (None, None),
+        "an unbound card names nobody"
+    );
+    let h = holder("200000004").await;
+    assert_eq!(
+        (h.member, h.profile),
+        (None, None),
+        "a missing member is none"
+    );
+
+    let h = holder("200000005").await;
+    assert_eq!(h.card, blocked_card);
+    assert_eq!(
+        (h.member, h.profile),
+        (None, None),
+        "a blocked card's member is not read"
+    );
+
+    let h = holder("200000006").await;
+    assert_eq!(h.member, Some(blocked), "the member as stored");
+    assert_eq!(h.profile, None, "only an active member's profile is read");
+
+    assert_eq!(store.card_holder("ch", "200000009").await.unwrap(), None);
+    assert_eq!(
+        store.card_holder("other", "200000001").await.unwrap(),
+        None,
+        "tenants are apart"
+    );
 }
 
 async fn card_lifecycle(store: &dyn IdentityStore) {

@@ -9,7 +9,7 @@ use loyalty_platform::embedded::{
 use loyalty_platform::error::Result;
 use redb::{ReadableTable, TableDefinition};
 
-use super::{IdentityStore, Imported, Replaced, Saved};
+use super::{CardHolder, IdentityStore, Imported, Replaced, Saved};
 use crate::domain::{Card, CardStatus, Inserted, Member, MemberStatus, Profile};
 use crate::keys::ApiKey;
 use crate::lifecycle::{Erasure, ImportRow, MemberBlock, MergeRecord};
@@ -303,6 +303,32 @@ impl IdentityStore for EmbeddedIdentityStore {
     async fn card(&self, tenant_id: &str, number: &str) -> Result<Option<Card>> {
         let k = key(&[tenant_id, number]);
         self.db.get(|txn| read_record(txn, CARDS, &k))
+    }
+
+    async fn card_holder(&self, tenant_id: &str, number: &str) -> Result<Option<CardHolder>> {
+        let card_key = key(&[tenant_id, number]);
+        self.db.get(|txn| {
+            let Some(card) = read_record::<Card>(txn, CARDS, &card_key)? else {
+                return Ok(None);
+            };
+            let member = match (&card.status, &card.member_id) {
+                (CardStatus::Active, Some(id)) => {
+                    read_record::<Member>(txn, MEMBERS, &key(&[tenant_id, id]))?
+                }
+                _ => None,
+            };
+            let profile = match &member {
+                Some(m) if m.status == MemberStatus::Active => {
+                    read_record(txn, PROFILES, &key(&[tenant_id, &m.member_id]))?
+                }
+                _ => None,
+            };
+            Ok(Some(CardHolder {
+                card,
+                member,
+                profile,
+            }))
+        })
     }
 
     async fn cards_of_member(&self, tenant_id: &str, member_id: &str) -> Result<Vec<Card>> {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use loyalty_platform::error::Result;
 use loyalty_platform::telemetry::in_db_span;
 
-use super::{IdentityStore, Imported, Replaced, Saved};
+use super::{CardHolder, IdentityStore, Imported, Replaced, Saved};
 use crate::domain::{Card, CardStatus, Inserted, Member, Profile};
 use crate::keys::ApiKey;
 use crate::lifecycle::{Erasure, ImportRow, MemberBlock, MergeRecord};
@@ -71,6 +71,14 @@ impl IdentityStore for Traced {
             self.system,
             "identity.card",
             self.inner.card(tenant_id, number),
+        )
+        .await
+    }
+    async fn card_holder(&self, tenant_id: &str, number: &str) -> Result<Option<CardHolder>> {
+        in_db_span(
+            self.system,
+            "identity.card_holder",
+            self.inner.card_holder(tenant_id, number),
         )
         .await
     }
