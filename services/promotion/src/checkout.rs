@@ -23,7 +23,7 @@ use crate::ports::{HoldState, Members, Points, Redeemed, Segments};
 use crate::program::{MONEY_SCALE, Program, Rounding};
 use crate::purchase::{
     MAX_REFUNDS_PER_RECEIPT, Purchase, PurchaseState, Refund, RefundOutcome, accrue_key, bonus_key,
-    fingerprint, redeem_excess_key, redeem_key, refund_key, release_hold_key,
+    fingerprint, redeem_excess_key, redeem_key, refund_bonus_key, refund_key, release_hold_key,
 };
 use crate::receipt::{MAX_LINES, MAX_RECEIPT_ID_LEN, Receipt, parse_decimal};
 use crate::store::{PromotionStore, Put};
@@ -748,25 +748,48 @@ impl Checkout {
             .await
     }
 
-    /// Finishes commits whose caller never retried: pending purchases evaluated more than
-    /// `age_ms` ago are finished exactly as a retry would finish them (the same keys, the
-    /// same event), so their points move, their claims count, and segmentation and
-    /// reporting hear of them. Returns how many were finished; one that fails stays pending
-    /// for the next round.
+    /// Finishes what callers left unfinished more than `age_ms` ago, exactly as their retry
+    /// would (the same keys, the same events):
+    /// - a pending commit: its points move, its claims count, and segmentation and reporting
+    ///   hear of it;
+    /// - an accepted refund whose points did not move (its budgets and limits were given
+    ///   back when it was accepted): its points move and its event goes out.
+    ///
+    /// Returns how many commits and refunds were finished; one that fails stays for the
+    /// next round.
     pub async fn repair_stale(&self, age_ms: Millis, limit: usize) -> Result<usize> {
         let before = self.clock.now_ms() - age_ms;
         let mut finished = 0;
-        for (tenant, receipt) in self.store.stale_pending(before, limit).await? {
+        for (tenant, receipt) in self.store.stale_unsettled(before, limit).await? {
             let Some(p) = self.store.purchase(&tenant, &receipt).await? else {
                 continue;
             };
-            if !p.state.is_pending() {
+            if p.state.is_pending() {
+                match self.committed(p, None).await {
+                    Ok(_) => finished += 1,
+                    Err(err) => {
+                        tracing::warn!(%tenant, %receipt, error = %err, "finishing a stale commit failed; it stays pending");
+                    }
+                }
                 continue;
             }
-            match self.committed(p, None).await {
-                Ok(_) => finished += 1,
-                Err(err) => {
-                    tracing::warn!(%tenant, %receipt, error = %err, "finishing a stale commit failed; it stays pending");
+            let unsettled: Vec<Refund> = p
+                .refunds
+                .iter()
+                .filter(|r| r.outcome.is_none())
+                .cloned()
+                .collect();
+            for refund in unsettled {
+                // Each finished refund writes the purchase: read it again for the next.
+                let Some(p) = self.store.purchase(&tenant, &receipt).await? else {
+                    break;
+                };
+                let refund_id = refund.refund_id.clone();
+                match self.refunded(p, refund).await {
+                    Ok(_) => finished += 1,
+                    Err(err) => {
+                        tracing::warn!(%tenant, %receipt, %refund_id, error = %err, "finishing a stale refund failed; its points have not moved");
+                    }
                 }
             }
         }
@@ -910,13 +933,12 @@ impl Checkout {
                 if *amount <= 0 {
                     continue;
                 }
-                let what = format!("bonus:{}", bonus.campaign_id);
                 let r = self
                     .points
                     .reverse(
                         &tenant,
                         &m.member_id,
-                        &refund_key(&id, &refund.refund_id, &what),
+                        &refund_bonus_key(&id, &refund.refund_id, &bonus.campaign_id),
                         &bonus_key(&id, &bonus.campaign_id),
                         *amount,
                         &id,
@@ -1244,6 +1266,7 @@ mod tests {
         vanish_before_redeem: i64,
         accrual_failures: u32,
         confirm_failures: u32,
+        reverse_failures: u32,
         done: HashMap<String, i64>,
         applied: Vec<(String, i64)>,
         /// Hold id → the hold (its points are out of `active` while it is open).
@@ -1396,6 +1419,10 @@ mod tests {
             _: &str,
         ) -> Result<Reversal> {
             let mut s = self.state.lock().unwrap();
+            if s.reverse_failures > 0 {
+                s.reverse_failures -= 1;
+                return Err(Error::Unavailable("balance is restarting".into()));
+            }
             if !s.done.contains_key(key) {
                 s.done.insert(key.into(), amount);
                 s.applied.push((key.into(), amount));
@@ -1793,6 +1820,60 @@ mod tests {
         let c = checkout.commit(receipt(20_000), None).await.unwrap();
         assert_eq!(c.evaluation.points_accrued, 800);
         assert_eq!(ledger.state.lock().unwrap().applied.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_refund_whose_points_did_not_move_is_finished_by_the_repair() {
+        let ledger = Arc::new(Ledger::default());
+        ledger.state.lock().unwrap().active = 100_000;
+        let (_dir, checkout, clock) = checkout_at(ledger.clone(), ManualClock::at(1_000)).await;
+        let c = checkout.commit(receipt(0), None).await.unwrap();
+        assert_eq!(c.evaluation.points_accrued, 1_000);
+        ledger.state.lock().unwrap().reverse_failures = 1;
+        let line = [("1".to_string(), "1".to_string())];
+        assert!(matches!(
+            checkout.refund("t", "r1", "f1", &line).await,
+            Err(Error::Unavailable(_))
+        ));
+        // Accepted (its quantity counts), its points not moved: the till gave up on it.
+        let p = checkout.purchase("t", "r1").await.unwrap();
+        assert_eq!(p.refunds.len(), 1);
+        assert_eq!(p.refunds[0].outcome, None);
+        assert!(
+            checkout.refund("t", "r1", "f2", &line).await.is_err(),
+            "the line is refunded already"
+        );
+        assert_eq!(
+            checkout.repair_stale(60_000, 100).await.unwrap(),
+            0,
+            "too young"
+        );
+
+        clock.advance(120_000);
+        assert_eq!(checkout.repair_stale(60_000, 100).await.unwrap(), 1);
+        let p = checkout.purchase("t", "r1").await.unwrap();
+        let outcome = p.refunds[0].outcome.expect("settled by the repair");
+        assert_eq!(outcome.points_reversed, 1_000);
+        let reversals = |ledger: &Ledger| {
+            ledger
+                .state
+                .lock()
+                .unwrap()
+                .applied
+                .iter()
+                .filter(|(k, _)| k.contains(":refund:"))
+                .count()
+        };
+        assert_eq!(reversals(&ledger), 1);
+        assert_eq!(
+            checkout.repair_stale(60_000, 100).await.unwrap(),
+            0,
+            "nothing left"
+        );
+        // The till's late retry gets the same answer and moves nothing more.
+        let again = checkout.refund("t", "r1", "f1", &line).await.unwrap();
+        assert_eq!(again.outcome, outcome);
+        assert_eq!(reversals(&ledger), 1);
     }
 
     #[tokio::test]

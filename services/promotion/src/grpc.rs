@@ -256,6 +256,12 @@ fn purchase_to_proto(p: &Purchase) -> pb::Purchase {
                 })
             })
             .collect(),
+        pending_refund_ids: p
+            .refunds
+            .iter()
+            .filter(|r| r.outcome.is_none())
+            .map(|r| r.refund_id.clone())
+            .collect(),
     }
 }
 

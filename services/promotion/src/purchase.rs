@@ -101,6 +101,20 @@ pub fn fingerprint<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 impl Purchase {
+    /// Since when the purchase has work left: its evaluation time while its commit is
+    /// pending, else the time of its oldest refund whose points have not moved. `None` when
+    /// settled. Stores index unsettled purchases by this time for the repair.
+    pub fn unsettled_since(&self) -> Option<Millis> {
+        if self.state.is_pending() {
+            return Some(self.evaluated_at);
+        }
+        self.refunds
+            .iter()
+            .filter(|r| r.outcome.is_none())
+            .map(|r| r.refunded_at)
+            .min()
+    }
+
     /// Quantity of a line already refunded (pending refunds included).
     pub fn refunded_quantity(&self, line_id: &str) -> Decimal {
         self.refunds
@@ -138,4 +152,46 @@ pub fn bonus_key(receipt_id: &str, campaign_id: &str) -> String {
 
 pub fn refund_key(receipt_id: &str, refund_id: &str, what: &str) -> String {
     format!("receipt:{receipt_id}:refund:{refund_id}:{what}")
+}
+
+/// Longest idempotency key the ledger takes.
+pub const MAX_LEDGER_KEY_LEN: usize = 256;
+
+/// The refund of a fixed-bonus lot. Long receipt, refund and campaign ids together can pass
+/// the ledger's key limit; such a key names the campaign by a digest instead (a key that
+/// fits keeps the plain form, so refunds recorded before stay the same operation).
+pub fn refund_bonus_key(receipt_id: &str, refund_id: &str, campaign_id: &str) -> String {
+    let plain = refund_key(receipt_id, refund_id, &format!("bonus:{campaign_id}"));
+    if plain.len() <= MAX_LEDGER_KEY_LEN {
+        return plain;
+    }
+    let digest: String = Sha256::digest(campaign_id.as_bytes())[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    refund_key(receipt_id, refund_id, &format!("bonus#{digest}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bonus_refund_key_always_fits_the_ledger() {
+        assert_eq!(
+            refund_bonus_key("r1", "f1", "fast-points"),
+            "receipt:r1:refund:f1:bonus:fast-points",
+            "a key that fits keeps its plain form"
+        );
+        let receipt = "r".repeat(64);
+        let refund = "f".repeat(64);
+        let long_a = "a".repeat(128);
+        let long_b = format!("{}b", "a".repeat(127));
+        let a = refund_bonus_key(&receipt, &refund, &long_a);
+        let b = refund_bonus_key(&receipt, &refund, &long_b);
+        assert!(a.len() <= MAX_LEDGER_KEY_LEN, "{}", a.len());
+        assert_ne!(a, b, "campaigns keep their own keys");
+        assert_eq!(a, refund_bonus_key(&receipt, &refund, &long_a), "stable");
+        assert!(a.starts_with(&format!("receipt:{receipt}:refund:{refund}:bonus#")));
+    }
 }

@@ -77,9 +77,9 @@ pub trait PromotionStore: Send + Sync + std::fmt::Debug {
         expected_version: Option<u64>,
         claims: &[Claim],
     ) -> Result<Put>;
-    /// Purchases still pending that were evaluated before `before`, oldest first, as
-    /// (tenant, receipt id): commits whose caller never retried.
-    async fn stale_pending(&self, before: Millis, limit: usize) -> Result<Vec<(String, String)>>;
+    /// Purchases unsettled ([`Purchase::unsettled_since`]) since before `before`, oldest
+    /// first, as (tenant, receipt id): commits and refunds whose caller never retried.
+    async fn stale_unsettled(&self, before: Millis, limit: usize) -> Result<Vec<(String, String)>>;
     /// A member's committed purchases, newest first, strictly after `after` (a token this
     /// call returned; empty: from the newest).
     async fn member_purchases(

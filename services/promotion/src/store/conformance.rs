@@ -98,6 +98,7 @@ pub async fn run_all(s: &dyn PromotionStore) {
     coupons(s).await;
     purchases_in_order(s).await;
     a_merged_members_history_moves(s).await;
+    unsettled_purchases(s).await;
     s.ping().await.unwrap();
 }
 
@@ -114,6 +115,100 @@ fn committed(receipt_id: &str, member: &str, at: i64) -> Purchase {
         points_balance: Some(0),
     };
     p
+}
+
+/// Pending commits and refunds whose points have not moved are listed by the time they
+/// became unsettled, until settled. Runs after the other cases: it expects every earlier
+/// purchase settled or pending since time 0.
+async fn unsettled_purchases(s: &dyn PromotionStore) {
+    let stale = |before| async move {
+        s.stale_unsettled(before, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|(t, _)| t == "un")
+            .map(|(_, r)| r)
+            .collect::<Vec<_>>()
+    };
+    let mut pending = purchase("u1");
+    pending.receipt.tenant_id = "un".into();
+    pending.evaluated_at = 5_000;
+    assert_eq!(
+        s.put_purchase(&pending, None, &[]).await.unwrap(),
+        Put::Written
+    );
+    assert_eq!(
+        stale(5_000).await,
+        Vec::<String>::new(),
+        "not before it was evaluated"
+    );
+    assert_eq!(stale(5_001).await, ["u1"]);
+
+    // Committed: settled, until a refund is accepted whose points have not moved.
+    let mut p = pending.clone();
+    p.state = PurchaseState::Committed {
+        commit_time: 6_000,
+        points_balance: None,
+    };
+    p.version = 2;
+    assert_eq!(
+        s.put_purchase(&p, Some(1), &[]).await.unwrap(),
+        Put::Written
+    );
+    assert!(
+        stale(i64::MAX).await.is_empty(),
+        "a committed purchase is settled"
+    );
+    let refund = |id: &str, at: i64| crate::purchase::Refund {
+        refund_id: id.into(),
+        fingerprint: Vec::new(),
+        lines: vec![("1".into(), 1.into())],
+        refunded_amount: 10.into(),
+        reverse_points: 1,
+        give_back_points: 0,
+        reverse_bonus: Vec::new(),
+        releases: Vec::new(),
+        outcome: None,
+        refunded_at: at,
+    };
+    p.refunds.push(refund("f1", 9_000));
+    p.refunds.push(refund("f2", 8_000));
+    p.version = 3;
+    assert_eq!(
+        s.put_purchase(&p, Some(2), &[]).await.unwrap(),
+        Put::Written
+    );
+    assert!(stale(8_000).await.is_empty());
+    assert_eq!(
+        stale(8_001).await,
+        ["u1"],
+        "since its oldest unsettled refund"
+    );
+
+    let settled = crate::purchase::RefundOutcome {
+        points_reversed: 1,
+        points_unrecovered: 0,
+        points_returned: 0,
+        points_balance: 0,
+    };
+    p.refunds[1].outcome = Some(settled);
+    p.version = 4;
+    assert_eq!(
+        s.put_purchase(&p, Some(3), &[]).await.unwrap(),
+        Put::Written
+    );
+    assert!(
+        stale(9_000).await.is_empty(),
+        "f2 settled: filed under f1's time now"
+    );
+    assert_eq!(stale(9_001).await, ["u1"]);
+    p.refunds[0].outcome = Some(settled);
+    p.version = 5;
+    assert_eq!(
+        s.put_purchase(&p, Some(4), &[]).await.unwrap(),
+        Put::Written
+    );
+    assert!(stale(i64::MAX).await.is_empty(), "every refund settled");
 }
 
 /// A member's history newest first, and a merge filing it under the survivor.

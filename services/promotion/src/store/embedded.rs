@@ -30,7 +30,8 @@ const PRODUCTS: Records = TableDefinition::new("products");
 const PURCHASES: Records = TableDefinition::new("purchases");
 /// (tenant, member, newest-first commit time, receipt) → nothing: purchase history.
 const MEMBER_PURCHASES: Records = TableDefinition::new("member_purchases");
-/// (evaluation time, tenant, receipt) → nothing: purchases still pending, oldest first.
+/// (time it became unsettled, tenant, receipt) → nothing: unsettled purchases (pending
+/// commits, refunds whose points have not moved), oldest first. The name predates refunds.
 const PENDING: Records = TableDefinition::new("pending_purchases");
 /// (tenant, member) → the member it was merged into: a purchase of a merged member committed
 /// after its history moved is filed under the survivor too.
@@ -302,7 +303,7 @@ impl PromotionStore for EmbeddedPromotionStore {
                 let mut t = txn.open_table(PURCHASES).map_err(e)?;
                 let k = key(&[tenant, &purchase.receipt.receipt_id]);
                 let current: Option<Purchase> = get_record(&t, &k)?;
-                if current.map(|p| p.version) != expected_version {
+                if current.as_ref().map(|p| p.version) != expected_version {
                     return Ok(Put::Conflict);
                 }
                 // Claims are all checked before any is written: a refusal writes nothing.
@@ -310,21 +311,21 @@ impl PromotionStore for EmbeddedPromotionStore {
                     return Ok(Put::Refused(i));
                 }
                 put_record(&mut t, &k, &purchase)?;
-                let pending = key(&[
-                    &format!("{:020}", purchase.evaluated_at.max(0)),
-                    tenant,
-                    &purchase.receipt.receipt_id,
-                ]);
-                let mut waiting = txn.open_table(PENDING).map_err(e)?;
-                match purchase.state {
-                    PurchaseState::Pending | PurchaseState::PendingOnHold { .. } => {
-                        waiting.insert(pending.as_str(), &[][..]).map_err(e)?;
+                // Filed under the time it became unsettled; moved or removed as that changes.
+                let receipt = purchase.receipt.receipt_id.as_str();
+                let filed =
+                    |since: Millis| key(&[&format!("{:020}", since.max(0)), tenant, receipt]);
+                let was = current.as_ref().and_then(Purchase::unsettled_since);
+                let now = purchase.unsettled_since();
+                if was != now {
+                    let mut waiting = txn.open_table(PENDING).map_err(e)?;
+                    if let Some(since) = was {
+                        waiting.remove(filed(since).as_str()).map_err(e)?;
                     }
-                    PurchaseState::Committed { .. } => {
-                        waiting.remove(pending.as_str()).map_err(e)?;
+                    if let Some(since) = now {
+                        waiting.insert(filed(since).as_str(), &[][..]).map_err(e)?;
                     }
                 }
-                drop(waiting);
                 if let (PurchaseState::Committed { commit_time, .. }, Some(m)) =
                     (&purchase.state, &purchase.evaluation.member)
                 {
@@ -350,7 +351,7 @@ impl PromotionStore for EmbeddedPromotionStore {
             .await
     }
 
-    async fn stale_pending(&self, before: Millis, limit: usize) -> Result<Vec<(String, String)>> {
+    async fn stale_unsettled(&self, before: Millis, limit: usize) -> Result<Vec<(String, String)>> {
         let end = format!("{:020}", before.max(0));
         self.db
             .read(move |txn| {

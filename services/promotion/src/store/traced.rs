@@ -94,13 +94,13 @@ impl PromotionStore for Traced {
         let call = self.inner.put_purchase(purchase, expected_version, claims);
         in_db_span(self.system, "promotion.put_purchase", call).await
     }
-    async fn stale_pending(
+    async fn stale_unsettled(
         &self,
         before: loyalty_platform::clock::Millis,
         limit: usize,
     ) -> Result<Vec<(String, String)>> {
-        let call = self.inner.stale_pending(before, limit);
-        in_db_span(self.system, "promotion.stale_pending", call).await
+        let call = self.inner.stale_unsettled(before, limit);
+        in_db_span(self.system, "promotion.stale_unsettled", call).await
     }
     async fn member_purchases(
         &self,
