@@ -137,30 +137,36 @@ impl Segmentation {
     }
 
     /// Evaluates every dynamic segment of every tenant for every member: at start-up, so a
-    /// full evaluation cut short by a crash is finished.
+    /// full evaluation cut short by a crash is finished. A tenant that fails is logged and
+    /// the others go on.
     pub async fn reevaluate_all(&self) -> Result<usize> {
         let mut changed = 0;
         for tenant in self.store.tenants().await? {
-            changed += self.reevaluate(&tenant, None).await?;
+            changed += each_tenant(&tenant, "evaluating", self.reevaluate(&tenant, None).await);
         }
         Ok(changed)
     }
 
     /// The scheduled pass: segments whose truth moves with time alone ("active in the last
     /// 30 days", "birthday within 7 days") are re-evaluated for every member of every tenant.
+    /// A tenant that fails is logged and the others go on.
     pub async fn reevaluate_time_dependent(&self) -> Result<usize> {
         let mut changed = 0;
         for tenant in self.store.tenants().await? {
-            let ids: Vec<String> = self
-                .compiled(&tenant)
-                .await?
-                .into_iter()
-                .filter(|s| s.expr.as_ref().is_some_and(Expr::depends_on_time))
-                .map(|s| s.def.segment_id)
-                .collect();
-            if !ids.is_empty() {
-                changed += self.reevaluate(&tenant, Some(&ids)).await?;
-            }
+            let pass = async {
+                let ids: Vec<String> = self
+                    .compiled(&tenant)
+                    .await?
+                    .into_iter()
+                    .filter(|s| s.expr.as_ref().is_some_and(Expr::depends_on_time))
+                    .map(|s| s.def.segment_id)
+                    .collect();
+                match ids.is_empty() {
+                    true => Ok(0),
+                    false => self.reevaluate(&tenant, Some(&ids)).await,
+                }
+            };
+            changed += each_tenant(&tenant, "re-evaluating time-dependent segments", pass.await);
         }
         Ok(changed)
     }
@@ -419,11 +425,13 @@ impl Segmentation {
         Ok(run)
     }
 
-    /// Recomputes RFM for every tenant with features (the schedule).
+    /// Recomputes RFM for every tenant with features (the schedule). A tenant that fails is
+    /// logged and the others go on.
     pub async fn recompute_all_rfm(&self) -> Result<u64> {
         let mut members = 0;
         for tenant in self.store.tenants_with_features().await? {
-            members += self.recompute_rfm(&tenant).await?.members;
+            let run = self.recompute_rfm(&tenant).await.map(|run| run.members);
+            members += each_tenant(&tenant, "computing RFM", run);
         }
         Ok(members)
     }
@@ -493,6 +501,15 @@ impl Segmentation {
         let cx = Context { now: self.now() };
         Ok((e.matches(&f, cx), e.explain(&def.predicate, &f, cx)))
     }
+}
+
+/// One tenant's share of a pass over every tenant: its count, or 0 with a warning, so one
+/// tenant's failure does not hold up the others.
+fn each_tenant<N: Default>(tenant: &str, what: &str, outcome: Result<N>) -> N {
+    outcome.unwrap_or_else(|err| {
+        tracing::warn!(%tenant, error = %err, "{what} failed for this tenant; the others go on");
+        N::default()
+    })
 }
 
 #[cfg(test)]
