@@ -169,7 +169,7 @@ pub fn purchase_event(
             }
         })
         .collect();
-    let purchase_time = p.receipt.purchase_time.unwrap_or(p.evaluated_at);
+    let purchase_time = p.purchase_time();
     PurchaseEvent {
         tenant_id: p.receipt.tenant_id.clone(),
         receipt_id: p.receipt.receipt_id.clone(),
@@ -258,7 +258,7 @@ pub fn refund_event(p: &Purchase, refund: &Refund, catalog: &Catalog, now: Milli
         points_returned: 0,
         points_balance: 0,
     });
-    let purchase_time = p.receipt.purchase_time.unwrap_or(p.evaluated_at);
+    let purchase_time = p.purchase_time();
     RefundEvent {
         tenant_id: p.receipt.tenant_id.clone(),
         receipt_id: p.receipt.receipt_id.clone(),

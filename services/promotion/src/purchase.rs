@@ -101,6 +101,21 @@ pub fn fingerprint<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 impl Purchase {
+    /// When the purchase happened, for its events and its refunds' events alike: the till's
+    /// time, but never more than a day after the server evaluated the receipt (a till's
+    /// clock far ahead would otherwise file it in the future); the evaluation time when the
+    /// till gave none. The same value for the purchase and every refund, so consumers file
+    /// a refund on the purchase's day.
+    pub fn purchase_time(&self) -> Millis {
+        let latest = self
+            .evaluated_at
+            .saturating_add(loyalty_platform::clock::DAY_MS);
+        self.receipt
+            .purchase_time
+            .unwrap_or(self.evaluated_at)
+            .min(latest)
+    }
+
     /// Since when the purchase has work left: its evaluation time while its commit is
     /// pending, else the time of its oldest refund whose points have not moved. `None` when
     /// settled. Stores index unsettled purchases by this time for the repair.
@@ -175,6 +190,24 @@ pub fn refund_bonus_key(receipt_id: &str, refund_id: &str, campaign_id: &str) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_till_far_ahead_is_held_to_a_day_after_the_evaluation() {
+        let day = loyalty_platform::clock::DAY_MS;
+        let at = |time| {
+            let mut p = crate::store::conformance::purchase("r1");
+            p.receipt.purchase_time = time;
+            p.evaluated_at = 10 * day;
+            p
+        };
+        assert_eq!(at(None).purchase_time(), 10 * day, "none given");
+        assert_eq!(
+            at(Some(9 * day)).purchase_time(),
+            9 * day,
+            "an offline till's"
+        );
+        assert_eq!(at(Some(19 * day)).purchase_time(), 11 * day, "far ahead");
+    }
 
     #[test]
     fn a_bonus_refund_key_always_fits_the_ledger() {

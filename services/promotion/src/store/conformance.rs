@@ -37,7 +37,8 @@ fn product(sku: &str) -> Product {
     }
 }
 
-fn purchase(receipt_id: &str) -> Purchase {
+/// A pending purchase of tenant "t" at time 0, evaluated for real.
+pub(crate) fn purchase(receipt_id: &str) -> Purchase {
     let receipt = Receipt {
         tenant_id: "t".into(),
         receipt_id: receipt_id.into(),
