@@ -447,6 +447,62 @@ async fn purchases_drive_segments(
     assert_eq!(answer.rfm, Some(b));
 }
 
+/// A receipt refunded in full, over two refunds of one line each, stops counting for every
+/// brand and category it had, not only for those of the last refund.
+#[tokio::test]
+async fn a_receipt_refunded_in_full_leaves_its_brands_and_categories() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(Launch::dev(), dir.path()).await;
+    let channel = server.channel().await;
+    setup_tenant(&channel, TENANT).await;
+    add_gloves(&channel).await;
+    let mut pos = Pos::new(&channel, &channel);
+    let mut seg = SegmentationServiceClient::new(channel.clone());
+    let (dana, card) = pos.member_with_card(TENANT, "+77015550109").await;
+    pos.commit(receipt(
+        TENANT,
+        "d1",
+        Some(&card),
+        vec![line("l1", "gloves", "1", "5000", false)],
+    ))
+    .await
+    .unwrap();
+    wait_for_receipts(&mut seg, &dana, 1).await;
+    seg.create_segment(dynamic("only-polar", "only_brand(\"Polar\")"))
+        .await
+        .unwrap();
+    seg.create_segment(dynamic("shoes", "bought_category('Shoes')"))
+        .await
+        .unwrap();
+    assert_eq!(segments_of(&mut seg, &dana).await, ["only-polar"]);
+
+    pos.commit(receipt(
+        TENANT,
+        "d2",
+        Some(&card),
+        vec![
+            line("l1", "boots", "1", "30000", false),
+            line("l2", "gloves", "1", "5000", false),
+        ],
+    ))
+    .await
+    .unwrap();
+    wait_for_segments(&mut seg, &dana, &["shoes"]).await;
+
+    // The boots first, then the gloves: the second refund completes the receipt.
+    pos.refund(TENANT, "d2", "back-1", &[("l1", "1")])
+        .await
+        .unwrap();
+    pos.refund(TENANT, "d2", "back-2", &[("l2", "1")])
+        .await
+        .unwrap();
+    wait_for_segments(&mut seg, &dana, &["only-polar"]).await;
+    let f = features(&mut seg, &dana).await;
+    assert_eq!(f.purchase_count_total, 1);
+    assert_eq!(f.spend_total.unwrap().value, "5000");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn dev_mode_segments_follow_purchases_and_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();

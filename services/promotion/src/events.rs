@@ -72,6 +72,10 @@ pub struct RefundEvent {
     pub lines: Vec<LineFact>,
     pub refunded: Decimal,
     pub receipt_fully_refunded: bool,
+    /// With `receipt_fully_refunded`: the distinct categories and brands of all the
+    /// receipt's lines, in order; empty otherwise.
+    pub receipt_categories: Vec<String>,
+    pub receipt_brands: Vec<String>,
     pub points_reversed: i64,
     pub points_returned: i64,
     pub channel: Channel,
@@ -259,6 +263,18 @@ pub fn refund_event(p: &Purchase, refund: &Refund, catalog: &Catalog, now: Milli
         points_balance: 0,
     });
     let purchase_time = p.purchase_time();
+    let fully_refunded = full(&through) && !full(&earlier);
+    let (mut receipt_categories, mut receipt_brands) = (Vec::new(), Vec::new());
+    if fully_refunded {
+        for (category, brand) in &catalog.lines {
+            if !category.is_empty() && !receipt_categories.contains(category) {
+                receipt_categories.push(category.clone());
+            }
+            if !brand.is_empty() && !receipt_brands.contains(brand) {
+                receipt_brands.push(brand.clone());
+            }
+        }
+    }
     RefundEvent {
         tenant_id: p.receipt.tenant_id.clone(),
         receipt_id: p.receipt.receipt_id.clone(),
@@ -269,7 +285,9 @@ pub fn refund_event(p: &Purchase, refund: &Refund, catalog: &Catalog, now: Milli
         refund_time: now,
         lines,
         refunded: refund.refunded_amount,
-        receipt_fully_refunded: full(&through) && !full(&earlier),
+        receipt_fully_refunded: fully_refunded,
+        receipt_categories,
+        receipt_brands,
         points_reversed: outcome.points_reversed,
         points_returned: outcome.points_returned,
         channel: p.receipt.channel,

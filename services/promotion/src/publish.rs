@@ -103,6 +103,8 @@ pub fn encode_refund(e: RefundEvent) -> Vec<u8> {
             lines: lines(e.lines),
             refunded: dec(e.refunded),
             receipt_fully_refunded: e.receipt_fully_refunded,
+            receipt_categories: e.receipt_categories,
+            receipt_brands: e.receipt_brands,
             points_reversed: e.points_reversed,
             points_returned: e.points_returned,
             channel: channel_to_proto(e.channel),

@@ -116,6 +116,8 @@ pub fn decode(payload: &[u8]) -> Option<FeatureChange> {
                 refunded: dec(&r.refunded),
                 lines: lines(&r.lines),
                 receipt_fully_refunded: r.receipt_fully_refunded,
+                receipt_categories: r.receipt_categories.clone(),
+                receipt_brands: r.receipt_brands.clone(),
             }),
         ),
     };

@@ -1141,10 +1141,14 @@ mod tests {
             refunded: Decimal::from(10),
             lines: vec![("c".into(), "other".into(), Decimal::from(10))],
             receipt_fully_refunded: true,
+            receipt_categories: vec!["c".into()],
+            receipt_brands: vec!["other".into()],
         });
-        // The brand map keeps receipts of the refunded brand (refunds do not know which
-        // receipts a brand was on), so the rule still sees it.
         assert!(holds("brand_spend(\"other\") = 0", &mixed));
+        assert!(holds("only_brand(\"yves\")", &mixed));
+        assert!(!holds("bought_brand(\"other\")", &mixed));
+        assert!(!holds("bought_category('c')", &mixed));
+        assert!(holds("bought_category('a')", &mixed));
         assert!(!holds("only_brand(\"nobody\")", &Features::default()));
     }
 

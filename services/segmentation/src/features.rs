@@ -177,6 +177,10 @@ pub struct RefundFacts {
     pub lines: Vec<(String, String, Decimal)>,
     /// The receipt is refunded in full with this refund: it stops counting as a purchase.
     pub receipt_fully_refunded: bool,
+    /// With `receipt_fully_refunded`: the categories and brands of all the receipt's lines,
+    /// each of which stops counting the receipt.
+    pub receipt_categories: Vec<String>,
+    pub receipt_brands: Vec<String>,
 }
 
 fn touch(
@@ -313,6 +317,20 @@ impl Features {
                 0,
             );
             touch(&mut self.brands, brand, r.purchase_time, -*refunded, 0);
+        }
+        if r.receipt_fully_refunded {
+            for category in &r.receipt_categories {
+                touch(
+                    &mut self.categories,
+                    category,
+                    r.purchase_time,
+                    Decimal::ZERO,
+                    -1,
+                );
+            }
+            for brand in &r.receipt_brands {
+                touch(&mut self.brands, brand, r.purchase_time, Decimal::ZERO, -1);
+            }
         }
         self.prune();
     }
@@ -487,6 +505,8 @@ mod tests {
             refunded: Decimal::from(100),
             lines: vec![("a".into(), "b".into(), Decimal::from(100))],
             receipt_fully_refunded: true,
+            receipt_categories: vec!["a".into()],
+            receipt_brands: vec!["b".into()],
         };
         let mut forward = Features::default();
         for e in &events {
@@ -500,6 +520,10 @@ mod tests {
         }
         assert_eq!(forward, backward);
         assert_eq!(forward.total.count, 2);
+        assert_eq!(
+            forward.categories["a"].receipts, 1,
+            "the refunded receipt no longer counts for its category"
+        );
         assert_eq!(forward.window(30, T0 + DAY_MS).spend, Decimal::from(20));
     }
 

@@ -563,6 +563,8 @@ mod tests {
                 refunded: Decimal::from(amount),
                 lines: vec![("c".into(), "b".into(), Decimal::from(amount))],
                 receipt_fully_refunded: false,
+                receipt_categories: Vec::new(),
+                receipt_brands: Vec::new(),
             }),
         }
     }
