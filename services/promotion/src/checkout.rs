@@ -293,7 +293,7 @@ impl Checkout {
                 if c.member_limit > 0
                     && let Some(m) = &member
                 {
-                    let period = crate::evaluate::period(now, c.member_limit_period_days);
+                    let period = crate::evaluate::period(&local, c.member_limit_period_days);
                     names.push(crate::usage::member_counter(id, &m.member_id, period));
                 }
             }

@@ -428,7 +428,7 @@ fn target(e: &Entry, receipt: &Receipt, s: &Situation) -> Option<Why> {
             let counter = member_counter(
                 &c.campaign_id,
                 &m.member_id,
-                period(s.now, c.member_limit_period_days),
+                period(&s.local, c.member_limit_period_days),
             );
             if remaining(s.counters, &counter, i64::from(c.member_limit)) <= 0 {
                 return Some((
@@ -480,9 +480,10 @@ fn target(e: &Entry, receipt: &Receipt, s: &Situation) -> Option<Why> {
     None
 }
 
-/// The member-limit period `now` falls in.
-pub fn period(now: Millis, days: u32) -> i64 {
-    now.div_euclid(i64::from(days.max(1)) * DAY_MS)
+/// The member-limit period the store's local day falls in: periods of `days` whole local
+/// days, so a daily limit resets at the store's midnight.
+pub fn period(local: &LocalTime, days: u32) -> i64 {
+    local.day_number.div_euclid(i64::from(days.max(1)))
 }
 
 /// A step reached by `value`, the highest one.
@@ -1213,7 +1214,11 @@ fn campaign_claims(e: &Entry, s: &Situation, discount: Decimal, points: i64) -> 
         && let Some(m) = s.member
     {
         claims.push(Claim {
-            counter: member_counter(id, &m.member_id, period(s.now, c.member_limit_period_days)),
+            counter: member_counter(
+                id,
+                &m.member_id,
+                period(&s.local, c.member_limit_period_days),
+            ),
             amount: 1,
             limit: i64::from(c.member_limit),
         });

@@ -626,6 +626,21 @@ fn targeting_explains_every_miss() {
 }
 
 #[test]
+fn a_daily_member_limit_follows_the_stores_day() {
+    // 08:59 and 09:01 in Tokyo are 23:59 and 00:01 UTC: one local day, two UTC days.
+    let before = noon(2026, 3, 10) + 11 * 3_600_000 + 59 * 60_000;
+    let after = before + 2 * 60_000;
+    let tokyo = |t| crate::evaluate::period(&LocalTime::at(t, "Asia/Tokyo"), 1);
+    let utc = |t| crate::evaluate::period(&LocalTime::at(t, ""), 1);
+    assert_eq!(tokyo(before), tokyo(after), "one day at the store");
+    assert_ne!(utc(before), utc(after));
+    // The next local midnight (15:00 UTC) starts the next period.
+    let midnight = noon(2026, 3, 11) + 3 * 3_600_000;
+    assert_eq!(tokyo(midnight - 1), tokyo(before));
+    assert_eq!(tokyo(midnight), tokyo(before) + 1);
+}
+
+#[test]
 fn budgets_and_member_limits_stop_a_campaign_and_are_claimed() {
     let mut c = percent_off("c", "10");
     c.budget = Budget {
@@ -643,7 +658,7 @@ fn budgets_and_member_limits_stop_a_campaign_and_are_claimed() {
         .iter()
         .map(|c| (c.counter.as_str(), c.amount, c.limit))
         .collect();
-    let period = crate::evaluate::period(w.now, 30);
+    let period = crate::evaluate::period(&LocalTime::at(w.now, ""), 30);
     let member = format!("member/c/m1/{period}");
     assert_eq!(
         counters,
