@@ -852,8 +852,8 @@ impl Checkout {
                     "receipt {receipt_id} already has {MAX_REFUNDS_PER_RECEIPT} refunds, the most one receipt may have"
                 )));
             }
-            let program = self.store.program(tenant_id).await?;
-            let returns_redeemed = program.is_none_or(|p| p.refund_returns_redeemed_points);
+            // The receipt's own program decides, so every partial refund of it agrees.
+            let returns_redeemed = p.program.refund_returns_redeemed_points;
             let mut refund =
                 plan_refund(&p, refund_id, fp.clone(), lines.clone(), returns_redeemed)?;
             refund.refunded_at = self.clock.now_ms();
@@ -1820,6 +1820,30 @@ mod tests {
         let c = checkout.commit(receipt(20_000), None).await.unwrap();
         assert_eq!(c.evaluation.points_accrued, 800);
         assert_eq!(ledger.state.lock().unwrap().applied.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn partial_refunds_follow_the_receipts_program_not_todays() {
+        let ledger = Arc::new(Ledger::default());
+        ledger.state.lock().unwrap().active = 100_000;
+        let (_dir, checkout) = checkout(ledger.clone()).await;
+        let mut r = receipt(20_000);
+        r.lines[0].quantity = Decimal::from(2);
+        let c = checkout.commit(r, None).await.unwrap();
+        assert!(c.evaluation.points_redeemed > 0);
+        let line = [("1".to_string(), "1".to_string())];
+        let first = checkout.refund("t", "r1", "f1", &line).await.unwrap();
+        assert!(first.outcome.points_returned > 0);
+
+        // The chain stops giving redeemed points back; the receipt keeps its terms.
+        let mut program = checkout.store().program("t").await.unwrap().unwrap();
+        program.refund_returns_redeemed_points = false;
+        checkout.store().update_program(program, 0).await.unwrap();
+        let second = checkout.refund("t", "r1", "f2", &line).await.unwrap();
+        assert_eq!(
+            second.outcome.points_returned, first.outcome.points_returned,
+            "both halves alike"
+        );
     }
 
     #[tokio::test]
