@@ -282,6 +282,19 @@ async fn metrics_count_calls_by_method_and_code() {
         "{text}"
     );
     assert_eq!(value("loyalty_points_accrued_total"), Some(30), "{text}");
+    // Each store counts its write transactions and the writes they carried: promotion wrote
+    // each identified receipt twice (pending, committed).
+    let promotion_writes = value("loyalty_store_writes_total{store=\"promotion\"}").unwrap_or(0);
+    let promotion_commits = value("loyalty_store_commits_total{store=\"promotion\"}").unwrap_or(0);
+    assert!(promotion_writes >= 6, "{text}");
+    assert!(
+        (1..=promotion_writes).contains(&promotion_commits),
+        "{text}"
+    );
+    assert!(
+        value("loyalty_store_writes_total{store=\"balance\"}").is_some_and(|n| n >= 3),
+        "{text}"
+    );
     let replay = receipt(
         "t1",
         "M-0",
