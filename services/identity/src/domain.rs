@@ -527,7 +527,13 @@ impl Identity {
             "consents",
             "must name at least one channel",
         );
+        v.check(
+            consents.len() <= 4,
+            "consents",
+            "at most 4 entries, one per channel",
+        );
         let mut seen = std::collections::BTreeSet::new();
+        // More than 4 is refused above; the first 4 are enough to report on.
         for (i, (channel, _, source)) in consents.iter().enumerate().take(4) {
             match channel {
                 None => v.add(

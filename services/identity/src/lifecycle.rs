@@ -195,6 +195,7 @@ impl Identity {
                 MemberStatus::Active => {}
             }
             let kept = self.active_member(tenant_id, survivor).await?;
+            self.merges_into_finished(tenant_id, duplicate).await?;
             let before = self.profile(tenant_id, duplicate).await?;
             let mut merged = dup.clone();
             merged.status = MemberStatus::Merged;
@@ -233,6 +234,23 @@ impl Identity {
         )))
     }
 
+    /// Refuses to merge `member` away while a member merged into it (at any depth) has not
+    /// had its points moved: their transfer is keyed to the account they were sent to, and
+    /// a closed one could not take them. The store checks it again in the merge's write.
+    async fn merges_into_finished(&self, tenant_id: &str, member: &str) -> Result<()> {
+        for from in self.store.merged_from(tenant_id, member).await? {
+            if let Some(r) = self.store.merge_record(tenant_id, &from).await?
+                && !r.points_moved
+            {
+                return Err(Error::FailedPrecondition(format!(
+                    "member {from} was merged into {} and its points have not moved yet: retry that merge (survivor {}, duplicate {from}) first",
+                    r.into, r.into
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The second half of a merge: points and events. Idempotent.
     async fn finish_merge(
         &self,
@@ -254,12 +272,14 @@ impl Identity {
                 .save_merge_record(tenant_id, duplicate, &record)
                 .await?;
         }
-        // Both snapshots again on every retry: consumers keep the newest version only.
+        // Both snapshots again on every retry: consumers keep the newest version only. The
+        // event names the survivor as it is now, so history merged on since follows.
+        let survivor = self.current(tenant_id, &record.into).await?;
         if let Some(dup) = self.store.member(tenant_id, duplicate).await? {
             let profile = self.profile(tenant_id, duplicate).await?;
-            self.publish_merged(&dup, &profile, &record.into).await?;
+            self.publish_merged(&dup, &profile, &survivor.member_id)
+                .await?;
         }
-        let survivor = self.current(tenant_id, &record.into).await?;
         let profile = self.profile(tenant_id, &survivor.member_id).await?;
         self.publish(&survivor, &profile).await?;
         Ok(survivor)
@@ -464,5 +484,73 @@ impl Identity {
     /// Who erased a member, and when.
     pub async fn erasure(&self, tenant_id: &str, member_id: &str) -> Result<Option<Erasure>> {
         self.store.erasure(tenant_id, member_id).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use loyalty_platform::clock::SystemClock;
+
+    use super::*;
+    use crate::domain::{Identity, Registration};
+    use crate::store::embedded::EmbeddedIdentityStore;
+
+    #[tokio::test]
+    async fn a_member_with_an_unfinished_merge_into_it_is_not_merged_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedIdentityStore::open(&dir.path().join("i.redb")).unwrap());
+        // No balance within reach: a merge commits its identity half and then fails.
+        let identity = Identity::new(store, Arc::new(SystemClock), "KZ".into());
+        let mut ids = Vec::new();
+        for phone in ["+77010003001", "+77010003002", "+77010003003"] {
+            let m = identity
+                .register(Registration {
+                    tenant_id: "t".into(),
+                    phone: phone.into(),
+                    ..Registration::default()
+                })
+                .await
+                .unwrap();
+            ids.push(m.member_id);
+        }
+        let (a, b, c) = (&ids[0], &ids[1], &ids[2]);
+        let audit = || Audit {
+            actor: "manager:anna".into(),
+            ..Audit::default()
+        };
+        assert!(identity.merge("t", b, a, audit()).await.is_err());
+        let record = identity.store().merge_record("t", a).await.unwrap().unwrap();
+        assert!(!record.points_moved, "merged in identity, its points not moved");
+
+        let err = identity.merge("t", c, b, audit()).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::FailedPrecondition(m) if m.contains(a.as_str())),
+            "{err:?}"
+        );
+        assert_eq!(
+            identity
+                .store()
+                .member("t", b)
+                .await
+                .unwrap()
+                .unwrap()
+                .status,
+            MemberStatus::Active,
+            "nothing written"
+        );
+
+        // Consents: one entry per channel, every entry checked.
+        use crate::domain::ConsentChannel as C;
+        let mut five: Vec<_> = [C::Sms, C::Email, C::Push, C::Messenger]
+            .into_iter()
+            .map(|c| (Some(c), true, "pos".to_string()))
+            .collect();
+        five.push((Some(C::Sms), false, "x".repeat(10_000)));
+        let err = identity.set_consents("t", c, &five).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+        let profile = identity.profile("t", c).await.unwrap();
+        assert!(profile.consents.is_empty(), "nothing written");
     }
 }

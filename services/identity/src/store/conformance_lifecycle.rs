@@ -10,6 +10,7 @@ use crate::lifecycle::{Audit, Erasure, ImportRow, MemberBlock, MergeRecord};
 pub async fn run_all(store: &dyn IdentityStore) {
     emails_are_unique_and_follow_changes(store).await;
     a_merge_moves_cards_and_lookups_at_once(store).await;
+    an_unfinished_merge_into_a_member_holds_it(store).await;
     an_erasure_frees_the_indexes(store).await;
     an_import_writes_all_or_nothing(store).await;
     a_block_and_its_record_go_together(store).await;
@@ -157,6 +158,64 @@ fn audit() -> Audit {
         key_id: "k1".into(),
         at: 7,
     }
+}
+
+/// While a member merged into B has not had its points moved, B cannot be merged away.
+async fn an_unfinished_merge_into_a_member_holds_it(store: &dyn IdentityStore) {
+    for (id, phone, code) in [
+        ("a", "+77010002101", "UMCODE01"),
+        ("b", "+77010002102", "UMCODE02"),
+        ("c", "+77010002103", "UMCODE03"),
+    ] {
+        store
+            .insert_member(&member("um", id, phone, code))
+            .await
+            .unwrap();
+    }
+    let merged = |id: &str, phone: &str, code: &str| Member {
+        status: MemberStatus::Merged,
+        ..member("um", id, phone, code)
+    };
+    let profile = Profile {
+        version: 1,
+        ..Profile::default()
+    };
+    let into = |to: &str| MergeRecord {
+        into: to.into(),
+        audit: audit(),
+        points_moved: false,
+    };
+    let a = merged("a", "+77010002101", "UMCODE01");
+    let b = merged("b", "+77010002102", "UMCODE02");
+    assert!(
+        store
+            .merge_members(&a, &profile, 0, &into("b"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .merge_members(&b, &profile, 0, &into("c"))
+            .await
+            .unwrap(),
+        "a's points have not reached b"
+    );
+    assert_eq!(
+        store.member("um", "b").await.unwrap().unwrap().status,
+        MemberStatus::Active
+    );
+    let done = MergeRecord {
+        points_moved: true,
+        ..into("b")
+    };
+    store.save_merge_record("um", "a", &done).await.unwrap();
+    assert!(
+        store
+            .merge_members(&b, &profile, 0, &into("c"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.merged_from("um", "c").await.unwrap().len(), 2);
 }
 
 async fn a_merge_moves_cards_and_lookups_at_once(store: &dyn IdentityStore) {

@@ -422,6 +422,20 @@ impl IdentityStore for EmbeddedIdentityStore {
                 {
                     return Ok(false);
                 }
+                // Members merged into the duplicate whose points have not arrived hold it
+                // back: their transfer goes to the duplicate's account.
+                let mut merged_from = txn.open_table(MERGED_FROM).map_err(e)?;
+                let merges = txn.open_table(MERGES).map_err(e)?;
+                for from in merged_family(&merged_from, tenant, &dup.member_id)?
+                    .iter()
+                    .skip(1)
+                {
+                    let r = get_record::<MergeRecord>(&merges, &key(&[tenant, from]))?;
+                    if r.is_some_and(|r| !r.points_moved) {
+                        return Ok(false);
+                    }
+                }
+                drop(merges);
                 // The duplicate's cards, now the survivor's.
                 let mut by_member = txn.open_table(MEMBER_CARDS).map_err(e)?;
                 let mut cards = txn.open_table(CARDS).map_err(e)?;
@@ -471,7 +485,6 @@ impl IdentityStore for EmbeddedIdentityStore {
                 put_record(&mut profiles, &dup_key, &profile)?;
                 let mut merges = txn.open_table(MERGES).map_err(e)?;
                 put_record(&mut merges, &dup_key, &record)?;
-                let mut merged_from = txn.open_table(MERGED_FROM).map_err(e)?;
                 merged_from
                     .insert(key(&[tenant, &record.into, &dup.member_id]).as_str(), ())
                     .map_err(e)?;
