@@ -521,8 +521,16 @@ mod tests {
             ..Audit::default()
         };
         assert!(identity.merge("t", b, a, audit()).await.is_err());
-        let record = identity.store().merge_record("t", a).await.unwrap().unwrap();
-        assert!(!record.points_moved, "merged in identity, its points not moved");
+        let record = identity
+            .store()
+            .merge_record("t", a)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            !record.points_moved,
+            "merged in identity, its points not moved"
+        );
 
         let err = identity.merge("t", c, b, audit()).await.unwrap_err();
         assert!(
