@@ -24,6 +24,9 @@ pub const MAX_BALANCE: i64 = 1_000_000_000_000_000;
 pub const MAX_TIME: Millis = 253_402_300_799_999;
 /// Most lots one member may hold; an accrual beyond it is refused.
 pub const MAX_LOTS: usize = 10_000;
+/// The start of the refusal of a reversal that must wait for the member's open holds.
+pub const HELD_BACK: &str = "the points to take back are held";
+
 /// Most open holds one member may have.
 pub const MAX_OPEN_HOLDS: usize = 100;
 /// Longest a hold may live.
@@ -630,6 +633,16 @@ pub fn apply(
             match original.kind {
                 Kind::Credit => {
                     let taken = take_back_accrual(ctx.account, original_key, *amount, now);
+                    // Points an open hold took out of their lots come back if it is cancelled
+                    // or times out: counting them unrecovered now would let the member keep
+                    // them. The reversal waits for the holds instead.
+                    let held: i64 = ctx.account.holds.iter().map(|h| h.amount).sum();
+                    if taken < *amount && held > 0 {
+                        return Err(Error::FailedPrecondition(format!(
+                            "{HELD_BACK}: {} of the {amount} points to take back are in open holds; retry once they are confirmed, cancelled or timed out",
+                            (amount - taken).min(held)
+                        )));
+                    }
                     record.reply.unrecovered = amount - taken;
                     original.reversed += amount;
                     ctx.account.lifetime_accrued -= taken.min(ctx.account.lifetime_accrued);
@@ -1194,6 +1207,28 @@ mod tests {
             matches!(m.run("rev2", rev(1), 0), Err(Error::FailedPrecondition(_))),
             "never more than the original"
         );
+    }
+
+    #[test]
+    fn reversing_an_accrual_whose_points_are_held_waits_for_the_hold() {
+        let mut m = Member::default();
+        m.run("acc", accrue_at(100, None, None), 0).unwrap();
+        m.run("h", hold(100, 60_000), 0).unwrap();
+        let rev = || Op::Reverse {
+            original_key: "acc".into(),
+            amount: 100,
+            reference: String::new(),
+        };
+        let err = m.run("rev", rev(), 0).unwrap_err();
+        assert!(
+            matches!(&err, Error::FailedPrecondition(msg) if msg.starts_with(HELD_BACK)),
+            "{err:?}"
+        );
+        assert_eq!(m.account.total, 100, "nothing written");
+        // The till gives up: the hold times out, its points return, the retry takes them.
+        let out = m.run("rev", rev(), 60_000).unwrap();
+        assert_eq!(out.reply.unrecovered, 0);
+        assert_eq!(m.account.total, 0);
     }
 
     #[test]

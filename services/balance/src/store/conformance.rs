@@ -372,6 +372,47 @@ async fn reversals(store: &dyn BalanceStore) {
     };
     let err = store.execute("t", "m3", "x", missing, 0).await.unwrap_err();
     assert!(matches!(err, Error::NotFound(_)), "{err}");
+
+    // Points an open hold took are not counted unrecovered: the reversal waits for it.
+    store
+        .execute("t", "m4", "acc", accrue(100), 0)
+        .await
+        .unwrap();
+    let hold = Op::Hold {
+        amount: 80,
+        reference: "pos".into(),
+        timeout_ms: 1_000,
+    };
+    store.execute("t", "m4", "h", hold, 0).await.unwrap();
+    let rev = Op::Reverse {
+        original_key: "acc".into(),
+        amount: 100,
+        reference: "refund".into(),
+    };
+    let err = store
+        .execute("t", "m4", "rev", rev.clone(), 10)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::FailedPrecondition(m) if m.starts_with(crate::ledger::HELD_BACK)),
+        "{err}"
+    );
+    assert_eq!(
+        store.account("t", "m4").await.unwrap().total,
+        100,
+        "nothing written"
+    );
+    let cancel = Op::Cancel {
+        hold_key: "h".into(),
+    };
+    store.execute("t", "m4", "x", cancel, 20).await.unwrap();
+    let out = store
+        .execute("t", "m4", "rev", rev, 30)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.reply.unrecovered, 0);
+    assert_eq!(store.account("t", "m4").await.unwrap().total, 0);
 }
 
 async fn holds(store: &dyn BalanceStore) {

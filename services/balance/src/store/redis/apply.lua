@@ -290,6 +290,16 @@ local function main()
     end
     if original.kind == 'Credit' then
       local taken = take_back_accrual(acc, body.original_key, body.amount, now)
+      -- Held points come back when their hold is cancelled or times out: wait for the holds
+      -- rather than count them unrecovered (the same rule as ledger.rs).
+      local held = 0
+      for _, h in ipairs(acc.holds) do held = held + h.amount end
+      if taken < body.amount and held > 0 then
+        fail('FAILED_PRECONDITION', 'the points to take back are held: ' ..
+          string.format('%d', math.min(body.amount - taken, held)) .. ' of the ' ..
+          string.format('%d', body.amount) ..
+          ' points to take back are in open holds; retry once they are confirmed, cancelled or timed out')
+      end
       record.reply.unrecovered = body.amount - taken
       original.reversed = original.reversed + body.amount
       acc.lifetime_accrued = acc.lifetime_accrued - math.min(taken, acc.lifetime_accrued)
