@@ -709,3 +709,44 @@ async fn filtered_pages(store: &dyn BalanceStore) {
     let at: Vec<_> = second.entries.iter().map(|e| e.created_at).collect();
     assert_eq!(at, [250, 150]);
 }
+
+/// A filtered listing reads at most `MAX_SCAN` entries a page and hands out a token to go
+/// on: a member with more entries still reaches its oldest ones. Slow (over 10,000 writes),
+/// so backends run it apart from [`run_all`].
+pub async fn filtered_pages_past_the_scan_bound(store: Arc<dyn BalanceStore>) {
+    use crate::store::{EntryQuery, MAX_SCAN};
+    store
+        .execute("t", "deep", "first", accrue(10), 0)
+        .await
+        .unwrap();
+    store
+        .execute("t", "deep", "spent", redeem(1), 0)
+        .await
+        .unwrap();
+    let keys: Vec<String> = (0..MAX_SCAN).map(|i| format!("a{i}")).collect();
+    for chunk in keys.chunks(500) {
+        let mut writes = tokio::task::JoinSet::new();
+        for key in chunk {
+            let (store, key) = (store.clone(), key.clone());
+            writes.spawn(async move { store.execute("t", "deep", &key, accrue(1), 0).await });
+        }
+        while let Some(outcome) = writes.join_next().await {
+            outcome.unwrap().unwrap();
+        }
+    }
+    let mut query = EntryQuery {
+        limit: 10,
+        reasons: vec![Reason::Redemption],
+        ..EntryQuery::default()
+    };
+    let mut found = Vec::new();
+    for _ in 0..3 {
+        let page = store.entries("t", "deep", &query).await.unwrap();
+        found.extend(page.entries.into_iter().map(|e| e.amount));
+        match page.next_before {
+            Some(before) => query.before_seq = Some(before),
+            None => break,
+        }
+    }
+    assert_eq!(found, [-1], "the redemption below 10,000 newer entries");
+}

@@ -423,4 +423,12 @@ mod tests {
         super::super::conformance::run_all(store.clone()).await;
         super::super::conformance::certificates(store).await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn filtered_pages_past_the_scan_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedBalanceStore::open(&dir.path().join("balance.redb")).unwrap();
+        super::super::conformance::filtered_pages_past_the_scan_bound(std::sync::Arc::new(store))
+            .await;
+    }
 }

@@ -868,7 +868,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn conformance() {
         let (_server, _dir, _ledger, store) = setup().await;
-        crate::store::conformance::run_all(Arc::new(store)).await;
+        let store = Arc::new(store);
+        crate::store::conformance::run_all(store.clone()).await;
+        crate::store::conformance::filtered_pages_past_the_scan_bound(store).await;
     }
 
     fn accrue(amount: i64) -> Op {
