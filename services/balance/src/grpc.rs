@@ -625,6 +625,11 @@ impl BalanceService for Api {
             accrued_count: outcome.accrued,
             already_done_count: outcome.already_done,
             unknown_member_ids: outcome.unknown,
+            refused: outcome
+                .refused
+                .into_iter()
+                .map(|(member_id, reason)| pb::BulkAccrueRefusal { member_id, reason })
+                .collect(),
         }))
     }
 

@@ -55,6 +55,9 @@ pub struct BulkOutcome {
     pub already_done: i64,
     /// Members identity does not know; nothing was written for them.
     pub unknown: Vec<String>,
+    /// Members whose accrual the ledger refused, with why (in member id order); nothing was
+    /// written for them, the others went on.
+    pub refused: Vec<(String, String)>,
 }
 
 fn check_ids(v: &mut Violations, tenant_id: &str, member_id: &str) {
@@ -521,19 +524,30 @@ impl Balance {
                         return Ok::<_, Error>((member, None));
                     }
                     let before = this.store.record(&tenant, &member, &key).await?;
-                    this.execute(&tenant, &member, &key, op).await?;
-                    Ok((member, Some(before.is_some())))
+                    let done = match this.check_member(&tenant, &member, &key).await {
+                        Ok(()) => this.execute(&tenant, &member, &key, op).await.map(|_| ()),
+                        Err(refused) => Err(refused),
+                    };
+                    match done {
+                        Ok(()) => Ok((member, Some(Ok(before.is_some())))),
+                        // About this member only (blocked, or a ledger limit reached): the
+                        // batch goes on without it.
+                        Err(Error::FailedPrecondition(why)) => Ok((member, Some(Err(why)))),
+                        Err(other) => Err(other),
+                    }
                 });
             }
             while let Some(joined) = tasks.join_next().await {
                 match joined.map_err(Error::internal)?? {
-                    (_, Some(true)) => outcome.already_done += 1,
-                    (_, Some(false)) => outcome.accrued += 1,
+                    (_, Some(Ok(true))) => outcome.already_done += 1,
+                    (_, Some(Ok(false))) => outcome.accrued += 1,
+                    (member, Some(Err(why))) => outcome.refused.push((member, why)),
                     (member, None) => outcome.unknown.push(member),
                 }
             }
         }
         outcome.unknown.sort();
+        outcome.refused.sort();
         Ok(outcome)
     }
 
@@ -702,6 +716,63 @@ mod tests {
             self.kept.lock().unwrap().push(event);
             Ok(())
         }
+    }
+
+    /// Knows every member; "full" is blocked.
+    #[derive(Debug)]
+    struct OneBlocked;
+
+    #[async_trait::async_trait]
+    impl MemberDirectory for OneBlocked {
+        async fn exists(&self, _: &str, _: &str) -> Result<bool> {
+            Ok(true)
+        }
+        async fn usable(&self, _: &str, member_id: &str) -> Result<()> {
+            match member_id {
+                "full" => Err(Error::FailedPrecondition("member full is blocked".into())),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_member_refused_does_not_stop_a_bulk_accrual() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn BalanceStore> = Arc::new(
+            crate::store::embedded::EmbeddedBalanceStore::open(&dir.path().join("b.redb")).unwrap(),
+        );
+        let accrue = || Op::Accrue {
+            amount: 1,
+            reason: Reason::Accrual,
+            reference: "r".into(),
+            activate_at: None,
+            expire_at: None,
+        };
+        let balance = Balance::new(store, Arc::new(loyalty_platform::clock::SystemClock))
+            .with_directory(Arc::new(OneBlocked));
+        let members: Vec<String> = ["a", "full", "z"].map(String::from).to_vec();
+        let outcome = balance
+            .bulk_accrue("t", "b1", &members, accrue())
+            .await
+            .unwrap();
+        assert_eq!(outcome.accrued, 2, "the others went on");
+        assert_eq!(outcome.refused.len(), 1);
+        assert_eq!(outcome.refused[0].0, "full");
+        assert!(
+            outcome.refused[0].1.contains("blocked"),
+            "{:?}",
+            outcome.refused
+        );
+        assert_eq!(balance.balance("t", "z").await.unwrap().active, 1);
+        // A retry does the refused member again and the others not twice.
+        let again = balance
+            .bulk_accrue("t", "b1", &members, accrue())
+            .await
+            .unwrap();
+        assert_eq!(
+            (again.accrued, again.already_done, again.refused.len()),
+            (0, 2, 1)
+        );
     }
 
     #[tokio::test]
