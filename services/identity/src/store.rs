@@ -131,7 +131,8 @@ pub trait IdentityStore: Send + Sync + std::fmt::Debug {
     ) -> Result<()>;
 
     /// Writes an erased member and profile with its erasure record, atomically, removing
-    /// the stored phone, email and referral-code index entries that point to it. Members
+    /// the stored phone, email and referral-code index entries that point to it, and its
+    /// block record (a free-text reason). Members
     /// merged into it (at any depth) lose their personal data and index entries in the same
     /// write. Nothing is written (false) unless the member is stored active or blocked with
     /// profile version `expected`.

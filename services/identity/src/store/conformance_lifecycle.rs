@@ -90,6 +90,11 @@ async fn a_block_and_its_record_go_together(store: &dyn IdentityStore) {
             .unwrap(),
         None
     );
+    assert_eq!(
+        store.member_block("bl", "m").await.unwrap(),
+        None,
+        "the block's free-text reason goes with the erasure"
+    );
 }
 
 fn with_email(mut m: Member, email: &str) -> Member {

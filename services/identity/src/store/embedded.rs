@@ -540,11 +540,14 @@ impl IdentityStore for EmbeddedIdentityStore {
                 let mut emails = txn.open_table(EMAILS).map_err(e)?;
                 let mut codes = txn.open_table(REFERRAL_CODES).map_err(e)?;
                 let mut erasures = txn.open_table(ERASURES).map_err(e)?;
+                let mut blocks = txn.open_table(BLOCKS).map_err(e)?;
                 for (i, member_id) in family.iter().enumerate() {
                     let mk = key(&[tenant, member_id]);
                     let Some(old) = get_record::<Member>(&members, &mk)? else {
                         continue;
                     };
+                    // A block's reason is free text an operator typed about the person.
+                    blocks.remove(mk.as_str()).map_err(e)?;
                     unindex_any(&mut phones, tenant, &old.phone, &family)?;
                     unindex_any(&mut emails, tenant, &old.email, &family)?;
                     unindex_any(&mut codes, tenant, &old.referral_code, &family)?;
