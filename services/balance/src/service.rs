@@ -525,8 +525,8 @@ impl Balance {
                     }
                     let before = this.store.record(&tenant, &member, &key).await?;
                     let done = match this.check_member(&tenant, &member, &key).await {
-                        Ok(()) => this.execute(&tenant, &member, &key, op).await.map(|_| ()),
-                        Err(refused) => Err(refused),
+                        Ok(()) => this.execute(&tenant, &member, &key, op).await.map(drop),
+                        refused => refused,
                     };
                     match done {
                         Ok(()) => Ok((member, Some(Ok(before.is_some())))),

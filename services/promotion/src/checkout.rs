@@ -773,12 +773,7 @@ impl Checkout {
                 }
                 continue;
             }
-            let unsettled: Vec<Refund> = p
-                .refunds
-                .iter()
-                .filter(|r| r.outcome.is_none())
-                .cloned()
-                .collect();
+            let unsettled: Vec<Refund> = p.unsettled_refunds().cloned().collect();
             for refund in unsettled {
                 // Each finished refund writes the purchase: read it again for the next.
                 let Some(p) = self.store.purchase(&tenant, &receipt).await? else {

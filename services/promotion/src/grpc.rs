@@ -256,12 +256,7 @@ fn purchase_to_proto(p: &Purchase) -> pb::Purchase {
                 })
             })
             .collect(),
-        pending_refund_ids: p
-            .refunds
-            .iter()
-            .filter(|r| r.outcome.is_none())
-            .map(|r| r.refund_id.clone())
-            .collect(),
+        pending_refund_ids: p.unsettled_refunds().map(|r| r.refund_id.clone()).collect(),
     }
 }
 

@@ -123,11 +123,12 @@ impl Purchase {
         if self.state.is_pending() {
             return Some(self.evaluated_at);
         }
-        self.refunds
-            .iter()
-            .filter(|r| r.outcome.is_none())
-            .map(|r| r.refunded_at)
-            .min()
+        self.unsettled_refunds().map(|r| r.refunded_at).min()
+    }
+
+    /// Refunds accepted whose points have not moved yet, oldest first.
+    pub fn unsettled_refunds(&self) -> impl Iterator<Item = &Refund> {
+        self.refunds.iter().filter(|r| r.outcome.is_none())
     }
 
     /// Quantity of a line already refunded (pending refunds included).
