@@ -894,25 +894,30 @@ pub fn uplift(r: &Rollups, scope: &Scope, campaign: &str) -> Uplift {
     }
 }
 
-/// Members and their spend per named RFM segment, scored over the 365 days through
-/// `today` (receipts and spend net of refunds; members with no receipt left are not scored).
+/// Members and their spend per named RFM segment, scored as segmentation scores them: every
+/// member whose receipts through `today` still count (net of refunds), recency from the last
+/// purchase made, frequency and spend over the 365 days through `today`.
 pub fn rfm_overview(r: &Rollups, today: Day) -> Vec<(rfm::Named, u64, Decimal)> {
     let from = today - 364;
     let mut inputs = Vec::new();
     for (m, days) in &r.member_days {
-        let (mut frequency, mut monetary, mut last) = (0i64, Decimal::ZERO, None);
-        for (day, d) in days.range(from..=today) {
-            frequency += d.receipts;
-            monetary += d.paid;
-            if d.receipts > 0 {
+        let (mut receipts, mut frequency, mut monetary, mut last) =
+            (0i64, 0i64, Decimal::ZERO, None);
+        for (day, d) in days.range(..=today) {
+            receipts += d.receipts;
+            if d.bought > 0 {
                 last = Some(*day);
             }
+            if *day >= from {
+                frequency += d.receipts;
+                monetary += d.paid;
+            }
         }
-        if let (true, Some(last)) = (frequency > 0, last) {
+        if let (true, Some(last)) = (receipts > 0, last) {
             inputs.push(rfm::Inputs {
                 member_id: r.members.value(*m).clone(),
                 recency_days: today - last,
-                frequency,
+                frequency: frequency.max(0),
                 monetary,
             });
         }

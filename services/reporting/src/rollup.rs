@@ -250,11 +250,13 @@ pub struct Exposure {
     pub control_paid: Decimal,
 }
 
-/// A member's receipts and spend on one day (net of refunds), for RFM.
+/// A member's receipts and spend on one day (net of refunds), for RFM, and the purchases
+/// made that day (refunds leave it alone: recency counts from the last purchase made).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MemberDay {
     pub receipts: i64,
     pub paid: Decimal,
+    pub bought: u32,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -416,6 +418,7 @@ impl Rollups {
             .entry(p.day)
             .or_default();
         day.receipts += 1;
+        day.bought = day.bought.saturating_add(1);
         day.paid = day.paid.saturating_add(p.paid);
     }
 

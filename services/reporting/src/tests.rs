@@ -704,39 +704,36 @@ async fn open(path: &std::path::Path) -> Reporting {
 
 fn rfm_reference(facts: &[Fact], today: Day) -> BTreeMap<&'static str, (u64, Decimal)> {
     let (purchases, refunds, _) = unique(facts);
-    let mut per: BTreeMap<String, BTreeMap<Day, (i64, Decimal)>> = BTreeMap::new();
+    // Per member: receipts made, receipts refunded in full and money per purchase day.
+    let mut per: BTreeMap<String, BTreeMap<Day, (i64, i64, Decimal)>> = BTreeMap::new();
     for p in &purchases {
         if let Some(m) = &p.member_id {
             let e = per.entry(m.clone()).or_default().entry(p.day).or_default();
             e.0 += 1;
-            e.1 += p.paid;
+            e.2 += p.paid;
         }
     }
     for r in &refunds {
         if let Some(m) = &r.member_id {
             let e = per.entry(m.clone()).or_default().entry(r.day).or_default();
-            e.0 -= i64::from(r.fully_refunded);
-            e.1 -= r.refunded;
+            e.1 += i64::from(r.fully_refunded);
+            e.2 -= r.refunded;
         }
     }
     let mut inputs = Vec::new();
     for (m, days) in per {
-        let window: Vec<(&Day, &(i64, Decimal))> = days
-            .iter()
-            .filter(|(d, _)| **d > today - 365 && **d <= today)
-            .collect();
-        let frequency: i64 = window.iter().map(|(_, v)| v.0).sum();
-        let last = window
-            .iter()
-            .filter(|(_, v)| v.0 > 0)
-            .map(|(d, _)| **d)
-            .max();
-        if let (true, Some(last)) = (frequency > 0, last) {
+        let upto: Vec<(&Day, &(i64, i64, Decimal))> =
+            days.iter().filter(|(d, _)| **d <= today).collect();
+        let counting: i64 = upto.iter().map(|(_, v)| v.0 - v.1).sum();
+        let last = upto.iter().filter(|(_, v)| v.0 > 0).map(|(d, _)| **d).max();
+        let year = upto.iter().filter(|(d, _)| **d > today - 365);
+        let frequency: i64 = year.clone().map(|(_, v)| v.0 - v.1).sum();
+        if let (true, Some(last)) = (counting > 0, last) {
             inputs.push(rfm::Inputs {
                 member_id: m,
                 recency_days: today - last,
-                frequency,
-                monetary: window.iter().map(|(_, v)| v.1).sum(),
+                frequency: frequency.max(0),
+                monetary: year.map(|(_, v)| v.2).sum(),
             });
         }
     }
@@ -804,14 +801,17 @@ async fn check(r: &Reporting, w: &World, seed: u64) {
         r.view(&unknown, false).await,
         Err(loyalty_platform::error::Error::NotFound(_))
     ));
-    let today = BASE + DAYS;
-    let rfm: BTreeMap<&'static str, (u64, Decimal)> = r
-        .rfm_overview(T, Some(today * DAY_MS + 1))
-        .unwrap()
-        .into_iter()
-        .map(|(n, c, s)| (n, (c, s)))
-        .collect();
-    assert_eq!(rfm, rfm_reference(&w.facts, today));
+    // At the end of the history, and 300 days later, when its first weeks have left the
+    // 365-day window but their buyers are still scored.
+    for today in [BASE + DAYS, BASE + DAYS + 300] {
+        let rfm: BTreeMap<&'static str, (u64, Decimal)> = r
+            .rfm_overview(T, Some(today * DAY_MS + 1))
+            .unwrap()
+            .into_iter()
+            .map(|(n, c, s)| (n, (c, s)))
+            .collect();
+        assert_eq!(rfm, rfm_reference(&w.facts, today));
+    }
 }
 
 /// Every query's KPIs over `facts`: the world's, or a segment's members' with `segment`.
