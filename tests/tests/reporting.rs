@@ -550,8 +550,16 @@ async fn receipts_reach_every_report_and_exports() {
         segment_id: "nobody".into(),
         ..Default::default()
     });
-    let err = reports.get_kpis(request).await.unwrap_err();
+    let err = reports.get_kpis(request.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    // A request that cannot be answered is refused before the segment is read.
+    request.kpis.clear();
+    let err = reports.get_kpis(request.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    request.kpis = vec![rpb::Kpi::PointsLiability as i32];
+    request.group_by = rpb::GroupBy::Store as i32;
+    let err = reports.get_kpis(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     let ledger_rows = csv(&export(&mut reports, rpb::FactKind::LedgerEntries, 0, "").await);
     assert_eq!(ledger_rows[0][0], "member_id");
     assert_eq!((ledger_rows.len() - 1) as i64, entries);

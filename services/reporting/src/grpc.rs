@@ -295,10 +295,12 @@ impl ReportingService for Api {
             .collect::<Result<Vec<_>, _>>()?;
         let q = query(r.tenant_id, r.period, r.store_ids, r.filter, r.time_zone);
         let ledger = kpis.iter().any(|k| k.reads_ledger());
+        let by = group(r.group_by);
+        self.reporting
+            .check_kpis(&q, &kpis, by)
+            .map_err(to_status)?;
         let v = self
-            .over(q, ledger, move |rep, view, q| {
-                rep.kpis(view, q, &kpis, group(r.group_by))
-            })
+            .over(q, ledger, move |rep, view, q| rep.kpis(view, q, &kpis, by))
             .await?;
         Ok(Response::new(pb::GetKpisResponse { values: values(v) }))
     }
@@ -310,9 +312,11 @@ impl ReportingService for Api {
         let r = request.into_inner();
         let k = kpi(r.kpi, "kpi")?;
         let q = query(r.tenant_id, r.period, r.store_ids, r.filter, r.time_zone);
+        let by = granularity(r.granularity);
+        self.reporting.check_kpis(&q, &[k], by).map_err(to_status)?;
         let v = self
             .over(q, k.reads_ledger(), move |rep, view, q| {
-                rep.kpis(view, q, &[k], granularity(r.granularity))
+                rep.kpis(view, q, &[k], by)
             })
             .await?;
         Ok(Response::new(pb::GetTimeSeriesResponse {

@@ -748,15 +748,9 @@ fn ledger_values(
     out
 }
 
-/// Every KPI asked, in the order asked, each over the scope and grouped.
-pub fn compute(
-    r: &Rollups,
-    kpis: &[Kpi],
-    scope: &Scope,
-    group: Group,
-    day_of: &dyn Fn(i64) -> Day,
-) -> Result<Vec<Value>> {
-    let mut out = Vec::new();
+/// Whether every KPI asked can be computed over the scope and grouping: checked before
+/// anything is read.
+pub fn check(kpis: &[Kpi], scope: &Scope, group: Group) -> Result<()> {
     for &kpi in kpis {
         match (kpi.source(), group) {
             (Source::Ledger, Group::None | Group::Day | Group::Week | Group::Month)
@@ -791,6 +785,19 @@ pub fn compute(
             _ => {}
         }
     }
+    Ok(())
+}
+
+/// Every KPI asked, in the order asked, each over the scope and grouped.
+pub fn compute(
+    r: &Rollups,
+    kpis: &[Kpi],
+    scope: &Scope,
+    group: Group,
+    day_of: &dyn Fn(i64) -> Day,
+) -> Result<Vec<Value>> {
+    check(kpis, scope, group)?;
+    let mut out = Vec::new();
     let mut receipts_groups = None;
     let buyer_kpis: Vec<Kpi> = kpis
         .iter()

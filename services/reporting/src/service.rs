@@ -2,6 +2,7 @@
 //! KPI queries from the rollups, and pages facts out for exports. Knows nothing of gRPC.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use loyalty_platform::calendar::Day;
@@ -72,6 +73,17 @@ pub const MAX_SEGMENT_MEMBERS: usize = 250_000;
 pub const VIEW_BUILDS: usize = 2;
 /// Members whose facts are read at once while a segment's rollups are built.
 const SEGMENT_BATCH: usize = 1_000;
+
+/// Set when dropped: a segment build running on the blocking pool learns that the request
+/// that started it is gone (its deadline passed or its client left).
+#[derive(Debug, Default)]
+struct Abandoned(Arc<AtomicBool>);
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
 
 /// Whose facts a query reads: the tenant's rollups, or with a segment filter, rollups built
 /// from the facts of the segment's members alone.
@@ -155,7 +167,12 @@ impl Reporting {
         v.text(segment, "filter.segment_id", MAX_ID_LEN);
         v.finish()?;
         let (scope, _) = self.with(&req.tenant_id, |r| self.scope(r, req))?;
-        let _permit = self.building.acquire().await.map_err(Error::internal)?;
+        let permit = self
+            .building
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(Error::internal)?;
         let members = self
             .segments
             .members(&req.tenant_id, segment, MAX_SEGMENT_MEMBERS)
@@ -164,15 +181,21 @@ impl Reporting {
             return Err(crate::ports::too_many(segment, MAX_SEGMENT_MEMBERS));
         }
         // Rolling up takes CPU the async workers (and the consumers on them) should not
-        // wait for.
+        // wait for. The build holds the permit until it ends, and stops at its next batch
+        // when the caller gave up (a deadline dropped this future): an abandoned build
+        // neither runs on nor lets another start beside it.
         let (this, tenant) = (self.clone(), req.tenant_id.clone());
         let runtime = tokio::runtime::Handle::current();
         let days = (scope.from, scope.to);
+        let abandoned = Abandoned::default();
+        let flag = abandoned.0.clone();
         let sub = tokio::task::spawn_blocking(move || {
-            this.build_view(&runtime, &tenant, &members, days, ledger)
+            let _permit = permit;
+            this.build_view(&runtime, &tenant, &members, days, ledger, &flag)
         })
         .await
         .map_err(Error::internal)??;
+        drop(abandoned);
         Ok(View(Some(Arc::new(sub))))
     }
 
@@ -183,9 +206,15 @@ impl Reporting {
         members: &[String],
         days: (Day, Day),
         ledger: bool,
+        abandoned: &AtomicBool,
     ) -> Result<Rollups> {
         let mut sub: Option<Rollups> = None;
         for batch in members.chunks(SEGMENT_BATCH) {
+            if abandoned.load(Ordering::Relaxed) {
+                return Err(Error::Unavailable(
+                    "the segment's rollups were abandoned by their caller".into(),
+                ));
+            }
             // Only members the tenant's facts know: the others have nothing to count. The
             // lock is held for one batch at a time.
             let (known, profiles) = {
@@ -402,6 +431,20 @@ impl Reporting {
         ))
     }
 
+    /// Whether `kpis` grouped by `group` can be answered for `req`: the checks
+    /// [`Reporting::kpis`] makes, without reading anything, so a request that would be
+    /// refused is refused before its segment's rollups are built.
+    pub fn check_kpis(&self, req: &Request, kpis: &[Kpi], group: Group) -> Result<()> {
+        if kpis.is_empty() || kpis.len() > MAX_KPIS {
+            return Err(Error::invalid(
+                "kpis",
+                format!("name between 1 and {MAX_KPIS} KPIs"),
+            ));
+        }
+        let (scope, _) = self.with(&req.tenant_id, |r| self.scope(r, req))?;
+        kpi::check(kpis, &scope, group)
+    }
+
     /// The KPIs over `view` (from [`Reporting::view`] for the same request).
     pub fn kpis(
         &self,
@@ -410,12 +453,7 @@ impl Reporting {
         kpis: &[Kpi],
         group: Group,
     ) -> Result<Vec<Value>> {
-        if kpis.is_empty() || kpis.len() > MAX_KPIS {
-            return Err(Error::invalid(
-                "kpis",
-                format!("name between 1 and {MAX_KPIS} KPIs"),
-            ));
-        }
+        self.check_kpis(req, kpis, group)?;
         self.scoped(view, req, |r, scope, tz| {
             kpi::compute(r, kpis, &scope, group, &|at| local_day(at, &tz))
         })
