@@ -196,8 +196,11 @@ impl Collected {
 impl Reporting {
     /// The fraud signals of `req`'s period (business days in the tenant's zone; filters
     /// other than the period do not apply).
+    /// A query holds up to [`MAX_SCAN`] purchases' visits in memory: it takes one of the
+    /// permits segment builds take, so heavy queries run at most that many at once.
     pub async fn fraud_signals(&self, req: &Request, t: Thresholds) -> Result<Signals> {
         let (from, to) = self.days(req)?;
+        let permit = self.heavy_query().await?;
         let snapshot = self.store.snapshot().await?;
         let mut collected = Collected::default();
         let mut after = None;
@@ -238,9 +241,12 @@ impl Reporting {
         let members: Vec<&String> = collected.redemptions.iter().map(|r| &r.member_id).collect();
         let registered = self.registered_at(&req.tenant_id, &members);
         // The work is CPU only; off the async workers like a segment view.
-        tokio::task::spawn_blocking(move || Ok(judge(collected, &registered, t)))
-            .await
-            .map_err(Error::internal)?
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            Ok(judge(collected, &registered, t))
+        })
+        .await
+        .map_err(Error::internal)?
     }
 }
 

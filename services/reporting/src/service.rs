@@ -69,7 +69,7 @@ pub struct Reporting {
 
 /// The most members a segment filter reads.
 pub const MAX_SEGMENT_MEMBERS: usize = 250_000;
-/// Segment views built at once; more wait their turn.
+/// Heavy queries (segment views, fraud signals) run at once; more wait their turn.
 pub const VIEW_BUILDS: usize = 2;
 /// Members whose facts are read at once while a segment's rollups are built.
 const SEGMENT_BATCH: usize = 1_000;
@@ -167,12 +167,7 @@ impl Reporting {
         v.text(segment, "filter.segment_id", MAX_ID_LEN);
         v.finish()?;
         let (scope, _) = self.with(&req.tenant_id, |r| self.scope(r, req))?;
-        let permit = self
-            .building
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(Error::internal)?;
+        let permit = self.heavy_query().await?;
         let members = self
             .segments
             .members(&req.tenant_id, segment, MAX_SEGMENT_MEMBERS)
@@ -197,6 +192,16 @@ impl Reporting {
         .map_err(Error::internal)??;
         drop(abandoned);
         Ok(View(Some(Arc::new(sub))))
+    }
+
+    /// A permit for a query that holds much in memory or CPU (a segment build, fraud
+    /// signals): at most [`VIEW_BUILDS`] run at once.
+    pub(crate) async fn heavy_query(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        self.building
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(Error::internal)
     }
 
     fn build_view(
