@@ -516,19 +516,6 @@ impl ScyllaReportingStore {
         )
     }
 
-    /// The buckets of a tenant's `kind` within `lo..=hi`, in order.
-    async fn buckets(&self, tenant: &str, kind: Receipts, lo: i64, hi: i64) -> Result<Vec<i64>> {
-        Ok(all_rows::<(i64,)>(
-            &self.session,
-            &self.s.select_buckets,
-            (tenant, kind_code(kind), lo, hi),
-        )
-        .await?
-        .into_iter()
-        .map(|(b,)| b)
-        .collect())
-    }
-
     /// Walks a tenant's `kind` facts from `start` (inclusive) to `end` (inclusive) in
     /// (position, seq) order, handing each to `visit` until it says stop. Returns whether it
     /// was stopped.
@@ -545,7 +532,16 @@ impl ScyllaReportingStore {
         }
         let lo = bucket(kind, start.0, start.1);
         let hi = last_bucket(kind, end.0);
-        for b in self.buckets(tenant, kind, lo, hi).await? {
+        // The bucket list is paged as it is walked: a page of facts near the start of a long
+        // history reads the few buckets it needs, not every bucket to the end of time.
+        let mut buckets = row_stream::<(i64,)>(
+            &self.session,
+            &self.s.select_buckets,
+            (tenant, kind_code(kind), lo, hi),
+        )
+        .await?;
+        while let Some(b) = buckets.next().await {
+            let (b,) = b.map_err(unavailable)?;
             let mut rows = row_stream::<(i64, i64, Vec<u8>)>(
                 &self.session,
                 &self.s.select_rows,
@@ -889,23 +885,31 @@ impl ReportingStore for ScyllaReportingStore {
         if ledger {
             ranges.push((Receipts::Ledger, i64::MIN, i64::MAX));
         }
-        let mut places = Vec::new();
-        for member in &members {
-            for &(kind, from, to) in &ranges {
-                let rows: Vec<(i64, i64)> = all_rows::<(i64, i64)>(
+        // One index read per member and kind, [`CONCURRENCY`] at a time like the fact reads:
+        // a 10,000-member segment is not 30,000 round trips one after another.
+        let reads = members
+            .iter()
+            .flat_map(|member| ranges.iter().map(move |r| (member, *r)))
+            .map(|(member, (kind, from, to))| async move {
+                let rows = all_rows::<(i64, i64)>(
                     &self.session,
                     &self.s.select_member_index,
                     (tenant_id, member.as_str(), kind_code(kind), from, to),
                 )
                 .await?;
-                places.extend(rows.into_iter().map(|(position, seq)| Placed {
-                    index: 0,
-                    kind,
-                    position,
-                    seq: seq_of(seq),
-                }));
-            }
-        }
+                Ok::<_, Error>(
+                    rows.into_iter()
+                        .map(|(position, seq)| Placed {
+                            index: 0,
+                            kind,
+                            position,
+                            seq: seq_of(seq),
+                        })
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        let places: Vec<Placed> = in_chunks(reads).await?.into_iter().flatten().collect();
         let found: Vec<Option<Fact>> = in_chunks(
             places
                 .iter()
