@@ -26,7 +26,7 @@ use crate::purchase::{
     fingerprint, redeem_excess_key, redeem_key, refund_bonus_key, refund_key, release_hold_key,
 };
 use crate::receipt::{MAX_LINES, MAX_RECEIPT_ID_LEN, Receipt, parse_decimal};
-use crate::store::{PromotionStore, Put};
+use crate::store::{PromotionStore, Put, Unsettled};
 use crate::tier;
 use crate::usage::{Claim, Counters};
 use crate::velocity;
@@ -113,6 +113,8 @@ pub struct Checkout {
     clock: SharedClock,
     /// Compiled campaigns per tenant; replaced when the stored version moves.
     books: Arc<RwLock<HashMap<String, Arc<CampaignBook>>>>,
+    /// Where the next round of [`Checkout::repair_stale`] goes on from.
+    repair_from: Arc<std::sync::Mutex<Option<Unsettled>>>,
 }
 
 impl Checkout {
@@ -132,6 +134,7 @@ impl Checkout {
             events,
             clock,
             books: Arc::default(),
+            repair_from: Arc::default(),
         }
     }
 
@@ -755,12 +758,39 @@ impl Checkout {
     /// - an accepted refund whose points did not move (its budgets and limits were given
     ///   back when it was accepted): its points move and its event goes out.
     ///
-    /// Returns how many commits and refunds were finished; one that fails stays for the
-    /// next round.
+    /// Returns how many commits and refunds were finished; one that fails stays for a
+    /// later round. A round takes at most `limit` and the next goes on after the last one
+    /// taken, starting over from the oldest once it reaches the end: purchases that keep
+    /// failing never hold newer ones back.
     pub async fn repair_stale(&self, age_ms: Millis, limit: usize) -> Result<usize> {
         let before = self.clock.now_ms() - age_ms;
+        let after = self
+            .repair_from
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let mut round = self
+            .store
+            .stale_unsettled(before, after.as_ref(), limit)
+            .await?;
+        if round.is_empty() && after.is_some() {
+            round = self.store.stale_unsettled(before, None, limit).await?;
+        }
+        *self
+            .repair_from
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = if round.len() < limit {
+            None
+        } else {
+            round.last().cloned()
+        };
         let mut finished = 0;
-        for (tenant, receipt) in self.store.stale_unsettled(before, limit).await? {
+        for Unsettled {
+            tenant_id: tenant,
+            receipt_id: receipt,
+            ..
+        } in round
+        {
             let Some(p) = self.store.purchase(&tenant, &receipt).await? else {
                 continue;
             };
@@ -1260,6 +1290,8 @@ mod tests {
         active: i64,
         vanish_before_redeem: i64,
         accrual_failures: u32,
+        /// Receipts whose accruals fail every time.
+        accrual_refused: std::collections::HashSet<String>,
         confirm_failures: u32,
         reverse_failures: u32,
         done: HashMap<String, i64>,
@@ -1303,7 +1335,7 @@ mod tests {
             _: &str,
             key: &str,
             amount: i64,
-            _: &str,
+            receipt_id: &str,
             _: Millis,
             _: Option<Millis>,
         ) -> Result<i64> {
@@ -1311,6 +1343,9 @@ mod tests {
             if s.accrual_failures > 0 {
                 s.accrual_failures -= 1;
                 return Err(Error::Unavailable("balance is restarting".into()));
+            }
+            if s.accrual_refused.contains(receipt_id) {
+                return Err(Error::FailedPrecondition("the member is blocked".into()));
             }
             if !s.done.contains_key(key) {
                 s.done.insert(key.into(), amount);
@@ -1815,6 +1850,41 @@ mod tests {
         let c = checkout.commit(receipt(20_000), None).await.unwrap();
         assert_eq!(c.evaluation.points_accrued, 800);
         assert_eq!(ledger.state.lock().unwrap().applied.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn commits_that_keep_failing_do_not_hold_the_repair_back() {
+        let ledger = Arc::new(Ledger::default());
+        let (_dir, checkout, clock) = checkout_at(ledger.clone(), ManualClock::at(1_000)).await;
+        ledger.state.lock().unwrap().accrual_refused = ["r1", "r2", "r3"].map(String::from).into();
+        for (id, at) in [("r1", 0), ("r2", 10), ("r3", 10)] {
+            clock.advance(at);
+            let mut r = receipt(0);
+            r.receipt_id = id.into();
+            assert!(checkout.commit(r, None).await.is_err());
+        }
+        clock.advance(120_000);
+        // r1 and r2 never succeed; r3, the newest, is still reached with two a round.
+        ledger.state.lock().unwrap().accrual_refused.remove("r3");
+        let mut finished = 0;
+        for _ in 0..2 {
+            finished += checkout.repair_stale(60_000, 2).await.unwrap();
+        }
+        assert_eq!(finished, 1);
+        let done = |id: &'static str| {
+            let checkout = checkout.clone();
+            async move { !checkout.purchase("t", id).await.unwrap().state.is_pending() }
+        };
+        assert!(done("r3").await);
+        assert!(!done("r1").await && !done("r2").await);
+        // Rounds go on from the oldest again: r2, once it can be finished, is.
+        ledger.state.lock().unwrap().accrual_refused.remove("r2");
+        let mut finished = 0;
+        for _ in 0..2 {
+            finished += checkout.repair_stale(60_000, 2).await.unwrap();
+        }
+        assert_eq!(finished, 1);
+        assert!(done("r2").await && !done("r1").await);
     }
 
     #[tokio::test]

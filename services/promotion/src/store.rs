@@ -26,6 +26,15 @@ pub struct CheckoutContext {
     pub coupons: Vec<Option<(Coupon, i64)>>,
 }
 
+/// A purchase waiting to be settled, in the order [`PromotionStore::stale_unsettled`] lists
+/// them: by the time it became unsettled, then tenant and receipt id.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Unsettled {
+    pub since: Millis,
+    pub tenant_id: String,
+    pub receipt_id: String,
+}
+
 /// The outcome of a purchase write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Put {
@@ -78,8 +87,14 @@ pub trait PromotionStore: Send + Sync + std::fmt::Debug {
         claims: &[Claim],
     ) -> Result<Put>;
     /// Purchases unsettled ([`Purchase::unsettled_since`]) since before `before`, oldest
-    /// first, as (tenant, receipt id): commits and refunds whose caller never retried.
-    async fn stale_unsettled(&self, before: Millis, limit: usize) -> Result<Vec<(String, String)>>;
+    /// first, strictly after `after` in that order: commits and refunds whose caller never
+    /// retried, at most `limit`.
+    async fn stale_unsettled(
+        &self,
+        before: Millis,
+        after: Option<&Unsettled>,
+        limit: usize,
+    ) -> Result<Vec<Unsettled>>;
     /// A member's committed purchases, newest first, strictly after `after` (a token this
     /// call returned; empty: from the newest).
     async fn member_purchases(

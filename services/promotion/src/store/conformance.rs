@@ -100,6 +100,7 @@ pub async fn run_all(s: &dyn PromotionStore) {
     purchases_in_order(s).await;
     a_merged_members_history_moves(s).await;
     unsettled_purchases(s).await;
+    unsettled_pages(s).await;
     s.ping().await.unwrap();
 }
 
@@ -123,12 +124,12 @@ fn committed(receipt_id: &str, member: &str, at: i64) -> Purchase {
 /// purchase settled or pending since time 0.
 async fn unsettled_purchases(s: &dyn PromotionStore) {
     let stale = |before| async move {
-        s.stale_unsettled(before, 100)
+        s.stale_unsettled(before, None, 100)
             .await
             .unwrap()
             .into_iter()
-            .filter(|(t, _)| t == "un")
-            .map(|(_, r)| r)
+            .filter(|u| u.tenant_id == "un")
+            .map(|u| u.receipt_id)
             .collect::<Vec<_>>()
     };
     let mut pending = purchase("u1");
@@ -210,6 +211,40 @@ async fn unsettled_purchases(s: &dyn PromotionStore) {
         Put::Written
     );
     assert!(stale(i64::MAX).await.is_empty(), "every refund settled");
+}
+
+/// Unsettled purchases page by a cursor, in (time, tenant, receipt) order.
+async fn unsettled_pages(s: &dyn PromotionStore) {
+    for (r, at) in [("p1", 300), ("p3", 200), ("p2", 200)] {
+        let mut p = purchase(r);
+        p.receipt.tenant_id = "uc".into();
+        p.evaluated_at = at;
+        assert_eq!(s.put_purchase(&p, None, &[]).await.unwrap(), Put::Written);
+    }
+    let all = s.stale_unsettled(301, None, 10_000).await.unwrap();
+    assert!(all.windows(2).all(|w| w[0] < w[1]), "in order: {all:?}");
+    let ours: Vec<&str> = all
+        .iter()
+        .filter(|u| u.tenant_id == "uc")
+        .map(|u| u.receipt_id.as_str())
+        .collect();
+    assert_eq!(ours, ["p2", "p3", "p1"]);
+    assert_eq!(
+        all.iter().find(|u| u.receipt_id == "p1").map(|u| u.since),
+        Some(300)
+    );
+    let mut paged = Vec::new();
+    let mut after = None;
+    loop {
+        let page = s.stale_unsettled(301, after.as_ref(), 2).await.unwrap();
+        assert!(page.len() <= 2);
+        let Some(last) = page.last().cloned() else {
+            break;
+        };
+        paged.extend(page);
+        after = Some(last);
+    }
+    assert_eq!(paged, all, "pages after a cursor skip and repeat nothing");
 }
 
 /// A member's history newest first, and a merge filing it under the survivor.

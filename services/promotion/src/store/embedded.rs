@@ -1,5 +1,6 @@
 //! The promotion store on the embedded database.
 
+use std::ops::Bound;
 use std::path::Path;
 
 use loyalty_platform::clock::Millis;
@@ -12,7 +13,7 @@ use redb::{ReadableTable, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{CheckoutContext, PromotionStore, Put};
+use super::{CheckoutContext, PromotionStore, Put, Unsettled};
 use crate::campaign::{Campaign, Coupon, StackingGroup};
 use crate::catalog::{Product, Store};
 use crate::program::Program;
@@ -49,6 +50,12 @@ const CAMPAIGN_VERSIONS: TableDefinition<'static, &'static str, u64> =
     TableDefinition::new("campaign_versions");
 /// (tenant, counter) → value.
 const COUNTERS: TableDefinition<'static, &'static str, i64> = TableDefinition::new("counters");
+
+/// A [`PENDING`] key: the time the purchase became unsettled (zero-padded, so keys sort by
+/// it), tenant and receipt id.
+fn unsettled_key(since: Millis, tenant: &str, receipt: &str) -> String {
+    key(&[&format!("{:020}", since.max(0)), tenant, receipt])
+}
 
 fn bump_campaigns(txn: &redb::WriteTransaction, tenant_id: &str) -> Result<()> {
     let mut t = txn.open_table(CAMPAIGN_VERSIONS).map_err(e)?;
@@ -313,8 +320,7 @@ impl PromotionStore for EmbeddedPromotionStore {
                 put_record(&mut t, &k, &purchase)?;
                 // Filed under the time it became unsettled; moved or removed as that changes.
                 let receipt = purchase.receipt.receipt_id.as_str();
-                let filed =
-                    |since: Millis| key(&[&format!("{:020}", since.max(0)), tenant, receipt]);
+                let filed = |since: Millis| unsettled_key(since, tenant, receipt);
                 let was = current.as_ref().and_then(Purchase::unsettled_since);
                 let now = purchase.unsettled_since();
                 if was != now {
@@ -351,19 +357,38 @@ impl PromotionStore for EmbeddedPromotionStore {
             .await
     }
 
-    async fn stale_unsettled(&self, before: Millis, limit: usize) -> Result<Vec<(String, String)>> {
+    async fn stale_unsettled(
+        &self,
+        before: Millis,
+        after: Option<&Unsettled>,
+        limit: usize,
+    ) -> Result<Vec<Unsettled>> {
         let end = format!("{:020}", before.max(0));
+        let start = after.map(|u| unsettled_key(u.since, &u.tenant_id, &u.receipt_id));
         self.db
             .read(move |txn| {
                 let Some(t) = open_for_read(txn, PENDING)? else {
                     return Ok(Vec::new());
                 };
+                let range = match &start {
+                    Some(s) => t.range::<&str>((
+                        Bound::Excluded(s.as_str()),
+                        Bound::Excluded(end.as_str()),
+                    )),
+                    None => t.range::<&str>(..end.as_str()),
+                };
                 let mut out = Vec::new();
-                for item in t.range(..end.as_str()).map_err(e)? {
+                for item in range.map_err(e)? {
                     let (k, _) = item.map_err(e)?;
-                    let mut parts = k.value().split('\0').skip(1);
-                    if let (Some(tenant), Some(receipt)) = (parts.next(), parts.next()) {
-                        out.push((tenant.to_string(), receipt.to_string()));
+                    let mut parts = k.value().split('\0');
+                    if let (Some(since), Some(tenant), Some(receipt)) =
+                        (parts.next(), parts.next(), parts.next())
+                    {
+                        out.push(Unsettled {
+                            since: since.parse().map_err(Error::internal)?,
+                            tenant_id: tenant.to_string(),
+                            receipt_id: receipt.to_string(),
+                        });
                     }
                     if out.len() == limit {
                         break;

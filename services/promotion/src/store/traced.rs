@@ -97,9 +97,10 @@ impl PromotionStore for Traced {
     async fn stale_unsettled(
         &self,
         before: loyalty_platform::clock::Millis,
+        after: Option<&super::Unsettled>,
         limit: usize,
-    ) -> Result<Vec<(String, String)>> {
-        let call = self.inner.stale_unsettled(before, limit);
+    ) -> Result<Vec<super::Unsettled>> {
+        let call = self.inner.stale_unsettled(before, after, limit);
         in_db_span(self.system, "promotion.stale_unsettled", call).await
     }
     async fn member_purchases(
