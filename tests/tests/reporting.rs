@@ -954,6 +954,108 @@ async fn receipts_reach_every_report_and_exports() {
 }
 
 /// Runs `loyalty <what> --data-dir DIR` with only `env`; its success and what it said.
+/// A coupon is a code of its own, used once: receipts with one count as receipts with a
+/// code and under the coupon's campaign, but a coupon is no group of its own (a table per
+/// coupon would grow with every one redeemed). Promo codes group by code.
+#[tokio::test]
+async fn coupons_count_as_codes_and_group_under_their_campaign() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(Launch::dev(), dir.path()).await;
+    let channel = server.channel().await;
+    setup_tenant(&channel, T).await;
+    let mut campaigns = ppb::campaign_service_client::CampaignServiceClient::new(channel.clone());
+    for (id, code) in [
+        (
+            "spring",
+            ppb::code_requirement::Kind::PromoCode("SPRING".into()),
+        ),
+        (
+            "welcome",
+            ppb::code_requirement::Kind::Coupons(ppb::CouponPolicy {
+                max_uses: 1,
+                member_bound: false,
+            }),
+        ),
+    ] {
+        campaigns
+            .create_campaign(ppb::CreateCampaignRequest {
+                campaign: Some(ppb::Campaign {
+                    tenant_id: T.into(),
+                    campaign_id: id.into(),
+                    name: id.into(),
+                    status: ppb::CampaignStatus::Active as i32,
+                    code: Some(ppb::CodeRequirement { kind: Some(code) }),
+                    mechanic: Some(ppb::campaign::Mechanic::ExtraDiscount(ppb::ExtraDiscount {
+                        scope: None,
+                        percent: dec("5"),
+                    })),
+                    ..Default::default()
+                }),
+                actor: None,
+            })
+            .await
+            .unwrap();
+    }
+    let coupons = campaigns
+        .generate_coupons(ppb::GenerateCouponsRequest {
+            tenant_id: T.into(),
+            campaign_id: "welcome".into(),
+            count: 2,
+            idempotency_key: "welcome-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .codes;
+    let mut pos = Pos::new(&channel, &channel);
+    let (_, card) = pos.member_with_card(T, "+77015550100").await;
+    let codes: [&[&str]; 4] = [
+        &[&coupons[0]],
+        &[&coupons[1].to_lowercase(), "SPRING"],
+        &["spring"],
+        &[],
+    ];
+    let mut sales = Decimal::ZERO;
+    for (i, codes) in codes.iter().enumerate() {
+        let mut r = receipt(
+            T,
+            &format!("c{i}"),
+            Some(&card),
+            vec![line("1", "boots", "1", "1000.00", false)],
+        );
+        r.codes = codes.iter().map(|c| c.to_string()).collect();
+        let e = pos.commit(r).await.unwrap().evaluation.unwrap();
+        sales += Decimal::from_str(&e.amount_due.unwrap().value).unwrap();
+    }
+    let mut reports = ReportingServiceClient::new(channel.clone());
+    settled(&mut reports, 4, sales).await;
+    let all = kpis(
+        &mut reports,
+        &[rpb::Kpi::CodeUsage],
+        rpb::GroupBy::Unspecified,
+    )
+    .await;
+    assert_eq!(one(&all, rpb::Kpi::CodeUsage), Decimal::from(3));
+    let by_code = kpis(&mut reports, &[rpb::Kpi::Receipts], rpb::GroupBy::Code).await;
+    let groups: BTreeMap<&str, Decimal> =
+        by_code.iter().map(|((_, g), v)| (g.as_str(), *v)).collect();
+    assert_eq!(
+        groups,
+        BTreeMap::from([("SPRING", Decimal::TWO)]),
+        "the promo code however it was typed; no coupon"
+    );
+    let by_campaign = kpis(&mut reports, &[rpb::Kpi::Receipts], rpb::GroupBy::Campaign).await;
+    assert_eq!(
+        by_campaign[&(rpb::Kpi::Receipts as i32, "welcome".into())],
+        Decimal::TWO
+    );
+    assert_eq!(
+        by_campaign[&(rpb::Kpi::Receipts as i32, "spring".into())],
+        Decimal::TWO
+    );
+}
+
 async fn rebuild(what: &str, dir: &std::path::Path, env: &[(String, String)]) -> (bool, String) {
     let args = [
         what.to_string(),

@@ -534,10 +534,12 @@ impl Checkout {
                 Put::Conflict => return Ok(None),
                 Put::Refused(i) => {
                     let refused = &claims[i];
-                    if refused.counter.starts_with("coupon/") {
+                    if let Some(code) = refused
+                        .counter
+                        .strip_prefix(crate::usage::COUPON_COUNTER_PREFIX)
+                    {
                         return Err(Error::FailedPrecondition(format!(
-                            "a coupon of this receipt was used up by another purchase just now: {}",
-                            refused.counter.trim_start_matches("coupon/")
+                            "a coupon of this receipt was used up by another purchase just now: {code}"
                         )));
                     }
                     if let Some(hold_id) = refused.counter.strip_prefix("hold/") {

@@ -7,8 +7,10 @@ use loyalty_platform::clock::Millis;
 use loyalty_platform::error::Result;
 use rust_decimal::Decimal;
 
+use crate::campaign::normalize_code;
 use crate::program::{MONEY_SCALE, Rounding};
 use crate::purchase::{Purchase, Refund};
+use crate::usage::COUPON_COUNTER_PREFIX;
 use loyalty_platform::types::Channel;
 
 /// One line as consumers see it: what was bought and what was paid for it in money.
@@ -43,6 +45,8 @@ pub struct PurchaseEvent {
     /// The member's tier when the receipt was priced (empty: none); None when anonymous.
     pub tier_id: Option<String>,
     pub codes: Vec<String>,
+    /// Which of `codes` were coupons the receipt used.
+    pub coupon_codes: Vec<String>,
     /// Campaigns that gave the receipt something.
     pub campaign_ids: Vec<String>,
     /// Campaigns whose control group held this member out (for uplift).
@@ -80,6 +84,7 @@ pub struct RefundEvent {
     pub points_returned: i64,
     pub channel: Channel,
     pub codes: Vec<String>,
+    pub coupon_codes: Vec<String>,
     pub campaign_ids: Vec<String>,
     pub held_out_campaign_ids: Vec<String>,
     pub store: StoreFacts,
@@ -191,7 +196,8 @@ pub fn purchase_event(
         points_redeemed: e.points_redeemed,
         points_balance,
         tier_id: e.member.as_ref().map(|m| m.tier_id.clone()),
-        codes: p.receipt.codes.clone(),
+        codes: codes(p),
+        coupon_codes: coupon_codes(p),
         campaign_ids: e
             .applied_campaigns()
             .iter()
@@ -291,7 +297,8 @@ pub fn refund_event(p: &Purchase, refund: &Refund, catalog: &Catalog, now: Milli
         points_reversed: outcome.points_reversed,
         points_returned: outcome.points_returned,
         channel: p.receipt.channel,
-        codes: p.receipt.codes.clone(),
+        codes: codes(p),
+        coupon_codes: coupon_codes(p),
         campaign_ids: e
             .applied_campaigns()
             .iter()
@@ -301,4 +308,24 @@ pub fn refund_event(p: &Purchase, refund: &Refund, catalog: &Catalog, now: Milli
         business_day: catalog.store.business_day(purchase_time),
         store: catalog.store.clone(),
     }
+}
+
+/// The receipt's codes, normalized as the checkout matched them (so "spring" and "SPRING"
+/// are one code in reports).
+fn codes(p: &Purchase) -> Vec<String> {
+    p.receipt.codes.iter().map(|c| normalize_code(c)).collect()
+}
+
+/// The receipt's codes (normalized) that were coupons it used: those it claimed a use of.
+fn coupon_codes(p: &Purchase) -> Vec<String> {
+    let used: std::collections::HashSet<&str> = p
+        .evaluation
+        .claims
+        .iter()
+        .filter_map(|c| c.counter.strip_prefix(COUPON_COUNTER_PREFIX))
+        .collect();
+    codes(p)
+        .into_iter()
+        .filter(|c| used.contains(c.as_str()))
+        .collect()
 }

@@ -53,9 +53,12 @@ pub fn member_counter(campaign_id: &str, member_id: &str, period: i64) -> String
     format!("member/{campaign_id}/{member_id}/{period}")
 }
 
+/// What names a coupon's counter, before its code.
+pub const COUPON_COUNTER_PREFIX: &str = "coupon/";
+
 /// Uses of one coupon.
 pub fn coupon_counter(code: &str) -> String {
-    format!("coupon/{code}")
+    format!("{COUPON_COUNTER_PREFIX}{code}")
 }
 
 /// Receipts spending a till's hold (at most one): two receipts naming the same hold cannot

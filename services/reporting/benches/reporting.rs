@@ -76,6 +76,7 @@ fn purchase(n: u64, store: u64, day: i64, lines: usize) -> Purchase {
         },
         campaign_ids: vec![format!("k{}", n % 20)],
         held_out_campaign_ids: vec![],
+        coupon_codes: Vec::new(),
     }
 }
 

@@ -50,6 +50,10 @@ pub struct Purchase {
     pub codes: Vec<String>,
     pub campaign_ids: Vec<String>,
     pub held_out_campaign_ids: Vec<String>,
+    /// Which of `codes` were coupons the receipt used. Last, so facts stored before it
+    /// existed read as none ([`added_last`]).
+    #[serde(deserialize_with = "added_last")]
+    pub coupon_codes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +77,10 @@ pub struct Refund {
     pub codes: Vec<String>,
     pub campaign_ids: Vec<String>,
     pub held_out_campaign_ids: Vec<String>,
+    /// Which of `codes` were coupons the receipt used. Last, so facts stored before it
+    /// existed read as none ([`added_last`]).
+    #[serde(deserialize_with = "added_last")]
+    pub coupon_codes: Vec<String>,
 }
 
 /// A member as their newest event describes them.
@@ -156,6 +164,18 @@ impl Reason {
     }
 }
 
+/// Reads a field added at the end of a stored record: a record written before the field
+/// existed ends where the field would start, and reads as the default. Facts are stored
+/// with postcard, which is not self-describing, so a field can only be added this way,
+/// last in a record that is last in its encoding.
+fn added_last<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(T::deserialize(d).unwrap_or_default())
+}
+
 /// A fact with its identity: the event it came from names it exactly once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Fact {
@@ -205,4 +225,31 @@ impl Fact {
 pub struct TenantFact {
     pub tenant_id: String,
     pub fact: Fact,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use loyalty_platform::embedded::{decode, encode};
+
+    use super::*;
+    use crate::store::conformance::{purchase, refund};
+
+    #[test]
+    fn receipts_stored_before_coupons_were_told_apart_read_as_without_coupons() {
+        for fact in [purchase("t", "r1", 3).fact, refund("t", "r1", "f1", 3).fact] {
+            let mut with = fact.clone();
+            match &mut with {
+                Fact::Purchase(p) => p.coupon_codes = vec!["C1".into()],
+                Fact::Refund(r) => r.coupon_codes = vec!["C1".into()],
+                _ => unreachable!(),
+            }
+            assert_eq!(decode::<Fact>(&encode(&with).unwrap()).unwrap(), with);
+            // The encoding before the field: the same bytes without the empty list's length.
+            let mut old = encode(&fact).unwrap();
+            assert_eq!(old.pop(), Some(0));
+            assert_eq!(decode::<Fact>(&old).unwrap(), fact);
+        }
+    }
 }

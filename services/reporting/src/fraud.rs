@@ -421,6 +421,7 @@ mod tests {
             codes: Vec::new(),
             campaign_ids: Vec::new(),
             held_out_campaign_ids: Vec::new(),
+            coupon_codes: Vec::new(),
         }
     }
 

@@ -356,13 +356,16 @@ impl Rollups {
         m: &Measures,
         campaigns: &[String],
         codes: &[String],
+        coupons: &[String],
     ) {
         self.cells.add(day, slot, m);
         for c in distinct(campaigns) {
             let id = self.campaigns.intern(c);
             self.by_campaign.entry(id).or_default().add(day, slot, m);
         }
-        for c in distinct(codes) {
+        // Promo codes only: every coupon is a code of its own, used about once, so a table
+        // per coupon would grow with every one redeemed. Coupons count under their campaign.
+        for c in distinct(codes).into_iter().filter(|c| !coupons.contains(c)) {
             let id = self.codes.intern(c);
             self.by_code.entry(id).or_default().add(day, slot, m);
         }
@@ -383,6 +386,7 @@ impl Rollups {
             &Measures::of_purchase(p),
             &p.campaign_ids,
             &p.codes,
+            &p.coupon_codes,
         );
         let Some(member) = &p.member_id else { return };
         let m = self.member_number(member);
@@ -465,6 +469,7 @@ impl Rollups {
             &Measures::of_refund(r),
             &r.campaign_ids,
             &r.codes,
+            &r.coupon_codes,
         );
         let Some(member) = &r.member_id else { return };
         let m = self.member_number(member);
@@ -532,6 +537,7 @@ mod tests {
             codes: vec![],
             campaign_ids: vec![],
             held_out_campaign_ids: vec![],
+            coupon_codes: Vec::new(),
         }
     }
 

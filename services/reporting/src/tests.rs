@@ -136,7 +136,16 @@ fn world(seed: u64) -> World {
             codes: pick(&mut rng, &["SALE", "11.11"]),
             campaign_ids: campaigns,
             held_out_campaign_ids: held_out,
+            coupon_codes: Vec::new(),
         };
+        // Some receipts use a coupon: a code of its own, counted as a code but grouped
+        // under its campaign only.
+        let mut p = p;
+        if rng.random_bool(0.2) {
+            let coupon = format!("C{r}");
+            p.codes.push(coupon.clone());
+            p.coupon_codes.push(coupon);
+        }
         if rng.random_bool(0.25) {
             let full = rng.random_bool(0.5);
             facts.push(Fact::Refund(Refund {
@@ -160,6 +169,7 @@ fn world(seed: u64) -> World {
                 codes: p.codes.clone(),
                 campaign_ids: p.campaign_ids.clone(),
                 held_out_campaign_ids: p.held_out_campaign_ids.clone(),
+                coupon_codes: p.coupon_codes.clone(),
             }));
         }
         facts.push(Fact::Purchase(p));
@@ -267,6 +277,7 @@ fn labels(
     c: Channel,
     campaigns: &[String],
     codes: &[String],
+    coupons: &[String],
 ) -> Vec<String> {
     let set = |v: &[String]| -> Vec<String> {
         v.iter()
@@ -285,7 +296,10 @@ fn labels(
         Group::Region => vec![o.region.clone()],
         Group::Channel => vec![channel_name(c).to_string()],
         Group::Campaign => set(campaigns),
-        Group::Code => set(codes),
+        Group::Code => set(codes)
+            .into_iter()
+            .filter(|c| !coupons.contains(c))
+            .collect(),
     }
 }
 
@@ -324,7 +338,15 @@ fn reference_with(
         .iter()
         .filter(|p| in_period(p.day) && admitted(q, &p.outlet, p.channel))
     {
-        for g in labels(q, p.day, &p.outlet, p.channel, &p.campaign_ids, &p.codes) {
+        for g in labels(
+            q,
+            p.day,
+            &p.outlet,
+            p.channel,
+            &p.campaign_ids,
+            &p.codes,
+            &p.coupon_codes,
+        ) {
             let t = tallies.entry(g).or_default();
             let (i, c) = (
                 usize::from(p.member_id.is_some()),
@@ -341,7 +363,15 @@ fn reference_with(
         .iter()
         .filter(|r| in_period(r.day) && admitted(q, &r.outlet, r.channel))
     {
-        for g in labels(q, r.day, &r.outlet, r.channel, &r.campaign_ids, &r.codes) {
+        for g in labels(
+            q,
+            r.day,
+            &r.outlet,
+            r.channel,
+            &r.campaign_ids,
+            &r.codes,
+            &r.coupon_codes,
+        ) {
             let t = tallies.entry(g).or_default();
             let (i, c) = (
                 usize::from(r.member_id.is_some()),
@@ -369,7 +399,7 @@ fn reference_with(
                     .filter(|p| in_period(p.day) && admitted(q, &p.outlet, p.channel))
                 {
                     let Some(m) = &p.member_id else { continue };
-                    for g in labels(q, p.day, &p.outlet, p.channel, &[], &[]) {
+                    for g in labels(q, p.day, &p.outlet, p.channel, &[], &[], &[]) {
                         *counts.entry(g).or_default().entry(m.clone()).or_default() += 1;
                     }
                 }
@@ -398,7 +428,7 @@ fn reference_with(
                     .filter(|p| in_period(p.day) && admitted(q, &p.outlet, p.channel))
                 {
                     let Some(m) = &p.member_id else { continue };
-                    let groups = labels(q, p.day, &p.outlet, p.channel, &[], &[]);
+                    let groups = labels(q, p.day, &p.outlet, p.channel, &[], &[], &[]);
                     let period = if series {
                         groups[0].clone()
                     } else {
@@ -996,6 +1026,7 @@ fn the_case_study_shape_comes_back_as_constructed() {
                 codes: vec![],
                 campaign_ids: vec![],
                 held_out_campaign_ids: vec![],
+                coupon_codes: Vec::new(),
             }),
         });
     };

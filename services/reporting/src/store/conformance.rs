@@ -34,11 +34,12 @@ pub fn purchase(tenant: &str, receipt: &str, day: i64) -> TenantFact {
             codes: vec![],
             campaign_ids: vec![],
             held_out_campaign_ids: vec![],
+            coupon_codes: Vec::new(),
         }),
     }
 }
 
-fn refund(tenant: &str, receipt: &str, refund: &str, day: i64) -> TenantFact {
+pub fn refund(tenant: &str, receipt: &str, refund: &str, day: i64) -> TenantFact {
     TenantFact {
         tenant_id: tenant.into(),
         fact: Fact::Refund(Refund {
@@ -58,6 +59,7 @@ fn refund(tenant: &str, receipt: &str, refund: &str, day: i64) -> TenantFact {
             codes: vec![],
             campaign_ids: vec![],
             held_out_campaign_ids: vec![],
+            coupon_codes: Vec::new(),
         }),
     }
 }
