@@ -224,6 +224,9 @@ pub fn cents(value: Decimal) -> i64 {
 /// when `total <= sum(weights)`. The slots with the most room left take the units that
 /// proportional floors leave over, the earlier slot first among equals.
 pub fn spread(total: Decimal, weights: &[Decimal], unit: Decimal) -> Vec<Decimal> {
+    if total.is_zero() {
+        return vec![Decimal::ZERO; weights.len()];
+    }
     spread_scaled(total, weights, unit).unwrap_or_else(|| spread_decimal(total, weights, unit))
 }
 
@@ -515,19 +518,22 @@ struct Pricing<'a> {
 impl Pricing<'_> {
     /// Lines a campaign covers and may discount; or why none.
     fn scope_lines(&self, i: usize) -> Result<Vec<usize>, Why> {
-        let covered: Vec<usize> = (0..self.lines.len())
-            .filter(|&l| self.covering[l].get(i))
-            .collect();
-        if covered.is_empty() {
+        let mut covered = false;
+        let mut open = Vec::new();
+        for l in 0..self.lines.len() {
+            if self.covering[l].get(i) {
+                covered = true;
+                if self.discountable[l] && self.lines[l].net > Decimal::ZERO {
+                    open.push(l);
+                }
+            }
+        }
+        if !covered {
             return Err((
                 SkipReason::NoMatchingLines,
                 "no line matches its products".into(),
             ));
         }
-        let open: Vec<usize> = covered
-            .into_iter()
-            .filter(|&l| self.discountable[l] && self.lines[l].net > Decimal::ZERO)
-            .collect();
         if open.is_empty() {
             return Err((
                 SkipReason::SaleItem,
@@ -874,17 +880,18 @@ pub fn evaluate(
                 }
                 if let Some((winner, _, plan)) = best {
                     let wc = &book.entries[winner].campaign;
+                    // One text for every campaign the winner excluded.
+                    let mut excluded: Option<String> = None;
                     for &i in &open {
                         if i != winner && skip[i].is_none() {
-                            skip[i] = Some((
-                                SkipReason::ExcludedByStacking,
+                            let why = excluded.get_or_insert_with(|| {
                                 format!(
                                     "only one campaign of group {:?} applies: {}",
                                     group.group_id,
                                     label(wc)
                                 )
-                                .into(),
-                            ));
+                            });
+                            skip[i] = Some((SkipReason::ExcludedByStacking, why.clone().into()));
                         }
                     }
                     if wc.mechanic.is_discount() {
@@ -1322,6 +1329,9 @@ fn pay_with_points(
     let paid_with_points = money_down(Decimal::from(requested) * program.point_value / minor);
     let points_redeemed =
         to_i64((paid_with_points / program.point_value * minor).floor()).min(requested);
+    if points_redeemed == 0 && paid_with_points.is_zero() {
+        return max_redeemable;
+    }
     let money_shares = spread(paid_with_points, &eligible, cent());
     // Points are spread by the same eligibility, in point units.
     let point_weights: Vec<Decimal> = eligible
