@@ -678,6 +678,34 @@ async fn members_import_with_cards_and_opening_balances_and_resume() {
         .members;
     assert_eq!(listed.len(), 4, "three imported, one registered");
 
+    // A row number of the import sent again with other data is that row's error, not a
+    // silent skip; the row it names stays as it was.
+    let replies = import(
+        &mut pos,
+        vec![chunk(
+            "old-crm",
+            vec![
+                row(1, "+77017300014", &[], 999),
+                row(10, "+77017300015", &[], 0),
+            ],
+        )],
+    )
+    .await
+    .unwrap();
+    assert_eq!(replies[0].rows_imported, 1);
+    let errors: Vec<(i64, &str)> = replies[0]
+        .errors
+        .iter()
+        .map(|e| (e.row_number, e.field.as_str()))
+        .collect();
+    assert_eq!(errors, [(1, "row_number")], "{:?}", replies[0].errors);
+    assert!(replies[0].errors[0].description.contains("other data"));
+    let other = lookup(&mut pos, Key::Phone("+77017300014".into()))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::NotFound);
+    assert_eq!(pos.balance(T, &one.member_id).await.active, 12_345);
+
     // One stream is one import; a message over the row limit is refused whole.
     let mixed = import(
         &mut pos,

@@ -41,6 +41,33 @@ pub struct RowInput {
     pub opening_balance: i64,
 }
 
+impl RowInput {
+    /// A digest of everything the row says, as sent: a resent row has the same one.
+    pub fn fingerprint(&self) -> Vec<u8> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for text in [&self.phone, &self.email, &self.first_name, &self.last_name]
+            .into_iter()
+            .chain(&self.card_numbers)
+        {
+            h.update((text.len() as u64).to_le_bytes());
+            h.update(text.as_bytes());
+        }
+        h.update((self.card_numbers.len() as u64).to_le_bytes());
+        match self.birthday {
+            None => h.update([0]),
+            Some((y, m, d)) => {
+                h.update([1]);
+                for part in [y, m, d] {
+                    h.update(part.to_le_bytes());
+                }
+            }
+        }
+        h.update(self.opening_balance.to_le_bytes());
+        h.finalize().to_vec()
+    }
+}
+
 /// Why a row was not imported.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RowError {
@@ -99,13 +126,13 @@ impl Identity {
         if row.row_number <= 0 {
             return Ok(Err(("row_number", "must be positive".into())));
         }
+        let fingerprint = row.fingerprint();
         if let Some(done) = self
             .store
             .import_row(tenant_id, import_id, row.row_number)
             .await?
         {
-            self.finish_row(done).await?;
-            return Ok(Ok(()));
+            return self.resumed(done, &fingerprint).await;
         }
         let member = match self.checked_row(tenant_id, row) {
             Ok(parts) => parts,
@@ -119,6 +146,7 @@ impl Identity {
             member_id: member.member_id.clone(),
             opening_balance: row.opening_balance,
             balance_done: row.opening_balance == 0,
+            fingerprint,
         };
         for _ in 0..GENERATION_ATTEMPTS {
             let refused = match self
@@ -147,14 +175,34 @@ impl Identity {
                 .import_row(tenant_id, import_id, row.row_number)
                 .await?
             {
-                self.finish_row(done).await?;
-                return Ok(Ok(()));
+                return self.resumed(done, &record.fingerprint).await;
             }
             return Ok(Err(refused));
         }
         Err(Error::internal(anyhow::anyhow!(
             "could not generate a unique referral code"
         )))
+    }
+
+    /// A row whose number was imported before: the same row finishes what it had left;
+    /// another row under that number is its error (rows recorded before rows were
+    /// fingerprinted cannot tell, and finish).
+    async fn resumed(
+        &self,
+        done: ImportRow,
+        fingerprint: &[u8],
+    ) -> Result<std::result::Result<(), (&'static str, String)>> {
+        if !done.fingerprint.is_empty() && done.fingerprint != fingerprint {
+            return Ok(Err((
+                "row_number",
+                format!(
+                    "row {} of import {} was imported before with other data; give every row of an import its own number",
+                    done.row_number, done.import_id
+                ),
+            )));
+        }
+        self.finish_row(done).await?;
+        Ok(Ok(()))
     }
 
     /// Credits a row's opening balance if that has not gone through yet, and tells the

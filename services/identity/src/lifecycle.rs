@@ -69,6 +69,11 @@ pub struct ImportRow {
     pub member_id: String,
     pub opening_balance: i64,
     pub balance_done: bool,
+    /// A digest of the row as it was sent ([`crate::import::RowInput::fingerprint`]): the
+    /// same row number sent again with other data is an error, not a silent skip. Empty in
+    /// rows recorded before it was kept.
+    #[serde(deserialize_with = "loyalty_platform::embedded::added_last")]
+    pub fingerprint: Vec<u8>,
 }
 
 /// How identity reaches the points ledger: in process or over gRPC (the wiring decides).
@@ -496,6 +501,72 @@ mod tests {
     use super::*;
     use crate::domain::{Identity, Registration};
     use crate::store::embedded::EmbeddedIdentityStore;
+
+    #[test]
+    fn import_rows_recorded_before_fingerprints_read_without_one() {
+        use loyalty_platform::embedded::{decode, encode};
+        let row = ImportRow {
+            tenant_id: "t".into(),
+            import_id: "old-crm".into(),
+            row_number: 3,
+            member_id: "m".into(),
+            opening_balance: 10,
+            balance_done: true,
+            fingerprint: Vec::new(),
+        };
+        let mut old = encode(&row).unwrap();
+        assert_eq!(old.pop(), Some(0), "the empty fingerprint's length, last");
+        assert_eq!(decode::<ImportRow>(&old).unwrap(), row);
+        let with = ImportRow {
+            fingerprint: vec![1, 2, 3],
+            ..row
+        };
+        assert_eq!(decode::<ImportRow>(&encode(&with).unwrap()).unwrap(), with);
+    }
+
+    #[test]
+    fn a_rows_fingerprint_follows_everything_it_says() {
+        use crate::import::RowInput;
+        let row = RowInput {
+            row_number: 1,
+            phone: "+77017300001".into(),
+            email: "a@b.kz".into(),
+            first_name: "A".into(),
+            last_name: "B".into(),
+            birthday: Some((1990, 1, 2)),
+            card_numbers: vec!["1".into(), "2".into()],
+            opening_balance: 5,
+        };
+        let same = RowInput {
+            row_number: 9,
+            ..row.clone()
+        };
+        assert_eq!(
+            row.fingerprint(),
+            same.fingerprint(),
+            "the number is not data"
+        );
+        let changes: Vec<fn(&mut RowInput)> = vec![
+            |r| r.phone.push('0'),
+            |r| r.email.clear(),
+            |r| r.first_name = "AB".into(),
+            // The same text split differently between fields.
+            |r| {
+                r.first_name = "AB".into();
+                r.last_name = String::new();
+            },
+            |r| r.birthday = None,
+            |r| {
+                r.card_numbers.pop();
+            },
+            |r| r.opening_balance = 6,
+        ];
+        for change in changes {
+            let mut other = row.clone();
+            change(&mut other);
+            assert_ne!(row.fingerprint(), other.fingerprint(), "{other:?}");
+        }
+    }
 
     #[tokio::test]
     async fn a_member_with_an_unfinished_merge_into_it_is_not_merged_away() {

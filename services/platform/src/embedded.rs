@@ -615,6 +615,19 @@ pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     postcard::from_bytes(bytes).map_err(Error::internal)
 }
 
+/// Reads a field added at the end of a stored record (`#[serde(deserialize_with =
+/// "added_last")]`): a record written before the field existed ends where the field would
+/// start, and reads as the default. Records are encoded with postcard, which is not
+/// self-describing, so a field can only be added this way: last in a record that is last
+/// in its encoding.
+pub fn added_last<'de, D, T>(d: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de> + Default,
+{
+    Ok(T::deserialize(d).unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use redb::ReadableTableMetadata;

@@ -4,6 +4,7 @@
 
 use loyalty_platform::calendar::Day;
 use loyalty_platform::clock::Millis;
+use loyalty_platform::embedded::added_last;
 use loyalty_platform::types::Channel;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -51,7 +52,7 @@ pub struct Purchase {
     pub campaign_ids: Vec<String>,
     pub held_out_campaign_ids: Vec<String>,
     /// Which of `codes` were coupons the receipt used. Last, so facts stored before it
-    /// existed read as none ([`added_last`]).
+    /// existed read as none.
     #[serde(deserialize_with = "added_last")]
     pub coupon_codes: Vec<String>,
 }
@@ -78,7 +79,7 @@ pub struct Refund {
     pub campaign_ids: Vec<String>,
     pub held_out_campaign_ids: Vec<String>,
     /// Which of `codes` were coupons the receipt used. Last, so facts stored before it
-    /// existed read as none ([`added_last`]).
+    /// existed read as none.
     #[serde(deserialize_with = "added_last")]
     pub coupon_codes: Vec<String>,
 }
@@ -162,18 +163,6 @@ impl Reason {
                 | Reason::CampaignBonus
         )
     }
-}
-
-/// Reads a field added at the end of a stored record: a record written before the field
-/// existed ends where the field would start, and reads as the default. Facts are stored
-/// with postcard, which is not self-describing, so a field can only be added this way,
-/// last in a record that is last in its encoding.
-fn added_last<'de, D, T>(d: D) -> Result<T, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de> + Default,
-{
-    Ok(T::deserialize(d).unwrap_or_default())
 }
 
 /// A fact with its identity: the event it came from names it exactly once.

@@ -447,6 +447,7 @@ async fn an_import_writes_all_or_nothing(store: &dyn IdentityStore) {
         member_id: "i1".into(),
         opening_balance: 500,
         balance_done: false,
+        fingerprint: vec![7; 32],
     };
     // A card bound to someone else refuses the whole row.
     let cards = [
