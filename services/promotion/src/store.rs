@@ -104,8 +104,9 @@ pub trait PromotionStore: Send + Sync + std::fmt::Debug {
         after: &str,
         limit: usize,
     ) -> Result<Vec<(String, Purchase)>>;
-    /// Files `from`'s purchase history under `to` (a member merge): afterwards `to`'s
-    /// listing holds both, `from`'s none. Idempotent; returns how many purchases moved.
+    /// Files `from`'s purchase history under `to` (a member merge), or under `to`'s own
+    /// survivor when `to` was merged away before: afterwards that listing holds both,
+    /// `from`'s none. Idempotent; returns how many purchases moved.
     async fn move_member_purchases(&self, tenant_id: &str, from: &str, to: &str) -> Result<u64>;
     /// Applies claims atomically outside a purchase (action bonuses): all or, with the
     /// index of the first that does not fit, none.

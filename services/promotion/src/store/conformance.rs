@@ -296,7 +296,19 @@ async fn a_merged_members_history_moves(s: &dyn PromotionStore) {
         .unwrap();
     let keep = s.member_purchases("mh", "keep", "", 10).await.unwrap();
     assert_eq!(receipts(keep), ["h5", "h4", "h3", "h2", "h1"]);
-    for merged in ["dup", "old"] {
+    // History moved to a member merged away already goes on to where that one's went.
+    s.put_purchase(&committed("h0", "oldest", 5), None, &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.move_member_purchases("mh", "oldest", "dup")
+            .await
+            .unwrap(),
+        1
+    );
+    let keep = s.member_purchases("mh", "keep", "", 10).await.unwrap();
+    assert_eq!(receipts(keep), ["h5", "h4", "h3", "h2", "h1", "h0"]);
+    for merged in ["dup", "old", "oldest"] {
         assert!(
             s.member_purchases("mh", merged, "", 10)
                 .await

@@ -57,6 +57,22 @@ fn unsettled_key(since: Millis, tenant: &str, receipt: &str) -> String {
     key(&[&format!("{:020}", since.max(0)), tenant, receipt])
 }
 
+/// Where `member`'s purchase history is filed: the end of its chain of merges.
+fn survivor(
+    merged: &impl ReadableTable<&'static str, &'static [u8]>,
+    tenant: &str,
+    member: &str,
+) -> Result<String> {
+    let mut member = member.to_string();
+    for _ in 0..MAX_MERGE_HOPS {
+        match get_record::<String>(merged, &key(&[tenant, &member]))? {
+            Some(into) => member = into,
+            None => break,
+        }
+    }
+    Ok(member)
+}
+
 fn bump_campaigns(txn: &redb::WriteTransaction, tenant_id: &str) -> Result<()> {
     let mut t = txn.open_table(CAMPAIGN_VERSIONS).map_err(e)?;
     let current = t.get(tenant_id).map_err(e)?.map_or(0, |v| v.value());
@@ -338,13 +354,7 @@ impl PromotionStore for EmbeddedPromotionStore {
                     // Filed where the member's history is now (a receipt resolved just
                     // before a merge is committed after it).
                     let merged = txn.open_table(MERGED).map_err(e)?;
-                    let mut member = m.member_id.clone();
-                    for _ in 0..MAX_MERGE_HOPS {
-                        match get_record::<String>(&merged, &key(&[tenant, &member]))? {
-                            Some(into) => member = into,
-                            None => break,
-                        }
-                    }
+                    let member = survivor(&merged, tenant, &m.member_id)?;
                     drop(merged);
                     let mut index = txn.open_table(MEMBER_PURCHASES).map_err(e)?;
                     let position = history_position(*commit_time, &purchase.receipt.receipt_id);
@@ -404,7 +414,13 @@ impl PromotionStore for EmbeddedPromotionStore {
         let (tenant, from, to) = (tenant_id.to_string(), from.to_string(), to.to_string());
         self.db
             .write(move |txn| {
+                // Filed under the end of `to`'s chain: a survivor merged away meanwhile has
+                // its history listed under its own survivor.
                 let mut merged = txn.open_table(MERGED).map_err(e)?;
+                let to = survivor(&merged, &tenant, &to)?;
+                if to == from {
+                    return Ok(0);
+                }
                 put_record(&mut merged, &key(&[&tenant, &from]), &to)?;
                 drop(merged);
                 let mut index = txn.open_table(MEMBER_PURCHASES).map_err(e)?;
