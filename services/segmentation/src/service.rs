@@ -85,6 +85,7 @@ impl Segmentation {
                 s.expr.map(|expr| Rule {
                     segment_id: s.def.segment_id,
                     version: s.def.version,
+                    update_time: s.def.update_time,
                     expr,
                 })
             })
@@ -727,6 +728,27 @@ mod tests {
         assert!(
             s.member_segments("t", "m1").await.unwrap().is_empty(),
             "500 is not above 1000: the old predicate must not decide"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_evaluation_from_a_deleted_segment_is_not_written_to_its_successor() {
+        let (_d, clock, s) = setup();
+        s.create(dynamic("x", "spend_total > 100")).await.unwrap();
+        let stale = s.rules("t", None).await.unwrap();
+        s.delete("t", "x").await.unwrap();
+        clock.advance(1);
+        let again = s.create(dynamic("x", "spend_total > 1000")).await.unwrap();
+        assert_eq!(again.version, 1, "a new segment starts at version 1 again");
+        let mut book = RuleBook::new();
+        book.insert("t".into(), stale);
+        s.store
+            .apply_changes(vec![purchase("r1", "m1", T0, 500, "c")], book, T0)
+            .await
+            .unwrap();
+        assert!(
+            s.member_segments("t", "m1").await.unwrap().is_empty(),
+            "the deleted segment's predicate must not decide for the new one"
         );
     }
 

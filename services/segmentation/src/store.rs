@@ -64,12 +64,14 @@ pub struct MembershipChange {
 }
 
 /// A dynamic segment's predicate, compiled from the segment's `version`. Inside the write
-/// transaction a rule is used only if the stored segment still has that version, so an
-/// evaluation computed from an older predicate never overwrites a newer one.
+/// transaction a rule is used only if the stored segment still has that version and update
+/// time, so an evaluation computed from an older predicate never overwrites a newer one,
+/// nor one of a segment deleted and created again (which starts at version 1 again).
 #[derive(Debug, Clone)]
 pub struct Rule {
     pub segment_id: String,
     pub version: i64,
+    pub update_time: Millis,
     pub expr: crate::expr::Expr,
 }
 

@@ -95,7 +95,7 @@ fn current_rules<'r>(
     let mut out = Vec::with_capacity(rules.len());
     for rule in rules {
         let stored: Option<SegmentDef> = get_record(&segments, &key(&[tenant, &rule.segment_id]))?;
-        if stored.is_some_and(|d| d.version == rule.version) {
+        if stored.is_some_and(|d| (d.version, d.update_time) == (rule.version, rule.update_time)) {
             out.push(rule);
         }
     }
