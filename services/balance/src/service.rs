@@ -224,12 +224,14 @@ impl Balance {
         v.finish()?;
         ledger::validate(&op)?;
         // A merged member's points are with its survivor: accruals, redemptions and
-        // reversals go there (a receipt resolved just before the merge, a refund after it).
-        // The store refuses them on the merged member (after replaying one it recorded), so
-        // only that refusal costs the look at where the member went.
+        // reversals go there (a receipt resolved just before the merge, a refund after it),
+        // and so do the points of a member merged into it that left their source while it
+        // was being merged away itself. The store refuses them on the merged member (after
+        // replaying one it recorded), so only that refusal costs the look at where the
+        // member went.
         let follows = matches!(
             op,
-            Op::Accrue { .. } | Op::Redeem { .. } | Op::Reverse { .. }
+            Op::Accrue { .. } | Op::Redeem { .. } | Op::Reverse { .. } | Op::TransferIn { .. }
         )
         .then(|| op.clone());
         let record = match self
@@ -810,6 +812,41 @@ mod tests {
         let kept = events.kept.lock().unwrap().clone();
         assert_eq!(kept.len(), 1, "published once the stream took it");
         assert_eq!((kept[0].entry.seq, kept[0].entry.amount), (1, 500));
+    }
+
+    #[tokio::test]
+    async fn points_moving_to_a_member_merged_away_meanwhile_land_on_its_survivor() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            crate::store::embedded::EmbeddedBalanceStore::open(&dir.path().join("b.redb")).unwrap();
+        let balance = Balance::new(
+            Arc::new(store),
+            Arc::new(loyalty_platform::clock::SystemClock),
+        );
+        let accrue = |amount| Op::Accrue {
+            amount,
+            reason: Reason::Accrual,
+            reference: "r".into(),
+            activate_at: None,
+            expire_at: None,
+        };
+        balance.execute("t", "x", "k1", accrue(100)).await.unwrap();
+        balance.execute("t", "y", "k2", accrue(50)).await.unwrap();
+        // x -> y passed its checks and closed x just as y -> z ran to the end.
+        let out = Op::TransferOut {
+            to_member: "y".into(),
+        };
+        balance.execute("t", "x", "merge:x:out", out).await.unwrap();
+        balance.transfer("t", "y", "z", "merge:y").await.unwrap();
+        let (moved, at) = balance.transfer("t", "x", "y", "merge:x").await.unwrap();
+        assert_eq!((moved, at.active), (100, 150), "x's points are with z");
+        let again = balance.transfer("t", "x", "y", "merge:x").await.unwrap();
+        assert_eq!(
+            (again.0, again.1.active),
+            (100, 150),
+            "a retry moves nothing more"
+        );
+        assert_eq!(balance.balance("t", "z").await.unwrap().active, 150);
     }
 
     #[tokio::test]
