@@ -717,8 +717,14 @@ async fn definitions_are_validated_versioned_live_and_exported() {
     code_b.code = Some(ppb::CodeRequirement {
         kind: Some(ppb::code_requirement::Kind::PromoCode("spring".into())),
     });
+    let err = create(&mut campaigns, code_b.clone()).await.unwrap_err();
+    assert_eq!(violations(&err)[0].0, "campaign.code.promo_code");
+    code_b.code = Some(ppb::CodeRequirement {
+        kind: Some(ppb::code_requirement::Kind::PromoCode("SUMMER SALE".into())),
+    });
     let err = create(&mut campaigns, code_b).await.unwrap_err();
     assert_eq!(violations(&err)[0].0, "campaign.code.promo_code");
+    assert!(violations(&err)[0].1.contains("one word"), "{err:?}");
     let listed = campaigns
         .list_campaigns(ppb::ListCampaignsRequest {
             tenant_id: "t1".into(),
