@@ -814,8 +814,8 @@ mod tests {
         assert_eq!((kept[0].entry.seq, kept[0].entry.amount), (1, 500));
     }
 
-    #[tokio::test]
-    async fn points_moving_to_a_member_merged_away_meanwhile_land_on_its_survivor() {
+    /// A balance service on an embedded store in a fresh directory.
+    fn embedded_balance() -> (tempfile::TempDir, Balance) {
         let dir = tempfile::tempdir().unwrap();
         let store =
             crate::store::embedded::EmbeddedBalanceStore::open(&dir.path().join("b.redb")).unwrap();
@@ -823,13 +823,22 @@ mod tests {
             Arc::new(store),
             Arc::new(loyalty_platform::clock::SystemClock),
         );
-        let accrue = |amount| Op::Accrue {
+        (dir, balance)
+    }
+
+    fn accrue(amount: i64) -> Op {
+        Op::Accrue {
             amount,
             reason: Reason::Accrual,
             reference: "r".into(),
             activate_at: None,
             expire_at: None,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn points_moving_to_a_member_merged_away_meanwhile_land_on_its_survivor() {
+        let (_dir, balance) = embedded_balance();
         balance.execute("t", "x", "k1", accrue(100)).await.unwrap();
         balance.execute("t", "y", "k2", accrue(50)).await.unwrap();
         // x -> y passed its checks and closed x just as y -> z ran to the end.
@@ -851,20 +860,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_merged_members_operations_land_on_its_survivor() {
-        let dir = tempfile::tempdir().unwrap();
-        let store =
-            crate::store::embedded::EmbeddedBalanceStore::open(&dir.path().join("b.redb")).unwrap();
-        let balance = Balance::new(
-            Arc::new(store),
-            Arc::new(loyalty_platform::clock::SystemClock),
-        );
-        let accrue = |amount| Op::Accrue {
-            amount,
-            reason: Reason::Accrual,
-            reference: "r".into(),
-            activate_at: None,
-            expire_at: None,
-        };
+        let (_dir, balance) = embedded_balance();
         let reverse = |original: &str, amount| Op::Reverse {
             original_key: original.into(),
             amount,

@@ -69,7 +69,7 @@ pub struct Reporting {
 
 /// The most members a segment filter reads.
 pub const MAX_SEGMENT_MEMBERS: usize = 250_000;
-/// Heavy queries (segment views, fraud signals) run at once; more wait their turn.
+/// How many heavy queries (segment views, fraud signals) run at once; more wait their turn.
 pub const VIEW_BUILDS: usize = 2;
 /// Members whose facts are read at once while a segment's rollups are built.
 const SEGMENT_BATCH: usize = 1_000;

@@ -710,6 +710,16 @@ mod tests {
         assert_eq!(s.features("t", "m1").await.unwrap().total.count, 1);
     }
 
+    /// A purchase of 500 by m1, evaluated with `rules`, as a batch compiled earlier would.
+    async fn apply_with(s: &Segmentation, rules: Vec<Rule>) {
+        let mut book = RuleBook::new();
+        book.insert("t".into(), rules);
+        s.store
+            .apply_changes(vec![purchase("r1", "m1", T0, 500, "c")], book, T0)
+            .await
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn an_evaluation_from_an_older_predicate_is_not_written() {
         let (_d, _, s) = setup();
@@ -719,12 +729,7 @@ mod tests {
             .await
             .unwrap();
         // An event evaluated with the rules compiled before the update.
-        let mut book = RuleBook::new();
-        book.insert("t".into(), stale);
-        s.store
-            .apply_changes(vec![purchase("r1", "m1", T0, 500, "c")], book, T0)
-            .await
-            .unwrap();
+        apply_with(&s, stale).await;
         assert!(
             s.member_segments("t", "m1").await.unwrap().is_empty(),
             "500 is not above 1000: the old predicate must not decide"
@@ -740,12 +745,7 @@ mod tests {
         clock.advance(1);
         let again = s.create(dynamic("x", "spend_total > 1000")).await.unwrap();
         assert_eq!(again.version, 1, "a new segment starts at version 1 again");
-        let mut book = RuleBook::new();
-        book.insert("t".into(), stale);
-        s.store
-            .apply_changes(vec![purchase("r1", "m1", T0, 500, "c")], book, T0)
-            .await
-            .unwrap();
+        apply_with(&s, stale).await;
         assert!(
             s.member_segments("t", "m1").await.unwrap().is_empty(),
             "the deleted segment's predicate must not decide for the new one"
