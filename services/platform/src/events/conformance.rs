@@ -230,4 +230,31 @@ mod tests {
         let log = RedisEventLog::connect(&server.url()).unwrap();
         super::run_all(&log).await;
     }
+
+    /// An entry someone else added without our payload field is skipped and acknowledged,
+    /// not left pending to be claimed again for good.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_entries_without_a_payload_are_acknowledged_unread() {
+        use crate::events::EventLog;
+        let server = RedisServer::start().unwrap();
+        let log = RedisEventLog::connect(&server.url()).unwrap();
+        log.create_group("s", "g").await.unwrap();
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut con = client.get_multiplexed_async_connection().await.unwrap();
+        let _: String = redis::cmd("XADD")
+            .arg("ev:{s}")
+            .arg("*")
+            .arg("other")
+            .arg("x")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        log.append("s", &super::payloads(0..1)).await.unwrap();
+        let got = log.read("s", "g", "c", 10, super::NO_WAIT).await.unwrap();
+        assert_eq!(super::texts(&got), ["e0"]);
+        let ids: Vec<String> = got.iter().map(|d| d.id.clone()).collect();
+        log.ack("s", "g", &ids).await.unwrap();
+        let lag = log.lag("s", "g").await.unwrap();
+        assert_eq!((lag.undelivered, lag.pending), (0, 0));
+    }
 }

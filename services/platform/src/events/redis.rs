@@ -51,19 +51,24 @@ fn unavailable(err: redis::RedisError) -> Error {
     Error::Unavailable(format!("event stream: {err}"))
 }
 
-fn deliveries(ids: Vec<StreamId>) -> Vec<Delivery> {
-    ids.into_iter()
-        .filter_map(|mut entry| match entry.map.remove(FIELD) {
-            Some(Value::BulkString(payload)) => Some(Delivery {
+/// The entries with their payloads, and the ids of entries without one (not ours: they are
+/// acknowledged unread, or they would stay pending and be claimed again for good).
+fn deliveries(ids: Vec<StreamId>) -> (Vec<Delivery>, Vec<String>) {
+    let mut out = Vec::with_capacity(ids.len());
+    let mut foreign = Vec::new();
+    for mut entry in ids {
+        match entry.map.remove(FIELD) {
+            Some(Value::BulkString(payload)) => out.push(Delivery {
                 id: entry.id,
                 payload,
             }),
             _ => {
                 tracing::warn!(id = %entry.id, "event stream entry without a payload skipped");
-                None
+                foreign.push(entry.id);
             }
-        })
-        .collect()
+        }
+    }
+    (out, foreign)
 }
 
 impl RedisEventLog {
@@ -181,9 +186,15 @@ impl EventLog for RedisEventLog {
                 .await
                 .map_err(unavailable)?
         };
-        Ok(reply
-            .map(|r| r.keys.into_iter().flat_map(|k| deliveries(k.ids)).collect())
-            .unwrap_or_default())
+        let (out, foreign) = deliveries(
+            reply
+                .into_iter()
+                .flat_map(|r| r.keys)
+                .flat_map(|k| k.ids)
+                .collect(),
+        );
+        self.ack(stream, group, &foreign).await?;
+        Ok(out)
     }
 
     async fn ack(&self, stream: &str, group: &str, ids: &[String]) -> Result<()> {
@@ -225,7 +236,15 @@ impl EventLog for RedisEventLog {
                 )
                 .await
                 .map_err(unavailable)?;
-            out.extend(deliveries(reply.claimed));
+            let (claimed, foreign) = deliveries(reply.claimed);
+            out.extend(claimed);
+            self.ack(stream, group, &foreign).await?;
+            if !reply.deleted_ids.is_empty() {
+                // Trimmed (`MAXLEN ~`) while still pending: gone before they were applied.
+                metrics::counter!("loyalty_event_trimmed_unapplied_total", "stream" => stream.to_owned(), "group" => group.to_owned())
+                    .increment(reply.deleted_ids.len() as u64);
+                tracing::error!(stream, group, entries = reply.deleted_ids.len(), first = %reply.deleted_ids[0], "pending events were trimmed from the stream before they were applied");
+            }
             if reply.next_stream_id == "0-0" || out.len() >= max {
                 break;
             }
@@ -248,9 +267,14 @@ impl EventLog for RedisEventLog {
                 "no group {group:?} on stream {stream:?}"
             )));
         };
+        let undelivered = match g.lag {
+            Some(lag) => lag as u64,
+            // Redis cannot tell (entries were deleted or trimmed past the group): the whole
+            // stream is the bound, so a group far behind never reads as caught up.
+            None => con.xlen::<_, u64>(key(stream)).await.map_err(unavailable)?,
+        };
         Ok(Lag {
-            // Redis leaves `lag` out when it cannot tell (after deletions); count as unknown 0.
-            undelivered: g.lag.unwrap_or(0) as u64,
+            undelivered,
             pending: g.pending as u64,
         })
     }
