@@ -31,7 +31,7 @@ pub use limits::RateLimits;
 pub use policy::{MethodRule, Policy};
 
 use crate::clock::{Clock, SystemClock};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// What a caller may do. Every RPC lists the roles it allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -204,14 +204,24 @@ impl KeyVerifier for WithServiceKey {
     }
 }
 
+/// Key checks a process sends to identity at once; a caller past them is refused
+/// (`UNAVAILABLE`, retry), so a flood of made-up keys cannot take identity down.
+pub const MAX_CHECKS_IN_FLIGHT: usize = 64;
+/// Why a key check was refused for [`MAX_CHECKS_IN_FLIGHT`] (counted, not logged per call).
+const CHECKS_BUSY: &str = "too many API keys are being checked at once; retry";
+
 /// Remembers answers of a slower verifier (another process) for a while, so the hot path
 /// asks once per key and `ttl`. A revoked key works at most `ttl` longer in such a process.
+/// Keys found invalid are remembered apart (a made-up key asked again costs nothing, and
+/// cannot push a valid one out), and at most [`MAX_CHECKS_IN_FLIGHT`] checks run at once.
 #[derive(Debug)]
 pub struct CachedVerifier<V> {
     inner: V,
     ttl: Duration,
     max_entries: usize,
     seen: Mutex<HashMap<String, (Instant, Option<Principal>)>>,
+    rejected: Mutex<HashMap<String, Instant>>,
+    checks: tokio::sync::Semaphore,
 }
 
 impl<V: KeyVerifier> CachedVerifier<V> {
@@ -221,6 +231,8 @@ impl<V: KeyVerifier> CachedVerifier<V> {
             ttl,
             max_entries: max_entries.max(1),
             seen: Mutex::new(HashMap::new()),
+            rejected: Mutex::new(HashMap::new()),
+            checks: tokio::sync::Semaphore::new(MAX_CHECKS_IN_FLIGHT),
         }
     }
 }
@@ -256,10 +268,32 @@ impl<V: KeyVerifier> CachedVerifier<V> {
         {
             return Ok(answer.clone());
         }
+        if let Ok(rejected) = self.rejected.lock()
+            && rejected.get(&id).is_some_and(|at| at.elapsed() < self.ttl)
+        {
+            return Ok(None);
+        }
+        let Ok(_check) = self.checks.try_acquire() else {
+            metrics::counter!("loyalty_key_checks_refused_total").increment(1);
+            return Err(Error::Unavailable(CHECKS_BUSY.into()));
+        };
         // Timed from before the question: an answer is never trusted longer than `ttl` after
         // it could have been true.
         let asked = Instant::now();
         let answer = ask.await?;
+        if answer.is_none()
+            && let Ok(mut rejected) = self.rejected.lock()
+        {
+            if rejected.len() >= self.max_entries {
+                let ttl = self.ttl;
+                rejected.retain(|_, at| at.elapsed() < ttl);
+                if rejected.len() >= self.max_entries {
+                    // A flood of made-up keys: remembering them is only a saving.
+                    rejected.clear();
+                }
+            }
+            rejected.insert(id.clone(), asked);
+        }
         // Only valid keys are remembered: made-up ones cannot push real ones out.
         if answer.is_some()
             && let Ok(mut seen) = self.seen.lock()
@@ -403,7 +437,9 @@ impl Gate {
         };
         let principal = answer
             .map_err(|e| {
-                tracing::warn!(error = %e, "cannot check an API key");
+                if !matches!(&e, Error::Unavailable(m) if m == CHECKS_BUSY) {
+                    tracing::warn!(error = %e, "cannot check an API key");
+                }
                 Status::unavailable("cannot check the API key now; retry")
             })?
             .ok_or_else(|| Status::unauthenticated("unknown, revoked or expired API key"))?;
@@ -731,8 +767,9 @@ mod tests {
             assert!(cached.verify("good").await.unwrap().is_some());
             assert!(cached.verify("bad").await.unwrap().is_none());
         }
-        // Valid keys asked once; made-up ones every time, never remembered.
-        assert_eq!(cached.inner.0.load(std::sync::atomic::Ordering::Relaxed), 4);
+        // Each key asked once, the made-up one too (remembered apart).
+        assert_eq!(cached.inner.0.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert_eq!(cached.rejected.lock().unwrap().len(), 1);
         cached.verify("third").await.unwrap();
         cached.verify("fourth").await.unwrap();
         assert_eq!(cached.seen.lock().unwrap().len(), 2, "the oldest made room");
@@ -746,6 +783,48 @@ mod tests {
         both.verify_certified("good").await.unwrap();
         both.verify_certified("good").await.unwrap();
         assert_eq!(both.inner.0.load(std::sync::atomic::Ordering::Relaxed), 2);
+    }
+
+    /// A verifier that answers only when told to.
+    #[derive(Debug, Default)]
+    struct Waiting(tokio::sync::Notify);
+
+    #[async_trait::async_trait]
+    impl KeyVerifier for Waiting {
+        async fn verify(&self, _: &str) -> Result<Option<Principal>> {
+            self.0.notified().await;
+            Ok(None)
+        }
+
+        async fn verify_certified(&self, key_id: &str) -> Result<Option<Principal>> {
+            self.verify(key_id).await
+        }
+    }
+
+    #[tokio::test]
+    async fn at_most_so_many_keys_are_checked_at_once() {
+        let cached = std::sync::Arc::new(CachedVerifier::new(
+            Waiting::default(),
+            Duration::from_secs(60),
+            10,
+        ));
+        let mut waiting = Vec::new();
+        for i in 0..MAX_CHECKS_IN_FLIGHT {
+            let cached = cached.clone();
+            waiting.push(tokio::spawn(async move {
+                cached.verify(&format!("key{i}")).await
+            }));
+        }
+        while cached.checks.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        let refused = cached.verify("one more").await.unwrap_err();
+        assert!(matches!(refused, Error::Unavailable(_)), "{refused:?}");
+        cached.inner.0.notify_waiters();
+        for w in waiting {
+            assert!(w.await.unwrap().unwrap().is_none());
+        }
+        assert_eq!(cached.checks.available_permits(), MAX_CHECKS_IN_FLIGHT);
     }
 
     fn bound(role: Role, store: &str, member: &str) -> Principal {
