@@ -179,6 +179,7 @@ pub fn purchase_event(
         })
         .collect();
     let purchase_time = p.purchase_time();
+    let codes = codes(p);
     PurchaseEvent {
         tenant_id: p.receipt.tenant_id.clone(),
         receipt_id: p.receipt.receipt_id.clone(),
@@ -196,8 +197,8 @@ pub fn purchase_event(
         points_redeemed: e.points_redeemed,
         points_balance,
         tier_id: e.member.as_ref().map(|m| m.tier_id.clone()),
-        codes: codes(p),
-        coupon_codes: coupon_codes(p),
+        coupon_codes: coupon_codes(p, &codes),
+        codes,
         campaign_ids: e
             .applied_campaigns()
             .iter()
@@ -281,6 +282,7 @@ pub fn refund_event(p: &Purchase, refund: &Refund, catalog: &Catalog, now: Milli
             }
         }
     }
+    let codes = codes(p);
     RefundEvent {
         tenant_id: p.receipt.tenant_id.clone(),
         receipt_id: p.receipt.receipt_id.clone(),
@@ -297,8 +299,8 @@ pub fn refund_event(p: &Purchase, refund: &Refund, catalog: &Catalog, now: Milli
         points_reversed: outcome.points_reversed,
         points_returned: outcome.points_returned,
         channel: p.receipt.channel,
-        codes: codes(p),
-        coupon_codes: coupon_codes(p),
+        coupon_codes: coupon_codes(p, &codes),
+        codes,
         campaign_ids: e
             .applied_campaigns()
             .iter()
@@ -316,16 +318,18 @@ fn codes(p: &Purchase) -> Vec<String> {
     p.receipt.codes.iter().map(|c| normalize_code(c)).collect()
 }
 
-/// The receipt's codes (normalized) that were coupons it used: those it claimed a use of.
-fn coupon_codes(p: &Purchase) -> Vec<String> {
+/// Which of the receipt's `codes` (normalized) were coupons it used: those it claimed a use
+/// of.
+fn coupon_codes(p: &Purchase, codes: &[String]) -> Vec<String> {
     let used: std::collections::HashSet<&str> = p
         .evaluation
         .claims
         .iter()
         .filter_map(|c| c.counter.strip_prefix(COUPON_COUNTER_PREFIX))
         .collect();
-    codes(p)
-        .into_iter()
+    codes
+        .iter()
         .filter(|c| used.contains(c.as_str()))
+        .cloned()
         .collect()
 }
