@@ -1,9 +1,12 @@
 //! Microservices mode: identity alone in one process, the other four in another, each with
-//! its own data dir, completing the skeleton checkout together over gRPC.
+//! its own data dir, completing the skeleton checkout together over gRPC; and two promotion
+//! replicas sharing their state in Redis.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use loyalty_e2e::*;
+use loyalty_platform::redis_server::RedisServer;
+use promotion::campaign_service_client::CampaignServiceClient;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -120,4 +123,167 @@ async fn a_missing_peer_address_is_a_config_error_naming_the_key() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("peers.identity"), "{err}");
+}
+
+/// A 50% discount for everyone, at most `uses` receipts.
+fn half_off(tenant: &str, id: &str, uses: i64) -> promotion::Campaign {
+    promotion::Campaign {
+        tenant_id: tenant.into(),
+        campaign_id: id.into(),
+        name: id.into(),
+        status: promotion::CampaignStatus::Active as i32,
+        mechanic: Some(promotion::campaign::Mechanic::ThresholdDiscount(
+            promotion::ThresholdDiscount {
+                scope: None,
+                steps: vec![promotion::DiscountStep {
+                    from_value: dec("0"),
+                    benefit: Some(promotion::discount_step::Benefit::Percent(
+                        loyalty_proto::common::v1::Decimal { value: "50".into() },
+                    )),
+                }],
+            },
+        )),
+        budget: Some(promotion::Budget {
+            max_uses: uses,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn discount(e: &promotion::Evaluation) -> String {
+    e.discount
+        .as_ref()
+        .map(|d| d.value.clone())
+        .unwrap_or_default()
+}
+
+/// Two promotion processes on `promotion.store = "redis"` are replicas of one service: a
+/// campaign created on one applies on the other's next request, a budget is granted exactly
+/// across both, and a receipt committed on one is a retry on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promotion_replicas_on_redis_share_campaigns_budgets_and_receipts() {
+    let redis = RedisServer::start().unwrap();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let core = Server::start(
+        Launch::serve("identity,balance,segmentation,reporting").on_redis(&redis.url()),
+        dirs[0].path(),
+    )
+    .await;
+    let mut replicas = Vec::new();
+    for dir in &dirs[1..] {
+        replicas.push(
+            Server::start(
+                Launch::serve("promotion")
+                    .on_redis(&redis.url())
+                    .env("LOYALTY_PROMOTION__STORE", "redis")
+                    .env("LOYALTY_PEERS__IDENTITY", &core.url())
+                    .env("LOYALTY_PEERS__BALANCE", &core.url())
+                    .env("LOYALTY_PEERS__SEGMENTATION", &core.url()),
+                dir.path(),
+            )
+            .await,
+        );
+    }
+    let core_channel = core.channel().await;
+    let mut channels = Vec::new();
+    for r in &replicas {
+        let channel = r.channel().await;
+        wait_for(
+            &channel,
+            "loyalty.promotion.v1.CheckoutService",
+            ServingStatus::Serving,
+        )
+        .await;
+        channels.push(channel);
+    }
+
+    // The program, catalog and campaign go in through replica 1 ...
+    setup_tenant(&channels[0], "t1").await;
+    CampaignServiceClient::new(channels[0].clone())
+        .create_campaign(promotion::CreateCampaignRequest {
+            campaign: Some(half_off("t1", "first10", 10)),
+            actor: None,
+        })
+        .await
+        .unwrap();
+    // ... and replica 2 prices with them on its next request.
+    let mut pos2 = Pos::new(&core_channel, &channels[1]);
+    let quoted = pos2
+        .checkout
+        .quote(promotion::QuoteRequest {
+            receipt: Some(receipt(
+                "t1",
+                "Q",
+                None,
+                vec![line("1", "socks", "1", "100.00", false)],
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .evaluation
+        .unwrap();
+    assert_eq!(discount(&quoted), "50.00");
+
+    // 60 tills, half on each replica, race for a budget of 10 uses.
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let mut pos = Pos::new(&core_channel, &channels[i % 2]);
+        tasks.push(tokio::spawn(async move {
+            pos.commit(receipt(
+                "t1",
+                &format!("B-{i}"),
+                None,
+                vec![line("1", "socks", "1", "100.00", false)],
+            ))
+            .await
+        }));
+    }
+    let mut replies = Vec::new();
+    for t in tasks {
+        replies.push(t.await.unwrap().unwrap());
+    }
+    let granted = replies
+        .iter()
+        .filter(|r| discount(r.evaluation.as_ref().unwrap()) == "50.00")
+        .count();
+    assert_eq!(granted, 10, "the budget holds across both replicas");
+
+    // A receipt committed on one replica is a retry on the other: the stored reply, no
+    // second use of the budget.
+    for (i, first) in replies.iter().enumerate().take(4) {
+        let mut other = Pos::new(&core_channel, &channels[(i + 1) % 2]);
+        let again = other
+            .commit(receipt(
+                "t1",
+                &format!("B-{i}"),
+                None,
+                vec![line("1", "socks", "1", "100.00", false)],
+            ))
+            .await
+            .unwrap();
+        assert_eq!(again.evaluation, first.evaluation, "B-{i}");
+    }
+    let purchase = pos2
+        .checkout
+        .get_purchase(promotion::GetPurchaseRequest {
+            tenant_id: "t1".into(),
+            receipt_id: "B-0".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .purchase
+        .unwrap();
+    assert_eq!(purchase.evaluation, replies[0].evaluation);
+    // Nothing of promotion's is in the replicas' data directories.
+    for dir in &dirs[1..] {
+        assert!(!std::fs::exists(dir.path().join("promotion.redb")).unwrap());
+    }
+    for r in replicas {
+        assert_eq!(r.stop().await, 0);
+    }
+    assert_eq!(core.stop().await, 0);
 }

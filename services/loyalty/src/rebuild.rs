@@ -28,7 +28,7 @@ use loyalty_identity::Identity;
 use loyalty_identity::publish::MemberReplay;
 use loyalty_identity::store::embedded::EmbeddedIdentityStore;
 use loyalty_platform::clock::{SharedClock, SystemClock};
-use loyalty_platform::config::{Backend, Config};
+use loyalty_platform::config::{Backend, Config, PromotionBackend};
 use loyalty_platform::error::Result;
 use loyalty_platform::replay::{self, EventSource};
 use loyalty_promotion::publish::PurchaseReplay;
@@ -185,7 +185,12 @@ impl Sources {
     fn local(config: &Config) -> anyhow::Result<Self> {
         let dir = &config.data_dir;
         let clock: SharedClock = Arc::new(SystemClock);
-        let promotion = open(dir, "promotion.redb", EmbeddedPromotionStore::open)?;
+        let promotion = match config.promotion.store {
+            PromotionBackend::Embedded => {
+                Arc::new(open(dir, "promotion.redb", EmbeddedPromotionStore::open)?)
+            }
+            PromotionBackend::Redis => crate::wiring::promotion_store(config)?,
+        };
         let ledger = open(dir, "balance.redb", EmbeddedBalanceStore::open)?;
         let identity = Identity::new(
             Arc::new(open(dir, "identity.redb", EmbeddedIdentityStore::open)?),
@@ -194,7 +199,7 @@ impl Sources {
         )
         .with_questionnaire(config.identity.questionnaire.clone());
         Ok(Self {
-            purchases: Box::new(PurchaseReplay(Arc::new(promotion))),
+            purchases: Box::new(PurchaseReplay(promotion)),
             ledger: Box::new(LedgerReplay(Arc::new(ledger))),
             members: Box::new(MemberReplay(identity)),
             place: dir.display().to_string(),

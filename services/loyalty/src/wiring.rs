@@ -29,7 +29,9 @@ use loyalty_platform::server::{HealthCheck, HealthEntry};
 use loyalty_promotion::actions::ActionBonuses;
 use loyalty_promotion::ports::{Members, NoSegments, Points, Segments};
 use loyalty_promotion::publish::LogEvents;
+use loyalty_promotion::store::PromotionStore;
 use loyalty_promotion::store::embedded::EmbeddedPromotionStore;
+use loyalty_promotion::store::redis::RedisPromotionStore;
 use loyalty_promotion::{Admin, Checkout};
 use loyalty_segmentation::Segmentation;
 use loyalty_segmentation::store::SegmentationStore;
@@ -479,11 +481,7 @@ pub async fn build(
         None
     };
     let (checkout, admin) = if runs(ServiceName::Promotion) {
-        let store: Arc<dyn loyalty_promotion::store::PromotionStore> =
-            Arc::new(loyalty_promotion::store::traced::Traced::new(
-                "redb",
-                Arc::new(EmbeddedPromotionStore::open(&dir.join("promotion.redb"))?),
-            ));
+        let store = promotion_store(config)?;
         let members: Arc<dyn Members> = match &identity {
             Some(identity) => Arc::new(LocalMembers(identity.clone())),
             None => Arc::new(RemoteMembers(peer_channel(
@@ -766,6 +764,33 @@ pub fn spawn_expiry(balance: Balance, settings: &BalanceSettings) {
             }
         }
     });
+}
+
+/// The promotion store `promotion.store` names: the embedded file in `data_dir`, or the
+/// Redis of `storage.redis` shared by every promotion replica.
+pub fn promotion_store(config: &Config) -> anyhow::Result<Arc<dyn PromotionStore>> {
+    use loyalty_platform::config::PromotionBackend;
+    use loyalty_promotion::store::traced::Traced;
+    Ok(match config.promotion.store {
+        PromotionBackend::Embedded => Arc::new(Traced::new(
+            "redb",
+            Arc::new(EmbeddedPromotionStore::open(
+                &config.data_dir.join("promotion.redb"),
+            )?),
+        )),
+        PromotionBackend::Redis => {
+            let redis = &config.storage.redis;
+            let store = if redis.cluster_nodes.is_empty() {
+                RedisPromotionStore::connect(&redis.url)
+                    .context("bad configuration: `storage.redis.url` (the promotion store)")?
+            } else {
+                RedisPromotionStore::connect_cluster(&redis.cluster_nodes).context(
+                    "bad configuration: `storage.redis.cluster_nodes` (the promotion store)",
+                )?
+            };
+            Arc::new(Traced::new("redis", Arc::new(store)))
+        }
+    })
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub identity: IdentitySettings,
     pub balance: BalanceSettings,
+    pub promotion: PromotionSettings,
     pub segmentation: SegmentationSettings,
 }
 
@@ -49,6 +50,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             identity: IdentitySettings::default(),
             balance: BalanceSettings::default(),
+            promotion: PromotionSettings::default(),
             segmentation: SegmentationSettings::default(),
         }
     }
@@ -76,6 +78,27 @@ impl Default for SegmentationSettings {
             scrub_interval_secs: 60,
         }
     }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PromotionSettings {
+    /// Where promotion keeps its state (programs, catalog, campaigns, coupons, budget
+    /// counters, purchase history).
+    pub store: PromotionBackend,
+}
+
+/// Where the promotion service keeps its state.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PromotionBackend {
+    /// A redb file in `data_dir`: one promotion process.
+    #[default]
+    Embedded,
+    /// The Redis (or Redis Cluster) of `storage.redis`, shared by every promotion replica:
+    /// budgets, limits and coupons hold exactly across them. That Redis holds the only copy
+    /// and must persist it (ARCHITECTURE.md, "Promotion on Redis").
+    Redis,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

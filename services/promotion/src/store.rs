@@ -11,6 +11,7 @@ use crate::usage::Claim;
 
 pub mod conformance;
 pub mod embedded;
+pub mod redis;
 pub mod traced;
 
 /// What a checkout reads before evaluating, in one snapshot.

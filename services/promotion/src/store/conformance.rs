@@ -101,7 +101,44 @@ pub async fn run_all(s: &dyn PromotionStore) {
     a_merged_members_history_moves(s).await;
     unsettled_purchases(s).await;
     unsettled_pages(s).await;
+    racing_claims(&[s]).await;
     s.ping().await.unwrap();
+}
+
+/// 40 commits race for a budget of 7 uses through `stores` (handles on one storage, as
+/// replicas hold): exactly 7 are written, and the counter says 7.
+pub async fn racing_claims(stores: &[&dyn PromotionStore]) {
+    let attempts = (0..40).map(|i| {
+        let s = stores[i % stores.len()];
+        async move {
+            let mut p = purchase(&format!("race-{i}"));
+            p.receipt.tenant_id = "race".into();
+            s.put_purchase(&p, None, &[claim("uses/budget", 1, 7)])
+                .await
+                .unwrap()
+        }
+    });
+    let outcomes = futures_util::future::join_all(attempts).await;
+    let written = outcomes.iter().filter(|o| **o == Put::Written).count();
+    assert_eq!(written, 7, "{outcomes:?}");
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Put::Written | Put::Refused(0)))
+    );
+    let names = ["uses/budget".to_string()];
+    assert_eq!(stores[0].counters("race", &names).await.unwrap(), [7]);
+    let mut stored = 0;
+    for i in 0..40 {
+        stored += usize::from(
+            stores[0]
+                .purchase("race", &format!("race-{i}"))
+                .await
+                .unwrap()
+                .is_some(),
+        );
+    }
+    assert_eq!(stored, 7, "a refused commit writes no purchase");
 }
 
 fn committed(receipt_id: &str, member: &str, at: i64) -> Purchase {

@@ -1,0 +1,888 @@
+//! The promotion store on Redis, shared by every promotion replica.
+//!
+//! All of a tenant's records live under keys sharing one hash tag, so everything works on
+//! Redis Cluster and a commit's purchase record and its claims on budgets, limits and
+//! coupons change in one atomic script: budgets hold exactly across replicas. Conditional
+//! writes (a purchase at its expected version, a campaign or program saved over the
+//! version read, a coupon batch) are Lua scripts that check and write in one step; reads
+//! that must agree with each other (the checkout context, the campaign set) are one
+//! `MULTI`/`EXEC`. Records are encoded as in the embedded store. A set of tenants (its own
+//! key) lets the repair and the history walks find every tenant's purchases.
+//!
+//! This Redis holds the only copy of the promotion state, so it must persist it: see
+//! ARCHITECTURE.md, "Promotion on Redis".
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use loyalty_platform::clock::Millis;
+use loyalty_platform::embedded::{decode, encode};
+use loyalty_platform::error::{Error, Result};
+use loyalty_platform::redis_conn::RedisConn;
+use redis::{Script, Value};
+use serde::de::DeserializeOwned;
+
+use super::{CheckoutContext, PromotionStore, Put, Unsettled};
+use crate::campaign::{Campaign, Coupon, StackingGroup};
+use crate::catalog::{Product, Store};
+use crate::program::Program;
+use crate::purchase::{Purchase, PurchaseState};
+use crate::usage::{Claim, coupon_counter};
+
+/// The set of tenants with purchases.
+const TENANTS: &str = "lp:tenants";
+/// How often a versioned save reads and tries again when another save got in between.
+const MAX_SAVE_ATTEMPTS: usize = 16;
+/// Tenants this process remembers having added to [`TENANTS`]; past it, it adds again.
+const MAX_KNOWN_TENANTS: usize = 10_000;
+
+/// Orders a member's purchases newest first: the commit time counted down, then the id.
+/// The same positions as the embedded store, so paging tokens mean the same.
+fn history_position(commit_time: i64, receipt_id: &str) -> String {
+    format!("{:020}:{receipt_id}", i64::MAX - commit_time.max(0))
+}
+
+/// Where an unsettled purchase is filed in its tenant's list: by the time it became
+/// unsettled (zero-padded, so the list sorts by it), then receipt id.
+fn unsettled_entry(since: Millis, receipt: &str) -> String {
+    format!("{:020}\0{receipt}", since.max(0))
+}
+
+/// The key prefix of one tenant. The tag holds the tenant's length, so whatever the id
+/// contains (even `}`), every key of a tenant carries the same prefix and so the same tag.
+fn prefix(tenant: &str) -> String {
+    format!("lp:{{{}:{tenant}}}", tenant.len())
+}
+
+/// The keys of one tenant.
+struct Keys {
+    p: String,
+}
+
+impl Keys {
+    fn of(tenant: &str) -> Self {
+        Self { p: prefix(tenant) }
+    }
+    fn k(&self, name: &str) -> String {
+        format!("{}:{name}", self.p)
+    }
+    /// A member's purchase history: receipts by [`history_position`].
+    fn history(&self, member: &str) -> String {
+        format!("{}:mh:{member}", self.p)
+    }
+}
+
+fn redis_error(e: redis::RedisError) -> Error {
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_cluster_error() {
+        return Error::Unavailable(format!("promotion store (redis): {e}"));
+    }
+    Error::internal(anyhow::anyhow!("promotion store (redis): {e}"))
+}
+
+fn decode_all<T: DeserializeOwned>(values: Vec<Option<Vec<u8>>>) -> Result<Vec<Option<T>>> {
+    values
+        .into_iter()
+        .map(|v| v.as_deref().map(decode).transpose())
+        .collect()
+}
+
+/// The lexical range start for members strictly after `after` (`-`: from the first).
+fn lex_after(after: &str) -> String {
+    if after.is_empty() {
+        "-".into()
+    } else {
+        format!("({after}")
+    }
+}
+
+/// A script's answer: its first element as text, and the rest.
+fn answer(value: Value) -> Result<(String, Vec<Value>)> {
+    let Value::Array(mut items) = value else {
+        return Err(Error::internal(anyhow::anyhow!(
+            "unexpected script answer {value:?}"
+        )));
+    };
+    if items.is_empty() {
+        return Err(Error::internal(anyhow::anyhow!("empty script answer")));
+    }
+    let rest = items.split_off(1);
+    let word: String = redis::from_redis_value(items.remove(0)).map_err(Error::internal)?;
+    Ok((word, rest))
+}
+
+#[derive(Clone)]
+pub struct RedisPromotionStore {
+    redis: RedisConn,
+    put: Script,
+    moved: Script,
+    cas: Script,
+    coupons: Script,
+    /// Tenants this process already added to [`TENANTS`].
+    known_tenants: Arc<Mutex<HashSet<String>>>,
+}
+
+impl std::fmt::Debug for RedisPromotionStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisPromotionStore")
+            .field("redis", &self.redis)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisPromotionStore {
+    /// Prepares one multiplexed connection to the Redis at `url`, opened on first use.
+    pub fn connect(url: &str) -> anyhow::Result<Self> {
+        Ok(Self::with(RedisConn::single(url, Duration::from_secs(2))?))
+    }
+
+    /// Prepares one multiplexed connection per node of the Redis Cluster seeded by `nodes`.
+    /// All of a tenant's keys share a hash slot.
+    pub fn connect_cluster(nodes: &[String]) -> anyhow::Result<Self> {
+        Ok(Self::with(RedisConn::cluster(
+            nodes,
+            Duration::from_secs(2),
+        )?))
+    }
+
+    fn with(redis: RedisConn) -> Self {
+        Self {
+            redis,
+            put: Script::new(include_str!("redis/put.lua")),
+            moved: Script::new(include_str!("redis/move.lua")),
+            cas: Script::new(include_str!("redis/cas.lua")),
+            coupons: Script::new(include_str!("redis/coupons.lua")),
+            known_tenants: Arc::new(Mutex::new(HashSet::new())),
+        }
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
+        cmd.query_async(&mut self.redis.clone())
+            .await
+            .map_err(redis_error)
+    }
+
+    async fn atomically<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T> {
+        pipe.query_async(&mut self.redis.clone())
+            .await
+            .map_err(redis_error)
+    }
+
+    async fn get_record<T: DeserializeOwned>(&self, key: &str, field: &str) -> Result<Option<T>> {
+        let raw: Option<Vec<u8>> = self.query(redis::cmd("HGET").arg(key).arg(field)).await?;
+        raw.as_deref().map(decode).transpose()
+    }
+
+    /// Records of a hash by field, in the order asked.
+    async fn get_records<T: DeserializeOwned>(
+        &self,
+        key: &str,
+        fields: &[String],
+    ) -> Result<Vec<Option<T>>> {
+        if fields.is_empty() {
+            return Ok(Vec::new());
+        }
+        let raw: Vec<Option<Vec<u8>>> =
+            self.query(redis::cmd("HMGET").arg(key).arg(fields)).await?;
+        decode_all(raw)
+    }
+
+    /// Saves records by id in a hash, with the ids in a lexically sorted set (listing).
+    async fn upsert<T: serde::Serialize>(
+        &self,
+        tenant_id: &str,
+        table: &str,
+        items: &[(&str, &T)],
+    ) -> Result<()> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let keys = Keys::of(tenant_id);
+        let (ids, records) = (keys.k(&format!("{table}:ids")), keys.k(table));
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for (id, item) in items {
+            pipe.cmd("ZADD").arg(&ids).arg(0).arg(*id).ignore();
+            pipe.cmd("HSET")
+                .arg(&records)
+                .arg(*id)
+                .arg(encode(item)?)
+                .ignore();
+        }
+        self.atomically::<()>(&pipe).await
+    }
+
+    async fn list<T: DeserializeOwned>(
+        &self,
+        tenant_id: &str,
+        table: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<T>> {
+        let keys = Keys::of(tenant_id);
+        let ids: Vec<String> = self
+            .query(
+                redis::cmd("ZRANGEBYLEX")
+                    .arg(keys.k(&format!("{table}:ids")))
+                    .arg(lex_after(after))
+                    .arg("+")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit),
+            )
+            .await?;
+        let records = self.get_records(&keys.k(table), &ids).await?;
+        Ok(records.into_iter().flatten().collect())
+    }
+
+    /// Every tenant with purchases, in order.
+    async fn tenants(&self) -> Result<Vec<String>> {
+        let mut tenants: Vec<String> = self.query(redis::cmd("SMEMBERS").arg(TENANTS)).await?;
+        tenants.sort();
+        Ok(tenants)
+    }
+
+    /// Adds the tenant to [`TENANTS`] before its first purchase is written, once per
+    /// process (the walks then find every purchase written).
+    async fn register_tenant(&self, tenant_id: &str) -> Result<()> {
+        let known = {
+            let known = self.known_tenants.lock().unwrap_or_else(|p| p.into_inner());
+            known.contains(tenant_id)
+        };
+        if known {
+            return Ok(());
+        }
+        let _: i64 = self
+            .query(redis::cmd("SADD").arg(TENANTS).arg(tenant_id))
+            .await?;
+        let mut known = self.known_tenants.lock().unwrap_or_else(|p| p.into_inner());
+        if known.len() < MAX_KNOWN_TENANTS {
+            known.insert(tenant_id.to_string());
+        }
+        Ok(())
+    }
+
+    /// Runs the purchase script; `purchase` `None` applies the claims alone.
+    async fn put(
+        &self,
+        tenant_id: &str,
+        purchase: Option<(&Purchase, Option<u64>)>,
+        claims: &[Claim],
+    ) -> Result<Put> {
+        let keys = Keys::of(tenant_id);
+        let mut invocation = self.put.prepare_invoke();
+        invocation.key(keys.k("purv")).arg(&keys.p);
+        match purchase {
+            Some((p, expected)) => {
+                let (member, position) = match (&p.state, &p.evaluation.member) {
+                    (PurchaseState::Committed { commit_time, .. }, Some(m)) => (
+                        m.member_id.as_str(),
+                        history_position(*commit_time, &p.receipt.receipt_id),
+                    ),
+                    _ => ("", String::new()),
+                };
+                invocation
+                    .arg(&p.receipt.receipt_id)
+                    .arg(expected.map(|v| v.to_string()).unwrap_or_default())
+                    .arg(p.version)
+                    .arg(encode(p)?)
+                    .arg(
+                        p.unsettled_since()
+                            .map(|since| unsettled_entry(since, &p.receipt.receipt_id))
+                            .unwrap_or_default(),
+                    )
+                    .arg(member)
+                    .arg(position);
+            }
+            None => {
+                invocation
+                    .arg("")
+                    .arg("")
+                    .arg(0)
+                    .arg("")
+                    .arg("")
+                    .arg("")
+                    .arg("");
+            }
+        }
+        invocation.arg(claims.len());
+        for c in claims {
+            invocation.arg(&c.counter).arg(c.amount).arg(c.limit);
+        }
+        let value: Value = invocation
+            .invoke_async(&mut self.redis.clone())
+            .await
+            .map_err(redis_error)?;
+        let (word, rest) = answer(value)?;
+        match word.as_str() {
+            "written" => Ok(Put::Written),
+            "conflict" => Ok(Put::Conflict),
+            "refused" => {
+                let i: usize = rest
+                    .into_iter()
+                    .next()
+                    .map(redis::from_redis_value)
+                    .transpose()
+                    .map_err(Error::internal)?
+                    .unwrap_or(0);
+                Ok(Put::Refused(i))
+            }
+            other => Err(Error::internal(anyhow::anyhow!(
+                "unexpected purchase script answer {other}"
+            ))),
+        }
+    }
+
+    /// Saves a versioned record if its stored version is still `read` (`None`: none
+    /// stored); `false` when another save got in between. A campaign keeps its history
+    /// and bumps the tenant's campaigns version.
+    async fn compare_and_save(
+        &self,
+        keys: &Keys,
+        record: (&str, &str),
+        field: &str,
+        read: Option<i64>,
+        version: i64,
+        encoded: Vec<u8>,
+        history: Option<String>,
+    ) -> Result<bool> {
+        let (versions, records) = record;
+        let mut invocation = self.cas.prepare_invoke();
+        invocation.key(keys.k(versions)).key(keys.k(records));
+        if let Some(history) = history {
+            invocation.key(history).key(keys.k("cver"));
+        }
+        invocation
+            .arg(field)
+            .arg(read.map(|v| v.to_string()).unwrap_or_default())
+            .arg(version)
+            .arg(encoded);
+        let saved: i64 = invocation
+            .invoke_async(&mut self.redis.clone())
+            .await
+            .map_err(redis_error)?;
+        Ok(saved == 1)
+    }
+}
+
+#[async_trait::async_trait]
+impl PromotionStore for RedisPromotionStore {
+    async fn program(&self, tenant_id: &str) -> Result<Option<Program>> {
+        self.get_record(&Keys::of(tenant_id).k("prog"), "").await
+    }
+
+    async fn update_program(&self, program: Program, expected_version: i64) -> Result<Program> {
+        let keys = Keys::of(&program.tenant_id);
+        for _ in 0..MAX_SAVE_ATTEMPTS {
+            let current: Option<Program> = self.get_record(&keys.k("prog"), "").await?;
+            let read = current.as_ref().map(|p| p.version);
+            let current_version = read.unwrap_or(0);
+            if expected_version != 0 && expected_version != current_version {
+                return Err(Error::FailedPrecondition(format!(
+                    "program is at version {current_version}, not {expected_version}: read it again"
+                )));
+            }
+            let mut saved = program.clone();
+            saved.version = current_version + 1;
+            let encoded = encode(&saved)?;
+            if self
+                .compare_and_save(
+                    &keys,
+                    ("progv", "prog"),
+                    "",
+                    read,
+                    saved.version,
+                    encoded,
+                    None,
+                )
+                .await?
+            {
+                return Ok(saved);
+            }
+        }
+        Err(Error::Unavailable(
+            "the program changed on every attempt to save it: try again".into(),
+        ))
+    }
+
+    async fn upsert_stores(&self, tenant_id: &str, stores: &[Store]) -> Result<()> {
+        let items: Vec<(&str, &Store)> = stores.iter().map(|s| (s.store_id.as_str(), s)).collect();
+        self.upsert(tenant_id, "stores", &items).await
+    }
+
+    async fn list_stores(&self, tenant_id: &str, after: &str, limit: usize) -> Result<Vec<Store>> {
+        self.list(tenant_id, "stores", after, limit).await
+    }
+
+    async fn upsert_products(&self, tenant_id: &str, products: &[Product]) -> Result<()> {
+        let items: Vec<(&str, &Product)> = products.iter().map(|p| (p.sku.as_str(), p)).collect();
+        self.upsert(tenant_id, "products", &items).await
+    }
+
+    async fn list_products(
+        &self,
+        tenant_id: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<Product>> {
+        self.list(tenant_id, "products", after, limit).await
+    }
+
+    async fn checkout_context(
+        &self,
+        tenant_id: &str,
+        store_id: &str,
+        skus: &[String],
+        codes: &[String],
+    ) -> Result<CheckoutContext> {
+        let keys = Keys::of(tenant_id);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("HGET").arg(keys.k("prog")).arg("");
+        pipe.cmd("HGET").arg(keys.k("stores")).arg(store_id);
+        pipe.cmd("GET").arg(keys.k("cver"));
+        if !skus.is_empty() {
+            pipe.cmd("HMGET").arg(keys.k("products")).arg(skus);
+        }
+        if !codes.is_empty() {
+            let counters: Vec<String> = codes.iter().map(|c| coupon_counter(c)).collect();
+            pipe.cmd("HMGET").arg(keys.k("coupons")).arg(codes);
+            pipe.cmd("HMGET").arg(keys.k("ctr")).arg(counters);
+        }
+        let mut replies: std::collections::VecDeque<Value> =
+            self.atomically::<Vec<Value>>(&pipe).await?.into();
+        let mut next = || {
+            replies
+                .pop_front()
+                .ok_or_else(|| Error::internal(anyhow::anyhow!("short checkout context reply")))
+        };
+        let one = |v: Value| -> Result<Option<Vec<u8>>> {
+            redis::from_redis_value(v).map_err(Error::internal)
+        };
+        let many = |v: Value| -> Result<Vec<Option<Vec<u8>>>> {
+            redis::from_redis_value(v).map_err(Error::internal)
+        };
+        let program = one(next()?)?.as_deref().map(decode).transpose()?;
+        let store = one(next()?)?.as_deref().map(decode).transpose()?;
+        let campaigns_version: Option<u64> =
+            redis::from_redis_value(next()?).map_err(Error::internal)?;
+        let products = if skus.is_empty() {
+            Vec::new()
+        } else {
+            decode_all(many(next()?)?)?
+        };
+        let coupons = if codes.is_empty() {
+            Vec::new()
+        } else {
+            let coupons: Vec<Option<Coupon>> = decode_all(many(next()?)?)?;
+            let uses: Vec<Option<i64>> =
+                redis::from_redis_value(next()?).map_err(Error::internal)?;
+            coupons
+                .into_iter()
+                .zip(uses)
+                .map(|(c, u)| c.map(|c| (c, u.unwrap_or(0))))
+                .collect()
+        };
+        Ok(CheckoutContext {
+            program,
+            store,
+            products,
+            campaigns_version: campaigns_version.unwrap_or(0),
+            coupons,
+        })
+    }
+
+    async fn purchase(&self, tenant_id: &str, receipt_id: &str) -> Result<Option<Purchase>> {
+        self.get_record(&Keys::of(tenant_id).k("pur"), receipt_id)
+            .await
+    }
+
+    async fn purchases_after(
+        &self,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<Purchase>> {
+        let mut out = Vec::new();
+        for tenant in self.tenants().await? {
+            let start = match &after {
+                Some((t, _)) if tenant < *t => continue,
+                Some((t, r)) if tenant == *t => lex_after(r),
+                _ => "-".into(),
+            };
+            let keys = Keys::of(&tenant);
+            let ids: Vec<String> = self
+                .query(
+                    redis::cmd("ZRANGEBYLEX")
+                        .arg(keys.k("pids"))
+                        .arg(start)
+                        .arg("+")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(limit - out.len()),
+                )
+                .await?;
+            out.extend(
+                self.get_records::<Purchase>(&keys.k("pur"), &ids)
+                    .await?
+                    .into_iter()
+                    .flatten(),
+            );
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn put_purchase(
+        &self,
+        purchase: &Purchase,
+        expected_version: Option<u64>,
+        claims: &[Claim],
+    ) -> Result<Put> {
+        let tenant = purchase.receipt.tenant_id.as_str();
+        self.register_tenant(tenant).await?;
+        self.put(tenant, Some((purchase, expected_version)), claims)
+            .await
+    }
+
+    async fn stale_unsettled(
+        &self,
+        before: Millis,
+        after: Option<&Unsettled>,
+        limit: usize,
+    ) -> Result<Vec<Unsettled>> {
+        let end = format!("({:020}", before.max(0));
+        let mut out: Vec<Unsettled> = Vec::new();
+        for tenant in self.tenants().await? {
+            // Strictly after `after` in (since, tenant, receipt) order.
+            let start = match after {
+                None => "-".to_string(),
+                Some(a) if tenant > a.tenant_id => format!("[{:020}", a.since.max(0)),
+                Some(a) if tenant < a.tenant_id => {
+                    format!("[{:020}", a.since.max(0).saturating_add(1))
+                }
+                Some(a) => format!("({}", unsettled_entry(a.since, &a.receipt_id)),
+            };
+            let entries: Vec<String> = self
+                .query(
+                    redis::cmd("ZRANGEBYLEX")
+                        .arg(Keys::of(&tenant).k("uns"))
+                        .arg(start)
+                        .arg(&end)
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(limit),
+                )
+                .await?;
+            for entry in entries {
+                let Some((since, receipt)) = entry.split_once('\0') else {
+                    continue;
+                };
+                out.push(Unsettled {
+                    since: since.parse().map_err(Error::internal)?,
+                    tenant_id: tenant.clone(),
+                    receipt_id: receipt.to_string(),
+                });
+            }
+            // Only the first `limit` over all tenants are needed.
+            out.sort();
+            out.truncate(limit);
+        }
+        Ok(out)
+    }
+
+    async fn member_purchases(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Purchase)>> {
+        let keys = Keys::of(tenant_id);
+        let positions: Vec<String> = self
+            .query(
+                redis::cmd("ZRANGEBYLEX")
+                    .arg(keys.history(member_id))
+                    .arg(lex_after(after))
+                    .arg("+")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit),
+            )
+            .await?;
+        let receipts: Vec<String> = positions
+            .iter()
+            .map(|p| {
+                p.split_once(':')
+                    .map(|(_, r)| r)
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect();
+        let purchases = self
+            .get_records::<Purchase>(&keys.k("pur"), &receipts)
+            .await?;
+        Ok(positions
+            .into_iter()
+            .zip(purchases)
+            .filter_map(|(position, p)| p.map(|p| (position, p)))
+            .collect())
+    }
+
+    async fn move_member_purchases(&self, tenant_id: &str, from: &str, to: &str) -> Result<u64> {
+        let keys = Keys::of(tenant_id);
+        let mut invocation = self.moved.prepare_invoke();
+        invocation
+            .key(keys.k("merged"))
+            .arg(&keys.p)
+            .arg(from)
+            .arg(to);
+        let moved: u64 = invocation
+            .invoke_async(&mut self.redis.clone())
+            .await
+            .map_err(redis_error)?;
+        Ok(moved)
+    }
+
+    async fn claim(&self, tenant_id: &str, claims: &[Claim]) -> Result<Option<usize>> {
+        Ok(match self.put(tenant_id, None, claims).await? {
+            Put::Refused(i) => Some(i),
+            Put::Written | Put::Conflict => None,
+        })
+    }
+
+    async fn counters(&self, tenant_id: &str, names: &[String]) -> Result<Vec<i64>> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let values: Vec<Option<i64>> = self
+            .query(
+                redis::cmd("HMGET")
+                    .arg(Keys::of(tenant_id).k("ctr"))
+                    .arg(names),
+            )
+            .await?;
+        Ok(values.into_iter().map(|v| v.unwrap_or(0)).collect())
+    }
+
+    async fn campaigns(&self, tenant_id: &str) -> Result<(u64, Vec<Campaign>, Vec<StackingGroup>)> {
+        let keys = Keys::of(tenant_id);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("GET")
+            .arg(keys.k("cver"))
+            .cmd("HVALS")
+            .arg(keys.k("camp"))
+            .cmd("HVALS")
+            .arg(keys.k("groups"));
+        let (version, campaigns, groups): (Option<u64>, Vec<Vec<u8>>, Vec<Vec<u8>>) =
+            self.atomically(&pipe).await?;
+        let mut campaigns = campaigns
+            .iter()
+            .map(|b| decode(b))
+            .collect::<Result<Vec<Campaign>>>()?;
+        let mut groups = groups
+            .iter()
+            .map(|b| decode(b))
+            .collect::<Result<Vec<StackingGroup>>>()?;
+        // In id order, as the embedded store lists them.
+        campaigns.sort_by(|a, b| a.campaign_id.cmp(&b.campaign_id));
+        groups.sort_by(|a, b| a.group_id.cmp(&b.group_id));
+        Ok((version.unwrap_or(0), campaigns, groups))
+    }
+
+    async fn campaign(&self, tenant_id: &str, campaign_id: &str) -> Result<Option<Campaign>> {
+        self.get_record(&Keys::of(tenant_id).k("camp"), campaign_id)
+            .await
+    }
+
+    async fn save_campaign(
+        &self,
+        campaign: Campaign,
+        expected_version: Option<i64>,
+    ) -> Result<Campaign> {
+        let keys = Keys::of(&campaign.tenant_id);
+        let history = keys.k(&format!("camph:{}", campaign.campaign_id));
+        for _ in 0..MAX_SAVE_ATTEMPTS {
+            let current: Option<Campaign> = self
+                .get_record(&keys.k("camp"), &campaign.campaign_id)
+                .await?;
+            let current_version = match (&current, expected_version) {
+                (Some(_), None) => {
+                    return Err(Error::AlreadyExists(format!(
+                        "campaign {} exists; update it instead",
+                        campaign.campaign_id
+                    )));
+                }
+                (None, Some(v)) if v != 0 => {
+                    return Err(Error::NotFound(format!(
+                        "campaign {} not found",
+                        campaign.campaign_id
+                    )));
+                }
+                (Some(c), Some(v)) if v != 0 && v != c.version => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "campaign is at version {}, not {v}: read it again",
+                        c.version
+                    )));
+                }
+                (c, _) => c.as_ref().map_or(0, |c| c.version),
+            };
+            let mut saved = campaign.clone();
+            saved.version = current_version + 1;
+            let encoded = encode(&saved)?;
+            if self
+                .compare_and_save(
+                    &keys,
+                    ("campv", "camp"),
+                    &saved.campaign_id,
+                    current.map(|c| c.version),
+                    saved.version,
+                    encoded,
+                    Some(history.clone()),
+                )
+                .await?
+            {
+                return Ok(saved);
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "campaign {} changed on every attempt to save it: try again",
+            campaign.campaign_id
+        )))
+    }
+
+    async fn campaign_versions(
+        &self,
+        tenant_id: &str,
+        campaign_id: &str,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<Campaign>> {
+        let history = Keys::of(tenant_id).k(&format!("camph:{campaign_id}"));
+        let max = if before > 0 {
+            format!("({before}")
+        } else {
+            "+inf".into()
+        };
+        let raw: Vec<Vec<u8>> = self
+            .query(
+                redis::cmd("ZREVRANGEBYSCORE")
+                    .arg(history)
+                    .arg(max)
+                    .arg("-inf")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit),
+            )
+            .await?;
+        raw.iter().map(|b| decode(b)).collect()
+    }
+
+    async fn save_group(&self, group: StackingGroup) -> Result<()> {
+        let keys = Keys::of(&group.tenant_id);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HSET")
+            .arg(keys.k("groups"))
+            .arg(&group.group_id)
+            .arg(encode(&group)?)
+            .ignore()
+            .cmd("INCR")
+            .arg(keys.k("cver"))
+            .ignore();
+        self.atomically::<()>(&pipe).await
+    }
+
+    async fn coupon(&self, tenant_id: &str, code: &str) -> Result<Option<(Coupon, i64)>> {
+        let ctx = self
+            .checkout_context(tenant_id, "", &[], &[code.to_string()])
+            .await?;
+        Ok(ctx.coupons.into_iter().next().flatten())
+    }
+
+    async fn insert_coupons(
+        &self,
+        tenant_id: &str,
+        batch_key: &str,
+        coupons: &[Coupon],
+    ) -> Result<Vec<String>> {
+        let keys = Keys::of(tenant_id);
+        let codes: Vec<String> = coupons.iter().map(|c| c.code.clone()).collect();
+        let mut invocation = self.coupons.prepare_invoke();
+        invocation
+            .key(keys.k("coupons"))
+            .key(keys.k("cbatch"))
+            .arg(batch_key)
+            .arg(encode(&codes)?);
+        for c in coupons {
+            invocation.arg(&c.code).arg(encode(c)?);
+        }
+        let value: Value = invocation
+            .invoke_async(&mut self.redis.clone())
+            .await
+            .map_err(redis_error)?;
+        let (word, rest) = answer(value)?;
+        let first = || -> Result<Vec<u8>> {
+            match rest.first() {
+                Some(v) => redis::from_redis_value(v.clone()).map_err(Error::internal),
+                None => Err(Error::internal(anyhow::anyhow!(
+                    "short coupon script answer"
+                ))),
+            }
+        };
+        match word.as_str() {
+            "done" => Ok(codes),
+            "repeat" => decode(&first()?),
+            "exists" => Err(Error::AlreadyExists(format!(
+                "coupon {} exists",
+                String::from_utf8_lossy(&first()?)
+            ))),
+            other => Err(Error::internal(anyhow::anyhow!(
+                "unexpected coupon script answer {other}"
+            ))),
+        }
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let _: String = self.query(&redis::cmd("PING")).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use loyalty_platform::redis_server::RedisServer;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conformance() {
+        let server = RedisServer::start().unwrap();
+        let store = RedisPromotionStore::connect(&server.url()).unwrap();
+        super::super::conformance::run_all(&store).await;
+    }
+
+    /// Two replicas (two stores, each with its own connection) racing for one budget grant
+    /// it exactly.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_share_budgets_exactly() {
+        let server = RedisServer::start().unwrap();
+        let a = RedisPromotionStore::connect(&server.url()).unwrap();
+        let b = RedisPromotionStore::connect(&server.url()).unwrap();
+        super::super::conformance::racing_claims(&[&a, &b]).await;
+    }
+
+    /// The same suite on a three-node Redis Cluster: every script and `MULTI` touches one
+    /// tenant's keys, which share a hash slot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conformance_on_redis_cluster() {
+        let nodes = RedisServer::start_cluster(3).unwrap();
+        let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
+        let store = RedisPromotionStore::connect_cluster(&urls).unwrap();
+        super::super::conformance::run_all(&store).await;
+    }
+}
