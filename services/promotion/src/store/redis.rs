@@ -333,36 +333,39 @@ impl RedisPromotionStore {
         }
     }
 
-    /// Saves a versioned record if its stored version is still `read` (`None`: none
-    /// stored); `false` when another save got in between. A campaign keeps its history
-    /// and bumps the tenant's campaigns version.
-    async fn compare_and_save(
-        &self,
-        keys: &Keys,
-        record: (&str, &str),
-        field: &str,
-        read: Option<i64>,
-        version: i64,
-        encoded: Vec<u8>,
-        history: Option<String>,
-    ) -> Result<bool> {
-        let (versions, records) = record;
+    /// Saves a versioned record if its stored version is still the one read; `false` when
+    /// another save got in between.
+    async fn compare_and_save(&self, save: Save<'_>) -> Result<bool> {
         let mut invocation = self.cas.prepare_invoke();
-        invocation.key(keys.k(versions)).key(keys.k(records));
-        if let Some(history) = history {
-            invocation.key(history).key(keys.k("cver"));
+        invocation.key(save.versions).key(save.records);
+        if let Some((history, campaigns_version)) = save.history {
+            invocation.key(history).key(campaigns_version);
         }
         invocation
-            .arg(field)
-            .arg(read.map(|v| v.to_string()).unwrap_or_default())
-            .arg(version)
-            .arg(encoded);
+            .arg(save.field)
+            .arg(save.read.map(|v| v.to_string()).unwrap_or_default())
+            .arg(save.version)
+            .arg(save.encoded);
         let saved: i64 = invocation
             .invoke_async(&mut self.redis.clone())
             .await
             .map_err(redis_error)?;
         Ok(saved == 1)
     }
+}
+
+/// A versioned record to save over the version read.
+struct Save<'a> {
+    /// The hash of versions and the hash of records, by field.
+    versions: String,
+    records: String,
+    field: &'a str,
+    /// The version read (`None`: none was stored).
+    read: Option<i64>,
+    version: i64,
+    encoded: Vec<u8>,
+    /// A campaign keeps its history and bumps its tenant's campaigns version: those keys.
+    history: Option<(String, String)>,
 }
 
 #[async_trait::async_trait]
@@ -384,19 +387,16 @@ impl PromotionStore for RedisPromotionStore {
             }
             let mut saved = program.clone();
             saved.version = current_version + 1;
-            let encoded = encode(&saved)?;
-            if self
-                .compare_and_save(
-                    &keys,
-                    ("progv", "prog"),
-                    "",
-                    read,
-                    saved.version,
-                    encoded,
-                    None,
-                )
-                .await?
-            {
+            let save = Save {
+                versions: keys.k("progv"),
+                records: keys.k("prog"),
+                field: "",
+                read,
+                version: saved.version,
+                encoded: encode(&saved)?,
+                history: None,
+            };
+            if self.compare_and_save(save).await? {
                 return Ok(saved);
             }
         }
@@ -731,19 +731,16 @@ impl PromotionStore for RedisPromotionStore {
             };
             let mut saved = campaign.clone();
             saved.version = current_version + 1;
-            let encoded = encode(&saved)?;
-            if self
-                .compare_and_save(
-                    &keys,
-                    ("campv", "camp"),
-                    &saved.campaign_id,
-                    current.map(|c| c.version),
-                    saved.version,
-                    encoded,
-                    Some(history.clone()),
-                )
-                .await?
-            {
+            let save = Save {
+                versions: keys.k("campv"),
+                records: keys.k("camp"),
+                field: &campaign.campaign_id,
+                read: current.map(|c| c.version),
+                version: saved.version,
+                encoded: encode(&saved)?,
+                history: Some((history.clone(), keys.k("cver"))),
+            };
+            if self.compare_and_save(save).await? {
                 return Ok(saved);
             }
         }
