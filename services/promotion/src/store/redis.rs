@@ -6,7 +6,8 @@
 //! writes (a purchase at its expected version, a campaign or program saved over the
 //! version read, a coupon batch) are Lua scripts that check and write in one step; reads
 //! that must agree with each other (the checkout context, the campaign set) are one
-//! `MULTI`/`EXEC`. Records are encoded as in the embedded store. A set of tenants (its own
+//! `MULTI`/`EXEC`. Records are encoded as in the embedded store, purchases LZ4-compressed
+//! on top. A set of tenants (its own
 //! key) lets the repair and the history walks find every tenant's purchases.
 //!
 //! This Redis holds the only copy of the promotion state, so it must persist it: see
@@ -78,6 +79,29 @@ fn redis_error(e: redis::RedisError) -> Error {
         return Error::Unavailable(format!("promotion store (redis): {e}"));
     }
     Error::internal(anyhow::anyhow!("promotion store (redis): {e}"))
+}
+
+/// The largest purchase record a stored value may unpack to (far above any receipt's).
+const MAX_PURCHASE_BYTES: usize = 16 << 20;
+
+/// A purchase record as stored: encoded, then LZ4-compressed with its length in front.
+/// Purchases are most of what this store holds, and their evaluations repeat campaign ids
+/// and reasons: compressed, a typical record takes about a third of the memory.
+fn pack_purchase(p: &Purchase) -> Result<Vec<u8>> {
+    Ok(lz4_flex::block::compress_prepend_size(&encode(p)?))
+}
+
+fn unpack_purchase(bytes: &[u8]) -> Result<Purchase> {
+    let size = bytes
+        .get(..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    if size.is_none_or(|n| n > MAX_PURCHASE_BYTES) {
+        return Err(Error::internal(anyhow::anyhow!(
+            "a stored purchase record is damaged (length {size:?})"
+        )));
+    }
+    let raw = lz4_flex::block::decompress_size_prepended(bytes).map_err(Error::internal)?;
+    decode(&raw)
 }
 
 fn decode_all<T: DeserializeOwned>(values: Vec<Option<Vec<u8>>>) -> Result<Vec<Option<T>>> {
@@ -187,6 +211,19 @@ impl RedisPromotionStore {
         decode_all(raw)
     }
 
+    /// Purchase records by receipt id, in the order asked.
+    async fn purchases(&self, keys: &Keys, receipts: &[String]) -> Result<Vec<Option<Purchase>>> {
+        if receipts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let raw: Vec<Option<Vec<u8>>> = self
+            .query(redis::cmd("HMGET").arg(keys.k("pur")).arg(receipts))
+            .await?;
+        raw.into_iter()
+            .map(|v| v.as_deref().map(unpack_purchase).transpose())
+            .collect()
+    }
+
     /// Saves records by id in a hash, with the ids in a lexically sorted set (listing).
     async fn upsert<T: serde::Serialize>(
         &self,
@@ -285,7 +322,7 @@ impl RedisPromotionStore {
                     .arg(&p.receipt.receipt_id)
                     .arg(expected.map(|v| v.to_string()).unwrap_or_default())
                     .arg(p.version)
-                    .arg(encode(p)?)
+                    .arg(pack_purchase(p)?)
                     .arg(
                         p.unsettled_since()
                             .map(|since| unsettled_entry(since, &p.receipt.receipt_id))
@@ -493,8 +530,9 @@ impl PromotionStore for RedisPromotionStore {
     }
 
     async fn purchase(&self, tenant_id: &str, receipt_id: &str) -> Result<Option<Purchase>> {
-        self.get_record(&Keys::of(tenant_id).k("pur"), receipt_id)
-            .await
+        let keys = Keys::of(tenant_id);
+        let mut found = self.purchases(&keys, &[receipt_id.to_string()]).await?;
+        Ok(found.pop().flatten())
     }
 
     async fn purchases_after(
@@ -521,12 +559,7 @@ impl PromotionStore for RedisPromotionStore {
                         .arg(limit - out.len()),
                 )
                 .await?;
-            out.extend(
-                self.get_records::<Purchase>(&keys.k("pur"), &ids)
-                    .await?
-                    .into_iter()
-                    .flatten(),
-            );
+            out.extend(self.purchases(&keys, &ids).await?.into_iter().flatten());
             if out.len() >= limit {
                 break;
             }
@@ -620,9 +653,7 @@ impl PromotionStore for RedisPromotionStore {
                     .to_string()
             })
             .collect();
-        let purchases = self
-            .get_records::<Purchase>(&keys.k("pur"), &receipts)
-            .await?;
+        let purchases = self.purchases(&keys, &receipts).await?;
         Ok(positions
             .into_iter()
             .zip(purchases)
