@@ -472,6 +472,34 @@ def binary_accepts(name: str, config: str) -> None:
 # ---------------------------------------------------------------- stores and replicas
 
 
+def shared_promotion_checks(redis_port: int) -> None:
+    """With `services.promotion.store: redis`, promotion scales out: replicas and an
+    autoscaler, a rolling update, no volume claim, Redis egress and `store = "redis"`."""
+    objs = helm_template(
+        sets=[
+            "services.promotion.store=redis",
+            "services.promotion.replicas=3",
+            "services.promotion.autoscaling.enabled=true",
+        ]
+    )
+    d = next(
+        d for d in by_kind(objs, "Deployment")
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "promotion"
+    )
+    expect(d["spec"]["strategy"]["type"] == "RollingUpdate", f"shared promotion rolls with {d['spec']['strategy']}")
+    claims = {c["metadata"]["name"] for c in by_kind(objs, "PersistentVolumeClaim")}
+    expect(not any("promotion" in c for c in claims), f"shared promotion still claims a volume: {claims}")
+    volumes = {v["name"]: v for v in pod_spec(d).get("volumes", [])}
+    expect("emptyDir" in volumes.get("data", {}), "shared promotion has no emptyDir /data")
+    scaled = {h["spec"]["scaleTargetRef"]["name"] for h in by_kind(objs, "HorizontalPodAutoscaler")}
+    expect(d["metadata"]["name"] in scaled, "shared promotion has no HorizontalPodAutoscaler")
+    expect(redis_port in egress_ports(objs).get("promotion", set()), "shared promotion may not reach Redis")
+    expect('store = "redis"' in config_of(objs), "config.toml does not put promotion on Redis")
+    binary_accepts("chart (promotion on Redis)", config_of(objs))
+    ok("chart (promotion on Redis): replicas and HPA, RollingUpdate, no claim, Redis egress, store = \"redis\"")
+
+
+
 def egress_ports(objs: list[dict]) -> dict[str, set[int]]:
     """The TCP/UDP ports each component's NetworkPolicy lets it reach."""
     out: dict[str, set[int]] = {}
@@ -891,6 +919,8 @@ def main() -> int:
             reached = {c: p & ({redis_port} | set(scylla_ports)) for c, p in egress_ports(objs).items()}
             expect(not any(reached.values()), f"{name}: reaches store ports {reached}")
         ok("chart (dev profile), k8s/all-in-one: no egress to Redis or ScyllaDB")
+
+        shared_promotion_checks(redis_port)
 
         print("==> the chart and k8s/ agree")
         agree("microservices (k8s/base)", microservices, built["k8s/base"])

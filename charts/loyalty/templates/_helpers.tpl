@@ -335,6 +335,9 @@ expiry_interval_ms = {{ .Values.config.balance.expiryIntervalMs | int }}
 expiry_batch = {{ .Values.config.balance.expiryBatch | int }}
 hot_record_retention_secs = {{ .Values.config.balance.hotRecordRetentionSecs | int }}
 
+[promotion]
+store = {{ ternary (default "embedded" .Values.services.promotion.store) "embedded" (eq .Values.profile "microservices") | quote }}
+
 [segmentation]
 reevaluate_interval_ms = {{ .Values.config.segmentation.reevaluateIntervalMs | int }}
 rfm_interval_ms = {{ .Values.config.segmentation.rfmIntervalMs | int }}
