@@ -647,6 +647,20 @@ async fn coupons(s: &dyn PromotionStore) {
         s.coupon("t", "DDD").await.unwrap().is_none(),
         "nothing written"
     );
+    // One code twice in a batch is refused the same way.
+    let err = s
+        .insert_coupons(
+            "t",
+            "batch-3",
+            &[coupon("EEE"), coupon("FFF"), coupon("EEE")],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
+    assert!(
+        s.coupon("t", "FFF").await.unwrap().is_none(),
+        "nothing written"
+    );
     s.claim("t", &[claim("coupon/AAA", 1, 1)]).await.unwrap();
     let (c, uses) = s.coupon("t", "AAA").await.unwrap().unwrap();
     assert_eq!((c.code.as_str(), uses), ("AAA", 1));

@@ -35,6 +35,9 @@ use crate::usage::{Claim, coupon_counter};
 const TENANTS: &str = "lp:tenants";
 /// How often a versioned save reads and tries again when another save got in between.
 const MAX_SAVE_ATTEMPTS: usize = 16;
+/// How often a write is filed again because the member's history moved (a merge) between
+/// the caller's look and the script.
+const MAX_MERGE_RETRIES: usize = 8;
 /// Tenants this process remembers having added to [`TENANTS`]; past it, it adds again.
 const MAX_KNOWN_TENANTS: usize = 10_000;
 
@@ -74,8 +77,25 @@ impl Keys {
     }
 }
 
+/// Redis refusals that pass (a full or read-only server, one loading its data or busy with
+/// a script, a cluster moving slots): the caller may try again.
+const PASSING_REFUSALS: &[&str] = &[
+    "OOM",
+    "READONLY",
+    "LOADING",
+    "MASTERDOWN",
+    "BUSY",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+];
+
 fn redis_error(e: redis::RedisError) -> Error {
-    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_cluster_error() {
+    if e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_cluster_error()
+        || e.code().is_some_and(|c| PASSING_REFUSALS.contains(&c))
+    {
         return Error::Unavailable(format!("promotion store (redis): {e}"));
     }
     Error::internal(anyhow::anyhow!("promotion store (redis): {e}"))
@@ -135,12 +155,21 @@ fn answer(value: Value) -> Result<(String, Vec<Value>)> {
     Ok((word, rest))
 }
 
+/// The first value after a script's answer word.
+fn first_of<T: redis::FromRedisValue>(rest: Vec<Value>) -> Result<T> {
+    match rest.into_iter().next() {
+        Some(v) => redis::from_redis_value(v).map_err(Error::internal),
+        None => Err(Error::internal(anyhow::anyhow!("short script answer"))),
+    }
+}
+
 #[derive(Clone)]
 pub struct RedisPromotionStore {
     redis: RedisConn,
     put: Script,
     moved: Script,
     cas: Script,
+    group: Script,
     coupons: Script,
     /// Tenants this process already added to [`TENANTS`].
     known_tenants: Arc<Mutex<HashSet<String>>>,
@@ -175,6 +204,7 @@ impl RedisPromotionStore {
             put: Script::new(include_str!("redis/put.lua")),
             moved: Script::new(include_str!("redis/move.lua")),
             cas: Script::new(include_str!("redis/cas.lua")),
+            group: Script::new(include_str!("redis/group.lua")),
             coupons: Script::new(include_str!("redis/coupons.lua")),
             known_tenants: Arc::new(Mutex::new(HashSet::new())),
         }
@@ -307,67 +337,68 @@ impl RedisPromotionStore {
         claims: &[Claim],
     ) -> Result<Put> {
         let keys = Keys::of(tenant_id);
-        let mut invocation = self.put.prepare_invoke();
-        invocation.key(keys.k("purv")).arg(&keys.p);
-        match purchase {
-            Some((p, expected)) => {
-                let (member, position) = match (&p.state, &p.evaluation.member) {
-                    (PurchaseState::Committed { commit_time, .. }, Some(m)) => (
-                        m.member_id.as_str(),
-                        history_position(*commit_time, &p.receipt.receipt_id),
-                    ),
-                    _ => ("", String::new()),
-                };
-                invocation
-                    .arg(&p.receipt.receipt_id)
-                    .arg(expected.map(|v| v.to_string()).unwrap_or_default())
-                    .arg(p.version)
-                    .arg(pack_purchase(p)?)
-                    .arg(
-                        p.unsettled_since()
-                            .map(|since| unsettled_entry(since, &p.receipt.receipt_id))
-                            .unwrap_or_default(),
-                    )
-                    .arg(member)
-                    .arg(position);
+        let (member, position) = match purchase {
+            Some((p, _)) => match (&p.state, &p.evaluation.member) {
+                (PurchaseState::Committed { commit_time, .. }, Some(m)) => (
+                    m.member_id.as_str(),
+                    history_position(*commit_time, &p.receipt.receipt_id),
+                ),
+                _ => ("", String::new()),
+            },
+            None => ("", String::new()),
+        };
+        let encoded = purchase.map(|(p, _)| pack_purchase(p)).transpose()?;
+        // Filed under the member itself unless the script finds it merged away.
+        let mut survivor = member.to_string();
+        for _ in 0..MAX_MERGE_RETRIES {
+            let mut invocation = self.put.prepare_invoke();
+            for name in ["purv", "ctr", "pur", "pids", "uns", "unsr", "merged"] {
+                invocation.key(keys.k(name));
             }
-            None => {
-                invocation
-                    .arg("")
-                    .arg("")
-                    .arg(0)
-                    .arg("")
-                    .arg("")
-                    .arg("")
-                    .arg("");
+            invocation.key(keys.history(&survivor));
+            match (purchase, &encoded) {
+                (Some((p, expected)), Some(encoded)) => {
+                    invocation
+                        .arg(&p.receipt.receipt_id)
+                        .arg(expected.map(|v| v.to_string()).unwrap_or_default())
+                        .arg(p.version)
+                        .arg(encoded.as_slice())
+                        .arg(
+                            p.unsettled_since()
+                                .map(|since| unsettled_entry(since, &p.receipt.receipt_id))
+                                .unwrap_or_default(),
+                        );
+                }
+                _ => {
+                    invocation.arg("").arg("").arg(0).arg("").arg("");
+                }
             }
-        }
-        invocation.arg(claims.len());
-        for c in claims {
-            invocation.arg(&c.counter).arg(c.amount).arg(c.limit);
-        }
-        let value: Value = invocation
-            .invoke_async(&mut self.redis.clone())
-            .await
-            .map_err(redis_error)?;
-        let (word, rest) = answer(value)?;
-        match word.as_str() {
-            "written" => Ok(Put::Written),
-            "conflict" => Ok(Put::Conflict),
-            "refused" => {
-                let i: usize = rest
-                    .into_iter()
-                    .next()
-                    .map(redis::from_redis_value)
-                    .transpose()
-                    .map_err(Error::internal)?
-                    .unwrap_or(0);
-                Ok(Put::Refused(i))
+            invocation.arg(member).arg(&survivor).arg(&position);
+            invocation.arg(claims.len());
+            for c in claims {
+                invocation.arg(&c.counter).arg(c.amount).arg(c.limit);
             }
-            other => Err(Error::internal(anyhow::anyhow!(
-                "unexpected purchase script answer {other}"
-            ))),
+            let value: Value = invocation
+                .invoke_async(&mut self.redis.clone())
+                .await
+                .map_err(redis_error)?;
+            let (word, rest) = answer(value)?;
+            return match word.as_str() {
+                "written" => Ok(Put::Written),
+                "conflict" => Ok(Put::Conflict),
+                "refused" => Ok(Put::Refused(first_of(rest)?)),
+                "moved" => {
+                    survivor = first_of(rest)?;
+                    continue;
+                }
+                other => Err(Error::internal(anyhow::anyhow!(
+                    "unexpected purchase script answer {other}"
+                ))),
+            };
         }
+        Err(Error::Unavailable(format!(
+            "member {member}'s history kept moving while the purchase was filed: try again"
+        )))
     }
 
     /// Saves a versioned record if its stored version is still the one read; `false` when
@@ -663,17 +694,35 @@ impl PromotionStore for RedisPromotionStore {
 
     async fn move_member_purchases(&self, tenant_id: &str, from: &str, to: &str) -> Result<u64> {
         let keys = Keys::of(tenant_id);
-        let mut invocation = self.moved.prepare_invoke();
-        invocation
-            .key(keys.k("merged"))
-            .arg(&keys.p)
-            .arg(from)
-            .arg(to);
-        let moved: u64 = invocation
-            .invoke_async(&mut self.redis.clone())
-            .await
-            .map_err(redis_error)?;
-        Ok(moved)
+        // Filed under `to` unless the script finds it merged away meanwhile.
+        let mut survivor = to.to_string();
+        for _ in 0..MAX_MERGE_RETRIES {
+            let mut invocation = self.moved.prepare_invoke();
+            invocation
+                .key(keys.k("merged"))
+                .key(keys.history(from))
+                .key(keys.history(&survivor))
+                .arg(from)
+                .arg(to)
+                .arg(&survivor);
+            let value: Value = invocation
+                .invoke_async(&mut self.redis.clone())
+                .await
+                .map_err(redis_error)?;
+            let (word, rest) = answer(value)?;
+            match word.as_str() {
+                "done" => return first_of(rest),
+                "moved" => survivor = first_of(rest)?,
+                other => {
+                    return Err(Error::internal(anyhow::anyhow!(
+                        "unexpected merge script answer {other}"
+                    )));
+                }
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "member {to}'s merges kept moving while {from}'s history moved: try again"
+        )))
     }
 
     async fn claim(&self, tenant_id: &str, claims: &[Claim]) -> Result<Option<usize>> {
@@ -810,17 +859,17 @@ impl PromotionStore for RedisPromotionStore {
 
     async fn save_group(&self, group: StackingGroup) -> Result<()> {
         let keys = Keys::of(&group.tenant_id);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HSET")
-            .arg(keys.k("groups"))
+        let mut invocation = self.group.prepare_invoke();
+        invocation
+            .key(keys.k("groups"))
+            .key(keys.k("cver"))
             .arg(&group.group_id)
-            .arg(encode(&group)?)
-            .ignore()
-            .cmd("INCR")
-            .arg(keys.k("cver"))
-            .ignore();
-        self.atomically::<()>(&pipe).await
+            .arg(encode(&group)?);
+        let _: i64 = invocation
+            .invoke_async(&mut self.redis.clone())
+            .await
+            .map_err(redis_error)?;
+        Ok(())
     }
 
     async fn coupon(&self, tenant_id: &str, code: &str) -> Result<Option<(Coupon, i64)>> {
@@ -852,20 +901,12 @@ impl PromotionStore for RedisPromotionStore {
             .await
             .map_err(redis_error)?;
         let (word, rest) = answer(value)?;
-        let first = || -> Result<Vec<u8>> {
-            match rest.first() {
-                Some(v) => redis::from_redis_value(v.clone()).map_err(Error::internal),
-                None => Err(Error::internal(anyhow::anyhow!(
-                    "short coupon script answer"
-                ))),
-            }
-        };
         match word.as_str() {
             "done" => Ok(codes),
-            "repeat" => decode(&first()?),
+            "repeat" => decode(&first_of::<Vec<u8>>(rest)?),
             "exists" => Err(Error::AlreadyExists(format!(
                 "coupon {} exists",
-                String::from_utf8_lossy(&first()?)
+                first_of::<String>(rest)?
             ))),
             other => Err(Error::internal(anyhow::anyhow!(
                 "unexpected coupon script answer {other}"

@@ -10,8 +10,12 @@ if ARGV[1] ~= '' then
   local first = redis.call('HGET', KEYS[2], ARGV[1])
   if first then return {'repeat', first} end
 end
+local seen = {}
 for i = 3, #ARGV, 2 do
-  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then return {'exists', ARGV[i]} end
+  if seen[ARGV[i]] or redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
+    return {'exists', ARGV[i]}
+  end
+  seen[ARGV[i]] = true
 end
 for i = 3, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])

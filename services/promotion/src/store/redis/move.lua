@@ -1,32 +1,32 @@
 -- Files one member's purchase history under another (a merge).
 --
--- KEYS[1]: the tenant's merge table (routes the script; every key below shares its tag).
--- ARGV[1]: the tenant's key prefix.
--- ARGV[2]: the member merged away.
--- ARGV[3]: the member it was merged into.
+-- KEYS[1]: the tenant's merges; KEYS[2]: the history of the member merged away; KEYS[3]:
+--          the history of the member it goes to. One hash tag.
+-- ARGV[1]: the member merged away.
+-- ARGV[2]: the member it was merged into.
+-- ARGV[3]: the member whose history KEYS[3] is: the end of ARGV[2]'s merges, as the caller
+--          believes.
 --
--- Returns how many purchases moved. The history goes to the end of the survivor's own
--- chain of merges, and later purchases of the merged member follow it there.
-local p = ARGV[1]
-local from = ARGV[2]
-local to = ARGV[3]
+-- Returns {'done', how many purchases moved} or {'moved', the end of ARGV[2]'s merges}
+-- (call again with it; nothing written). Later purchases of the merged member follow it.
+local from = ARGV[1]
+local to = ARGV[2]
 for _ = 1, 16 do
   local into = redis.call('HGET', KEYS[1], to)
   if not into then break end
   to = into
 end
-if to == from then return 0 end
+if to ~= ARGV[3] then return {'moved', to} end
+if to == from then return {'done', 0} end
 redis.call('HSET', KEYS[1], from, to)
-local source = p .. ':mh:' .. from
-local positions = redis.call('ZRANGE', source, 0, -1)
-local target = p .. ':mh:' .. to
+local positions = redis.call('ZRANGE', KEYS[2], 0, -1)
 for i = 1, #positions, 500 do
   local args = {}
   for j = i, math.min(i + 499, #positions) do
     args[#args + 1] = 0
     args[#args + 1] = positions[j]
   end
-  redis.call('ZADD', target, unpack(args))
+  redis.call('ZADD', KEYS[3], unpack(args))
 end
-redis.call('DEL', source)
-return #positions
+redis.call('DEL', KEYS[2])
+return {'done', #positions}

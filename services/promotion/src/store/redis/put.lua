@@ -1,33 +1,45 @@
 -- Writes a purchase and applies claims in one atomic step, or applies claims alone.
 --
--- KEYS[1]: the tenant's purchase versions (routes the script to the tenant's slot; every
---          key below shares its hash tag).
--- ARGV[1]: the tenant's key prefix.
--- ARGV[2]: receipt id ('' : claims only, no purchase).
--- ARGV[3]: expected stored version ('' : none may exist).
--- ARGV[4]: the purchase's version.
--- ARGV[5]: the purchase, encoded.
--- ARGV[6]: where it is filed as unsettled ('' : settled).
--- ARGV[7]: member whose history it joins ('' : none).
--- ARGV[8]: its position in that history.
+-- KEYS: the tenant's 1 purchase versions, 2 counters, 3 purchase records, 4 receipt ids,
+--       5 unsettled list, 6 each receipt's unsettled entry, 7 merges, 8 the history of the
+--       member the purchase is filed under (any tenant key when none). One hash tag.
+-- ARGV[1]: receipt id ('' : claims only, no purchase).
+-- ARGV[2]: expected stored version ('' : none may exist).
+-- ARGV[3]: the purchase's version.
+-- ARGV[4]: the purchase, encoded.
+-- ARGV[5]: where it is filed as unsettled ('' : settled).
+-- ARGV[6]: the purchase's member ('' : none joins a history).
+-- ARGV[7]: the member whose history KEYS[8] is: the end of ARGV[6]'s merges, as the caller
+--          believes.
+-- ARGV[8]: the purchase's position in that history.
 -- ARGV[9]: number of claims, then counter, amount, limit for each.
 --
--- Returns {'written'}, {'conflict'} or {'refused', index of the first claim that does not
--- fit (0-based)}. Nothing is written unless the answer is 'written'.
-local p = ARGV[1]
-local receipt = ARGV[2]
+-- Returns {'written'}, {'conflict'}, {'refused', index of the first claim that does not fit
+-- (0-based)} or {'moved', the member the history really is under} (call again with it).
+-- Nothing is written unless the answer is 'written'.
+local receipt = ARGV[1]
 
 if receipt ~= '' then
-  local current = redis.call('HGET', p .. ':purv', receipt)
-  if ARGV[3] == '' then
+  local current = redis.call('HGET', KEYS[1], receipt)
+  if ARGV[2] == '' then
     if current then return {'conflict'} end
-  elseif current ~= ARGV[3] then
+  elseif current ~= ARGV[2] then
     return {'conflict'}
+  end
+  -- Filed where the member's history is now: a receipt resolved just before a merge is
+  -- committed after it.
+  if ARGV[6] ~= '' then
+    local member = ARGV[6]
+    for _ = 1, 16 do
+      local into = redis.call('HGET', KEYS[7], member)
+      if not into then break end
+      member = into
+    end
+    if member ~= ARGV[7] then return {'moved', member} end
   end
 end
 
 -- Every claim is checked before any is applied; a counter claimed twice sees the first.
-local counters = p .. ':ctr'
 local n = tonumber(ARGV[9])
 local next_value = {}
 local order = {}
@@ -37,7 +49,7 @@ for i = 0, n - 1 do
   local limit = tonumber(ARGV[12 + 3 * i])
   local current = next_value[counter]
   if current == nil then
-    current = tonumber(redis.call('HGET', counters, counter) or '0')
+    current = tonumber(redis.call('HGET', KEYS[2], counter) or '0')
     order[#order + 1] = counter
   end
   if amount > 0 and limit > 0 and current + amount > limit then
@@ -50,40 +62,30 @@ end
 for _, counter in ipairs(order) do
   local value = next_value[counter]
   if value == 0 then
-    redis.call('HDEL', counters, counter)
+    redis.call('HDEL', KEYS[2], counter)
   else
-    redis.call('HSET', counters, counter, string.format('%d', value))
+    redis.call('HSET', KEYS[2], counter, string.format('%d', value))
   end
 end
 
 if receipt == '' then return {'written'} end
 
-redis.call('HSET', p .. ':pur', receipt, ARGV[5])
-redis.call('HSET', p .. ':purv', receipt, ARGV[4])
-redis.call('ZADD', p .. ':pids', 0, receipt)
+redis.call('HSET', KEYS[3], receipt, ARGV[4])
+redis.call('HSET', KEYS[1], receipt, ARGV[3])
+redis.call('ZADD', KEYS[4], 0, receipt)
 
 -- Filed under the time it became unsettled; moved or removed as that changes.
-local was = redis.call('HGET', p .. ':unsr', receipt)
-local now = ARGV[6]
+local was = redis.call('HGET', KEYS[6], receipt)
+local now = ARGV[5]
 if (was or '') ~= now then
-  if was then redis.call('ZREM', p .. ':uns', was) end
+  if was then redis.call('ZREM', KEYS[5], was) end
   if now ~= '' then
-    redis.call('ZADD', p .. ':uns', 0, now)
-    redis.call('HSET', p .. ':unsr', receipt, now)
+    redis.call('ZADD', KEYS[5], 0, now)
+    redis.call('HSET', KEYS[6], receipt, now)
   else
-    redis.call('HDEL', p .. ':unsr', receipt)
+    redis.call('HDEL', KEYS[6], receipt)
   end
 end
 
--- Filed where the member's history is now: a receipt resolved just before a merge is
--- committed after it.
-local member = ARGV[7]
-if member ~= '' then
-  for _ = 1, 16 do
-    local into = redis.call('HGET', p .. ':merged', member)
-    if not into then break end
-    member = into
-  end
-  redis.call('ZADD', p .. ':mh:' .. member, 0, ARGV[8])
-end
+if ARGV[6] ~= '' then redis.call('ZADD', KEYS[8], 0, ARGV[8]) end
 return {'written'}
