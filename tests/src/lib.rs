@@ -184,6 +184,15 @@ impl Server {
             .await
             .expect("loyalty did not stop within 30 s of SIGTERM")
             .unwrap();
+        if !status.success() {
+            // The test's assertion on the code shows in its output with this beside it.
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "loyalty exited with {status} after SIGTERM; the end of its log:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         status.code().unwrap_or(-1)
     }
 

@@ -449,6 +449,9 @@ async fn serve(
     rebuild_balances: bool,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
+    // Listening for SIGTERM from the start: one that comes while the services are still being
+    // built stops the process as soon as it serves, cleanly.
+    let shutdown = server::shutdown_signal();
     let clock: SharedClock = Arc::new(SystemClock);
     let node = wiring::build(&config, &services, clock.clone()).await?;
     if rebuild_balances {
@@ -539,7 +542,7 @@ async fn serve(
         node.health,
         gate,
         &config.server,
-        server::shutdown_signal(),
+        shutdown,
     )
     .await
 }

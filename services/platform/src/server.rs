@@ -40,31 +40,37 @@ impl std::fmt::Debug for HealthEntry {
     }
 }
 
-/// Turns SIGTERM or SIGINT into a future, for `main`.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for sigint");
-            std::future::pending::<()>().await;
-        }
-    };
+/// Turns SIGTERM or SIGINT into a future, for `main`. The handlers are installed when this
+/// is called, not when the future is first polled, so a signal that arrives while the
+/// process is still starting up shuts it down cleanly instead of killing it.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    #[cfg(unix)]
+    let int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
+    async move {
+        #[cfg(unix)]
+        {
+            let (mut term, mut int) = match (term, int) {
+                (Ok(term), Ok(int)) => (term, int),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::error!(error = %e, "cannot listen for sigterm or sigint");
+                    return std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                _ = int.recv() => tracing::info!("sigint received, shutting down"),
+                _ = term.recv() => tracing::info!("sigterm received, shutting down"),
             }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for sigterm");
+        }
+        #[cfg(not(unix))]
+        {
+            if let Err(e) = tokio::signal::ctrl_c().await {
+                tracing::error!(error = %e, "cannot listen for ctrl-c");
                 std::future::pending::<()>().await;
             }
+            tracing::info!("ctrl-c received, shutting down");
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("sigint received, shutting down"),
-        () = term => tracing::info!("sigterm received, shutting down"),
     }
 }
 
