@@ -187,10 +187,16 @@ pub(crate) fn peer_channel(
         _ => None,
     };
     let configure: balancer::Configure = Arc::new(move |endpoint: Endpoint| {
+        // Keep-alives find a connection to a vanished peer (a lost node, a partition) in
+        // seconds instead of the kernel's minutes.
         let endpoint = endpoint
             .connect_timeout(timeout)
             .timeout(timeout)
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            .tcp_keepalive(Some(std::time::Duration::from_secs(30)))
+            .http2_keep_alive_interval(std::time::Duration::from_secs(10))
+            .keep_alive_timeout(std::time::Duration::from_secs(5))
+            .keep_alive_while_idle(true);
         match &tls {
             Some(tls) => endpoint.clone().tls_config(tls.clone()).unwrap_or(endpoint),
             None => endpoint,
@@ -363,9 +369,13 @@ pub async fn build(
             }
         };
         let mut balance = Balance::new(store, clock.clone());
-        // Ledger entries go to the stream reporting reads: always on the shared Redis
-        // stream; on the embedded log only when reporting runs in this process to read it.
-        if config.storage.backend != Backend::Embedded || runs(ServiceName::Reporting) {
+        // Ledger entries go to the stream reporting and segmentation read: always on the
+        // shared Redis stream; on the embedded log only when one of them runs in this process
+        // to read it.
+        if config.storage.backend != Backend::Embedded
+            || runs(ServiceName::Reporting)
+            || runs(ServiceName::Segmentation)
+        {
             balance = balance.with_events(Arc::new(
                 loyalty_balance::publish::LogLedgerEvents::new(events.clone()),
             ));

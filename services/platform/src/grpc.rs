@@ -69,13 +69,18 @@ pub fn from_status(status: Status) -> Error {
             Error::FailedPrecondition(msg)
         }
         Code::Unimplemented => Error::Unimplemented(msg),
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::ResourceExhausted => {
+        // A connection that breaks mid-call (a peer pod killed, a reset stream) reaches the
+        // client as UNKNOWN: as passing as a refused connection.
+        Code::Unavailable
+        | Code::DeadlineExceeded
+        | Code::Cancelled
+        | Code::ResourceExhausted
+        | Code::Unknown => {
             // Transport text names hosts and addresses: log it, never forward it.
             tracing::warn!(code = ?status.code(), detail = %msg, "peer service unavailable");
             Error::Unavailable("a service this call depends on is unavailable; retry".into())
         }
         Code::Ok
-        | Code::Unknown
         | Code::PermissionDenied
         | Code::Unauthenticated
         | Code::Internal
@@ -177,5 +182,20 @@ mod tests {
             assert_eq!(status.code(), code);
             assert_eq!(status.message(), "m");
         }
+    }
+
+    /// A peer whose connection broke mid-call (UNKNOWN on the client) is passing, like one
+    /// that refused the connection; a peer's own internal error is not.
+    #[test]
+    fn a_broken_peer_call_is_retryable() {
+        for code in [Code::Unknown, Code::Unavailable, Code::DeadlineExceeded] {
+            let err = from_status(tonic::Status::new(
+                code,
+                "h2 protocol error: connection reset",
+            ));
+            assert!(matches!(err, Error::Unavailable(_)), "{code:?}: {err:?}");
+        }
+        let err = from_status(tonic::Status::new(Code::Internal, "internal error"));
+        assert!(matches!(err, Error::Internal(_)), "{err:?}");
     }
 }
