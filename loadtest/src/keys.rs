@@ -31,7 +31,8 @@ pub enum Caller {
 pub struct Credentials {
     admin: Option<AsciiMetadataValue>,
     pos: Vec<AsciiMetadataValue>,
-    app: Vec<AsciiMetadataValue>,
+    /// By the model's member index.
+    app: std::collections::HashMap<usize, AsciiMetadataValue>,
     /// Ids of the keys made for this run, to revoke at its end.
     made: Vec<String>,
 }
@@ -60,7 +61,7 @@ impl Credentials {
         match caller {
             Caller::Admin => self.admin.as_ref(),
             Caller::Pos(store) => pos(store),
-            Caller::App(member) => self.app.get(member).or_else(|| pos(member)),
+            Caller::App(member) => self.app.get(&member).or_else(|| pos(member)),
         }
     }
 
@@ -69,8 +70,8 @@ impl Credentials {
     }
 }
 
-/// Makes this run's POS keys (one per store) and app keys (the first `app_keys` members;
-/// the model's member 0 is the busiest), `concurrency` at a time.
+/// Makes this run's POS keys (one per store) and app keys (for the `app_keys` busiest
+/// members, those the traffic picks most), `concurrency` at a time.
 pub async fn provision(
     model: &Model,
     clients: &Clients,
@@ -91,18 +92,19 @@ pub async fn provision(
         })
         .collect();
     let stores = wanted.len();
-    wanted.extend(
-        member_ids
-            .iter()
-            .take(app_keys)
-            .map(|member| ipb::CreateApiKeyRequest {
-                tenant_id: tenant.clone(),
-                role: ipb::Role::App as i32,
-                member_id: member.clone(),
-                name: "loyalty-loadtest app".into(),
-                ..Default::default()
-            }),
-    );
+    let with_apps: Vec<usize> = model
+        .busiest(app_keys)
+        .iter()
+        .copied()
+        .filter(|&i| i < member_ids.len())
+        .collect();
+    wanted.extend(with_apps.iter().map(|&i| ipb::CreateApiKeyRequest {
+        tenant_id: tenant.clone(),
+        role: ipb::Role::App as i32,
+        member_id: member_ids[i].clone(),
+        name: "loyalty-loadtest app".into(),
+        ..Default::default()
+    }));
     let made =
         each(
             clients,
@@ -131,7 +133,7 @@ pub async fn provision(
         if i < stores {
             credentials.pos.push(value);
         } else {
-            credentials.app.push(value);
+            credentials.app.insert(with_apps[i - stores], value);
         }
     }
     Ok(credentials)
@@ -225,12 +227,12 @@ mod tests {
         let mut c = Credentials::admin("lk_admin").unwrap();
         assert_eq!(c.value(Caller::Pos(3)), c.admin.as_ref());
         c.pos = vec![bearer("p0").unwrap(), bearer("p1").unwrap()];
-        c.app = vec![bearer("a0").unwrap()];
+        c.app = [(7, bearer("a7").unwrap())].into();
         let shown = |caller| c.value(caller).unwrap().to_str().unwrap().to_string();
         assert_eq!(shown(Caller::Admin), "Bearer lk_admin");
         assert_eq!(shown(Caller::Pos(1)), "Bearer p1");
         assert_eq!(shown(Caller::Pos(3)), "Bearer p1");
-        assert_eq!(shown(Caller::App(0)), "Bearer a0");
+        assert_eq!(shown(Caller::App(7)), "Bearer a7");
         assert_eq!(
             shown(Caller::App(2)),
             "Bearer p0",

@@ -316,6 +316,11 @@ impl Model {
         }
     }
 
+    /// The indexes of the `n` members the traffic picks most often, busiest first.
+    pub fn busiest(&self, n: usize) -> &[usize] {
+        &self.member_order[..n.min(self.member_order.len())]
+    }
+
     /// A member picked by purchase frequency.
     pub fn member(&self, rng: &mut StdRng) -> usize {
         self.member_order[self.member_pick.sample(rng) as usize - 1]
@@ -357,6 +362,26 @@ mod tests {
         assert!(
             (redeeming - 0.06).abs() < 0.01,
             "redeeming share {redeeming}"
+        );
+    }
+
+    /// The members `busiest` names take most of the picks: app keys made for them cover most
+    /// of the app traffic.
+    #[test]
+    fn the_busiest_members_are_the_most_picked() {
+        let model = Model::new(ModelConfig::default()).unwrap();
+        let mut rng = StdRng::seed_from_u64(11);
+        let mut picks = vec![0u32; model.config.members];
+        let n = 100_000;
+        for _ in 0..n {
+            picks[model.member(&mut rng)] += 1;
+        }
+        let most = (0..picks.len()).max_by_key(|&i| picks[i]).unwrap();
+        assert_eq!(model.busiest(1), [most]);
+        let covered: u32 = model.busiest(1000).iter().map(|&i| picks[i]).sum();
+        assert!(
+            f64::from(covered) > 0.7 * f64::from(n),
+            "the 1000 busiest took {covered} of {n} picks"
         );
     }
 

@@ -358,19 +358,70 @@ async fn setup_campaigns(model: &Model, clients: &Clients) -> anyhow::Result<()>
             .await
             .context("creating a stacking group")?;
     }
+    let wanted: std::collections::HashSet<String> =
+        list.iter().map(|c| c.campaign_id.clone()).collect();
     for c in list {
         let id = c.campaign_id.clone();
         match client
             .create_campaign(clients.request(ppb::CreateCampaignRequest {
-                campaign: Some(c),
+                campaign: Some(c.clone()),
                 actor: None,
             }))
             .await
         {
             Ok(_) => {}
-            Err(status) if status.code() == Code::AlreadyExists => {}
+            // Seeded before, perhaps from another model: this run's definition replaces it.
+            Err(status) if status.code() == Code::AlreadyExists => {
+                client
+                    .update_campaign(clients.request(ppb::UpdateCampaignRequest {
+                        campaign: Some(c),
+                        expected_version: 0,
+                        actor: None,
+                    }))
+                    .await
+                    .with_context(|| format!("updating campaign {id}"))?;
+            }
             Err(status) => anyhow::bail!("creating campaign {id}: {status}"),
         }
+    }
+    // Generated campaigns an earlier, larger seed made are archived, so a run evaluates the
+    // campaigns its model names and no others.
+    let mut page_token = String::new();
+    let mut stale = Vec::new();
+    loop {
+        let page = client
+            .list_campaigns(clients.request(ppb::ListCampaignsRequest {
+                tenant_id: model.config.tenant.clone(),
+                statuses: vec![
+                    ppb::CampaignStatus::Active as i32,
+                    ppb::CampaignStatus::Paused as i32,
+                ],
+                page_size: 1000,
+                page_token,
+            }))
+            .await
+            .context("listing campaigns")?
+            .into_inner();
+        stale.extend(
+            page.campaigns
+                .into_iter()
+                .map(|c| c.campaign_id)
+                .filter(|id| id.starts_with("campaign-") && !wanted.contains(id)),
+        );
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    for id in stale {
+        client
+            .archive_campaign(clients.request(ppb::ArchiveCampaignRequest {
+                tenant_id: model.config.tenant.clone(),
+                campaign_id: id.clone(),
+                actor: None,
+            }))
+            .await
+            .with_context(|| format!("archiving campaign {id}"))?;
     }
     Ok(())
 }
