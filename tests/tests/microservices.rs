@@ -282,8 +282,132 @@ async fn promotion_replicas_on_redis_share_campaigns_budgets_and_receipts() {
     for dir in &dirs[1..] {
         assert!(!std::fs::exists(dir.path().join("promotion.redb")).unwrap());
     }
+
+    // Replica 1 is killed in the middle of 40 identified commits; the tills retry them all on
+    // replica 2, which finishes what replica 1 left pending: each receipt accrues once.
+    let mut at_core = Pos::new(&core_channel, &core_channel);
+    let (member, card) = at_core.member_with_card("t1", "+77015550101").await;
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let boots = |i: usize, card: &str| {
+        receipt(
+            "t1",
+            &format!("K-{i}"),
+            Some(card),
+            vec![line("1", "boots", "1", "100.00", false)],
+        )
+    };
+    let mut in_flight = Vec::new();
+    for i in 0..40 {
+        let mut pos = Pos::new(&core_channel, &channels[0]);
+        let (r, answered) = (boots(i, &card), answered.clone());
+        in_flight.push(tokio::spawn(async move {
+            let outcome = pos.commit(r).await;
+            answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            outcome
+        }));
+    }
+    while answered.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let mut killed = replicas.remove(0);
+    killed.child.start_kill().unwrap();
+    killed.child.wait().await.unwrap();
+    let acknowledged = futures_util::future::join_all(in_flight)
+        .await
+        .into_iter()
+        .filter(|t| matches!(t, Ok(Ok(_))))
+        .count();
+    let mut survivor = Pos::new(&core_channel, &channels[1]);
+    for i in 0..40 {
+        survivor.commit(boots(i, &card)).await.unwrap();
+    }
+    let b = at_core.balance("t1", &member).await;
+    assert_eq!(
+        (b.active, b.ledger_sequence),
+        (40 * 100, 40),
+        "{acknowledged} of 40 were acknowledged before the kill"
+    );
+
     for r in replicas {
         assert_eq!(r.stop().await, 0);
     }
     assert_eq!(core.stop().await, 0);
+}
+
+/// `loyalty copy-promotion` moves a dev data directory's promotion state into Redis: started
+/// again on `promotion.store = "redis"`, the process knows the purchases, campaigns and
+/// budgets it had.
+#[tokio::test]
+async fn copy_promotion_moves_the_embedded_state_into_redis() {
+    let redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(Launch::dev(), dir.path()).await;
+    let channel = server.channel().await;
+    setup_tenant(&channel, "t1").await;
+    CampaignServiceClient::new(channel.clone())
+        .create_campaign(promotion::CreateCampaignRequest {
+            campaign: Some(half_off("t1", "first2", 2)),
+            actor: None,
+        })
+        .await
+        .unwrap();
+    let mut pos = Pos::new(&channel, &channel);
+    let (member, card) = pos.member_with_card("t1", "+77015550202").await;
+    let boots = |i: usize| {
+        receipt(
+            "t1",
+            &format!("M-{i}"),
+            Some(&card),
+            vec![line("1", "boots", "1", "100.00", false)],
+        )
+    };
+    let mut first = Vec::new();
+    for i in 0..3 {
+        first.push(pos.commit(boots(i)).await.unwrap());
+    }
+    let discounted = |r: &promotion::CommitResponse| discount(r.evaluation.as_ref().unwrap());
+    assert_eq!(first.iter().filter(|r| discounted(r) == "50.00").count(), 2);
+    let points = pos.balance("t1", &member).await.active;
+    assert_eq!(server.stop().await, 0);
+
+    let out = command(
+        &[
+            "copy-promotion".into(),
+            "--data-dir".into(),
+            dir.path().display().to_string(),
+        ],
+        &[("LOYALTY_STORAGE__REDIS__URL".into(), redis.url())],
+    )
+    .output()
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("1 tenants, 3 purchases, 1 campaigns"),
+        "{said}"
+    );
+
+    let server = Server::start(
+        Launch::dev()
+            .env("LOYALTY_PROMOTION__STORE", "redis")
+            .env("LOYALTY_STORAGE__REDIS__URL", &redis.url()),
+        dir.path(),
+    )
+    .await;
+    let channel = server.channel().await;
+    let mut pos = Pos::new(&channel, &channel);
+    // A retry gets the stored reply; the budget of two is used up; a refund finds its receipt.
+    let again = pos.commit(boots(0)).await.unwrap();
+    assert_eq!(again.evaluation, first[0].evaluation);
+    let next = pos.commit(boots(3)).await.unwrap();
+    assert_eq!(
+        discounted(&next),
+        "0",
+        "the copied budget counts the two uses"
+    );
+    pos.refund("t1", "M-1", "r1", &[("1", "1")]).await.unwrap();
+    // M-3 accrued 1% of 100.00; the refund of M-1 (paid 50.00) took its 0.50 back.
+    assert_eq!(pos.balance("t1", &member).await.active, points + 100 - 50);
+    assert_eq!(server.stop().await, 0);
 }

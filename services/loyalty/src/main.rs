@@ -100,6 +100,14 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Copies promotion's state (programs, catalog, campaigns with their history, coupons,
+    /// counters, purchases) from --data-dir's `promotion.redb` into the Redis of
+    /// `storage.redis`, for a move to `promotion.store = "redis"`. Promotion must be stopped;
+    /// refuses a Redis that already holds promotion data.
+    CopyPromotion {
+        #[command(flatten)]
+        common: Common,
+    },
     /// Creates an API key and prints it (shown only now). With --addr, asks a running
     /// identity service, presenting `auth.service_key`; otherwise writes into --data-dir's
     /// identity store (the server must be stopped). `--role service` prints a fresh
@@ -296,6 +304,30 @@ async fn run(cli: Cli) -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("loyalty rebuild-segmentation: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::CopyPromotion { common } => {
+            let config = match load_config(&common) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            return match rebuild::copy_promotion(&config).await {
+                Ok(c) => {
+                    eprintln!(
+                        "promotion copied from {} to Redis: {} tenants, {} purchases, {} campaigns, {} coupons ({} rows)",
+                        config.data_dir.display(),
+                        c.tenants,
+                        c.purchases,
+                        c.campaigns,
+                        c.coupons,
+                        c.rows
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("loyalty copy-promotion: {e:#}");
                     ExitCode::FAILURE
                 }
             };

@@ -444,3 +444,25 @@ async fn replay(sources: &Sources, into: &mut dyn Sink) -> anyhow::Result<Rebuil
     }
     Ok(done)
 }
+
+/// `loyalty copy-promotion`: everything in --data-dir's `promotion.redb` (server stopped)
+/// into the Redis of `storage.redis`.
+pub async fn copy_promotion(
+    config: &Config,
+) -> anyhow::Result<loyalty_promotion::store::redis::Copied> {
+    use loyalty_promotion::store::redis::RedisPromotionStore;
+    let from = open(
+        &config.data_dir,
+        "promotion.redb",
+        EmbeddedPromotionStore::open,
+    )?;
+    let redis = &config.storage.redis;
+    let to = if redis.cluster_nodes.is_empty() {
+        RedisPromotionStore::connect(&redis.url)
+            .context("bad configuration: `storage.redis.url`")?
+    } else {
+        RedisPromotionStore::connect_cluster(&redis.cluster_nodes)
+            .context("bad configuration: `storage.redis.cluster_nodes`")?
+    };
+    Ok(to.copy_from(&from).await?)
+}

@@ -123,6 +123,70 @@ fn read_counter(txn: &redb::ReadTransaction, tenant_id: &str, name: &str) -> Res
     })
 }
 
+/// The tables of the embedded store, for copying them elsewhere (`loyalty copy-promotion`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    Programs,
+    Stores,
+    Products,
+    Purchases,
+    MemberPurchases,
+    Unsettled,
+    Merged,
+    Campaigns,
+    CampaignHistory,
+    Groups,
+    Coupons,
+    CouponBatches,
+    CampaignVersions,
+    Counters,
+}
+
+impl Table {
+    pub const ALL: [Table; 14] = [
+        Table::Programs,
+        Table::Stores,
+        Table::Products,
+        Table::Purchases,
+        Table::MemberPurchases,
+        Table::Unsettled,
+        Table::Merged,
+        Table::Campaigns,
+        Table::CampaignHistory,
+        Table::Groups,
+        Table::Coupons,
+        Table::CouponBatches,
+        Table::CampaignVersions,
+        Table::Counters,
+    ];
+
+    fn records(self) -> Option<Records> {
+        Some(match self {
+            Table::Programs => PROGRAMS,
+            Table::Stores => STORES,
+            Table::Products => PRODUCTS,
+            Table::Purchases => PURCHASES,
+            Table::MemberPurchases => MEMBER_PURCHASES,
+            Table::Unsettled => PENDING,
+            Table::Merged => MERGED,
+            Table::Campaigns => CAMPAIGNS,
+            Table::CampaignHistory => CAMPAIGN_HISTORY,
+            Table::Groups => GROUPS,
+            Table::Coupons => COUPONS,
+            Table::CouponBatches => COUPON_BATCHES,
+            Table::CampaignVersions | Table::Counters => return None,
+        })
+    }
+}
+
+/// One stored row: its key's parts (as the table orders them) and its value: the stored
+/// bytes, or a number's decimal text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    pub key: Vec<String>,
+    pub value: Vec<u8>,
+}
+
 #[derive(Debug, Clone)]
 pub struct EmbeddedPromotionStore {
     db: EmbeddedDb,
@@ -189,6 +253,71 @@ impl EmbeddedPromotionStore {
                     }
                 }
                 Ok(out)
+            })
+            .await
+    }
+}
+
+impl EmbeddedPromotionStore {
+    /// Rows of `table` in key order after the row whose raw key is `after`, at most `limit`;
+    /// with the raw key of the last, to continue from.
+    pub async fn rows(
+        &self,
+        table: Table,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<(Vec<Row>, Option<String>)> {
+        fn range<'a, V: redb::Value + 'static>(
+            t: &'a impl ReadableTable<&'static str, V>,
+            after: &'a Option<String>,
+        ) -> Result<redb::Range<'a, &'static str, V>> {
+            match after {
+                Some(a) => t.range::<&str>((Bound::Excluded(a.as_str()), Bound::Unbounded)),
+                None => t.range::<&str>(..),
+            }
+            .map_err(e)
+        }
+        fn split(k: &str) -> Vec<String> {
+            k.split('\0').map(str::to_string).collect()
+        }
+        self.db
+            .read(move |txn| {
+                let mut out = Vec::new();
+                let mut last = None;
+                let mut push = |k: &str, value: Vec<u8>| {
+                    out.push(Row {
+                        key: split(k),
+                        value,
+                    });
+                    last = Some(k.to_string());
+                };
+                match table.records() {
+                    Some(records) => {
+                        if let Some(t) = open_for_read(txn, records)? {
+                            for item in range(&t, &after)?.take(limit) {
+                                let (k, v) = item.map_err(e)?;
+                                push(k.value(), v.value().to_vec());
+                            }
+                        }
+                    }
+                    None if table == Table::CampaignVersions => {
+                        if let Some(t) = open_for_read(txn, CAMPAIGN_VERSIONS)? {
+                            for item in range(&t, &after)?.take(limit) {
+                                let (k, v) = item.map_err(e)?;
+                                push(k.value(), v.value().to_string().into_bytes());
+                            }
+                        }
+                    }
+                    None => {
+                        if let Some(t) = open_for_read(txn, COUNTERS)? {
+                            for item in range(&t, &after)?.take(limit) {
+                                let (k, v) = item.map_err(e)?;
+                                push(k.value(), v.value().to_string().into_bytes());
+                            }
+                        }
+                    }
+                }
+                Ok((out, last))
             })
             .await
     }

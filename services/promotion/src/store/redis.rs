@@ -24,6 +24,7 @@ use loyalty_platform::redis_conn::RedisConn;
 use redis::{Script, Value};
 use serde::de::DeserializeOwned;
 
+use super::embedded::{EmbeddedPromotionStore, Row, Table};
 use super::{CheckoutContext, PromotionStore, Put, Unsettled};
 use crate::campaign::{Campaign, Coupon, StackingGroup};
 use crate::catalog::{Product, Store};
@@ -434,6 +435,246 @@ struct Save<'a> {
     encoded: Vec<u8>,
     /// A campaign keeps its history and bumps its tenant's campaigns version: those keys.
     history: Option<(String, String)>,
+}
+
+/// What [`RedisPromotionStore::copy_from`] copied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Copied {
+    pub tenants: usize,
+    pub purchases: u64,
+    pub campaigns: u64,
+    pub coupons: u64,
+    /// Every row of every table.
+    pub rows: u64,
+}
+
+impl RedisPromotionStore {
+    /// Copies everything the embedded store `from` holds (a promotion moving from
+    /// `promotion.store = "embedded"` to `"redis"`; nothing may write to either meanwhile).
+    /// Refuses, writing nothing, when this Redis already holds promotion data.
+    pub async fn copy_from(&self, from: &EmbeddedPromotionStore) -> Result<Copied> {
+        const PAGE: usize = 500;
+        let held: i64 = self.query(redis::cmd("SCARD").arg(TENANTS)).await?;
+        let mut tenants = std::collections::BTreeSet::new();
+        let mut after = None;
+        loop {
+            let (rows, last) = from.rows(Table::Programs, after, PAGE).await?;
+            for row in &rows {
+                tenants.insert(row.key[0].clone());
+            }
+            match last {
+                Some(l) if rows.len() == PAGE => after = Some(l),
+                _ => break,
+            }
+        }
+        let mut taken = Vec::new();
+        for tenant in &tenants {
+            let keys = Keys::of(tenant);
+            let n: i64 = self
+                .query(redis::cmd("EXISTS").arg(keys.k("prog")).arg(keys.k("camp")))
+                .await?;
+            if n > 0 {
+                taken.push(tenant.clone());
+            }
+        }
+        if held > 0 || !taken.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "this Redis already holds promotion data ({held} tenants with purchases; programs or campaigns of {taken:?}): copy into an empty one"
+            )));
+        }
+        let mut copied = Copied {
+            tenants: tenants.len(),
+            ..Copied::default()
+        };
+        for table in Table::ALL {
+            let mut after = None;
+            loop {
+                let (rows, last) = from.rows(table, after, PAGE).await?;
+                // Rows of one tenant share a slot; the pipeline is sent as is on one Redis
+                // and split by slot on a cluster. Nothing reads the target meanwhile.
+                let mut pipe = redis::pipe();
+                let mut purchase_tenants = std::collections::BTreeSet::new();
+                for row in &rows {
+                    copied.rows += 1;
+                    copy_row(&mut pipe, table, row, &mut copied, &mut purchase_tenants)?;
+                }
+                for tenant in purchase_tenants {
+                    self.register_tenant(&tenant).await?;
+                }
+                if !rows.is_empty() {
+                    self.atomically::<()>(&pipe).await?;
+                }
+                match last {
+                    Some(l) if rows.len() == PAGE => after = Some(l),
+                    _ => break,
+                }
+            }
+        }
+        Ok(copied)
+    }
+}
+
+/// The commands that write one embedded row where this store keeps it.
+fn copy_row(
+    pipe: &mut redis::Pipeline,
+    table: Table,
+    row: &Row,
+    copied: &mut Copied,
+    purchase_tenants: &mut std::collections::BTreeSet<String>,
+) -> Result<()> {
+    let part = |i: usize| -> Result<&str> {
+        row.key.get(i).map(String::as_str).ok_or_else(|| {
+            Error::internal(anyhow::anyhow!(
+                "a {table:?} row has a short key {:?}",
+                row.key
+            ))
+        })
+    };
+    let keys = Keys::of(part(0)?);
+    let bytes = row.value.as_slice();
+    let text = || String::from_utf8_lossy(bytes).into_owned();
+    match table {
+        Table::Programs => {
+            let program: Program = decode(bytes)?;
+            pipe.cmd("HSET")
+                .arg(keys.k("prog"))
+                .arg("")
+                .arg(bytes)
+                .ignore();
+            pipe.cmd("HSET")
+                .arg(keys.k("progv"))
+                .arg("")
+                .arg(program.version)
+                .ignore();
+        }
+        Table::Stores | Table::Products => {
+            let name = if table == Table::Stores {
+                "stores"
+            } else {
+                "products"
+            };
+            let id = part(1)?;
+            pipe.cmd("ZADD")
+                .arg(keys.k(&format!("{name}:ids")))
+                .arg(0)
+                .arg(id)
+                .ignore();
+            pipe.cmd("HSET")
+                .arg(keys.k(name))
+                .arg(id)
+                .arg(bytes)
+                .ignore();
+        }
+        Table::Purchases => {
+            let purchase: Purchase = decode(bytes)?;
+            let receipt = part(1)?;
+            pipe.cmd("HSET")
+                .arg(keys.k("pur"))
+                .arg(receipt)
+                .arg(pack_purchase(&purchase)?)
+                .ignore();
+            pipe.cmd("HSET")
+                .arg(keys.k("purv"))
+                .arg(receipt)
+                .arg(purchase.version)
+                .ignore();
+            pipe.cmd("ZADD")
+                .arg(keys.k("pids"))
+                .arg(0)
+                .arg(receipt)
+                .ignore();
+            purchase_tenants.insert(part(0)?.to_string());
+            copied.purchases += 1;
+        }
+        Table::MemberPurchases => {
+            pipe.cmd("ZADD")
+                .arg(keys.history(part(1)?))
+                .arg(0)
+                .arg(part(2)?)
+                .ignore();
+        }
+        Table::Unsettled => {
+            // (since, tenant, receipt): the tenant comes second here.
+            let keys = Keys::of(part(1)?);
+            let since: Millis = part(0)?.parse().map_err(Error::internal)?;
+            let receipt = part(2)?;
+            let entry = unsettled_entry(since, receipt);
+            pipe.cmd("ZADD")
+                .arg(keys.k("uns"))
+                .arg(0)
+                .arg(&entry)
+                .ignore();
+            pipe.cmd("HSET")
+                .arg(keys.k("unsr"))
+                .arg(receipt)
+                .arg(&entry)
+                .ignore();
+        }
+        Table::Merged => {
+            let into: String = decode(bytes)?;
+            pipe.cmd("HSET")
+                .arg(keys.k("merged"))
+                .arg(part(1)?)
+                .arg(into)
+                .ignore();
+        }
+        Table::Campaigns => {
+            let campaign: Campaign = decode(bytes)?;
+            let id = part(1)?;
+            pipe.cmd("HSET")
+                .arg(keys.k("camp"))
+                .arg(id)
+                .arg(bytes)
+                .ignore();
+            pipe.cmd("HSET")
+                .arg(keys.k("campv"))
+                .arg(id)
+                .arg(campaign.version)
+                .ignore();
+            copied.campaigns += 1;
+        }
+        Table::CampaignHistory => {
+            let version: i64 = part(2)?.parse().map_err(Error::internal)?;
+            pipe.cmd("ZADD")
+                .arg(keys.k(&format!("camph:{}", part(1)?)))
+                .arg(version)
+                .arg(bytes)
+                .ignore();
+        }
+        Table::Groups => {
+            pipe.cmd("HSET")
+                .arg(keys.k("groups"))
+                .arg(part(1)?)
+                .arg(bytes)
+                .ignore();
+        }
+        Table::Coupons => {
+            pipe.cmd("HSET")
+                .arg(keys.k("coupons"))
+                .arg(part(1)?)
+                .arg(bytes)
+                .ignore();
+            copied.coupons += 1;
+        }
+        Table::CouponBatches => {
+            pipe.cmd("HSET")
+                .arg(keys.k("cbatch"))
+                .arg(part(1)?)
+                .arg(bytes)
+                .ignore();
+        }
+        Table::CampaignVersions => {
+            pipe.cmd("SET").arg(keys.k("cver")).arg(text()).ignore();
+        }
+        Table::Counters => {
+            pipe.cmd("HSET")
+                .arg(keys.k("ctr"))
+                .arg(part(1)?)
+                .arg(text())
+                .ignore();
+        }
+    }
+    Ok(())
 }
 
 #[async_trait::async_trait]
@@ -943,6 +1184,93 @@ mod tests {
         let a = RedisPromotionStore::connect(&server.url()).unwrap();
         let b = RedisPromotionStore::connect(&server.url()).unwrap();
         super::super::conformance::racing_claims(&[&a, &b]).await;
+    }
+
+    /// Everything the conformance suite leaves in an embedded store, copied, reads back the
+    /// same from Redis through every listing of the trait; a second copy is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_of_the_embedded_store_reads_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = EmbeddedPromotionStore::open(&dir.path().join("promotion.redb")).unwrap();
+        super::super::conformance::run_all(&from).await;
+        let server = RedisServer::start().unwrap();
+        let to = RedisPromotionStore::connect(&server.url()).unwrap();
+        let copied = to.copy_from(&from).await.unwrap();
+        assert!(
+            copied.purchases >= 20 && copied.campaigns > 0 && copied.coupons > 0,
+            "{copied:?}"
+        );
+        assert_same(&from, &to).await;
+        let err = to.copy_from(&from).await.unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+    }
+
+    /// Every tenant's rows of `table` in `s`.
+    async fn all_rows(s: &EmbeddedPromotionStore, table: Table) -> Vec<Row> {
+        let (rows, _) = s.rows(table, None, 100_000).await.unwrap();
+        rows
+    }
+
+    async fn assert_same(a: &EmbeddedPromotionStore, b: &RedisPromotionStore) {
+        let everything = a.purchases_after(None, 100_000).await.unwrap();
+        assert_eq!(everything, b.purchases_after(None, 100_000).await.unwrap());
+        assert_eq!(
+            a.stale_unsettled(i64::MAX, None, 1000).await.unwrap(),
+            b.stale_unsettled(i64::MAX, None, 1000).await.unwrap()
+        );
+        for row in all_rows(a, Table::MemberPurchases).await {
+            let (tenant, member) = (&row.key[0], &row.key[1]);
+            assert_eq!(
+                a.member_purchases(tenant, member, "", 1000).await.unwrap(),
+                b.member_purchases(tenant, member, "", 1000).await.unwrap(),
+                "{tenant}/{member}"
+            );
+        }
+        for row in all_rows(a, Table::Programs).await {
+            let tenant = &row.key[0];
+            assert_eq!(
+                a.program(tenant).await.unwrap(),
+                b.program(tenant).await.unwrap()
+            );
+            assert_eq!(
+                a.list_stores(tenant, "", 1000).await.unwrap(),
+                b.list_stores(tenant, "", 1000).await.unwrap()
+            );
+            assert_eq!(
+                a.list_products(tenant, "", 1000).await.unwrap(),
+                b.list_products(tenant, "", 1000).await.unwrap()
+            );
+        }
+        for row in all_rows(a, Table::CampaignVersions).await {
+            let tenant = &row.key[0];
+            let (va, ca, ga) = a.campaigns(tenant).await.unwrap();
+            let (vb, cb, gb) = b.campaigns(tenant).await.unwrap();
+            assert_eq!((va, &ca, ga), (vb, &cb, gb), "{tenant}");
+            for c in &ca {
+                assert_eq!(
+                    a.campaign_versions(tenant, &c.campaign_id, 0, 100)
+                        .await
+                        .unwrap(),
+                    b.campaign_versions(tenant, &c.campaign_id, 0, 100)
+                        .await
+                        .unwrap()
+                );
+            }
+        }
+        for row in all_rows(a, Table::Coupons).await {
+            let (tenant, code) = (&row.key[0], &row.key[1]);
+            assert_eq!(
+                a.coupon(tenant, code).await.unwrap(),
+                b.coupon(tenant, code).await.unwrap()
+            );
+        }
+        for row in all_rows(a, Table::Counters).await {
+            let names = [row.key[1].clone()];
+            assert_eq!(
+                a.counters(&row.key[0], &names).await.unwrap(),
+                b.counters(&row.key[0], &names).await.unwrap()
+            );
+        }
     }
 
     /// The same suite on a three-node Redis Cluster: every script and `MULTI` touches one
