@@ -328,6 +328,54 @@ async fn promotion_replicas_on_redis_share_campaigns_budgets_and_receipts() {
         "{acknowledged} of 40 were acknowledged before the kill"
     );
 
+    // With authentication off, checkout's calls to balance still act as a service: they
+    // are not in the audit log as an admin's changes. An admin's adjustment is.
+    balance::balance_service_client::BalanceServiceClient::new(core_channel.clone())
+        .adjust(balance::AdjustRequest {
+            tenant_id: "t1".into(),
+            member_id: member.clone(),
+            idempotency_key: "goodwill-1".into(),
+            amount: 1,
+            actor: Some(loyalty_proto::common::v1::Actor {
+                id: "manager:anna".into(),
+                comment: "goodwill".into(),
+            }),
+        })
+        .await
+        .unwrap();
+    use loyalty_proto::reporting::v1 as reporting;
+    let mut audit = reporting::audit_service_client::AuditServiceClient::new(core_channel.clone());
+    let mut methods = Vec::new();
+    for _ in 0..200 {
+        methods = audit
+            .list_audit_records(reporting::ListAuditRecordsRequest {
+                tenant_id: "t1".into(),
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .records
+            .into_iter()
+            .map(|r| r.method)
+            .collect();
+        if methods.iter().any(|m| m.ends_with("/Adjust")) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        methods.iter().any(|m| m.ends_with("/Adjust")),
+        "{methods:?}"
+    );
+    assert!(
+        !methods
+            .iter()
+            .any(|m| m.contains("BalanceService/") && !m.ends_with("/Adjust")),
+        "{methods:?}"
+    );
+
     for r in replicas {
         assert_eq!(r.stop().await, 0);
     }

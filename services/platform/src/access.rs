@@ -96,6 +96,14 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// One of our processes calling with authentication off ([`PEER_HEADER`]).
+    pub fn peer() -> Self {
+        Self {
+            role: Role::Service,
+            ..Self::unrestricted()
+        }
+    }
+
     /// The caller when authentication is off: anything, for any tenant.
     pub fn unrestricted() -> Self {
         Self {
@@ -108,6 +116,12 @@ impl Principal {
         }
     }
 }
+
+/// A header our own processes send with every call to a peer. With authentication off it is
+/// all that tells them from other callers (every caller is trusted then): their calls act as
+/// [`Role::Service`], so checkout's ledger operations are not audited as an admin's changes.
+/// With authentication on it means nothing; the service key decides.
+pub const PEER_HEADER: &str = "x-loyalty-peer";
 
 /// The RPCs that manage API keys: audited for service callers too.
 const KEY_MANAGEMENT: &str = "/loyalty.identity.v1.AccessService/";
@@ -410,8 +424,13 @@ impl Gate {
             return Ok(None);
         };
         let Some(verifier) = &self.verifier else {
+            let principal = if headers.contains_key(PEER_HEADER) {
+                Principal::peer()
+            } else {
+                Principal::unrestricted()
+            };
             return Ok(Some(Admitted {
-                principal: Principal::unrestricted(),
+                principal,
                 checks: None,
                 rule,
             }));
@@ -799,6 +818,21 @@ mod tests {
         async fn verify_certified(&self, key_id: &str) -> Result<Option<Principal>> {
             self.verify(key_id).await
         }
+    }
+
+    /// With authentication off, our processes' calls act as a service and everyone else's as
+    /// an admin.
+    #[tokio::test]
+    async fn an_open_gate_tells_our_peers_from_other_callers() {
+        let gate = Gate::open(Policy::loyalty().unwrap());
+        let path = "/loyalty.balance.v1.BalanceService/Accrue";
+        let mut headers = http::HeaderMap::new();
+        let admitted = gate.admit(path, &headers, None).await.unwrap().unwrap();
+        assert_eq!(admitted.principal, Principal::unrestricted());
+        headers.insert(PEER_HEADER, http::HeaderValue::from_static("1"));
+        let admitted = gate.admit(path, &headers, None).await.unwrap().unwrap();
+        assert_eq!(admitted.principal.role, Role::Service);
+        assert!(admitted.principal.all_tenants);
     }
 
     #[tokio::test]

@@ -328,7 +328,8 @@ impl<S> tower::Layer<S> for ClientTraceLayer {
     }
 }
 
-/// See [`ClientTraceLayer`]. Also presents this process's service key, when it has one.
+/// See [`ClientTraceLayer`]. Also presents this process's service key, when it has one, and
+/// [`crate::access::PEER_HEADER`].
 #[derive(Clone)]
 pub struct ClientTrace<S> {
     inner: S,
@@ -383,6 +384,10 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        request.headers_mut().insert(
+            crate::access::PEER_HEADER,
+            http::HeaderValue::from_static("1"),
+        );
         if let Some(key) = &self.authorization {
             request
                 .headers_mut()
