@@ -26,6 +26,7 @@ use loyalty_platform::config::{Backend, BalanceSettings, Config};
 use loyalty_platform::events::redis::RedisEventLog;
 use loyalty_platform::events::{EmbeddedEventLog, SharedEventLog};
 use loyalty_platform::server::{HealthCheck, HealthEntry};
+use loyalty_platform::tasks::supervise;
 use loyalty_promotion::actions::ActionBonuses;
 use loyalty_promotion::ports::{Members, NoSegments, Points, Segments};
 use loyalty_promotion::publish::LogEvents;
@@ -451,30 +452,41 @@ pub async fn build(
                 log.ping().await.map_err(|e| format!("event stream: {e}"))
             }
         }));
-        tokio::spawn(loyalty_segmentation::consumer::evaluate_at_start(
-            segmentation.clone(),
-        ));
+        let s = segmentation.clone();
+        supervise("segmentation-evaluate-at-start", move || {
+            loyalty_segmentation::consumer::evaluate_at_start(s.clone())
+        });
+        let consumer = consumer_name();
         for stream in loyalty_segmentation::consumer::STREAMS {
-            tokio::spawn(loyalty_segmentation::consumer::run(
-                segmentation.clone(),
-                log.clone(),
-                stream,
-                consumer_name(),
-            ));
+            let (s, log, consumer) = (segmentation.clone(), log.clone(), consumer.clone());
+            supervise("segmentation-consumer", move || {
+                loyalty_segmentation::consumer::run(
+                    s.clone(),
+                    log.clone(),
+                    stream,
+                    consumer.clone(),
+                )
+            });
         }
         let rfm_every = config.segmentation.rfm_interval_ms;
         if rfm_every > 0 {
-            tokio::spawn(loyalty_segmentation::consumer::schedule_rfm(
-                segmentation.clone(),
-                std::time::Duration::from_millis(rfm_every),
-            ));
+            let s = segmentation.clone();
+            supervise("segmentation-rfm", move || {
+                loyalty_segmentation::consumer::schedule_rfm(
+                    s.clone(),
+                    std::time::Duration::from_millis(rfm_every),
+                )
+            });
         }
         let every = config.segmentation.reevaluate_interval_ms;
         if every > 0 {
-            tokio::spawn(loyalty_segmentation::consumer::schedule(
-                segmentation.clone(),
-                std::time::Duration::from_millis(every),
-            ));
+            let s = segmentation.clone();
+            supervise("segmentation-reevaluate", move || {
+                loyalty_segmentation::consumer::schedule(
+                    s.clone(),
+                    std::time::Duration::from_millis(every),
+                )
+            });
         }
         let scrubbed = segmentation.clone();
         spawn_scrub(config.segmentation.scrub_interval_secs, move || {
@@ -535,11 +547,11 @@ pub async fn build(
         );
         let admin = Admin::new(store.clone(), segments, clock.clone());
         // Registration, questionnaire and referral bonuses, from the member stream.
-        tokio::spawn(loyalty_promotion::consume::run(
-            ActionBonuses::new(store.clone(), points.clone(), clock.clone()),
-            log.clone(),
-            consumer_name(),
-        ));
+        let bonuses = ActionBonuses::new(store.clone(), points.clone(), clock.clone());
+        let (bonus_log, consumer) = (log.clone(), consumer_name());
+        supervise("promotion-action-bonuses", move || {
+            loyalty_promotion::consume::run(bonuses.clone(), bonus_log.clone(), consumer.clone())
+        });
         routes = loyalty_promotion::grpc::add_routes(routes, checkout.clone(), admin.clone(), max);
         // Checkout cannot serve without its store and both peers.
         health.push(entry(loyalty_promotion::grpc::SERVICE_NAMES, move || {
@@ -603,19 +615,17 @@ pub async fn build(
                 log.ping().await.map_err(|e| format!("event stream: {e}"))
             }
         }));
+        let consumer = consumer_name();
         for stream in loyalty_reporting::consumer::STREAMS {
-            tokio::spawn(loyalty_reporting::consumer::run(
-                reporting.clone(),
-                log.clone(),
-                stream,
-                consumer_name(),
-            ));
+            let (r, log, consumer) = (reporting.clone(), log.clone(), consumer.clone());
+            supervise("reporting-consumer", move || {
+                loyalty_reporting::consumer::run(r.clone(), log.clone(), stream, consumer.clone())
+            });
         }
-        tokio::spawn(loyalty_reporting::consumer::run_audit(
-            reporting.clone(),
-            log.clone(),
-            consumer_name(),
-        ));
+        let (r, audit_log) = (reporting.clone(), log.clone());
+        supervise("reporting-audit-consumer", move || {
+            loyalty_reporting::consumer::run_audit(r.clone(), audit_log.clone(), consumer.clone())
+        });
     }
 
     let audit = AuditLog::new(events)?;
@@ -706,17 +716,20 @@ pub fn spawn_commit_repair(checkout: Checkout) {
     const EVERY: std::time::Duration = std::time::Duration::from_secs(30);
     const AGE_MS: i64 = 60_000;
     const BATCH: usize = 1_000;
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            match checkout.repair_stale(AGE_MS, BATCH).await {
-                Ok(0) => {}
-                Ok(n) => {
-                    tracing::info!(receipts = n, "finished commits their callers left pending")
+    supervise("promotion-commit-repair", move || {
+        let checkout = checkout.clone();
+        async move {
+            let mut tick = tokio::time::interval(EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match checkout.repair_stale(AGE_MS, BATCH).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(receipts = n, "finished commits their callers left pending")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "finishing pending commits could not run"),
                 }
-                Err(e) => tracing::warn!(error = %e, "finishing pending commits could not run"),
             }
         }
     });
@@ -726,20 +739,25 @@ pub fn spawn_commit_repair(checkout: Checkout) {
 /// space) every `interval_secs`, and once at start. Safe on every replica.
 pub fn spawn_scrub<F, Fut>(interval_secs: u64, scrub: F)
 where
-    F: Fn() -> Fut + Send + 'static,
+    F: Fn() -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<bool, (loyalty_platform::error::Error, &'static str)>>
-        + Send,
+        + Send
+        + 'static,
 {
     if interval_secs == 0 {
         return;
     }
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(interval_secs));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            if let Err((e, store)) = scrub().await {
-                tracing::warn!(error = %e, store, "the scrub of erased personal data could not run");
+    let scrub = Arc::new(scrub);
+    supervise("scrub", move || {
+        let scrub = scrub.clone();
+        async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(interval_secs));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err((e, store)) = scrub().await {
+                    tracing::warn!(error = %e, store, "the scrub of erased personal data could not run");
+                }
             }
         }
     });
@@ -751,24 +769,27 @@ pub fn spawn_expiry(balance: Balance, settings: &BalanceSettings) {
     }
     let interval = std::time::Duration::from_millis(settings.expiry_interval_ms);
     let batch = settings.expiry_batch;
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            // A full batch means more may be due: go again at once.
+    supervise("balance-expiry", move || {
+        let balance = balance.clone();
+        async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                match balance.expire_due(batch).await {
-                    Ok(n) if n == batch => continue,
-                    Ok(n) => {
-                        if n > 0 {
-                            tracing::info!(members = n, "expired points and released holds");
+                tick.tick().await;
+                // A full batch means more may be due: go again at once.
+                loop {
+                    match balance.expire_due(batch).await {
+                        Ok(n) if n == batch => continue,
+                        Ok(n) => {
+                            if n > 0 {
+                                tracing::info!(members = n, "expired points and released holds");
+                            }
+                            break;
                         }
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "the expiry process could not run");
-                        break;
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the expiry process could not run");
+                            break;
+                        }
                     }
                 }
             }

@@ -17,6 +17,7 @@ pub mod replay;
 pub mod rfm;
 pub mod scylla;
 pub mod server;
+pub mod tasks;
 pub mod telemetry;
 pub mod tls;
 pub mod types;
