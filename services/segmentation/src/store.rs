@@ -1,5 +1,7 @@
 //! What the segmentation core needs from storage.
 
+#[cfg(test)]
+pub mod conformance;
 pub mod embedded;
 pub mod traced;
 

@@ -732,3 +732,15 @@ impl SegmentationStore for EmbeddedSegmentationStore {
         self.db.ping().await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedSegmentationStore::open(&dir.path().join("s.redb")).unwrap();
+        super::super::conformance::run_all(&store).await;
+    }
+}
