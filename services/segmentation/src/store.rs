@@ -3,6 +3,7 @@
 #[cfg(test)]
 pub mod conformance;
 pub mod embedded;
+pub mod redis;
 pub mod traced;
 
 use loyalty_platform::clock::Millis;

@@ -83,7 +83,42 @@ pub async fn run_all(s: &dyn SegmentationStore) {
     rfm_runs(s).await;
     tenants_are_listed(s).await;
     clearing_features_keeps_segments(s).await;
+    racing_writers(&[s]).await;
     s.ping().await.unwrap();
+}
+
+/// 40 purchases of one member applied at once through `stores` (handles on one storage, as
+/// replicas hold), with a re-evaluation racing them: none is lost, and the member ends in
+/// the segment its features say.
+pub async fn racing_writers(stores: &[&dyn SegmentationStore]) {
+    let big = dynamic("race", "big", "purchase_count_total >= 40", 1, T0);
+    assert!(stores[0].put_segment(big.clone(), None).await.unwrap());
+    let writes = (0..40).map(|i| {
+        let s = stores[i % stores.len()];
+        let rules = book("race", vec![rule(&big)]);
+        async move {
+            let change = purchase("race", &format!("p{i}"), "m1", T0, 1);
+            s.apply_changes(vec![change], rules, T0).await.unwrap()
+        }
+    });
+    let evaluations = (0..4).map(|i| {
+        let s = stores[i % stores.len()];
+        let rules = vec![rule(&big)];
+        async move { s.evaluate_page("race", "", 10, rules, T0).await.unwrap().1 }
+    });
+    let (applied, _) = futures_util::future::join(
+        futures_util::future::join_all(writes),
+        futures_util::future::join_all(evaluations),
+    )
+    .await;
+    assert_eq!(applied.iter().sum::<usize>(), 40);
+    let f = stores[0].features("race", "m1").await.unwrap().unwrap();
+    assert_eq!(f.total.count, 40, "no purchase lost");
+    assert_eq!(
+        stores[0].member_segments("race", "m1").await.unwrap(),
+        ["big"]
+    );
+    assert_eq!(stores[0].count("race", "big").await.unwrap(), 1);
 }
 
 /// An event applies once: a redelivery, alone or inside a later batch, changes nothing.

@@ -1,0 +1,976 @@
+//! The segmentation store on Redis, shared by every segmentation replica.
+//!
+//! All of a tenant's keys share one hash tag (one slot of a cluster). A member changes in
+//! one script (`member.lua`) that checks the member is still at the version the caller read
+//! (every change of its features or memberships moves it on), then records the events'
+//! ids, writes the features and sets the membership flags with their history. The caller
+//! reads the member, applies the events and evaluates the rules in Rust, and reads again
+//! when another writer got in between, so two replicas consuming one stream, or a
+//! re-evaluation beside the consumer, never lose each other's changes. A flag is written only
+//! while its segment is at the version its rule was compiled from. See ARCHITECTURE.md,
+//! "Segmentation on Redis".
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use loyalty_platform::clock::Millis;
+use loyalty_platform::embedded::{decode, encode};
+use loyalty_platform::error::{Error, Result};
+use loyalty_platform::redis_conn::RedisConn;
+use redis::{Script, Value};
+
+use super::{
+    Change, DEDUP_WINDOW_MS, FeatureChange, MAX_SEGMENTS, MembershipChange, RfmRun, Rule, RuleBook,
+    SegmentDef, SegmentationStore,
+};
+use crate::expr::Context;
+use crate::features::Features;
+use crate::rfm::Score;
+
+/// Tenants with segments, and tenants with member features (each its own key).
+const TENANTS_WITH_SEGMENTS: &str = "ls:tenants:segments";
+const TENANTS_WITH_FEATURES: &str = "ls:tenants:features";
+/// Set while an erasure's replaced data may still be in the append-only file.
+const SCRUB_PENDING: &str = "ls:scrub";
+/// What a segment's version reads while the segment is being deleted: no rule matches it.
+const DELETING: &str = "deleting";
+/// How often one member's change is read and tried again when another writer got in.
+const MAX_ATTEMPTS: usize = 32;
+/// Members changed at once.
+const CONCURRENCY: usize = 16;
+/// Members taken out of a deleted segment per script call.
+const LEAVE_CHUNK: usize = 200;
+
+fn padded(ms: Millis) -> String {
+    format!("{:020}", ms.max(0))
+}
+
+/// A segment's version and update time as the scripts compare them.
+fn stamp(version: i64, update_time: Millis) -> String {
+    format!("{version}:{update_time}")
+}
+
+struct Keys {
+    p: String,
+}
+
+impl Keys {
+    /// The tag holds the tenant's length, so every key of a tenant has one tag whatever the
+    /// id contains.
+    fn of(tenant: &str) -> Self {
+        Self {
+            p: format!("ls:{{{}:{tenant}}}", tenant.len()),
+        }
+    }
+    fn k(&self, name: &str) -> String {
+        format!("{}:{name}", self.p)
+    }
+    fn segments_of(&self, member: &str) -> String {
+        format!("{}:ms:{member}", self.p)
+    }
+    fn history_of(&self, member: &str) -> String {
+        format!("{}:h:{member}", self.p)
+    }
+    fn members_of(&self, segment: &str) -> String {
+        format!("{}:sm:{segment}", self.p)
+    }
+    fn rfm(&self, generation: u64) -> String {
+        format!("{}:rfm:{generation}", self.p)
+    }
+}
+
+fn redis_error(e: redis::RedisError) -> Error {
+    const PASSING: &[&str] = &[
+        "OOM",
+        "READONLY",
+        "LOADING",
+        "MASTERDOWN",
+        "BUSY",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+    ];
+    if e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_cluster_error()
+        || e.code().is_some_and(|c| PASSING.contains(&c))
+    {
+        return Error::Unavailable(format!("segmentation store (redis): {e}"));
+    }
+    Error::internal(anyhow::anyhow!("segmentation store (redis): {e}"))
+}
+
+fn lex_after(after: &str) -> String {
+    if after.is_empty() {
+        "-".into()
+    } else {
+        format!("({after}")
+    }
+}
+
+/// One member's work in a write: its new events and the rules to evaluate it against.
+struct MemberWork {
+    tenant: String,
+    member: String,
+    /// Its changes in batch order (an id twice in the batch counts once).
+    changes: Vec<FeatureChange>,
+    /// The rules to evaluate; `None`: none at all (a ledger entry no rule reads).
+    rules: Option<Vec<Rule>>,
+}
+
+/// What a member's write did.
+#[derive(Default)]
+struct Done {
+    new: usize,
+    changed: usize,
+    erased: bool,
+}
+
+#[derive(Clone)]
+pub struct RedisSegmentationStore {
+    redis: RedisConn,
+    member: Script,
+    segment: Script,
+    leave: Script,
+    mark: Script,
+    forget: Script,
+    publish: Script,
+    /// Tenants this process already added to [`TENANTS_WITH_FEATURES`].
+    known: Arc<Mutex<HashSet<String>>>,
+}
+
+impl std::fmt::Debug for RedisSegmentationStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSegmentationStore")
+            .field("redis", &self.redis)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisSegmentationStore {
+    /// One multiplexed connection to the Redis at `url`, opened on first use.
+    pub fn connect(url: &str) -> anyhow::Result<Self> {
+        Ok(Self::with(RedisConn::single(url, Duration::from_secs(2))?))
+    }
+
+    /// One multiplexed connection per node of the Redis Cluster seeded by `nodes`.
+    pub fn connect_cluster(nodes: &[String]) -> anyhow::Result<Self> {
+        Ok(Self::with(RedisConn::cluster(
+            nodes,
+            Duration::from_secs(2),
+        )?))
+    }
+
+    fn with(redis: RedisConn) -> Self {
+        Self {
+            redis,
+            member: Script::new(include_str!("redis/member.lua")),
+            segment: Script::new(include_str!("redis/segment.lua")),
+            leave: Script::new(include_str!("redis/leave.lua")),
+            mark: Script::new(include_str!("redis/mark.lua")),
+            forget: Script::new(include_str!("redis/forget.lua")),
+            publish: Script::new(include_str!("redis/publish.lua")),
+            known: Arc::new(Mutex::new(HashSet::new())),
+        }
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
+        cmd.query_async(&mut self.redis.clone())
+            .await
+            .map_err(redis_error)
+    }
+
+    async fn pipeline<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T> {
+        pipe.query_async(&mut self.redis.clone())
+            .await
+            .map_err(redis_error)
+    }
+
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T> {
+        invocation
+            .invoke_async(&mut self.redis.clone())
+            .await
+            .map_err(redis_error)
+    }
+
+    async fn register_features(&self, tenant: &str) -> Result<()> {
+        if self
+            .known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(tenant)
+        {
+            return Ok(());
+        }
+        let _: i64 = self
+            .query(redis::cmd("SADD").arg(TENANTS_WITH_FEATURES).arg(tenant))
+            .await?;
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if known.len() < 10_000 {
+            known.insert(tenant.to_string());
+        }
+        Ok(())
+    }
+
+    /// Reads one member, applies its new events, evaluates it and writes the difference;
+    /// again when another writer changed the member in between.
+    async fn change_member(&self, work: &MemberWork, now: Millis) -> Result<Done> {
+        let keys = Keys::of(&work.tenant);
+        let member = work.member.as_str();
+        let mut ids: Vec<&str> = Vec::new();
+        for c in &work.changes {
+            if !ids.contains(&c.event_id.as_str()) {
+                ids.push(&c.event_id);
+            }
+        }
+        let rule_ids: Vec<&str> = work
+            .rules
+            .iter()
+            .flatten()
+            .map(|r| r.segment_id.as_str())
+            .collect();
+        for _ in 0..MAX_ATTEMPTS {
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .cmd("HGET")
+                .arg(keys.k("mv"))
+                .arg(member)
+                .cmd("HGET")
+                .arg(keys.k("feat"))
+                .arg(member)
+                .cmd("SMEMBERS")
+                .arg(keys.segments_of(member));
+            if !ids.is_empty() {
+                pipe.cmd("HMGET").arg(keys.k("applied")).arg(&ids);
+            }
+            if !rule_ids.is_empty() {
+                pipe.cmd("HMGET").arg(keys.k("segv")).arg(&rule_ids);
+            }
+            let mut replies: std::collections::VecDeque<Value> =
+                self.pipeline::<Vec<Value>>(&pipe).await?.into();
+            let mut next = || -> Result<Value> {
+                replies
+                    .pop_front()
+                    .ok_or_else(|| Error::internal(anyhow::anyhow!("short member read")))
+            };
+            let version: Option<String> =
+                redis::from_redis_value(next()?).map_err(Error::internal)?;
+            let stored: Option<Vec<u8>> =
+                redis::from_redis_value(next()?).map_err(Error::internal)?;
+            let current: BTreeSet<String> =
+                redis::from_redis_value(next()?).map_err(Error::internal)?;
+            let applied: Vec<Option<String>> = if ids.is_empty() {
+                Vec::new()
+            } else {
+                redis::from_redis_value(next()?).map_err(Error::internal)?
+            };
+            let stamps: Vec<Option<String>> = if rule_ids.is_empty() {
+                Vec::new()
+            } else {
+                redis::from_redis_value(next()?).map_err(Error::internal)?
+            };
+
+            let mut features = match &stored {
+                Some(bytes) => Features::decode(bytes)?,
+                None => Features::default(),
+            };
+            let mut new_ids = Vec::new();
+            let mut erased = false;
+            for c in &work.changes {
+                let i = ids.iter().position(|id| *id == c.event_id).unwrap_or(0);
+                if applied.get(i).is_some_and(Option::is_some) || new_ids.contains(&ids[i]) {
+                    continue;
+                }
+                new_ids.push(ids[i]);
+                match &c.change {
+                    Change::Purchase(p) => features.apply_purchase(p),
+                    Change::Refund(r) => features.apply_refund(r),
+                    Change::Member(m) => features.apply_member(m),
+                    Change::Ledger(l) => features.apply_ledger(l),
+                    Change::Erasure(m) => {
+                        features.apply_member(m);
+                        erased = true;
+                    }
+                }
+            }
+            // The flags that change, for rules whose segment is still at their version.
+            let cx = Context { now };
+            let mut flags: Vec<(&str, bool, String)> = Vec::new();
+            for (rule, stored) in work.rules.iter().flatten().zip(&stamps) {
+                let wanted = stamp(rule.version, rule.update_time);
+                if stored.as_deref() != Some(wanted.as_str()) {
+                    continue;
+                }
+                let is_member = rule.expr.matches(&features, cx);
+                if is_member != current.contains(&rule.segment_id) {
+                    flags.push((rule.segment_id.as_str(), is_member, wanted));
+                }
+            }
+            if new_ids.is_empty() && flags.is_empty() {
+                return Ok(Done::default());
+            }
+            if !new_ids.is_empty() {
+                self.register_features(&work.tenant).await?;
+            }
+            let mut invocation = self.member.prepare_invoke();
+            for name in ["mv", "feat", "fids", "applied", "applied_t", "segv"] {
+                invocation.key(keys.k(name));
+            }
+            invocation
+                .key(keys.segments_of(member))
+                .key(keys.history_of(member));
+            for (segment, _, _) in &flags {
+                invocation.key(keys.members_of(segment));
+            }
+            let encoded = if new_ids.is_empty() {
+                Vec::new()
+            } else {
+                encode(&features)?
+            };
+            invocation
+                .arg(member)
+                .arg(version.unwrap_or_default())
+                .arg(encoded)
+                .arg(now)
+                .arg(padded(now))
+                .arg(new_ids.len());
+            for id in &new_ids {
+                invocation.arg(*id);
+            }
+            invocation.arg(flags.len());
+            for (segment, on, wanted) in &flags {
+                invocation
+                    .arg(*segment)
+                    .arg(if *on { "1" } else { "0" })
+                    .arg(wanted);
+            }
+            let answer: Vec<Value> = self.invoke(&invocation).await?;
+            let word: String = answer
+                .first()
+                .map(|v| redis::from_redis_value(v.clone()))
+                .transpose()
+                .map_err(Error::internal)?
+                .unwrap_or_default();
+            if word == "ok" {
+                let changed: usize = answer
+                    .get(1)
+                    .map(|v| redis::from_redis_value(v.clone()))
+                    .transpose()
+                    .map_err(Error::internal)?
+                    .unwrap_or(0);
+                return Ok(Done {
+                    new: new_ids.len(),
+                    changed,
+                    erased,
+                });
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "member {member} kept changing while it was written: try again"
+        )))
+    }
+
+    async fn change_all(&self, work: Vec<MemberWork>, now: Millis) -> Result<Vec<Done>> {
+        let results: Vec<Result<Done>> = futures_util::stream::iter(work)
+            .map(|w| async move { self.change_member(&w, now).await })
+            .buffered(CONCURRENCY)
+            .collect()
+            .await;
+        results.into_iter().collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl SegmentationStore for RedisSegmentationStore {
+    async fn apply_changes(
+        &self,
+        changes: Vec<FeatureChange>,
+        rules: RuleBook,
+        now: Millis,
+    ) -> Result<usize> {
+        // Each member's changes, in the order the batch names the members.
+        let mut order: Vec<(String, String)> = Vec::new();
+        let mut by_member: BTreeMap<(String, String), Vec<FeatureChange>> = BTreeMap::new();
+        for c in changes {
+            let id = (c.tenant_id.clone(), c.member_id.clone());
+            let entry = by_member.entry(id.clone()).or_default();
+            if entry.is_empty() {
+                order.push(id);
+            }
+            entry.push(c);
+        }
+        let reads_points = |r: &Rule| r.expr.reads_feature("points_total");
+        let mut work = Vec::with_capacity(order.len());
+        for id in order {
+            let changes = by_member.remove(&id).unwrap_or_default();
+            let ledger_only = changes
+                .iter()
+                .all(|c| matches!(c.change, Change::Ledger(_)));
+            let tenant_rules = rules.get(&id.0).cloned().unwrap_or_default();
+            let rules = if ledger_only {
+                let wanted: Vec<Rule> = tenant_rules.into_iter().filter(reads_points).collect();
+                (!wanted.is_empty()).then_some(wanted)
+            } else {
+                Some(tenant_rules)
+            };
+            work.push(MemberWork {
+                tenant: id.0,
+                member: id.1,
+                changes,
+                rules,
+            });
+        }
+        let tenants: BTreeSet<String> = work.iter().map(|w| w.tenant.clone()).collect();
+        let done = self.change_all(work, now).await?;
+        if done.iter().any(|d| d.erased) {
+            let _: () = self
+                .query(redis::cmd("SET").arg(SCRUB_PENDING).arg(1))
+                .await?;
+        }
+        // Forget ids older than the window, a bounded number per tenant and call.
+        for tenant in tenants {
+            let keys = Keys::of(&tenant);
+            let mut invocation = self.forget.prepare_invoke();
+            invocation
+                .key(keys.k("applied"))
+                .key(keys.k("applied_t"))
+                .arg(now - DEDUP_WINDOW_MS);
+            let _: i64 = self.invoke(&invocation).await?;
+        }
+        Ok(done.iter().map(|d| d.new).sum())
+    }
+
+    async fn evaluate_page(
+        &self,
+        tenant_id: &str,
+        after: &str,
+        limit: usize,
+        rules: Vec<Rule>,
+        now: Millis,
+    ) -> Result<(Option<String>, usize)> {
+        let keys = Keys::of(tenant_id);
+        let members: Vec<String> = self
+            .query(
+                redis::cmd("ZRANGEBYLEX")
+                    .arg(keys.k("fids"))
+                    .arg(lex_after(after))
+                    .arg("+")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit),
+            )
+            .await?;
+        let last = members.last().cloned();
+        let work = members
+            .into_iter()
+            .map(|member| MemberWork {
+                tenant: tenant_id.to_string(),
+                member,
+                changes: Vec::new(),
+                rules: Some(rules.clone()),
+            })
+            .collect();
+        let done = self.change_all(work, now).await?;
+        Ok((last, done.iter().map(|d| d.changed).sum()))
+    }
+
+    async fn features(&self, tenant_id: &str, member_id: &str) -> Result<Option<Features>> {
+        let raw: Option<Vec<u8>> = self
+            .query(
+                redis::cmd("HGET")
+                    .arg(Keys::of(tenant_id).k("feat"))
+                    .arg(member_id),
+            )
+            .await?;
+        raw.as_deref().map(Features::decode).transpose()
+    }
+
+    async fn features_page(
+        &self,
+        tenant_id: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Features)>> {
+        let keys = Keys::of(tenant_id);
+        let members: Vec<String> = self
+            .query(
+                redis::cmd("ZRANGEBYLEX")
+                    .arg(keys.k("fids"))
+                    .arg(lex_after(after))
+                    .arg("+")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit),
+            )
+            .await?;
+        if members.is_empty() {
+            return Ok(Vec::new());
+        }
+        let raw: Vec<Option<Vec<u8>>> = self
+            .query(redis::cmd("HMGET").arg(keys.k("feat")).arg(&members))
+            .await?;
+        let mut out = Vec::with_capacity(members.len());
+        for (member, bytes) in members.into_iter().zip(raw) {
+            if let Some(bytes) = bytes {
+                out.push((member, Features::decode(&bytes)?));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn put_segment(
+        &self,
+        segment: SegmentDef,
+        expected_version: Option<i64>,
+    ) -> Result<bool> {
+        let keys = Keys::of(&segment.tenant_id);
+        let _: i64 = self
+            .query(
+                redis::cmd("SADD")
+                    .arg(TENANTS_WITH_SEGMENTS)
+                    .arg(&segment.tenant_id),
+            )
+            .await?;
+        let mut invocation = self.segment.prepare_invoke();
+        invocation
+            .key(keys.k("segs"))
+            .key(keys.k("segv"))
+            .arg(&segment.segment_id)
+            .arg(expected_version.map(|v| v.to_string()).unwrap_or_default())
+            .arg(MAX_SEGMENTS)
+            .arg(encode(&segment)?)
+            .arg(stamp(segment.version, segment.update_time));
+        let saved: i64 = self.invoke(&invocation).await?;
+        Ok(saved == 1)
+    }
+
+    async fn segment(&self, tenant_id: &str, segment_id: &str) -> Result<Option<SegmentDef>> {
+        let raw: Option<Vec<u8>> = self
+            .query(
+                redis::cmd("HGET")
+                    .arg(Keys::of(tenant_id).k("segs"))
+                    .arg(segment_id),
+            )
+            .await?;
+        raw.as_deref().map(decode).transpose()
+    }
+
+    async fn segments(&self, tenant_id: &str) -> Result<Vec<SegmentDef>> {
+        let raw: Vec<Vec<u8>> = self
+            .query(redis::cmd("HVALS").arg(Keys::of(tenant_id).k("segs")))
+            .await?;
+        let mut out = raw
+            .iter()
+            .map(|b| decode(b))
+            .collect::<Result<Vec<SegmentDef>>>()?;
+        out.sort_by(|a, b| a.segment_id.cmp(&b.segment_id));
+        Ok(out)
+    }
+
+    async fn delete_segment(&self, tenant_id: &str, segment_id: &str, now: Millis) -> Result<bool> {
+        let keys = Keys::of(tenant_id);
+        // First no rule matches the segment any more (its version reads `deleting`), so no
+        // write adds a member while the members leave; the definition goes last, so a
+        // deletion cut short is finished by the next.
+        let mut invocation = self.mark.prepare_invoke();
+        invocation
+            .key(keys.k("segs"))
+            .key(keys.k("segv"))
+            .arg(segment_id)
+            .arg(DELETING);
+        let marked: i64 = self.invoke(&invocation).await?;
+        if marked == 0 {
+            return Ok(false);
+        }
+        let members_key = keys.members_of(segment_id);
+        loop {
+            let members: Vec<String> = self
+                .query(
+                    redis::cmd("ZRANGE")
+                        .arg(&members_key)
+                        .arg(0)
+                        .arg(LEAVE_CHUNK - 1),
+                )
+                .await?;
+            if members.is_empty() {
+                break;
+            }
+            let mut invocation = self.leave.prepare_invoke();
+            invocation.key(&members_key).key(keys.k("mv"));
+            for m in &members {
+                invocation.key(keys.segments_of(m)).key(keys.history_of(m));
+            }
+            invocation.arg(segment_id).arg(padded(now));
+            for m in &members {
+                invocation.arg(m);
+            }
+            let _: i64 = self.invoke(&invocation).await?;
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HDEL")
+            .arg(keys.k("segs"))
+            .arg(segment_id)
+            .ignore()
+            .cmd("HDEL")
+            .arg(keys.k("segv"))
+            .arg(segment_id)
+            .ignore();
+        self.pipeline::<()>(&pipe).await?;
+        Ok(true)
+    }
+
+    async fn set_memberships(
+        &self,
+        tenant_id: &str,
+        changes: Vec<(String, String, bool)>,
+        now: Millis,
+    ) -> Result<usize> {
+        let keys = Keys::of(tenant_id);
+        let mut by_member: BTreeMap<String, Vec<(String, bool)>> = BTreeMap::new();
+        for (member, segment, on) in changes {
+            by_member.entry(member).or_default().push((segment, on));
+        }
+        let mut changed = 0;
+        for (member, flags) in by_member {
+            let segments: Vec<&str> = flags.iter().map(|(s, _)| s.as_str()).collect();
+            let stamps: Vec<Option<String>> = self
+                .query(redis::cmd("HMGET").arg(keys.k("segv")).arg(&segments))
+                .await?;
+            let live: Vec<(&str, bool, &str)> = flags
+                .iter()
+                .zip(&stamps)
+                .filter_map(|((s, on), stamp)| match stamp.as_deref() {
+                    Some(st) if st != DELETING => Some((s.as_str(), *on, st)),
+                    _ => None,
+                })
+                .collect();
+            if live.is_empty() {
+                continue;
+            }
+            for _ in 0..MAX_ATTEMPTS {
+                let mut invocation = self.member.prepare_invoke();
+                for name in ["mv", "feat", "fids", "applied", "applied_t", "segv"] {
+                    invocation.key(keys.k(name));
+                }
+                invocation
+                    .key(keys.segments_of(&member))
+                    .key(keys.history_of(&member));
+                for (segment, _, _) in &live {
+                    invocation.key(keys.members_of(segment));
+                }
+                // Static flags do not depend on features: the member's version is read
+                // again on every try, only so the write stays one step.
+                let version: Option<String> = self
+                    .query(redis::cmd("HGET").arg(keys.k("mv")).arg(&member))
+                    .await?;
+                invocation
+                    .arg(&member)
+                    .arg(version.unwrap_or_default())
+                    .arg("")
+                    .arg(now)
+                    .arg(padded(now))
+                    .arg(0)
+                    .arg(live.len());
+                for (segment, on, stamp) in &live {
+                    invocation
+                        .arg(*segment)
+                        .arg(if *on { "1" } else { "0" })
+                        .arg(*stamp);
+                }
+                let answer: Vec<Value> = self.invoke(&invocation).await?;
+                let word: String = answer
+                    .first()
+                    .map(|v| redis::from_redis_value(v.clone()))
+                    .transpose()
+                    .map_err(Error::internal)?
+                    .unwrap_or_default();
+                if word == "ok" {
+                    let n: usize = answer
+                        .get(1)
+                        .map(|v| redis::from_redis_value(v.clone()))
+                        .transpose()
+                        .map_err(Error::internal)?
+                        .unwrap_or(0);
+                    changed += n;
+                    break;
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    async fn member_segments(&self, tenant_id: &str, member_id: &str) -> Result<Vec<String>> {
+        let mut segments: Vec<String> = self
+            .query(redis::cmd("SMEMBERS").arg(Keys::of(tenant_id).segments_of(member_id)))
+            .await?;
+        segments.sort();
+        Ok(segments)
+    }
+
+    async fn segment_members(
+        &self,
+        tenant_id: &str,
+        segment_id: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        self.query(
+            redis::cmd("ZRANGEBYLEX")
+                .arg(Keys::of(tenant_id).members_of(segment_id))
+                .arg(lex_after(after))
+                .arg("+")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit),
+        )
+        .await
+    }
+
+    async fn count(&self, tenant_id: &str, segment_id: &str) -> Result<u64> {
+        self.query(redis::cmd("ZCARD").arg(Keys::of(tenant_id).members_of(segment_id)))
+            .await
+    }
+
+    async fn history(
+        &self,
+        tenant_id: &str,
+        member_id: &str,
+        before: Option<String>,
+        limit: usize,
+    ) -> Result<(Vec<MembershipChange>, Option<String>)> {
+        // The token is the member and the last entry returned.
+        let start = match &before {
+            None => "+".to_string(),
+            Some(token) => match token.split_once('\u{1}') {
+                Some((member, entry)) if member == member_id => format!("({entry}"),
+                _ => {
+                    return Err(Error::invalid(
+                        "page_token",
+                        "belongs to another member's history",
+                    ));
+                }
+            },
+        };
+        let entries: Vec<String> = self
+            .query(
+                redis::cmd("ZREVRANGEBYLEX")
+                    .arg(Keys::of(tenant_id).history_of(member_id))
+                    .arg(start)
+                    .arg("-")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit + 1),
+            )
+            .await?;
+        let more = entries.len() > limit;
+        let mut out = Vec::with_capacity(limit);
+        let mut last = None;
+        for entry in entries.into_iter().take(limit) {
+            let mut parts = entry.splitn(3, '\0');
+            let (time, segment, flag) = (parts.next(), parts.next(), parts.next());
+            out.push(MembershipChange {
+                segment_id: segment.unwrap_or_default().to_string(),
+                entered: flag == Some("1"),
+                time: time.and_then(|t| t.parse().ok()).unwrap_or(0),
+            });
+            last = Some(format!("{member_id}\u{1}{entry}"));
+        }
+        Ok((out, if more { last } else { None }))
+    }
+
+    async fn tenants(&self) -> Result<Vec<String>> {
+        let listed: Vec<String> = self
+            .query(redis::cmd("SMEMBERS").arg(TENANTS_WITH_SEGMENTS))
+            .await?;
+        let mut out = Vec::new();
+        for tenant in listed {
+            let n: i64 = self
+                .query(redis::cmd("HLEN").arg(Keys::of(&tenant).k("segs")))
+                .await?;
+            if n > 0 {
+                out.push(tenant);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    async fn tenants_with_features(&self) -> Result<Vec<String>> {
+        let listed: Vec<String> = self
+            .query(redis::cmd("SMEMBERS").arg(TENANTS_WITH_FEATURES))
+            .await?;
+        let mut out = Vec::new();
+        for tenant in listed {
+            let n: i64 = self
+                .query(redis::cmd("HLEN").arg(Keys::of(&tenant).k("feat")))
+                .await?;
+            if n > 0 {
+                out.push(tenant);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    async fn next_rfm_generation(&self, tenant_id: &str) -> Result<u64> {
+        self.query(redis::cmd("INCR").arg(Keys::of(tenant_id).k("rfmgen")))
+            .await
+    }
+
+    async fn put_rfm(
+        &self,
+        tenant_id: &str,
+        generation: u64,
+        scores: Vec<(String, Score)>,
+    ) -> Result<()> {
+        let keys = Keys::of(tenant_id);
+        let key = keys.rfm(generation);
+        for chunk in scores.chunks(1000) {
+            let mut pipe = redis::pipe();
+            pipe.cmd("ZADD")
+                .arg(keys.k("rfmgens"))
+                .arg(generation)
+                .arg(generation)
+                .ignore();
+            let mut hset = redis::cmd("HSET");
+            hset.arg(&key);
+            for (member, score) in chunk {
+                hset.arg(member).arg(encode(score)?);
+            }
+            pipe.add_command(hset).ignore();
+            self.pipeline::<()>(&pipe).await?;
+        }
+        Ok(())
+    }
+
+    async fn publish_rfm(&self, tenant_id: &str, run: RfmRun) -> Result<bool> {
+        let keys = Keys::of(tenant_id);
+        let mut invocation = self.publish.prepare_invoke();
+        invocation
+            .key(keys.k("rfmrun"))
+            .key(keys.k("rfmcur"))
+            .arg(run.generation)
+            .arg(encode(&run)?);
+        let published: i64 = self.invoke(&invocation).await?;
+        if published == 0 {
+            return Ok(false);
+        }
+        // Scores of every earlier run go (nothing reads them once the run moved on).
+        let earlier: Vec<u64> = self
+            .query(
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(keys.k("rfmgens"))
+                    .arg("-inf")
+                    .arg(format!("({}", run.generation)),
+            )
+            .await?;
+        for generation in earlier {
+            let mut pipe = redis::pipe();
+            pipe.cmd("DEL")
+                .arg(keys.rfm(generation))
+                .ignore()
+                .cmd("ZREM")
+                .arg(keys.k("rfmgens"))
+                .arg(generation)
+                .ignore();
+            self.pipeline::<()>(&pipe).await?;
+        }
+        Ok(true)
+    }
+
+    async fn rfm_run(&self, tenant_id: &str) -> Result<Option<RfmRun>> {
+        let raw: Option<Vec<u8>> = self
+            .query(redis::cmd("GET").arg(Keys::of(tenant_id).k("rfmrun")))
+            .await?;
+        raw.as_deref().map(decode).transpose()
+    }
+
+    async fn rfm(&self, tenant_id: &str, member_id: &str) -> Result<Option<Score>> {
+        let keys = Keys::of(tenant_id);
+        let current: Option<u64> = self.query(redis::cmd("GET").arg(keys.k("rfmcur"))).await?;
+        let Some(generation) = current else {
+            return Ok(None);
+        };
+        let raw: Option<Vec<u8>> = self
+            .query(redis::cmd("HGET").arg(keys.rfm(generation)).arg(member_id))
+            .await?;
+        raw.as_deref().map(decode).transpose()
+    }
+
+    async fn clear_features(&self) -> Result<()> {
+        let tenants: Vec<String> = self
+            .query(redis::cmd("SMEMBERS").arg(TENANTS_WITH_FEATURES))
+            .await?;
+        for tenant in &tenants {
+            let keys = Keys::of(tenant);
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for name in ["feat", "fids", "applied", "applied_t"] {
+                pipe.cmd("DEL").arg(keys.k(name)).ignore();
+            }
+            self.pipeline::<()>(&pipe).await?;
+        }
+        let _: i64 = self
+            .query(redis::cmd("DEL").arg(TENANTS_WITH_FEATURES))
+            .await?;
+        self.known.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        Ok(())
+    }
+
+    async fn scrub(&self) -> Result<bool> {
+        let pending: Option<String> = self.query(redis::cmd("GETDEL").arg(SCRUB_PENDING)).await?;
+        if pending.is_none() {
+            return Ok(false);
+        }
+        // Memory holds only live data; the append-only file keeps the replaced values until
+        // it is rewritten. A rewrite already running, or no AOF, is fine.
+        if let Err(e) = self.query::<Value>(&redis::cmd("BGREWRITEAOF")).await {
+            tracing::info!(error = %e, "no append-only file rewrite after an erasure");
+        }
+        Ok(true)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let _: String = self.query(&redis::cmd("PING")).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use loyalty_platform::redis_server::RedisServer;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conformance() {
+        let server = RedisServer::start().unwrap();
+        let store = RedisSegmentationStore::connect(&server.url()).unwrap();
+        super::super::conformance::run_all(&store).await;
+    }
+
+    /// Two replicas' stores (each its own connection) writing one member at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_lose_no_change() {
+        let server = RedisServer::start().unwrap();
+        let a = RedisSegmentationStore::connect(&server.url()).unwrap();
+        let b = RedisSegmentationStore::connect(&server.url()).unwrap();
+        super::super::conformance::racing_writers(&[&a, &b]).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conformance_on_redis_cluster() {
+        let nodes = RedisServer::start_cluster(3).unwrap();
+        let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
+        let store = RedisSegmentationStore::connect_cluster(&urls).unwrap();
+        super::super::conformance::run_all(&store).await;
+    }
+}

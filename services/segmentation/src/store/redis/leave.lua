@@ -1,0 +1,24 @@
+-- Takes members out of a segment being deleted (a chunk at a time).
+--
+-- KEYS[1]: the segment's members; KEYS[2]: the tenant's member versions; then for each
+--          member its segments and its membership history. One hash tag.
+-- ARGV[1]: segment id; ARGV[2]: now, zero-padded; then the members.
+--
+-- Returns how many left.
+local left = 0
+for i = 3, #ARGV do
+  local member = ARGV[i]
+  if redis.call('ZSCORE', KEYS[1], member) then
+    local segments = KEYS[3 + 2 * (i - 3)]
+    local history = KEYS[4 + 2 * (i - 3)]
+    redis.call('ZREM', KEYS[1], member)
+    redis.call('SREM', segments, ARGV[1])
+    local entry = ARGV[2] .. '\0' .. ARGV[1] .. '\0'
+    redis.call('ZREM', history, entry .. '1')
+    redis.call('ZADD', history, 0, entry .. '0')
+    redis.call('ZREMRANGEBYRANK', history, 0, -1001)
+    redis.call('HINCRBY', KEYS[2], member, 1)
+    left = left + 1
+  end
+end
+return left
