@@ -472,31 +472,35 @@ def binary_accepts(name: str, config: str) -> None:
 # ---------------------------------------------------------------- stores and replicas
 
 
-def shared_promotion_checks(redis_port: int) -> None:
-    """With `services.promotion.store: redis`, promotion scales out: replicas and an
-    autoscaler, a rolling update, no volume claim, Redis egress and `store = "redis"`."""
-    objs = helm_template(
-        sets=[
-            "services.promotion.store=redis",
-            "services.promotion.replicas=3",
-            "services.promotion.autoscaling.enabled=true",
-        ]
-    )
-    d = next(
-        d for d in by_kind(objs, "Deployment")
-        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "promotion"
-    )
-    expect(d["spec"]["strategy"]["type"] == "RollingUpdate", f"shared promotion rolls with {d['spec']['strategy']}")
-    claims = {c["metadata"]["name"] for c in by_kind(objs, "PersistentVolumeClaim")}
-    expect(not any("promotion" in c for c in claims), f"shared promotion still claims a volume: {claims}")
-    volumes = {v["name"]: v for v in pod_spec(d).get("volumes", [])}
-    expect("emptyDir" in volumes.get("data", {}), "shared promotion has no emptyDir /data")
-    scaled = {h["spec"]["scaleTargetRef"]["name"] for h in by_kind(objs, "HorizontalPodAutoscaler")}
-    expect(d["metadata"]["name"] in scaled, "shared promotion has no HorizontalPodAutoscaler")
-    expect(redis_port in egress_ports(objs).get("promotion", set()), "shared promotion may not reach Redis")
-    expect('store = "redis"' in config_of(objs), "config.toml does not put promotion on Redis")
-    binary_accepts("chart (promotion on Redis)", config_of(objs))
-    ok("chart (promotion on Redis): replicas and HPA, RollingUpdate, no claim, Redis egress, store = \"redis\"")
+def shared_store_checks(redis_port: int) -> None:
+    """With `services.<name>.store: redis`, promotion and segmentation scale out: replicas
+    and an autoscaler, a rolling update, no volume claim, Redis egress and `store = "redis"`
+    in their config sections."""
+    for name in ("promotion", "segmentation"):
+        objs = helm_template(
+            sets=[
+                f"services.{name}.store=redis",
+                f"services.{name}.replicas=3",
+                f"services.{name}.autoscaling.enabled=true",
+            ]
+        )
+        d = next(
+            d for d in by_kind(objs, "Deployment")
+            if d["metadata"]["labels"]["app.kubernetes.io/component"] == name
+        )
+        expect(d["spec"]["strategy"]["type"] == "RollingUpdate", f"shared {name} rolls with {d['spec']['strategy']}")
+        claims = {c["metadata"]["name"] for c in by_kind(objs, "PersistentVolumeClaim")}
+        expect(not any(name in c for c in claims), f"shared {name} still claims a volume: {claims}")
+        volumes = {v["name"]: v for v in pod_spec(d).get("volumes", [])}
+        expect("emptyDir" in volumes.get("data", {}), f"shared {name} has no emptyDir /data")
+        scaled = {h["spec"]["scaleTargetRef"]["name"] for h in by_kind(objs, "HorizontalPodAutoscaler")}
+        expect(d["metadata"]["name"] in scaled, f"shared {name} has no HorizontalPodAutoscaler")
+        expect(redis_port in egress_ports(objs).get(name, set()), f"shared {name} may not reach Redis")
+        config = config_of(objs)
+        section = config.split(f"[{name}]", 1)[1].split("\n[", 1)[0]
+        expect('store = "redis"' in section, f"config.toml does not put {name} on Redis:\n{section}")
+        binary_accepts(f"chart ({name} on Redis)", config)
+        ok(f"chart ({name} on Redis): replicas and HPA, RollingUpdate, no claim, Redis egress, store = \"redis\"")
 
 
 
@@ -920,7 +924,7 @@ def main() -> int:
             expect(not any(reached.values()), f"{name}: reaches store ports {reached}")
         ok("chart (dev profile), k8s/all-in-one: no egress to Redis or ScyllaDB")
 
-        shared_promotion_checks(redis_port)
+        shared_store_checks(redis_port)
 
         print("==> the chart and k8s/ agree")
         agree("microservices (k8s/base)", microservices, built["k8s/base"])

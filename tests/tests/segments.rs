@@ -749,3 +749,113 @@ async fn microservices_events_cross_processes_on_redis_streams() {
     pos_node.stop().await;
     segmentation.stop().await;
 }
+
+/// Two segmentation processes on `segmentation.store = "redis"` are replicas of one service:
+/// they share the consumer group, so each event is applied by one of them, and either answers
+/// from the same features, segments and memberships. Nothing of theirs is on local disk.
+#[tokio::test]
+async fn segmentation_replicas_on_redis_share_features_and_segments() {
+    let redis = RedisServer::start().unwrap();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut replicas = Vec::new();
+    for dir in &dirs[..2] {
+        replicas.push(
+            Server::start(
+                Launch::serve("segmentation")
+                    .on_redis(&redis.url())
+                    .env("LOYALTY_SEGMENTATION__STORE", "redis"),
+                dir.path(),
+            )
+            .await,
+        );
+    }
+    let pos_node = Server::start(
+        Launch::serve("identity,balance,promotion").on_redis(&redis.url()),
+        dirs[2].path(),
+    )
+    .await;
+    let pos_channel = pos_node.channel().await;
+    let first = replicas[0].channel().await;
+    let second = replicas[1].channel().await;
+    purchases_drive_segments(&pos_channel, &pos_channel, &first).await;
+
+    let mut pos = Pos::new(&pos_channel, &pos_channel);
+    let anna = pos
+        .members
+        .lookup_member(identity::LookupMemberRequest {
+            tenant_id: TENANT.into(),
+            key: Some(identity::lookup_member_request::Key::Phone(
+                "+77015550101".into(),
+            )),
+            default_region: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .member
+        .unwrap()
+        .member_id;
+    let (mut one, mut two) = (
+        SegmentationServiceClient::new(first.clone()),
+        SegmentationServiceClient::new(second.clone()),
+    );
+    assert_eq!(
+        features(&mut two, &anna).await,
+        features(&mut one, &anna).await
+    );
+    assert!(features(&mut two, &anna).await.purchase_count_total > 0);
+    assert_eq!(
+        segments_of(&mut two, &anna).await,
+        segments_of(&mut one, &anna).await
+    );
+    let listed = |c: &mut SegmentationServiceClient<Channel>| {
+        let mut c = c.clone();
+        async move {
+            let mut ids: Vec<String> = c
+                .list_segments(spb::ListSegmentsRequest {
+                    tenant_id: TENANT.into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .segments
+                .into_iter()
+                .map(|s| s.segment_id)
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    let ids = listed(&mut one).await;
+    assert!(!ids.is_empty());
+    assert_eq!(listed(&mut two).await, ids);
+    let mut members = 0;
+    for id in &ids {
+        let count = |c: &mut SegmentationServiceClient<Channel>| {
+            let mut c = c.clone();
+            let id = id.clone();
+            async move {
+                c.count_segment_members(spb::CountSegmentMembersRequest {
+                    tenant_id: TENANT.into(),
+                    segment_id: id,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .member_count
+            }
+        };
+        let n = count(&mut one).await;
+        assert_eq!(count(&mut two).await, n, "{id}");
+        members += n;
+    }
+    assert!(members > 0, "memberships were written");
+    for dir in &dirs[..2] {
+        assert!(!std::fs::exists(dir.path().join("segmentation.redb")).unwrap());
+    }
+    for r in replicas {
+        assert_eq!(r.stop().await, 0);
+    }
+    assert_eq!(pos_node.stop().await, 0);
+}

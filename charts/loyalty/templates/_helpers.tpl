@@ -339,6 +339,7 @@ hot_record_retention_secs = {{ .Values.config.balance.hotRecordRetentionSecs | i
 store = {{ ternary (default "embedded" .Values.services.promotion.store) "embedded" (eq .Values.profile "microservices") | quote }}
 
 [segmentation]
+store = {{ ternary (default "embedded" .Values.services.segmentation.store) "embedded" (eq .Values.profile "microservices") | quote }}
 reevaluate_interval_ms = {{ .Values.config.segmentation.reevaluateIntervalMs | int }}
 rfm_interval_ms = {{ .Values.config.segmentation.rfmIntervalMs | int }}
 scrub_interval_secs = {{ .Values.config.segmentation.scrubIntervalSecs | int }}

@@ -28,7 +28,7 @@ use loyalty_identity::Identity;
 use loyalty_identity::publish::MemberReplay;
 use loyalty_identity::store::embedded::EmbeddedIdentityStore;
 use loyalty_platform::clock::{SharedClock, SystemClock};
-use loyalty_platform::config::{Backend, Config, PromotionBackend};
+use loyalty_platform::config::{Backend, Config, ServiceStore};
 use loyalty_platform::error::Result;
 use loyalty_platform::replay::{self, EventSource};
 use loyalty_promotion::publish::PurchaseReplay;
@@ -186,10 +186,10 @@ impl Sources {
         let dir = &config.data_dir;
         let clock: SharedClock = Arc::new(SystemClock);
         let promotion = match config.promotion.store {
-            PromotionBackend::Embedded => {
+            ServiceStore::Embedded => {
                 Arc::new(open(dir, "promotion.redb", EmbeddedPromotionStore::open)?)
             }
-            PromotionBackend::Redis => crate::wiring::promotion_store(config)?,
+            ServiceStore::Redis => crate::wiring::promotion_store(config)?,
         };
         let ledger = open(dir, "balance.redb", EmbeddedBalanceStore::open)?;
         let identity = Identity::new(
@@ -397,10 +397,16 @@ pub async fn run_segmentation(config: &Config) -> anyhow::Result<RebuiltSegmenta
     .await?;
     let sources = Sources::of(config)?;
     let clock: SharedClock = Arc::new(SystemClock);
-    let path = config.data_dir.join("segmentation.redb");
-    let store: Arc<dyn SegmentationStore> = Arc::new(
-        EmbeddedSegmentationStore::open(&path).with_context(|| in_use(&path, "segmentation"))?,
-    );
+    let store: Arc<dyn SegmentationStore> = match config.segmentation.store {
+        ServiceStore::Embedded => {
+            let path = config.data_dir.join("segmentation.redb");
+            Arc::new(
+                EmbeddedSegmentationStore::open(&path)
+                    .with_context(|| in_use(&path, "segmentation"))?,
+            )
+        }
+        ServiceStore::Redis => crate::wiring::segmentation_store(config)?,
+    };
     // Every source answers before the features are cleared: a missing one changes nothing.
     sources.check().await?;
     store.clear_features().await?;

@@ -431,13 +431,7 @@ pub async fn build(
     };
 
     let segmentation = if runs(ServiceName::Segmentation) {
-        let store: Arc<dyn SegmentationStore> =
-            Arc::new(loyalty_segmentation::store::traced::Traced::new(
-                "redb",
-                Arc::new(EmbeddedSegmentationStore::open(
-                    &dir.join("segmentation.redb"),
-                )?),
-            ));
+        let store = segmentation_store(config)?;
         let segmentation = Segmentation::new(store.clone(), clock.clone());
         routes = loyalty_segmentation::add_routes(routes, segmentation.clone(), max);
         let log = events.clone();
@@ -800,16 +794,16 @@ pub fn spawn_expiry(balance: Balance, settings: &BalanceSettings) {
 /// The promotion store `promotion.store` names: the embedded file in `data_dir`, or the
 /// Redis of `storage.redis` shared by every promotion replica.
 pub fn promotion_store(config: &Config) -> anyhow::Result<Arc<dyn PromotionStore>> {
-    use loyalty_platform::config::PromotionBackend;
+    use loyalty_platform::config::ServiceStore;
     use loyalty_promotion::store::traced::Traced;
     Ok(match config.promotion.store {
-        PromotionBackend::Embedded => Arc::new(Traced::new(
+        ServiceStore::Embedded => Arc::new(Traced::new(
             "redb",
             Arc::new(EmbeddedPromotionStore::open(
                 &config.data_dir.join("promotion.redb"),
             )?),
         )),
-        PromotionBackend::Redis => {
+        ServiceStore::Redis => {
             let redis = &config.storage.redis;
             let store = if redis.cluster_nodes.is_empty() {
                 RedisPromotionStore::connect(&redis.url)
@@ -817,6 +811,35 @@ pub fn promotion_store(config: &Config) -> anyhow::Result<Arc<dyn PromotionStore
             } else {
                 RedisPromotionStore::connect_cluster(&redis.cluster_nodes).context(
                     "bad configuration: `storage.redis.cluster_nodes` (the promotion store)",
+                )?
+            };
+            Arc::new(Traced::new("redis", Arc::new(store)))
+        }
+    })
+}
+
+/// The segmentation store `segmentation.store` names: the embedded file in `data_dir`, or
+/// the Redis of `storage.redis` shared by every segmentation replica.
+pub fn segmentation_store(config: &Config) -> anyhow::Result<Arc<dyn SegmentationStore>> {
+    use loyalty_platform::config::ServiceStore;
+    use loyalty_segmentation::store::redis::RedisSegmentationStore;
+    use loyalty_segmentation::store::traced::Traced;
+    Ok(match config.segmentation.store {
+        ServiceStore::Embedded => {
+            let path = config.data_dir.join("segmentation.redb");
+            Arc::new(Traced::new(
+                "redb",
+                Arc::new(EmbeddedSegmentationStore::open(&path)?),
+            ))
+        }
+        ServiceStore::Redis => {
+            let redis = &config.storage.redis;
+            let store = if redis.cluster_nodes.is_empty() {
+                RedisSegmentationStore::connect(&redis.url)
+                    .context("bad configuration: `storage.redis.url` (the segmentation store)")?
+            } else {
+                RedisSegmentationStore::connect_cluster(&redis.cluster_nodes).context(
+                    "bad configuration: `storage.redis.cluster_nodes` (the segmentation store)",
                 )?
             };
             Arc::new(Traced::new("redis", Arc::new(store)))

@@ -68,6 +68,8 @@ pub struct SegmentationSettings {
     /// How often segmentation checks for erasures whose replaced member data is still in its
     /// store's free space, and rewrites the store when there are; 0: never.
     pub scrub_interval_secs: u64,
+    /// Where segmentation keeps features, segments, memberships and RFM scores.
+    pub store: ServiceStore,
 }
 
 impl Default for SegmentationSettings {
@@ -76,6 +78,7 @@ impl Default for SegmentationSettings {
             reevaluate_interval_ms: 300_000,
             rfm_interval_ms: 3_600_000,
             scrub_interval_secs: 60,
+            store: ServiceStore::Embedded,
         }
     }
 }
@@ -85,19 +88,21 @@ impl Default for SegmentationSettings {
 pub struct PromotionSettings {
     /// Where promotion keeps its state (programs, catalog, campaigns, coupons, budget
     /// counters, purchase history).
-    pub store: PromotionBackend,
+    pub store: ServiceStore,
 }
 
-/// Where the promotion service keeps its state.
+/// Where a service that can share its state between replicas (promotion, segmentation)
+/// keeps it.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum PromotionBackend {
-    /// A redb file in `data_dir`: one promotion process.
+pub enum ServiceStore {
+    /// A redb file in `data_dir`: one process of the service.
     #[default]
     Embedded,
-    /// The Redis (or Redis Cluster) of `storage.redis`, shared by every promotion replica:
-    /// budgets, limits and coupons hold exactly across them. That Redis holds the only copy
-    /// and must persist it (ARCHITECTURE.md, "Promotion on Redis").
+    /// The Redis (or Redis Cluster) of `storage.redis`, shared by every replica of the
+    /// service. For promotion that Redis holds the only copy of its state and must persist
+    /// it (ARCHITECTURE.md, "Promotion on Redis"); segmentation's features can be rebuilt
+    /// from the sources, its segments cannot ("Segmentation on Redis").
     Redis,
 }
 
