@@ -397,7 +397,15 @@ async fn static_memberships(s: &dyn SegmentationStore) {
         predicate: String::new(),
         ..dynamic("h", "vip", "", 1, T0)
     };
-    assert!(s.put_segment(list, None).await.unwrap());
+    assert!(s.put_segment(list.clone(), None).await.unwrap());
+    // Renamed (a new version) before the upload: the flags are set all the same.
+    let renamed = SegmentDef {
+        name: "VIP".into(),
+        version: 2,
+        update_time: T0 + 1,
+        ..list
+    };
+    assert!(s.put_segment(renamed, Some(1)).await.unwrap());
     let set = |m: &str, on: bool| (m.to_string(), "vip".to_string(), on);
     let changed = s
         .set_memberships(

@@ -110,6 +110,31 @@ fn lex_after(after: &str) -> String {
     }
 }
 
+/// What a flag names instead of a segment version when any version will do (static lists),
+/// as long as the segment exists and is not being deleted.
+const ANY_LIVE_VERSION: &str = "*";
+
+/// `member.lua`'s answer: how many memberships changed, or `None` for a conflict.
+fn changed_by(answer: &[Value]) -> Result<Option<usize>> {
+    let word: String = answer
+        .first()
+        .map(|v| redis::from_redis_value(v.clone()))
+        .transpose()
+        .map_err(Error::internal)?
+        .unwrap_or_default();
+    if word != "ok" {
+        return Ok(None);
+    }
+    Ok(Some(
+        answer
+            .get(1)
+            .map(|v| redis::from_redis_value(v.clone()))
+            .transpose()
+            .map_err(Error::internal)?
+            .unwrap_or(0),
+    ))
+}
+
 /// One member's work in a write: its new events and the rules to evaluate it against.
 struct MemberWork {
     tenant: String,
@@ -125,7 +150,6 @@ struct MemberWork {
 struct Done {
     new: usize,
     changed: usize,
-    erased: bool,
 }
 
 #[derive(Clone)]
@@ -280,7 +304,6 @@ impl RedisSegmentationStore {
                 None => Features::default(),
             };
             let mut new_ids = Vec::new();
-            let mut erased = false;
             for c in &work.changes {
                 let i = ids.iter().position(|id| *id == c.event_id).unwrap_or(0);
                 if applied.get(i).is_some_and(Option::is_some) || new_ids.contains(&ids[i]) {
@@ -292,10 +315,7 @@ impl RedisSegmentationStore {
                     Change::Refund(r) => features.apply_refund(r),
                     Change::Member(m) => features.apply_member(m),
                     Change::Ledger(l) => features.apply_ledger(l),
-                    Change::Erasure(m) => {
-                        features.apply_member(m);
-                        erased = true;
-                    }
+                    Change::Erasure(m) => features.apply_member(m),
                 }
             }
             // The flags that change, for rules whose segment is still at their version.
@@ -350,28 +370,62 @@ impl RedisSegmentationStore {
                     .arg(wanted);
             }
             let answer: Vec<Value> = self.invoke(&invocation).await?;
-            let word: String = answer
-                .first()
-                .map(|v| redis::from_redis_value(v.clone()))
-                .transpose()
-                .map_err(Error::internal)?
-                .unwrap_or_default();
-            if word == "ok" {
-                let changed: usize = answer
-                    .get(1)
-                    .map(|v| redis::from_redis_value(v.clone()))
-                    .transpose()
-                    .map_err(Error::internal)?
-                    .unwrap_or(0);
+            if let Some(changed) = changed_by(&answer)? {
                 return Ok(Done {
                     new: new_ids.len(),
                     changed,
-                    erased,
                 });
             }
         }
         Err(Error::Unavailable(format!(
             "member {member} kept changing while it was written: try again"
+        )))
+    }
+
+    /// Sets static flags of one member (a list upload): whatever the segment's version, as
+    /// long as it exists and is not being deleted.
+    async fn set_flags(
+        &self,
+        keys: &Keys,
+        member: &str,
+        flags: &[(String, bool)],
+        now: Millis,
+    ) -> Result<usize> {
+        for _ in 0..MAX_ATTEMPTS {
+            let version: Option<String> = self
+                .query(redis::cmd("HGET").arg(keys.k("mv")).arg(member))
+                .await?;
+            let mut invocation = self.member.prepare_invoke();
+            for name in ["mv", "feat", "fids", "applied", "applied_t", "segv"] {
+                invocation.key(keys.k(name));
+            }
+            invocation
+                .key(keys.segments_of(member))
+                .key(keys.history_of(member));
+            for (segment, _) in flags {
+                invocation.key(keys.members_of(segment));
+            }
+            invocation
+                .arg(member)
+                .arg(version.unwrap_or_default())
+                .arg("")
+                .arg(now)
+                .arg(padded(now))
+                .arg(0)
+                .arg(flags.len());
+            for (segment, on) in flags {
+                invocation
+                    .arg(segment)
+                    .arg(if *on { "1" } else { "0" })
+                    .arg(ANY_LIVE_VERSION);
+            }
+            let answer: Vec<Value> = self.invoke(&invocation).await?;
+            if let Some(changed) = changed_by(&answer)? {
+                return Ok(changed);
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "member {member} kept changing while its flags were set: try again"
         )))
     }
 
@@ -426,12 +480,18 @@ impl SegmentationStore for RedisSegmentationStore {
             });
         }
         let tenants: BTreeSet<String> = work.iter().map(|w| w.tenant.clone()).collect();
-        let done = self.change_all(work, now).await?;
-        if done.iter().any(|d| d.erased) {
+        // Marked before anything is written: an erasure applied in a batch that then fails
+        // is not applied again on redelivery, and must not go unmarked.
+        let erasure = work
+            .iter()
+            .flat_map(|w| &w.changes)
+            .any(|c| matches!(c.change, Change::Erasure(_)));
+        if erasure {
             let _: () = self
                 .query(redis::cmd("SET").arg(SCRUB_PENDING).arg(1))
                 .await?;
         }
+        let done = self.change_all(work, now).await?;
         // Forget ids older than the window, a bounded number per tenant and call.
         for tenant in tenants {
             let keys = Keys::of(&tenant);
@@ -636,73 +696,42 @@ impl SegmentationStore for RedisSegmentationStore {
         for (member, segment, on) in changes {
             by_member.entry(member).or_default().push((segment, on));
         }
-        let mut changed = 0;
-        for (member, flags) in by_member {
-            let segments: Vec<&str> = flags.iter().map(|(s, _)| s.as_str()).collect();
-            let stamps: Vec<Option<String>> = self
-                .query(redis::cmd("HMGET").arg(keys.k("segv")).arg(&segments))
-                .await?;
-            let live: Vec<(&str, bool, &str)> = flags
-                .iter()
-                .zip(&stamps)
-                .filter_map(|((s, on), stamp)| match stamp.as_deref() {
-                    Some(st) if st != DELETING => Some((s.as_str(), *on, st)),
-                    _ => None,
-                })
-                .collect();
-            if live.is_empty() {
-                continue;
-            }
-            for _ in 0..MAX_ATTEMPTS {
-                let mut invocation = self.member.prepare_invoke();
-                for name in ["mv", "feat", "fids", "applied", "applied_t", "segv"] {
-                    invocation.key(keys.k(name));
+        // Flags of segments that are gone (or going) are ignored; the script checks again.
+        let named: BTreeSet<String> = by_member
+            .values()
+            .flatten()
+            .map(|(s, _)| s.clone())
+            .collect();
+        let named: Vec<String> = named.into_iter().collect();
+        let stamps: Vec<Option<String>> = if named.is_empty() {
+            Vec::new()
+        } else {
+            self.query(redis::cmd("HMGET").arg(keys.k("segv")).arg(&named))
+                .await?
+        };
+        let live: BTreeSet<&str> = named
+            .iter()
+            .zip(&stamps)
+            .filter(|(_, st)| st.as_deref().is_some_and(|st| st != DELETING))
+            .map(|(s, _)| s.as_str())
+            .collect();
+        let keys = &keys;
+        let live = &live;
+        let results: Vec<Result<usize>> = futures_util::stream::iter(by_member)
+            .map(|(member, flags)| async move {
+                let flags: Vec<(String, bool)> = flags
+                    .into_iter()
+                    .filter(|(s, _)| live.contains(s.as_str()))
+                    .collect();
+                if flags.is_empty() {
+                    return Ok(0);
                 }
-                invocation
-                    .key(keys.segments_of(&member))
-                    .key(keys.history_of(&member));
-                for (segment, _, _) in &live {
-                    invocation.key(keys.members_of(segment));
-                }
-                // Static flags do not depend on features: the member's version is read
-                // again on every try, only so the write stays one step.
-                let version: Option<String> = self
-                    .query(redis::cmd("HGET").arg(keys.k("mv")).arg(&member))
-                    .await?;
-                invocation
-                    .arg(&member)
-                    .arg(version.unwrap_or_default())
-                    .arg("")
-                    .arg(now)
-                    .arg(padded(now))
-                    .arg(0)
-                    .arg(live.len());
-                for (segment, on, stamp) in &live {
-                    invocation
-                        .arg(*segment)
-                        .arg(if *on { "1" } else { "0" })
-                        .arg(*stamp);
-                }
-                let answer: Vec<Value> = self.invoke(&invocation).await?;
-                let word: String = answer
-                    .first()
-                    .map(|v| redis::from_redis_value(v.clone()))
-                    .transpose()
-                    .map_err(Error::internal)?
-                    .unwrap_or_default();
-                if word == "ok" {
-                    let n: usize = answer
-                        .get(1)
-                        .map(|v| redis::from_redis_value(v.clone()))
-                        .transpose()
-                        .map_err(Error::internal)?
-                        .unwrap_or(0);
-                    changed += n;
-                    break;
-                }
-            }
-        }
-        Ok(changed)
+                self.set_flags(keys, &member, &flags, now).await
+            })
+            .buffered(CONCURRENCY)
+            .collect()
+            .await;
+        results.into_iter().sum()
     }
 
     async fn member_segments(&self, tenant_id: &str, member_id: &str) -> Result<Vec<String>> {
@@ -872,7 +901,7 @@ impl SegmentationStore for RedisSegmentationStore {
             .await?;
         for generation in earlier {
             let mut pipe = redis::pipe();
-            pipe.cmd("DEL")
+            pipe.cmd("UNLINK")
                 .arg(keys.rfm(generation))
                 .ignore()
                 .cmd("ZREM")
@@ -893,14 +922,29 @@ impl SegmentationStore for RedisSegmentationStore {
 
     async fn rfm(&self, tenant_id: &str, member_id: &str) -> Result<Option<Score>> {
         let keys = Keys::of(tenant_id);
-        let current: Option<u64> = self.query(redis::cmd("GET").arg(keys.k("rfmcur"))).await?;
-        let Some(generation) = current else {
-            return Ok(None);
+        let current = || async {
+            self.query::<Option<u64>>(redis::cmd("GET").arg(keys.k("rfmcur")))
+                .await
         };
-        let raw: Option<Vec<u8>> = self
-            .query(redis::cmd("HGET").arg(keys.rfm(generation)).arg(member_id))
-            .await?;
-        raw.as_deref().map(decode).transpose()
+        let mut generation = current().await?;
+        // A run published between the two reads drops the scores read from: read again.
+        for _ in 0..4 {
+            let Some(g) = generation else {
+                return Ok(None);
+            };
+            let raw: Option<Vec<u8>> = self
+                .query(redis::cmd("HGET").arg(keys.rfm(g)).arg(member_id))
+                .await?;
+            if raw.is_some() {
+                return raw.as_deref().map(decode).transpose();
+            }
+            let now = current().await?;
+            if now == generation {
+                return Ok(None);
+            }
+            generation = now;
+        }
+        Ok(None)
     }
 
     async fn clear_features(&self) -> Result<()> {
@@ -924,16 +968,23 @@ impl SegmentationStore for RedisSegmentationStore {
     }
 
     async fn scrub(&self) -> Result<bool> {
-        let pending: Option<String> = self.query(redis::cmd("GETDEL").arg(SCRUB_PENDING)).await?;
+        let pending: Option<String> = self.query(redis::cmd("GET").arg(SCRUB_PENDING)).await?;
         if pending.is_none() {
             return Ok(false);
         }
-        // Memory holds only live data; the append-only file keeps the replaced values until
-        // it is rewritten. A rewrite already running, or no AOF, is fine.
-        if let Err(e) = self.query::<Value>(&redis::cmd("BGREWRITEAOF")).await {
-            tracing::info!(error = %e, "no append-only file rewrite after an erasure");
+        // Memory holds only live data; the append-only file keeps replaced values until it
+        // is rewritten. The mark goes only once a rewrite started after it: a rewrite
+        // already running may have forked before the erasure, so the next run asks again.
+        match self.query::<Value>(&redis::cmd("BGREWRITEAOF")).await {
+            Ok(_) => {
+                let _: i64 = self.query(redis::cmd("DEL").arg(SCRUB_PENDING)).await?;
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "the append-only file is not rewritten yet after an erasure; asking again later");
+                Ok(false)
+            }
         }
-        Ok(true)
     }
 
     async fn ping(&self) -> Result<()> {

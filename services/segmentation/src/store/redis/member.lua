@@ -8,7 +8,8 @@
 -- ARGV[1]: member; ARGV[2]: its version as read ('' : none); ARGV[3]: its new features,
 -- encoded ('' : unchanged); ARGV[4]: now (ms); ARGV[5]: now, zero-padded; ARGV[6]: n event
 -- ids, then the ids; then the number of flags, then segment, 1 or 0, and the segment's
--- version ("version:update_time") the flag was decided on, for each.
+-- version ("version:update_time") the flag was decided on, for each ('*': any version, as
+-- long as the segment exists and is not being deleted: static lists).
 --
 -- Returns {'conflict'} (nothing written: read again) or {'ok', memberships changed}. A flag
 -- whose segment moved to another version, or was deleted, is skipped.
@@ -34,7 +35,9 @@ local changed = 0
 for i = 0, n_flags - 1 do
   local segment = ARGV[base + 1 + 3 * i]
   local entered = ARGV[base + 2 + 3 * i] == '1'
-  if redis.call('HGET', KEYS[6], segment) == ARGV[base + 3 + 3 * i] then
+  local version = redis.call('HGET', KEYS[6], segment)
+  local wanted = ARGV[base + 3 + 3 * i]
+  if version and (version == wanted or (wanted == '*' and version ~= 'deleting')) then
     local is = redis.call('SISMEMBER', KEYS[7], segment) == 1
     if entered ~= is then
       if entered then
