@@ -1,8 +1,9 @@
-//! Segmentation throughput on the embedded store, without gRPC: how fast purchase events are
-//! applied (features, deduplication and membership upkeep, in the consumer's batches), and
-//! how long a full RFM recompute takes.
+//! Segmentation throughput without gRPC: how fast purchase events are applied (features,
+//! deduplication and membership upkeep, in the consumer's batches), and how long a full RFM
+//! recompute takes; on the embedded store, or with `redis` on the Redis store (a throwaway
+//! `redis-server` on loopback, its memory reported at the end).
 //!
-//! cargo run --release -p loyalty-segmentation --example bench -- [MEMBERS] [EVENTS]
+//! cargo run --release -p loyalty-segmentation --example bench -- [MEMBERS] [EVENTS] [redis]
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
@@ -13,7 +14,10 @@ use loyalty_platform::clock::{Clock, DAY_MS, SystemClock};
 use loyalty_segmentation::Segmentation;
 use loyalty_segmentation::features::PurchaseFacts;
 use loyalty_segmentation::store::embedded::EmbeddedSegmentationStore;
-use loyalty_segmentation::store::{Change, FeatureChange, SegmentDef, SegmentKind};
+use loyalty_segmentation::store::redis::RedisSegmentationStore;
+use loyalty_segmentation::store::{
+    Change, FeatureChange, SegmentDef, SegmentKind, SegmentationStore,
+};
 use rust_decimal::Decimal;
 
 const BATCH: usize = 500;
@@ -52,15 +56,23 @@ fn event(i: u64, members: u64, now: i64) -> FeatureChange {
 
 #[tokio::main]
 async fn main() {
+    let on_redis = std::env::args().any(|a| a == "redis");
     let args: Vec<u64> = std::env::args()
         .skip(1)
+        .filter(|a| a != "redis")
         .map(|a| a.parse().unwrap())
         .collect();
     let members = args.first().copied().unwrap_or(100_000);
     let events = args.get(1).copied().unwrap_or(members);
     let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedSegmentationStore::open(&dir.path().join("segmentation.redb")).unwrap();
-    let s = Segmentation::new(Arc::new(store), Arc::new(SystemClock));
+    let server = on_redis.then(|| loyalty_platform::redis_server::RedisServer::start().unwrap());
+    let store: Arc<dyn SegmentationStore> = match &server {
+        Some(server) => Arc::new(RedisSegmentationStore::connect(&server.url()).unwrap()),
+        None => Arc::new(
+            EmbeddedSegmentationStore::open(&dir.path().join("segmentation.redb")).unwrap(),
+        ),
+    };
+    let s = Segmentation::new(store, Arc::new(SystemClock));
     for (id, predicate) in [
         ("active-30d", "purchase_count_30d > 0"),
         ("regulars", "purchase_count_365d >= 3"),
@@ -121,4 +133,21 @@ async fn main() {
         "scheduled re-evaluation of the time-relative segments: {:.1} s ({changed} memberships changed)",
         started.elapsed().as_secs_f64()
     );
+    if let Some(server) = &server {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &server.port().to_string(), "info", "memory"])
+            .output()
+            .unwrap();
+        let info = String::from_utf8_lossy(&out.stdout);
+        let used: u64 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory_dataset:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        println!(
+            "redis data: {:.1} MB, {:.0} bytes per member",
+            used as f64 / 1e6,
+            used as f64 / members as f64
+        );
+    }
 }
