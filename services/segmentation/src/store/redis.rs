@@ -39,7 +39,7 @@ const DELETING: &str = "deleting";
 /// How often one member's change is read and tried again when another writer got in.
 const MAX_ATTEMPTS: usize = 32;
 /// Members changed at once.
-const CONCURRENCY: usize = 16;
+const CONCURRENCY: usize = 128;
 /// Members taken out of a deleted segment per script call.
 const LEAVE_CHUNK: usize = 200;
 
