@@ -79,3 +79,30 @@ impl redis::aio::ConnectionLike for RedisConn {
         }
     }
 }
+
+/// Redis refusals that pass (a full or read-only server, one loading its data or busy with a
+/// script, a cluster moving slots): a caller may try again.
+const PASSING_REFUSALS: &[&str] = &[
+    "OOM",
+    "READONLY",
+    "LOADING",
+    "MASTERDOWN",
+    "BUSY",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+];
+
+/// A store's Redis error as the services' error: lost connections, timeouts and passing
+/// refusals are `Unavailable` (callers retry), anything else `Internal`. `store` names the
+/// store in the message, e.g. "promotion store".
+pub fn store_error(store: &str, e: redis::RedisError) -> crate::error::Error {
+    if e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_cluster_error()
+        || e.code().is_some_and(|c| PASSING_REFUSALS.contains(&c))
+    {
+        return crate::error::Error::Unavailable(format!("{store} (redis): {e}"));
+    }
+    crate::error::Error::internal(anyhow::anyhow!("{store} (redis): {e}"))
+}

@@ -116,10 +116,7 @@ fn refusal(code: &str, detail: String) -> Error {
 }
 
 fn redis_error(e: redis::RedisError) -> Error {
-    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
-        return Error::Unavailable(format!("redis: {e}"));
-    }
-    Error::internal(anyhow::anyhow!("redis: {e}"))
+    loyalty_platform::redis_conn::store_error("balance hot state", e)
 }
 
 fn pack<T: Serialize>(value: &T) -> Result<Vec<u8>> {

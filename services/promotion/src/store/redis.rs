@@ -78,28 +78,8 @@ impl Keys {
     }
 }
 
-/// Redis refusals that pass (a full or read-only server, one loading its data or busy with
-/// a script, a cluster moving slots): the caller may try again.
-const PASSING_REFUSALS: &[&str] = &[
-    "OOM",
-    "READONLY",
-    "LOADING",
-    "MASTERDOWN",
-    "BUSY",
-    "TRYAGAIN",
-    "CLUSTERDOWN",
-];
-
 fn redis_error(e: redis::RedisError) -> Error {
-    if e.is_io_error()
-        || e.is_timeout()
-        || e.is_connection_dropped()
-        || e.is_cluster_error()
-        || e.code().is_some_and(|c| PASSING_REFUSALS.contains(&c))
-    {
-        return Error::Unavailable(format!("promotion store (redis): {e}"));
-    }
-    Error::internal(anyhow::anyhow!("promotion store (redis): {e}"))
+    loyalty_platform::redis_conn::store_error("promotion store", e)
 }
 
 /// The largest purchase record a stored value may unpack to (far above any receipt's).

@@ -82,24 +82,7 @@ impl Keys {
 }
 
 fn redis_error(e: redis::RedisError) -> Error {
-    const PASSING: &[&str] = &[
-        "OOM",
-        "READONLY",
-        "LOADING",
-        "MASTERDOWN",
-        "BUSY",
-        "TRYAGAIN",
-        "CLUSTERDOWN",
-    ];
-    if e.is_io_error()
-        || e.is_timeout()
-        || e.is_connection_dropped()
-        || e.is_cluster_error()
-        || e.code().is_some_and(|c| PASSING.contains(&c))
-    {
-        return Error::Unavailable(format!("segmentation store (redis): {e}"));
-    }
-    Error::internal(anyhow::anyhow!("segmentation store (redis): {e}"))
+    loyalty_platform::redis_conn::store_error("segmentation store", e)
 }
 
 fn lex_after(after: &str) -> String {
@@ -427,6 +410,22 @@ impl RedisSegmentationStore {
         Err(Error::Unavailable(format!(
             "member {member} kept changing while its flags were set: try again"
         )))
+    }
+
+    /// The tenants in the set `set` whose hash `name` still holds something, in order.
+    async fn listed(&self, set: &str, name: &str) -> Result<Vec<String>> {
+        let listed: Vec<String> = self.query(redis::cmd("SMEMBERS").arg(set)).await?;
+        let mut out = Vec::new();
+        for tenant in listed {
+            let n: i64 = self
+                .query(redis::cmd("HLEN").arg(Keys::of(&tenant).k(name)))
+                .await?;
+            if n > 0 {
+                out.push(tenant);
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 
     async fn change_all(&self, work: Vec<MemberWork>, now: Millis) -> Result<Vec<Done>> {
@@ -814,37 +813,11 @@ impl SegmentationStore for RedisSegmentationStore {
     }
 
     async fn tenants(&self) -> Result<Vec<String>> {
-        let listed: Vec<String> = self
-            .query(redis::cmd("SMEMBERS").arg(TENANTS_WITH_SEGMENTS))
-            .await?;
-        let mut out = Vec::new();
-        for tenant in listed {
-            let n: i64 = self
-                .query(redis::cmd("HLEN").arg(Keys::of(&tenant).k("segs")))
-                .await?;
-            if n > 0 {
-                out.push(tenant);
-            }
-        }
-        out.sort();
-        Ok(out)
+        self.listed(TENANTS_WITH_SEGMENTS, "segs").await
     }
 
     async fn tenants_with_features(&self) -> Result<Vec<String>> {
-        let listed: Vec<String> = self
-            .query(redis::cmd("SMEMBERS").arg(TENANTS_WITH_FEATURES))
-            .await?;
-        let mut out = Vec::new();
-        for tenant in listed {
-            let n: i64 = self
-                .query(redis::cmd("HLEN").arg(Keys::of(&tenant).k("feat")))
-                .await?;
-            if n > 0 {
-                out.push(tenant);
-            }
-        }
-        out.sort();
-        Ok(out)
+        self.listed(TENANTS_WITH_FEATURES, "feat").await
     }
 
     async fn next_rfm_generation(&self, tenant_id: &str) -> Result<u64> {
