@@ -106,3 +106,66 @@ pub fn store_error(store: &str, e: redis::RedisError) -> crate::error::Error {
     }
     crate::error::Error::internal(anyhow::anyhow!("{store} (redis): {e}"))
 }
+
+/// One store's connection: a [`RedisConn`] whose errors name the store and map as
+/// [`store_error`] says.
+#[derive(Clone, Debug)]
+pub struct StoreConn {
+    conn: RedisConn,
+    store: &'static str,
+}
+
+impl StoreConn {
+    /// A multiplexed connection to the Redis at `url`, opened on first use.
+    pub fn single(store: &'static str, url: &str) -> redis::RedisResult<Self> {
+        Ok(Self {
+            conn: RedisConn::single(url, Duration::from_secs(2))?,
+            store,
+        })
+    }
+
+    /// One multiplexed connection per node of the Redis Cluster seeded by `nodes`.
+    pub fn cluster(store: &'static str, nodes: &[String]) -> redis::RedisResult<Self> {
+        Ok(Self {
+            conn: RedisConn::cluster(nodes, Duration::from_secs(2))?,
+            store,
+        })
+    }
+
+    pub async fn query<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> crate::error::Result<T> {
+        cmd.query_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| store_error(self.store, e))
+    }
+
+    pub async fn pipeline<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> crate::error::Result<T> {
+        pipe.query_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| store_error(self.store, e))
+    }
+
+    pub async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> crate::error::Result<T> {
+        invocation
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| store_error(self.store, e))
+    }
+}
+
+/// The `ZRANGEBYLEX` start for members strictly after `after` (`-`: from the first).
+pub fn lex_after(after: &str) -> String {
+    if after.is_empty() {
+        "-".into()
+    } else {
+        format!("({after}")
+    }
+}

@@ -15,12 +15,11 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use loyalty_platform::clock::Millis;
 use loyalty_platform::embedded::{decode, encode};
 use loyalty_platform::error::{Error, Result};
-use loyalty_platform::redis_conn::RedisConn;
+use loyalty_platform::redis_conn::{StoreConn, lex_after};
 use redis::{Script, Value};
 use serde::de::DeserializeOwned;
 
@@ -78,9 +77,8 @@ impl Keys {
     }
 }
 
-fn redis_error(e: redis::RedisError) -> Error {
-    loyalty_platform::redis_conn::store_error("promotion store", e)
-}
+/// What errors call this store.
+const STORE: &str = "promotion store";
 
 /// The largest purchase record a stored value may unpack to (far above any receipt's).
 const MAX_PURCHASE_BYTES: usize = 16 << 20;
@@ -112,15 +110,6 @@ fn decode_all<T: DeserializeOwned>(values: Vec<Option<Vec<u8>>>) -> Result<Vec<O
         .collect()
 }
 
-/// The lexical range start for members strictly after `after` (`-`: from the first).
-fn lex_after(after: &str) -> String {
-    if after.is_empty() {
-        "-".into()
-    } else {
-        format!("({after}")
-    }
-}
-
 /// A script's answer: its first element as text, and the rest.
 fn answer(value: Value) -> Result<(String, Vec<Value>)> {
     let Value::Array(mut items) = value else {
@@ -146,7 +135,7 @@ fn first_of<T: redis::FromRedisValue>(rest: Vec<Value>) -> Result<T> {
 
 #[derive(Clone)]
 pub struct RedisPromotionStore {
-    redis: RedisConn,
+    redis: StoreConn,
     put: Script,
     moved: Script,
     cas: Script,
@@ -167,19 +156,16 @@ impl std::fmt::Debug for RedisPromotionStore {
 impl RedisPromotionStore {
     /// Prepares one multiplexed connection to the Redis at `url`, opened on first use.
     pub fn connect(url: &str) -> anyhow::Result<Self> {
-        Ok(Self::with(RedisConn::single(url, Duration::from_secs(2))?))
+        Ok(Self::with(StoreConn::single(STORE, url)?))
     }
 
     /// Prepares one multiplexed connection per node of the Redis Cluster seeded by `nodes`.
     /// All of a tenant's keys share a hash slot.
     pub fn connect_cluster(nodes: &[String]) -> anyhow::Result<Self> {
-        Ok(Self::with(RedisConn::cluster(
-            nodes,
-            Duration::from_secs(2),
-        )?))
+        Ok(Self::with(StoreConn::cluster(STORE, nodes)?))
     }
 
-    fn with(redis: RedisConn) -> Self {
+    fn with(redis: StoreConn) -> Self {
         Self {
             redis,
             put: Script::new(include_str!("redis/put.lua")),
@@ -191,20 +177,11 @@ impl RedisPromotionStore {
         }
     }
 
-    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
-        cmd.query_async(&mut self.redis.clone())
-            .await
-            .map_err(redis_error)
-    }
-
-    async fn atomically<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T> {
-        pipe.query_async(&mut self.redis.clone())
-            .await
-            .map_err(redis_error)
-    }
-
     async fn get_record<T: DeserializeOwned>(&self, key: &str, field: &str) -> Result<Option<T>> {
-        let raw: Option<Vec<u8>> = self.query(redis::cmd("HGET").arg(key).arg(field)).await?;
+        let raw: Option<Vec<u8>> = self
+            .redis
+            .query(redis::cmd("HGET").arg(key).arg(field))
+            .await?;
         raw.as_deref().map(decode).transpose()
     }
 
@@ -217,8 +194,10 @@ impl RedisPromotionStore {
         if fields.is_empty() {
             return Ok(Vec::new());
         }
-        let raw: Vec<Option<Vec<u8>>> =
-            self.query(redis::cmd("HMGET").arg(key).arg(fields)).await?;
+        let raw: Vec<Option<Vec<u8>>> = self
+            .redis
+            .query(redis::cmd("HMGET").arg(key).arg(fields))
+            .await?;
         decode_all(raw)
     }
 
@@ -228,6 +207,7 @@ impl RedisPromotionStore {
             return Ok(Vec::new());
         }
         let raw: Vec<Option<Vec<u8>>> = self
+            .redis
             .query(redis::cmd("HMGET").arg(keys.k("pur")).arg(receipts))
             .await?;
         raw.into_iter()
@@ -257,7 +237,7 @@ impl RedisPromotionStore {
                 .arg(encode(item)?)
                 .ignore();
         }
-        self.atomically::<()>(&pipe).await
+        self.redis.pipeline::<()>(&pipe).await
     }
 
     async fn list<T: DeserializeOwned>(
@@ -269,6 +249,7 @@ impl RedisPromotionStore {
     ) -> Result<Vec<T>> {
         let keys = Keys::of(tenant_id);
         let ids: Vec<String> = self
+            .redis
             .query(
                 redis::cmd("ZRANGEBYLEX")
                     .arg(keys.k(&format!("{table}:ids")))
@@ -285,7 +266,10 @@ impl RedisPromotionStore {
 
     /// Every tenant with purchases, in order.
     async fn tenants(&self) -> Result<Vec<String>> {
-        let mut tenants: Vec<String> = self.query(redis::cmd("SMEMBERS").arg(TENANTS)).await?;
+        let mut tenants: Vec<String> = self
+            .redis
+            .query(redis::cmd("SMEMBERS").arg(TENANTS))
+            .await?;
         tenants.sort();
         Ok(tenants)
     }
@@ -301,6 +285,7 @@ impl RedisPromotionStore {
             return Ok(());
         }
         let _: i64 = self
+            .redis
             .query(redis::cmd("SADD").arg(TENANTS).arg(tenant_id))
             .await?;
         let mut known = self.known_tenants.lock().unwrap_or_else(|p| p.into_inner());
@@ -359,10 +344,7 @@ impl RedisPromotionStore {
             for c in claims {
                 invocation.arg(&c.counter).arg(c.amount).arg(c.limit);
             }
-            let value: Value = invocation
-                .invoke_async(&mut self.redis.clone())
-                .await
-                .map_err(redis_error)?;
+            let value: Value = self.redis.invoke(&invocation).await?;
             let (word, rest) = answer(value)?;
             return match word.as_str() {
                 "written" => Ok(Put::Written),
@@ -395,10 +377,7 @@ impl RedisPromotionStore {
             .arg(save.read.map(|v| v.to_string()).unwrap_or_default())
             .arg(save.version)
             .arg(save.encoded);
-        let saved: i64 = invocation
-            .invoke_async(&mut self.redis.clone())
-            .await
-            .map_err(redis_error)?;
+        let saved: i64 = self.redis.invoke(&invocation).await?;
         Ok(saved == 1)
     }
 }
@@ -434,7 +413,7 @@ impl RedisPromotionStore {
     /// Refuses, writing nothing, when this Redis already holds promotion data.
     pub async fn copy_from(&self, from: &EmbeddedPromotionStore) -> Result<Copied> {
         const PAGE: usize = 500;
-        let held: i64 = self.query(redis::cmd("SCARD").arg(TENANTS)).await?;
+        let held: i64 = self.redis.query(redis::cmd("SCARD").arg(TENANTS)).await?;
         let mut tenants = std::collections::BTreeSet::new();
         let mut after = None;
         loop {
@@ -451,6 +430,7 @@ impl RedisPromotionStore {
         for tenant in &tenants {
             let keys = Keys::of(tenant);
             let n: i64 = self
+                .redis
                 .query(redis::cmd("EXISTS").arg(keys.k("prog")).arg(keys.k("camp")))
                 .await?;
             if n > 0 {
@@ -482,7 +462,7 @@ impl RedisPromotionStore {
                     self.register_tenant(&tenant).await?;
                 }
                 if !rows.is_empty() {
-                    self.atomically::<()>(&pipe).await?;
+                    self.redis.pipeline::<()>(&pipe).await?;
                 }
                 match last {
                     Some(l) if rows.len() == PAGE => after = Some(l),
@@ -739,7 +719,7 @@ impl PromotionStore for RedisPromotionStore {
             pipe.cmd("HMGET").arg(keys.k("ctr")).arg(counters);
         }
         let mut replies: std::collections::VecDeque<Value> =
-            self.atomically::<Vec<Value>>(&pipe).await?.into();
+            self.redis.pipeline::<Vec<Value>>(&pipe).await?.into();
         let mut next = || {
             replies
                 .pop_front()
@@ -801,6 +781,7 @@ impl PromotionStore for RedisPromotionStore {
             };
             let keys = Keys::of(&tenant);
             let ids: Vec<String> = self
+                .redis
                 .query(
                     redis::cmd("ZRANGEBYLEX")
                         .arg(keys.k("pids"))
@@ -850,6 +831,7 @@ impl PromotionStore for RedisPromotionStore {
                 Some(a) => format!("({}", unsettled_entry(a.since, &a.receipt_id)),
             };
             let entries: Vec<String> = self
+                .redis
                 .query(
                     redis::cmd("ZRANGEBYLEX")
                         .arg(Keys::of(&tenant).k("uns"))
@@ -886,6 +868,7 @@ impl PromotionStore for RedisPromotionStore {
     ) -> Result<Vec<(String, Purchase)>> {
         let keys = Keys::of(tenant_id);
         let positions: Vec<String> = self
+            .redis
             .query(
                 redis::cmd("ZRANGEBYLEX")
                     .arg(keys.history(member_id))
@@ -926,10 +909,7 @@ impl PromotionStore for RedisPromotionStore {
                 .arg(from)
                 .arg(to)
                 .arg(&survivor);
-            let value: Value = invocation
-                .invoke_async(&mut self.redis.clone())
-                .await
-                .map_err(redis_error)?;
+            let value: Value = self.redis.invoke(&invocation).await?;
             let (word, rest) = answer(value)?;
             match word.as_str() {
                 "done" => return first_of(rest),
@@ -958,6 +938,7 @@ impl PromotionStore for RedisPromotionStore {
             return Ok(Vec::new());
         }
         let values: Vec<Option<i64>> = self
+            .redis
             .query(
                 redis::cmd("HMGET")
                     .arg(Keys::of(tenant_id).k("ctr"))
@@ -978,7 +959,7 @@ impl PromotionStore for RedisPromotionStore {
             .cmd("HVALS")
             .arg(keys.k("groups"));
         let (version, campaigns, groups): (Option<u64>, Vec<Vec<u8>>, Vec<Vec<u8>>) =
-            self.atomically(&pipe).await?;
+            self.redis.pipeline(&pipe).await?;
         let mut campaigns = campaigns
             .iter()
             .map(|b| decode(b))
@@ -1065,6 +1046,7 @@ impl PromotionStore for RedisPromotionStore {
             "+inf".into()
         };
         let raw: Vec<Vec<u8>> = self
+            .redis
             .query(
                 redis::cmd("ZREVRANGEBYSCORE")
                     .arg(history)
@@ -1086,10 +1068,7 @@ impl PromotionStore for RedisPromotionStore {
             .key(keys.k("cver"))
             .arg(&group.group_id)
             .arg(encode(&group)?);
-        let _: i64 = invocation
-            .invoke_async(&mut self.redis.clone())
-            .await
-            .map_err(redis_error)?;
+        let _: i64 = self.redis.invoke(&invocation).await?;
         Ok(())
     }
 
@@ -1117,10 +1096,7 @@ impl PromotionStore for RedisPromotionStore {
         for c in coupons {
             invocation.arg(&c.code).arg(encode(c)?);
         }
-        let value: Value = invocation
-            .invoke_async(&mut self.redis.clone())
-            .await
-            .map_err(redis_error)?;
+        let value: Value = self.redis.invoke(&invocation).await?;
         let (word, rest) = answer(value)?;
         match word.as_str() {
             "done" => Ok(codes),
@@ -1136,7 +1112,7 @@ impl PromotionStore for RedisPromotionStore {
     }
 
     async fn ping(&self) -> Result<()> {
-        let _: String = self.query(&redis::cmd("PING")).await?;
+        let _: String = self.redis.query(&redis::cmd("PING")).await?;
         Ok(())
     }
 }

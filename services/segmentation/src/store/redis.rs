@@ -12,13 +12,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use futures_util::StreamExt;
 use loyalty_platform::clock::Millis;
 use loyalty_platform::embedded::{decode, encode};
 use loyalty_platform::error::{Error, Result};
-use loyalty_platform::redis_conn::RedisConn;
+use loyalty_platform::redis_conn::{StoreConn, lex_after};
 use redis::{Script, Value};
 
 use super::{
@@ -81,17 +80,8 @@ impl Keys {
     }
 }
 
-fn redis_error(e: redis::RedisError) -> Error {
-    loyalty_platform::redis_conn::store_error("segmentation store", e)
-}
-
-fn lex_after(after: &str) -> String {
-    if after.is_empty() {
-        "-".into()
-    } else {
-        format!("({after}")
-    }
-}
+/// What errors call this store.
+const STORE: &str = "segmentation store";
 
 /// What a flag names instead of a segment version when any version will do (static lists),
 /// as long as the segment exists and is not being deleted.
@@ -137,7 +127,7 @@ struct Done {
 
 #[derive(Clone)]
 pub struct RedisSegmentationStore {
-    redis: RedisConn,
+    redis: StoreConn,
     member: Script,
     segment: Script,
     leave: Script,
@@ -159,18 +149,15 @@ impl std::fmt::Debug for RedisSegmentationStore {
 impl RedisSegmentationStore {
     /// One multiplexed connection to the Redis at `url`, opened on first use.
     pub fn connect(url: &str) -> anyhow::Result<Self> {
-        Ok(Self::with(RedisConn::single(url, Duration::from_secs(2))?))
+        Ok(Self::with(StoreConn::single(STORE, url)?))
     }
 
     /// One multiplexed connection per node of the Redis Cluster seeded by `nodes`.
     pub fn connect_cluster(nodes: &[String]) -> anyhow::Result<Self> {
-        Ok(Self::with(RedisConn::cluster(
-            nodes,
-            Duration::from_secs(2),
-        )?))
+        Ok(Self::with(StoreConn::cluster(STORE, nodes)?))
     }
 
-    fn with(redis: RedisConn) -> Self {
+    fn with(redis: StoreConn) -> Self {
         Self {
             redis,
             member: Script::new(include_str!("redis/member.lua")),
@@ -183,28 +170,6 @@ impl RedisSegmentationStore {
         }
     }
 
-    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
-        cmd.query_async(&mut self.redis.clone())
-            .await
-            .map_err(redis_error)
-    }
-
-    async fn pipeline<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T> {
-        pipe.query_async(&mut self.redis.clone())
-            .await
-            .map_err(redis_error)
-    }
-
-    async fn invoke<T: redis::FromRedisValue>(
-        &self,
-        invocation: &redis::ScriptInvocation<'_>,
-    ) -> Result<T> {
-        invocation
-            .invoke_async(&mut self.redis.clone())
-            .await
-            .map_err(redis_error)
-    }
-
     async fn register_features(&self, tenant: &str) -> Result<()> {
         if self
             .known
@@ -215,6 +180,7 @@ impl RedisSegmentationStore {
             return Ok(());
         }
         let _: i64 = self
+            .redis
             .query(redis::cmd("SADD").arg(TENANTS_WITH_FEATURES).arg(tenant))
             .await?;
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
@@ -259,7 +225,7 @@ impl RedisSegmentationStore {
                 pipe.cmd("HMGET").arg(keys.k("segv")).arg(&rule_ids);
             }
             let mut replies: std::collections::VecDeque<Value> =
-                self.pipeline::<Vec<Value>>(&pipe).await?.into();
+                self.redis.pipeline::<Vec<Value>>(&pipe).await?.into();
             let mut next = || -> Result<Value> {
                 replies
                     .pop_front()
@@ -352,7 +318,7 @@ impl RedisSegmentationStore {
                     .arg(if *on { "1" } else { "0" })
                     .arg(wanted);
             }
-            let answer: Vec<Value> = self.invoke(&invocation).await?;
+            let answer: Vec<Value> = self.redis.invoke(&invocation).await?;
             if let Some(changed) = changed_by(&answer)? {
                 return Ok(Done {
                     new: new_ids.len(),
@@ -376,6 +342,7 @@ impl RedisSegmentationStore {
     ) -> Result<usize> {
         for _ in 0..MAX_ATTEMPTS {
             let version: Option<String> = self
+                .redis
                 .query(redis::cmd("HGET").arg(keys.k("mv")).arg(member))
                 .await?;
             let mut invocation = self.member.prepare_invoke();
@@ -402,7 +369,7 @@ impl RedisSegmentationStore {
                     .arg(if *on { "1" } else { "0" })
                     .arg(ANY_LIVE_VERSION);
             }
-            let answer: Vec<Value> = self.invoke(&invocation).await?;
+            let answer: Vec<Value> = self.redis.invoke(&invocation).await?;
             if let Some(changed) = changed_by(&answer)? {
                 return Ok(changed);
             }
@@ -412,12 +379,33 @@ impl RedisSegmentationStore {
         )))
     }
 
+    /// Members with features after `after` in id order, at most `limit`.
+    async fn members_with_features(
+        &self,
+        keys: &Keys,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        self.redis
+            .query(
+                redis::cmd("ZRANGEBYLEX")
+                    .arg(keys.k("fids"))
+                    .arg(lex_after(after))
+                    .arg("+")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit),
+            )
+            .await
+    }
+
     /// The tenants in the set `set` whose hash `name` still holds something, in order.
     async fn listed(&self, set: &str, name: &str) -> Result<Vec<String>> {
-        let listed: Vec<String> = self.query(redis::cmd("SMEMBERS").arg(set)).await?;
+        let listed: Vec<String> = self.redis.query(redis::cmd("SMEMBERS").arg(set)).await?;
         let mut out = Vec::new();
         for tenant in listed {
             let n: i64 = self
+                .redis
                 .query(redis::cmd("HLEN").arg(Keys::of(&tenant).k(name)))
                 .await?;
             if n > 0 {
@@ -487,6 +475,7 @@ impl SegmentationStore for RedisSegmentationStore {
             .any(|c| matches!(c.change, Change::Erasure(_)));
         if erasure {
             let _: () = self
+                .redis
                 .query(redis::cmd("SET").arg(SCRUB_PENDING).arg(1))
                 .await?;
         }
@@ -499,7 +488,7 @@ impl SegmentationStore for RedisSegmentationStore {
                 .key(keys.k("applied"))
                 .key(keys.k("applied_t"))
                 .arg(now - DEDUP_WINDOW_MS);
-            let _: i64 = self.invoke(&invocation).await?;
+            let _: i64 = self.redis.invoke(&invocation).await?;
         }
         Ok(done.iter().map(|d| d.new).sum())
     }
@@ -513,17 +502,7 @@ impl SegmentationStore for RedisSegmentationStore {
         now: Millis,
     ) -> Result<(Option<String>, usize)> {
         let keys = Keys::of(tenant_id);
-        let members: Vec<String> = self
-            .query(
-                redis::cmd("ZRANGEBYLEX")
-                    .arg(keys.k("fids"))
-                    .arg(lex_after(after))
-                    .arg("+")
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(limit),
-            )
-            .await?;
+        let members = self.members_with_features(&keys, after, limit).await?;
         let last = members.last().cloned();
         let work = members
             .into_iter()
@@ -540,6 +519,7 @@ impl SegmentationStore for RedisSegmentationStore {
 
     async fn features(&self, tenant_id: &str, member_id: &str) -> Result<Option<Features>> {
         let raw: Option<Vec<u8>> = self
+            .redis
             .query(
                 redis::cmd("HGET")
                     .arg(Keys::of(tenant_id).k("feat"))
@@ -556,21 +536,12 @@ impl SegmentationStore for RedisSegmentationStore {
         limit: usize,
     ) -> Result<Vec<(String, Features)>> {
         let keys = Keys::of(tenant_id);
-        let members: Vec<String> = self
-            .query(
-                redis::cmd("ZRANGEBYLEX")
-                    .arg(keys.k("fids"))
-                    .arg(lex_after(after))
-                    .arg("+")
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(limit),
-            )
-            .await?;
+        let members = self.members_with_features(&keys, after, limit).await?;
         if members.is_empty() {
             return Ok(Vec::new());
         }
         let raw: Vec<Option<Vec<u8>>> = self
+            .redis
             .query(redis::cmd("HMGET").arg(keys.k("feat")).arg(&members))
             .await?;
         let mut out = Vec::with_capacity(members.len());
@@ -589,6 +560,7 @@ impl SegmentationStore for RedisSegmentationStore {
     ) -> Result<bool> {
         let keys = Keys::of(&segment.tenant_id);
         let _: i64 = self
+            .redis
             .query(
                 redis::cmd("SADD")
                     .arg(TENANTS_WITH_SEGMENTS)
@@ -604,12 +576,13 @@ impl SegmentationStore for RedisSegmentationStore {
             .arg(MAX_SEGMENTS)
             .arg(encode(&segment)?)
             .arg(stamp(segment.version, segment.update_time));
-        let saved: i64 = self.invoke(&invocation).await?;
+        let saved: i64 = self.redis.invoke(&invocation).await?;
         Ok(saved == 1)
     }
 
     async fn segment(&self, tenant_id: &str, segment_id: &str) -> Result<Option<SegmentDef>> {
         let raw: Option<Vec<u8>> = self
+            .redis
             .query(
                 redis::cmd("HGET")
                     .arg(Keys::of(tenant_id).k("segs"))
@@ -621,6 +594,7 @@ impl SegmentationStore for RedisSegmentationStore {
 
     async fn segments(&self, tenant_id: &str) -> Result<Vec<SegmentDef>> {
         let raw: Vec<Vec<u8>> = self
+            .redis
             .query(redis::cmd("HVALS").arg(Keys::of(tenant_id).k("segs")))
             .await?;
         let mut out = raw
@@ -642,13 +616,14 @@ impl SegmentationStore for RedisSegmentationStore {
             .key(keys.k("segv"))
             .arg(segment_id)
             .arg(DELETING);
-        let marked: i64 = self.invoke(&invocation).await?;
+        let marked: i64 = self.redis.invoke(&invocation).await?;
         if marked == 0 {
             return Ok(false);
         }
         let members_key = keys.members_of(segment_id);
         loop {
             let members: Vec<String> = self
+                .redis
                 .query(
                     redis::cmd("ZRANGE")
                         .arg(&members_key)
@@ -668,7 +643,7 @@ impl SegmentationStore for RedisSegmentationStore {
             for m in &members {
                 invocation.arg(m);
             }
-            let _: i64 = self.invoke(&invocation).await?;
+            let _: i64 = self.redis.invoke(&invocation).await?;
         }
         let mut pipe = redis::pipe();
         pipe.atomic()
@@ -680,7 +655,7 @@ impl SegmentationStore for RedisSegmentationStore {
             .arg(keys.k("segv"))
             .arg(segment_id)
             .ignore();
-        self.pipeline::<()>(&pipe).await?;
+        self.redis.pipeline::<()>(&pipe).await?;
         Ok(true)
     }
 
@@ -705,7 +680,8 @@ impl SegmentationStore for RedisSegmentationStore {
         let stamps: Vec<Option<String>> = if named.is_empty() {
             Vec::new()
         } else {
-            self.query(redis::cmd("HMGET").arg(keys.k("segv")).arg(&named))
+            self.redis
+                .query(redis::cmd("HMGET").arg(keys.k("segv")).arg(&named))
                 .await?
         };
         let live: BTreeSet<&str> = named
@@ -735,6 +711,7 @@ impl SegmentationStore for RedisSegmentationStore {
 
     async fn member_segments(&self, tenant_id: &str, member_id: &str) -> Result<Vec<String>> {
         let mut segments: Vec<String> = self
+            .redis
             .query(redis::cmd("SMEMBERS").arg(Keys::of(tenant_id).segments_of(member_id)))
             .await?;
         segments.sort();
@@ -748,20 +725,22 @@ impl SegmentationStore for RedisSegmentationStore {
         after: &str,
         limit: usize,
     ) -> Result<Vec<String>> {
-        self.query(
-            redis::cmd("ZRANGEBYLEX")
-                .arg(Keys::of(tenant_id).members_of(segment_id))
-                .arg(lex_after(after))
-                .arg("+")
-                .arg("LIMIT")
-                .arg(0)
-                .arg(limit),
-        )
-        .await
+        self.redis
+            .query(
+                redis::cmd("ZRANGEBYLEX")
+                    .arg(Keys::of(tenant_id).members_of(segment_id))
+                    .arg(lex_after(after))
+                    .arg("+")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit),
+            )
+            .await
     }
 
     async fn count(&self, tenant_id: &str, segment_id: &str) -> Result<u64> {
-        self.query(redis::cmd("ZCARD").arg(Keys::of(tenant_id).members_of(segment_id)))
+        self.redis
+            .query(redis::cmd("ZCARD").arg(Keys::of(tenant_id).members_of(segment_id)))
             .await
     }
 
@@ -786,6 +765,7 @@ impl SegmentationStore for RedisSegmentationStore {
             },
         };
         let entries: Vec<String> = self
+            .redis
             .query(
                 redis::cmd("ZREVRANGEBYLEX")
                     .arg(Keys::of(tenant_id).history_of(member_id))
@@ -821,7 +801,8 @@ impl SegmentationStore for RedisSegmentationStore {
     }
 
     async fn next_rfm_generation(&self, tenant_id: &str) -> Result<u64> {
-        self.query(redis::cmd("INCR").arg(Keys::of(tenant_id).k("rfmgen")))
+        self.redis
+            .query(redis::cmd("INCR").arg(Keys::of(tenant_id).k("rfmgen")))
             .await
     }
 
@@ -846,7 +827,7 @@ impl SegmentationStore for RedisSegmentationStore {
                 hset.arg(member).arg(encode(score)?);
             }
             pipe.add_command(hset).ignore();
-            self.pipeline::<()>(&pipe).await?;
+            self.redis.pipeline::<()>(&pipe).await?;
         }
         Ok(())
     }
@@ -859,12 +840,13 @@ impl SegmentationStore for RedisSegmentationStore {
             .key(keys.k("rfmcur"))
             .arg(run.generation)
             .arg(encode(&run)?);
-        let published: i64 = self.invoke(&invocation).await?;
+        let published: i64 = self.redis.invoke(&invocation).await?;
         if published == 0 {
             return Ok(false);
         }
         // Scores of every earlier run go (nothing reads them once the run moved on).
         let earlier: Vec<u64> = self
+            .redis
             .query(
                 redis::cmd("ZRANGEBYSCORE")
                     .arg(keys.k("rfmgens"))
@@ -881,13 +863,14 @@ impl SegmentationStore for RedisSegmentationStore {
                 .arg(keys.k("rfmgens"))
                 .arg(generation)
                 .ignore();
-            self.pipeline::<()>(&pipe).await?;
+            self.redis.pipeline::<()>(&pipe).await?;
         }
         Ok(true)
     }
 
     async fn rfm_run(&self, tenant_id: &str) -> Result<Option<RfmRun>> {
         let raw: Option<Vec<u8>> = self
+            .redis
             .query(redis::cmd("GET").arg(Keys::of(tenant_id).k("rfmrun")))
             .await?;
         raw.as_deref().map(decode).transpose()
@@ -896,7 +879,8 @@ impl SegmentationStore for RedisSegmentationStore {
     async fn rfm(&self, tenant_id: &str, member_id: &str) -> Result<Option<Score>> {
         let keys = Keys::of(tenant_id);
         let current = || async {
-            self.query::<Option<u64>>(redis::cmd("GET").arg(keys.k("rfmcur")))
+            self.redis
+                .query::<Option<u64>>(redis::cmd("GET").arg(keys.k("rfmcur")))
                 .await
         };
         let mut generation = current().await?;
@@ -906,6 +890,7 @@ impl SegmentationStore for RedisSegmentationStore {
                 return Ok(None);
             };
             let raw: Option<Vec<u8>> = self
+                .redis
                 .query(redis::cmd("HGET").arg(keys.rfm(g)).arg(member_id))
                 .await?;
             if raw.is_some() {
@@ -922,6 +907,7 @@ impl SegmentationStore for RedisSegmentationStore {
 
     async fn clear_features(&self) -> Result<()> {
         let tenants: Vec<String> = self
+            .redis
             .query(redis::cmd("SMEMBERS").arg(TENANTS_WITH_FEATURES))
             .await?;
         for tenant in &tenants {
@@ -931,9 +917,10 @@ impl SegmentationStore for RedisSegmentationStore {
             for name in ["feat", "fids", "applied", "applied_t"] {
                 pipe.cmd("DEL").arg(keys.k(name)).ignore();
             }
-            self.pipeline::<()>(&pipe).await?;
+            self.redis.pipeline::<()>(&pipe).await?;
         }
         let _: i64 = self
+            .redis
             .query(redis::cmd("DEL").arg(TENANTS_WITH_FEATURES))
             .await?;
         self.known.lock().unwrap_or_else(|p| p.into_inner()).clear();
@@ -941,16 +928,22 @@ impl SegmentationStore for RedisSegmentationStore {
     }
 
     async fn scrub(&self) -> Result<bool> {
-        let pending: Option<String> = self.query(redis::cmd("GET").arg(SCRUB_PENDING)).await?;
+        let pending: Option<String> = self
+            .redis
+            .query(redis::cmd("GET").arg(SCRUB_PENDING))
+            .await?;
         if pending.is_none() {
             return Ok(false);
         }
         // Memory holds only live data; the append-only file keeps replaced values until it
         // is rewritten. The mark goes only once a rewrite started after it: a rewrite
         // already running may have forked before the erasure, so the next run asks again.
-        match self.query::<Value>(&redis::cmd("BGREWRITEAOF")).await {
+        match self.redis.query::<Value>(&redis::cmd("BGREWRITEAOF")).await {
             Ok(_) => {
-                let _: i64 = self.query(redis::cmd("DEL").arg(SCRUB_PENDING)).await?;
+                let _: i64 = self
+                    .redis
+                    .query(redis::cmd("DEL").arg(SCRUB_PENDING))
+                    .await?;
                 Ok(true)
             }
             Err(e) => {
@@ -961,7 +954,7 @@ impl SegmentationStore for RedisSegmentationStore {
     }
 
     async fn ping(&self) -> Result<()> {
-        let _: String = self.query(&redis::cmd("PING")).await?;
+        let _: String = self.redis.query(&redis::cmd("PING")).await?;
         Ok(())
     }
 }
