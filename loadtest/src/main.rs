@@ -387,7 +387,16 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         model: model.config.clone(),
     };
     let seed = model.config.seed;
-    let coupons = runner::generate_coupons(&model, &clients, &run_id).await?;
+    let coupons = match runner::generate_coupons(&model, &clients, &run_id).await {
+        Ok(coupons) => coupons,
+        Err(e) => {
+            // The run's keys go with the run, also when it cannot start.
+            if clients.credentials().made() > 0 {
+                keys::revoke(&model, &clients, cli.setup_concurrency).await?;
+            }
+            return Err(e);
+        }
+    };
     let mix = mix(cli.scenario, &model.config);
     let workload = Arc::new(Workload::new(
         model,
