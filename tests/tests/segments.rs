@@ -75,6 +75,22 @@ async fn wait_for_receipts(
     panic!("{member} never reached {receipts} receipts: {f:?}");
 }
 
+/// The id of the tenant's member with this phone.
+async fn member_by_phone(pos: &mut Pos, phone: &str) -> String {
+    pos.members
+        .lookup_member(identity::LookupMemberRequest {
+            tenant_id: TENANT.into(),
+            key: Some(identity::lookup_member_request::Key::Phone(phone.into())),
+            default_region: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .member
+        .unwrap()
+        .member_id
+}
+
 async fn segments_of(seg: &mut SegmentationServiceClient<Channel>, member: &str) -> Vec<String> {
     seg.get_member_segments(spb::GetMemberSegmentsRequest {
         tenant_id: TENANT.into(),
@@ -657,21 +673,7 @@ async fn microservices_events_cross_processes_on_redis_streams() {
     let anna_before = {
         let mut seg = SegmentationServiceClient::new(seg_channel.clone());
         let mut pos = Pos::new(&pos_channel, &pos_channel);
-        let anna = pos
-            .members
-            .lookup_member(identity::LookupMemberRequest {
-                tenant_id: TENANT.into(),
-                key: Some(identity::lookup_member_request::Key::Phone(
-                    "+77015550101".into(),
-                )),
-                default_region: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .member
-            .unwrap()
-            .member_id;
+        let anna = member_by_phone(&mut pos, "+77015550101").await;
         (anna.clone(), features(&mut seg, &anna).await)
     };
     segmentation.stop().await;
@@ -780,21 +782,7 @@ async fn segmentation_replicas_on_redis_share_features_and_segments() {
     purchases_drive_segments(&pos_channel, &pos_channel, &first).await;
 
     let mut pos = Pos::new(&pos_channel, &pos_channel);
-    let anna = pos
-        .members
-        .lookup_member(identity::LookupMemberRequest {
-            tenant_id: TENANT.into(),
-            key: Some(identity::lookup_member_request::Key::Phone(
-                "+77015550101".into(),
-            )),
-            default_region: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .member
-        .unwrap()
-        .member_id;
+    let anna = member_by_phone(&mut pos, "+77015550101").await;
     let (mut one, mut two) = (
         SegmentationServiceClient::new(first.clone()),
         SegmentationServiceClient::new(second.clone()),

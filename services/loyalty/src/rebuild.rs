@@ -462,13 +462,6 @@ pub async fn copy_promotion(
         "promotion.redb",
         EmbeddedPromotionStore::open,
     )?;
-    let redis = &config.storage.redis;
-    let to = if redis.cluster_nodes.is_empty() {
-        RedisPromotionStore::connect(&redis.url)
-            .context("bad configuration: `storage.redis.url`")?
-    } else {
-        RedisPromotionStore::connect_cluster(&redis.cluster_nodes)
-            .context("bad configuration: `storage.redis.cluster_nodes`")?
-    };
+    let to = RedisPromotionStore::for_config(&config.storage.redis)?;
     Ok(to.copy_from(&from).await?)
 }

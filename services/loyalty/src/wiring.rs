@@ -803,18 +803,10 @@ pub fn promotion_store(config: &Config) -> anyhow::Result<Arc<dyn PromotionStore
                 &config.data_dir.join("promotion.redb"),
             )?),
         )),
-        ServiceStore::Redis => {
-            let redis = &config.storage.redis;
-            let store = if redis.cluster_nodes.is_empty() {
-                RedisPromotionStore::connect(&redis.url)
-                    .context("bad configuration: `storage.redis.url` (the promotion store)")?
-            } else {
-                RedisPromotionStore::connect_cluster(&redis.cluster_nodes).context(
-                    "bad configuration: `storage.redis.cluster_nodes` (the promotion store)",
-                )?
-            };
-            Arc::new(Traced::new("redis", Arc::new(store)))
-        }
+        ServiceStore::Redis => Arc::new(Traced::new(
+            "redis",
+            Arc::new(RedisPromotionStore::for_config(&config.storage.redis)?),
+        )),
     })
 }
 
@@ -832,18 +824,10 @@ pub fn segmentation_store(config: &Config) -> anyhow::Result<Arc<dyn Segmentatio
                 Arc::new(EmbeddedSegmentationStore::open(&path)?),
             ))
         }
-        ServiceStore::Redis => {
-            let redis = &config.storage.redis;
-            let store = if redis.cluster_nodes.is_empty() {
-                RedisSegmentationStore::connect(&redis.url)
-                    .context("bad configuration: `storage.redis.url` (the segmentation store)")?
-            } else {
-                RedisSegmentationStore::connect_cluster(&redis.cluster_nodes).context(
-                    "bad configuration: `storage.redis.cluster_nodes` (the segmentation store)",
-                )?
-            };
-            Arc::new(Traced::new("redis", Arc::new(store)))
-        }
+        ServiceStore::Redis => Arc::new(Traced::new(
+            "redis",
+            Arc::new(RedisSegmentationStore::for_config(&config.storage.redis)?),
+        )),
     })
 }
 

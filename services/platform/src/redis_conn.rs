@@ -132,6 +132,22 @@ impl StoreConn {
         })
     }
 
+    /// The Redis `config` names: its cluster when it lists seed nodes, else its URL.
+    pub fn for_config(
+        store: &'static str,
+        config: &crate::config::RedisConfig,
+    ) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        if config.cluster_nodes.is_empty() {
+            Self::single(store, &config.url)
+                .with_context(|| format!("bad configuration: `storage.redis.url` (the {store})"))
+        } else {
+            Self::cluster(store, &config.cluster_nodes).with_context(|| {
+                format!("bad configuration: `storage.redis.cluster_nodes` (the {store})")
+            })
+        }
+    }
+
     pub async fn query<T: redis::FromRedisValue>(
         &self,
         cmd: &redis::Cmd,
@@ -167,5 +183,48 @@ pub fn lex_after(after: &str) -> String {
         "-".into()
     } else {
         format!("({after}")
+    }
+}
+
+/// A Redis set this process adds members to, remembering (up to 10,000) those it already
+/// added so a hot path pays the `SADD` once per member and process.
+#[derive(Clone, Debug)]
+pub struct RememberedSet {
+    key: &'static str,
+    added: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl RememberedSet {
+    const REMEMBERED: usize = 10_000;
+
+    pub fn new(key: &'static str) -> Self {
+        Self {
+            key,
+            added: Default::default(),
+        }
+    }
+
+    fn added(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.added.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds `member` unless this process already did.
+    pub async fn add(&self, conn: &StoreConn, member: &str) -> crate::error::Result<()> {
+        if self.added().contains(member) {
+            return Ok(());
+        }
+        let _: i64 = conn
+            .query(redis::cmd("SADD").arg(self.key).arg(member))
+            .await?;
+        let mut set = self.added();
+        if set.len() < Self::REMEMBERED {
+            set.insert(member.to_string());
+        }
+        Ok(())
+    }
+
+    /// Forgets what this process added (after the set was deleted).
+    pub fn forget(&self) {
+        self.added().clear();
     }
 }

@@ -13,13 +13,10 @@
 //! This Redis holds the only copy of the promotion state, so it must persist it: see
 //! ARCHITECTURE.md, "Promotion on Redis".
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
-
 use loyalty_platform::clock::Millis;
 use loyalty_platform::embedded::{decode, encode};
 use loyalty_platform::error::{Error, Result};
-use loyalty_platform::redis_conn::{StoreConn, lex_after};
+use loyalty_platform::redis_conn::{RememberedSet, StoreConn, lex_after};
 use redis::{Script, Value};
 use serde::de::DeserializeOwned;
 
@@ -38,8 +35,6 @@ const MAX_SAVE_ATTEMPTS: usize = 16;
 /// How often a write is filed again because the member's history moved (a merge) between
 /// the caller's look and the script.
 const MAX_MERGE_RETRIES: usize = 8;
-/// Tenants this process remembers having added to [`TENANTS`]; past it, it adds again.
-const MAX_KNOWN_TENANTS: usize = 10_000;
 
 /// Orders a member's purchases newest first: the commit time counted down, then the id.
 /// The same positions as the embedded store, so paging tokens mean the same.
@@ -141,8 +136,8 @@ pub struct RedisPromotionStore {
     cas: Script,
     group: Script,
     coupons: Script,
-    /// Tenants this process already added to [`TENANTS`].
-    known_tenants: Arc<Mutex<HashSet<String>>>,
+    /// The tenants with purchases ([`TENANTS`]).
+    tenants: RememberedSet,
 }
 
 impl std::fmt::Debug for RedisPromotionStore {
@@ -165,6 +160,11 @@ impl RedisPromotionStore {
         Ok(Self::with(StoreConn::cluster(STORE, nodes)?))
     }
 
+    /// The Redis (or cluster) of `storage.redis`.
+    pub fn for_config(config: &loyalty_platform::config::RedisConfig) -> anyhow::Result<Self> {
+        Ok(Self::with(StoreConn::for_config(STORE, config)?))
+    }
+
     fn with(redis: StoreConn) -> Self {
         Self {
             redis,
@@ -173,7 +173,7 @@ impl RedisPromotionStore {
             cas: Script::new(include_str!("redis/cas.lua")),
             group: Script::new(include_str!("redis/group.lua")),
             coupons: Script::new(include_str!("redis/coupons.lua")),
-            known_tenants: Arc::new(Mutex::new(HashSet::new())),
+            tenants: RememberedSet::new(TENANTS),
         }
     }
 
@@ -277,22 +277,7 @@ impl RedisPromotionStore {
     /// Adds the tenant to [`TENANTS`] before its first purchase is written, once per
     /// process (the walks then find every purchase written).
     async fn register_tenant(&self, tenant_id: &str) -> Result<()> {
-        let known = {
-            let known = self.known_tenants.lock().unwrap_or_else(|p| p.into_inner());
-            known.contains(tenant_id)
-        };
-        if known {
-            return Ok(());
-        }
-        let _: i64 = self
-            .redis
-            .query(redis::cmd("SADD").arg(TENANTS).arg(tenant_id))
-            .await?;
-        let mut known = self.known_tenants.lock().unwrap_or_else(|p| p.into_inner());
-        if known.len() < MAX_KNOWN_TENANTS {
-            known.insert(tenant_id.to_string());
-        }
-        Ok(())
+        self.tenants.add(&self.redis, tenant_id).await
     }
 
     /// Runs the purchase script; `purchase` `None` applies the claims alone.

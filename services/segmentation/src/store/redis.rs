@@ -10,14 +10,13 @@
 //! while its segment is at the version its rule was compiled from. See ARCHITECTURE.md,
 //! "Segmentation on Redis".
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, BTreeSet};
 
 use futures_util::StreamExt;
 use loyalty_platform::clock::Millis;
 use loyalty_platform::embedded::{decode, encode};
 use loyalty_platform::error::{Error, Result};
-use loyalty_platform::redis_conn::{StoreConn, lex_after};
+use loyalty_platform::redis_conn::{RememberedSet, StoreConn, lex_after};
 use redis::{Script, Value};
 
 use super::{
@@ -108,6 +107,19 @@ fn changed_by(answer: &[Value]) -> Result<Option<usize>> {
     ))
 }
 
+/// What `member.lua` writes for one member.
+struct MemberWrite<'a> {
+    member: &'a str,
+    /// The member's version as read (`None`: never written).
+    version: Option<&'a str>,
+    /// Its new features, encoded (empty: unchanged).
+    features: &'a [u8],
+    /// Event ids newly applied.
+    ids: &'a [&'a str],
+    /// (segment, is a member, the segment version the flag was decided on).
+    flags: &'a [(&'a str, bool, &'a str)],
+}
+
 /// One member's work in a write: its new events and the rules to evaluate it against.
 struct MemberWork {
     tenant: String,
@@ -134,8 +146,8 @@ pub struct RedisSegmentationStore {
     mark: Script,
     forget: Script,
     publish: Script,
-    /// Tenants this process already added to [`TENANTS_WITH_FEATURES`].
-    known: Arc<Mutex<HashSet<String>>>,
+    /// [`TENANTS_WITH_FEATURES`].
+    with_features: RememberedSet,
 }
 
 impl std::fmt::Debug for RedisSegmentationStore {
@@ -157,6 +169,11 @@ impl RedisSegmentationStore {
         Ok(Self::with(StoreConn::cluster(STORE, nodes)?))
     }
 
+    /// The Redis (or cluster) of `storage.redis`.
+    pub fn for_config(config: &loyalty_platform::config::RedisConfig) -> anyhow::Result<Self> {
+        Ok(Self::with(StoreConn::for_config(STORE, config)?))
+    }
+
     fn with(redis: StoreConn) -> Self {
         Self {
             redis,
@@ -166,28 +183,12 @@ impl RedisSegmentationStore {
             mark: Script::new(include_str!("redis/mark.lua")),
             forget: Script::new(include_str!("redis/forget.lua")),
             publish: Script::new(include_str!("redis/publish.lua")),
-            known: Arc::new(Mutex::new(HashSet::new())),
+            with_features: RememberedSet::new(TENANTS_WITH_FEATURES),
         }
     }
 
     async fn register_features(&self, tenant: &str) -> Result<()> {
-        if self
-            .known
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(tenant)
-        {
-            return Ok(());
-        }
-        let _: i64 = self
-            .redis
-            .query(redis::cmd("SADD").arg(TENANTS_WITH_FEATURES).arg(tenant))
-            .await?;
-        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
-        if known.len() < 10_000 {
-            known.insert(tenant.to_string());
-        }
-        Ok(())
+        self.with_features.add(&self.redis, tenant).await
     }
 
     /// Reads one member, applies its new events, evaluates it and writes the difference;
@@ -201,11 +202,13 @@ impl RedisSegmentationStore {
                 ids.push(&c.event_id);
             }
         }
-        let rule_ids: Vec<&str> = work
+        // Each rule's segment version; the script writes a flag only while its segment is
+        // still at it.
+        let rules: Vec<(&Rule, String)> = work
             .rules
             .iter()
             .flatten()
-            .map(|r| r.segment_id.as_str())
+            .map(|r| (r, stamp(r.version, r.update_time)))
             .collect();
         for _ in 0..MAX_ATTEMPTS {
             let mut pipe = redis::pipe();
@@ -221,9 +224,6 @@ impl RedisSegmentationStore {
             if !ids.is_empty() {
                 pipe.cmd("HMGET").arg(keys.k("applied")).arg(&ids);
             }
-            if !rule_ids.is_empty() {
-                pipe.cmd("HMGET").arg(keys.k("segv")).arg(&rule_ids);
-            }
             let mut replies: std::collections::VecDeque<Value> =
                 self.redis.pipeline::<Vec<Value>>(&pipe).await?.into();
             let mut next = || -> Result<Value> {
@@ -238,11 +238,6 @@ impl RedisSegmentationStore {
             let current: BTreeSet<String> =
                 redis::from_redis_value(next()?).map_err(Error::internal)?;
             let applied: Vec<Option<String>> = if ids.is_empty() {
-                Vec::new()
-            } else {
-                redis::from_redis_value(next()?).map_err(Error::internal)?
-            };
-            let stamps: Vec<Option<String>> = if rule_ids.is_empty() {
                 Vec::new()
             } else {
                 redis::from_redis_value(next()?).map_err(Error::internal)?
@@ -267,17 +262,13 @@ impl RedisSegmentationStore {
                     Change::Erasure(m) => features.apply_member(m),
                 }
             }
-            // The flags that change, for rules whose segment is still at their version.
+            // The flags that change.
             let cx = Context { now };
-            let mut flags: Vec<(&str, bool, String)> = Vec::new();
-            for (rule, stored) in work.rules.iter().flatten().zip(&stamps) {
-                let wanted = stamp(rule.version, rule.update_time);
-                if stored.as_deref() != Some(wanted.as_str()) {
-                    continue;
-                }
+            let mut flags: Vec<(&str, bool, &str)> = Vec::new();
+            for (rule, version) in &rules {
                 let is_member = rule.expr.matches(&features, cx);
                 if is_member != current.contains(&rule.segment_id) {
-                    flags.push((rule.segment_id.as_str(), is_member, wanted));
+                    flags.push((rule.segment_id.as_str(), is_member, version.as_str()));
                 }
             }
             if new_ids.is_empty() && flags.is_empty() {
@@ -286,38 +277,19 @@ impl RedisSegmentationStore {
             if !new_ids.is_empty() {
                 self.register_features(&work.tenant).await?;
             }
-            let mut invocation = self.member.prepare_invoke();
-            for name in ["mv", "feat", "fids", "applied", "applied_t", "segv"] {
-                invocation.key(keys.k(name));
-            }
-            invocation
-                .key(keys.segments_of(member))
-                .key(keys.history_of(member));
-            for (segment, _, _) in &flags {
-                invocation.key(keys.members_of(segment));
-            }
             let encoded = if new_ids.is_empty() {
                 Vec::new()
             } else {
                 encode(&features)?
             };
-            invocation
-                .arg(member)
-                .arg(version.unwrap_or_default())
-                .arg(encoded)
-                .arg(now)
-                .arg(padded(now))
-                .arg(new_ids.len());
-            for id in &new_ids {
-                invocation.arg(*id);
-            }
-            invocation.arg(flags.len());
-            for (segment, on, wanted) in &flags {
-                invocation
-                    .arg(*segment)
-                    .arg(if *on { "1" } else { "0" })
-                    .arg(wanted);
-            }
+            let write = MemberWrite {
+                member,
+                version: version.as_deref(),
+                features: &encoded,
+                ids: &new_ids,
+                flags: &flags,
+            };
+            let invocation = self.member_invocation(&keys, &write, now);
             let answer: Vec<Value> = self.redis.invoke(&invocation).await?;
             if let Some(changed) = changed_by(&answer)? {
                 return Ok(Done {
@@ -329,6 +301,43 @@ impl RedisSegmentationStore {
         Err(Error::Unavailable(format!(
             "member {member} kept changing while it was written: try again"
         )))
+    }
+
+    /// `member.lua` called for `write`.
+    fn member_invocation<'a>(
+        &'a self,
+        keys: &Keys,
+        write: &MemberWrite<'_>,
+        now: Millis,
+    ) -> redis::ScriptInvocation<'a> {
+        let mut invocation = self.member.prepare_invoke();
+        for name in ["mv", "feat", "fids", "applied", "applied_t", "segv"] {
+            invocation.key(keys.k(name));
+        }
+        invocation
+            .key(keys.segments_of(write.member))
+            .key(keys.history_of(write.member));
+        for (segment, _, _) in write.flags {
+            invocation.key(keys.members_of(segment));
+        }
+        invocation
+            .arg(write.member)
+            .arg(write.version.unwrap_or_default())
+            .arg(write.features)
+            .arg(now)
+            .arg(padded(now))
+            .arg(write.ids.len());
+        for id in write.ids {
+            invocation.arg(*id);
+        }
+        invocation.arg(write.flags.len());
+        for (segment, on, version) in write.flags {
+            invocation
+                .arg(*segment)
+                .arg(if *on { "1" } else { "0" })
+                .arg(*version);
+        }
+        invocation
     }
 
     /// Sets static flags of one member (a list upload): whatever the segment's version, as
@@ -345,30 +354,18 @@ impl RedisSegmentationStore {
                 .redis
                 .query(redis::cmd("HGET").arg(keys.k("mv")).arg(member))
                 .await?;
-            let mut invocation = self.member.prepare_invoke();
-            for name in ["mv", "feat", "fids", "applied", "applied_t", "segv"] {
-                invocation.key(keys.k(name));
-            }
-            invocation
-                .key(keys.segments_of(member))
-                .key(keys.history_of(member));
-            for (segment, _) in flags {
-                invocation.key(keys.members_of(segment));
-            }
-            invocation
-                .arg(member)
-                .arg(version.unwrap_or_default())
-                .arg("")
-                .arg(now)
-                .arg(padded(now))
-                .arg(0)
-                .arg(flags.len());
-            for (segment, on) in flags {
-                invocation
-                    .arg(segment)
-                    .arg(if *on { "1" } else { "0" })
-                    .arg(ANY_LIVE_VERSION);
-            }
+            let flags: Vec<(&str, bool, &str)> = flags
+                .iter()
+                .map(|(segment, on)| (segment.as_str(), *on, ANY_LIVE_VERSION))
+                .collect();
+            let write = MemberWrite {
+                member,
+                version: version.as_deref(),
+                features: &[],
+                ids: &[],
+                flags: &flags,
+            };
+            let invocation = self.member_invocation(keys, &write, now);
             let answer: Vec<Value> = self.redis.invoke(&invocation).await?;
             if let Some(changed) = changed_by(&answer)? {
                 return Ok(changed);
@@ -923,7 +920,7 @@ impl SegmentationStore for RedisSegmentationStore {
             .redis
             .query(redis::cmd("DEL").arg(TENANTS_WITH_FEATURES))
             .await?;
-        self.known.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.with_features.forget();
         Ok(())
     }
 
