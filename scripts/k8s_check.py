@@ -473,10 +473,10 @@ def binary_accepts(name: str, config: str) -> None:
 
 
 def shared_store_checks(redis_port: int) -> None:
-    """With `services.<name>.store: redis`, promotion and segmentation scale out: replicas
-    and an autoscaler, a rolling update, no volume claim, Redis egress and `store = "redis"`
-    in their config sections."""
-    for name in ("promotion", "segmentation"):
+    """With `services.<name>.store: redis`, identity, promotion and segmentation scale out:
+    replicas and an autoscaler, a rolling update, no volume claim, Redis egress and
+    `store = "redis"` in their config sections."""
+    for name in ("identity", "promotion", "segmentation"):
         objs = helm_template(
             sets=[
                 f"services.{name}.store=redis",

@@ -327,6 +327,7 @@ otlp_endpoint = {{ . | quote }}
 export_interval_ms = {{ .Values.config.metrics.exportIntervalMs | int }}
 
 [identity]
+store = {{ ternary (default "embedded" .Values.services.identity.store) "embedded" (eq .Values.profile "microservices") | quote }}
 default_region = {{ .Values.config.identity.defaultRegion | quote }}
 scrub_interval_secs = {{ .Values.config.identity.scrubIntervalSecs | int }}
 

@@ -55,6 +55,7 @@ pub struct CardHolder {
 pub mod conformance;
 mod conformance_lifecycle;
 pub mod embedded;
+pub mod redis;
 pub mod traced;
 
 #[async_trait::async_trait]

@@ -5,10 +5,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use loyalty_identity::grpc_access::{key_to_proto, role_to_proto};
 use loyalty_identity::keys::{Issuer, Keys};
-use loyalty_identity::store::embedded::EmbeddedIdentityStore;
 use loyalty_platform::access::{self, Role};
 use loyalty_platform::clock::SystemClock;
-use loyalty_platform::config::Config;
+use loyalty_platform::config::{Config, ServiceStore};
 use loyalty_proto::identity::v1 as pb;
 
 /// What the command line asked for.
@@ -55,14 +54,18 @@ fn new_role_name(role: i32) -> &'static str {
 }
 
 async fn local(config: &Config, role: Role, new: NewKey) -> anyhow::Result<(pb::ApiKey, String)> {
-    let path = config.data_dir.join("identity.redb");
-    let store = EmbeddedIdentityStore::open(&path).with_context(|| {
-        format!(
-            "opening {} (stop the server first, or ask it with --addr)",
-            path.display()
-        )
-    })?;
-    let keys = Keys::new(Arc::new(store), Arc::new(SystemClock));
+    // Identity's own store: its file in the data directory (which only a stopped server
+    // lets go of) or the Redis every identity replica shares.
+    let store = crate::wiring::identity_store(config)
+        .await
+        .with_context(|| match config.identity.store {
+            ServiceStore::Embedded => format!(
+                "opening {} (stop the server first, or ask it with --addr)",
+                config.data_dir.join("identity.redb").display()
+            ),
+            ServiceStore::Redis => "connecting to identity's Redis".to_string(),
+        })?;
+    let keys = Keys::new(store, Arc::new(SystemClock));
     let (key, whole) = keys
         .create(
             loyalty_identity::keys::NewKey {

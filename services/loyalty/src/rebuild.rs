@@ -26,7 +26,9 @@ use loyalty_balance::publish::LedgerReplay;
 use loyalty_balance::store::embedded::EmbeddedBalanceStore;
 use loyalty_identity::Identity;
 use loyalty_identity::publish::MemberReplay;
+use loyalty_identity::store::IdentityStore;
 use loyalty_identity::store::embedded::EmbeddedIdentityStore;
+use loyalty_identity::store::redis::RedisIdentityStore;
 use loyalty_platform::clock::{SharedClock, SystemClock};
 use loyalty_platform::config::{Backend, Config, ServiceStore};
 use loyalty_platform::error::Result;
@@ -192,12 +194,14 @@ impl Sources {
             ServiceStore::Redis => crate::wiring::promotion_store(config)?,
         };
         let ledger = open(dir, "balance.redb", EmbeddedBalanceStore::open)?;
-        let identity = Identity::new(
-            Arc::new(open(dir, "identity.redb", EmbeddedIdentityStore::open)?),
-            clock,
-            config.identity.default_region.clone(),
-        )
-        .with_questionnaire(config.identity.questionnaire.clone());
+        let members: Arc<dyn IdentityStore> = match config.identity.store {
+            ServiceStore::Embedded => {
+                Arc::new(open(dir, "identity.redb", EmbeddedIdentityStore::open)?)
+            }
+            ServiceStore::Redis => Arc::new(RedisIdentityStore::for_config(&config.storage.redis)?),
+        };
+        let identity = Identity::new(members, clock, config.identity.default_region.clone())
+            .with_questionnaire(config.identity.questionnaire.clone());
         Ok(Self {
             purchases: Box::new(PurchaseReplay(promotion)),
             ledger: Box::new(LedgerReplay(Arc::new(ledger))),

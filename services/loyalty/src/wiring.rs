@@ -18,6 +18,7 @@ use loyalty_balance::store::{BalanceStore, Ledger};
 use loyalty_identity::Identity;
 use loyalty_identity::keys::Keys;
 use loyalty_identity::publish::LogMemberEvents;
+use loyalty_identity::store::IdentityStore;
 use loyalty_identity::store::embedded::EmbeddedIdentityStore;
 use loyalty_platform::access::{CachedVerifier, Gate, KeyVerifier, Policy, WithServiceKey};
 use loyalty_platform::audit::AuditLog;
@@ -290,16 +291,8 @@ pub async fn build(
 
     let mut api_keys = None;
     let identity = if runs(ServiceName::Identity) {
-        let store = Arc::new(EmbeddedIdentityStore::open(&dir.join("identity.redb"))?);
-        let filed = store.index_stored_emails().await?;
-        if filed > 0 {
-            tracing::info!(
-                filed,
-                "emails of members stored before the email index were filed"
-            );
-        }
         let identity = Identity::new(
-            Arc::new(loyalty_identity::store::traced::Traced::new("redb", store)),
+            identity_store(config).await?,
             clock.clone(),
             config.identity.default_region.clone(),
         )
@@ -789,6 +782,33 @@ pub fn spawn_expiry(balance: Balance, settings: &BalanceSettings) {
             }
         }
     });
+}
+
+/// The identity store `identity.store` names: the embedded file in `data_dir` (its emails
+/// indexed once, for files written before the email index), or the Redis of
+/// `storage.redis` shared by every identity replica.
+pub async fn identity_store(config: &Config) -> anyhow::Result<Arc<dyn IdentityStore>> {
+    use loyalty_identity::store::redis::RedisIdentityStore;
+    use loyalty_identity::store::traced::Traced;
+    use loyalty_platform::config::ServiceStore;
+    Ok(match config.identity.store {
+        ServiceStore::Embedded => {
+            let path = config.data_dir.join("identity.redb");
+            let store = Arc::new(EmbeddedIdentityStore::open(&path)?);
+            let filed = store.index_stored_emails().await?;
+            if filed > 0 {
+                tracing::info!(
+                    filed,
+                    "emails of members stored before the email index were filed"
+                );
+            }
+            Arc::new(Traced::new("redb", store))
+        }
+        ServiceStore::Redis => Arc::new(Traced::new(
+            "redis",
+            Arc::new(RedisIdentityStore::for_config(&config.storage.redis)?),
+        )),
+    })
 }
 
 /// The promotion store `promotion.store` names: the embedded file in `data_dir`, or the

@@ -91,8 +91,8 @@ pub struct PromotionSettings {
     pub store: ServiceStore,
 }
 
-/// Where a service that can share its state between replicas (promotion, segmentation)
-/// keeps it.
+/// Where a service that can share its state between replicas (identity, promotion,
+/// segmentation) keeps it.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ServiceStore {
@@ -100,8 +100,9 @@ pub enum ServiceStore {
     #[default]
     Embedded,
     /// The Redis (or Redis Cluster) of `storage.redis`, shared by every replica of the
-    /// service. For promotion that Redis holds the only copy of its state and must persist
-    /// it (ARCHITECTURE.md, "Promotion on Redis"); segmentation's features can be rebuilt
+    /// service. For identity and promotion that Redis holds the only copy of their state
+    /// and must persist it (ARCHITECTURE.md, "Identity on Redis", "Promotion on Redis");
+    /// segmentation's features can be rebuilt
     /// from the sources, its segments cannot ("Segmentation on Redis").
     Redis,
 }
@@ -472,14 +473,18 @@ pub struct IdentitySettings {
     /// [`QUESTIONNAIRE_FIELDS`]).
     pub questionnaire: Vec<String>,
     /// How often identity checks for erasures whose replaced bytes are still in its store's
-    /// free space, and rewrites the store when there are (embedded storage); 0: never.
+    /// free space (embedded) or append-only file (Redis), and rewrites it when there are;
+    /// 0: never.
     pub scrub_interval_secs: u64,
+    /// Where identity keeps members, cards, indexes and API keys.
+    pub store: ServiceStore,
 }
 
 impl Default for IdentitySettings {
     fn default() -> Self {
         Self {
             scrub_interval_secs: 60,
+            store: ServiceStore::Embedded,
             default_region: "KZ".into(),
             questionnaire: ["first_name", "last_name", "gender", "birthday"]
                 .map(String::from)

@@ -49,7 +49,92 @@ pub async fn run_all(store: &dyn IdentityStore) {
     members_in_order(store).await;
     api_keys(store).await;
     super::conformance_lifecycle::run_all(store).await;
+    racing_writers(&[store]).await;
     store.ping().await.unwrap();
+}
+
+/// Writers racing through `stores` (handles on one storage, as replicas hold): 40
+/// registrations of one phone make one member; 20 first profile saves, each with its own
+/// email, save one profile and index one email; 10 blocks of one card block it once.
+pub async fn racing_writers(stores: &[&dyn IdentityStore]) {
+    let phone = "+77010009999";
+    let outcomes = futures_util::future::join_all((0..40).map(|i| {
+        let s = stores[i % stores.len()];
+        async move {
+            s.insert_member(&member(
+                "race",
+                &format!("r{i:02}"),
+                phone,
+                &format!("RACE{i:04}"),
+            ))
+            .await
+            .unwrap()
+        }
+    }))
+    .await;
+    let won: Vec<usize> = (0..40).filter(|i| outcomes[*i] == Inserted::Done).collect();
+    assert_eq!(won.len(), 1, "{outcomes:?}");
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Inserted::Done | Inserted::PhoneTaken))
+    );
+    let winner = format!("r{:02}", won[0]);
+    let s = stores[0];
+    assert_eq!(
+        s.member_id_by_phone("race", phone).await.unwrap(),
+        Some(winner.clone())
+    );
+    for i in (0..40).filter(|i| *i != won[0]) {
+        assert_eq!(s.member("race", &format!("r{i:02}")).await.unwrap(), None);
+        assert_eq!(
+            s.member_by_referral_code("race", &format!("RACE{i:04}"))
+                .await
+                .unwrap(),
+            None,
+            "a refused registration files no code"
+        );
+    }
+
+    let stored = s.member("race", &winner).await.unwrap().unwrap();
+    let saves = futures_util::future::join_all((0..20).map(|i| {
+        let s = stores[i % stores.len()];
+        let m = Member {
+            email: format!("race{i}@x.kz"),
+            ..stored.clone()
+        };
+        async move {
+            let profile = Profile {
+                version: 1,
+                ..Profile::default()
+            };
+            s.save_profile(&m, &profile, 0).await.unwrap()
+        }
+    }))
+    .await;
+    let saved: Vec<usize> = (0..20).filter(|i| saves[*i] == Saved::Done).collect();
+    assert_eq!(saved.len(), 1, "{saves:?}");
+    for i in 0..20 {
+        let owner = s
+            .member_id_by_email("race", &format!("race{i}@x.kz"))
+            .await
+            .unwrap();
+        assert_eq!(owner.is_some(), i == saved[0], "email {i}");
+    }
+
+    s.insert_card(&card("race", "9900000001", Some(&winner)))
+        .await
+        .unwrap();
+    let blocks = futures_util::future::join_all((0..10).map(|i| {
+        let s = stores[i % stores.len()];
+        let blocked = Card {
+            status: CardStatus::Blocked(crate::domain::BlockReason::Lost),
+            ..card("race", "9900000001", Some(&winner))
+        };
+        async move { s.update_card(&blocked, &CardStatus::Active).await.unwrap() }
+    }))
+    .await;
+    assert_eq!(blocks.iter().filter(|b| **b).count(), 1, "{blocks:?}");
 }
 
 fn api_key(tenant: &str, id: &str) -> crate::keys::ApiKey {
