@@ -1,6 +1,6 @@
 //! Microservices mode: identity alone in one process, the other four in another, each with
-//! its own data dir, completing the skeleton checkout together over gRPC; and two promotion
-//! replicas sharing their state in Redis.
+//! its own data dir, completing the skeleton checkout together over gRPC; and two identity
+//! replicas, and two promotion replicas, sharing their state in Redis.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -458,4 +458,238 @@ async fn copy_promotion_moves_the_embedded_state_into_redis() {
     // M-3 accrued 1% of 100.00; the refund of M-1 (paid 50.00) took its 0.50 back.
     assert_eq!(pos.balance("t1", &member).await.active, points + 100 - 50);
     assert_eq!(server.stop().await, 0);
+}
+
+fn manager() -> Option<loyalty_proto::common::v1::Actor> {
+    Some(loyalty_proto::common::v1::Actor {
+        id: "manager:anna".into(),
+        comment: "asked at the desk".into(),
+    })
+}
+
+async fn lookup_card(
+    channel: &tonic::transport::Channel,
+    tenant: &str,
+    card: &str,
+) -> Result<String, tonic::Status> {
+    identity::member_service_client::MemberServiceClient::new(channel.clone())
+        .lookup_member(identity::LookupMemberRequest {
+            tenant_id: tenant.into(),
+            key: Some(identity::lookup_member_request::Key::CardNumber(card.into())),
+            default_region: String::new(),
+        })
+        .await
+        .map(|r| r.into_inner().member.unwrap().member_id)
+}
+
+async fn lookup_phone(
+    channel: &tonic::transport::Channel,
+    tenant: &str,
+    phone: &str,
+) -> Result<String, tonic::Status> {
+    identity::member_service_client::MemberServiceClient::new(channel.clone())
+        .lookup_member(identity::LookupMemberRequest {
+            tenant_id: tenant.into(),
+            key: Some(identity::lookup_member_request::Key::Phone(phone.into())),
+            default_region: String::new(),
+        })
+        .await
+        .map(|r| r.into_inner().member.unwrap().member_id)
+}
+
+/// Two identity processes on `identity.store = "redis"` are replicas of one service: a member
+/// registered on one is found on the other, a card blocked on one is refused by the other on
+/// its next lookup, a phone raced for from both makes one member, merges, erasures and API
+/// keys made on one hold on the other, and the survivor of a SIGKILL serves everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_replicas_on_redis_share_members_cards_and_keys() {
+    let redis = RedisServer::start().unwrap();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let shared = |services: &str| {
+        Launch::serve(services)
+            .on_redis(&redis.url())
+            .env("LOYALTY_IDENTITY__STORE", "redis")
+    };
+    // Replica 1 runs beside balance (merges move points), replica 2 alone asks it.
+    let mut replicas = vec![Server::start(shared("identity,balance"), dirs[0].path()).await];
+    let second = shared("identity").env("LOYALTY_PEERS__BALANCE", &replicas[0].url());
+    replicas.push(Server::start(second, dirs[1].path()).await);
+    let ids: Vec<_> = futures_util::future::join_all(replicas.iter().map(Server::channel)).await;
+    // Promotion and the rest, asking replica 2 about members.
+    let core = Server::start(
+        Launch::serve("promotion,segmentation,reporting")
+            .on_redis(&redis.url())
+            .env("LOYALTY_PEERS__IDENTITY", &replicas[1].url())
+            .env("LOYALTY_PEERS__BALANCE", &replicas[0].url()),
+        dirs[2].path(),
+    )
+    .await;
+    let core_channel = core.channel().await;
+    wait_for(
+        &core_channel,
+        "loyalty.promotion.v1.CheckoutService",
+        ServingStatus::Serving,
+    )
+    .await;
+    setup_tenant(&core_channel, "t1").await;
+
+    // Registered and carded on replica 2, found on replica 1, and earning at the till.
+    let mut pos2 = Pos::new(&ids[1], &core_channel);
+    let (member, card) = pos2.member_with_card("t1", "+77015550101").await;
+    assert_eq!(lookup_card(&ids[0], "t1", &card).await.unwrap(), member);
+    assert_eq!(
+        lookup_phone(&ids[0], "t1", "+77015550101").await.unwrap(),
+        member
+    );
+    let mut pos1 = Pos::new(&ids[0], &core_channel);
+    let reply = pos1
+        .commit(receipt(
+            "t1",
+            "R-1",
+            Some(&card),
+            vec![line("1", "boots", "1", "1000.00", false)],
+        ))
+        .await
+        .unwrap();
+    assert!(reply.points_balance > 0, "{reply:?}");
+
+    // 20 tills, half on each replica, register one phone: one member.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let mut members =
+            identity::member_service_client::MemberServiceClient::new(ids[i % 2].clone());
+        tasks.push(tokio::spawn(async move {
+            members
+                .register_member(identity::RegisterMemberRequest {
+                    tenant_id: "t1".into(),
+                    phone: "+77015550202".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|r| r.into_inner().member.unwrap().member_id)
+        }));
+    }
+    let mut made = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(id) => made.push(id),
+            Err(e) => assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}"),
+        }
+    }
+    assert_eq!(made.len(), 1, "one member per phone across replicas: {made:?}");
+    let duplicate = made.remove(0);
+    let dup_card = pos1
+        .cards
+        .issue_card(identity::IssueCardRequest {
+            tenant_id: "t1".into(),
+            member_id: duplicate.clone(),
+            kind: identity::CardKind::Virtual as i32,
+            number: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .card
+        .unwrap()
+        .number;
+
+    // Merged on replica 1: replica 2 finds the survivor by the duplicate's card and phone.
+    let survivor = pos1
+        .members
+        .merge_members(identity::MergeMembersRequest {
+            tenant_id: "t1".into(),
+            survivor_member_id: member.clone(),
+            duplicate_member_id: duplicate.clone(),
+            actor: manager(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .survivor
+        .unwrap();
+    assert_eq!(survivor.member_id, member);
+    assert_eq!(lookup_card(&ids[1], "t1", &dup_card).await.unwrap(), member);
+    assert_eq!(
+        lookup_phone(&ids[1], "t1", "+77015550202").await.unwrap(),
+        member
+    );
+
+    // Blocked on replica 1: replica 2 refuses the card on its next lookup, and so does the
+    // till, whose checkout asks replica 2.
+    pos1.cards
+        .block_card(identity::BlockCardRequest {
+            tenant_id: "t1".into(),
+            number: card.clone(),
+            reason: identity::BlockReason::Lost as i32,
+            actor: manager(),
+        })
+        .await
+        .unwrap();
+    let err = lookup_card(&ids[1], "t1", &card).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("blocked (lost)"), "{err:?}");
+    let err = pos2
+        .commit(receipt(
+            "t1",
+            "R-2",
+            Some(&card),
+            vec![line("1", "boots", "1", "1000.00", false)],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("blocked"), "{err:?}");
+
+    // An API key made on replica 1 is listed by replica 2.
+    let made = identity::access_service_client::AccessServiceClient::new(ids[0].clone())
+        .create_api_key(identity::CreateApiKeyRequest {
+            tenant_id: "t1".into(),
+            role: identity::Role::Pos as i32,
+            store_id: "s1".into(),
+            member_id: String::new(),
+            name: "till 7".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .api_key
+        .unwrap();
+    let listed = identity::access_service_client::AccessServiceClient::new(ids[1].clone())
+        .list_api_keys(identity::ListApiKeysRequest {
+            tenant_id: "t1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .api_keys;
+    assert!(
+        listed.iter().any(|k| k.key_id == made.key_id),
+        "{listed:?}"
+    );
+
+    // Erased on replica 2: the phone is free on replica 1.
+    identity::member_service_client::MemberServiceClient::new(ids[1].clone())
+        .erase_member(identity::EraseMemberRequest {
+            tenant_id: "t1".into(),
+            member_id: member.clone(),
+            actor: manager(),
+        })
+        .await
+        .unwrap();
+    let err = lookup_phone(&ids[0], "t1", "+77015550101").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    let again = pos1.member_with_card("t1", "+77015550101").await;
+    assert_ne!(again.0, member);
+
+    // Replica 2 killed: replica 1 serves every member, nothing of identity's on either disk.
+    let mut second = replicas.remove(1);
+    second.child.start_kill().unwrap();
+    second.child.wait().await.unwrap();
+    assert_eq!(lookup_card(&ids[0], "t1", &again.1).await.unwrap(), again.0);
+    for dir in &dirs[..2] {
+        assert!(!std::fs::exists(dir.path().join("identity.redb")).unwrap());
+    }
+    assert_eq!(core.stop().await, 0);
+    assert_eq!(replicas.remove(0).stop().await, 0);
 }
