@@ -475,7 +475,9 @@ async fn lookup_card(
     identity::member_service_client::MemberServiceClient::new(channel.clone())
         .lookup_member(identity::LookupMemberRequest {
             tenant_id: tenant.into(),
-            key: Some(identity::lookup_member_request::Key::CardNumber(card.into())),
+            key: Some(identity::lookup_member_request::Key::CardNumber(
+                card.into(),
+            )),
             default_region: String::new(),
         })
         .await
@@ -576,7 +578,11 @@ async fn identity_replicas_on_redis_share_members_cards_and_keys() {
             Err(e) => assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}"),
         }
     }
-    assert_eq!(made.len(), 1, "one member per phone across replicas: {made:?}");
+    assert_eq!(
+        made.len(),
+        1,
+        "one member per phone across replicas: {made:?}"
+    );
     let duplicate = made.remove(0);
     let dup_card = pos1
         .cards
@@ -663,10 +669,7 @@ async fn identity_replicas_on_redis_share_members_cards_and_keys() {
         .unwrap()
         .into_inner()
         .api_keys;
-    assert!(
-        listed.iter().any(|k| k.key_id == made.key_id),
-        "{listed:?}"
-    );
+    assert!(listed.iter().any(|k| k.key_id == made.key_id), "{listed:?}");
 
     // Erased on replica 2: the phone is free on replica 1.
     identity::member_service_client::MemberServiceClient::new(ids[1].clone())
@@ -677,7 +680,9 @@ async fn identity_replicas_on_redis_share_members_cards_and_keys() {
         })
         .await
         .unwrap();
-    let err = lookup_phone(&ids[0], "t1", "+77015550101").await.unwrap_err();
+    let err = lookup_phone(&ids[0], "t1", "+77015550101")
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
     let again = pos1.member_with_card("t1", "+77015550101").await;
     assert_ne!(again.0, member);

@@ -177,6 +177,84 @@ impl StoreConn {
     }
 }
 
+impl StoreConn {
+    /// Sends `cmd` (a command without keys) to every node: the one Redis, or every primary
+    /// and replica of the cluster, each of which must accept it.
+    pub async fn on_every_node(&self, cmd: &redis::Cmd) -> crate::error::Result<()> {
+        use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+        let result: redis::RedisResult<Value> = match &self.conn {
+            RedisConn::Single(c) => cmd.query_async(&mut c.clone()).await,
+            RedisConn::Cluster(c) => {
+                c.clone()
+                    .route_command(
+                        cmd.clone(),
+                        RoutingInfo::MultiNode((
+                            MultipleNodeRoutingInfo::AllNodes,
+                            Some(ResponsePolicy::AllSucceeded),
+                        )),
+                    )
+                    .await
+            }
+        };
+        result.map(|_| ()).map_err(|e| store_error(self.store, e))
+    }
+}
+
+/// Marks that erasures replaced personal data which the Redis append-only file may still
+/// hold, until a rewrite that started after the last of them ([`ScrubMark::scrub`]).
+///
+/// An erasure counts the mark up before its write (so a crash after the write leaves the
+/// mark) and again after it (so a rewrite that forked before the write cannot clear the
+/// mark: the scrub clears it only when it reads the same count after starting its rewrite
+/// as before).
+#[derive(Clone, Debug)]
+pub struct ScrubMark {
+    key: &'static str,
+}
+
+impl ScrubMark {
+    pub const fn new(key: &'static str) -> Self {
+        Self { key }
+    }
+
+    /// Counts the mark up: before and after every erasure's write.
+    pub async fn raise(&self, conn: &StoreConn) -> crate::error::Result<()> {
+        let _: i64 = conn.query(redis::cmd("INCR").arg(self.key)).await?;
+        Ok(())
+    }
+
+    /// Rewrites the append-only file of every node when the mark is up, then clears the mark
+    /// unless an erasure counted it up meanwhile. True when a rewrite was started.
+    pub async fn scrub(&self, conn: &StoreConn) -> crate::error::Result<bool> {
+        let seen: Option<i64> = conn.query(redis::cmd("GET").arg(self.key)).await?;
+        let Some(seen) = seen else {
+            return Ok(false);
+        };
+        // Memory holds only live data; the append-only file keeps replaced values until it
+        // is rewritten. A rewrite already running may have forked before the erasure: then
+        // the node refuses, and the next run asks again.
+        if let Err(e) = conn.on_every_node(&redis::cmd("BGREWRITEAOF")).await {
+            let message = e.to_string();
+            if message.contains("in progress") {
+                tracing::info!(error = %message, "an append-only file rewrite is running; asking again after it");
+            } else {
+                tracing::warn!(error = %message, "the Redis append-only files could not be rewritten after an erasure; the replaced personal data stays in them until they are");
+            }
+            return Ok(false);
+        }
+        let _: i64 = conn
+            .invoke(
+                redis::Script::new(
+                    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+                )
+                .key(self.key)
+                .arg(seen),
+            )
+            .await?;
+        Ok(true)
+    }
+}
+
 /// The `ZRANGEBYLEX` start for members strictly after `after` (`-`: from the first).
 pub fn lex_after(after: &str) -> String {
     if after.is_empty() {
@@ -226,5 +304,50 @@ impl RememberedSet {
     /// Forgets what this process added (after the set was deleted).
     pub fn forget(&self) {
         self.added().clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::redis_server::RedisServer;
+
+    /// How many append-only file rewrites the node at `url` has started.
+    async fn rewrites(url: &str) -> i64 {
+        let client = redis::Client::open(url).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("persistence")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("aof_rewrites:"))
+            .map_or(0, |n| n.trim().parse().unwrap())
+    }
+
+    /// A scrub on a cluster rewrites the append-only file of every node, then clears the
+    /// mark; with no mark up it does nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scrub_rewrites_every_node_once_per_mark() {
+        let nodes = RedisServer::start_cluster(3).unwrap();
+        let urls: Vec<String> = nodes.iter().map(RedisServer::url).collect();
+        let conn = StoreConn::cluster("test store", &urls).unwrap();
+        let mark = ScrubMark::new("test:scrub");
+        assert!(!mark.scrub(&conn).await.unwrap(), "no mark, no rewrite");
+        mark.raise(&conn).await.unwrap();
+        mark.raise(&conn).await.unwrap();
+        assert!(mark.scrub(&conn).await.unwrap());
+        for url in &urls {
+            assert_eq!(rewrites(url).await, 1, "{url}");
+        }
+        let left: Option<i64> = conn
+            .query(redis::cmd("GET").arg("test:scrub"))
+            .await
+            .unwrap();
+        assert_eq!(left, None);
+        assert!(!mark.scrub(&conn).await.unwrap(), "cleared");
     }
 }

@@ -518,6 +518,19 @@ async fn an_import_writes_all_or_nothing(store: &dyn IdentityStore) {
             .unwrap(),
         Imported::PhoneTaken
     );
+    // The phone is told before a taken card, as a registration would be refused.
+    assert_eq!(
+        store
+            .import_member(
+                &twin,
+                &profile,
+                &[card("im", "4000000009", Some("i2"))],
+                &row2
+            )
+            .await
+            .unwrap(),
+        Imported::PhoneTaken
+    );
     let twin = with_email(member("im", "i2", "+77010004002", "IMCODE02"), "i1@x.kz");
     assert_eq!(
         store

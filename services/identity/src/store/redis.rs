@@ -22,8 +22,8 @@ use std::collections::BTreeSet;
 
 use loyalty_platform::embedded::{decode, encode};
 use loyalty_platform::error::{Error, Result};
-use loyalty_platform::redis_conn::{RememberedSet, StoreConn, lex_after};
-use redis::{Script, Value};
+use loyalty_platform::redis_conn::{RememberedSet, ScrubMark, StoreConn, lex_after};
+use redis::Script;
 use serde::de::DeserializeOwned;
 
 use super::{CardHolder, IdentityStore, Imported, Replaced, Saved};
@@ -35,8 +35,8 @@ use crate::lifecycle::{Erasure, ImportRow, MemberBlock, MergeRecord};
 const STORE: &str = "identity store";
 /// The set of tenants with members.
 const TENANTS: &str = "li:tenants";
-/// Set by an erasure, cleared once the append-only file was rewritten after it.
-const SCRUB_PENDING: &str = "li:scrub_pending";
+/// Up while erased personal data may still be in the append-only files.
+const SCRUB: ScrubMark = ScrubMark::new("li:scrub");
 /// API keys by id, the ids of the unrevoked ones, and `tenant \0 key id` entries.
 const API_KEYS: &str = "li:{keys}:k";
 const LIVE_KEYS: &str = "li:{keys}:live";
@@ -122,6 +122,16 @@ fn meta(m: &Member, version: u64) -> String {
         &m.referral_code,
     ]
     .join(&SEP.to_string())
+}
+
+/// The profile version a meta value holds.
+fn version_of(meta: &str) -> Result<u64> {
+    meta.split(SEP)
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| {
+            Error::internal(anyhow::anyhow!("a stored member meta is damaged: {meta:?}"))
+        })
 }
 
 /// A card status as the scripts compare it.
@@ -250,14 +260,6 @@ impl RedisIdentityStore {
             .await
     }
 
-    /// The profile version stored for a member (0: none).
-    async fn version(&self, keys: &Keys, member_id: &str) -> Result<u64> {
-        Ok(self
-            .hget::<Profile>(&keys.profiles(), member_id)
-            .await?
-            .map_or(0, |p| p.version))
-    }
-
     /// Every member merged into `root`, at any depth, level by level in id order.
     async fn family(&self, keys: &Keys, root: &str) -> Result<Vec<String>> {
         let mut family = Vec::new();
@@ -348,7 +350,8 @@ impl IdentityStore for RedisIdentityStore {
             .arg(&member.email)
             .arg(&member.referral_code)
             .arg(encode(member)?)
-            .arg(meta(member, 0));
+            .arg(meta(member, 0))
+            .arg(status_code(member.status));
         let word: String = self.redis.invoke(&invocation).await?;
         match word.as_str() {
             "done" => Ok(Inserted::Done),
@@ -612,17 +615,28 @@ impl IdentityStore for RedisIdentityStore {
                 encode(profile)?,
                 meta(member, profile.version),
             )];
-            let stored: Vec<Option<Vec<u8>>> = if family.is_empty() {
-                Vec::new()
+            // Versions first, then records: the script checks the versions, so a record
+            // changed after its version was read is caught.
+            let (metas, stored): (Vec<Option<String>>, Vec<Option<Vec<u8>>>) = if family.is_empty()
+            {
+                (Vec::new(), Vec::new())
             } else {
-                self.redis
+                let metas = self
+                    .redis
+                    .query(redis::cmd("HMGET").arg(keys.meta()).arg(&family))
+                    .await?;
+                let stored = self
+                    .redis
                     .query(redis::cmd("HMGET").arg(keys.members()).arg(&family))
-                    .await?
+                    .await?;
+                (metas, stored)
             };
-            for (merged_id, raw) in family.iter().zip(stored) {
-                let Some(raw) = raw else { continue };
+            for ((merged_id, meta_value), raw) in family.iter().zip(metas).zip(stored) {
+                let (Some(meta_value), Some(raw)) = (meta_value, raw) else {
+                    continue;
+                };
                 let old: Member = decode(&raw)?;
-                let version = self.version(&keys, merged_id).await?;
+                let version = version_of(&meta_value)?;
                 let blank = Member {
                     phone: String::new(),
                     email: String::new(),
@@ -667,15 +681,13 @@ impl IdentityStore for RedisIdentityStore {
                     .arg(p)
                     .arg(mt);
             }
+            // The append-only file keeps the replaced records until it is rewritten
+            // ([`IdentityStore::scrub`]).
+            SCRUB.raise(&self.redis).await?;
             let word: String = self.redis.invoke(&invocation).await?;
             match word.as_str() {
                 "yes" => {
-                    // Memory holds only live data; the append-only file keeps the replaced
-                    // records until it is rewritten ([`IdentityStore::scrub`]).
-                    let _: () = self
-                        .redis
-                        .query(redis::cmd("SET").arg(SCRUB_PENDING).arg(1))
-                        .await?;
+                    SCRUB.raise(&self.redis).await?;
                     return Ok(true);
                 }
                 "no" => return Ok(false),
@@ -746,23 +758,24 @@ impl IdentityStore for RedisIdentityStore {
                     .query(redis::cmd("HMGET").arg(keys.cards()).arg(&numbers))
                     .await?
             };
+            // Each card as read, what it becomes, and whether it is taken (the script
+            // answers that after the phone, email and code, as the embedded store does).
             let mut writes = Vec::with_capacity(cards.len());
             for (card, raw) in cards.iter().zip(stored) {
-                let bound = match &raw {
-                    None => card.clone(),
+                let (bound, taken) = match &raw {
+                    None => (card.clone(), false),
                     Some(raw) => {
                         let stored: Card = decode(raw)?;
-                        if stored.status != CardStatus::Unbound {
-                            return Ok(Imported::CardTaken(card.number.clone()));
-                        }
-                        Card {
+                        let taken = stored.status != CardStatus::Unbound;
+                        let bound = Card {
                             status: CardStatus::Active,
                             member_id: card.member_id.clone(),
                             ..stored
-                        }
+                        };
+                        (bound, taken)
                     }
                 };
-                writes.push((raw.unwrap_or_default(), bound));
+                writes.push((raw.unwrap_or_default(), bound, taken));
             }
             let mut invocation = self.import.prepare_invoke();
             invocation
@@ -787,7 +800,7 @@ impl IdentityStore for RedisIdentityStore {
                 .arg(import_field(&row.import_id, row.row_number))
                 .arg(encode(row)?)
                 .arg(writes.len());
-            for (read, card) in &writes {
+            for (read, card, taken) in &writes {
                 invocation
                     .arg(&card.number)
                     .arg(read.as_slice())
@@ -797,7 +810,8 @@ impl IdentityStore for RedisIdentityStore {
                         "1"
                     } else {
                         "0"
-                    });
+                    })
+                    .arg(if *taken { "1" } else { "0" });
             }
             let word: String = self.redis.invoke(&invocation).await?;
             return match word.as_str() {
@@ -806,7 +820,10 @@ impl IdentityStore for RedisIdentityStore {
                 "email" => Ok(Imported::EmailTaken),
                 "code" => Ok(Imported::CodeTaken),
                 "retry" => continue,
-                other => Err(unexpected("import", other)),
+                other => match other.strip_prefix("card:") {
+                    Some(number) => Ok(Imported::CardTaken(number.to_string())),
+                    None => Err(unexpected("import", other)),
+                },
             };
         }
         Err(too_busy("an imported member's cards"))
@@ -839,12 +856,19 @@ impl IdentityStore for RedisIdentityStore {
     }
 
     async fn insert_cards(&self, cards: &[Card]) -> Result<u64> {
-        let mut created = 0;
-        // One script per tenant (a batch is one tenant's in practice).
-        let tenants: BTreeSet<&str> = cards.iter().map(|c| c.tenant_id.as_str()).collect();
-        for tenant in tenants {
+        let Some(first) = cards.first() else {
+            return Ok(0);
+        };
+        // One script: all or nothing, so one tenant's cards (as every caller passes).
+        let tenant = first.tenant_id.as_str();
+        if cards.iter().any(|c| c.tenant_id != tenant) {
+            return Err(Error::internal(anyhow::anyhow!(
+                "cards of several tenants cannot be inserted together"
+            )));
+        }
+        {
             let keys = Keys::of(tenant);
-            let mine: Vec<&Card> = cards.iter().filter(|c| c.tenant_id == tenant).collect();
+            let mine: Vec<&Card> = cards.iter().collect();
             let members: Vec<&str> = mine
                 .iter()
                 .filter_map(|c| c.member_id.as_deref())
@@ -869,10 +893,8 @@ impl IdentityStore for RedisIdentityStore {
                     .arg(card_state(card))
                     .arg(set);
             }
-            let n: u64 = self.redis.invoke(&invocation).await?;
-            created += n;
+            self.redis.invoke(&invocation).await
         }
-        Ok(created)
     }
 
     async fn update_card(&self, card: &Card, expected: &CardStatus) -> Result<bool> {
@@ -914,28 +936,7 @@ impl IdentityStore for RedisIdentityStore {
     }
 
     async fn scrub(&self) -> Result<bool> {
-        let pending: Option<String> = self
-            .redis
-            .query(redis::cmd("GET").arg(SCRUB_PENDING))
-            .await?;
-        if pending.is_none() {
-            return Ok(false);
-        }
-        // The mark goes only once a rewrite started after it: a rewrite already running may
-        // have forked before the erasure, so the next run asks again.
-        match self.redis.query::<Value>(&redis::cmd("BGREWRITEAOF")).await {
-            Ok(_) => {
-                let _: i64 = self
-                    .redis
-                    .query(redis::cmd("DEL").arg(SCRUB_PENDING))
-                    .await?;
-                Ok(true)
-            }
-            Err(e) => {
-                tracing::info!(error = %e, "the append-only file is not rewritten yet after an erasure; asking again later");
-                Ok(false)
-            }
-        }
+        SCRUB.scrub(&self.redis).await
     }
 
     async fn save_api_keys(&self, keys: &[ApiKey], expect_live: Option<&str>) -> Result<bool> {

@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use loyalty_platform::clock::Millis;
 use loyalty_platform::embedded::{decode, encode};
 use loyalty_platform::error::{Error, Result};
-use loyalty_platform::redis_conn::{RememberedSet, StoreConn, lex_after};
+use loyalty_platform::redis_conn::{RememberedSet, ScrubMark, StoreConn, lex_after};
 use redis::{Script, Value};
 
 use super::{
@@ -30,8 +30,8 @@ use crate::rfm::Score;
 /// Tenants with segments, and tenants with member features (each its own key).
 const TENANTS_WITH_SEGMENTS: &str = "ls:tenants:segments";
 const TENANTS_WITH_FEATURES: &str = "ls:tenants:features";
-/// Set while an erasure's replaced data may still be in the append-only file.
-const SCRUB_PENDING: &str = "ls:scrub";
+/// Up while an erasure's replaced data may still be in the append-only files.
+const SCRUB: ScrubMark = ScrubMark::new("ls:scrub");
 /// What a segment's version reads while the segment is being deleted: no rule matches it.
 const DELETING: &str = "deleting";
 /// How often one member's change is read and tried again when another writer got in.
@@ -471,12 +471,12 @@ impl SegmentationStore for RedisSegmentationStore {
             .flat_map(|w| &w.changes)
             .any(|c| matches!(c.change, Change::Erasure(_)));
         if erasure {
-            let _: () = self
-                .redis
-                .query(redis::cmd("SET").arg(SCRUB_PENDING).arg(1))
-                .await?;
+            SCRUB.raise(&self.redis).await?;
         }
         let done = self.change_all(work, now).await?;
+        if erasure {
+            SCRUB.raise(&self.redis).await?;
+        }
         // Forget ids older than the window, a bounded number per tenant and call.
         for tenant in tenants {
             let keys = Keys::of(&tenant);
@@ -925,29 +925,7 @@ impl SegmentationStore for RedisSegmentationStore {
     }
 
     async fn scrub(&self) -> Result<bool> {
-        let pending: Option<String> = self
-            .redis
-            .query(redis::cmd("GET").arg(SCRUB_PENDING))
-            .await?;
-        if pending.is_none() {
-            return Ok(false);
-        }
-        // Memory holds only live data; the append-only file keeps replaced values until it
-        // is rewritten. The mark goes only once a rewrite started after it: a rewrite
-        // already running may have forked before the erasure, so the next run asks again.
-        match self.redis.query::<Value>(&redis::cmd("BGREWRITEAOF")).await {
-            Ok(_) => {
-                let _: i64 = self
-                    .redis
-                    .query(redis::cmd("DEL").arg(SCRUB_PENDING))
-                    .await?;
-                Ok(true)
-            }
-            Err(e) => {
-                tracing::info!(error = %e, "the append-only file is not rewritten yet after an erasure; asking again later");
-                Ok(false)
-            }
-        }
+        SCRUB.scrub(&self.redis).await
     }
 
     async fn ping(&self) -> Result<()> {
