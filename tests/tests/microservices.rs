@@ -698,3 +698,132 @@ async fn identity_replicas_on_redis_share_members_cards_and_keys() {
     assert_eq!(core.stop().await, 0);
     assert_eq!(replicas.remove(0).stop().await, 0);
 }
+
+/// `loyalty copy-identity` moves a dev data directory's members, cards, merges and API keys
+/// into Redis; a server on `identity.store = "redis"` then answers as before, and one pointed
+/// at an empty Redis beside the file refuses to start rather than show every member gone.
+#[tokio::test]
+async fn copy_identity_moves_the_embedded_state_into_redis() {
+    let redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(Launch::dev(), dir.path()).await;
+    let channel = server.channel().await;
+    setup_tenant(&channel, "t1").await;
+    let mut pos = Pos::new(&channel, &channel);
+    let (kept, kept_card) = pos.member_with_card("t1", "+77015550303").await;
+    let (dup, dup_card) = pos.member_with_card("t1", "+77015550304").await;
+    pos.members
+        .merge_members(identity::MergeMembersRequest {
+            tenant_id: "t1".into(),
+            survivor_member_id: kept.clone(),
+            duplicate_member_id: dup.clone(),
+            actor: manager(),
+        })
+        .await
+        .unwrap();
+    let (blocked, blocked_card) = pos.member_with_card("t1", "+77015550305").await;
+    pos.cards
+        .block_card(identity::BlockCardRequest {
+            tenant_id: "t1".into(),
+            number: blocked_card.clone(),
+            reason: identity::BlockReason::Stolen as i32,
+            actor: manager(),
+        })
+        .await
+        .unwrap();
+    let key = identity::access_service_client::AccessServiceClient::new(channel.clone())
+        .create_api_key(identity::CreateApiKeyRequest {
+            tenant_id: "t1".into(),
+            role: identity::Role::Pos as i32,
+            store_id: "s1".into(),
+            member_id: String::new(),
+            name: "till 1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .api_key
+        .unwrap();
+    assert_eq!(server.stop().await, 0);
+
+    // On an empty Redis beside the file, the server refuses to start.
+    let on_redis = [
+        ("LOYALTY_IDENTITY__STORE".to_string(), "redis".to_string()),
+        ("LOYALTY_STORAGE__REDIS__URL".into(), redis.url()),
+    ];
+    let dev = [
+        "dev".to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        dir.path().display().to_string(),
+    ];
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        command(&dev, &on_redis).output(),
+    )
+    .await
+    .expect("a server beside an uncopied identity.redb must not start")
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(said.contains("loyalty copy-identity"), "{said}");
+
+    let copy = |args: &[&str]| {
+        let mut all = vec!["copy-identity".to_string()];
+        all.extend(args.iter().map(|a| (*a).to_string()));
+        command(&all, &on_redis[1..]).output()
+    };
+    let out = copy(&["--data-dir", &dir.path().display().to_string()])
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("1 tenants, 3 members, 3 cards, 1 API keys"),
+        "{said}"
+    );
+    let again = copy(&["--data-dir", &dir.path().display().to_string()])
+        .await
+        .unwrap();
+    assert!(!again.status.success(), "a second copy is refused");
+
+    let mut launch = Launch::dev();
+    for (k, v) in &on_redis {
+        launch = launch.env(k, v);
+    }
+    let server = Server::start(launch, dir.path()).await;
+    let channel = server.channel().await;
+    assert_eq!(lookup_card(&channel, "t1", &kept_card).await.unwrap(), kept);
+    assert_eq!(lookup_card(&channel, "t1", &dup_card).await.unwrap(), kept);
+    assert_eq!(
+        lookup_phone(&channel, "t1", "+77015550304").await.unwrap(),
+        kept,
+        "the merged member's phone finds the survivor"
+    );
+    let err = lookup_card(&channel, "t1", &blocked_card)
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("blocked (stolen)"), "{err:?}");
+    let err = identity::member_service_client::MemberServiceClient::new(channel.clone())
+        .register_member(identity::RegisterMemberRequest {
+            tenant_id: "t1".into(),
+            phone: "+77015550305".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{blocked}: {err:?}");
+    let listed = identity::access_service_client::AccessServiceClient::new(channel.clone())
+        .list_api_keys(identity::ListApiKeysRequest {
+            tenant_id: "t1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .api_keys;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].key_id, key.key_id);
+    assert_eq!(server.stop().await, 0);
+}

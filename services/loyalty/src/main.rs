@@ -100,6 +100,14 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Copies identity's state (members, profiles, cards, their indexes, merges, erasures,
+    /// blocks, import rows, API keys) from --data-dir's `identity.redb` into the Redis of
+    /// `storage.redis`, for a move to `identity.store = "redis"`. Identity must be stopped;
+    /// refuses a Redis that already holds identity data.
+    CopyIdentity {
+        #[command(flatten)]
+        common: Common,
+    },
     /// Copies promotion's state (programs, catalog, campaigns with their history, coupons,
     /// counters, purchases) from --data-dir's `promotion.redb` into the Redis of
     /// `storage.redis`, for a move to `promotion.store = "redis"`. Promotion must be stopped;
@@ -109,8 +117,9 @@ enum Command {
         common: Common,
     },
     /// Creates an API key and prints it (shown only now). With --addr, asks a running
-    /// identity service, presenting `auth.service_key`; otherwise writes into --data-dir's
-    /// identity store (the server must be stopped). `--role service` prints a fresh
+    /// identity service, presenting `auth.service_key`; otherwise writes into identity's
+    /// store: --data-dir's file (the server must be stopped) or, with
+    /// `identity.store = "redis"`, the Redis every identity replica shares. `--role service` prints a fresh
     /// `auth.service_key` and stores nothing.
     CreateKey {
         #[command(flatten)]
@@ -304,6 +313,30 @@ async fn run(cli: Cli) -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("loyalty rebuild-segmentation: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::CopyIdentity { common } => {
+            let config = match load_config(&common) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            return match rebuild::copy_identity(&config).await {
+                Ok(c) => {
+                    eprintln!(
+                        "identity copied from {} to Redis: {} tenants, {} members, {} cards, {} API keys ({} rows)",
+                        config.data_dir.display(),
+                        c.tenants,
+                        c.members,
+                        c.cards,
+                        c.api_keys,
+                        c.rows
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("loyalty copy-identity: {e:#}");
                     ExitCode::FAILURE
                 }
             };

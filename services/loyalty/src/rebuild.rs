@@ -457,6 +457,19 @@ async fn replay(sources: &Sources, into: &mut dyn Sink) -> anyhow::Result<Rebuil
 
 /// `loyalty copy-promotion`: everything in --data-dir's `promotion.redb` (server stopped)
 /// into the Redis of `storage.redis`.
+/// Copies identity's embedded file into Redis (`loyalty copy-identity`).
+pub async fn copy_identity(
+    config: &Config,
+) -> anyhow::Result<loyalty_identity::store::redis::Copied> {
+    let from = open(
+        &config.data_dir,
+        "identity.redb",
+        EmbeddedIdentityStore::open,
+    )?;
+    let to = RedisIdentityStore::for_config(&config.storage.redis)?;
+    Ok(to.copy_from(&from).await?)
+}
+
 pub async fn copy_promotion(
     config: &Config,
 ) -> anyhow::Result<loyalty_promotion::store::redis::Copied> {

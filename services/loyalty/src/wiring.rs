@@ -804,10 +804,21 @@ pub async fn identity_store(config: &Config) -> anyhow::Result<Arc<dyn IdentityS
             }
             Arc::new(Traced::new("redb", store))
         }
-        ServiceStore::Redis => Arc::new(Traced::new(
-            "redis",
-            Arc::new(RedisIdentityStore::for_config(&config.storage.redis)?),
-        )),
+        ServiceStore::Redis => {
+            let store = RedisIdentityStore::for_config(&config.storage.redis)?;
+            // A file beside an empty Redis is a move that forgot its copy: starting would
+            // show every member and key as gone.
+            let file = config.data_dir.join("identity.redb");
+            if file.exists() && store.is_empty().await.map_err(|e| anyhow::anyhow!("{e}"))? {
+                anyhow::bail!(
+                    "identity.store is \"redis\" and that Redis holds no identity data, but {} does: \
+                     copy it first with `loyalty copy-identity --data-dir {}`, or move the file away to start empty",
+                    file.display(),
+                    config.data_dir.display()
+                );
+            }
+            Arc::new(Traced::new("redis", Arc::new(store)))
+        }
     })
 }
 

@@ -125,14 +125,14 @@ fn merged_family(
     Ok(family)
 }
 
-type Table<'t> = redb::Table<'t, &'static str, &'static [u8]>;
+type RecordTable<'t> = redb::Table<'t, &'static str, &'static [u8]>;
 
 /// The stored member at `k` when its status passes `status_ok` and its profile is at
 /// version `expected` (0: no profile stored): the condition of every conditional member
 /// write. `None` when the write must not happen.
 fn member_at(
-    members: &Table<'_>,
-    profiles: &Table<'_>,
+    members: &RecordTable<'_>,
+    profiles: &RecordTable<'_>,
     k: &str,
     expected: u64,
     status_ok: fn(MemberStatus) -> bool,
@@ -157,6 +157,52 @@ fn import_key(tenant: &str, import_id: &str, row: i64) -> String {
     key(&[tenant, import_id, &format!("{row:020}")])
 }
 
+/// The tables a copy of the store reads ([`EmbeddedIdentityStore::rows`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    Members,
+    Profiles,
+    Phones,
+    Emails,
+    ReferralCodes,
+    Cards,
+    MemberCards,
+    ApiKeys,
+    TenantKeys,
+    Merges,
+    Erasures,
+    MergedFrom,
+    Blocks,
+    ImportRows,
+}
+
+impl Table {
+    pub const ALL: [Table; 14] = [
+        Table::Members,
+        Table::Profiles,
+        Table::Phones,
+        Table::Emails,
+        Table::ReferralCodes,
+        Table::Cards,
+        Table::MemberCards,
+        Table::ApiKeys,
+        Table::TenantKeys,
+        Table::Merges,
+        Table::Erasures,
+        Table::MergedFrom,
+        Table::Blocks,
+        Table::ImportRows,
+    ];
+}
+
+/// One stored row: its key split into parts, and its value (a record's bytes, the member id
+/// an index entry points at, or nothing for a set's entry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    pub key: Vec<String>,
+    pub value: Vec<u8>,
+}
+
 #[derive(Debug, Clone)]
 pub struct EmbeddedIdentityStore {
     db: EmbeddedDb,
@@ -167,6 +213,68 @@ impl EmbeddedIdentityStore {
         Ok(Self {
             db: EmbeddedDb::open(path)?,
         })
+    }
+
+    /// Up to `limit` rows of `table` in key order after the key `after` (as returned last):
+    /// for copying the store elsewhere. Also returns the last key read.
+    pub async fn rows(
+        &self,
+        table: Table,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<(Vec<Row>, Option<String>)> {
+        fn page<V: redb::Value + 'static>(
+            txn: &redb::ReadTransaction,
+            table: TableDefinition<'static, &'static str, V>,
+            after: &Option<String>,
+            limit: usize,
+            value: impl Fn(V::SelfType<'_>) -> Vec<u8>,
+        ) -> Result<(Vec<Row>, Option<String>)> {
+            let Some(t) = open_for_read(txn, table)? else {
+                return Ok((Vec::new(), None));
+            };
+            let range = match after {
+                Some(a) => t.range::<&str>((
+                    std::ops::Bound::Excluded(a.as_str()),
+                    std::ops::Bound::Unbounded,
+                )),
+                None => t.range::<&str>(..),
+            }
+            .map_err(e)?;
+            let mut out = Vec::new();
+            let mut last = None;
+            for item in range.take(limit) {
+                let (k, v) = item.map_err(e)?;
+                let k = k.value();
+                out.push(Row {
+                    key: k.split('\u{0}').map(str::to_string).collect(),
+                    value: value(v.value()),
+                });
+                last = Some(k.to_string());
+            }
+            Ok((out, last))
+        }
+        let bytes = |v: &[u8]| v.to_vec();
+        let text = |v: &str| v.as_bytes().to_vec();
+        let nothing = |_: ()| Vec::new();
+        self.db
+            .read(move |txn| match table {
+                Table::Members => page(txn, MEMBERS, &after, limit, bytes),
+                Table::Profiles => page(txn, PROFILES, &after, limit, bytes),
+                Table::Cards => page(txn, CARDS, &after, limit, bytes),
+                Table::ApiKeys => page(txn, API_KEYS, &after, limit, bytes),
+                Table::Merges => page(txn, MERGES, &after, limit, bytes),
+                Table::Erasures => page(txn, ERASURES, &after, limit, bytes),
+                Table::Blocks => page(txn, BLOCKS, &after, limit, bytes),
+                Table::ImportRows => page(txn, IMPORT_ROWS, &after, limit, bytes),
+                Table::Phones => page(txn, PHONES, &after, limit, text),
+                Table::Emails => page(txn, EMAILS, &after, limit, text),
+                Table::ReferralCodes => page(txn, REFERRAL_CODES, &after, limit, text),
+                Table::MemberCards => page(txn, MEMBER_CARDS, &after, limit, nothing),
+                Table::TenantKeys => page(txn, TENANT_KEYS, &after, limit, nothing),
+                Table::MergedFrom => page(txn, MERGED_FROM, &after, limit, nothing),
+            })
+            .await
     }
 
     /// Files the emails of members stored before the email index existed, once per data

@@ -26,6 +26,7 @@ use loyalty_platform::redis_conn::{RememberedSet, ScrubMark, StoreConn, lex_afte
 use redis::Script;
 use serde::de::DeserializeOwned;
 
+use super::embedded::{EmbeddedIdentityStore, Row, Table};
 use super::{CardHolder, IdentityStore, Imported, Replaced, Saved};
 use crate::domain::{Card, CardStatus, Inserted, Member, MemberStatus, Profile};
 use crate::keys::ApiKey;
@@ -329,6 +330,192 @@ impl RedisIdentityStore {
                 .arg(card_state(card));
         }
         self.redis.invoke(&invocation).await
+    }
+}
+
+/// What [`RedisIdentityStore::copy_from`] copied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Copied {
+    pub tenants: usize,
+    pub members: u64,
+    pub cards: u64,
+    pub api_keys: u64,
+    /// Every row of every table.
+    pub rows: u64,
+}
+
+impl RedisIdentityStore {
+    /// Whether this Redis holds no identity data (no member and no API key).
+    pub async fn is_empty(&self) -> Result<bool> {
+        let held: i64 = self
+            .redis
+            .query(redis::cmd("EXISTS").arg(TENANTS).arg(API_KEYS))
+            .await?;
+        Ok(held == 0)
+    }
+
+    /// Copies everything the embedded store `from` holds (identity moving from
+    /// `identity.store = "embedded"` to `"redis"`; nothing may write to either meanwhile).
+    /// Refuses, writing nothing, when this Redis already holds identity data.
+    pub async fn copy_from(&self, from: &EmbeddedIdentityStore) -> Result<Copied> {
+        const PAGE: usize = 500;
+        if !self.is_empty().await? {
+            return Err(Error::FailedPrecondition(
+                "this Redis already holds identity data: copy into an empty one".into(),
+            ));
+        }
+        let mut copied = Copied::default();
+        let mut tenants = BTreeSet::new();
+        for table in Table::ALL {
+            let mut after = None;
+            loop {
+                let (rows, last) = from.rows(table, after, PAGE).await?;
+                let mut pipe = redis::pipe();
+                for row in &rows {
+                    if let Some(tenant) = self.copy_row(&mut pipe, table, row, from).await? {
+                        tenants.insert(tenant);
+                    }
+                }
+                if !rows.is_empty() {
+                    self.redis.pipeline::<()>(&pipe).await?;
+                }
+                copied.rows += rows.len() as u64;
+                match table {
+                    Table::Members => copied.members += rows.len() as u64,
+                    Table::Cards => copied.cards += rows.len() as u64,
+                    Table::ApiKeys => copied.api_keys += rows.len() as u64,
+                    _ => {}
+                }
+                match last {
+                    Some(l) if rows.len() == PAGE => after = Some(l),
+                    _ => break,
+                }
+            }
+        }
+        // Last: a walk over the members finds them once they are all in.
+        for tenant in &tenants {
+            self.register_tenant(tenant).await?;
+        }
+        copied.tenants = tenants.len();
+        Ok(copied)
+    }
+
+    /// Adds the commands that file `row` of `table` to `pipe`; the row's tenant, for a
+    /// member.
+    async fn copy_row(
+        &self,
+        pipe: &mut redis::Pipeline,
+        table: Table,
+        row: &Row,
+        from: &EmbeddedIdentityStore,
+    ) -> Result<Option<String>> {
+        let part = |i: usize| row.key.get(i).map(String::as_str).unwrap_or_default();
+        let damaged = || {
+            Error::internal(anyhow::anyhow!(
+                "a stored {table:?} row is damaged: key {:?}",
+                row.key
+            ))
+        };
+        let expected_parts = match table {
+            Table::ApiKeys => 1,
+            Table::MemberCards | Table::MergedFrom | Table::ImportRows => 3,
+            _ => 2,
+        };
+        if row.key.len() != expected_parts {
+            return Err(damaged());
+        }
+        let keys = Keys::of(part(0));
+        let value = row.value.as_slice();
+        match table {
+            Table::Members => {
+                let member: Member = decode(value)?;
+                let version = from
+                    .profile(&member.tenant_id, &member.member_id)
+                    .await?
+                    .map_or(0, |p| p.version);
+                pipe.cmd("HSET").arg(keys.members()).arg(part(1)).arg(value);
+                pipe.cmd("HSET")
+                    .arg(keys.meta())
+                    .arg(part(1))
+                    .arg(meta(&member, version));
+                pipe.cmd("ZADD").arg(keys.ids()).arg(0).arg(part(1));
+                return Ok(Some(part(0).to_string()));
+            }
+            Table::Profiles => {
+                pipe.cmd("HSET")
+                    .arg(keys.profiles())
+                    .arg(part(1))
+                    .arg(value);
+            }
+            Table::Phones => {
+                pipe.cmd("HSET").arg(keys.phones()).arg(part(1)).arg(value);
+            }
+            Table::Emails => {
+                pipe.cmd("HSET").arg(keys.emails()).arg(part(1)).arg(value);
+            }
+            Table::ReferralCodes => {
+                pipe.cmd("HSET").arg(keys.codes()).arg(part(1)).arg(value);
+            }
+            Table::Cards => {
+                let card: Card = decode(value)?;
+                pipe.cmd("HSET").arg(keys.cards()).arg(part(1)).arg(value);
+                pipe.cmd("HSET")
+                    .arg(keys.card_states())
+                    .arg(part(1))
+                    .arg(card_state(&card));
+            }
+            Table::MemberCards => {
+                pipe.cmd("SADD")
+                    .arg(keys.member_cards(part(1)))
+                    .arg(part(2));
+            }
+            Table::ApiKeys => {
+                let key: ApiKey = decode(value)?;
+                pipe.cmd("HSET").arg(API_KEYS).arg(part(0)).arg(value);
+                if key.revoked_at.is_none() {
+                    pipe.cmd("SADD").arg(LIVE_KEYS).arg(part(0));
+                }
+            }
+            Table::TenantKeys => {
+                pipe.cmd("ZADD")
+                    .arg(TENANT_KEYS)
+                    .arg(0)
+                    .arg(tenant_key_entry(part(0), part(1)));
+            }
+            Table::Merges => {
+                let record: MergeRecord = decode(value)?;
+                pipe.cmd("HSET")
+                    .arg(keys.k("merge"))
+                    .arg(part(1))
+                    .arg(value);
+                if !record.points_moved {
+                    pipe.cmd("SADD").arg(keys.k("unmoved")).arg(part(1));
+                }
+            }
+            Table::Erasures => {
+                pipe.cmd("HSET")
+                    .arg(keys.k("erasure"))
+                    .arg(part(1))
+                    .arg(value);
+            }
+            Table::MergedFrom => {
+                pipe.cmd("SADD").arg(keys.merged_into(part(1))).arg(part(2));
+            }
+            Table::Blocks => {
+                pipe.cmd("HSET")
+                    .arg(keys.k("block"))
+                    .arg(part(1))
+                    .arg(value);
+            }
+            Table::ImportRows => {
+                let row_number: i64 = part(2).parse().map_err(|_| damaged())?;
+                pipe.cmd("HSET")
+                    .arg(keys.k("import"))
+                    .arg(import_field(part(1), row_number))
+                    .arg(value);
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -1015,6 +1202,131 @@ mod tests {
         let a = RedisIdentityStore::connect(&server.url()).unwrap();
         let b = RedisIdentityStore::connect(&server.url()).unwrap();
         super::super::conformance::racing_writers(&[&a, &b]).await;
+    }
+
+    /// Everything the conformance suite leaves in an embedded store, copied, reads back the
+    /// same from Redis through the trait, and conditional writes find the copied versions;
+    /// a second copy is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_of_the_embedded_store_reads_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = EmbeddedIdentityStore::open(&dir.path().join("identity.redb")).unwrap();
+        super::super::conformance::run_all(&from).await;
+        let server = RedisServer::start().unwrap();
+        let to = RedisIdentityStore::connect(&server.url()).unwrap();
+        let copied = to.copy_from(&from).await.unwrap();
+        assert!(
+            copied.members > 10 && copied.cards > 5 && copied.api_keys > 3,
+            "{copied:?}"
+        );
+        let rows = |table| {
+            let from = from.clone();
+            async move { from.rows(table, None, 100_000).await.unwrap().0 }
+        };
+        let members = from.members_after(None, 100_000).await.unwrap();
+        assert_eq!(members, to.members_after(None, 100_000).await.unwrap());
+        for m in &members {
+            let (t, id) = (m.tenant_id.as_str(), m.member_id.as_str());
+            assert_eq!(
+                from.profile(t, id).await.unwrap(),
+                to.profile(t, id).await.unwrap()
+            );
+            assert_eq!(
+                from.member_block(t, id).await.unwrap(),
+                to.member_block(t, id).await.unwrap()
+            );
+            assert_eq!(
+                from.erasure(t, id).await.unwrap(),
+                to.erasure(t, id).await.unwrap()
+            );
+            assert_eq!(
+                from.merge_record(t, id).await.unwrap(),
+                to.merge_record(t, id).await.unwrap()
+            );
+            assert_eq!(
+                from.merged_from(t, id).await.unwrap(),
+                to.merged_from(t, id).await.unwrap()
+            );
+            assert_eq!(
+                from.cards_of_member(t, id).await.unwrap(),
+                to.cards_of_member(t, id).await.unwrap()
+            );
+        }
+        for (table, which) in [
+            (Table::Phones, 0),
+            (Table::Emails, 1),
+            (Table::ReferralCodes, 2),
+        ] {
+            for row in rows(table).await {
+                let (t, v) = (&row.key[0], &row.key[1]);
+                let (a, b) = match which {
+                    0 => (
+                        from.member_id_by_phone(t, v).await.unwrap(),
+                        to.member_id_by_phone(t, v).await.unwrap(),
+                    ),
+                    1 => (
+                        from.member_id_by_email(t, v).await.unwrap(),
+                        to.member_id_by_email(t, v).await.unwrap(),
+                    ),
+                    _ => (
+                        from.member_by_referral_code(t, v).await.unwrap(),
+                        to.member_by_referral_code(t, v).await.unwrap(),
+                    ),
+                };
+                assert!(a.is_some());
+                assert_eq!(a, b, "{table:?} {t}/{v}");
+            }
+        }
+        for row in rows(Table::Cards).await {
+            let (t, n) = (&row.key[0], &row.key[1]);
+            assert_eq!(
+                from.card_holder(t, n).await.unwrap(),
+                to.card_holder(t, n).await.unwrap(),
+                "{t}/{n}"
+            );
+        }
+        for row in rows(Table::ImportRows).await {
+            let (t, import, n) = (&row.key[0], &row.key[1], row.key[2].parse().unwrap());
+            assert_eq!(
+                from.import_row(t, import, n).await.unwrap(),
+                to.import_row(t, import, n).await.unwrap()
+            );
+        }
+        for row in rows(Table::TenantKeys).await {
+            let t = &row.key[0];
+            assert_eq!(
+                from.api_keys(t, None, 1000).await.unwrap(),
+                to.api_keys(t, None, 1000).await.unwrap()
+            );
+        }
+        for row in rows(Table::ApiKeys).await {
+            let id = &row.key[0];
+            assert_eq!(
+                from.api_key(id).await.unwrap(),
+                to.api_key(id).await.unwrap()
+            );
+        }
+        // Conditional writes see the copied profile versions.
+        let mut saved = 0;
+        for m in members.iter().filter(|m| m.status == MemberStatus::Active) {
+            let profile = to.profile(&m.tenant_id, &m.member_id).await.unwrap();
+            let version = profile.as_ref().map_or(0, |p| p.version);
+            let next = Profile {
+                version: version + 1,
+                ..profile.unwrap_or_default()
+            };
+            assert_eq!(
+                to.save_profile(m, &next, version).await.unwrap(),
+                Saved::Done,
+                "{}/{}",
+                m.tenant_id,
+                m.member_id
+            );
+            saved += 1;
+        }
+        assert!(saved > 5, "{saved}");
+        let err = to.copy_from(&from).await.unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
     }
 
     /// The same suite on a three-node Redis Cluster: every script touches one tenant's keys
