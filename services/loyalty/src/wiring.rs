@@ -268,6 +268,7 @@ pub async fn build(
             Arc::new(loyalty_platform::events::traced::Traced::new("redis", log))
         }
     };
+    check_redis_settings(config, &runs);
     if config.storage.backend == Backend::Embedded && !runs(ServiceName::Reporting) {
         tracing::warn!(
             "the embedded event log is local to this process: admins' calls here are audited into it, but reporting, which lists the audit log, does not run in this process (use the redis backend to split services)"
@@ -782,6 +783,47 @@ pub fn spawn_expiry(balance: Balance, settings: &BalanceSettings) {
             }
         }
     });
+}
+
+/// Warns, in the background, when the Redis this process keeps state in that nothing
+/// rebuilds may evict it or lose it on a restart (`redis_conn::check_settings`).
+fn check_redis_settings(config: &Config, runs: &dyn Fn(ServiceName) -> bool) {
+    use loyalty_platform::config::ServiceStore;
+    let mut holds = Vec::new();
+    if config.storage.backend != Backend::Embedded {
+        holds.push("the event streams");
+    }
+    for (name, store, what) in [
+        (
+            ServiceName::Identity,
+            config.identity.store,
+            "identity's members, cards and API keys",
+        ),
+        (
+            ServiceName::Promotion,
+            config.promotion.store,
+            "promotion's campaigns, budgets and purchase history",
+        ),
+        (
+            ServiceName::Segmentation,
+            config.segmentation.store,
+            "segmentation's segments",
+        ),
+    ] {
+        if runs(name) && store == ServiceStore::Redis {
+            holds.push(what);
+        }
+    }
+    if holds.is_empty() {
+        return;
+    }
+    let Ok(conn) =
+        loyalty_platform::redis_conn::StoreConn::for_config("redis check", &config.storage.redis)
+    else {
+        return;
+    };
+    let holds = holds.join(", ");
+    tokio::spawn(async move { loyalty_platform::redis_conn::check_settings(&conn, &holds).await });
 }
 
 /// The identity store `identity.store` names: the embedded file in `data_dir` (its emails

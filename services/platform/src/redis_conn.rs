@@ -200,6 +200,38 @@ impl StoreConn {
     }
 }
 
+/// Warns when the Redis behind `conn` may lose what `holds` (e.g. "identity's members")
+/// keeps there: an eviction policy other than `noeviction` drops keys when memory is full,
+/// and without AOF a restart loses every write since the last snapshot. A Redis that does
+/// not let clients read its configuration (managed services often do not) is not judged.
+pub async fn check_settings(conn: &StoreConn, holds: &str) {
+    async fn setting(conn: &StoreConn, name: &str) -> Option<String> {
+        let pair: Vec<String> = conn
+            .query(redis::cmd("CONFIG").arg("GET").arg(name))
+            .await
+            .ok()?;
+        pair.into_iter().nth(1)
+    }
+    match setting(conn, "maxmemory-policy").await {
+        Some(policy) if policy != "noeviction" => tracing::warn!(
+            policy = %policy,
+            "Redis may evict keys when its memory is full, and it holds {holds}, which nothing rebuilds: set maxmemory-policy noeviction"
+        ),
+        Some(_) => {}
+        None => {
+            tracing::debug!(
+                "Redis does not show its configuration; its eviction policy and persistence are not checked"
+            );
+            return;
+        }
+    }
+    if setting(conn, "appendonly").await.as_deref() == Some("no") {
+        tracing::warn!(
+            "Redis runs without its append-only file, and it holds {holds}, which nothing rebuilds: a restart loses every write since its last snapshot (docs/operations.md, section 6)"
+        );
+    }
+}
+
 /// Marks that erasures replaced personal data which the Redis append-only file may still
 /// hold, until a rewrite that started after the last of them ([`ScrubMark::scrub`]).
 ///

@@ -229,7 +229,8 @@ impl RedisIdentityStore {
             import: script(include_str!("redis/import.lua")),
             cards: script(include_str!("redis/cards.lua")),
             card: script(include_str!("redis/card.lua")),
-            holder: script(include_str!("redis/holder.lua")),
+            // The hot path needs none of the shared helpers.
+            holder: Script::new(include_str!("redis/holder.lua")),
             keys: script(include_str!("redis/keys.lua")),
             tenants: RememberedSet::new(TENANTS),
         }
