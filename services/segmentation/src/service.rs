@@ -143,6 +143,11 @@ impl Segmentation {
     pub async fn reevaluate_all(&self) -> Result<usize> {
         let mut changed = 0;
         for tenant in self.store.tenants().await? {
+            each_tenant(
+                &tenant,
+                "finishing deletions",
+                self.finish_deletions(&tenant).await,
+            );
             changed += each_tenant(&tenant, "evaluating", self.reevaluate(&tenant, None).await);
         }
         Ok(changed)
@@ -154,6 +159,11 @@ impl Segmentation {
     pub async fn reevaluate_time_dependent(&self) -> Result<usize> {
         let mut changed = 0;
         for tenant in self.store.tenants().await? {
+            each_tenant(
+                &tenant,
+                "finishing deletions",
+                self.finish_deletions(&tenant).await,
+            );
             let pass = async {
                 let ids: Vec<String> = self
                     .compiled(&tenant)
@@ -170,6 +180,20 @@ impl Segmentation {
             changed += each_tenant(&tenant, "re-evaluating time-dependent segments", pass.await);
         }
         Ok(changed)
+    }
+
+    /// Finishes the deletions of the tenant's segments that a stopped process left half
+    /// done (their members leave, their definitions go); at start-up and on every scheduled
+    /// pass. Returns how many.
+    pub async fn finish_deletions(&self, tenant_id: &str) -> Result<usize> {
+        let cut_short = self.store.deletions_cut_short(tenant_id).await?;
+        for segment_id in &cut_short {
+            self.store
+                .delete_segment(tenant_id, segment_id, self.now())
+                .await?;
+            tracing::info!(tenant = %tenant_id, segment = %segment_id, "finished a segment deletion that was cut short");
+        }
+        Ok(cut_short.len())
     }
 
     fn validate(def: &SegmentDef) -> Result<Option<Expr>> {

@@ -137,6 +137,12 @@ pub trait SegmentationStore: Send + Sync + std::fmt::Debug {
     /// Removes the segment and all its memberships. False when it did not exist.
     async fn delete_segment(&self, tenant_id: &str, segment_id: &str, now: Millis) -> Result<bool>;
 
+    /// Segments whose deletion started and was cut short (a backend that deletes in one
+    /// transaction has none): deleting them again finishes it.
+    async fn deletions_cut_short(&self, _tenant_id: &str) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
     /// Sets membership flags; records a history entry for each one that changed. Returns how
     /// many changed. Memberships of segments that no longer exist are ignored.
     async fn set_memberships(

@@ -43,7 +43,13 @@ fn ledger(tenant: &str, member: &str, sequence: i64, total: i64) -> FeatureChang
     }
 }
 
-fn dynamic(tenant: &str, id: &str, predicate: &str, version: i64, at: Millis) -> SegmentDef {
+pub(super) fn dynamic(
+    tenant: &str,
+    id: &str,
+    predicate: &str,
+    version: i64,
+    at: Millis,
+) -> SegmentDef {
     SegmentDef {
         tenant_id: tenant.into(),
         segment_id: id.into(),

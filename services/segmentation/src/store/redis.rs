@@ -656,6 +656,20 @@ impl SegmentationStore for RedisSegmentationStore {
         Ok(true)
     }
 
+    async fn deletions_cut_short(&self, tenant_id: &str) -> Result<Vec<String>> {
+        let versions: Vec<(String, String)> = self
+            .redis
+            .query(redis::cmd("HGETALL").arg(Keys::of(tenant_id).k("segv")))
+            .await?;
+        let mut ids: Vec<String> = versions
+            .into_iter()
+            .filter(|(_, v)| v == DELETING)
+            .map(|(id, _)| id)
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
     async fn set_memberships(
         &self,
         tenant_id: &str,
@@ -956,6 +970,39 @@ mod tests {
         let a = RedisSegmentationStore::connect(&server.url()).unwrap();
         let b = RedisSegmentationStore::connect(&server.url()).unwrap();
         super::super::conformance::racing_writers(&[&a, &b]).await;
+    }
+
+    /// A deletion cut short after its mark leaves the segment listed as such; the next
+    /// scheduled pass (or start-up) finishes it: members out, definition gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deletion_cut_short_is_finished_by_the_next_pass() {
+        let server = RedisServer::start().unwrap();
+        let store = RedisSegmentationStore::connect(&server.url()).unwrap();
+        let def = super::super::conformance::dynamic("t", "seg", "spend_total > 0", 1, 1);
+        assert!(store.put_segment(def, None).await.unwrap());
+        let changes = (0..300)
+            .map(|i| (format!("m{i:03}"), "seg".to_string(), true))
+            .collect();
+        assert_eq!(store.set_memberships("t", changes, 1).await.unwrap(), 300);
+        // The deletion's first step, then the process stops.
+        let keys = Keys::of("t");
+        let mut invocation = store.mark.prepare_invoke();
+        invocation
+            .key(keys.k("segs"))
+            .key(keys.k("segv"))
+            .arg("seg")
+            .arg(DELETING);
+        let _: i64 = store.redis.invoke(&invocation).await.unwrap();
+        assert_eq!(store.deletions_cut_short("t").await.unwrap(), ["seg"]);
+        assert_eq!(store.member_segments("t", "m007").await.unwrap(), ["seg"]);
+
+        let clock = std::sync::Arc::new(loyalty_platform::clock::ManualClock::at(10));
+        let service = crate::Segmentation::new(std::sync::Arc::new(store.clone()), clock);
+        service.reevaluate_time_dependent().await.unwrap();
+        assert!(store.deletions_cut_short("t").await.unwrap().is_empty());
+        assert!(store.member_segments("t", "m007").await.unwrap().is_empty());
+        assert_eq!(store.count("t", "seg").await.unwrap(), 0);
+        assert_eq!(store.segment("t", "seg").await.unwrap(), None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -84,6 +84,10 @@ impl SegmentationStore for Traced {
         let call = self.inner.delete_segment(tenant_id, segment_id, now);
         in_db_span(self.system, "segmentation.delete_segment", call).await
     }
+    async fn deletions_cut_short(&self, tenant_id: &str) -> Result<Vec<String>> {
+        let call = self.inner.deletions_cut_short(tenant_id);
+        in_db_span(self.system, "segmentation.deletions_cut_short", call).await
+    }
     async fn set_memberships(
         &self,
         tenant_id: &str,
