@@ -417,7 +417,17 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         seed,
         progress: !cli.quiet,
     };
-    let stats = runner::run(workload.clone(), plan).await;
+    // Ctrl-C ends the run early; the keys it made still go with it.
+    let stats = tokio::select! {
+        stats = runner::run(workload.clone(), plan) => stats,
+        _ = tokio::signal::ctrl_c() => {
+            if clients.credentials().made() > 0 {
+                let revoked = keys::revoke(&workload.model, &clients, cli.setup_concurrency).await?;
+                eprintln!("interrupted: revoked this run's {revoked} API keys");
+            }
+            anyhow::bail!("interrupted before the run ended: no report written");
+        }
+    };
     if clients.credentials().made() > 0 {
         let revoked = keys::revoke(&workload.model, &clients, cli.setup_concurrency).await?;
         if !cli.quiet {
