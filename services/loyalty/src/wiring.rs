@@ -256,16 +256,10 @@ pub async fn build(
             Arc::new(EmbeddedEventLog::open(&dir.join("events.redb"))?),
         )),
         Backend::Redis | Backend::Scylla => {
-            let redis = &config.storage.redis;
-            let log: SharedEventLog = Arc::new(if redis.cluster_nodes.is_empty() {
-                RedisEventLog::connect(&redis.url)
-                    .context("bad configuration: `storage.redis.url` (the event stream)")?
-            } else {
-                RedisEventLog::connect_cluster(&redis.cluster_nodes).context(
-                    "bad configuration: `storage.redis.cluster_nodes` (the event stream)",
-                )?
-            });
-            Arc::new(loyalty_platform::events::traced::Traced::new("redis", log))
+            Arc::new(loyalty_platform::events::traced::Traced::new(
+                "redis",
+                Arc::new(RedisEventLog::for_config(&config.storage.redis)?),
+            ))
         }
     };
     check_redis_settings(config, &runs);
@@ -350,13 +344,7 @@ pub async fn build(
                 } else {
                     Arc::new(BalanceTraced::new("redb", ledger))
                 };
-                let redis = if config.storage.redis.cluster_nodes.is_empty() {
-                    RedisBalanceStore::connect(&config.storage.redis.url, durable)
-                        .context("bad configuration: `storage.redis.url`")?
-                } else {
-                    RedisBalanceStore::connect_cluster(&config.storage.redis.cluster_nodes, durable)
-                        .context("bad configuration: `storage.redis.cluster_nodes`")?
-                };
+                let redis = RedisBalanceStore::for_config(&config.storage.redis, durable)?;
                 let retention = config.balance.hot_record_retention_secs;
                 let redis = redis.with_record_retention(std::time::Duration::from_secs(retention));
                 redis_balances = Some(redis.clone());

@@ -212,6 +212,21 @@ impl RedisBalanceStore {
         Ok(Self::with(redis, ledger))
     }
 
+    /// The Redis (or cluster) of `storage.redis`, over `ledger`.
+    pub fn for_config(
+        config: &loyalty_platform::config::RedisConfig,
+        ledger: Arc<dyn Ledger>,
+    ) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        if config.cluster_nodes.is_empty() {
+            Self::connect(&config.url, ledger)
+                .context("bad configuration: `storage.redis.url` (the balances)")
+        } else {
+            Self::connect_cluster(&config.cluster_nodes, ledger)
+                .context("bad configuration: `storage.redis.cluster_nodes` (the balances)")
+        }
+    }
+
     fn with(redis: RedisConn, ledger: Arc<dyn Ledger>) -> Self {
         Self {
             redis,

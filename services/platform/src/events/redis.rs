@@ -110,6 +110,18 @@ impl RedisEventLog {
         Ok(reader)
     }
 
+    /// The Redis (or cluster) of `storage.redis`.
+    pub fn for_config(config: &crate::config::RedisConfig) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        if config.cluster_nodes.is_empty() {
+            Self::connect(&config.url)
+                .context("bad configuration: `storage.redis.url` (the event stream)")
+        } else {
+            Self::connect_cluster(&config.cluster_nodes)
+                .context("bad configuration: `storage.redis.cluster_nodes` (the event stream)")
+        }
+    }
+
     /// Prepares the connections to a Redis Cluster seeded by `nodes`; the stream is one key,
     /// so it lives on the node that owns its slot.
     pub fn connect_cluster(nodes: &[String]) -> anyhow::Result<Self> {
