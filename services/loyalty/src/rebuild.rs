@@ -455,9 +455,9 @@ async fn replay(sources: &Sources, into: &mut dyn Sink) -> anyhow::Result<Rebuil
     Ok(done)
 }
 
-/// `loyalty copy-promotion`: everything in --data-dir's `promotion.redb` (server stopped)
-/// into the Redis of `storage.redis`.
-/// Copies identity's embedded file into Redis (`loyalty copy-identity`).
+/// `loyalty copy-identity`: everything in --data-dir's `identity.redb` (server stopped) into
+/// the Redis of `storage.redis`, after filing the emails of members stored before the email
+/// index (as a server opening the file would).
 pub async fn copy_identity(
     config: &Config,
 ) -> anyhow::Result<loyalty_identity::store::redis::Copied> {
@@ -466,10 +466,13 @@ pub async fn copy_identity(
         "identity.redb",
         EmbeddedIdentityStore::open,
     )?;
+    from.index_stored_emails().await?;
     let to = RedisIdentityStore::for_config(&config.storage.redis)?;
     Ok(to.copy_from(&from).await?)
 }
 
+/// `loyalty copy-promotion`: everything in --data-dir's `promotion.redb` (server stopped)
+/// into the Redis of `storage.redis`.
 pub async fn copy_promotion(
     config: &Config,
 ) -> anyhow::Result<loyalty_promotion::store::redis::Copied> {

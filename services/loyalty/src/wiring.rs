@@ -836,12 +836,20 @@ pub async fn identity_store(config: &Config) -> anyhow::Result<Arc<dyn IdentityS
         }
         ServiceStore::Redis => {
             let store = RedisIdentityStore::for_config(&config.storage.redis)?;
+            let failed =
+                |e: loyalty_platform::error::Error| anyhow::anyhow!("identity's Redis: {e}");
+            // A copy that did not finish would show part of the members.
+            if store.copy_unfinished().await.map_err(failed)? {
+                anyhow::bail!(
+                    "a `loyalty copy-identity` into identity's Redis did not finish: run it again before serving"
+                );
+            }
             // A file beside an empty Redis is a move that forgot its copy: starting would
             // show every member and key as gone.
             let file = config.data_dir.join("identity.redb");
-            if file.exists() && store.is_empty().await.map_err(|e| anyhow::anyhow!("{e}"))? {
+            if file.exists() && store.is_empty().await.map_err(failed)? {
                 anyhow::bail!(
-                    "identity.store is \"redis\" and that Redis holds no identity data, but {} does: \
+                    "identity.store is \"redis\" and that Redis holds no identity data, but {} exists: \
                      copy it first with `loyalty copy-identity --data-dir {}`, or move the file away to start empty",
                     file.display(),
                     config.data_dir.display()

@@ -113,6 +113,8 @@ pub fn store_error(store: &str, e: redis::RedisError) -> crate::error::Error {
 pub struct StoreConn {
     conn: RedisConn,
     store: &'static str,
+    /// A cluster's seed node, whose scheme and credentials reach every node.
+    seed: Option<String>,
 }
 
 impl StoreConn {
@@ -121,6 +123,7 @@ impl StoreConn {
         Ok(Self {
             conn: RedisConn::single(url, Duration::from_secs(2))?,
             store,
+            seed: None,
         })
     }
 
@@ -129,6 +132,7 @@ impl StoreConn {
         Ok(Self {
             conn: RedisConn::cluster(nodes, Duration::from_secs(2))?,
             store,
+            seed: nodes.first().cloned(),
         })
     }
 
@@ -178,54 +182,110 @@ impl StoreConn {
 }
 
 impl StoreConn {
-    /// Sends `cmd` (a command without keys) to every node: the one Redis, or every primary
-    /// and replica of the cluster, each of which must accept it.
-    pub async fn on_every_node(&self, cmd: &redis::Cmd) -> crate::error::Result<()> {
-        use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
-        let result: redis::RedisResult<Value> = match &self.conn {
-            RedisConn::Single(c) => cmd.query_async(&mut c.clone()).await,
-            RedisConn::Cluster(c) => {
-                c.clone()
-                    .route_command(
-                        cmd.clone(),
-                        RoutingInfo::MultiNode((
-                            MultipleNodeRoutingInfo::AllNodes,
-                            Some(ResponsePolicy::AllSucceeded),
-                        )),
-                    )
-                    .await
-            }
+    /// Sends `cmd` (a command without keys) to every node: the one Redis of a URL (its
+    /// replicas are not reached), or every primary and replica the cluster lists (each on a
+    /// connection of its own, opened for this). Every node must accept it; the answers, one
+    /// per node.
+    pub async fn on_every_node(&self, cmd: &redis::Cmd) -> crate::error::Result<Vec<Value>> {
+        let Some(seed) = &self.seed else {
+            return Ok(vec![self.query(cmd).await?]);
         };
-        result.map(|_| ()).map_err(|e| store_error(self.store, e))
+        let failed = |e: redis::RedisError| store_error(self.store, e);
+        let seed =
+            redis::IntoConnectionInfo::into_connection_info(seed.as_str()).map_err(failed)?;
+        let mut answers = Vec::new();
+        for (host, port) in self.cluster_nodes().await? {
+            let info = seed
+                .clone()
+                .set_addr(redis::ConnectionAddr::Tcp(host.clone(), port));
+            let answer = async {
+                let client = redis::Client::open(info)?;
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                cmd.query_async::<Value>(&mut conn).await
+            };
+            let answer = tokio::time::timeout(Duration::from_secs(5), answer)
+                .await
+                .map_err(|_| {
+                    crate::error::Error::Unavailable(format!(
+                        "{} (redis): node {host}:{port} did not answer",
+                        self.store
+                    ))
+                })?
+                .map_err(failed)?;
+            answers.push(answer);
+        }
+        Ok(answers)
+    }
+
+    /// The address of every primary and replica the cluster lists as reachable.
+    async fn cluster_nodes(&self) -> crate::error::Result<Vec<(String, u16)>> {
+        let listing: String = self.query(redis::cmd("CLUSTER").arg("NODES")).await?;
+        let mut nodes = Vec::new();
+        for line in listing.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(address), Some(flags)) = (fields.get(1), fields.get(2)) else {
+                continue;
+            };
+            if flags
+                .split(',')
+                .any(|f| matches!(f, "fail" | "noaddr" | "handshake"))
+            {
+                continue;
+            }
+            // ip:port@cport[,hostname]
+            let endpoint = address.split('@').next().unwrap_or_default();
+            let Some((host, port)) = endpoint.rsplit_once(':') else {
+                continue;
+            };
+            if let Ok(port) = port.parse() {
+                nodes.push((host.to_string(), port));
+            }
+        }
+        if nodes.is_empty() {
+            return Err(crate::error::Error::Unavailable(format!(
+                "{} (redis): the cluster lists no reachable node",
+                self.store
+            )));
+        }
+        Ok(nodes)
+    }
+
+    /// A setting of every node [`StoreConn::on_every_node`] reaches (`CONFIG GET`).
+    pub async fn setting_on_every_node(&self, name: &str) -> crate::error::Result<Vec<String>> {
+        let answers = self
+            .on_every_node(redis::cmd("CONFIG").arg("GET").arg(name))
+            .await?;
+        let mut values = Vec::new();
+        for answer in answers {
+            let pair: Vec<String> = redis::from_redis_value(answer).map_err(|e| {
+                crate::error::Error::internal(anyhow::anyhow!("{} (redis): {e}", self.store))
+            })?;
+            values.extend(pair.into_iter().nth(1));
+        }
+        Ok(values)
     }
 }
 
 /// Warns when the Redis behind `conn` may lose what `holds` (e.g. "identity's members")
 /// keeps there: an eviction policy other than `noeviction` drops keys when memory is full,
-/// and without AOF a restart loses every write since the last snapshot. A Redis that does
-/// not let clients read its configuration (managed services often do not) is not judged.
+/// and without AOF a restart loses every write since the last snapshot. Every node the
+/// connection knows is asked. A Redis that does not let clients read its configuration
+/// (managed services often do not) is not judged.
 pub async fn check_settings(conn: &StoreConn, holds: &str) {
-    async fn setting(conn: &StoreConn, name: &str) -> Option<String> {
-        let pair: Vec<String> = conn
-            .query(redis::cmd("CONFIG").arg("GET").arg(name))
-            .await
-            .ok()?;
-        pair.into_iter().nth(1)
-    }
-    match setting(conn, "maxmemory-policy").await {
-        Some(policy) if policy != "noeviction" => tracing::warn!(
+    let Ok(policies) = conn.setting_on_every_node("maxmemory-policy").await else {
+        tracing::debug!(
+            "Redis does not show its configuration; its eviction policy and persistence are not checked"
+        );
+        return;
+    };
+    if let Some(policy) = policies.iter().find(|p| *p != "noeviction") {
+        tracing::warn!(
             policy = %policy,
             "Redis may evict keys when its memory is full, and it holds {holds}, which nothing rebuilds: set maxmemory-policy noeviction"
-        ),
-        Some(_) => {}
-        None => {
-            tracing::debug!(
-                "Redis does not show its configuration; its eviction policy and persistence are not checked"
-            );
-            return;
-        }
+        );
     }
-    if setting(conn, "appendonly").await.as_deref() == Some("no") {
+    let aof = conn.setting_on_every_node("appendonly").await;
+    if aof.is_ok_and(|nodes| nodes.iter().any(|v| v == "no")) {
         tracing::warn!(
             "Redis runs without its append-only file, and it holds {holds}, which nothing rebuilds: a restart loses every write since its last snapshot (docs/operations.md, section 6)"
         );
@@ -244,36 +304,63 @@ pub struct ScrubMark {
     key: &'static str,
 }
 
+/// Whether a refused rewrite was reported as a warning already (later ones are debug lines).
+static REWRITE_REFUSAL_WARNED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 impl ScrubMark {
     pub const fn new(key: &'static str) -> Self {
         Self { key }
     }
 
-    /// Counts the mark up: before and after every erasure's write.
+    /// Counts the mark up: before every erasure's write.
     pub async fn raise(&self, conn: &StoreConn) -> crate::error::Result<()> {
         let _: i64 = conn.query(redis::cmd("INCR").arg(self.key)).await?;
         Ok(())
     }
 
-    /// Rewrites the append-only file of every node when the mark is up, then clears the mark
-    /// unless an erasure counted it up meanwhile. True when a rewrite was started.
-    pub async fn scrub(&self, conn: &StoreConn) -> crate::error::Result<bool> {
-        let seen: Option<i64> = conn.query(redis::cmd("GET").arg(self.key)).await?;
-        let Some(seen) = seen else {
-            return Ok(false);
-        };
+    /// Counts the mark up after an erasure's write (or a write that may have happened): the
+    /// erasure stands whatever this answers, so a failure is logged, not returned.
+    pub async fn raise_after(&self, conn: &StoreConn) {
+        if let Err(e) = self.raise(conn).await {
+            tracing::warn!(error = %e, "the erasure mark could not be counted up after an erasure; a scrub running just then may clear it early");
+        }
+    }
+
+    /// The mark's count, when it is up.
+    pub async fn seen(&self, conn: &StoreConn) -> crate::error::Result<Option<i64>> {
+        conn.query(redis::cmd("GET").arg(self.key)).await
+    }
+
+    /// Asks every node to rewrite its append-only file; true once every node started (or
+    /// when no node keeps one: then there is nothing to rewrite).
+    pub async fn rewrite(&self, conn: &StoreConn) -> crate::error::Result<bool> {
+        let aof = conn.setting_on_every_node("appendonly").await;
+        if aof.is_ok_and(|nodes| nodes.iter().all(|v| v == "no")) {
+            return Ok(true);
+        }
         // Memory holds only live data; the append-only file keeps replaced values until it
         // is rewritten. A rewrite already running may have forked before the erasure: then
         // the node refuses, and the next run asks again.
-        if let Err(e) = conn.on_every_node(&redis::cmd("BGREWRITEAOF")).await {
-            let message = e.to_string();
-            if message.contains("in progress") {
-                tracing::info!(error = %message, "an append-only file rewrite is running; asking again after it");
-            } else {
-                tracing::warn!(error = %message, "the Redis append-only files could not be rewritten after an erasure; the replaced personal data stays in them until they are");
+        match conn.on_every_node(&redis::cmd("BGREWRITEAOF")).await {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let message = e.to_string();
+                if message.contains("in progress") {
+                    tracing::info!(error = %message, "an append-only file rewrite is running; asking again after it");
+                } else if !REWRITE_REFUSAL_WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(error = %message, "the Redis append-only files could not be rewritten after an erasure; the replaced personal data stays in them until they are (asked again every scrub interval)");
+                } else {
+                    tracing::debug!(error = %message, "the Redis append-only files could not be rewritten after an erasure");
+                }
+                Ok(false)
             }
-            return Ok(false);
         }
+    }
+
+    /// Clears the mark if its count is still `seen`: an erasure that counted it up since
+    /// keeps it up for the next scrub.
+    pub async fn clear(&self, conn: &StoreConn, seen: i64) -> crate::error::Result<()> {
         let _: i64 = conn
             .invoke(
                 redis::Script::new(
@@ -283,6 +370,19 @@ impl ScrubMark {
                 .arg(seen),
             )
             .await?;
+        Ok(())
+    }
+
+    /// Rewrites the append-only file of every node when the mark is up, then clears the mark
+    /// unless an erasure counted it up meanwhile. True when there was something to do.
+    pub async fn scrub(&self, conn: &StoreConn) -> crate::error::Result<bool> {
+        let Some(seen) = self.seen(conn).await? else {
+            return Ok(false);
+        };
+        if !self.rewrite(conn).await? {
+            return Ok(false);
+        }
+        self.clear(conn, seen).await?;
         Ok(true)
     }
 }
@@ -360,26 +460,71 @@ mod tests {
             .map_or(0, |n| n.trim().parse().unwrap())
     }
 
-    /// A scrub on a cluster rewrites the append-only file of every node, then clears the
-    /// mark; with no mark up it does nothing.
+    /// Waits until no rewrite runs or is scheduled on the node at `url`; its rewrites then.
+    async fn settled_rewrites(url: &str) -> i64 {
+        for _ in 0..200 {
+            let client = redis::Client::open(url).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let info: String = redis::cmd("INFO")
+                .arg("all")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let busy = info.lines().map(str::trim).any(|l| {
+                l == "aof_rewrite_in_progress:1"
+                    || l == "aof_rewrite_scheduled:1"
+                    || l == "rdb_bgsave_in_progress:1"
+                    || l == "master_link_status:down"
+                    || l == "master_sync_in_progress:1"
+            });
+            if !busy {
+                return rewrites(url).await;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("{url} kept rewriting");
+    }
+
+    /// A scrub on a cluster with replicas and append-only files rewrites the file of every
+    /// primary and replica once, then clears the mark; with no mark up it does nothing.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_scrub_rewrites_every_node_once_per_mark() {
-        let nodes = RedisServer::start_cluster(3).unwrap();
+        let nodes = RedisServer::start_cluster_with(3, 1, &["--appendonly", "yes"]).unwrap();
         let urls: Vec<String> = nodes.iter().map(RedisServer::url).collect();
         let conn = StoreConn::cluster("test store", &urls).unwrap();
         let mark = ScrubMark::new("test:scrub");
         assert!(!mark.scrub(&conn).await.unwrap(), "no mark, no rewrite");
+        // Replicas rewrite once after their first sync; wait for every node to settle.
+        let mut before = Vec::new();
+        for url in &urls {
+            before.push(settled_rewrites(url).await);
+        }
         mark.raise(&conn).await.unwrap();
         mark.raise(&conn).await.unwrap();
         assert!(mark.scrub(&conn).await.unwrap());
-        for url in &urls {
-            assert_eq!(rewrites(url).await, 1, "{url}");
+        for (url, before) in urls.iter().zip(before) {
+            assert_eq!(settled_rewrites(url).await, before + 1, "{url}");
         }
-        let left: Option<i64> = conn
-            .query(redis::cmd("GET").arg("test:scrub"))
-            .await
-            .unwrap();
-        assert_eq!(left, None);
+        assert_eq!(mark.seen(&conn).await.unwrap(), None);
         assert!(!mark.scrub(&conn).await.unwrap(), "cleared");
+    }
+
+    /// An erasure that counts the mark up while a scrub runs keeps it up for the next one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_erasure_during_a_scrub_keeps_the_mark() {
+        let server = RedisServer::start().unwrap();
+        let conn = StoreConn::single("test store", &server.url()).unwrap();
+        let mark = ScrubMark::new("test:scrub");
+        mark.raise(&conn).await.unwrap();
+        let seen = mark.seen(&conn).await.unwrap().unwrap();
+        assert!(mark.rewrite(&conn).await.unwrap());
+        mark.raise(&conn).await.unwrap();
+        mark.clear(&conn, seen).await.unwrap();
+        assert!(
+            mark.seen(&conn).await.unwrap().is_some(),
+            "kept for the next scrub"
+        );
+        assert!(mark.scrub(&conn).await.unwrap());
+        assert_eq!(mark.seen(&conn).await.unwrap(), None);
     }
 }

@@ -44,10 +44,20 @@ impl RedisServer {
     /// Starts `n` cluster-enabled servers and joins them into one Redis Cluster (no
     /// replicas) with `redis-cli --cluster create`; returns once every slot is served.
     pub fn start_cluster(n: usize) -> anyhow::Result<Vec<Self>> {
-        let nodes = (0..n)
-            .map(|_| {
-                Self::start_with(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
-            })
+        Self::start_cluster_with(n, 0, &[])
+    }
+
+    /// A cluster of `primaries` primaries with `replicas` replicas each, every server also
+    /// given `extra` arguments (e.g. `--appendonly yes`).
+    pub fn start_cluster_with(
+        primaries: usize,
+        replicas: usize,
+        extra: &[&str],
+    ) -> anyhow::Result<Vec<Self>> {
+        let mut args = vec!["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"];
+        args.extend_from_slice(extra);
+        let nodes = (0..primaries * (1 + replicas))
+            .map(|_| Self::start_with(&args))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let mut create = Command::new("redis-cli");
         create.arg("--cluster").arg("create");
@@ -55,7 +65,7 @@ impl RedisServer {
             create.arg(format!("127.0.0.1:{}", node.port));
         }
         let out = create
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .context("running redis-cli --cluster create")?;
         if !out.status.success() {

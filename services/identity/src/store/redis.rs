@@ -36,6 +36,8 @@ use crate::lifecycle::{Erasure, ImportRow, MemberBlock, MergeRecord};
 const STORE: &str = "identity store";
 /// The set of tenants with members.
 const TENANTS: &str = "li:tenants";
+/// Set while `copy_from` runs: a Redis with it holds a copy that did not finish.
+const COPYING: &str = "li:copying";
 /// Up while erased personal data may still be in the append-only files.
 const SCRUB: ScrubMark = ScrubMark::new("li:scrub");
 /// API keys by id, the ids of the unrevoked ones, and `tenant \0 key id` entries.
@@ -355,29 +357,48 @@ impl RedisIdentityStore {
         Ok(held == 0)
     }
 
+    /// Whether a [`RedisIdentityStore::copy_from`] into this Redis started and did not
+    /// finish: serving it would show part of the members.
+    pub async fn copy_unfinished(&self) -> Result<bool> {
+        let n: i64 = self.redis.query(redis::cmd("EXISTS").arg(COPYING)).await?;
+        Ok(n > 0)
+    }
+
     /// Copies everything the embedded store `from` holds (identity moving from
     /// `identity.store = "embedded"` to `"redis"`; nothing may write to either meanwhile).
-    /// Refuses, writing nothing, when this Redis already holds identity data.
+    /// Refuses, writing nothing, when this Redis already holds identity data, unless it is
+    /// what an earlier copy that did not finish left: then the copy runs again (every write
+    /// is idempotent).
     pub async fn copy_from(&self, from: &EmbeddedIdentityStore) -> Result<Copied> {
         const PAGE: usize = 500;
-        if !self.is_empty().await? {
+        if !self.copy_unfinished().await? && !self.is_empty().await? {
             return Err(Error::FailedPrecondition(
                 "this Redis already holds identity data: copy into an empty one".into(),
             ));
         }
+        let _: () = self
+            .redis
+            .query(redis::cmd("SET").arg(COPYING).arg(1))
+            .await?;
         let mut copied = Copied::default();
         let mut tenants = BTreeSet::new();
         for table in Table::ALL {
             let mut after = None;
             loop {
                 let (rows, last) = from.rows(table, after, PAGE).await?;
-                let mut pipe = redis::pipe();
-                for row in &rows {
-                    if let Some(tenant) = self.copy_row(&mut pipe, table, row, from).await? {
-                        tenants.insert(tenant);
+                // One pipeline per slot: a tenant's rows, or the API keys'. A cluster
+                // refuses a pipeline across slots.
+                let slot_of = |row: &Row| match table {
+                    Table::ApiKeys | Table::TenantKeys => String::new(),
+                    _ => row.key.first().cloned().unwrap_or_default(),
+                };
+                for run in rows.chunk_by(|a, b| slot_of(a) == slot_of(b)) {
+                    let mut pipe = redis::pipe();
+                    for row in run {
+                        if let Some(tenant) = self.copy_row(&mut pipe, table, row, from).await? {
+                            tenants.insert(tenant);
+                        }
                     }
-                }
-                if !rows.is_empty() {
                     self.redis.pipeline::<()>(&pipe).await?;
                 }
                 copied.rows += rows.len() as u64;
@@ -397,6 +418,7 @@ impl RedisIdentityStore {
         for tenant in &tenants {
             self.register_tenant(tenant).await?;
         }
+        let _: i64 = self.redis.query(redis::cmd("DEL").arg(COPYING)).await?;
         copied.tenants = tenants.len();
         Ok(copied)
     }
@@ -872,12 +894,13 @@ impl IdentityStore for RedisIdentityStore {
             // The append-only file keeps the replaced records until it is rewritten
             // ([`IdentityStore::scrub`]).
             SCRUB.raise(&self.redis).await?;
-            let word: String = self.redis.invoke(&invocation).await?;
-            match word.as_str() {
-                "yes" => {
-                    SCRUB.raise(&self.redis).await?;
-                    return Ok(true);
-                }
+            let answered = self.redis.invoke::<String>(&invocation).await;
+            // Counted up again once the write happened, or may have (no answer).
+            if !matches!(answered.as_deref(), Ok("no" | "retry")) {
+                SCRUB.raise_after(&self.redis).await;
+            }
+            match answered?.as_str() {
+                "yes" => return Ok(true),
                 "no" => return Ok(false),
                 "retry" => continue,
                 other => return Err(unexpected("erasure", other)),
@@ -1328,6 +1351,95 @@ mod tests {
         assert!(saved > 5, "{saved}");
         let err = to.copy_from(&from).await.unwrap_err();
         assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+    }
+
+    /// A merge whose points have not moved holds its survivor back after a copy too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copied_unfinished_merge_still_holds_its_survivor() {
+        use crate::lifecycle::Audit;
+        let dir = tempfile::tempdir().unwrap();
+        let from = EmbeddedIdentityStore::open(&dir.path().join("identity.redb")).unwrap();
+        let member = |id: &str, phone: &str| super::super::conformance::member("t", id, phone, id);
+        for (id, phone) in [
+            ("a", "+77010000001"),
+            ("b", "+77010000002"),
+            ("c", "+77010000003"),
+        ] {
+            from.insert_member(&member(id, phone)).await.unwrap();
+        }
+        let merged = Member {
+            status: MemberStatus::Merged,
+            ..member("a", "+77010000001")
+        };
+        let record = |into: &str| MergeRecord {
+            into: into.into(),
+            audit: Audit {
+                actor: "x".into(),
+                comment: String::new(),
+                key_id: String::new(),
+                at: 1,
+            },
+            points_moved: false,
+        };
+        let profile = Profile {
+            version: 1,
+            ..Profile::default()
+        };
+        assert!(
+            from.merge_members(&merged, &profile, 0, &record("b"))
+                .await
+                .unwrap()
+        );
+        let server = RedisServer::start().unwrap();
+        let to = RedisIdentityStore::connect(&server.url()).unwrap();
+        to.copy_from(&from).await.unwrap();
+        let b = Member {
+            status: MemberStatus::Merged,
+            ..member("b", "+77010000002")
+        };
+        assert!(
+            !to.merge_members(&b, &profile, 0, &record("c"))
+                .await
+                .unwrap(),
+            "a's points have not reached b"
+        );
+    }
+
+    /// A copy into a Redis Cluster (one pipeline per slot), and a copy cut short: the
+    /// Redis says so, and running the copy again finishes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_into_a_cluster_and_a_copy_cut_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = EmbeddedIdentityStore::open(&dir.path().join("identity.redb")).unwrap();
+        super::super::conformance::run_all(&from).await;
+        let nodes = RedisServer::start_cluster(3).unwrap();
+        let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
+        let to = RedisIdentityStore::connect_cluster(&urls).unwrap();
+        // As a copy that stopped after its first writes leaves it.
+        let _: () = to
+            .redis
+            .query(redis::cmd("SET").arg(COPYING).arg(1))
+            .await
+            .unwrap();
+        to.save_api_keys(&[], None).await.unwrap();
+        assert!(to.copy_unfinished().await.unwrap());
+        let copied = to.copy_from(&from).await.unwrap();
+        assert!(copied.tenants > 1, "{copied:?}");
+        assert!(!to.copy_unfinished().await.unwrap());
+        assert_eq!(
+            from.members_after(None, 100_000).await.unwrap(),
+            to.members_after(None, 100_000).await.unwrap()
+        );
+        for m in from.members_after(None, 100_000).await.unwrap() {
+            assert_eq!(
+                from.cards_of_member(&m.tenant_id, &m.member_id)
+                    .await
+                    .unwrap(),
+                to.cards_of_member(&m.tenant_id, &m.member_id)
+                    .await
+                    .unwrap()
+            );
+        }
     }
 
     /// The same suite on a three-node Redis Cluster: every script touches one tenant's keys
