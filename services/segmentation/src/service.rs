@@ -186,14 +186,18 @@ impl Segmentation {
     /// done (their members leave, their definitions go); at start-up and on every scheduled
     /// pass. Returns how many.
     pub async fn finish_deletions(&self, tenant_id: &str) -> Result<usize> {
-        let cut_short = self.store.deletions_cut_short(tenant_id).await?;
-        for segment_id in &cut_short {
-            self.store
-                .delete_segment(tenant_id, segment_id, self.now())
-                .await?;
-            tracing::info!(tenant = %tenant_id, segment = %segment_id, "finished a segment deletion that was cut short");
+        let mut finished = 0;
+        for segment_id in self.store.deletions_cut_short(tenant_id).await? {
+            if self
+                .store
+                .finish_deletion(tenant_id, &segment_id, self.now())
+                .await?
+            {
+                tracing::info!(tenant = %tenant_id, segment = %segment_id, "finished a segment deletion that was cut short");
+                finished += 1;
+            }
         }
-        Ok(cut_short.len())
+        Ok(finished)
     }
 
     fn validate(def: &SegmentDef) -> Result<Option<Expr>> {

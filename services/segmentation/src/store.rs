@@ -137,10 +137,21 @@ pub trait SegmentationStore: Send + Sync + std::fmt::Debug {
     /// Removes the segment and all its memberships. False when it did not exist.
     async fn delete_segment(&self, tenant_id: &str, segment_id: &str, now: Millis) -> Result<bool>;
 
-    /// Segments whose deletion started and was cut short (a backend that deletes in one
-    /// transaction has none): deleting them again finishes it.
+    /// Segments whose deletion started and has not finished: cut short by a stopped process,
+    /// or under way (a backend that deletes in one transaction has none).
     async fn deletions_cut_short(&self, _tenant_id: &str) -> Result<Vec<String>> {
         Ok(Vec::new())
+    }
+
+    /// Finishes a deletion [`SegmentationStore::deletions_cut_short`] listed, unless it is
+    /// over by now (then false, and a segment created again under the id is left alone).
+    async fn finish_deletion(
+        &self,
+        _tenant_id: &str,
+        _segment_id: &str,
+        _now: Millis,
+    ) -> Result<bool> {
+        Ok(false)
     }
 
     /// Sets membership flags; records a history entry for each one that changed. Returns how

@@ -144,6 +144,7 @@ pub struct RedisSegmentationStore {
     segment: Script,
     leave: Script,
     mark: Script,
+    gone: Script,
     forget: Script,
     publish: Script,
     /// [`TENANTS_WITH_FEATURES`].
@@ -159,6 +160,51 @@ impl std::fmt::Debug for RedisSegmentationStore {
 }
 
 impl RedisSegmentationStore {
+    /// The rest of a deletion once the segment's version reads [`DELETING`]: its members
+    /// leave a chunk at a time, then its definition goes. Stops, false, as soon as the
+    /// segment is no longer being deleted (another process finished it, and it may have been
+    /// created again since).
+    async fn finish(&self, keys: &Keys, segment_id: &str, now: Millis) -> Result<bool> {
+        let members_key = keys.members_of(segment_id);
+        loop {
+            let members: Vec<String> = self
+                .redis
+                .query(
+                    redis::cmd("ZRANGE")
+                        .arg(&members_key)
+                        .arg(0)
+                        .arg(LEAVE_CHUNK - 1),
+                )
+                .await?;
+            let mut invocation = self.leave.prepare_invoke();
+            invocation
+                .key(&members_key)
+                .key(keys.k("mv"))
+                .key(keys.k("segv"));
+            for m in &members {
+                invocation.key(keys.segments_of(m)).key(keys.history_of(m));
+            }
+            invocation.arg(segment_id).arg(padded(now)).arg(DELETING);
+            for m in &members {
+                invocation.arg(m);
+            }
+            let left: i64 = self.redis.invoke(&invocation).await?;
+            if left < 0 {
+                return Ok(false);
+            }
+            if members.is_empty() {
+                break;
+            }
+        }
+        let mut invocation = self.gone.prepare_invoke();
+        invocation
+            .key(keys.k("segs"))
+            .key(keys.k("segv"))
+            .arg(segment_id)
+            .arg(DELETING);
+        let gone: i64 = self.redis.invoke(&invocation).await?;
+        Ok(gone == 1)
+    }
     /// One multiplexed connection to the Redis at `url`, opened on first use.
     pub fn connect(url: &str) -> anyhow::Result<Self> {
         Ok(Self::with(StoreConn::single(STORE, url)?))
@@ -181,6 +227,7 @@ impl RedisSegmentationStore {
             segment: Script::new(include_str!("redis/segment.lua")),
             leave: Script::new(include_str!("redis/leave.lua")),
             mark: Script::new(include_str!("redis/mark.lua")),
+            gone: Script::new(include_str!("redis/gone.lua")),
             forget: Script::new(include_str!("redis/forget.lua")),
             publish: Script::new(include_str!("redis/publish.lua")),
             with_features: RememberedSet::new(TENANTS_WITH_FEATURES),
@@ -473,10 +520,12 @@ impl SegmentationStore for RedisSegmentationStore {
         if erasure {
             SCRUB.raise(&self.redis).await?;
         }
-        let done = self.change_all(work, now).await?;
+        let done = self.change_all(work, now).await;
+        // Counted up again once the writes happened, or may have (an error part way).
         if erasure {
-            SCRUB.raise(&self.redis).await?;
+            SCRUB.raise_after(&self.redis).await;
         }
+        let done = done?;
         // Forget ids older than the window, a bounded number per tenant and call.
         for tenant in tenants {
             let keys = Keys::of(&tenant);
@@ -617,43 +666,17 @@ impl SegmentationStore for RedisSegmentationStore {
         if marked == 0 {
             return Ok(false);
         }
-        let members_key = keys.members_of(segment_id);
-        loop {
-            let members: Vec<String> = self
-                .redis
-                .query(
-                    redis::cmd("ZRANGE")
-                        .arg(&members_key)
-                        .arg(0)
-                        .arg(LEAVE_CHUNK - 1),
-                )
-                .await?;
-            if members.is_empty() {
-                break;
-            }
-            let mut invocation = self.leave.prepare_invoke();
-            invocation.key(&members_key).key(keys.k("mv"));
-            for m in &members {
-                invocation.key(keys.segments_of(m)).key(keys.history_of(m));
-            }
-            invocation.arg(segment_id).arg(padded(now));
-            for m in &members {
-                invocation.arg(m);
-            }
-            let _: i64 = self.redis.invoke(&invocation).await?;
-        }
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HDEL")
-            .arg(keys.k("segs"))
-            .arg(segment_id)
-            .ignore()
-            .cmd("HDEL")
-            .arg(keys.k("segv"))
-            .arg(segment_id)
-            .ignore();
-        self.redis.pipeline::<()>(&pipe).await?;
+        self.finish(&keys, segment_id, now).await?;
         Ok(true)
+    }
+
+    async fn finish_deletion(
+        &self,
+        tenant_id: &str,
+        segment_id: &str,
+        now: Millis,
+    ) -> Result<bool> {
+        self.finish(&Keys::of(tenant_id), segment_id, now).await
     }
 
     async fn deletions_cut_short(&self, tenant_id: &str) -> Result<Vec<String>> {
@@ -1003,6 +1026,16 @@ mod tests {
         assert!(store.member_segments("t", "m007").await.unwrap().is_empty());
         assert_eq!(store.count("t", "seg").await.unwrap(), 0);
         assert_eq!(store.segment("t", "seg").await.unwrap(), None);
+
+        // A replica that listed the deletion late, after the segment was created again,
+        // leaves the new one alone.
+        let again = super::super::conformance::dynamic("t", "seg", "spend_total > 5", 1, 20);
+        assert!(store.put_segment(again.clone(), None).await.unwrap());
+        let changes = vec![("m001".to_string(), "seg".to_string(), true)];
+        assert_eq!(store.set_memberships("t", changes, 21).await.unwrap(), 1);
+        assert!(!store.finish_deletion("t", "seg", 22).await.unwrap());
+        assert_eq!(store.segment("t", "seg").await.unwrap(), Some(again));
+        assert_eq!(store.member_segments("t", "m001").await.unwrap(), ["seg"]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

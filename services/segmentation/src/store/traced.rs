@@ -84,6 +84,15 @@ impl SegmentationStore for Traced {
         let call = self.inner.delete_segment(tenant_id, segment_id, now);
         in_db_span(self.system, "segmentation.delete_segment", call).await
     }
+    async fn finish_deletion(
+        &self,
+        tenant_id: &str,
+        segment_id: &str,
+        now: Millis,
+    ) -> Result<bool> {
+        let call = self.inner.finish_deletion(tenant_id, segment_id, now);
+        in_db_span(self.system, "segmentation.finish_deletion", call).await
+    }
     async fn deletions_cut_short(&self, tenant_id: &str) -> Result<Vec<String>> {
         let call = self.inner.deletions_cut_short(tenant_id);
         in_db_span(self.system, "segmentation.deletions_cut_short", call).await
