@@ -387,7 +387,26 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         model: model.config.clone(),
     };
     let seed = model.config.seed;
-    let coupons = match runner::generate_coupons(&model, &clients, &run_id).await {
+    // From here on Ctrl-C ends the run early and still revokes the run's keys; a second
+    // Ctrl-C stops at once.
+    let interrupted = Arc::new(tokio::sync::Notify::new());
+    {
+        let interrupted = interrupted.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                interrupted.notify_one();
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    eprintln!("interrupted again: stopping now; this run's API keys stay");
+                    std::process::exit(130);
+                }
+            }
+        });
+    }
+    let coupons = tokio::select! {
+        coupons = runner::generate_coupons(&model, &clients, &run_id) => coupons,
+        _ = interrupted.notified() => Err(anyhow::anyhow!("interrupted before the run started")),
+    };
+    let coupons = match coupons {
         Ok(coupons) => coupons,
         Err(e) => {
             // The run's keys go with the run, also when it cannot start.
@@ -420,7 +439,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     // Ctrl-C ends the run early; the keys it made still go with it.
     let stats = tokio::select! {
         stats = runner::run(workload.clone(), plan) => stats,
-        _ = tokio::signal::ctrl_c() => {
+        _ = interrupted.notified() => {
             if clients.credentials().made() > 0 {
                 let revoked = keys::revoke(&workload.model, &clients, cli.setup_concurrency).await?;
                 eprintln!("interrupted: revoked this run's {revoked} API keys");
