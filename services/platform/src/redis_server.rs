@@ -27,6 +27,12 @@ impl RedisServer {
         Self::start_with(&[])
     }
 
+    /// Starts a server that keeps an append-only file (`--appendonly yes`) in its
+    /// [`RedisServer::dir`].
+    pub fn start_with_aof() -> anyhow::Result<Self> {
+        Self::start_with(&["--appendonly", "yes"])
+    }
+
     fn start_with(extra: &[&str]) -> anyhow::Result<Self> {
         let port = free_port()?;
         let dir = std::env::temp_dir().join(format!("loyalty-redis-{}-{port}", std::process::id()));
@@ -142,6 +148,11 @@ impl RedisServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The server's working directory: its snapshot and append-only files.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     /// Writes a snapshot (`SAVE`) that the next [`RedisServer::restart`] loads: a way to
