@@ -827,3 +827,63 @@ async fn copy_identity_moves_the_embedded_state_into_redis() {
     assert_eq!(listed[0].key_id, key.key_id);
     assert_eq!(server.stop().await, 0);
 }
+
+/// Identity on Redis through a Redis crash: while Redis is down, lookups and registrations
+/// fail `UNAVAILABLE` (a till retries) and identity reports NOT_SERVING; once Redis is back
+/// with its append-only file, the same members answer again, with no restart of identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_on_redis_rides_out_a_redis_crash() {
+    let mut redis = RedisServer::start_with_aof().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        Launch::dev()
+            .env("LOYALTY_IDENTITY__STORE", "redis")
+            .env("LOYALTY_STORAGE__REDIS__URL", &redis.url())
+            .env("LOYALTY_SERVER__HEALTH_INTERVAL_SECS", "1"),
+        dir.path(),
+    )
+    .await;
+    let channel = server.channel().await;
+    let mut pos = Pos::new(&channel, &channel);
+    let (member, card) = pos.member_with_card("t1", "+77015550606").await;
+    // The append-only file is written once a second.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+
+    redis.kill();
+    let err = lookup_card(&channel, "t1", &card).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    let err = pos
+        .members
+        .register_member(identity::RegisterMemberRequest {
+            tenant_id: "t1".into(),
+            phone: "+77015550607".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    wait_for(
+        &channel,
+        "loyalty.identity.v1.MemberService",
+        ServingStatus::NotServing,
+    )
+    .await;
+
+    redis.restart().unwrap();
+    let mut found = Err(tonic::Status::unavailable("not yet"));
+    for _ in 0..100 {
+        found = lookup_card(&channel, "t1", &card).await;
+        if found.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(found.unwrap(), member);
+    wait_for(
+        &channel,
+        "loyalty.identity.v1.MemberService",
+        ServingStatus::Serving,
+    )
+    .await;
+    assert_eq!(server.stop().await, 0);
+}
