@@ -847,3 +847,112 @@ async fn segmentation_replicas_on_redis_share_features_and_segments() {
     }
     assert_eq!(pos_node.stop().await, 0);
 }
+
+/// What a segmentation service answers about the test's tenant: every segment with its
+/// count and members, and Anna's features, segments and membership history.
+type Snapshot = (
+    Vec<(String, i64, Vec<String>)>,
+    (spb::MemberFeatures, Vec<String>, Vec<spb::MembershipChange>),
+);
+
+async fn snapshot(channel: &Channel, anna: &str) -> Snapshot {
+    let mut seg = SegmentationServiceClient::new(channel.clone());
+    let mut ids: Vec<String> = seg
+        .list_segments(spb::ListSegmentsRequest {
+            tenant_id: TENANT.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .segments
+        .into_iter()
+        .map(|s| s.segment_id)
+        .collect();
+    ids.sort();
+    let mut segments = Vec::new();
+    for id in ids {
+        let count = seg
+            .count_segment_members(spb::CountSegmentMembersRequest {
+                tenant_id: TENANT.into(),
+                segment_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .member_count;
+        let mut stream = seg
+            .stream_segment_members(spb::StreamSegmentMembersRequest {
+                tenant_id: TENANT.into(),
+                segment_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut members = Vec::new();
+        while let Some(page) = stream.message().await.unwrap() {
+            members.extend(page.member_ids);
+        }
+        segments.push((id, count, members));
+    }
+    let history = seg
+        .get_membership_history(spb::GetMembershipHistoryRequest {
+            tenant_id: TENANT.into(),
+            member_id: anna.into(),
+            page_size: 100,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .changes;
+    assert!(!history.is_empty());
+    let about_anna = (
+        features(&mut seg, anna).await,
+        segments_of(&mut seg, anna).await,
+        history,
+    );
+    (segments, about_anna)
+}
+
+/// `loyalty copy-segmentation` moves a dev data directory's segments, memberships and
+/// features into Redis: a server on `segmentation.store = "redis"` answers the same.
+#[tokio::test]
+async fn copy_segmentation_moves_the_embedded_state_into_redis() {
+    let redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(Launch::dev(), dir.path()).await;
+    let channel = server.channel().await;
+    purchases_drive_segments(&channel, &channel, &channel).await;
+    let mut pos = Pos::new(&channel, &channel);
+    let anna = member_by_phone(&mut pos, "+77015550101").await;
+    let before = snapshot(&channel, &anna).await;
+    assert!(before.0.iter().any(|(_, n, _)| *n > 0), "{before:?}");
+    assert_eq!(server.stop().await, 0);
+
+    let out = command(
+        &[
+            "copy-segmentation".into(),
+            "--data-dir".into(),
+            dir.path().display().to_string(),
+        ],
+        &[("LOYALTY_STORAGE__REDIS__URL".into(), redis.url())],
+    )
+    .output()
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("segmentation copied"), "{said}");
+
+    let server = Server::start(
+        Launch::dev()
+            .env("LOYALTY_SEGMENTATION__STORE", "redis")
+            .env("LOYALTY_STORAGE__REDIS__URL", &redis.url()),
+        dir.path(),
+    )
+    .await;
+    let channel = server.channel().await;
+    assert_eq!(snapshot(&channel, &anna).await, before);
+    assert_eq!(server.stop().await, 0);
+}

@@ -108,6 +108,14 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Copies segmentation's state (features, the event ids applied, segments with their
+    /// members and history, RFM runs and scores) from --data-dir's `segmentation.redb` into
+    /// the Redis of `storage.redis`, for a move to `segmentation.store = "redis"`.
+    /// Segmentation must be stopped; refuses a Redis that already holds segmentation data.
+    CopySegmentation {
+        #[command(flatten)]
+        common: Common,
+    },
     /// Copies promotion's state (programs, catalog, campaigns with their history, coupons,
     /// counters, purchases) from --data-dir's `promotion.redb` into the Redis of
     /// `storage.redis`, for a move to `promotion.store = "redis"`. Promotion must be stopped;
@@ -337,6 +345,29 @@ async fn run(cli: Cli) -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("loyalty copy-identity: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::CopySegmentation { common } => {
+            let config = match load_config(&common) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            return match rebuild::copy_segmentation(&config).await {
+                Ok(c) => {
+                    eprintln!(
+                        "segmentation copied from {} to Redis: {} tenants, {} segments, {} members with features ({} rows)",
+                        config.data_dir.display(),
+                        c.tenants,
+                        c.segments,
+                        c.members_with_features,
+                        c.rows
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("loyalty copy-segmentation: {e:#}");
                     ExitCode::FAILURE
                 }
             };

@@ -409,7 +409,7 @@ pub async fn run_segmentation(config: &Config) -> anyhow::Result<RebuiltSegmenta
                     .with_context(|| in_use(&path, "segmentation"))?,
             )
         }
-        ServiceStore::Redis => crate::wiring::segmentation_store(config)?,
+        ServiceStore::Redis => crate::wiring::segmentation_store(config).await?,
     };
     // Every source answers before the features are cleared: a missing one changes nothing.
     sources.check().await?;
@@ -468,6 +468,21 @@ pub async fn copy_identity(
     )?;
     from.index_stored_emails().await?;
     let to = RedisIdentityStore::for_config(&config.storage.redis)?;
+    Ok(to.copy_from(&from).await?)
+}
+
+/// `loyalty copy-segmentation`: everything in --data-dir's `segmentation.redb` (server
+/// stopped) into the Redis of `storage.redis`.
+pub async fn copy_segmentation(
+    config: &Config,
+) -> anyhow::Result<loyalty_segmentation::store::redis::Copied> {
+    use loyalty_segmentation::store::redis::RedisSegmentationStore;
+    let from = open(
+        &config.data_dir,
+        "segmentation.redb",
+        EmbeddedSegmentationStore::open,
+    )?;
+    let to = RedisSegmentationStore::for_config(&config.storage.redis)?;
     Ok(to.copy_from(&from).await?)
 }
 

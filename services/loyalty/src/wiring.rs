@@ -413,7 +413,7 @@ pub async fn build(
     };
 
     let segmentation = if runs(ServiceName::Segmentation) {
-        let store = segmentation_store(config)?;
+        let store = segmentation_store(config).await?;
         let segmentation = Segmentation::new(store.clone(), clock.clone());
         routes = loyalty_segmentation::add_routes(routes, segmentation.clone(), max);
         let log = events.clone();
@@ -881,7 +881,7 @@ pub fn promotion_store(config: &Config) -> anyhow::Result<Arc<dyn PromotionStore
 
 /// The segmentation store `segmentation.store` names: the embedded file in `data_dir`, or
 /// the Redis of `storage.redis` shared by every segmentation replica.
-pub fn segmentation_store(config: &Config) -> anyhow::Result<Arc<dyn SegmentationStore>> {
+pub async fn segmentation_store(config: &Config) -> anyhow::Result<Arc<dyn SegmentationStore>> {
     use loyalty_platform::config::ServiceStore;
     use loyalty_segmentation::store::redis::RedisSegmentationStore;
     use loyalty_segmentation::store::traced::Traced;
@@ -893,10 +893,20 @@ pub fn segmentation_store(config: &Config) -> anyhow::Result<Arc<dyn Segmentatio
                 Arc::new(EmbeddedSegmentationStore::open(&path)?),
             ))
         }
-        ServiceStore::Redis => Arc::new(Traced::new(
-            "redis",
-            Arc::new(RedisSegmentationStore::for_config(&config.storage.redis)?),
-        )),
+        ServiceStore::Redis => {
+            let store = RedisSegmentationStore::for_config(&config.storage.redis)?;
+            // A copy that did not finish would show part of the segments and memberships.
+            let unfinished = store
+                .copy_unfinished()
+                .await
+                .map_err(|e| anyhow::anyhow!("segmentation's Redis: {e}"))?;
+            if unfinished {
+                anyhow::bail!(
+                    "a `loyalty copy-segmentation` into segmentation's Redis did not finish: run it again before serving"
+                );
+            }
+            Arc::new(Traced::new("redis", Arc::new(store)))
+        }
     })
 }
 

@@ -594,6 +594,45 @@ pub fn records_after<T: serde::de::DeserializeOwned>(
     Ok(out)
 }
 
+/// One stored row, for copying a store elsewhere: its key split into its parts, and its
+/// value as bytes (a record's encoding, an index entry's text, nothing for a set's entry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    pub key: Vec<String>,
+    pub value: Vec<u8>,
+}
+
+/// Up to `limit` rows of `table` in key order after the key `after` (from the start when
+/// None), each value turned into bytes by `value`; and the last key read.
+pub fn rows_after<V: redb::Value + 'static>(
+    txn: &ReadTransaction,
+    table: TableDefinition<'static, &'static str, V>,
+    after: Option<&str>,
+    limit: usize,
+    value: impl Fn(V::SelfType<'_>) -> Vec<u8>,
+) -> Result<(Vec<Row>, Option<String>)> {
+    let Some(t) = open_for_read(txn, table)? else {
+        return Ok((Vec::new(), None));
+    };
+    let range = match after {
+        Some(a) => t.range::<&str>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
+        None => t.range::<&str>(..),
+    }
+    .map_err(storage_error)?;
+    let mut out = Vec::new();
+    let mut last = None;
+    for item in range.take(limit) {
+        let (k, v) = item.map_err(storage_error)?;
+        let k = k.value();
+        out.push(Row {
+            key: k.split('\u{0}').map(str::to_string).collect(),
+            value: value(v.value()),
+        });
+        last = Some(k.to_string());
+    }
+    Ok((out, last))
+}
+
 /// Encodes `value` and stores it under `key`.
 pub fn put_record<T: serde::Serialize>(
     table: &mut redb::Table<'_, &'static str, &'static [u8]>,

@@ -387,6 +387,15 @@ impl ScrubMark {
     }
 }
 
+/// Waits a little before an optimistic write tries again after losing a race (`attempt`
+/// from 0): a random pause of up to 2^attempt ms, at most 20 ms, so writers racing for one
+/// record spread out instead of colliding on every round.
+pub async fn conflict_pause(attempt: usize) {
+    let ceiling = 1u64 << attempt.min(5);
+    let ms = rand::random_range(0..=ceiling.min(20));
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
 /// The `ZRANGEBYLEX` start for members strictly after `after` (`-`: from the first).
 pub fn lex_after(after: &str) -> String {
     if after.is_empty() {

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use loyalty_platform::embedded::{
     EmbeddedDb, Records, get_record, key, open_for_read, prefix_range, put_record, read_record,
-    records_after, storage_error as e,
+    records_after, rows_after, storage_error as e,
 };
 use loyalty_platform::error::Result;
 use redb::{ReadableTable, TableDefinition};
@@ -195,13 +195,7 @@ impl Table {
     ];
 }
 
-/// One stored row: its key split into parts, and its value (a record's bytes, the member id
-/// an index entry points at, or nothing for a set's entry).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Row {
-    pub key: Vec<String>,
-    pub value: Vec<u8>,
-}
+pub use loyalty_platform::embedded::Row;
 
 #[derive(Debug, Clone)]
 pub struct EmbeddedIdentityStore {
@@ -223,56 +217,29 @@ impl EmbeddedIdentityStore {
         after: Option<String>,
         limit: usize,
     ) -> Result<(Vec<Row>, Option<String>)> {
-        fn page<V: redb::Value + 'static>(
-            txn: &redb::ReadTransaction,
-            table: TableDefinition<'static, &'static str, V>,
-            after: &Option<String>,
-            limit: usize,
-            value: impl Fn(V::SelfType<'_>) -> Vec<u8>,
-        ) -> Result<(Vec<Row>, Option<String>)> {
-            let Some(t) = open_for_read(txn, table)? else {
-                return Ok((Vec::new(), None));
-            };
-            let range = match after {
-                Some(a) => t.range::<&str>((
-                    std::ops::Bound::Excluded(a.as_str()),
-                    std::ops::Bound::Unbounded,
-                )),
-                None => t.range::<&str>(..),
-            }
-            .map_err(e)?;
-            let mut out = Vec::new();
-            let mut last = None;
-            for item in range.take(limit) {
-                let (k, v) = item.map_err(e)?;
-                let k = k.value();
-                out.push(Row {
-                    key: k.split('\u{0}').map(str::to_string).collect(),
-                    value: value(v.value()),
-                });
-                last = Some(k.to_string());
-            }
-            Ok((out, last))
-        }
         let bytes = |v: &[u8]| v.to_vec();
         let text = |v: &str| v.as_bytes().to_vec();
         let nothing = |_: ()| Vec::new();
         self.db
             .read(move |txn| match table {
-                Table::Members => page(txn, MEMBERS, &after, limit, bytes),
-                Table::Profiles => page(txn, PROFILES, &after, limit, bytes),
-                Table::Cards => page(txn, CARDS, &after, limit, bytes),
-                Table::ApiKeys => page(txn, API_KEYS, &after, limit, bytes),
-                Table::Merges => page(txn, MERGES, &after, limit, bytes),
-                Table::Erasures => page(txn, ERASURES, &after, limit, bytes),
-                Table::Blocks => page(txn, BLOCKS, &after, limit, bytes),
-                Table::ImportRows => page(txn, IMPORT_ROWS, &after, limit, bytes),
-                Table::Phones => page(txn, PHONES, &after, limit, text),
-                Table::Emails => page(txn, EMAILS, &after, limit, text),
-                Table::ReferralCodes => page(txn, REFERRAL_CODES, &after, limit, text),
-                Table::MemberCards => page(txn, MEMBER_CARDS, &after, limit, nothing),
-                Table::TenantKeys => page(txn, TENANT_KEYS, &after, limit, nothing),
-                Table::MergedFrom => page(txn, MERGED_FROM, &after, limit, nothing),
+                Table::Members => rows_after(txn, MEMBERS, after.as_deref(), limit, bytes),
+                Table::Profiles => rows_after(txn, PROFILES, after.as_deref(), limit, bytes),
+                Table::Cards => rows_after(txn, CARDS, after.as_deref(), limit, bytes),
+                Table::ApiKeys => rows_after(txn, API_KEYS, after.as_deref(), limit, bytes),
+                Table::Merges => rows_after(txn, MERGES, after.as_deref(), limit, bytes),
+                Table::Erasures => rows_after(txn, ERASURES, after.as_deref(), limit, bytes),
+                Table::Blocks => rows_after(txn, BLOCKS, after.as_deref(), limit, bytes),
+                Table::ImportRows => rows_after(txn, IMPORT_ROWS, after.as_deref(), limit, bytes),
+                Table::Phones => rows_after(txn, PHONES, after.as_deref(), limit, text),
+                Table::Emails => rows_after(txn, EMAILS, after.as_deref(), limit, text),
+                Table::ReferralCodes => {
+                    rows_after(txn, REFERRAL_CODES, after.as_deref(), limit, text)
+                }
+                Table::MemberCards => {
+                    rows_after(txn, MEMBER_CARDS, after.as_deref(), limit, nothing)
+                }
+                Table::TenantKeys => rows_after(txn, TENANT_KEYS, after.as_deref(), limit, nothing),
+                Table::MergedFrom => rows_after(txn, MERGED_FROM, after.as_deref(), limit, nothing),
             })
             .await
     }

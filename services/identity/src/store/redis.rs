@@ -22,7 +22,9 @@ use std::collections::BTreeSet;
 
 use loyalty_platform::embedded::{decode, encode};
 use loyalty_platform::error::{Error, Result};
-use loyalty_platform::redis_conn::{RememberedSet, ScrubMark, StoreConn, lex_after};
+use loyalty_platform::redis_conn::{
+    RememberedSet, ScrubMark, StoreConn, conflict_pause, lex_after,
+};
 use redis::Script;
 use serde::de::DeserializeOwned;
 
@@ -725,7 +727,7 @@ impl IdentityStore for RedisIdentityStore {
             encode(record)?,
             meta(duplicate, profile.version),
         );
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
             let family = self.family(&keys, dup).await?;
             let cards = self.raw_cards(&keys, dup).await?;
             let mut invocation = self.merge.prepare_invoke();
@@ -773,7 +775,10 @@ impl IdentityStore for RedisIdentityStore {
             match word.as_str() {
                 "yes" => return Ok(true),
                 "no" => return Ok(false),
-                "retry" => continue,
+                "retry" => {
+                    conflict_pause(attempt).await;
+                    continue;
+                }
                 other => return Err(unexpected("merge", other)),
             }
         }
@@ -815,7 +820,7 @@ impl IdentityStore for RedisIdentityStore {
         let keys = Keys::of(&member.tenant_id);
         let id = &member.member_id;
         let encoded_erasure = encode(erasure)?;
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
             let family = self.family(&keys, id).await?;
             // The merged members as read, blanked: their personal data goes too.
             let mut entries = vec![(
@@ -902,7 +907,10 @@ impl IdentityStore for RedisIdentityStore {
             match answered?.as_str() {
                 "yes" => return Ok(true),
                 "no" => return Ok(false),
-                "retry" => continue,
+                "retry" => {
+                    conflict_pause(attempt).await;
+                    continue;
+                }
                 other => return Err(unexpected("erasure", other)),
             }
         }
@@ -961,7 +969,7 @@ impl IdentityStore for RedisIdentityStore {
         let (tenant, id) = (&member.tenant_id, &member.member_id);
         let keys = Keys::of(tenant);
         let numbers: Vec<String> = cards.iter().map(|c| c.number.clone()).collect();
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
             let stored: Vec<Option<Vec<u8>>> = if numbers.is_empty() {
                 Vec::new()
             } else {
@@ -1030,7 +1038,10 @@ impl IdentityStore for RedisIdentityStore {
                 "phone" => Ok(Imported::PhoneTaken),
                 "email" => Ok(Imported::EmailTaken),
                 "code" => Ok(Imported::CodeTaken),
-                "retry" => continue,
+                "retry" => {
+                    conflict_pause(attempt).await;
+                    continue;
+                }
                 other => match other.strip_prefix("card:") {
                     Some(number) => Ok(Imported::CardTaken(number.to_string())),
                     None => Err(unexpected("import", other)),

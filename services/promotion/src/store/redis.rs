@@ -16,7 +16,7 @@
 use loyalty_platform::clock::Millis;
 use loyalty_platform::embedded::{decode, encode};
 use loyalty_platform::error::{Error, Result};
-use loyalty_platform::redis_conn::{RememberedSet, StoreConn, lex_after};
+use loyalty_platform::redis_conn::{RememberedSet, StoreConn, conflict_pause, lex_after};
 use redis::{Script, Value};
 use serde::de::DeserializeOwned;
 
@@ -645,7 +645,7 @@ impl PromotionStore for RedisPromotionStore {
 
     async fn update_program(&self, program: Program, expected_version: i64) -> Result<Program> {
         let keys = Keys::of(&program.tenant_id);
-        for _ in 0..MAX_SAVE_ATTEMPTS {
+        for attempt in 0..MAX_SAVE_ATTEMPTS {
             let current: Option<Program> = self.get_record(&keys.k("prog"), "").await?;
             let read = current.as_ref().map(|p| p.version);
             let current_version = read.unwrap_or(0);
@@ -668,6 +668,7 @@ impl PromotionStore for RedisPromotionStore {
             if self.compare_and_save(save).await? {
                 return Ok(saved);
             }
+            conflict_pause(attempt).await;
         }
         Err(Error::Unavailable(
             "the program changed on every attempt to save it: try again".into(),
@@ -986,7 +987,7 @@ impl PromotionStore for RedisPromotionStore {
     ) -> Result<Campaign> {
         let keys = Keys::of(&campaign.tenant_id);
         let history = keys.k(&format!("camph:{}", campaign.campaign_id));
-        for _ in 0..MAX_SAVE_ATTEMPTS {
+        for attempt in 0..MAX_SAVE_ATTEMPTS {
             let current: Option<Campaign> = self
                 .get_record(&keys.k("camp"), &campaign.campaign_id)
                 .await?;
@@ -1025,6 +1026,7 @@ impl PromotionStore for RedisPromotionStore {
             if self.compare_and_save(save).await? {
                 return Ok(saved);
             }
+            conflict_pause(attempt).await;
         }
         Err(Error::Unavailable(format!(
             "campaign {} changed on every attempt to save it: try again",

@@ -14,7 +14,13 @@ use crate::rfm::{Named, Score};
 
 const T0: Millis = 1_750_000_000_000;
 
-fn purchase(tenant: &str, id: &str, member: &str, at: Millis, paid: i64) -> FeatureChange {
+pub(super) fn purchase(
+    tenant: &str,
+    id: &str,
+    member: &str,
+    at: Millis,
+    paid: i64,
+) -> FeatureChange {
     FeatureChange {
         tenant_id: tenant.into(),
         event_id: format!("purchase/{tenant}/{id}"),

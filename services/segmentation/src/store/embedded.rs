@@ -9,7 +9,7 @@ use std::path::Path;
 use loyalty_platform::clock::Millis;
 use loyalty_platform::embedded::{
     EmbeddedDb, Records, get_record, key, open_for_read, prefix_range, put_record, read_record,
-    storage_error as e,
+    rows_after, storage_error as e,
 };
 use loyalty_platform::error::Result;
 use redb::{ReadableTable, TableDefinition};
@@ -54,12 +54,86 @@ const SCRUB_PENDING: &str = "scrub_pending";
 /// Most history entries kept per member (the oldest go first).
 const MAX_HISTORY: usize = 1000;
 
+pub use loyalty_platform::embedded::Row;
+
+/// The tables a copy of the store reads ([`EmbeddedSegmentationStore::rows`]). The counts
+/// and marks are left out: counts follow from the members, and a copy holds no replaced
+/// data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// (tenant, member) → features.
+    Features,
+    /// (tenant, event id) → when it was applied (ms, as decimal text).
+    Applied,
+    /// (tenant, segment) → definition.
+    Segments,
+    /// (tenant, member) → the member's segment ids (a record).
+    Membership,
+    /// (tenant, segment, member).
+    SegmentMembers,
+    /// (tenant, member, time padded to 20 digits, segment) → "1" entered or "0" left.
+    History,
+    /// (tenant, generation padded to 20 digits, member) → score.
+    Rfm,
+    /// tenant → the last generation handed out (decimal text).
+    RfmGenerations,
+    /// tenant → the current run.
+    RfmRuns,
+}
+
+impl Table {
+    pub const ALL: [Table; 9] = [
+        Table::Features,
+        Table::Applied,
+        Table::Segments,
+        Table::Membership,
+        Table::SegmentMembers,
+        Table::History,
+        Table::Rfm,
+        Table::RfmGenerations,
+        Table::RfmRuns,
+    ];
+}
+
 #[derive(Debug, Clone)]
 pub struct EmbeddedSegmentationStore {
     db: EmbeddedDb,
 }
 
 impl EmbeddedSegmentationStore {
+    /// Up to `limit` rows of `table` in key order after the key `after` (as returned last):
+    /// for copying the store elsewhere. Also returns the last key read.
+    pub async fn rows(
+        &self,
+        table: Table,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<(Vec<Row>, Option<String>)> {
+        let bytes = |v: &[u8]| v.to_vec();
+        let number = |v: i64| v.to_string().into_bytes();
+        let count = |v: u64| v.to_string().into_bytes();
+        let flag = |v: bool| if v { b"1".to_vec() } else { b"0".to_vec() };
+        let nothing = |_: ()| Vec::new();
+        let after = after.as_deref().map(str::to_owned);
+        self.db
+            .read(move |txn| {
+                let after = after.as_deref();
+                match table {
+                    Table::Features => rows_after(txn, FEATURES, after, limit, bytes),
+                    Table::Applied => rows_after(txn, APPLIED, after, limit, number),
+                    Table::Segments => rows_after(txn, SEGMENTS, after, limit, bytes),
+                    Table::Membership => rows_after(txn, MEMBERSHIP, after, limit, bytes),
+                    Table::SegmentMembers => {
+                        rows_after(txn, SEGMENT_MEMBERS, after, limit, nothing)
+                    }
+                    Table::History => rows_after(txn, HISTORY, after, limit, flag),
+                    Table::Rfm => rows_after(txn, RFM, after, limit, bytes),
+                    Table::RfmGenerations => rows_after(txn, RFM_GENERATIONS, after, limit, count),
+                    Table::RfmRuns => rows_after(txn, RFM_RUNS, after, limit, bytes),
+                }
+            })
+            .await
+    }
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         Ok(Self {
             db: EmbeddedDb::open(path)?,

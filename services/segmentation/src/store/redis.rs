@@ -16,9 +16,12 @@ use futures_util::StreamExt;
 use loyalty_platform::clock::Millis;
 use loyalty_platform::embedded::{decode, encode};
 use loyalty_platform::error::{Error, Result};
-use loyalty_platform::redis_conn::{RememberedSet, ScrubMark, StoreConn, lex_after};
+use loyalty_platform::redis_conn::{
+    RememberedSet, ScrubMark, StoreConn, conflict_pause, lex_after,
+};
 use redis::{Script, Value};
 
+use super::embedded::{EmbeddedSegmentationStore, Row, Table as CopyTable};
 use super::{
     Change, DEDUP_WINDOW_MS, FeatureChange, MAX_SEGMENTS, MembershipChange, RfmRun, Rule, RuleBook,
     SegmentDef, SegmentationStore,
@@ -257,7 +260,7 @@ impl RedisSegmentationStore {
             .flatten()
             .map(|r| (r, stamp(r.version, r.update_time)))
             .collect();
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
             let mut pipe = redis::pipe();
             pipe.atomic()
                 .cmd("HGET")
@@ -344,6 +347,7 @@ impl RedisSegmentationStore {
                     changed,
                 });
             }
+            conflict_pause(attempt).await;
         }
         Err(Error::Unavailable(format!(
             "member {member} kept changing while it was written: try again"
@@ -396,7 +400,7 @@ impl RedisSegmentationStore {
         flags: &[(String, bool)],
         now: Millis,
     ) -> Result<usize> {
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
             let version: Option<String> = self
                 .redis
                 .query(redis::cmd("HGET").arg(keys.k("mv")).arg(member))
@@ -417,6 +421,7 @@ impl RedisSegmentationStore {
             if let Some(changed) = changed_by(&answer)? {
                 return Ok(changed);
             }
+            conflict_pause(attempt).await;
         }
         Err(Error::Unavailable(format!(
             "member {member} kept changing while its flags were set: try again"
@@ -468,6 +473,194 @@ impl RedisSegmentationStore {
             .await;
         results.into_iter().collect()
     }
+}
+
+/// Set while `copy_from` runs: a Redis with it holds a copy that did not finish.
+const COPYING: &str = "ls:copying";
+
+/// What [`RedisSegmentationStore::copy_from`] copied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Copied {
+    pub tenants: usize,
+    pub segments: u64,
+    pub members_with_features: u64,
+    /// Every row of every table.
+    pub rows: u64,
+}
+
+impl RedisSegmentationStore {
+    /// Whether a [`RedisSegmentationStore::copy_from`] into this Redis started and did not
+    /// finish.
+    pub async fn copy_unfinished(&self) -> Result<bool> {
+        let n: i64 = self.redis.query(redis::cmd("EXISTS").arg(COPYING)).await?;
+        Ok(n > 0)
+    }
+
+    /// Copies everything the embedded store `from` holds (segmentation moving from
+    /// `segmentation.store = "embedded"` to `"redis"`; nothing may write to either
+    /// meanwhile): features, the event ids applied, segments, memberships and their history,
+    /// RFM runs and scores. Refuses, writing nothing, when this Redis already holds
+    /// segmentation data, unless an earlier copy did not finish: then it runs again (every
+    /// write is idempotent).
+    pub async fn copy_from(&self, from: &EmbeddedSegmentationStore) -> Result<Copied> {
+        const PAGE: usize = 500;
+        if !self.copy_unfinished().await? {
+            let held: i64 = self
+                .redis
+                .query(
+                    redis::cmd("EXISTS")
+                        .arg(TENANTS_WITH_SEGMENTS)
+                        .arg(TENANTS_WITH_FEATURES),
+                )
+                .await?;
+            if held > 0 {
+                return Err(Error::FailedPrecondition(
+                    "this Redis already holds segmentation data: copy into an empty one".into(),
+                ));
+            }
+        }
+        let _: () = self
+            .redis
+            .query(redis::cmd("SET").arg(COPYING).arg(1))
+            .await?;
+        let mut copied = Copied::default();
+        let (mut with_segments, mut with_features) = (BTreeSet::new(), BTreeSet::new());
+        for table in CopyTable::ALL {
+            let mut after = None;
+            loop {
+                let (rows, last) = from.rows(table, after, PAGE).await?;
+                // One pipeline per tenant: its keys share a slot, and a cluster refuses a
+                // pipeline across slots.
+                let tenant_of = |row: &Row| row.key.first().cloned().unwrap_or_default();
+                for run in rows.chunk_by(|a, b| tenant_of(a) == tenant_of(b)) {
+                    let mut pipe = redis::pipe();
+                    for row in run {
+                        copy_row(&mut pipe, table, row)?;
+                        copied.rows += 1;
+                        match table {
+                            CopyTable::Segments => {
+                                copied.segments += 1;
+                                with_segments.insert(tenant_of(row));
+                            }
+                            CopyTable::Features => {
+                                copied.members_with_features += 1;
+                                with_features.insert(tenant_of(row));
+                            }
+                            _ => {}
+                        }
+                    }
+                    self.redis.pipeline::<()>(&pipe).await?;
+                }
+                match last {
+                    Some(l) if rows.len() == PAGE => after = Some(l),
+                    _ => break,
+                }
+            }
+        }
+        // Last: the walks over tenants find them once everything is in.
+        for tenant in &with_segments {
+            let _: i64 = self
+                .redis
+                .query(redis::cmd("SADD").arg(TENANTS_WITH_SEGMENTS).arg(tenant))
+                .await?;
+        }
+        for tenant in &with_features {
+            self.with_features.add(&self.redis, tenant).await?;
+        }
+        let _: i64 = self.redis.query(redis::cmd("DEL").arg(COPYING)).await?;
+        copied.tenants = with_segments.union(&with_features).count();
+        Ok(copied)
+    }
+}
+
+/// The commands that file one embedded row where this store keeps it.
+fn copy_row(pipe: &mut redis::Pipeline, table: CopyTable, row: &Row) -> Result<()> {
+    let parts = match table {
+        CopyTable::RfmGenerations | CopyTable::RfmRuns => 1,
+        CopyTable::SegmentMembers | CopyTable::Rfm => 3,
+        CopyTable::History => 4,
+        _ => 2,
+    };
+    if row.key.len() != parts {
+        return Err(Error::internal(anyhow::anyhow!(
+            "a stored {table:?} row is damaged: key {:?}",
+            row.key
+        )));
+    }
+    let part = |i: usize| row.key[i].as_str();
+    let text = || String::from_utf8_lossy(&row.value).into_owned();
+    let keys = Keys::of(part(0));
+    let value = row.value.as_slice();
+    match table {
+        CopyTable::Features => {
+            pipe.cmd("HSET").arg(keys.k("feat")).arg(part(1)).arg(value);
+            pipe.cmd("ZADD").arg(keys.k("fids")).arg(0).arg(part(1));
+            pipe.cmd("HSETNX").arg(keys.k("mv")).arg(part(1)).arg(1);
+        }
+        CopyTable::Applied => {
+            let at: i64 = text().parse().map_err(Error::internal)?;
+            pipe.cmd("HSET").arg(keys.k("applied")).arg(part(1)).arg(at);
+            pipe.cmd("ZADD")
+                .arg(keys.k("applied_t"))
+                .arg(at)
+                .arg(part(1));
+        }
+        CopyTable::Segments => {
+            let def: SegmentDef = decode(value)?;
+            pipe.cmd("HSET").arg(keys.k("segs")).arg(part(1)).arg(value);
+            pipe.cmd("HSET")
+                .arg(keys.k("segv"))
+                .arg(part(1))
+                .arg(stamp(def.version, def.update_time));
+        }
+        CopyTable::Membership => {
+            let segments: Vec<String> = decode(value)?;
+            if !segments.is_empty() {
+                pipe.cmd("SADD")
+                    .arg(keys.segments_of(part(1)))
+                    .arg(&segments);
+            }
+            pipe.cmd("HSETNX").arg(keys.k("mv")).arg(part(1)).arg(1);
+        }
+        CopyTable::SegmentMembers => {
+            pipe.cmd("ZADD")
+                .arg(keys.members_of(part(1)))
+                .arg(0)
+                .arg(part(2));
+        }
+        CopyTable::History => {
+            let entered = if row.value.as_slice() == b"1" {
+                "1"
+            } else {
+                "0"
+            };
+            pipe.cmd("ZADD")
+                .arg(keys.history_of(part(1)))
+                .arg(0)
+                .arg(format!("{}\0{}\0{entered}", part(2), part(3)));
+        }
+        CopyTable::Rfm => {
+            let generation: u64 = part(1).parse().map_err(Error::internal)?;
+            pipe.cmd("HSET")
+                .arg(keys.rfm(generation))
+                .arg(part(2))
+                .arg(value);
+            pipe.cmd("ZADD")
+                .arg(keys.k("rfmgens"))
+                .arg(generation)
+                .arg(generation);
+        }
+        CopyTable::RfmGenerations => {
+            let last: u64 = text().parse().map_err(Error::internal)?;
+            pipe.cmd("SET").arg(keys.k("rfmgen")).arg(last);
+        }
+        CopyTable::RfmRuns => {
+            let run: RfmRun = decode(value)?;
+            pipe.cmd("SET").arg(keys.k("rfmrun")).arg(value);
+            pipe.cmd("SET").arg(keys.k("rfmcur")).arg(run.generation);
+        }
+    }
+    Ok(())
 }
 
 #[async_trait::async_trait]
@@ -1036,6 +1229,120 @@ mod tests {
         assert!(!store.finish_deletion("t", "seg", 22).await.unwrap());
         assert_eq!(store.segment("t", "seg").await.unwrap(), Some(again));
         assert_eq!(store.member_segments("t", "m001").await.unwrap(), ["seg"]);
+    }
+
+    /// Everything the conformance suite leaves in an embedded store, copied, reads back the
+    /// same through the trait, and a redelivered event the embedded store applied is still
+    /// one; a second copy is refused. On a cluster too (one pipeline per slot).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_of_the_embedded_store_reads_the_same() {
+        let server = RedisServer::start().unwrap();
+        let to = RedisSegmentationStore::connect(&server.url()).unwrap();
+        copy_and_compare(&to).await;
+        let nodes = RedisServer::start_cluster(3).unwrap();
+        let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
+        copy_and_compare(&RedisSegmentationStore::connect_cluster(&urls).unwrap()).await;
+    }
+
+    async fn copy_and_compare(to: &RedisSegmentationStore) {
+        use super::super::conformance::purchase;
+        let dir = tempfile::tempdir().unwrap();
+        let from = EmbeddedSegmentationStore::open(&dir.path().join("segmentation.redb")).unwrap();
+        super::super::conformance::run_all(&from).await;
+        let event = || vec![purchase("copied", "e1", "m1", 1_750_000_000_000, 10)];
+        from.apply_changes(event(), RuleBook::new(), 1_750_000_000_000)
+            .await
+            .unwrap();
+        let copied = to.copy_from(&from).await.unwrap();
+        assert!(copied.tenants > 2 && copied.segments > 0, "{copied:?}");
+
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
+        assert_eq!(
+            sorted(from.tenants().await.unwrap()),
+            sorted(to.tenants().await.unwrap())
+        );
+        assert_eq!(
+            sorted(from.tenants_with_features().await.unwrap()),
+            sorted(to.tenants_with_features().await.unwrap())
+        );
+        let rows = |table| {
+            let from = from.clone();
+            async move { from.rows(table, None, 100_000).await.unwrap().0 }
+        };
+        let mut members = BTreeSet::new();
+        for table in [
+            CopyTable::Features,
+            CopyTable::Membership,
+            CopyTable::History,
+        ] {
+            for row in rows(table).await {
+                members.insert((row.key[0].clone(), row.key[1].clone()));
+            }
+        }
+        for (t, m) in &members {
+            assert_eq!(
+                from.features(t, m).await.unwrap(),
+                to.features(t, m).await.unwrap()
+            );
+            assert_eq!(
+                from.member_segments(t, m).await.unwrap(),
+                to.member_segments(t, m).await.unwrap(),
+                "{t}/{m}"
+            );
+            assert_eq!(
+                from.history(t, m, None, 1000).await.unwrap().0,
+                to.history(t, m, None, 1000).await.unwrap().0,
+                "{t}/{m}"
+            );
+            assert_eq!(from.rfm(t, m).await.unwrap(), to.rfm(t, m).await.unwrap());
+        }
+        for tenant in from.tenants().await.unwrap() {
+            let segments = from.segments(&tenant).await.unwrap();
+            let mut theirs = to.segments(&tenant).await.unwrap();
+            theirs.sort_by(|a, b| a.segment_id.cmp(&b.segment_id));
+            let mut ours = segments.clone();
+            ours.sort_by(|a, b| a.segment_id.cmp(&b.segment_id));
+            assert_eq!(ours, theirs);
+            for s in &segments {
+                let id = &s.segment_id;
+                assert_eq!(
+                    from.segment_members(&tenant, id, "", 100_000)
+                        .await
+                        .unwrap(),
+                    to.segment_members(&tenant, id, "", 100_000).await.unwrap()
+                );
+                assert_eq!(
+                    from.count(&tenant, id).await.unwrap(),
+                    to.count(&tenant, id).await.unwrap()
+                );
+            }
+        }
+        for row in rows(CopyTable::RfmRuns).await {
+            let t = &row.key[0];
+            assert_eq!(from.rfm_run(t).await.unwrap(), to.rfm_run(t).await.unwrap());
+            assert_eq!(
+                from.next_rfm_generation(t).await.unwrap(),
+                to.next_rfm_generation(t).await.unwrap()
+            );
+        }
+        // The applied event ids came along: a redelivery changes nothing.
+        to.apply_changes(event(), RuleBook::new(), 1_750_000_000_001)
+            .await
+            .unwrap();
+        assert_eq!(
+            to.features("copied", "m1")
+                .await
+                .unwrap()
+                .unwrap()
+                .total
+                .count,
+            1
+        );
+        let err = to.copy_from(&from).await.unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
