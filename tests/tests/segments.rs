@@ -930,6 +930,29 @@ async fn copy_segmentation_moves_the_embedded_state_into_redis() {
     assert!(before.0.iter().any(|(_, n, _)| *n > 0), "{before:?}");
     assert_eq!(server.stop().await, 0);
 
+    // On an empty Redis beside the file, the server refuses to start.
+    let dev = [
+        "dev".to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        dir.path().display().to_string(),
+    ];
+    let on_redis = [
+        (
+            "LOYALTY_SEGMENTATION__STORE".to_string(),
+            "redis".to_string(),
+        ),
+        ("LOYALTY_STORAGE__REDIS__URL".into(), redis.url()),
+    ];
+    let refused = tokio::time::timeout(Duration::from_secs(30), command(&dev, &on_redis).output())
+        .await
+        .expect("a server beside an uncopied segmentation.redb must not start")
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(said.contains("loyalty copy-segmentation"), "{said}");
+
     let out = command(
         &[
             "copy-segmentation".into(),

@@ -814,6 +814,51 @@ fn check_redis_settings(config: &Config, runs: &dyn Fn(ServiceName) -> bool) {
     tokio::spawn(async move { loyalty_platform::redis_conn::check_settings(&conn, &holds).await });
 }
 
+/// Refuses to serve `service` from a Redis that a `loyalty copy-<service>` left half
+/// written (`unfinished`), or that holds nothing of it while `file`, its embedded file,
+/// still exists beside it (a move whose copy was forgotten: every member or segment would
+/// look gone). When Redis cannot be asked, the process starts (and is not ready until Redis
+/// answers) rather than fail.
+async fn refuse_uncopied<F, Fut>(
+    service: &str,
+    file: &std::path::Path,
+    unfinished: loyalty_platform::error::Result<bool>,
+    is_empty: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = loyalty_platform::error::Result<bool>>,
+{
+    match unfinished {
+        Ok(true) => anyhow::bail!(
+            "a `loyalty copy-{service}` into {service}'s Redis did not finish: run it again before serving"
+        ),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "{service}'s Redis does not answer; whether a copy into it finished is not checked");
+            return Ok(());
+        }
+    }
+    if !file.exists() {
+        return Ok(());
+    }
+    match is_empty().await {
+        Ok(true) => anyhow::bail!(
+            "{service}.store is \"redis\" and that Redis holds no {service} data, but {} exists: \
+             copy it first with `loyalty copy-{service} --data-dir {}`, or move the file away to start empty",
+            file.display(),
+            file.parent()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default()
+        ),
+        Ok(false) => Ok(()),
+        Err(e) => {
+            tracing::warn!(error = %e, "{service}'s Redis does not answer; whether it holds the data of {} is not checked", file.display());
+            Ok(())
+        }
+    }
+}
+
 /// The identity store `identity.store` names: the embedded file in `data_dir` (its emails
 /// indexed once, for files written before the email index), or the Redis of
 /// `storage.redis` shared by every identity replica.
@@ -836,25 +881,11 @@ pub async fn identity_store(config: &Config) -> anyhow::Result<Arc<dyn IdentityS
         }
         ServiceStore::Redis => {
             let store = RedisIdentityStore::for_config(&config.storage.redis)?;
-            let failed =
-                |e: loyalty_platform::error::Error| anyhow::anyhow!("identity's Redis: {e}");
-            // A copy that did not finish would show part of the members.
-            if store.copy_unfinished().await.map_err(failed)? {
-                anyhow::bail!(
-                    "a `loyalty copy-identity` into identity's Redis did not finish: run it again before serving"
-                );
-            }
-            // A file beside an empty Redis is a move that forgot its copy: starting would
-            // show every member and key as gone.
             let file = config.data_dir.join("identity.redb");
-            if file.exists() && store.is_empty().await.map_err(failed)? {
-                anyhow::bail!(
-                    "identity.store is \"redis\" and that Redis holds no identity data, but {} exists: \
-                     copy it first with `loyalty copy-identity --data-dir {}`, or move the file away to start empty",
-                    file.display(),
-                    config.data_dir.display()
-                );
-            }
+            refuse_uncopied("identity", &file, store.copy_unfinished().await, || {
+                store.is_empty()
+            })
+            .await?;
             Arc::new(Traced::new("redis", Arc::new(store)))
         }
     })
@@ -895,16 +926,11 @@ pub async fn segmentation_store(config: &Config) -> anyhow::Result<Arc<dyn Segme
         }
         ServiceStore::Redis => {
             let store = RedisSegmentationStore::for_config(&config.storage.redis)?;
-            // A copy that did not finish would show part of the segments and memberships.
-            let unfinished = store
-                .copy_unfinished()
-                .await
-                .map_err(|e| anyhow::anyhow!("segmentation's Redis: {e}"))?;
-            if unfinished {
-                anyhow::bail!(
-                    "a `loyalty copy-segmentation` into segmentation's Redis did not finish: run it again before serving"
-                );
-            }
+            let file = config.data_dir.join("segmentation.redb");
+            refuse_uncopied("segmentation", &file, store.copy_unfinished().await, || {
+                store.is_empty()
+            })
+            .await?;
             Arc::new(Traced::new("redis", Arc::new(store)))
         }
     })

@@ -602,6 +602,39 @@ pub struct Row {
     pub value: Vec<u8>,
 }
 
+/// A digest of rows (their keys and values, in the order added): tells whether a store
+/// still holds what it held, e.g. when a copy cut short is run again.
+#[derive(Default)]
+pub struct RowDigest(sha2::Sha256);
+
+impl std::fmt::Debug for RowDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RowDigest")
+    }
+}
+
+impl RowDigest {
+    pub fn add(&mut self, row: &Row) {
+        use sha2::Digest;
+        for part in &row.key {
+            self.0.update((part.len() as u64).to_le_bytes());
+            self.0.update(part.as_bytes());
+        }
+        self.0.update([0xff]);
+        self.0.update((row.value.len() as u64).to_le_bytes());
+        self.0.update(&row.value);
+    }
+
+    pub fn finish(self) -> String {
+        use sha2::Digest;
+        self.0
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
 /// Up to `limit` rows of `table` in key order after the key `after` (from the start when
 /// None), each value turned into bytes by `value`; and the last key read.
 pub fn rows_after<V: redb::Value + 'static>(

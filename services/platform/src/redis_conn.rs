@@ -388,9 +388,13 @@ impl ScrubMark {
 }
 
 /// Waits a little before an optimistic write tries again after losing a race (`attempt`
-/// from 0): a random pause of up to 2^attempt ms, at most 20 ms, so writers racing for one
-/// record spread out instead of colliding on every round.
-pub async fn conflict_pause(attempt: usize) {
+/// from 0, of `attempts`): a random pause of up to 2^attempt ms, at most 20 ms, so writers
+/// racing for one record spread out instead of colliding on every round. None after the
+/// last attempt: the caller gives up at once.
+pub async fn conflict_pause(attempt: usize, attempts: usize) {
+    if attempt + 1 >= attempts {
+        return;
+    }
     let ceiling = 1u64 << attempt.min(5);
     let ms = rand::random_range(0..=ceiling.min(20));
     tokio::time::sleep(Duration::from_millis(ms)).await;

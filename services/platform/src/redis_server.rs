@@ -176,8 +176,9 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server again on the same port: empty, unless [`RedisServer::save`] left a
-    /// snapshot.
+    /// Starts the server again on the same port and directory: empty, unless
+    /// [`RedisServer::save`] left a snapshot or the server keeps an append-only file
+    /// ([`RedisServer::start_with_aof`]), which it loads.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
         self.spawn()

@@ -366,21 +366,53 @@ impl RedisIdentityStore {
         Ok(n > 0)
     }
 
+    /// A digest of everything `from` holds: a copy cut short is run again only from the
+    /// same source.
+    async fn digest_of(from: &EmbeddedIdentityStore) -> Result<String> {
+        const PAGE: usize = 1000;
+        let mut digest = loyalty_platform::embedded::RowDigest::default();
+        for table in Table::ALL {
+            let mut after = None;
+            loop {
+                let (rows, last) = from.rows(table, after, PAGE).await?;
+                rows.iter().for_each(|r| digest.add(r));
+                match last {
+                    Some(l) if rows.len() == PAGE => after = Some(l),
+                    _ => break,
+                }
+            }
+        }
+        Ok(digest.finish())
+    }
+
     /// Copies everything the embedded store `from` holds (identity moving from
     /// `identity.store = "embedded"` to `"redis"`; nothing may write to either meanwhile).
     /// Refuses, writing nothing, when this Redis already holds identity data, unless it is
-    /// what an earlier copy that did not finish left: then the copy runs again (every write
-    /// is idempotent).
+    /// what an earlier copy from the same source (by digest) left unfinished: then the copy
+    /// runs again (every write is idempotent).
     pub async fn copy_from(&self, from: &EmbeddedIdentityStore) -> Result<Copied> {
         const PAGE: usize = 500;
-        if !self.copy_unfinished().await? && !self.is_empty().await? {
-            return Err(Error::FailedPrecondition(
-                "this Redis already holds identity data: copy into an empty one".into(),
-            ));
+        let digest = Self::digest_of(from).await?;
+        let mark: Option<String> = self.redis.query(redis::cmd("GET").arg(COPYING)).await?;
+        match mark {
+            Some(earlier) if earlier != digest => {
+                return Err(Error::FailedPrecondition(
+                    "a copy into this Redis was cut short, and identity.redb changed since (was identity started on it?): \
+                     remove this Redis's identity keys (`li:*`) and copy again"
+                        .into(),
+                ));
+            }
+            Some(_) => {}
+            None if !self.is_empty().await? => {
+                return Err(Error::FailedPrecondition(
+                    "this Redis already holds identity data: copy into an empty one".into(),
+                ));
+            }
+            None => {}
         }
         let _: () = self
             .redis
-            .query(redis::cmd("SET").arg(COPYING).arg(1))
+            .query(redis::cmd("SET").arg(COPYING).arg(&digest))
             .await?;
         let mut copied = Copied::default();
         let mut tenants = BTreeSet::new();
@@ -776,7 +808,7 @@ impl IdentityStore for RedisIdentityStore {
                 "yes" => return Ok(true),
                 "no" => return Ok(false),
                 "retry" => {
-                    conflict_pause(attempt).await;
+                    conflict_pause(attempt, MAX_ATTEMPTS).await;
                     continue;
                 }
                 other => return Err(unexpected("merge", other)),
@@ -908,7 +940,7 @@ impl IdentityStore for RedisIdentityStore {
                 "yes" => return Ok(true),
                 "no" => return Ok(false),
                 "retry" => {
-                    conflict_pause(attempt).await;
+                    conflict_pause(attempt, MAX_ATTEMPTS).await;
                     continue;
                 }
                 other => return Err(unexpected("erasure", other)),
@@ -1039,7 +1071,7 @@ impl IdentityStore for RedisIdentityStore {
                 "email" => Ok(Imported::EmailTaken),
                 "code" => Ok(Imported::CodeTaken),
                 "retry" => {
-                    conflict_pause(attempt).await;
+                    conflict_pause(attempt, MAX_ATTEMPTS).await;
                     continue;
                 }
                 other => match other.strip_prefix("card:") {
@@ -1426,10 +1458,19 @@ mod tests {
         let nodes = RedisServer::start_cluster(3).unwrap();
         let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
         let to = RedisIdentityStore::connect_cluster(&urls).unwrap();
-        // As a copy that stopped after its first writes leaves it.
+        // As a copy from another source that stopped after its first writes leaves it:
+        // refused; from this source: finished.
         let _: () = to
             .redis
-            .query(redis::cmd("SET").arg(COPYING).arg(1))
+            .query(redis::cmd("SET").arg(COPYING).arg("another source"))
+            .await
+            .unwrap();
+        let err = to.copy_from(&from).await.unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+        let digest = RedisIdentityStore::digest_of(&from).await.unwrap();
+        let _: () = to
+            .redis
+            .query(redis::cmd("SET").arg(COPYING).arg(digest))
             .await
             .unwrap();
         to.save_api_keys(&[], None).await.unwrap();

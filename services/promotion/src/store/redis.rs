@@ -668,7 +668,7 @@ impl PromotionStore for RedisPromotionStore {
             if self.compare_and_save(save).await? {
                 return Ok(saved);
             }
-            conflict_pause(attempt).await;
+            conflict_pause(attempt, MAX_SAVE_ATTEMPTS).await;
         }
         Err(Error::Unavailable(
             "the program changed on every attempt to save it: try again".into(),
@@ -1026,7 +1026,7 @@ impl PromotionStore for RedisPromotionStore {
             if self.compare_and_save(save).await? {
                 return Ok(saved);
             }
-            conflict_pause(attempt).await;
+            conflict_pause(attempt, MAX_SAVE_ATTEMPTS).await;
         }
         Err(Error::Unavailable(format!(
             "campaign {} changed on every attempt to save it: try again",

@@ -114,7 +114,6 @@ impl EmbeddedSegmentationStore {
         let count = |v: u64| v.to_string().into_bytes();
         let flag = |v: bool| if v { b"1".to_vec() } else { b"0".to_vec() };
         let nothing = |_: ()| Vec::new();
-        let after = after.as_deref().map(str::to_owned);
         self.db
             .read(move |txn| {
                 let after = after.as_deref();

@@ -347,7 +347,7 @@ impl RedisSegmentationStore {
                     changed,
                 });
             }
-            conflict_pause(attempt).await;
+            conflict_pause(attempt, MAX_ATTEMPTS).await;
         }
         Err(Error::Unavailable(format!(
             "member {member} kept changing while it was written: try again"
@@ -421,7 +421,7 @@ impl RedisSegmentationStore {
             if let Some(changed) = changed_by(&answer)? {
                 return Ok(changed);
             }
-            conflict_pause(attempt).await;
+            conflict_pause(attempt, MAX_ATTEMPTS).await;
         }
         Err(Error::Unavailable(format!(
             "member {member} kept changing while its flags were set: try again"
@@ -496,32 +496,67 @@ impl RedisSegmentationStore {
         Ok(n > 0)
     }
 
+    /// Whether this Redis holds no segmentation data (no segment and no features).
+    pub async fn is_empty(&self) -> Result<bool> {
+        let held: i64 = self
+            .redis
+            .query(
+                redis::cmd("EXISTS")
+                    .arg(TENANTS_WITH_SEGMENTS)
+                    .arg(TENANTS_WITH_FEATURES),
+            )
+            .await?;
+        Ok(held == 0)
+    }
+
+    /// A digest of everything `from` holds: a copy cut short is run again only from the
+    /// same source.
+    async fn digest_of(from: &EmbeddedSegmentationStore) -> Result<String> {
+        const PAGE: usize = 1000;
+        let mut digest = loyalty_platform::embedded::RowDigest::default();
+        for table in CopyTable::ALL {
+            let mut after = None;
+            loop {
+                let (rows, last) = from.rows(table, after, PAGE).await?;
+                rows.iter().for_each(|r| digest.add(r));
+                match last {
+                    Some(l) if rows.len() == PAGE => after = Some(l),
+                    _ => break,
+                }
+            }
+        }
+        Ok(digest.finish())
+    }
+
     /// Copies everything the embedded store `from` holds (segmentation moving from
     /// `segmentation.store = "embedded"` to `"redis"`; nothing may write to either
     /// meanwhile): features, the event ids applied, segments, memberships and their history,
     /// RFM runs and scores. Refuses, writing nothing, when this Redis already holds
-    /// segmentation data, unless an earlier copy did not finish: then it runs again (every
-    /// write is idempotent).
+    /// segmentation data, unless an earlier copy from the same source (by digest) did not
+    /// finish: then it runs again (every write is idempotent).
     pub async fn copy_from(&self, from: &EmbeddedSegmentationStore) -> Result<Copied> {
         const PAGE: usize = 500;
-        if !self.copy_unfinished().await? {
-            let held: i64 = self
-                .redis
-                .query(
-                    redis::cmd("EXISTS")
-                        .arg(TENANTS_WITH_SEGMENTS)
-                        .arg(TENANTS_WITH_FEATURES),
-                )
-                .await?;
-            if held > 0 {
+        let digest = Self::digest_of(from).await?;
+        let mark: Option<String> = self.redis.query(redis::cmd("GET").arg(COPYING)).await?;
+        match mark {
+            Some(earlier) if earlier != digest => {
+                return Err(Error::FailedPrecondition(
+                    "a copy into this Redis was cut short, and segmentation.redb changed since (was segmentation started on it?): \
+                     remove this Redis's segmentation keys (`ls:*`) and copy again"
+                        .into(),
+                ));
+            }
+            Some(_) => {}
+            None if !self.is_empty().await? => {
                 return Err(Error::FailedPrecondition(
                     "this Redis already holds segmentation data: copy into an empty one".into(),
                 ));
             }
+            None => {}
         }
         let _: () = self
             .redis
-            .query(redis::cmd("SET").arg(COPYING).arg(1))
+            .query(redis::cmd("SET").arg(COPYING).arg(&digest))
             .await?;
         let mut copied = Copied::default();
         let (mut with_segments, mut with_features) = (BTreeSet::new(), BTreeSet::new());
@@ -1343,6 +1378,21 @@ mod tests {
         );
         let err = to.copy_from(&from).await.unwrap_err();
         assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+        // A copy cut short is finished by a second run from the same source only.
+        for (mark, finishes) in [("another source", false), ("", true)] {
+            let mark = match mark {
+                "" => RedisSegmentationStore::digest_of(&from).await.unwrap(),
+                other => other.to_string(),
+            };
+            let _: () = to
+                .redis
+                .query(redis::cmd("SET").arg(COPYING).arg(mark))
+                .await
+                .unwrap();
+            assert!(to.copy_unfinished().await.unwrap());
+            assert_eq!(to.copy_from(&from).await.is_ok(), finishes);
+        }
+        assert!(!to.copy_unfinished().await.unwrap());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
