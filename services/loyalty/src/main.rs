@@ -203,6 +203,30 @@ struct Common {
     data_dir: Option<PathBuf>,
 }
 
+/// Runs `loyalty copy-<service>`: prints what `copy` copied from the data directory into
+/// Redis, or why it did not.
+async fn copy_command<F, Fut>(common: &Common, service: &str, copy: F) -> ExitCode
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<String>>,
+{
+    let config = match load_config(common) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let dir = config.data_dir.display().to_string();
+    match copy(config).await {
+        Ok(copied) => {
+            eprintln!("{service} copied from {dir} to Redis: {copied}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("loyalty copy-{service}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn load_config(common: &Common) -> Result<Config, ExitCode> {
     let overrides = Overrides {
         listen: common.listen,
@@ -326,75 +350,22 @@ async fn run(cli: Cli) -> ExitCode {
             };
         }
         Command::CopyIdentity { common } => {
-            let config = match load_config(&common) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            return match rebuild::copy_identity(&config).await {
-                Ok(c) => {
-                    eprintln!(
-                        "identity copied from {} to Redis: {} tenants, {} members, {} cards, {} API keys ({} rows)",
-                        config.data_dir.display(),
-                        c.tenants,
-                        c.members,
-                        c.cards,
-                        c.api_keys,
-                        c.rows
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("loyalty copy-identity: {e:#}");
-                    ExitCode::FAILURE
-                }
-            };
+            return copy_command(&common, "identity", |c| async move {
+                rebuild::copy_identity(&c).await
+            })
+            .await;
         }
         Command::CopySegmentation { common } => {
-            let config = match load_config(&common) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            return match rebuild::copy_segmentation(&config).await {
-                Ok(c) => {
-                    eprintln!(
-                        "segmentation copied from {} to Redis: {} tenants, {} segments, {} members with features ({} rows)",
-                        config.data_dir.display(),
-                        c.tenants,
-                        c.segments,
-                        c.members_with_features,
-                        c.rows
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("loyalty copy-segmentation: {e:#}");
-                    ExitCode::FAILURE
-                }
-            };
+            return copy_command(&common, "segmentation", |c| async move {
+                rebuild::copy_segmentation(&c).await
+            })
+            .await;
         }
         Command::CopyPromotion { common } => {
-            let config = match load_config(&common) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            return match rebuild::copy_promotion(&config).await {
-                Ok(c) => {
-                    eprintln!(
-                        "promotion copied from {} to Redis: {} tenants, {} purchases, {} campaigns, {} coupons ({} rows)",
-                        config.data_dir.display(),
-                        c.tenants,
-                        c.purchases,
-                        c.campaigns,
-                        c.coupons,
-                        c.rows
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("loyalty copy-promotion: {e:#}");
-                    ExitCode::FAILURE
-                }
-            };
+            return copy_command(&common, "promotion", |c| async move {
+                rebuild::copy_promotion(&c).await
+            })
+            .await;
         }
         Command::Export {
             addr,

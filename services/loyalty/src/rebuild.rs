@@ -458,9 +458,7 @@ async fn replay(sources: &Sources, into: &mut dyn Sink) -> anyhow::Result<Rebuil
 /// `loyalty copy-identity`: everything in --data-dir's `identity.redb` (server stopped) into
 /// the Redis of `storage.redis`, after filing the emails of members stored before the email
 /// index (as a server opening the file would).
-pub async fn copy_identity(
-    config: &Config,
-) -> anyhow::Result<loyalty_identity::store::redis::Copied> {
+pub async fn copy_identity(config: &Config) -> anyhow::Result<String> {
     let from = open(
         &config.data_dir,
         "identity.redb",
@@ -468,14 +466,16 @@ pub async fn copy_identity(
     )?;
     from.index_stored_emails().await?;
     let to = RedisIdentityStore::for_config(&config.storage.redis)?;
-    Ok(to.copy_from(&from).await?)
+    let c = to.copy_from(&from).await?;
+    Ok(format!(
+        "{} tenants, {} members, {} cards, {} API keys ({} rows)",
+        c.tenants, c.members, c.cards, c.api_keys, c.rows
+    ))
 }
 
 /// `loyalty copy-segmentation`: everything in --data-dir's `segmentation.redb` (server
 /// stopped) into the Redis of `storage.redis`.
-pub async fn copy_segmentation(
-    config: &Config,
-) -> anyhow::Result<loyalty_segmentation::store::redis::Copied> {
+pub async fn copy_segmentation(config: &Config) -> anyhow::Result<String> {
     use loyalty_segmentation::store::redis::RedisSegmentationStore;
     let from = open(
         &config.data_dir,
@@ -483,14 +483,16 @@ pub async fn copy_segmentation(
         EmbeddedSegmentationStore::open,
     )?;
     let to = RedisSegmentationStore::for_config(&config.storage.redis)?;
-    Ok(to.copy_from(&from).await?)
+    let c = to.copy_from(&from).await?;
+    Ok(format!(
+        "{} tenants, {} segments, {} members with features ({} rows)",
+        c.tenants, c.segments, c.members_with_features, c.rows
+    ))
 }
 
 /// `loyalty copy-promotion`: everything in --data-dir's `promotion.redb` (server stopped)
 /// into the Redis of `storage.redis`.
-pub async fn copy_promotion(
-    config: &Config,
-) -> anyhow::Result<loyalty_promotion::store::redis::Copied> {
+pub async fn copy_promotion(config: &Config) -> anyhow::Result<String> {
     use loyalty_promotion::store::redis::RedisPromotionStore;
     let from = open(
         &config.data_dir,
@@ -498,5 +500,9 @@ pub async fn copy_promotion(
         EmbeddedPromotionStore::open,
     )?;
     let to = RedisPromotionStore::for_config(&config.storage.redis)?;
-    Ok(to.copy_from(&from).await?)
+    let c = to.copy_from(&from).await?;
+    Ok(format!(
+        "{} tenants, {} purchases, {} campaigns, {} coupons ({} rows)",
+        c.tenants, c.purchases, c.campaigns, c.coupons, c.rows
+    ))
 }

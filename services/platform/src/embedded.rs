@@ -635,6 +635,30 @@ impl RowDigest {
     }
 }
 
+/// The digest ([`RowDigest`]) of every row of `tables`, read a page at a time with `page`
+/// (table, the last key of the page before, page size).
+pub async fn digest_of_tables<T, F, Fut>(tables: &[T], mut page: F) -> Result<String>
+where
+    T: Copy,
+    F: FnMut(T, Option<String>, usize) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<Row>, Option<String>)>>,
+{
+    const PAGE: usize = 1000;
+    let mut digest = RowDigest::default();
+    for table in tables {
+        let mut after = None;
+        loop {
+            let (rows, last) = page(*table, after, PAGE).await?;
+            rows.iter().for_each(|r| digest.add(r));
+            match last {
+                Some(l) if rows.len() == PAGE => after = Some(l),
+                _ => break,
+            }
+        }
+    }
+    Ok(digest.finish())
+}
+
 /// Up to `limit` rows of `table` in key order after the key `after` (from the start when
 /// None), each value turned into bytes by `value`; and the last key read.
 pub fn rows_after<V: redb::Value + 'static>(

@@ -387,6 +387,65 @@ impl ScrubMark {
     }
 }
 
+/// The mark a copy of a service's embedded file into Redis (`loyalty copy-<service>`) keeps
+/// while it runs: the digest of the source, so that a copy cut short is finished only from
+/// the same source, and a service can refuse a half-written Redis.
+#[derive(Clone, Copy, Debug)]
+pub struct CopyMark {
+    pub key: &'static str,
+    /// The service, as in `<service>.redb`.
+    pub service: &'static str,
+    /// The pattern of the service's keys, for the message asking to remove them.
+    pub keys: &'static str,
+}
+
+impl CopyMark {
+    /// Whether a copy started and did not finish.
+    pub async fn unfinished(&self, conn: &StoreConn) -> crate::error::Result<bool> {
+        let n: i64 = conn.query(redis::cmd("EXISTS").arg(self.key)).await?;
+        Ok(n > 0)
+    }
+
+    /// Starts a copy of a source with `digest`, or resumes one cut short from the same
+    /// source. Refuses, writing nothing, a Redis that holds the service's data (`empty`
+    /// says whether it holds none) other than a copy cut short from this source.
+    pub async fn begin(
+        &self,
+        conn: &StoreConn,
+        digest: &str,
+        empty: impl std::future::Future<Output = crate::error::Result<bool>>,
+    ) -> crate::error::Result<()> {
+        let service = self.service;
+        let earlier: Option<String> = conn.query(redis::cmd("GET").arg(self.key)).await?;
+        match earlier {
+            Some(earlier) if earlier != digest => {
+                return Err(crate::error::Error::FailedPrecondition(format!(
+                    "a copy into this Redis was cut short, and {service}.redb changed since (was {service} started on it?): \
+                     remove this Redis's {service} keys (`{}`) and copy again",
+                    self.keys
+                )));
+            }
+            Some(_) => {}
+            None if !empty.await? => {
+                return Err(crate::error::Error::FailedPrecondition(format!(
+                    "this Redis already holds {service} data: copy into an empty one"
+                )));
+            }
+            None => {}
+        }
+        let _: () = conn
+            .query(redis::cmd("SET").arg(self.key).arg(digest))
+            .await?;
+        Ok(())
+    }
+
+    /// Ends a copy: everything is in.
+    pub async fn finish(&self, conn: &StoreConn) -> crate::error::Result<()> {
+        let _: i64 = conn.query(redis::cmd("DEL").arg(self.key)).await?;
+        Ok(())
+    }
+}
+
 /// Waits a little before an optimistic write tries again after losing a race (`attempt`
 /// from 0, of `attempts`): a random pause of up to 2^attempt ms, at most 20 ms, so writers
 /// racing for one record spread out instead of colliding on every round. None after the

@@ -20,10 +20,10 @@
 
 use std::collections::BTreeSet;
 
-use loyalty_platform::embedded::{decode, encode};
+use loyalty_platform::embedded::{decode, digest_of_tables, encode};
 use loyalty_platform::error::{Error, Result};
 use loyalty_platform::redis_conn::{
-    RememberedSet, ScrubMark, StoreConn, conflict_pause, lex_after,
+    CopyMark, RememberedSet, ScrubMark, StoreConn, conflict_pause, lex_after,
 };
 use redis::Script;
 use serde::de::DeserializeOwned;
@@ -40,6 +40,11 @@ const STORE: &str = "identity store";
 const TENANTS: &str = "li:tenants";
 /// Set while `copy_from` runs: a Redis with it holds a copy that did not finish.
 const COPYING: &str = "li:copying";
+const COPY: CopyMark = CopyMark {
+    key: COPYING,
+    service: "identity",
+    keys: "li:*",
+};
 /// Up while erased personal data may still be in the append-only files.
 const SCRUB: ScrubMark = ScrubMark::new("li:scrub");
 /// API keys by id, the ids of the unrevoked ones, and `tenant \0 key id` entries.
@@ -362,27 +367,16 @@ impl RedisIdentityStore {
     /// Whether a [`RedisIdentityStore::copy_from`] into this Redis started and did not
     /// finish: serving it would show part of the members.
     pub async fn copy_unfinished(&self) -> Result<bool> {
-        let n: i64 = self.redis.query(redis::cmd("EXISTS").arg(COPYING)).await?;
-        Ok(n > 0)
+        COPY.unfinished(&self.redis).await
     }
 
     /// A digest of everything `from` holds: a copy cut short is run again only from the
     /// same source.
     async fn digest_of(from: &EmbeddedIdentityStore) -> Result<String> {
-        const PAGE: usize = 1000;
-        let mut digest = loyalty_platform::embedded::RowDigest::default();
-        for table in Table::ALL {
-            let mut after = None;
-            loop {
-                let (rows, last) = from.rows(table, after, PAGE).await?;
-                rows.iter().for_each(|r| digest.add(r));
-                match last {
-                    Some(l) if rows.len() == PAGE => after = Some(l),
-                    _ => break,
-                }
-            }
-        }
-        Ok(digest.finish())
+        digest_of_tables(&Table::ALL, |table, after, limit| {
+            from.rows(table, after, limit)
+        })
+        .await
     }
 
     /// Copies everything the embedded store `from` holds (identity moving from
@@ -393,27 +387,7 @@ impl RedisIdentityStore {
     pub async fn copy_from(&self, from: &EmbeddedIdentityStore) -> Result<Copied> {
         const PAGE: usize = 500;
         let digest = Self::digest_of(from).await?;
-        let mark: Option<String> = self.redis.query(redis::cmd("GET").arg(COPYING)).await?;
-        match mark {
-            Some(earlier) if earlier != digest => {
-                return Err(Error::FailedPrecondition(
-                    "a copy into this Redis was cut short, and identity.redb changed since (was identity started on it?): \
-                     remove this Redis's identity keys (`li:*`) and copy again"
-                        .into(),
-                ));
-            }
-            Some(_) => {}
-            None if !self.is_empty().await? => {
-                return Err(Error::FailedPrecondition(
-                    "this Redis already holds identity data: copy into an empty one".into(),
-                ));
-            }
-            None => {}
-        }
-        let _: () = self
-            .redis
-            .query(redis::cmd("SET").arg(COPYING).arg(&digest))
-            .await?;
+        COPY.begin(&self.redis, &digest, self.is_empty()).await?;
         let mut copied = Copied::default();
         let mut tenants = BTreeSet::new();
         for table in Table::ALL {
@@ -452,7 +426,7 @@ impl RedisIdentityStore {
         for tenant in &tenants {
             self.register_tenant(tenant).await?;
         }
-        let _: i64 = self.redis.query(redis::cmd("DEL").arg(COPYING)).await?;
+        COPY.finish(&self.redis).await?;
         copied.tenants = tenants.len();
         Ok(copied)
     }

@@ -14,10 +14,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use futures_util::StreamExt;
 use loyalty_platform::clock::Millis;
-use loyalty_platform::embedded::{decode, encode};
+use loyalty_platform::embedded::{decode, digest_of_tables, encode};
 use loyalty_platform::error::{Error, Result};
 use loyalty_platform::redis_conn::{
-    RememberedSet, ScrubMark, StoreConn, conflict_pause, lex_after,
+    CopyMark, RememberedSet, ScrubMark, StoreConn, conflict_pause, lex_after,
 };
 use redis::{Script, Value};
 
@@ -477,6 +477,11 @@ impl RedisSegmentationStore {
 
 /// Set while `copy_from` runs: a Redis with it holds a copy that did not finish.
 const COPYING: &str = "ls:copying";
+const COPY: CopyMark = CopyMark {
+    key: COPYING,
+    service: "segmentation",
+    keys: "ls:*",
+};
 
 /// What [`RedisSegmentationStore::copy_from`] copied.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -492,8 +497,7 @@ impl RedisSegmentationStore {
     /// Whether a [`RedisSegmentationStore::copy_from`] into this Redis started and did not
     /// finish.
     pub async fn copy_unfinished(&self) -> Result<bool> {
-        let n: i64 = self.redis.query(redis::cmd("EXISTS").arg(COPYING)).await?;
-        Ok(n > 0)
+        COPY.unfinished(&self.redis).await
     }
 
     /// Whether this Redis holds no segmentation data (no segment and no features).
@@ -512,20 +516,10 @@ impl RedisSegmentationStore {
     /// A digest of everything `from` holds: a copy cut short is run again only from the
     /// same source.
     async fn digest_of(from: &EmbeddedSegmentationStore) -> Result<String> {
-        const PAGE: usize = 1000;
-        let mut digest = loyalty_platform::embedded::RowDigest::default();
-        for table in CopyTable::ALL {
-            let mut after = None;
-            loop {
-                let (rows, last) = from.rows(table, after, PAGE).await?;
-                rows.iter().for_each(|r| digest.add(r));
-                match last {
-                    Some(l) if rows.len() == PAGE => after = Some(l),
-                    _ => break,
-                }
-            }
-        }
-        Ok(digest.finish())
+        digest_of_tables(&CopyTable::ALL, |table, after, limit| {
+            from.rows(table, after, limit)
+        })
+        .await
     }
 
     /// Copies everything the embedded store `from` holds (segmentation moving from
@@ -537,27 +531,7 @@ impl RedisSegmentationStore {
     pub async fn copy_from(&self, from: &EmbeddedSegmentationStore) -> Result<Copied> {
         const PAGE: usize = 500;
         let digest = Self::digest_of(from).await?;
-        let mark: Option<String> = self.redis.query(redis::cmd("GET").arg(COPYING)).await?;
-        match mark {
-            Some(earlier) if earlier != digest => {
-                return Err(Error::FailedPrecondition(
-                    "a copy into this Redis was cut short, and segmentation.redb changed since (was segmentation started on it?): \
-                     remove this Redis's segmentation keys (`ls:*`) and copy again"
-                        .into(),
-                ));
-            }
-            Some(_) => {}
-            None if !self.is_empty().await? => {
-                return Err(Error::FailedPrecondition(
-                    "this Redis already holds segmentation data: copy into an empty one".into(),
-                ));
-            }
-            None => {}
-        }
-        let _: () = self
-            .redis
-            .query(redis::cmd("SET").arg(COPYING).arg(&digest))
-            .await?;
+        COPY.begin(&self.redis, &digest, self.is_empty()).await?;
         let mut copied = Copied::default();
         let (mut with_segments, mut with_features) = (BTreeSet::new(), BTreeSet::new());
         for table in CopyTable::ALL {
@@ -602,7 +576,7 @@ impl RedisSegmentationStore {
         for tenant in &with_features {
             self.with_features.add(&self.redis, tenant).await?;
         }
-        let _: i64 = self.redis.query(redis::cmd("DEL").arg(COPYING)).await?;
+        COPY.finish(&self.redis).await?;
         copied.tenants = with_segments.union(&with_features).count();
         Ok(copied)
     }
